@@ -1,0 +1,18 @@
+//! tandem's built-in inference engine.
+//!
+//! - [`model`]: model configuration, loading (GGUF, Hugging Face safetensors) and the
+//!   batched forward pass over a paged KV store.
+//! - [`kernels`]: CPU compute kernels (quantized mat-vec, f32 GEMM, a spinning thread pool).
+//! - [`kv`]: the block-addressed KV store the forward pass reads and writes.
+//! - [`tokenizer`], [`chat`]: text in and out.
+//! - [`sample`]: turning logits into the next token.
+//! - [`generate`]: one prompt, one sequence, no server (what `tandem generate` runs).
+//! - [`fetch`]: where the default model lives and how it is obtained.
+
+pub mod chat;
+pub mod error;
+pub mod fetch;
+pub mod kernels;
+pub mod tokenizer;
+
+pub use error::ModelError;
