@@ -1,1 +1,47 @@
-fn main() {}
+//! The `tandem` command: parses arguments and hands each subcommand to the crate that
+//! does the work.
+
+mod generate;
+mod model;
+
+use clap::{Parser, Subcommand};
+
+/// Disaggregated LLM serving: a router, a built-in engine, and the benchmarks that tell
+/// whether splitting prefill and decode pays off.
+#[derive(Parser)]
+#[command(name = "tandem", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text for one prompt with the built-in engine (no server).
+    Generate(generate::GenerateArgs),
+    /// Manage models: fetch the default model, show where it lives.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Model(command) => model::run(command),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

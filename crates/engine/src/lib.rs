@@ -8,11 +8,18 @@
 //! - [`sample`]: turning logits into the next token.
 //! - [`generate`]: one prompt, one sequence, no server (what `tandem generate` runs).
 //! - [`fetch`]: where the default model lives and how it is obtained.
+//! - [`loaded`]: weights, tokenizer and chat template loaded together.
 
 pub mod chat;
 pub mod error;
 pub mod fetch;
+pub mod generate;
 pub mod kernels;
+pub mod kv;
+pub mod loaded;
+pub mod model;
+pub mod sample;
 pub mod tokenizer;
 
 pub use error::ModelError;
+pub use loaded::LoadedModel;

@@ -7,8 +7,12 @@ use std::path::PathBuf;
 /// `shared/fixtures/smollm2-llamacpp-reference.json`, produced by
 /// `make_llamacpp_reference.py`): the independent oracle for correctness.
 pub fn llamacpp_fixture() -> serde_json::Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/smollm2-llamacpp-reference.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture readable")).expect("fixture is JSON")
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/smollm2-llamacpp-reference.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture readable"))
+        .expect("fixture is JSON")
 }
 
 /// The default model (SmolLM2-135M-Instruct Q4_1) if it has been fetched.
@@ -22,8 +26,14 @@ pub fn default_model() -> Option<PathBuf> {
         return Some(path);
     }
     if std::env::var("TANDEM_REQUIRE_MODEL").as_deref() == Ok("1") {
-        panic!("default model missing at {} (run `tandem model fetch`)", path.display());
+        panic!(
+            "default model missing at {} (run `tandem model fetch`)",
+            path.display()
+        );
     }
-    eprintln!("skipping: default model not found at {} (run `tandem model fetch`)", path.display());
+    eprintln!(
+        "skipping: default model not found at {} (run `tandem model fetch`)",
+        path.display()
+    );
     None
 }

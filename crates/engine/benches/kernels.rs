@@ -1,0 +1,410 @@
+//! Kernel benchmark: SmolLM2-135M-shaped matmuls (Q4_1 layers, Q8_0 lm_head) in decode
+//! (1 token) and prefill (512 tokens) form, with 1 and 2 threads, against candle's stock
+//! `QMatMul` on the same weights in the same run.
+//!
+//! `cargo bench -p tandem-engine --bench kernels [-- quick]`
+//!
+//! Times are the best of several trials (the machine is shared); ratios > 1 mean tandem
+//! is faster.
+
+use std::borrow::Cow;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{Device, Module, Tensor};
+use tandem_engine::kernels::{GEMM_MIN_TOKENS, Linear, QMatrix, ThreadPool, matmul, matmul_many};
+
+const HIDDEN: usize = 576;
+const INTER: usize = 1536;
+const KV: usize = 192;
+const VOCAB: usize = 49152;
+const LAYERS: usize = 30;
+const PROMPT: usize = 512;
+
+/// A weight shape of the model and how many times one forward pass applies it.
+struct Shape {
+    name: &'static str,
+    rows: usize,
+    cols: usize,
+    dtype: GgmlDType,
+}
+
+const SHAPES: [Shape; 6] = [
+    Shape {
+        name: "attn_q/o 576x576",
+        rows: HIDDEN,
+        cols: HIDDEN,
+        dtype: GgmlDType::Q4_1,
+    },
+    Shape {
+        name: "attn_k/v 192x576",
+        rows: KV,
+        cols: HIDDEN,
+        dtype: GgmlDType::Q4_1,
+    },
+    Shape {
+        name: "qkv fused 960x576",
+        rows: HIDDEN + 2 * KV,
+        cols: HIDDEN,
+        dtype: GgmlDType::Q4_1,
+    },
+    Shape {
+        name: "gate+up 3072x576",
+        rows: 2 * INTER,
+        cols: HIDDEN,
+        dtype: GgmlDType::Q4_1,
+    },
+    Shape {
+        name: "down 576x1536",
+        rows: HIDDEN,
+        cols: INTER,
+        dtype: GgmlDType::Q4_1,
+    },
+    Shape {
+        name: "lm_head 49152x576",
+        rows: VOCAB,
+        cols: HIDDEN,
+        dtype: GgmlDType::Q8_0,
+    },
+];
+
+fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Best time per call over `trials` trials of calls filling about `budget` each.
+fn best_time(budget: Duration, trials: usize, mut f: impl FnMut()) -> Duration {
+    f();
+    let start = Instant::now();
+    f();
+    let once = start.elapsed().max(Duration::from_nanos(100));
+    let iters = (budget.as_secs_f64() / once.as_secs_f64()).clamp(1.0, 100_000.0) as u32;
+    (0..trials)
+        .map(|_| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                f();
+            }
+            start.elapsed() / iters
+        })
+        .min()
+        .unwrap_or_default()
+}
+
+struct Bench {
+    budget: Duration,
+    trials: usize,
+    pools: Vec<ThreadPool>,
+}
+
+fn candle_qmatmul(w: &QMatrix) -> QMatMul {
+    let storage = QStorage::from_data(Cow::Borrowed(w.as_bytes()), &Device::Cpu, w.dtype())
+        .expect("candle storage");
+    let tensor = QTensor::new(storage, (w.rows(), w.cols())).expect("candle qtensor");
+    QMatMul::from_qtensor(tensor).expect("candle qmatmul")
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+impl Bench {
+    fn decode(&self) {
+        println!("\n## Decode-shaped mat-vec (1 token)\n");
+        println!(
+            "| shape | dtype | MB | tandem 1T µs | tandem 2T µs | 2T GB/s | candle µs | tandem 2T / candle |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        for shape in &SHAPES {
+            let w = QMatrix::from_f32(
+                shape.dtype,
+                shape.rows,
+                shape.cols,
+                &pseudo_random(shape.rows * shape.cols, 1),
+            )
+            .expect("weights");
+            let mb = w.as_bytes().len() as f64 / 1e6;
+            let linear = Linear::new(w.clone(), false);
+            let x = pseudo_random(shape.cols, 2);
+            let mut y = vec![0f32; shape.rows];
+            let times: Vec<Duration> = self
+                .pools
+                .iter()
+                .map(|pool| {
+                    best_time(self.budget, self.trials, || {
+                        matmul(pool, &linear, &x, 1, &mut y).expect("matmul");
+                        black_box(&y);
+                    })
+                })
+                .collect();
+            let candle = candle_qmatmul(&w);
+            let xt = Tensor::from_slice(&x, (1, shape.cols), &Device::Cpu).expect("tensor");
+            let candle_time = best_time(self.budget, self.trials, || {
+                black_box(candle.forward(&xt).expect("candle forward"));
+            });
+            let two = times[times.len() - 1];
+            println!(
+                "| {} | {:?} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}x |",
+                shape.name,
+                shape.dtype,
+                mb,
+                us(times[0]),
+                us(two),
+                mb / 1e3 / two.as_secs_f64(),
+                us(candle_time),
+                candle_time.as_secs_f64() / two.as_secs_f64()
+            );
+        }
+    }
+
+    /// All matmuls of one decode step of the model (fused qkv and gate/up, 30 layers,
+    /// lm_head), back to back: an upper bound on decode tok/s from matmuls alone.
+    fn decode_step(&self) {
+        println!("\n## One decode step's matmuls (30 layers + lm_head), 1 token\n");
+        let layer_shapes = [
+            (HIDDEN + 2 * KV, HIDDEN),
+            (HIDDEN, HIDDEN),
+            (2 * INTER, HIDDEN),
+            (HIDDEN, INTER),
+        ];
+        let layers: Vec<Vec<Linear>> = (0..LAYERS)
+            .map(|l| {
+                layer_shapes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(rows, cols))| {
+                        let values = pseudo_random(rows * cols, (l * 8 + i) as u64);
+                        Linear::new(
+                            QMatrix::from_f32(GgmlDType::Q4_1, rows, cols, &values).expect("w"),
+                            false,
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        let head = QMatrix::from_f32(
+            GgmlDType::Q8_0,
+            VOCAB,
+            HIDDEN,
+            &pseudo_random(VOCAB * HIDDEN, 99),
+        )
+        .expect("w");
+        let candle_layers: Vec<Vec<QMatMul>> = layers
+            .iter()
+            .map(|ls| ls.iter().map(|l| candle_qmatmul(l.qmatrix())).collect())
+            .collect();
+        let candle_head = candle_qmatmul(&head);
+        let head = Linear::new(head, false);
+        let x = pseudo_random(INTER, 3);
+        let mut y = vec![0f32; VOCAB];
+        let bytes: usize = layers
+            .iter()
+            .flatten()
+            .map(|l| l.qmatrix().as_bytes().len())
+            .sum::<usize>()
+            + head.qmatrix().as_bytes().len();
+        for pool in &self.pools {
+            let t = best_time(self.budget * 4, self.trials, || {
+                for layer in &layers {
+                    for linear in layer {
+                        let n = linear.rows();
+                        matmul(pool, linear, &x[..linear.cols()], 1, &mut y[..n]).expect("matmul");
+                    }
+                }
+                matmul(pool, &head, &x[..HIDDEN], 1, &mut y).expect("matmul");
+                black_box(&y);
+            });
+            println!(
+                "- tandem, {} thread(s): {:.2} ms/step = {:.0} steps/s ({:.1} GB/s of weights)",
+                pool.n_threads(),
+                t.as_secs_f64() * 1e3,
+                1.0 / t.as_secs_f64(),
+                bytes as f64 / 1e9 / t.as_secs_f64()
+            );
+        }
+        let inputs: Vec<Tensor> = [HIDDEN, INTER]
+            .iter()
+            .map(|&c| Tensor::from_slice(&x[..c], (1, c), &Device::Cpu).expect("tensor"))
+            .collect();
+        let t = best_time(self.budget * 4, self.trials, || {
+            for layer in &candle_layers {
+                for (i, m) in layer.iter().enumerate() {
+                    black_box(m.forward(&inputs[usize::from(i == 3)]).expect("forward"));
+                }
+            }
+            black_box(candle_head.forward(&inputs[0]).expect("forward"));
+        });
+        println!(
+            "- candle QMatMul (its own threads): {:.2} ms/step = {:.0} steps/s",
+            t.as_secs_f64() * 1e3,
+            1.0 / t.as_secs_f64()
+        );
+    }
+
+    fn prefill(&self) {
+        println!("\n## Prefill-shaped matmul ({PROMPT} tokens)\n");
+        println!(
+            "| shape | tandem GEMM 1T GFLOP/s | GEMM 2T GFLOP/s | quantized path 2T GFLOP/s | candle GFLOP/s | GEMM 2T / candle |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for shape in SHAPES.iter().filter(|s| s.rows < VOCAB) {
+            let w = QMatrix::from_f32(
+                shape.dtype,
+                shape.rows,
+                shape.cols,
+                &pseudo_random(shape.rows * shape.cols, 1),
+            )
+            .expect("weights");
+            let flops = 2.0 * (PROMPT * shape.rows * shape.cols) as f64;
+            let gflops = |d: Duration| flops / 1e9 / d.as_secs_f64();
+            let dense = Linear::new(w.clone(), true);
+            let quantized = Linear::new(w.clone(), false);
+            let x = pseudo_random(PROMPT * shape.cols, 2);
+            let mut y = vec![0f32; PROMPT * shape.rows];
+            let mut run = |pool: &ThreadPool, linear: &Linear| {
+                best_time(self.budget, self.trials, || {
+                    matmul(pool, linear, &x, PROMPT, &mut y).expect("matmul");
+                    black_box(&y);
+                })
+            };
+            let gemm: Vec<Duration> = self.pools.iter().map(|p| run(p, &dense)).collect();
+            let last = self.pools.last().expect("pools");
+            let quant = run(last, &quantized);
+            let candle = candle_qmatmul(&w);
+            let xt = Tensor::from_slice(&x, (PROMPT, shape.cols), &Device::Cpu).expect("tensor");
+            let candle_time = best_time(self.budget, self.trials, || {
+                black_box(candle.forward(&xt).expect("candle forward"));
+            });
+            let two = gemm[gemm.len() - 1];
+            println!(
+                "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}x |",
+                shape.name,
+                gflops(gemm[0]),
+                gflops(two),
+                gflops(quant),
+                gflops(candle_time),
+                candle_time.as_secs_f64() / two.as_secs_f64()
+            );
+        }
+    }
+
+    /// Quantized path vs GEMM across batch sizes: where `GEMM_MIN_TOKENS` should be.
+    fn crossover(&self) {
+        let pool = self.pools.last().expect("pools");
+        println!(
+            "\n## Quantized path vs GEMM by batch size (gate+up 3072x576 Q4_1, {} threads; GEMM_MIN_TOKENS = {GEMM_MIN_TOKENS})\n",
+            pool.n_threads()
+        );
+        println!("| tokens | quantized µs | GEMM µs | faster |");
+        println!("|---|---|---|---|");
+        let (rows, cols) = (2 * INTER, HIDDEN);
+        let w = QMatrix::from_f32(GgmlDType::Q4_1, rows, cols, &pseudo_random(rows * cols, 1))
+            .expect("w");
+        let quantized = Linear::new(w.clone(), false);
+        // A dense-only twin: F32 weights always take the GEMM path at these sizes.
+        let dense = Linear::new(w, true);
+        for n in [1usize, 2, 4, 8, 12, 16, 24, 32, 48, 64] {
+            let x = pseudo_random(n * cols, 5);
+            let mut y = vec![0f32; n * rows];
+            let q = best_time(self.budget, self.trials, || {
+                matmul(pool, &quantized, &x, n, &mut y).expect("matmul");
+            });
+            let g = if n >= GEMM_MIN_TOKENS {
+                Some(best_time(self.budget, self.trials, || {
+                    matmul(pool, &dense, &x, n, &mut y).expect("matmul");
+                }))
+            } else {
+                None
+            };
+            match g {
+                Some(g) => println!(
+                    "| {n} | {:.1} | {:.1} | {} |",
+                    us(q),
+                    us(g),
+                    if q < g { "quantized" } else { "GEMM" }
+                ),
+                None => println!("| {n} | {:.1} | (below threshold) | |", us(q)),
+            }
+        }
+    }
+
+    /// Dispatch overhead: an empty job and a fused 3-matrix matmul_many.
+    fn dispatch(&self) {
+        println!("\n## Dispatch overhead\n");
+        for pool in &self.pools {
+            let t = best_time(self.budget, self.trials, || {
+                pool.run(pool.n_threads(), |i| {
+                    black_box(i);
+                })
+            });
+            println!(
+                "- empty job, {} thread(s): {:.2} µs",
+                pool.n_threads(),
+                us(t)
+            );
+        }
+        let make = |rows| {
+            Linear::new(
+                QMatrix::from_f32(
+                    GgmlDType::Q4_1,
+                    rows,
+                    HIDDEN,
+                    &pseudo_random(rows * HIDDEN, 7),
+                )
+                .expect("w"),
+                false,
+            )
+        };
+        let (q, k, v) = (make(HIDDEN), make(KV), make(KV));
+        let x = pseudo_random(HIDDEN, 8);
+        let (mut yq, mut yk, mut yv) = (vec![0f32; HIDDEN], vec![0f32; KV], vec![0f32; KV]);
+        let pool = self.pools.last().expect("pools");
+        let fused = best_time(self.budget, self.trials, || {
+            matmul_many(pool, &[&q, &k, &v], &x, 1, &mut [&mut yq, &mut yk, &mut yv])
+                .expect("matmul");
+        });
+        let separate = best_time(self.budget, self.trials, || {
+            matmul(pool, &q, &x, 1, &mut yq).expect("matmul");
+            matmul(pool, &k, &x, 1, &mut yk).expect("matmul");
+            matmul(pool, &v, &x, 1, &mut yv).expect("matmul");
+        });
+        println!(
+            "- q/k/v 1 token, {} threads: matmul_many {:.1} µs vs 3 matmuls {:.1} µs",
+            pool.n_threads(),
+            us(fused),
+            us(separate)
+        );
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let max_threads = tandem_engine::kernels::pool::available_threads().min(2);
+    let pools = (1..=max_threads)
+        .map(|n| ThreadPool::new(n).expect("pool"))
+        .collect();
+    let bench = Bench {
+        budget: Duration::from_millis(if quick { 40 } else { 150 }),
+        trials: if quick { 3 } else { 7 },
+        pools,
+    };
+    println!(
+        "# tandem kernels ({} threads max; candle uses its own pool of {} threads)",
+        max_threads,
+        candle_core::utils::get_num_threads()
+    );
+    bench.dispatch();
+    bench.decode();
+    bench.decode_step();
+    bench.crossover();
+    bench.prefill();
+}

@@ -1,1 +1,0 @@
-//! kernels (in progress)

@@ -1,0 +1,426 @@
+//! `y = x · Wᵀ` for a batch of activation rows, split over a [`ThreadPool`].
+//!
+//! - Batches below [`GEMM_MIN_TOKENS`] (decode), or weights without a dense copy: the
+//!   activations are quantized once to the weights' dot type and every task dots a slice
+//!   of weight rows against all tokens (own AVX2 kernels for Q4_0, Q4_1, Q8_0, F32, F16;
+//!   candle's `GgmlType::vec_dot` for the other formats).
+//! - Larger batches with a dense copy ([`Linear::with_dense`]): f32 GEMM per row slice.
+//!
+//! [`matmul_many`] runs several matrices that share one input (q/k/v, gate/up) in a single
+//! dispatch, quantizing the input once.
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::quantized::k_quants::GgmlType;
+
+use super::KernelError;
+use super::gemm::DenseWeights;
+use super::pool::ThreadPool;
+use super::qmatrix::{QMatrix, blocks, with_block_type};
+use super::quant_dot::{Q4_0Layout, Q4_1Layout, Q4Layout, Q8Acts, QK, fast};
+
+/// Batches of at least this many tokens use the f32 GEMM path when the weights have a
+/// dense copy (measured crossover on a 2-core Zen 3, see `benches/kernels.rs`).
+pub const GEMM_MIN_TOKENS: usize = 16;
+
+/// A weight matrix plus, optionally, a dense f32 copy of it for large batches.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: QMatrix,
+    dense: Option<DenseWeights>,
+}
+
+impl std::fmt::Debug for DenseWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DenseWeights")
+    }
+}
+
+impl Linear {
+    /// Wraps `weight`; with `dense`, also keeps a dense f32 copy (4 bytes per weight) so
+    /// that batches of [`GEMM_MIN_TOKENS`] or more tokens use f32 GEMM. Without it every
+    /// batch size uses the quantized dot-product path.
+    pub fn new(weight: QMatrix, dense: bool) -> Self {
+        let linear = Self {
+            weight,
+            dense: None,
+        };
+        if dense { linear.with_dense() } else { linear }
+    }
+
+    /// Adds the dense f32 copy (see [`Linear::new`]).
+    pub fn with_dense(mut self) -> Self {
+        if self.dense.is_none() {
+            self.dense = Some(DenseWeights::from_qmatrix(&self.weight));
+        }
+        self
+    }
+
+    /// The quantized weights.
+    pub fn qmatrix(&self) -> &QMatrix {
+        &self.weight
+    }
+
+    pub fn has_dense(&self) -> bool {
+        self.dense.is_some()
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.weight.rows()
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.weight.cols()
+    }
+}
+
+/// `y[t, r] = Σ_c x[t, c] · W[r, c]`: `x` is `[n_tokens, cols]`, `y` is `[n_tokens, rows]`,
+/// both row-major.
+pub fn matmul(
+    pool: &ThreadPool,
+    w: &Linear,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    matmul_many(pool, &[w], x, n_tokens, &mut [y])
+}
+
+/// [`matmul`] for several matrices with the same number of columns applied to the same
+/// input, in one dispatch: `ys[i] = x · ws[i]ᵀ`.
+pub fn matmul_many(
+    pool: &ThreadPool,
+    ws: &[&Linear],
+    x: &[f32],
+    n_tokens: usize,
+    ys: &mut [&mut [f32]],
+) -> Result<(), KernelError> {
+    check_shapes(ws, x, n_tokens, ys)?;
+    if n_tokens == 0 || ws.is_empty() {
+        return Ok(());
+    }
+    let use_gemm = |w: &Linear| n_tokens >= GEMM_MIN_TOKENS && w.dense.is_some();
+    let needs_q8 = ws.iter().any(|w| {
+        !use_gemm(w)
+            && matches!(
+                w.weight.dtype(),
+                GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0
+            )
+    });
+    with_q8_scratch(|acts| {
+        if needs_q8 {
+            acts.quantize(x, n_tokens, ws[0].cols());
+        }
+        let acts = &*acts;
+        let jobs: Vec<Job<'_>> = ws
+            .iter()
+            .zip(ys.iter_mut())
+            .map(|(w, y)| {
+                let out = SharedOut::new(y, w.rows(), n_tokens);
+                let kind = match &w.dense {
+                    Some(dense) if use_gemm(w) => JobKind::Dense(dense),
+                    _ => JobKind::for_weight(&w.weight, acts, x, n_tokens),
+                };
+                let chunk = kind.chunk_rows(w.rows(), n_tokens, pool.n_threads(), ws.len());
+                Job { kind, out, chunk }
+            })
+            .collect();
+        let task_offsets: Vec<usize> = jobs
+            .iter()
+            .scan(0, |total, job| {
+                let start = *total;
+                *total += job.n_tasks();
+                Some(start)
+            })
+            .collect();
+        let n_tasks = jobs.iter().map(Job::n_tasks).sum();
+        pool.run(n_tasks, |task| {
+            let j = task_offsets.partition_point(|&start| start <= task) - 1;
+            let job = &jobs[j];
+            let start = (task - task_offsets[j]) * job.chunk;
+            let rows = start..(start + job.chunk).min(job.out.rows);
+            job.kind.compute(rows, x, n_tokens, &job.out);
+        });
+    });
+    Ok(())
+}
+
+fn check_shapes(
+    ws: &[&Linear],
+    x: &[f32],
+    n_tokens: usize,
+    ys: &[&mut [f32]],
+) -> Result<(), KernelError> {
+    super::check_len("matmul outputs", ws.len(), ys.len())?;
+    let Some(first) = ws.first() else {
+        return Ok(());
+    };
+    let cols = first.cols();
+    let x_len = n_tokens
+        .checked_mul(cols)
+        .ok_or_else(|| KernelError::InvalidShape {
+            what: "matmul input",
+            detail: format!("{n_tokens} tokens × {cols} columns overflows"),
+        })?;
+    super::check_len("matmul input", x_len, x.len())?;
+    for (w, y) in ws.iter().zip(ys) {
+        if w.cols() != cols {
+            return Err(KernelError::InvalidShape {
+                what: "matmul_many weights",
+                detail: format!("column counts differ ({} vs {cols})", w.cols()),
+            });
+        }
+        super::check_len("matmul output", n_tokens * w.rows(), y.len())?;
+    }
+    Ok(())
+}
+
+/// Runs `body` with this thread's reusable activation buffer (a fresh one if it is
+/// already in use, e.g. by a matmul inside a pool task).
+fn with_q8_scratch<R>(body: impl FnOnce(&mut Q8Acts) -> R) -> R {
+    thread_local! {
+        static SCRATCH: RefCell<Q8Acts> = RefCell::new(Q8Acts::default());
+    }
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut acts) => body(&mut acts),
+        Err(_) => body(&mut Q8Acts::default()),
+    })
+}
+
+/// The output matrix `[n_tokens, rows]`, written concurrently by tasks that own
+/// disjoint sets of rows.
+pub(crate) struct SharedOut {
+    ptr: *mut f32,
+    rows: usize,
+    n_tokens: usize,
+}
+
+// SAFETY: tasks only write through `SharedOut` to rows they own exclusively (each row
+// range of a job is handed to exactly one task), so concurrent writes never alias.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn new(y: &mut [f32], rows: usize, n_tokens: usize) -> Self {
+        debug_assert_eq!(y.len(), rows * n_tokens);
+        Self {
+            ptr: y.as_mut_ptr(),
+            rows,
+            n_tokens,
+        }
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub(crate) fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    /// Writes `out[t, r]`. The caller owns row `r` (no other thread writes it).
+    #[inline(always)]
+    fn set(&self, t: usize, r: usize, value: f32) {
+        assert!(t < self.n_tokens && r < self.rows);
+        // SAFETY: in bounds (checked above); row `r` is owned by the calling task, so the
+        // write does not race (see the `Sync` impl).
+        unsafe { self.ptr.add(t * self.rows + r).write(value) }
+    }
+
+    /// Pointer to `out[0, r]` for kernels that write a block of rows themselves; the
+    /// caller owns the rows it writes through it.
+    pub(crate) fn row_ptr(&self, r: usize) -> *mut f32 {
+        assert!(r <= self.rows);
+        self.ptr.wrapping_add(r)
+    }
+}
+
+struct Job<'a> {
+    kind: JobKind<'a>,
+    out: SharedOut,
+    chunk: usize,
+}
+
+impl Job<'_> {
+    fn n_tasks(&self) -> usize {
+        self.out.rows.div_ceil(self.chunk)
+    }
+}
+
+type GenericRows<'a> = Box<dyn Fn(Range<usize>, &SharedOut) + Sync + 'a>;
+
+enum JobKind<'a> {
+    Q4_0(&'a QMatrix, &'a Q8Acts),
+    Q4_1(&'a QMatrix, &'a Q8Acts),
+    Q8_0(&'a QMatrix, &'a Q8Acts),
+    F32(&'a QMatrix),
+    F16(&'a QMatrix),
+    Dense(&'a DenseWeights),
+    Generic(GenericRows<'a>),
+}
+
+impl<'a> JobKind<'a> {
+    fn for_weight(w: &'a QMatrix, acts: &'a Q8Acts, x: &'a [f32], n_tokens: usize) -> Self {
+        match w.dtype() {
+            GgmlDType::Q4_0 => Self::Q4_0(w, acts),
+            GgmlDType::Q4_1 => Self::Q4_1(w, acts),
+            GgmlDType::Q8_0 => Self::Q8_0(w, acts),
+            GgmlDType::F32 => Self::F32(w),
+            GgmlDType::F16 => Self::F16(w),
+            dtype => with_block_type!(dtype, T => Self::Generic(generic_rows::<T>(w, x, n_tokens))),
+        }
+    }
+
+    /// Rows per task: enough tasks to balance the threads (several per thread, for a
+    /// machine shared with other work), not so many that claiming dominates.
+    fn chunk_rows(&self, rows: usize, n_tokens: usize, n_threads: usize, n_jobs: usize) -> usize {
+        if let Self::Dense(dense) = self {
+            return dense.preferred_chunk(n_threads);
+        }
+        let min_rows = if n_tokens == 1 { 32 } else { 8 };
+        let target_tasks = (4 * n_threads).div_ceil(n_jobs).max(1);
+        rows.div_ceil(target_tasks)
+            .next_multiple_of(4)
+            .max(min_rows)
+    }
+
+    fn compute(&self, rows: Range<usize>, x: &[f32], n_tokens: usize, out: &SharedOut) {
+        match self {
+            Self::Q4_0(w, acts) => q4_rows::<Q4_0Layout>(w, acts, rows, out),
+            Self::Q4_1(w, acts) => q4_rows::<Q4_1Layout>(w, acts, rows, out),
+            Self::Q8_0(w, acts) => q8_0_rows(w, acts, rows, out),
+            Self::F32(w) => f32_rows(w, x, n_tokens, rows, out),
+            Self::F16(w) => f16_rows(w, x, n_tokens, rows, out),
+            Self::Dense(dense) => dense.matmul_rows(x, n_tokens, rows, out),
+            Self::Generic(body) => body(rows, out),
+        }
+    }
+}
+
+/// Walks `rows × tokens` in tiles of up to 4 rows × 4 tokens and stores each tile:
+/// `tile(R, T)(row, t0)` must return the `[[f32; T]; R]` dot products.
+macro_rules! for_each_tile {
+    ($rows:expr, $n_tokens:expr, $out:expr, |$row:ident, $t0:ident, $R:ident, $T:ident| $tile:expr) => {{
+        let rows: Range<usize> = $rows;
+        let n_tokens: usize = $n_tokens;
+        let out: &SharedOut = $out;
+        macro_rules! store {
+            ($r_const:literal, $t_const:literal, $row_v:expr, $t0_v:expr) => {{
+                let $row: usize = $row_v;
+                let $t0: usize = $t0_v;
+                const $R: usize = $r_const;
+                const $T: usize = $t_const;
+                let tile: [[f32; $t_const]; $r_const] = $tile;
+                for (dr, values) in tile.iter().enumerate() {
+                    for (dt, &value) in values.iter().enumerate() {
+                        out.set($t0 + dt, $row + dr, value);
+                    }
+                }
+            }};
+        }
+        macro_rules! token_groups {
+            ($r_const:literal, $row_v:expr) => {{
+                let mut t0 = 0;
+                while t0 + 4 <= n_tokens {
+                    store!($r_const, 4, $row_v, t0);
+                    t0 += 4;
+                }
+                match n_tokens - t0 {
+                    3 => store!($r_const, 3, $row_v, t0),
+                    2 => store!($r_const, 2, $row_v, t0),
+                    1 => store!($r_const, 1, $row_v, t0),
+                    _ => {}
+                }
+            }};
+        }
+        let mut row = rows.start;
+        if n_tokens == 1 {
+            while row + 4 <= rows.end {
+                store!(4, 1, row, 0);
+                row += 4;
+            }
+        } else {
+            while row + 2 <= rows.end {
+                token_groups!(2, row);
+                row += 2;
+            }
+        }
+        while row < rows.end {
+            token_groups!(1, row);
+            row += 1;
+        }
+    }};
+}
+
+fn q4_rows<L: Q4Layout>(w: &QMatrix, acts: &Q8Acts, rows: Range<usize>, out: &SharedOut) {
+    let row_bytes = w.row_bytes();
+    for_each_tile!(rows, acts.n_tokens(), out, |row, t0, R, T| {
+        fast::q4_tile::<L, R, T>(w.rows_bytes(row, row + R), row_bytes, acts, t0)
+    });
+}
+
+fn q8_0_rows(w: &QMatrix, acts: &Q8Acts, rows: Range<usize>, out: &SharedOut) {
+    let row_bytes = w.row_bytes();
+    for_each_tile!(rows, acts.n_tokens(), out, |row, t0, R, T| {
+        fast::q8_0_tile::<R, T>(w.rows_bytes(row, row + R), row_bytes, acts, t0)
+    });
+}
+
+fn f32_rows(w: &QMatrix, x: &[f32], n_tokens: usize, rows: Range<usize>, out: &SharedOut) {
+    let cols = w.cols();
+    let weights: &[f32] = blocks::<f32>(w.as_bytes());
+    for_each_tile!(rows, n_tokens, out, |row, t0, R, T| {
+        fast::f32_tile::<R, T>(&weights[row * cols..(row + R) * cols], x, cols, t0)
+    });
+}
+
+fn f16_rows(w: &QMatrix, x: &[f32], n_tokens: usize, rows: Range<usize>, out: &SharedOut) {
+    let cols = w.cols();
+    for_each_tile!(rows, n_tokens, out, |row, t0, R, T| {
+        fast::f16_tile::<R, T>(w.rows_bytes(row, row + R), x, cols, t0)
+    });
+}
+
+/// Rows of any other format through candle's reference dot products: the activations
+/// are quantized to `T::VecDotType` here (on the calling thread), then each task dots
+/// its rows.
+fn generic_rows<'a, T: GgmlType + 'a>(
+    w: &'a QMatrix,
+    x: &[f32],
+    n_tokens: usize,
+) -> GenericRows<'a> {
+    let cols = w.cols();
+    let blocks_per_row = cols / T::BLCK_SIZE;
+    let mut acts = vec![T::VecDotType::zeros(); n_tokens * blocks_per_row];
+    if blocks_per_row > 0 {
+        for (dst, src) in acts
+            .chunks_exact_mut(blocks_per_row)
+            .zip(x.chunks_exact(cols))
+        {
+            T::VecDotType::from_float(src, dst);
+        }
+    }
+    Box::new(move |rows: Range<usize>, out: &SharedOut| {
+        for r in rows {
+            let weights = blocks::<T>(w.row(r));
+            for t in 0..n_tokens {
+                let value = if blocks_per_row == 0 {
+                    0.0
+                } else {
+                    T::vec_dot(
+                        cols,
+                        weights,
+                        &acts[t * blocks_per_row..(t + 1) * blocks_per_row],
+                    )
+                };
+                out.set(t, r, value);
+            }
+        }
+    })
+}
+
+/// Compile-time check that the 32-wide kernels and the block size agree.
+const _: () = assert!(QK == candle_core::quantized::k_quants::QK8_0);

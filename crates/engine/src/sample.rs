@@ -1,0 +1,246 @@
+//! Turning a row of logits into the next token: greedy, or temperature sampling
+//! restricted by top-k and top-p, reproducible with a seed.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep the smallest set of tokens whose probability reaches `top_p` (1 = all).
+    pub top_p: f32,
+    /// Keep the `top_k` most likely tokens (0 = all).
+    pub top_k: usize,
+    /// Seed for reproducible sampling; `None` draws one from the OS.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+
+    fn is_greedy(&self) -> bool {
+        self.temperature < 1e-5 || self.top_k == 1
+    }
+}
+
+/// Candidates examined before falling back to sorting the whole vocabulary for top-p.
+const TOP_P_FIRST_PASS: usize = 256;
+
+/// Samples tokens for one sequence.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    candidates: Vec<(u32, f32)>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Self {
+            params,
+            rng,
+            candidates: Vec::new(),
+        }
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.params.is_greedy() {
+            return argmax(logits);
+        }
+        self.candidates.clear();
+        let inv_t = 1.0 / self.params.temperature;
+        self.candidates.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l * inv_t)),
+        );
+        let k = match self.params.top_k {
+            0 => self.candidates.len(),
+            k => k.min(self.candidates.len()),
+        };
+        keep_top(&mut self.candidates, k);
+        to_probabilities(&mut self.candidates);
+        if self.params.top_p < 1.0 {
+            self.apply_top_p();
+        }
+        let total: f32 = self.candidates.iter().map(|c| c.1).sum();
+        let mut target = self.rng.random::<f32>() * total;
+        let candidates = &self.candidates;
+        for &(token, p) in candidates {
+            target -= p;
+            if target <= 0.0 {
+                return token;
+            }
+        }
+        candidates.last().map_or(0, |c| c.0)
+    }
+
+    /// Keeps the most likely candidates whose cumulative probability reaches top_p.
+    fn apply_top_p(&mut self) {
+        let p = self.params.top_p;
+        let first_pass = TOP_P_FIRST_PASS.min(self.candidates.len());
+        keep_top(&mut self.candidates, first_pass);
+        sort_descending(&mut self.candidates);
+        let mut cumulative = 0.0;
+        for (i, c) in self.candidates.iter().enumerate() {
+            cumulative += c.1;
+            if cumulative >= p {
+                self.candidates.truncate(i + 1);
+                return;
+            }
+        }
+    }
+}
+
+/// Index of the largest logit (the first one on ties, as llama.cpp).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Keeps the `k` largest candidates (unordered).
+fn keep_top(candidates: &mut Vec<(u32, f32)>, k: usize) {
+    if k < candidates.len() {
+        candidates.select_nth_unstable_by(k, |a, b| b.1.total_cmp(&a.1));
+        candidates.truncate(k);
+    }
+}
+
+fn sort_descending(candidates: &mut [(u32, f32)]) {
+    candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+}
+
+/// Softmax over the candidates' scaled logits.
+fn to_probabilities(candidates: &mut [(u32, f32)]) {
+    let max = candidates
+        .iter()
+        .map(|c| c.1)
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for c in candidates.iter_mut() {
+        c.1 = (c.1 - max).exp();
+        sum += c.1;
+    }
+    for c in candidates.iter_mut() {
+        c.1 /= sum;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_picks_the_first_maximum() {
+        let mut sampler = Sampler::new(SamplingParams::greedy());
+        assert_eq!(sampler.sample(&[0.1, 3.0, -1.0, 3.0]), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_whatever_the_temperature() {
+        let params = SamplingParams {
+            temperature: 5.0,
+            top_k: 1,
+            seed: Some(1),
+            ..SamplingParams::default()
+        };
+        let mut sampler = Sampler::new(params);
+        for _ in 0..50 {
+            assert_eq!(sampler.sample(&[0.0, 0.5, 0.4]), 1);
+        }
+    }
+
+    #[test]
+    fn top_k_never_samples_outside_the_k_best() {
+        let params = SamplingParams {
+            temperature: 10.0,
+            top_k: 2,
+            seed: Some(7),
+            ..SamplingParams::default()
+        };
+        let mut sampler = Sampler::new(params);
+        let logits = [1.0, 5.0, 4.9, 0.0, 4.8];
+        for _ in 0..500 {
+            let t = sampler.sample(&logits);
+            assert!(t == 1 || t == 2, "sampled {t}");
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_p() {
+        // Probabilities ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.8 keeps tokens 0 and 1.
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.8,
+            seed: Some(3),
+            ..SamplingParams::default()
+        };
+        let mut sampler = Sampler::new(params);
+        let mut seen = [0usize; 4];
+        for _ in 0..2000 {
+            seen[sampler.sample(&logits) as usize] += 1;
+        }
+        assert_eq!(seen[2] + seen[3], 0, "{seen:?}");
+        assert!(seen[0] > seen[1] && seen[1] > 0, "{seen:?}");
+    }
+
+    #[test]
+    fn same_seed_same_tokens() {
+        let logits: Vec<f32> = (0..100).map(|i| (i % 7) as f32 * 0.3).collect();
+        let params = SamplingParams {
+            temperature: 0.9,
+            seed: Some(42),
+            ..SamplingParams::default()
+        };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(params);
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(params);
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        // p = softmax([ln 3, 0]) = [0.75, 0.25]
+        let logits = [3f32.ln(), 0.0];
+        let mut sampler = Sampler::new(SamplingParams {
+            seed: Some(11),
+            ..SamplingParams::default()
+        });
+        let zeros = (0..4000).filter(|_| sampler.sample(&logits) == 0).count();
+        let share = zeros as f64 / 4000.0;
+        assert!((share - 0.75).abs() < 0.03, "share of token 0: {share}");
+    }
+}
