@@ -2,7 +2,7 @@
 //! (1 token) and prefill (512 tokens) form, with 1 and 2 threads, against candle's stock
 //! `QMatMul` on the same weights in the same run.
 //!
-//! `cargo bench -p tandem-engine --bench kernels [-- quick]`
+//! `cargo bench -p tandem-engine --bench kernels [-- quick] [dispatch|decode|step|crossover|prefill]...`
 //!
 //! Times are the best of several trials (the machine is shared); ratios > 1 mean tandem
 //! is faster.
@@ -402,9 +402,24 @@ fn main() {
         max_threads,
         candle_core::utils::get_num_threads()
     );
-    bench.dispatch();
-    bench.decode();
-    bench.decode_step();
-    bench.crossover();
-    bench.prefill();
+    let sections: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-') && a != "quick")
+        .collect();
+    let wanted = |name: &str| sections.is_empty() || sections.iter().any(|s| s == name);
+    if wanted("dispatch") {
+        bench.dispatch();
+    }
+    if wanted("decode") {
+        bench.decode();
+    }
+    if wanted("step") {
+        bench.decode_step();
+    }
+    if wanted("crossover") {
+        bench.crossover();
+    }
+    if wanted("prefill") {
+        bench.prefill();
+    }
 }

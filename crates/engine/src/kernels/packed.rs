@@ -1,0 +1,131 @@
+//! The row-interleaved ("panel") layout of the 32-element block formats Q4_0, Q4_1 and
+//! Q8_0, which is how a [`QMatrix`](super::QMatrix) stores them.
+//!
+//! Rows are grouped in panels of 8 (the last one padded with zero rows). A panel stores,
+//! for each 32-column block in turn, the 8 rows' blocks side by side with their scales
+//! gathered:
+//!
+//! - Q4_1: `d[8]` f16, `m[8]` f16, then 4 row pairs of nibbles, each `[row 2p | row 2p+1]`
+//!   (16 + 16 bytes): 160 bytes per block, the same as 8 GGML blocks.
+//! - Q4_0: as Q4_1 without `m`: 144 bytes.
+//! - Q8_0: `d[8]` f16 then the 8 rows' 32 quants: 272 bytes.
+//!
+//! For the 4-bit formats the scale of row `k` sits in slot [`q4_slot`]`(k)`, the order in
+//! which the AVX2 kernel's horizontal adds leave the row sums, so that one vector of
+//! scales multiplies one vector of sums. The bytes of each block are unchanged.
+
+use candle_core::quantized::GgmlDType;
+
+/// Rows per panel.
+pub(crate) const PANEL_ROWS: usize = 8;
+
+/// Whether `dtype` is stored in panels.
+pub(crate) fn is_packed(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0)
+}
+
+/// Where the pieces of one row's block live inside a panel block.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PanelFormat {
+    /// Bytes of one GGML block.
+    pub(crate) ggml_block: usize,
+    /// Bytes of one panel block (8 rows).
+    pub(crate) panel_block: usize,
+    has_min: bool,
+    four_bit: bool,
+}
+
+impl PanelFormat {
+    pub(crate) fn of(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4_0 => Some(Self {
+                ggml_block: 18,
+                panel_block: 144,
+                has_min: false,
+                four_bit: true,
+            }),
+            GgmlDType::Q4_1 => Some(Self {
+                ggml_block: 20,
+                panel_block: 160,
+                has_min: true,
+                four_bit: true,
+            }),
+            GgmlDType::Q8_0 => Some(Self {
+                ggml_block: 34,
+                panel_block: 272,
+                has_min: false,
+                four_bit: false,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Offset of the scales (`d[8]`) in a panel block; `m[8]` follows for Q4_1.
+    pub(crate) const SCALES: usize = 0;
+    pub(crate) const MINS: usize = 16;
+
+    /// Offset of the quants in a panel block.
+    pub(crate) fn quants(&self) -> usize {
+        if self.has_min { 32 } else { 16 }
+    }
+
+    /// Slot of row `k` in the scale arrays.
+    fn slot(&self, k: usize) -> usize {
+        if self.four_bit { q4_slot(k) } else { k }
+    }
+
+    /// (offset in the panel block, offset in the GGML block, length) of the pieces of
+    /// row `k`'s block: scale, optional min, quants.
+    fn pieces(&self, k: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+        let slot = self.slot(k);
+        let scale = (Self::SCALES + 2 * slot, 0, 2);
+        let min = self.has_min.then_some((Self::MINS + 2 * slot, 2, 2));
+        let quants = if self.four_bit {
+            (self.quants() + (k / 2) * 32 + (k % 2) * 16, self.ggml_block - 16, 16)
+        } else {
+            (self.quants() + 32 * k, 2, 32)
+        };
+        std::iter::once(scale).chain(min).chain(std::iter::once(quants))
+    }
+}
+
+/// Slot of row `k` (0..8) in a 4-bit panel's scale arrays: rows in the order
+/// `[0, 2, 4, 6, 1, 3, 5, 7]`.
+pub(crate) const fn q4_slot(k: usize) -> usize {
+    k / 2 + 4 * (k % 2)
+}
+
+/// Bytes of a packed `[rows, cols]` matrix.
+pub(crate) fn packed_len(format: &PanelFormat, rows: usize, cols: usize) -> usize {
+    rows.div_ceil(PANEL_ROWS) * (cols / 32) * format.panel_block
+}
+
+/// Packs row-major GGML bytes (`rows` rows of `cols / 32` blocks) into `dst`
+/// (`packed_len` bytes, zeroed: padding rows stay zero).
+pub(crate) fn pack(format: &PanelFormat, rows: usize, cols: usize, ggml: &[u8], dst: &mut [u8]) {
+    let blocks = cols / 32;
+    let row_bytes = blocks * format.ggml_block;
+    for row in 0..rows {
+        let (panel, k) = (row / PANEL_ROWS, row % PANEL_ROWS);
+        for b in 0..blocks {
+            let src = &ggml[row * row_bytes + b * format.ggml_block..][..format.ggml_block];
+            let block = &mut dst[(panel * blocks + b) * format.panel_block..][..format.panel_block];
+            for (at_panel, at_ggml, len) in format.pieces(k) {
+                block[at_panel..at_panel + len].copy_from_slice(&src[at_ggml..at_ggml + len]);
+            }
+        }
+    }
+}
+
+/// Writes row `row`'s GGML blocks (`cols / 32` of them) from packed bytes into `dst`.
+pub(crate) fn unpack_row(format: &PanelFormat, cols: usize, packed: &[u8], row: usize, dst: &mut [u8]) {
+    let blocks = cols / 32;
+    let (panel, k) = (row / PANEL_ROWS, row % PANEL_ROWS);
+    for b in 0..blocks {
+        let block = &packed[(panel * blocks + b) * format.panel_block..][..format.panel_block];
+        let out = &mut dst[b * format.ggml_block..][..format.ggml_block];
+        for (at_panel, at_ggml, len) in format.pieces(k) {
+            out[at_ggml..at_ggml + len].copy_from_slice(&block[at_panel..at_panel + len]);
+        }
+    }
+}
