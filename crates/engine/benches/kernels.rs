@@ -7,13 +7,14 @@
 //! Times are the best of several trials (the machine is shared); ratios > 1 mean tandem
 //! is faster.
 
-use std::borrow::Cow;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
-use tandem_engine::kernels::{GEMM_MIN_TOKENS, Linear, QMatrix, ThreadPool, matmul, matmul_many};
+use tandem_engine::kernels::{
+    GEMM_MIN_TOKENS, Linear, MatmulPath, QMatrix, ThreadPool, matmul, matmul_many, matmul_many_with,
+};
 
 const HIDDEN: usize = 576;
 const INTER: usize = 1536;
@@ -107,8 +108,8 @@ struct Bench {
 }
 
 fn candle_qmatmul(w: &QMatrix) -> QMatMul {
-    let storage = QStorage::from_data(Cow::Borrowed(w.as_bytes()), &Device::Cpu, w.dtype())
-        .expect("candle storage");
+    let storage =
+        QStorage::from_data(w.ggml_bytes(), &Device::Cpu, w.dtype()).expect("candle storage");
     let tensor = QTensor::new(storage, (w.rows(), w.cols())).expect("candle qtensor");
     QMatMul::from_qtensor(tensor).expect("candle qmatmul")
 }
@@ -132,7 +133,7 @@ impl Bench {
                 &pseudo_random(shape.rows * shape.cols, 1),
             )
             .expect("weights");
-            let mb = w.as_bytes().len() as f64 / 1e6;
+            let mb = w.storage_bytes() as f64 / 1e6;
             let linear = Linear::new(w.clone(), false);
             let x = pseudo_random(shape.cols, 2);
             let mut y = vec![0f32; shape.rows];
@@ -209,9 +210,9 @@ impl Bench {
         let bytes: usize = layers
             .iter()
             .flatten()
-            .map(|l| l.qmatrix().as_bytes().len())
+            .map(|l| l.qmatrix().storage_bytes())
             .sum::<usize>()
-            + head.qmatrix().as_bytes().len();
+            + head.qmatrix().storage_bytes();
         for pool in &self.pools {
             let t = best_time(self.budget * 4, self.trials, || {
                 for layer in &layers {
@@ -299,40 +300,35 @@ impl Bench {
 
     /// Quantized path vs GEMM across batch sizes: where `GEMM_MIN_TOKENS` should be.
     fn crossover(&self) {
-        let pool = self.pools.last().expect("pools");
         println!(
-            "\n## Quantized path vs GEMM by batch size (gate+up 3072x576 Q4_1, {} threads; GEMM_MIN_TOKENS = {GEMM_MIN_TOKENS})\n",
-            pool.n_threads()
+            "\n## Quantized path vs GEMM by batch size (gate+up 3072x576 Q4_1; GEMM_MIN_TOKENS = {GEMM_MIN_TOKENS})\n"
         );
-        println!("| tokens | quantized µs | GEMM µs | faster |");
-        println!("|---|---|---|---|");
+        println!("| tokens | threads | quantized GFLOP/s | GEMM GFLOP/s | faster |");
+        println!("|---|---|---|---|---|");
         let (rows, cols) = (2 * INTER, HIDDEN);
         let w = QMatrix::from_f32(GgmlDType::Q4_1, rows, cols, &pseudo_random(rows * cols, 1))
             .expect("w");
-        let quantized = Linear::new(w.clone(), false);
-        // A dense-only twin: F32 weights always take the GEMM path at these sizes.
         let dense = Linear::new(w, true);
-        for n in [1usize, 2, 4, 8, 12, 16, 24, 32, 48, 64] {
+        for n in [8usize, 16, 32, 64, 128, 512] {
             let x = pseudo_random(n * cols, 5);
             let mut y = vec![0f32; n * rows];
-            let q = best_time(self.budget, self.trials, || {
-                matmul(pool, &quantized, &x, n, &mut y).expect("matmul");
-            });
-            let g = if n >= GEMM_MIN_TOKENS {
-                Some(best_time(self.budget, self.trials, || {
-                    matmul(pool, &dense, &x, n, &mut y).expect("matmul");
-                }))
-            } else {
-                None
-            };
-            match g {
-                Some(g) => println!(
-                    "| {n} | {:.1} | {:.1} | {} |",
-                    us(q),
-                    us(g),
+            let gflops = |d: Duration| 2.0 * (n * rows * cols) as f64 / 1e9 / d.as_secs_f64();
+            for pool in &self.pools {
+                let q = best_time(self.budget, self.trials, || {
+                    let path = MatmulPath::Quantized;
+                    matmul_many_with(pool, &[&dense], &x, n, &mut [&mut y], path).expect("matmul");
+                });
+                let g = best_time(self.budget, self.trials, || {
+                    let path = MatmulPath::Gemm;
+                    matmul_many_with(pool, &[&dense], &x, n, &mut [&mut y], path).expect("matmul");
+                });
+                println!(
+                    "| {n} | {} | {:.1} | {:.1} | {} |",
+                    pool.n_threads(),
+                    gflops(q),
+                    gflops(g),
                     if q < g { "quantized" } else { "GEMM" }
-                ),
-                None => println!("| {n} | {:.1} | (below threshold) | |", us(q)),
+                );
             }
         }
     }

@@ -4,8 +4,13 @@
 //! A sequence's keys and values live in fixed-size blocks named by a block table
 //! (position `p` is slot `p % block_size` of block `table[p / block_size]`), so
 //! sequences grow without copying, share prefix blocks, and move between processes a
-//! block at a time. Per layer, a block holds `[kv_head][slot][head_dim]` f32 values,
-//! so one head's keys in one block are contiguous for the attention kernel.
+//! block at a time. Per layer, a block holds `[kv_head][slot][head_dim]` values, so one
+//! head's keys in one block are contiguous for the attention kernel.
+//!
+//! Values are stored as f16, as llama.cpp and vLLM (for f16/bf16 models) do: half the
+//! memory of f32, and the rounding llama.cpp's outputs were produced with.
+
+use half::f16;
 
 /// Index of a block in a [`KvStore`].
 pub type BlockId = u32;
@@ -20,14 +25,14 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
-    /// f32 values of K (or of V) that one block holds for one layer.
+    /// Values of K (or of V) that one block holds for one layer.
     pub fn floats_per_layer_block(&self) -> usize {
         self.num_kv_heads * self.block_size * self.head_dim
     }
 
     /// Bytes one block occupies across all layers, K and V.
     pub fn bytes_per_block(&self) -> usize {
-        2 * self.num_layers * self.floats_per_layer_block() * std::mem::size_of::<f32>()
+        2 * self.num_layers * self.floats_per_layer_block() * std::mem::size_of::<f16>()
     }
 
     /// Blocks needed to hold `tokens` positions.
@@ -37,8 +42,8 @@ impl KvLayout {
 }
 
 struct LayerKv {
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    keys: Vec<f16>,
+    values: Vec<f16>,
 }
 
 /// KV cache memory for a fixed number of blocks.
@@ -53,8 +58,8 @@ impl KvStore {
         let len = num_blocks * layout.floats_per_layer_block();
         let layers = (0..layout.num_layers)
             .map(|_| LayerKv {
-                keys: vec![0.0; len],
-                values: vec![0.0; len],
+                keys: vec![f16::ZERO; len],
+                values: vec![f16::ZERO; len],
             })
             .collect();
         Self {
@@ -85,17 +90,18 @@ impl KvStore {
 
     /// Keys of `head` in `block` for `layer`: `[block_size][head_dim]`.
     #[inline]
-    pub fn keys(&self, layer: usize, block: BlockId, head: usize) -> &[f32] {
+    pub fn keys(&self, layer: usize, block: BlockId, head: usize) -> &[f16] {
         &self.layers[layer].keys[self.head_range(block, head)]
     }
 
     /// Values of `head` in `block` for `layer`: `[block_size][head_dim]`.
     #[inline]
-    pub fn values(&self, layer: usize, block: BlockId, head: usize) -> &[f32] {
+    pub fn values(&self, layer: usize, block: BlockId, head: usize) -> &[f16] {
         &self.layers[layer].values[self.head_range(block, head)]
     }
 
-    /// Stores one position's keys and values (`[kv_head][head_dim]` each).
+    /// Stores one position's keys and values (`[kv_head][head_dim]` each), rounded to
+    /// f16.
     pub fn write(
         &mut self,
         layer: usize,
@@ -104,13 +110,14 @@ impl KvStore {
         keys: &[f32],
         values: &[f32],
     ) {
+        use half::slice::HalfFloatSliceExt;
         let d = self.layout.head_dim;
         for head in 0..self.layout.num_kv_heads {
             let at = self.head_range(block, head).start + slot * d;
             let src = head * d..(head + 1) * d;
             let kv = &mut self.layers[layer];
-            kv.keys[at..at + d].copy_from_slice(&keys[src.clone()]);
-            kv.values[at..at + d].copy_from_slice(&values[src]);
+            kv.keys[at..at + d].convert_from_f32_slice(&keys[src.clone()]);
+            kv.values[at..at + d].convert_from_f32_slice(&values[src]);
         }
     }
 }
@@ -191,7 +198,7 @@ mod tests {
 
     #[test]
     fn bytes_per_block_counts_keys_and_values_of_every_layer() {
-        assert_eq!(layout().bytes_per_block(), 2 * 2 * 3 * 2 * 4 * 4);
+        assert_eq!(layout().bytes_per_block(), 2 * 2 * 3 * 2 * 4 * 2);
         assert_eq!(layout().blocks_for(5), 3);
     }
 }

@@ -194,11 +194,11 @@ fn matmul_rejects_bad_shapes() {
 #[test]
 fn qmatrix_from_raw_validates_lengths() {
     let good = QMatrix::from_f32(GgmlDType::Q4_1, 3, 64, &pseudo_random(192, 9)).unwrap();
-    assert_eq!(good.as_bytes().len(), 3 * 2 * 20);
-    let copy = QMatrix::from_raw(GgmlDType::Q4_1, 3, 64, good.as_bytes()).unwrap();
+    assert_eq!(good.ggml_bytes().len(), 3 * 2 * 20);
+    let copy = QMatrix::from_raw(GgmlDType::Q4_1, 3, 64, &good.ggml_bytes()).unwrap();
     assert_eq!(copy.dequantize(), good.dequantize());
 
-    let err = QMatrix::from_raw(GgmlDType::Q4_1, 3, 64, &good.as_bytes()[1..]).unwrap_err();
+    let err = QMatrix::from_raw(GgmlDType::Q4_1, 3, 64, &good.ggml_bytes()[1..]).unwrap_err();
     assert_eq!(
         err,
         KernelError::ByteLength {
@@ -209,7 +209,7 @@ fn qmatrix_from_raw_validates_lengths() {
             actual: 119
         }
     );
-    assert!(QMatrix::from_raw(GgmlDType::Q4_1, 4, 64, good.as_bytes()).is_err());
+    assert!(QMatrix::from_raw(GgmlDType::Q4_1, 4, 64, &good.ggml_bytes()).is_err());
     assert!(matches!(
         QMatrix::from_raw(GgmlDType::Q4_1, 1, 48, &[0; 40]),
         Err(KernelError::RaggedBlocks { .. })
@@ -223,6 +223,22 @@ fn qmatrix_from_raw_validates_lengths() {
         QMatrix::from_f32(GgmlDType::Q8_0, 2, 32, &[0.0; 63]),
         Err(KernelError::LengthMismatch { .. })
     ));
+}
+
+#[test]
+fn qmatrix_round_trips_ggml_bytes() {
+    for dtype in ALL_DTYPES {
+        for rows in [1, 8, 13] {
+            let values = pseudo_random(rows * 256, rows as u64);
+            let ggml = QMatrix::from_f32(dtype, rows, 256, &values)
+                .unwrap()
+                .ggml_bytes()
+                .into_owned();
+            let m = QMatrix::from_raw(dtype, rows, 256, &ggml).unwrap();
+            assert_eq!(*m.ggml_bytes(), ggml[..], "{dtype:?} x {rows} rows");
+            assert!(m.storage_bytes() >= ggml.len());
+        }
+    }
 }
 
 #[test]

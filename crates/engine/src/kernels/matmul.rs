@@ -17,9 +17,10 @@ use candle_core::quantized::k_quants::GgmlType;
 
 use super::KernelError;
 use super::gemm::DenseWeights;
+use super::packed::{PANEL_ROWS, PanelFormat};
 use super::pool::ThreadPool;
 use super::qmatrix::{QMatrix, blocks, with_block_type};
-use super::quant_dot::{Q4_0Layout, Q4_1Layout, Q4Layout, Q8Acts, QK, fast};
+use super::quant_dot::{PanelOut, Q8Acts, QK, fast};
 
 /// Batches of at least this many tokens use the f32 GEMM path when the weights have a
 /// dense copy (measured crossover on a 2-core Zen 3, see `benches/kernels.rs`).
@@ -78,6 +79,19 @@ impl Linear {
     }
 }
 
+/// Which kernel family a matmul uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MatmulPath {
+    /// GEMM for batches of [`GEMM_MIN_TOKENS`] or more when the weights have a dense
+    /// copy, quantized dot products otherwise.
+    #[default]
+    Auto,
+    /// Always the quantized dot products.
+    Quantized,
+    /// GEMM whenever the weights have a dense copy, whatever the batch size.
+    Gemm,
+}
+
 /// `y[t, r] = Σ_c x[t, c] · W[r, c]`: `x` is `[n_tokens, cols]`, `y` is `[n_tokens, rows]`,
 /// both row-major.
 pub fn matmul(
@@ -87,7 +101,7 @@ pub fn matmul(
     n_tokens: usize,
     y: &mut [f32],
 ) -> Result<(), KernelError> {
-    matmul_many(pool, &[w], x, n_tokens, &mut [y])
+    matmul_many_with(pool, &[w], x, n_tokens, &mut [y], MatmulPath::Auto)
 }
 
 /// [`matmul`] for several matrices with the same number of columns applied to the same
@@ -99,11 +113,30 @@ pub fn matmul_many(
     n_tokens: usize,
     ys: &mut [&mut [f32]],
 ) -> Result<(), KernelError> {
+    matmul_many_with(pool, ws, x, n_tokens, ys, MatmulPath::Auto)
+}
+
+/// [`matmul_many`] with an explicit choice of kernels (benchmarks, tests).
+pub fn matmul_many_with(
+    pool: &ThreadPool,
+    ws: &[&Linear],
+    x: &[f32],
+    n_tokens: usize,
+    ys: &mut [&mut [f32]],
+    path: MatmulPath,
+) -> Result<(), KernelError> {
     check_shapes(ws, x, n_tokens, ys)?;
     if n_tokens == 0 || ws.is_empty() {
         return Ok(());
     }
-    let use_gemm = |w: &Linear| n_tokens >= GEMM_MIN_TOKENS && w.dense.is_some();
+    let use_gemm = |w: &Linear| {
+        w.dense.is_some()
+            && match path {
+                MatmulPath::Auto => n_tokens >= GEMM_MIN_TOKENS,
+                MatmulPath::Quantized => false,
+                MatmulPath::Gemm => true,
+            }
+    };
     let needs_q8 = ws.iter().any(|w| {
         !use_gemm(w)
             && matches!(
@@ -253,9 +286,9 @@ impl Job<'_> {
 type GenericRows<'a> = Box<dyn Fn(Range<usize>, &SharedOut) + Sync + 'a>;
 
 enum JobKind<'a> {
-    Q4_0(&'a QMatrix, &'a Q8Acts),
-    Q4_1(&'a QMatrix, &'a Q8Acts),
-    Q8_0(&'a QMatrix, &'a Q8Acts),
+    Q4_0(&'a QMatrix, &'a PanelFormat, &'a Q8Acts),
+    Q4_1(&'a QMatrix, &'a PanelFormat, &'a Q8Acts),
+    Q8_0(&'a QMatrix, &'a PanelFormat, &'a Q8Acts),
     F32(&'a QMatrix),
     F16(&'a QMatrix),
     Dense(&'a DenseWeights),
@@ -264,13 +297,15 @@ enum JobKind<'a> {
 
 impl<'a> JobKind<'a> {
     fn for_weight(w: &'a QMatrix, acts: &'a Q8Acts, x: &'a [f32], n_tokens: usize) -> Self {
-        match w.dtype() {
-            GgmlDType::Q4_0 => Self::Q4_0(w, acts),
-            GgmlDType::Q4_1 => Self::Q4_1(w, acts),
-            GgmlDType::Q8_0 => Self::Q8_0(w, acts),
-            GgmlDType::F32 => Self::F32(w),
-            GgmlDType::F16 => Self::F16(w),
-            dtype => with_block_type!(dtype, T => Self::Generic(generic_rows::<T>(w, x, n_tokens))),
+        match (w.dtype(), w.panel_format()) {
+            (GgmlDType::Q4_0, Some(format)) => Self::Q4_0(w, format, acts),
+            (GgmlDType::Q4_1, Some(format)) => Self::Q4_1(w, format, acts),
+            (GgmlDType::Q8_0, Some(format)) => Self::Q8_0(w, format, acts),
+            (GgmlDType::F32, _) => Self::F32(w),
+            (GgmlDType::F16, _) => Self::F16(w),
+            (dtype, _) => {
+                with_block_type!(dtype, T => Self::Generic(generic_rows::<T>(w, x, n_tokens)))
+            }
         }
     }
 
@@ -282,16 +317,26 @@ impl<'a> JobKind<'a> {
         }
         let min_rows = if n_tokens == 1 { 32 } else { 8 };
         let target_tasks = (4 * n_threads).div_ceil(n_jobs).max(1);
+        // Multiples of a panel, so no panel is split between tasks.
         rows.div_ceil(target_tasks)
-            .next_multiple_of(4)
+            .next_multiple_of(PANEL_ROWS)
             .max(min_rows)
     }
 
     fn compute(&self, rows: Range<usize>, x: &[f32], n_tokens: usize, out: &SharedOut) {
         match self {
-            Self::Q4_0(w, acts) => q4_rows::<Q4_0Layout>(w, acts, rows, out),
-            Self::Q4_1(w, acts) => q4_rows::<Q4_1Layout>(w, acts, rows, out),
-            Self::Q8_0(w, acts) => q8_0_rows(w, acts, rows, out),
+            Self::Q4_0(w, format, acts) => {
+                let kernels = (fast::q4_panel::<false, 4>, fast::q4_panel::<false, 1>);
+                panel_rows(w, format, acts, rows, out, kernels)
+            }
+            Self::Q4_1(w, format, acts) => {
+                let kernels = (fast::q4_panel::<true, 4>, fast::q4_panel::<true, 1>);
+                panel_rows(w, format, acts, rows, out, kernels)
+            }
+            Self::Q8_0(w, format, acts) => {
+                let kernels = (fast::q8_0_panel::<4>, fast::q8_0_panel::<1>);
+                panel_rows(w, format, acts, rows, out, kernels)
+            }
             Self::F32(w) => f32_rows(w, x, n_tokens, rows, out),
             Self::F16(w) => f16_rows(w, x, n_tokens, rows, out),
             Self::Dense(dense) => dense.matmul_rows(x, n_tokens, rows, out),
@@ -355,23 +400,46 @@ macro_rules! for_each_tile {
     }};
 }
 
-fn q4_rows<L: Q4Layout>(w: &QMatrix, acts: &Q8Acts, rows: Range<usize>, out: &SharedOut) {
-    let row_bytes = w.row_bytes();
-    for_each_tile!(rows, acts.n_tokens(), out, |row, t0, R, T| {
-        fast::q4_tile::<L, R, T>(w.rows_bytes(row, row + R), row_bytes, acts, t0)
-    });
-}
-
-fn q8_0_rows(w: &QMatrix, acts: &Q8Acts, rows: Range<usize>, out: &SharedOut) {
-    let row_bytes = w.row_bytes();
-    for_each_tile!(rows, acts.n_tokens(), out, |row, t0, R, T| {
-        fast::q8_0_tile::<R, T>(w.rows_bytes(row, row + R), row_bytes, acts, t0)
-    });
+/// Panels of a panel-format matrix covering `rows` (which start on a panel boundary),
+/// 4 tokens at a time, then one at a time.
+fn panel_rows<K4, K1>(
+    w: &QMatrix,
+    format: &PanelFormat,
+    acts: &Q8Acts,
+    rows: Range<usize>,
+    out: &SharedOut,
+    (kernel4, kernel1): (K4, K1),
+) where
+    K4: Fn(&[u8], &PanelFormat, &Q8Acts, usize) -> PanelOut<4>,
+    K1: Fn(&[u8], &PanelFormat, &Q8Acts, usize) -> PanelOut<1>,
+{
+    debug_assert_eq!(rows.start % PANEL_ROWS, 0);
+    let panel_bytes = w.cols() / QK * format.panel_block;
+    let n_tokens = acts.n_tokens();
+    for first_row in rows.clone().step_by(PANEL_ROWS) {
+        let panel = &w.storage()[first_row / PANEL_ROWS * panel_bytes..][..panel_bytes];
+        let live_rows = PANEL_ROWS.min(rows.end - first_row);
+        let store = |t0: usize, values: &[[f32; PANEL_ROWS]]| {
+            for (dt, row_values) in values.iter().enumerate() {
+                for (k, &value) in row_values[..live_rows].iter().enumerate() {
+                    out.set(t0 + dt, first_row + k, value);
+                }
+            }
+        };
+        let mut t0 = 0;
+        while t0 + 4 <= n_tokens {
+            store(t0, &kernel4(panel, format, acts, t0));
+            t0 += 4;
+        }
+        for t in t0..n_tokens {
+            store(t, &kernel1(panel, format, acts, t));
+        }
+    }
 }
 
 fn f32_rows(w: &QMatrix, x: &[f32], n_tokens: usize, rows: Range<usize>, out: &SharedOut) {
     let cols = w.cols();
-    let weights: &[f32] = blocks::<f32>(w.as_bytes());
+    let weights: &[f32] = blocks::<f32>(w.storage());
     for_each_tile!(rows, n_tokens, out, |row, t0, R, T| {
         fast::f32_tile::<R, T>(&weights[row * cols..(row + R) * cols], x, cols, t0)
     });
@@ -405,7 +473,7 @@ fn generic_rows<'a, T: GgmlType + 'a>(
     }
     Box::new(move |rows: Range<usize>, out: &SharedOut| {
         for r in rows {
-            let weights = blocks::<T>(w.row(r));
+            let weights = blocks::<T>(w.rows_bytes(r, r + 1));
             for t in 0..n_tokens {
                 let value = if blocks_per_row == 0 {
                     0.0

@@ -15,13 +15,14 @@ mod aligned;
 mod gemm;
 pub mod matmul;
 pub mod ops;
+mod packed;
 pub mod pool;
 pub mod qmatrix;
 mod quant_dot;
 mod simd;
 
 pub use candle_core::quantized::GgmlDType;
-pub use matmul::{GEMM_MIN_TOKENS, Linear, matmul, matmul_many};
+pub use matmul::{GEMM_MIN_TOKENS, Linear, MatmulPath, matmul, matmul_many, matmul_many_with};
 pub use pool::ThreadPool;
 pub use qmatrix::QMatrix;
 

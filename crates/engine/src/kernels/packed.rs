@@ -19,11 +19,6 @@ use candle_core::quantized::GgmlDType;
 /// Rows per panel.
 pub(crate) const PANEL_ROWS: usize = 8;
 
-/// Whether `dtype` is stored in panels.
-pub(crate) fn is_packed(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0)
-}
-
 /// Where the pieces of one row's block live inside a panel block.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PanelFormat {
@@ -81,11 +76,17 @@ impl PanelFormat {
         let scale = (Self::SCALES + 2 * slot, 0, 2);
         let min = self.has_min.then_some((Self::MINS + 2 * slot, 2, 2));
         let quants = if self.four_bit {
-            (self.quants() + (k / 2) * 32 + (k % 2) * 16, self.ggml_block - 16, 16)
+            (
+                self.quants() + (k / 2) * 32 + (k % 2) * 16,
+                self.ggml_block - 16,
+                16,
+            )
         } else {
             (self.quants() + 32 * k, 2, 32)
         };
-        std::iter::once(scale).chain(min).chain(std::iter::once(quants))
+        std::iter::once(scale)
+            .chain(min)
+            .chain(std::iter::once(quants))
     }
 }
 
@@ -118,7 +119,13 @@ pub(crate) fn pack(format: &PanelFormat, rows: usize, cols: usize, ggml: &[u8], 
 }
 
 /// Writes row `row`'s GGML blocks (`cols / 32` of them) from packed bytes into `dst`.
-pub(crate) fn unpack_row(format: &PanelFormat, cols: usize, packed: &[u8], row: usize, dst: &mut [u8]) {
+pub(crate) fn unpack_row(
+    format: &PanelFormat,
+    cols: usize,
+    packed: &[u8],
+    row: usize,
+    dst: &mut [u8],
+) {
     let blocks = cols / 32;
     let (panel, k) = (row / PANEL_ROWS, row % PANEL_ROWS);
     for b in 0..blocks {

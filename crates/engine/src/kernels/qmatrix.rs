@@ -1,15 +1,19 @@
 //! Weight matrices in GGML block formats.
 //!
-//! A [`QMatrix`] is `[rows, cols]`, row-major, with rows the output features (`y = W x`).
-//! Each row is `cols / block_size` consecutive blocks of the dtype's layout, exactly as
-//! GGUF stores them, in a 64-byte aligned buffer the matrix owns. The block layouts and
-//! their reference (de)quantizers are candle's (`k_quants::GgmlType`).
+//! A [`QMatrix`] is `[rows, cols]` with rows the output features (`y = W x`). Each row is
+//! `cols / block_size` blocks of the dtype's GGML layout, in a 64-byte aligned buffer the
+//! matrix owns: row-major as GGUF stores them, or for Q4_0/Q4_1/Q8_0 interleaved in
+//! panels of 8 rows (`packed.rs`). The block layouts and their reference (de)quantizers
+//! are candle's (`k_quants::GgmlType`).
+
+use std::borrow::Cow;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::k_quants::GgmlType;
 
 use super::KernelError;
 use super::aligned::AlignedBytes;
+use super::packed::{self, PanelFormat};
 
 /// Runs `$body` with `$T` bound to the candle block type of `$dtype`.
 macro_rules! with_block_type {
@@ -81,12 +85,18 @@ macro_rules! with_block_type {
 pub(crate) use with_block_type;
 
 /// A weight matrix `[rows, cols]` in one GGML block format.
+///
+/// Q4_0, Q4_1 and Q8_0 matrices keep their blocks in row-interleaved panels of 8 rows
+/// (see `packed.rs`: same bytes per weight, laid out for the SIMD kernels); every other
+/// format is stored row-major exactly as GGUF has it.
 #[derive(Clone)]
 pub struct QMatrix {
     dtype: GgmlDType,
     rows: usize,
     cols: usize,
+    /// Bytes per row in GGML layout.
     row_bytes: usize,
+    panels: Option<PanelFormat>,
     data: AlignedBytes,
 }
 
@@ -114,21 +124,28 @@ pub fn row_bytes(dtype: GgmlDType, cols: usize) -> Result<usize, KernelError> {
     Ok(cols / block_size * dtype.type_size())
 }
 
+/// Bytes of a `[rows, cols]` matrix in GGML layout, checked for overflow.
+fn ggml_len(dtype: GgmlDType, rows: usize, cols: usize) -> Result<(usize, usize), KernelError> {
+    let row_bytes = row_bytes(dtype, cols)?;
+    let total = rows
+        .checked_mul(row_bytes)
+        .ok_or_else(|| KernelError::InvalidShape {
+            what: "QMatrix",
+            detail: format!("[{rows}, {cols}] overflows"),
+        })?;
+    Ok((row_bytes, total))
+}
+
 impl QMatrix {
-    /// Copies GGML-format bytes (`rows` rows of `cols` elements) into a new matrix.
+    /// Copies GGML-format bytes (`rows` rows of `cols` elements, row-major, as in a GGUF
+    /// file) into a new matrix.
     pub fn from_raw(
         dtype: GgmlDType,
         rows: usize,
         cols: usize,
         bytes: &[u8],
     ) -> Result<Self, KernelError> {
-        let row_bytes = row_bytes(dtype, cols)?;
-        let expected = rows
-            .checked_mul(row_bytes)
-            .ok_or_else(|| KernelError::InvalidShape {
-                what: "QMatrix",
-                detail: format!("[{rows}, {cols}] overflows"),
-            })?;
+        let (row_bytes, expected) = ggml_len(dtype, rows, cols)?;
         if bytes.len() != expected {
             return Err(KernelError::ByteLength {
                 dtype,
@@ -138,12 +155,22 @@ impl QMatrix {
                 actual: bytes.len(),
             });
         }
+        let panels = PanelFormat::of(dtype);
+        let data = match &panels {
+            Some(format) => {
+                let mut data = AlignedBytes::zeroed(packed::packed_len(format, rows, cols));
+                packed::pack(format, rows, cols, bytes, data.as_mut_slice());
+                data
+            }
+            None => AlignedBytes::from_slice(bytes),
+        };
         Ok(Self {
             dtype,
             rows,
             cols,
             row_bytes,
-            data: AlignedBytes::from_slice(bytes),
+            panels,
+            data,
         })
     }
 
@@ -154,22 +181,16 @@ impl QMatrix {
         cols: usize,
         values: &[f32],
     ) -> Result<Self, KernelError> {
-        let row_bytes = row_bytes(dtype, cols)?;
+        let (row_bytes, total) = ggml_len(dtype, rows, cols)?;
         super::check_len("QMatrix::from_f32 values", rows * cols, values.len())?;
-        let mut data = AlignedBytes::zeroed(rows * row_bytes);
+        let mut ggml = AlignedBytes::zeroed(total);
         if cols > 0 {
-            let rows_out = data.as_mut_slice().chunks_exact_mut(row_bytes);
+            let rows_out = ggml.as_mut_slice().chunks_exact_mut(row_bytes);
             for (row_out, row_in) in rows_out.zip(values.chunks_exact(cols)) {
                 with_block_type!(dtype, T => T::from_float(row_in, blocks_mut::<T>(row_out)));
             }
         }
-        Ok(Self {
-            dtype,
-            rows,
-            cols,
-            row_bytes,
-            data,
-        })
+        Self::from_raw(dtype, rows, cols, ggml.as_slice())
     }
 
     pub fn dtype(&self) -> GgmlDType {
@@ -184,27 +205,48 @@ impl QMatrix {
         self.cols
     }
 
-    /// Bytes per row.
+    /// Bytes per row in GGML layout.
     pub fn row_bytes(&self) -> usize {
         self.row_bytes
     }
 
-    /// All rows' bytes, in GGML layout.
-    pub fn as_bytes(&self) -> &[u8] {
+    /// Bytes the matrix occupies (including panel padding).
+    pub fn storage_bytes(&self) -> usize {
+        self.data.as_slice().len()
+    }
+
+    /// The matrix in GGML layout (row-major blocks, as in a GGUF file): borrowed for
+    /// row-major formats, rebuilt for the panel formats.
+    pub fn ggml_bytes(&self) -> Cow<'_, [u8]> {
+        match &self.panels {
+            None => Cow::Borrowed(self.data.as_slice()),
+            Some(format) => {
+                let mut out = vec![0u8; self.rows * self.row_bytes];
+                if self.row_bytes > 0 {
+                    for (row, dst) in out.chunks_exact_mut(self.row_bytes).enumerate() {
+                        packed::unpack_row(format, self.cols, self.data.as_slice(), row, dst);
+                    }
+                }
+                Cow::Owned(out)
+            }
+        }
+    }
+
+    /// The panel layout, if this matrix uses one.
+    pub(crate) fn panel_format(&self) -> Option<&PanelFormat> {
+        self.panels.as_ref()
+    }
+
+    /// All stored bytes (panels or row-major GGML).
+    pub(crate) fn storage(&self) -> &[u8] {
         self.data.as_slice()
     }
 
-    /// The bytes of row `row`. The caller guarantees `row < rows` (debug-asserted).
-    #[inline]
-    pub(crate) fn row(&self, row: usize) -> &[u8] {
-        debug_assert!(row < self.rows);
-        &self.data.as_slice()[row * self.row_bytes..(row + 1) * self.row_bytes]
-    }
-
-    /// The bytes of rows `start..end` (`end <= rows`, debug-asserted).
+    /// The GGML bytes of rows `start..end` of a row-major matrix (`end <= rows`, and
+    /// the matrix not panelled: both debug-asserted).
     #[inline]
     pub(crate) fn rows_bytes(&self, start: usize, end: usize) -> &[u8] {
-        debug_assert!(start <= end && end <= self.rows);
+        debug_assert!(start <= end && end <= self.rows && self.panels.is_none());
         &self.data.as_slice()[start * self.row_bytes..end * self.row_bytes]
     }
 
@@ -217,12 +259,21 @@ impl QMatrix {
             });
         }
         super::check_len("dequantize_row output", self.cols, out.len())?;
-        self.dequantize_row_unchecked(row, out);
+        let mut scratch = Vec::new();
+        self.dequantize_row_unchecked(row, out, &mut scratch);
         Ok(())
     }
 
-    pub(crate) fn dequantize_row_unchecked(&self, row: usize, out: &mut [f32]) {
-        let bytes = self.row(row);
+    /// `scratch` holds the row's GGML bytes for panel formats (reused across calls).
+    fn dequantize_row_unchecked(&self, row: usize, out: &mut [f32], scratch: &mut Vec<u8>) {
+        let bytes = match &self.panels {
+            None => self.rows_bytes(row, row + 1),
+            Some(format) => {
+                scratch.resize(self.row_bytes, 0);
+                packed::unpack_row(format, self.cols, self.data.as_slice(), row, scratch);
+                scratch.as_slice()
+            }
+        };
         with_block_type!(self.dtype, T => T::to_float(blocks::<T>(bytes), out));
     }
 
@@ -238,8 +289,9 @@ impl QMatrix {
         if self.cols == 0 {
             return;
         }
+        let mut scratch = Vec::new();
         for (row, out_row) in out.chunks_exact_mut(self.cols).enumerate() {
-            self.dequantize_row_unchecked(row, out_row);
+            self.dequantize_row_unchecked(row, out_row, &mut scratch);
         }
     }
 }

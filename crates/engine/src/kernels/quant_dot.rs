@@ -8,12 +8,15 @@
 //! - Q4_1 `w = d·q + m`:      Σ w·x = d_w·d_x·Σ q·a + m·(d_x·Σ a)
 //! - Q4_0 `w = d·(q - 8)`:    as Q4_1 with m = -8·d
 //!
-//! A kernel computes a tile of `R` weight rows × `T` tokens, so that each weight block is
-//! loaded and unpacked once per tile and each activation block once per row group. The
-//! AVX2 versions (`avx2`) and the portable ones (`scalar`) have identical signatures; the
-//! scalar ones are always compiled so tests can compare the two.
+//! The quantized kernels work on one panel of 8 weight rows (`packed.rs`) × up to 4
+//! tokens: the 8 rows' integer dot products of a block are folded into one vector by
+//! horizontal adds and scaled by the panel's vector of 8 row scales at once. The f32/f16
+//! kernels compute tiles of `R` rows × `T` tokens. The AVX2 versions (`avx2`) and the
+//! portable ones (`scalar`) have identical signatures; the scalar ones are always
+//! compiled so tests can compare the two.
 
 use super::aligned::AlignedBytes;
+use super::packed::{PANEL_ROWS, PanelFormat};
 
 /// Elements per quantization block of the 32-wide formats.
 pub(crate) const QK: usize = 32;
@@ -73,38 +76,8 @@ impl Q8Acts {
     }
 }
 
-/// Layout of a 32-element 4-bit block: bytes, where the packed nibbles start, and how
-/// to read its scale `d` and offset `m` (`w = d·q + m`).
-pub(crate) trait Q4Layout: Sync {
-    const BLOCK_BYTES: usize;
-    const QS_OFFSET: usize;
-    /// The offset `m` of a block whose scale is `d`.
-    fn offset(block: &[u8], d: f32) -> f32;
-}
-
-pub(crate) struct Q4_0Layout;
-pub(crate) struct Q4_1Layout;
-
-impl Q4Layout for Q4_0Layout {
-    const BLOCK_BYTES: usize = 18;
-    const QS_OFFSET: usize = 2;
-    #[inline(always)]
-    fn offset(_block: &[u8], d: f32) -> f32 {
-        -8.0 * d
-    }
-}
-
-impl Q4Layout for Q4_1Layout {
-    const BLOCK_BYTES: usize = 20;
-    const QS_OFFSET: usize = 4;
-    #[inline(always)]
-    fn offset(block: &[u8], _d: f32) -> f32 {
-        super::simd::f16_at(block, 2)
-    }
-}
-
-/// Bytes of one Q8_0 block (f16 scale + 32 i8).
-pub(crate) const Q8_0_BLOCK_BYTES: usize = 34;
+/// Results of one panel (8 rows, natural order) for each of `T` tokens.
+pub(crate) type PanelOut<const T: usize> = [[f32; PANEL_ROWS]; T];
 
 #[cfg(all(
     target_arch = "x86_64",
@@ -121,24 +94,17 @@ pub(crate) use avx2 as fast;
 )))]
 pub(crate) use scalar as fast;
 
-/// Checks the slices a tile kernel reads, so the SIMD loads below stay in bounds.
+/// Checks the slices a panel kernel reads, so the SIMD loads below stay in bounds.
 #[inline(always)]
-fn check_tile(
-    w: &[u8],
-    row_bytes: usize,
-    rows: usize,
-    acts: &Q8Acts,
-    t0: usize,
-    tokens: usize,
-    block_bytes: usize,
-) {
-    assert!(w.len() >= rows * row_bytes && row_bytes == acts.blocks_per_row() * block_bytes);
+fn check_panel(panel: &[u8], format: &PanelFormat, acts: &Q8Acts, t0: usize, tokens: usize) {
+    assert!(panel.len() == acts.blocks_per_row() * format.panel_block);
     assert!(t0 + tokens <= acts.n_tokens);
 }
 
 #[allow(dead_code)] // With AVX2 only the tests call these.
 pub(crate) mod scalar {
-    use super::{Q4Layout, Q8_0_BLOCK_BYTES, Q8Acts, QK, check_tile};
+    use super::{PanelOut, Q8Acts, QK, check_panel};
+    use crate::kernels::packed::{PANEL_ROWS, PanelFormat, q4_slot};
     use crate::kernels::simd::f16_at;
 
     /// Quantizes 32 values to i8; returns (scale, scale · Σ q).
@@ -154,59 +120,63 @@ pub(crate) mod scalar {
         (scale, scale * sum as f32)
     }
 
-    /// `R` rows of 4-bit weights (`w` holds them, `row_bytes` apart) × tokens `t0..t0+T`.
-    pub(crate) fn q4_tile<L: Q4Layout, const R: usize, const T: usize>(
-        w: &[u8],
-        row_bytes: usize,
+    /// One panel of Q4_0 (`HAS_MIN = false`) or Q4_1 weights × tokens `t0..t0+T`.
+    pub(crate) fn q4_panel<const HAS_MIN: bool, const T: usize>(
+        panel: &[u8],
+        format: &PanelFormat,
         acts: &Q8Acts,
         t0: usize,
-    ) -> [[f32; T]; R] {
-        check_tile(w, row_bytes, R, acts, t0, T, L::BLOCK_BYTES);
-        let mut out = [[0f32; T]; R];
-        for (r, out_row) in out.iter_mut().enumerate() {
-            let row = &w[r * row_bytes..(r + 1) * row_bytes];
-            for (t, out) in out_row.iter_mut().enumerate() {
-                let (qs, scales, sums) = (acts.qs(t0 + t), acts.scales(t0 + t), acts.sums(t0 + t));
-                for (b, block) in row.chunks_exact(L::BLOCK_BYTES).enumerate() {
-                    let d = f16_at(block, 0);
-                    let nibbles = &block[L::QS_OFFSET..L::QS_OFFSET + QK / 2];
-                    let a = &qs[b * QK..(b + 1) * QK];
+    ) -> PanelOut<T> {
+        check_panel(panel, format, acts, t0, T);
+        let mut out = [[0f32; PANEL_ROWS]; T];
+        for (b, block) in panel.chunks_exact(format.panel_block).enumerate() {
+            for k in 0..PANEL_ROWS {
+                let slot = q4_slot(k);
+                let d = f16_at(block, PanelFormat::SCALES + 2 * slot);
+                let m = if HAS_MIN {
+                    f16_at(block, PanelFormat::MINS + 2 * slot)
+                } else {
+                    -8.0 * d
+                };
+                let nibbles = &block[format.quants() + (k / 2) * 32 + (k % 2) * 16..][..16];
+                for (t, out) in out.iter_mut().enumerate() {
+                    let a = &acts.qs(t0 + t)[b * QK..(b + 1) * QK];
                     let dot: i32 = nibbles
                         .iter()
                         .enumerate()
                         .map(|(j, &n)| {
                             i32::from(n & 0x0F) * i32::from(a[j])
-                                + i32::from(n >> 4) * i32::from(a[j + QK / 2])
+                                + i32::from(n >> 4) * i32::from(a[j + 16])
                         })
                         .sum();
-                    *out += d * scales[b] * dot as f32 + L::offset(block, d) * sums[b];
+                    out[k] += d * acts.scales(t0 + t)[b] * dot as f32 + m * acts.sums(t0 + t)[b];
                 }
             }
         }
         out
     }
 
-    /// `R` rows of Q8_0 weights × tokens `t0..t0+T`.
-    pub(crate) fn q8_0_tile<const R: usize, const T: usize>(
-        w: &[u8],
-        row_bytes: usize,
+    /// One panel of Q8_0 weights × tokens `t0..t0+T`.
+    pub(crate) fn q8_0_panel<const T: usize>(
+        panel: &[u8],
+        format: &PanelFormat,
         acts: &Q8Acts,
         t0: usize,
-    ) -> [[f32; T]; R] {
-        check_tile(w, row_bytes, R, acts, t0, T, Q8_0_BLOCK_BYTES);
-        let mut out = [[0f32; T]; R];
-        for (r, out_row) in out.iter_mut().enumerate() {
-            let row = &w[r * row_bytes..(r + 1) * row_bytes];
-            for (t, out) in out_row.iter_mut().enumerate() {
-                let (qs, scales) = (acts.qs(t0 + t), acts.scales(t0 + t));
-                for (b, block) in row.chunks_exact(Q8_0_BLOCK_BYTES).enumerate() {
-                    let a = &qs[b * QK..(b + 1) * QK];
-                    let dot: i32 = block[2..]
+    ) -> PanelOut<T> {
+        check_panel(panel, format, acts, t0, T);
+        let mut out = [[0f32; PANEL_ROWS]; T];
+        for (b, block) in panel.chunks_exact(format.panel_block).enumerate() {
+            for k in 0..PANEL_ROWS {
+                let d = f16_at(block, PanelFormat::SCALES + 2 * k);
+                let quants = &block[format.quants() + 32 * k..][..32];
+                for (t, out) in out.iter_mut().enumerate() {
+                    let a = &acts.qs(t0 + t)[b * QK..(b + 1) * QK];
+                    let dot: i32 = quants
                         .iter()
                         .zip(a)
-                        .map(|(&wq, &aq)| i32::from(wq as i8) * i32::from(aq))
+                        .map(|(&w, &x)| i32::from(w as i8) * i32::from(x))
                         .sum();
-                    *out += f16_at(block, 0) * scales[b] * dot as f32;
+                    out[k] += d * acts.scales(t0 + t)[b] * dot as f32;
                 }
             }
         }
@@ -267,8 +237,9 @@ pub(crate) mod avx2 {
 
     use std::arch::x86_64::*;
 
-    use super::{Q4Layout, Q8_0_BLOCK_BYTES, Q8Acts, QK, check_tile};
-    use crate::kernels::simd::avx2::{hmax, hsum, load_f16};
+    use super::{PanelOut, Q8Acts, QK, check_panel};
+    use crate::kernels::packed::{PANEL_ROWS, PanelFormat};
+    use crate::kernels::simd::avx2::{hmax, hsum};
 
     /// Quantizes 32 values to i8; returns (scale, scale · Σ q).
     #[inline(always)]
@@ -277,30 +248,30 @@ pub(crate) mod avx2 {
         unsafe { quantize_block_avx2(src, dst) }
     }
 
-    /// `R` rows of 4-bit weights (`w` holds them, `row_bytes` apart) × tokens `t0..t0+T`.
+    /// One panel of Q4_0 (`HAS_MIN = false`) or Q4_1 weights × tokens `t0..t0+T`.
     #[inline(always)]
-    pub(crate) fn q4_tile<L: Q4Layout, const R: usize, const T: usize>(
-        w: &[u8],
-        row_bytes: usize,
+    pub(crate) fn q4_panel<const HAS_MIN: bool, const T: usize>(
+        panel: &[u8],
+        format: &PanelFormat,
         acts: &Q8Acts,
         t0: usize,
-    ) -> [[f32; T]; R] {
-        check_tile(w, row_bytes, R, acts, t0, T, L::BLOCK_BYTES);
+    ) -> PanelOut<T> {
+        check_panel(panel, format, acts, t0, T);
         // SAFETY: see the module note.
-        unsafe { q4_tile_avx2::<L, R, T>(w, row_bytes, acts, t0) }
+        unsafe { q4_panel_avx2::<HAS_MIN, T>(panel, format, acts, t0) }
     }
 
-    /// `R` rows of Q8_0 weights × tokens `t0..t0+T`.
+    /// One panel of Q8_0 weights × tokens `t0..t0+T`.
     #[inline(always)]
-    pub(crate) fn q8_0_tile<const R: usize, const T: usize>(
-        w: &[u8],
-        row_bytes: usize,
+    pub(crate) fn q8_0_panel<const T: usize>(
+        panel: &[u8],
+        format: &PanelFormat,
         acts: &Q8Acts,
         t0: usize,
-    ) -> [[f32; T]; R] {
-        check_tile(w, row_bytes, R, acts, t0, T, Q8_0_BLOCK_BYTES);
+    ) -> PanelOut<T> {
+        check_panel(panel, format, acts, t0, T);
         // SAFETY: see the module note.
-        unsafe { q8_0_tile_avx2::<R, T>(w, row_bytes, acts, t0) }
+        unsafe { q8_0_panel_avx2::<T>(panel, format, acts, t0) }
     }
 
     /// `R` rows of f32 weights (`cols` each, consecutive in `w`) × f32 tokens
@@ -365,125 +336,139 @@ pub(crate) mod avx2 {
         (scale, scale * sum)
     }
 
-    /// Loads a block's 16 bytes of nibbles as 32 bytes 0..=15 (low nibbles = elements
-    /// 0..16, high nibbles = elements 16..32).
+    /// Loads 8 f16 at `ptr` as f32.
     ///
     /// # Safety
     /// `ptr` must be valid for reading 16 bytes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn unpack_nibbles(ptr: *const u8) -> __m256i {
+    unsafe fn load_f16x8(ptr: *const u8) -> __m256 {
         // SAFETY: the caller guarantees 16 readable bytes.
-        let raw = unsafe { _mm_loadu_si128(ptr.cast()) };
-        _mm256_and_si256(
-            _mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw),
-            _mm256_set1_epi8(0x0F),
-        )
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(ptr.cast()) })
     }
 
-    /// Σ u·s over 32 byte pairs, as 8 i32 lanes converted to f32.
+    /// Converts 8 lanes to an array of f32.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(
-            _mm256_maddubs_epi16(u, s),
-            _mm256_set1_epi16(1),
-        ))
+    fn to_array(v: __m256) -> [f32; 8] {
+        let mut out = [0f32; 8];
+        // SAFETY: `out` holds 8 f32.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
+        out
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn q4_tile_avx2<L: Q4Layout, const R: usize, const T: usize>(
-        w: &[u8],
-        row_bytes: usize,
+    fn q4_panel_avx2<const HAS_MIN: bool, const T: usize>(
+        panel: &[u8],
+        format: &PanelFormat,
         acts: &Q8Acts,
         t0: usize,
-    ) -> [[f32; T]; R] {
+    ) -> PanelOut<T> {
         let n_blocks = acts.blocks_per_row();
         let qs: [&[i8]; T] = std::array::from_fn(|t| acts.qs(t0 + t));
         let scales: [&[f32]; T] = std::array::from_fn(|t| acts.scales(t0 + t));
         let sums: [&[f32]; T] = std::array::from_fn(|t| acts.sums(t0 + t));
-        let mut acc = [[_mm256_setzero_ps(); T]; R];
-        let mut offset_acc = [[0f32; T]; R];
+        let low_nibbles = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); T];
         for b in 0..n_blocks {
-            let mut wq = [_mm256_setzero_si256(); R];
-            let mut wd = [0f32; R];
-            let mut wm = [0f32; R];
-            for r in 0..R {
-                let block = &w[r * row_bytes + b * L::BLOCK_BYTES..][..L::BLOCK_BYTES];
-                // SAFETY: `block` has BLOCK_BYTES >= QS_OFFSET + 16 bytes, and >= 2 for d.
-                unsafe {
-                    wq[r] = unpack_nibbles(block.as_ptr().add(L::QS_OFFSET));
-                    wd[r] = load_f16(block.as_ptr());
-                }
-                wm[r] = L::offset(block, wd[r]);
+            let block = &panel[b * format.panel_block..][..format.panel_block];
+            let quants = &block[format.quants()..][..128];
+            // SAFETY: the scale (and min) arrays are 16 bytes at offsets 0 (and 16).
+            let d = unsafe { load_f16x8(block.as_ptr().add(PanelFormat::SCALES)) };
+            let m = if HAS_MIN {
+                // SAFETY: as above.
+                unsafe { load_f16x8(block.as_ptr().add(PanelFormat::MINS)) }
+            } else {
+                _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
+            };
+            let mut lo = [_mm256_setzero_si256(); 4];
+            let mut hi = [_mm256_setzero_si256(); 4];
+            for p in 0..4 {
+                // SAFETY: `quants` holds 4 × 32 bytes.
+                let raw = unsafe { _mm256_loadu_si256(quants.as_ptr().add(32 * p).cast()) };
+                lo[p] = _mm256_and_si256(raw, low_nibbles);
+                hi[p] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low_nibbles);
             }
             for t in 0..T {
-                let a_block = &qs[t][b * QK..][..QK];
-                // SAFETY: `a_block` holds 32 bytes.
-                let a = unsafe { _mm256_loadu_si256(a_block.as_ptr().cast()) };
-                let (ad, asum) = (scales[t][b], sums[t][b]);
-                for r in 0..R {
-                    let scale = _mm256_set1_ps(wd[r] * ad);
-                    acc[r][t] = _mm256_fmadd_ps(dot_u8_i8(wq[r], a), scale, acc[r][t]);
-                    offset_acc[r][t] = wm[r].mul_add(asum, offset_acc[r][t]);
-                }
+                let a = &qs[t][b * QK..][..QK];
+                // Each 128-bit lane holds one row of a pair: give both lanes the same
+                // activations (elements 0..16 against low nibbles, 16..32 against high).
+                // SAFETY: `a` holds 32 bytes.
+                let (a_lo, a_hi) = unsafe {
+                    (
+                        _mm256_broadcastsi128_si256(_mm_loadu_si128(a.as_ptr().cast())),
+                        _mm256_broadcastsi128_si256(_mm_loadu_si128(a.as_ptr().add(16).cast())),
+                    )
+                };
+                let pair_sums: [__m256i; 4] = std::array::from_fn(|p| {
+                    let products = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo[p], a_lo),
+                        _mm256_maddubs_epi16(hi[p], a_hi),
+                    );
+                    _mm256_madd_epi16(products, ones)
+                });
+                // Lanes end up as rows [0, 2, 4, 6 | 1, 3, 5, 7]: the scales' slot order.
+                let row_sums = _mm256_hadd_epi32(
+                    _mm256_hadd_epi32(pair_sums[0], pair_sums[1]),
+                    _mm256_hadd_epi32(pair_sums[2], pair_sums[3]),
+                );
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(scales[t][b]));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(row_sums), scale, acc[t]);
+                acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(sums[t][b]), acc[t]);
             }
         }
-        let mut out = [[0f32; T]; R];
-        for r in 0..R {
-            for t in 0..T {
-                out[r][t] = hsum(acc[r][t]) + offset_acc[r][t];
-            }
-        }
-        out
+        let natural_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        std::array::from_fn(|t| to_array(_mm256_permutevar8x32_ps(acc[t], natural_order)))
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn q8_0_tile_avx2<const R: usize, const T: usize>(
-        w: &[u8],
-        row_bytes: usize,
+    fn q8_0_panel_avx2<const T: usize>(
+        panel: &[u8],
+        format: &PanelFormat,
         acts: &Q8Acts,
         t0: usize,
-    ) -> [[f32; T]; R] {
+    ) -> PanelOut<T> {
         let n_blocks = acts.blocks_per_row();
         let qs: [&[i8]; T] = std::array::from_fn(|t| acts.qs(t0 + t));
         let scales: [&[f32]; T] = std::array::from_fn(|t| acts.scales(t0 + t));
-        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); T];
         for b in 0..n_blocks {
-            let mut w_abs = [_mm256_setzero_si256(); R];
-            let mut w_val = [_mm256_setzero_si256(); R];
-            let mut wd = [0f32; R];
-            for r in 0..R {
-                let block = &w[r * row_bytes + b * Q8_0_BLOCK_BYTES..][..Q8_0_BLOCK_BYTES];
-                // SAFETY: `block` has 34 bytes: f16 scale then 32 i8.
-                unsafe {
-                    w_val[r] = _mm256_loadu_si256(block.as_ptr().add(2).cast());
-                    wd[r] = load_f16(block.as_ptr());
-                }
-                w_abs[r] = _mm256_sign_epi8(w_val[r], w_val[r]);
-            }
+            let block = &panel[b * format.panel_block..][..format.panel_block];
+            let quants = &block[format.quants()..][..PANEL_ROWS * 32];
+            // SAFETY: the scale array is 16 bytes at offset 0.
+            let d = unsafe { load_f16x8(block.as_ptr().add(PanelFormat::SCALES)) };
             for t in 0..T {
                 let a_block = &qs[t][b * QK..][..QK];
                 // SAFETY: `a_block` holds 32 bytes.
                 let a = unsafe { _mm256_loadu_si256(a_block.as_ptr().cast()) };
-                let ad = scales[t][b];
-                for r in 0..R {
+                let row_dots: [__m256i; PANEL_ROWS] = std::array::from_fn(|k| {
+                    // SAFETY: `quants` holds 8 × 32 bytes.
+                    let w = unsafe { _mm256_loadu_si256(quants.as_ptr().add(32 * k).cast()) };
                     // maddubs needs an unsigned operand: |w| · (a with w's sign).
-                    let signed_a = _mm256_sign_epi8(a, w_val[r]);
-                    let scale = _mm256_set1_ps(wd[r] * ad);
-                    acc[r][t] = _mm256_fmadd_ps(dot_u8_i8(w_abs[r], signed_a), scale, acc[r][t]);
-                }
+                    let products =
+                        _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+                    _mm256_madd_epi16(products, ones)
+                });
+                // Fold 8 vectors of 8 partial sums into one vector of 8 row sums.
+                let h01 = _mm256_hadd_epi32(row_dots[0], row_dots[1]);
+                let h23 = _mm256_hadd_epi32(row_dots[2], row_dots[3]);
+                let h45 = _mm256_hadd_epi32(row_dots[4], row_dots[5]);
+                let h67 = _mm256_hadd_epi32(row_dots[6], row_dots[7]);
+                let h0123 = _mm256_hadd_epi32(h01, h23);
+                let h4567 = _mm256_hadd_epi32(h45, h67);
+                let row_sums = _mm256_add_epi32(
+                    _mm256_permute2x128_si256::<0x20>(h0123, h4567),
+                    _mm256_permute2x128_si256::<0x31>(h0123, h4567),
+                );
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(scales[t][b]));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(row_sums), scale, acc[t]);
             }
         }
-        let mut out = [[0f32; T]; R];
-        for r in 0..R {
-            for t in 0..T {
-                out[r][t] = hsum(acc[r][t]);
-            }
-        }
-        out
+        std::array::from_fn(|t| to_array(acc[t]))
     }
 
     #[inline]
@@ -600,41 +585,42 @@ mod tests {
     }
 
     #[test]
-    fn tiles_match_scalar() {
-        let (cols, rows) = (128, 4);
+    fn kernels_match_scalar() {
+        use crate::kernels::{GgmlDType, QMatrix};
+        let (cols, rows) = (128, 8);
         let acts = acts(cols, 3);
         let w = pseudo_random(rows * cols, 11);
-        let check = |fast: [[f32; 3]; 4], slow: [[f32; 3]; 4]| {
+        let check = |fast: PanelOut<3>, slow: PanelOut<3>| {
             for (f, s) in fast.iter().flatten().zip(slow.iter().flatten()) {
                 assert!((f - s).abs() <= 1e-4 * (1.0 + s.abs()), "{f} vs {s}");
             }
         };
-        for dtype in [
-            super::super::GgmlDType::Q4_0,
-            super::super::GgmlDType::Q4_1,
-            super::super::GgmlDType::Q8_0,
-        ] {
-            let m = super::super::QMatrix::from_f32(dtype, rows, cols, &w).unwrap();
-            let bytes = m.as_bytes();
-            let rb = m.row_bytes();
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let m = QMatrix::from_f32(dtype, rows, cols, &w).unwrap();
+            let (panel, format) = (m.storage(), m.panel_format().unwrap());
             match dtype {
-                super::super::GgmlDType::Q4_0 => check(
-                    fast::q4_tile::<Q4_0Layout, 4, 3>(bytes, rb, &acts, 0),
-                    scalar::q4_tile::<Q4_0Layout, 4, 3>(bytes, rb, &acts, 0),
+                GgmlDType::Q4_0 => check(
+                    fast::q4_panel::<false, 3>(panel, format, &acts, 0),
+                    scalar::q4_panel::<false, 3>(panel, format, &acts, 0),
                 ),
-                super::super::GgmlDType::Q4_1 => check(
-                    fast::q4_tile::<Q4_1Layout, 4, 3>(bytes, rb, &acts, 0),
-                    scalar::q4_tile::<Q4_1Layout, 4, 3>(bytes, rb, &acts, 0),
+                GgmlDType::Q4_1 => check(
+                    fast::q4_panel::<true, 3>(panel, format, &acts, 0),
+                    scalar::q4_panel::<true, 3>(panel, format, &acts, 0),
                 ),
                 _ => check(
-                    fast::q8_0_tile::<4, 3>(bytes, rb, &acts, 0),
-                    scalar::q8_0_tile::<4, 3>(bytes, rb, &acts, 0),
+                    fast::q8_0_panel::<3>(panel, format, &acts, 0),
+                    scalar::q8_0_panel::<3>(panel, format, &acts, 0),
                 ),
             }
         }
+        let close = |fast: [[f32; 3]; 4], slow: [[f32; 3]; 4]| {
+            for (f, s) in fast.iter().flatten().zip(slow.iter().flatten()) {
+                assert!((f - s).abs() <= 1e-4 * (1.0 + s.abs()), "{f} vs {s}");
+            }
+        };
         let x = pseudo_random(3 * 100, 5);
         let wf = pseudo_random(4 * 100, 9);
-        check(
+        close(
             fast::f32_tile::<4, 3>(&wf, &x, 100, 0),
             scalar::f32_tile::<4, 3>(&wf, &x, 100, 0),
         );
@@ -642,7 +628,7 @@ mod tests {
             .iter()
             .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
             .collect();
-        check(
+        close(
             fast::f16_tile::<4, 3>(&wh, &x, 100, 0),
             scalar::f16_tile::<4, 3>(&wh, &x, 100, 0),
         );

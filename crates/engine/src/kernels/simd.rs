@@ -36,18 +36,6 @@ pub(crate) mod avx2 {
         _mm_cvtss_f32(single)
     }
 
-    /// Converts the f16 stored at `ptr` (unaligned) to f32.
-    ///
-    /// # Safety
-    /// `ptr` must be valid for reading 2 bytes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn load_f16(ptr: *const u8) -> f32 {
-        // SAFETY: the caller guarantees 2 readable bytes.
-        let bits = unsafe { ptr.cast::<u16>().read_unaligned() };
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-    }
-
     /// e^x for each lane (relative error ~2e-7); inputs above 88 give e^88, inputs
     /// below about -87.3 (including -inf) give 0.
     #[inline]

@@ -1,5 +1,8 @@
 //! Causal attention over the paged KV store for a ragged batch.
 //!
+//! Keys and values are f16 in the store and widened to f32 as they are read; all
+//! arithmetic is f32.
+//!
 //! Work is split into independent tasks for the thread pool. A sequence with few new
 //! tokens (decode) is scored block by block straight from the store; one with many
 //! (prefill) gathers its KV head's keys and values into contiguous buffers once per
@@ -156,31 +159,34 @@ impl TaskCtx<'_> {
     }
 
     /// Scores one query head's few new tokens against the store, block by block.
-    fn direct(&self, task: Task, scores: &mut Vec<f32>) {
+    fn direct(&self, task: Task, scratch: &mut Vec<f32>) {
         let s = self.shape;
+        let d = s.head_dim;
         let kv_head = task.head / (s.num_heads / s.num_kv_heads);
-        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        let scale = 1.0 / (d as f32).sqrt();
+        let per_block = s.block_size * d;
         for token in task.first..task.first + task.count {
             let ctx_len = self.seq.start_pos + token + 1;
-            scores.clear();
-            scores.resize(ctx_len, 0.0);
+            scratch.clear();
+            scratch.resize(per_block + ctx_len, 0.0);
+            let (block_buf, scores) = scratch.split_at_mut(per_block);
             let q = self.query(token, task.head);
             for (b, chunk) in scores.chunks_mut(s.block_size).enumerate() {
                 let keys = self.kv.keys(self.layer, self.seq.block_table[b], kv_head);
+                widen(&keys[..chunk.len() * d], block_buf);
                 for (slot, score) in chunk.iter_mut().enumerate() {
-                    *score = dot(q, &keys[slot * s.head_dim..(slot + 1) * s.head_dim]) * scale;
+                    *score = dot(q, &block_buf[slot * d..(slot + 1) * d]) * scale;
                 }
             }
             softmax(scores);
             // SAFETY: direct tasks are the only writers of their query head's outputs.
-            let out = unsafe {
-                std::slice::from_raw_parts_mut(self.out_head(token, task.head), s.head_dim)
-            };
+            let out = unsafe { std::slice::from_raw_parts_mut(self.out_head(token, task.head), d) };
             out.fill(0.0);
             for (b, chunk) in scores.chunks(s.block_size).enumerate() {
                 let values = self.kv.values(self.layer, self.seq.block_table[b], kv_head);
+                widen(&values[..chunk.len() * d], block_buf);
                 for (slot, &p) in chunk.iter().enumerate() {
-                    axpy(p, &values[slot * s.head_dim..(slot + 1) * s.head_dim], out);
+                    axpy(p, &block_buf[slot * d..(slot + 1) * d], out);
                 }
             }
         }
@@ -274,8 +280,8 @@ impl TaskCtx<'_> {
         {
             let block = self.seq.block_table[b];
             let len = k_dst.len();
-            k_dst.copy_from_slice(&self.kv.keys(self.layer, block, kv_head)[..len]);
-            v_dst.copy_from_slice(&self.kv.values(self.layer, block, kv_head)[..len]);
+            widen(&self.kv.keys(self.layer, block, kv_head)[..len], k_dst);
+            widen(&self.kv.values(self.layer, block, kv_head)[..len], v_dst);
         }
         debug_assert_eq!(keys.len(), n_keys * self.shape.head_dim);
     }
@@ -292,5 +298,11 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 }
 
 fn softmax(xs: &mut [f32]) {
-    crate::kernels::ops::softmax(xs)
+    crate::kernels::ops::softmax(xs);
+}
+
+/// f16 → f32 into the front of `dst`.
+fn widen(src: &[half::f16], dst: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    src.convert_to_f32_slice(&mut dst[..src.len()]);
 }
