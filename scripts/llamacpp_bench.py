@@ -119,7 +119,15 @@ def time_decode(llm, prompt, n_tokens):
 
 
 def peak_rss_mb():
-    # ru_maxrss is in KiB on Linux.
+    # VmHWM belongs to this process's own address space; ru_maxrss would also count a
+    # parent's memory inherited at fork (the Rust benchmark starts this script).
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -1,0 +1,208 @@
+//! End-to-end engine benchmark on the default model, with llama.cpp measured in the
+//! same run as the baseline: prefill of a 512-token prompt and single-stream decode of
+//! 128 tokens, same thread count, best of N runs each; prints both and the ratios.
+//!
+//! `cargo bench -p tandem-engine --bench forward`
+//!
+//! Environment: `TANDEM_BENCH_THREADS` (2), `TANDEM_BENCH_REPEATS` (3),
+//! `TANDEM_BENCH_PROMPT_TOKENS` (512), `TANDEM_BENCH_DECODE_TOKENS` (128),
+//! `TANDEM_LLAMACPP_PYTHON` (a python with llama-cpp-python 0.3.36; default: what
+//! `scripts/setup-llamacpp.sh` installs, else `python3`). The baseline is skipped, with
+//! a notice, when llama-cpp-python cannot be imported.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use tandem_engine::LoadedModel;
+use tandem_engine::fetch;
+use tandem_engine::generate::Session;
+use tandem_engine::kernels::ThreadPool;
+use tandem_engine::model::{LoadOptions, LogitsFor};
+use tandem_engine::sample::argmax;
+
+/// The text `scripts/llamacpp_bench.py` builds its prompt from, so both engines see
+/// the same tokens.
+const PROMPT_TEXT: &str = "The history of computing is a story of abstraction layered upon abstraction. \
+Early machines were programmed by rewiring panels; later, stored programs let \
+the same hardware run many tasks. Compilers translated readable code into \
+instructions, operating systems shared one processor among many users, and \
+networks connected machines across continents. Today a single request to a \
+language model may pass through a load balancer, a scheduler, a cache of \
+attention keys and values, and thousands of matrix multiplications before a \
+single word comes back. ";
+const DECODE_PROMPT_TOKENS: usize = 16;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Figures {
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    peak_rss_mb: f64,
+}
+
+fn main() {
+    let threads = env_usize("TANDEM_BENCH_THREADS", 2);
+    let repeats = env_usize("TANDEM_BENCH_REPEATS", 3).max(1);
+    let prompt_tokens = env_usize("TANDEM_BENCH_PROMPT_TOKENS", 512);
+    let decode_tokens = env_usize("TANDEM_BENCH_DECODE_TOKENS", 128);
+    let model_path = fetch::default_model_path();
+    if !model_path.is_file() {
+        eprintln!(
+            "default model missing at {}: run `tandem model fetch`",
+            model_path.display()
+        );
+        std::process::exit(1);
+    }
+    let ours = measure_tandem(&model_path, threads, repeats, prompt_tokens, decode_tokens);
+    println!(
+        "tandem     prefill {prompt_tokens} tok: {:8.1} tok/s | decode {decode_tokens} tok: {:7.1} tok/s | peak RSS {:6.1} MB | {threads} threads",
+        ours.prefill_tok_s, ours.decode_tok_s, ours.peak_rss_mb
+    );
+    match measure_llamacpp(&model_path, threads, repeats, prompt_tokens, decode_tokens) {
+        Some(base) => {
+            println!(
+                "llama.cpp  prefill {prompt_tokens} tok: {:8.1} tok/s | decode {decode_tokens} tok: {:7.1} tok/s | peak RSS {:6.1} MB | {threads} threads",
+                base.prefill_tok_s, base.decode_tok_s, base.peak_rss_mb
+            );
+            println!(
+                "ratio (tandem / llama.cpp): prefill {:.2}x, decode {:.2}x",
+                ours.prefill_tok_s / base.prefill_tok_s,
+                ours.decode_tok_s / base.decode_tok_s
+            );
+        }
+        None => println!("llama.cpp baseline skipped (see above)"),
+    }
+}
+
+fn measure_tandem(
+    path: &Path,
+    threads: usize,
+    repeats: usize,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+) -> Figures {
+    let loaded = LoadedModel::load(path, LoadOptions::default()).expect("default model loads");
+    let pool = ThreadPool::new(threads).expect("thread pool");
+    let prompt = bench_prompt(&loaded, prompt_tokens);
+    let vocab = loaded.model.config().vocab_size;
+
+    // Prefill: the whole prompt in one forward pass from an empty KV store.
+    let mut best_prefill = f64::MAX;
+    for run in 0..=repeats {
+        let mut session = Session::new(&loaded.model, &pool, prompt.len(), 16);
+        let started = Instant::now();
+        session.feed(&prompt, LogitsFor::Last).expect("prefill");
+        let secs = started.elapsed().as_secs_f64();
+        if run > 0 {
+            best_prefill = best_prefill.min(secs);
+        }
+    }
+
+    // Decode: greedy, one token per forward pass, after a short prompt.
+    let mut best_decode = f64::MAX;
+    for run in 0..=repeats {
+        let short = &prompt[..DECODE_PROMPT_TOKENS.min(prompt.len())];
+        let mut session = Session::new(&loaded.model, &pool, short.len() + decode_tokens, 16);
+        let mut token = argmax(session.feed(short, LogitsFor::Last).expect("prompt"));
+        let started = Instant::now();
+        for _ in 0..decode_tokens {
+            let logits = session
+                .feed(std::slice::from_ref(&token), LogitsFor::Last)
+                .expect("decode");
+            token = argmax(&logits[..vocab]);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        if run > 0 {
+            best_decode = best_decode.min(secs);
+        }
+    }
+    Figures {
+        prefill_tok_s: prompt.len() as f64 / best_prefill,
+        decode_tok_s: decode_tokens as f64 / best_decode,
+        peak_rss_mb: peak_rss_mb(),
+    }
+}
+
+/// BOS, then the prompt text's tokens repeated, cut to exactly `n` tokens.
+fn bench_prompt(loaded: &LoadedModel, n: usize) -> Vec<u32> {
+    let text_ids = loaded
+        .tokenizer
+        .encode(PROMPT_TEXT, false)
+        .expect("tokenize");
+    let mut ids: Vec<u32> = loaded.tokenizer.bos_token_id().into_iter().collect();
+    while ids.len() < n {
+        ids.extend(&text_ids);
+    }
+    ids.truncate(n);
+    ids
+}
+
+/// Peak resident set of this process (`VmHWM`), in MB.
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn llamacpp_python() -> String {
+    if let Ok(python) = std::env::var("TANDEM_LLAMACPP_PYTHON") {
+        return python;
+    }
+    let venv = fetch::cache_dir().join("llamacpp-venv/bin/python");
+    if venv.is_file() {
+        return venv.display().to_string();
+    }
+    "python3".into()
+}
+
+fn measure_llamacpp(
+    path: &Path,
+    threads: usize,
+    repeats: usize,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+) -> Option<Figures> {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/llamacpp_bench.py"
+    );
+    let output = Command::new(llamacpp_python())
+        .arg(script)
+        .args(["--model", &path.display().to_string()])
+        .args(["--threads", &threads.to_string()])
+        .args(["--prompt-tokens", &prompt_tokens.to_string()])
+        .args(["--decode-tokens", &decode_tokens.to_string()])
+        .args(["--repeats", &repeats.to_string()])
+        .output();
+    let output = match output {
+        Ok(o) if o.status.success() => o,
+        Ok(o) => {
+            eprintln!(
+                "llama.cpp baseline failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            eprintln!("install it with scripts/setup-llamacpp.sh (about 10 minutes)");
+            return None;
+        }
+        Err(e) => {
+            eprintln!("llama.cpp baseline could not start: {e}");
+            return None;
+        }
+    };
+    let line = String::from_utf8_lossy(&output.stdout);
+    let json: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
+    Some(Figures {
+        prefill_tok_s: json["prefill_tok_s"].as_f64()?,
+        decode_tok_s: json["decode_tok_s"].as_f64()?,
+        peak_rss_mb: json["peak_rss_mb"].as_f64()?,
+    })
+}
