@@ -400,6 +400,10 @@ macro_rules! for_each_tile {
     }};
 }
 
+/// Tokens per block of the panel loops: a block's quantized activations (cols bytes per
+/// token) stay in L2 while the task's panels are swept over them.
+const PANEL_TOKEN_BLOCK: usize = 64;
+
 /// Panels of a panel-format matrix covering `rows` (which start on a panel boundary),
 /// 4 tokens at a time, then one at a time.
 fn panel_rows<K4, K1>(
@@ -416,23 +420,26 @@ fn panel_rows<K4, K1>(
     debug_assert_eq!(rows.start % PANEL_ROWS, 0);
     let panel_bytes = w.cols() / QK * format.panel_block;
     let n_tokens = acts.n_tokens();
-    for first_row in rows.clone().step_by(PANEL_ROWS) {
-        let panel = &w.storage()[first_row / PANEL_ROWS * panel_bytes..][..panel_bytes];
-        let live_rows = PANEL_ROWS.min(rows.end - first_row);
-        let store = |t0: usize, values: &[[f32; PANEL_ROWS]]| {
-            for (dt, row_values) in values.iter().enumerate() {
-                for (k, &value) in row_values[..live_rows].iter().enumerate() {
-                    out.set(t0 + dt, first_row + k, value);
+    for block_start in (0..n_tokens).step_by(PANEL_TOKEN_BLOCK) {
+        let block_end = (block_start + PANEL_TOKEN_BLOCK).min(n_tokens);
+        for first_row in rows.clone().step_by(PANEL_ROWS) {
+            let panel = &w.storage()[first_row / PANEL_ROWS * panel_bytes..][..panel_bytes];
+            let live_rows = PANEL_ROWS.min(rows.end - first_row);
+            let store = |t0: usize, values: &[[f32; PANEL_ROWS]]| {
+                for (dt, row_values) in values.iter().enumerate() {
+                    for (k, &value) in row_values[..live_rows].iter().enumerate() {
+                        out.set(t0 + dt, first_row + k, value);
+                    }
                 }
+            };
+            let mut t0 = block_start;
+            while t0 + 4 <= block_end {
+                store(t0, &kernel4(panel, format, acts, t0));
+                t0 += 4;
             }
-        };
-        let mut t0 = 0;
-        while t0 + 4 <= n_tokens {
-            store(t0, &kernel4(panel, format, acts, t0));
-            t0 += 4;
-        }
-        for t in t0..n_tokens {
-            store(t, &kernel1(panel, format, acts, t));
+            for t in t0..block_end {
+                store(t, &kernel1(panel, format, acts, t));
+            }
         }
     }
 }

@@ -188,7 +188,7 @@ impl ModelConfig {
                 return Err(invalid(key, "must be positive".into()));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(invalid(
                 "num_kv_heads",
                 format!(
@@ -197,13 +197,16 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(invalid("head_dim", format!("{} is odd", self.head_dim)));
         }
-        if !(self.rope_theta > 0.0) || !(self.rms_norm_eps >= 0.0) {
+        // Written so that NaN fails too.
+        let theta_ok = self.rope_theta > 0.0 && self.rope_theta.is_finite();
+        let eps_ok = self.rms_norm_eps >= 0.0 && self.rms_norm_eps.is_finite();
+        if !theta_ok || !eps_ok {
             return Err(invalid(
                 "rope_theta/rms_norm_eps",
-                "must be positive numbers".into(),
+                "must be finite and positive".into(),
             ));
         }
         Ok(())
