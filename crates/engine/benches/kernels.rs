@@ -298,37 +298,47 @@ impl Bench {
         }
     }
 
-    /// Quantized path vs GEMM across batch sizes: where `GEMM_MIN_TOKENS` should be.
+    /// Quantized path vs GEMM across batch sizes and formats: where the GEMM path pays.
     fn crossover(&self) {
+        let pool = self.pools.last().expect("pools");
         println!(
-            "\n## Quantized path vs GEMM by batch size (gate+up 3072x576 Q4_1; GEMM_MIN_TOKENS = {GEMM_MIN_TOKENS})\n"
+            "\n## Quantized path vs GEMM (gate+up 3072x576, {} threads, GFLOP/s; GEMM_MIN_TOKENS = {GEMM_MIN_TOKENS})\n",
+            pool.n_threads()
         );
-        println!("| tokens | threads | quantized GFLOP/s | GEMM GFLOP/s | faster |");
-        println!("|---|---|---|---|---|");
+        let sizes = [1usize, 4, 8, 16, 32, 64, 512];
+        let header: Vec<String> = sizes.iter().map(|n| format!("{n} tok")).collect();
+        println!("| dtype | path | {} |", header.join(" | "));
+        println!("|---|---|{}", "---|".repeat(sizes.len()));
         let (rows, cols) = (2 * INTER, HIDDEN);
-        let w = QMatrix::from_f32(GgmlDType::Q4_1, rows, cols, &pseudo_random(rows * cols, 1))
-            .expect("w");
-        let dense = Linear::new(w, true);
-        for n in [8usize, 16, 32, 64, 128, 512] {
-            let x = pseudo_random(n * cols, 5);
-            let mut y = vec![0f32; n * rows];
-            let gflops = |d: Duration| 2.0 * (n * rows * cols) as f64 / 1e9 / d.as_secs_f64();
-            for pool in &self.pools {
-                let q = best_time(self.budget, self.trials, || {
-                    let path = MatmulPath::Quantized;
-                    matmul_many_with(pool, &[&dense], &x, n, &mut [&mut y], path).expect("matmul");
-                });
-                let g = best_time(self.budget, self.trials, || {
-                    let path = MatmulPath::Gemm;
-                    matmul_many_with(pool, &[&dense], &x, n, &mut [&mut y], path).expect("matmul");
-                });
-                println!(
-                    "| {n} | {} | {:.1} | {:.1} | {} |",
-                    pool.n_threads(),
-                    gflops(q),
-                    gflops(g),
-                    if q < g { "quantized" } else { "GEMM" }
-                );
+        let values = pseudo_random(rows * cols, 1);
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::F16,
+            GgmlDType::F32,
+        ] {
+            let linear = Linear::new(
+                QMatrix::from_f32(dtype, rows, cols, &values).expect("w"),
+                true,
+            );
+            for path in [MatmulPath::Quantized, MatmulPath::Gemm] {
+                let cells: Vec<String> = sizes
+                    .iter()
+                    .map(|&n| {
+                        let x = pseudo_random(n * cols, 5);
+                        let mut y = vec![0f32; n * rows];
+                        let t = best_time(self.budget, self.trials, || {
+                            matmul_many_with(pool, &[&linear], &x, n, &mut [&mut y], path)
+                                .expect("matmul");
+                        });
+                        format!(
+                            "{:.0}",
+                            2.0 * (n * rows * cols) as f64 / 1e9 / t.as_secs_f64()
+                        )
+                    })
+                    .collect();
+                println!("| {dtype:?} | {path:?} | {} |", cells.join(" | "));
             }
         }
     }
