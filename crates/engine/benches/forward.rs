@@ -18,6 +18,7 @@ use tandem_engine::LoadedModel;
 use tandem_engine::fetch;
 use tandem_engine::generate::Session;
 use tandem_engine::kernels::ThreadPool;
+use tandem_engine::kv::KvOptions;
 use tandem_engine::model::{LoadOptions, LogitsFor};
 use tandem_engine::sample::argmax;
 
@@ -95,7 +96,7 @@ fn measure_tandem(
     // Prefill: the whole prompt in one forward pass from an empty KV store.
     let mut best_prefill = f64::MAX;
     for run in 0..=repeats {
-        let mut session = Session::new(&loaded.model, &pool, prompt.len(), 16);
+        let mut session = Session::new(&loaded.model, &pool, prompt.len(), KvOptions::default());
         let started = Instant::now();
         session.feed(&prompt, LogitsFor::Last).expect("prefill");
         let secs = started.elapsed().as_secs_f64();
@@ -108,7 +109,12 @@ fn measure_tandem(
     let mut best_decode = f64::MAX;
     for run in 0..=repeats {
         let short = &prompt[..DECODE_PROMPT_TOKENS.min(prompt.len())];
-        let mut session = Session::new(&loaded.model, &pool, short.len() + decode_tokens, 16);
+        let mut session = Session::new(
+            &loaded.model,
+            &pool,
+            short.len() + decode_tokens,
+            KvOptions::default(),
+        );
         let mut token = argmax(session.feed(short, LogitsFor::Last).expect("prompt"));
         let started = Instant::now();
         for _ in 0..decode_tokens {

@@ -2,7 +2,7 @@
 //! (1 token) and prefill (512 tokens) form, with 1 and 2 threads, against candle's stock
 //! `QMatMul` on the same weights in the same run.
 //!
-//! `cargo bench -p tandem-engine --bench kernels [-- quick] [dispatch|decode|step|crossover|prefill]...`
+//! `cargo bench -p tandem-engine --bench kernels [-- quick] [dispatch|decode|step|crossover|prefill|prefill-step]...`
 //!
 //! Times are the best of several trials (the machine is shared); ratios > 1 mean tandem
 //! is faster.
@@ -252,48 +252,99 @@ impl Bench {
     }
 
     fn prefill(&self) {
-        println!("\n## Prefill-shaped matmul ({PROMPT} tokens)\n");
-        println!(
-            "| shape | tandem GEMM 1T GFLOP/s | GEMM 2T GFLOP/s | quantized path 2T GFLOP/s | candle GFLOP/s | GEMM 2T / candle |"
-        );
+        println!("\n## Prefill-shaped matmul ({PROMPT} tokens), GFLOP/s\n");
+        println!("| shape | tandem 1T | tandem 2T | f32 GEMM 2T | candle | tandem 2T / candle |");
         println!("|---|---|---|---|---|---|");
         for shape in SHAPES.iter().filter(|s| s.rows < VOCAB) {
-            let w = QMatrix::from_f32(
-                shape.dtype,
-                shape.rows,
-                shape.cols,
-                &pseudo_random(shape.rows * shape.cols, 1),
-            )
-            .expect("weights");
+            let values = pseudo_random(shape.rows * shape.cols, 1);
+            let w =
+                QMatrix::from_f32(shape.dtype, shape.rows, shape.cols, &values).expect("weights");
             let flops = 2.0 * (PROMPT * shape.rows * shape.cols) as f64;
             let gflops = |d: Duration| flops / 1e9 / d.as_secs_f64();
-            let dense = Linear::new(w.clone(), true);
-            let quantized = Linear::new(w.clone(), false);
+            let linear = Linear::new(w.clone(), false).with_dense();
             let x = pseudo_random(PROMPT * shape.cols, 2);
             let mut y = vec![0f32; PROMPT * shape.rows];
-            let mut run = |pool: &ThreadPool, linear: &Linear| {
+            let mut run = |pool: &ThreadPool, path: MatmulPath| {
                 best_time(self.budget, self.trials, || {
-                    matmul(pool, linear, &x, PROMPT, &mut y).expect("matmul");
+                    matmul_many_with(pool, &[&linear], &x, PROMPT, &mut [&mut y], path)
+                        .expect("matmul");
                     black_box(&y);
                 })
             };
-            let gemm: Vec<Duration> = self.pools.iter().map(|p| run(p, &dense)).collect();
+            let auto: Vec<Duration> = self
+                .pools
+                .iter()
+                .map(|p| run(p, MatmulPath::Auto))
+                .collect();
             let last = self.pools.last().expect("pools");
-            let quant = run(last, &quantized);
+            let gemm = run(last, MatmulPath::Gemm);
             let candle = candle_qmatmul(&w);
             let xt = Tensor::from_slice(&x, (PROMPT, shape.cols), &Device::Cpu).expect("tensor");
             let candle_time = best_time(self.budget, self.trials, || {
                 black_box(candle.forward(&xt).expect("candle forward"));
             });
-            let two = gemm[gemm.len() - 1];
+            let two = auto[auto.len() - 1];
             println!(
                 "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}x |",
                 shape.name,
-                gflops(gemm[0]),
+                gflops(auto[0]),
                 gflops(two),
-                gflops(quant),
+                gflops(gemm),
                 gflops(candle_time),
                 candle_time.as_secs_f64() / two.as_secs_f64()
+            );
+        }
+    }
+
+    /// All layer matmuls of a 512-token prefill (fused qkv and gate/up, 30 layers; the
+    /// lm_head only for the last token): an upper bound on prefill tok/s from matmuls.
+    fn prefill_step(&self) {
+        println!("\n## One {PROMPT}-token prefill's matmuls (30 layers + last-token lm_head)\n");
+        let layer_shapes = [
+            (HIDDEN + 2 * KV, HIDDEN),
+            (HIDDEN, HIDDEN),
+            (2 * INTER, HIDDEN),
+            (HIDDEN, INTER),
+        ];
+        let layers: Vec<Vec<Linear>> = (0..LAYERS)
+            .map(|l| {
+                layer_shapes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(rows, cols))| {
+                        let values = pseudo_random(rows * cols, (l * 8 + i) as u64);
+                        let w = QMatrix::from_f32(GgmlDType::Q4_1, rows, cols, &values);
+                        Linear::new(w.expect("w"), false)
+                    })
+                    .collect()
+            })
+            .collect();
+        let head = QMatrix::from_f32(
+            GgmlDType::Q8_0,
+            VOCAB,
+            HIDDEN,
+            &pseudo_random(VOCAB * HIDDEN, 9),
+        );
+        let head = Linear::new(head.expect("w"), false);
+        let x = pseudo_random(PROMPT * INTER, 3);
+        let mut y = vec![0f32; PROMPT * 2 * INTER];
+        for pool in &self.pools {
+            let t = best_time(self.budget, self.trials.min(3), || {
+                for layer in &layers {
+                    for linear in layer {
+                        let (n, c) = (linear.rows(), linear.cols());
+                        matmul(pool, linear, &x[..PROMPT * c], PROMPT, &mut y[..PROMPT * n])
+                            .expect("matmul");
+                    }
+                }
+                matmul(pool, &head, &x[..HIDDEN], 1, &mut y[..VOCAB]).expect("matmul");
+                black_box(&y);
+            });
+            println!(
+                "- tandem, {} thread(s): {:.0} ms = {:.0} prompt tok/s from matmuls alone",
+                pool.n_threads(),
+                t.as_secs_f64() * 1e3,
+                PROMPT as f64 / t.as_secs_f64()
             );
         }
     }
@@ -302,14 +353,15 @@ impl Bench {
     fn crossover(&self) {
         let pool = self.pools.last().expect("pools");
         println!(
-            "\n## Quantized path vs GEMM (gate+up 3072x576, {} threads, GFLOP/s; GEMM_MIN_TOKENS = {GEMM_MIN_TOKENS})\n",
+            "\n## Quantized path vs GEMM (3072x768, {} threads, GFLOP/s; GEMM_MIN_TOKENS = {GEMM_MIN_TOKENS})\n",
             pool.n_threads()
         );
         let sizes = [1usize, 4, 8, 16, 32, 64, 512];
         let header: Vec<String> = sizes.iter().map(|n| format!("{n} tok")).collect();
         println!("| dtype | path | {} |", header.join(" | "));
         println!("|---|---|{}", "---|".repeat(sizes.len()));
-        let (rows, cols) = (2 * INTER, HIDDEN);
+        // 768 columns: a whole number of K-quant super-blocks.
+        let (rows, cols) = (2 * INTER, 768);
         let values = pseudo_random(rows * cols, 1);
         for dtype in [
             GgmlDType::Q4_1,
@@ -318,10 +370,8 @@ impl Bench {
             GgmlDType::F16,
             GgmlDType::F32,
         ] {
-            let linear = Linear::new(
-                QMatrix::from_f32(dtype, rows, cols, &values).expect("w"),
-                true,
-            );
+            let w = QMatrix::from_f32(dtype, rows, cols, &values).expect("w");
+            let linear = Linear::new(w, false).with_dense();
             for path in [MatmulPath::Quantized, MatmulPath::Gemm] {
                 let cells: Vec<String> = sizes
                     .iter()
@@ -427,5 +477,8 @@ fn main() {
     }
     if wanted("prefill") {
         bench.prefill();
+    }
+    if wanted("prefill-step") {
+        bench.prefill_step();
     }
 }

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::kernels::ThreadPool;
-use crate::kv::{BlockAllocator, BlockId, KvStore};
+use crate::kv::{BlockAllocator, BlockId, KvOptions, KvStore};
 use crate::model::{ForwardError, ForwardScratch, Llama, LogitsFor, SeqInput};
 use crate::sample::{Sampler, SamplingParams};
 
@@ -29,8 +29,7 @@ pub struct GenerateOptions {
     pub stop_tokens: Vec<u32>,
     /// Prompt tokens per forward pass while prefilling.
     pub prefill_chunk: usize,
-    /// Positions per KV block.
-    pub block_size: usize,
+    pub kv: KvOptions,
 }
 
 impl Default for GenerateOptions {
@@ -40,7 +39,7 @@ impl Default for GenerateOptions {
             sampling: SamplingParams::default(),
             stop_tokens: Vec::new(),
             prefill_chunk: 512,
-            block_size: 16,
+            kv: KvOptions::default(),
         }
     }
 }
@@ -107,7 +106,7 @@ pub fn generate(
             context,
         });
     }
-    let mut session = Session::new(model, pool, positions, options.block_size);
+    let mut session = Session::new(model, pool, positions, options.kv);
     let mut sampler = Sampler::new(options.sampling);
 
     let started = Instant::now();
@@ -181,9 +180,9 @@ pub struct Session<'m> {
 }
 
 impl<'m> Session<'m> {
-    /// A session with room for `capacity` positions in blocks of `block_size`.
-    pub fn new(model: &'m Llama, pool: &'m ThreadPool, capacity: usize, block_size: usize) -> Self {
-        let layout = model.kv_layout(block_size.max(1));
+    /// A session with room for `capacity` positions.
+    pub fn new(model: &'m Llama, pool: &'m ThreadPool, capacity: usize, kv: KvOptions) -> Self {
+        let layout = model.kv_layout(kv);
         let num_blocks = layout.blocks_for(capacity.max(1));
         let blocks = BlockAllocator::new(num_blocks)
             .allocate(num_blocks)

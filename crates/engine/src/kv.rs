@@ -7,13 +7,49 @@
 //! block at a time. Per layer, a block holds `[kv_head][slot][head_dim]` values, so one
 //! head's keys in one block are contiguous for the attention kernel.
 //!
-//! Values are stored as f16, as llama.cpp and vLLM (for f16/bf16 models) do: half the
-//! memory of f32, and the rounding llama.cpp's outputs were produced with.
+//! Values are stored as f16 by default, as llama.cpp and vLLM (for f16/bf16 models) do:
+//! half the memory of f32. f32 storage is available for exactness checks.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 /// Index of a block in a [`KvStore`].
 pub type BlockId = u32;
+
+/// Element type of the stored keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    #[default]
+    F16,
+    F32,
+}
+
+impl KvDtype {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            KvDtype::F16 => 2,
+            KvDtype::F32 => 4,
+        }
+    }
+}
+
+/// The choices a user makes about a KV store; the model supplies the rest of the
+/// [`KvLayout`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvOptions {
+    /// Positions per block.
+    pub block_size: usize,
+    pub dtype: KvDtype,
+}
+
+impl Default for KvOptions {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            dtype: KvDtype::F16,
+        }
+    }
+}
 
 /// The geometry of a KV store; two stores can exchange blocks only if these match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,17 +58,18 @@ pub struct KvLayout {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub block_size: usize,
+    pub dtype: KvDtype,
 }
 
 impl KvLayout {
     /// Values of K (or of V) that one block holds for one layer.
-    pub fn floats_per_layer_block(&self) -> usize {
+    pub fn values_per_layer_block(&self) -> usize {
         self.num_kv_heads * self.block_size * self.head_dim
     }
 
     /// Bytes one block occupies across all layers, K and V.
     pub fn bytes_per_block(&self) -> usize {
-        2 * self.num_layers * self.floats_per_layer_block() * std::mem::size_of::<f16>()
+        2 * self.num_layers * self.values_per_layer_block() * self.dtype.size_bytes()
     }
 
     /// Blocks needed to hold `tokens` positions.
@@ -41,9 +78,39 @@ impl KvLayout {
     }
 }
 
+/// One layer's keys or values for every block.
+enum Plane {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl Plane {
+    fn new(dtype: KvDtype, len: usize) -> Self {
+        match dtype {
+            KvDtype::F16 => Plane::F16(vec![f16::ZERO; len]),
+            KvDtype::F32 => Plane::F32(vec![0.0; len]),
+        }
+    }
+
+    fn read(&self, range: std::ops::Range<usize>, dst: &mut [f32]) {
+        match self {
+            Plane::F16(v) => v[range].convert_to_f32_slice(dst),
+            Plane::F32(v) => dst.copy_from_slice(&v[range]),
+        }
+    }
+
+    fn write(&mut self, at: usize, src: &[f32]) {
+        let range = at..at + src.len();
+        match self {
+            Plane::F16(v) => v[range].convert_from_f32_slice(src),
+            Plane::F32(v) => v[range].copy_from_slice(src),
+        }
+    }
+}
+
 struct LayerKv {
-    keys: Vec<f16>,
-    values: Vec<f16>,
+    keys: Plane,
+    values: Plane,
 }
 
 /// KV cache memory for a fixed number of blocks.
@@ -55,11 +122,11 @@ pub struct KvStore {
 
 impl KvStore {
     pub fn new(layout: KvLayout, num_blocks: usize) -> Self {
-        let len = num_blocks * layout.floats_per_layer_block();
+        let len = num_blocks * layout.values_per_layer_block();
         let layers = (0..layout.num_layers)
             .map(|_| LayerKv {
-                keys: vec![f16::ZERO; len],
-                values: vec![f16::ZERO; len],
+                keys: Plane::new(layout.dtype, len),
+                values: Plane::new(layout.dtype, len),
             })
             .collect();
         Self {
@@ -82,26 +149,29 @@ impl KvStore {
         self.num_blocks
     }
 
-    fn head_range(&self, block: BlockId, head: usize) -> std::ops::Range<usize> {
+    /// Where `head`'s first `slots` positions of `block` live in a layer's plane.
+    fn head_range(&self, block: BlockId, head: usize, slots: usize) -> std::ops::Range<usize> {
         let per_head = self.layout.block_size * self.layout.head_dim;
-        let start = block as usize * self.layout.floats_per_layer_block() + head * per_head;
-        start..start + per_head
+        let start = block as usize * self.layout.values_per_layer_block() + head * per_head;
+        start..start + slots * self.layout.head_dim
     }
 
-    /// Keys of `head` in `block` for `layer`: `[block_size][head_dim]`.
+    /// Copies the keys of the first `dst.len() / head_dim` slots of `head` in `block`
+    /// (`[slot][head_dim]`) into `dst` as f32.
     #[inline]
-    pub fn keys(&self, layer: usize, block: BlockId, head: usize) -> &[f16] {
-        &self.layers[layer].keys[self.head_range(block, head)]
+    pub fn read_keys(&self, layer: usize, block: BlockId, head: usize, dst: &mut [f32]) {
+        let range = self.head_range(block, head, dst.len() / self.layout.head_dim);
+        self.layers[layer].keys.read(range, dst);
     }
 
-    /// Values of `head` in `block` for `layer`: `[block_size][head_dim]`.
+    /// Like [`Self::read_keys`], for values.
     #[inline]
-    pub fn values(&self, layer: usize, block: BlockId, head: usize) -> &[f16] {
-        &self.layers[layer].values[self.head_range(block, head)]
+    pub fn read_values(&self, layer: usize, block: BlockId, head: usize, dst: &mut [f32]) {
+        let range = self.head_range(block, head, dst.len() / self.layout.head_dim);
+        self.layers[layer].values.read(range, dst);
     }
 
-    /// Stores one position's keys and values (`[kv_head][head_dim]` each), rounded to
-    /// f16.
+    /// Stores one position's keys and values (`[kv_head][head_dim]` each).
     pub fn write(
         &mut self,
         layer: usize,
@@ -110,14 +180,13 @@ impl KvStore {
         keys: &[f32],
         values: &[f32],
     ) {
-        use half::slice::HalfFloatSliceExt;
         let d = self.layout.head_dim;
         for head in 0..self.layout.num_kv_heads {
-            let at = self.head_range(block, head).start + slot * d;
+            let at = self.head_range(block, head, 0).start + slot * d;
             let src = head * d..(head + 1) * d;
             let kv = &mut self.layers[layer];
-            kv.keys[at..at + d].convert_from_f32_slice(&keys[src.clone()]);
-            kv.values[at..at + d].convert_from_f32_slice(&values[src]);
+            kv.keys.write(at, &keys[src.clone()]);
+            kv.values.write(at, &values[src]);
         }
     }
 }
@@ -161,22 +230,28 @@ mod tests {
             num_kv_heads: 3,
             head_dim: 4,
             block_size: 2,
+            dtype: KvDtype::F16,
         }
     }
 
     #[test]
     fn written_positions_read_back_per_head() {
-        let mut store = KvStore::new(layout(), 3);
-        let keys: Vec<f32> = (0..12).map(|i| i as f32).collect();
-        let values: Vec<f32> = (0..12).map(|i| -(i as f32)).collect();
-        store.write(1, 2, 1, &keys, &values);
-        // Small integers are exact in f16.
-        let widen = |xs: &[f16]| xs.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
-        assert_eq!(widen(&store.keys(1, 2, 1)[4..8]), &keys[4..8]);
-        assert_eq!(widen(&store.values(1, 2, 2)[4..8]), &values[8..12]);
-        let all_zero = |xs: &[f16]| xs.iter().all(|x| x.to_f32() == 0.0);
-        assert!(all_zero(store.keys(0, 2, 1)), "other layer untouched");
-        assert!(all_zero(store.keys(1, 1, 1)), "other block untouched");
+        for dtype in [KvDtype::F16, KvDtype::F32] {
+            let mut store = KvStore::new(KvLayout { dtype, ..layout() }, 3);
+            // Small integers are exact in f16 too.
+            let keys: Vec<f32> = (0..12).map(|i| i as f32).collect();
+            let values: Vec<f32> = (0..12).map(|i| -(i as f32)).collect();
+            store.write(1, 2, 1, &keys, &values);
+            let mut two_slots = [0f32; 8];
+            store.read_keys(1, 2, 1, &mut two_slots);
+            assert_eq!(&two_slots[4..], &keys[4..8]);
+            store.read_values(1, 2, 2, &mut two_slots);
+            assert_eq!(&two_slots[4..], &values[8..12]);
+            store.read_keys(0, 2, 1, &mut two_slots);
+            assert!(two_slots.iter().all(|&x| x == 0.0), "other layer untouched");
+            store.read_keys(1, 1, 1, &mut two_slots);
+            assert!(two_slots.iter().all(|&x| x == 0.0), "other block untouched");
+        }
     }
 
     #[test]
@@ -196,6 +271,11 @@ mod tests {
     #[test]
     fn bytes_per_block_counts_keys_and_values_of_every_layer() {
         assert_eq!(layout().bytes_per_block(), 2 * 2 * 3 * 2 * 4 * 2);
+        let f32_layout = KvLayout {
+            dtype: KvDtype::F32,
+            ..layout()
+        };
+        assert_eq!(f32_layout.bytes_per_block(), 2 * layout().bytes_per_block());
         assert_eq!(layout().blocks_for(5), 3);
     }
 }

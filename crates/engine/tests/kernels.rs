@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tandem_engine::kernels::ops::{self, RopeTable};
 use tandem_engine::kernels::{
-    GEMM_MIN_TOKENS, GgmlDType, KernelError, Linear, QMatrix, ThreadPool, matmul, matmul_many,
+    GEMM_MIN_TOKENS, GgmlDType, KernelError, Linear, MatmulPath, QMatrix, ThreadPool, gemm_pays,
+    matmul, matmul_many, matmul_many_with,
 };
 
 const ALL_DTYPES: [GgmlDType; 15] = [
@@ -78,28 +79,59 @@ fn check_matmul(pool: &ThreadPool, dtype: GgmlDType, rows: usize, cols: usize, n
     let x = pseudo_random(n_tokens * cols, 2 + n_tokens as u64);
     let expected = reference_matmul(&dequantized, rows, cols, &x, n_tokens);
 
-    let quantized = Linear::new(w.clone(), false);
+    let linear = Linear::new(w, false).with_dense();
+    for path in [MatmulPath::Quantized, MatmulPath::Gemm, MatmulPath::Auto] {
+        let mut y = vec![f32::NAN; n_tokens * rows];
+        matmul_many_with(pool, &[&linear], &x, n_tokens, &mut [&mut y], path).unwrap();
+        let gemm = match path {
+            MatmulPath::Quantized => false,
+            MatmulPath::Gemm => true,
+            MatmulPath::Auto => gemm_pays(dtype, n_tokens),
+        };
+        let tolerance = if gemm {
+            1e-5
+        } else {
+            quantized_path_tolerance(dtype)
+        };
+        let err = relative_error(&y, &expected);
+        assert!(
+            err < tolerance,
+            "{dtype:?} {path:?}, {n_tokens} tokens: relative error {err}"
+        );
+    }
     let mut y = vec![f32::NAN; n_tokens * rows];
-    matmul(pool, &quantized, &x, n_tokens, &mut y).unwrap();
+    matmul(
+        pool,
+        &Linear::new(linear.qmatrix().clone(), false),
+        &x,
+        n_tokens,
+        &mut y,
+    )
+    .unwrap();
     let err = relative_error(&y, &expected);
     assert!(
         err < quantized_path_tolerance(dtype),
-        "{dtype:?} quantized path, {n_tokens} tokens: relative error {err}"
+        "{dtype:?} without dense copy: {err}"
     );
+}
 
-    let dense = Linear::new(w, true);
-    let mut y = vec![f32::NAN; n_tokens * rows];
-    matmul(pool, &dense, &x, n_tokens, &mut y).unwrap();
-    let err = relative_error(&y, &expected);
-    let tolerance = if n_tokens >= GEMM_MIN_TOKENS {
-        1e-5
-    } else {
-        quantized_path_tolerance(dtype)
-    };
-    assert!(
-        err < tolerance,
-        "{dtype:?} dense linear, {n_tokens} tokens: relative error {err}"
-    );
+#[test]
+fn dense_copies_only_where_gemm_pays() {
+    let q = |dtype| QMatrix::from_f32(dtype, 8, 256, &pseudo_random(8 * 256, 3)).unwrap();
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        assert!(!Linear::new(q(dtype), true).has_dense());
+        assert!(!gemm_pays(dtype, 4096));
+    }
+    for dtype in [
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+        GgmlDType::F16,
+        GgmlDType::F32,
+    ] {
+        assert!(Linear::new(q(dtype), true).has_dense());
+        assert!(!Linear::new(q(dtype), false).has_dense());
+        assert!(gemm_pays(dtype, GEMM_MIN_TOKENS) && !gemm_pays(dtype, GEMM_MIN_TOKENS - 1));
+    }
 }
 
 #[test]

@@ -14,6 +14,7 @@ mod common;
 use tandem_engine::LoadedModel;
 use tandem_engine::generate::{GenerateOptions, Session, generate};
 use tandem_engine::kernels::ThreadPool;
+use tandem_engine::kv::KvOptions;
 use tandem_engine::model::{LoadOptions, LogitsFor};
 use tandem_engine::sample::{SamplingParams, argmax};
 
@@ -80,7 +81,7 @@ fn teacher_forced_agreement(loaded: &LoadedModel, pool: &ThreadPool, chunk: usiz
             .chain(&case.greedy_ids)
             .copied()
             .collect();
-        let mut session = Session::new(&loaded.model, pool, sequence.len(), 16);
+        let mut session = Session::new(&loaded.model, pool, sequence.len(), KvOptions::default());
         let mut ours = Vec::new();
         for part in sequence.chunks(chunk) {
             let logits = session.feed(part, LogitsFor::All).unwrap();
@@ -135,7 +136,13 @@ fn greedy_generation_reproduces_llamacpp() {
             true
         })
         .unwrap();
-        let n = 16.min(case.greedy_ids.len());
+        // Greedy token k is llama.cpp's top-1 at position prompt_len - 1 + k. The two
+        // sequences must agree for 16 tokens, or up to llama.cpp's first near-tie if it
+        // comes sooner: past a coin flip, the continuations legitimately differ.
+        let first_near_tie = (0..case.greedy_ids.len())
+            .find(|&k| case.margin[case.prompt_ids.len() - 1 + k] < CLEAR_MARGIN)
+            .unwrap_or(case.greedy_ids.len());
+        let n = 16.min(first_near_tie).min(case.greedy_ids.len());
         assert_eq!(ours[..n], case.greedy_ids[..n], "first {n} greedy tokens");
         let same = ours
             .iter()
@@ -143,7 +150,7 @@ fn greedy_generation_reproduces_llamacpp() {
             .take_while(|(a, b)| a == b)
             .count();
         eprintln!(
-            "greedy: {same}/{} tokens identical to llama.cpp",
+            "greedy: {same}/{} tokens identical to llama.cpp (its first near-tie: token {first_near_tie})",
             case.greedy_ids.len()
         );
     }

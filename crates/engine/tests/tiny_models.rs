@@ -10,7 +10,7 @@ use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 use tandem_engine::ModelError;
 use tandem_engine::kernels::ThreadPool;
-use tandem_engine::kv::KvStore;
+use tandem_engine::kv::{KvDtype, KvOptions, KvStore};
 use tandem_engine::model::{self, ForwardScratch, Llama, LoadOptions, LogitsFor, SeqInput};
 
 const HIDDEN: usize = 64;
@@ -147,7 +147,30 @@ impl TinyWeights {
 
     /// Writes the weights as llama.cpp's converter would: GGUF names, and Q/K rows
     /// permuted so that adjacent-pair RoPE equals Hugging Face's half-split RoPE.
-    fn write_gguf(&self, path: &Path, arch: &str) {
+    /// The weights as a GGUF of `dtype` holds them: matrices quantized and dequantized
+    /// (by candle, independently of the engine's kernels), vectors untouched.
+    fn requantized(&self, dtype: GgmlDType) -> Self {
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(name, shape, data)| {
+                if shape.len() == 1 {
+                    return (name.clone(), shape.clone(), data.clone());
+                }
+                let tensor =
+                    Tensor::from_vec(data.clone(), shape.as_slice(), &Device::Cpu).unwrap();
+                let back = QTensor::quantize(&tensor, dtype)
+                    .unwrap()
+                    .dequantize(&Device::Cpu)
+                    .unwrap();
+                let values = back.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                (name.clone(), shape.clone(), values)
+            })
+            .collect();
+        Self { tensors }
+    }
+
+    fn write_gguf(&self, path: &Path, arch: &str, dtype: GgmlDType) {
         let gguf_name = |hf: &str| -> String {
             let renames = [
                 ("model.embed_tokens.weight", "token_embd.weight"),
@@ -185,10 +208,13 @@ impl TinyWeights {
                     data.clone()
                 };
                 let tensor = Tensor::from_vec(data, shape.as_slice(), &Device::Cpu).unwrap();
-                (
-                    gguf_name(name),
-                    QTensor::quantize(&tensor, GgmlDType::F32).unwrap(),
-                )
+                // Like llama.cpp's files: norms stay F32 whatever the matrices are.
+                let dtype = if shape.len() == 1 {
+                    GgmlDType::F32
+                } else {
+                    dtype
+                };
+                (gguf_name(name), QTensor::quantize(&tensor, dtype).unwrap())
             })
             .collect();
         let u32v = gguf_file::Value::U32;
@@ -405,10 +431,22 @@ fn prompt(len: usize, salt: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Small blocks so that short prompts span several; f32 so that results are exact.
+fn kv_f32() -> KvOptions {
+    KvOptions {
+        block_size: 4,
+        dtype: KvDtype::F32,
+    }
+}
+
 /// Runs `tokens` through `model` in chunks, with a shuffled block table.
 fn engine_logits(model: &Llama, tokens: &[u32], chunk: usize) -> Vec<Vec<f32>> {
+    engine_logits_with(model, tokens, chunk, kv_f32())
+}
+
+fn engine_logits_with(model: &Llama, tokens: &[u32], chunk: usize, kv: KvOptions) -> Vec<Vec<f32>> {
     let pool = ThreadPool::new(2).unwrap();
-    let layout = model.kv_layout(4);
+    let layout = model.kv_layout(kv);
     let num_blocks = layout.blocks_for(tokens.len()) + 3;
     let mut kv = KvStore::new(layout, num_blocks);
     // Non-contiguous, out-of-order blocks exercise the paging.
@@ -451,7 +489,7 @@ fn write_models() -> Models {
     let dir = tempfile::tempdir().unwrap();
     let weights = TinyWeights::random(7);
     let gguf = dir.path().join("tiny.gguf");
-    weights.write_gguf(&gguf, "llama");
+    weights.write_gguf(&gguf, "llama", GgmlDType::F32);
     let hf = dir.path().join("hf");
     weights.write_hf_dir(&hf, 1, safetensors::Dtype::F32);
     let hf_sharded_bf16 = dir.path().join("hf-sharded-bf16");
@@ -512,11 +550,71 @@ fn gguf_and_safetensors_match_a_naive_reference() {
 }
 
 #[test]
+fn an_f16_kv_store_stays_close_to_the_reference() {
+    let m = write_models();
+    let tokens = prompt(40, 5);
+    let reference = naive_forward(&m.weights, &tokens);
+    let model = load_gguf(&m.gguf, LoadOptions::default()).unwrap();
+    let scale = reference
+        .iter()
+        .flatten()
+        .fold(0.0f64, |m, v| m.max(v.abs()));
+    let kv = KvOptions {
+        block_size: 4,
+        dtype: KvDtype::F16,
+    };
+    for chunk in [40, 1] {
+        let diff = max_abs_diff(&engine_logits_with(&model, &tokens, chunk, kv), &reference);
+        // f16 keeps 11 significant bits: a few parts in ten thousand per value.
+        assert!(
+            diff < 5e-3 * scale,
+            "chunk {chunk}: max |logit diff| {diff:e} (scale {scale:.2})"
+        );
+    }
+}
+
+#[test]
+fn quantized_gguf_matches_the_reference_on_its_dequantized_weights() {
+    let m = write_models();
+    let tokens = prompt(40, 4);
+    for dtype in [
+        GgmlDType::F16,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+    ] {
+        let path = m._dir.path().join(format!("tiny-{dtype:?}.gguf"));
+        m.weights.write_gguf(&path, "llama", dtype);
+        let reference = naive_forward(&m.weights.requantized(dtype), &tokens);
+        let model = load_gguf(&path, LoadOptions::default()).unwrap();
+        // Activations meet quantized weights as 8-bit integers (as in llama.cpp) in
+        // the token-by-token path and in the output head, which costs about a percent;
+        // F16 weights keep activations in f32.
+        let scale = reference
+            .iter()
+            .flatten()
+            .fold(0.0f64, |m, v| m.max(v.abs()));
+        let tolerance = if dtype == GgmlDType::F16 {
+            1e-3
+        } else {
+            0.03 * scale
+        };
+        for chunk in [40, 1] {
+            let diff = max_abs_diff(&engine_logits(&model, &tokens, chunk), &reference);
+            assert!(
+                diff < tolerance,
+                "{dtype:?}, chunk {chunk}: max |logit diff| {diff:e} (scale {scale:.2})"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_ragged_batch_equals_its_sequences_run_alone() {
     let m = write_models();
     let model = load_gguf(&m.gguf, LoadOptions::default()).unwrap();
     let pool = ThreadPool::new(2).unwrap();
-    let layout = model.kv_layout(4);
+    let layout = model.kv_layout(kv_f32());
     let (a, b) = (prompt(30, 2), prompt(9, 3));
     let alone_a = engine_logits(&model, &a, 30);
     let alone_b = engine_logits(&model, &b, 9);
@@ -593,7 +691,7 @@ fn bad_batches_are_errors_not_panics() {
     let m = write_models();
     let model = load_gguf(&m.gguf, LoadOptions::default()).unwrap();
     let pool = ThreadPool::new(1).unwrap();
-    let mut kv = KvStore::new(model.kv_layout(4), 4);
+    let mut kv = KvStore::new(model.kv_layout(kv_f32()), 4);
     let mut scratch = ForwardScratch::default();
     let table = [0u32, 1, 2, 3];
     let mut run = |tokens: &[u32], start_pos: usize, table: &[u32]| {
@@ -656,7 +754,7 @@ fn broken_files_name_the_file_and_the_problem() {
     );
 
     let gpt2 = dir.join("gpt2.gguf");
-    m.weights.write_gguf(&gpt2, "gpt2");
+    m.weights.write_gguf(&gpt2, "gpt2", GgmlDType::F32);
     let err = load_error(&gpt2);
     assert!(
         err.contains("gpt2.gguf") && err.contains("unsupported architecture `gpt2`"),

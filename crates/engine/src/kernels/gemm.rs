@@ -17,6 +17,12 @@ pub(crate) struct DenseWeights {
     cols: usize,
 }
 
+impl std::fmt::Debug for DenseWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DenseWeights [{}, {}]", self.rows, self.cols)
+    }
+}
+
 impl DenseWeights {
     pub(crate) fn from_qmatrix(w: &QMatrix) -> Self {
         let mut data = AlignedF32::zeroed(w.rows() * w.cols());

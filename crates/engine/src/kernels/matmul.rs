@@ -1,15 +1,18 @@
 //! `y = x · Wᵀ` for a batch of activation rows, split over a [`ThreadPool`].
 //!
-//! - Batches below [`GEMM_MIN_TOKENS`] (decode), or weights without a dense copy: the
-//!   activations are quantized once to the weights' dot type and every task dots a slice
-//!   of weight rows against all tokens (own AVX2 kernels for Q4_0, Q4_1, Q8_0, F32, F16;
+//! - Quantized path: the activations are quantized once to the weights' dot type and
+//!   every task dots a slice of weight rows against all tokens (own AVX2 kernels for
+//!   Q4_0, Q4_1, Q8_0 — panels of 8 rows × 4 tokens of int8 dot products — and F32/F16;
 //!   candle's `GgmlType::vec_dot` for the other formats).
-//! - Larger batches with a dense copy ([`Linear::with_dense`]): f32 GEMM per row slice.
+//! - GEMM path: f32 GEMM over a dense copy of the weights, per row slice. It only pays
+//!   for formats without panel kernels, from [`GEMM_MIN_TOKENS`] tokens up: the Q4_0,
+//!   Q4_1 and Q8_0 kernels beat f32 GEMM at every batch size (see `benches/kernels.rs`).
 //!
 //! [`matmul_many`] runs several matrices that share one input (q/k/v, gate/up) in a single
 //! dispatch, quantizing the input once.
 
 use std::cell::RefCell;
+use std::marker::PhantomData;
 use std::ops::Range;
 
 use candle_core::quantized::GgmlDType;
@@ -22,9 +25,15 @@ use super::pool::ThreadPool;
 use super::qmatrix::{QMatrix, blocks, with_block_type};
 use super::quant_dot::{PanelOut, Q8Acts, QK, fast};
 
-/// Batches of at least this many tokens use the f32 GEMM path when the weights have a
-/// dense copy (measured crossover on a 2-core Zen 3, see `benches/kernels.rs`).
-pub const GEMM_MIN_TOKENS: usize = 16;
+/// Batches of at least this many tokens use f32 GEMM when the weights have a dense copy
+/// and a format without panel kernels (measured on a 2-core Zen 3: K-quants cross over
+/// at ~24 tokens, F32/F16 at ~64; see `benches/kernels.rs`).
+pub const GEMM_MIN_TOKENS: usize = 32;
+
+/// Whether batches of `n_tokens` of `dtype` weights are faster through f32 GEMM.
+pub fn gemm_pays(dtype: GgmlDType, n_tokens: usize) -> bool {
+    PanelFormat::of(dtype).is_none() && n_tokens >= GEMM_MIN_TOKENS
+}
 
 /// A weight matrix plus, optionally, a dense f32 copy of it for large batches.
 #[derive(Clone, Debug)]
@@ -33,25 +42,23 @@ pub struct Linear {
     dense: Option<DenseWeights>,
 }
 
-impl std::fmt::Debug for DenseWeights {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DenseWeights")
-    }
-}
-
 impl Linear {
-    /// Wraps `weight`; with `dense`, also keeps a dense f32 copy (4 bytes per weight) so
-    /// that batches of [`GEMM_MIN_TOKENS`] or more tokens use f32 GEMM. Without it every
-    /// batch size uses the quantized dot-product path.
+    /// Wraps `weight`. With `dense`, also keeps a dense f32 copy (4 bytes per weight) for
+    /// batches of [`GEMM_MIN_TOKENS`] or more, if the format benefits from GEMM at all
+    /// ([`gemm_pays`]): Q4_0, Q4_1 and Q8_0 never build one.
     pub fn new(weight: QMatrix, dense: bool) -> Self {
         let linear = Self {
             weight,
             dense: None,
         };
-        if dense { linear.with_dense() } else { linear }
+        if dense && gemm_pays(linear.weight.dtype(), usize::MAX) {
+            linear.with_dense()
+        } else {
+            linear
+        }
     }
 
-    /// Adds the dense f32 copy (see [`Linear::new`]).
+    /// Adds the dense f32 copy whatever the format (for [`MatmulPath::Gemm`]).
     pub fn with_dense(mut self) -> Self {
         if self.dense.is_none() {
             self.dense = Some(DenseWeights::from_qmatrix(&self.weight));
@@ -82,8 +89,8 @@ impl Linear {
 /// Which kernel family a matmul uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MatmulPath {
-    /// GEMM for batches of [`GEMM_MIN_TOKENS`] or more when the weights have a dense
-    /// copy, quantized dot products otherwise.
+    /// GEMM where the weights have a dense copy and [`gemm_pays`], quantized dot
+    /// products otherwise.
     #[default]
     Auto,
     /// Always the quantized dot products.
@@ -132,21 +139,17 @@ pub fn matmul_many_with(
     let use_gemm = |w: &Linear| {
         w.dense.is_some()
             && match path {
-                MatmulPath::Auto => n_tokens >= GEMM_MIN_TOKENS,
+                MatmulPath::Auto => gemm_pays(w.weight.dtype(), n_tokens),
                 MatmulPath::Quantized => false,
                 MatmulPath::Gemm => true,
             }
     };
-    let needs_q8 = ws.iter().any(|w| {
-        !use_gemm(w)
-            && matches!(
-                w.weight.dtype(),
-                GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0
-            )
-    });
+    let needs_q8 = ws
+        .iter()
+        .any(|w| !use_gemm(w) && w.weight.panel_format().is_some());
     with_q8_scratch(|acts| {
         if needs_q8 {
-            acts.quantize(x, n_tokens, ws[0].cols());
+            acts.quantize(pool, x, n_tokens, ws[0].cols());
         }
         let acts = &*acts;
         let jobs: Vec<Job<'_>> = ws
@@ -226,23 +229,26 @@ fn with_q8_scratch<R>(body: impl FnOnce(&mut Q8Acts) -> R) -> R {
 
 /// The output matrix `[n_tokens, rows]`, written concurrently by tasks that own
 /// disjoint sets of rows.
-pub(crate) struct SharedOut {
+pub(crate) struct SharedOut<'a> {
     ptr: *mut f32,
     rows: usize,
     n_tokens: usize,
+    _borrow: PhantomData<&'a mut [f32]>,
 }
 
 // SAFETY: tasks only write through `SharedOut` to rows they own exclusively (each row
-// range of a job is handed to exactly one task), so concurrent writes never alias.
-unsafe impl Sync for SharedOut {}
+// range of a job is handed to exactly one task), so concurrent writes never alias; the
+// buffer stays mutably borrowed for `'a`.
+unsafe impl Sync for SharedOut<'_> {}
 
-impl SharedOut {
-    fn new(y: &mut [f32], rows: usize, n_tokens: usize) -> Self {
+impl<'a> SharedOut<'a> {
+    fn new(y: &'a mut [f32], rows: usize, n_tokens: usize) -> Self {
         debug_assert_eq!(y.len(), rows * n_tokens);
         Self {
             ptr: y.as_mut_ptr(),
             rows,
             n_tokens,
+            _borrow: PhantomData,
         }
     }
 
@@ -273,7 +279,7 @@ impl SharedOut {
 
 struct Job<'a> {
     kind: JobKind<'a>,
-    out: SharedOut,
+    out: SharedOut<'a>,
     chunk: usize,
 }
 

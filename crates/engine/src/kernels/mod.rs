@@ -22,7 +22,9 @@ mod quant_dot;
 mod simd;
 
 pub use candle_core::quantized::GgmlDType;
-pub use matmul::{GEMM_MIN_TOKENS, Linear, MatmulPath, matmul, matmul_many, matmul_many_with};
+pub use matmul::{
+    GEMM_MIN_TOKENS, Linear, MatmulPath, gemm_pays, matmul, matmul_many, matmul_many_with,
+};
 pub use pool::ThreadPool;
 pub use qmatrix::QMatrix;
 

@@ -140,7 +140,7 @@ pub struct RopeTable {
 impl RopeTable {
     /// Frequencies `theta^(-2i / head_dim)` for `i < head_dim / 2` (`head_dim` even).
     pub fn new(head_dim: usize, theta: f32, max_positions: usize) -> Result<Self, KernelError> {
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(KernelError::InvalidShape {
                 what: "RopeTable",
                 detail: format!("head_dim {head_dim} must be even and positive"),
@@ -242,7 +242,7 @@ impl RopeTable {
 }
 
 fn check_rows(what: &'static str, len: usize, row: usize) -> Result<(), KernelError> {
-    if row == 0 || len % row != 0 {
+    if row == 0 || !len.is_multiple_of(row) {
         return Err(KernelError::InvalidShape {
             what,
             detail: format!("length {len} is not a whole number of rows of {row}"),

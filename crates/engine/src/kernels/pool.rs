@@ -1,9 +1,10 @@
 //! A fixed-size thread pool for the data-parallel kernels of one forward pass.
 //!
-//! A decode step dispatches a few hundred small jobs, so dispatch must cost about a
-//! microsecond: workers spin on an atomic job word for a while after each job and only
-//! then park on a condition variable (an idle server burns no CPU). The calling thread
-//! takes tasks too, so a pool of `n` threads has `n - 1` workers.
+//! A decode step dispatches a few hundred small jobs, so dispatch must cost well under a
+//! microsecond: after each job, workers busy-wait on an atomic job word for ~50 µs, then
+//! poll it while yielding their core for ~2 ms, and only then park on a condition
+//! variable (an idle server burns no CPU). The calling thread takes tasks too, so a pool
+//! of `n` threads has `n - 1` workers.
 //!
 //! Every job is published as one 64-bit word — generation, task count and the next
 //! unclaimed task index — and a task is claimed by a compare-and-swap on that word, so a
@@ -22,10 +23,17 @@ use std::time::{Duration, Instant};
 
 use super::KernelError;
 
-/// How long an idle worker spins waiting for the next job before it parks.
-const SPIN_BEFORE_PARK: Duration = Duration::from_micros(2000);
+/// How long an idle worker busy-waits for the next job (the gaps inside a forward pass
+/// are microseconds)…
+const SPIN: Duration = Duration::from_micros(50);
+/// …then keeps polling but yields its core between polls (another process's threads may
+/// need it), until it parks.
+const YIELD_BEFORE_PARK: Duration = Duration::from_micros(2000);
 
-const TASK_BITS: u32 = 20;
+/// 16 bits each for the task count and the next task, 32 for the generation: a worker
+/// would have to stall between reading and swapping the job word for 2³² jobs to be
+/// fooled by a wrapped generation.
+const TASK_BITS: u32 = 16;
 const TASK_MASK: u64 = (1 << TASK_BITS) - 1;
 const GEN_MASK: u64 = (1 << (64 - 2 * TASK_BITS)) - 1;
 /// The most tasks one published job can hold; `run` splits larger counts into rounds.
@@ -269,26 +277,36 @@ fn worker_loop(shared: &Shared) {
     }
 }
 
-/// Spins, then parks, until a job with a generation other than `seen` is published.
-/// Returns its generation, or `None` when the pool shuts down.
+/// Waits until a job with a generation other than `seen` is published: spins, then
+/// polls while yielding, then parks. Returns its generation, or `None` when the pool
+/// shuts down.
 fn wait_for_new_job(shared: &Shared, seen: u64) -> Option<u64> {
     let started = Instant::now();
-    let mut spins: u32 = 0;
-    loop {
-        if shared.shutdown.load(Ordering::Relaxed) {
-            return None;
-        }
-        let generation = JobWord(shared.job_word.0.load(Ordering::Acquire)).generation();
-        if generation != seen {
-            return Some(generation);
-        }
-        std::hint::spin_loop();
-        spins = spins.wrapping_add(1);
-        if spins % 256 == 0 && started.elapsed() > SPIN_BEFORE_PARK {
-            break;
+    while started.elapsed() < SPIN {
+        for _ in 0..64 {
+            if let Some(event) = poll_for_job(shared, seen) {
+                return event;
+            }
+            std::hint::spin_loop();
         }
     }
+    while started.elapsed() < YIELD_BEFORE_PARK {
+        if let Some(event) = poll_for_job(shared, seen) {
+            return event;
+        }
+        std::thread::yield_now();
+    }
     park_until_new_job(shared, seen)
+}
+
+/// `Some(None)` on shutdown, `Some(Some(generation))` for a new job, `None` otherwise.
+#[inline]
+fn poll_for_job(shared: &Shared, seen: u64) -> Option<Option<u64>> {
+    if shared.shutdown.load(Ordering::Relaxed) {
+        return Some(None);
+    }
+    let generation = JobWord(shared.job_word.0.load(Ordering::Acquire)).generation();
+    (generation != seen).then_some(Some(generation))
 }
 
 fn park_until_new_job(shared: &Shared, seen: u64) -> Option<u64> {
@@ -341,11 +359,11 @@ fn run_one_task(shared: &Shared, index: usize) {
     // SAFETY: this thread claimed a task of the current job, so `task` holds that job's
     // closure and the dispatching thread keeps it alive until `finished` counts this task.
     let task = unsafe { (*shared.task.get()).map(|ptr| &*ptr) };
-    if let Some(task) = task {
-        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| task(index))) {
-            let mut slot = shared.panic.lock().unwrap_or_else(PoisonError::into_inner);
-            slot.get_or_insert(payload);
-        }
+    if let Some(task) = task
+        && let Err(payload) = catch_unwind(AssertUnwindSafe(|| task(index)))
+    {
+        let mut slot = shared.panic.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.get_or_insert(payload);
     }
     shared.finished.0.fetch_add(1, Ordering::Release);
 }
@@ -356,7 +374,7 @@ fn wait_until_finished(shared: &Shared, n_tasks: usize) {
         std::hint::spin_loop();
         spins = spins.wrapping_add(1);
         // A worker may have been descheduled mid-task on a busy machine: let it run.
-        if spins % 4096 == 0 {
+        if spins.is_multiple_of(4096) {
             std::thread::yield_now();
         }
     }

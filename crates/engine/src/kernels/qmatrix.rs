@@ -114,7 +114,7 @@ impl std::fmt::Debug for QMatrix {
 /// whole number of blocks.
 pub fn row_bytes(dtype: GgmlDType, cols: usize) -> Result<usize, KernelError> {
     let block_size = dtype.block_size();
-    if cols % block_size != 0 {
+    if !cols.is_multiple_of(block_size) {
         return Err(KernelError::RaggedBlocks {
             dtype,
             cols,
@@ -306,7 +306,8 @@ impl QMatrix {
 pub(crate) fn blocks<T: GgmlType>(bytes: &[u8]) -> &[T] {
     let size = std::mem::size_of::<T>();
     assert!(
-        bytes.len() % size == 0 && bytes.as_ptr().align_offset(std::mem::align_of::<T>()) == 0,
+        bytes.len().is_multiple_of(size)
+            && bytes.as_ptr().align_offset(std::mem::align_of::<T>()) == 0,
         "misaligned GGML block view"
     );
     // SAFETY: length and alignment checked above; `T` is plain old data (see above).
@@ -318,7 +319,8 @@ pub(crate) fn blocks<T: GgmlType>(bytes: &[u8]) -> &[T] {
 pub(crate) fn blocks_mut<T: GgmlType>(bytes: &mut [u8]) -> &mut [T] {
     let size = std::mem::size_of::<T>();
     assert!(
-        bytes.len() % size == 0 && bytes.as_ptr().align_offset(std::mem::align_of::<T>()) == 0,
+        bytes.len().is_multiple_of(size)
+            && bytes.as_ptr().align_offset(std::mem::align_of::<T>()) == 0,
         "misaligned GGML block view"
     );
     // SAFETY: length and alignment checked above; `T` is plain old data (see above).

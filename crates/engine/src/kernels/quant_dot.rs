@@ -15,11 +15,36 @@
 //! portable ones (`scalar`) have identical signatures; the scalar ones are always
 //! compiled so tests can compare the two.
 
+use std::sync::{Mutex, PoisonError};
+
 use super::aligned::AlignedBytes;
 use super::packed::{PANEL_ROWS, PanelFormat};
+use super::pool::ThreadPool;
 
 /// Elements per quantization block of the 32-wide formats.
 pub(crate) const QK: usize = 32;
+
+/// Batches of at least twice this many tokens are quantized in parallel, this many per
+/// task.
+const PARALLEL_QUANTIZE_TOKENS: usize = 16;
+
+/// One task's share of a parallel quantization: values in, quants, scales, sums out.
+type QuantizeChunk<'a> = (&'a [f32], &'a mut [i8], &'a mut [f32], &'a mut [f32]);
+
+/// Quantizes whole 32-value blocks of `x` into `qs`, `scales` and `sums`.
+fn quantize_blocks(x: &[f32], qs: &mut [i8], scales: &mut [f32], sums: &mut [f32]) {
+    let blocks = x
+        .chunks_exact(QK)
+        .zip(qs.chunks_exact_mut(QK))
+        .zip(scales.iter_mut().zip(sums.iter_mut()));
+    for ((src, dst), (scale, sum)) in blocks {
+        let (src, dst) = (
+            src.try_into().expect("32 values"),
+            dst.try_into().expect("32 quants"),
+        );
+        (*scale, *sum) = fast::quantize_block(src, dst);
+    }
+}
 
 /// Activation rows quantized to i8 in blocks of 32 (the Q8_0/Q8_1 dot types).
 #[derive(Default)]
@@ -33,23 +58,42 @@ pub(crate) struct Q8Acts {
 
 impl Q8Acts {
     /// Quantizes `x` (`n_tokens` rows of `cols` values; `cols` a multiple of 32, both
-    /// caller-checked) in place of the previous contents.
-    pub(crate) fn quantize(&mut self, x: &[f32], n_tokens: usize, cols: usize) {
-        debug_assert!(cols % QK == 0 && x.len() == n_tokens * cols);
+    /// caller-checked) in place of the previous contents, on `pool` for large batches.
+    pub(crate) fn quantize(&mut self, pool: &ThreadPool, x: &[f32], n_tokens: usize, cols: usize) {
+        debug_assert!(cols.is_multiple_of(QK) && x.len() == n_tokens * cols);
         let n_blocks = n_tokens * cols / QK;
         self.n_tokens = n_tokens;
         self.cols = cols;
         self.qs.resize(n_tokens * cols);
         self.scales.resize(n_blocks, 0.0);
         self.sums.resize(n_blocks, 0.0);
-        let blocks = x
-            .chunks_exact(QK)
-            .zip(self.qs.as_mut_i8().chunks_exact_mut(QK))
-            .zip(self.scales.iter_mut().zip(self.sums.iter_mut()));
-        for ((src, dst), (scale, sum)) in blocks {
-            (*scale, *sum) =
-                fast::quantize_block(src.try_into().expect("32"), dst.try_into().expect("32"));
+        if cols == 0 {
+            return;
         }
+        let qs = self.qs.as_mut_i8();
+        if n_tokens < 2 * PARALLEL_QUANTIZE_TOKENS {
+            quantize_blocks(x, qs, &mut self.scales, &mut self.sums);
+            return;
+        }
+        let (values, blocks) = (
+            PARALLEL_QUANTIZE_TOKENS * cols,
+            PARALLEL_QUANTIZE_TOKENS * cols / QK,
+        );
+        let chunks: Vec<Mutex<QuantizeChunk<'_>>> = x
+            .chunks(values)
+            .zip(qs.chunks_mut(values))
+            .zip(
+                self.scales
+                    .chunks_mut(blocks)
+                    .zip(self.sums.chunks_mut(blocks)),
+            )
+            .map(|((x, qs), (scales, sums))| Mutex::new((x, qs, scales, sums)))
+            .collect();
+        pool.run(chunks.len(), |i| {
+            let mut chunk = chunks[i].lock().unwrap_or_else(PoisonError::into_inner);
+            let (x, qs, scales, sums) = &mut *chunk;
+            quantize_blocks(x, qs, scales, sums);
+        });
     }
 
     pub(crate) fn n_tokens(&self) -> usize {
@@ -569,7 +613,8 @@ mod tests {
 
     fn acts(cols: usize, n_tokens: usize) -> Q8Acts {
         let mut acts = Q8Acts::default();
-        acts.quantize(&pseudo_random(cols * n_tokens, 7), n_tokens, cols);
+        let pool = ThreadPool::new(2).unwrap();
+        acts.quantize(&pool, &pseudo_random(cols * n_tokens, 7), n_tokens, cols);
         acts
     }
 

@@ -1,6 +1,6 @@
 //! Causal attention over the paged KV store for a ragged batch.
 //!
-//! Keys and values are f16 in the store and widened to f32 as they are read; all
+//! Keys and values are read out of the store (f16 or f32) into f32 buffers; all
 //! arithmetic is f32.
 //!
 //! Work is split into independent tasks for the thread pool. A sequence with few new
@@ -172,8 +172,9 @@ impl TaskCtx<'_> {
             let (block_buf, scores) = scratch.split_at_mut(per_block);
             let q = self.query(token, task.head);
             for (b, chunk) in scores.chunks_mut(s.block_size).enumerate() {
-                let keys = self.kv.keys(self.layer, self.seq.block_table[b], kv_head);
-                widen(&keys[..chunk.len() * d], block_buf);
+                let keys = &mut block_buf[..chunk.len() * d];
+                self.kv
+                    .read_keys(self.layer, self.seq.block_table[b], kv_head, keys);
                 for (slot, score) in chunk.iter_mut().enumerate() {
                     *score = dot(q, &block_buf[slot * d..(slot + 1) * d]) * scale;
                 }
@@ -183,8 +184,9 @@ impl TaskCtx<'_> {
             let out = unsafe { std::slice::from_raw_parts_mut(self.out_head(token, task.head), d) };
             out.fill(0.0);
             for (b, chunk) in scores.chunks(s.block_size).enumerate() {
-                let values = self.kv.values(self.layer, self.seq.block_table[b], kv_head);
-                widen(&values[..chunk.len() * d], block_buf);
+                let values = &mut block_buf[..chunk.len() * d];
+                self.kv
+                    .read_values(self.layer, self.seq.block_table[b], kv_head, values);
                 for (slot, &p) in chunk.iter().enumerate() {
                     axpy(p, &block_buf[slot * d..(slot + 1) * d], out);
                 }
@@ -279,9 +281,8 @@ impl TaskCtx<'_> {
             .enumerate()
         {
             let block = self.seq.block_table[b];
-            let len = k_dst.len();
-            widen(&self.kv.keys(self.layer, block, kv_head)[..len], k_dst);
-            widen(&self.kv.values(self.layer, block, kv_head)[..len], v_dst);
+            self.kv.read_keys(self.layer, block, kv_head, k_dst);
+            self.kv.read_values(self.layer, block, kv_head, v_dst);
         }
         debug_assert_eq!(keys.len(), n_keys * self.shape.head_dim);
     }
@@ -299,10 +300,4 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 
 fn softmax(xs: &mut [f32]) {
     crate::kernels::ops::softmax(xs);
-}
-
-/// f16 → f32 into the front of `dst`.
-fn widen(src: &[half::f16], dst: &mut [f32]) {
-    use half::slice::HalfFloatSliceExt;
-    src.convert_to_f32_slice(&mut dst[..src.len()]);
 }

@@ -12,7 +12,7 @@ use super::config::ModelConfig;
 use super::rope::Rope;
 use super::weights::{LlamaWeights, Projection};
 use crate::kernels::{self, KernelError, Linear, ThreadPool};
-use crate::kv::{BlockId, KvLayout, KvStore};
+use crate::kv::{BlockId, KvLayout, KvOptions, KvStore};
 
 /// Which positions of a sequence need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,13 +109,14 @@ impl Llama {
         &self.config
     }
 
-    /// The KV layout this model needs with blocks of `block_size` positions.
-    pub fn kv_layout(&self, block_size: usize) -> KvLayout {
+    /// The KV layout this model needs with the given block size and element type.
+    pub fn kv_layout(&self, options: KvOptions) -> KvLayout {
         KvLayout {
             num_layers: self.config.num_layers,
             num_kv_heads: self.config.num_kv_heads,
             head_dim: self.config.head_dim,
-            block_size,
+            block_size: options.block_size.max(1),
+            dtype: options.dtype,
         }
     }
 
@@ -162,7 +163,10 @@ impl Llama {
     fn validate(&self, batch: &[SeqInput], kv: &KvStore) -> Result<(), ForwardError> {
         let c = &self.config;
         let layout = kv.layout();
-        let expected = self.kv_layout(layout.block_size);
+        let expected = self.kv_layout(KvOptions {
+            block_size: layout.block_size,
+            dtype: layout.dtype,
+        });
         if layout != expected {
             return Err(ForwardError::LayoutMismatch {
                 store: layout,
