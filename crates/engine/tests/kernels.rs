@@ -1,6 +1,8 @@
 //! Kernel correctness: every weight format's matmul (quantized and GEMM paths) against a
 //! naive f32 reference, QMatrix validation, the thread pool's guarantees, and the ops.
 
+mod common;
+
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -221,6 +223,21 @@ fn matmul_rejects_bad_shapes() {
         Err(KernelError::LengthMismatch { .. })
     ));
     matmul(&pool, &w, &[], 0, &mut []).unwrap();
+
+    // Empty matrices are valid and produce zeros / nothing.
+    for dtype in [
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::F32,
+        GgmlDType::Q4K,
+    ] {
+        let no_rows = Linear::new(QMatrix::from_f32(dtype, 0, 256, &[]).unwrap(), false);
+        matmul(&pool, &no_rows, &[0.5; 512], 2, &mut []).unwrap();
+        let no_cols = Linear::new(QMatrix::from_f32(dtype, 3, 0, &[]).unwrap(), false);
+        let mut y = vec![f32::NAN; 6];
+        matmul(&pool, &no_cols, &[], 2, &mut y).unwrap();
+        assert_eq!(y, [0.0; 6], "{dtype:?}");
+    }
 }
 
 #[test]
@@ -530,4 +547,63 @@ fn rope_matches_naive_rotation() {
             .is_err()
     );
     assert!(RopeTable::new(15, theta, 4).is_err());
+}
+
+/// The default model's real weights (if fetched): Q4_1 layer matrices and the Q8_0
+/// embedding table, through `from_raw` exactly as the loader feeds them.
+#[test]
+fn real_model_weights_match_reference() {
+    use candle_core::Device;
+    use candle_core::quantized::gguf_file;
+
+    let Some(path) = common::default_model() else {
+        return;
+    };
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let pool = ThreadPool::new(2).unwrap();
+    for name in [
+        "blk.0.attn_q.weight",
+        "blk.0.ffn_down.weight",
+        "blk.29.ffn_up.weight",
+        "token_embd.weight",
+    ] {
+        let tensor = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+        let &[rows, cols] = tensor.shape().dims() else {
+            panic!("{name} is not a matrix");
+        };
+        let w = QMatrix::from_raw(tensor.dtype(), rows, cols, &tensor.data().unwrap()).unwrap();
+        let expected_weights: Vec<f32> = tensor
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(
+            w.dequantize(),
+            expected_weights,
+            "{name}: dequantized weights"
+        );
+
+        let rows_checked = rows.min(4096);
+        let w = QMatrix::from_raw(
+            tensor.dtype(),
+            rows_checked,
+            cols,
+            &w.ggml_bytes()[..rows_checked * w.row_bytes()],
+        )
+        .unwrap();
+        for n_tokens in [1, 5] {
+            let x = pseudo_random(n_tokens * cols, 77);
+            let expected = reference_matmul(&expected_weights, rows_checked, cols, &x, n_tokens);
+            let mut y = vec![0f32; n_tokens * rows_checked];
+            matmul(&pool, &Linear::new(w.clone(), false), &x, n_tokens, &mut y).unwrap();
+            let err = relative_error(&y, &expected);
+            assert!(
+                err < 1e-2,
+                "{name}, {n_tokens} tokens: relative error {err}"
+            );
+        }
+    }
 }

@@ -1,4 +1,5 @@
-//! f32 GEMM over a dense (dequantized) copy of a weight matrix: the prefill path.
+//! f32 GEMM over a dense (dequantized) copy of a weight matrix: the large-batch path for
+//! formats without panel kernels (K-quants, F16, F32…).
 //!
 //! Each pool task multiplies all tokens by one slice of weight rows with the `gemm`
 //! crate, single-threaded, writing its own columns of the output.
@@ -34,7 +35,7 @@ impl DenseWeights {
         }
     }
 
-    /// Rows per task that keeps the `gemm` crate's packing overhead small.
+    /// Rows per task: one slice per thread, since every `gemm` call packs all of `x`.
     pub(crate) fn preferred_chunk(&self, n_threads: usize) -> usize {
         self.rows.div_ceil(n_threads).next_multiple_of(16).max(16)
     }

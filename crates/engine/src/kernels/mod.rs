@@ -2,10 +2,12 @@
 //!
 //! - [`pool`]: a fixed-size thread pool with cheap (spinning) dispatch, used for every
 //!   parallel kernel of one forward pass.
-//! - [`qmatrix`]: weight matrices stored in GGML block formats ([`QMatrix`]).
+//! - [`qmatrix`]: weight matrices stored in GGML block formats ([`QMatrix`]); Q4_0,
+//!   Q4_1 and Q8_0 interleaved in panels of 8 rows (`packed`) for the SIMD kernels.
 //! - [`matmul`](mod@matmul): `y = x · Wᵀ` for a batch of activation rows ([`Linear`],
-//!   [`matmul()`], [`matmul_many`]): quantized dot products for small batches (decode),
-//!   f32 GEMM over a dense copy of the weights for large ones (prefill).
+//!   [`matmul()`], [`matmul_many`]): int8 dot products against quantized activations
+//!   (`quant_dot`) at every batch size for Q4_0/Q4_1/Q8_0, f32 GEMM over a dense copy
+//!   (`gemm`) for large batches of the other formats.
 //! - [`ops`]: element-wise and row-wise operations (RMS norm, SiLU·mul, softmax, RoPE…).
 //!
 //! x86-64 builds use AVX2/FMA/F16C when they are enabled at compile time (the workspace
