@@ -106,10 +106,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 }
 
 fn validate(args: &GenerateArgs) -> Result<()> {
-    if !(args.temperature >= 0.0) {
+    if args.temperature.is_nan() || args.temperature < 0.0 {
         bail!("--temperature must be >= 0, got {}", args.temperature);
     }
-    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+    if args.top_p.is_nan() || args.top_p <= 0.0 || args.top_p > 1.0 {
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
     if args.max_tokens == 0 {
