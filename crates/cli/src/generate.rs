@@ -75,6 +75,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             top_p: args.top_p,
             top_k: args.top_k,
             seed: args.seed,
+            ..SamplingParams::default()
         },
         stop_tokens: if args.ignore_eos {
             Vec::new()

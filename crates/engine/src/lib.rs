@@ -7,9 +7,12 @@
 //! - [`tokenizer`], [`chat`]: text in and out.
 //! - [`sample`]: turning logits into the next token.
 //! - [`generate`]: one prompt, one sequence, no server (what `tandem generate` runs).
+//! - [`sched`]: the engine loop that serves many sequences at once.
 //! - [`fetch`]: where the default model lives and how it is obtained.
 //! - [`loaded`]: weights, tokenizer and chat template loaded together.
+//! - [`api`]: the worker's OpenAI-compatible HTTP API; [`metrics`]: its metric names.
 
+pub mod api;
 pub mod chat;
 pub mod error;
 pub mod fetch;
@@ -17,8 +20,10 @@ pub mod generate;
 pub mod kernels;
 pub mod kv;
 pub mod loaded;
+pub mod metrics;
 pub mod model;
 pub mod sample;
+pub mod sched;
 pub mod tokenizer;
 
 pub use error::ModelError;

@@ -1,6 +1,8 @@
 //! Turning a row of logits into the next token: greedy, or temperature sampling
 //! restricted by top-k and top-p, reproducible with a seed.
 
+use std::collections::HashMap;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -15,6 +17,10 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Seed for reproducible sampling; `None` draws one from the OS.
     pub seed: Option<u64>,
+    /// Subtracted from the logit of every token already generated (OpenAI semantics).
+    pub presence_penalty: f32,
+    /// Subtracted once per earlier occurrence of a token in the output.
+    pub frequency_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -24,6 +30,8 @@ impl Default for SamplingParams {
             top_p: 1.0,
             top_k: 0,
             seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
         }
     }
 }
@@ -39,6 +47,10 @@ impl SamplingParams {
     fn is_greedy(&self) -> bool {
         self.temperature < 1e-5 || self.top_k == 1
     }
+
+    fn has_penalties(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
+    }
 }
 
 /// Candidates examined before falling back to sorting the whole vocabulary for top-p.
@@ -49,6 +61,9 @@ pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
     candidates: Vec<(u32, f32)>,
+    /// Occurrences of each token this sampler has produced (only with penalties).
+    output_counts: HashMap<u32, u32>,
+    penalized: Vec<f32>,
 }
 
 impl Sampler {
@@ -61,10 +76,32 @@ impl Sampler {
             params,
             rng,
             candidates: Vec::new(),
+            output_counts: HashMap::new(),
+            penalized: Vec::new(),
         }
     }
 
+    /// The next token; penalties count the tokens this sampler returned before.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if !self.params.has_penalties() {
+            return self.sample_from(logits);
+        }
+        let mut penalized = std::mem::take(&mut self.penalized);
+        penalized.clear();
+        penalized.extend_from_slice(logits);
+        for (&token, &count) in &self.output_counts {
+            if let Some(logit) = penalized.get_mut(token as usize) {
+                *logit -=
+                    self.params.presence_penalty + self.params.frequency_penalty * count as f32;
+            }
+        }
+        let token = self.sample_from(&penalized);
+        self.penalized = penalized;
+        *self.output_counts.entry(token).or_insert(0) += 1;
+        token
+    }
+
+    fn sample_from(&mut self, logits: &[f32]) -> u32 {
         if self.params.is_greedy() {
             return argmax(logits);
         }
@@ -210,6 +247,28 @@ mod tests {
         }
         assert_eq!(seen[2] + seen[3], 0, "{seen:?}");
         assert!(seen[0] > seen[1] && seen[1] > 0, "{seen:?}");
+    }
+
+    #[test]
+    fn penalties_push_away_from_repeats() {
+        let logits = [2.0f32, 1.9, 0.0];
+        let mut plain = Sampler::new(SamplingParams::greedy());
+        assert_eq!((plain.sample(&logits), plain.sample(&logits)), (0, 0));
+        let mut presence = Sampler::new(SamplingParams {
+            presence_penalty: 0.5,
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(presence.sample(&logits), 0);
+        assert_eq!(presence.sample(&logits), 1, "token 0 penalised by 0.5");
+        // Both used once now: 1.5 vs 1.4.
+        assert_eq!(presence.sample(&logits), 0);
+        let mut frequency = Sampler::new(SamplingParams {
+            frequency_penalty: 0.06,
+            ..SamplingParams::greedy()
+        });
+        let picks: Vec<u32> = (0..4).map(|_| frequency.sample(&logits)).collect();
+        // 2.0, then 1.94 vs 1.9, then 1.88 vs 1.9 -> 1, then 1.88 vs 1.84 -> 0.
+        assert_eq!(picks, vec![0, 0, 1, 0]);
     }
 
     #[test]

@@ -95,6 +95,13 @@ pub struct ForwardScratch {
     logits: Vec<f32>,
 }
 
+impl ForwardScratch {
+    /// The logits of the last forward pass that used this scratch.
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+}
+
 impl Llama {
     pub fn new(config: ModelConfig, weights: LlamaWeights) -> Self {
         let rope = Rope::new(&config, weights.rope_freq_factors.as_deref());

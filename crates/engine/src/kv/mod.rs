@@ -10,8 +10,12 @@
 //! Values are stored as f16 by default, as llama.cpp and vLLM (for f16/bf16 models) do:
 //! half the memory of f32. f32 storage is available for exactness checks.
 
+pub mod pool;
+
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+
+pub use pool::{BlockHash, BlockPool, PrefixCacheStats};
 
 /// Index of a block in a [`KvStore`].
 pub type BlockId = u32;

@@ -1,0 +1,112 @@
+//! `POST /v1/chat/completions`: the conversation rendered through the model's chat
+//! template into one prompt, answered whole or streamed.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, State};
+use axum::response::{IntoResponse, Response};
+use tandem_protocol::openai::response::CHAT_COMPLETION;
+use tandem_protocol::openai::{
+    ApiError, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
+};
+
+use super::error::{HttpError, parse_json_body};
+use super::generation::{ChoiceRun, collect};
+use super::request_id::RequestId;
+use super::sse::{self, ChunkWriter, Endpoint};
+use super::validate::{self, PromptNoun};
+use super::{SharedState, start_choices, unix_seconds};
+
+pub async fn create(
+    State(state): State<SharedState>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    let arrival = Instant::now();
+    let request: ChatCompletionRequest = parse_json_body(body)?;
+    let (run, stream, include_usage) = start(&state, &request, &request_id, arrival)?;
+    let writer = ChunkWriter {
+        endpoint: Endpoint::Chat,
+        id: format!("chatcmpl-{request_id}"),
+        created: unix_seconds(),
+        model: state.model.name.clone(),
+    };
+    if stream {
+        return Ok(sse::response(writer, vec![run], include_usage).into_response());
+    }
+    Ok(Json(respond_whole(writer, run).await?).into_response())
+}
+
+/// Validates the request and submits it; returns the run and the stream flags.
+fn start(
+    state: &SharedState,
+    request: &ChatCompletionRequest,
+    request_id: &str,
+    arrival: Instant,
+) -> Result<(ChoiceRun, bool, bool), ApiError> {
+    validate::check_model(request.model.as_deref(), &state.model)?;
+    if request.wants_logprobs() {
+        return Err(ApiError::invalid_param(
+            "logprobs",
+            "logprobs is not supported.",
+        ));
+    }
+    let options = validate::output_options(
+        &request.sampling,
+        request.max_tokens(),
+        &state.tokenizer,
+        &state.model,
+    )?;
+    let ids = validate::chat_prompt_ids(
+        &request.messages,
+        state.chat_template.as_ref(),
+        &state.tokenizer,
+    )?;
+    let prompt = validate::fit_to_context(
+        ids,
+        options.max_tokens,
+        state.model.max_model_len,
+        PromptNoun::Messages,
+    )?;
+    let mut runs = start_choices(
+        state,
+        &format!("chatcmpl-{request_id}"),
+        vec![prompt],
+        &options,
+        arrival,
+    )?;
+    let run = runs
+        .pop()
+        .ok_or_else(|| ApiError::internal("no choice was started"))?;
+    Ok((run, options.stream, options.include_usage))
+}
+
+async fn respond_whole(
+    writer: ChunkWriter,
+    run: ChoiceRun,
+) -> Result<ChatCompletionResponse, ApiError> {
+    let choice = collect(run)
+        .await
+        .map_err(|failure| ApiError::internal(failure.to_string()))?;
+    Ok(ChatCompletionResponse {
+        id: writer.id,
+        object: CHAT_COMPLETION.into(),
+        created: writer.created,
+        model: writer.model,
+        choices: vec![ChatChoice {
+            index: choice.index,
+            message: ChatResponseMessage {
+                role: "assistant".into(),
+                content: choice.text,
+            },
+            logprobs: None,
+            finish_reason: Some(choice.finish_reason.as_openai().to_owned()),
+            stop_reason: None,
+        }],
+        usage: choice.usage,
+        kv_transfer_params: None,
+    })
+}

@@ -1,0 +1,124 @@
+//! `POST /v1/completions`: one choice per prompt (a prompt is text or token ids, and a
+//! request may carry a list of them), answered whole or streamed.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, State};
+use axum::response::{IntoResponse, Response};
+use futures_util::future::join_all;
+use tandem_protocol::openai::response::TEXT_COMPLETION;
+use tandem_protocol::openai::{
+    ApiError, CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo,
+};
+
+use super::error::{HttpError, parse_json_body};
+use super::generation::{ChoiceRun, collect};
+use super::request_id::RequestId;
+use super::sse::{self, ChunkWriter, Endpoint};
+use super::validate::{self, PromptNoun};
+use super::{SharedState, start_choices, unix_seconds};
+
+pub async fn create(
+    State(state): State<SharedState>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    let arrival = Instant::now();
+    let request: CompletionRequest = parse_json_body(body)?;
+    let (runs, stream, include_usage) = start(&state, &request, &request_id, arrival)?;
+    let writer = ChunkWriter {
+        endpoint: Endpoint::Completions,
+        id: format!("cmpl-{request_id}"),
+        created: unix_seconds(),
+        model: state.model.name.clone(),
+    };
+    if stream {
+        return Ok(sse::response(writer, runs, include_usage).into_response());
+    }
+    Ok(Json(respond_whole(writer, runs).await?).into_response())
+}
+
+/// Validates the request and submits its prompts; returns the runs and the stream
+/// flags.
+fn start(
+    state: &SharedState,
+    request: &CompletionRequest,
+    request_id: &str,
+    arrival: Instant,
+) -> Result<(Vec<ChoiceRun>, bool, bool), ApiError> {
+    validate::check_model(request.model.as_deref(), &state.model)?;
+    if request.wants_echo() {
+        return Err(ApiError::invalid_param("echo", "echo is not supported."));
+    }
+    if request.sampling.wants_logprobs() {
+        return Err(ApiError::invalid_param(
+            "logprobs",
+            "logprobs is not supported.",
+        ));
+    }
+    let options = validate::output_options(
+        &request.sampling,
+        request.sampling.max_tokens,
+        &state.tokenizer,
+        &state.model,
+    )?;
+    let inputs = request.prompt.inputs();
+    if inputs.is_empty() {
+        return Err(ApiError::invalid_param(
+            "prompt",
+            "The prompt cannot be empty.",
+        ));
+    }
+    let prompts = inputs
+        .into_iter()
+        .map(|input| {
+            let ids = validate::completion_prompt_ids(input, &state.tokenizer, &state.model)?;
+            validate::fit_to_context(
+                ids,
+                options.max_tokens,
+                state.model.max_model_len,
+                PromptNoun::Prompt,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let runs = start_choices(
+        state,
+        &format!("cmpl-{request_id}"),
+        prompts,
+        &options,
+        arrival,
+    )?;
+    Ok((runs, options.stream, options.include_usage))
+}
+
+async fn respond_whole(
+    writer: ChunkWriter,
+    runs: Vec<ChoiceRun>,
+) -> Result<CompletionResponse, ApiError> {
+    let collected = join_all(runs.into_iter().map(collect)).await;
+    let mut choices = Vec::with_capacity(collected.len());
+    let mut usage = Vec::with_capacity(collected.len());
+    for result in collected {
+        let choice = result.map_err(|failure| ApiError::internal(failure.to_string()))?;
+        usage.push(choice.usage);
+        choices.push(CompletionChoice {
+            index: choice.index,
+            text: choice.text,
+            logprobs: None,
+            finish_reason: Some(choice.finish_reason.as_openai().to_owned()),
+            stop_reason: None,
+        });
+    }
+    Ok(CompletionResponse {
+        id: writer.id,
+        object: TEXT_COMPLETION.into(),
+        created: writer.created,
+        model: writer.model,
+        choices,
+        usage: UsageInfo::sum(usage),
+        kv_transfer_params: None,
+    })
+}

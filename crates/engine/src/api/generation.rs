@@ -1,0 +1,259 @@
+//! One choice of a request as it runs: engine token events turned into text pieces
+//! (incremental detokenization, then stop strings), and the request's metrics
+//! (time to first token, inter-token latency, end-to-end latency, token counts,
+//! outcome) recorded as it goes.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use futures_util::stream::{self, BoxStream, StreamExt};
+use tandem_protocol::openai::UsageInfo;
+
+use super::stop::{StopMatcher, StopOutcome};
+use crate::metrics as names;
+use crate::sched::{FinishReason, GenerationEvent, GenerationStream, Usage};
+use crate::tokenizer::IncrementalDecoder;
+
+/// What a running choice reports, in order: text pieces, then one end.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChoiceEvent {
+    /// Output text (never empty).
+    Text { index: usize, text: String },
+    /// The choice is complete.
+    Finished {
+        index: usize,
+        reason: FinishReason,
+        usage: UsageInfo,
+    },
+    /// The engine could not run it.
+    Failed { index: usize, message: String },
+}
+
+/// A submitted choice being read back.
+pub struct ChoiceRun {
+    index: usize,
+    stream: GenerationStream,
+    decoder: IncrementalDecoder,
+    stop: StopMatcher,
+    timer: RequestTimer,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    queued: VecDeque<ChoiceEvent>,
+    ended: bool,
+}
+
+impl ChoiceRun {
+    /// `arrival` is when the HTTP request arrived (the latencies' origin).
+    pub fn new(
+        index: usize,
+        stream: GenerationStream,
+        decoder: IncrementalDecoder,
+        stop: StopMatcher,
+        prompt_tokens: usize,
+        arrival: Instant,
+    ) -> Self {
+        Self {
+            index,
+            stream,
+            decoder,
+            stop,
+            timer: RequestTimer::new(arrival),
+            prompt_tokens,
+            completion_tokens: 0,
+            queued: VecDeque::new(),
+            ended: false,
+        }
+    }
+
+    /// The next event; `None` after the end.
+    pub async fn next(&mut self) -> Option<ChoiceEvent> {
+        loop {
+            if let Some(event) = self.queued.pop_front() {
+                return Some(event);
+            }
+            if self.ended {
+                return None;
+            }
+            let event = self.stream.next().await;
+            self.handle(event);
+        }
+    }
+
+    /// The events as a stream (dropping it cancels the choice).
+    pub fn into_stream(self) -> BoxStream<'static, ChoiceEvent> {
+        stream::unfold(self, |mut run| async move {
+            let event = run.next().await?;
+            Some((event, run))
+        })
+        .boxed()
+    }
+
+    fn handle(&mut self, event: Option<GenerationEvent>) {
+        match event {
+            Some(GenerationEvent::Token(id)) => self.on_token(id),
+            Some(GenerationEvent::Finished { reason, usage }) => self.on_finished(reason, usage),
+            Some(GenerationEvent::Failed(message)) => self.fail(message),
+            None => self.fail("the engine stopped before the request finished".into()),
+        }
+    }
+
+    fn on_token(&mut self, id: u32) {
+        self.completion_tokens += 1;
+        self.timer.token();
+        let Some(text) = self.decoder.push(id) else {
+            return;
+        };
+        match self.stop.push(&text) {
+            StopOutcome::Emit(text) => self.queue_text(text),
+            StopOutcome::Stopped(text) => {
+                self.stream.cancel();
+                self.queue_text(text);
+                let usage = Usage {
+                    prompt_tokens: self.prompt_tokens,
+                    completion_tokens: self.completion_tokens,
+                    cached_tokens: 0,
+                };
+                self.finish(FinishReason::Stop, usage);
+            }
+        }
+    }
+
+    fn on_finished(&mut self, reason: FinishReason, usage: Usage) {
+        if let Some(rest) = self.decoder.finish() {
+            if let StopOutcome::Stopped(text) = self.stop.push(&rest) {
+                self.queue_text(text);
+                self.finish(FinishReason::Stop, usage);
+                return;
+            }
+        }
+        let rest = self.stop.finish();
+        self.queue_text(rest);
+        self.finish(reason, usage);
+    }
+
+    fn queue_text(&mut self, text: String) {
+        if !text.is_empty() {
+            self.queued.push_back(ChoiceEvent::Text {
+                index: self.index,
+                text,
+            });
+        }
+    }
+
+    fn finish(&mut self, reason: FinishReason, usage: Usage) {
+        self.ended = true;
+        self.timer.finished(reason, &usage);
+        self.queued.push_back(ChoiceEvent::Finished {
+            index: self.index,
+            reason,
+            usage: UsageInfo::new(
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.cached_tokens,
+            ),
+        });
+    }
+
+    fn fail(&mut self, message: String) {
+        self.ended = true;
+        self.timer.recorded = true;
+        tracing::warn!("request failed in the engine: {message}");
+        self.queued.push_back(ChoiceEvent::Failed {
+            index: self.index,
+            message,
+        });
+    }
+}
+
+impl Drop for ChoiceRun {
+    /// A choice dropped before its end was abandoned by the client.
+    fn drop(&mut self) {
+        if !self.timer.recorded {
+            let usage = Usage {
+                prompt_tokens: self.prompt_tokens,
+                completion_tokens: self.completion_tokens,
+                cached_tokens: 0,
+            };
+            self.timer.finished(FinishReason::Aborted, &usage);
+        }
+    }
+}
+
+/// Per-request latency bookkeeping.
+struct RequestTimer {
+    arrival: Instant,
+    last_token: Option<Instant>,
+    recorded: bool,
+}
+
+impl RequestTimer {
+    fn new(arrival: Instant) -> Self {
+        Self {
+            arrival,
+            last_token: None,
+            recorded: false,
+        }
+    }
+
+    fn token(&mut self) {
+        let now = Instant::now();
+        match self.last_token {
+            None => metrics::histogram!(names::TIME_TO_FIRST_TOKEN_SECONDS)
+                .record(now.duration_since(self.arrival).as_secs_f64()),
+            Some(last) => metrics::histogram!(names::INTER_TOKEN_LATENCY_SECONDS)
+                .record(now.duration_since(last).as_secs_f64()),
+        }
+        self.last_token = Some(now);
+    }
+
+    fn finished(&mut self, reason: FinishReason, usage: &Usage) {
+        if self.recorded {
+            return;
+        }
+        self.recorded = true;
+        metrics::histogram!(names::E2E_REQUEST_LATENCY_SECONDS)
+            .record(self.arrival.elapsed().as_secs_f64());
+        metrics::counter!(names::REQUEST_SUCCESS_TOTAL, names::FINISHED_REASON => reason.as_openai())
+            .increment(1);
+        metrics::counter!(names::PROMPT_TOKENS_TOTAL).increment(usage.prompt_tokens as u64);
+        metrics::counter!(names::GENERATION_TOKENS_TOTAL).increment(usage.completion_tokens as u64);
+    }
+}
+
+/// The outcome of a choice read to its end (non-streaming responses).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CollectedChoice {
+    pub index: usize,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub usage: UsageInfo,
+}
+
+/// The engine failed a request (its message).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct EngineFailure(pub String);
+
+/// Reads a choice to its end.
+pub async fn collect(mut run: ChoiceRun) -> Result<CollectedChoice, EngineFailure> {
+    let mut text = String::new();
+    while let Some(event) = run.next().await {
+        match event {
+            ChoiceEvent::Text { text: piece, .. } => text.push_str(&piece),
+            ChoiceEvent::Finished {
+                index,
+                reason,
+                usage,
+            } => {
+                return Ok(CollectedChoice {
+                    index,
+                    text,
+                    finish_reason: reason,
+                    usage,
+                });
+            }
+            ChoiceEvent::Failed { message, .. } => return Err(EngineFailure(message)),
+        }
+    }
+    Err(EngineFailure("the request ended without a result".into()))
+}

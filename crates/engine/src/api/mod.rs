@@ -1,0 +1,163 @@
+//! The worker's OpenAI-compatible HTTP API (axum), shaped as vLLM serves it.
+//!
+//! - `POST /v1/completions`, `POST /v1/chat/completions`: validated into engine
+//!   requests ([`validate`]), run through the engine loop and turned back into text
+//!   ([`generation`], [`stop`]), answered whole or as server-sent events ([`sse`]).
+//! - `GET /v1/models`, `GET /health`, `GET /metrics` ([`info`]).
+//!
+//! Handlers never touch engine state: they submit requests over the
+//! [`EngineHandle`] and read token events back. Dropping a response (a client that
+//! disconnects) drops its [`crate::sched::GenerationStream`], which cancels the request
+//! and frees its KV blocks.
+
+mod chat;
+mod completions;
+mod error;
+mod generation;
+mod info;
+mod request_id;
+mod sse;
+mod stop;
+mod validate;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use tandem_protocol::openai::ApiError;
+
+use crate::chat::ChatTemplate;
+use crate::sched::{EngineHandle, GenerationRequest};
+use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+
+use generation::ChoiceRun;
+use stop::StopMatcher as Stops;
+use validate::{OutputOptions, PreparedPrompt};
+
+pub use error::HttpError;
+pub use stop::{StopMatcher, StopOutcome};
+
+/// Largest request body accepted (413 above).
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+/// What the server says about the model it serves.
+#[derive(Debug, Clone)]
+pub struct ServedModel {
+    /// The name clients use (`model` in requests, `--served-model-name`).
+    pub name: String,
+    /// Where the model was loaded from (`root` in `/v1/models`).
+    pub root: String,
+    /// Most tokens (prompt plus output) of one request.
+    pub max_model_len: usize,
+    /// Number of token ids the model has embeddings for.
+    pub vocab_size: usize,
+}
+
+/// Everything a handler needs; shared by all requests.
+pub struct ServerState {
+    engine: EngineHandle,
+    tokenizer: Tokenizer,
+    chat_template: Option<ChatTemplate>,
+    model: ServedModel,
+    metrics: Option<PrometheusHandle>,
+    /// Unix seconds the server started (`created` of the model card).
+    started: u64,
+}
+
+impl ServerState {
+    /// `metrics` renders `/metrics`; `None` serves an empty exposition.
+    pub fn new(
+        engine: EngineHandle,
+        tokenizer: Tokenizer,
+        chat_template: Option<ChatTemplate>,
+        model: ServedModel,
+        metrics: Option<PrometheusHandle>,
+    ) -> Self {
+        Self {
+            engine,
+            tokenizer,
+            chat_template,
+            model,
+            metrics,
+            started: unix_seconds(),
+        }
+    }
+}
+
+type SharedState = Arc<ServerState>;
+
+/// The API's routes, with the body size limit and request ids.
+pub fn router(state: ServerState) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions::create))
+        .route("/v1/chat/completions", post(chat::create))
+        .route("/v1/models", get(info::models))
+        .route("/health", get(info::health))
+        .route("/metrics", get(info::metrics))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(request_id::assign))
+        .with_state(Arc::new(state))
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then until the requests in
+/// flight have finished.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ServerState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// Submits each prompt as one choice (`{id_prefix}-{index}` in the engine).
+fn start_choices(
+    state: &ServerState,
+    id_prefix: &str,
+    prompts: Vec<PreparedPrompt>,
+    options: &OutputOptions,
+    arrival: Instant,
+) -> Result<Vec<ChoiceRun>, ApiError> {
+    prompts
+        .into_iter()
+        .enumerate()
+        .map(|(index, prompt)| {
+            let decoder = IncrementalDecoder::with_context(&state.tokenizer, &prompt.ids, true);
+            let prompt_tokens = prompt.ids.len();
+            let request = GenerationRequest {
+                request_id: format!("{id_prefix}-{index}"),
+                prompt: prompt.ids,
+                sampling: options.sampling,
+                max_tokens: prompt.max_tokens,
+                stop_token_ids: options.stop_token_ids.clone(),
+            };
+            let stream = state
+                .engine
+                .submit(request)
+                .map_err(|e| ApiError::unavailable(e.to_string()))?;
+            let stops = Stops::new(options.stop_strings.clone());
+            Ok(ChoiceRun::new(
+                index,
+                stream,
+                decoder,
+                stops,
+                prompt_tokens,
+                arrival,
+            ))
+        })
+        .collect()
+}

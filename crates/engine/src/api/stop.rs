@@ -1,0 +1,136 @@
+//! Stop strings, matched on the decoded text as it streams. Text that could be the
+//! start of a stop string is held back until the next chunk decides it, so a stop
+//! string split across tokens is never sent; the stop string itself is not sent.
+
+/// What a chunk of text released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// Text that can be sent (possibly empty while a partial match is held back).
+    Emit(String),
+    /// A stop string matched: the text before it, the last of the output.
+    Stopped(String),
+}
+
+/// Matches stop strings against a stream of text chunks.
+#[derive(Debug, Clone, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    /// Text received but not yet released: a possible start of a stop string.
+    held: String,
+    stopped: bool,
+}
+
+impl StopMatcher {
+    /// Empty stop strings are ignored.
+    pub fn new(stops: Vec<String>) -> Self {
+        Self {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            held: String::new(),
+            stopped: false,
+        }
+    }
+
+    /// Takes the next chunk of output text.
+    pub fn push(&mut self, text: &str) -> StopOutcome {
+        if self.stopped {
+            return StopOutcome::Stopped(String::new());
+        }
+        self.held.push_str(text);
+        if let Some(at) = self.first_match() {
+            self.stopped = true;
+            let before = self.held[..at].to_owned();
+            self.held.clear();
+            return StopOutcome::Stopped(before);
+        }
+        let keep_from = self.partial_match_start();
+        let released = self.held[..keep_from].to_owned();
+        self.held.drain(..keep_from);
+        StopOutcome::Emit(released)
+    }
+
+    /// The output has ended: releases what was held back.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+
+    /// Byte offset of the earliest complete stop string in the held text.
+    fn first_match(&self) -> Option<usize> {
+        self.stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+    }
+
+    /// Start of the longest suffix of the held text that begins some stop string
+    /// (the held text's length when none does).
+    fn partial_match_start(&self) -> usize {
+        self.held
+            .char_indices()
+            .map(|(at, _)| at)
+            .find(|&at| {
+                let suffix = &self.held[at..];
+                self.stops.iter().any(|stop| stop.starts_with(suffix))
+            })
+            .unwrap_or(self.held.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stops: &[&str], chunks: &[&str]) -> (String, bool) {
+        let mut matcher = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut out = String::new();
+        for chunk in chunks {
+            match matcher.push(chunk) {
+                StopOutcome::Emit(text) => out.push_str(&text),
+                StopOutcome::Stopped(text) => {
+                    out.push_str(&text);
+                    return (out, true);
+                }
+            }
+        }
+        out.push_str(&matcher.finish());
+        (out, false)
+    }
+
+    #[test]
+    fn no_stops_passes_text_through() {
+        assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
+    }
+
+    #[test]
+    fn stop_inside_a_chunk_trims_it_and_the_rest() {
+        assert_eq!(run(&["END"], &["abcENDxyz", "more"]), ("abc".into(), true));
+    }
+
+    #[test]
+    fn stop_split_across_chunks_is_never_released() {
+        let mut matcher = StopMatcher::new(vec!["\n\n".into()]);
+        assert_eq!(matcher.push("Hi\n"), StopOutcome::Emit("Hi".into()));
+        assert_eq!(matcher.push("\nthere"), StopOutcome::Stopped(String::new()));
+    }
+
+    #[test]
+    fn held_text_that_does_not_become_a_stop_is_released() {
+        assert_eq!(run(&["abc"], &["xa", "b", "d"]), ("xabd".into(), false));
+        assert_eq!(run(&["abc"], &["xab"]), ("xab".into(), false));
+    }
+
+    #[test]
+    fn the_earliest_of_several_stops_wins() {
+        assert_eq!(run(&["c", "ab"], &["zabc"]), ("z".into(), true));
+    }
+
+    #[test]
+    fn multibyte_text_is_cut_at_character_boundaries() {
+        assert_eq!(run(&["é!"], &["café", "!"]), ("caf".into(), true));
+        assert_eq!(run(&["éx"], &["日本é", "y"]), ("日本éy".into(), false));
+    }
+
+    #[test]
+    fn empty_stop_strings_are_ignored() {
+        assert_eq!(run(&[""], &["a"]), ("a".into(), false));
+    }
+}

@@ -1,0 +1,412 @@
+//! Checking a request against the served model and turning it into what the engine
+//! runs: prompt token ids that fit the context, sampling parameters, a token budget
+//! and stop conditions. Every failure is an [`ApiError`] naming the field at fault.
+
+use tandem_protocol::openai::{ApiError, ChatMessage as WireMessage, PromptInput, SamplingFields};
+
+use super::ServedModel;
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::sample::SamplingParams;
+use crate::tokenizer::Tokenizer;
+
+/// Roles a chat message may have.
+const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+
+/// Largest |penalty| OpenAI accepts.
+const MAX_PENALTY: f64 = 2.0;
+
+/// How the output of a request is produced and ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputOptions {
+    pub sampling: SamplingParams,
+    /// Asked for by the client; `None` lets each prompt use the rest of the context.
+    pub max_tokens: Option<usize>,
+    pub stop_strings: Vec<String>,
+    /// Token ids that end the output: the client's plus, unless `ignore_eos`, the
+    /// model's end-of-generation ids.
+    pub stop_token_ids: Vec<u32>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// One prompt ready for the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedPrompt {
+    pub ids: Vec<u32>,
+    /// Most tokens to generate (at least 1, within the context).
+    pub max_tokens: usize,
+}
+
+/// What the prompt is called in context-length messages.
+#[derive(Debug, Clone, Copy)]
+pub enum PromptNoun {
+    Prompt,
+    Messages,
+}
+
+impl PromptNoun {
+    fn as_str(self) -> &'static str {
+        match self {
+            PromptNoun::Prompt => "prompt",
+            PromptNoun::Messages => "messages",
+        }
+    }
+}
+
+/// The request must name the served model, or none.
+pub fn check_model(requested: Option<&str>, served: &ServedModel) -> Result<(), ApiError> {
+    match requested {
+        Some(name) if name != served.name => Err(ApiError::not_found(format!(
+            "The model `{name}` does not exist."
+        ))
+        .with_param("model")),
+        _ => Ok(()),
+    }
+}
+
+/// Checks the sampling and output fields. `max_tokens` is passed apart because chat
+/// requests have two names for it.
+pub fn output_options(
+    fields: &SamplingFields,
+    max_tokens: Option<i64>,
+    tokenizer: &Tokenizer,
+    model: &ServedModel,
+) -> Result<OutputOptions, ApiError> {
+    if fields.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid_param(
+            "n",
+            format!(
+                "n must be 1 (one choice per prompt), got {}",
+                fields.n.unwrap_or(1)
+            ),
+        ));
+    }
+    check_penalty("presence_penalty", fields.presence_penalty)?;
+    check_penalty("frequency_penalty", fields.frequency_penalty)?;
+    let stop_token_ids = stop_token_ids(fields, tokenizer, model)?;
+    Ok(OutputOptions {
+        sampling: sampling_params(fields)?,
+        max_tokens: max_tokens.map(positive_max_tokens).transpose()?,
+        stop_strings: fields.stop_strings(),
+        stop_token_ids,
+        stream: fields.is_stream(),
+        include_usage: fields.include_usage(),
+    })
+}
+
+fn sampling_params(fields: &SamplingFields) -> Result<SamplingParams, ApiError> {
+    let temperature = fields.temperature.unwrap_or(1.0);
+    if temperature.is_nan() || temperature < 0.0 {
+        return Err(ApiError::invalid_param(
+            "temperature",
+            format!("temperature must be non-negative, got {temperature}."),
+        ));
+    }
+    let top_p = fields.top_p.unwrap_or(1.0);
+    if top_p.is_nan() || top_p <= 0.0 || top_p > 1.0 {
+        return Err(ApiError::invalid_param(
+            "top_p",
+            format!("top_p must be in (0, 1], got {top_p}."),
+        ));
+    }
+    let top_k = match fields.top_k.unwrap_or(0) {
+        -1 | 0 => 0,
+        k if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
+        k => {
+            return Err(ApiError::invalid_param(
+                "top_k",
+                format!("top_k must be -1 (disable), or at least 1, got {k}."),
+            ));
+        }
+    };
+    Ok(SamplingParams {
+        temperature: temperature as f32,
+        top_p: top_p as f32,
+        top_k,
+        seed: fields.seed,
+        presence_penalty: fields.presence_penalty.unwrap_or(0.0) as f32,
+        frequency_penalty: fields.frequency_penalty.unwrap_or(0.0) as f32,
+    })
+}
+
+fn check_penalty(name: &str, value: Option<f64>) -> Result<(), ApiError> {
+    match value {
+        Some(v) if !(-MAX_PENALTY..=MAX_PENALTY).contains(&v) => Err(ApiError::invalid_param(
+            name,
+            format!("{name} must be in [-2, 2], got {v}."),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn positive_max_tokens(value: i64) -> Result<usize, ApiError> {
+    match usize::try_from(value) {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(ApiError::invalid_param(
+            "max_tokens",
+            format!("max_tokens must be at least 1, got {value}."),
+        )),
+    }
+}
+
+fn stop_token_ids(
+    fields: &SamplingFields,
+    tokenizer: &Tokenizer,
+    model: &ServedModel,
+) -> Result<Vec<u32>, ApiError> {
+    let requested = fields.stop_token_ids.clone().unwrap_or_default();
+    if let Some(&bad) = requested
+        .iter()
+        .find(|&&id| id as usize >= model.vocab_size)
+    {
+        return Err(ApiError::invalid_param(
+            "stop_token_ids",
+            format!(
+                "Token id {bad} is out of vocabulary (the model has {} tokens).",
+                model.vocab_size
+            ),
+        ));
+    }
+    let mut ids = requested;
+    if !fields.ignore_eos.unwrap_or(false) {
+        ids.extend(tokenizer.eos_token_ids().iter().copied());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// Token ids for one completion prompt.
+pub fn completion_prompt_ids(
+    input: PromptInput<'_>,
+    tokenizer: &Tokenizer,
+    model: &ServedModel,
+) -> Result<Vec<u32>, ApiError> {
+    let ids = match input {
+        PromptInput::Text(text) => {
+            if text.is_empty() {
+                return Err(empty_prompt());
+            }
+            encode(tokenizer, text, tokenizer.add_bos_by_default())?
+        }
+        PromptInput::Tokens(ids) => {
+            if let Some(&bad) = ids.iter().find(|&&id| id as usize >= model.vocab_size) {
+                return Err(ApiError::invalid_param(
+                    "prompt",
+                    format!(
+                        "Token id {bad} is out of vocabulary (the model has {} tokens).",
+                        model.vocab_size
+                    ),
+                ));
+            }
+            ids.to_vec()
+        }
+    };
+    if ids.is_empty() {
+        return Err(empty_prompt());
+    }
+    Ok(ids)
+}
+
+fn empty_prompt() -> ApiError {
+    ApiError::invalid_param("prompt", "The prompt cannot be empty.")
+}
+
+/// Token ids for a conversation, rendered with the model's chat template and the
+/// assistant's turn opened. The template writes any BOS itself, so none is added
+/// unless the model wants one and the template left it out.
+pub fn chat_prompt_ids(
+    messages: &[WireMessage],
+    template: Option<&ChatTemplate>,
+    tokenizer: &Tokenizer,
+) -> Result<Vec<u32>, ApiError> {
+    let template = template.ok_or_else(|| {
+        ApiError::bad_request(
+            "This model has no chat template; use /v1/completions with a prompt instead.",
+        )
+    })?;
+    let conversation = conversation(messages)?;
+    let text = template.render(&conversation, true).map_err(|e| {
+        ApiError::invalid_param("messages", format!("Cannot apply the chat template: {e}"))
+    })?;
+    let starts_with_bos = tokenizer
+        .bos_token()
+        .is_some_and(|bos| !bos.is_empty() && text.starts_with(&bos));
+    let ids = encode(
+        tokenizer,
+        &text,
+        tokenizer.add_bos_by_default() && !starts_with_bos,
+    )?;
+    if ids.is_empty() {
+        return Err(ApiError::invalid_param(
+            "messages",
+            "The conversation renders to an empty prompt.",
+        ));
+    }
+    Ok(ids)
+}
+
+fn conversation(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid_param(
+            "messages",
+            "messages must not be empty.",
+        ));
+    }
+    messages
+        .iter()
+        .map(|message| {
+            if !ROLES.contains(&message.role.as_str()) {
+                return Err(ApiError::invalid_param(
+                    "messages",
+                    format!(
+                        "Unknown role `{}`; expected one of {}.",
+                        message.role,
+                        ROLES.join(", ")
+                    ),
+                ));
+            }
+            let content = message
+                .content
+                .as_ref()
+                .map(|c| c.text())
+                .unwrap_or_default();
+            Ok(ChatMessage::new(message.role.as_str(), content))
+        })
+        .collect()
+}
+
+fn encode(tokenizer: &Tokenizer, text: &str, add_bos: bool) -> Result<Vec<u32>, ApiError> {
+    tokenizer
+        .encode(text, add_bos)
+        .map_err(|e| ApiError::bad_request(format!("Cannot tokenize the prompt: {e}")))
+}
+
+/// Checks that `prompt` plus the output fits the context and settles the output's
+/// token budget (by default, the rest of the context, as vLLM does).
+pub fn fit_to_context(
+    ids: Vec<u32>,
+    max_tokens: Option<usize>,
+    max_model_len: usize,
+    noun: PromptNoun,
+) -> Result<PreparedPrompt, ApiError> {
+    let noun = noun.as_str();
+    let prompt_len = ids.len();
+    if prompt_len >= max_model_len {
+        return Err(ApiError::invalid_param(
+            noun,
+            format!(
+                "This model's maximum context length is {max_model_len} tokens. However, you \
+                 requested {prompt_len} tokens in the {noun}, which leaves no room for output. \
+                 Please reduce the length of the {noun}."
+            ),
+        ));
+    }
+    let room = max_model_len - prompt_len;
+    match max_tokens {
+        None => Ok(PreparedPrompt {
+            ids,
+            max_tokens: room,
+        }),
+        Some(asked) if asked <= room => Ok(PreparedPrompt {
+            ids,
+            max_tokens: asked,
+        }),
+        Some(asked) => Err(ApiError::invalid_param(
+            "max_tokens",
+            format!(
+                "This model's maximum context length is {max_model_len} tokens. However, you \
+                 requested {} tokens ({prompt_len} in the {noun}, {asked} in the completion). \
+                 Please reduce the length of the {noun} or completion.",
+                prompt_len.saturating_add(asked)
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_budget_is_the_rest_of_the_context() {
+        let prepared = fit_to_context(vec![1, 2, 3], None, 10, PromptNoun::Prompt).unwrap();
+        assert_eq!(prepared.max_tokens, 7);
+        let prepared = fit_to_context(vec![1, 2, 3], Some(7), 10, PromptNoun::Prompt).unwrap();
+        assert_eq!(prepared.max_tokens, 7);
+    }
+
+    #[test]
+    fn context_errors_name_both_lengths() {
+        let error = fit_to_context(vec![1; 4], Some(7), 10, PromptNoun::Messages).unwrap_err();
+        assert!(
+            error
+                .message
+                .contains("maximum context length is 10 tokens"),
+            "{}",
+            error.message
+        );
+        assert!(
+            error
+                .message
+                .contains("requested 11 tokens (4 in the messages, 7 in the completion)")
+        );
+        let error = fit_to_context(vec![1; 10], None, 10, PromptNoun::Prompt).unwrap_err();
+        assert!(
+            error.message.contains("requested 10 tokens in the prompt"),
+            "{}",
+            error.message
+        );
+        assert_eq!(error.param.as_deref(), Some("prompt"));
+    }
+
+    #[test]
+    fn sampling_ranges_are_checked() {
+        let fields = |json: &str| -> SamplingFields { serde_json::from_str(json).unwrap() };
+        assert!(sampling_params(&fields(r#"{"temperature": -0.1}"#)).is_err());
+        assert!(sampling_params(&fields(r#"{"top_p": 0}"#)).is_err());
+        assert!(sampling_params(&fields(r#"{"top_p": 1.5}"#)).is_err());
+        assert!(sampling_params(&fields(r#"{"top_k": -2}"#)).is_err());
+        let params =
+            sampling_params(&fields(r#"{"temperature": 0, "top_k": -1, "seed": 3}"#)).unwrap();
+        assert_eq!(
+            params,
+            SamplingParams {
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+                seed: Some(3)
+            }
+        );
+        assert!(positive_max_tokens(0).is_err() && positive_max_tokens(-5).is_err());
+        assert!(check_penalty("presence_penalty", Some(2.5)).is_err());
+    }
+
+    #[test]
+    fn unknown_model_is_404_and_absent_model_is_fine() {
+        let served = ServedModel {
+            name: "m".into(),
+            root: "/m".into(),
+            max_model_len: 8,
+            vocab_size: 10,
+        };
+        assert_eq!(check_model(Some("x"), &served).unwrap_err().status(), 404);
+        assert!(check_model(Some("m"), &served).is_ok());
+        assert!(check_model(None, &served).is_ok());
+    }
+
+    #[test]
+    fn empty_conversations_and_unknown_roles_are_refused() {
+        assert!(conversation(&[]).is_err());
+        let message = |role: &str| WireMessage {
+            role: role.into(),
+            content: None,
+            name: None,
+        };
+        assert!(conversation(&[message("wizard")]).is_err());
+        assert_eq!(
+            conversation(&[message("assistant")]).unwrap(),
+            vec![ChatMessage::new("assistant", "")]
+        );
+    }
+}

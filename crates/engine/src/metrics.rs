@@ -1,0 +1,127 @@
+//! The engine's Prometheus metrics: every name in one place, with vLLM's names and
+//! meanings (`vllm:*`, `vllm/v1/metrics/loggers.py`) so that dashboards and the
+//! benchmark read tandem and vLLM workers alike. Counters carry the `_total` suffix
+//! that vLLM's exposition adds.
+//!
+//! The HTTP layer records the per-request metrics (latencies, token counts, outcomes);
+//! the engine loop sets the gauges and the cache and preemption counters.
+
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Histogram: seconds from a request's arrival to its first output token.
+pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "vllm:time_to_first_token_seconds";
+/// Histogram: seconds between consecutive output tokens of a request.
+pub const INTER_TOKEN_LATENCY_SECONDS: &str = "vllm:inter_token_latency_seconds";
+/// Histogram: seconds from a request's arrival to its last output token.
+pub const E2E_REQUEST_LATENCY_SECONDS: &str = "vllm:e2e_request_latency_seconds";
+/// Counter, label [`FINISHED_REASON`]: requests that finished (`stop`, `length`, `abort`).
+pub const REQUEST_SUCCESS_TOTAL: &str = "vllm:request_success_total";
+/// Counter: prompt tokens of finished requests.
+pub const PROMPT_TOKENS_TOTAL: &str = "vllm:prompt_tokens_total";
+/// Counter: output tokens of finished requests.
+pub const GENERATION_TOKENS_TOTAL: &str = "vllm:generation_tokens_total";
+/// Gauge: requests in the running batch.
+pub const NUM_REQUESTS_RUNNING: &str = "vllm:num_requests_running";
+/// Gauge: requests waiting to be scheduled.
+pub const NUM_REQUESTS_WAITING: &str = "vllm:num_requests_waiting";
+/// Gauge: fraction (0–1) of KV blocks in use.
+pub const KV_CACHE_USAGE_PERC: &str = "vllm:kv_cache_usage_perc";
+/// Counter: prompt tokens looked up in the prefix cache.
+pub const PREFIX_CACHE_QUERIES_TOTAL: &str = "vllm:prefix_cache_queries_total";
+/// Counter: prompt tokens found in the prefix cache.
+pub const PREFIX_CACHE_HITS_TOTAL: &str = "vllm:prefix_cache_hits_total";
+/// Counter: running requests preempted (their KV freed, to be recomputed).
+pub const NUM_PREEMPTIONS_TOTAL: &str = "vllm:num_preemptions_total";
+
+/// Label of [`REQUEST_SUCCESS_TOTAL`]: the OpenAI `finish_reason`.
+pub const FINISHED_REASON: &str = "finished_reason";
+
+/// vLLM's TTFT buckets, seconds.
+const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+];
+/// vLLM's inter-token latency buckets, seconds.
+const INTER_TOKEN_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
+];
+/// vLLM's request latency buckets, seconds.
+const REQUEST_LATENCY_BUCKETS: &[f64] = &[
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
+];
+
+/// Installs the process-wide Prometheus recorder with vLLM's histogram buckets and
+/// describes every metric; the handle renders the text exposition for `/metrics`.
+pub fn install_prometheus_recorder() -> Result<PrometheusHandle, BuildError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(TIME_TO_FIRST_TOKEN_SECONDS.into()),
+            TTFT_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(INTER_TOKEN_LATENCY_SECONDS.into()),
+            INTER_TOKEN_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(E2E_REQUEST_LATENCY_SECONDS.into()),
+            REQUEST_LATENCY_BUCKETS,
+        )?
+        .install_recorder()?;
+    describe_all();
+    Ok(handle)
+}
+
+/// Registers help texts (and so the metrics themselves, at zero) with the recorder.
+fn describe_all() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN_SECONDS,
+        Unit::Seconds,
+        "Histogram of time to first token in seconds."
+    );
+    describe_histogram!(
+        INTER_TOKEN_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Histogram of inter-token latency in seconds."
+    );
+    describe_histogram!(
+        E2E_REQUEST_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Histogram of end to end request latency in seconds."
+    );
+    describe_counter!(
+        REQUEST_SUCCESS_TOTAL,
+        "Count of successfully processed requests."
+    );
+    describe_counter!(PROMPT_TOKENS_TOTAL, "Number of prefill tokens processed.");
+    describe_counter!(
+        GENERATION_TOKENS_TOTAL,
+        "Number of generation tokens processed."
+    );
+    describe_gauge!(
+        NUM_REQUESTS_RUNNING,
+        "Number of requests in model execution batches."
+    );
+    describe_gauge!(
+        NUM_REQUESTS_WAITING,
+        "Number of requests waiting to be processed."
+    );
+    describe_gauge!(
+        KV_CACHE_USAGE_PERC,
+        "KV-cache usage. 1 means 100 percent usage."
+    );
+    describe_counter!(
+        PREFIX_CACHE_QUERIES_TOTAL,
+        "Prefix cache queries, in terms of number of queried tokens."
+    );
+    describe_counter!(
+        PREFIX_CACHE_HITS_TOTAL,
+        "Prefix cache hits, in terms of number of cached tokens."
+    );
+    describe_counter!(
+        NUM_PREEMPTIONS_TOTAL,
+        "Cumulative number of preemption from the engine."
+    );
+}

@@ -1,0 +1,120 @@
+//! The engine loop: the single owner of running sequences, the KV store and its block
+//! pool. Callers talk to it through an [`EngineHandle`] (requests in, token events out);
+//! each step it picks a batch (decodes first, then chunks of prefill within a token
+//! budget), runs one forward pass, samples, and reports.
+//!
+//! - `request`: the request/event types (token ids only; text stays with the caller).
+//! - `handle`: submitting and cancelling from any thread.
+//! - `sequence`, `scheduler`: the loop.
+
+mod handle;
+mod request;
+mod scheduler;
+mod sequence;
+mod stats;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+pub use handle::{EngineHandle, EngineStopped, GenerationStream, SeqId};
+pub use request::{FinishReason, GenerationEvent, GenerationRequest, Usage};
+pub use stats::EngineStats;
+
+use crate::kernels::{KernelError, ThreadPool};
+use crate::kv::{KvOptions, KvStore};
+use crate::model::Llama;
+
+/// How the engine loop batches and how much KV memory it has.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most sequences in one batch.
+    pub max_num_seqs: usize,
+    /// Most tokens (decode and prefill together) in one forward pass.
+    pub max_num_batched_tokens: usize,
+    pub kv: KvOptions,
+    /// Bytes of KV cache.
+    pub kv_cache_memory: usize,
+    pub prefix_caching: bool,
+    /// Compute threads (default: all cores).
+    pub threads: Option<usize>,
+    /// Longest sequence (prompt + output) accepted.
+    pub max_model_len: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_num_seqs: 256,
+            max_num_batched_tokens: 2048,
+            kv: KvOptions::default(),
+            kv_cache_memory: 1 << 30,
+            prefix_caching: true,
+            threads: None,
+            max_model_len: 8192,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error(
+        "a KV cache of {memory} bytes holds {capacity} tokens, fewer than max_model_len \
+         ({max_model_len}): raise the KV cache memory or lower max_model_len"
+    )]
+    KvTooSmall {
+        memory: usize,
+        capacity: usize,
+        max_model_len: usize,
+    },
+    #[error("invalid engine setting: {0}")]
+    Invalid(&'static str),
+    #[error(transparent)]
+    Threads(#[from] KernelError),
+    #[error("could not start the engine thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// Clears the liveness flag when the engine thread ends.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Starts the engine loop on its own thread; it ends when every handle is dropped.
+pub fn spawn(model: Llama, config: EngineConfig) -> Result<EngineHandle, SpawnError> {
+    if config.max_num_seqs == 0 || config.max_num_batched_tokens == 0 {
+        return Err(SpawnError::Invalid(
+            "max_num_seqs and max_num_batched_tokens must be positive",
+        ));
+    }
+    let layout = model.kv_layout(config.kv);
+    let kv = KvStore::with_memory(layout, config.kv_cache_memory);
+    let capacity = kv.num_blocks() * layout.block_size;
+    if capacity < config.max_model_len {
+        return Err(SpawnError::KvTooSmall {
+            memory: config.kv_cache_memory,
+            capacity,
+            max_model_len: config.max_model_len,
+        });
+    }
+    let pool = match config.threads {
+        Some(n) => ThreadPool::new(n)?,
+        None => ThreadPool::with_available_parallelism()?,
+    };
+    let (commands, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let alive = Arc::new(AtomicBool::new(true));
+    let stats = Arc::new(stats::SharedStats::default());
+    let engine = scheduler::EngineLoop::new(model, pool, kv, config, receiver, stats.clone());
+    let flag = ClearOnDrop(alive.clone());
+    std::thread::Builder::new()
+        .name("tandem-engine".into())
+        .spawn(move || {
+            // Dropped on return and on panic alike, so /health turns 503 either way.
+            let _flag = flag;
+            engine.run();
+        })?;
+    Ok(EngineHandle::new(commands, alive, stats))
+}

@@ -1,0 +1,60 @@
+//! What a caller hands the engine loop and what it gets back: the contract between the
+//! HTTP layer and the scheduler. The scheduler deals in token ids only; text (chat
+//! templates, detokenization, stop strings) stays with the caller.
+
+use crate::sample::SamplingParams;
+
+/// One generation to run.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// Caller's id, for logs and metrics (the `X-Request-Id`, or a generated one).
+    pub request_id: String,
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// Most tokens to generate (at least 1).
+    pub max_tokens: usize,
+    /// Tokens that end the generation (not reported as output). Empty with `ignore_eos`.
+    pub stop_token_ids: Vec<u32>,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token (or, decided by the caller, a stop string).
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The caller went away or asked to stop.
+    Aborted,
+}
+
+impl FinishReason {
+    /// The OpenAI `finish_reason` string.
+    pub fn as_openai(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Aborted => "abort",
+        }
+    }
+}
+
+/// Token accounting of a finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+/// What the engine reports about one request, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// A new output token.
+    Token(u32),
+    /// The last event of a request that ran.
+    Finished { reason: FinishReason, usage: Usage },
+    /// The engine could not run the request (the last event).
+    Failed(String),
+}

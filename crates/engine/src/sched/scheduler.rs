@@ -1,0 +1,391 @@
+//! The engine loop itself: continuous batching over a paged KV store.
+//!
+//! Each step: take new commands; give every decoding sequence its one token (growing its
+//! block table, preempting the newest sequences by recompute when blocks run out);
+//! continue chunked prefills; admit waiting requests first-come-first-served while the
+//! token budget, `max_num_seqs` and free blocks allow (reusing cached prefix blocks);
+//! run one forward pass over the whole batch; sample where a sequence reached its last
+//! token; report, finish, release.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::EngineConfig;
+use super::handle::{Command, SeqId};
+use super::request::FinishReason;
+use super::sequence::Sequence;
+use super::stats::{EngineStats, SharedStats};
+use crate::kernels::ThreadPool;
+use crate::kv::KvStore;
+use crate::kv::pool::BlockPool;
+use crate::metrics as names;
+use crate::model::{ForwardScratch, Llama, LogitsFor, SeqInput};
+
+/// What one sequence contributes to a step.
+struct Slot {
+    /// Index into `running`.
+    seq: usize,
+    /// Tokens `num_computed..num_computed + len` are computed this step.
+    len: usize,
+}
+
+pub(crate) struct EngineLoop {
+    model: Llama,
+    pool: ThreadPool,
+    kv: KvStore,
+    blocks: BlockPool,
+    config: EngineConfig,
+    waiting: VecDeque<Sequence>,
+    /// In admission order: the last one is preempted first.
+    running: Vec<Sequence>,
+    scratch: ForwardScratch,
+    commands: mpsc::UnboundedReceiver<Command>,
+    stats: Arc<SharedStats>,
+    steps: u64,
+    preemptions: u64,
+}
+
+impl EngineLoop {
+    pub fn new(
+        model: Llama,
+        pool: ThreadPool,
+        kv: KvStore,
+        config: EngineConfig,
+        commands: mpsc::UnboundedReceiver<Command>,
+        stats: Arc<SharedStats>,
+    ) -> Self {
+        let blocks = BlockPool::new(
+            kv.num_blocks(),
+            kv.layout().block_size,
+            config.prefix_caching,
+        );
+        Self {
+            model,
+            pool,
+            kv,
+            blocks,
+            config,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            scratch: ForwardScratch::default(),
+            commands,
+            stats,
+            steps: 0,
+            preemptions: 0,
+        }
+    }
+
+    /// Runs until every [`super::EngineHandle`] is gone.
+    pub fn run(mut self) {
+        while self.take_commands() {
+            self.step();
+            self.publish_gauges();
+        }
+    }
+
+    /// Applies queued commands, waiting for one when there is nothing to do. False when
+    /// the loop should end.
+    fn take_commands(&mut self) -> bool {
+        if self.running.is_empty() && self.waiting.is_empty() {
+            match self.commands.blocking_recv() {
+                Some(command) => self.apply(command),
+                None => return false,
+            }
+        }
+        loop {
+            match self.commands.try_recv() {
+                Ok(command) => self.apply(command),
+                Err(mpsc::error::TryRecvError::Empty) => return true,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    // Finish what is queued; the loop ends once idle.
+                    return !(self.running.is_empty() && self.waiting.is_empty());
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, command: Command) {
+        match command {
+            Command::Submit {
+                id,
+                request,
+                events,
+            } => {
+                let seq = Sequence::new(id, request, events);
+                if let Err(message) = self.check_fits(&seq) {
+                    seq.send_failed(message);
+                    return;
+                }
+                self.waiting.push_back(seq);
+            }
+            Command::Cancel(id) => self.abort(id),
+        }
+    }
+
+    /// A request the engine could never run (the HTTP layer checks first; this guards
+    /// every other caller).
+    fn check_fits(&self, seq: &Sequence) -> Result<(), String> {
+        let positions = seq.prompt_len + seq.max_tokens;
+        let capacity = self.blocks.num_blocks() * self.blocks.block_size();
+        let limit = self.config.max_model_len.min(capacity);
+        if seq.prompt_len == 0 || seq.max_tokens == 0 {
+            return Err("a request needs at least one prompt token and max_tokens >= 1".into());
+        }
+        if positions > limit {
+            return Err(format!(
+                "prompt ({} tokens) plus max_tokens ({}) exceeds the limit of {limit} tokens",
+                seq.prompt_len, seq.max_tokens
+            ));
+        }
+        let vocab = self.model.config().vocab_size;
+        if let Some(t) = seq.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(format!("token id {t} is outside the vocabulary ({vocab})"));
+        }
+        Ok(())
+    }
+
+    fn abort(&mut self, id: SeqId) {
+        if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            let seq = self.running.remove(i);
+            self.finish(seq, FinishReason::Aborted);
+        } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+            if let Some(seq) = self.waiting.remove(i) {
+                self.finish(seq, FinishReason::Aborted);
+            }
+        }
+    }
+
+    fn finish(&mut self, mut seq: Sequence, reason: FinishReason) {
+        self.release_blocks(&mut seq);
+        seq.send_finished(reason);
+        if reason != FinishReason::Aborted {
+            let label = reason.as_openai();
+            metrics::counter!(names::REQUEST_SUCCESS_TOTAL, "finished_reason" => label)
+                .increment(1);
+        }
+    }
+
+    fn release_blocks(&mut self, seq: &mut Sequence) {
+        // Tail first, so that under pressure a sequence's last blocks are evicted
+        // before the shared prefix they hang off.
+        let blocks: Vec<_> = seq.blocks.iter().rev().copied().collect();
+        self.blocks.release(&blocks);
+        seq.reset_for_recompute();
+    }
+
+    fn step(&mut self) {
+        let mut budget = self.config.max_num_batched_tokens;
+        let mut slots = self.schedule_running(&mut budget);
+        self.admit_waiting(&mut budget, &mut slots);
+        if slots.is_empty() {
+            return;
+        }
+        if let Err(err) = self.run_batch(&slots) {
+            // A bug, not a client error: fail the batch's requests and carry on.
+            tracing::error!(%err, "forward pass failed");
+            let ids: Vec<SeqId> = slots.iter().map(|s| self.running[s.seq].id).collect();
+            for id in ids {
+                if let Some(i) = self.running.iter().position(|s| s.id == id) {
+                    let mut seq = self.running.remove(i);
+                    self.release_blocks(&mut seq);
+                    seq.send_failed(format!("internal engine error: {err}"));
+                }
+            }
+            return;
+        }
+        self.sample_and_report(&slots);
+    }
+
+    /// Decoding and partly prefilled sequences, in admission order, within the budget.
+    fn schedule_running(&mut self, budget: &mut usize) -> Vec<Slot> {
+        let mut slots = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() {
+            if *budget == 0 {
+                break;
+            }
+            let len = self.running[i].pending().min(*budget);
+            if !self.ensure_blocks(i, len) {
+                // `i` itself was preempted (it was the newest); nothing after it runs.
+                break;
+            }
+            *budget -= len;
+            slots.push(Slot { seq: i, len });
+            i += 1;
+        }
+        slots
+    }
+
+    /// Gives running sequence `i` blocks for `len` more tokens, preempting the newest
+    /// running sequences while blocks are short. False if `i` had to be preempted.
+    fn ensure_blocks(&mut self, i: usize, len: usize) -> bool {
+        let block_size = self.blocks.block_size();
+        loop {
+            let seq = &self.running[i];
+            let needed = (seq.num_computed + len).div_ceil(block_size);
+            let missing = needed.saturating_sub(seq.blocks.len());
+            if missing == 0 {
+                return true;
+            }
+            if let Some(new) = self.blocks.allocate(missing) {
+                self.running[i].blocks.extend(new);
+                return true;
+            }
+            let victim = self.running.len() - 1;
+            self.preempt(victim);
+            if victim == i {
+                return false;
+            }
+        }
+    }
+
+    /// Frees a running sequence's blocks and queues it first, to be recomputed.
+    fn preempt(&mut self, i: usize) {
+        let mut seq = self.running.remove(i);
+        self.release_blocks(&mut seq);
+        metrics::counter!(names::NUM_PREEMPTIONS_TOTAL).increment(1);
+        self.preemptions += 1;
+        tracing::debug!(seq = seq.id, "preempted by recompute");
+        self.waiting.push_front(seq);
+    }
+
+    /// Admits waiting sequences first-come-first-served.
+    fn admit_waiting(&mut self, budget: &mut usize, slots: &mut Vec<Slot>) {
+        while *budget > 0 && self.running.len() < self.config.max_num_seqs {
+            let Some(mut seq) = self.waiting.pop_front() else {
+                return;
+            };
+            if !seq.is_listening() {
+                self.finish(seq, FinishReason::Aborted);
+                continue;
+            }
+            if !self.allocate_prompt(&mut seq) {
+                self.waiting.push_front(seq);
+                return;
+            }
+            let len = seq.pending().min(*budget);
+            *budget -= len;
+            self.running.push(seq);
+            slots.push(Slot {
+                seq: self.running.len() - 1,
+                len,
+            });
+        }
+    }
+
+    /// Reuses cached prefix blocks and allocates the rest for every known token.
+    fn allocate_prompt(&mut self, seq: &mut Sequence) -> bool {
+        let block_size = self.blocks.block_size();
+        // Keep at least the last token to compute: its logits are needed.
+        let max_cached = (seq.tokens.len() - 1) / block_size;
+        let (cached, hashes) = self.blocks.match_prefix(&seq.tokens, max_cached);
+        let needed = seq.tokens.len().div_ceil(block_size);
+        let Some(fresh) = self.blocks.allocate(needed - cached.len()) else {
+            self.blocks.release(&cached);
+            return false;
+        };
+        seq.num_computed = cached.len() * block_size;
+        if seq.generated() == 0 {
+            seq.cached_tokens = seq.num_computed;
+        }
+        seq.blocks = cached;
+        seq.blocks.extend(fresh);
+        seq.block_hashes = hashes;
+        true
+    }
+
+    fn run_batch(&mut self, slots: &[Slot]) -> Result<(), crate::model::ForwardError> {
+        let inputs: Vec<SeqInput> = slots
+            .iter()
+            .map(|slot| {
+                let seq = &self.running[slot.seq];
+                let start = seq.num_computed;
+                SeqInput {
+                    tokens: &seq.tokens[start..start + slot.len],
+                    start_pos: start,
+                    block_table: &seq.blocks,
+                    logits: if start + slot.len == seq.tokens.len() {
+                        LogitsFor::Last
+                    } else {
+                        LogitsFor::None
+                    },
+                }
+            })
+            .collect();
+        self.model
+            .forward(&self.pool, &inputs, &mut self.kv, &mut self.scratch)?;
+        Ok(())
+    }
+
+    fn sample_and_report(&mut self, slots: &[Slot]) {
+        let vocab = self.model.config().vocab_size;
+        let mut logits_row = 0;
+        let mut finished = Vec::new();
+        for slot in slots {
+            let seq = &mut self.running[slot.seq];
+            seq.num_computed += slot.len;
+            commit_full_blocks(&mut self.blocks, seq);
+            if seq.num_computed < seq.tokens.len() {
+                continue;
+            }
+            let row = &self.scratch.logits()[logits_row * vocab..(logits_row + 1) * vocab];
+            logits_row += 1;
+            let token = seq.sampler.sample(row);
+            seq.tokens.push(token);
+            metrics::counter!(names::GENERATION_TOKENS_TOTAL).increment(1);
+            let reason = if seq.stop_token_ids.contains(&token) {
+                Some(FinishReason::Stop)
+            } else if !seq.send_token(token) {
+                Some(FinishReason::Aborted)
+            } else if seq.generated() >= seq.max_tokens {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                finished.push((seq.id, reason));
+            }
+        }
+        for (id, reason) in finished {
+            if let Some(i) = self.running.iter().position(|s| s.id == id) {
+                let seq = self.running.remove(i);
+                self.finish(seq, reason);
+            }
+        }
+    }
+
+    fn publish_gauges(&mut self) {
+        self.steps += 1;
+        let prefix = self.blocks.prefix_cache_stats();
+        let stats = EngineStats {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            kv_usage: self.blocks.usage(),
+            prefix_cache_queries: prefix.queries,
+            prefix_cache_hits: prefix.hits,
+            preemptions: self.preemptions,
+            steps: self.steps,
+        };
+        self.stats.store(&stats);
+        metrics::gauge!(names::NUM_REQUESTS_RUNNING).set(stats.running as f64);
+        metrics::gauge!(names::NUM_REQUESTS_WAITING).set(stats.waiting as f64);
+        metrics::gauge!(names::KV_CACHE_USAGE_PERC).set(stats.kv_usage);
+        metrics::counter!(names::PREFIX_CACHE_QUERIES_TOTAL).absolute(prefix.queries);
+        metrics::counter!(names::PREFIX_CACHE_HITS_TOTAL).absolute(prefix.hits);
+    }
+}
+
+/// Registers the sequence's newly completed blocks in the prefix cache.
+fn commit_full_blocks(pool: &mut BlockPool, seq: &mut Sequence) {
+    let block_size = pool.block_size();
+    let full = seq.num_computed / block_size;
+    while seq.block_hashes.len() < full {
+        let i = seq.block_hashes.len();
+        let parent = i.checked_sub(1).map(|p| seq.block_hashes[p]);
+        let tokens = &seq.tokens[i * block_size..(i + 1) * block_size];
+        let hash = pool.commit_full_block(seq.blocks[i], parent, tokens);
+        seq.block_hashes.push(hash);
+    }
+}

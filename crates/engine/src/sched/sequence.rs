@@ -1,0 +1,95 @@
+//! One request as the engine loop tracks it: its tokens, how many of them have KV in
+//! the store, the blocks holding them, and where its events go.
+
+use tokio::sync::mpsc;
+
+use super::handle::SeqId;
+use super::request::{FinishReason, GenerationEvent, GenerationRequest, Usage};
+use crate::kv::BlockId;
+use crate::kv::pool::BlockHash;
+use crate::sample::Sampler;
+
+pub(crate) struct Sequence {
+    pub id: SeqId,
+    /// Prompt followed by the tokens generated so far.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Leading tokens whose keys and values are in the KV store.
+    pub num_computed: usize,
+    pub blocks: Vec<BlockId>,
+    /// Hashes of the leading blocks registered in the prefix cache.
+    pub block_hashes: Vec<BlockHash>,
+    pub cached_tokens: usize,
+    pub max_tokens: usize,
+    pub stop_token_ids: Vec<u32>,
+    pub sampler: Sampler,
+    events: mpsc::UnboundedSender<GenerationEvent>,
+}
+
+impl Sequence {
+    pub fn new(
+        id: SeqId,
+        request: GenerationRequest,
+        events: mpsc::UnboundedSender<GenerationEvent>,
+    ) -> Self {
+        Self {
+            id,
+            prompt_len: request.prompt.len(),
+            tokens: request.prompt,
+            num_computed: 0,
+            blocks: Vec::new(),
+            block_hashes: Vec::new(),
+            cached_tokens: 0,
+            max_tokens: request.max_tokens,
+            stop_token_ids: request.stop_token_ids,
+            sampler: Sampler::new(request.sampling),
+            events,
+        }
+    }
+
+    pub fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Tokens still to run through the model before the next sample.
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.num_computed
+    }
+
+    /// Whether the caller still listens.
+    pub fn is_listening(&self) -> bool {
+        !self.events.is_closed()
+    }
+
+    pub fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.generated(),
+            cached_tokens: self.cached_tokens,
+        }
+    }
+
+    /// Reports a token; false if the caller has gone.
+    pub fn send_token(&self, token: u32) -> bool {
+        self.events.send(GenerationEvent::Token(token)).is_ok()
+    }
+
+    pub fn send_finished(&self, reason: FinishReason) {
+        let usage = self.usage();
+        let _ = self
+            .events
+            .send(GenerationEvent::Finished { reason, usage });
+    }
+
+    pub fn send_failed(&self, message: String) {
+        let _ = self.events.send(GenerationEvent::Failed(message));
+    }
+
+    /// Forgets the computed KV (after its blocks were released) so the sequence can be
+    /// recomputed from scratch, generated tokens included.
+    pub fn reset_for_recompute(&mut self) {
+        self.num_computed = 0;
+        self.blocks.clear();
+        self.block_hashes.clear();
+    }
+}
