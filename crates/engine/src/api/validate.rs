@@ -375,7 +375,8 @@ mod tests {
                 temperature: 0.0,
                 top_p: 1.0,
                 top_k: 0,
-                seed: Some(3)
+                seed: Some(3),
+                ..SamplingParams::default()
             }
         );
         assert!(positive_max_tokens(0).is_err() && positive_max_tokens(-5).is_err());

@@ -14,6 +14,7 @@
 //! builds with `-C target-cpu=x86-64-v3`); every such kernel has a portable scalar twin.
 
 mod aligned;
+pub mod attn;
 mod gemm;
 pub mod matmul;
 pub mod ops;

@@ -14,7 +14,8 @@
 use std::cell::RefCell;
 
 use crate::kernels::ThreadPool;
-use crate::kernels::ops::{axpy, dot, softmax};
+use crate::kernels::attn::{scores as score_keys, weighted_sum};
+use crate::kernels::ops::softmax;
 use crate::kv::{BlockId, KvStore};
 
 /// Queries handled by one task.
@@ -143,17 +144,12 @@ impl TaskCtx<'_> {
             for head in task.kv_head * group..(task.kv_head + 1) * group {
                 let q = self.query(token, head);
                 let scores = &mut scores[..visible];
-                for (score, key) in scores.iter_mut().zip(keys.chunks_exact(d)) {
-                    *score = dot(q, key) * scale;
-                }
+                score_keys(q, keys, scale, scores);
                 softmax(scores);
                 // SAFETY: this task is the only writer of its KV head's query heads for
                 // its chunk's tokens, and the cell is inside `out` (checked in `attend`).
                 let out = unsafe { std::slice::from_raw_parts_mut(self.out_head(token, head), d) };
-                out.fill(0.0);
-                for (&p, value) in scores.iter().zip(values.chunks_exact(d)) {
-                    axpy(p, value, out);
-                }
+                weighted_sum(scores, values, out);
             }
         }
     }
