@@ -3,6 +3,7 @@
 
 mod generate;
 mod model;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +20,8 @@ struct Cli {
 enum Command {
     /// Generate text for one prompt with the built-in engine (no server).
     Generate(generate::GenerateArgs),
+    /// Serve the built-in engine over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
     /// Manage models: fetch the default model, show where it lives.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -36,6 +39,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Model(command) => model::run(command),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -87,6 +87,10 @@ impl ServerState {
             started: unix_seconds(),
         }
     }
+
+    pub fn served_model(&self) -> &ServedModel {
+        &self.model
+    }
 }
 
 type SharedState = Arc<ServerState>;

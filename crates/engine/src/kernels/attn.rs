@@ -13,7 +13,7 @@ pub fn scores(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
         target_feature = "avx2",
         target_feature = "fma"
     ))]
-    if d % 8 == 0 {
+    if d.is_multiple_of(8) {
         // SAFETY: AVX2/FMA are enabled at compile time; lengths checked above.
         unsafe { avx2::scores(q, keys, scale, scores) };
         return;
@@ -36,7 +36,7 @@ pub fn weighted_sum(probs: &[f32], values: &[f32], out: &mut [f32]) {
         target_feature = "avx2",
         target_feature = "fma"
     ))]
-    if d % 64 == 0 {
+    if d.is_multiple_of(64) {
         // SAFETY: AVX2/FMA are enabled at compile time; lengths checked above.
         unsafe { avx2::weighted_sum(probs, values, out) };
         return;
@@ -139,7 +139,7 @@ mod tests {
 
     fn data(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
-            .map(|i| ((i as u32 * 2654435761 ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .map(|i| (((i as u32 * 2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
             .collect()
     }
 

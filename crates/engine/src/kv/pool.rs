@@ -698,12 +698,18 @@ mod tests {
         let mut pool = BlockPool::new(24, BS, true);
         let mut contents: Vec<Option<Vec<u32>>> = vec![None; pool.num_blocks()];
         let mut running: Vec<Held> = Vec::new();
-        let (mut admitted, mut rejected) = (0, 0);
+        let (mut admitted, mut rejected, mut evicting_admits) = (0, 0, 0);
         for _ in 0..5000 {
             match rng.below(10) {
                 0..=5 => {
                     let prompt = random_prompt(&mut rng);
-                    match admit(&mut pool, &mut contents, prompt) {
+                    let cached_before = pool.cached.len();
+                    let admission = admit(&mut pool, &mut contents, prompt);
+                    // Admitting only adds cache entries, unless it evicts.
+                    if pool.cached.len() < cached_before {
+                        evicting_admits += 1;
+                    }
+                    match admission {
                         Some(held) => {
                             admitted += 1;
                             running.push(held);
@@ -736,6 +742,7 @@ mod tests {
             admitted > 500 && rejected > 50,
             "{admitted} in, {rejected} out"
         );
+        assert!(evicting_admits > 50, "{evicting_admits} admissions evicted");
         assert!(stats.hits > 0 && stats.hits < stats.queries, "{stats:?}");
         for held in running.drain(..) {
             pool.release(&reversed(&held.blocks));

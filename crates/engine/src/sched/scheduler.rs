@@ -150,10 +150,13 @@ impl EngineLoop {
         if let Some(i) = self.running.iter().position(|s| s.id == id) {
             let seq = self.running.remove(i);
             self.finish(seq, FinishReason::Aborted);
-        } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
-            if let Some(seq) = self.waiting.remove(i) {
-                self.finish(seq, FinishReason::Aborted);
-            }
+        } else if let Some(seq) = self
+            .waiting
+            .iter()
+            .position(|s| s.id == id)
+            .and_then(|i| self.waiting.remove(i))
+        {
+            self.finish(seq, FinishReason::Aborted);
         }
     }
 
@@ -280,10 +283,16 @@ impl EngineLoop {
         let block_size = self.blocks.block_size();
         // Keep at least the last token to compute: its logits are needed.
         let max_cached = (seq.tokens.len() - 1) / block_size;
-        let (cached, hashes) = self.blocks.match_prefix(&seq.tokens, max_cached);
         let needed = seq.tokens.len().div_ceil(block_size);
+        // Hopeless even if the whole cacheable prefix hits: don't look it up (a lookup
+        // counts as a prefix-cache query, and this request is retried every step).
+        if self.blocks.num_available() < needed - max_cached {
+            return false;
+        }
+        let (cached, hashes) = self.blocks.match_prefix(&seq.tokens, max_cached);
         let Some(fresh) = self.blocks.allocate(needed - cached.len()) else {
-            self.blocks.release(&cached);
+            let tail_first: Vec<_> = cached.iter().rev().copied().collect();
+            self.blocks.release(&tail_first);
             return false;
         };
         seq.num_computed = cached.len() * block_size;
