@@ -8,6 +8,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
+use serde_json::Value;
 use tandem_protocol::openai::response::CHAT_COMPLETION;
 use tandem_protocol::openai::{
     ApiError, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
@@ -18,7 +19,7 @@ use super::generation::{ChoiceRun, collect};
 use super::request_id::RequestId;
 use super::sse::{self, ChunkWriter, Endpoint};
 use super::validate::{self, PromptNoun};
-use super::{SharedState, start_choices, unix_seconds};
+use super::{SharedState, off_runtime, start_choices, unix_seconds};
 
 pub async fn create(
     State(state): State<SharedState>,
@@ -26,8 +27,15 @@ pub async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
     let arrival = Instant::now();
-    let request: ChatCompletionRequest = parse_json_body(body)?;
-    let (run, stream, include_usage) = start(&state, &request, &request_id, arrival)?;
+    let (run, stream, include_usage) = {
+        let state = state.clone();
+        let request_id = request_id.clone();
+        off_runtime(move || {
+            let request: ChatCompletionRequest = parse_json_body(body)?;
+            start(&state, &request, &request_id, arrival)
+        })
+        .await?
+    };
     let writer = ChunkWriter {
         endpoint: Endpoint::Chat,
         id: format!("chatcmpl-{request_id}"),
@@ -56,7 +64,7 @@ fn start(
     }
     let options = validate::output_options(
         &request.sampling,
-        request.max_tokens(),
+        (request.max_tokens_field(), request.max_tokens()),
         &state.tokenizer,
         &state.model,
     )?;
@@ -104,7 +112,7 @@ async fn respond_whole(
             },
             logprobs: None,
             finish_reason: Some(choice.finish_reason.as_openai().to_owned()),
-            stop_reason: None,
+            stop_reason: choice.stop_reason.map(Value::String),
         }],
         usage: choice.usage,
         kv_transfer_params: None,

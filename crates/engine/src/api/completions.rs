@@ -9,6 +9,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::join_all;
+use serde_json::Value;
 use tandem_protocol::openai::response::TEXT_COMPLETION;
 use tandem_protocol::openai::{
     ApiError, CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo,
@@ -19,7 +20,7 @@ use super::generation::{ChoiceRun, collect};
 use super::request_id::RequestId;
 use super::sse::{self, ChunkWriter, Endpoint};
 use super::validate::{self, PromptNoun};
-use super::{SharedState, start_choices, unix_seconds};
+use super::{SharedState, off_runtime, start_choices, unix_seconds};
 
 pub async fn create(
     State(state): State<SharedState>,
@@ -27,8 +28,15 @@ pub async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
     let arrival = Instant::now();
-    let request: CompletionRequest = parse_json_body(body)?;
-    let (runs, stream, include_usage) = start(&state, &request, &request_id, arrival)?;
+    let (runs, stream, include_usage) = {
+        let state = state.clone();
+        let request_id = request_id.clone();
+        off_runtime(move || {
+            let request: CompletionRequest = parse_json_body(body)?;
+            start(&state, &request, &request_id, arrival)
+        })
+        .await?
+    };
     let writer = ChunkWriter {
         endpoint: Endpoint::Completions,
         id: format!("cmpl-{request_id}"),
@@ -61,7 +69,7 @@ fn start(
     }
     let options = validate::output_options(
         &request.sampling,
-        request.sampling.max_tokens,
+        ("max_tokens", request.sampling.max_tokens),
         &state.tokenizer,
         &state.model,
     )?;
@@ -109,7 +117,7 @@ async fn respond_whole(
             text: choice.text,
             logprobs: None,
             finish_reason: Some(choice.finish_reason.as_openai().to_owned()),
-            stop_reason: None,
+            stop_reason: choice.stop_reason.map(Value::String),
         });
     }
     Ok(CompletionResponse {

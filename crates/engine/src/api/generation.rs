@@ -23,6 +23,8 @@ pub enum ChoiceEvent {
     Finished {
         index: usize,
         reason: FinishReason,
+        /// The stop string that ended it (vLLM's `stop_reason`).
+        stop_reason: Option<String>,
         usage: UsageInfo,
     },
     /// The engine could not run it.
@@ -113,22 +115,23 @@ impl ChoiceRun {
                     completion_tokens: self.completion_tokens,
                     cached_tokens: 0,
                 };
-                self.finish(FinishReason::Stop, usage);
+                self.finish(FinishReason::Stop, usage, true);
             }
         }
     }
 
     fn on_finished(&mut self, reason: FinishReason, usage: Usage) {
-        if let Some(rest) = self.decoder.finish() {
-            if let StopOutcome::Stopped(text) = self.stop.push(&rest) {
-                self.queue_text(text);
-                self.finish(FinishReason::Stop, usage);
-                return;
-            }
+        if let Some(rest) = self.decoder.finish()
+            && let StopOutcome::Stopped(text) = self.stop.push(&rest)
+        {
+            // The engine already counted this request with its own reason.
+            self.queue_text(text);
+            self.finish(FinishReason::Stop, usage, false);
+            return;
         }
         let rest = self.stop.finish();
         self.queue_text(rest);
-        self.finish(reason, usage);
+        self.finish(reason, usage, false);
     }
 
     fn queue_text(&mut self, text: String) {
@@ -140,12 +143,13 @@ impl ChoiceRun {
         }
     }
 
-    fn finish(&mut self, reason: FinishReason, usage: Usage) {
+    fn finish(&mut self, reason: FinishReason, usage: Usage, decided_here: bool) {
         self.ended = true;
-        self.timer.finished(reason, &usage);
+        self.timer.finished(reason, &usage, decided_here);
         self.queued.push_back(ChoiceEvent::Finished {
             index: self.index,
             reason,
+            stop_reason: self.stop.matched().map(str::to_owned),
             usage: UsageInfo::new(
                 usage.prompt_tokens,
                 usage.completion_tokens,
@@ -174,7 +178,7 @@ impl Drop for ChoiceRun {
                 completion_tokens: self.completion_tokens,
                 cached_tokens: 0,
             };
-            self.timer.finished(FinishReason::Aborted, &usage);
+            self.timer.finished(FinishReason::Aborted, &usage, true);
         }
     }
 }
@@ -206,17 +210,21 @@ impl RequestTimer {
         self.last_token = Some(now);
     }
 
-    fn finished(&mut self, reason: FinishReason, usage: &Usage) {
+    /// Records the end of a request. The engine loop counts generated tokens and the
+    /// requests it ends itself; `decided_here` marks the ends it cannot see (a stop
+    /// string matched, the client went away), counted here.
+    fn finished(&mut self, reason: FinishReason, usage: &Usage, decided_here: bool) {
         if self.recorded {
             return;
         }
         self.recorded = true;
         metrics::histogram!(names::E2E_REQUEST_LATENCY_SECONDS)
             .record(self.arrival.elapsed().as_secs_f64());
-        metrics::counter!(names::REQUEST_SUCCESS_TOTAL, names::FINISHED_REASON => reason.as_openai())
-            .increment(1);
         metrics::counter!(names::PROMPT_TOKENS_TOTAL).increment(usage.prompt_tokens as u64);
-        metrics::counter!(names::GENERATION_TOKENS_TOTAL).increment(usage.completion_tokens as u64);
+        if decided_here {
+            metrics::counter!(names::REQUEST_SUCCESS_TOTAL, names::FINISHED_REASON => reason.as_openai())
+                .increment(1);
+        }
     }
 }
 
@@ -226,6 +234,7 @@ pub struct CollectedChoice {
     pub index: usize,
     pub text: String,
     pub finish_reason: FinishReason,
+    pub stop_reason: Option<String>,
     pub usage: UsageInfo,
 }
 
@@ -243,12 +252,14 @@ pub async fn collect(mut run: ChoiceRun) -> Result<CollectedChoice, EngineFailur
             ChoiceEvent::Finished {
                 index,
                 reason,
+                stop_reason,
                 usage,
             } => {
                 return Ok(CollectedChoice {
                     index,
                     text,
                     finish_reason: reason,
+                    stop_reason,
                     usage,
                 });
             }

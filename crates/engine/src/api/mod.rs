@@ -165,3 +165,14 @@ fn start_choices(
         })
         .collect()
 }
+
+/// Runs CPU-heavy request preparation (parsing, chat templates, tokenizing a prompt of
+/// up to [`MAX_BODY_BYTES`]) on the blocking pool, so it never stalls the connections
+/// the runtime's few threads serve. A panic in it becomes a 500.
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))?
+}

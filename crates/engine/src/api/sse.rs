@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use axum::response::sse::{Event, Sse};
 use futures_util::stream::{self, BoxStream, SelectAll, Stream, StreamExt};
 use serde::Serialize;
+use serde_json::Value;
 use tandem_protocol::openai::response::{CHAT_COMPLETION_CHUNK, TEXT_COMPLETION};
 use tandem_protocol::openai::{
     ApiError, ChatChunkChoice, ChatCompletionChunk, ChatDelta, CompletionChunk,
@@ -62,10 +63,14 @@ impl ChunkWriter {
         }
     }
 
-    fn finish(&self, index: usize, reason: FinishReason) -> Event {
+    fn finish(&self, index: usize, reason: FinishReason, stop_reason: Option<String>) -> Event {
         let reason = Some(reason.as_openai().to_owned());
         match self.endpoint {
-            Endpoint::Completions => self.completion_chunk(index, String::new(), reason),
+            Endpoint::Completions => {
+                let mut chunk = self.completion_chunk_body(index, String::new(), reason);
+                chunk.choices[0].stop_reason = stop_reason.map(Value::String);
+                json_event(&chunk)
+            }
             Endpoint::Chat => self.chat_chunk(index, ChatDelta::default(), reason),
         }
     }
@@ -92,7 +97,16 @@ impl ChunkWriter {
     }
 
     fn completion_chunk(&self, index: usize, text: String, finish: Option<String>) -> Event {
-        json_event(&CompletionChunk {
+        json_event(&self.completion_chunk_body(index, text, finish))
+    }
+
+    fn completion_chunk_body(
+        &self,
+        index: usize,
+        text: String,
+        finish: Option<String>,
+    ) -> CompletionChunk {
+        CompletionChunk {
             id: self.id.clone(),
             object: TEXT_COMPLETION.into(),
             created: self.created,
@@ -105,7 +119,7 @@ impl ChunkWriter {
                 stop_reason: None,
             }],
             usage: None,
-        })
+        }
     }
 
     fn chat_chunk(&self, index: usize, delta: ChatDelta, finish: Option<String>) -> Event {
@@ -191,10 +205,12 @@ impl StreamState {
             Some(ChoiceEvent::Finished {
                 index,
                 reason,
+                stop_reason,
                 usage,
             }) => {
                 self.usage.push(usage);
-                self.pending.push_back(self.writer.finish(index, reason));
+                let event = self.writer.finish(index, reason, stop_reason);
+                self.pending.push_back(event);
             }
             Some(ChoiceEvent::Failed { message, .. }) => {
                 // The other choices are dropped, which cancels them.

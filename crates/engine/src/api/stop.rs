@@ -17,7 +17,8 @@ pub struct StopMatcher {
     stops: Vec<String>,
     /// Text received but not yet released: a possible start of a stop string.
     held: String,
-    stopped: bool,
+    /// The stop string that matched.
+    matched: Option<String>,
 }
 
 impl StopMatcher {
@@ -26,18 +27,18 @@ impl StopMatcher {
         Self {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
             held: String::new(),
-            stopped: false,
+            matched: None,
         }
     }
 
     /// Takes the next chunk of output text.
     pub fn push(&mut self, text: &str) -> StopOutcome {
-        if self.stopped {
+        if self.matched.is_some() {
             return StopOutcome::Stopped(String::new());
         }
         self.held.push_str(text);
-        if let Some(at) = self.first_match() {
-            self.stopped = true;
+        if let Some((at, stop)) = self.first_match() {
+            self.matched = Some(stop.to_owned());
             let before = self.held[..at].to_owned();
             self.held.clear();
             return StopOutcome::Stopped(before);
@@ -53,12 +54,17 @@ impl StopMatcher {
         std::mem::take(&mut self.held)
     }
 
-    /// Byte offset of the earliest complete stop string in the held text.
-    fn first_match(&self) -> Option<usize> {
+    /// The stop string that ended the output, if one did.
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.as_deref()
+    }
+
+    /// The earliest complete stop string in the held text and its byte offset.
+    fn first_match(&self) -> Option<(usize, &str)> {
         self.stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
+            .filter_map(|stop| Some((self.held.find(stop.as_str())?, stop.as_str())))
+            .min_by_key(|&(at, _)| at)
     }
 
     /// Start of the longest suffix of the held text that begins some stop string
@@ -121,6 +127,9 @@ mod tests {
     #[test]
     fn the_earliest_of_several_stops_wins() {
         assert_eq!(run(&["c", "ab"], &["zabc"]), ("z".into(), true));
+        let mut matcher = StopMatcher::new(vec!["c".into(), "ab".into()]);
+        matcher.push("zabc");
+        assert_eq!(matcher.matched(), Some("ab"));
     }
 
     #[test]

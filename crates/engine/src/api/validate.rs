@@ -12,6 +12,11 @@ use crate::tokenizer::Tokenizer;
 /// Roles a chat message may have.
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
+/// Most stop strings per request, and the longest one, in bytes: each output token
+/// is checked against all of them, so they are bounded.
+const MAX_STOP_STRINGS: usize = 256;
+const MAX_STOP_STRING_BYTES: usize = 4096;
+
 /// Largest |penalty| OpenAI accepts.
 const MAX_PENALTY: f64 = 2.0;
 
@@ -64,11 +69,11 @@ pub fn check_model(requested: Option<&str>, served: &ServedModel) -> Result<(), 
     }
 }
 
-/// Checks the sampling and output fields. `max_tokens` is passed apart because chat
-/// requests have two names for it.
+/// Checks the sampling and output fields. `max_tokens` (with the name of the field
+/// it came from) is passed apart because chat requests have two names for it.
 pub fn output_options(
     fields: &SamplingFields,
-    max_tokens: Option<i64>,
+    max_tokens: (&str, Option<i64>),
     tokenizer: &Tokenizer,
     model: &ServedModel,
 ) -> Result<OutputOptions, ApiError> {
@@ -84,10 +89,15 @@ pub fn output_options(
     check_penalty("presence_penalty", fields.presence_penalty)?;
     check_penalty("frequency_penalty", fields.frequency_penalty)?;
     let stop_token_ids = stop_token_ids(fields, tokenizer, model)?;
+    let stop_strings = fields.stop_strings();
+    check_stop_strings(&stop_strings)?;
     Ok(OutputOptions {
         sampling: sampling_params(fields)?,
-        max_tokens: max_tokens.map(positive_max_tokens).transpose()?,
-        stop_strings: fields.stop_strings(),
+        max_tokens: max_tokens
+            .1
+            .map(|value| positive_max_tokens(max_tokens.0, value))
+            .transpose()?,
+        stop_strings,
         stop_token_ids,
         stream: fields.is_stream(),
         include_usage: fields.include_usage(),
@@ -139,12 +149,31 @@ fn check_penalty(name: &str, value: Option<f64>) -> Result<(), ApiError> {
     }
 }
 
-fn positive_max_tokens(value: i64) -> Result<usize, ApiError> {
+fn check_stop_strings(stops: &[String]) -> Result<(), ApiError> {
+    if stops.len() > MAX_STOP_STRINGS {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!(
+                "At most {MAX_STOP_STRINGS} stop strings are accepted, got {}.",
+                stops.len()
+            ),
+        ));
+    }
+    if stops.iter().any(|stop| stop.len() > MAX_STOP_STRING_BYTES) {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!("Stop strings must be at most {MAX_STOP_STRING_BYTES} bytes long."),
+        ));
+    }
+    Ok(())
+}
+
+fn positive_max_tokens(field: &str, value: i64) -> Result<usize, ApiError> {
     match usize::try_from(value) {
         Ok(n) if n >= 1 => Ok(n),
         _ => Err(ApiError::invalid_param(
-            "max_tokens",
-            format!("max_tokens must be at least 1, got {value}."),
+            field,
+            format!("{field} must be at least 1, got {value}."),
         )),
     }
 }
@@ -379,7 +408,7 @@ mod tests {
                 ..SamplingParams::default()
             }
         );
-        assert!(positive_max_tokens(0).is_err() && positive_max_tokens(-5).is_err());
+        assert!(positive_max_tokens("max_tokens", 0).is_err());
         assert!(check_penalty("presence_penalty", Some(2.5)).is_err());
     }
 

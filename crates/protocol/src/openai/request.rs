@@ -149,6 +149,15 @@ impl ChatCompletionRequest {
         self.max_completion_tokens.or(self.sampling.max_tokens)
     }
 
+    /// The name of the field [`Self::max_tokens`] comes from, for error messages.
+    pub fn max_tokens_field(&self) -> &'static str {
+        if self.max_completion_tokens.is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        }
+    }
+
     pub fn wants_logprobs(&self) -> bool {
         self.sampling.wants_logprobs() || is_set(self.top_logprobs.as_ref())
     }
@@ -280,6 +289,7 @@ mod tests {
             vec![Some("be brief".into()), Some("a\nb".into()), None]
         );
         assert_eq!(request.max_tokens(), Some(4));
+        assert_eq!(request.max_tokens_field(), "max_completion_tokens");
     }
 
     #[test]
