@@ -6,10 +6,10 @@
 //! with the visible keys in position order, a softmax, and a weighted sum of values in
 //! the same order.
 //!
-//! Work is split into tasks of (sequence, KV head, chunk of up to 64 queries). A task
-//! copies its KV head's keys and values (f16 or f32 in the store) once into contiguous
-//! f32 buffers, up to the last position its chunk can see, and serves every query head
-//! of the group from them.
+//! Work is split into tasks of (sequence, KV head, chunk of up to 64 queries), or for
+//! decode-sized sequences (sequence, query head). A task copies its KV head's keys and
+//! values (f16 or f32 in the store) into contiguous f32 buffers, up to the last position
+//! its chunk can see, and serves its query heads from them.
 
 use std::cell::RefCell;
 
@@ -20,6 +20,10 @@ use crate::kv::{BlockId, KvStore};
 
 /// Queries handled by one task.
 const QUERY_CHUNK: usize = 64;
+/// Sequences with at most this many new tokens get one task per query head (more,
+/// smaller tasks keep both cores busy in decode); longer ones one per KV head (one
+/// gather serves the whole group). The arithmetic per query is the same either way.
+const PER_HEAD_MAX_TOKENS: usize = 4;
 
 /// One sequence's share of a batch, as attention sees it.
 pub struct AttnSeq<'a> {
@@ -46,6 +50,8 @@ pub struct AttnShape {
 struct Task {
     seq: usize,
     kv_head: usize,
+    /// Query heads served (all of `kv_head`'s group, or one of them).
+    heads: (usize, usize),
     /// First query (relative to the sequence) and query count.
     first: usize,
     count: usize,
@@ -94,20 +100,31 @@ pub fn attend(
 }
 
 fn plan(shape: &AttnShape, seqs: &[AttnSeq]) -> Vec<Task> {
+    let group = shape.num_heads / shape.num_kv_heads;
     let mut tasks = Vec::new();
     for (s, seq) in seqs.iter().enumerate() {
+        let per_head = seq.n_tokens <= PER_HEAD_MAX_TOKENS;
         // Later chunks see more keys; queue them first so the pool ends balanced.
         let chunks = seq.n_tokens.div_ceil(QUERY_CHUNK);
         for c in (0..chunks).rev() {
             let first = c * QUERY_CHUNK;
             let count = QUERY_CHUNK.min(seq.n_tokens - first);
             for kv_head in 0..shape.num_kv_heads {
-                tasks.push(Task {
-                    seq: s,
-                    kv_head,
-                    first,
-                    count,
-                });
+                let group_heads = kv_head * group..(kv_head + 1) * group;
+                let head_ranges: Vec<(usize, usize)> = if per_head {
+                    group_heads.map(|h| (h, h + 1)).collect()
+                } else {
+                    vec![(group_heads.start, group_heads.end)]
+                };
+                for heads in head_ranges {
+                    tasks.push(Task {
+                        seq: s,
+                        kv_head,
+                        heads,
+                        first,
+                        count,
+                    });
+                }
             }
         }
     }
@@ -127,7 +144,6 @@ struct TaskCtx<'a> {
 impl TaskCtx<'_> {
     fn run(&self, task: Task, scratch: &mut Vec<f32>) {
         let d = self.shape.head_dim;
-        let group = self.shape.num_heads / self.shape.num_kv_heads;
         // Keys visible to the chunk's last query.
         let n_keys = self.seq.start_pos + task.first + task.count;
         let need = 2 * n_keys * d + n_keys;
@@ -141,7 +157,7 @@ impl TaskCtx<'_> {
         let scale = 1.0 / (d as f32).sqrt();
         for token in task.first..task.first + task.count {
             let visible = self.seq.start_pos + token + 1;
-            for head in task.kv_head * group..(task.kv_head + 1) * group {
+            for head in task.heads.0..task.heads.1 {
                 let q = self.query(token, head);
                 let scores = &mut scores[..visible];
                 score_keys(q, keys, scale, scores);
