@@ -5,14 +5,16 @@
 //! for each 32-column block in turn, the 8 rows' blocks side by side with their scales
 //! gathered:
 //!
-//! - Q4_1: `d[8]` f16, `m[8]` f16, then 4 row pairs of nibbles, each `[row 2p | row 2p+1]`
-//!   (16 + 16 bytes): 160 bytes per block, the same as 8 GGML blocks.
+//! - Q4_1: `d[8]` f16, `m[8]` f16, then the nibbles in 4 groups of 32 bytes: group `g`
+//!   holds bytes `4g..4g+4` of each row's 16 GGML nibble bytes, row `k` at `4k` (low
+//!   nibbles: elements `4g..4g+4`; high nibbles: elements `16+4g..16+4g+4`). 160 bytes
+//!   per block, the same as 8 GGML blocks.
 //! - Q4_0: as Q4_1 without `m`: 144 bytes.
 //! - Q8_0: `d[8]` f16 then the 8 rows' 32 quants: 272 bytes.
 //!
-//! For the 4-bit formats the scale of row `k` sits in slot [`q4_slot`]`(k)`, the order in
-//! which the AVX2 kernel's horizontal adds leave the row sums, so that one vector of
-//! scales multiplies one vector of sums. The bytes of each block are unchanged.
+//! The 4-bit grouping puts 4 consecutive elements of row `k` in 32-bit lane `k` of one
+//! AVX2 register, so multiply-adds against 4 broadcast activations leave each row's sum
+//! in its own lane, with no horizontal adds. Bytes are moved, never changed.
 
 use candle_core::quantized::GgmlDType;
 
@@ -64,36 +66,32 @@ impl PanelFormat {
         if self.has_min { 32 } else { 16 }
     }
 
-    /// Slot of row `k` in the scale arrays.
-    fn slot(&self, k: usize) -> usize {
-        if self.four_bit { q4_slot(k) } else { k }
-    }
-
     /// (offset in the panel block, offset in the GGML block, length) of the pieces of
     /// row `k`'s block: scale, optional min, quants.
     fn pieces(&self, k: usize) -> impl Iterator<Item = (usize, usize, usize)> {
-        let slot = self.slot(k);
-        let scale = (Self::SCALES + 2 * slot, 0, 2);
-        let min = self.has_min.then_some((Self::MINS + 2 * slot, 2, 2));
-        let quants = if self.four_bit {
-            (
-                self.quants() + (k / 2) * 32 + (k % 2) * 16,
-                self.ggml_block - 16,
-                16,
-            )
+        let scale = (Self::SCALES + 2 * k, 0, 2);
+        let min = self.has_min.then_some((Self::MINS + 2 * k, 2, 2));
+        let quants_at = self.quants();
+        let nibbles_at = self.ggml_block - 16;
+        let quants: Vec<(usize, usize, usize)> = if self.four_bit {
+            (0..4)
+                .map(|g| (quants_at + 32 * g + 4 * k, nibbles_at + 4 * g, 4))
+                .collect()
         } else {
-            (self.quants() + 32 * k, 2, 32)
+            vec![(quants_at + 32 * k, 2, 32)]
         };
-        std::iter::once(scale)
-            .chain(min)
-            .chain(std::iter::once(quants))
+        std::iter::once(scale).chain(min).chain(quants)
     }
 }
 
-/// Slot of row `k` (0..8) in a 4-bit panel's scale arrays: rows in the order
-/// `[0, 2, 4, 6, 1, 3, 5, 7]`.
-pub(crate) const fn q4_slot(k: usize) -> usize {
-    k / 2 + 4 * (k % 2)
+/// The 16 GGML nibble bytes of row `k` of a 4-bit panel block (see the module doc).
+pub(crate) fn q4_row_nibbles(format: &PanelFormat, block: &[u8], k: usize) -> [u8; 16] {
+    let mut nibbles = [0u8; 16];
+    for g in 0..4 {
+        let at = format.quants() + 32 * g + 4 * k;
+        nibbles[4 * g..4 * g + 4].copy_from_slice(&block[at..at + 4]);
+    }
+    nibbles
 }
 
 /// Bytes of a packed `[rows, cols]` matrix.

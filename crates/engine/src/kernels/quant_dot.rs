@@ -148,7 +148,7 @@ fn check_panel(panel: &[u8], format: &PanelFormat, acts: &Q8Acts, t0: usize, tok
 #[allow(dead_code)] // With AVX2 only the tests call these.
 pub(crate) mod scalar {
     use super::{PanelOut, Q8Acts, QK, check_panel};
-    use crate::kernels::packed::{PANEL_ROWS, PanelFormat, q4_slot};
+    use crate::kernels::packed::{PANEL_ROWS, PanelFormat, q4_row_nibbles};
     use crate::kernels::simd::f16_at;
 
     /// Quantizes 32 values to i8; returns (scale, scale · Σ q).
@@ -175,14 +175,13 @@ pub(crate) mod scalar {
         let mut out = [[0f32; PANEL_ROWS]; T];
         for (b, block) in panel.chunks_exact(format.panel_block).enumerate() {
             for k in 0..PANEL_ROWS {
-                let slot = q4_slot(k);
-                let d = f16_at(block, PanelFormat::SCALES + 2 * slot);
+                let d = f16_at(block, PanelFormat::SCALES + 2 * k);
                 let m = if HAS_MIN {
-                    f16_at(block, PanelFormat::MINS + 2 * slot)
+                    f16_at(block, PanelFormat::MINS + 2 * k)
                 } else {
                     -8.0 * d
                 };
-                let nibbles = &block[format.quants() + (k / 2) * 32 + (k % 2) * 16..][..16];
+                let nibbles = q4_row_nibbles(format, block, k);
                 for (t, out) in out.iter_mut().enumerate() {
                     let a = &acts.qs(t0 + t)[b * QK..(b + 1) * QK];
                     let dot: i32 = nibbles
@@ -412,7 +411,7 @@ pub(crate) mod avx2 {
         let n_blocks = acts.blocks_per_row();
         let qs: [&[i8]; T] = std::array::from_fn(|t| acts.qs(t0 + t));
         let scales: [&[f32]; T] = std::array::from_fn(|t| acts.scales(t0 + t));
-        let sums: [&[f32]; T] = std::array::from_fn(|t| acts.sums(t0 + t));
+        let act_sums: [&[f32]; T] = std::array::from_fn(|t| acts.sums(t0 + t));
         let low_nibbles = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); T];
@@ -429,42 +428,38 @@ pub(crate) mod avx2 {
             };
             let mut lo = [_mm256_setzero_si256(); 4];
             let mut hi = [_mm256_setzero_si256(); 4];
-            for p in 0..4 {
+            for g in 0..4 {
                 // SAFETY: `quants` holds 4 × 32 bytes.
-                let raw = unsafe { _mm256_loadu_si256(quants.as_ptr().add(32 * p).cast()) };
-                lo[p] = _mm256_and_si256(raw, low_nibbles);
-                hi[p] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low_nibbles);
+                let raw = unsafe { _mm256_loadu_si256(quants.as_ptr().add(32 * g).cast()) };
+                lo[g] = _mm256_and_si256(raw, low_nibbles);
+                hi[g] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low_nibbles);
             }
             for t in 0..T {
                 let a = &qs[t][b * QK..][..QK];
-                // Each 128-bit lane holds one row of a pair: give both lanes the same
-                // activations (elements 0..16 against low nibbles, 16..32 against high).
-                // SAFETY: `a` holds 32 bytes.
-                let (a_lo, a_hi) = unsafe {
-                    (
-                        _mm256_broadcastsi128_si256(_mm_loadu_si128(a.as_ptr().cast())),
-                        _mm256_broadcastsi128_si256(_mm_loadu_si128(a.as_ptr().add(16).cast())),
-                    )
-                };
-                let pair_sums: [__m256i; 4] = std::array::from_fn(|p| {
-                    let products = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(lo[p], a_lo),
-                        _mm256_maddubs_epi16(hi[p], a_hi),
-                    );
-                    _mm256_madd_epi16(products, ones)
-                });
-                // Lanes end up as rows [0, 2, 4, 6 | 1, 3, 5, 7]: the scales' slot order.
-                let row_sums = _mm256_hadd_epi32(
-                    _mm256_hadd_epi32(pair_sums[0], pair_sums[1]),
-                    _mm256_hadd_epi32(pair_sums[2], pair_sums[3]),
-                );
+                // Lane k of lo[g] holds row k's elements 4g..4g+4, of hi[g] elements
+                // 16+4g..16+4g+4: multiply each by the same 4 activations in every lane.
+                // Each i16 lane sums at most 8 products of 15 × 127 pairs: no saturation.
+                let mut sums = _mm256_setzero_si256();
+                for g in 0..4 {
+                    // SAFETY: `a` holds 32 bytes; 4g + 4 <= 16 and 16 + 4g + 4 <= 32.
+                    let (a_lo, a_hi) = unsafe {
+                        (
+                            _mm256_set1_epi32(a.as_ptr().add(4 * g).cast::<i32>().read_unaligned()),
+                            _mm256_set1_epi32(
+                                a.as_ptr().add(16 + 4 * g).cast::<i32>().read_unaligned(),
+                            ),
+                        )
+                    };
+                    sums = _mm256_add_epi16(sums, _mm256_maddubs_epi16(lo[g], a_lo));
+                    sums = _mm256_add_epi16(sums, _mm256_maddubs_epi16(hi[g], a_hi));
+                }
+                let row_sums = _mm256_madd_epi16(sums, ones);
                 let scale = _mm256_mul_ps(d, _mm256_set1_ps(scales[t][b]));
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(row_sums), scale, acc[t]);
-                acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(sums[t][b]), acc[t]);
+                acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(act_sums[t][b]), acc[t]);
             }
         }
-        let natural_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        std::array::from_fn(|t| to_array(_mm256_permutevar8x32_ps(acc[t], natural_order)))
+        std::array::from_fn(|t| to_array(acc[t]))
     }
 
     #[inline]
