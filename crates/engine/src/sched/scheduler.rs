@@ -162,12 +162,13 @@ impl EngineLoop {
 
     fn finish(&mut self, mut seq: Sequence, reason: FinishReason) {
         self.release_blocks(&mut seq);
-        seq.send_finished(reason);
+        // Counted before the caller hears of it, so its next /metrics read includes it.
         if reason != FinishReason::Aborted {
             let label = reason.as_openai();
             metrics::counter!(names::REQUEST_SUCCESS_TOTAL, "finished_reason" => label)
                 .increment(1);
         }
+        seq.send_finished(reason);
     }
 
     fn release_blocks(&mut self, seq: &mut Sequence) {
@@ -290,6 +291,9 @@ impl EngineLoop {
             return false;
         }
         let (cached, hashes) = self.blocks.match_prefix(&seq.tokens, max_cached);
+        // Now, not at the end of the step: the request's answer may reach its client
+        // first, and the counters must already include it.
+        self.publish_prefix_counters();
         let Some(fresh) = self.blocks.allocate(needed - cached.len()) else {
             let tail_first: Vec<_> = cached.iter().rev().copied().collect();
             self.blocks.release(&tail_first);
@@ -381,6 +385,11 @@ impl EngineLoop {
         metrics::gauge!(names::NUM_REQUESTS_RUNNING).set(stats.running as f64);
         metrics::gauge!(names::NUM_REQUESTS_WAITING).set(stats.waiting as f64);
         metrics::gauge!(names::KV_CACHE_USAGE_PERC).set(stats.kv_usage);
+        self.publish_prefix_counters();
+    }
+
+    fn publish_prefix_counters(&self) {
+        let prefix = self.blocks.prefix_cache_stats();
         metrics::counter!(names::PREFIX_CACHE_QUERIES_TOTAL).absolute(prefix.queries);
         metrics::counter!(names::PREFIX_CACHE_HITS_TOTAL).absolute(prefix.hits);
     }
