@@ -2,29 +2,10 @@
 //! against llama.cpp's greedy text for the same prompts (the engine's fixture), and
 //! with bad arguments.
 
-use std::process::Command;
+mod common;
 
-fn tandem() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tandem"))
-}
+use common::{default_model_present, tandem};
 
-/// The cached default model, or `None` (skip) unless CI requires it.
-fn default_model_present() -> bool {
-    let output = tandem()
-        .args(["model", "path"])
-        .output()
-        .expect("tandem runs");
-    let path = String::from_utf8_lossy(&output.stdout).trim().to_string();
-    if std::path::Path::new(&path).is_file() {
-        return true;
-    }
-    assert!(
-        std::env::var("TANDEM_REQUIRE_MODEL").as_deref() != Ok("1"),
-        "default model missing at {path}"
-    );
-    eprintln!("skipping: default model not found at {path}");
-    false
-}
 
 #[test]
 fn greedy_generation_prints_llamacpps_text_and_speeds() {

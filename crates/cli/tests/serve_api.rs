@@ -6,6 +6,10 @@
 //! bodies; a clean exit on SIGTERM; and the official `openai` Python client (when
 //! installed).
 
+mod common;
+
+use common::{default_model_present, tandem};
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -17,28 +21,6 @@ use serde_json::{Value, json};
 /// Context length the test servers run with: short, so that a fuzzed body that loses
 /// its `max_tokens` still finishes quickly.
 const MAX_MODEL_LEN: usize = 128;
-
-fn tandem() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tandem"))
-}
-
-/// The cached default model, or `None` (skip) unless CI requires it.
-fn default_model_present() -> bool {
-    let output = tandem()
-        .args(["model", "path"])
-        .output()
-        .expect("tandem runs");
-    let path = String::from_utf8_lossy(&output.stdout).trim().to_string();
-    if std::path::Path::new(&path).is_file() {
-        return true;
-    }
-    assert!(
-        std::env::var("TANDEM_REQUIRE_MODEL").as_deref() != Ok("1"),
-        "default model missing at {path}"
-    );
-    eprintln!("skipping: default model not found at {path}");
-    false
-}
 
 /// A running `tandem serve`, killed when dropped.
 struct Server {

@@ -115,8 +115,16 @@ impl TensorSource for GgufSource {
 /// One or more safetensors shards of a Hugging Face checkpoint.
 pub struct SafetensorsSource {
     shards: Vec<(PathBuf, Mmap)>,
-    /// Tensor name → index into `shards`.
-    index: HashMap<String, usize>,
+    /// Tensor name → where it lives, from each shard's header parsed once at open.
+    index: HashMap<String, TensorEntry>,
+}
+
+struct TensorEntry {
+    shard: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    /// Byte range of the data inside the shard's map.
+    bytes: std::ops::Range<usize>,
 }
 
 impl SafetensorsSource {
@@ -129,8 +137,15 @@ impl SafetensorsSource {
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
             let tensors = safetensors::SafeTensors::deserialize(&mmap)
                 .map_err(|e| ModelError::corrupt(path, "safetensors", e))?;
-            for name in tensors.names() {
-                index.insert(name.to_string(), i);
+            for (name, view) in tensors.tensors() {
+                let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+                let entry = TensorEntry {
+                    shard: i,
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    bytes: start..start + view.data().len(),
+                };
+                index.insert(name, entry);
             }
             shards.push((path.clone(), mmap));
         }
@@ -141,7 +156,7 @@ impl SafetensorsSource {
 impl TensorSource for SafetensorsSource {
     fn path_of(&self, name: &str) -> PathBuf {
         match self.index.get(name) {
-            Some(&i) => self.shards[i].0.clone(),
+            Some(entry) => self.shards[entry.shard].0.clone(),
             None => self.shards.first().map(|s| s.0.clone()).unwrap_or_default(),
         }
     }
@@ -151,22 +166,18 @@ impl TensorSource for SafetensorsSource {
     }
 
     fn read(&self, name: &str) -> Result<RawTensor, ModelError> {
-        let shard = *self
+        let entry = self
             .index
             .get(name)
             .ok_or_else(|| ModelError::MissingTensor {
                 path: self.path_of(name),
                 tensor: name.into(),
             })?;
-        let (path, mmap) = &self.shards[shard];
-        let tensors = safetensors::SafeTensors::deserialize(mmap)
-            .map_err(|e| ModelError::corrupt(path, "safetensors", e))?;
-        let view = tensors
-            .tensor(name)
-            .map_err(|e| ModelError::corrupt(path, "safetensors", e))?;
-        let shape = view.shape().to_vec();
-        let data = view.data();
-        let (dtype, bytes) = match view.dtype() {
+        let (path, mmap) = &self.shards[entry.shard];
+        // In bounds: the safetensors parser checked every range against the file.
+        let data = &mmap[entry.bytes.clone()];
+        let shape = entry.shape.clone();
+        let (dtype, bytes) = match entry.dtype {
             safetensors::Dtype::F32 => (GgmlDType::F32, data.to_vec()),
             safetensors::Dtype::F16 => (GgmlDType::F16, data.to_vec()),
             // AVX2 has no bf16 arithmetic; widening to f32 is exact.
