@@ -6,7 +6,6 @@ mod common;
 
 use common::{default_model_present, tandem};
 
-
 #[test]
 fn greedy_generation_prints_llamacpps_text_and_speeds() {
     if !default_model_present() {
