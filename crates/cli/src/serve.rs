@@ -1,7 +1,10 @@
 //! `tandem serve`: the built-in engine behind its OpenAI-compatible HTTP API. Loads the
-//! model, starts the engine loop, serves until SIGTERM or SIGINT, then stops accepting
-//! connections and lets the requests in flight finish (within a bound).
+//! model, starts the engine loop and the KV hand-off (a listener for decode workers
+//! with `--kv-port`; pulls from prefill workers always), serves until SIGTERM or SIGINT,
+//! then stops accepting connections and lets the requests in flight finish (within a
+//! bound).
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,13 +12,14 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use tandem_engine::LoadedModel;
-use tandem_engine::api::{self, ServedModel, ServerState};
+use tandem_engine::api::{self, HandoffInfo, ServedModel, ServerState};
 use tandem_engine::fetch;
 use tandem_engine::kv::{KvDtype, KvOptions};
 use tandem_engine::metrics::install_prometheus_recorder;
 use tandem_engine::model::LoadOptions;
-use tandem_engine::sched::{self, EngineConfig};
-use tokio::sync::Notify;
+use tandem_engine::sched::{self, EngineConfig, EngineHandle, HandoffLinks};
+use tandem_engine::transfer::{self, Fingerprint, KvServer, LeaseTable, Limits, LoadFailurePolicy};
+use tokio::sync::{Notify, mpsc};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -60,6 +64,40 @@ pub struct ServeArgs {
     /// Seconds that requests in flight get to finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
+    /// Port of the KV hand-off listener that decode workers read prefilled KV from
+    /// (0: any free port). Without it this worker cannot be a prefill leg.
+    #[arg(long)]
+    kv_port: Option<u16>,
+    /// Address decode workers reach the hand-off listener at (`remote_host`). Default:
+    /// `--host`, or 127.0.0.1 when that is a wildcard address.
+    #[arg(long)]
+    kv_host: Option<String>,
+    /// This worker's hand-off identity (`remote_engine_id`). Default: a fresh UUID.
+    #[arg(long)]
+    engine_id: Option<String>,
+    /// Seconds a prefill leg's KV is held for its decode worker without a heartbeat.
+    #[arg(long, default_value_t = 30.0)]
+    kv_lease_secs: f64,
+    /// What a decode leg does when its KV cannot be pulled.
+    #[arg(long, value_enum, default_value_t = FailurePolicy::Recompute)]
+    kv_load_failure_policy: FailurePolicy,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FailurePolicy {
+    /// Compute the prompt locally (logged and counted).
+    Recompute,
+    /// Fail the request (HTTP 500, or an error event when streaming).
+    Fail,
+}
+
+impl From<FailurePolicy> for LoadFailurePolicy {
+    fn from(policy: FailurePolicy) -> Self {
+        match policy {
+            FailurePolicy::Recompute => LoadFailurePolicy::Recompute,
+            FailurePolicy::Fail => LoadFailurePolicy::Fail,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -107,26 +145,115 @@ pub fn run(args: ServeArgs) -> Result<()> {
         threads: args.threads,
         max_model_len,
     };
+    let lease = Duration::try_from_secs_f64(args.kv_lease_secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--kv-lease-secs must be a positive number of seconds")?;
+    let identity = transfer::model_identity(&path)
+        .with_context(|| format!("reading {} for its identity", path.display()))?;
+    let fingerprint = Fingerprint::new(identity, loaded.model.kv_layout(kv));
     let LoadedModel {
         model,
         tokenizer,
         chat_template,
         ..
     } = loaded;
-    let engine = sched::spawn(model, config).context("starting the engine")?;
+    let leases = args.kv_port.map(|_| Arc::new(LeaseTable::new(lease)));
+    let (puller, puller_messages) = mpsc::unbounded_channel();
+    let links = HandoffLinks {
+        leases: leases.clone(),
+        puller: Some(puller),
+        load_failure_policy: args.kv_load_failure_policy.into(),
+    };
+    let engine = sched::spawn_with_handoff(model, config, links).context("starting the engine")?;
+    let local = transfer::Local {
+        engine_id: args
+            .engine_id
+            .clone()
+            .unwrap_or_else(transfer::new_engine_id),
+        fingerprint,
+        memory: engine.kv_memory(),
+        limits: Limits::default(),
+    };
     let metrics = install_prometheus_recorder()
         .map_err(|e| tracing::warn!("metrics are disabled: {e}"))
         .ok();
-    let state = ServerState::new(engine, tokenizer, chat_template, served, metrics);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let grace = Duration::from_secs(args.shutdown_timeout);
-    let result = runtime.block_on(serve_until_signal(&args.host, args.port, state, grace));
+    let result = runtime.block_on(async {
+        transfer::spawn_puller(
+            puller_messages,
+            engine.downgrade(),
+            local.clone(),
+            lease / 6,
+        );
+        let listener = match leases {
+            Some(leases) => Some(start_kv_listener(&args, &engine, local.clone(), leases).await?),
+            None => None,
+        };
+        let handoff = HandoffInfo {
+            engine_id: local.engine_id.clone(),
+            listener,
+            load_failure_policy: args.kv_load_failure_policy.into(),
+        };
+        let state = ServerState::new(engine, tokenizer, chat_template, served, metrics)
+            .with_handoff(handoff);
+        let grace = Duration::from_secs(args.shutdown_timeout);
+        serve_until_signal(&args.host, args.port, state, grace).await
+    });
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// Binds and starts the hand-off listener; returns the advertised `(host, port)`.
+async fn start_kv_listener(
+    args: &ServeArgs,
+    engine: &EngineHandle,
+    local: transfer::Local,
+    leases: Arc<LeaseTable>,
+) -> Result<(String, u16)> {
+    let port = args.kv_port.unwrap_or(0);
+    let bind: IpAddr = args
+        .host
+        .parse()
+        .with_context(|| format!("--host {} is not an IP address", args.host))?;
+    let engine_id = local.engine_id.clone();
+    let server = KvServer::bind((bind, port).into(), local, leases, engine.downgrade())
+        .await
+        .with_context(|| format!("listening for KV hand-offs on {bind}:{port}"))?;
+    let port = server.local_addr()?.port();
+    let advertised = advertised_kv_host(args.kv_host.as_deref(), bind);
+    tokio::spawn(server.run(std::future::pending()));
+    eprintln!(
+        "KV hand-off on {bind}:{port}, advertised as {advertised}:{port} (engine {engine_id})"
+    );
+    Ok((advertised, port))
+}
+
+/// `--kv-host`, else the listening address unless it is a wildcard. A loopback
+/// address advertised by a worker that listens beyond loopback is probably a mistake
+/// (decode workers on other hosts could not reach it): warn.
+fn advertised_kv_host(kv_host: Option<&str>, bind: IpAddr) -> String {
+    let advertised = match kv_host {
+        Some(host) => host.to_owned(),
+        None if bind.is_unspecified() => "127.0.0.1".to_owned(),
+        None => bind.to_string(),
+    };
+    let advertised_loopback = advertised == "localhost"
+        || advertised
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if advertised_loopback && !bind.is_loopback() {
+        tracing::warn!(
+            "the KV hand-off is advertised as {advertised}, a loopback address, but the \
+             worker listens on {bind}: decode workers on other hosts cannot reach it \
+             (set --kv-host to a routable address)"
+        );
+    }
+    advertised
 }
 
 /// The request length limit: `--max-model-len`, else the model's context, lowered to

@@ -8,11 +8,9 @@
 
 mod common;
 
-use common::{default_model_present, tandem};
+use common::{Server, assert_error, default_model_present, metric_value, sse_payloads};
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -22,130 +20,20 @@ use serde_json::{Value, json};
 /// its `max_tokens` still finishes quickly.
 const MAX_MODEL_LEN: usize = 128;
 
-/// A running `tandem serve`, killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-    client: reqwest::Client,
-}
-
-impl Server {
-    fn start() -> Self {
-        let mut child = tandem()
-            .args(["serve", "--port", "0", "--threads", "2"])
-            .args(["--served-model-name", "smol"])
-            .args(["--max-model-len", &MAX_MODEL_LEN.to_string()])
-            .args(["--kv-cache-memory", "64MiB", "--shutdown-timeout", "20"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tandem serve starts");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let (address_tx, address_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[serve] {line}");
-                if let Some(at) = line.find("http://") {
-                    let _ = address_tx.send(line[at..].trim().to_owned());
-                }
-            }
-        });
-        let base = address_rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("the server reports its address");
-        Self {
-            child,
-            base,
-            client: reqwest::Client::new(),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.post_raw(path, body.to_string()).await
-    }
-
-    async fn post_raw(&self, path: &str, body: String) -> (u16, Value) {
-        let response = self
-            .client
-            .post(self.url(path))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .expect("the server answers");
-        let status = response.status().as_u16();
-        let text = response.text().await.expect("a body");
-        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        (status, json)
-    }
-
-    /// The `data:` payloads of a streamed response, `[DONE]` included.
-    async fn post_stream(&self, path: &str, body: &Value) -> Vec<String> {
-        let response = self
-            .client
-            .post(self.url(path))
-            .json(body)
-            .send()
-            .await
-            .expect("the server answers");
-        assert_eq!(response.status(), 200);
-        let content_type = response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .to_owned();
-        assert!(
-            content_type.starts_with("text/event-stream"),
-            "{content_type}"
-        );
-        let mut bytes = Vec::new();
-        let mut stream = response.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            bytes.extend_from_slice(&chunk.expect("the stream reads"));
-        }
-        sse_payloads(&String::from_utf8(bytes).expect("UTF-8 events"))
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn sse_payloads(text: &str) -> Vec<String> {
-    text.split("\n\n")
-        .filter(|event| !event.trim().is_empty())
-        .map(|event| {
-            event
-                .strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("not a data event: {event:?}"))
-                .to_owned()
-        })
-        .collect()
-}
-
-/// Checks the `{"error":{message,type,param,code}}` body of an error answer.
-fn assert_error(status: u16, body: &Value, expected_status: u16) {
-    assert_eq!(status, expected_status, "{body}");
-    let error = &body["error"];
-    assert!(
-        error["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
-    assert!(error["type"].is_string(), "{body}");
-    assert!(
-        error["param"].is_string() || error["param"].is_null(),
-        "{body}"
-    );
-    assert_eq!(error["code"], json!(expected_status), "{body}");
+/// The server most tests talk to.
+fn start_server() -> Server {
+    Server::start(&[
+        "--threads",
+        "2",
+        "--served-model-name",
+        "smol",
+        "--max-model-len",
+        &MAX_MODEL_LEN.to_string(),
+        "--kv-cache-memory",
+        "64MiB",
+        "--shutdown-timeout",
+        "20",
+    ])
 }
 
 const PROMPT: &str = "The capital of France is";
@@ -155,7 +43,7 @@ async fn completions_and_chat_whole_and_streamed() {
     if !default_model_present() {
         return;
     }
-    let server = Server::start();
+    let server = start_server();
 
     // Greedy completion: llama.cpp's continuation, usage counted.
     let body = json!({"model": "smol", "prompt": PROMPT, "max_tokens": 3, "temperature": 0});
@@ -267,7 +155,7 @@ async fn concurrent_requests_match_each_alone_and_share_prefixes() {
     if !default_model_present() {
         return;
     }
-    let server = Server::start();
+    let server = start_server();
     let prompts = [
         "What is a REST API?",
         "Explain database indexing.",
@@ -321,7 +209,7 @@ async fn info_endpoints_and_request_ids() {
     if !default_model_present() {
         return;
     }
-    let server = Server::start();
+    let server = start_server();
     let client = &server.client;
     let health = client.get(server.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);
@@ -389,7 +277,7 @@ async fn bad_input_gets_openai_errors_with_the_right_status() {
     if !default_model_present() {
         return;
     }
-    let server = Server::start();
+    let server = start_server();
     let long_prompt = "hello ".repeat(MAX_MODEL_LEN + 10);
     let completions: Vec<(&str, String, u16)> = vec![
         ("malformed JSON", r#"{"prompt": "x""#.into(), 400),
@@ -566,44 +454,12 @@ async fn bad_input_gets_openai_errors_with_the_right_status() {
     assert_eq!(status, 200);
 }
 
-/// The value of an unlabelled metric in a Prometheus text exposition.
-fn metric_value(exposition: &str, name: &str) -> Option<f64> {
-    exposition.lines().find_map(|line| {
-        line.strip_prefix(name)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
-impl Server {
-    async fn metrics(&self) -> String {
-        let response = self.client.get(self.url("/metrics")).send().await.unwrap();
-        response.text().await.unwrap()
-    }
-
-    /// Waits until no request runs and KV usage is back to `idle_usage`.
-    async fn wait_until_idle(&self, idle_usage: f64) {
-        for _ in 0..100 {
-            let metrics = self.metrics().await;
-            let running = metric_value(&metrics, "vllm:num_requests_running");
-            let usage = metric_value(&metrics, "vllm:kv_cache_usage_perc");
-            if running == Some(0.0) && usage == Some(idle_usage) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the engine did not go idle:\n{}", self.metrics().await);
-    }
-}
-
 #[tokio::test]
 async fn client_disconnects_abort_requests_and_free_their_blocks() {
     if !default_model_present() {
         return;
     }
-    let server = Server::start();
+    let server = start_server();
     let idle = metric_value(&server.metrics().await, "vllm:kv_cache_usage_perc").unwrap_or(0.0);
     let long = json!({"prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": true,
                       "temperature": 0, "stream": true});
@@ -797,7 +653,7 @@ async fn fuzzed_bodies_get_well_formed_answers_and_the_server_stays_up() {
     if !default_model_present() {
         return;
     }
-    let server = Server::start();
+    let server = start_server();
     let mut rng = Lcg(0x07a4_de11);
     let cases: Vec<(&str, String)> = (0..1200)
         .map(|i| {
@@ -871,7 +727,7 @@ async fn sigterm_lets_requests_in_flight_finish_and_exits_zero() {
     if !default_model_present() {
         return;
     }
-    let mut server = Server::start();
+    let mut server = start_server();
     let body = json!({"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0,
                       "ignore_eos": true, "stream": true});
     let response = server
@@ -950,7 +806,7 @@ async fn the_official_openai_python_client_works() {
         eprintln!("skipping: the `openai` Python package is not installed");
         return;
     }
-    let server = Server::start();
+    let server = start_server();
     let base = server.url("/v1");
     let output = tokio::task::spawn_blocking(move || {
         Command::new("python3")

@@ -25,6 +25,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         sampling: SamplingParams::greedy(),
         max_tokens,
         stop_token_ids: Vec::new(),
+        kv: Default::default(),
     }
 }
 

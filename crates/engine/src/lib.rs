@@ -10,6 +10,7 @@
 //! - [`sched`]: the engine loop that serves many sequences at once.
 //! - [`fetch`]: where the default model lives and how it is obtained.
 //! - [`loaded`]: weights, tokenizer and chat template loaded together.
+//! - [`transfer`]: the prefill/decode KV hand-off between workers.
 //! - [`api`]: the worker's OpenAI-compatible HTTP API; [`metrics`]: its metric names.
 
 pub mod api;
@@ -25,6 +26,7 @@ pub mod model;
 pub mod sample;
 pub mod sched;
 pub mod tokenizer;
+pub mod transfer;
 
 pub use error::ModelError;
 pub use loaded::LoadedModel;

@@ -35,6 +35,29 @@ pub const PREFIX_CACHE_HITS_TOTAL: &str = "vllm:prefix_cache_hits_total";
 /// Counter: running requests preempted (their KV freed, to be recomputed).
 pub const NUM_PREEMPTIONS_TOTAL: &str = "vllm:num_preemptions_total";
 
+/// Counter, label [`DIRECTION`]: KV bytes moved by the hand-off (`sent` by P,
+/// `received` by D).
+pub const KV_TRANSFER_BYTES_TOTAL: &str = "tandem:kv_transfer_bytes_total";
+/// Counter, label [`DIRECTION`]: KV blocks moved by the hand-off.
+pub const KV_TRANSFER_BLOCKS_TOTAL: &str = "tandem:kv_transfer_blocks_total";
+/// Histogram: seconds of one pull on D, connect to done.
+pub const KV_TRANSFER_SECONDS: &str = "tandem:kv_transfer_seconds";
+/// Counter, label [`KIND`]: pulls that failed on D (`unreachable`, `handshake`,
+/// `refused`, `transfer`, `invalid_params`).
+pub const KV_TRANSFER_FAILURES_TOTAL: &str = "tandem:kv_transfer_failures_total";
+/// Counter: decode requests whose remote KV could not be pulled and whose prompt was
+/// computed locally instead (`--kv-load-failure-policy recompute`).
+pub const KV_LOAD_RECOMPUTES_TOTAL: &str = "tandem:kv_load_recomputes_total";
+/// Gauge: blocks P holds under leases for remote readers.
+pub const KV_BLOCKS_HELD_FOR_REMOTE: &str = "tandem:kv_blocks_held_for_remote";
+/// Counter: leases that expired unread (vLLM's NIXL metric of the same meaning).
+pub const KV_EXPIRED_LEASES_TOTAL: &str = "vllm:nixl_num_kv_expired_reqs_total";
+
+/// Label of the KV transfer byte and block counters: `sent` or `received`.
+pub const DIRECTION: &str = "direction";
+/// Label of [`KV_TRANSFER_FAILURES_TOTAL`]: the failure kind.
+pub const KIND: &str = "kind";
+
 /// Label of [`REQUEST_SUCCESS_TOTAL`]: the OpenAI `finish_reason`.
 pub const FINISHED_REASON: &str = "finished_reason";
 
@@ -54,6 +77,12 @@ const REQUEST_LATENCY_BUCKETS: &[f64] = &[
     480.0, 960.0, 1920.0, 7680.0,
 ];
 
+/// KV pull durations, seconds (loopback pulls take about a millisecond).
+const KV_TRANSFER_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
 /// Installs the process-wide Prometheus recorder with vLLM's histogram buckets and
 /// describes every metric; the handle renders the text exposition for `/metrics`.
 pub fn install_prometheus_recorder() -> Result<PrometheusHandle, BuildError> {
@@ -69,6 +98,10 @@ pub fn install_prometheus_recorder() -> Result<PrometheusHandle, BuildError> {
         .set_buckets_for_metric(
             Matcher::Full(E2E_REQUEST_LATENCY_SECONDS.into()),
             REQUEST_LATENCY_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(KV_TRANSFER_SECONDS.into()),
+            KV_TRANSFER_BUCKETS,
         )?
         .install_recorder()?;
     describe_all();
@@ -125,5 +158,35 @@ fn describe_all() {
     describe_counter!(
         NUM_PREEMPTIONS_TOTAL,
         "Cumulative number of preemption from the engine."
+    );
+    describe_counter!(
+        KV_TRANSFER_BYTES_TOTAL,
+        Unit::Bytes,
+        "KV cache bytes moved by the prefill/decode hand-off."
+    );
+    describe_counter!(
+        KV_TRANSFER_BLOCKS_TOTAL,
+        "KV cache blocks moved by the prefill/decode hand-off."
+    );
+    describe_histogram!(
+        KV_TRANSFER_SECONDS,
+        Unit::Seconds,
+        "Seconds of one KV pull on the decode side, connect to done."
+    );
+    describe_counter!(
+        KV_TRANSFER_FAILURES_TOTAL,
+        "KV pulls that failed on the decode side, by kind."
+    );
+    describe_counter!(
+        KV_LOAD_RECOMPUTES_TOTAL,
+        "Decode requests that computed their prompt locally after a failed KV pull."
+    );
+    describe_gauge!(
+        KV_BLOCKS_HELD_FOR_REMOTE,
+        "KV cache blocks held under leases for remote decode workers."
+    );
+    describe_counter!(
+        KV_EXPIRED_LEASES_TOTAL,
+        "Requests whose KV blocks were released because their lease expired."
     );
 }

@@ -59,6 +59,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         sampling: SamplingParams::greedy(),
         max_tokens,
         stop_token_ids: Vec::new(),
+        kv: Default::default(),
     }
 }
 
@@ -80,7 +81,7 @@ fn run_all(
                     loop {
                         match stream.next().await {
                             Some(GenerationEvent::Token(t)) => tokens.push(t),
-                            Some(GenerationEvent::Finished { reason, usage }) => {
+                            Some(GenerationEvent::Finished { reason, usage, .. }) => {
                                 return (tokens, reason, usage);
                             }
                             other => panic!("unexpected event {other:?}"),

@@ -2,5 +2,7 @@
 //!
 //! - [`openai`]: the OpenAI-compatible API as vLLM serves it: requests, responses,
 //!   stream chunks, the model list and the error body.
+//! - [`pd`]: `kv_transfer_params`, the field of vLLM's prefill/decode protocol.
 
 pub mod openai;
+pub mod pd;

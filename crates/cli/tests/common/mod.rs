@@ -1,7 +1,13 @@
 //! Helpers shared by the CLI's end-to-end tests.
 #![allow(dead_code)]
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
 
 /// The `tandem` binary under test.
 pub fn tandem() -> Command {
@@ -25,4 +31,161 @@ pub fn default_model_present() -> bool {
     );
     eprintln!("skipping: default model not found at {path}");
     false
+}
+
+/// A running `tandem serve`, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    base: String,
+    pub client: reqwest::Client,
+}
+
+impl Server {
+    /// `tandem serve --port 0` with `args`; waits until it listens.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = tandem()
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tandem serve starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (address_tx, address_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[serve] {line}");
+                if let Some(at) = line.find("http://") {
+                    let _ = address_tx.send(line[at..].trim().to_owned());
+                }
+            }
+        });
+        let base = address_rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the server reports its address");
+        Self {
+            child,
+            base,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_raw(path, body.to_string()).await
+    }
+
+    pub async fn post_raw(&self, path: &str, body: String) -> (u16, Value) {
+        let response = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("the server answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("a body");
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, json)
+    }
+
+    /// The `data:` payloads of a streamed response, `[DONE]` included.
+    pub async fn post_stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let response = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("the server answers");
+        assert_eq!(response.status(), 200);
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
+        let mut bytes = Vec::new();
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            bytes.extend_from_slice(&chunk.expect("the stream reads"));
+        }
+        sse_payloads(&String::from_utf8(bytes).expect("UTF-8 events"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn sse_payloads(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter(|event| !event.trim().is_empty())
+        .map(|event| {
+            event
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not a data event: {event:?}"))
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Checks the `{"error":{message,type,param,code}}` body of an error answer.
+pub fn assert_error(status: u16, body: &Value, expected_status: u16) {
+    assert_eq!(status, expected_status, "{body}");
+    let error = &body["error"];
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(error["type"].is_string(), "{body}");
+    assert!(
+        error["param"].is_string() || error["param"].is_null(),
+        "{body}"
+    );
+    assert_eq!(error["code"], json!(expected_status), "{body}");
+}
+
+/// The value of an unlabelled metric in a Prometheus text exposition.
+pub fn metric_value(exposition: &str, name: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        line.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+impl Server {
+    pub async fn metrics(&self) -> String {
+        let response = self.client.get(self.url("/metrics")).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
+    /// Waits until no request runs and KV usage is back to `idle_usage`.
+    pub async fn wait_until_idle(&self, idle_usage: f64) {
+        for _ in 0..100 {
+            let metrics = self.metrics().await;
+            let running = metric_value(&metrics, "vllm:num_requests_running");
+            let usage = metric_value(&metrics, "vllm:kv_cache_usage_perc");
+            if running == Some(0.0) && usage == Some(idle_usage) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the engine did not go idle:\n{}", self.metrics().await);
+    }
 }

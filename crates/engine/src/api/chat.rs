@@ -16,6 +16,7 @@ use tandem_protocol::openai::{
 
 use super::error::{HttpError, parse_json_body};
 use super::generation::{ChoiceRun, collect};
+use super::handoff;
 use super::request_id::RequestId;
 use super::sse::{self, ChunkWriter, Endpoint};
 use super::validate::{self, PromptNoun};
@@ -45,7 +46,7 @@ pub async fn create(
     if stream {
         return Ok(sse::response(writer, vec![run], include_usage).into_response());
     }
-    Ok(Json(respond_whole(writer, run).await?).into_response())
+    Ok(Json(respond_whole(writer, run, &state).await?).into_response())
 }
 
 /// Validates the request and submits it; returns the run and the stream flags.
@@ -62,7 +63,7 @@ fn start(
             "logprobs is not supported.",
         ));
     }
-    let options = validate::output_options(
+    let mut options = validate::output_options(
         &request.sampling,
         (request.max_tokens_field(), request.max_tokens()),
         &state.tokenizer,
@@ -72,6 +73,12 @@ fn start(
         &request.messages,
         state.chat_template.as_ref(),
         &state.tokenizer,
+    )?;
+    options.kv = handoff::kv_role(
+        request.sampling.kv_transfer_params.as_ref(),
+        options.stream,
+        1,
+        state.handoff.as_ref(),
     )?;
     let prompt = validate::fit_to_context(
         ids,
@@ -95,10 +102,15 @@ fn start(
 async fn respond_whole(
     writer: ChunkWriter,
     run: ChoiceRun,
+    state: &SharedState,
 ) -> Result<ChatCompletionResponse, ApiError> {
     let choice = collect(run)
         .await
         .map_err(|failure| ApiError::internal(failure.to_string()))?;
+    let kv_transfer_params = match (&choice.handoff, &state.handoff) {
+        (Some(handoff), Some(info)) => handoff::response_params(handoff, info),
+        _ => None,
+    };
     Ok(ChatCompletionResponse {
         id: writer.id,
         object: CHAT_COMPLETION.into(),
@@ -115,6 +127,6 @@ async fn respond_whole(
             stop_reason: choice.stop_reason.map(Value::String),
         }],
         usage: choice.usage,
-        kv_transfer_params: None,
+        kv_transfer_params,
     })
 }

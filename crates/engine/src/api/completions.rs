@@ -17,6 +17,7 @@ use tandem_protocol::openai::{
 
 use super::error::{HttpError, parse_json_body};
 use super::generation::{ChoiceRun, collect};
+use super::handoff;
 use super::request_id::RequestId;
 use super::sse::{self, ChunkWriter, Endpoint};
 use super::validate::{self, PromptNoun};
@@ -46,7 +47,7 @@ pub async fn create(
     if stream {
         return Ok(sse::response(writer, runs, include_usage).into_response());
     }
-    Ok(Json(respond_whole(writer, runs).await?).into_response())
+    Ok(Json(respond_whole(writer, runs, &state).await?).into_response())
 }
 
 /// Validates the request and submits its prompts; returns the runs and the stream
@@ -67,7 +68,7 @@ fn start(
             "logprobs is not supported.",
         ));
     }
-    let options = validate::output_options(
+    let mut options = validate::output_options(
         &request.sampling,
         ("max_tokens", request.sampling.max_tokens),
         &state.tokenizer,
@@ -80,6 +81,12 @@ fn start(
             "The prompt cannot be empty.",
         ));
     }
+    options.kv = handoff::kv_role(
+        request.sampling.kv_transfer_params.as_ref(),
+        options.stream,
+        inputs.len(),
+        state.handoff.as_ref(),
+    )?;
     let prompts = inputs
         .into_iter()
         .map(|input| {
@@ -105,13 +112,18 @@ fn start(
 async fn respond_whole(
     writer: ChunkWriter,
     runs: Vec<ChoiceRun>,
+    state: &SharedState,
 ) -> Result<CompletionResponse, ApiError> {
     let collected = join_all(runs.into_iter().map(collect)).await;
     let mut choices = Vec::with_capacity(collected.len());
     let mut usage = Vec::with_capacity(collected.len());
+    let mut kv_transfer_params = None;
     for result in collected {
         let choice = result.map_err(|failure| ApiError::internal(failure.to_string()))?;
         usage.push(choice.usage);
+        if let (Some(handoff), Some(info)) = (&choice.handoff, &state.handoff) {
+            kv_transfer_params = handoff::response_params(handoff, info);
+        }
         choices.push(CompletionChoice {
             index: choice.index,
             text: choice.text,
@@ -127,6 +139,6 @@ async fn respond_whole(
         model: writer.model,
         choices,
         usage: UsageInfo::sum(usage),
-        kv_transfer_params: None,
+        kv_transfer_params,
     })
 }

@@ -13,6 +13,7 @@ use super::stop::{StopMatcher, StopOutcome};
 use crate::metrics as names;
 use crate::sched::{FinishReason, GenerationEvent, GenerationStream, Usage};
 use crate::tokenizer::IncrementalDecoder;
+use crate::transfer::Handoff;
 
 /// What a running choice reports, in order: text pieces, then one end.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +27,8 @@ pub enum ChoiceEvent {
         /// The stop string that ended it (vLLM's `stop_reason`).
         stop_reason: Option<String>,
         usage: UsageInfo,
+        /// Where a prefill leg's KV waits for its decode worker.
+        handoff: Option<Handoff>,
     },
     /// The engine could not run it.
     Failed { index: usize, message: String },
@@ -41,6 +44,8 @@ pub struct ChoiceRun {
     prompt_tokens: usize,
     completion_tokens: usize,
     queued: VecDeque<ChoiceEvent>,
+    /// A stop string matched: the text is complete, the engine's end is awaited.
+    stopped: bool,
     ended: bool,
 }
 
@@ -63,6 +68,7 @@ impl ChoiceRun {
             prompt_tokens,
             completion_tokens: 0,
             queued: VecDeque::new(),
+            stopped: false,
             ended: false,
         }
     }
@@ -93,13 +99,21 @@ impl ChoiceRun {
     fn handle(&mut self, event: Option<GenerationEvent>) {
         match event {
             Some(GenerationEvent::Token(id)) => self.on_token(id),
-            Some(GenerationEvent::Finished { reason, usage }) => self.on_finished(reason, usage),
+            Some(GenerationEvent::Finished {
+                reason,
+                usage,
+                handoff,
+            }) => self.on_finished(reason, usage, handoff),
             Some(GenerationEvent::Failed(message)) => self.fail(message),
             None => self.fail("the engine stopped before the request finished".into()),
         }
     }
 
     fn on_token(&mut self, id: u32) {
+        if self.stopped {
+            // Generated before the engine heard of the stop: not part of the output.
+            return;
+        }
         self.completion_tokens += 1;
         self.timer.token();
         let Some(text) = self.decoder.push(id) else {
@@ -108,30 +122,31 @@ impl ChoiceRun {
         match self.stop.push(&text) {
             StopOutcome::Emit(text) => self.queue_text(text),
             StopOutcome::Stopped(text) => {
-                self.stream.cancel();
+                // The engine ends the request as stopped and still reports its usage
+                // (and, for a prefill leg, its hand-off).
+                self.stream.stop();
+                self.stopped = true;
                 self.queue_text(text);
-                let usage = Usage {
-                    prompt_tokens: self.prompt_tokens,
-                    completion_tokens: self.completion_tokens,
-                    cached_tokens: 0,
-                };
-                self.finish(FinishReason::Stop, usage, true);
             }
         }
     }
 
-    fn on_finished(&mut self, reason: FinishReason, usage: Usage) {
+    fn on_finished(&mut self, reason: FinishReason, mut usage: Usage, handoff: Option<Handoff>) {
+        if self.stopped {
+            usage.completion_tokens = self.completion_tokens;
+            self.finish(FinishReason::Stop, usage, handoff);
+            return;
+        }
         if let Some(rest) = self.decoder.finish()
             && let StopOutcome::Stopped(text) = self.stop.push(&rest)
         {
-            // The engine already counted this request with its own reason.
             self.queue_text(text);
-            self.finish(FinishReason::Stop, usage, false);
+            self.finish(FinishReason::Stop, usage, handoff);
             return;
         }
         let rest = self.stop.finish();
         self.queue_text(rest);
-        self.finish(reason, usage, false);
+        self.finish(reason, usage, handoff);
     }
 
     fn queue_text(&mut self, text: String) {
@@ -143,9 +158,9 @@ impl ChoiceRun {
         }
     }
 
-    fn finish(&mut self, reason: FinishReason, usage: Usage, decided_here: bool) {
+    fn finish(&mut self, reason: FinishReason, usage: Usage, handoff: Option<Handoff>) {
         self.ended = true;
-        self.timer.finished(reason, &usage, decided_here);
+        self.timer.finished(reason, &usage, false);
         self.queued.push_back(ChoiceEvent::Finished {
             index: self.index,
             reason,
@@ -155,6 +170,7 @@ impl ChoiceRun {
                 usage.completion_tokens,
                 usage.cached_tokens,
             ),
+            handoff,
         });
     }
 
@@ -211,8 +227,8 @@ impl RequestTimer {
     }
 
     /// Records the end of a request. The engine loop counts generated tokens and the
-    /// requests it ends itself; `decided_here` marks the ends it cannot see (a stop
-    /// string matched, the client went away), counted here.
+    /// requests it ends itself; `decided_here` marks the end it cannot see (the client
+    /// went away), counted here.
     fn finished(&mut self, reason: FinishReason, usage: &Usage, decided_here: bool) {
         if self.recorded {
             return;
@@ -236,6 +252,7 @@ pub struct CollectedChoice {
     pub finish_reason: FinishReason,
     pub stop_reason: Option<String>,
     pub usage: UsageInfo,
+    pub handoff: Option<Handoff>,
 }
 
 /// The engine failed a request (its message).
@@ -254,6 +271,7 @@ pub async fn collect(mut run: ChoiceRun) -> Result<CollectedChoice, EngineFailur
                 reason,
                 stop_reason,
                 usage,
+                handoff,
             } => {
                 return Ok(CollectedChoice {
                     index,
@@ -261,6 +279,7 @@ pub async fn collect(mut run: ChoiceRun) -> Result<CollectedChoice, EngineFailur
                     finish_reason: reason,
                     stop_reason,
                     usage,
+                    handoff,
                 });
             }
             ChoiceEvent::Failed { message, .. } => return Err(EngineFailure(message)),

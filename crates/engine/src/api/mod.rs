@@ -14,6 +14,7 @@ mod chat;
 mod completions;
 mod error;
 mod generation;
+mod handoff;
 mod info;
 mod request_id;
 mod sse;
@@ -40,6 +41,7 @@ use stop::StopMatcher as Stops;
 use validate::{OutputOptions, PreparedPrompt};
 
 pub use error::HttpError;
+pub use handoff::HandoffInfo;
 pub use stop::{StopMatcher, StopOutcome};
 
 /// Largest request body accepted (413 above).
@@ -67,6 +69,7 @@ pub struct ServerState {
     metrics: Option<PrometheusHandle>,
     /// Unix seconds the server started (`created` of the model card).
     started: u64,
+    handoff: Option<HandoffInfo>,
 }
 
 impl ServerState {
@@ -85,7 +88,14 @@ impl ServerState {
             model,
             metrics,
             started: unix_seconds(),
+            handoff: None,
         }
+    }
+
+    /// Lets requests take part in the KV hand-off (`kv_transfer_params`).
+    pub fn with_handoff(mut self, handoff: HandoffInfo) -> Self {
+        self.handoff = Some(handoff);
+        self
     }
 
     pub fn served_model(&self) -> &ServedModel {
@@ -148,6 +158,7 @@ fn start_choices(
                 sampling: options.sampling,
                 max_tokens: prompt.max_tokens,
                 stop_token_ids: options.stop_token_ids.clone(),
+                kv: options.kv.clone(),
             };
             let stream = state
                 .engine

@@ -207,6 +207,7 @@ impl StreamState {
                 reason,
                 stop_reason,
                 usage,
+                ..
             }) => {
                 self.usage.push(usage);
                 let event = self.writer.finish(index, reason, stop_reason);

@@ -8,6 +8,7 @@ use super::ServedModel;
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::sample::SamplingParams;
 use crate::tokenizer::Tokenizer;
+use crate::transfer::KvRole;
 
 /// Roles a chat message may have.
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
@@ -32,6 +33,9 @@ pub struct OutputOptions {
     pub stop_token_ids: Vec<u32>,
     pub stream: bool,
     pub include_usage: bool,
+    /// The request's part in a KV hand-off (set by the endpoint once it knows the
+    /// prompts).
+    pub kv: KvRole,
 }
 
 /// One prompt ready for the engine.
@@ -101,6 +105,7 @@ pub fn output_options(
         stop_token_ids,
         stream: fields.is_stream(),
         include_usage: fields.include_usage(),
+        kv: KvRole::Local,
     })
 }
 

@@ -4,13 +4,25 @@
 //! A sequence's keys and values live in fixed-size blocks named by a block table
 //! (position `p` is slot `p % block_size` of block `table[p / block_size]`), so
 //! sequences grow without copying, share prefix blocks, and move between processes a
-//! block at a time. Per layer, a block holds `[kv_head][slot][head_dim]` values, so one
+//! block at a time. The store is block-major: one block's keys and values for every
+//! layer are one contiguous run of [`KvLayout::bytes_per_block`] bytes (what the KV
+//! hand-off sends), laid out `[layer][keys, values][kv_head][slot][head_dim]`, so one
 //! head's keys in one block are contiguous for the attention kernel.
 //!
 //! Values are stored as f16 by default, as llama.cpp and vLLM (for f16/bf16 models) do:
 //! half the memory of f32. f32 storage is available for exactness checks.
+//!
+//! The memory is shared ([`KvMemory`]) between the engine loop, which writes only the
+//! blocks its running sequences own, and the hand-off, which reads blocks leased to a
+//! remote reader and fills blocks a sequence is waiting to receive. The block pool
+//! guarantees those sets never overlap, so nobody ever touches a block that another
+//! thread writes.
 
 pub mod pool;
+
+use std::alloc::{self, Layout};
+use std::ptr::NonNull;
+use std::sync::Arc;
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -33,6 +45,14 @@ impl KvDtype {
         match self {
             KvDtype::F16 => 2,
             KvDtype::F32 => 4,
+        }
+    }
+
+    /// The name used on the command line and in the hand-off fingerprint.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F16 => "f16",
+            KvDtype::F32 => "f32",
         }
     }
 }
@@ -82,67 +102,42 @@ impl KvLayout {
     }
 }
 
-/// One layer's keys or values for every block.
+/// Keys or values.
+#[derive(Debug, Clone, Copy)]
 enum Plane {
-    F16(Vec<f16>),
-    F32(Vec<f32>),
+    Keys = 0,
+    Values = 1,
 }
 
-impl Plane {
-    fn new(dtype: KvDtype, len: usize) -> Self {
-        match dtype {
-            KvDtype::F16 => Plane::F16(vec![f16::ZERO; len]),
-            KvDtype::F32 => Plane::F32(vec![0.0; len]),
-        }
-    }
-
-    fn read(&self, range: std::ops::Range<usize>, dst: &mut [f32]) {
-        match self {
-            Plane::F16(v) => v[range].convert_to_f32_slice(dst),
-            Plane::F32(v) => dst.copy_from_slice(&v[range]),
-        }
-    }
-
-    fn write(&mut self, at: usize, src: &[f32]) {
-        let range = at..at + src.len();
-        match self {
-            Plane::F16(v) => v[range].convert_from_f32_slice(src),
-            Plane::F32(v) => v[range].copy_from_slice(src),
-        }
-    }
-}
-
-struct LayerKv {
-    keys: Plane,
-    values: Plane,
-}
-
-/// KV cache memory for a fixed number of blocks.
-pub struct KvStore {
+/// The bytes of every block of a KV store, 64-byte aligned and zeroed at start.
+pub struct KvMemory {
+    ptr: NonNull<u8>,
+    alloc: Layout,
     layout: KvLayout,
     num_blocks: usize,
-    layers: Vec<LayerKv>,
 }
 
-impl KvStore {
-    pub fn new(layout: KvLayout, num_blocks: usize) -> Self {
-        let len = num_blocks * layout.values_per_layer_block();
-        let layers = (0..layout.num_layers)
-            .map(|_| LayerKv {
-                keys: Plane::new(layout.dtype, len),
-                values: Plane::new(layout.dtype, len),
-            })
-            .collect();
+// SAFETY: KvMemory is a plain byte buffer; who may touch which block when is the
+// contract of its unsafe accessors.
+unsafe impl Send for KvMemory {}
+// SAFETY: as above.
+unsafe impl Sync for KvMemory {}
+
+impl KvMemory {
+    fn new(layout: KvLayout, num_blocks: usize) -> Self {
+        let bytes = (num_blocks * layout.bytes_per_block()).max(1);
+        let alloc = Layout::from_size_align(bytes, 64).expect("KV store size overflows");
+        // SAFETY: `alloc` has a non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(alloc) };
+        let Some(ptr) = NonNull::new(ptr) else {
+            alloc::handle_alloc_error(alloc)
+        };
         Self {
+            ptr,
+            alloc,
             layout,
             num_blocks,
-            layers,
         }
-    }
-
-    /// A store using at most `bytes` of memory (at least one block).
-    pub fn with_memory(layout: KvLayout, bytes: usize) -> Self {
-        Self::new(layout, (bytes / layout.bytes_per_block()).max(1))
     }
 
     pub fn layout(&self) -> KvLayout {
@@ -153,26 +148,163 @@ impl KvStore {
         self.num_blocks
     }
 
-    /// Where `head`'s first `slots` positions of `block` live in a layer's plane.
-    fn head_range(&self, block: BlockId, head: usize, slots: usize) -> std::ops::Range<usize> {
-        let per_head = self.layout.block_size * self.layout.head_dim;
-        let start = block as usize * self.layout.values_per_layer_block() + head * per_head;
-        start..start + slots * self.layout.head_dim
+    /// Start of `block` in bytes; panics on an out-of-range block.
+    fn block_start(&self, block: BlockId) -> usize {
+        assert!(
+            (block as usize) < self.num_blocks,
+            "block {block} is outside the KV store ({} blocks)",
+            self.num_blocks
+        );
+        block as usize * self.layout.bytes_per_block()
+    }
+
+    /// One block's bytes (every layer, keys and values).
+    ///
+    /// # Safety
+    /// Nobody may write `block` while the returned slice lives: the caller holds a
+    /// reference on it (a lease, or the engine loop's own sequence).
+    pub unsafe fn block(&self, block: BlockId) -> &[u8] {
+        let start = self.block_start(block);
+        // SAFETY: in bounds (checked above); no concurrent writer (the caller's promise).
+        unsafe {
+            std::slice::from_raw_parts(self.ptr.as_ptr().add(start), self.layout.bytes_per_block())
+        }
+    }
+
+    /// One block's bytes, to fill.
+    ///
+    /// # Safety
+    /// Nobody else may read or write `block` while the returned slice lives: it belongs
+    /// to a sequence that is waiting for exactly this data.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn block_mut(&self, block: BlockId) -> &mut [u8] {
+        let start = self.block_start(block);
+        // SAFETY: in bounds (checked above); exclusive (the caller's promise).
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.ptr.as_ptr().add(start),
+                self.layout.bytes_per_block(),
+            )
+        }
+    }
+
+    /// Element offset of `head`'s slot 0 in (`layer`, `block`, `plane`).
+    fn head_offset(&self, layer: usize, block: BlockId, plane: Plane, head: usize) -> usize {
+        let l = &self.layout;
+        let per_head = l.block_size * l.head_dim;
+        let plane_index = (block as usize * l.num_layers + layer) * 2 + plane as usize;
+        plane_index * l.values_per_layer_block() + head * per_head
+    }
+
+    /// Reads `dst.len()` values starting at element `offset`, as f32.
+    ///
+    /// # Safety
+    /// Nobody writes those elements meanwhile.
+    unsafe fn read(&self, offset: usize, dst: &mut [f32]) {
+        let end = (offset + dst.len()) * self.layout.dtype.size_bytes();
+        assert!(end <= self.alloc.size(), "KV read out of bounds");
+        // SAFETY: in bounds and aligned for the element type (the allocation is 64-byte
+        // aligned and offsets are whole elements); no concurrent writer.
+        unsafe {
+            match self.layout.dtype {
+                KvDtype::F16 => {
+                    let src = self.ptr.as_ptr().cast::<f16>().add(offset);
+                    std::slice::from_raw_parts(src, dst.len()).convert_to_f32_slice(dst)
+                }
+                KvDtype::F32 => {
+                    let src = self.ptr.as_ptr().cast::<f32>().add(offset);
+                    dst.copy_from_slice(std::slice::from_raw_parts(src, dst.len()))
+                }
+            }
+        }
+    }
+
+    /// Writes `src` at element `offset`.
+    ///
+    /// # Safety
+    /// Nobody else reads or writes those elements meanwhile.
+    unsafe fn write(&self, offset: usize, src: &[f32]) {
+        let end = (offset + src.len()) * self.layout.dtype.size_bytes();
+        assert!(end <= self.alloc.size(), "KV write out of bounds");
+        // SAFETY: as in `read`, and exclusive.
+        unsafe {
+            match self.layout.dtype {
+                KvDtype::F16 => {
+                    let dst = self.ptr.as_ptr().cast::<f16>().add(offset);
+                    std::slice::from_raw_parts_mut(dst, src.len()).convert_from_f32_slice(src)
+                }
+                KvDtype::F32 => {
+                    let dst = self.ptr.as_ptr().cast::<f32>().add(offset);
+                    std::slice::from_raw_parts_mut(dst, src.len()).copy_from_slice(src)
+                }
+            }
+        }
+    }
+}
+
+impl Drop for KvMemory {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.alloc) }
+    }
+}
+
+/// KV cache memory for a fixed number of blocks, as the engine loop sees it: it reads
+/// and writes only blocks held by its own sequences (see the module doc).
+pub struct KvStore {
+    memory: Arc<KvMemory>,
+}
+
+impl KvStore {
+    pub fn new(layout: KvLayout, num_blocks: usize) -> Self {
+        Self {
+            memory: Arc::new(KvMemory::new(layout, num_blocks)),
+        }
+    }
+
+    /// A store using at most `bytes` of memory (at least one block).
+    pub fn with_memory(layout: KvLayout, bytes: usize) -> Self {
+        Self::new(layout, (bytes / layout.bytes_per_block()).max(1))
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.memory.layout
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.memory.num_blocks
+    }
+
+    /// The shared memory, for the KV hand-off.
+    pub fn memory(&self) -> Arc<KvMemory> {
+        self.memory.clone()
     }
 
     /// Copies the keys of the first `dst.len() / head_dim` slots of `head` in `block`
     /// (`[slot][head_dim]`) into `dst` as f32.
     #[inline]
     pub fn read_keys(&self, layer: usize, block: BlockId, head: usize, dst: &mut [f32]) {
-        let range = self.head_range(block, head, dst.len() / self.layout.head_dim);
-        self.layers[layer].keys.read(range, dst);
+        self.read(layer, block, Plane::Keys, head, dst);
     }
 
     /// Like [`Self::read_keys`], for values.
     #[inline]
     pub fn read_values(&self, layer: usize, block: BlockId, head: usize, dst: &mut [f32]) {
-        let range = self.head_range(block, head, dst.len() / self.layout.head_dim);
-        self.layers[layer].values.read(range, dst);
+        self.read(layer, block, Plane::Values, head, dst);
+    }
+
+    #[inline]
+    fn read(&self, layer: usize, block: BlockId, plane: Plane, head: usize, dst: &mut [f32]) {
+        let l = self.layout();
+        assert!(
+            dst.len() <= l.block_size * l.head_dim,
+            "read past the block"
+        );
+        self.memory.block_start(block);
+        let offset = self.memory.head_offset(layer, block, plane, head);
+        // SAFETY: the engine loop reads blocks of its own sequences, which no hand-off
+        // writes (module doc).
+        unsafe { self.memory.read(offset, dst) }
     }
 
     /// Stores one position's keys and values (`[kv_head][head_dim]` each).
@@ -184,13 +316,18 @@ impl KvStore {
         keys: &[f32],
         values: &[f32],
     ) {
-        let d = self.layout.head_dim;
-        for head in 0..self.layout.num_kv_heads {
-            let at = self.head_range(block, head, 0).start + slot * d;
+        let d = self.layout().head_dim;
+        assert!(slot < self.layout().block_size, "slot past the block");
+        self.memory.block_start(block);
+        for head in 0..self.layout().num_kv_heads {
             let src = head * d..(head + 1) * d;
-            let kv = &mut self.layers[layer];
-            kv.keys.write(at, &keys[src.clone()]);
-            kv.values.write(at, &values[src]);
+            let at = |plane| self.memory.head_offset(layer, block, plane, head) + slot * d;
+            // SAFETY: the engine loop writes only blocks its running sequences own,
+            // which no hand-off reads or writes (module doc).
+            unsafe {
+                self.memory.write(at(Plane::Keys), &keys[src.clone()]);
+                self.memory.write(at(Plane::Values), &values[src]);
+            }
         }
     }
 }

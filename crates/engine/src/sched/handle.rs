@@ -9,6 +9,8 @@ use tokio::sync::mpsc;
 
 use super::request::{GenerationEvent, GenerationRequest};
 use super::stats::{EngineStats, SharedStats};
+use crate::kv::{BlockId, KvMemory};
+use crate::transfer::PullOutcome;
 
 /// Engine-internal id of a submitted request.
 pub type SeqId = u64;
@@ -20,7 +22,17 @@ pub(crate) enum Command {
         request: GenerationRequest,
         events: mpsc::UnboundedSender<GenerationEvent>,
     },
+    /// The caller ends the request as stopped (a stop string matched): unlike a cancel,
+    /// it finishes normally, so a prefill leg still hands its KV off.
+    Stop(SeqId),
     Cancel(SeqId),
+    /// Blocks a lease held are free again.
+    Release(Vec<BlockId>),
+    /// A pull of remote KV ended.
+    Pulled {
+        seq: SeqId,
+        outcome: PullOutcome,
+    },
 }
 
 /// The engine loop has stopped (it panicked or was shut down).
@@ -35,6 +47,7 @@ pub struct EngineHandle {
     next_id: Arc<AtomicU64>,
     alive: Arc<AtomicBool>,
     stats: Arc<SharedStats>,
+    kv_memory: Arc<KvMemory>,
 }
 
 impl EngineHandle {
@@ -42,12 +55,26 @@ impl EngineHandle {
         commands: mpsc::UnboundedSender<Command>,
         alive: Arc<AtomicBool>,
         stats: Arc<SharedStats>,
+        kv_memory: Arc<KvMemory>,
     ) -> Self {
         Self {
             commands,
             next_id: Arc::new(AtomicU64::new(1)),
             alive,
             stats,
+            kv_memory,
+        }
+    }
+
+    /// The engine's KV memory, for the hand-off.
+    pub fn kv_memory(&self) -> Arc<KvMemory> {
+        self.kv_memory.clone()
+    }
+
+    /// A handle that does not keep the engine loop alive (for the hand-off tasks).
+    pub fn downgrade(&self) -> WeakEngine {
+        WeakEngine {
+            commands: self.commands.downgrade(),
         }
     }
 
@@ -103,7 +130,15 @@ impl GenerationStream {
         event
     }
 
-    /// Stops the request now (e.g. a stop string matched); later events are dropped.
+    /// Ends the request as stopped (a stop string matched); its `Finished` event still
+    /// comes.
+    pub fn stop(&mut self) {
+        if !self.finished {
+            let _ = self.commands.send(Command::Stop(self.id));
+        }
+    }
+
+    /// Abandons the request now; later events are dropped.
     pub fn cancel(&mut self) {
         if !self.finished {
             self.finished = true;
@@ -115,5 +150,30 @@ impl GenerationStream {
 impl Drop for GenerationStream {
     fn drop(&mut self) {
         self.cancel();
+    }
+}
+
+/// Reaches the engine loop without keeping it alive: messages to a stopped engine are
+/// dropped.
+#[derive(Clone)]
+pub struct WeakEngine {
+    commands: mpsc::WeakUnboundedSender<Command>,
+}
+
+impl WeakEngine {
+    fn send(&self, command: Command) {
+        if let Some(commands) = self.commands.upgrade() {
+            let _ = commands.send(command);
+        }
+    }
+
+    /// Gives blocks a lease held back to the pool.
+    pub fn release_blocks(&self, blocks: Vec<BlockId>) {
+        self.send(Command::Release(blocks));
+    }
+
+    /// Reports the end of a pull of remote KV.
+    pub fn pulled(&self, seq: SeqId, outcome: PullOutcome) {
+        self.send(Command::Pulled { seq, outcome });
     }
 }

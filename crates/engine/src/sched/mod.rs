@@ -16,13 +16,14 @@ mod stats;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-pub use handle::{EngineHandle, EngineStopped, GenerationStream, SeqId};
+pub use handle::{EngineHandle, EngineStopped, GenerationStream, SeqId, WeakEngine};
 pub use request::{FinishReason, GenerationEvent, GenerationRequest, Usage};
 pub use stats::EngineStats;
 
 use crate::kernels::{KernelError, ThreadPool};
 use crate::kv::{KvOptions, KvStore};
 use crate::model::Llama;
+use crate::transfer::{LeaseTable, LoadFailurePolicy, PullerMsg};
 
 /// How the engine loop batches and how much KV memory it has.
 #[derive(Debug, Clone)]
@@ -74,6 +75,16 @@ pub enum SpawnError {
     Thread(#[from] std::io::Error),
 }
 
+/// The engine loop's links to the KV hand-off (all off by default).
+#[derive(Default)]
+pub struct HandoffLinks {
+    /// Set on a prefill worker: finished `RemoteDecode` requests keep their blocks here.
+    pub leases: Option<Arc<LeaseTable>>,
+    /// Set on a decode worker: where remote prefills' pulls are sent.
+    pub puller: Option<tokio::sync::mpsc::UnboundedSender<PullerMsg>>,
+    pub load_failure_policy: LoadFailurePolicy,
+}
+
 /// Clears the liveness flag when the engine thread ends.
 struct ClearOnDrop(Arc<AtomicBool>);
 
@@ -85,6 +96,15 @@ impl Drop for ClearOnDrop {
 
 /// Starts the engine loop on its own thread; it ends when every handle is dropped.
 pub fn spawn(model: Llama, config: EngineConfig) -> Result<EngineHandle, SpawnError> {
+    spawn_with_handoff(model, config, HandoffLinks::default())
+}
+
+/// [`spawn`], linked to the KV hand-off.
+pub fn spawn_with_handoff(
+    model: Llama,
+    config: EngineConfig,
+    handoff: HandoffLinks,
+) -> Result<EngineHandle, SpawnError> {
     if config.max_num_seqs == 0 || config.max_num_batched_tokens == 0 {
         return Err(SpawnError::Invalid(
             "max_num_seqs and max_num_batched_tokens must be positive",
@@ -107,7 +127,9 @@ pub fn spawn(model: Llama, config: EngineConfig) -> Result<EngineHandle, SpawnEr
     let (commands, receiver) = tokio::sync::mpsc::unbounded_channel();
     let alive = Arc::new(AtomicBool::new(true));
     let stats = Arc::new(stats::SharedStats::default());
-    let engine = scheduler::EngineLoop::new(model, pool, kv, config, receiver, stats.clone());
+    let kv_memory = kv.memory();
+    let engine =
+        scheduler::EngineLoop::new(model, pool, kv, config, receiver, stats.clone(), handoff);
     let flag = ClearOnDrop(alive.clone());
     std::thread::Builder::new()
         .name("tandem-engine".into())
@@ -116,5 +138,5 @@ pub fn spawn(model: Llama, config: EngineConfig) -> Result<EngineHandle, SpawnEr
             let _flag = flag;
             engine.run();
         })?;
-    Ok(EngineHandle::new(commands, alive, stats))
+    Ok(EngineHandle::new(commands, alive, stats, kv_memory))
 }

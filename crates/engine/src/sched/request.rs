@@ -3,6 +3,7 @@
 //! templates, detokenization, stop strings) stays with the caller.
 
 use crate::sample::SamplingParams;
+use crate::transfer::{Handoff, KvRole};
 
 /// One generation to run.
 #[derive(Debug, Clone)]
@@ -15,6 +16,8 @@ pub struct GenerationRequest {
     pub max_tokens: usize,
     /// Tokens that end the generation (not reported as output). Empty with `ignore_eos`.
     pub stop_token_ids: Vec<u32>,
+    /// Its part in a prefill/decode hand-off, if any.
+    pub kv: KvRole,
 }
 
 /// Why a generation ended.
@@ -53,8 +56,13 @@ pub struct Usage {
 pub enum GenerationEvent {
     /// A new output token.
     Token(u32),
-    /// The last event of a request that ran.
-    Finished { reason: FinishReason, usage: Usage },
+    /// The last event of a request that ran. `handoff`: where the KV of a
+    /// [`KvRole::RemoteDecode`] request is held for its decode worker.
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+        handoff: Option<Handoff>,
+    },
     /// The engine could not run the request (the last event).
     Failed(String),
 }

@@ -6,22 +6,32 @@
 //! token budget, `max_num_seqs` and free blocks allow (reusing cached prefix blocks);
 //! run one forward pass over the whole batch; sample where a sequence reached its last
 //! token; report, finish, release.
+//!
+//! KV hand-off: a finished prefill leg (`RemoteDecode`) leaves its blocks to a lease
+//! instead of the pool; a decode leg (`RemotePrefill`) is admitted like any request,
+//! then waits aside (`pulling`) while the puller fills its missing blocks, and joins
+//! the running batch with only its last prompt token left to compute.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::EngineConfig;
 use super::handle::{Command, SeqId};
 use super::request::FinishReason;
-use super::sequence::Sequence;
+use super::sequence::{PullState, Sequence};
 use super::stats::{EngineStats, SharedStats};
+use super::{EngineConfig, HandoffLinks};
 use crate::kernels::ThreadPool;
 use crate::kv::KvStore;
 use crate::kv::pool::BlockPool;
 use crate::metrics as names;
 use crate::model::{ForwardScratch, Llama, LogitsFor, SeqInput};
+use crate::transfer::puller::FailureKind;
+use crate::transfer::wire::tokens_digest;
+use crate::transfer::{
+    Handoff, KvRole, LoadFailurePolicy, PullFailure, PullJob, PullOutcome, PullerMsg,
+};
 
 /// What one sequence contributes to a step.
 struct Slot {
@@ -40,6 +50,9 @@ pub(crate) struct EngineLoop {
     waiting: VecDeque<Sequence>,
     /// In admission order: the last one is preempted first.
     running: Vec<Sequence>,
+    /// Admitted remote prefills whose KV is being pulled into their blocks.
+    pulling: Vec<Sequence>,
+    handoff: HandoffLinks,
     scratch: ForwardScratch,
     commands: mpsc::UnboundedReceiver<Command>,
     stats: Arc<SharedStats>,
@@ -55,6 +68,7 @@ impl EngineLoop {
         config: EngineConfig,
         commands: mpsc::UnboundedReceiver<Command>,
         stats: Arc<SharedStats>,
+        handoff: HandoffLinks,
     ) -> Self {
         let blocks = BlockPool::new(
             kv.num_blocks(),
@@ -69,6 +83,8 @@ impl EngineLoop {
             config,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            pulling: Vec::new(),
+            handoff,
             scratch: ForwardScratch::default(),
             commands,
             stats,
@@ -99,7 +115,8 @@ impl EngineLoop {
                 Ok(command) => self.apply(command),
                 Err(mpsc::error::TryRecvError::Empty) => return true,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
-                    // Finish what is queued; the loop ends once idle.
+                    // Finish what is queued; the loop ends once idle. (Pulls still in
+                    // flight cannot report back any more.)
                     return !(self.running.is_empty() && self.waiting.is_empty());
                 }
             }
@@ -118,9 +135,25 @@ impl EngineLoop {
                     seq.send_failed(message);
                     return;
                 }
+                if let KvRole::RemotePrefill(source) = &seq.kv {
+                    let source = source.clone();
+                    self.tell_puller(PullerMsg::Track { seq: id, source });
+                }
                 self.waiting.push_back(seq);
             }
-            Command::Cancel(id) => self.abort(id),
+            Command::Stop(id) => self.end(id, FinishReason::Stop),
+            Command::Cancel(id) => self.end(id, FinishReason::Aborted),
+            Command::Release(blocks) => {
+                let tail_first: Vec<_> = blocks.into_iter().rev().collect();
+                self.blocks.release(&tail_first);
+            }
+            Command::Pulled { seq, outcome } => self.on_pulled(seq, outcome),
+        }
+    }
+
+    fn tell_puller(&self, message: PullerMsg) {
+        if let Some(puller) = &self.handoff.puller {
+            let _ = puller.send(message);
         }
     }
 
@@ -146,21 +179,30 @@ impl EngineLoop {
         Ok(())
     }
 
-    fn abort(&mut self, id: SeqId) {
+    /// Ends a request at the caller's word (a stop string, or it went away).
+    fn end(&mut self, id: SeqId, reason: FinishReason) {
         if let Some(i) = self.running.iter().position(|s| s.id == id) {
             let seq = self.running.remove(i);
-            self.finish(seq, FinishReason::Aborted);
+            self.finish(seq, reason);
         } else if let Some(seq) = self
             .waiting
             .iter()
             .position(|s| s.id == id)
             .and_then(|i| self.waiting.remove(i))
         {
-            self.finish(seq, FinishReason::Aborted);
+            self.finish(seq, reason);
+        } else if let Some(seq) = self.pulling.iter_mut().find(|s| s.id == id) {
+            // Its blocks are being written: it ends when the pull does.
+            seq.abandoned = true;
         }
     }
 
     fn finish(&mut self, mut seq: Sequence, reason: FinishReason) {
+        if seq.awaits_pull() {
+            // P holds the prompt's blocks for this request: free them now.
+            self.tell_puller(PullerMsg::Release { seq: seq.id });
+        }
+        let handoff = self.lease_for_remote_decode(&mut seq, reason);
         self.release_blocks(&mut seq);
         // Counted before the caller hears of it, so its next /metrics read includes it.
         if reason != FinishReason::Aborted {
@@ -168,7 +210,38 @@ impl EngineLoop {
             metrics::counter!(names::REQUEST_SUCCESS_TOTAL, "finished_reason" => label)
                 .increment(1);
         }
-        seq.send_finished(reason);
+        seq.send_finished(reason, handoff);
+    }
+
+    /// A finished prefill leg's computed blocks go to a lease instead of the pool.
+    fn lease_for_remote_decode(
+        &mut self,
+        seq: &mut Sequence,
+        reason: FinishReason,
+    ) -> Option<Handoff> {
+        if seq.kv != KvRole::RemoteDecode || reason == FinishReason::Aborted {
+            return None;
+        }
+        let leases = self.handoff.leases.as_ref()?;
+        let held = seq.num_computed.div_ceil(self.blocks.block_size());
+        if held == 0 {
+            return None;
+        }
+        let blocks: Vec<_> = seq.blocks.drain(..held).collect();
+        let remote_request_id = format!("{}-{:08x}", seq.request_id, rand::random::<u32>());
+        let tokens = seq.tokens[..seq.num_computed].to_vec();
+        leases.insert(remote_request_id.clone(), blocks.clone(), tokens);
+        metrics::gauge!(names::KV_BLOCKS_HELD_FOR_REMOTE).set(leases.held_blocks() as f64);
+        Some(Handoff {
+            remote_request_id,
+            block_ids: blocks,
+            num_tokens: seq.num_computed,
+        })
+    }
+
+    fn fail(&mut self, mut seq: Sequence, message: String) {
+        self.release_blocks(&mut seq);
+        seq.send_failed(message);
     }
 
     fn release_blocks(&mut self, seq: &mut Sequence) {
@@ -192,9 +265,8 @@ impl EngineLoop {
             let ids: Vec<SeqId> = slots.iter().map(|s| self.running[s.seq].id).collect();
             for id in ids {
                 if let Some(i) = self.running.iter().position(|s| s.id == id) {
-                    let mut seq = self.running.remove(i);
-                    self.release_blocks(&mut seq);
-                    seq.send_failed(format!("internal engine error: {err}"));
+                    let seq = self.running.remove(i);
+                    self.fail(seq, format!("internal engine error: {err}"));
                 }
             }
             return;
@@ -257,7 +329,7 @@ impl EngineLoop {
 
     /// Admits waiting sequences first-come-first-served.
     fn admit_waiting(&mut self, budget: &mut usize, slots: &mut Vec<Slot>) {
-        while *budget > 0 && self.running.len() < self.config.max_num_seqs {
+        while *budget > 0 && self.running.len() + self.pulling.len() < self.config.max_num_seqs {
             let Some(mut seq) = self.waiting.pop_front() else {
                 return;
             };
@@ -269,6 +341,23 @@ impl EngineLoop {
                 self.waiting.push_front(seq);
                 return;
             }
+            if seq.awaits_pull() {
+                match self.start_pull(&mut seq) {
+                    Ok(true) => {
+                        self.pulling.push(seq);
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(failure) => {
+                        self.tell_puller(PullerMsg::Release { seq: seq.id });
+                        seq.pull = PullState::Settled;
+                        match self.recover_from_pull_failure(seq, failure) {
+                            Some(recovered) => seq = recovered,
+                            None => continue,
+                        }
+                    }
+                }
+            }
             let len = seq.pending().min(*budget);
             *budget -= len;
             self.running.push(seq);
@@ -276,6 +365,96 @@ impl EngineLoop {
                 seq: self.running.len() - 1,
                 len,
             });
+        }
+    }
+
+    /// Sends the pull of the prompt blocks `seq` lacks (its blocks are allocated).
+    /// `Ok(false)` when there is nothing to pull: every block but the last token's is
+    /// cached here.
+    fn start_pull(&mut self, seq: &mut Sequence) -> Result<bool, PullFailure> {
+        let KvRole::RemotePrefill(source) = &seq.kv else {
+            return Ok(false);
+        };
+        let block_size = self.blocks.block_size();
+        // The last prompt token is always recomputed (its logits give the first token).
+        let first = seq.num_computed / block_size;
+        let end = (seq.prompt_len - 1).div_ceil(block_size);
+        if first >= end {
+            self.tell_puller(PullerMsg::Release { seq: seq.id });
+            seq.pull = PullState::Settled;
+            return Ok(false);
+        }
+        let invalid =
+            |message: String| PullFailure::new(FailureKind::InvalidParams, source, message);
+        if self.handoff.puller.is_none() {
+            return Err(invalid("this worker has no KV puller".into()));
+        }
+        if source.block_ids.len() < end {
+            return Err(invalid(format!(
+                "remote_block_ids has {} blocks; a {}-token prompt needs {end}",
+                source.block_ids.len(),
+                seq.prompt_len
+            )));
+        }
+        let num_tokens = (end * block_size).min(seq.prompt_len);
+        let job = PullJob {
+            seq: seq.id,
+            source: source.clone(),
+            remote_blocks: source.block_ids[first..end].to_vec(),
+            local_blocks: seq.blocks[first..end].to_vec(),
+            num_tokens,
+            tokens_digest: tokens_digest(&seq.tokens[..num_tokens]),
+        };
+        seq.pull = PullState::InFlight;
+        self.tell_puller(PullerMsg::Pull(job));
+        Ok(true)
+    }
+
+    /// A pull ended: the request joins the running batch (or ends).
+    fn on_pulled(&mut self, id: SeqId, outcome: PullOutcome) {
+        let Some(i) = self.pulling.iter().position(|s| s.id == id) else {
+            return;
+        };
+        let mut seq = self.pulling.remove(i);
+        seq.pull = PullState::Settled;
+        if seq.abandoned || !seq.is_listening() {
+            self.finish(seq, FinishReason::Aborted);
+            return;
+        }
+        match outcome {
+            Ok(_) => {
+                seq.num_computed = seq.prompt_len - 1;
+                seq.cached_tokens = seq.num_computed;
+            }
+            Err(failure) => match self.recover_from_pull_failure(seq, failure) {
+                Some(recovered) => seq = recovered,
+                None => return,
+            },
+        }
+        self.running.push(seq);
+    }
+
+    /// Applies `--kv-load-failure-policy`: the request to compute locally, or `None`
+    /// after failing it.
+    fn recover_from_pull_failure(
+        &mut self,
+        seq: Sequence,
+        failure: PullFailure,
+    ) -> Option<Sequence> {
+        match self.handoff.load_failure_policy {
+            LoadFailurePolicy::Recompute => {
+                tracing::warn!(
+                    request_id = seq.request_id,
+                    %failure,
+                    "computing the prompt locally instead"
+                );
+                metrics::counter!(names::KV_LOAD_RECOMPUTES_TOTAL).increment(1);
+                Some(seq)
+            }
+            LoadFailurePolicy::Fail => {
+                self.fail(seq, failure.to_string());
+                None
+            }
         }
     }
 

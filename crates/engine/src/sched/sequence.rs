@@ -8,9 +8,12 @@ use super::request::{FinishReason, GenerationEvent, GenerationRequest, Usage};
 use crate::kv::BlockId;
 use crate::kv::pool::BlockHash;
 use crate::sample::Sampler;
+use crate::transfer::{Handoff, KvRole};
 
 pub(crate) struct Sequence {
     pub id: SeqId,
+    /// The caller's id (for logs, and the base of a hand-off's remote request id).
+    pub request_id: String,
     /// Prompt followed by the tokens generated so far.
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
@@ -23,7 +26,23 @@ pub(crate) struct Sequence {
     pub max_tokens: usize,
     pub stop_token_ids: Vec<u32>,
     pub sampler: Sampler,
+    pub kv: KvRole,
+    /// Where a remote prefill's pull stands.
+    pub pull: PullState,
+    /// The caller went away while a pull was writing into the blocks: finish once the
+    /// pull ends.
+    pub abandoned: bool,
     events: mpsc::UnboundedSender<GenerationEvent>,
+}
+
+/// Progress of a [`KvRole::RemotePrefill`] request's pull.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullState {
+    /// Not started (or not a remote prefill).
+    NotStarted,
+    InFlight,
+    /// Pulled, skipped (prompt cached here), or given up on: compute as usual.
+    Settled,
 }
 
 impl Sequence {
@@ -34,6 +53,7 @@ impl Sequence {
     ) -> Self {
         Self {
             id,
+            request_id: request.request_id,
             prompt_len: request.prompt.len(),
             tokens: request.prompt,
             num_computed: 0,
@@ -43,6 +63,9 @@ impl Sequence {
             max_tokens: request.max_tokens,
             stop_token_ids: request.stop_token_ids,
             sampler: Sampler::new(request.sampling),
+            kv: request.kv,
+            pull: PullState::NotStarted,
+            abandoned: false,
             events,
         }
     }
@@ -74,11 +97,18 @@ impl Sequence {
         self.events.send(GenerationEvent::Token(token)).is_ok()
     }
 
-    pub fn send_finished(&self, reason: FinishReason) {
+    pub fn send_finished(&self, reason: FinishReason, handoff: Option<Handoff>) {
         let usage = self.usage();
-        let _ = self
-            .events
-            .send(GenerationEvent::Finished { reason, usage });
+        let _ = self.events.send(GenerationEvent::Finished {
+            reason,
+            usage,
+            handoff,
+        });
+    }
+
+    /// A remote prefill whose pull has not been settled yet.
+    pub fn awaits_pull(&self) -> bool {
+        matches!(self.kv, KvRole::RemotePrefill(_)) && self.pull == PullState::NotStarted
     }
 
     pub fn send_failed(&self, message: String) {

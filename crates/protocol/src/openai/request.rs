@@ -30,6 +30,8 @@ pub struct SamplingFields {
     /// Not supported: any value but `null`/`false` is refused.
     pub logprobs: Option<Value>,
     pub user: Option<String>,
+    /// vLLM's prefill/decode hand-off (see [`crate::pd`]).
+    pub kv_transfer_params: Option<crate::pd::KvTransferParams>,
 }
 
 impl SamplingFields {

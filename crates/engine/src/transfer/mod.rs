@@ -1,0 +1,127 @@
+//! The KV hand-off between a prefill (P) and a decode (D) worker, behind vLLM's
+//! `kv_transfer_params` protocol: P keeps a finished request's blocks under a lease and
+//! serves reads of them; D pulls the blocks its prefix cache lacks into its own store,
+//! renewing the lease with heartbeats while it waits, and tells P when it is done.
+//!
+//! - [`wire`]: the versioned TCP protocol (documented in `docs/kv-transfer.md`).
+//! - [`lease`]: P's leases.
+//! - `identity`: the model digest in the compatibility fingerprint.
+//! - `server`: P's listener (`--kv-port`).
+//! - `puller`: D's reads and heartbeats.
+//!
+//! The engine loop decides what moves (it owns the block pool); these tasks move the
+//! bytes, straight between the socket and the shared [`KvMemory`], and report back
+//! through the engine's command channel.
+
+mod identity;
+pub mod lease;
+pub mod puller;
+mod server;
+pub mod wire;
+
+use std::time::Duration;
+
+pub use identity::model_identity;
+pub use lease::{Handoff, LeaseTable};
+pub use puller::{PullFailure, PullJob, PullOutcome, PullerMsg, spawn_puller};
+pub use server::KvServer;
+pub use wire::Fingerprint;
+
+use crate::kv::{BlockId, KvMemory};
+
+/// Where a decode request's prompt KV is, as P's `kv_transfer_params` said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemotePrefill {
+    pub engine_id: String,
+    pub host: String,
+    pub port: u16,
+    pub request_id: String,
+    /// P's blocks in prompt order (the first KV group of `remote_block_ids`).
+    pub block_ids: Vec<BlockId>,
+}
+
+/// What a request does with KV transfer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum KvRole {
+    /// An ordinary request.
+    #[default]
+    Local,
+    /// The P leg: keep the prompt's blocks for a remote decode and say where they are.
+    RemoteDecode,
+    /// The D leg: pull the prompt's KV from P instead of computing it.
+    RemotePrefill(RemotePrefill),
+}
+
+/// What D does when the KV cannot be pulled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LoadFailurePolicy {
+    /// Compute the prompt locally (logged and counted).
+    #[default]
+    Recompute,
+    /// Fail the request.
+    Fail,
+}
+
+/// Time limits of the hand-off.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub connect: Duration,
+    /// Any single exchange: one message, or one block's bytes.
+    pub io: Duration,
+    /// A whole pull, handshake to done.
+    pub pull: Duration,
+    /// An idle connection on the server.
+    pub idle: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            io: Duration::from_secs(10),
+            pull: Duration::from_secs(60),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What both hand-off sides need to know about their own worker.
+#[derive(Clone)]
+pub struct Local {
+    pub engine_id: String,
+    pub fingerprint: Fingerprint,
+    pub memory: std::sync::Arc<KvMemory>,
+    pub limits: Limits,
+}
+
+/// A fresh engine id: a random UUID (version 4), as vLLM's default.
+pub fn new_engine_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    let mut b = bytes;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn engine_ids_are_version_4_uuids() {
+        let id = super::new_engine_id();
+        let parts: Vec<&str> = id.split('-').collect();
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(parts[2].starts_with('4'));
+        assert_ne!(id, super::new_engine_id());
+    }
+}

@@ -1,0 +1,346 @@
+//! D's side of the hand-off: one task that owns the decode requests waiting for remote
+//! KV. It renews their leases on P with heartbeats until their pull starts, runs each
+//! pull (handshake, read straight into the blocks the engine allocated, done) under a
+//! deadline, tells P "done" for requests that will never read, and reports every pull's
+//! outcome to the engine loop.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::wire::{self, Message, WireError, within};
+use super::{Local, RemotePrefill};
+use crate::kv::BlockId;
+use crate::metrics as names;
+use crate::sched::{SeqId, WeakEngine};
+
+/// What the engine loop tells the puller.
+#[derive(Debug)]
+pub enum PullerMsg {
+    /// A decode request with remote KV arrived: keep its lease alive.
+    Track { seq: SeqId, source: RemotePrefill },
+    /// Its blocks are allocated: read them.
+    Pull(PullJob),
+    /// It will not read (its prompt is cached here, or it ended): tell P to free.
+    Release { seq: SeqId },
+}
+
+/// One read: P's blocks into the engine's blocks, pairwise.
+#[derive(Debug)]
+pub struct PullJob {
+    pub seq: SeqId,
+    pub source: RemotePrefill,
+    pub remote_blocks: Vec<BlockId>,
+    /// Owned by the waiting sequence: nobody else touches them until the outcome is in.
+    pub local_blocks: Vec<BlockId>,
+    /// Prompt tokens the blocks depend on, and their digest (checked by P).
+    pub num_tokens: usize,
+    pub tokens_digest: String,
+}
+
+/// Why a pull failed, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// P could not be reached.
+    Unreachable,
+    /// P refused the handshake (fingerprint, engine id) or answered it wrongly.
+    Handshake,
+    /// P refused the read (unknown or expired request, foreign blocks, other prompt).
+    Refused,
+    /// The connection failed or stalled mid-transfer.
+    Transfer,
+    /// The request's `kv_transfer_params` cannot describe a read.
+    InvalidParams,
+}
+
+impl FailureKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureKind::Unreachable => "unreachable",
+            FailureKind::Handshake => "handshake",
+            FailureKind::Refused => "refused",
+            FailureKind::Transfer => "transfer",
+            FailureKind::InvalidParams => "invalid_params",
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("KV transfer from {source_addr} failed ({}): {message}", kind.label())]
+pub struct PullFailure {
+    pub kind: FailureKind,
+    pub source_addr: String,
+    pub message: String,
+}
+
+impl PullFailure {
+    pub fn new(kind: FailureKind, source: &RemotePrefill, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            source_addr: format!("{}:{}", source.host, source.port),
+            message: message.into(),
+        }
+    }
+
+    /// Counts the failure in the metrics.
+    pub fn record(&self) {
+        metrics::counter!(names::KV_TRANSFER_FAILURES_TOTAL, names::KIND => self.kind.label())
+            .increment(1);
+    }
+}
+
+/// A finished pull: how much moved, or why nothing usable did.
+pub type PullOutcome = Result<PullStats, PullFailure>;
+
+#[derive(Debug, Clone, Copy)]
+pub struct PullStats {
+    pub blocks: usize,
+    pub bytes: usize,
+    pub elapsed: Duration,
+}
+
+/// Starts the puller; it ends when the engine drops its sender.
+pub fn spawn_puller(
+    messages: mpsc::UnboundedReceiver<PullerMsg>,
+    engine: WeakEngine,
+    local: Local,
+    heartbeat_every: Duration,
+) -> JoinHandle<()> {
+    tokio::spawn(run(messages, engine, local, heartbeat_every))
+}
+
+async fn run(
+    mut messages: mpsc::UnboundedReceiver<PullerMsg>,
+    engine: WeakEngine,
+    local: Local,
+    heartbeat_every: Duration,
+) {
+    let mut waiting: HashMap<SeqId, RemotePrefill> = HashMap::new();
+    let mut tick = tokio::time::interval(heartbeat_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            message = messages.recv() => match message {
+                None => return,
+                Some(PullerMsg::Track { seq, source }) => {
+                    waiting.insert(seq, source);
+                }
+                Some(PullerMsg::Pull(job)) => {
+                    waiting.remove(&job.seq);
+                    let (engine, local) = (engine.clone(), local.clone());
+                    tokio::spawn(async move {
+                        let seq = job.seq;
+                        let outcome = pull(job, &local).await;
+                        engine.pulled(seq, outcome);
+                    });
+                }
+                Some(PullerMsg::Release { seq }) => {
+                    if let Some(source) = waiting.remove(&seq) {
+                        let local = local.clone();
+                        tokio::spawn(async move { tell_done(&source, &local).await });
+                    }
+                }
+            },
+            _ = tick.tick() => send_heartbeats(&waiting, &local),
+        }
+    }
+}
+
+/// One heartbeat per P endpoint, naming all of its requests still waiting here.
+fn send_heartbeats(waiting: &HashMap<SeqId, RemotePrefill>, local: &Local) {
+    let mut by_source: HashMap<(String, u16, String), Vec<String>> = HashMap::new();
+    for source in waiting.values() {
+        let key = (source.host.clone(), source.port, source.engine_id.clone());
+        by_source
+            .entry(key)
+            .or_default()
+            .push(source.request_id.clone());
+    }
+    for ((host, port, engine_id), request_ids) in by_source {
+        let local = local.clone();
+        tokio::spawn(async move {
+            let exchange = async {
+                let mut stream = connect(&host, port, &local).await?;
+                handshake(&mut stream, &engine_id, &local).await?;
+                let heartbeat = Message::Heartbeat { request_ids };
+                request(&mut stream, &heartbeat, &local).await
+            };
+            if let Err(err) = exchange.await {
+                tracing::debug!(%host, port, %err, "KV lease heartbeat failed");
+            }
+        });
+    }
+}
+
+async fn tell_done(source: &RemotePrefill, local: &Local) {
+    let exchange = async {
+        let mut stream = connect(&source.host, source.port, local).await?;
+        handshake(&mut stream, &source.engine_id, local).await?;
+        let done = Message::Done {
+            request_id: source.request_id.clone(),
+        };
+        request(&mut stream, &done, local).await
+    };
+    if let Err(err) = exchange.await {
+        tracing::debug!(request_id = source.request_id, %err, "could not tell P to free its blocks");
+    }
+}
+
+/// An exchange error, classified by when it happened.
+struct Failed(FailureKind, String);
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.0.label(), self.1)
+    }
+}
+
+impl From<WireError> for Failed {
+    fn from(err: WireError) -> Self {
+        Failed(FailureKind::Transfer, err.to_string())
+    }
+}
+
+async fn connect(host: &str, port: u16, local: &Local) -> Result<TcpStream, Failed> {
+    let connecting = TcpStream::connect((host, port));
+    let stream = tokio::time::timeout(local.limits.connect, connecting)
+        .await
+        .map_err(|_| {
+            Failed(
+                FailureKind::Unreachable,
+                format!("no connection within {:?}", local.limits.connect),
+            )
+        })?
+        .map_err(|e| Failed(FailureKind::Unreachable, e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+async fn handshake(stream: &mut TcpStream, engine_id: &str, local: &Local) -> Result<(), Failed> {
+    let hello = Message::Hello {
+        fingerprint: local.fingerprint.clone(),
+        engine_id: engine_id.to_owned(),
+    };
+    let handshake_failed = |e: WireError| Failed(FailureKind::Handshake, e.to_string());
+    within(local.limits.io, wire::send(stream, &hello))
+        .await
+        .map_err(handshake_failed)?;
+    match within(local.limits.io, wire::receive(stream))
+        .await
+        .map_err(handshake_failed)?
+    {
+        Message::Welcome {
+            fingerprint,
+            engine_id: theirs,
+        } => {
+            let diffs = local.fingerprint.differences(&fingerprint);
+            if !diffs.is_empty() || theirs != engine_id {
+                return Err(Failed(
+                    FailureKind::Handshake,
+                    format!("P answered as engine {theirs} with {}", diffs.join("; ")),
+                ));
+            }
+            Ok(())
+        }
+        Message::Error { message, .. } => Err(Failed(FailureKind::Handshake, message)),
+        other => Err(Failed(
+            FailureKind::Handshake,
+            format!("unexpected answer {other:?}"),
+        )),
+    }
+}
+
+/// Sends a heartbeat or done and waits for its acknowledgement.
+async fn request(stream: &mut TcpStream, message: &Message, local: &Local) -> Result<(), Failed> {
+    within(local.limits.io, wire::send(stream, message)).await?;
+    match within(local.limits.io, wire::receive(stream)).await? {
+        Message::Ack { .. } => Ok(()),
+        other => Err(Failed(
+            FailureKind::Transfer,
+            format!("unexpected answer {other:?}"),
+        )),
+    }
+}
+
+async fn pull(job: PullJob, local: &Local) -> PullOutcome {
+    let started = Instant::now();
+    let deadline = local.limits.pull;
+    let result = match tokio::time::timeout(deadline, read_blocks(&job, local)).await {
+        Ok(result) => result,
+        Err(_) => Err(Failed(
+            FailureKind::Transfer,
+            format!("the transfer did not finish within {deadline:?}"),
+        )),
+    };
+    match result {
+        Ok(bytes) => {
+            let elapsed = started.elapsed();
+            metrics::counter!(names::KV_TRANSFER_BYTES_TOTAL, names::DIRECTION => "received")
+                .increment(bytes as u64);
+            metrics::counter!(names::KV_TRANSFER_BLOCKS_TOTAL, names::DIRECTION => "received")
+                .increment(job.local_blocks.len() as u64);
+            metrics::histogram!(names::KV_TRANSFER_SECONDS).record(elapsed.as_secs_f64());
+            Ok(PullStats {
+                blocks: job.local_blocks.len(),
+                bytes,
+                elapsed,
+            })
+        }
+        Err(Failed(kind, message)) => {
+            let failure = PullFailure::new(kind, &job.source, message);
+            failure.record();
+            if matches!(kind, FailureKind::Refused | FailureKind::Transfer) {
+                // P may still hold blocks for this request; this reader is done with them.
+                let (source, local) = (job.source.clone(), local.clone());
+                tokio::spawn(async move { tell_done(&source, &local).await });
+            }
+            Err(failure)
+        }
+    }
+}
+
+/// Handshake, read, done; returns the bytes read.
+async fn read_blocks(job: &PullJob, local: &Local) -> Result<usize, Failed> {
+    let source = &job.source;
+    let mut stream = connect(&source.host, source.port, local).await?;
+    handshake(&mut stream, &source.engine_id, local).await?;
+    let read = Message::Read {
+        request_id: source.request_id.clone(),
+        block_ids: job.remote_blocks.clone(),
+        num_tokens: job.num_tokens,
+        tokens_digest: job.tokens_digest.clone(),
+    };
+    within(local.limits.io, wire::send(&mut stream, &read)).await?;
+    let block_bytes = local.memory.layout().bytes_per_block();
+    match within(local.limits.io, wire::receive(&mut stream)).await? {
+        Message::ReadOk {
+            blocks,
+            block_bytes: theirs,
+        } if blocks == job.local_blocks.len() && theirs == block_bytes => {}
+        Message::Error { message, .. } => return Err(Failed(FailureKind::Refused, message)),
+        other => {
+            return Err(Failed(
+                FailureKind::Transfer,
+                format!("unexpected answer to a read: {other:?}"),
+            ));
+        }
+    }
+    for &block in &job.local_blocks {
+        // SAFETY: the waiting sequence owns `block` and the engine loop leaves it alone
+        // until this pull's outcome arrives (which happens after this future ends).
+        let dst = unsafe { local.memory.block_mut(block) };
+        within(local.limits.io, async { Ok(stream.read_exact(dst).await?) }).await?;
+    }
+    // The data is in; a lost "done" only leaves P's lease to expire.
+    let done = Message::Done {
+        request_id: source.request_id.clone(),
+    };
+    if let Err(Failed(_, err)) = request(&mut stream, &done, local).await {
+        tracing::debug!(request_id = source.request_id, %err, "P did not acknowledge done");
+    }
+    Ok(job.local_blocks.len() * block_bytes)
+}

@@ -1,0 +1,238 @@
+//! P's hand-off listener: checks each reader's fingerprint and engine id, serves reads
+//! of leased blocks straight from the KV memory, renews leases on heartbeats, ends them
+//! on "done", and sweeps the expired ones. Freed blocks go back to the engine loop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::Local;
+use super::lease::LeaseTable;
+use super::wire::{self, ErrorCode, Message, WireError, within};
+use crate::kv::BlockId;
+use crate::metrics as names;
+use crate::sched::WeakEngine;
+
+/// A bound hand-off listener; [`KvServer::run`] serves it.
+pub struct KvServer {
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+}
+
+struct Ctx {
+    local: Local,
+    leases: Arc<LeaseTable>,
+    engine: WeakEngine,
+}
+
+impl Ctx {
+    fn release(&self, blocks: Vec<BlockId>) {
+        if !blocks.is_empty() {
+            self.engine.release_blocks(blocks);
+        }
+        metrics::gauge!(names::KV_BLOCKS_HELD_FOR_REMOTE).set(self.leases.held_blocks() as f64);
+    }
+}
+
+impl KvServer {
+    pub async fn bind(
+        addr: SocketAddr,
+        local: Local,
+        leases: Arc<LeaseTable>,
+        engine: WeakEngine,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let ctx = Arc::new(Ctx {
+            local,
+            leases,
+            engine,
+        });
+        Ok(Self { listener, ctx })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts readers and sweeps expired leases until `shutdown` completes; then ends
+    /// every lease.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let sweeper = tokio::spawn(sweep(self.ctx.clone()));
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        tokio::spawn(serve_connection(stream, peer, self.ctx.clone()));
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "KV hand-off listener: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                () = &mut shutdown => break,
+            }
+        }
+        sweeper.abort();
+        self.ctx.release(self.ctx.leases.drain());
+    }
+}
+
+/// Ends expired leases, a few times per lease duration.
+async fn sweep(ctx: Arc<Ctx>) {
+    let every =
+        (ctx.leases.duration() / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        for (request_id, blocks) in ctx.leases.expire() {
+            tracing::warn!(
+                request_id,
+                blocks = blocks.len(),
+                "releasing KV blocks whose lease expired before the decode worker read them"
+            );
+            metrics::counter!(names::KV_EXPIRED_LEASES_TOTAL).increment(1);
+            ctx.release(blocks);
+        }
+    }
+}
+
+async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
+    let _ = stream.set_nodelay(true);
+    if let Err(err) = converse(&mut stream, &ctx).await {
+        tracing::debug!(%peer, %err, "KV hand-off connection ended");
+    }
+}
+
+async fn converse(stream: &mut TcpStream, ctx: &Ctx) -> Result<(), WireError> {
+    let limits = ctx.local.limits;
+    if !greet(stream, ctx).await? {
+        return Ok(());
+    }
+    loop {
+        let message = match within(limits.idle, wire::receive(stream)).await {
+            Err(WireError::Closed) => return Ok(()),
+            other => other?,
+        };
+        let reply = match message {
+            Message::Read {
+                request_id,
+                block_ids,
+                num_tokens,
+                tokens_digest,
+            } => {
+                serve_read(
+                    stream,
+                    ctx,
+                    &request_id,
+                    &block_ids,
+                    num_tokens,
+                    &tokens_digest,
+                )
+                .await?;
+                continue;
+            }
+            Message::Heartbeat { request_ids } => Message::Ack {
+                count: ctx.leases.heartbeat(&request_ids),
+            },
+            Message::Done { request_id } => {
+                let (existed, blocks) = ctx.leases.done(&request_id);
+                ctx.release(blocks.unwrap_or_default());
+                Message::Ack {
+                    count: usize::from(existed),
+                }
+            }
+            other => {
+                let error = refusal(ErrorCode::BadMessage, format!("unexpected {other:?}"));
+                within(limits.io, wire::send(stream, &error)).await?;
+                return Ok(());
+            }
+        };
+        within(limits.io, wire::send(stream, &reply)).await?;
+    }
+}
+
+fn refusal(code: ErrorCode, message: String) -> Message {
+    Message::Error { code, message }
+}
+
+/// Checks the reader's hello; false (after telling it why) if they cannot work together.
+async fn greet(stream: &mut TcpStream, ctx: &Ctx) -> Result<bool, WireError> {
+    let limits = ctx.local.limits;
+    let local = &ctx.local;
+    let answer = match within(limits.io, wire::receive(stream)).await? {
+        Message::Hello {
+            fingerprint,
+            engine_id,
+        } => {
+            let diffs = local.fingerprint.differences(&fingerprint);
+            if !diffs.is_empty() {
+                let message = format!("incompatible KV layouts: {}", diffs.join("; "));
+                refusal(ErrorCode::Incompatible, message)
+            } else if engine_id != local.engine_id {
+                let message = format!("this is engine {}, not {engine_id}", local.engine_id);
+                refusal(ErrorCode::EngineIdMismatch, message)
+            } else {
+                Message::Welcome {
+                    fingerprint: local.fingerprint.clone(),
+                    engine_id: local.engine_id.clone(),
+                }
+            }
+        }
+        other => refusal(
+            ErrorCode::BadMessage,
+            format!("expected a hello, got {other:?}"),
+        ),
+    };
+    let welcomed = matches!(answer, Message::Welcome { .. });
+    within(limits.io, wire::send(stream, &answer)).await?;
+    Ok(welcomed)
+}
+
+async fn serve_read(
+    stream: &mut TcpStream,
+    ctx: &Ctx,
+    request_id: &str,
+    block_ids: &[BlockId],
+    num_tokens: usize,
+    digest: &str,
+) -> Result<(), WireError> {
+    let limits = ctx.local.limits;
+    if let Err((code, message)) = ctx
+        .leases
+        .begin_read(request_id, block_ids, num_tokens, digest)
+    {
+        tracing::warn!(request_id, %message, "refused a KV read");
+        return within(limits.io, wire::send(stream, &refusal(code, message))).await;
+    }
+    let memory = &ctx.local.memory;
+    let block_bytes = memory.layout().bytes_per_block();
+    let sent = async {
+        let header = Message::ReadOk {
+            blocks: block_ids.len(),
+            block_bytes,
+        };
+        within(limits.io, wire::send(stream, &header)).await?;
+        for &block in block_ids {
+            // SAFETY: the lease holds `block` (checked by begin_read) and keeps it until
+            // end_read: the engine loop neither writes nor frees it meanwhile.
+            let bytes = unsafe { memory.block(block) };
+            within(limits.io, async { Ok(stream.write_all(bytes).await?) }).await?;
+        }
+        within(limits.io, async { Ok(stream.flush().await?) }).await
+    }
+    .await;
+    if let Some(blocks) = ctx.leases.end_read(request_id) {
+        ctx.release(blocks);
+    }
+    if sent.is_ok() {
+        metrics::counter!(names::KV_TRANSFER_BYTES_TOTAL, names::DIRECTION => "sent")
+            .increment((block_ids.len() * block_bytes) as u64);
+        metrics::counter!(names::KV_TRANSFER_BLOCKS_TOTAL, names::DIRECTION => "sent")
+            .increment(block_ids.len() as u64);
+    }
+    sent
+}

@@ -1,0 +1,275 @@
+//! The hand-off wire format (protocol version [`PROTOCOL_VERSION`], documented in
+//! `docs/kv-transfer.md`): length-prefixed JSON control messages, and raw block bytes
+//! after a [`Message::ReadOk`]. Every read is bounded in size ([`MAX_CONTROL_BYTES`])
+//! and in time (the caller's timeout).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::kv::KvLayout;
+
+/// Bumped on any incompatible change of the messages or their meaning.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest control message accepted (a read of a few thousand block ids fits easily).
+pub const MAX_CONTROL_BYTES: usize = 1 << 20;
+
+/// What must be equal on both sides before any block moves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    pub protocol_version: u32,
+    /// [`crate::LoadedModel`]'s identity digest (weights file and architecture).
+    pub model: String,
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub kv_dtype: String,
+}
+
+impl Fingerprint {
+    pub fn new(model: String, layout: KvLayout) -> Self {
+        Self {
+            protocol_version: PROTOCOL_VERSION,
+            model,
+            num_layers: layout.num_layers,
+            num_kv_heads: layout.num_kv_heads,
+            head_dim: layout.head_dim,
+            block_size: layout.block_size,
+            kv_dtype: layout.dtype.name().to_owned(),
+        }
+    }
+
+    /// The fields that differ from `other`, for the error message (empty if none).
+    pub fn differences(&self, other: &Fingerprint) -> Vec<String> {
+        let mut diffs = Vec::new();
+        let mut check = |name: &str, a: String, b: String| {
+            if a != b {
+                diffs.push(format!("{name}: {a} here, {b} there"));
+            }
+        };
+        check(
+            "protocol_version",
+            self.protocol_version.to_string(),
+            other.protocol_version.to_string(),
+        );
+        check("model", self.model.clone(), other.model.clone());
+        check(
+            "num_layers",
+            self.num_layers.to_string(),
+            other.num_layers.to_string(),
+        );
+        check(
+            "num_kv_heads",
+            self.num_kv_heads.to_string(),
+            other.num_kv_heads.to_string(),
+        );
+        check(
+            "head_dim",
+            self.head_dim.to_string(),
+            other.head_dim.to_string(),
+        );
+        check(
+            "block_size",
+            self.block_size.to_string(),
+            other.block_size.to_string(),
+        );
+        check("kv_dtype", self.kv_dtype.clone(), other.kv_dtype.clone());
+        diffs
+    }
+}
+
+/// Why the serving side refused something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The fingerprints differ.
+    Incompatible,
+    /// The reader expected another engine.
+    EngineIdMismatch,
+    /// No lease under that request id (never existed, released, or expired).
+    UnknownRequest,
+    /// A block id is not one of the lease's blocks.
+    BlockOutOfRange,
+    /// The reader's prompt is not the one whose KV the lease holds.
+    PromptMismatch,
+    /// A message the server did not expect at this point.
+    BadMessage,
+}
+
+/// Every message of the protocol. Reader → server: `Hello`, then any of `Read`,
+/// `Heartbeat`, `Done`. Server → reader: `Welcome`, `ReadOk` (then the bytes), `Ack`,
+/// `Error`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    Hello {
+        fingerprint: Fingerprint,
+        /// The `remote_engine_id` the reader was given.
+        engine_id: String,
+    },
+    Welcome {
+        fingerprint: Fingerprint,
+        engine_id: String,
+    },
+    Read {
+        request_id: String,
+        block_ids: Vec<u32>,
+        /// Prompt tokens the blocks' contents depend on, and their digest
+        /// ([`tokens_digest`]).
+        num_tokens: usize,
+        tokens_digest: String,
+    },
+    /// `blocks` × `block_bytes` raw bytes follow, in the order of the read's ids.
+    ReadOk {
+        blocks: usize,
+        block_bytes: usize,
+    },
+    /// Renews the leases of these requests.
+    Heartbeat {
+        request_ids: Vec<String>,
+    },
+    /// The reader is done with this request's blocks (read, or never going to).
+    Done {
+        request_id: String,
+    },
+    /// `count`: how many of the named leases existed.
+    Ack {
+        count: usize,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// Failures of one exchange.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("a {0}-byte control message exceeds the {MAX_CONTROL_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("the peer closed the connection")]
+    Closed,
+}
+
+/// Runs `io` with a deadline.
+pub async fn within<T>(
+    limit: Duration,
+    io: impl Future<Output = Result<T, WireError>>,
+) -> Result<T, WireError> {
+    tokio::time::timeout(limit, io)
+        .await
+        .unwrap_or(Err(WireError::Timeout(limit)))
+}
+
+pub async fn send(
+    stream: &mut (impl AsyncWrite + Unpin),
+    message: &Message,
+) -> Result<(), WireError> {
+    let body = serde_json::to_vec(message)?;
+    if body.len() > MAX_CONTROL_BYTES {
+        return Err(WireError::TooLarge(body.len()));
+    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    stream.write_all(&frame).await?;
+    stream.flush().await?;
+    Ok(())
+}
+
+/// The next message; [`WireError::Closed`] on a clean end of stream before one.
+pub async fn receive(stream: &mut (impl AsyncRead + Unpin)) -> Result<Message, WireError> {
+    let mut len = [0u8; 4];
+    match stream.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_CONTROL_BYTES {
+        return Err(WireError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Digest of a prompt prefix: SHA-256 of the token ids as little-endian u32, hex.
+pub fn tokens_digest(tokens: &[u32]) -> String {
+    let mut hasher = Sha256::new();
+    for t in tokens {
+        hasher.update(t.to_le_bytes());
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn messages_round_trip_through_frames() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let sent = Message::Read {
+            request_id: "cmpl-1-0-abcd".into(),
+            block_ids: vec![3, 1, 4],
+            num_tokens: 40,
+            tokens_digest: tokens_digest(&[1, 2, 3]),
+        };
+        send(&mut a, &sent).await.unwrap();
+        assert_eq!(receive(&mut b).await.unwrap(), sent);
+        drop(a);
+        assert!(matches!(receive(&mut b).await, Err(WireError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_are_refused_before_reading_them() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&(u32::MAX).to_le_bytes()).await.unwrap();
+        assert!(matches!(receive(&mut b).await, Err(WireError::TooLarge(_))));
+    }
+
+    #[test]
+    fn digest_is_sha256_of_little_endian_ids() {
+        // python3 -c "import hashlib,struct;print(hashlib.sha256(struct.pack('<2I',1,2)).hexdigest())"
+        assert_eq!(
+            tokens_digest(&[1, 2]),
+            "34fb5c825de7ca4aea6e712f19d439c1da0c92c37b423936c5f618545ca4fa1f"
+        );
+    }
+
+    #[test]
+    fn fingerprint_differences_name_the_fields() {
+        let layout = KvLayout {
+            num_layers: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            block_size: 16,
+            dtype: crate::kv::KvDtype::F16,
+        };
+        let a = Fingerprint::new("m".into(), layout);
+        let b = Fingerprint::new(
+            "m".into(),
+            KvLayout {
+                block_size: 32,
+                ..layout
+            },
+        );
+        assert!(a.differences(&a).is_empty());
+        assert_eq!(a.differences(&b), vec!["block_size: 16 here, 32 there"]);
+    }
+}
