@@ -496,3 +496,37 @@ async fn a_prefill_worker_dying_mid_transfer_is_survived() {
     );
     d.wait_until_idle(0.0).await;
 }
+
+#[tokio::test]
+async fn a_prefill_leg_whose_token_stops_it_still_hands_off() {
+    if !default_model_present() {
+        return;
+    }
+    let (p, d, single) = (prefill_worker(&[]), worker(&[]), worker(&[]));
+    // llama.cpp's greedy first token after this prompt is " Paris" (id 7042).
+    let body = greedy(json!("The capital of France is"));
+    let (_, alone) = single.post("/v1/completions", &body).await;
+    let stopped_by = [
+        ("stop token", json!({"stop_token_ids": [7042]})),
+        ("stop string", json!({"stop": [" Par"]})),
+    ];
+    for (what, stop) in stopped_by {
+        let mut leg = prefill_leg(&body);
+        leg.as_object_mut()
+            .unwrap()
+            .extend(stop.as_object().unwrap().clone());
+        let (status, answer) = p.post("/v1/completions", &leg).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(
+            answer["choices"][0]["finish_reason"],
+            json!("stop"),
+            "{what}: {answer}"
+        );
+        let params = answer["kv_transfer_params"].clone();
+        assert!(params.is_object(), "{what}: {answer}");
+        let (status, decoded) = d.post("/v1/completions", &decode_leg(&body, &params)).await;
+        assert_eq!(status, 200, "{decoded}");
+        assert_eq!(text_of(&decoded), text_of(&alone), "{what}");
+    }
+    wait_until_released(&p).await;
+}

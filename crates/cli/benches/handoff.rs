@@ -1,0 +1,202 @@
+//! The KV hand-off between two real `tandem serve` processes on loopback, each figure
+//! against its ceiling or baseline in the same run:
+//!
+//! 1. hand-off throughput of a 2,048-token prompt's KV (P → D, as the decode worker's
+//!    `tandem:kv_transfer_seconds` measures it: connect, handshake, read, done) vs a
+//!    `memcpy` of the same bytes;
+//! 2. time to first token of a 512-token prompt through P → D (prefill leg, then the
+//!    streamed decode leg, as a proxy runs them) vs a single worker.
+//!
+//! `cargo bench -p tandem-cli --bench handoff` (needs the default model;
+//! `TANDEM_BENCH_THREADS`, default 2, per worker).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+const TRIALS: usize = 3;
+
+struct Worker {
+    child: Child,
+    base: String,
+}
+
+impl Worker {
+    fn start(threads: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["serve", "--port", "0", "--threads", threads])
+            .args(["--kv-cache-memory", "512MiB", "--max-model-len", "4096"])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tandem serve starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(at) = line.find("http://") {
+                    let _ = tx.send(line[at..].trim().to_owned());
+                }
+            }
+        });
+        let base = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the worker reports its address (is the default model fetched?)");
+        Self { child, base }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `len` token ids, different for every `seed` from the first token on (so no worker
+/// finds any of it in its prefix cache).
+fn prompt(len: usize, seed: u32) -> Vec<u32> {
+    let mut state = seed.wrapping_mul(2_654_435_761) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            1000 + state % 20_000
+        })
+        .collect()
+}
+
+async fn post(client: &reqwest::Client, worker: &Worker, body: &Value) -> Value {
+    let response = client
+        .post(worker.url("/v1/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+/// The prefill leg; returns its `kv_transfer_params`.
+async fn prefill(client: &reqwest::Client, p: &Worker, ids: &[u32]) -> Value {
+    let leg = json!({"prompt": ids, "max_tokens": 1, "stream": false,
+        "kv_transfer_params": {"do_remote_decode": true}});
+    let answer = post(client, p, &leg).await;
+    answer["kv_transfer_params"].clone()
+}
+
+/// Sends a streamed request; returns when its first chunk arrives (then drains it).
+async fn first_chunk(client: &reqwest::Client, worker: &Worker, body: &Value) -> Instant {
+    let response = client
+        .post(worker.url("/v1/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    let at = Instant::now();
+    while stream.next().await.is_some() {}
+    at
+}
+
+async fn metric(client: &reqwest::Client, worker: &Worker, name: &str) -> f64 {
+    let text = client
+        .get(worker.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// GB/s of copying `bytes` bytes between two warm buffers, best of several.
+fn memcpy_gbps(bytes: usize) -> f64 {
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    let mut best = Duration::MAX;
+    for _ in 0..10 {
+        let started = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        best = best.min(started.elapsed());
+        std::hint::black_box(&mut dst);
+    }
+    bytes as f64 / best.as_secs_f64() / 1e9
+}
+
+fn main() {
+    let threads = std::env::var("TANDEM_BENCH_THREADS").unwrap_or_else(|_| "2".into());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let p = Worker::start(&threads, &["--kv-port", "0"]);
+    let d = Worker::start(&threads, &[]);
+    let single = Worker::start(&threads, &[]);
+    let client = reqwest::Client::new();
+    runtime.block_on(async {
+        // 1. Hand-off throughput.
+        let mut best_gbps: f64 = 0.0;
+        let mut bytes_per_pull = 0.0;
+        for trial in 0..TRIALS {
+            let ids = prompt(2048, trial as u32);
+            let params = prefill(&client, &p, &ids).await;
+            let seconds = "tandem:kv_transfer_seconds_sum";
+            let bytes = "tandem:kv_transfer_bytes_total{direction=\"received\"}";
+            let (s0, b0) = (
+                metric(&client, &d, seconds).await,
+                metric(&client, &d, bytes).await,
+            );
+            let leg = json!({"prompt": ids, "max_tokens": 1, "kv_transfer_params": params});
+            post(&client, &d, &leg).await;
+            let (s1, b1) = (
+                metric(&client, &d, seconds).await,
+                metric(&client, &d, bytes).await,
+            );
+            bytes_per_pull = b1 - b0;
+            best_gbps = best_gbps.max(bytes_per_pull / (s1 - s0) / 1e9);
+        }
+        let ceiling = memcpy_gbps(bytes_per_pull as usize);
+        println!(
+            "hand-off of a 2048-token prompt ({:.1} MB): {best_gbps:.2} GB/s | memcpy {ceiling:.2} GB/s | ratio {:.0}% (target >= 30%)",
+            bytes_per_pull / 1e6,
+            100.0 * best_gbps / ceiling
+        );
+
+        // 2. TTFT of a 512-token prompt.
+        let mut alone = Duration::MAX;
+        let mut through = Duration::MAX;
+        for trial in 0..TRIALS {
+            let body = |ids: &[u32]| json!({"prompt": ids, "max_tokens": 4, "stream": true});
+            let ids = prompt(512, 100 + trial as u32);
+            let started = Instant::now();
+            alone = alone.min(first_chunk(&client, &single, &body(&ids)).await - started);
+
+            let ids = prompt(512, 200 + trial as u32);
+            let started = Instant::now();
+            let params = prefill(&client, &p, &ids).await;
+            let mut leg = body(&ids);
+            leg["kv_transfer_params"] = params;
+            through = through.min(first_chunk(&client, &d, &leg).await - started);
+        }
+        println!(
+            "TTFT of a 512-token prompt: single worker {:.1} ms | P->D {:.1} ms | overhead {:+.1}% (target <= 15%)",
+            alone.as_secs_f64() * 1e3,
+            through.as_secs_f64() * 1e3,
+            100.0 * (through.as_secs_f64() / alone.as_secs_f64() - 1.0)
+        );
+    });
+}
