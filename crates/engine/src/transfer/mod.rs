@@ -62,6 +62,10 @@ pub enum LoadFailurePolicy {
     Fail,
 }
 
+/// Kernel socket buffer of hand-off connections (send on P, receive on D): large
+/// enough for several blocks in flight, which lifts loopback throughput.
+const SOCKET_BUFFER_BYTES: u32 = 4 << 20;
+
 /// Time limits of the hand-off.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {

@@ -8,12 +8,12 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::wire::{self, Message, WireError, within};
-use super::{Local, RemotePrefill};
+use super::{Local, RemotePrefill, SOCKET_BUFFER_BYTES};
 use crate::kv::BlockId;
 use crate::metrics as names;
 use crate::sched::{SeqId, WeakEngine};
@@ -206,7 +206,24 @@ impl From<WireError> for Failed {
 }
 
 async fn connect(host: &str, port: u16, local: &Local) -> Result<TcpStream, Failed> {
-    let connecting = TcpStream::connect((host, port));
+    let connecting = async {
+        let mut last_error = None;
+        for addr in tokio::net::lookup_host((host, port)).await? {
+            let socket = if addr.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES)?;
+            match socket.connect(addr).await {
+                Ok(stream) => return Ok(stream),
+                Err(err) => last_error = Some(err),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "the host has no address")
+        }))
+    };
     let stream = tokio::time::timeout(local.limits.connect, connecting)
         .await
         .map_err(|_| {

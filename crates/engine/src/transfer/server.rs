@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use super::Local;
+use super::{Local, SOCKET_BUFFER_BYTES};
 use super::lease::LeaseTable;
 use super::wire::{self, ErrorCode, Message, WireError, within};
 use crate::kv::BlockId;
@@ -44,7 +44,16 @@ impl KvServer {
         leases: Arc<LeaseTable>,
         engine: WeakEngine,
     ) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        // Accepted connections inherit it: whole blocks fit in flight.
+        socket.set_send_buffer_size(SOCKET_BUFFER_BYTES)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(1024)?;
         let ctx = Arc::new(Ctx {
             local,
             leases,
