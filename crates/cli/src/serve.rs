@@ -175,7 +175,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         memory: engine.kv_memory(),
         limits: Limits::default(),
     };
-    let metrics = install_prometheus_recorder()
+    let metrics = install_prometheus_recorder(&served.name)
         .map_err(|e| tracing::warn!("metrics are disabled: {e}"))
         .ok();
     let runtime = tokio::runtime::Builder::new_multi_thread()

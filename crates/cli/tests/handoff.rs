@@ -12,7 +12,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, default_model_present, metric_value};
+use common::{Server, default_model_present, metric_value, metric_with};
 use serde_json::{Value, json};
 use tandem_engine::transfer::wire::{self, Message};
 use tokio::io::AsyncWriteExt;
@@ -108,18 +108,16 @@ fn counter(exposition: &str, name: &str) -> f64 {
     metric_value(exposition, name).unwrap_or(0.0)
 }
 
-/// A labelled counter's value (0 when absent).
-fn labelled(exposition: &str, series: &str) -> f64 {
-    exposition
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+/// A labelled counter's value (0 before its first increment).
+fn labelled(exposition: &str, name: &str, label: (&str, &str)) -> f64 {
+    metric_with(exposition, name, &[label]).unwrap_or(0.0)
 }
 
 async fn received_blocks(d: &Server) -> f64 {
     labelled(
         &d.metrics().await,
-        "tandem:kv_transfer_blocks_total{direction=\"received\"}",
+        "tandem:kv_transfer_blocks_total",
+        ("direction", "received"),
     )
 }
 
@@ -265,7 +263,8 @@ async fn an_unread_lease_expires_and_a_late_read_is_refused() {
     assert_eq!(
         labelled(
             &metrics,
-            "tandem:kv_transfer_failures_total{kind=\"refused\"}"
+            "tandem:kv_transfer_failures_total",
+            ("kind", "refused")
         ),
         1.0
     );
@@ -328,7 +327,8 @@ async fn a_dead_prefill_worker_is_handled_by_the_policy() {
     assert_eq!(
         labelled(
             &metrics,
-            "tandem:kv_transfer_failures_total{kind=\"unreachable\"}"
+            "tandem:kv_transfer_failures_total",
+            ("kind", "unreachable")
         ),
         1.0
     );
@@ -391,16 +391,12 @@ async fn refused_reads_and_unusable_params_fall_back_to_local_prefill() {
     for (kind, field, spoiled) in cases {
         let mut params = prefill(&p, "/v1/completions", &body).await;
         params[field] = spoiled;
-        let series = format!("tandem:kv_transfer_failures_total{{kind=\"{kind}\"}}");
-        let before = labelled(&d.metrics().await, &series);
+        let failures = |m: &str| labelled(m, "tandem:kv_transfer_failures_total", ("kind", kind));
+        let before = failures(&d.metrics().await);
         let (status, answer) = d.post("/v1/completions", &decode_leg(&body, &params)).await;
         assert_eq!(status, 200, "{answer}");
         assert_eq!(text_of(&answer), text_of(&local), "{kind}");
-        assert_eq!(
-            labelled(&d.metrics().await, &series),
-            before + 1.0,
-            "{kind}"
-        );
+        assert_eq!(failures(&d.metrics().await), before + 1.0, "{kind}");
     }
 
     // A worker with another KV layout is refused at the handshake.
@@ -413,7 +409,8 @@ async fn refused_reads_and_unusable_params_fall_back_to_local_prefill() {
     assert_eq!(
         labelled(
             &metrics,
-            "tandem:kv_transfer_failures_total{kind=\"handshake\"}"
+            "tandem:kv_transfer_failures_total",
+            ("kind", "handshake")
         ),
         1.0
     );
@@ -490,7 +487,8 @@ async fn a_prefill_worker_dying_mid_transfer_is_survived() {
     assert_eq!(
         labelled(
             &metrics,
-            "tandem:kv_transfer_failures_total{kind=\"transfer\"}"
+            "tandem:kv_transfer_failures_total",
+            ("kind", "transfer")
         ),
         1.0
     );

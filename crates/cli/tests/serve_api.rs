@@ -8,7 +8,9 @@
 
 mod common;
 
-use common::{Server, assert_error, default_model_present, metric_value, sse_payloads};
+use common::{
+    Server, assert_error, default_model_present, metric_value, metric_with, sse_payloads,
+};
 
 use std::process::Command;
 use std::time::Duration;
@@ -260,15 +262,33 @@ async fn info_endpoints_and_request_ids() {
         .text()
         .await
         .unwrap();
+    let smol = ("model_name", "smol");
+    let expected = [
+        (
+            "vllm:request_success_total",
+            vec![smol, ("finished_reason", "length")],
+            1.0,
+        ),
+        (
+            "vllm:request_success_total",
+            vec![smol, ("finished_reason", "stop")],
+            1.0,
+        ),
+        ("vllm:prompt_tokens_total", vec![smol], 10.0),
+        ("vllm:e2e_request_latency_seconds_count", vec![smol], 2.0),
+    ];
+    for (name, labels, value) in expected {
+        let found = metric_with(&metrics, name, &labels);
+        assert_eq!(found, Some(value), "{name} {labels:?} in\n{metrics}");
+    }
     for name in [
         "vllm:time_to_first_token_seconds_bucket",
-        "vllm:e2e_request_latency_seconds_count",
-        "vllm:request_success_total{finished_reason=\"length\"} 1",
-        "vllm:request_success_total{finished_reason=\"stop\"} 1",
-        "vllm:prompt_tokens_total 10",
-        "vllm:generation_tokens_total ",
+        "vllm:generation_tokens_total",
     ] {
-        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+        assert!(
+            metric_value(&metrics, name).is_some(),
+            "missing {name} in\n{metrics}"
+        );
     }
 }
 
@@ -333,6 +353,21 @@ async fn bad_input_gets_openai_errors_with_the_right_status() {
             400,
         ),
         ("n 2", r#"{"prompt": "x", "n": 2}"#.into(), 400),
+        (
+            "stream_options without stream",
+            r#"{"prompt": "x", "stream_options": {"include_usage": true}}"#.into(),
+            400,
+        ),
+        (
+            "kv_transfer_params of the wrong type",
+            r#"{"prompt": "x", "kv_transfer_params": {"remote_port": "5600"}}"#.into(),
+            400,
+        ),
+        (
+            "both hand-off roles",
+            r#"{"prompt": "x", "kv_transfer_params": {"do_remote_decode": true, "do_remote_prefill": true}}"#.into(),
+            400,
+        ),
         (
             "too many stop strings",
             json!({"prompt": "x", "stop": vec!["s"; 1000]}).to_string(),
@@ -491,8 +526,12 @@ async fn client_disconnects_abort_requests_and_free_their_blocks() {
     server.wait_until_idle(idle).await;
 
     let metrics = server.metrics().await;
-    let aborted = "vllm:request_success_total{finished_reason=\"abort\"} 2";
-    assert!(metrics.contains(aborted), "{metrics}");
+    let aborted = metric_with(
+        &metrics,
+        "vllm:request_success_total",
+        &[("finished_reason", "abort")],
+    );
+    assert_eq!(aborted, Some(2.0), "{metrics}");
     let generated = metric_value(&metrics, "vllm:generation_tokens_total").unwrap();
     assert!(
         generated < 200.0,

@@ -83,10 +83,15 @@ const KV_TRANSFER_BUCKETS: &[f64] = &[
     60.0,
 ];
 
+/// Label on every metric, as vLLM's: the served model name.
+pub const MODEL_NAME: &str = "model_name";
+
 /// Installs the process-wide Prometheus recorder with vLLM's histogram buckets and
 /// describes every metric; the handle renders the text exposition for `/metrics`.
-pub fn install_prometheus_recorder() -> Result<PrometheusHandle, BuildError> {
+/// Every series carries [`MODEL_NAME`]` = model_name`.
+pub fn install_prometheus_recorder(model_name: &str) -> Result<PrometheusHandle, BuildError> {
     let handle = PrometheusBuilder::new()
+        .add_global_label(MODEL_NAME, model_name)
         .set_buckets_for_metric(
             Matcher::Full(TIME_TO_FIRST_TOKEN_SECONDS.into()),
             TTFT_BUCKETS,

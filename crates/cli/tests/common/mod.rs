@@ -158,14 +158,28 @@ pub fn assert_error(status: u16, body: &Value, expected_status: u16) {
     assert_eq!(error["code"], json!(expected_status), "{body}");
 }
 
-/// The value of an unlabelled metric in a Prometheus text exposition.
+/// The value of the first series of metric `name` in a Prometheus text exposition,
+/// whatever its labels.
 pub fn metric_value(exposition: &str, name: &str) -> Option<f64> {
+    metric_with(exposition, name, &[])
+}
+
+/// The value of the first series of metric `name` that carries all of `labels`.
+pub fn metric_with(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     exposition.lines().find_map(|line| {
-        line.strip_prefix(name)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, series_labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.strip_suffix('}')?),
+            None => (series, ""),
+        };
+        let has = |(k, v): &(&str, &str)| {
+            series_labels
+                .split(',')
+                .any(|pair| pair == format!("{k}=\"{v}\""))
+        };
+        (series_name == name && labels.iter().all(has))
+            .then(|| value.parse().ok())
+            .flatten()
     })
 }
 

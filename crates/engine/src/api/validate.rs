@@ -90,6 +90,13 @@ pub fn output_options(
             ),
         ));
     }
+    if fields.stream_options.is_some() && !fields.is_stream() {
+        // vLLM's check, word for word.
+        return Err(ApiError::invalid_param(
+            "stream_options",
+            "Stream options can only be defined when `stream=True`.",
+        ));
+    }
     check_penalty("presence_penalty", fields.presence_penalty)?;
     check_penalty("frequency_penalty", fields.frequency_penalty)?;
     let stop_token_ids = stop_token_ids(fields, tokenizer, model)?;
