@@ -9,9 +9,9 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use super::{Local, SOCKET_BUFFER_BYTES};
 use super::lease::LeaseTable;
 use super::wire::{self, ErrorCode, Message, WireError, within};
+use super::{Local, SOCKET_BUFFER_BYTES};
 use crate::kv::BlockId;
 use crate::metrics as names;
 use crate::sched::WeakEngine;
