@@ -3,6 +3,7 @@
 
 mod generate;
 mod model;
+mod route;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +23,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Serve the built-in engine over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Route OpenAI requests to workers: replicated, or disaggregated (prefill/decode).
+    Route(route::RouteArgs),
     /// Manage models: fetch the default model, show where it lives.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -40,6 +43,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Model(command) => model::run(command),
         Command::Serve(args) => serve::run(args),
+        Command::Route(args) => route::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

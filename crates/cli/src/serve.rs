@@ -337,7 +337,7 @@ fn state_model_name(state: &ServerState) -> String {
 }
 
 /// Completes on SIGTERM or SIGINT.
-async fn termination_signal() -> Result<()> {
+pub async fn termination_signal() -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;

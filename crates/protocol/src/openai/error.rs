@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 pub enum ErrorKind {
     /// 400: the request is malformed or asks for something impossible.
     BadRequest,
+    /// 401: a missing or wrong API key.
+    Unauthorized,
     /// 404: unknown model or path.
     NotFound,
     /// 405: the path exists but not with this method.
@@ -17,7 +19,9 @@ pub enum ErrorKind {
     PayloadTooLarge,
     /// 500: the server failed while serving a valid request.
     Internal,
-    /// 503: the engine is not running.
+    /// 502: an upstream worker failed (the router's answer).
+    BadGateway,
+    /// 503: the engine is not running, or no worker can take the request.
     Unavailable,
 }
 
@@ -25,10 +29,12 @@ impl ErrorKind {
     pub fn status(self) -> u16 {
         match self {
             ErrorKind::BadRequest => 400,
+            ErrorKind::Unauthorized => 401,
             ErrorKind::NotFound => 404,
             ErrorKind::MethodNotAllowed => 405,
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::Internal => 500,
+            ErrorKind::BadGateway => 502,
             ErrorKind::Unavailable => 503,
         }
     }
@@ -37,10 +43,12 @@ impl ErrorKind {
     pub fn type_name(self) -> &'static str {
         match self {
             ErrorKind::BadRequest => "BadRequestError",
+            ErrorKind::Unauthorized => "AuthenticationError",
             ErrorKind::NotFound => "NotFoundError",
             ErrorKind::MethodNotAllowed => "MethodNotAllowedError",
             ErrorKind::PayloadTooLarge => "RequestEntityTooLargeError",
             ErrorKind::Internal => "InternalServerError",
+            ErrorKind::BadGateway => "BadGatewayError",
             ErrorKind::Unavailable => "ServiceUnavailableError",
         }
     }

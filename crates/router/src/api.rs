@@ -1,0 +1,294 @@
+//! The router's HTTP surface (axum): the OpenAI endpoints it routes, the endpoints it
+//! answers itself (`/v1/models` from a healthy worker, `/health` by the mode's
+//! readiness rule, `/healthcheck` in the toy proxy's shape, `/metrics`), client API
+//! keys, and request ids.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::{Map, Value, json};
+use tandem_protocol::openai::{ApiError, ErrorKind};
+
+use crate::admin;
+use crate::config::Mode;
+use crate::disagg::Endpoint;
+use crate::dispatch::{ClientRequest, Dispatcher};
+use crate::error::error_response;
+use crate::metrics as names;
+use crate::registry::Role;
+use crate::relay::{ForwardHeaders, REQUEST_ID};
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct AppState {
+    pub dispatcher: Dispatcher,
+    pub api_key: Option<String>,
+    pub admin_token: Option<String>,
+    pub circuit: crate::config::CircuitConfig,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+pub type SharedState = Arc<AppState>;
+
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/healthcheck", get(healthcheck))
+        .route("/metrics", get(metrics))
+        .route(
+            "/workers",
+            get(admin::list).post(admin::add).delete(admin::remove),
+        )
+        .fallback(|| async { error_response(ApiError::not_found("Not Found")) })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(Arc::new(state))
+}
+
+async fn completions(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    generate(&state, Endpoint::Completions, &headers, body).await
+}
+
+async fn chat(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    generate(&state, Endpoint::Chat, &headers, body).await
+}
+
+async fn generate(
+    state: &AppState,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let arrival = Instant::now();
+    let mut outcome = OutcomeRecorder::new(state.dispatcher.mode, endpoint);
+    let response = match prepare(state, endpoint, headers, body, arrival) {
+        Ok(request) => state.dispatcher.dispatch(request).await,
+        Err(error) => error_response(error),
+    };
+    outcome.record(response.status());
+    response
+}
+
+fn prepare(
+    state: &AppState,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    arrival: Instant,
+) -> Result<ClientRequest, ApiError> {
+    check_bearer(headers, state.api_key.as_deref())?;
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                ErrorKind::PayloadTooLarge,
+                "The request body is larger than the router accepts.",
+            )
+        } else {
+            ApiError::bad_request(format!("Could not read the request body: {rejection}"))
+        }
+    })?;
+    let body: Map<String, Value> = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("Invalid JSON in the request body: {e}")))?;
+    Ok(ClientRequest {
+        endpoint,
+        body,
+        headers: ForwardHeaders {
+            request_id: request_id(headers),
+            authorization: headers.get(header::AUTHORIZATION).cloned(),
+        },
+        arrival,
+    })
+}
+
+/// The client's `X-Request-Id` if it sent a usable one, else a fresh one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|id| !id.is_empty() && id.len() <= 256)
+        .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_owned)
+}
+
+/// Requires `Authorization: Bearer <expected>` when a key is configured.
+pub fn check_bearer(headers: &HeaderMap, expected: Option<&str>) -> Result<(), ApiError> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|key| constant_time_eq(key.as_bytes(), expected.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorKind::Unauthorized,
+            "Unauthorized: a valid API key is required.",
+        ))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Counts a client request by how it ended; `cancelled` if the client left first.
+struct OutcomeRecorder {
+    mode: Mode,
+    endpoint: Endpoint,
+    recorded: bool,
+}
+
+impl OutcomeRecorder {
+    fn new(mode: Mode, endpoint: Endpoint) -> Self {
+        Self {
+            mode,
+            endpoint,
+            recorded: false,
+        }
+    }
+
+    fn record(&mut self, status: StatusCode) {
+        let class = match status.as_u16() {
+            200..=299 => "2xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.count(class);
+    }
+
+    fn count(&mut self, outcome: &'static str) {
+        self.recorded = true;
+        metrics::counter!(names::REQUESTS_TOTAL, names::MODE => self.mode.as_str(),
+            names::ENDPOINT => self.endpoint.as_str(), names::OUTCOME => outcome)
+        .increment(1);
+    }
+}
+
+impl Drop for OutcomeRecorder {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.count("cancelled");
+        }
+    }
+}
+
+/// `/v1/models` of the first healthy worker that answers (decode or replicated
+/// workers first), relayed as is so `root` and `max_model_len` survive.
+async fn models(State(state): State<SharedState>, headers: HeaderMap) -> Response {
+    if let Err(error) = check_bearer(&headers, state.api_key.as_deref()) {
+        return error_response(error);
+    }
+    let registry = &state.dispatcher.registry;
+    let client = state.dispatcher.upstream.client();
+    let workers = [Role::Both, Role::Decode, Role::Prefill]
+        .into_iter()
+        .flat_map(|role| registry.available(role, &[]));
+    for worker in workers {
+        let mut request = client
+            .get(format!("{}/v1/models", worker.url))
+            .timeout(Duration::from_secs(10));
+        if let Some(auth) = headers.get(header::AUTHORIZATION) {
+            request = request.header(header::AUTHORIZATION, auth.clone());
+        }
+        if let Ok(response) = request.send().await
+            && response.status().is_success()
+            && let Ok(body) = response.bytes().await
+        {
+            return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+        }
+    }
+    error_response(ApiError::unavailable("no worker answered /v1/models"))
+}
+
+/// 200 when the mode can serve: a healthy worker (replicated), or a healthy prefill
+/// and a healthy decode worker (P/D).
+async fn health(State(state): State<SharedState>) -> Response {
+    let registry = &state.dispatcher.registry;
+    let missing: Vec<&str> = match state.dispatcher.mode {
+        Mode::Replicated => [Role::Both].to_vec(),
+        Mode::Disaggregated => [Role::Prefill, Role::Decode].to_vec(),
+    }
+    .into_iter()
+    .filter(|&role| !registry.has_healthy(role))
+    .map(|role| match role {
+        Role::Both => "worker",
+        Role::Prefill => "prefill worker",
+        Role::Decode => "decode worker",
+    })
+    .collect();
+    if missing.is_empty() {
+        return (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response();
+    }
+    error_response(ApiError::unavailable(format!(
+        "not ready: no healthy {}",
+        missing.join(" and no healthy ")
+    )))
+}
+
+/// The toy proxy's `/healthcheck`: registered instances, no checks.
+async fn healthcheck(State(state): State<SharedState>) -> Response {
+    let workers = state.dispatcher.registry.all();
+    let count = |role| workers.iter().filter(|w| w.role == role).count();
+    axum::Json(json!({
+        "status": "ok",
+        "prefill_instances": count(Role::Prefill),
+        "decode_instances": count(Role::Decode),
+        "instances": workers.len(),
+    }))
+    .into_response()
+}
+
+async fn metrics(State(state): State<SharedState>) -> Response {
+    let text = state
+        .metrics
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_keys_are_checked_only_when_configured() {
+        let mut headers = HeaderMap::new();
+        assert!(check_bearer(&headers, None).is_ok());
+        assert_eq!(check_bearer(&headers, Some("k")).unwrap_err().status(), 401);
+        headers.insert(header::AUTHORIZATION, "Bearer wrong".parse().unwrap());
+        assert!(check_bearer(&headers, Some("k")).is_err());
+        headers.insert(header::AUTHORIZATION, "Bearer k".parse().unwrap());
+        assert!(check_bearer(&headers, Some("k")).is_ok());
+    }
+
+    #[test]
+    fn request_ids_come_from_the_client_when_usable() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(request_id(&headers).len(), 32);
+        headers.insert(REQUEST_ID, "abc".parse().unwrap());
+        assert_eq!(request_id(&headers), "abc");
+        headers.insert(REQUEST_ID, " ".parse().unwrap());
+        assert_ne!(request_id(&headers), " ");
+    }
+}

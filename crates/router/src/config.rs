@@ -1,0 +1,343 @@
+//! The router's settings: one serde type, read from `--config router.toml` and
+//! overridden by command-line flags (the CLI does the merge). Every duration is in
+//! seconds or milliseconds as its name says.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::policy::{PolicyKind, PrefixConfig};
+
+/// Everything `tandem route` can be told.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterConfig {
+    pub host: String,
+    pub port: u16,
+    /// Replicated mode: workers that do everything (one = single mode).
+    pub workers: Vec<String>,
+    /// Disaggregated mode: prefill workers…
+    pub prefill: Vec<String>,
+    /// …and decode workers.
+    pub decode: Vec<String>,
+    /// Replicated mode's policy, and the default of both P/D pools.
+    pub policy: PolicyKind,
+    pub prefill_policy: Option<PolicyKind>,
+    pub decode_policy: Option<PolicyKind>,
+    pub prefix: PrefixConfig,
+    /// Clients must send `Authorization: Bearer <api_key>`.
+    pub api_key: Option<String>,
+    /// The admin API (`/workers`) needs `Authorization: Bearer <admin_token>`; without
+    /// one it is disabled.
+    pub admin_token: Option<String>,
+    pub timeouts: Timeouts,
+    pub retry: RetryConfig,
+    pub health: HealthConfig,
+    pub circuit: CircuitConfig,
+    /// Largest request body accepted, bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8192,
+            workers: Vec::new(),
+            prefill: Vec::new(),
+            decode: Vec::new(),
+            policy: PolicyKind::RoundRobin,
+            prefill_policy: None,
+            decode_policy: None,
+            prefix: PrefixConfig::default(),
+            api_key: None,
+            admin_token: None,
+            timeouts: Timeouts::default(),
+            retry: RetryConfig::default(),
+            health: HealthConfig::default(),
+            circuit: CircuitConfig::default(),
+            max_body_bytes: 32 << 20,
+        }
+    }
+}
+
+/// How the router serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One pool; each request goes to one worker.
+    Replicated,
+    /// Prefill leg on a prefill worker, then the decode leg on a decode worker.
+    Disaggregated,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Replicated => "replicated",
+            Mode::Disaggregated => "disaggregated",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error(
+        "no workers: give --worker URL (replicated) or --prefill URL and --decode URL (disaggregated)"
+    )]
+    NoWorkers,
+    #[error(
+        "--worker cannot be combined with --prefill/--decode: choose replicated or disaggregated mode"
+    )]
+    MixedModes,
+    #[error("disaggregated mode needs at least one --prefill and one --decode worker")]
+    HalfDisaggregated,
+    #[error("`{0}` is not a worker URL: expected http://host:port")]
+    BadUrl(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl RouterConfig {
+    /// The mode the worker lists describe, after checking them.
+    pub fn mode(&self) -> Result<Mode, ConfigError> {
+        let disaggregated = !self.prefill.is_empty() || !self.decode.is_empty();
+        match (self.workers.is_empty(), disaggregated) {
+            (true, false) => Err(ConfigError::NoWorkers),
+            (false, true) => Err(ConfigError::MixedModes),
+            (false, false) => Ok(Mode::Replicated),
+            (true, true) if self.prefill.is_empty() || self.decode.is_empty() => {
+                Err(ConfigError::HalfDisaggregated)
+            }
+            (true, true) => Ok(Mode::Disaggregated),
+        }
+    }
+
+    /// Checks everything the router relies on; the mode on success.
+    pub fn validate(&self) -> Result<Mode, ConfigError> {
+        let mode = self.mode()?;
+        for url in self.workers.iter().chain(&self.prefill).chain(&self.decode) {
+            normalize_url(url)?;
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(ConfigError::Invalid(
+                "retry.max_attempts must be at least 1".into(),
+            ));
+        }
+        if self.health.failure_threshold == 0 || self.health.success_threshold == 0 {
+            return Err(ConfigError::Invalid(
+                "health thresholds must be at least 1".into(),
+            ));
+        }
+        if self.circuit.failure_threshold == 0 || self.circuit.success_threshold == 0 {
+            return Err(ConfigError::Invalid(
+                "circuit thresholds must be at least 1".into(),
+            ));
+        }
+        Ok(mode)
+    }
+
+    pub fn prefill_policy(&self) -> PolicyKind {
+        self.prefill_policy.unwrap_or(self.policy)
+    }
+
+    pub fn decode_policy(&self) -> PolicyKind {
+        self.decode_policy.unwrap_or(self.policy)
+    }
+}
+
+/// `http://host:port` without a trailing slash; an error for anything else.
+pub fn normalize_url(url: &str) -> Result<String, ConfigError> {
+    let bad = || ConfigError::BadUrl(url.to_owned());
+    let trimmed = url.trim().trim_end_matches('/');
+    let rest = trimmed
+        .strip_prefix("http://")
+        .or_else(|| trimmed.strip_prefix("https://"))
+        .ok_or_else(bad)?;
+    if rest.is_empty() || rest.contains(char::is_whitespace) || rest.contains('?') {
+        return Err(bad());
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// Deadlines of upstream calls.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    pub connect_ms: u64,
+    /// The whole prefill leg (it returns one token, after the full prompt).
+    pub prefill_secs: u64,
+    /// From sending a request to its response headers (replicated and decode legs).
+    pub first_byte_secs: u64,
+    /// Longest silence between two chunks of a relayed body.
+    pub idle_secs: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect_ms: 3000,
+            prefill_secs: 600,
+            first_byte_secs: 600,
+            idle_secs: 300,
+        }
+    }
+}
+
+impl Timeouts {
+    pub fn connect(&self) -> Duration {
+        Duration::from_millis(self.connect_ms)
+    }
+    pub fn prefill(&self) -> Duration {
+        Duration::from_secs(self.prefill_secs)
+    }
+    pub fn first_byte(&self) -> Duration {
+        Duration::from_secs(self.first_byte_secs)
+    }
+    pub fn idle(&self) -> Duration {
+        Duration::from_secs(self.idle_secs)
+    }
+}
+
+/// Retries of a leg that failed before any byte reached the client.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Tries per leg, the first included.
+    pub max_attempts: usize,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    pub multiplier: f64,
+    /// Each wait is scaled by a random factor in [1 − jitter, 1 + jitter].
+    pub jitter: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            initial_backoff_ms: 20,
+            max_backoff_ms: 2000,
+            multiplier: 2.0,
+            jitter: 0.2,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The wait before retry number `retry` (1 = the first retry).
+    pub fn backoff(&self, retry: usize, unit_random: f64) -> Duration {
+        let exponent = retry.saturating_sub(1).min(30) as i32;
+        let base = self.initial_backoff_ms as f64 * self.multiplier.max(1.0).powi(exponent);
+        let capped = base.min(self.max_backoff_ms as f64);
+        let jitter = self.jitter.clamp(0.0, 1.0);
+        let factor = 1.0 - jitter + 2.0 * jitter * unit_random.clamp(0.0, 1.0);
+        Duration::from_secs_f64((capped * factor).max(0.0) / 1000.0)
+    }
+}
+
+/// Active health checks (`GET /health` on every worker).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive failed checks that take a healthy worker out.
+    pub failure_threshold: u32,
+    /// Consecutive good checks that put an unhealthy worker back.
+    pub success_threshold: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 2000,
+            timeout_ms: 2000,
+            failure_threshold: 2,
+            success_threshold: 1,
+        }
+    }
+}
+
+/// The per-worker circuit breaker on request outcomes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CircuitConfig {
+    /// Consecutive failed requests that open the circuit.
+    pub failure_threshold: u32,
+    /// Consecutive successes in half-open state that close it again.
+    pub success_threshold: u32,
+    /// How long an open circuit refuses requests before letting one through.
+    pub open_ms: u64,
+}
+
+impl Default for CircuitConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            success_threshold: 2,
+            open_ms: 10_000,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_follow_the_worker_lists() {
+        let mut config = RouterConfig::default();
+        assert_eq!(config.validate(), Err(ConfigError::NoWorkers));
+        config.workers = vec!["http://a:1".into()];
+        assert_eq!(config.validate(), Ok(Mode::Replicated));
+        config.prefill = vec!["http://p:1".into()];
+        assert_eq!(config.validate(), Err(ConfigError::MixedModes));
+        config.workers.clear();
+        assert_eq!(config.validate(), Err(ConfigError::HalfDisaggregated));
+        config.decode = vec!["http://d:1/".into()];
+        assert_eq!(config.validate(), Ok(Mode::Disaggregated));
+        config.decode = vec!["d:1".into()];
+        assert!(matches!(config.validate(), Err(ConfigError::BadUrl(_))));
+    }
+
+    #[test]
+    fn toml_holds_the_same_settings() {
+        let config: RouterConfig = toml::from_str(
+            r#"
+            port = 9000
+            prefill = ["http://127.0.0.1:8100"]
+            decode = ["http://127.0.0.1:8200", "http://127.0.0.1:8201"]
+            policy = "least_loaded"
+            decode_policy = "prefix"
+            [retry]
+            max_attempts = 5
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.port, 9000);
+        assert_eq!(config.validate(), Ok(Mode::Disaggregated));
+        assert_eq!(config.prefill_policy(), PolicyKind::LeastLoaded);
+        assert_eq!(config.decode_policy(), PolicyKind::Prefix);
+        assert_eq!(config.retry.max_attempts, 5);
+        assert_eq!(config.retry.multiplier, 2.0, "unset fields keep defaults");
+        let typo = toml::from_str::<RouterConfig>("prot = 1");
+        assert!(typo.is_err(), "unknown keys are errors");
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let retry = RetryConfig::default();
+        assert_eq!(retry.backoff(1, 0.5), Duration::from_millis(20));
+        assert_eq!(retry.backoff(2, 0.5), Duration::from_millis(40));
+        assert_eq!(retry.backoff(20, 0.5), Duration::from_millis(2000));
+        assert_eq!(retry.backoff(1, 0.0), Duration::from_millis(16));
+        assert_eq!(retry.backoff(1, 1.0), Duration::from_millis(24));
+    }
+
+    #[test]
+    fn urls_are_normalized() {
+        assert_eq!(normalize_url("http://h:1/").unwrap(), "http://h:1");
+        assert!(normalize_url("ftp://h").is_err());
+        assert!(normalize_url("http://").is_err());
+    }
+}

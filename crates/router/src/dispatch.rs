@@ -1,0 +1,341 @@
+//! Running a client request through the workers: which worker(s), which legs, retries.
+//!
+//! Replicated mode sends the request to one worker. P/D mode sends the prefill leg to
+//! a prefill worker, reads `kv_transfer_params` from its answer, and sends the decode
+//! leg to a decode worker, whose answer is relayed. A leg that fails before any byte
+//! reached the client (no connection, a timeout, a 429/5xx answer) is retried on
+//! another worker of its pool, with exponential backoff and jitter, a bounded number
+//! of times; the failed worker is excluded for the rest of the request.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use axum::http::header;
+use axum::response::Response;
+use serde_json::{Map, Value};
+use tandem_protocol::openai::{ApiError, ErrorKind};
+
+use crate::config::{Mode, RetryConfig};
+use crate::disagg::{self, Endpoint};
+use crate::error::error_response;
+use crate::metrics as names;
+use crate::policy::{Policy, RequestInfo};
+use crate::registry::{LoadGuard, Registry, Role, Worker};
+use crate::relay::{self, ForwardHeaders, RequestTimer, Upstream};
+use std::sync::Arc;
+
+/// One policy per pool.
+#[derive(Debug)]
+pub struct Policies(pub HashMap<Role, Box<dyn Policy>>);
+
+impl Policies {
+    fn get(&self, role: Role) -> &dyn Policy {
+        self.0
+            .get(&role)
+            .map(Box::as_ref)
+            .expect("a policy for every pool of the mode")
+    }
+
+    /// Tells every policy a worker left.
+    pub fn forget(&self, url: &str) {
+        for policy in self.0.values() {
+            policy.forget(url);
+        }
+    }
+}
+
+/// What dispatching needs; shared by all requests.
+#[derive(Debug)]
+pub struct Dispatcher {
+    pub mode: Mode,
+    pub registry: Arc<Registry>,
+    pub upstream: Upstream,
+    pub policies: Policies,
+    pub retry: RetryConfig,
+}
+
+/// One client request, parsed.
+pub struct ClientRequest {
+    pub endpoint: Endpoint,
+    pub body: Map<String, Value>,
+    pub headers: ForwardHeaders,
+    pub arrival: Instant,
+}
+
+/// One upstream call to make, on some worker of `role`.
+struct Leg<'a> {
+    role: Role,
+    /// The `leg` metric label.
+    label: &'static str,
+    path: &'static str,
+    body: &'a Map<String, Value>,
+    tokens: usize,
+    /// Until the response headers arrive.
+    limit: Duration,
+}
+
+/// An answered call: the worker's response (any status) and its load guard.
+struct Called {
+    response: reqwest::Response,
+    guard: LoadGuard,
+}
+
+impl Dispatcher {
+    /// The client's answer to `request`.
+    pub async fn dispatch(&self, request: ClientRequest) -> Response {
+        let text = disagg::request_text(request.endpoint, &request.body);
+        let info = RequestInfo { text: &text };
+        let tokens = disagg::estimated_tokens(&text, &request.body);
+        let result = match self.mode {
+            Mode::Replicated => self.replicated(&request, &info, tokens).await,
+            Mode::Disaggregated => self.disaggregated(&request, &info, tokens).await,
+        };
+        result.unwrap_or_else(error_response)
+    }
+
+    async fn replicated(
+        &self,
+        request: &ClientRequest,
+        info: &RequestInfo<'_>,
+        tokens: usize,
+    ) -> Result<Response, ApiError> {
+        let leg = Leg {
+            role: Role::Both,
+            label: "whole",
+            path: request.endpoint.path(),
+            body: &request.body,
+            tokens,
+            limit: self.upstream.timeouts().first_byte(),
+        };
+        let called = self.call(&leg, info, &request.headers).await?;
+        Ok(self.relay(called, request))
+    }
+
+    async fn disaggregated(
+        &self,
+        request: &ClientRequest,
+        info: &RequestInfo<'_>,
+        tokens: usize,
+    ) -> Result<Response, ApiError> {
+        if let Some(reason) = disagg::must_run_locally(request.endpoint, &request.body) {
+            count_decision("local", reason.as_str());
+            return self.decode(request, &request.body, info, tokens).await;
+        }
+        count_decision("remote", "default");
+        let prefill_body = disagg::prefill_leg(&request.body);
+        let answer = match self.prefill(request, &prefill_body, info, tokens).await? {
+            PrefillAnswer::Ok(answer) => answer,
+            PrefillAnswer::Error(response) => return Ok(response),
+        };
+        let handoff_started = Instant::now();
+        let decode_body = match disagg::handoff_params(&answer) {
+            Some(params) => disagg::decode_leg(&request.body, params),
+            None => {
+                tracing::warn!(
+                    request_id = request.headers.request_id,
+                    "the prefill answer has no kv_transfer_params: the decode worker computes the prompt"
+                );
+                metrics::counter!(names::PD_FALLBACKS_TOTAL).increment(1);
+                request.body.clone()
+            }
+        };
+        let response = self.decode(request, &decode_body, info, tokens).await;
+        metrics::histogram!(names::HANDOFF_SECONDS).record(handoff_started.elapsed().as_secs_f64());
+        response
+    }
+
+    async fn prefill(
+        &self,
+        request: &ClientRequest,
+        body: &Map<String, Value>,
+        info: &RequestInfo<'_>,
+        tokens: usize,
+    ) -> Result<PrefillAnswer, ApiError> {
+        let started = Instant::now();
+        let limit = self.upstream.timeouts().prefill();
+        let leg = Leg {
+            role: Role::Prefill,
+            label: "prefill",
+            path: request.endpoint.path(),
+            body,
+            tokens,
+            limit,
+        };
+        let Called { response, guard } = self.call(&leg, info, &request.headers).await?;
+        let status = response.status();
+        let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
+        let remaining = limit.saturating_sub(started.elapsed());
+        let bytes = match tokio::time::timeout(remaining, response.bytes()).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(err)) => return Err(bad_gateway(&guard, format!("reading its answer: {err}"))),
+            Err(_) => return Err(bad_gateway(&guard, format!("no answer within {limit:?}"))),
+        };
+        drop(guard);
+        metrics::histogram!(names::PREFILL_LEG_SECONDS).record(started.elapsed().as_secs_f64());
+        if !status.is_success() {
+            // The client learns what P said (a context-length 400, say), as P said it.
+            let response = relay::passthrough(status.as_u16(), content_type, bytes);
+            return Ok(PrefillAnswer::Error(response));
+        }
+        Ok(PrefillAnswer::Ok(
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
+    }
+
+    async fn decode(
+        &self,
+        request: &ClientRequest,
+        body: &Map<String, Value>,
+        info: &RequestInfo<'_>,
+        tokens: usize,
+    ) -> Result<Response, ApiError> {
+        let leg = Leg {
+            role: Role::Decode,
+            label: "decode",
+            path: request.endpoint.path(),
+            body,
+            tokens,
+            limit: self.upstream.timeouts().first_byte(),
+        };
+        let called = self.call(&leg, info, &request.headers).await?;
+        Ok(self.relay(called, request))
+    }
+
+    fn relay(&self, called: Called, request: &ClientRequest) -> Response {
+        relay::relay(
+            called.response,
+            &request.headers.request_id,
+            vec![called.guard],
+            RequestTimer::new(request.arrival),
+            self.upstream.timeouts().idle(),
+        )
+    }
+
+    /// Makes `leg`'s call, retrying on other workers; the answer of the last worker
+    /// tried, or an error when none answered.
+    async fn call(
+        &self,
+        leg: &Leg<'_>,
+        info: &RequestInfo<'_>,
+        headers: &ForwardHeaders,
+    ) -> Result<Called, ApiError> {
+        let mut excluded: Vec<String> = Vec::new();
+        let mut last_failure = None;
+        for attempt in 0..self.retry.max_attempts {
+            let Some(worker) = self.select(leg.role, &excluded, info) else {
+                break;
+            };
+            if attempt > 0 {
+                metrics::counter!(names::RETRIES_TOTAL, names::LEG => leg.label).increment(1);
+                tokio::time::sleep(self.retry.backoff(attempt, rand::random())).await;
+            }
+            let guard = worker.load_guard(leg.tokens);
+            match self
+                .upstream
+                .post(&worker.url, leg.path, leg.body, headers, leg.limit)
+                .await
+            {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let failed = is_retryable(status);
+                    record_call(&worker, leg.label, !failed);
+                    excluded.push(worker.url.clone());
+                    let last_try = attempt + 1 == self.retry.max_attempts
+                        || self.select_quietly(leg.role, &excluded).is_none();
+                    if !failed || last_try {
+                        return Ok(Called { response, guard });
+                    }
+                    tracing::warn!(
+                        worker = worker.url,
+                        status,
+                        leg = leg.label,
+                        "retrying on another worker"
+                    );
+                }
+                Err(err) => {
+                    record_call(&worker, leg.label, false);
+                    tracing::warn!(worker = worker.url, %err, leg = leg.label, "upstream call failed");
+                    last_failure = Some(format!("{}: {err}", worker.url));
+                    excluded.push(worker.url.clone());
+                }
+            }
+        }
+        Err(match last_failure {
+            Some(failure) => ApiError::new(
+                ErrorKind::BadGateway,
+                format!(
+                    "no {} worker could serve the request (last: {failure})",
+                    leg.role.as_str()
+                ),
+            ),
+            None => ApiError::unavailable(format!("no {} worker is available", leg.role.as_str())),
+        })
+    }
+
+    /// The policy's pick among the available workers of `role`, minus `excluded`.
+    fn select(
+        &self,
+        role: Role,
+        excluded: &[String],
+        info: &RequestInfo<'_>,
+    ) -> Option<Arc<Worker>> {
+        let workers = self.registry.available(role, excluded);
+        let candidates: Vec<_> = workers.iter().map(|w| w.candidate()).collect();
+        let index = self.policies.get(role).select(&candidates, info)?;
+        workers.get(index).cloned()
+    }
+
+    /// Whether any worker is left to retry on (without consulting the policy).
+    fn select_quietly(&self, role: Role, excluded: &[String]) -> Option<()> {
+        (!self.registry.available(role, excluded).is_empty()).then_some(())
+    }
+}
+
+enum PrefillAnswer {
+    Ok(Value),
+    /// P's non-success answer, to relay as is.
+    Error(Response),
+}
+
+fn bad_gateway(guard: &LoadGuard, what: String) -> ApiError {
+    let worker = guard.worker();
+    worker.record_outcome(false);
+    ApiError::new(
+        ErrorKind::BadGateway,
+        format!("prefill worker {} failed: {what}", worker.url),
+    )
+}
+
+/// Statuses another worker may answer better: overload and server-side failures.
+fn is_retryable(status: u16) -> bool {
+    matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
+}
+
+fn record_call(worker: &Worker, leg: &'static str, ok: bool) {
+    worker.record_outcome(ok);
+    let outcome = if ok { "ok" } else { "error" };
+    metrics::counter!(names::WORKER_REQUESTS_TOTAL,
+        names::WORKER => worker.url.clone(), names::LEG => leg, names::OUTCOME => outcome)
+    .increment(1);
+}
+
+fn count_decision(decision: &'static str, reason: &'static str) {
+    metrics::counter!(names::DISAGG_DECISIONS_TOTAL,
+        names::DECISION => decision, names::REASON => reason)
+    .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overload_and_server_errors_are_retried_client_errors_are_not() {
+        for status in [429, 500, 502, 503, 504] {
+            assert!(is_retryable(status));
+        }
+        for status in [200, 400, 401, 404, 413, 422] {
+            assert!(!is_retryable(status));
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The router's Prometheus metrics: every name and label in one place. The router
+//! observes latencies from its side (arrival to first relayed byte, to the end), so
+//! they include the prefill leg and the hand-off in P/D mode.
+
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Counter, labels [`MODE`], [`ENDPOINT`], [`OUTCOME`]: client requests by how they
+/// ended (`2xx`, `4xx`, `5xx`, or `cancelled` when the client left first).
+pub const REQUESTS_TOTAL: &str = "tandem_router_requests_total";
+/// Counter, labels [`WORKER`], [`LEG`], [`OUTCOME`] (`ok`, `error`): upstream calls.
+pub const WORKER_REQUESTS_TOTAL: &str = "tandem_router_worker_requests_total";
+/// Histogram: seconds from a request's arrival to the first byte relayed to the client
+/// (for a streamed answer, its first token).
+pub const TIME_TO_FIRST_BYTE_SECONDS: &str = "tandem_router_time_to_first_byte_seconds";
+/// Histogram: seconds from a request's arrival to the end of its relayed answer.
+pub const E2E_SECONDS: &str = "tandem_router_e2e_request_latency_seconds";
+/// Histogram: seconds of the prefill leg (P/D mode), sent to answered.
+pub const PREFILL_LEG_SECONDS: &str = "tandem_router_prefill_leg_seconds";
+/// Histogram: seconds from the prefill answer to the decode worker's response headers
+/// (the KV pull and the first decode step).
+pub const HANDOFF_SECONDS: &str = "tandem_router_handoff_seconds";
+/// Gauge, label [`WORKER`]: requests routed to the worker and not finished.
+pub const IN_FLIGHT: &str = "tandem_router_worker_in_flight";
+/// Counter, label [`LEG`]: upstream calls retried on another worker.
+pub const RETRIES_TOTAL: &str = "tandem_router_retries_total";
+/// Gauge, label [`WORKER`]: 0 closed, 1 half-open, 2 open.
+pub const CIRCUIT_STATE: &str = "tandem_router_worker_circuit_state";
+/// Gauge, label [`WORKER`]: 1 while active health checks pass.
+pub const WORKER_HEALTHY: &str = "tandem_router_worker_healthy";
+/// Counter: prefill answers without `kv_transfer_params`, sent to D as plain requests.
+pub const PD_FALLBACKS_TOTAL: &str = "tandem_router_pd_fallbacks_total";
+/// Counter, labels [`DECISION`] (`remote`, `local`), [`REASON`]: P/D mode's choice per
+/// request between a prefill leg and a decode worker alone.
+pub const DISAGG_DECISIONS_TOTAL: &str = "tandem_router_disagg_decisions_total";
+
+pub const MODE: &str = "mode";
+pub const ENDPOINT: &str = "endpoint";
+pub const OUTCOME: &str = "outcome";
+pub const WORKER: &str = "worker";
+/// `prefill`, `decode`, or `whole` (replicated mode).
+pub const LEG: &str = "leg";
+pub const DECISION: &str = "decision";
+pub const REASON: &str = "reason";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+];
+
+/// Installs the process-wide recorder; its handle renders `/metrics`.
+pub fn install_recorder() -> Result<PrometheusHandle, BuildError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Prefix("tandem_router_".into()), LATENCY_BUCKETS)?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "Client requests by mode, endpoint and outcome."
+    );
+    describe_counter!(
+        WORKER_REQUESTS_TOTAL,
+        "Upstream calls by worker, leg and outcome."
+    );
+    describe_histogram!(
+        TIME_TO_FIRST_BYTE_SECONDS,
+        Unit::Seconds,
+        "Arrival to the first byte relayed to the client."
+    );
+    describe_histogram!(
+        E2E_SECONDS,
+        Unit::Seconds,
+        "Arrival to the end of the relayed answer."
+    );
+    describe_histogram!(
+        PREFILL_LEG_SECONDS,
+        Unit::Seconds,
+        "Duration of prefill legs."
+    );
+    describe_histogram!(
+        HANDOFF_SECONDS,
+        Unit::Seconds,
+        "Prefill answer to the decode worker's response headers."
+    );
+    describe_gauge!(IN_FLIGHT, "Requests routed to a worker and not finished.");
+    describe_counter!(RETRIES_TOTAL, "Upstream calls retried on another worker.");
+    describe_gauge!(
+        CIRCUIT_STATE,
+        "Circuit breaker: 0 closed, 1 half-open, 2 open."
+    );
+    describe_gauge!(WORKER_HEALTHY, "1 while a worker passes its health checks.");
+    describe_counter!(
+        PD_FALLBACKS_TOTAL,
+        "Prefill answers without kv_transfer_params (decode computed the prompt)."
+    );
+    describe_counter!(
+        DISAGG_DECISIONS_TOTAL,
+        "P/D mode decisions: remote prefill, or the decode worker alone."
+    );
+}

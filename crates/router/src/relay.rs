@@ -1,0 +1,235 @@
+//! Upstream calls and the relay of their answers: one pooled HTTP client for every
+//! worker; a response is passed to the client with the worker's status and content
+//! type, its body streamed chunk by chunk as it arrives. The relayed body owns the
+//! request's load guards and latency timer, so a worker's in-flight count falls when
+//! the client has the last byte, or the moment it goes away (which also drops, and so
+//! cancels, the upstream request).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::stream::{BoxStream, Stream, StreamExt};
+use serde_json::{Map, Value};
+use tokio::time::Sleep;
+
+use crate::config::Timeouts;
+use crate::metrics as names;
+use crate::registry::LoadGuard;
+
+/// The request id header, shared by both legs of a P/D request.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// What goes with every upstream call.
+#[derive(Debug, Clone)]
+pub struct ForwardHeaders {
+    pub request_id: String,
+    /// The client's `Authorization`, passed on.
+    pub authorization: Option<HeaderValue>,
+}
+
+/// The HTTP client for every worker.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    client: reqwest::Client,
+    timeouts: Timeouts,
+}
+
+/// An upstream call that produced no response.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("{0}")]
+    Transport(#[from] reqwest::Error),
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+}
+
+impl Upstream {
+    pub fn new(timeouts: Timeouts) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(timeouts.connect())
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(1024)
+            .http1_only()
+            .build()?;
+        Ok(Self { client, timeouts })
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    pub fn timeouts(&self) -> &Timeouts {
+        &self.timeouts
+    }
+
+    /// POSTs `body` to `base + path`; returns once the response headers are in.
+    pub async fn post(
+        &self,
+        base: &str,
+        path: &str,
+        body: &Map<String, Value>,
+        headers: &ForwardHeaders,
+        limit: Duration,
+    ) -> Result<reqwest::Response, CallError> {
+        let json = serde_json::to_vec(body).expect("a JSON map serializes");
+        let mut request = self
+            .client
+            .post(format!("{base}{path}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(REQUEST_ID, &headers.request_id)
+            .body(json);
+        if let Some(auth) = &headers.authorization {
+            request = request.header(header::AUTHORIZATION, auth.clone());
+        }
+        match tokio::time::timeout(limit, request.send()).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(CallError::Timeout(limit)),
+        }
+    }
+}
+
+/// Latency bookkeeping of one client request, recorded by the relayed body.
+#[derive(Debug)]
+pub struct RequestTimer {
+    arrival: Instant,
+    first_byte_seen: bool,
+}
+
+impl RequestTimer {
+    pub fn new(arrival: Instant) -> Self {
+        Self {
+            arrival,
+            first_byte_seen: false,
+        }
+    }
+
+    fn first_byte(&mut self) {
+        if !self.first_byte_seen {
+            self.first_byte_seen = true;
+            metrics::histogram!(names::TIME_TO_FIRST_BYTE_SECONDS)
+                .record(self.arrival.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// Turns an upstream response into the client's: same status, same content type, the
+/// body relayed as it arrives. `guards` and `timer` live as long as the body.
+pub fn relay(
+    upstream: reqwest::Response,
+    request_id: &str,
+    guards: Vec<LoadGuard>,
+    timer: RequestTimer,
+    idle: Duration,
+) -> Response {
+    let status =
+        StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
+    let is_sse = content_type
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let body = RelayBody {
+        inner: upstream.bytes_stream().boxed(),
+        idle,
+        deadline: Box::pin(tokio::time::sleep(idle)),
+        is_sse,
+        ended: false,
+        _guards: guards,
+        timer,
+    };
+    let mut response = Response::new(Body::from_stream(body));
+    *response.status_mut() = status;
+    let headers: &mut HeaderMap = response.headers_mut();
+    if let Some(content_type) = content_type {
+        headers.insert(header::CONTENT_TYPE, content_type);
+    }
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        headers.insert(REQUEST_ID, id);
+    }
+    if is_sse {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+    response
+}
+
+/// An upstream body on its way to the client, with an idle deadline between chunks.
+struct RelayBody {
+    inner: BoxStream<'static, reqwest::Result<Bytes>>,
+    idle: Duration,
+    deadline: Pin<Box<Sleep>>,
+    is_sse: bool,
+    ended: bool,
+    _guards: Vec<LoadGuard>,
+    timer: RequestTimer,
+}
+
+impl RelayBody {
+    /// Ends the body after an upstream failure: an in-band error event for SSE (the
+    /// client has a 200 already), a broken body otherwise.
+    fn fail(&mut self, message: String) -> Poll<Option<Result<Bytes, std::io::Error>>> {
+        self.ended = true;
+        tracing::warn!(%message, "upstream body failed mid-relay");
+        if self.is_sse {
+            let error = serde_json::json!({"error": {"message": message,
+                "type": "BadGateway", "param": null, "code": 502}});
+            let event = format!("data: {error}\n\ndata: [DONE]\n\n");
+            return Poll::Ready(Some(Ok(Bytes::from(event))));
+        }
+        Poll::Ready(Some(Err(std::io::Error::other(message))))
+    }
+}
+
+impl Stream for RelayBody {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                self.timer.first_byte();
+                let next = tokio::time::Instant::now() + self.idle;
+                self.deadline.as_mut().reset(next);
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                self.fail(format!("the worker's answer broke off: {err}"))
+            }
+            Poll::Ready(None) => {
+                self.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    let idle = self.idle;
+                    self.fail(format!("the worker sent nothing for {idle:?}"))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl Drop for RelayBody {
+    fn drop(&mut self) {
+        metrics::histogram!(names::E2E_SECONDS).record(self.timer.arrival.elapsed().as_secs_f64());
+    }
+}
+
+/// A response made of a worker's status and body, already read (a prefill error).
+pub fn passthrough(status: u16, content_type: Option<HeaderValue>, body: Bytes) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = (status, body).into_response();
+    if let Some(content_type) = content_type {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, content_type);
+    }
+    response
+}
