@@ -43,17 +43,27 @@ pub struct Server {
 impl Server {
     /// `tandem serve --port 0` with `args`; waits until it listens.
     pub fn start(args: &[&str]) -> Self {
+        Self::spawn("serve", args)
+    }
+
+    /// `tandem route --port 0` with `args`; waits until it listens.
+    pub fn start_router(args: &[&str]) -> Self {
+        Self::spawn("route", args)
+    }
+
+    fn spawn(subcommand: &str, args: &[&str]) -> Self {
         let mut child = tandem()
-            .args(["serve", "--port", "0"])
+            .args([subcommand, "--port", "0"])
             .args(args)
             .stderr(Stdio::piped())
             .spawn()
-            .expect("tandem serve starts");
+            .expect("tandem starts");
         let stderr = child.stderr.take().expect("stderr is piped");
         let (address_tx, address_rx) = mpsc::channel();
+        let subcommand = subcommand.to_owned();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[serve] {line}");
+                eprintln!("[{subcommand}] {line}");
                 if let Some(at) = line.find("http://") {
                     let _ = address_tx.send(line[at..].trim().to_owned());
                 }

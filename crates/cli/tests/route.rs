@@ -1,0 +1,413 @@
+//! `tandem route` in front of real `tandem serve` workers on loopback: replicated and
+//! 2P2D disaggregated serving give a single worker's greedy output, whole and streamed,
+//! on both endpoints; a killed worker is taken out while requests keep succeeding;
+//! `/health` follows the P/D readiness rule; a prefill worker's error reaches the
+//! client as the worker said it; a client that leaves cancels the upstream request; the
+//! admin API and client API keys guard what they should.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Server, default_model_present, metric_value, metric_with};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+fn worker(extra: &[&str]) -> Server {
+    let mut args = vec!["--threads", "1", "--kv-cache-memory", "128MiB"];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+/// A worker that can also be a prefill leg.
+fn pd_worker() -> Server {
+    worker(&["--kv-port", "0"])
+}
+
+/// A router over `workers` (`--worker`, `--prefill`, `--decode` pairs), ready to serve,
+/// checking health every 200 ms.
+async fn router(workers: &[(&str, &Server)], extra: &[&str]) -> Server {
+    router_checking_every(200, workers, extra).await
+}
+
+async fn router_checking_every(
+    interval_ms: u64,
+    workers: &[(&str, &Server)],
+    extra: &[&str],
+) -> Server {
+    let mut args: Vec<String> = vec!["--health-interval-ms".into(), interval_ms.to_string()];
+    for (flag, server) in workers {
+        args.push(format!("--{flag}"));
+        args.push(server.url(""));
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let router = Server::start_router(&args);
+    wait_for_health(&router, 200).await;
+    router
+}
+
+async fn health_status(router: &Server) -> u16 {
+    router
+        .client
+        .get(router.url("/health"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// Waits (bounded) until the router's `/health` answers `status`.
+async fn wait_for_health(router: &Server, status: u16) {
+    for _ in 0..150 {
+        if health_status(router).await == status {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("/health never answered {status}");
+}
+
+fn text_of(answer: &Value) -> String {
+    let choice = &answer["choices"][0];
+    choice["text"]
+        .as_str()
+        .or_else(|| choice["message"]["content"].as_str())
+        .unwrap_or_else(|| panic!("no text in {answer}"))
+        .to_owned()
+}
+
+fn streamed_text(payloads: &[String]) -> String {
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str::<Value>(p).unwrap())
+        .filter_map(|chunk| {
+            let choice = &chunk["choices"][0];
+            choice["text"]
+                .as_str()
+                .or_else(|| choice["delta"]["content"].as_str())
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// Greedy requests on both endpoints, whole and streamed.
+fn greedy_requests() -> Vec<(&'static str, Value)> {
+    let mut requests = Vec::new();
+    for prompt in [
+        "Explain how HTTP load balancers work in 3 sentences.",
+        "The capital of France is",
+        "A long prompt shares nothing with the others, which makes its KV travel in full, \
+         block after block, from the prefill worker to the decode worker.",
+    ] {
+        requests.push((
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 16, "temperature": 0}),
+        ));
+        requests.push((
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": 16,
+                "temperature": 0}),
+        ));
+    }
+    requests
+}
+
+async fn answer_text(server: &Server, path: &str, body: &Value, stream: bool) -> String {
+    if stream {
+        let mut body = body.clone();
+        body["stream"] = json!(true);
+        return streamed_text(&server.post_stream(path, &body).await);
+    }
+    let (status, answer) = server.post(path, body).await;
+    assert_eq!(status, 200, "{answer}");
+    text_of(&answer)
+}
+
+#[tokio::test]
+async fn replicated_and_disaggregated_serving_give_a_single_workers_output() {
+    if !default_model_present() {
+        return;
+    }
+    let (a, b, c, d) = (pd_worker(), pd_worker(), worker(&[]), worker(&[]));
+    let pd = router(
+        &[
+            ("prefill", &a),
+            ("prefill", &b),
+            ("decode", &c),
+            ("decode", &d),
+        ],
+        &[],
+    )
+    .await;
+    let replicated = router(&[("worker", &c), ("worker", &d)], &[]).await;
+    for (path, body) in greedy_requests() {
+        let alone = answer_text(&a, path, &body, false).await;
+        for stream in [false, true] {
+            let through_pd = answer_text(&pd, path, &body, stream).await;
+            assert_eq!(through_pd, alone, "P/D, {path}, stream {stream}");
+            let through_replicas = answer_text(&replicated, path, &body, stream).await;
+            assert_eq!(
+                through_replicas, alone,
+                "replicated, {path}, stream {stream}"
+            );
+        }
+    }
+    // The P/D router really handed off (both decode workers pulled KV) and never
+    // fell back to a plain decode.
+    for decode in [&c, &d] {
+        let metrics = decode.metrics().await;
+        let pulled = metric_with(
+            &metrics,
+            "tandem:kv_transfer_blocks_total",
+            &[("direction", "received")],
+        );
+        assert!(pulled.unwrap_or(0.0) > 0.0, "{metrics}");
+    }
+    let metrics = pd.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "tandem_router_pd_fallbacks_total"),
+        None
+    );
+    let ok = metric_with(
+        &metrics,
+        "tandem_router_requests_total",
+        &[("mode", "disaggregated"), ("outcome", "2xx")],
+    );
+    assert!(ok.unwrap_or(0.0) >= 6.0, "{metrics}");
+}
+
+#[tokio::test]
+async fn a_killed_worker_is_taken_out_and_requests_keep_succeeding() {
+    if !default_model_present() {
+        return;
+    }
+    let (a, b) = (worker(&[]), worker(&[]));
+    let replicated = router(&[("worker", &a), ("worker", &b)], &[]).await;
+    // Checks health once at start only: the dead worker stays in selection, and its
+    // share of the requests must be retried on the other.
+    let unchecked = router_checking_every(3_600_000, &[("worker", &a), ("worker", &b)], &[]).await;
+    let body = json!({"prompt": "Hello", "max_tokens": 4});
+    drop(b);
+    for _ in 0..6 {
+        let (status, answer) = unchecked.post("/v1/completions", &body).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let metrics = unchecked.metrics().await;
+    let retries = metric_with(&metrics, "tandem_router_retries_total", &[("leg", "whole")]);
+    assert!(retries.unwrap_or(0.0) >= 3.0, "{metrics}");
+    // Health checks take the dead worker out; the router stays ready with one.
+    let mut out = false;
+    for _ in 0..50 {
+        let metrics = replicated.metrics().await;
+        let healthy = metric_with(&metrics, "tandem_router_worker_healthy", &[]);
+        let dead_down = metrics
+            .lines()
+            .any(|l| l.starts_with("tandem_router_worker_healthy") && l.ends_with(" 0"));
+        if healthy.is_some() && dead_down {
+            out = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(out, "the dead worker was never marked unhealthy");
+    assert_eq!(health_status(&replicated).await, 200);
+}
+
+#[tokio::test]
+async fn health_follows_the_pd_readiness_rule() {
+    if !default_model_present() {
+        return;
+    }
+    let (p, d) = (pd_worker(), worker(&[]));
+    let pd = router(&[("prefill", &p), ("decode", &d)], &[]).await;
+    let (status, _) = pd
+        .post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}))
+        .await;
+    assert_eq!(status, 200);
+    drop(d);
+    wait_for_health(&pd, 503).await;
+    let (status, answer) = pd
+        .post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}))
+        .await;
+    common::assert_error(status, &answer, 503);
+    let healthcheck: Value = pd
+        .client
+        .get(pd.url("/healthcheck"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(healthcheck["prefill_instances"], json!(1));
+    assert_eq!(healthcheck["decode_instances"], json!(1));
+}
+
+#[tokio::test]
+async fn prefill_errors_reach_the_client_as_the_worker_said_them() {
+    if !default_model_present() {
+        return;
+    }
+    let (p, d) = (
+        worker(&["--kv-port", "0", "--max-model-len", "64"]),
+        worker(&[]),
+    );
+    let pd = router(&[("prefill", &p), ("decode", &d)], &[]).await;
+    let long = "word ".repeat(200);
+    let (status, answer) = pd
+        .post("/v1/completions", &json!({"prompt": long, "max_tokens": 4}))
+        .await;
+    common::assert_error(status, &answer, 400);
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("maximum context length"), "{message}");
+    // The router's own refusals have the same shape.
+    let (status, answer) = pd.post_raw("/v1/completions", "{not json".into()).await;
+    common::assert_error(status, &answer, 400);
+    // A prompt list skips the prefill leg (P would hand off one prompt's KV only).
+    let (status, answer) = pd
+        .post(
+            "/v1/completions",
+            &json!({"prompt": ["One", "Two"], "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"].as_array().unwrap().len(), 2);
+    let metrics = pd.metrics().await;
+    let local = metric_with(
+        &metrics,
+        "tandem_router_disagg_decisions_total",
+        &[("decision", "local"), ("reason", "prompt_list")],
+    );
+    assert_eq!(local, Some(1.0), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_cancels_the_upstream_request() {
+    if !default_model_present() {
+        return;
+    }
+    let (p, d) = (pd_worker(), worker(&[]));
+    let pd = router(&[("prefill", &p), ("decode", &d)], &[]).await;
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 500, "ignore_eos": true,
+        "stream": true});
+    let response = pd
+        .client
+        .post(pd.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut events = response.bytes_stream();
+    events.next().await.unwrap().unwrap();
+    drop(events);
+    d.wait_until_idle(0.0).await;
+    let metrics = d.metrics().await;
+    let aborted = metric_with(
+        &metrics,
+        "vllm:request_success_total",
+        &[("finished_reason", "abort")],
+    );
+    assert_eq!(aborted, Some(1.0), "{metrics}");
+    let generated = metric_value(&metrics, "vllm:generation_tokens_total").unwrap();
+    assert!(generated < 500.0, "stopped early: {generated}");
+    let router_metrics = pd.metrics().await;
+    let in_flight = metric_with(
+        &router_metrics,
+        "tandem_router_worker_in_flight",
+        &[("worker", &d.url(""))],
+    );
+    assert_eq!(in_flight, Some(0.0), "{router_metrics}");
+}
+
+#[tokio::test]
+async fn the_admin_api_and_api_keys_guard_what_they_should() {
+    if !default_model_present() {
+        return;
+    }
+    let (a, b) = (worker(&[]), worker(&[]));
+    let r = router(
+        &[("worker", &a)],
+        &["--admin-token", "admin-secret", "--api-key", "client-key"],
+    )
+    .await;
+    let body = json!({"prompt": "Hi", "max_tokens": 2});
+    let (status, answer) = r.post("/v1/completions", &body).await;
+    common::assert_error(status, &answer, 401);
+    let call = |method: reqwest::Method, path: &str, token: &str| {
+        r.client.request(method, r.url(path)).bearer_auth(token)
+    };
+    let answer = call(reqwest::Method::POST, "/v1/completions", "client-key")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+
+    // Admin: the client key is not enough; the admin token adds, lists, drains.
+    let denied = call(reqwest::Method::GET, "/workers", "client-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 401);
+    let added = call(reqwest::Method::POST, "/workers", "admin-secret")
+        .json(&json!({"url": b.url("")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), 201);
+    let duplicate = call(reqwest::Method::POST, "/workers", "admin-secret")
+        .json(&json!({"url": b.url("")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(duplicate.status(), 400);
+    let listed: Value = call(reqwest::Method::GET, "/workers", "admin-secret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["workers"].as_array().unwrap().len(), 2, "{listed}");
+    let removed = call(
+        reqwest::Method::DELETE,
+        &format!("/workers?url={}", a.url("")),
+        "admin-secret",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(removed.status(), 202);
+    // Once drained, a is gone and every request lands on b.
+    let mut gone = false;
+    for _ in 0..50 {
+        let listed: Value = call(reqwest::Method::GET, "/workers", "admin-secret")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if listed["workers"].as_array().unwrap().len() == 1 {
+            assert_eq!(listed["workers"][0]["url"], json!(b.url("")));
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the drained worker was never removed");
+    let before = metric_value(&b.metrics().await, "vllm:generation_tokens_total").unwrap_or(0.0);
+    for _ in 0..3 {
+        let answer = call(reqwest::Method::POST, "/v1/completions", "client-key")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let after = metric_value(&b.metrics().await, "vllm:generation_tokens_total").unwrap();
+    assert_eq!(after - before, 6.0);
+}
