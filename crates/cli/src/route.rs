@@ -54,6 +54,13 @@ pub struct RouteArgs {
     /// Milliseconds between active health checks [default: 2000].
     #[arg(long)]
     health_interval_ms: Option<u64>,
+    /// P/D mode: send prompts with fewer uncached tokens than this (on the decode
+    /// worker chosen first) straight to the decode worker.
+    #[arg(long, value_name = "TOKENS")]
+    local_prefill_threshold: Option<usize>,
+    /// The model's tokenizer.json, to count prompt tokens exactly (else ~4 chars/token).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Seconds that requests in flight get to finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
@@ -89,6 +96,12 @@ impl RouteArgs {
             config.admin_token = self.admin_token.clone();
         }
         override_with(&mut config.retry.max_attempts, self.max_attempts);
+        if self.local_prefill_threshold.is_some() {
+            config.local_prefill_threshold = self.local_prefill_threshold;
+        }
+        if self.tokenizer.is_some() {
+            config.tokenizer = self.tokenizer.clone();
+        }
         override_with(&mut config.health.interval_ms, self.health_interval_ms);
         Ok(config)
     }

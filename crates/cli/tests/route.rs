@@ -411,3 +411,41 @@ async fn the_admin_api_and_api_keys_guard_what_they_should() {
     let after = metric_value(&b.metrics().await, "vllm:generation_tokens_total").unwrap();
     assert_eq!(after - before, 6.0);
 }
+
+#[tokio::test]
+async fn conditional_disaggregation_keeps_short_and_cached_prompts_on_the_decode_worker() {
+    if !default_model_present() {
+        return;
+    }
+    let (p, d) = (pd_worker(), worker(&[]));
+    let pd = router(
+        &[("prefill", &p), ("decode", &d)],
+        &["--local-prefill-threshold", "64"],
+    )
+    .await;
+    let decisions = |metrics: &str, decision: &str| {
+        metric_with(
+            metrics,
+            "tandem_router_disagg_decisions_total",
+            &[("decision", decision)],
+        )
+        .unwrap_or(0.0)
+    };
+    let short = json!({"prompt": "Hi there", "max_tokens": 2});
+    let (status, _) = pd.post("/v1/completions", &short).await;
+    assert_eq!(status, 200);
+    let long_prompt = "Disaggregation pays off for long prompts. ".repeat(12);
+    let long = json!({"prompt": long_prompt, "max_tokens": 2});
+    let (status, _) = pd.post("/v1/completions", &long).await;
+    assert_eq!(status, 200);
+    let metrics = pd.metrics().await;
+    assert_eq!(decisions(&metrics, "local"), 1.0, "{metrics}");
+    assert_eq!(decisions(&metrics, "remote"), 1.0, "{metrics}");
+    // The decode worker now holds the long prompt: the same prompt stays local.
+    let (status, _) = pd.post("/v1/completions", &long).await;
+    assert_eq!(status, 200);
+    assert_eq!(decisions(&pd.metrics().await, "local"), 2.0);
+    // Only the one remote request reached the prefill worker.
+    let prefilled = metric_value(&p.metrics().await, "vllm:request_success_total");
+    assert_eq!(prefilled, Some(1.0));
+}

@@ -143,7 +143,7 @@ async fn drop_when_idle(state: SharedState, worker: Arc<Worker>) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     state.dispatcher.registry.remove(&worker);
-    state.dispatcher.policies.forget(&worker.url);
+    state.dispatcher.forget(&worker.url);
     tracing::info!(worker = worker.url, "worker removed");
 }
 

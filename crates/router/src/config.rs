@@ -36,6 +36,11 @@ pub struct RouterConfig {
     pub circuit: CircuitConfig,
     /// Largest request body accepted, bytes.
     pub max_body_bytes: usize,
+    /// P/D mode: a prompt with fewer uncached tokens than this (on the decode worker
+    /// chosen first) skips the prefill leg. `None`: always disaggregate.
+    pub local_prefill_threshold: Option<usize>,
+    /// The model's `tokenizer.json`, to count prompt tokens exactly (else estimated).
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 impl Default for RouterConfig {
@@ -57,6 +62,8 @@ impl Default for RouterConfig {
             health: HealthConfig::default(),
             circuit: CircuitConfig::default(),
             max_body_bytes: 32 << 20,
+            local_prefill_threshold: None,
+            tokenizer: None,
         }
     }
 }

@@ -6,6 +6,10 @@
 //! reached the client (no connection, a timeout, a 429/5xx answer) is retried on
 //! another worker of its pool, with exponential backoff and jitter, a bounded number
 //! of times; the failed worker is excluded for the rest of the request.
+//!
+//! Conditional disaggregation (`local_prefill_threshold`) picks the decode worker
+//! first and skips the prefill leg when that worker lacks fewer prompt tokens than the
+//! threshold (by the router's own record of the prompts it sent there).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -19,9 +23,10 @@ use crate::config::{Mode, RetryConfig};
 use crate::disagg::{self, Endpoint};
 use crate::error::error_response;
 use crate::metrics as names;
-use crate::policy::{Policy, RequestInfo};
+use crate::policy::{Policy, PrefixCache, RequestInfo};
 use crate::registry::{LoadGuard, Registry, Role, Worker};
 use crate::relay::{self, ForwardHeaders, RequestTimer, Upstream};
+use crate::tokens::{TokenCounter, uncached_tokens};
 use std::sync::Arc;
 
 /// One policy per pool.
@@ -52,6 +57,18 @@ pub struct Dispatcher {
     pub upstream: Upstream,
     pub policies: Policies,
     pub retry: RetryConfig,
+    pub conditional: Option<ConditionalDisagg>,
+}
+
+/// Decode-first routing that keeps short (or mostly cached) prompts on the decode
+/// worker.
+#[derive(Debug)]
+pub struct ConditionalDisagg {
+    /// Fewer uncached prompt tokens than this: no prefill leg.
+    pub threshold: usize,
+    pub counter: TokenCounter,
+    /// Which prompts went to which decode worker.
+    pub cache: PrefixCache,
 }
 
 /// One client request, parsed.
@@ -72,6 +89,8 @@ struct Leg<'a> {
     tokens: usize,
     /// Until the response headers arrive.
     limit: Duration,
+    /// The worker to try first (chosen before the leg), if still available.
+    preferred: Option<Arc<Worker>>,
 }
 
 /// An answered call: the worker's response (any status) and its load guard.
@@ -106,9 +125,18 @@ impl Dispatcher {
             body: &request.body,
             tokens,
             limit: self.upstream.timeouts().first_byte(),
+            preferred: None,
         };
         let called = self.call(&leg, info, &request.headers).await?;
         Ok(self.relay(called, request))
+    }
+
+    /// Forgets a worker that left (policies and the cache model).
+    pub fn forget(&self, url: &str) {
+        self.policies.forget(url);
+        if let Some(conditional) = &self.conditional {
+            conditional.cache.forget(url);
+        }
     }
 
     async fn disaggregated(
@@ -119,9 +147,32 @@ impl Dispatcher {
     ) -> Result<Response, ApiError> {
         if let Some(reason) = disagg::must_run_locally(request.endpoint, &request.body) {
             count_decision("local", reason.as_str());
-            return self.decode(request, &request.body, info, tokens).await;
+            return self
+                .decode(request, &request.body, info, tokens, None)
+                .await;
         }
-        count_decision("remote", "default");
+        let decode_worker = match &self.conditional {
+            Some(conditional) => {
+                let worker = self
+                    .select(Role::Decode, &[], info)
+                    .ok_or_else(|| ApiError::unavailable("no decode worker is available"))?;
+                let prompt_tokens = conditional.counter.count(info.text);
+                let cached_chars = conditional.cache.match_and_record(&worker.url, info.text);
+                let uncached = uncached_tokens(prompt_tokens, info.text.len(), cached_chars);
+                if uncached < conditional.threshold {
+                    count_decision("local", "below_threshold");
+                    return self
+                        .decode(request, &request.body, info, tokens, Some(worker))
+                        .await;
+                }
+                count_decision("remote", "above_threshold");
+                Some(worker)
+            }
+            None => {
+                count_decision("remote", "always");
+                None
+            }
+        };
         let prefill_body = disagg::prefill_leg(&request.body);
         let answer = match self.prefill(request, &prefill_body, info, tokens).await? {
             PrefillAnswer::Ok(answer) => answer,
@@ -139,7 +190,9 @@ impl Dispatcher {
                 request.body.clone()
             }
         };
-        let response = self.decode(request, &decode_body, info, tokens).await;
+        let response = self
+            .decode(request, &decode_body, info, tokens, decode_worker)
+            .await;
         metrics::histogram!(names::HANDOFF_SECONDS).record(handoff_started.elapsed().as_secs_f64());
         response
     }
@@ -160,6 +213,7 @@ impl Dispatcher {
             body,
             tokens,
             limit,
+            preferred: None,
         };
         let Called { response, guard } = self.call(&leg, info, &request.headers).await?;
         let status = response.status();
@@ -188,6 +242,7 @@ impl Dispatcher {
         body: &Map<String, Value>,
         info: &RequestInfo<'_>,
         tokens: usize,
+        preferred: Option<Arc<Worker>>,
     ) -> Result<Response, ApiError> {
         let leg = Leg {
             role: Role::Decode,
@@ -196,6 +251,7 @@ impl Dispatcher {
             body,
             tokens,
             limit: self.upstream.timeouts().first_byte(),
+            preferred,
         };
         let called = self.call(&leg, info, &request.headers).await?;
         Ok(self.relay(called, request))
@@ -222,7 +278,14 @@ impl Dispatcher {
         let mut excluded: Vec<String> = Vec::new();
         let mut last_failure = None;
         for attempt in 0..self.retry.max_attempts {
-            let Some(worker) = self.select(leg.role, &excluded, info) else {
+            let preferred = leg
+                .preferred
+                .as_ref()
+                .filter(|w| attempt == 0 && w.is_available());
+            let Some(worker) = preferred
+                .cloned()
+                .or_else(|| self.select(leg.role, &excluded, info))
+            else {
                 break;
             };
             if attempt > 0 {

@@ -10,6 +10,7 @@
 //! - [`disagg`]: the P/D request transformations (pure).
 //! - [`dispatch`]: legs, selection and retries.
 //! - [`relay`]: upstream calls and streaming relay.
+//! - [`tokens`]: prompt token counts for conditional disaggregation.
 //! - [`api`], [`admin`]: the HTTP surface.
 //! - [`metrics`]: metric names.
 
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod relay;
+pub mod tokens;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,6 +46,8 @@ pub enum RouterError {
     Client(#[from] reqwest::Error),
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Tokenizer(#[from] tokens::TokenizerError),
 }
 
 /// Serves `config` on `listener` until `shutdown` completes, then until the requests
@@ -81,6 +85,7 @@ pub async fn serve(
             upstream,
             policies: policies(&config, mode),
             retry: config.retry.clone(),
+            conditional: conditional(&config, mode)?,
         },
         api_key: config.api_key.clone(),
         admin_token: config.admin_token.clone(),
@@ -93,6 +98,25 @@ pub async fn serve(
         .await;
     checks.abort();
     Ok(served?)
+}
+
+/// Conditional disaggregation, when asked for (P/D mode only).
+fn conditional(
+    config: &RouterConfig,
+    mode: Mode,
+) -> Result<Option<dispatch::ConditionalDisagg>, RouterError> {
+    let (Mode::Disaggregated, Some(threshold)) = (mode, config.local_prefill_threshold) else {
+        return Ok(None);
+    };
+    let counter = match &config.tokenizer {
+        Some(path) => tokens::TokenCounter::from_file(path)?,
+        None => tokens::TokenCounter::Estimate,
+    };
+    Ok(Some(dispatch::ConditionalDisagg {
+        threshold,
+        counter,
+        cache: policy::PrefixCache::new(config.prefix.max_tree_chars),
+    }))
 }
 
 fn policies(config: &RouterConfig, mode: Mode) -> Policies {

@@ -58,7 +58,7 @@ mod round_robin;
 
 pub use least_loaded::LeastLoaded;
 pub use power_of_two::PowerOfTwo;
-pub use prefix::{PrefixConfig, PrefixPolicy};
+pub use prefix::{PrefixCache, PrefixConfig, PrefixPolicy};
 pub use random::Random;
 pub use round_robin::RoundRobin;
 

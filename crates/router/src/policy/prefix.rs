@@ -143,6 +143,55 @@ impl Policy for PrefixPolicy {
 
 /// True when max − min in-flight requests exceeds the absolute threshold and max
 /// exceeds the relative threshold times min.
+/// The same approximate prefix model, on its own: how much of a text a given worker
+/// probably holds in its KV cache (for conditional disaggregation, which asks about the
+/// one decode worker already chosen).
+pub struct PrefixCache {
+    max_chars: usize,
+    tree: Mutex<ChunkTree>,
+}
+
+impl fmt::Debug for PrefixCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrefixCache")
+            .field("max_chars", &self.max_chars)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PrefixCache {
+    pub fn new(max_chars: usize) -> Self {
+        Self {
+            max_chars,
+            tree: Mutex::new(ChunkTree::default()),
+        }
+    }
+
+    fn lock_tree(&self) -> MutexGuard<'_, ChunkTree> {
+        self.tree.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Characters of `text`'s prefix that `url` was recorded with, then records `text`
+    /// under `url`.
+    pub fn match_and_record(&self, url: &str, text: &str) -> usize {
+        let mut tree = self.lock_tree();
+        let candidate = [Candidate {
+            url,
+            in_flight_requests: 0,
+            in_flight_tokens: 0,
+        }];
+        let matched = tree
+            .longest_match(&candidate, text)
+            .map_or(0, |(_, chars)| chars);
+        tree.insert(url, text, self.max_chars);
+        matched
+    }
+
+    pub fn forget(&self, url: &str) {
+        self.lock_tree().forget(url);
+    }
+}
+
 fn is_imbalanced(candidates: &[Candidate<'_>], config: &PrefixConfig) -> bool {
     let loads = candidates.iter().map(|c| c.in_flight_requests);
     let (Some(max), Some(min)) = (loads.clone().max(), loads.min()) else {
@@ -397,6 +446,23 @@ mod tests {
             .chain((0..).map(|i| char::from(b'a' + ((seed * 7 + i * 13) % 26) as u8)))
             .take(chars)
             .collect()
+    }
+
+    #[test]
+    fn the_cache_model_answers_for_one_worker() {
+        let cache = PrefixCache::new(1 << 20);
+        let long = text(7, 200);
+        assert_eq!(cache.match_and_record("http://d1", &long), 0);
+        assert_eq!(cache.match_and_record("http://d1", &long), 200);
+        assert_eq!(
+            cache.match_and_record("http://d2", &long),
+            0,
+            "another worker"
+        );
+        let extended = format!("{long}{}", text(8, 100));
+        assert!(cache.match_and_record("http://d1", &extended) >= 192);
+        cache.forget("http://d1");
+        assert_eq!(cache.match_and_record("http://d1", &long), 0);
     }
 
     #[test]

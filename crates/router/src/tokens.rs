@@ -1,0 +1,81 @@
+//! Counting a prompt's tokens for conditional disaggregation: exactly, with the
+//! model's Hugging Face `tokenizer.json` (`--tokenizer`), or as an estimate of four
+//! characters per token. Chat requests are counted on their messages' text, without
+//! the chat template's few extra tokens.
+
+use std::path::Path;
+
+pub enum TokenCounter {
+    Estimate,
+    Exact(Box<tokenizers::Tokenizer>),
+}
+
+impl std::fmt::Debug for TokenCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TokenCounter::Estimate => "TokenCounter::Estimate",
+            TokenCounter::Exact(_) => "TokenCounter::Exact",
+        })
+    }
+}
+
+/// A tokenizer file that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("loading the tokenizer {path}: {message}")]
+pub struct TokenizerError {
+    path: String,
+    message: String,
+}
+
+impl TokenCounter {
+    pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
+        tokenizers::Tokenizer::from_file(path)
+            .map(|t| TokenCounter::Exact(Box::new(t)))
+            .map_err(|e| TokenizerError {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })
+    }
+
+    pub fn count(&self, text: &str) -> usize {
+        match self {
+            TokenCounter::Estimate => text.len().div_ceil(4),
+            TokenCounter::Exact(tokenizer) => tokenizer
+                .encode_fast(text, false)
+                .map_or_else(|_| text.len().div_ceil(4), |e| e.len()),
+        }
+    }
+}
+
+/// Tokens of a `prompt_tokens`-token text of `text_chars` characters that a worker
+/// holding its first `cached_chars` characters lacks.
+pub fn uncached_tokens(prompt_tokens: usize, text_chars: usize, cached_chars: usize) -> usize {
+    if text_chars == 0 {
+        return prompt_tokens;
+    }
+    let cached = prompt_tokens * cached_chars.min(text_chars) / text_chars;
+    prompt_tokens - cached
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn estimates_and_cache_shares() {
+        assert_eq!(TokenCounter::Estimate.count("abcdefghi"), 3);
+        assert_eq!(uncached_tokens(100, 400, 0), 100);
+        assert_eq!(uncached_tokens(100, 400, 300), 25);
+        assert_eq!(uncached_tokens(100, 400, 400), 0);
+        assert_eq!(uncached_tokens(7, 0, 0), 7);
+    }
+
+    #[test]
+    fn a_missing_tokenizer_is_a_clear_error() {
+        let err = TokenCounter::from_file(Path::new("/nonexistent/tokenizer.json")).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/tokenizer.json"),
+            "{err}"
+        );
+    }
+}
