@@ -375,11 +375,7 @@ fn is_retryable(status: u16) -> bool {
 }
 
 fn record_call(worker: &Worker, leg: &'static str, ok: bool) {
-    worker.record_outcome(ok);
-    let outcome = if ok { "ok" } else { "error" };
-    metrics::counter!(names::WORKER_REQUESTS_TOTAL,
-        names::WORKER => worker.url.clone(), names::LEG => leg, names::OUTCOME => outcome)
-    .increment(1);
+    worker.record_call(leg, ok);
 }
 
 fn count_decision(decision: &'static str, reason: &'static str) {

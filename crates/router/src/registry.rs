@@ -3,6 +3,7 @@
 //! they belong to), its health and circuit state, and whether it is draining.
 //! Selection reads candidates from here; the admin API adds and removes workers.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -43,11 +44,50 @@ pub struct Worker {
     healthy: AtomicBool,
     draining: AtomicBool,
     circuit: Mutex<CircuitBreaker>,
+    metrics: WorkerMetrics,
+}
+
+/// This worker's metric series, registered once (not looked up per request).
+#[derive(Debug)]
+struct WorkerMetrics {
+    in_flight: metrics::Gauge,
+    healthy: metrics::Gauge,
+    circuit: metrics::Gauge,
+    /// By leg (`whole`, `prefill`, `decode`) and outcome.
+    calls: HashMap<(&'static str, bool), metrics::Counter>,
+}
+
+impl WorkerMetrics {
+    fn new(url: &str) -> Self {
+        let worker = || (names::WORKER, url.to_owned());
+        let mut calls = HashMap::new();
+        for leg in ["whole", "prefill", "decode"] {
+            for ok in [true, false] {
+                let outcome = if ok { "ok" } else { "error" };
+                let labels = [
+                    (names::WORKER, url.to_owned()),
+                    (names::LEG, leg.to_owned()),
+                    (names::OUTCOME, outcome.to_owned()),
+                ];
+                calls.insert(
+                    (leg, ok),
+                    metrics::counter!(names::WORKER_REQUESTS_TOTAL, &labels),
+                );
+            }
+        }
+        Self {
+            in_flight: metrics::gauge!(names::IN_FLIGHT, &[worker()]),
+            healthy: metrics::gauge!(names::WORKER_HEALTHY, &[worker()]),
+            circuit: metrics::gauge!(names::CIRCUIT_STATE, &[worker()]),
+            calls,
+        }
+    }
 }
 
 impl Worker {
     pub fn new(url: String, role: Role, circuit: &CircuitConfig) -> Self {
         let worker = Self {
+            metrics: WorkerMetrics::new(&url),
             url,
             role,
             in_flight_requests: AtomicUsize::new(0),
@@ -102,18 +142,26 @@ impl Worker {
 
     /// Records a request's outcome in the circuit breaker.
     pub fn record_outcome(&self, success: bool) {
+        let now = Instant::now();
         let state = {
             let mut circuit = self.lock_circuit();
-            circuit.record(success, Instant::now());
-            circuit.state(Instant::now())
+            circuit.record(success, now);
+            circuit.state(now)
         };
-        metrics::gauge!(names::CIRCUIT_STATE, names::WORKER => self.url.clone())
-            .set(state.as_gauge());
+        self.metrics.circuit.set(state.as_gauge());
+    }
+
+    /// Records an upstream call of `leg` (its outcome also feeds the circuit breaker).
+    pub fn record_call(&self, leg: &'static str, ok: bool) {
+        self.record_outcome(ok);
+        if let Some(counter) = self.metrics.calls.get(&(leg, ok)) {
+            counter.increment(1);
+        }
     }
 
     fn publish_health(&self) {
         let value = if self.is_healthy() { 1.0 } else { 0.0 };
-        metrics::gauge!(names::WORKER_HEALTHY, names::WORKER => self.url.clone()).set(value);
+        self.metrics.healthy.set(value);
     }
 
     /// Counts a request against this worker until the guard drops.
@@ -128,8 +176,7 @@ impl Worker {
     }
 
     fn publish_in_flight(&self) {
-        metrics::gauge!(names::IN_FLIGHT, names::WORKER => self.url.clone())
-            .set(self.in_flight_requests() as f64);
+        self.metrics.in_flight.set(self.in_flight_requests() as f64);
     }
 
     pub fn candidate(&self) -> Candidate<'_> {
