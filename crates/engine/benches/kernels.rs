@@ -2,7 +2,7 @@
 //! (1 token) and prefill (512 tokens) form, with 1 and 2 threads, against candle's stock
 //! `QMatMul` on the same weights in the same run.
 //!
-//! `cargo bench -p tandem-engine --bench kernels [-- quick] [dispatch|decode|step|crossover|prefill|prefill-step]...`
+//! `cargo bench -p tandem-engine --bench kernels [-- quick] [dispatch|decode|step|step8|tiles|crossover|prefill|prefill-step]...`
 //!
 //! Times are the best of several trials (the machine is shared); ratios > 1 mean tandem
 //! is faster.
@@ -349,6 +349,111 @@ impl Bench {
         }
     }
 
+    /// The model's layer matrices (fused qkv and gate/up, 30 layers) and its lm_head.
+    fn model_step_weights(&self) -> (Vec<Vec<Linear>>, Linear) {
+        let layer_shapes = [
+            (HIDDEN + 2 * KV, HIDDEN),
+            (HIDDEN, HIDDEN),
+            (2 * INTER, HIDDEN),
+            (HIDDEN, INTER),
+        ];
+        let layers = (0..LAYERS)
+            .map(|l| {
+                layer_shapes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(rows, cols))| {
+                        let values = pseudo_random(rows * cols, (l * 8 + i) as u64);
+                        let w = QMatrix::from_f32(GgmlDType::Q4_1, rows, cols, &values);
+                        Linear::new(w.expect("w"), false)
+                    })
+                    .collect()
+            })
+            .collect();
+        let head = QMatrix::from_f32(
+            GgmlDType::Q8_0,
+            VOCAB,
+            HIDDEN,
+            &pseudo_random(VOCAB * HIDDEN, 99),
+        );
+        (layers, Linear::new(head.expect("w"), false))
+    }
+
+    /// One step's matmuls (30 layers + lm_head for every token) at 1 and 8 tokens, 2
+    /// threads: how far batched decode is from 8x the single-token throughput.
+    fn decode_step8(&self) {
+        println!("\n## One decode step's matmuls at 1 and 8 tokens (lm_head for every token)\n");
+        let (layers, head) = self.model_step_weights();
+        let pool = self.pools.last().expect("pools");
+        let time = |n: usize| {
+            let x = pseudo_random(n * INTER, 3);
+            let mut y = vec![0f32; n * VOCAB];
+            let step = best_time(self.budget * 4, self.trials, || {
+                for layer in &layers {
+                    for linear in layer {
+                        let (rows, cols) = (linear.rows(), linear.cols());
+                        matmul(pool, linear, &x[..n * cols], n, &mut y[..n * rows])
+                            .expect("matmul");
+                    }
+                }
+                matmul(pool, &head, &x[..n * HIDDEN], n, &mut y).expect("matmul");
+                black_box(&y);
+            });
+            let head_time = best_time(self.budget, self.trials, || {
+                matmul(pool, &head, &x[..n * HIDDEN], n, &mut y).expect("matmul");
+                black_box(&y);
+            });
+            (step, head_time)
+        };
+        let (one, one_head) = time(1);
+        let (eight, eight_head) = time(8);
+        println!(
+            "- {} threads: 1 token {:.2} ms (lm_head {:.2}) | 8 tokens {:.2} ms (lm_head {:.2}) | 8-token throughput {:.2}x of 1-token",
+            pool.n_threads(),
+            one.as_secs_f64() * 1e3,
+            one_head.as_secs_f64() * 1e3,
+            eight.as_secs_f64() * 1e3,
+            eight_head.as_secs_f64() * 1e3,
+            8.0 * one.as_secs_f64() / eight.as_secs_f64()
+        );
+    }
+
+    /// The panel kernels on the model's shapes at small batches, GFLOP/s.
+    fn tiles(&self) {
+        println!("\n## Panel kernels at small batches (GFLOP/s)\n");
+        let sizes = [1usize, 2, 4, 5, 8, 9];
+        let header: Vec<String> = sizes.iter().map(|n| format!("{n} tok")).collect();
+        println!("| shape | dtype | threads | {} |", header.join(" | "));
+        println!("|---|---|---|{}", "---|".repeat(sizes.len()));
+        for shape in SHAPES.iter().filter(|s| s.rows != KV) {
+            let values = pseudo_random(shape.rows * shape.cols, 1);
+            let w = QMatrix::from_f32(shape.dtype, shape.rows, shape.cols, &values);
+            let linear = Linear::new(w.expect("w"), false);
+            for pool in &self.pools {
+                let cells: Vec<String> = sizes
+                    .iter()
+                    .map(|&n| {
+                        let x = pseudo_random(n * shape.cols, 5);
+                        let mut y = vec![0f32; n * shape.rows];
+                        let t = best_time(self.budget, self.trials, || {
+                            matmul(pool, &linear, &x, n, &mut y).expect("matmul");
+                            black_box(&y);
+                        });
+                        let flops = 2.0 * (n * shape.rows * shape.cols) as f64;
+                        format!("{:.0}", flops / 1e9 / t.as_secs_f64())
+                    })
+                    .collect();
+                println!(
+                    "| {} | {:?} | {} | {} |",
+                    shape.name,
+                    shape.dtype,
+                    pool.n_threads(),
+                    cells.join(" | ")
+                );
+            }
+        }
+    }
+
     /// Quantized path vs GEMM across batch sizes and formats: where the GEMM path pays.
     fn crossover(&self) {
         let pool = self.pools.last().expect("pools");
@@ -471,6 +576,12 @@ fn main() {
     }
     if wanted("step") {
         bench.decode_step();
+    }
+    if wanted("step8") {
+        bench.decode_step8();
+    }
+    if wanted("tiles") {
+        bench.tiles();
     }
     if wanted("crossover") {
         bench.crossover();

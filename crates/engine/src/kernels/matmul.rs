@@ -2,8 +2,8 @@
 //!
 //! - Quantized path: the activations are quantized once to the weights' dot type and
 //!   every task dots a slice of weight rows against all tokens (own AVX2 kernels for
-//!   Q4_0, Q4_1, Q8_0 — panels of 8 rows × 4 tokens of int8 dot products — and F32/F16;
-//!   candle's `GgmlType::vec_dot` for the other formats).
+//!   Q4_0, Q4_1, Q8_0 — panels of 8 rows × 8, 4 or 1 tokens of integer dot products —
+//!   and F32/F16; candle's `GgmlType::vec_dot` for the other formats).
 //! - GEMM path: f32 GEMM over a dense copy of the weights, per row slice. It only pays
 //!   for formats without panel kernels, from [`GEMM_MIN_TOKENS`] tokens up: the Q4_0,
 //!   Q4_1 and Q8_0 kernels beat f32 GEMM at every batch size (see `benches/kernels.rs`).
@@ -144,12 +144,18 @@ pub fn matmul_many_with(
                 MatmulPath::Gemm => true,
             }
     };
-    let needs_q8 = ws
-        .iter()
-        .any(|w| !use_gemm(w) && w.weight.panel_format().is_some());
+    let panel_jobs = || {
+        ws.iter()
+            .filter(|w| !use_gemm(w) && w.weight.panel_format().is_some())
+    };
+    let needs_q8 = panel_jobs().next().is_some();
+    let needs_wide = panel_jobs().any(|w| w.weight.dtype() == GgmlDType::Q8_0);
     with_q8_scratch(|acts| {
         if needs_q8 {
             acts.quantize(pool, x, n_tokens, ws[0].cols());
+        }
+        if needs_wide {
+            acts.widen();
         }
         let acts = &*acts;
         let jobs: Vec<Job<'_>> = ws
@@ -269,6 +275,19 @@ impl<'a> SharedOut<'a> {
         unsafe { self.ptr.add(t * self.rows + r).write(value) }
     }
 
+    /// Writes `out[t, r..r + values.len()]`. The caller owns those rows.
+    #[inline(always)]
+    fn set_rows(&self, t: usize, r: usize, values: &[f32]) {
+        assert!(t < self.n_tokens && r + values.len() <= self.rows);
+        // SAFETY: in bounds (checked above); the rows are owned by the calling task, so
+        // the writes do not race (see the `Sync` impl), and `values` cannot alias the
+        // output, which stays mutably borrowed by `self`.
+        unsafe {
+            let dst = self.ptr.add(t * self.rows + r);
+            std::ptr::copy_nonoverlapping(values.as_ptr(), dst, values.len());
+        }
+    }
+
     /// Pointer to `out[0, r]` for kernels that write a block of rows themselves; the
     /// caller owns the rows it writes through it.
     pub(crate) fn row_ptr(&self, r: usize) -> *mut f32 {
@@ -332,15 +351,27 @@ impl<'a> JobKind<'a> {
     fn compute(&self, rows: Range<usize>, x: &[f32], n_tokens: usize, out: &SharedOut) {
         match self {
             Self::Q4_0(w, format, acts) => {
-                let kernels = (fast::q4_panel::<false, 4>, fast::q4_panel::<false, 1>);
+                let kernels = PanelKernels(
+                    fast::q4_panel::<false, 8>,
+                    fast::q4_panel::<false, 4>,
+                    fast::q4_panel::<false, 1>,
+                );
                 panel_rows(w, format, acts, rows, out, kernels)
             }
             Self::Q4_1(w, format, acts) => {
-                let kernels = (fast::q4_panel::<true, 4>, fast::q4_panel::<true, 1>);
+                let kernels = PanelKernels(
+                    fast::q4_panel::<true, 8>,
+                    fast::q4_panel::<true, 4>,
+                    fast::q4_panel::<true, 1>,
+                );
                 panel_rows(w, format, acts, rows, out, kernels)
             }
             Self::Q8_0(w, format, acts) => {
-                let kernels = (fast::q8_0_panel::<4>, fast::q8_0_panel::<1>);
+                let kernels = PanelKernels(
+                    fast::q8_0_panel::<8>,
+                    fast::q8_0_panel::<4>,
+                    fast::q8_0_panel::<1>,
+                );
                 panel_rows(w, format, acts, rows, out, kernels)
             }
             Self::F32(w) => f32_rows(w, x, n_tokens, rows, out),
@@ -410,16 +441,20 @@ macro_rules! for_each_tile {
 /// token) stay in L2 while the task's panels are swept over them.
 const PANEL_TOKEN_BLOCK: usize = 64;
 
+/// One panel kernel per token tile: 8, 4 and 1 tokens.
+struct PanelKernels<K8, K4, K1>(K8, K4, K1);
+
 /// Panels of a panel-format matrix covering `rows` (which start on a panel boundary),
-/// 4 tokens at a time, then one at a time.
-fn panel_rows<K4, K1>(
+/// 8 tokens at a time, then 4, then one at a time.
+fn panel_rows<K8, K4, K1>(
     w: &QMatrix,
     format: &PanelFormat,
     acts: &Q8Acts,
     rows: Range<usize>,
     out: &SharedOut,
-    (kernel4, kernel1): (K4, K1),
+    PanelKernels(kernel8, kernel4, kernel1): PanelKernels<K8, K4, K1>,
 ) where
+    K8: Fn(&[u8], &PanelFormat, &Q8Acts, usize) -> PanelOut<8>,
     K4: Fn(&[u8], &PanelFormat, &Q8Acts, usize) -> PanelOut<4>,
     K1: Fn(&[u8], &PanelFormat, &Q8Acts, usize) -> PanelOut<1>,
 {
@@ -433,13 +468,15 @@ fn panel_rows<K4, K1>(
             let live_rows = PANEL_ROWS.min(rows.end - first_row);
             let store = |t0: usize, values: &[[f32; PANEL_ROWS]]| {
                 for (dt, row_values) in values.iter().enumerate() {
-                    for (k, &value) in row_values[..live_rows].iter().enumerate() {
-                        out.set(t0 + dt, first_row + k, value);
-                    }
+                    out.set_rows(t0 + dt, first_row, &row_values[..live_rows]);
                 }
             };
             let mut t0 = block_start;
-            while t0 + 4 <= block_end {
+            while t0 + 8 <= block_end {
+                store(t0, &kernel8(panel, format, acts, t0));
+                t0 += 8;
+            }
+            if t0 + 4 <= block_end {
                 store(t0, &kernel4(panel, format, acts, t0));
                 t0 += 4;
             }
@@ -505,3 +542,68 @@ fn generic_rows<'a, T: GgmlType + 'a>(
 
 /// Compile-time check that the 32-wide kernels and the block size agree.
 const _: () = assert!(QK == candle_core::quantized::k_quants::QK8_0);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::quant_dot::scalar;
+
+    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The tiling of `panel_rows` (8, 4 and 1 tokens; ragged last panels) against the
+    /// scalar kernels one token at a time.
+    #[test]
+    fn panel_tiles_match_scalar_for_every_token_count() {
+        let pool = ThreadPool::new(2).unwrap();
+        let cols = 96;
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            for rows in [5, 8, 21] {
+                let values = pseudo_random(rows * cols, rows as u32);
+                let w = Linear::new(
+                    QMatrix::from_f32(dtype, rows, cols, &values).unwrap(),
+                    false,
+                );
+                let format = *w.qmatrix().panel_format().unwrap();
+                let panel_bytes = cols / QK * format.panel_block;
+                for n_tokens in 1..=9 {
+                    let x = pseudo_random(n_tokens * cols, 100 + n_tokens as u32);
+                    let mut y = vec![f32::NAN; n_tokens * rows];
+                    matmul(&pool, &w, &x, n_tokens, &mut y).unwrap();
+                    let mut acts = Q8Acts::default();
+                    acts.quantize(&pool, &x, n_tokens, cols);
+                    let panels = w.qmatrix().storage().chunks_exact(panel_bytes);
+                    for (p, panel) in panels.enumerate() {
+                        for t in 0..n_tokens {
+                            let [expected] = match dtype {
+                                GgmlDType::Q4_0 => {
+                                    scalar::q4_panel::<false, 1>(panel, &format, &acts, t)
+                                }
+                                GgmlDType::Q4_1 => {
+                                    scalar::q4_panel::<true, 1>(panel, &format, &acts, t)
+                                }
+                                _ => scalar::q8_0_panel::<1>(panel, &format, &acts, t),
+                            };
+                            for (k, e) in expected.iter().enumerate().take(rows - p * PANEL_ROWS) {
+                                let got = y[t * rows + p * PANEL_ROWS + k];
+                                assert!(
+                                    (got - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                                    "{dtype:?} rows {rows}, {n_tokens} tokens, t {t}: {got} vs {e}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -10,11 +10,13 @@
 //!   nibbles: elements `4g..4g+4`; high nibbles: elements `16+4g..16+4g+4`). 160 bytes
 //!   per block, the same as 8 GGML blocks.
 //! - Q4_0: as Q4_1 without `m`: 144 bytes.
-//! - Q8_0: `d[8]` f16 then the 8 rows' 32 quants: 272 bytes.
+//! - Q8_0: `d[8]` f16, then the quants in 16 groups of 16 bytes: group `g` holds
+//!   elements `2g, 2g+1` of each row, row `k` at `2k`. 272 bytes.
 //!
-//! The 4-bit grouping puts 4 consecutive elements of row `k` in 32-bit lane `k` of one
-//! AVX2 register, so multiply-adds against 4 broadcast activations leave each row's sum
-//! in its own lane, with no horizontal adds. Bytes are moved, never changed.
+//! The grouping puts consecutive elements of row `k` in 32-bit lane `k` of one AVX2
+//! register (4 nibbles, or 2 quants once sign-extended to 16 bits), so multiply-adds
+//! against broadcast activations leave each row's sum in its own lane, with no
+//! horizontal adds. Bytes are moved, never changed.
 
 use candle_core::quantized::GgmlDType;
 
@@ -67,19 +69,21 @@ impl PanelFormat {
     }
 
     /// (offset in the panel block, offset in the GGML block, length) of the pieces of
-    /// row `k`'s block: scale, optional min, quants.
+    /// row `k`'s block: scale, optional min, quants (in groups, see the module doc).
     fn pieces(&self, k: usize) -> impl Iterator<Item = (usize, usize, usize)> {
         let scale = (Self::SCALES + 2 * k, 0, 2);
         let min = self.has_min.then_some((Self::MINS + 2 * k, 2, 2));
+        // Bytes per row in one group, and groups per block.
+        let (len, groups) = if self.four_bit { (4, 4) } else { (2, 16) };
         let quants_at = self.quants();
-        let nibbles_at = self.ggml_block - 16;
-        let quants: Vec<(usize, usize, usize)> = if self.four_bit {
-            (0..4)
-                .map(|g| (quants_at + 32 * g + 4 * k, nibbles_at + 4 * g, 4))
-                .collect()
-        } else {
-            vec![(quants_at + 32 * k, 2, 32)]
-        };
+        let ggml_quants_at = self.ggml_block - len * groups;
+        let quants = (0..groups).map(move |g| {
+            (
+                quants_at + PANEL_ROWS * len * g + len * k,
+                ggml_quants_at + len * g,
+                len,
+            )
+        });
         std::iter::once(scale).chain(min).chain(quants)
     }
 }
@@ -92,6 +96,17 @@ pub(crate) fn q4_row_nibbles(format: &PanelFormat, block: &[u8], k: usize) -> [u
         nibbles[4 * g..4 * g + 4].copy_from_slice(&block[at..at + 4]);
     }
     nibbles
+}
+
+/// The 32 quants of row `k` of a Q8_0 panel block (see the module doc).
+pub(crate) fn q8_row_quants(format: &PanelFormat, block: &[u8], k: usize) -> [i8; 32] {
+    let mut quants = [0i8; 32];
+    for g in 0..16 {
+        let at = format.quants() + 16 * g + 2 * k;
+        quants[2 * g] = block[at] as i8;
+        quants[2 * g + 1] = block[at + 1] as i8;
+    }
+    quants
 }
 
 /// Bytes of a packed `[rows, cols]` matrix.

@@ -8,11 +8,18 @@
 //! - Q4_1 `w = d·q + m`:      Σ w·x = d_w·d_x·Σ q·a + m·(d_x·Σ a)
 //! - Q4_0 `w = d·(q - 8)`:    as Q4_1 with m = -8·d
 //!
-//! The quantized kernels work on one panel of 8 weight rows (`packed.rs`) × up to 4
-//! tokens: the 8 rows' integer dot products of a block are folded into one vector by
-//! horizontal adds and scaled by the panel's vector of 8 row scales at once. The f32/f16
-//! kernels compute tiles of `R` rows × `T` tokens. The AVX2 versions (`avx2`) and the
-//! portable ones (`scalar`) have identical signatures; the scalar ones are always
+//! The quantized kernels work on one panel of 8 weight rows (`packed.rs`) × 1, 4 or 8
+//! tokens, with each row's integer dot product in its own 32-bit lane (no horizontal
+//! adds), scaled by the panel's vector of 8 row scales at once:
+//!
+//! - Q4: nibbles through `maddubs` against broadcast groups of 4 activations, summed in
+//!   i16 over a block.
+//! - Q8_0: quants sign-extended to i16 through `madd` against broadcast pairs of
+//!   activations widened once per call ([`Q8Acts::widen`]): one multiply per 16
+//!   products and no sign fix-ups, exact in i32.
+//!
+//! The f32/f16 kernels compute tiles of `R` rows × `T` tokens. The AVX2 versions (`avx2`)
+//! and the portable ones (`scalar`) have identical signatures; the scalar ones are always
 //! compiled so tests can compare the two.
 
 use std::sync::{Mutex, PoisonError};
@@ -52,6 +59,8 @@ pub(crate) struct Q8Acts {
     n_tokens: usize,
     cols: usize,
     qs: AlignedBytes,
+    /// `qs` sign-extended, for the Q8_0 kernels; empty until [`Q8Acts::widen`].
+    qs16: Vec<i16>,
     scales: Vec<f32>,
     sums: Vec<f32>,
 }
@@ -65,6 +74,7 @@ impl Q8Acts {
         self.n_tokens = n_tokens;
         self.cols = cols;
         self.qs.resize(n_tokens * cols);
+        self.qs16.clear();
         self.scales.resize(n_blocks, 0.0);
         self.sums.resize(n_blocks, 0.0);
         if cols == 0 {
@@ -96,6 +106,14 @@ impl Q8Acts {
         });
     }
 
+    /// Fills the 16-bit copy of the quants that the Q8_0 kernels read (only they need
+    /// it, so large batches of other formats skip the copy).
+    pub(crate) fn widen(&mut self) {
+        self.qs16.clear();
+        self.qs16
+            .extend(self.qs.as_i8().iter().map(|&q| i16::from(q)));
+    }
+
     pub(crate) fn n_tokens(&self) -> usize {
         self.n_tokens
     }
@@ -107,6 +125,11 @@ impl Q8Acts {
     /// Quantized values of token `t`.
     fn qs(&self, t: usize) -> &[i8] {
         &self.qs.as_i8()[t * self.cols..(t + 1) * self.cols]
+    }
+
+    /// Quantized values of token `t` as i16 (after [`Q8Acts::widen`]).
+    fn qs16(&self, t: usize) -> &[i16] {
+        &self.qs16[t * self.cols..(t + 1) * self.cols]
     }
 
     fn scales(&self, t: usize) -> &[f32] {
@@ -148,7 +171,7 @@ fn check_panel(panel: &[u8], format: &PanelFormat, acts: &Q8Acts, t0: usize, tok
 #[allow(dead_code)] // With AVX2 only the tests call these.
 pub(crate) mod scalar {
     use super::{PanelOut, Q8Acts, QK, check_panel};
-    use crate::kernels::packed::{PANEL_ROWS, PanelFormat, q4_row_nibbles};
+    use crate::kernels::packed::{PANEL_ROWS, PanelFormat, q4_row_nibbles, q8_row_quants};
     use crate::kernels::simd::f16_at;
 
     /// Quantizes 32 values to i8; returns (scale, scale · Σ q).
@@ -211,15 +234,16 @@ pub(crate) mod scalar {
         for (b, block) in panel.chunks_exact(format.panel_block).enumerate() {
             for k in 0..PANEL_ROWS {
                 let d = f16_at(block, PanelFormat::SCALES + 2 * k);
-                let quants = &block[format.quants() + 32 * k..][..32];
+                let quants = q8_row_quants(format, block, k);
                 for (t, out) in out.iter_mut().enumerate() {
                     let a = &acts.qs(t0 + t)[b * QK..(b + 1) * QK];
                     let dot: i32 = quants
                         .iter()
                         .zip(a)
-                        .map(|(&w, &x)| i32::from(w as i8) * i32::from(x))
+                        .map(|(&w, &x)| i32::from(w) * i32::from(x))
                         .sum();
-                    out[k] += d * acts.scales(t0 + t)[b] * dot as f32;
+                    // Fused like the AVX2 kernel, which this matches bit for bit.
+                    out[k] = (dot as f32).mul_add(d * acts.scales(t0 + t)[b], out[k]);
                 }
             }
         }
@@ -281,7 +305,7 @@ pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{PanelOut, Q8Acts, QK, check_panel};
-    use crate::kernels::packed::{PANEL_ROWS, PanelFormat};
+    use crate::kernels::packed::PanelFormat;
     use crate::kernels::simd::avx2::{hmax, hsum};
 
     /// Quantizes 32 values to i8; returns (scale, scale · Σ q).
@@ -304,7 +328,7 @@ pub(crate) mod avx2 {
         unsafe { q4_panel_avx2::<HAS_MIN, T>(panel, format, acts, t0) }
     }
 
-    /// One panel of Q8_0 weights × tokens `t0..t0+T`.
+    /// One panel of Q8_0 weights × tokens `t0..t0+T` (`acts` widened).
     #[inline(always)]
     pub(crate) fn q8_0_panel<const T: usize>(
         panel: &[u8],
@@ -313,6 +337,10 @@ pub(crate) mod avx2 {
         t0: usize,
     ) -> PanelOut<T> {
         check_panel(panel, format, acts, t0, T);
+        assert!(
+            acts.qs16.len() == acts.n_tokens * acts.cols,
+            "Q8Acts::widen not called"
+        );
         // SAFETY: see the module note.
         unsafe { q8_0_panel_avx2::<T>(panel, format, acts, t0) }
     }
@@ -409,54 +437,60 @@ pub(crate) mod avx2 {
         t0: usize,
     ) -> PanelOut<T> {
         let n_blocks = acts.blocks_per_row();
-        let qs: [&[i8]; T] = std::array::from_fn(|t| acts.qs(t0 + t));
-        let scales: [&[f32]; T] = std::array::from_fn(|t| acts.scales(t0 + t));
-        let act_sums: [&[f32]; T] = std::array::from_fn(|t| acts.sums(t0 + t));
+        // Raw rows: the block loop reads them without bounds checks (see the SAFETY notes).
+        let qs: [*const i8; T] = std::array::from_fn(|t| acts.qs(t0 + t).as_ptr());
+        let scales: [*const f32; T] = std::array::from_fn(|t| acts.scales(t0 + t).as_ptr());
+        let act_sums: [*const f32; T] = std::array::from_fn(|t| acts.sums(t0 + t).as_ptr());
         let low_nibbles = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); T];
         for b in 0..n_blocks {
-            let block = &panel[b * format.panel_block..][..format.panel_block];
-            let quants = &block[format.quants()..][..128];
+            // SAFETY: `check_panel` asserted `panel` holds `n_blocks` panel blocks, and every
+            // token row `n_blocks` blocks of 32 quants, one scale and one sum each; b < n_blocks.
+            let (block, a, scale, act_sum) = unsafe {
+                (
+                    panel.as_ptr().add(b * format.panel_block),
+                    qs.map(|q| q.add(b * QK)),
+                    scales.map(|s| s.add(b).read()),
+                    act_sums.map(|s| s.add(b).read()),
+                )
+            };
+            // SAFETY: a panel block holds its 4 × 32 nibble bytes at `quants()`.
+            let quants = unsafe { block.add(format.quants()) };
+            // Lane k of `lo` holds row k's elements 4g..4g+4, of `hi` elements
+            // 16+4g..16+4g+4: multiply each by the same 4 activations in every lane.
+            // Each i16 lane sums at most 8 products of 15 × 127 pairs: no saturation.
+            let mut sums = [_mm256_setzero_si256(); T];
+            for g in 0..4 {
+                // SAFETY: group g is 32 bytes at 32g of the quants.
+                let raw = unsafe { _mm256_loadu_si256(quants.add(32 * g).cast()) };
+                let lo = _mm256_and_si256(raw, low_nibbles);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low_nibbles);
+                for t in 0..T {
+                    // SAFETY: `a[t]` points at 32 quants; 4g + 4 <= 16 and 16 + 4g + 4 <= 32.
+                    let (a_lo, a_hi) = unsafe {
+                        (
+                            _mm256_set1_epi32(a[t].add(4 * g).cast::<i32>().read_unaligned()),
+                            _mm256_set1_epi32(a[t].add(16 + 4 * g).cast::<i32>().read_unaligned()),
+                        )
+                    };
+                    sums[t] = _mm256_add_epi16(sums[t], _mm256_maddubs_epi16(lo, a_lo));
+                    sums[t] = _mm256_add_epi16(sums[t], _mm256_maddubs_epi16(hi, a_hi));
+                }
+            }
             // SAFETY: the scale (and min) arrays are 16 bytes at offsets 0 (and 16).
-            let d = unsafe { load_f16x8(block.as_ptr().add(PanelFormat::SCALES)) };
+            let d = unsafe { load_f16x8(block.add(PanelFormat::SCALES)) };
             let m = if HAS_MIN {
                 // SAFETY: as above.
-                unsafe { load_f16x8(block.as_ptr().add(PanelFormat::MINS)) }
+                unsafe { load_f16x8(block.add(PanelFormat::MINS)) }
             } else {
                 _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
             };
-            let mut lo = [_mm256_setzero_si256(); 4];
-            let mut hi = [_mm256_setzero_si256(); 4];
-            for g in 0..4 {
-                // SAFETY: `quants` holds 4 × 32 bytes.
-                let raw = unsafe { _mm256_loadu_si256(quants.as_ptr().add(32 * g).cast()) };
-                lo[g] = _mm256_and_si256(raw, low_nibbles);
-                hi[g] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low_nibbles);
-            }
             for t in 0..T {
-                let a = &qs[t][b * QK..][..QK];
-                // Lane k of lo[g] holds row k's elements 4g..4g+4, of hi[g] elements
-                // 16+4g..16+4g+4: multiply each by the same 4 activations in every lane.
-                // Each i16 lane sums at most 8 products of 15 × 127 pairs: no saturation.
-                let mut sums = _mm256_setzero_si256();
-                for g in 0..4 {
-                    // SAFETY: `a` holds 32 bytes; 4g + 4 <= 16 and 16 + 4g + 4 <= 32.
-                    let (a_lo, a_hi) = unsafe {
-                        (
-                            _mm256_set1_epi32(a.as_ptr().add(4 * g).cast::<i32>().read_unaligned()),
-                            _mm256_set1_epi32(
-                                a.as_ptr().add(16 + 4 * g).cast::<i32>().read_unaligned(),
-                            ),
-                        )
-                    };
-                    sums = _mm256_add_epi16(sums, _mm256_maddubs_epi16(lo[g], a_lo));
-                    sums = _mm256_add_epi16(sums, _mm256_maddubs_epi16(hi[g], a_hi));
-                }
-                let row_sums = _mm256_madd_epi16(sums, ones);
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps(scales[t][b]));
+                let row_sums = _mm256_madd_epi16(sums[t], ones);
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(scale[t]));
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(row_sums), scale, acc[t]);
-                acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(act_sums[t][b]), acc[t]);
+                acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(act_sum[t]), acc[t]);
             }
         }
         std::array::from_fn(|t| to_array(acc[t]))
@@ -471,40 +505,41 @@ pub(crate) mod avx2 {
         t0: usize,
     ) -> PanelOut<T> {
         let n_blocks = acts.blocks_per_row();
-        let qs: [&[i8]; T] = std::array::from_fn(|t| acts.qs(t0 + t));
-        let scales: [&[f32]; T] = std::array::from_fn(|t| acts.scales(t0 + t));
-        let ones = _mm256_set1_epi16(1);
+        // Raw rows: the block loop reads them without bounds checks (see the SAFETY notes).
+        let qs: [*const i16; T] = std::array::from_fn(|t| acts.qs16(t0 + t).as_ptr());
+        let scales: [*const f32; T] = std::array::from_fn(|t| acts.scales(t0 + t).as_ptr());
         let mut acc = [_mm256_setzero_ps(); T];
         for b in 0..n_blocks {
-            let block = &panel[b * format.panel_block..][..format.panel_block];
-            let quants = &block[format.quants()..][..PANEL_ROWS * 32];
+            // SAFETY: `check_panel` asserted `panel` holds `n_blocks` panel blocks, and every
+            // token row `n_blocks` blocks of 32 quants and one scale each; b < n_blocks.
+            let (block, a, scale) = unsafe {
+                (
+                    panel.as_ptr().add(b * format.panel_block),
+                    qs.map(|q| q.add(b * QK)),
+                    scales.map(|s| s.add(b).read()),
+                )
+            };
+            // SAFETY: a panel block holds its 16 × 16 quant bytes at `quants()`.
+            let quants = unsafe { block.add(format.quants()) };
+            // Lane k of group g's weights holds row k's elements 2g, 2g+1; `madd`
+            // multiplies them by the same 2 activations in every lane. Exact:
+            // |Σ| <= 32 · 128 · 127.
+            let mut dots = [_mm256_setzero_si256(); T];
+            for g in 0..QK / 2 {
+                // SAFETY: group g is 16 bytes at 16g of the quants.
+                let w = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(quants.add(16 * g).cast()) });
+                for t in 0..T {
+                    // SAFETY: `a[t]` points at 32 i16; 2g + 2 <= 32.
+                    let pair = unsafe { a[t].add(2 * g).cast::<i32>().read_unaligned() };
+                    let products = _mm256_madd_epi16(w, _mm256_set1_epi32(pair));
+                    dots[t] = _mm256_add_epi32(dots[t], products);
+                }
+            }
             // SAFETY: the scale array is 16 bytes at offset 0.
-            let d = unsafe { load_f16x8(block.as_ptr().add(PanelFormat::SCALES)) };
+            let d = unsafe { load_f16x8(block.add(PanelFormat::SCALES)) };
             for t in 0..T {
-                let a_block = &qs[t][b * QK..][..QK];
-                // SAFETY: `a_block` holds 32 bytes.
-                let a = unsafe { _mm256_loadu_si256(a_block.as_ptr().cast()) };
-                let row_dots: [__m256i; PANEL_ROWS] = std::array::from_fn(|k| {
-                    // SAFETY: `quants` holds 8 × 32 bytes.
-                    let w = unsafe { _mm256_loadu_si256(quants.as_ptr().add(32 * k).cast()) };
-                    // maddubs needs an unsigned operand: |w| · (a with w's sign).
-                    let products =
-                        _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
-                    _mm256_madd_epi16(products, ones)
-                });
-                // Fold 8 vectors of 8 partial sums into one vector of 8 row sums.
-                let h01 = _mm256_hadd_epi32(row_dots[0], row_dots[1]);
-                let h23 = _mm256_hadd_epi32(row_dots[2], row_dots[3]);
-                let h45 = _mm256_hadd_epi32(row_dots[4], row_dots[5]);
-                let h67 = _mm256_hadd_epi32(row_dots[6], row_dots[7]);
-                let h0123 = _mm256_hadd_epi32(h01, h23);
-                let h4567 = _mm256_hadd_epi32(h45, h67);
-                let row_sums = _mm256_add_epi32(
-                    _mm256_permute2x128_si256::<0x20>(h0123, h4567),
-                    _mm256_permute2x128_si256::<0x31>(h0123, h4567),
-                );
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps(scales[t][b]));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(row_sums), scale, acc[t]);
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(scale[t]));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[t]), scale, acc[t]);
             }
         }
         std::array::from_fn(|t| to_array(acc[t]))
@@ -610,6 +645,7 @@ mod tests {
         let mut acts = Q8Acts::default();
         let pool = ThreadPool::new(2).unwrap();
         acts.quantize(&pool, &pseudo_random(cols * n_tokens, 7), n_tokens, cols);
+        acts.widen();
         acts
     }
 
@@ -624,33 +660,46 @@ mod tests {
         assert!((fast.0 - slow.0).abs() < 1e-7 && (fast.1 - slow.1).abs() < 1e-5);
     }
 
-    #[test]
-    fn kernels_match_scalar() {
-        use crate::kernels::{GgmlDType, QMatrix};
-        let (cols, rows) = (128, 8);
-        let acts = acts(cols, 3);
-        let w = pseudo_random(rows * cols, 11);
-        let check = |fast: PanelOut<3>, slow: PanelOut<3>| {
+    /// One panel tile of `T` tokens from `t0`, fast vs scalar kernels.
+    fn check_panel_tile<const T: usize>(m: &crate::kernels::QMatrix, acts: &Q8Acts, t0: usize) {
+        use crate::kernels::GgmlDType;
+        let format = m.panel_format().unwrap();
+        let panel_bytes = m.cols() / QK * format.panel_block;
+        for panel in m.storage().chunks_exact(panel_bytes) {
+            let (fast, slow) = match m.dtype() {
+                GgmlDType::Q4_0 => (
+                    fast::q4_panel::<false, T>(panel, format, acts, t0),
+                    scalar::q4_panel::<false, T>(panel, format, acts, t0),
+                ),
+                GgmlDType::Q4_1 => (
+                    fast::q4_panel::<true, T>(panel, format, acts, t0),
+                    scalar::q4_panel::<true, T>(panel, format, acts, t0),
+                ),
+                _ => (
+                    fast::q8_0_panel::<T>(panel, format, acts, t0),
+                    scalar::q8_0_panel::<T>(panel, format, acts, t0),
+                ),
+            };
             for (f, s) in fast.iter().flatten().zip(slow.iter().flatten()) {
                 assert!((f - s).abs() <= 1e-4 * (1.0 + s.abs()), "{f} vs {s}");
             }
-        };
+        }
+    }
+
+    #[test]
+    fn kernels_match_scalar() {
+        use crate::kernels::{GgmlDType, QMatrix};
+        // 13 rows: a full panel and a zero-padded one.
+        let (cols, rows) = (128, 13);
+        let acts = acts(cols, 9);
+        let w = pseudo_random(rows * cols, 11);
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let m = QMatrix::from_f32(dtype, rows, cols, &w).unwrap();
-            let (panel, format) = (m.storage(), m.panel_format().unwrap());
-            match dtype {
-                GgmlDType::Q4_0 => check(
-                    fast::q4_panel::<false, 3>(panel, format, &acts, 0),
-                    scalar::q4_panel::<false, 3>(panel, format, &acts, 0),
-                ),
-                GgmlDType::Q4_1 => check(
-                    fast::q4_panel::<true, 3>(panel, format, &acts, 0),
-                    scalar::q4_panel::<true, 3>(panel, format, &acts, 0),
-                ),
-                _ => check(
-                    fast::q8_0_panel::<3>(panel, format, &acts, 0),
-                    scalar::q8_0_panel::<3>(panel, format, &acts, 0),
-                ),
+            for t0 in [0, 1] {
+                check_panel_tile::<1>(&m, &acts, t0 + 7);
+                check_panel_tile::<3>(&m, &acts, t0);
+                check_panel_tile::<4>(&m, &acts, t0 + 4);
+                check_panel_tile::<8>(&m, &acts, t0);
             }
         }
         let close = |fast: [[f32; 3]; 4], slow: [[f32; 3]; 4]| {
@@ -672,5 +721,58 @@ mod tests {
             fast::f16_tile::<4, 3>(&wh, &x, 100, 0),
             scalar::f16_tile::<4, 3>(&wh, &x, 100, 0),
         );
+    }
+
+    /// The Q8_0 kernel's integer dot products are exact, so its results are those of
+    /// `fma(dot, d · s, acc)` block after block, bit for bit, even at the extremes of
+    /// the quants (-128 and 127, which `from_f32` never produces).
+    #[test]
+    fn q8_0_kernel_is_exact() {
+        use crate::kernels::simd::f16_at;
+        use crate::kernels::{GgmlDType, QMatrix};
+        let (rows, cols, n_tokens) = (9, 96, 9);
+        let acts = acts(cols, n_tokens);
+        let mut ggml = Vec::new();
+        let mut quants = vec![0i8; rows * cols];
+        for (i, q) in quants.iter_mut().enumerate() {
+            *q = match i % 7 {
+                0 => -128,
+                1 => 127,
+                _ => (i * 37 % 256) as u8 as i8,
+            };
+        }
+        for (i, block) in quants.chunks_exact(QK).enumerate() {
+            ggml.extend(half::f16::from_f32(0.01 + i as f32 * 1e-3).to_le_bytes());
+            ggml.extend(block.iter().map(|&q| q as u8));
+        }
+        let m = QMatrix::from_raw(GgmlDType::Q8_0, rows, cols, &ggml).unwrap();
+        let expected = |row: usize, t: usize| {
+            let mut acc = 0f32;
+            for b in 0..cols / QK {
+                let w = &quants[row * cols + b * QK..][..QK];
+                let a = &acts.qs(t)[b * QK..][..QK];
+                let dot: i32 = w
+                    .iter()
+                    .zip(a)
+                    .map(|(&w, &a)| i32::from(w) * i32::from(a))
+                    .sum();
+                let d = f16_at(&ggml, (row * cols / QK + b) * 34);
+                acc = (dot as f32).mul_add(d * acts.scales(t)[b], acc);
+            }
+            acc
+        };
+        let format = m.panel_format().unwrap();
+        let panel_bytes = cols / QK * format.panel_block;
+        for (p, panel) in m.storage().chunks_exact(panel_bytes).enumerate() {
+            let tile = fast::q8_0_panel::<8>(panel, format, &acts, 1);
+            let single = fast::q8_0_panel::<1>(panel, format, &acts, 0);
+            for row in (p * PANEL_ROWS..rows).take(PANEL_ROWS) {
+                let k = row % PANEL_ROWS;
+                assert_eq!(single[0][k].to_bits(), expected(row, 0).to_bits());
+                for (dt, values) in tile.iter().enumerate() {
+                    assert_eq!(values[k].to_bits(), expected(row, 1 + dt).to_bits());
+                }
+            }
+        }
     }
 }
