@@ -128,7 +128,7 @@ impl Dispatcher {
             preferred: None,
         };
         let called = self.call(&leg, info, &request.headers).await?;
-        Ok(self.relay(called, request))
+        Ok(self.relay(called, request).await)
     }
 
     /// Forgets a worker that left (policies and the cache model).
@@ -254,10 +254,10 @@ impl Dispatcher {
             preferred,
         };
         let called = self.call(&leg, info, &request.headers).await?;
-        Ok(self.relay(called, request))
+        Ok(self.relay(called, request).await)
     }
 
-    fn relay(&self, called: Called, request: &ClientRequest) -> Response {
+    async fn relay(&self, called: Called, request: &ClientRequest) -> Response {
         relay::relay(
             called.response,
             &request.headers.request_id,
@@ -265,6 +265,7 @@ impl Dispatcher {
             RequestTimer::new(request.arrival),
             self.upstream.timeouts().idle(),
         )
+        .await
     }
 
     /// Makes `leg`'s call, retrying on other workers; the answer of the last worker

@@ -117,13 +117,18 @@ impl RequestTimer {
     }
 }
 
+/// Largest answer with a known length that is read whole and sent in one piece
+/// (no chunked encoding, fewer writes); longer or unsized answers are streamed.
+const WHOLE_BODY_LIMIT: u64 = 1 << 20;
+
 /// Turns an upstream response into the client's: same status, same content type, the
-/// body relayed as it arrives. `guards` and `timer` live as long as the body.
-pub fn relay(
+/// body relayed as it arrives (a small answer of known length, read whole first).
+/// `guards` and `timer` live as long as the body.
+pub async fn relay(
     upstream: reqwest::Response,
     request_id: &str,
     guards: Vec<LoadGuard>,
-    timer: RequestTimer,
+    mut timer: RequestTimer,
     idle: Duration,
 ) -> Response {
     let status =
@@ -133,6 +138,22 @@ pub fn relay(
         .as_ref()
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
+    let small = upstream
+        .content_length()
+        .is_some_and(|length| length <= WHOLE_BODY_LIMIT);
+    if small && !is_sse {
+        let body = match tokio::time::timeout(idle, upstream.bytes()).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(err)) => return broken_answer(format!("the worker's answer broke off: {err}")),
+            Err(_) => return broken_answer(format!("the worker sent nothing for {idle:?}")),
+        };
+        timer.first_byte();
+        drop(guards);
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = status;
+        set_headers(response.headers_mut(), content_type, request_id, false);
+        return response;
+    }
     let body = RelayBody {
         inner: upstream.bytes_stream().boxed(),
         idle,
@@ -144,7 +165,16 @@ pub fn relay(
     };
     let mut response = Response::new(Body::from_stream(body));
     *response.status_mut() = status;
-    let headers: &mut HeaderMap = response.headers_mut();
+    set_headers(response.headers_mut(), content_type, request_id, is_sse);
+    response
+}
+
+fn set_headers(
+    headers: &mut HeaderMap,
+    content_type: Option<HeaderValue>,
+    request_id: &str,
+    is_sse: bool,
+) {
     if let Some(content_type) = content_type {
         headers.insert(header::CONTENT_TYPE, content_type);
     }
@@ -154,7 +184,15 @@ pub fn relay(
     if is_sse {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }
-    response
+}
+
+/// The client's answer when a worker's whole answer could not be read.
+fn broken_answer(message: String) -> Response {
+    tracing::warn!(%message, "upstream answer failed");
+    crate::error::error_response(tandem_protocol::openai::ApiError::new(
+        tandem_protocol::openai::ErrorKind::BadGateway,
+        message,
+    ))
 }
 
 /// An upstream body on its way to the client, with an idle deadline between chunks.
@@ -216,9 +254,9 @@ impl Stream for RelayBody {
     }
 }
 
-impl Drop for RelayBody {
+impl Drop for RequestTimer {
     fn drop(&mut self) {
-        metrics::histogram!(names::E2E_SECONDS).record(self.timer.arrival.elapsed().as_secs_f64());
+        metrics::histogram!(names::E2E_SECONDS).record(self.arrival.elapsed().as_secs_f64());
     }
 }
 
