@@ -8,6 +8,11 @@ mod serve;
 
 use clap::{Parser, Subcommand};
 
+/// The router allocates a little on every request; mimalloc makes that measurably
+/// cheaper than glibc's malloc (docs/benchmarks.md, router overhead).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Disaggregated LLM serving: a router, a built-in engine, and the benchmarks that tell
 /// whether splitting prefill and decode pays off.
 #[derive(Parser)]

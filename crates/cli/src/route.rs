@@ -3,14 +3,13 @@
 //! the command line override them.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use tandem_router::RouterConfig;
 use tandem_router::policy::PolicyKind;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 #[derive(Args)]
 pub struct RouteArgs {
@@ -64,6 +63,10 @@ pub struct RouteArgs {
     /// Seconds that requests in flight get to finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
+    /// Router threads, each with its own listener and connection pool (default: all
+    /// available cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 impl RouteArgs {
@@ -125,39 +128,53 @@ pub fn run(args: RouteArgs) -> Result<()> {
     let metrics = tandem_router::metrics::install_recorder()
         .map_err(|e| tracing::warn!("metrics are disabled: {e}"))
         .ok();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let grace = Duration::from_secs(args.shutdown_timeout);
-    let result = runtime.block_on(async move {
-        let (host, port) = (config.host.clone(), config.port);
-        let listener = tokio::net::TcpListener::bind((host.as_str(), port))
-            .await
-            .with_context(|| format!("listening on {host}:{port}"))?;
-        let address = listener.local_addr()?;
-        let stop = Arc::new(Notify::new());
-        let shutdown = {
-            let stop = stop.clone();
-            async move { stop.notified().await }
-        };
-        let workers = config.workers.len() + config.prefill.len() + config.decode.len();
-        let server = tandem_router::serve(config, listener, metrics, shutdown);
-        tokio::pin!(server);
-        eprintln!(
-            "routing ({} mode, {workers} workers) on http://{address}",
-            mode.as_str()
-        );
-        tokio::select! {
-            result = &mut server => return result.context("routing"),
-            signal = crate::serve::termination_signal() => signal?,
-        }
-        stop.notify_one();
-        match tokio::time::timeout(grace, server).await {
-            Ok(result) => result.context("routing"),
-            Err(_) => Ok(()),
-        }
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    result
+    if threads == 0 {
+        anyhow::bail!("--threads must be at least 1");
+    }
+    let (stop, shutdown) = watch::channel(false);
+    let (installed, handlers_ready) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("tandem-signals".into())
+        .spawn(move || wait_for_termination(stop, installed))
+        .context("starting the signal thread")?;
+    // A SIGTERM before the handlers exist would kill the router outright.
+    let _ = handlers_ready.recv();
+    let workers = config.workers.len() + config.prefill.len() + config.decode.len();
+    let grace = Duration::from_secs(args.shutdown_timeout);
+    let announce = |address| {
+        eprintln!(
+            "routing ({} mode, {workers} workers, {threads} threads) on http://{address}",
+            mode.as_str()
+        )
+    };
+    tandem_router::run(config, metrics, threads, grace, announce, shutdown).context("routing")
+}
+
+/// Turns `stop` true on SIGTERM or SIGINT; says on `installed` once it listens.
+fn wait_for_termination(stop: watch::Sender<bool>, installed: std::sync::mpsc::Sender<()>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let result = runtime.map_err(anyhow::Error::from).and_then(|runtime| {
+        runtime.block_on(async {
+            let mut terminate = signal(SignalKind::terminate())?;
+            let mut interrupt = signal(SignalKind::interrupt())?;
+            let _ = installed.send(());
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            anyhow::Ok(())
+        })
+    });
+    if let Err(err) = result {
+        tracing::error!(%err, "no signal handling: the router stops only when killed");
+        return;
+    }
+    eprintln!("shutting down: letting requests in flight finish");
+    let _ = stop.send(true);
 }

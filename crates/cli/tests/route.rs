@@ -449,3 +449,32 @@ async fn conditional_disaggregation_keeps_short_and_cached_prompts_on_the_decode
     let prefilled = metric_value(&p.metrics().await, "vllm:request_success_total");
     assert_eq!(prefilled, Some(1.0));
 }
+
+#[tokio::test]
+async fn sigterm_lets_a_streamed_answer_finish_and_exits_zero() {
+    if !default_model_present() {
+        return;
+    }
+    let a = worker(&[]);
+    let mut r = router(&[("worker", &a)], &[]).await;
+    let response = r
+        .client
+        .post(r.url("/v1/completions"))
+        .json(
+            &json!({"prompt": "Count:", "max_tokens": 40, "ignore_eos": true,
+            "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &r.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let text = response.text().await.expect("the stream finishes");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let exit = r.child.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+}

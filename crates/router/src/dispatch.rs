@@ -55,9 +55,9 @@ pub struct Dispatcher {
     pub mode: Mode,
     pub registry: Arc<Registry>,
     pub upstream: Upstream,
-    pub policies: Policies,
+    pub policies: Arc<Policies>,
     pub retry: RetryConfig,
-    pub conditional: Option<ConditionalDisagg>,
+    pub conditional: Arc<Option<ConditionalDisagg>>,
 }
 
 /// Decode-first routing that keeps short (or mostly cached) prompts on the decode
@@ -134,7 +134,7 @@ impl Dispatcher {
     /// Forgets a worker that left (policies and the cache model).
     pub fn forget(&self, url: &str) {
         self.policies.forget(url);
-        if let Some(conditional) = &self.conditional {
+        if let Some(conditional) = self.conditional.as_ref() {
             conditional.cache.forget(url);
         }
     }
@@ -151,7 +151,7 @@ impl Dispatcher {
                 .decode(request, &request.body, info, tokens, None)
                 .await;
         }
-        let decode_worker = match &self.conditional {
+        let decode_worker = match self.conditional.as_ref() {
             Some(conditional) => {
                 let worker = self
                     .select(Role::Decode, &[], info)

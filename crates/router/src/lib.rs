@@ -28,9 +28,13 @@ pub mod relay;
 pub mod tokens;
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpSocket;
+use tokio::sync::watch;
 
 pub use config::{ConfigError, Mode, RouterConfig};
 
@@ -50,15 +54,63 @@ pub enum RouterError {
     Tokenizer(#[from] tokens::TokenizerError),
 }
 
-/// Serves `config` on `listener` until `shutdown` completes, then until the requests
-/// in flight have finished.
-pub async fn serve(
+/// Runs the router on `threads` threads until `shutdown` turns true, then lets
+/// requests in flight finish for up to `grace`. Each thread has its own
+/// single-threaded runtime, listener on the shared address (`SO_REUSEPORT`: the
+/// kernel spreads connections) and upstream connection pool, so a request never
+/// crosses threads; the registry, policies and metrics are shared. `ready` learns the
+/// bound address before requests are served.
+pub fn run(
     config: RouterConfig,
-    listener: tokio::net::TcpListener,
     metrics: Option<PrometheusHandle>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    threads: usize,
+    grace: Duration,
+    ready: impl FnOnce(SocketAddr),
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), RouterError> {
     let mode = config.validate()?;
+    let shared = Shared {
+        mode,
+        registry: registry(&config)?,
+        policies: Arc::new(policies(&config, mode)),
+        conditional: Arc::new(conditional(&config, mode)?),
+        metrics,
+    };
+    let sockets = bind_sockets(&config.host, config.port, threads.max(1))?;
+    ready(sockets[0].local_addr()?);
+    let handles: Vec<_> = sockets
+        .into_iter()
+        .enumerate()
+        .map(|(index, socket)| {
+            let (config, shared, shutdown) = (config.clone(), shared.clone(), shutdown.clone());
+            std::thread::Builder::new()
+                .name(format!("tandem-router-{index}"))
+                .spawn(move || serve_thread(index, socket, config, shared, grace, shutdown))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut result = Ok(());
+    for handle in handles {
+        let outcome = handle.join().unwrap_or_else(|_| {
+            Err(RouterError::Io(std::io::Error::other(
+                "a router thread panicked",
+            )))
+        });
+        result = result.and(outcome);
+    }
+    result
+}
+
+/// What every thread's state shares.
+#[derive(Clone)]
+struct Shared {
+    mode: Mode,
+    registry: Arc<Registry>,
+    policies: Arc<Policies>,
+    conditional: Arc<Option<dispatch::ConditionalDisagg>>,
+    metrics: Option<PrometheusHandle>,
+}
+
+fn registry(config: &RouterConfig) -> Result<Arc<Registry>, RouterError> {
     let registry = Arc::new(Registry::new());
     for (urls, role) in [
         (&config.workers, Role::Both),
@@ -72,32 +124,94 @@ pub async fn serve(
             }
         }
     }
-    let upstream = Upstream::new(config.timeouts.clone())?;
-    let checks = tokio::spawn(health::run_checks(
-        registry.clone(),
-        upstream.client().clone(),
-        config.health.clone(),
-    ));
-    let state = api::AppState {
-        dispatcher: Dispatcher {
-            mode,
-            registry,
-            upstream,
-            policies: policies(&config, mode),
-            retry: config.retry.clone(),
-            conditional: conditional(&config, mode)?,
-        },
-        api_key: config.api_key.clone(),
-        admin_token: config.admin_token.clone(),
-        circuit: config.circuit.clone(),
-        metrics,
+    Ok(registry)
+}
+
+/// `threads` sockets bound to one address (the first picks the port if it is 0).
+fn bind_sockets(host: &str, port: u16, threads: usize) -> Result<Vec<TcpSocket>, RouterError> {
+    let ip: IpAddr = match host {
+        "localhost" => IpAddr::from([127, 0, 0, 1]),
+        other => other
+            .parse()
+            .map_err(|_| ConfigError::Invalid(format!("--host {other} is not an IP address")))?,
     };
-    let app = api::router(state, config.max_body_bytes);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
-    checks.abort();
-    Ok(served?)
+    let mut address = SocketAddr::new(ip, port);
+    let mut sockets = Vec::with_capacity(threads);
+    for _ in 0..threads {
+        let socket = if ip.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.set_nodelay(true)?;
+        socket.bind(address)?;
+        address = socket.local_addr()?;
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}
+
+fn serve_thread(
+    index: usize,
+    socket: TcpSocket,
+    config: RouterConfig,
+    shared: Shared,
+    grace: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), RouterError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = socket.listen(1024)?;
+        let upstream = Upstream::new(config.timeouts.clone())?;
+        let checks = (index == 0).then(|| {
+            tokio::spawn(health::run_checks(
+                shared.registry.clone(),
+                upstream.client().clone(),
+                config.health.clone(),
+            ))
+        });
+        let state = api::AppState {
+            dispatcher: Dispatcher {
+                mode: shared.mode,
+                registry: shared.registry,
+                upstream,
+                policies: shared.policies,
+                retry: config.retry.clone(),
+                conditional: shared.conditional,
+            },
+            api_key: config.api_key.clone(),
+            admin_token: config.admin_token.clone(),
+            circuit: config.circuit.clone(),
+            metrics: shared.metrics,
+        };
+        let app = api::router(state, config.max_body_bytes);
+        let mut stopping = shutdown.clone();
+        let stopped = async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        };
+        let server = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .into_future();
+        tokio::pin!(server);
+        let served = tokio::select! {
+            served = &mut server => served,
+            _ = async {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!("requests still in flight after {grace:?}; stopping");
+                Ok(())
+            }
+        };
+        if let Some(checks) = checks {
+            checks.abort();
+        }
+        Ok(served?)
+    })
 }
 
 /// Conditional disaggregation, when asked for (P/D mode only).
