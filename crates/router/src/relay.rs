@@ -53,7 +53,10 @@ impl Upstream {
         let client = reqwest::Client::builder()
             .connect_timeout(timeouts.connect())
             .tcp_nodelay(true)
-            .pool_max_idle_per_host(1024)
+            // Enough for steady load; a burst's extra connections are closed when
+            // idle instead of each holding its buffers (RSS with 1,000 streams
+            // 119 -> 100 MiB).
+            .pool_max_idle_per_host(128)
             .http1_only()
             .build()?;
         Ok(Self { client, timeouts })
