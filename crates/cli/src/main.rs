@@ -5,6 +5,7 @@ mod generate;
 mod model;
 mod route;
 mod serve;
+mod up;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Serve the built-in engine over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Start a whole topology (workers and router) from a file, or the embedded default.
+    Up(up::UpArgs),
     /// Route OpenAI requests to workers: replicated, or disaggregated (prefill/decode).
     Route(route::RouteArgs),
     /// Manage models: fetch the default model, show where it lives.
@@ -49,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Command::Model(command) => model::run(command),
         Command::Serve(args) => serve::run(args),
         Command::Route(args) => route::run(args),
+        Command::Up(args) => up::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,221 @@
+//! `tandem up [FILE]`: starts a topology's workers and its router here, waits until
+//! each is healthy, prints the endpoint, and stops everything it started on Ctrl-C or
+//! SIGTERM. Without FILE: the embedded default, a built-in prefill worker and decode
+//! worker on the default model, each pinned to its own core where there are two,
+//! behind the router in P/D mode.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use tandem_engine::fetch;
+use tandem_launch::plan::{self, Launch};
+use tandem_launch::run::{self, Running};
+use tandem_launch::topology::{self, Checked, Engine};
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// A topology file (TOML, see topologies/). Without it: the embedded default.
+    file: Option<PathBuf>,
+    /// The router's port (overrides the topology's).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Print every command instead of running it.
+    #[arg(long)]
+    dry_run: bool,
+    /// Write each process's output to DIR/NAME.log instead of prefixing it here.
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<PathBuf>,
+    /// Start, send one chat request through the router, print the answer, stop.
+    #[arg(long)]
+    smoke: bool,
+    /// Seconds each process gets to become healthy.
+    #[arg(long, default_value_t = 180)]
+    start_timeout: u64,
+}
+
+/// Set by SIGINT/SIGTERM.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// The embedded default as a topology file (ports of the seed notebooks).
+fn embedded_default(cores: usize) -> String {
+    let (prefill_cores, decode_cores) = if cores >= 2 {
+        ("cores = [0]\n", "cores = [1]\n")
+    } else {
+        ("", "")
+    };
+    format!(
+        r#"[router]
+port = 8192
+
+[[worker]]
+engine = "builtin"
+role = "prefill"
+port = 8100
+kv_port = 5600
+{prefill_cores}
+[[worker]]
+engine = "builtin"
+role = "decode"
+port = 8200
+kv_port = 5601
+{decode_cores}"#
+    )
+}
+
+pub fn run(args: UpArgs) -> Result<()> {
+    let mut topology = match &args.file {
+        Some(path) => topology::load(path)?,
+        None => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            topology::parse(&embedded_default(cores), "the embedded default")?
+        }
+    };
+    if let Some(port) = args.port {
+        topology.router.port = port;
+    }
+    fill_default_models(&mut topology, !args.dry_run)?;
+    if args.dry_run {
+        for launch in plan::plan(&topology, Path::new("tandem")) {
+            println!("{}\n", launch.describe());
+        }
+        return Ok(());
+    }
+    let tandem = std::env::current_exe().context("locating the tandem binary")?;
+    let launches = plan::plan(&topology, &tandem);
+    if let Some(dir) = &args.log_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the log directory {}", dir.display()))?;
+    }
+    run::stop_on_signals(&STOP);
+    let mut processes = Vec::new();
+    let result = start_and_serve(&args, &launches, &mut processes);
+    if !processes.is_empty() {
+        eprintln!("stopping {} processes", processes.len());
+    }
+    run::teardown(&mut processes, Duration::from_secs(15));
+    result
+}
+
+/// Built-in workers without a model get the default model (fetched if `fetch`).
+fn fill_default_models(topology: &mut Checked, fetch_if_missing: bool) -> Result<()> {
+    let needs_default = topology
+        .workers
+        .iter()
+        .any(|w| w.spec.engine == Engine::Builtin && w.spec.model.is_none());
+    if !needs_default {
+        return Ok(());
+    }
+    let path = if fetch_if_missing {
+        fetch::fetch_default_model(&fetch::FetchOptions::default().with_stderr_progress())?
+    } else {
+        fetch::default_model_path()
+    };
+    for worker in &mut topology.workers {
+        if worker.spec.engine == Engine::Builtin && worker.spec.model.is_none() {
+            worker.spec.model = Some(path.display().to_string());
+        }
+    }
+    Ok(())
+}
+
+fn start_and_serve(args: &UpArgs, launches: &[Launch], processes: &mut Vec<Running>) -> Result<()> {
+    let limit = Duration::from_secs(args.start_timeout);
+    let (workers, router) = launches.split_at(launches.len() - 1);
+    // Workers start together, then each is awaited; the router needs them healthy.
+    for launch in workers {
+        let running = run::start(launch, args.log_dir.as_deref())?;
+        eprintln!(
+            "starting {} on {} (pid {})",
+            launch.name,
+            launch.url,
+            running.pid()
+        );
+        processes.push(running);
+    }
+    let started = Instant::now();
+    for running in processes.iter_mut() {
+        run::wait_healthy(running, limit, &STOP)?;
+        eprintln!(
+            "  {} ready ({:.1} s)",
+            running.name,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let router = &router[0];
+    let running = run::start(router, args.log_dir.as_deref())?;
+    eprintln!("starting router on {} (pid {})", router.url, running.pid());
+    processes.push(running);
+    let last = processes.len() - 1;
+    run::wait_healthy(&mut processes[last], limit, &STOP)?;
+    let endpoint = &router.url;
+    eprintln!("\ntandem is up: {endpoint}  (Ctrl-C stops everything it started)\n");
+    println!(
+        "curl -s {endpoint}/v1/chat/completions -H 'Content-Type: application/json' \\\n  -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Explain how HTTP load balancers work in 3 sentences.\"}}],\"max_tokens\":100}}'"
+    );
+    if args.smoke {
+        return smoke_request(endpoint);
+    }
+    while !STOP.load(Ordering::Relaxed) {
+        run::check_alive(processes)?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// One chat request through the router; prints the answer.
+fn smoke_request(endpoint: &str) -> Result<()> {
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build(),
+    );
+    let body = serde_json::json!({
+        "messages": [{"role": "user",
+            "content": "Explain how HTTP load balancers work in 3 sentences."}],
+        "max_tokens": 100,
+        "temperature": 0,
+    });
+    let mut response = agent
+        .post(&format!("{endpoint}/v1/chat/completions"))
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .context("sending the request through the router")?;
+    let status = response.status();
+    let text = response.body_mut().read_to_string()?;
+    if !status.is_success() {
+        bail!("the router answered {status}: {text}");
+    }
+    let answer: serde_json::Value = serde_json::from_str(&text)?;
+    let content = answer["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    println!("\n{content}\n");
+    eprintln!("usage: {}", answer["usage"]);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_is_a_valid_1p1d_topology() {
+        for cores in [1, 2, 16] {
+            let topology = topology::parse(&embedded_default(cores), "default").unwrap();
+            assert!(topology.is_disaggregated());
+            assert_eq!(topology.router.port, 8192);
+            let ports: Vec<_> = topology
+                .workers
+                .iter()
+                .map(|w| (w.spec.port, w.spec.kv_port))
+                .collect();
+            assert_eq!(ports, vec![(8100, Some(5600)), (8200, Some(5601))]);
+            let pinned = topology.workers[0].spec.cores.len() == 1;
+            assert_eq!(pinned, cores >= 2);
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! `tandem up` as a user runs it: the embedded default and every built-in example
+//! topology start, serve a request through the router, stop on SIGTERM and leave no
+//! process behind (checked by pid); a worker that dies during start-up is reported with
+//! its last lines; bad files name the line and field; `--dry-run` of the vLLM
+//! topologies matches the golden commands.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::Mutex;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{default_model_present, tandem};
+
+/// The example topologies use fixed ports: one `tandem up` at a time.
+static PORTS: Mutex<()> = Mutex::new(());
+
+fn repo_file(path: &str) -> String {
+    format!("{}/../../{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A running `tandem up`, its pids and its router URL once it is up.
+struct Up {
+    child: Child,
+    pids: Vec<u32>,
+}
+
+impl Drop for Up {
+    /// A test that failed half-way still leaves nothing behind.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn start_up(args: &[&str]) -> (Up, String) {
+    let mut up = Up {
+        child: tandem()
+            .arg("up")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tandem up starts"),
+        pids: Vec::new(),
+    };
+    let stderr = up.child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[up] {line}");
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("tandem up reports progress");
+        if let Some(pid) = line.split("(pid ").nth(1) {
+            up.pids.push(pid.trim_end_matches(')').parse().unwrap());
+        }
+        if let Some(rest) = line.strip_prefix("tandem is up: ") {
+            let url = rest.split_whitespace().next().unwrap().to_owned();
+            return (up, url);
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+fn serve_and_stop(args: &[&str]) {
+    let (mut up, url) = start_up(args);
+    assert!(up.pids.len() >= 2, "workers and router: {:?}", up.pids);
+    let body = serde_json::json!({"messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 8});
+    let answer = ureq::post(&format!("{url}/v1/chat/completions"))
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .expect("the router answers");
+    assert_eq!(answer.status(), 200);
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &up.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let exit = up.child.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+    for pid in &up.pids {
+        assert!(!alive(*pid), "process {pid} outlived tandem up");
+    }
+}
+
+#[test]
+fn the_embedded_default_serves_and_stops_cleanly() {
+    if !default_model_present() {
+        return;
+    }
+    let _ports = PORTS.lock().unwrap_or_else(|e| e.into_inner());
+    serve_and_stop(&[]);
+}
+
+#[test]
+fn every_builtin_example_topology_serves_and_stops_cleanly() {
+    if !default_model_present() {
+        return;
+    }
+    let _ports = PORTS.lock().unwrap_or_else(|e| e.into_inner());
+    for topology in ["builtin-single", "builtin-replicated-2", "builtin-1p1d"] {
+        serve_and_stop(&[&repo_file(&format!("topologies/{topology}.toml"))]);
+    }
+}
+
+#[test]
+fn a_worker_that_dies_starting_is_reported_and_the_rest_stopped() {
+    if !default_model_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broken.toml");
+    std::fs::write(
+        &file,
+        r#"
+[router]
+port = 18192
+
+[[worker]]
+engine = "builtin"
+role = "both"
+port = 18100
+
+[[worker]]
+engine = "builtin"
+role = "both"
+port = 18200
+model = "/nonexistent/model.gguf"
+"#,
+    )
+    .unwrap();
+    let output = tandem()
+        .args(["up", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("worker-1 exited during start-up"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("/nonexistent/model.gguf"),
+        "its log lines: {stderr}"
+    );
+    let pids: Vec<u32> = stderr
+        .lines()
+        .filter_map(|l| l.split("(pid ").nth(1))
+        .map(|p| p.trim_end_matches(')').parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2, "{stderr}");
+    for pid in pids {
+        assert!(!alive(pid), "process {pid} was left running");
+    }
+}
+
+#[test]
+fn bad_topology_files_name_the_line_and_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[[worker]]\nengine = \"builtin\"\nrole = \"both\"\nport = 1\ncorez = [0]\n",
+            "corez",
+        ),
+        (
+            "[[worker]]\nengine = \"vllm\"\nrole = \"both\"\nport = 8000\n",
+            "`model`",
+        ),
+        (
+            "[[worker]]\nengine = \"builtin\"\nrole = \"prefill\"\nport = 8000\n",
+            "`kv_port`",
+        ),
+    ];
+    for (text, field) in cases {
+        let file = dir.path().join("t.toml");
+        std::fs::write(&file, text).unwrap();
+        let output = tandem()
+            .args(["up", "--dry-run", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("line ") && stderr.contains(field),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn vllm_dry_runs_print_the_seed_commands() {
+    for topology in ["vllm-spark-replicated", "vllm-spark-disaggregated"] {
+        let output = tandem()
+            .args([
+                "up",
+                "--dry-run",
+                &repo_file(&format!("topologies/{topology}.toml")),
+            ])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let golden = std::fs::read_to_string(repo_file(&format!(
+            "crates/cli/tests/golden/{topology}.txt"
+        )))
+        .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            golden,
+            "{topology}"
+        );
+    }
+}

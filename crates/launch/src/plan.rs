@@ -1,0 +1,265 @@
+//! From a checked topology to the exact commands that start it: `tandem serve` for
+//! built-in workers, the seed notebooks' `vllm serve … --kv-transfer-config` with the
+//! NIXL environment for vLLM workers, and `tandem route` in front. `--dry-run` prints
+//! these; the runner executes them.
+
+use std::path::{Path, PathBuf};
+
+use crate::topology::{Checked, Engine, NamedWorker, Role};
+
+/// Where a command runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    Local,
+    /// An SSH target.
+    Ssh(String),
+}
+
+/// One process to start.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub name: String,
+    pub host: Host,
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// CPU cores to pin the process to (local built-in workers).
+    pub cores: Vec<usize>,
+    /// A virtual environment to activate first.
+    pub venv: Option<PathBuf>,
+    /// Base URL whose `/health` says it is ready.
+    pub url: String,
+}
+
+/// The processes of a topology, workers first, the router last.
+pub fn plan(topology: &Checked, tandem: &Path) -> Vec<Launch> {
+    let tandem = tandem.display().to_string();
+    let mut launches: Vec<Launch> = topology
+        .workers
+        .iter()
+        .map(|worker| match worker.spec.engine {
+            Engine::Builtin => builtin(worker, &tandem),
+            Engine::Vllm => vllm(worker),
+        })
+        .collect();
+    launches.push(router(topology, &tandem));
+    launches
+}
+
+fn host_of(worker: &NamedWorker) -> Host {
+    if worker.spec.is_local() {
+        Host::Local
+    } else {
+        Host::Ssh(worker.spec.host.clone())
+    }
+}
+
+/// Remote workers listen on every interface; local ones on loopback.
+fn bind_address(worker: &NamedWorker) -> &'static str {
+    if worker.spec.is_local() {
+        "127.0.0.1"
+    } else {
+        "0.0.0.0"
+    }
+}
+
+fn builtin(worker: &NamedWorker, tandem: &str) -> Launch {
+    let spec = &worker.spec;
+    let mut args = vec![
+        "serve".to_owned(),
+        "--host".into(),
+        bind_address(worker).into(),
+        "--port".into(),
+        spec.port.to_string(),
+    ];
+    if let Some(model) = &spec.model {
+        args.extend(["--model".into(), model.clone()]);
+    }
+    if let Some(kv_port) = spec.kv_port {
+        args.extend(["--kv-port".into(), kv_port.to_string()]);
+        args.extend(["--kv-host".into(), spec.reach_address()]);
+    }
+    if !spec.cores.is_empty() {
+        args.extend(["--threads".into(), spec.cores.len().to_string()]);
+    }
+    if let Some(memory) = &spec.kv_cache_memory {
+        args.extend(["--kv-cache-memory".into(), memory.clone()]);
+    }
+    args.extend(spec.extra_args.iter().cloned());
+    Launch {
+        name: worker.name.clone(),
+        host: host_of(worker),
+        program: tandem.to_owned(),
+        args,
+        env: spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        cores: spec.cores.clone(),
+        venv: None,
+        url: spec.url(),
+    }
+}
+
+fn vllm(worker: &NamedWorker) -> Launch {
+    let spec = &worker.spec;
+    let model = spec.model.clone().unwrap_or_default();
+    let mut args = vec![
+        "serve".to_owned(),
+        model,
+        "--host".into(),
+        bind_address(worker).into(),
+        "--port".into(),
+        spec.port.to_string(),
+        "--gpu-memory-utilization".into(),
+        spec.gpu_memory_utilization.unwrap_or(0.9).to_string(),
+        "--tensor-parallel-size".into(),
+        spec.tensor_parallel_size.unwrap_or(1).to_string(),
+    ];
+    let mut env: Vec<(String, String)> = vec![("HF_HUB_OFFLINE".into(), "1".into())];
+    if spec.role != Role::Both
+        && let Some(kv_port) = spec.kv_port
+    {
+        let address = spec.reach_address();
+        let config = serde_json::json!({
+            "kv_connector": "NixlConnector",
+            "kv_role": "kv_both",
+            "kv_ip": address,
+            "kv_port": kv_port,
+        });
+        args.extend(["--kv-transfer-config".into(), config.to_string()]);
+        env.push(("VLLM_NIXL_SIDE_CHANNEL_HOST".into(), address));
+        env.push(("VLLM_NIXL_SIDE_CHANNEL_PORT".into(), kv_port.to_string()));
+    }
+    if let Some(cuda_home) = &spec.cuda_home {
+        env.push(("CUDA_HOME".into(), cuda_home.display().to_string()));
+    }
+    if !spec.gpus.is_empty() {
+        let ids: Vec<String> = spec.gpus.iter().map(usize::to_string).collect();
+        env.push(("CUDA_VISIBLE_DEVICES".into(), ids.join(",")));
+    }
+    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    args.extend(spec.extra_args.iter().cloned());
+    Launch {
+        name: worker.name.clone(),
+        host: host_of(worker),
+        program: "vllm".into(),
+        args,
+        env,
+        cores: Vec::new(),
+        venv: spec.venv.clone(),
+        url: spec.url(),
+    }
+}
+
+fn router(topology: &Checked, tandem: &str) -> Launch {
+    let spec = &topology.router;
+    let mut args = vec![
+        "route".to_owned(),
+        "--host".into(),
+        spec.host.clone(),
+        "--port".into(),
+        spec.port.to_string(),
+    ];
+    for worker in &topology.workers {
+        let flag = match worker.spec.role {
+            Role::Prefill => "--prefill",
+            Role::Decode => "--decode",
+            Role::Both => "--worker",
+        };
+        args.extend([flag.into(), worker.spec.url()]);
+    }
+    let policies = [
+        ("--policy", &spec.policy),
+        ("--prefill-policy", &spec.prefill_policy),
+        ("--decode-policy", &spec.decode_policy),
+    ];
+    for (flag, value) in policies {
+        if let Some(value) = value {
+            args.extend([flag.into(), value.clone()]);
+        }
+    }
+    if let Some(threshold) = spec.local_prefill_threshold {
+        args.extend(["--local-prefill-threshold".into(), threshold.to_string()]);
+    }
+    args.extend(spec.extra_args.iter().cloned());
+    let reach = if matches!(spec.host.as_str(), "0.0.0.0" | "::") {
+        "127.0.0.1"
+    } else {
+        &spec.host
+    };
+    Launch {
+        name: "router".into(),
+        host: Host::Local,
+        program: tandem.to_owned(),
+        args,
+        env: Vec::new(),
+        cores: Vec::new(),
+        venv: None,
+        url: format!("http://{reach}:{}", spec.port),
+    }
+}
+
+/// `text` quoted for a POSIX shell when it needs it.
+pub fn shell_quote(text: &str) -> String {
+    let safe = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,+%".contains(c));
+    if safe {
+        text.to_owned()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
+impl Launch {
+    /// The command as one shell line: environment, venv activation, program, arguments
+    /// (what runs on the worker's host).
+    pub fn shell_line(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(venv) = &self.venv {
+            parts.push(format!(
+                ". {} &&",
+                shell_quote(&venv.join("bin/activate").display().to_string())
+            ));
+        }
+        for (key, value) in &self.env {
+            parts.push(format!("{key}={}", shell_quote(value)));
+        }
+        parts.push(shell_quote(&self.program));
+        parts.extend(self.args.iter().map(|a| shell_quote(a)));
+        parts.join(" ")
+    }
+
+    /// What `--dry-run` prints for this process.
+    pub fn describe(&self) -> String {
+        let line = self.shell_line();
+        match &self.host {
+            Host::Local if self.cores.is_empty() => format!("# {} (local)\n{line}", self.name),
+            Host::Local => {
+                let cores: Vec<String> = self.cores.iter().map(usize::to_string).collect();
+                format!(
+                    "# {} (local, pinned to cores {})\n{line}",
+                    self.name,
+                    cores.join(",")
+                )
+            }
+            Host::Ssh(target) => format!("# {} (on {target}: run there)\n{line}", self.name),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_leaves_plain_words_alone() {
+        assert_eq!(shell_quote("--port"), "--port");
+        assert_eq!(shell_quote(r#"{"a":1}"#), r#"'{"a":1}'"#);
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+}

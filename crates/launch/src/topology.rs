@@ -1,0 +1,423 @@
+//! Topology files: which workers run where (built-in engine or vLLM, prefill, decode or
+//! both, local or over SSH), with what model, ports, cores or GPUs and memory, and how
+//! the router in front of them is set up. Parsed from TOML and checked as a whole;
+//! every error names the line and the field.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A whole topology, as written in its file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    #[serde(default)]
+    pub router: RouterSpec,
+    #[serde(rename = "worker")]
+    pub workers: Vec<Spanned<WorkerSpec>>,
+}
+
+/// `[router]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterSpec {
+    /// Address the router listens on.
+    pub host: String,
+    pub port: u16,
+    /// Policy of both pools (or of the one pool in replicated mode).
+    pub policy: Option<String>,
+    pub prefill_policy: Option<String>,
+    pub decode_policy: Option<String>,
+    pub local_prefill_threshold: Option<usize>,
+    /// Extra `tandem route` arguments.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for RouterSpec {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8192,
+            policy: None,
+            prefill_policy: None,
+            decode_policy: None,
+            local_prefill_threshold: None,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    Builtin,
+    Vllm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Prefill,
+    Decode,
+    Both,
+}
+
+/// One `[[worker]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSpec {
+    /// Its name in logs (default: role and index).
+    pub name: Option<String>,
+    pub engine: Engine,
+    pub role: Role,
+    /// `local`, or an SSH target (`user@host` or `host`).
+    #[serde(default = "local")]
+    pub host: String,
+    /// The address the router and other workers use to reach it (default: `host`'s
+    /// host name, or 127.0.0.1 for local workers).
+    pub address: Option<String>,
+    pub port: u16,
+    /// The KV hand-off port (built-in: `--kv-port`; vLLM: the NIXL side channel).
+    pub kv_port: Option<u16>,
+    /// Built-in: a `.gguf` or Hugging Face folder (default: the default model).
+    /// vLLM: the model name or path given to `vllm serve` (required).
+    pub model: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Built-in: CPU cores to pin the worker to (its thread count).
+    #[serde(default)]
+    pub cores: Vec<usize>,
+    /// vLLM: GPU ids (`CUDA_VISIBLE_DEVICES`).
+    #[serde(default)]
+    pub gpus: Vec<usize>,
+    /// Built-in: KV cache bytes (`512MiB`, `2GiB`, …).
+    pub kv_cache_memory: Option<String>,
+    /// vLLM: `--gpu-memory-utilization`.
+    pub gpu_memory_utilization: Option<f64>,
+    /// vLLM: `--tensor-parallel-size` (default 1).
+    pub tensor_parallel_size: Option<usize>,
+    /// vLLM: a virtual environment to activate first.
+    pub venv: Option<PathBuf>,
+    /// vLLM: `CUDA_HOME`.
+    pub cuda_home: Option<PathBuf>,
+    /// Extra arguments for the worker's command.
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+}
+
+fn local() -> String {
+    "local".into()
+}
+
+impl WorkerSpec {
+    pub fn is_local(&self) -> bool {
+        matches!(self.host.as_str(), "local" | "localhost" | "127.0.0.1")
+    }
+
+    /// The host part of an SSH target (`user@host` → `host`).
+    pub fn ssh_host(&self) -> &str {
+        self.host.rsplit('@').next().unwrap_or(&self.host)
+    }
+
+    /// The address others reach this worker at.
+    pub fn reach_address(&self) -> String {
+        match (&self.address, self.is_local()) {
+            (Some(address), _) => address.clone(),
+            (None, true) => "127.0.0.1".into(),
+            (None, false) => self.ssh_host().to_owned(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}:{}", self.reach_address(), self.port)
+    }
+}
+
+/// A topology that cannot be used, with where.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}, line {line}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        message: String,
+    },
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A checked topology: workers in file order, each with its name.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub router: RouterSpec,
+    pub workers: Vec<NamedWorker>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NamedWorker {
+    pub name: String,
+    pub spec: WorkerSpec,
+}
+
+impl Checked {
+    pub fn is_disaggregated(&self) -> bool {
+        self.workers.iter().any(|w| w.spec.role != Role::Both)
+    }
+
+    pub fn is_multi_host(&self) -> bool {
+        let mut hosts: Vec<String> = self
+            .workers
+            .iter()
+            .map(|w| {
+                if w.spec.is_local() {
+                    "local".into()
+                } else {
+                    w.spec.ssh_host().to_owned()
+                }
+            })
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        hosts.len() > 1
+    }
+}
+
+/// Reads and checks a topology file.
+pub fn load(path: &std::path::Path) -> Result<Checked, TopologyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses and checks topology text (`origin` names it in errors).
+pub fn parse(text: &str, origin: &str) -> Result<Checked, TopologyError> {
+    let topology: Topology = toml::from_str(text).map_err(|e| TopologyError::Parse {
+        path: origin.to_owned(),
+        message: e.to_string().trim_end().to_owned(),
+    })?;
+    check(topology, text, origin)
+}
+
+fn check(topology: Topology, text: &str, origin: &str) -> Result<Checked, TopologyError> {
+    let invalid = |span: std::ops::Range<usize>, message: String| TopologyError::Invalid {
+        path: origin.to_owned(),
+        line: text[..span.start.min(text.len())].lines().count().max(1),
+        message,
+    };
+    if topology.workers.is_empty() {
+        return Err(invalid(
+            0..0,
+            "no [[worker]]: a topology needs at least one".into(),
+        ));
+    }
+    let mut workers = Vec::new();
+    let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for spanned in &topology.workers {
+        let span = spanned.span();
+        let spec = spanned.get_ref().clone();
+        let role = match spec.role {
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+            Role::Both => "worker",
+        };
+        let index = counts.entry(role).or_default();
+        let name = spec
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{role}-{index}"));
+        *index += 1;
+        check_worker(&spec, &name).map_err(|message| invalid(span.clone(), message))?;
+        workers.push(NamedWorker { name, spec });
+    }
+    let roles: Vec<Role> = workers.iter().map(|w| w.spec.role).collect();
+    let has = |role| roles.contains(&role);
+    if has(Role::Both) && (has(Role::Prefill) || has(Role::Decode)) {
+        return Err(invalid(
+            0..0,
+            "workers with role \"both\" cannot be mixed with prefill/decode workers".into(),
+        ));
+    }
+    if (has(Role::Prefill) || has(Role::Decode)) && !(has(Role::Prefill) && has(Role::Decode)) {
+        return Err(invalid(
+            0..0,
+            "a disaggregated topology needs at least one prefill and one decode worker".into(),
+        ));
+    }
+    let checked = Checked {
+        router: topology.router,
+        workers,
+    };
+    check_addresses(&checked).map_err(|message| invalid(0..0, message))?;
+    Ok(checked)
+}
+
+fn check_worker(spec: &WorkerSpec, name: &str) -> Result<(), String> {
+    let field = |field: &str, why: &str| format!("worker `{name}`: field `{field}` {why}");
+    if spec.port == 0 {
+        return Err(field("port", "must be a port number, not 0"));
+    }
+    match spec.engine {
+        Engine::Builtin => {
+            if !spec.gpus.is_empty() || spec.gpu_memory_utilization.is_some() {
+                return Err(field(
+                    "gpus",
+                    "is for vLLM workers (built-in workers take `cores`)",
+                ));
+            }
+            if spec.role == Role::Prefill && spec.kv_port.is_none() {
+                return Err(field(
+                    "kv_port",
+                    "is required for a built-in prefill worker",
+                ));
+            }
+        }
+        Engine::Vllm => {
+            if spec.model.is_none() {
+                return Err(field("model", "is required for a vLLM worker"));
+            }
+            if spec.role != Role::Both && spec.kv_port.is_none() {
+                return Err(field(
+                    "kv_port",
+                    "(the NIXL side channel port) is required for P/D",
+                ));
+            }
+            if let Some(u) = spec.gpu_memory_utilization
+                && !(u > 0.0 && u <= 1.0)
+            {
+                return Err(field("gpu_memory_utilization", "must be in (0, 1]"));
+            }
+            if !spec.cores.is_empty() || spec.kv_cache_memory.is_some() {
+                return Err(field(
+                    "cores",
+                    "is for built-in workers (vLLM workers take `gpus`)",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Multi-host P/D with vLLM must advertise routable side-channel addresses.
+fn check_addresses(topology: &Checked) -> Result<(), String> {
+    if !topology.is_multi_host() {
+        return Ok(());
+    }
+    for worker in &topology.workers {
+        let address = worker.spec.reach_address();
+        if worker.spec.engine == Engine::Vllm
+            && worker.spec.role != Role::Both
+            && matches!(address.as_str(), "127.0.0.1" | "localhost")
+        {
+            return Err(format!(
+                "worker `{}`: a multi-host topology needs its routable address \
+                 (set `address`); {address} would be advertised as VLLM_NIXL_SIDE_CHANNEL_HOST",
+                worker.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ONE_P_ONE_D: &str = r#"
+[router]
+port = 9000
+
+[[worker]]
+engine = "builtin"
+role = "prefill"
+port = 8100
+kv_port = 5600
+cores = [0]
+
+[[worker]]
+engine = "builtin"
+role = "decode"
+port = 8200
+cores = [1]
+"#;
+
+    #[test]
+    fn a_disaggregated_topology_parses_with_defaults() {
+        let topology = parse(ONE_P_ONE_D, "t.toml").unwrap();
+        assert!(topology.is_disaggregated());
+        assert_eq!(topology.router.port, 9000);
+        assert_eq!(topology.workers[0].name, "prefill-0");
+        assert_eq!(topology.workers[1].spec.url(), "http://127.0.0.1:8200");
+        assert!(!topology.is_multi_host());
+    }
+
+    #[test]
+    fn errors_name_the_line_and_the_field() {
+        let typo = ONE_P_ONE_D.replace("cores = [1]", "coress = [1]");
+        let err = parse(&typo, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("line 16") && err.contains("coress"), "{err}");
+
+        let no_kv_port = ONE_P_ONE_D.replace("kv_port = 5600\n", "");
+        let err = parse(&no_kv_port, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("line 5") && err.contains("`kv_port`"), "{err}");
+
+        let bad_role = ONE_P_ONE_D.replace("role = \"decode\"", "role = \"decoder\"");
+        let err = parse(&bad_role, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("decoder") && err.contains("line 14"), "{err}");
+    }
+
+    #[test]
+    fn modes_cannot_be_mixed_or_half_disaggregated() {
+        let only_prefill =
+            ONE_P_ONE_D.replace("role = \"decode\"", "role = \"prefill\"\nkv_port = 5601");
+        assert!(
+            parse(&only_prefill, "t")
+                .unwrap_err()
+                .to_string()
+                .contains("at least one prefill")
+        );
+        let mixed = ONE_P_ONE_D.replace("role = \"decode\"", "role = \"both\"");
+        assert!(
+            parse(&mixed, "t")
+                .unwrap_err()
+                .to_string()
+                .contains("cannot be mixed")
+        );
+    }
+
+    #[test]
+    fn multi_host_vllm_needs_routable_addresses() {
+        let text = r#"
+[[worker]]
+engine = "vllm"
+role = "prefill"
+host = "me@spark-1"
+address = "127.0.0.1"
+port = 8100
+kv_port = 5600
+model = "m"
+
+[[worker]]
+engine = "vllm"
+role = "decode"
+host = "me@spark-2"
+port = 8200
+kv_port = 5600
+model = "m"
+"#;
+        let err = parse(text, "t").unwrap_err().to_string();
+        assert!(err.contains("routable"), "{err}");
+        let fixed = text.replace("address = \"127.0.0.1\"", "address = \"10.0.0.1\"");
+        let topology = parse(&fixed, "t").unwrap();
+        assert!(topology.is_multi_host());
+        assert_eq!(topology.workers[1].spec.url(), "http://spark-2:8200");
+    }
+}
