@@ -210,7 +210,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Checked, TopologyError> {
 fn check(topology: Topology, text: &str, origin: &str) -> Result<Checked, TopologyError> {
     let invalid = |span: std::ops::Range<usize>, message: String| TopologyError::Invalid {
         path: origin.to_owned(),
-        line: text[..span.start.min(text.len())].lines().count().max(1),
+        line: text[..span.start.min(text.len())].matches('\n').count() + 1,
         message,
     };
     if topology.workers.is_empty() {
