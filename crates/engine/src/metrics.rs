@@ -3,10 +3,9 @@
 //! benchmark read tandem and vLLM workers alike. Counters carry the `_total` suffix
 //! that vLLM's exposition adds.
 //!
-//! The HTTP layer records the latencies, prompt tokens, and the request ends the engine
-//! loop cannot see (a stop string matched, the client went away); the engine loop
-//! counts generated tokens and the requests it ends, and sets the gauges and the cache
-//! and preemption counters.
+//! The HTTP layer records the latencies, prompt tokens and every request's end (with
+//! the finish reason its client is told); the engine loop counts generated tokens and
+//! sets the gauges and the cache, preemption and hand-off metrics.
 
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 

@@ -160,7 +160,7 @@ impl ChoiceRun {
 
     fn finish(&mut self, reason: FinishReason, usage: Usage, handoff: Option<Handoff>) {
         self.ended = true;
-        self.timer.finished(reason, &usage, false);
+        self.timer.finished(reason, &usage);
         self.queued.push_back(ChoiceEvent::Finished {
             index: self.index,
             reason,
@@ -194,7 +194,7 @@ impl Drop for ChoiceRun {
                 completion_tokens: self.completion_tokens,
                 cached_tokens: 0,
             };
-            self.timer.finished(FinishReason::Aborted, &usage, true);
+            self.timer.finished(FinishReason::Aborted, &usage);
         }
     }
 }
@@ -226,10 +226,10 @@ impl RequestTimer {
         self.last_token = Some(now);
     }
 
-    /// Records the end of a request. The engine loop counts generated tokens and the
-    /// requests it ends itself; `decided_here` marks the end it cannot see (the client
-    /// went away), counted here.
-    fn finished(&mut self, reason: FinishReason, usage: &Usage, decided_here: bool) {
+    /// Records the end of a request with the reason its client is told (which a stop
+    /// string can decide after the engine already ended it another way), before the
+    /// client hears of it, so its next /metrics read includes it.
+    fn finished(&mut self, reason: FinishReason, usage: &Usage) {
         if self.recorded {
             return;
         }
@@ -237,10 +237,8 @@ impl RequestTimer {
         metrics::histogram!(names::E2E_REQUEST_LATENCY_SECONDS)
             .record(self.arrival.elapsed().as_secs_f64());
         metrics::counter!(names::PROMPT_TOKENS_TOTAL).increment(usage.prompt_tokens as u64);
-        if decided_here {
-            metrics::counter!(names::REQUEST_SUCCESS_TOTAL, names::FINISHED_REASON => reason.as_openai())
-                .increment(1);
-        }
+        metrics::counter!(names::REQUEST_SUCCESS_TOTAL, names::FINISHED_REASON => reason.as_openai())
+            .increment(1);
     }
 }
 

@@ -204,12 +204,6 @@ impl EngineLoop {
         }
         let handoff = self.lease_for_remote_decode(&mut seq, reason);
         self.release_blocks(&mut seq);
-        // Counted before the caller hears of it, so its next /metrics read includes it.
-        if reason != FinishReason::Aborted {
-            let label = reason.as_openai();
-            metrics::counter!(names::REQUEST_SUCCESS_TOTAL, "finished_reason" => label)
-                .increment(1);
-        }
         seq.send_finished(reason, handoff);
     }
 
