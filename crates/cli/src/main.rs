@@ -2,6 +2,7 @@
 //! does the work.
 
 mod generate;
+mod kv;
 mod model;
 mod route;
 mod serve;
@@ -33,6 +34,8 @@ enum Command {
     Up(up::UpArgs),
     /// Route OpenAI requests to workers: replicated, or disaggregated (prefill/decode).
     Route(route::RouteArgs),
+    /// KV cache arithmetic: bytes per token and request, capacity, transfer times.
+    Kv(kv::KvArgs),
     /// Manage models: fetch the default model, show where it lives.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -53,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Route(args) => route::run(args),
         Command::Up(args) => up::run(args),
+        Command::Kv(args) => kv::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

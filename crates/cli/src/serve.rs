@@ -354,7 +354,7 @@ pub async fn termination_signal() -> Result<()> {
 pub struct ByteSizeError(String);
 
 /// Bytes from `1073741824`, `512MiB`, `2GiB`, `1.5GB`, `64k` (K/M/G alone are binary).
-fn parse_byte_size(text: &str) -> Result<usize, ByteSizeError> {
+pub fn parse_byte_size(text: &str) -> Result<usize, ByteSizeError> {
     let error = || ByteSizeError(text.to_owned());
     let trimmed = text.trim();
     let split = trimmed

@@ -63,6 +63,24 @@ impl ModelConfig {
         self.num_heads * self.head_dim
     }
 
+    /// Reads just the config of the model at `path` (a `.gguf` file, or a Hugging Face
+    /// folder's `config.json`), without its weights.
+    pub fn read(path: &Path) -> Result<Self, ModelError> {
+        if path.is_dir() {
+            let file = path.join("config.json");
+            let json = std::fs::read_to_string(&file).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => ModelError::MissingFile {
+                    path: file.clone(),
+                    what: "Hugging Face config",
+                },
+                _ => ModelError::io(&file, e),
+            })?;
+            return Self::from_hf_json(&json, path);
+        }
+        let source = super::source::GgufSource::open(path)?;
+        Self::from_gguf(&source.content, path)
+    }
+
     /// Reads the config from GGUF metadata (`{arch}.*` keys).
     pub fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Self, ModelError> {
         let meta = GgufMeta { content, path };
