@@ -1,6 +1,7 @@
 //! The `tandem` command: parses arguments and hands each subcommand to the crate that
 //! does the work.
 
+mod doctor;
 mod generate;
 mod kv;
 mod model;
@@ -34,6 +35,8 @@ enum Command {
     Up(up::UpArgs),
     /// Route OpenAI requests to workers: replicated, or disaggregated (prefill/decode).
     Route(route::RouteArgs),
+    /// Check that a topology (or the embedded default) can start, with a fix for each failure.
+    Doctor(doctor::DoctorArgs),
     /// KV cache arithmetic: bytes per token and request, capacity, transfer times.
     Kv(kv::KvArgs),
     /// Manage models: fetch the default model, show where it lives.
@@ -57,6 +60,7 @@ fn main() -> std::process::ExitCode {
         Command::Route(args) => route::run(args),
         Command::Up(args) => up::run(args),
         Command::Kv(args) => kv::run(args),
+        Command::Doctor(args) => doctor::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

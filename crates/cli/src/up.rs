@@ -65,14 +65,19 @@ kv_port = 5601
     )
 }
 
-pub fn run(args: UpArgs) -> Result<()> {
-    let mut topology = match &args.file {
+/// The topology in `file`, or the embedded default.
+pub fn load_topology(file: Option<&Path>) -> Result<Checked> {
+    Ok(match file {
         Some(path) => topology::load(path)?,
         None => {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             topology::parse(&embedded_default(cores), "the embedded default")?
         }
-    };
+    })
+}
+
+pub fn run(args: UpArgs) -> Result<()> {
+    let mut topology = load_topology(args.file.as_deref())?;
     if let Some(port) = args.port {
         topology.router.port = port;
     }
@@ -100,7 +105,7 @@ pub fn run(args: UpArgs) -> Result<()> {
 }
 
 /// Built-in workers without a model get the default model (fetched if `fetch`).
-fn fill_default_models(topology: &mut Checked, fetch_if_missing: bool) -> Result<()> {
+pub fn fill_default_models(topology: &mut Checked, fetch_if_missing: bool) -> Result<()> {
     let needs_default = topology
         .workers
         .iter()

@@ -228,3 +228,25 @@ fn vllm_dry_runs_print_the_seed_commands() {
         );
     }
 }
+
+#[test]
+fn doctor_passes_on_the_default_and_names_a_taken_port_with_a_fix() {
+    if !default_model_present() {
+        return;
+    }
+    let _ports = PORTS.lock().unwrap_or_else(|e| e.into_inner());
+    let healthy = tandem().arg("doctor").output().unwrap();
+    assert!(healthy.status.success(), "{healthy:?}");
+    let taken = std::net::TcpListener::bind("127.0.0.1:8200").unwrap();
+    let report = tandem().arg("doctor").output().unwrap();
+    drop(taken);
+    assert!(!report.status.success());
+    let stdout = String::from_utf8_lossy(&report.stdout);
+    let failed: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(failed.len(), 1, "{stdout}");
+    assert!(
+        failed[0].contains("decode-0") && failed[0].contains("8200"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("fix:"), "{stdout}");
+}

@@ -1,0 +1,382 @@
+//! `tandem doctor`: checks that a topology can start, before starting it. Each check
+//! says what it looked at, whether it passed, and for a failure, how to fix it: ports
+//! free, SSH hosts reachable (BatchMode, no prompts), vLLM importable with its version
+//! and CUDA build, NIXL importable, free GPU memory, the model present on its host,
+//! pinned cores that exist, and hand-off addresses that other hosts can reach.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::topology::{Checked, Engine, NamedWorker, Role};
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub check: String,
+    pub target: String,
+    pub ok: bool,
+    pub detail: String,
+    /// What to do when it failed.
+    pub fix: String,
+}
+
+fn pass(check: &str, target: &str, detail: impl Into<String>) -> Check {
+    Check {
+        check: check.into(),
+        target: target.into(),
+        ok: true,
+        detail: detail.into(),
+        fix: String::new(),
+    }
+}
+
+fn fail(check: &str, target: &str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check {
+        check: check.into(),
+        target: target.into(),
+        ok: false,
+        detail: detail.into(),
+        fix: fix.into(),
+    }
+}
+
+/// Every check of `topology`.
+pub fn run_checks(topology: &Checked) -> Vec<Check> {
+    let mut checks = vec![router_port(topology)];
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut reached = std::collections::BTreeMap::new();
+    for worker in &topology.workers {
+        let spec = &worker.spec;
+        let target = format!("{} ({})", worker.name, spec.host);
+        if !spec.is_local() {
+            let ok = *reached
+                .entry(spec.host.clone())
+                .or_insert_with(|| ssh_reachable(&spec.host));
+            if !ok {
+                checks.push(fail(
+                    "ssh",
+                    &target,
+                    "not reachable with ssh -o BatchMode=yes",
+                    format!("set up key-based login: ssh-copy-id {}", spec.host),
+                ));
+                continue;
+            }
+            checks.push(pass("ssh", &target, "reachable"));
+        }
+        checks.extend(port_checks(worker, &target));
+        match spec.engine {
+            Engine::Builtin => checks.extend(builtin_checks(worker, &target, cores)),
+            Engine::Vllm => checks.extend(vllm_checks(worker, &target)),
+        }
+    }
+    checks.extend(address_checks(topology));
+    checks
+}
+
+fn router_port(topology: &Checked) -> Check {
+    let address = format!("{}:{}", topology.router.host, topology.router.port);
+    port_free_here("router port", "router", &address)
+}
+
+fn port_free_here(check: &str, target: &str, address: &str) -> Check {
+    match TcpListener::bind(address) {
+        Ok(_) => pass(check, target, format!("{address} is free")),
+        Err(err) => fail(
+            check,
+            target,
+            format!("{address}: {err}"),
+            "stop what listens there (`ss -ltnp`), or change the port in the topology",
+        ),
+    }
+}
+
+fn port_checks(worker: &NamedWorker, target: &str) -> Vec<Check> {
+    let spec = &worker.spec;
+    let mut ports = vec![("port", spec.port)];
+    if let Some(kv_port) = spec.kv_port {
+        ports.push(("kv port", kv_port));
+    }
+    ports
+        .into_iter()
+        .map(|(what, port)| {
+            if spec.is_local() {
+                return port_free_here(what, target, &format!("127.0.0.1:{port}"));
+            }
+            let probe = format!(
+                "python3 -c 'import socket; s=socket.socket(); s.bind((\"0.0.0.0\", {port}))'"
+            );
+            match on_host(&spec.host, &probe) {
+                Ok(_) => pass(what, target, format!("{port} is free")),
+                Err(err) => fail(
+                    what,
+                    target,
+                    format!("{port}: {err}"),
+                    "stop what listens there, or change the port in the topology",
+                ),
+            }
+        })
+        .collect()
+}
+
+fn builtin_checks(worker: &NamedWorker, target: &str, cores: usize) -> Vec<Check> {
+    let spec = &worker.spec;
+    let mut checks = Vec::new();
+    if let Some(model) = &spec.model {
+        let present = if spec.is_local() {
+            Path::new(model).exists()
+        } else {
+            on_host(
+                &spec.host,
+                &format!("test -e {}", crate::plan::shell_quote(model)),
+            )
+            .is_ok()
+        };
+        checks.push(if present {
+            pass("model", target, model.clone())
+        } else {
+            fail(
+                "model",
+                target,
+                format!("{model} not found"),
+                "copy the model there, or `tandem model fetch` for the default model",
+            )
+        });
+    }
+    if spec.is_local() {
+        if let Some(&core) = spec.cores.iter().find(|&&c| c >= cores) {
+            checks.push(fail(
+                "cores",
+                target,
+                format!("core {core} does not exist ({cores} available)"),
+                format!("pin to cores 0..{}", cores - 1),
+            ));
+        } else if !spec.cores.is_empty() {
+            checks.push(pass(
+                "cores",
+                target,
+                format!("{:?} of {cores}", spec.cores),
+            ));
+        }
+    }
+    checks
+}
+
+fn vllm_checks(worker: &NamedWorker, target: &str) -> Vec<Check> {
+    let spec = &worker.spec;
+    let activate = spec
+        .venv
+        .as_ref()
+        .map(|v| {
+            format!(
+                ". {} && ",
+                crate::plan::shell_quote(&v.join("bin/activate").display().to_string())
+            )
+        })
+        .unwrap_or_default();
+    let python = |code: &str| format!("{activate}python3 -c {}", crate::plan::shell_quote(code));
+    let mut checks = Vec::new();
+    checks.push(
+        match on_host(
+            &spec.host,
+            &python("import vllm, torch; print(vllm.__version__, 'cuda', torch.version.cuda)"),
+        ) {
+            Ok(version) => pass("vllm", target, version.trim().to_owned()),
+            Err(err) => fail(
+                "vllm",
+                target,
+                err,
+                "install vLLM in the worker's venv (`pip install vllm`) and set `venv`",
+            ),
+        },
+    );
+    if spec.role != Role::Both {
+        checks.push(match on_host(&spec.host, &python("import nixl")) {
+            Ok(_) => pass("nixl", target, "importable"),
+            Err(err) => fail(
+                "nixl",
+                target,
+                err,
+                "install NIXL in the worker's venv (`pip install nixl`)",
+            ),
+        });
+    }
+    let query = "nvidia-smi --query-gpu=index,memory.free --format=csv,noheader,nounits";
+    checks.push(match on_host(&spec.host, query) {
+        Ok(table) => gpu_memory(&table, &spec.gpus, target),
+        Err(err) => fail(
+            "gpu memory",
+            target,
+            err,
+            "install the NVIDIA driver (nvidia-smi)",
+        ),
+    });
+    if let Some(model) = &spec.model {
+        checks.push(model_in_hf_cache(&spec.host, model, target));
+    }
+    checks
+}
+
+/// Free memory of the worker's GPUs, from `nvidia-smi` CSV (`index, free MiB`).
+fn gpu_memory(table: &str, gpus: &[usize], target: &str) -> Check {
+    let free: Vec<(usize, u64)> = table
+        .lines()
+        .filter_map(|l| {
+            let (index, mib) = l.split_once(',')?;
+            Some((index.trim().parse().ok()?, mib.trim().parse().ok()?))
+        })
+        .filter(|(index, _)| gpus.is_empty() || gpus.contains(index))
+        .collect();
+    if free.is_empty() {
+        return fail(
+            "gpu memory",
+            target,
+            "no GPU found",
+            "check `gpus` and the driver",
+        );
+    }
+    let detail: Vec<String> = free
+        .iter()
+        .map(|(i, m)| format!("GPU {i}: {m} MiB free"))
+        .collect();
+    if free.iter().any(|&(_, mib)| mib < 1024) {
+        return fail(
+            "gpu memory",
+            target,
+            detail.join(", "),
+            "stop the processes holding GPU memory (`nvidia-smi`)",
+        );
+    }
+    pass("gpu memory", target, detail.join(", "))
+}
+
+/// A Hugging Face model id is present in the host's HF cache (the workers run offline).
+fn model_in_hf_cache(host: &str, model: &str, target: &str) -> Check {
+    let probe = if model.starts_with('/') {
+        format!("test -e {}", crate::plan::shell_quote(model))
+    } else {
+        let dir = format!("models--{}", model.replace('/', "--"));
+        format!(
+            "test -d \"${{HF_HOME:-$HOME/.cache/huggingface}}/hub/{}\"",
+            dir
+        )
+    };
+    match on_host(host, &probe) {
+        Ok(_) => pass("model", target, model.to_owned()),
+        Err(_) => fail(
+            "model",
+            target,
+            format!("{model} is not in the Hugging Face cache (workers run with HF_HUB_OFFLINE=1)"),
+            format!("download it there first: huggingface-cli download {model}"),
+        ),
+    }
+}
+
+fn address_checks(topology: &Checked) -> Vec<Check> {
+    if !topology.is_multi_host() {
+        return Vec::new();
+    }
+    topology
+        .workers
+        .iter()
+        .filter(|w| w.spec.role != Role::Both)
+        .map(|w| {
+            let address = w.spec.reach_address();
+            let target = format!("{} ({})", w.name, w.spec.host);
+            if matches!(address.as_str(), "127.0.0.1" | "localhost") {
+                fail(
+                    "hand-off address",
+                    &target,
+                    format!("{address} is loopback in a multi-host topology"),
+                    "set the worker's `address` to its routable IP",
+                )
+            } else {
+                pass("hand-off address", &target, address)
+            }
+        })
+        .collect()
+}
+
+fn ssh_reachable(host: &str) -> bool {
+    on_host(host, "true").is_ok()
+}
+
+/// Runs `script` on `host` (`local` or an SSH target) with a deadline; its stdout, or
+/// why it failed.
+fn on_host(host: &str, script: &str) -> Result<String, String> {
+    let mut command = if matches!(host, "local" | "localhost" | "127.0.0.1") {
+        let mut local = Command::new("bash");
+        local.args(["-c", script]);
+        local
+    } else {
+        let mut ssh = Command::new("ssh");
+        ssh.args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+            host,
+            script,
+        ]);
+        ssh
+    };
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("no answer within 20 s".into());
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(err) => return Err(err.to_string()),
+        }
+    }
+    let output = child.wait_with_output().map_err(|e| e.to_string())?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let last = stderr.lines().last().unwrap_or("failed").trim().to_owned();
+        Err(last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_memory_reads_nvidia_smi_csv() {
+        let table = "0, 80000\n1, 512\n";
+        assert!(gpu_memory(table, &[0], "w").ok);
+        assert!(!gpu_memory(table, &[], "w").ok, "GPU 1 is nearly full");
+        assert!(!gpu_memory(table, &[7], "w").ok, "no such GPU");
+    }
+
+    #[test]
+    fn a_taken_port_fails_with_a_fix() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = taken.local_addr().unwrap().to_string();
+        let check = port_free_here("port", "w", &address);
+        assert!(!check.ok);
+        assert!(!check.fix.is_empty());
+        drop(taken);
+        assert!(port_free_here("port", "w", &address).ok);
+    }
+
+    #[test]
+    fn local_commands_report_their_last_error_line() {
+        assert_eq!(on_host("local", "echo hi").unwrap(), "hi\n");
+        let err = on_host("local", "echo oops >&2; exit 3").unwrap_err();
+        assert_eq!(err, "oops");
+    }
+}
