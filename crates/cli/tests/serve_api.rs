@@ -862,3 +862,24 @@ async fn the_official_openai_python_client_works() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[tokio::test]
+async fn a_client_stop_token_is_reported_as_the_stop_reason() {
+    if !default_model_present() {
+        return;
+    }
+    let server = start_server();
+    // llama.cpp's greedy continuation of this prompt starts with " Paris" (id 7042).
+    let body = json!({"prompt": PROMPT, "max_tokens": 5, "temperature": 0,
+        "stop_token_ids": [7042]});
+    let (status, answer) = server.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let choice = &answer["choices"][0];
+    assert_eq!(choice["finish_reason"], "stop", "{answer}");
+    assert_eq!(choice["stop_reason"], 7042, "{answer}");
+    assert_eq!(choice["text"], "", "the stop token is not output");
+    // A stop string is reported as the string.
+    let body = json!({"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "stop": ["Par"]});
+    let (_, answer) = server.post("/v1/completions", &body).await;
+    assert_eq!(answer["choices"][0]["stop_reason"], "Par", "{answer}");
+}

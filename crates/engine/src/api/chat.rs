@@ -8,7 +8,6 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
-use serde_json::Value;
 use tandem_protocol::openai::response::CHAT_COMPLETION;
 use tandem_protocol::openai::{
     ApiError, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
@@ -124,7 +123,7 @@ async fn respond_whole(
             },
             logprobs: None,
             finish_reason: Some(choice.finish_reason.as_openai().to_owned()),
-            stop_reason: choice.stop_reason.map(Value::String),
+            stop_reason: choice.stop_reason,
         }],
         usage: choice.usage,
         kv_transfer_params,

@@ -9,7 +9,6 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::join_all;
-use serde_json::Value;
 use tandem_protocol::openai::response::TEXT_COMPLETION;
 use tandem_protocol::openai::{
     ApiError, CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo,
@@ -129,7 +128,7 @@ async fn respond_whole(
             text: choice.text,
             logprobs: None,
             finish_reason: Some(choice.finish_reason.as_openai().to_owned()),
-            stop_reason: choice.stop_reason.map(Value::String),
+            stop_reason: choice.stop_reason,
         });
     }
     Ok(CompletionResponse {

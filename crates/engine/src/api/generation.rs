@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use futures_util::stream::{self, BoxStream, StreamExt};
+use serde_json::Value;
 use tandem_protocol::openai::UsageInfo;
 
 use super::stop::{StopMatcher, StopOutcome};
@@ -24,8 +25,8 @@ pub enum ChoiceEvent {
     Finished {
         index: usize,
         reason: FinishReason,
-        /// The stop string that ended it (vLLM's `stop_reason`).
-        stop_reason: Option<String>,
+        /// The stop string or client stop token that ended it (vLLM's `stop_reason`).
+        stop_reason: Option<Value>,
         usage: UsageInfo,
         /// Where a prefill leg's KV waits for its decode worker.
         handoff: Option<Handoff>,
@@ -46,6 +47,8 @@ pub struct ChoiceRun {
     queued: VecDeque<ChoiceEvent>,
     /// A stop string matched: the text is complete, the engine's end is awaited.
     stopped: bool,
+    /// The stop token the engine reported.
+    stop_token: Option<u32>,
     ended: bool,
 }
 
@@ -69,6 +72,7 @@ impl ChoiceRun {
             completion_tokens: 0,
             queued: VecDeque::new(),
             stopped: false,
+            stop_token: None,
             ended: false,
         }
     }
@@ -103,7 +107,11 @@ impl ChoiceRun {
                 reason,
                 usage,
                 handoff,
-            }) => self.on_finished(reason, usage, handoff),
+                stop_token,
+            }) => {
+                self.stop_token = stop_token;
+                self.on_finished(reason, usage, handoff)
+            }
             Some(GenerationEvent::Failed(message)) => self.fail(message),
             None => self.fail("the engine stopped before the request finished".into()),
         }
@@ -164,7 +172,7 @@ impl ChoiceRun {
         self.queued.push_back(ChoiceEvent::Finished {
             index: self.index,
             reason,
-            stop_reason: self.stop.matched().map(str::to_owned),
+            stop_reason: self.stop.stop_reason(self.stop_token),
             usage: UsageInfo::new(
                 usage.prompt_tokens,
                 usage.completion_tokens,
@@ -248,7 +256,7 @@ pub struct CollectedChoice {
     pub index: usize,
     pub text: String,
     pub finish_reason: FinishReason,
-    pub stop_reason: Option<String>,
+    pub stop_reason: Option<Value>,
     pub usage: UsageInfo,
     pub handoff: Option<Handoff>,
 }

@@ -164,7 +164,8 @@ fn start_choices(
                 .engine
                 .submit(request)
                 .map_err(|e| ApiError::unavailable(e.to_string()))?;
-            let stops = Stops::new(options.stop_strings.clone());
+            let stops = Stops::new(options.stop_strings.clone())
+                .with_stop_tokens(options.requested_stop_token_ids.clone());
             Ok(ChoiceRun::new(
                 index,
                 stream,

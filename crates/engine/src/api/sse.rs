@@ -63,12 +63,12 @@ impl ChunkWriter {
         }
     }
 
-    fn finish(&self, index: usize, reason: FinishReason, stop_reason: Option<String>) -> Event {
+    fn finish(&self, index: usize, reason: FinishReason, stop_reason: Option<Value>) -> Event {
         let reason = Some(reason.as_openai().to_owned());
         match self.endpoint {
             Endpoint::Completions => {
                 let mut chunk = self.completion_chunk_body(index, String::new(), reason);
-                chunk.choices[0].stop_reason = stop_reason.map(Value::String);
+                chunk.choices[0].stop_reason = stop_reason;
                 json_event(&chunk)
             }
             Endpoint::Chat => self.chat_chunk(index, ChatDelta::default(), reason),

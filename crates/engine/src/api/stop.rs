@@ -15,6 +15,9 @@ pub enum StopOutcome {
 #[derive(Debug, Clone, Default)]
 pub struct StopMatcher {
     stops: Vec<String>,
+    /// The client's `stop_token_ids` (not the model's end-of-generation ids): a match
+    /// is reported as `stop_reason`, as vLLM does.
+    stop_token_ids: Vec<u32>,
     /// Text received but not yet released: a possible start of a stop string.
     held: String,
     /// The stop string that matched.
@@ -26,6 +29,7 @@ impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
         Self {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            stop_token_ids: Vec::new(),
             held: String::new(),
             matched: None,
         }
@@ -57,6 +61,23 @@ impl StopMatcher {
     /// The stop string that ended the output, if one did.
     pub fn matched(&self) -> Option<&str> {
         self.matched.as_deref()
+    }
+
+    /// Also reports these client stop tokens as `stop_reason`.
+    pub fn with_stop_tokens(mut self, ids: Vec<u32>) -> Self {
+        self.stop_token_ids = ids;
+        self
+    }
+
+    /// vLLM's `stop_reason`: the stop string that matched, or the client's stop token
+    /// that ended the output (`null` for the model's own end-of-generation token).
+    pub fn stop_reason(&self, stop_token: Option<u32>) -> Option<serde_json::Value> {
+        if let Some(text) = &self.matched {
+            return Some(serde_json::Value::String(text.clone()));
+        }
+        stop_token
+            .filter(|t| self.stop_token_ids.contains(t))
+            .map(serde_json::Value::from)
     }
 
     /// The earliest complete stop string in the held text and its byte offset.

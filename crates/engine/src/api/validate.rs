@@ -31,6 +31,8 @@ pub struct OutputOptions {
     /// Token ids that end the output: the client's plus, unless `ignore_eos`, the
     /// model's end-of-generation ids.
     pub stop_token_ids: Vec<u32>,
+    /// The client's own `stop_token_ids` (reported as `stop_reason` when they match).
+    pub requested_stop_token_ids: Vec<u32>,
     pub stream: bool,
     pub include_usage: bool,
     /// The request's part in a KV hand-off (set by the endpoint once it knows the
@@ -110,6 +112,7 @@ pub fn output_options(
             .transpose()?,
         stop_strings,
         stop_token_ids,
+        requested_stop_token_ids: fields.stop_token_ids.clone().unwrap_or_default(),
         stream: fields.is_stream(),
         include_usage: fields.include_usage(),
         kv: KvRole::Local,

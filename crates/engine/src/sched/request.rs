@@ -62,6 +62,8 @@ pub enum GenerationEvent {
         reason: FinishReason,
         usage: Usage,
         handoff: Option<Handoff>,
+        /// The stop token that ended it, if one did (not part of the output).
+        stop_token: Option<u32>,
     },
     /// The engine could not run the request (the last event).
     Failed(String),

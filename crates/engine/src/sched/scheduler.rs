@@ -522,6 +522,7 @@ impl EngineLoop {
             seq.tokens.push(token);
             metrics::counter!(names::GENERATION_TOKENS_TOTAL).increment(1);
             let reason = if seq.stop_token_ids.contains(&token) {
+                seq.stop_token = Some(token);
                 Some(FinishReason::Stop)
             } else if !seq.send_token(token) {
                 Some(FinishReason::Aborted)

@@ -32,6 +32,8 @@ pub(crate) struct Sequence {
     /// The caller went away while a pull was writing into the blocks: finish once the
     /// pull ends.
     pub abandoned: bool,
+    /// The stop token that ended the generation.
+    pub stop_token: Option<u32>,
     events: mpsc::UnboundedSender<GenerationEvent>,
 }
 
@@ -66,6 +68,7 @@ impl Sequence {
             kv: request.kv,
             pull: PullState::NotStarted,
             abandoned: false,
+            stop_token: None,
             events,
         }
     }
@@ -103,6 +106,7 @@ impl Sequence {
             reason,
             usage,
             handoff,
+            stop_token: self.stop_token,
         });
     }
 
