@@ -1,6 +1,7 @@
 //! The `tandem` command: parses arguments and hands each subcommand to the crate that
 //! does the work.
 
+mod bench;
 mod doctor;
 mod generate;
 mod kv;
@@ -35,6 +36,8 @@ enum Command {
     Up(up::UpArgs),
     /// Route OpenAI requests to workers: replicated, or disaggregated (prefill/decode).
     Route(route::RouteArgs),
+    /// Load an OpenAI-compatible endpoint and report vllm bench serve's metrics.
+    Bench(bench::BenchArgs),
     /// Check that a topology (or the embedded default) can start, with a fix for each failure.
     Doctor(doctor::DoctorArgs),
     /// KV cache arithmetic: bytes per token and request, capacity, transfer times.
@@ -61,6 +64,7 @@ fn main() -> std::process::ExitCode {
         Command::Up(args) => up::run(args),
         Command::Kv(args) => kv::run(args),
         Command::Doctor(args) => doctor::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,174 @@
+//! What to send and when: the seed experiment's two tests, random prompts of given
+//! lengths, and the arrival schedule (all at once, or a Poisson/gamma process at a
+//! request rate, as `vllm bench serve` draws it).
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::client::Prompt;
+
+/// The seed's single-request test prompt.
+pub const SEED_SINGLE: &str = "Explain how HTTP load balancers work in 3 sentences.";
+
+/// The seed's batch test: 8 concurrent requests.
+pub const SEED_BATCH: [&str; 8] = [
+    "What is a REST API?",
+    "Explain database indexing.",
+    "How does DNS work?",
+    "What are microservices?",
+    "Describe container orchestration.",
+    "What is continuous integration?",
+    "Explain message queues.",
+    "How does caching improve performance?",
+];
+
+pub fn seed_single(max_tokens: usize) -> Vec<Prompt> {
+    vec![Prompt {
+        text: SEED_SINGLE.into(),
+        max_tokens,
+    }]
+}
+
+pub fn seed_batch(max_tokens: usize) -> Vec<Prompt> {
+    SEED_BATCH
+        .iter()
+        .map(|p| Prompt {
+            text: (*p).into(),
+            max_tokens,
+        })
+        .collect()
+}
+
+/// Lengths drawn uniformly in `[floor(l·(1−r)), ceil(l·(1+r))]` (at least 1).
+fn draw_len(rng: &mut StdRng, len: usize, ratio: f64) -> usize {
+    let low = (len as f64 * (1.0 - ratio)).floor().max(1.0) as usize;
+    let high = (len as f64 * (1.0 + ratio)).ceil().max(low as f64) as usize;
+    rng.random_range(low..=high)
+}
+
+/// `count` prompts of about `input_len` tokens (common English words, one token each
+/// for most tokenizers) and `output_len` output tokens each.
+pub fn random(
+    count: usize,
+    input_len: usize,
+    output_len: usize,
+    ratio: f64,
+    seed: u64,
+) -> Vec<Prompt> {
+    const WORDS: &[&str] = &[
+        "the", "system", "request", "server", "data", "time", "model", "cache", "network", "value",
+        "user", "process", "memory", "queue", "node", "table", "index", "file", "thread", "block",
+        "page", "route", "token", "batch", "layer", "state", "event",
+    ];
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..count)
+        .map(|_| {
+            let words = draw_len(&mut rng, input_len, ratio);
+            let text: Vec<&str> = (0..words)
+                .map(|_| WORDS[rng.random_range(0..WORDS.len())])
+                .collect();
+            Prompt {
+                text: text.join(" "),
+                max_tokens: draw_len(&mut rng, output_len, ratio),
+            }
+        })
+        .collect()
+}
+
+/// Seconds after the start at which each of `count` requests is sent: all at 0 without
+/// a rate; else gamma-distributed gaps (shape `burstiness`, mean `1/rate`; Poisson at
+/// 1), rescaled so the last lands at `count / rate`, as vLLM does.
+pub fn arrivals(count: usize, rate: Option<f64>, burstiness: f64, seed: u64) -> Vec<f64> {
+    let Some(rate) = rate.filter(|r| r.is_finite() && *r > 0.0) else {
+        return vec![0.0; count];
+    };
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut at = 0.0;
+    let mut times: Vec<f64> = (0..count)
+        .map(|_| {
+            at += gamma(&mut rng, burstiness) / (rate * burstiness);
+            at
+        })
+        .collect();
+    if let Some(&last) = times.last()
+        && last > 0.0
+    {
+        let scale = count as f64 / rate / last;
+        times.iter_mut().for_each(|t| *t *= scale);
+    }
+    times
+}
+
+/// A Gamma(shape, 1) draw (Marsaglia and Tsang; boosted for shape < 1).
+fn gamma(rng: &mut StdRng, shape: f64) -> f64 {
+    if shape < 1.0 {
+        let u: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        return gamma(rng, shape + 1.0) * u.powf(1.0 / shape);
+    }
+    let d = shape - 1.0 / 3.0;
+    let c = 1.0 / (9.0 * d).sqrt();
+    loop {
+        let x = standard_normal(rng);
+        let v = (1.0 + c * x).powi(3);
+        if v <= 0.0 {
+            continue;
+        }
+        let u: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+            return d * v;
+        }
+    }
+}
+
+fn standard_normal(rng: &mut StdRng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seed_tests_are_the_notebooks() {
+        assert_eq!(seed_single(100)[0].text, SEED_SINGLE);
+        assert_eq!(seed_batch(100).len(), 8);
+        assert!(seed_batch(100).iter().all(|p| p.max_tokens == 100));
+    }
+
+    #[test]
+    fn random_prompts_respect_their_ranges_and_seed() {
+        let prompts = random(200, 100, 20, 0.5, 7);
+        for p in &prompts {
+            let words = p.text.split(' ').count();
+            assert!((50..=150).contains(&words), "{words}");
+            assert!((10..=30).contains(&p.max_tokens));
+        }
+        assert_eq!(
+            random(3, 10, 5, 0.0, 1)[0].text,
+            random(3, 10, 5, 0.0, 1)[0].text
+        );
+        assert!(random(3, 10, 5, 0.0, 1).iter().all(|p| p.max_tokens == 5));
+    }
+
+    #[test]
+    fn arrivals_end_at_count_over_rate_with_the_right_mean_gap() {
+        assert_eq!(arrivals(3, None, 1.0, 0), vec![0.0; 3]);
+        for burstiness in [0.5, 1.0, 4.0] {
+            let times = arrivals(2000, Some(10.0), burstiness, 3);
+            assert!((times.last().unwrap() - 200.0).abs() < 1e-9);
+            assert!(times.windows(2).all(|w| w[1] >= w[0]));
+        }
+        // Burstier traffic has more varied gaps (coefficient of variation ~ 1/sqrt(k)).
+        let cv = |k: f64| {
+            let t = arrivals(5000, Some(10.0), k, 5);
+            let gaps: Vec<f64> = t.windows(2).map(|w| w[1] - w[0]).collect();
+            let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+            let var = gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / gaps.len() as f64;
+            var.sqrt() / mean
+        };
+        assert!((cv(1.0) - 1.0).abs() < 0.1, "Poisson: {}", cv(1.0));
+        assert!((cv(4.0) - 0.5).abs() < 0.1, "gamma(4): {}", cv(4.0));
+    }
+}

@@ -1,0 +1,166 @@
+//! `tandem bench --url URL`: a workload against an OpenAI-compatible endpoint, with
+//! `vllm bench serve`'s metric definitions; a table, and `--json FILE`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use tandem_bench::client::{Api, Target};
+use tandem_bench::report::{self, RunInfo};
+use tandem_bench::stats::{self, Slo};
+use tandem_bench::{Traffic, workload};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The endpoint's base URL (a tandem router or worker, vLLM, …).
+    #[arg(long)]
+    url: String,
+    /// The `model` field to send (default: none; single-model servers accept that).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, value_enum, default_value_t = Endpoint::Completions)]
+    endpoint: Endpoint,
+    /// seed-single: the seed's one request; seed-batch: its 8 concurrent requests;
+    /// random: --num-prompts prompts of --input-len/--output-len tokens.
+    #[arg(long, value_enum, default_value_t = Workload::SeedBatch)]
+    workload: Workload,
+    #[arg(long, default_value_t = 100)]
+    num_prompts: usize,
+    /// Prompt length (random workload; about one token per word).
+    #[arg(long, default_value_t = 512)]
+    input_len: usize,
+    /// Output tokens per request (the seed tests use 100).
+    #[arg(long, default_value_t = 100)]
+    output_len: usize,
+    /// Lengths vary uniformly within ±ratio (random workload).
+    #[arg(long, default_value_t = 0.0)]
+    range_ratio: f64,
+    /// Requests per second (Poisson, or gamma with --burstiness); default: all at once.
+    #[arg(long)]
+    request_rate: Option<f64>,
+    #[arg(long, default_value_t = 1.0)]
+    burstiness: f64,
+    /// Most requests in flight.
+    #[arg(long)]
+    max_concurrency: Option<usize>,
+    /// SLOs for goodput, in ms: `--goodput ttft:500 tpot:50` (keys ttft, tpot, e2el).
+    #[arg(long, num_args = 1..)]
+    goodput: Vec<String>,
+    /// Percentiles to report.
+    #[arg(long, value_delimiter = ',', default_value = "50,90,95,99")]
+    percentiles: Vec<f64>,
+    /// Keep generating until max tokens (default for the random workload).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Sampling temperature to send (default: the server's).
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Seconds one request may take.
+    #[arg(long, default_value_t = 600)]
+    request_timeout: u64,
+    /// Writes the results as JSON (vllm bench serve's key names).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Adds per-request arrays to the JSON.
+    #[arg(long)]
+    save_detailed: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Endpoint {
+    Completions,
+    Chat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Workload {
+    SeedSingle,
+    SeedBatch,
+    Random,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.percentiles.iter().any(|p| !(0.0..=100.0).contains(p)) {
+        bail!("--percentiles must be between 0 and 100");
+    }
+    if !(0.0..1.0).contains(&args.range_ratio) {
+        bail!("--range-ratio must be in [0, 1)");
+    }
+    if args.burstiness <= 0.0 {
+        bail!("--burstiness must be positive");
+    }
+    let slo = (!args.goodput.is_empty())
+        .then(|| Slo::parse(&args.goodput))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let (prompts, workload_name, ignore_eos) = match args.workload {
+        Workload::SeedSingle => (
+            workload::seed_single(args.output_len),
+            "seed-single",
+            args.ignore_eos,
+        ),
+        Workload::SeedBatch => (
+            workload::seed_batch(args.output_len),
+            "seed-batch",
+            args.ignore_eos,
+        ),
+        Workload::Random => (
+            workload::random(
+                args.num_prompts,
+                args.input_len,
+                args.output_len,
+                args.range_ratio,
+                args.seed,
+            ),
+            "random",
+            true,
+        ),
+    };
+    let target = Target {
+        base_url: args.url.clone(),
+        model: args.model.clone(),
+        api: match args.endpoint {
+            Endpoint::Completions => Api::Completions,
+            Endpoint::Chat => Api::Chat,
+        },
+        ignore_eos,
+        temperature: args.temperature,
+        timeout: Duration::from_secs(args.request_timeout),
+    };
+    let traffic = Traffic {
+        request_rate: args.request_rate,
+        burstiness: args.burstiness,
+        max_concurrency: args.max_concurrency,
+        seed: args.seed,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    eprintln!("sending {} requests to {}", prompts.len(), args.url);
+    let (records, duration) = runtime.block_on(tandem_bench::run(&target, &prompts, &traffic));
+    for record in records.iter().filter(|r| !r.ok).take(5) {
+        eprintln!("failed: {}", record.error.as_deref().unwrap_or("unknown"));
+    }
+    let summary = stats::summarize(&records, duration, &args.percentiles, slo.as_ref());
+    let info = RunInfo {
+        url: args.url.clone(),
+        endpoint: format!("{:?}", args.endpoint).to_lowercase(),
+        workload: workload_name.into(),
+        num_prompts: prompts.len(),
+        request_rate: args.request_rate,
+        burstiness: args.burstiness,
+        max_concurrency: args.max_concurrency,
+    };
+    println!("{}", report::table(&info, &summary));
+    if let Some(path) = &args.json {
+        let doc = report::json(&info, &summary, &records, args.save_detailed);
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("results written to {}", path.display());
+    }
+    Ok(())
+}
