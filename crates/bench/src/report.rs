@@ -83,6 +83,81 @@ pub fn table(info: &RunInfo, summary: &Summary) -> String {
     lines.join("\n")
 }
 
+/// One run as markdown: the headline figures and the latency percentiles.
+pub fn markdown(info: &RunInfo, summary: &Summary) -> String {
+    let mut out = format!(
+        "### {} against {} ({})\n\n| requests | failed | duration (s) | req/s | output tok/s | goodput (req/s) |\n|---|---|---|---|---|---|\n| {} | {} | {:.2} | {:.2} | {:.2} | {} |\n\n",
+        info.workload,
+        info.url,
+        info.endpoint,
+        summary.completed,
+        summary.failed,
+        summary.duration,
+        summary.request_throughput,
+        summary.output_throughput,
+        summary
+            .request_goodput
+            .map_or("–".into(), |g| format!("{g:.2}")),
+    );
+    let header: Vec<String> = summary
+        .ttft
+        .percentiles
+        .iter()
+        .map(|(p, _)| format!("p{}", percent_name(*p)))
+        .collect();
+    out.push_str(&format!(
+        "| ms | mean | median | {} |\n",
+        header.join(" | ")
+    ));
+    out.push_str(&format!("|---|---|---|{}\n", "---|".repeat(header.len())));
+    for (name, d) in [
+        ("TTFT", &summary.ttft),
+        ("TPOT", &summary.tpot),
+        ("ITL", &summary.itl),
+        ("E2EL", &summary.e2el),
+    ] {
+        let values: Vec<String> = d
+            .percentiles
+            .iter()
+            .map(|(_, v)| format!("{v:.1}"))
+            .collect();
+        out.push_str(&format!(
+            "| {name} | {:.1} | {:.1} | {} |\n",
+            d.mean,
+            d.median,
+            values.join(" | ")
+        ));
+    }
+    out
+}
+
+/// A sweep as one table: each point's load, throughput and latency.
+pub fn sweep_table(axis: &str, points: &[(f64, Summary)]) -> String {
+    let mut lines = vec![format!(
+        "| {axis} | req/s | output tok/s | failed | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) |"
+    )];
+    lines.push("|---|---|---|---|---|---|---|---|".into());
+    for (value, s) in points {
+        let p = |d: &Distribution, q: f64| {
+            d.percentiles
+                .iter()
+                .find(|(pp, _)| *pp == q)
+                .map_or(crate::stats::percentile(&[], q), |(_, v)| *v)
+        };
+        lines.push(format!(
+            "| {value} | {:.2} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            s.request_throughput,
+            s.output_throughput,
+            s.failed,
+            s.ttft.median,
+            p(&s.ttft, 99.0),
+            s.tpot.median,
+            p(&s.tpot, 99.0),
+        ));
+    }
+    lines.join("\n")
+}
+
 fn row(label: &str, value: &str) -> String {
     format!("{:<42}{value:>18}", format!("{label}:"))
 }

@@ -75,6 +75,77 @@ pub fn random(
         .collect()
 }
 
+/// `count` prompts that share their first `prefix_len` words (a system prompt, say)
+/// and then differ for `input_len` words: what prefix caching and cache-aware routing
+/// are for.
+pub fn shared_prefix(
+    count: usize,
+    prefix_len: usize,
+    input_len: usize,
+    output_len: usize,
+    seed: u64,
+) -> Vec<Prompt> {
+    let prefix = random(1, prefix_len, 1, 0.0, seed.wrapping_add(1))
+        .pop()
+        .map(|p| p.text)
+        .unwrap_or_default();
+    random(count, input_len, output_len, 0.0, seed)
+        .into_iter()
+        .map(|p| Prompt {
+            text: format!("{prefix} {}", p.text),
+            max_tokens: p.max_tokens,
+        })
+        .collect()
+}
+
+/// A ShareGPT-format file problem.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a ShareGPT JSON list: {message}")]
+    Format { path: String, message: String },
+}
+
+/// Prompts from a ShareGPT-format JSON file (`[{"conversations": [{"from": "human",
+/// "value": …}, {"from": "gpt", "value": …}, …]}, …]`): each conversation's first human
+/// turn, with its reply's length (about 4/3 tokens per word) as `max_tokens`, up to
+/// `count` of them; conversations without both turns are skipped, as vLLM does.
+pub fn sharegpt(path: &std::path::Path, count: usize) -> Result<Vec<Prompt>, DatasetError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DatasetError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let format = |message: String| DatasetError::Format {
+        path: path.display().to_string(),
+        message,
+    };
+    let entries: Vec<serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
+    let prompts: Vec<Prompt> = entries
+        .iter()
+        .filter_map(|entry| {
+            let turns = entry.get("conversations")?.as_array()?;
+            let (first, second) = (turns.first()?, turns.get(1)?);
+            let prompt = first.get("value")?.as_str()?;
+            let reply = second.get("value")?.as_str()?;
+            let reply_tokens = (reply.split_whitespace().count() * 4).div_ceil(3);
+            Some(Prompt {
+                text: prompt.to_owned(),
+                max_tokens: reply_tokens.max(1),
+            })
+        })
+        .take(count)
+        .collect();
+    if prompts.is_empty() {
+        return Err(format("no conversation with a prompt and a reply".into()));
+    }
+    Ok(prompts)
+}
+
 /// Seconds after the start at which each of `count` requests is sent: all at 0 without
 /// a rate; else gamma-distributed gaps (shape `burstiness`, mean `1/rate`; Poisson at
 /// 1), rescaled so the last lands at `count / rate`, as vLLM does.
@@ -150,6 +221,45 @@ mod tests {
             random(3, 10, 5, 0.0, 1)[0].text
         );
         assert!(random(3, 10, 5, 0.0, 1).iter().all(|p| p.max_tokens == 5));
+    }
+
+    #[test]
+    fn shared_prefixes_are_shared_and_suffixes_differ() {
+        let prompts = shared_prefix(4, 30, 10, 8, 2);
+        let prefix: Vec<&str> = prompts[0].text.split(' ').take(30).collect();
+        for p in &prompts {
+            let words: Vec<&str> = p.text.split(' ').collect();
+            assert_eq!(words.len(), 40);
+            assert_eq!(&words[..30], &prefix[..]);
+        }
+        assert_ne!(prompts[0].text, prompts[1].text);
+    }
+
+    #[test]
+    fn sharegpt_files_give_first_turns_and_reply_lengths() {
+        let dir = std::env::temp_dir().join(format!("sharegpt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("d.json");
+        std::fs::write(
+            &file,
+            r#"[{"conversations": [{"from": "human", "value": "Hi there"},
+                                   {"from": "gpt", "value": "one two three four five six"}]},
+                {"conversations": [{"from": "human", "value": "no reply"}]},
+                {"id": "x"}]"#,
+        )
+        .unwrap();
+        let prompts = sharegpt(&file, 10).unwrap();
+        assert_eq!(prompts.len(), 1);
+        assert_eq!(prompts[0].text, "Hi there");
+        assert_eq!(prompts[0].max_tokens, 8);
+        std::fs::write(&file, "{}").unwrap();
+        assert!(
+            sharegpt(&file, 10)
+                .unwrap_err()
+                .to_string()
+                .contains("ShareGPT")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -22,11 +22,24 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = Endpoint::Completions)]
     endpoint: Endpoint,
     /// seed-single: the seed's one request; seed-batch: its 8 concurrent requests;
-    /// random: --num-prompts prompts of --input-len/--output-len tokens.
+    /// random: --num-prompts prompts of --input-len/--output-len tokens; shared-prefix:
+    /// the same, behind a common --prefix-len prefix; sharegpt: --dataset-path.
     #[arg(long, value_enum, default_value_t = Workload::SeedBatch)]
     workload: Workload,
     #[arg(long, default_value_t = 100)]
     num_prompts: usize,
+    /// Words shared by every prompt (shared-prefix workload).
+    #[arg(long, default_value_t = 256)]
+    prefix_len: usize,
+    /// A ShareGPT-format JSON file (sharegpt workload).
+    #[arg(long)]
+    dataset_path: Option<PathBuf>,
+    /// Runs the workload once per request rate (e.g. `1,2,4,8`).
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["request_rate", "sweep_concurrency"])]
+    sweep_rates: Vec<f64>,
+    /// Runs the workload once per concurrency limit (e.g. `1,8,32`).
+    #[arg(long, value_delimiter = ',', conflicts_with = "max_concurrency")]
+    sweep_concurrency: Vec<usize>,
     /// Prompt length (random workload; about one token per word).
     #[arg(long, default_value_t = 512)]
     input_len: usize,
@@ -67,6 +80,9 @@ pub struct BenchArgs {
     /// Adds per-request arrays to the JSON.
     #[arg(long)]
     save_detailed: bool,
+    /// Writes the results as a markdown table.
+    #[arg(long, value_name = "FILE")]
+    markdown: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -80,6 +96,8 @@ enum Workload {
     SeedSingle,
     SeedBatch,
     Random,
+    SharedPrefix,
+    Sharegpt,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -118,6 +136,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "random",
             true,
         ),
+        Workload::SharedPrefix => (
+            workload::shared_prefix(
+                args.num_prompts,
+                args.prefix_len,
+                args.input_len,
+                args.output_len,
+                args.seed,
+            ),
+            "shared-prefix",
+            true,
+        ),
+        Workload::Sharegpt => {
+            let path = args
+                .dataset_path
+                .as_deref()
+                .context("the sharegpt workload needs --dataset-path FILE")?;
+            (
+                workload::sharegpt(path, args.num_prompts)?,
+                "sharegpt",
+                args.ignore_eos,
+            )
+        }
     };
     let target = Target {
         base_url: args.url.clone(),
@@ -130,37 +170,107 @@ pub fn run(args: BenchArgs) -> Result<()> {
         temperature: args.temperature,
         timeout: Duration::from_secs(args.request_timeout),
     };
-    let traffic = Traffic {
-        request_rate: args.request_rate,
-        burstiness: args.burstiness,
-        max_concurrency: args.max_concurrency,
-        seed: args.seed,
-    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    eprintln!("sending {} requests to {}", prompts.len(), args.url);
-    let (records, duration) = runtime.block_on(tandem_bench::run(&target, &prompts, &traffic));
-    for record in records.iter().filter(|r| !r.ok).take(5) {
-        eprintln!("failed: {}", record.error.as_deref().unwrap_or("unknown"));
-    }
-    let summary = stats::summarize(&records, duration, &args.percentiles, slo.as_ref());
-    let info = RunInfo {
+    let info = |rate: Option<f64>, concurrency: Option<usize>| RunInfo {
         url: args.url.clone(),
         endpoint: format!("{:?}", args.endpoint).to_lowercase(),
         workload: workload_name.into(),
         num_prompts: prompts.len(),
-        request_rate: args.request_rate,
+        request_rate: rate,
         burstiness: args.burstiness,
-        max_concurrency: args.max_concurrency,
+        max_concurrency: concurrency,
     };
-    println!("{}", report::table(&info, &summary));
+    let points: Vec<(Option<f64>, Option<usize>)> = if !args.sweep_rates.is_empty() {
+        args.sweep_rates
+            .iter()
+            .map(|&r| (Some(r), args.max_concurrency))
+            .collect()
+    } else if !args.sweep_concurrency.is_empty() {
+        args.sweep_concurrency
+            .iter()
+            .map(|&c| (args.request_rate, Some(c)))
+            .collect()
+    } else {
+        vec![(args.request_rate, args.max_concurrency)]
+    };
+    let mut runs = Vec::new();
+    for (rate, concurrency) in points {
+        let traffic = Traffic {
+            request_rate: rate,
+            burstiness: args.burstiness,
+            max_concurrency: concurrency,
+            seed: args.seed,
+        };
+        eprintln!(
+            "sending {} requests to {} (rate {}, concurrency {})",
+            prompts.len(),
+            args.url,
+            rate.map_or("inf".into(), |r| r.to_string()),
+            concurrency.map_or("unlimited".into(), |c| c.to_string())
+        );
+        let (records, duration) = runtime.block_on(tandem_bench::run(&target, &prompts, &traffic));
+        for record in records.iter().filter(|r| !r.ok).take(5) {
+            eprintln!("failed: {}", record.error.as_deref().unwrap_or("unknown"));
+        }
+        let summary = stats::summarize(&records, duration, &args.percentiles, slo.as_ref());
+        let run_info = info(rate, concurrency);
+        println!("{}", report::table(&run_info, &summary));
+        runs.push((run_info, summary, records));
+    }
+    write_outputs(&args, &runs)?;
+    Ok(())
+}
+
+type Run = (RunInfo, stats::Summary, Vec<stats::RequestRecord>);
+
+/// `--json` (one document, or `{"runs": [...]}` for a sweep) and `--markdown`.
+fn write_outputs(args: &BenchArgs, runs: &[Run]) -> Result<()> {
+    let sweep_axis = if !args.sweep_rates.is_empty() {
+        Some("request rate")
+    } else if !args.sweep_concurrency.is_empty() {
+        Some("concurrency")
+    } else {
+        None
+    };
+    let sweep = sweep_axis.map(|axis| {
+        let points: Vec<(f64, stats::Summary)> = runs
+            .iter()
+            .map(|(info, summary, _)| {
+                let load = info.request_rate.or(info.max_concurrency.map(|c| c as f64));
+                (load.unwrap_or(f64::INFINITY), summary.clone())
+            })
+            .collect();
+        report::sweep_table(axis, &points)
+    });
+    if let Some(table) = &sweep {
+        println!("\n{table}");
+    }
     if let Some(path) = &args.json {
-        let doc = report::json(&info, &summary, &records, args.save_detailed);
+        let docs: Vec<_> = runs
+            .iter()
+            .map(|(info, summary, records)| {
+                report::json(info, summary, records, args.save_detailed)
+            })
+            .collect();
+        let doc = match (sweep_axis, docs.len()) {
+            (None, 1) => docs.into_iter().next().unwrap_or_default(),
+            _ => serde_json::json!({ "runs": docs }),
+        };
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("results written to {}", path.display());
+    }
+    if let Some(path) = &args.markdown {
+        let mut text: Vec<String> = runs
+            .iter()
+            .map(|(info, summary, _)| report::markdown(info, summary))
+            .collect();
+        text.extend(sweep);
+        std::fs::write(path, text.join("\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Server, default_model_present, tandem};
+use common::{Server, default_model_present, metric_value, tandem};
 use serde_json::Value;
 
 fn bench(args: &[&str]) -> (std::process::Output, Value) {
@@ -76,4 +76,56 @@ fn failed_requests_are_counted() {
     assert_eq!(report["completed"], 0);
     assert_eq!(report["failed"], 8);
     assert_eq!(report["errors"].as_array().unwrap().len(), 8);
+}
+
+#[test]
+fn a_concurrency_sweep_reports_every_point() {
+    if !default_model_present() {
+        return;
+    }
+    let server = Server::start(&["--threads", "2", "--kv-cache-memory", "128MiB"]);
+    let url = server.url("");
+    let dir = tempfile::tempdir().unwrap();
+    let markdown = dir.path().join("report.md");
+    let args = [
+        "--url",
+        &url,
+        "--workload",
+        "shared-prefix",
+        "--num-prompts",
+        "4",
+        "--prefix-len",
+        "40",
+        "--input-len",
+        "8",
+        "--output-len",
+        "3",
+        "--sweep-concurrency",
+        "1,4",
+        "--markdown",
+        markdown.to_str().unwrap(),
+    ];
+    let (output, report) = bench(&args);
+    assert!(output.status.success(), "{output:?}");
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        assert_eq!(run["completed"], 4, "{run}");
+        assert_eq!(run["total_output_tokens"], 12);
+    }
+    assert_eq!(runs[0]["max_concurrency"], 1);
+    let text = std::fs::read_to_string(markdown).unwrap();
+    assert!(text.contains("| concurrency | req/s |"), "{text}");
+    // The shared prefix was served from the prefix cache after the first request.
+    let text = ureq::get(&server.url("/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let hits = metric_value(&text, "vllm:prefix_cache_hits_total").unwrap_or(0.0);
+    assert!(
+        hits >= 32.0,
+        "two 16-token blocks of the prefix, at least: {hits}"
+    );
 }
