@@ -172,12 +172,7 @@ fn start_and_serve(args: &UpArgs, launches: &[Launch], processes: &mut Vec<Runni
 
 /// One chat request through the router; prints the answer.
 fn smoke_request(endpoint: &str) -> Result<()> {
-    let agent = ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(120)))
-            .build(),
-    );
+    let agent = run::http_agent(Duration::from_secs(120));
     let body = serde_json::json!({
         "messages": [{"role": "user",
             "content": "Explain how HTTP load balancers work in 3 sentences."}],

@@ -12,7 +12,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, default_model_present, metric_value, metric_with};
+use common::{Server, default_model_present, metric_value, metric_with, streamed_text, text_of};
 use serde_json::{Value, json};
 use tandem_engine::transfer::wire::{self, Message};
 use tokio::io::AsyncWriteExt;
@@ -76,31 +76,6 @@ fn decode_leg(body: &Value, params: &Value) -> Value {
     let mut leg = body.clone();
     leg["kv_transfer_params"] = params.clone();
     leg
-}
-
-fn text_of(answer: &Value) -> String {
-    let choice = &answer["choices"][0];
-    choice["text"]
-        .as_str()
-        .or_else(|| choice["message"]["content"].as_str())
-        .unwrap_or_else(|| panic!("no text in {answer}"))
-        .to_owned()
-}
-
-/// The text of a streamed answer, from its chunks.
-fn streamed_text(payloads: &[String]) -> String {
-    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
-    payloads[..payloads.len() - 1]
-        .iter()
-        .map(|p| serde_json::from_str::<Value>(p).unwrap())
-        .filter_map(|chunk| {
-            let choice = &chunk["choices"][0];
-            choice["text"]
-                .as_str()
-                .or_else(|| choice["delta"]["content"].as_str())
-                .map(str::to_owned)
-        })
-        .collect()
 }
 
 /// A counter's value (0 before its first increment, when the exposition omits it).

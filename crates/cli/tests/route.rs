@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, default_model_present, metric_value, metric_with};
+use common::{Server, default_model_present, metric_value, metric_with, streamed_text, text_of};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -66,30 +66,6 @@ async fn wait_for_health(router: &Server, status: u16) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("/health never answered {status}");
-}
-
-fn text_of(answer: &Value) -> String {
-    let choice = &answer["choices"][0];
-    choice["text"]
-        .as_str()
-        .or_else(|| choice["message"]["content"].as_str())
-        .unwrap_or_else(|| panic!("no text in {answer}"))
-        .to_owned()
-}
-
-fn streamed_text(payloads: &[String]) -> String {
-    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
-    payloads[..payloads.len() - 1]
-        .iter()
-        .map(|p| serde_json::from_str::<Value>(p).unwrap())
-        .filter_map(|chunk| {
-            let choice = &chunk["choices"][0];
-            choice["text"]
-                .as_str()
-                .or_else(|| choice["delta"]["content"].as_str())
-                .map(str::to_owned)
-        })
-        .collect()
 }
 
 /// Greedy requests on both endpoints, whole and streamed.

@@ -200,12 +200,7 @@ pub fn wait_healthy(
     limit: Duration,
     stop: &AtomicBool,
 ) -> Result<(), RunError> {
-    let agent = ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(2)))
-            .build(),
-    );
+    let agent = http_agent(Duration::from_secs(2));
     let started = Instant::now();
     let url = format!("{}/health", running.url);
     loop {
@@ -234,6 +229,17 @@ pub fn wait_healthy(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A blocking HTTP client whose calls give up after `timeout` and return error
+/// statuses as responses.
+pub fn http_agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            .build(),
+    )
 }
 
 /// The first process that exited, as an error.

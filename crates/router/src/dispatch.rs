@@ -302,10 +302,10 @@ impl Dispatcher {
                 Ok(response) => {
                     let status = response.status().as_u16();
                     let failed = is_retryable(status);
-                    record_call(&worker, leg.label, !failed);
+                    worker.record_call(leg.label, !failed);
                     excluded.push(worker.url.clone());
                     let last_try = attempt + 1 == self.retry.max_attempts
-                        || self.select_quietly(leg.role, &excluded).is_none();
+                        || !self.registry.has_available(leg.role, &excluded);
                     if !failed || last_try {
                         return Ok(Called { response, guard });
                     }
@@ -317,7 +317,7 @@ impl Dispatcher {
                     );
                 }
                 Err(err) => {
-                    record_call(&worker, leg.label, false);
+                    worker.record_call(leg.label, false);
                     tracing::warn!(worker = worker.url, %err, leg = leg.label, "upstream call failed");
                     last_failure = Some(format!("{}: {err}", worker.url));
                     excluded.push(worker.url.clone());
@@ -348,11 +348,6 @@ impl Dispatcher {
         let index = self.policies.get(role).select(&candidates, info)?;
         workers.get(index).cloned()
     }
-
-    /// Whether any worker is left to retry on (without consulting the policy).
-    fn select_quietly(&self, role: Role, excluded: &[String]) -> Option<()> {
-        (!self.registry.available(role, excluded).is_empty()).then_some(())
-    }
 }
 
 enum PrefillAnswer {
@@ -373,10 +368,6 @@ fn bad_gateway(guard: &LoadGuard, what: String) -> ApiError {
 /// Statuses another worker may answer better: overload and server-side failures.
 fn is_retryable(status: u16) -> bool {
     matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
-}
-
-fn record_call(worker: &Worker, leg: &'static str, ok: bool) {
-    worker.record_call(leg, ok);
 }
 
 fn count_decision(decision: &'static str, reason: &'static str) {

@@ -140,6 +140,11 @@ impl Worker {
         self.is_healthy() && !self.is_draining() && self.lock_circuit().allows(Instant::now())
     }
 
+    /// Whether it can take a request of `role` now, not being in `excluded`.
+    fn takes(&self, role: Role, excluded: &[String]) -> bool {
+        self.role == role && self.is_available() && !excluded.contains(&self.url)
+    }
+
     /// Records a request's outcome in the circuit breaker.
     pub fn record_outcome(&self, success: bool) {
         let now = Instant::now();
@@ -271,9 +276,14 @@ impl Registry {
     pub fn available(&self, role: Role, excluded: &[String]) -> Vec<Arc<Worker>> {
         self.read()
             .iter()
-            .filter(|w| w.role == role && w.is_available() && !excluded.contains(&w.url))
+            .filter(|w| w.takes(role, excluded))
             .cloned()
             .collect()
+    }
+
+    /// Whether any worker of `role` outside `excluded` can take a request now.
+    pub fn has_available(&self, role: Role, excluded: &[String]) -> bool {
+        self.read().iter().any(|w| w.takes(role, excluded))
     }
 
     /// Whether any healthy, non-draining worker of `role` exists.

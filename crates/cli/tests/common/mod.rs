@@ -213,3 +213,29 @@ impl Server {
         panic!("the engine did not go idle:\n{}", self.metrics().await);
     }
 }
+
+/// The text of a whole answer (completions or chat).
+pub fn text_of(answer: &Value) -> String {
+    let choice = &answer["choices"][0];
+    choice["text"]
+        .as_str()
+        .or_else(|| choice["message"]["content"].as_str())
+        .unwrap_or_else(|| panic!("no text in {answer}"))
+        .to_owned()
+}
+
+/// The text of a streamed answer, from its `data:` payloads (ending with `[DONE]`).
+pub fn streamed_text(payloads: &[String]) -> String {
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str::<Value>(p).unwrap())
+        .filter_map(|chunk| {
+            let choice = &chunk["choices"][0];
+            choice["text"]
+                .as_str()
+                .or_else(|| choice["delta"]["content"].as_str())
+                .map(str::to_owned)
+        })
+        .collect()
+}

@@ -163,13 +163,8 @@ fn send_heartbeats(waiting: &HashMap<SeqId, RemotePrefill>, local: &Local) {
     for ((host, port, engine_id), request_ids) in by_source {
         let local = local.clone();
         tokio::spawn(async move {
-            let exchange = async {
-                let mut stream = connect(&host, port, &local).await?;
-                handshake(&mut stream, &engine_id, &local).await?;
-                let heartbeat = Message::Heartbeat { request_ids };
-                request(&mut stream, &heartbeat, &local).await
-            };
-            if let Err(err) = exchange.await {
+            let heartbeat = Message::Heartbeat { request_ids };
+            if let Err(err) = exchange(&host, port, &engine_id, &heartbeat, &local).await {
                 tracing::debug!(%host, port, %err, "KV lease heartbeat failed");
             }
         });
@@ -177,17 +172,25 @@ fn send_heartbeats(waiting: &HashMap<SeqId, RemotePrefill>, local: &Local) {
 }
 
 async fn tell_done(source: &RemotePrefill, local: &Local) {
-    let exchange = async {
-        let mut stream = connect(&source.host, source.port, local).await?;
-        handshake(&mut stream, &source.engine_id, local).await?;
-        let done = Message::Done {
-            request_id: source.request_id.clone(),
-        };
-        request(&mut stream, &done, local).await
+    let done = Message::Done {
+        request_id: source.request_id.clone(),
     };
-    if let Err(err) = exchange.await {
+    if let Err(err) = exchange(&source.host, source.port, &source.engine_id, &done, local).await {
         tracing::debug!(request_id = source.request_id, %err, "could not tell P to free its blocks");
     }
+}
+
+/// One acknowledged message on a fresh connection to P (heartbeats, late dones).
+async fn exchange(
+    host: &str,
+    port: u16,
+    engine_id: &str,
+    message: &Message,
+    local: &Local,
+) -> Result<(), Failed> {
+    let mut stream = connect(host, port, local).await?;
+    handshake(&mut stream, engine_id, local).await?;
+    request(&mut stream, message, local).await
 }
 
 /// An exchange error, classified by when it happened.
