@@ -1,18 +1,25 @@
 //! `tandem kv`: the KV cache arithmetic of a model — bytes per token and per request,
 //! how many tokens a memory budget holds, and how long one request's KV takes to move
-//! over common links — for a model file (GGUF or a Hugging Face folder) or a preset.
+//! over common links — for a model file (GGUF or a Hugging Face folder) or a preset;
+//! with `--measure`, a real hand-off read from a running built-in worker, timed.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use serde_json::json;
+use serde_json::{Value, json};
+use tandem_engine::kv::{KvDtype, KvLayout};
 use tandem_engine::model::ModelConfig;
+use tandem_engine::transfer::probe::{self, ProbeError, ProbeRead, ProbeReport};
+use tandem_engine::transfer::wire::{self, ErrorCode};
+use tandem_engine::transfer::{Fingerprint, Limits, RemotePrefill, model_identity};
+use tandem_protocol::pd::KvTransferParams;
 
 #[derive(Args)]
 pub struct KvArgs {
     /// A `.gguf` file, a Hugging Face folder, or a preset: llama-3.1-8b, llama-3.1-70b,
-    /// qwen3-0.6b, smollm2-135m.
+    /// llama-3.2-1b, qwen3-0.6b, smollm2-135m.
     model: String,
     /// Prompt (plus output) tokens of one request.
     #[arg(long, default_value_t = 2048)]
@@ -20,9 +27,20 @@ pub struct KvArgs {
     /// Memory budget for the KV cache: bytes, or with a suffix (KiB, MiB, GiB, KB, MB, GB).
     #[arg(long, value_parser = crate::serve::parse_byte_size)]
     memory: Option<usize>,
-    /// Element type of the KV cache.
-    #[arg(long, value_enum, default_value_t = KvElement::Bf16)]
-    kv_dtype: KvElement,
+    /// Element type of the KV cache [default: bf16; with --measure: f16, the built-in
+    /// engine's default].
+    #[arg(long, value_enum)]
+    kv_dtype: Option<KvElement>,
+    /// Measure a real KV hand-off: the HTTP base URL (`http://HOST:PORT` or
+    /// `HOST:PORT`) of a running built-in worker started with `--kv-port`, serving this
+    /// model. It prefills a `--prompt-len`-token prompt there as a prefill leg
+    /// (`do_remote_decode`), reads all of its KV blocks over the hand-off port, timed,
+    /// and releases them.
+    #[arg(long, value_name = "URL")]
+    measure: Option<String>,
+    /// With --measure: the worker's `--block-size`.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -61,15 +79,18 @@ struct Shape {
     layers: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// Known for model files, not for presets.
+    vocab_size: Option<usize>,
 }
 
-/// (preset, layers, KV heads, head dim), from the models' published configs.
-const PRESETS: &[(&str, usize, usize, usize)] = &[
-    ("llama-3.1-8b", 32, 8, 128),
-    ("llama-3.1-70b", 80, 8, 128),
-    ("qwen3-0.6b", 28, 8, 128),
-    ("smollm2-135m", 30, 3, 64),
-];
+/// Presets beyond the engine's (`model::dummy::PRESETS`, the shapes `--load-format
+/// dummy` serves): (name, layers, KV heads, head dim), from published configs.
+const KV_ONLY_PRESETS: &[(&str, usize, usize, usize)] = &[("qwen3-0.6b", 28, 8, 128)];
+
+fn preset_names() -> Vec<&'static str> {
+    let engine = tandem_engine::model::dummy::PRESETS.iter().map(|p| p.name);
+    engine.chain(KV_ONLY_PRESETS.iter().map(|p| p.0)).collect()
+}
 
 /// Nominal one-way bandwidths, bytes per second (line rates: real transfers are slower).
 const LINKS: &[(&str, f64)] = &[
@@ -84,22 +105,32 @@ const LINKS: &[(&str, f64)] = &[
 ];
 
 fn shape(model: &str) -> Result<Shape> {
+    if let Ok(preset) = tandem_engine::model::dummy::Preset::find(model) {
+        let config = preset.config();
+        return Ok(Shape {
+            name: preset.name.into(),
+            layers: config.num_layers,
+            kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+            vocab_size: None,
+        });
+    }
     if let Some(&(name, layers, kv_heads, head_dim)) =
-        PRESETS.iter().find(|(name, ..)| *name == model)
+        KV_ONLY_PRESETS.iter().find(|(name, ..)| *name == model)
     {
         return Ok(Shape {
             name: name.into(),
             layers,
             kv_heads,
             head_dim,
+            vocab_size: None,
         });
     }
     let path = Path::new(model);
     if !path.exists() {
-        let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
         bail!(
             "`{model}` is neither a model file or folder nor a preset ({})",
-            names.join(", ")
+            preset_names().join(", ")
         );
     }
     let config = ModelConfig::read(path).with_context(|| format!("reading {model}"))?;
@@ -108,12 +139,22 @@ fn shape(model: &str) -> Result<Shape> {
         layers: config.num_layers,
         kv_heads: config.num_kv_heads,
         head_dim: config.head_dim,
+        vocab_size: Some(config.vocab_size),
     })
 }
 
 pub fn run(args: KvArgs) -> Result<()> {
     let shape = shape(&args.model)?;
-    let per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * args.kv_dtype.bytes();
+    let dtype = args.kv_dtype.unwrap_or(if args.measure.is_some() {
+        KvElement::F16
+    } else {
+        KvElement::Bf16
+    });
+    let per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * dtype.bytes();
+    let measured = match &args.measure {
+        Some(url) => Some(measure(&args, url, &shape, dtype, per_token)?),
+        None => None,
+    };
     let per_request = per_token * args.prompt_len;
     let fits = args.memory.map(|memory| memory / per_token);
     let transfers: Vec<(&str, f64, f64)> = LINKS
@@ -126,7 +167,7 @@ pub fn run(args: KvArgs) -> Result<()> {
             "layers": shape.layers,
             "kv_heads": shape.kv_heads,
             "head_dim": shape.head_dim,
-            "kv_dtype": args.kv_dtype.name(),
+            "kv_dtype": dtype.name(),
             "bytes_per_token": per_token,
             "prompt_len": args.prompt_len,
             "bytes_per_request": per_request,
@@ -136,6 +177,7 @@ pub fn run(args: KvArgs) -> Result<()> {
             "transfers": transfers.iter().map(|(link, bandwidth, seconds)| json!({
                 "link": link, "bytes_per_second": bandwidth, "seconds": seconds
             })).collect::<Vec<_>>(),
+            "measured": measured.as_ref().map(Measured::to_json),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -146,7 +188,7 @@ pub fn run(args: KvArgs) -> Result<()> {
         shape.layers,
         shape.kv_heads,
         shape.head_dim,
-        args.kv_dtype.name()
+        dtype.name()
     );
     println!("KV per token:      {}", human_bytes(per_token as f64));
     println!(
@@ -170,7 +212,251 @@ pub fn run(args: KvArgs) -> Result<()> {
             seconds * 1e3
         );
     }
+    if let Some(measured) = &measured {
+        measured.print(per_request);
+    }
     Ok(())
+}
+
+/// A measured hand-off read.
+struct Measured {
+    url: String,
+    prompt_len: usize,
+    block_size: usize,
+    /// Bytes the arithmetic gives for the positions the blocks hold.
+    expected_bytes: usize,
+    prefill: Duration,
+    report: ProbeReport,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.report.bytes as f64 / self.report.transfer.as_secs_f64().max(1e-9)
+    }
+
+    fn to_json(&self) -> Value {
+        let r = &self.report;
+        json!({
+            "url": self.url,
+            "prompt_len": self.prompt_len,
+            "blocks": r.blocks,
+            "block_size": self.block_size,
+            "block_bytes": r.block_bytes,
+            "bytes": r.bytes,
+            "expected_bytes": self.expected_bytes,
+            "seconds": r.transfer.as_secs_f64(),
+            "handshake_seconds": r.handshake.as_secs_f64(),
+            "prefill_seconds": self.prefill.as_secs_f64(),
+            "bytes_per_second": self.rate(),
+            "gb_per_second": self.rate() / 1e9,
+            "released": r.released,
+        })
+    }
+
+    fn print(&self, per_request: usize) {
+        let r = &self.report;
+        println!(
+            "
+measured against {} ({}-token prompt, prefilled in {:.1} ms):",
+            self.url,
+            self.prompt_len,
+            self.prefill.as_secs_f64() * 1e3
+        );
+        println!(
+            "  read {} blocks × {} = {} in {:.3} ms: {:.2} GB/s (handshake {:.3} ms)",
+            r.blocks,
+            human_bytes(r.block_bytes as f64),
+            human_bytes(r.bytes as f64),
+            r.transfer.as_secs_f64() * 1e3,
+            self.rate() / 1e9,
+            r.handshake.as_secs_f64() * 1e3
+        );
+        let verdict = if r.bytes == self.expected_bytes {
+            "equal"
+        } else {
+            "DIFFERENT"
+        };
+        println!(
+            "  computed for those {} positions: {} ({verdict}); for the request: {}, {:.3} ms at this rate",
+            r.blocks * self.block_size,
+            human_bytes(self.expected_bytes as f64),
+            human_bytes(per_request as f64),
+            per_request as f64 / self.rate() * 1e3
+        );
+        if !r.released {
+            println!("  the worker did not acknowledge the release: its lease will expire");
+        }
+    }
+}
+
+/// Limit of the prefill leg's HTTP request.
+const PREFILL_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Prefills a prompt on the worker at `url` as a prefill leg and reads its KV back.
+fn measure(
+    args: &KvArgs,
+    url: &str,
+    shape: &Shape,
+    dtype: KvElement,
+    per_token: usize,
+) -> Result<Measured> {
+    let (Some(vocab_size), path) = (shape.vocab_size, Path::new(&args.model)) else {
+        bail!(
+            "--measure needs the worker's model file or folder (its identity is checked at \
+             the hand-off), not the preset `{}`",
+            args.model
+        );
+    };
+    let fingerprint = fingerprint(path, shape, dtype, args.block_size)?;
+    if args.prompt_len == 0 {
+        bail!("--prompt-len must be at least 1 for --measure");
+    }
+    let url = base_url(url);
+    // A fresh prompt each run: the worker's prefix cache does not shorten the prefill.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let tokens = prompt_tokens(args.prompt_len, vocab_size, seed);
+    let started = Instant::now();
+    let params = prefill_leg(&url, &tokens)?;
+    let prefill = started.elapsed();
+    let (source, num_tokens) = remote_source(&params, tokens.len())?;
+    let read = ProbeRead {
+        source,
+        fingerprint,
+        num_tokens,
+        tokens_digest: wire::tokens_digest(&tokens[..num_tokens]),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = runtime
+        .block_on(probe::measure_read(&read, Limits::default()))
+        .map_err(explain_refusal)?;
+    Ok(Measured {
+        url,
+        prompt_len: args.prompt_len,
+        block_size: args.block_size,
+        expected_bytes: per_token * report.blocks * args.block_size,
+        prefill,
+        report,
+    })
+}
+
+/// A read error, with what to change when the worker refused our layout.
+fn explain_refusal(err: ProbeError) -> anyhow::Error {
+    let hint = match &err {
+        ProbeError::Refused {
+            code: ErrorCode::Incompatible,
+            ..
+        } => {
+            "reading the KV blocks (\"here\" is the worker: give the worker's model, \
+             --block-size and --kv-dtype)"
+        }
+        _ => "reading the KV blocks",
+    };
+    anyhow::Error::new(err).context(hint)
+}
+
+/// What the worker's hand-off checks: the model's identity and the KV layout.
+fn fingerprint(
+    path: &Path,
+    shape: &Shape,
+    dtype: KvElement,
+    block_size: usize,
+) -> Result<Fingerprint> {
+    let dtype = match dtype {
+        KvElement::F16 => KvDtype::F16,
+        KvElement::F32 => KvDtype::F32,
+        other => bail!(
+            "--measure reads a built-in worker's KV, which is f16 or f32 (its \
+             --kv-cache-dtype), not {}: pass --kv-dtype f16 or f32",
+            other.name()
+        ),
+    };
+    if block_size == 0 {
+        bail!("--block-size must be at least 1");
+    }
+    let identity = model_identity(path)
+        .with_context(|| format!("reading {} for its identity", path.display()))?;
+    let layout = KvLayout {
+        num_layers: shape.layers,
+        num_kv_heads: shape.kv_heads,
+        head_dim: shape.head_dim,
+        block_size,
+        dtype,
+    };
+    Ok(Fingerprint::new(identity, layout))
+}
+
+/// `HOST:PORT` or a URL, as a base URL without a trailing slash.
+fn base_url(url: &str) -> String {
+    let url = url.trim_end_matches('/');
+    if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("http://{url}")
+    }
+}
+
+/// `len` token ids spread over the vocabulary (pseudo-random from `seed`).
+fn prompt_tokens(len: usize, vocab_size: usize, seed: u64) -> Vec<u32> {
+    let range = vocab_size.clamp(1, u32::MAX as usize) as u64;
+    let mut state: u64 = seed ^ 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 33) % range) as u32
+        })
+        .collect()
+}
+
+/// Sends the prefill leg (one token, non-streaming, `do_remote_decode`); the answer's
+/// `kv_transfer_params`.
+fn prefill_leg(url: &str, tokens: &[u32]) -> Result<KvTransferParams> {
+    let body = json!({
+        "prompt": tokens,
+        "max_tokens": 1,
+        "temperature": 0,
+        "stream": false,
+        "kv_transfer_params": KvTransferParams::prefill_request(),
+    });
+    let agent = tandem_launch::run::http_agent(PREFILL_TIMEOUT);
+    let endpoint = format!("{url}/v1/completions");
+    let mut response = agent
+        .post(&endpoint)
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .with_context(|| format!("sending the prefill leg to {endpoint}"))?;
+    let status = response.status();
+    let text = response.body_mut().read_to_string()?;
+    if !status.is_success() {
+        bail!("{endpoint} answered {status}: {text}");
+    }
+    let answer: Value =
+        serde_json::from_str(&text).with_context(|| format!("{endpoint} answered {text}"))?;
+    match &answer["kv_transfer_params"] {
+        Value::Null => bail!(
+            "{url} answered the prefill leg without kv_transfer_params: it has no KV \
+             hand-off listener (start it with `tandem serve --kv-port PORT`)"
+        ),
+        params => serde_json::from_value(params.clone())
+            .with_context(|| format!("unusable kv_transfer_params from {url}: {params}")),
+    }
+}
+
+/// Where the blocks are, and how many prompt tokens they hold.
+fn remote_source(params: &KvTransferParams, prompt_len: usize) -> Result<(RemotePrefill, usize)> {
+    let source = RemotePrefill::from_params(params)
+        .context("the worker's kv_transfer_params do not name readable blocks")?;
+    let num_tokens = params.remote_num_tokens.map_or(prompt_len, |n| n as usize);
+    if num_tokens > prompt_len {
+        bail!("the worker holds {num_tokens} tokens of a {prompt_len}-token prompt");
+    }
+    Ok((source, num_tokens))
 }
 
 fn human_bytes(bytes: f64) -> String {
@@ -196,6 +482,18 @@ mod tests {
             128 << 10
         );
         assert_eq!(human_bytes(131072.0), "128.0 KiB");
+    }
+
+    #[test]
+    fn measure_urls_and_prompts() {
+        assert_eq!(base_url("10.0.0.5:8100"), "http://10.0.0.5:8100");
+        assert_eq!(base_url("http://h:1/"), "http://h:1");
+        let tokens = prompt_tokens(512, 100, 7);
+        assert_eq!(tokens.len(), 512);
+        assert!(tokens.iter().all(|&t| t < 100));
+        assert!(tokens.windows(2).any(|w| w[0] != w[1]));
+        assert_eq!(tokens, prompt_tokens(512, 100, 7));
+        assert_ne!(tokens, prompt_tokens(512, 100, 8));
     }
 
     #[test]

@@ -6,13 +6,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use tandem_engine::fetch;
-use tandem_launch::plan::{self, Launch};
-use tandem_launch::run::{self, Running};
+use tandem_launch::plan;
+use tandem_launch::run;
+use tandem_launch::stack::{Stack, StartOptions, StderrObserver};
 use tandem_launch::topology::{self, Checked, Engine};
 
 #[derive(Args)]
@@ -95,23 +96,27 @@ pub fn run(args: UpArgs) -> Result<()> {
             .with_context(|| format!("creating the log directory {}", dir.display()))?;
     }
     run::stop_on_signals(&STOP);
-    let mut processes = Vec::new();
-    let result = start_and_serve(&args, &launches, &mut processes);
-    if !processes.is_empty() {
-        eprintln!("stopping {} processes", processes.len());
-    }
-    run::teardown(&mut processes, Duration::from_secs(15));
+    let options = StartOptions {
+        log_dir: args.log_dir.as_deref(),
+        limit: Duration::from_secs(args.start_timeout),
+        stop: &STOP,
+    };
+    let mut stack = Stack::start(&launches, &options, &mut StderrObserver)?;
+    let result = serve(&args, &mut stack);
+    eprintln!("stopping {} processes", stack.len());
+    stack.stop();
     result
 }
 
-/// Built-in workers without a model get the default model (fetched if `fetch`).
-pub fn fill_default_models(topology: &mut Checked, fetch_if_missing: bool) -> Result<()> {
+/// Built-in workers without a model get the default model (fetched if
+/// `fetch_if_missing`); whether any did.
+pub fn fill_default_models(topology: &mut Checked, fetch_if_missing: bool) -> Result<bool> {
     let needs_default = topology
         .workers
         .iter()
         .any(|w| w.spec.engine == Engine::Builtin && w.spec.model.is_none());
     if !needs_default {
-        return Ok(());
+        return Ok(false);
     }
     let path = if fetch_if_missing {
         fetch::fetch_default_model(&fetch::FetchOptions::default().with_stderr_progress())?
@@ -123,48 +128,21 @@ pub fn fill_default_models(topology: &mut Checked, fetch_if_missing: bool) -> Re
             worker.spec.model = Some(path.display().to_string());
         }
     }
-    Ok(())
+    Ok(true)
 }
 
-fn start_and_serve(args: &UpArgs, launches: &[Launch], processes: &mut Vec<Running>) -> Result<()> {
-    let limit = Duration::from_secs(args.start_timeout);
-    let (workers, router) = launches.split_at(launches.len() - 1);
-    // Workers start together, then each is awaited; the router needs them healthy.
-    for launch in workers {
-        let running = run::start(launch, args.log_dir.as_deref())?;
-        eprintln!(
-            "starting {} on {} (pid {})",
-            launch.name,
-            launch.url,
-            running.pid()
-        );
-        processes.push(running);
-    }
-    let started = Instant::now();
-    for running in processes.iter_mut() {
-        run::wait_healthy(running, limit, &STOP)?;
-        eprintln!(
-            "  {} ready ({:.1} s)",
-            running.name,
-            started.elapsed().as_secs_f64()
-        );
-    }
-    let router = &router[0];
-    let running = run::start(router, args.log_dir.as_deref())?;
-    eprintln!("starting router on {} (pid {})", router.url, running.pid());
-    processes.push(running);
-    let last = processes.len() - 1;
-    run::wait_healthy(&mut processes[last], limit, &STOP)?;
-    let endpoint = &router.url;
+/// Prints the endpoint; then the smoke request, or waits for a signal or a death.
+fn serve(args: &UpArgs, stack: &mut Stack) -> Result<()> {
+    let endpoint = stack.endpoint().to_owned();
     eprintln!("\ntandem is up: {endpoint}  (Ctrl-C stops everything it started)\n");
     println!(
         "curl -s {endpoint}/v1/chat/completions -H 'Content-Type: application/json' \\\n  -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Explain how HTTP load balancers work in 3 sentences.\"}}],\"max_tokens\":100}}'"
     );
     if args.smoke {
-        return smoke_request(endpoint);
+        return smoke_request(&endpoint);
     }
     while !STOP.load(Ordering::Relaxed) {
-        run::check_alive(processes)?;
+        stack.check_alive()?;
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())

@@ -6,13 +6,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
 use std::sync::Mutex;
-use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{default_model_present, tandem};
+use common::{alive, chat_once, default_model_present, tandem, tee_lines};
 
 /// The example topologies use fixed ports: one `tandem up` at a time.
 static PORTS: Mutex<()> = Mutex::new(());
@@ -50,14 +48,7 @@ fn start_up(args: &[&str]) -> (Up, String) {
             .expect("tandem up starts"),
         pids: Vec::new(),
     };
-    let stderr = up.child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[up] {line}");
-            let _ = tx.send(line);
-        }
-    });
+    let rx = tee_lines(up.child.stderr.take().unwrap(), "up");
     loop {
         let line = rx
             .recv_timeout(Duration::from_secs(120))
@@ -72,23 +63,10 @@ fn start_up(args: &[&str]) -> (Up, String) {
     }
 }
 
-fn alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z ")
-}
-
 fn serve_and_stop(args: &[&str]) {
     let (mut up, url) = start_up(args);
     assert!(up.pids.len() >= 2, "workers and router: {:?}", up.pids);
-    let body = serde_json::json!({"messages": [{"role": "user", "content": "Say hi."}],
-        "max_tokens": 8});
-    let answer = ureq::post(&format!("{url}/v1/chat/completions"))
-        .header("Content-Type", "application/json")
-        .send(body.to_string())
-        .expect("the router answers");
-    assert_eq!(answer.status(), 200);
+    chat_once(&url);
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &up.child.id().to_string()])
         .status()

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::remote::{RemoteError, Ssh};
 use crate::topology::{Checked, Engine, NamedWorker, Role};
 
 /// One line of the report.
@@ -50,10 +51,11 @@ pub fn run_checks(topology: &Checked) -> Vec<Check> {
     for worker in &topology.workers {
         let spec = &worker.spec;
         let target = format!("{} ({})", worker.name, spec.host);
+        let shell = Shell::of(topology, worker);
         if !spec.is_local() {
             let ok = *reached
                 .entry(spec.host.clone())
-                .or_insert_with(|| ssh_reachable(&spec.host));
+                .or_insert_with(|| shell.run("true").is_ok());
             if !ok {
                 checks.push(fail(
                     "ssh",
@@ -65,10 +67,10 @@ pub fn run_checks(topology: &Checked) -> Vec<Check> {
             }
             checks.push(pass("ssh", &target, "reachable"));
         }
-        checks.extend(port_checks(worker, &target));
+        checks.extend(port_checks(worker, &shell, &target));
         match spec.engine {
-            Engine::Builtin => checks.extend(builtin_checks(worker, &target, cores)),
-            Engine::Vllm => checks.extend(vllm_checks(worker, &target)),
+            Engine::Builtin => checks.extend(builtin_checks(worker, &shell, &target, cores)),
+            Engine::Vllm => checks.extend(vllm_checks(worker, &shell, &target)),
         }
     }
     checks.extend(address_checks(topology));
@@ -92,7 +94,7 @@ fn port_free_here(check: &str, target: &str, address: &str) -> Check {
     }
 }
 
-fn port_checks(worker: &NamedWorker, target: &str) -> Vec<Check> {
+fn port_checks(worker: &NamedWorker, shell: &Shell, target: &str) -> Vec<Check> {
     let spec = &worker.spec;
     let mut ports = vec![("port", spec.port)];
     if let Some(kv_port) = spec.kv_port {
@@ -107,7 +109,7 @@ fn port_checks(worker: &NamedWorker, target: &str) -> Vec<Check> {
             let probe = format!(
                 "python3 -c 'import socket; s=socket.socket(); s.bind((\"0.0.0.0\", {port}))'"
             );
-            match on_host(&spec.host, &probe) {
+            match shell.run(&probe) {
                 Ok(_) => pass(what, target, format!("{port} is free")),
                 Err(err) => fail(
                     what,
@@ -120,18 +122,35 @@ fn port_checks(worker: &NamedWorker, target: &str) -> Vec<Check> {
         .collect()
 }
 
-fn builtin_checks(worker: &NamedWorker, target: &str, cores: usize) -> Vec<Check> {
+/// Whether a built-in worker's extra arguments ask for `--load-format dummy`, where the
+/// model is a preset name, not a file.
+fn loads_dummy(extra_args: &[String]) -> bool {
+    extra_args.iter().enumerate().any(|(i, arg)| {
+        arg == "--load-format=dummy"
+            || (arg == "--load-format" && extra_args.get(i + 1).is_some_and(|v| v == "dummy"))
+    })
+}
+
+fn builtin_checks(worker: &NamedWorker, shell: &Shell, target: &str, cores: usize) -> Vec<Check> {
     let spec = &worker.spec;
     let mut checks = Vec::new();
-    if let Some(model) = &spec.model {
+    if let Some(model) = spec
+        .model
+        .as_ref()
+        .filter(|_| loads_dummy(&spec.extra_args))
+    {
+        checks.push(pass(
+            "model",
+            target,
+            format!("preset {model} with random weights (--load-format dummy)"),
+        ));
+    } else if let Some(model) = &spec.model {
         let present = if spec.is_local() {
             Path::new(model).exists()
         } else {
-            on_host(
-                &spec.host,
-                &format!("test -e {}", crate::plan::shell_quote(model)),
-            )
-            .is_ok()
+            shell
+                .run(&format!("test -e {}", crate::plan::shell_quote(model)))
+                .is_ok()
         };
         checks.push(if present {
             pass("model", target, model.clone())
@@ -163,7 +182,7 @@ fn builtin_checks(worker: &NamedWorker, target: &str, cores: usize) -> Vec<Check
     checks
 }
 
-fn vllm_checks(worker: &NamedWorker, target: &str) -> Vec<Check> {
+fn vllm_checks(worker: &NamedWorker, shell: &Shell, target: &str) -> Vec<Check> {
     let spec = &worker.spec;
     let activate = spec
         .venv
@@ -178,42 +197,41 @@ fn vllm_checks(worker: &NamedWorker, target: &str) -> Vec<Check> {
     let python = |code: &str| format!("{activate}python3 -c {}", crate::plan::shell_quote(code));
     let mut checks = Vec::new();
     checks.push(
-        match on_host(
-            &spec.host,
-            &python("import vllm, torch; print(vllm.__version__, 'cuda', torch.version.cuda)"),
-        ) {
+        match shell.run(&python(
+            "import vllm, torch; print(vllm.__version__, 'cuda', torch.version.cuda)",
+        )) {
             Ok(version) => pass("vllm", target, version.trim().to_owned()),
             Err(err) => fail(
                 "vllm",
                 target,
-                err,
+                err.to_string(),
                 "install vLLM in the worker's venv (`pip install vllm`) and set `venv`",
             ),
         },
     );
     if spec.role != Role::Both {
-        checks.push(match on_host(&spec.host, &python("import nixl")) {
+        checks.push(match shell.run(&python("import nixl")) {
             Ok(_) => pass("nixl", target, "importable"),
             Err(err) => fail(
                 "nixl",
                 target,
-                err,
+                err.to_string(),
                 "install NIXL in the worker's venv (`pip install nixl`)",
             ),
         });
     }
     let query = "nvidia-smi --query-gpu=index,memory.free --format=csv,noheader,nounits";
-    checks.push(match on_host(&spec.host, query) {
+    checks.push(match shell.run(query) {
         Ok(table) => gpu_memory(&table, &spec.gpus, target),
         Err(err) => fail(
             "gpu memory",
             target,
-            err,
+            err.to_string(),
             "install the NVIDIA driver (nvidia-smi)",
         ),
     });
     if let Some(model) = &spec.model {
-        checks.push(model_in_hf_cache(&spec.host, model, target));
+        checks.push(model_in_hf_cache(shell, model, target));
     }
     checks
 }
@@ -252,7 +270,7 @@ fn gpu_memory(table: &str, gpus: &[usize], target: &str) -> Check {
 }
 
 /// A Hugging Face model id is present in the host's HF cache (the workers run offline).
-fn model_in_hf_cache(host: &str, model: &str, target: &str) -> Check {
+fn model_in_hf_cache(shell: &Shell, model: &str, target: &str) -> Check {
     let probe = if model.starts_with('/') {
         format!("test -e {}", crate::plan::shell_quote(model))
     } else {
@@ -262,7 +280,7 @@ fn model_in_hf_cache(host: &str, model: &str, target: &str) -> Check {
             dir
         )
     };
-    match on_host(host, &probe) {
+    match shell.run(&probe) {
         Ok(_) => pass("model", target, model.to_owned()),
         Err(_) => fail(
             "model",
@@ -298,35 +316,50 @@ fn address_checks(topology: &Checked) -> Vec<Check> {
         .collect()
 }
 
-fn ssh_reachable(host: &str) -> bool {
-    on_host(host, "true").is_ok()
+/// Where a worker's checks run: here, or on its host over ssh with the options
+/// `tandem up` would use.
+enum Shell {
+    Here,
+    Remote(Ssh),
 }
 
-/// Runs `script` on `host` (`local` or an SSH target) with a deadline; its stdout, or
-/// why it failed.
-fn on_host(host: &str, script: &str) -> Result<String, String> {
-    let mut command = if matches!(host, "local" | "localhost" | "127.0.0.1") {
-        let mut local = Command::new("bash");
-        local.args(["-c", script]);
-        local
-    } else {
-        let mut ssh = Command::new("ssh");
-        ssh.args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=5",
-            host,
-            script,
-        ]);
-        ssh
-    };
-    let mut child = command
+/// A check command that failed.
+#[derive(Debug, thiserror::Error)]
+enum ShellError {
+    /// The last line it wrote to stderr, or why it could not run.
+    #[error("{0}")]
+    Here(String),
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+}
+
+impl Shell {
+    fn of(topology: &Checked, worker: &NamedWorker) -> Shell {
+        if worker.spec.is_local() {
+            return Shell::Here;
+        }
+        let options = crate::plan::ssh_options(topology, worker);
+        Shell::Remote(Ssh::new(&worker.spec.host, &options))
+    }
+
+    /// Runs `script` with a deadline; its stdout.
+    fn run(&self, script: &str) -> Result<String, ShellError> {
+        match self {
+            Shell::Here => run_here(script),
+            Shell::Remote(ssh) => Ok(ssh.run(script, "doctor check")?),
+        }
+    }
+}
+
+/// `bash -c script` here within 20 s: its stdout, or the last line of its stderr.
+fn run_here(script: &str) -> Result<String, ShellError> {
+    let mut child = Command::new("bash")
+        .args(["-c", script])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ShellError::Here(e.to_string()))?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match child.try_wait() {
@@ -334,25 +367,40 @@ fn on_host(host: &str, script: &str) -> Result<String, String> {
             Ok(None) if Instant::now() > deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err("no answer within 20 s".into());
+                return Err(ShellError::Here("no answer within 20 s".into()));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(err) => return Err(err.to_string()),
+            Err(err) => return Err(ShellError::Here(err.to_string())),
         }
     }
-    let output = child.wait_with_output().map_err(|e| e.to_string())?;
+    let output = child
+        .wait_with_output()
+        .map_err(|e| ShellError::Here(e.to_string()))?;
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let last = stderr.lines().last().unwrap_or("failed").trim().to_owned();
-        Err(last)
+        Err(ShellError::Here(last))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dummy_workers_name_a_preset_not_a_file() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(loads_dummy(&args(&["--load-format", "dummy"])));
+        assert!(loads_dummy(&args(&[
+            "--threads",
+            "2",
+            "--load-format=dummy"
+        ])));
+        assert!(!loads_dummy(&args(&["--load-format", "auto"])));
+        assert!(!loads_dummy(&args(&["dummy"])));
+    }
 
     #[test]
     fn gpu_memory_reads_nvidia_smi_csv() {
@@ -375,8 +423,8 @@ mod tests {
 
     #[test]
     fn local_commands_report_their_last_error_line() {
-        assert_eq!(on_host("local", "echo hi").unwrap(), "hi\n");
-        let err = on_host("local", "echo oops >&2; exit 3").unwrap_err();
-        assert_eq!(err, "oops");
+        assert_eq!(Shell::Here.run("echo hi").unwrap(), "hi\n");
+        let err = Shell::Here.run("echo oops >&2; exit 3").unwrap_err();
+        assert_eq!(err.to_string(), "oops");
     }
 }

@@ -4,8 +4,11 @@
 //! - [`plan`]: the exact commands (built-in workers, vLLM workers, the router).
 //! - [`doctor`]: checks that a topology can start.
 //! - [`run`]: starting them here, waiting for health, prefixing logs, teardown by pid.
+//! - [`stack`]: a topology's processes as one whole, stopped when dropped.
 
 pub mod doctor;
 pub mod plan;
+pub mod remote;
 pub mod run;
+pub mod stack;
 pub mod topology;

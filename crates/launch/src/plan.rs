@@ -29,6 +29,9 @@ pub struct Launch {
     pub venv: Option<PathBuf>,
     /// Base URL whose `/health` says it is ready.
     pub url: String,
+    /// `ssh` options for an [`Host::Ssh`] launch (`[ssh]`, the worker's own, and
+    /// `ConnectTimeout`); empty for local ones.
+    pub ssh_options: Vec<String>,
 }
 
 /// The processes of a topology, workers first, the router last.
@@ -37,9 +40,13 @@ pub fn plan(topology: &Checked, tandem: &Path) -> Vec<Launch> {
     let mut launches: Vec<Launch> = topology
         .workers
         .iter()
-        .map(|worker| match worker.spec.engine {
-            Engine::Builtin => builtin(worker, &tandem),
-            Engine::Vllm => vllm(worker),
+        .map(|worker| {
+            let mut launch = match worker.spec.engine {
+                Engine::Builtin => builtin(worker, &tandem),
+                Engine::Vllm => vllm(worker),
+            };
+            launch.ssh_options = ssh_options(topology, worker);
+            launch
         })
         .collect();
     launches.push(router(topology, &tandem));
@@ -52,6 +59,21 @@ fn host_of(worker: &NamedWorker) -> Host {
     } else {
         Host::Ssh(worker.spec.host.clone())
     }
+}
+
+/// The ssh options of a remote worker: the topology's, the worker's, then the
+/// connect timeout (ssh keeps the first value of an option).
+pub fn ssh_options(topology: &Checked, worker: &NamedWorker) -> Vec<String> {
+    if worker.spec.is_local() {
+        return Vec::new();
+    }
+    let mut options = topology.ssh.options.clone();
+    options.extend(worker.spec.ssh_options.iter().cloned());
+    options.extend([
+        "-o".to_owned(),
+        format!("ConnectTimeout={}", topology.ssh.connect_timeout),
+    ]);
+    options
 }
 
 /// Remote workers listen on every interface; local ones on loopback.
@@ -86,10 +108,14 @@ fn builtin(worker: &NamedWorker, tandem: &str) -> Launch {
         args.extend(["--kv-cache-memory".into(), memory.clone()]);
     }
     args.extend(spec.extra_args.iter().cloned());
+    let program = match &spec.tandem {
+        Some(path) => path.display().to_string(),
+        None => tandem.to_owned(),
+    };
     Launch {
         name: worker.name.clone(),
         host: host_of(worker),
-        program: tandem.to_owned(),
+        program,
         args,
         env: spec
             .env
@@ -99,6 +125,7 @@ fn builtin(worker: &NamedWorker, tandem: &str) -> Launch {
         cores: spec.cores.clone(),
         venv: None,
         url: spec.url(),
+        ssh_options: Vec::new(),
     }
 }
 
@@ -150,6 +177,7 @@ fn vllm(worker: &NamedWorker) -> Launch {
         cores: Vec::new(),
         venv: spec.venv.clone(),
         url: spec.url(),
+        ssh_options: Vec::new(),
     }
 }
 
@@ -198,6 +226,7 @@ fn router(topology: &Checked, tandem: &str) -> Launch {
         cores: Vec::new(),
         venv: None,
         url: format!("http://{reach}:{}", spec.port),
+        ssh_options: Vec::new(),
     }
 }
 
@@ -254,6 +283,43 @@ impl Launch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_builtin_workers_get_their_tandem_and_ssh_options() {
+        let text = r#"
+[ssh]
+options = ["-p", "2222"]
+
+[[worker]]
+engine = "builtin"
+role = "both"
+host = "me@gpu-1"
+port = 8100
+model = "/m.gguf"
+tandem = "/opt/tandem"
+ssh_options = ["-i", "/k"]
+
+[[worker]]
+engine = "builtin"
+role = "both"
+port = 8200
+model = "/m.gguf"
+"#;
+        let topology = crate::topology::parse(text, "t").unwrap();
+        let launches = plan(&topology, Path::new("/here/tandem"));
+        let remote = &launches[0];
+        assert_eq!(remote.host, Host::Ssh("me@gpu-1".into()));
+        assert_eq!(remote.program, "/opt/tandem");
+        assert_eq!(
+            remote.ssh_options,
+            ["-p", "2222", "-i", "/k", "-o", "ConnectTimeout=10"]
+        );
+        assert!(remote.args.windows(2).any(|w| w == ["--host", "0.0.0.0"]));
+        assert_eq!(remote.url, "http://gpu-1:8100");
+        let local = &launches[1];
+        assert_eq!(local.program, "/here/tandem");
+        assert!(local.ssh_options.is_empty());
+    }
 
     #[test]
     fn quoting_leaves_plain_words_alone() {

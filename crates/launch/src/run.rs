@@ -1,7 +1,8 @@
-//! Running a plan on this machine: each process started as our child (pinned to its
-//! cores), its output prefixed with its name (or written to `--log-dir`), its
-//! `/health` awaited; and teardown that stops exactly the processes started here, by
-//! pid — SIGTERM, then SIGKILL after a grace period — never by name.
+//! Running a plan: each local process started as our child (pinned to its cores), each
+//! remote one over ssh ([`crate::remote`]: in the background on its host, with a pid
+//! file); every process's output prefixed with its name (or written to `--log-dir`),
+//! its `/health` awaited; and teardown that stops exactly the processes started, by pid
+//! — SIGTERM, then SIGKILL after a grace period — never by name.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -14,17 +15,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::plan::{Host, Launch};
+use crate::remote::{self, RemoteError, RemoteProcess, Ssh, Status, Stopped};
 
 /// Lines of each process's output kept for error reports.
 const TAIL_LINES: usize = 20;
+/// Grace period of a remote process stopped because its log could not be followed.
+const UNWATCHED_GRACE: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error(
-        "{name} runs on {host}: starting workers over SSH is not supported by this version \
-         of `tandem up`; `tandem up --dry-run` prints the commands to run there"
-    )]
-    RemoteUnsupported { name: String, host: String },
+    #[error("starting {name} on {host}: {error}")]
+    Remote {
+        name: String,
+        host: String,
+        error: Box<RemoteError>,
+    },
     #[error("starting {name} ({program}): {source}")]
     Spawn {
         name: String,
@@ -63,13 +68,24 @@ pub enum RunError {
 pub struct Running {
     pub name: String,
     pub url: String,
-    child: Child,
+    process: Process,
     tail: Arc<Mutex<VecDeque<String>>>,
+    sink: Sink,
+}
+
+/// Our child here, or a process on another host.
+enum Process {
+    Local(Child),
+    Remote(RemoteProcess),
 }
 
 impl Running {
+    /// Its pid (on its own host).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.process {
+            Process::Local(child) => child.id(),
+            Process::Remote(remote) => remote.pid,
+        }
     }
 
     fn tail(&self) -> String {
@@ -82,22 +98,102 @@ impl Running {
 
     /// The exit status, if it has exited.
     fn exited(&mut self) -> Option<String> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => Some(status.to_string()),
-            Ok(None) => None,
-            Err(err) => Some(err.to_string()),
+        let remote = match &mut self.process {
+            Process::Local(child) => {
+                return match child.try_wait() {
+                    Ok(Some(status)) => Some(status.to_string()),
+                    Ok(None) => None,
+                    Err(err) => Some(err.to_string()),
+                };
+            }
+            Process::Remote(remote) => remote,
+        };
+        match remote.status() {
+            Status::Running => None,
+            Status::FollowerLost => {
+                // The connection dropped, not the process: follow its new lines again.
+                match remote.follow(false) {
+                    Ok((stdout, stderr)) => {
+                        forward(stdout, self.sink.clone(), self.tail.clone());
+                        forward(stderr, self.sink.clone(), self.tail.clone());
+                    }
+                    Err(err) => tracing::warn!(name = self.name, %err, "cannot follow the log"),
+                }
+                None
+            }
+            Status::Exited(status) => {
+                // The log on its host is complete; the follower's lines may not be.
+                if let Ok(lines) = remote.log_tail(TAIL_LINES) {
+                    let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+                    *tail = lines.into();
+                }
+                Some(format!("{status}, on {}", remote.target()))
+            }
         }
     }
 }
 
-/// Starts one process here.
+/// Starts one process: here as our child, or on its SSH host.
 pub fn start(launch: &Launch, log_dir: Option<&Path>) -> Result<Running, RunError> {
-    if let Host::Ssh(target) = &launch.host {
-        return Err(RunError::RemoteUnsupported {
-            name: launch.name.clone(),
-            host: target.clone(),
-        });
+    let sink = sink_for(launch, log_dir)?;
+    match &launch.host {
+        Host::Local => start_local(launch, sink),
+        Host::Ssh(target) => start_remote(launch, target, sink),
     }
+}
+
+fn sink_for(launch: &Launch, log_dir: Option<&Path>) -> Result<Sink, RunError> {
+    Ok(match log_dir {
+        Some(dir) => {
+            let path = dir.join(format!("{}.log", launch.name));
+            Sink::File(Arc::new(Mutex::new(
+                File::create(&path).map_err(|source| RunError::LogDir { path, source })?,
+            )))
+        }
+        None => Sink::Prefixed(launch.name.clone()),
+    })
+}
+
+/// Starts it on its host in the background, then follows its log from here.
+fn start_remote(launch: &Launch, target: &str, sink: Sink) -> Result<Running, RunError> {
+    let failed = |source| RunError::Remote {
+        name: launch.name.clone(),
+        host: target.to_owned(),
+        error: Box::new(source),
+    };
+    let ssh = Ssh::new(target, &launch.ssh_options);
+    let mut process = remote::launch(ssh, launch).map_err(failed)?;
+    eprintln!(
+        "{} runs on {target} as pid {}; its log there: {}",
+        launch.name,
+        process.pid,
+        process.log_path()
+    );
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let followed = match process.follow(true) {
+        Ok((stdout, stderr)) => {
+            forward(stdout, sink.clone(), tail.clone());
+            forward(stderr, sink.clone(), tail.clone());
+            Ok(())
+        }
+        Err(err) => Err(failed(err)),
+    };
+    let mut running = Running {
+        name: launch.name.clone(),
+        url: launch.url.clone(),
+        process: Process::Remote(process),
+        tail,
+        sink,
+    };
+    if let Err(err) = followed {
+        // Started but not followed: stop it rather than leave it unwatched.
+        stop_all(std::slice::from_mut(&mut running), UNWATCHED_GRACE);
+        return Err(err);
+    }
+    Ok(running)
+}
+
+fn start_local(launch: &Launch, sink: Sink) -> Result<Running, RunError> {
     let mut command = match &launch.venv {
         Some(_) => {
             let mut shell = Command::new("bash");
@@ -127,26 +223,18 @@ pub fn start(launch: &Launch, log_dir: Option<&Path>) -> Result<Running, RunErro
         source,
     })?;
     let tail = Arc::new(Mutex::new(VecDeque::new()));
-    let sink = match log_dir {
-        Some(dir) => {
-            let path = dir.join(format!("{}.log", launch.name));
-            Sink::File(Arc::new(Mutex::new(
-                File::create(&path).map_err(|source| RunError::LogDir { path, source })?,
-            )))
-        }
-        None => Sink::Prefixed(launch.name.clone()),
-    };
     if let Some(stdout) = child.stdout.take() {
         forward(stdout, sink.clone(), tail.clone());
     }
     if let Some(stderr) = child.stderr.take() {
-        forward(stderr, sink, tail.clone());
+        forward(stderr, sink.clone(), tail.clone());
     }
     Ok(Running {
         name: launch.name.clone(),
         url: launch.url.clone(),
-        child,
+        process: Process::Local(child),
         tail,
+        sink,
     })
 }
 
@@ -257,35 +345,67 @@ pub fn check_alive(processes: &mut [Running]) -> Result<(), RunError> {
 }
 
 /// Stops the processes in reverse order of start: SIGTERM, then SIGKILL for those still
-/// running after `grace`.
+/// running after `grace`. Remote ones are stopped on their hosts, all at once.
 pub fn teardown(processes: &mut Vec<Running>, grace: Duration) {
-    for running in processes.iter().rev() {
-        signal(running, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + grace;
-    for running in processes.iter_mut().rev() {
-        loop {
-            match running.child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() >= deadline => {
-                    tracing::warn!(
-                        name = running.name,
-                        "still running after {grace:?}: killing it"
-                    );
-                    let _ = running.child.kill();
-                    let _ = running.child.wait();
-                    break;
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    }
+    stop_all(processes, grace);
     processes.clear();
 }
 
-fn signal(running: &Running, signal: libc::c_int) {
+fn stop_all(processes: &mut [Running], grace: Duration) {
+    let mut stopping = Vec::new();
+    for running in processes.iter_mut().rev() {
+        match &mut running.process {
+            Process::Local(child) => signal(child, libc::SIGTERM),
+            Process::Remote(remote) => {
+                let what = format!(
+                    "{} (pid {} on {})",
+                    running.name,
+                    remote.pid,
+                    remote.target()
+                );
+                let hint = format!("ssh {} kill {}", remote.target(), remote.pid);
+                stopping.push((what, hint, remote.stop(grace)));
+            }
+        }
+    }
+    let deadline = Instant::now() + grace;
+    for running in processes.iter_mut().rev() {
+        if let Process::Local(child) = &mut running.process {
+            wait_or_kill(&running.name, child, deadline, grace);
+        }
+    }
+    for (what, hint, stop) in stopping {
+        match stop.and_then(remote::Stopping::finish) {
+            Ok(Stopped::Killed) => {
+                tracing::warn!("{what} was still running after {grace:?}: killed it")
+            }
+            Ok(Stopped::Gone | Stopped::Terminated) => {}
+            Err(err) => {
+                tracing::error!("could not stop {what}: {err}; stop it there with `{hint}`")
+            }
+        }
+    }
+}
+
+/// Waits for a signalled child until `deadline`, then kills it.
+fn wait_or_kill(name: &str, child: &mut Child, deadline: Instant, grace: Duration) {
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) if Instant::now() >= deadline => {
+                tracing::warn!(name, "still running after {grace:?}: killing it");
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn signal(child: &Child, signal: libc::c_int) {
     // Our own child, not yet reaped: its pid cannot have been reused.
-    if let Ok(pid) = libc::pid_t::try_from(running.child.id()) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
         // SAFETY: kill(2) with a pid we own.
         unsafe {
             libc::kill(pid, signal);

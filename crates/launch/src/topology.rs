@@ -15,6 +15,8 @@ use toml::Spanned;
 pub struct Topology {
     #[serde(default)]
     pub router: RouterSpec,
+    #[serde(default)]
+    pub ssh: SshSpec,
     #[serde(rename = "worker")]
     pub workers: Vec<Spanned<WorkerSpec>>,
 }
@@ -45,6 +47,25 @@ impl Default for RouterSpec {
             decode_policy: None,
             local_prefill_threshold: None,
             extra_args: Vec::new(),
+        }
+    }
+}
+
+/// `[ssh]`: how `tandem up` reaches remote hosts (always `BatchMode=yes`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SshSpec {
+    /// `ssh` options for every remote worker (`["-p", "2222", "-i", "~/.ssh/key"]`).
+    pub options: Vec<String>,
+    /// Seconds to connect (`ConnectTimeout`).
+    pub connect_timeout: u64,
+}
+
+impl Default for SshSpec {
+    fn default() -> Self {
+        Self {
+            options: Vec::new(),
+            connect_timeout: 10,
         }
     }
 }
@@ -102,6 +123,12 @@ pub struct WorkerSpec {
     pub venv: Option<PathBuf>,
     /// vLLM: `CUDA_HOME`.
     pub cuda_home: Option<PathBuf>,
+    /// Built-in: the `tandem` binary on the worker's host (default: the path of the
+    /// one running `tandem up`).
+    pub tandem: Option<PathBuf>,
+    /// More `ssh` options for this worker's host (after `[ssh] options`).
+    #[serde(default)]
+    pub ssh_options: Vec<String>,
     /// Extra arguments for the worker's command.
     #[serde(default)]
     pub extra_args: Vec<String>,
@@ -112,6 +139,8 @@ fn local() -> String {
 }
 
 impl WorkerSpec {
+    /// `local`, `localhost` and `127.0.0.1` run here; anything else is an SSH target,
+    /// `user@127.0.0.1` included (started over ssh like any remote host).
     pub fn is_local(&self) -> bool {
         matches!(self.host.as_str(), "local" | "localhost" | "127.0.0.1")
     }
@@ -157,6 +186,7 @@ pub enum TopologyError {
 #[derive(Debug, Clone)]
 pub struct Checked {
     pub router: RouterSpec,
+    pub ssh: SshSpec,
     pub workers: Vec<NamedWorker>,
 }
 
@@ -252,8 +282,15 @@ fn check(topology: Topology, text: &str, origin: &str) -> Result<Checked, Topolo
             "a disaggregated topology needs at least one prefill and one decode worker".into(),
         ));
     }
+    if topology.ssh.connect_timeout == 0 {
+        return Err(invalid(
+            0..0,
+            "[ssh]: field `connect_timeout` must be at least 1 (seconds)".into(),
+        ));
+    }
     let checked = Checked {
         router: topology.router,
+        ssh: topology.ssh,
         workers,
     };
     check_addresses(&checked).map_err(|message| invalid(0..0, message))?;
@@ -264,6 +301,15 @@ fn check_worker(spec: &WorkerSpec, name: &str) -> Result<(), String> {
     let field = |field: &str, why: &str| format!("worker `{name}`: field `{field}` {why}");
     if spec.port == 0 {
         return Err(field("port", "must be a port number, not 0"));
+    }
+    if spec.host.is_empty() || spec.host.starts_with('-') {
+        return Err(field(
+            "host",
+            "must be \"local\" or an SSH target (`user@host` or `host`)",
+        ));
+    }
+    if spec.is_local() && !spec.ssh_options.is_empty() {
+        return Err(field("ssh_options", "is for workers on SSH hosts"));
     }
     match spec.engine {
         Engine::Builtin => {
@@ -299,6 +345,12 @@ fn check_worker(spec: &WorkerSpec, name: &str) -> Result<(), String> {
                 return Err(field(
                     "cores",
                     "is for built-in workers (vLLM workers take `gpus`)",
+                ));
+            }
+            if spec.tandem.is_some() {
+                return Err(field(
+                    "tandem",
+                    "is for built-in workers (vLLM workers run `vllm serve`)",
                 ));
             }
         }
@@ -391,6 +443,32 @@ cores = [1]
                 .to_string()
                 .contains("cannot be mixed")
         );
+    }
+
+    #[test]
+    fn ssh_targets_and_their_options_parse() {
+        let text = ONE_P_ONE_D.replace(
+            "[[worker]]\nengine = \"builtin\"\nrole = \"prefill\"",
+            "[ssh]\noptions = [\"-p\", \"2222\"]\nconnect_timeout = 3\n\n\
+             [[worker]]\nengine = \"builtin\"\nrole = \"prefill\"\n\
+             host = \"root@127.0.0.1\"\ntandem = \"/opt/tandem\"\n\
+             ssh_options = [\"-i\", \"/k\"]",
+        );
+        let topology = parse(&text, "t").unwrap();
+        assert_eq!(topology.ssh.options, ["-p", "2222"]);
+        assert_eq!(topology.ssh.connect_timeout, 3);
+        let prefill = &topology.workers[0].spec;
+        assert!(!prefill.is_local(), "user@127.0.0.1 goes over ssh");
+        assert_eq!(prefill.url(), "http://127.0.0.1:8100");
+        assert_eq!(prefill.ssh_options, ["-i", "/k"]);
+        assert!(topology.workers[1].spec.is_local());
+
+        let local_options = ONE_P_ONE_D.replace("cores = [1]", "ssh_options = [\"-v\"]");
+        let err = parse(&local_options, "t").unwrap_err().to_string();
+        assert!(err.contains("`ssh_options`"), "{err}");
+        let option_as_host = ONE_P_ONE_D.replace("cores = [1]", "host = \"-oProxyCommand=x\"");
+        let err = parse(&option_as_host, "t").unwrap_err().to_string();
+        assert!(err.contains("`host`"), "{err}");
     }
 
     #[test]

@@ -80,44 +80,7 @@ fn remote_source(params: &KvTransferParams, prompts: usize) -> Result<RemotePref
     if prompts > 1 {
         return Err("a decode leg (do_remote_prefill) takes one prompt".into());
     }
-    let missing = |field: &str| format!("do_remote_prefill needs {field}");
-    let groups = params
-        .remote_block_ids
-        .as_ref()
-        .ok_or_else(|| missing("remote_block_ids"))?
-        .groups();
-    let block_ids = match groups.as_slice() {
-        [ids] if !ids.is_empty() => ids.to_vec(),
-        [_] | [] => return Err(missing("a non-empty remote_block_ids")),
-        more => {
-            return Err(format!(
-                "remote_block_ids has {} KV-cache groups; this model has one",
-                more.len()
-            ));
-        }
-    };
-    if params.tp_size.is_some_and(|tp| tp != 1) {
-        return Err(format!(
-            "the prefill worker's tp_size is {}; tandem reads from tp_size 1 only",
-            params.tp_size.unwrap_or(1)
-        ));
-    }
-    Ok(RemotePrefill {
-        engine_id: params
-            .remote_engine_id
-            .clone()
-            .ok_or_else(|| missing("remote_engine_id"))?,
-        host: params
-            .remote_host
-            .clone()
-            .ok_or_else(|| missing("remote_host"))?,
-        port: params.remote_port.ok_or_else(|| missing("remote_port"))?,
-        request_id: params
-            .remote_request_id
-            .clone()
-            .ok_or_else(|| missing("remote_request_id"))?,
-        block_ids,
-    })
+    RemotePrefill::from_params(params).map_err(|e| e.to_string())
 }
 
 fn invalid(message: &str) -> ApiError {

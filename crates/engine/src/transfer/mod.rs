@@ -15,6 +15,7 @@
 
 mod identity;
 pub mod lease;
+pub mod probe;
 pub mod puller;
 mod server;
 pub mod wire;
@@ -27,6 +28,8 @@ pub use puller::{PullFailure, PullJob, PullOutcome, PullerMsg, spawn_puller};
 pub use server::KvServer;
 pub use wire::Fingerprint;
 
+use tandem_protocol::pd::KvTransferParams;
+
 use crate::kv::{BlockId, KvMemory};
 
 /// Where a decode request's prompt KV is, as P's `kv_transfer_params` said.
@@ -38,6 +41,49 @@ pub struct RemotePrefill {
     pub request_id: String,
     /// P's blocks in prompt order (the first KV group of `remote_block_ids`).
     pub block_ids: Vec<BlockId>,
+}
+
+/// Why a decode leg's `kv_transfer_params` name no blocks tandem can read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    #[error("do_remote_prefill needs {0}")]
+    Missing(&'static str),
+    #[error("do_remote_prefill needs a non-empty remote_block_ids")]
+    NoBlocks,
+    #[error("remote_block_ids has {0} KV-cache groups; this model has one")]
+    Groups(usize),
+    #[error("the prefill worker's tp_size is {0}; tandem reads from tp_size 1 only")]
+    TensorParallel(u64),
+}
+
+impl RemotePrefill {
+    /// Where the params say the prompt's KV is: every field vLLM's prefill answer
+    /// carries, one KV group of blocks, tensor parallelism 1.
+    pub fn from_params(params: &KvTransferParams) -> Result<Self, SourceError> {
+        let groups = params
+            .remote_block_ids
+            .as_ref()
+            .ok_or(SourceError::Missing("remote_block_ids"))?
+            .groups();
+        let block_ids = match groups.as_slice() {
+            [ids] if !ids.is_empty() => ids.to_vec(),
+            [_] | [] => return Err(SourceError::NoBlocks),
+            more => return Err(SourceError::Groups(more.len())),
+        };
+        if let Some(tp) = params.tp_size.filter(|&tp| tp != 1) {
+            return Err(SourceError::TensorParallel(tp));
+        }
+        let field = |value: Option<&String>, name| value.cloned().ok_or(SourceError::Missing(name));
+        Ok(RemotePrefill {
+            engine_id: field(params.remote_engine_id.as_ref(), "remote_engine_id")?,
+            host: field(params.remote_host.as_ref(), "remote_host")?,
+            port: params
+                .remote_port
+                .ok_or(SourceError::Missing("remote_port"))?,
+            request_id: field(params.remote_request_id.as_ref(), "remote_request_id")?,
+            block_ids,
+        })
+    }
 }
 
 /// What a request does with KV transfer.
