@@ -165,6 +165,7 @@ fn handle_message(
     }
     let has_choices = value["choices"].as_array().is_some_and(|c| !c.is_empty());
     if has_choices {
+        record.text.push_str(choice_text(&value["choices"][0], api));
         match *last_choice {
             None => record.ttft = now.duration_since(sent).as_secs_f64(),
             Some(previous) => record.itls.push(now.duration_since(previous).as_secs_f64()),
@@ -180,6 +181,15 @@ fn handle_message(
         record.prompt_tokens = usage["prompt_tokens"].as_u64().unwrap_or(0) as usize;
     }
     Ok(false)
+}
+
+/// The text a streamed choice adds (`text`, or the chat delta's `content`).
+fn choice_text(choice: &Value, api: Api) -> &str {
+    let text = match api {
+        Api::Completions => &choice["text"],
+        Api::Chat => &choice["delta"]["content"],
+    };
+    text.as_str().unwrap_or_default()
 }
 
 fn finish(record: &mut RequestRecord, got_choices: bool, api: Api) -> Result<(), String> {
@@ -243,6 +253,7 @@ mod tests {
             "completions: last choices chunk"
         );
         assert_eq!((record.prompt_tokens, record.output_tokens), (7, 2));
+        assert_eq!(record.text, "ab");
     }
 
     #[test]

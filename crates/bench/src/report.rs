@@ -267,6 +267,7 @@ mod tests {
             latency: 0.13,
             start: 0.0,
             error: None,
+            text: String::new(),
         }];
         let summary = summarize(&records, 1.0, &[99.0, 99.9], None);
         let info = RunInfo {

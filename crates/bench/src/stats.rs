@@ -20,6 +20,9 @@ pub struct RequestRecord {
     pub latency: f64,
     /// Seconds from the start of the run to sending.
     pub start: f64,
+    /// The generated text (what a conversation's next turn builds on).
+    #[serde(skip)]
+    pub text: String,
 }
 
 impl RequestRecord {
@@ -85,24 +88,36 @@ pub struct Slo {
     pub e2el_ms: Option<f64>,
 }
 
+/// A goodput SLO that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("goodput `{item}`: {problem}")]
+pub struct SloError {
+    item: String,
+    problem: String,
+}
+
 impl Slo {
     /// Parses `ttft:500 tpot:50 …`.
-    pub fn parse(items: &[String]) -> Result<Self, String> {
+    pub fn parse(items: &[String]) -> Result<Self, SloError> {
         let mut slo = Slo::default();
         for item in items {
+            let error = |problem: String| SloError {
+                item: item.clone(),
+                problem,
+            };
             let (key, value) = item
                 .split_once(':')
-                .ok_or_else(|| format!("`{item}`: expected KEY:MILLISECONDS"))?;
+                .ok_or_else(|| error("expected KEY:MILLISECONDS".into()))?;
             let ms: f64 = value
                 .parse()
                 .ok()
                 .filter(|v: &f64| *v >= 0.0)
-                .ok_or_else(|| format!("`{item}`: {value} is not a non-negative number"))?;
+                .ok_or_else(|| error(format!("{value} is not a non-negative number")))?;
             match key {
                 "ttft" => slo.ttft_ms = Some(ms),
                 "tpot" => slo.tpot_ms = Some(ms),
                 "e2el" => slo.e2el_ms = Some(ms),
-                other => return Err(format!("`{other}`: goodput keys are ttft, tpot, e2el")),
+                other => return Err(error(format!("`{other}`: the keys are ttft, tpot, e2el"))),
             }
         }
         Ok(slo)
@@ -228,11 +243,13 @@ mod tests {
         assert!(
             Slo::parse(&["ttft".into()])
                 .unwrap_err()
+                .to_string()
                 .contains("KEY:MILLISECONDS")
         );
         assert!(
             Slo::parse(&["itl:5".into()])
                 .unwrap_err()
+                .to_string()
                 .contains("ttft, tpot, e2el")
         );
         assert!(Slo::parse(&["ttft:-1".into()]).is_err());

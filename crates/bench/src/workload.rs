@@ -1,5 +1,6 @@
 //! What to send and when: the seed experiment's two tests, random prompts of given
-//! lengths, and the arrival schedule (all at once, or a Poisson/gamma process at a
+//! lengths (alone, behind a shared prefix, or as multi-turn conversations), ShareGPT
+//! files, and the arrival schedule (all at once, or a Poisson/gamma process at a
 //! request rate, as `vllm bench serve` draws it).
 
 use rand::rngs::StdRng;
@@ -94,6 +95,48 @@ pub fn shared_prefix(
         .map(|p| Prompt {
             text: format!("{prefix} {}", p.text),
             max_tokens: p.max_tokens,
+        })
+        .collect()
+}
+
+/// A conversation: turns sent one after another, each prompt carrying the transcript
+/// so far (see [`crate::run_conversations`]). Single-turn workloads are conversations
+/// of one turn.
+#[derive(Debug, Clone)]
+pub struct Conversation {
+    pub turns: Vec<Prompt>,
+}
+
+/// `users` conversations of `turns` turns: every first turn starts with the same
+/// `prefix_len` words (a shared system prompt), then `input_len` words of its own; each
+/// later turn adds `input_len` new words to the transcript. Every turn asks for
+/// `output_len` tokens. What multi-turn chat looks like to prefix caching and to
+/// disaggregation: each turn's prompt is mostly the KV of the turns before it.
+pub fn multi_turn(
+    users: usize,
+    turns: usize,
+    prefix_len: usize,
+    input_len: usize,
+    output_len: usize,
+    seed: u64,
+) -> Vec<Conversation> {
+    let firsts = shared_prefix(users, prefix_len, input_len, output_len, seed);
+    let mut later = random(
+        users * turns.saturating_sub(1),
+        input_len,
+        output_len,
+        0.0,
+        seed.wrapping_add(2),
+    )
+    .into_iter();
+    firsts
+        .into_iter()
+        .map(|first| {
+            let mut conversation = vec![first];
+            conversation.extend(later.by_ref().take(turns.saturating_sub(1)));
+            Conversation {
+                turns: conversation,
+            }
         })
         .collect()
 }
@@ -233,6 +276,24 @@ mod tests {
             assert_eq!(&words[..30], &prefix[..]);
         }
         assert_ne!(prompts[0].text, prompts[1].text);
+    }
+
+    #[test]
+    fn multi_turn_conversations_share_a_prefix_and_have_their_turns() {
+        let conversations = multi_turn(3, 4, 20, 5, 7, 1);
+        assert_eq!(conversations.len(), 3);
+        let prefix: Vec<&str> = conversations[0].turns[0].text.split(' ').take(20).collect();
+        for c in &conversations {
+            assert_eq!(c.turns.len(), 4);
+            assert!(c.turns.iter().all(|t| t.max_tokens == 7));
+            let first: Vec<&str> = c.turns[0].text.split(' ').collect();
+            assert_eq!((&first[..20], first.len()), (&prefix[..], 25));
+            assert!(c.turns[1..].iter().all(|t| t.text.split(' ').count() == 5));
+        }
+        assert_ne!(
+            conversations[0].turns[1].text,
+            conversations[1].turns[1].text
+        );
     }
 
     #[test]

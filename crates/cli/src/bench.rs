@@ -9,7 +9,8 @@ use clap::{Args, ValueEnum};
 use tandem_bench::client::{Api, Target};
 use tandem_bench::report::{self, RunInfo};
 use tandem_bench::stats::{self, Slo};
-use tandem_bench::{Traffic, workload};
+use tandem_bench::suite::{Scenario, WorkloadKind};
+use tandem_bench::{Progress, Traffic};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -23,11 +24,17 @@ pub struct BenchArgs {
     endpoint: Endpoint,
     /// seed-single: the seed's one request; seed-batch: its 8 concurrent requests;
     /// random: --num-prompts prompts of --input-len/--output-len tokens; shared-prefix:
-    /// the same, behind a common --prefix-len prefix; sharegpt: --dataset-path.
-    #[arg(long, value_enum, default_value_t = Workload::SeedBatch)]
-    workload: Workload,
+    /// the same, behind a common --prefix-len prefix; multi-turn: --num-prompts
+    /// conversations of --turns turns behind a common prefix, each turn sent with the
+    /// transcript so far; sharegpt: --dataset-path.
+    #[arg(long, value_parser = parse_workload, default_value = "seed-batch")]
+    workload: WorkloadKind,
+    /// Prompts (conversations for multi-turn).
     #[arg(long, default_value_t = 100)]
     num_prompts: usize,
+    /// Turns per conversation (multi-turn workload).
+    #[arg(long, default_value_t = 3)]
+    turns: usize,
     /// Words shared by every prompt (shared-prefix workload).
     #[arg(long, default_value_t = 256)]
     prefix_len: usize,
@@ -63,7 +70,7 @@ pub struct BenchArgs {
     /// Percentiles to report.
     #[arg(long, value_delimiter = ',', default_value = "50,90,95,99")]
     percentiles: Vec<f64>,
-    /// Keep generating until max tokens (default for the random workload).
+    /// Keep generating until max tokens (default for random, shared-prefix, multi-turn).
     #[arg(long)]
     ignore_eos: bool,
     /// Sampling temperature to send (default: the server's).
@@ -91,13 +98,14 @@ enum Endpoint {
     Chat,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Workload {
-    SeedSingle,
-    SeedBatch,
-    Random,
-    SharedPrefix,
-    Sharegpt,
+fn parse_workload(name: &str) -> Result<WorkloadKind, String> {
+    WorkloadKind::ALL
+        .into_iter()
+        .find(|kind| kind.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = WorkloadKind::ALL.iter().map(|k| k.name()).collect();
+            format!("unknown workload `{name}`; one of {}", names.join(", "))
+        })
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -112,53 +120,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let slo = (!args.goodput.is_empty())
         .then(|| Slo::parse(&args.goodput))
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
-    let (prompts, workload_name, ignore_eos) = match args.workload {
-        Workload::SeedSingle => (
-            workload::seed_single(args.output_len),
-            "seed-single",
-            args.ignore_eos,
-        ),
-        Workload::SeedBatch => (
-            workload::seed_batch(args.output_len),
-            "seed-batch",
-            args.ignore_eos,
-        ),
-        Workload::Random => (
-            workload::random(
-                args.num_prompts,
-                args.input_len,
-                args.output_len,
-                args.range_ratio,
-                args.seed,
-            ),
-            "random",
-            true,
-        ),
-        Workload::SharedPrefix => (
-            workload::shared_prefix(
-                args.num_prompts,
-                args.prefix_len,
-                args.input_len,
-                args.output_len,
-                args.seed,
-            ),
-            "shared-prefix",
-            true,
-        ),
-        Workload::Sharegpt => {
-            let path = args
-                .dataset_path
-                .as_deref()
-                .context("the sharegpt workload needs --dataset-path FILE")?;
-            (
-                workload::sharegpt(path, args.num_prompts)?,
-                "sharegpt",
-                args.ignore_eos,
-            )
-        }
-    };
+        .transpose()?;
+    let scenario = scenario_of(&args);
+    let conversations = scenario.conversations()?;
+    let requests: usize = conversations.iter().map(|c| c.turns.len()).sum();
+    let workload_name = scenario.workload.name().to_owned();
+    let ignore_eos = scenario.ignores_eos();
     let target = Target {
         base_url: args.url.clone(),
         model: args.model.clone(),
@@ -177,8 +144,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let info = |rate: Option<f64>, concurrency: Option<usize>| RunInfo {
         url: args.url.clone(),
         endpoint: format!("{:?}", args.endpoint).to_lowercase(),
-        workload: workload_name.into(),
-        num_prompts: prompts.len(),
+        workload: workload_name.clone(),
+        num_prompts: requests,
         request_rate: rate,
         burstiness: args.burstiness,
         max_concurrency: concurrency,
@@ -205,13 +172,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
             seed: args.seed,
         };
         eprintln!(
-            "sending {} requests to {} (rate {}, concurrency {})",
-            prompts.len(),
+            "sending {requests} requests to {} (rate {}, concurrency {})",
             args.url,
             rate.map_or("inf".into(), |r| r.to_string()),
             concurrency.map_or("unlimited".into(), |c| c.to_string())
         );
-        let (records, duration) = runtime.block_on(tandem_bench::run(&target, &prompts, &traffic));
+        let progress = Progress::stderr(requests, &workload_name);
+        let (records, duration) = runtime.block_on(tandem_bench::run_conversations(
+            &target,
+            &conversations,
+            &traffic,
+            &progress,
+        ));
+        progress.done();
         for record in records.iter().filter(|r| !r.ok).take(5) {
             eprintln!("failed: {}", record.error.as_deref().unwrap_or("unknown"));
         }
@@ -222,6 +195,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     write_outputs(&args, &runs)?;
     Ok(())
+}
+
+/// The workload flags as a scenario (the type `tandem compare` reads from files).
+fn scenario_of(args: &BenchArgs) -> Scenario {
+    Scenario {
+        name: "bench".into(),
+        description: String::new(),
+        workload: args.workload,
+        num_prompts: args.num_prompts,
+        repeat: 1,
+        input_len: args.input_len,
+        output_len: args.output_len,
+        range_ratio: args.range_ratio,
+        prefix_len: args.prefix_len,
+        turns: args.turns,
+        dataset_path: args.dataset_path.clone(),
+        concurrency: Vec::new(),
+        rates: Vec::new(),
+        burstiness: args.burstiness,
+        goodput: args.goodput.clone(),
+        ignore_eos: args.ignore_eos.then_some(true),
+        seed: args.seed,
+    }
 }
 
 type Run = (RunInfo, stats::Summary, Vec<stats::RequestRecord>);

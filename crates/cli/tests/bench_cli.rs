@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Server, default_model_present, metric_value, tandem};
+use common::{Server, default_model_present, free_port, metric_value, tandem};
 use serde_json::Value;
 
 fn bench(args: &[&str]) -> (std::process::Output, Value) {
@@ -60,16 +60,122 @@ fn a_random_workload_is_measured_whole() {
         table.contains("Successful requests:") && table.contains("P99 ITL (ms)"),
         "{table}"
     );
+    // The server counted exactly the tokens the benchmark reports.
+    let metrics = server.metrics_blocking();
+    let counted = |name| metric_value(&metrics, name).unwrap_or(-1.0);
+    assert_eq!(
+        counted("vllm:generation_tokens_total"),
+        report["total_output_tokens"].as_f64().unwrap()
+    );
+    assert_eq!(
+        counted("vllm:prompt_tokens_total"),
+        report["total_input_tokens"].as_f64().unwrap()
+    );
+    // The reported percentiles are numpy's on the saved per-request records.
+    let ttfts_ms: Vec<f64> = report["ttfts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_f64().unwrap() * 1e3)
+        .collect();
+    let itls_ms: Vec<f64> = report["itls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_f64().unwrap() * 1e3)
+        })
+        .collect();
+    for (p, key) in [
+        (50.0, "p50_ttft_ms"),
+        (90.0, "p90_ttft_ms"),
+        (99.0, "p99_ttft_ms"),
+    ] {
+        assert_close(numpy_percentile(&ttfts_ms, p), &report[key], key);
+    }
+    for (p, key) in [
+        (50.0, "p50_itl_ms"),
+        (95.0, "p95_itl_ms"),
+        (99.0, "p99_itl_ms"),
+    ] {
+        assert_close(numpy_percentile(&itls_ms, p), &report[key], key);
+    }
+}
+
+/// `numpy.percentile(values, p)` (linear interpolation), written out independently.
+fn numpy_percentile(values: &[f64], p: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let position = (sorted.len() - 1) as f64 * p / 100.0;
+    let below = sorted[position.floor() as usize];
+    let above = sorted[position.ceil() as usize];
+    below + (above - below) * position.fract()
+}
+
+fn assert_close(expected: f64, reported: &Value, key: &str) {
+    let reported = reported.as_f64().unwrap_or(f64::NAN);
+    assert!(
+        (expected - reported).abs() <= 1e-9 * expected.abs().max(1.0),
+        "{key}: {reported} reported, {expected} computed"
+    );
+}
+
+#[test]
+fn multi_turn_conversations_carry_their_transcripts() {
+    if !default_model_present() {
+        return;
+    }
+    let server = Server::start(&["--threads", "2", "--kv-cache-memory", "128MiB"]);
+    let url = server.url("");
+    let args = [
+        "--url",
+        &url,
+        "--workload",
+        "multi-turn",
+        "--num-prompts",
+        "3",
+        "--turns",
+        "3",
+        "--prefix-len",
+        "40",
+        "--input-len",
+        "6",
+        "--output-len",
+        "4",
+        "--max-concurrency",
+        "2",
+    ];
+    let (output, report) = bench(&args);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(report["completed"], 9, "{report}");
+    assert_eq!(report["total_output_tokens"], 36);
+    // Records are conversation by conversation, turn by turn: every turn's prompt holds
+    // the previous turn's prompt and answer, so it is longer.
+    let input_lens: Vec<u64> = report["input_lens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    for conversation in input_lens.chunks(3) {
+        assert!(
+            conversation[1] > conversation[0] + 4 && conversation[2] > conversation[1] + 4,
+            "{input_lens:?}"
+        );
+    }
+    // Later turns found their transcript in the prefix cache.
+    let hits =
+        metric_value(&server.metrics_blocking(), "vllm:prefix_cache_hits_total").unwrap_or(0.0);
+    assert!(hits >= 6.0 * 32.0, "{hits}");
 }
 
 #[test]
 fn failed_requests_are_counted() {
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let (output, report) = bench(&["--url", &url, "--workload", "seed-batch"]);
     assert!(output.status.success(), "{output:?}");
@@ -117,12 +223,7 @@ fn a_concurrency_sweep_reports_every_point() {
     let text = std::fs::read_to_string(markdown).unwrap();
     assert!(text.contains("| concurrency | req/s |"), "{text}");
     // The shared prefix was served from the prefix cache after the first request.
-    let text = ureq::get(&server.url("/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let text = server.metrics_blocking();
     let hits = metric_value(&text, "vllm:prefix_cache_hits_total").unwrap_or(0.0);
     assert!(
         hits >= 32.0,
