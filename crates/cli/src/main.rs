@@ -2,8 +2,10 @@
 //! does the work.
 
 mod bench;
+mod compare;
 mod doctor;
 mod generate;
+mod gpu;
 mod kv;
 mod model;
 mod route;
@@ -38,10 +40,16 @@ enum Command {
     Route(route::RouteArgs),
     /// Load an OpenAI-compatible endpoint and report vllm bench serve's metrics.
     Bench(bench::BenchArgs),
+    /// Run the same scenarios against single, replicated and disaggregated topologies
+    /// on the same resources, and write a report with tables and plots.
+    Compare(compare::CompareArgs),
     /// Check that a topology (or the embedded default) can start, with a fix for each failure.
     Doctor(doctor::DoctorArgs),
     /// KV cache arithmetic: bytes per token and request, capacity, transfer times.
     Kv(kv::KvArgs),
+    /// GPUs: their measured ceilings (a build with `--features cuda`).
+    #[command(subcommand)]
+    Gpu(gpu::GpuCommand),
     /// Manage models: fetch the default model, show where it lives.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -50,6 +58,8 @@ enum Command {
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: not in log files or `tandem up`'s prefixed lines.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
@@ -59,12 +69,14 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Model(command) => model::run(command),
+        Command::Gpu(command) => gpu::run(command),
         Command::Serve(args) => serve::run(args),
         Command::Route(args) => route::run(args),
         Command::Up(args) => up::run(args),
         Command::Kv(args) => kv::run(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Compare(args) => compare::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -24,9 +24,15 @@ use tokio::sync::{Notify, mpsc};
 #[derive(Args)]
 pub struct ServeArgs {
     /// A `.gguf` file or a Hugging Face folder. Default: the cached default model
-    /// (`tandem model fetch`).
+    /// (`tandem model fetch`). With `--load-format dummy`: a preset name.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// `auto`: --model is a file or folder. `dummy`: --model names a preset
+    /// (llama-3.1-8b, llama-3.1-70b, llama-3.2-1b, smollm2-135m) whose exact shapes get
+    /// random f16 weights, as vLLM's `--load-format dummy`: for measuring speed and
+    /// memory at a model's size. Its text is meaningless.
+    #[arg(long, value_enum, default_value_t = LoadFormat::Auto)]
+    load_format: LoadFormat,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -115,10 +121,45 @@ impl From<KvCacheDtype> for KvDtype {
     }
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LoadFormat {
+    Auto,
+    Dummy,
+}
+
+/// The model, the name it is served under by default, and its identity for the hand-off.
+fn load_model(args: &ServeArgs) -> Result<(LoadedModel, String, String)> {
+    if args.load_format == LoadFormat::Dummy {
+        let preset =
+            args.model.as_deref().and_then(Path::to_str).context(
+                "--load-format dummy needs --model PRESET (llama-3.1-8b, llama-3.2-1b, …)",
+            )?;
+        tandem_engine::model::dummy::Preset::find(preset)?;
+        let tokenizer = fetch::default_model_path();
+        if !tokenizer.is_file() {
+            bail!(
+                "--load-format dummy borrows the default model's tokenizer, which is not at {}: run `tandem model fetch`",
+                tokenizer.display()
+            );
+        }
+        let loaded = LoadedModel::dummy(preset, &tokenizer, LoadOptions::default())?;
+        tracing::warn!(
+            preset,
+            "serving random weights (--load-format dummy): the text is meaningless"
+        );
+        let identity = format!("dummy:{preset}:seed{}", tandem_engine::loaded::DUMMY_SEED);
+        return Ok((loaded, preset.to_owned(), identity));
+    }
     let path = fetch::resolve_model(args.model.as_deref())?;
     let loaded = LoadedModel::load(&path, LoadOptions::default())
         .with_context(|| format!("loading {}", path.display()))?;
+    let identity = transfer::model_identity(&path)
+        .with_context(|| format!("reading {} for its identity", path.display()))?;
+    Ok((loaded, default_served_name(&path), identity))
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let (loaded, default_name, identity) = load_model(&args)?;
     let kv = KvOptions {
         block_size: args.block_size,
         dtype: args.kv_cache_dtype.into(),
@@ -128,11 +169,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     let max_model_len = max_model_len(&loaded, &args, kv)?;
     let served = ServedModel {
-        name: args
-            .served_model_name
-            .clone()
-            .unwrap_or_else(|| default_served_name(&path)),
-        root: path.display().to_string(),
+        name: args.served_model_name.clone().unwrap_or(default_name),
+        root: loaded.path.display().to_string(),
         max_model_len,
         vocab_size: loaded.model.config().vocab_size,
     };
@@ -149,8 +187,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .ok()
         .filter(|d| !d.is_zero())
         .context("--kv-lease-secs must be a positive number of seconds")?;
-    let identity = transfer::model_identity(&path)
-        .with_context(|| format!("reading {} for its identity", path.display()))?;
     let fingerprint = Fingerprint::new(identity, loaded.model.kv_layout(kv));
     let LoadedModel {
         model,

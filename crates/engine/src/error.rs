@@ -36,6 +36,8 @@ pub enum ModelError {
         key: String,
         detail: String,
     },
+    #[error("no model preset `{name}` for --load-format dummy; presets: {known}")]
+    UnknownPreset { name: String, known: String },
     #[error("{path}: missing tensor `{tensor}`")]
     MissingTensor { path: PathBuf, tensor: String },
     #[error("{path}: tensor `{tensor}` has shape {actual:?}, expected {expected:?}")]

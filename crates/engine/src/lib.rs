@@ -15,6 +15,8 @@
 
 pub mod api;
 pub mod chat;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod fetch;
 pub mod generate;

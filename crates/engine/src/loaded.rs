@@ -17,11 +17,39 @@ pub struct LoadedModel {
     pub path: PathBuf,
 }
 
+/// The seed of every dummy model's weights: workers with the same preset hold the same
+/// model (and can hand KV to each other).
+pub const DUMMY_SEED: u64 = 0;
+
 impl LoadedModel {
     pub fn load(path: &Path, options: LoadOptions) -> Result<Self, ModelError> {
         let loaded = match ModelFormat::detect(path)? {
             ModelFormat::Gguf(file) => Self::load_gguf(&file, options)?,
             ModelFormat::HfDir(dir) => Self::load_hf_dir(&dir, options)?,
+        };
+        loaded.check_vocabulary()?;
+        Ok(loaded)
+    }
+
+    /// A preset's shapes with random weights (`--load-format dummy`), with the default
+    /// model's tokenizer and chat template (`tokenizer_gguf`): text in, ids within any
+    /// preset's vocabulary; what comes out is meaningless.
+    pub fn dummy(
+        preset: &str,
+        tokenizer_gguf: &Path,
+        options: LoadOptions,
+    ) -> Result<Self, ModelError> {
+        let preset = crate::model::dummy::Preset::find(preset)?;
+        let model = crate::model::load_dummy(preset, DUMMY_SEED, options)?;
+        let source = GgufSource::open(tokenizer_gguf)?;
+        let tokenizer = Tokenizer::from_gguf(&source.content, tokenizer_gguf)?;
+        let (bos, eos) = special_strings(&tokenizer);
+        let chat_template = ChatTemplate::from_gguf(&source.content, &bos, &eos)?;
+        let loaded = Self {
+            model,
+            tokenizer,
+            chat_template,
+            path: PathBuf::from(format!("dummy:{}", preset.name)),
         };
         loaded.check_vocabulary()?;
         Ok(loaded)

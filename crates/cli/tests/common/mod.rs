@@ -33,6 +33,49 @@ pub fn default_model_present() -> bool {
     false
 }
 
+/// Each line of `stream` (a child's stderr), echoed to this test's stderr after
+/// `[label]` and sent to the receiver.
+pub fn tee_lines(
+    stream: impl std::io::Read + Send + 'static,
+    label: &'static str,
+) -> mpsc::Receiver<String> {
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            eprintln!("[{label}] {line}");
+            let _ = tx.send(line);
+        }
+    });
+    lines
+}
+
+/// A port free on loopback now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// One short chat request through the endpoint at `url`; asserts it is answered.
+pub fn chat_once(url: &str) {
+    let body = json!({"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8});
+    let answer = ureq::post(&format!("{url}/v1/chat/completions"))
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .expect("the router answers");
+    assert_eq!(answer.status(), 200);
+}
+
 /// A running `tandem serve`, killed when dropped.
 pub struct Server {
     pub child: Child,
@@ -197,6 +240,16 @@ impl Server {
     pub async fn metrics(&self) -> String {
         let response = self.client.get(self.url("/metrics")).send().await.unwrap();
         response.text().await.unwrap()
+    }
+
+    /// [`Self::metrics`] for tests without a runtime.
+    pub fn metrics_blocking(&self) -> String {
+        ureq::get(&self.url("/metrics"))
+            .call()
+            .expect("the server answers /metrics")
+            .body_mut()
+            .read_to_string()
+            .unwrap()
     }
 
     /// Waits until no request runs and KV usage is back to `idle_usage`.

@@ -7,9 +7,9 @@
 //! the same order.
 //!
 //! Work is split into tasks of (sequence, KV head, chunk of up to 64 queries), or for
-//! decode-sized sequences (sequence, query head). A task copies its KV head's keys and
-//! values (f16 or f32 in the store) into contiguous f32 buffers, up to the last position
-//! its chunk can see, and serves its query heads from them.
+//! decode-sized sequences in a small batch (sequence, query head). A task copies its
+//! KV head's keys and values (f16 or f32 in the store) into contiguous f32 buffers, up
+//! to the last position its chunk can see, and serves its query heads from them.
 
 use std::cell::RefCell;
 
@@ -24,6 +24,10 @@ const QUERY_CHUNK: usize = 64;
 /// smaller tasks keep both cores busy in decode); longer ones one per KV head (one
 /// gather serves the whole group). The arithmetic per query is the same either way.
 const PER_HEAD_MAX_TOKENS: usize = 4;
+/// ...but only while per-KV-head tasks would be too few to share among the threads:
+/// with enough sequences in the batch, one gather per KV head (instead of one per
+/// query head) saves converting the same keys and values again for each head.
+const KV_HEAD_TASKS_PER_THREAD: usize = 4;
 
 /// One sequence's share of a batch, as attention sees it.
 pub struct AttnSeq<'a> {
@@ -79,7 +83,7 @@ pub fn attend(
     kv: &KvStore,
     out: &mut [f32],
 ) {
-    let tasks = plan(shape, seqs);
+    let tasks = plan(shape, seqs, pool.n_threads());
     let out_stride = shape.num_heads * shape.head_dim;
     let rows = seqs.iter().map(|s| s.row + s.n_tokens).max().unwrap_or(0);
     assert!(out.len() >= rows * out_stride, "attention output too small");
@@ -99,11 +103,13 @@ pub fn attend(
     });
 }
 
-fn plan(shape: &AttnShape, seqs: &[AttnSeq]) -> Vec<Task> {
+fn plan(shape: &AttnShape, seqs: &[AttnSeq], threads: usize) -> Vec<Task> {
     let group = shape.num_heads / shape.num_kv_heads;
+    let kv_head_tasks_suffice =
+        seqs.len() * shape.num_kv_heads >= KV_HEAD_TASKS_PER_THREAD * threads;
     let mut tasks = Vec::new();
     for (s, seq) in seqs.iter().enumerate() {
-        let per_head = seq.n_tokens <= PER_HEAD_MAX_TOKENS;
+        let per_head = seq.n_tokens <= PER_HEAD_MAX_TOKENS && !kv_head_tasks_suffice;
         // Later chunks see more keys; queue them first so the pool ends balanced.
         let chunks = seq.n_tokens.div_ceil(QUERY_CHUNK);
         for c in (0..chunks).rev() {

@@ -4,10 +4,12 @@
 //! - `config`: the model's shape, from GGUF metadata or `config.json`.
 //! - `source`: reading tensors from GGUF or safetensors shards.
 //! - `weights`: assembling and validating the weights.
+//! - `dummy`: a preset's shapes with random weights (`--load-format dummy`).
 //! - `rope`, `attention`, `llama`: the forward pass.
 
 mod attention;
 pub mod config;
+pub mod dummy;
 pub mod llama;
 mod rope;
 pub mod source;
@@ -57,6 +59,18 @@ pub fn load_gguf(
 ) -> Result<Llama, ModelError> {
     let config = ModelConfig::from_gguf(&source.content, path)?;
     let weights = LlamaWeights::load(source, &TensorNames::GGUF, &config, options)?;
+    Ok(Llama::new(config, weights))
+}
+
+/// A preset's exact shapes with random weights (`--load-format dummy`).
+pub fn load_dummy(
+    preset: &dummy::Preset,
+    seed: u64,
+    options: LoadOptions,
+) -> Result<Llama, ModelError> {
+    let config = preset.config();
+    let source = dummy::DummySource::new(preset, seed);
+    let weights = LlamaWeights::load(&source, &TensorNames::HF, &config, options)?;
     Ok(Llama::new(config, weights))
 }
 

@@ -60,6 +60,28 @@ impl TensorNames {
         ],
     };
 
+    /// Layer `index`'s tensors: name, shape, and whether it is a norm vector.
+    pub fn layer_shapes(&self, index: usize, c: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
+        let (hidden, inter) = (c.hidden_size, c.intermediate_size);
+        [
+            (LayerTensor::AttnNorm, vec![hidden]),
+            (LayerTensor::Q, vec![c.q_dim(), hidden]),
+            (LayerTensor::K, vec![c.kv_dim(), hidden]),
+            (LayerTensor::V, vec![c.kv_dim(), hidden]),
+            (LayerTensor::O, vec![hidden, c.q_dim()]),
+            (LayerTensor::FfnNorm, vec![hidden]),
+            (LayerTensor::Gate, vec![inter, hidden]),
+            (LayerTensor::Up, vec![inter, hidden]),
+            (LayerTensor::Down, vec![hidden, inter]),
+        ]
+        .into_iter()
+        .map(|(which, shape)| {
+            let is_norm = shape.len() == 1;
+            (self.layer(index, which), shape, is_norm)
+        })
+        .collect()
+    }
+
     fn layer(&self, index: usize, which: LayerTensor) -> String {
         format!(
             "{}{index}.{}",
