@@ -80,7 +80,7 @@ pub fn load_topology(file: Option<&Path>) -> Result<Checked> {
 pub fn run(args: UpArgs) -> Result<()> {
     let mut topology = load_topology(args.file.as_deref())?;
     if let Some(port) = args.port {
-        topology.router.port = port;
+        topology.set_router_port(port)?;
     }
     fill_default_models(&mut topology, !args.dry_run)?;
     if args.dry_run {

@@ -153,34 +153,83 @@ model = "/nonexistent/model.gguf"
 #[test]
 fn bad_topology_files_name_the_line_and_the_field() {
     let dir = tempfile::tempdir().unwrap();
-    let cases = [
+    let worker = |port: u16, extra: &str| {
+        format!("[[worker]]\nengine = \"builtin\"\nrole = \"both\"\nport = {port}\n{extra}\n")
+    };
+    // (file, what the error must say: its line and its field)
+    let cases: Vec<(String, Vec<&str>)> = vec![
         (
-            "[[worker]]\nengine = \"builtin\"\nrole = \"both\"\nport = 1\ncorez = [0]\n",
-            "corez",
+            "[[worker]]\nengine = \"builtin\"\nrole = \"both\"\nport = 1\ncorez = [0]\n".into(),
+            vec!["line ", "corez"],
         ),
         (
-            "[[worker]]\nengine = \"vllm\"\nrole = \"both\"\nport = 8000\n",
-            "`model`",
+            "[[worker]]\nengine = \"vllm\"\nrole = \"both\"\nport = 8000\n".into(),
+            vec!["line ", "`model`"],
         ),
         (
-            "[[worker]]\nengine = \"builtin\"\nrole = \"prefill\"\nport = 8000\n",
-            "`kv_port`",
+            "[[worker]]\nengine = \"builtin\"\nrole = \"prefill\"\nport = 8000\n".into(),
+            vec!["line ", "`kv_port`"],
+        ),
+        // The second worker (line 6) repeats the first one's port.
+        (
+            worker(8100, "") + &worker(8100, ""),
+            vec!["line 6", "`port`", "worker-0"],
+        ),
+        // Its hand-off port is the other's HTTP port.
+        (
+            worker(8100, "") + &worker(8200, "kv_port = 8100"),
+            vec!["line 6", "`kv_port`"],
+        ),
+        // The router's port, on the third worker (line 14, after [router]).
+        (
+            "[router]\nport = 9000\n\n".to_owned()
+                + &worker(8100, "")
+                + &worker(8200, "")
+                + &worker(9000, ""),
+            vec!["line 14", "`port`", "router's port"],
+        ),
+        (
+            worker(8100, "name = \"a\"") + &worker(8200, "name = \"a\""),
+            vec!["line 6", "`name`"],
+        ),
+        (
+            "\n[router]\nport = 0\n\n".to_owned() + &worker(8100, ""),
+            vec!["line 2", "[router]", "`port`"],
+        ),
+        // A replica among P/D workers: the line of the one that mixes.
+        (
+            "[[worker]]\nengine = \"builtin\"\nrole = \"prefill\"\nport = 8100\nkv_port = 5600\n\n\
+             [[worker]]\nengine = \"builtin\"\nrole = \"decode\"\nport = 8200\n\n"
+                .to_owned()
+                + &worker(8300, ""),
+            vec!["line 12", "`role`", "cannot be mixed"],
         ),
     ];
-    for (text, field) in cases {
+    for (text, needles) in cases {
         let file = dir.path().join("t.toml");
-        std::fs::write(&file, text).unwrap();
+        std::fs::write(&file, &text).unwrap();
         let output = tandem()
             .args(["up", "--dry-run", file.to_str().unwrap()])
             .output()
             .unwrap();
-        assert!(!output.status.success());
+        assert!(!output.status.success(), "{text}");
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(
-            stderr.contains("line ") && stderr.contains(field),
-            "{stderr}"
-        );
+        for needle in needles {
+            assert!(stderr.contains(needle), "{needle}: {stderr}\n{text}");
+        }
     }
+    // `--port` may not take a worker's port either.
+    let output = tandem()
+        .args(["up", "--dry-run", "--port", "8200"])
+        .arg(repo_file("topologies/builtin-1p1d.toml"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--port") && stderr.contains("router's port"),
+        "{stderr}"
+    );
 }
 
 #[test]

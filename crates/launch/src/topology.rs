@@ -13,10 +13,8 @@ use toml::Spanned;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Topology {
-    #[serde(default)]
-    pub router: RouterSpec,
-    #[serde(default)]
-    pub ssh: SshSpec,
+    pub router: Option<Spanned<RouterSpec>>,
+    pub ssh: Option<Spanned<SshSpec>>,
     #[serde(rename = "worker")]
     pub workers: Vec<Spanned<WorkerSpec>>,
 }
@@ -201,21 +199,26 @@ impl Checked {
         self.workers.iter().any(|w| w.spec.role != Role::Both)
     }
 
+    /// Moves the router to `port` (`tandem up --port`), checked as the file's
+    /// `[router] port` is.
+    pub fn set_router_port(&mut self, port: u16) -> Result<(), TopologyError> {
+        let refuse = |message: String| TopologyError::Parse {
+            path: "--port".into(),
+            message,
+        };
+        if port == 0 {
+            return Err(refuse("must be a port number, not 0".into()));
+        }
+        self.router.port = port;
+        check_names_and_ports(self).map_err(|(_, message)| refuse(message))
+    }
+
+    /// Whether the workers are on more than one machine (an SSH target on loopback is
+    /// this machine).
     pub fn is_multi_host(&self) -> bool {
-        let mut hosts: Vec<String> = self
-            .workers
-            .iter()
-            .map(|w| {
-                if w.spec.is_local() {
-                    "local".into()
-                } else {
-                    w.spec.ssh_host().to_owned()
-                }
-            })
-            .collect();
-        hosts.sort();
-        hosts.dedup();
-        hosts.len() > 1
+        let machines: std::collections::BTreeSet<&str> =
+            self.workers.iter().map(|w| machine_of(&w.spec)).collect();
+        machines.len() > 1
     }
 }
 
@@ -249,7 +252,28 @@ fn check(topology: Topology, text: &str, origin: &str) -> Result<Checked, Topolo
             "no [[worker]]: a topology needs at least one".into(),
         ));
     }
+    let (router, router_span) = match topology.router {
+        Some(spanned) => (spanned.get_ref().clone(), spanned.span()),
+        None => (RouterSpec::default(), 0..0),
+    };
+    let (ssh, ssh_span) = match topology.ssh {
+        Some(spanned) => (spanned.get_ref().clone(), spanned.span()),
+        None => (SshSpec::default(), 0..0),
+    };
+    if router.port == 0 {
+        return Err(invalid(
+            router_span,
+            "[router]: field `port` must be a port number, not 0".into(),
+        ));
+    }
+    if ssh.connect_timeout == 0 {
+        return Err(invalid(
+            ssh_span,
+            "[ssh]: field `connect_timeout` must be at least 1 (seconds)".into(),
+        ));
+    }
     let mut workers = Vec::new();
+    let mut spans = Vec::new();
     let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
     for spanned in &topology.workers {
         let span = spanned.span();
@@ -267,34 +291,120 @@ fn check(topology: Topology, text: &str, origin: &str) -> Result<Checked, Topolo
         *index += 1;
         check_worker(&spec, &name).map_err(|message| invalid(span.clone(), message))?;
         workers.push(NamedWorker { name, spec });
-    }
-    let roles: Vec<Role> = workers.iter().map(|w| w.spec.role).collect();
-    let has = |role| roles.contains(&role);
-    if has(Role::Both) && (has(Role::Prefill) || has(Role::Decode)) {
-        return Err(invalid(
-            0..0,
-            "workers with role \"both\" cannot be mixed with prefill/decode workers".into(),
-        ));
-    }
-    if (has(Role::Prefill) || has(Role::Decode)) && !(has(Role::Prefill) && has(Role::Decode)) {
-        return Err(invalid(
-            0..0,
-            "a disaggregated topology needs at least one prefill and one decode worker".into(),
-        ));
-    }
-    if topology.ssh.connect_timeout == 0 {
-        return Err(invalid(
-            0..0,
-            "[ssh]: field `connect_timeout` must be at least 1 (seconds)".into(),
-        ));
+        spans.push(span);
     }
     let checked = Checked {
-        router: topology.router,
-        ssh: topology.ssh,
+        router,
+        ssh,
         workers,
     };
-    check_addresses(&checked).map_err(|message| invalid(0..0, message))?;
+    check_roles(&checked)
+        .and_then(|()| check_names_and_ports(&checked))
+        .and_then(|()| check_addresses(&checked))
+        .map_err(|(index, message)| invalid(spans[index].clone(), message))?;
     Ok(checked)
+}
+
+/// A whole-topology problem: the index of the worker to point at, and what is wrong.
+type Misfit = (usize, String);
+
+/// Replicated (`both`) or disaggregated (prefill and decode), not a mix or a half.
+fn check_roles(topology: &Checked) -> Result<(), Misfit> {
+    let workers = &topology.workers;
+    let first_pd = workers.iter().position(|w| w.spec.role != Role::Both);
+    let first_both = workers.iter().position(|w| w.spec.role == Role::Both);
+    if let (Some(pd), Some(both)) = (first_pd, first_both) {
+        let later = pd.max(both);
+        return Err((
+            later,
+            format!(
+                "worker `{}`: field `role`: workers with role \"both\" cannot be mixed with \
+                 prefill/decode workers",
+                workers[later].name
+            ),
+        ));
+    }
+    if let Some(pd) = first_pd {
+        let has = |role| workers.iter().any(|w| w.spec.role == role);
+        if !(has(Role::Prefill) && has(Role::Decode)) {
+            return Err((
+                pd,
+                format!(
+                    "worker `{}`: field `role`: a disaggregated topology needs at least one \
+                     prefill and one decode worker",
+                    workers[pd].name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The machine a worker's ports are on: `here` for local workers and SSH targets on
+/// loopback (where the router runs too), else the SSH host.
+fn machine_of(spec: &WorkerSpec) -> &str {
+    if spec.is_local() || matches!(spec.ssh_host(), "127.0.0.1" | "localhost" | "::1") {
+        "here"
+    } else {
+        spec.ssh_host()
+    }
+}
+
+/// Names are unique; no two ports are the same on one machine; no worker takes the
+/// router's port here.
+fn check_names_and_ports(topology: &Checked) -> Result<(), Misfit> {
+    let mut names = std::collections::BTreeSet::new();
+    // (machine, port) → (worker, field)
+    let mut ports: BTreeMap<(&str, u16), (&str, &str)> = BTreeMap::new();
+    for (index, worker) in topology.workers.iter().enumerate() {
+        if !names.insert(worker.name.as_str()) {
+            return Err((
+                index,
+                format!(
+                    "worker `{}`: field `name`: another worker has this name (names must be \
+                     unique: logs, pid files and errors are named after them)",
+                    worker.name
+                ),
+            ));
+        }
+        let spec = &worker.spec;
+        let machine = machine_of(spec);
+        let mut own = vec![("port", spec.port)];
+        own.extend(spec.kv_port.map(|p| ("kv_port", p)));
+        for (field, port) in own {
+            if machine == "here" && port == topology.router.port {
+                return Err((
+                    index,
+                    format!(
+                        "worker `{}`: field `{field}`: {port} is the router's port (set in \
+                         [router] or by --port)",
+                        worker.name
+                    ),
+                ));
+            }
+            if let Some((other, other_field)) = ports.insert((machine, port), (&worker.name, field))
+            {
+                let place = if machine == "here" {
+                    "this machine".to_owned()
+                } else {
+                    machine.to_owned()
+                };
+                let whose = if other == worker.name {
+                    format!("its own `{other_field}`")
+                } else {
+                    format!("worker `{other}`'s `{other_field}`")
+                };
+                return Err((
+                    index,
+                    format!(
+                        "worker `{}`: field `{field}`: {port} is already {whose} on {place}",
+                        worker.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_worker(spec: &WorkerSpec, name: &str) -> Result<(), String> {
@@ -359,20 +469,23 @@ fn check_worker(spec: &WorkerSpec, name: &str) -> Result<(), String> {
 }
 
 /// Multi-host P/D with vLLM must advertise routable side-channel addresses.
-fn check_addresses(topology: &Checked) -> Result<(), String> {
+fn check_addresses(topology: &Checked) -> Result<(), Misfit> {
     if !topology.is_multi_host() {
         return Ok(());
     }
-    for worker in &topology.workers {
+    for (index, worker) in topology.workers.iter().enumerate() {
         let address = worker.spec.reach_address();
         if worker.spec.engine == Engine::Vllm
             && worker.spec.role != Role::Both
             && matches!(address.as_str(), "127.0.0.1" | "localhost")
         {
-            return Err(format!(
-                "worker `{}`: a multi-host topology needs its routable address \
-                 (set `address`); {address} would be advertised as VLLM_NIXL_SIDE_CHANNEL_HOST",
-                worker.name
+            return Err((
+                index,
+                format!(
+                    "worker `{}`: field `address`: a multi-host topology needs its routable \
+                     address; {address} would be advertised as VLLM_NIXL_SIDE_CHANNEL_HOST",
+                    worker.name
+                ),
             ));
         }
     }
@@ -426,22 +539,100 @@ cores = [1]
         assert!(err.contains("decoder") && err.contains("line 14"), "{err}");
     }
 
+    fn error_of(text: &str) -> String {
+        parse(text, "t.toml").unwrap_err().to_string()
+    }
+
     #[test]
     fn modes_cannot_be_mixed_or_half_disaggregated() {
         let only_prefill =
             ONE_P_ONE_D.replace("role = \"decode\"", "role = \"prefill\"\nkv_port = 5601");
+        let err = error_of(&only_prefill);
         assert!(
-            parse(&only_prefill, "t")
-                .unwrap_err()
-                .to_string()
-                .contains("at least one prefill")
+            err.contains("at least one prefill") && err.contains("line 5"),
+            "the first P/D worker: {err}"
         );
         let mixed = ONE_P_ONE_D.replace("role = \"decode\"", "role = \"both\"");
+        let err = error_of(&mixed);
         assert!(
-            parse(&mixed, "t")
-                .unwrap_err()
-                .to_string()
-                .contains("cannot be mixed")
+            err.contains("cannot be mixed") && err.contains("line 12") && err.contains("`role`"),
+            "the worker that mixes: {err}"
+        );
+    }
+
+    #[test]
+    fn ports_names_and_the_router_port_are_checked_at_their_worker() {
+        // The decode worker (its table starts on line 12) repeats the prefill's port.
+        let same_port = ONE_P_ONE_D.replace("port = 8200", "port = 8100");
+        let err = error_of(&same_port);
+        assert!(
+            err.contains("line 12") && err.contains("`port`") && err.contains("`prefill-0`'s"),
+            "{err}"
+        );
+        let same_kv_port = ONE_P_ONE_D.replace("cores = [1]", "kv_port = 5600");
+        let err = error_of(&same_kv_port);
+        assert!(
+            err.contains("line 12") && err.contains("`kv_port`"),
+            "{err}"
+        );
+        let own = ONE_P_ONE_D.replace("kv_port = 5600", "kv_port = 8100");
+        let err = error_of(&own);
+        assert!(
+            err.contains("line 5") && err.contains("its own `port`"),
+            "{err}"
+        );
+        // The same port on two different hosts is fine.
+        let remote = same_port.replace(
+            "role = \"decode\"",
+            "role = \"decode\"\nhost = \"me@gpu-2\"",
+        );
+        assert!(parse(&remote, "t").is_ok());
+        // ... but not on an SSH target on loopback: that is this machine.
+        let loopback = same_port.replace(
+            "role = \"decode\"",
+            "role = \"decode\"\nhost = \"me@127.0.0.1\"",
+        );
+        assert!(error_of(&loopback).contains("on this machine"));
+
+        let router_port = ONE_P_ONE_D.replace("port = 8200", "port = 9000");
+        let err = error_of(&router_port);
+        assert!(
+            err.contains("line 12") && err.contains("router's port"),
+            "{err}"
+        );
+        let mut topology = parse(ONE_P_ONE_D, "t").unwrap();
+        let err = topology.set_router_port(8100).unwrap_err().to_string();
+        assert!(
+            err.contains("--port") && err.contains("router's port"),
+            "{err}"
+        );
+        assert!(topology.set_router_port(0).is_err());
+        topology.set_router_port(9100).unwrap();
+        assert_eq!(topology.router.port, 9100);
+
+        let names = ONE_P_ONE_D
+            .replace("role = \"prefill\"", "role = \"prefill\"\nname = \"w\"")
+            .replace("role = \"decode\"", "role = \"decode\"\nname = \"w\"");
+        let err = error_of(&names);
+        assert!(err.contains("line 13") && err.contains("`name`"), "{err}");
+        // A generated name taken by an explicit one.
+        let generated = ONE_P_ONE_D.replace(
+            "role = \"decode\"",
+            "role = \"decode\"\nname = \"prefill-0\"",
+        );
+        assert!(error_of(&generated).contains("`name`"));
+    }
+
+    #[test]
+    fn router_and_ssh_errors_point_at_their_tables() {
+        let zero = ONE_P_ONE_D.replace("port = 9000", "port = 0");
+        let err = error_of(&zero);
+        assert!(err.contains("line 2") && err.contains("[router]"), "{err}");
+        let ssh = format!("{ONE_P_ONE_D}\n[ssh]\nconnect_timeout = 0\n");
+        let err = error_of(&ssh);
+        assert!(
+            err.contains("line 18") && err.contains("connect_timeout"),
+            "{err}"
         );
     }
 
@@ -462,6 +653,7 @@ cores = [1]
         assert_eq!(prefill.url(), "http://127.0.0.1:8100");
         assert_eq!(prefill.ssh_options, ["-i", "/k"]);
         assert!(topology.workers[1].spec.is_local());
+        assert!(!topology.is_multi_host(), "loopback over ssh is this machine");
 
         let local_options = ONE_P_ONE_D.replace("cores = [1]", "ssh_options = [\"-v\"]");
         let err = parse(&local_options, "t").unwrap_err().to_string();
