@@ -28,7 +28,7 @@ pub struct CompareArgs {
     /// Default: single, replicated and disaggregated built-in topologies on --cores.
     #[arg(long = "topology", value_name = "NAME=FILE", value_parser = parse_named_file)]
     topologies: Vec<(String, PathBuf)>,
-    /// Scenarios to run (TOML `[[scenario]]` tables, see docs/benchmarks.md). Default:
+    /// Scenarios to run (TOML `[[scenario]]` tables, see docs/bench.md). Default:
     /// the seed's two tests, long-prompt/short-output and short-prompt/long-output
     /// sweeps, and multi-turn chat.
     #[arg(long, value_name = "FILE")]
@@ -39,7 +39,9 @@ pub struct CompareArgs {
     /// The report folder.
     #[arg(long, default_value = "compare-report")]
     out: PathBuf,
-    /// Cores in all for the default topologies (default: every core here).
+    /// Cores in all for the default topologies: the first N of those this process may
+    /// use (default: all of them). With an odd N, every layout uses N - 1, so that all
+    /// get the same total.
     #[arg(long)]
     cores: Option<usize>,
     /// KV cache per built-in worker of the default topologies.
@@ -175,12 +177,8 @@ fn topologies(args: &CompareArgs) -> Result<Vec<(String, Checked)>> {
             .map(|(name, file)| Ok((name.clone(), topology::load(file)?)))
             .collect();
     }
-    let cores = total_cores(args);
-    if cores == 0 {
-        bail!("--cores must be at least 1");
-    }
     let defaults = DefaultTopologies {
-        cores,
+        cores: given_cores(args)?,
         kv_cache_memory: &args.kv_cache_memory,
         model: args.model.as_deref(),
         serve_args: &args.serve_args,
@@ -199,16 +197,27 @@ fn topologies(args: &CompareArgs) -> Result<Vec<(String, Checked)>> {
     .collect()
 }
 
-/// `--cores`, else every core here.
-fn total_cores(args: &CompareArgs) -> usize {
-    args.cores
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+/// The cores the default topologies share: the first `--cores` of those this process
+/// may use (its affinity mask: a cpuset or taskset may exclude some), else all of them.
+fn given_cores(args: &CompareArgs) -> Result<Vec<usize>> {
+    let allowed = run::allowed_cores();
+    match args.cores {
+        None => Ok(allowed),
+        Some(0) => bail!("--cores must be at least 1"),
+        Some(n) if n > allowed.len() => bail!(
+            "--cores {n}: this process may use {} cores ({})",
+            allowed.len(),
+            run::core_list(&allowed)
+        ),
+        Some(n) => Ok(allowed[..n].to_vec()),
+    }
 }
 
-/// The default topologies, written as topology files: the same cores in all, the same
-/// KV budget per worker, free ports on loopback.
+/// The default topologies, written as topology files: the same cores in total in all,
+/// the same KV budget per worker, free ports on loopback.
 struct DefaultTopologies<'a> {
-    cores: usize,
+    /// The core ids given (see [`given_cores`]).
+    cores: Vec<usize>,
     kv_cache_memory: &'a str,
     model: Option<&'a Path>,
     serve_args: &'a [String],
@@ -216,7 +225,11 @@ struct DefaultTopologies<'a> {
 
 impl DefaultTopologies<'_> {
     fn single(&self) -> Result<String> {
-        let all: Vec<usize> = (0..self.cores).collect();
+        let (first, second) = self.halves();
+        let mut all = first;
+        if second != all {
+            all.extend(second);
+        }
         Ok(self.router("least_loaded")? + &self.worker("both", &all, false)?)
     }
 
@@ -234,13 +247,55 @@ impl DefaultTopologies<'_> {
             + &self.worker("decode", &second, true)?)
     }
 
-    /// Two disjoint halves of the cores (both core 0 on a one-core machine).
+    /// Two disjoint halves of equal size (both the one core given, with one); with an
+    /// odd count the last core is left out, so that single gets what the two workers of
+    /// the other layouts get together.
     fn halves(&self) -> (Vec<usize>, Vec<usize>) {
-        if self.cores == 1 {
-            return (vec![0], vec![0]);
+        if self.cores.len() <= 1 {
+            return (self.cores.clone(), self.cores.clone());
         }
-        let half = self.cores / 2;
-        ((0..half).collect(), (half..half * 2).collect())
+        let half = self.cores.len() / 2;
+        (
+            self.cores[..half].to_vec(),
+            self.cores[half..half * 2].to_vec(),
+        )
+    }
+
+    /// What each layout got, for the report.
+    fn resources(&self) -> String {
+        let (first, second) = self.halves();
+        let used = if first == second {
+            first.clone()
+        } else {
+            [first.clone(), second.clone()].concat()
+        };
+        let mut text = format!(
+            "{} cores in all for every layout (single: one worker on cores {}; replicated \
+             and disaggregated: two workers, on cores {} and on cores {})",
+            used.len(),
+            run::core_list(&used),
+            run::core_list(&first),
+            run::core_list(&second),
+        );
+        if used.len() < self.cores.len() {
+            let idle: Vec<usize> = self
+                .cores
+                .iter()
+                .copied()
+                .filter(|c| !used.contains(c))
+                .collect();
+            text.push_str(&format!(
+                " — of {} cores given: core {} stays idle so that every layout gets the same \
+                 total",
+                self.cores.len(),
+                run::core_list(&idle)
+            ));
+        }
+        text.push_str(&format!(
+            ", KV cache {} per worker, the router on one thread",
+            self.kv_cache_memory
+        ));
+        text
     }
 
     fn router(&self, policy: &str) -> Result<String> {
@@ -312,11 +367,16 @@ fn setup(args: &CompareArgs, topologies: &[(String, Checked)]) -> Setup {
         .into_iter()
         .collect();
     let resources = if args.topologies.is_empty() {
-        let cores = total_cores(args);
-        format!(
-            "{cores} cores in all (single: one worker on all of them; replicated and disaggregated: two workers on half each), KV cache {} per worker, the router on one thread",
-            args.kv_cache_memory
-        )
+        match given_cores(args) {
+            Ok(cores) => DefaultTopologies {
+                cores,
+                kv_cache_memory: &args.kv_cache_memory,
+                model: None,
+                serve_args: &[],
+            }
+            .resources(),
+            Err(err) => err.to_string(),
+        }
     } else {
         "as the topology files give them".into()
     };
@@ -350,7 +410,7 @@ fn measure_topology(
         stop: &STOP,
     };
     let launches = plan::plan(topology, tandem);
-    let mut stack = Stack::start(&launches, &options, &mut StderrObserver)?;
+    let mut stack = Stack::start(&launches, &options, &mut StderrObserver::new())?;
     let endpoint = stack.endpoint().to_owned();
     let target = |ignore_eos: bool| Target {
         base_url: endpoint.clone(),
@@ -530,7 +590,7 @@ mod tests {
     fn the_default_topologies_share_the_cores_and_the_kv_budget() {
         let serve_args = vec!["--max-num-seqs=8".to_owned()];
         let defaults = DefaultTopologies {
-            cores: 4,
+            cores: vec![0, 1, 2, 3],
             kv_cache_memory: "256MiB",
             model: None,
             serve_args: &serve_args,
@@ -539,9 +599,6 @@ mod tests {
         let single = parse(defaults.single());
         let replicated = parse(defaults.replicated());
         let disaggregated = parse(defaults.disaggregated());
-        let cores = |t: &Checked| -> Vec<Vec<usize>> {
-            t.workers.iter().map(|w| w.spec.cores.clone()).collect()
-        };
         assert_eq!(cores(&single), vec![vec![0, 1, 2, 3]]);
         assert_eq!(cores(&replicated), vec![vec![0, 1], vec![2, 3]]);
         assert_eq!(cores(&disaggregated), vec![vec![0, 1], vec![2, 3]]);
@@ -556,5 +613,46 @@ mod tests {
             describe(&disaggregated),
             "router → prefill (cores 0,1, KV 256MiB) + decode (cores 2,3, KV 256MiB)"
         );
+    }
+
+    fn cores(t: &Checked) -> Vec<Vec<usize>> {
+        t.workers.iter().map(|w| w.spec.cores.clone()).collect()
+    }
+
+    fn defaults_on(cores: Vec<usize>) -> DefaultTopologies<'static> {
+        DefaultTopologies {
+            cores,
+            kv_cache_memory: "64MiB",
+            model: None,
+            serve_args: &[],
+        }
+    }
+
+    #[test]
+    fn an_odd_core_count_gives_every_layout_the_same_total() {
+        // Three cores this process may use, not starting at 0 (as under taskset).
+        let defaults = defaults_on(vec![1, 2, 3]);
+        let parse = |text: Result<String>| topology::parse(&text.unwrap(), "t").unwrap();
+        let total = |t: &Checked| -> usize { cores(t).iter().map(Vec::len).sum() };
+        let single = parse(defaults.single());
+        let replicated = parse(defaults.replicated());
+        let disaggregated = parse(defaults.disaggregated());
+        assert_eq!(cores(&single), vec![vec![1, 2]]);
+        assert_eq!(cores(&replicated), vec![vec![1], vec![2]]);
+        assert_eq!(cores(&disaggregated), vec![vec![1], vec![2]]);
+        assert!(total(&single) == total(&replicated) && total(&single) == total(&disaggregated));
+        let resources = defaults.resources();
+        assert!(
+            resources.starts_with("2 cores in all for every layout")
+                && resources.contains("single: one worker on cores 1,2")
+                && resources.contains("on cores 1 and on cores 2")
+                && resources.contains("core 3 stays idle"),
+            "{resources}"
+        );
+        // One core: every worker shares it.
+        let one = defaults_on(vec![5]);
+        assert_eq!(cores(&parse(one.single())), vec![vec![5]]);
+        assert_eq!(cores(&parse(one.replicated())), vec![vec![5], vec![5]]);
+        assert!(!one.resources().contains("idle"));
     }
 }

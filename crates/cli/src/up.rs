@@ -1,8 +1,8 @@
 //! `tandem up [FILE]`: starts a topology's workers and its router here, waits until
 //! each is healthy, prints the endpoint, and stops everything it started on Ctrl-C or
 //! SIGTERM. Without FILE: the embedded default, a built-in prefill worker and decode
-//! worker on the default model, each pinned to its own core where there are two,
-//! behind the router in P/D mode.
+//! worker on the default model, each pinned to its own core where this process may use
+//! two (the first two of its affinity mask), behind the router in P/D mode.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,12 +40,16 @@ pub struct UpArgs {
 /// Set by SIGINT/SIGTERM.
 static STOP: AtomicBool = AtomicBool::new(false);
 
-/// The embedded default as a topology file (ports of the seed notebooks).
-fn embedded_default(cores: usize) -> String {
-    let (prefill_cores, decode_cores) = if cores >= 2 {
-        ("cores = [0]\n", "cores = [1]\n")
-    } else {
-        ("", "")
+/// The embedded default as a topology file (ports of the seed notebooks), its workers
+/// pinned to the first two of `allowed` (the cores this process may use) if there are
+/// two.
+fn embedded_default(allowed: &[usize]) -> String {
+    let (prefill_cores, decode_cores) = match allowed {
+        [first, second, ..] => (
+            format!("cores = [{first}]\n"),
+            format!("cores = [{second}]\n"),
+        ),
+        _ => (String::new(), String::new()),
     };
     format!(
         r#"[router]
@@ -70,10 +74,10 @@ kv_port = 5601
 pub fn load_topology(file: Option<&Path>) -> Result<Checked> {
     Ok(match file {
         Some(path) => topology::load(path)?,
-        None => {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            topology::parse(&embedded_default(cores), "the embedded default")?
-        }
+        None => topology::parse(
+            &embedded_default(&run::allowed_cores()),
+            "the embedded default",
+        )?,
     })
 }
 
@@ -101,7 +105,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         limit: Duration::from_secs(args.start_timeout),
         stop: &STOP,
     };
-    let mut stack = Stack::start(&launches, &options, &mut StderrObserver)?;
+    let mut stack = Stack::start(&launches, &options, &mut StderrObserver::new())?;
     let result = serve(&args, &mut stack);
     eprintln!("stopping {} processes", stack.len());
     stack.stop();
@@ -182,8 +186,8 @@ mod tests {
 
     #[test]
     fn the_embedded_default_is_a_valid_1p1d_topology() {
-        for cores in [1, 2, 16] {
-            let topology = topology::parse(&embedded_default(cores), "default").unwrap();
+        for cores in [vec![0], vec![0, 1], (0..16).collect()] {
+            let topology = topology::parse(&embedded_default(&cores), "default").unwrap();
             assert!(topology.is_disaggregated());
             assert_eq!(topology.router.port, 8192);
             let ports: Vec<_> = topology
@@ -193,7 +197,19 @@ mod tests {
                 .collect();
             assert_eq!(ports, vec![(8100, Some(5600)), (8200, Some(5601))]);
             let pinned = topology.workers[0].spec.cores.len() == 1;
-            assert_eq!(pinned, cores >= 2);
+            assert_eq!(pinned, cores.len() >= 2);
         }
+    }
+
+    #[test]
+    fn the_embedded_default_pins_to_cores_this_process_may_use() {
+        // As under `taskset -c 2,5,7`: not cores 0 and 1.
+        let topology = topology::parse(&embedded_default(&[2, 5, 7]), "default").unwrap();
+        let cores: Vec<&[usize]> = topology
+            .workers
+            .iter()
+            .map(|w| w.spec.cores.as_slice())
+            .collect();
+        assert_eq!(cores, [&[2][..], &[5][..]]);
     }
 }

@@ -1,6 +1,7 @@
 //! `tandem compare` end to end on the default model with a short suite: three real
 //! topologies started, measured and torn down in turn, and a complete report folder —
-//! every run accounted for, the figures real PNG and SVG files, nothing left running.
+//! every run accounted for, the figures real PNG and SVG files, the cores each layout
+//! got stated, nothing left running.
 
 mod common;
 
@@ -97,6 +98,8 @@ fn a_three_way_comparison_writes_a_complete_report() {
         "![long-prompts throughput](long-prompts-throughput.svg)",
         "![long-prompts goodput](long-prompts-goodput.svg)",
         "![chat latency](chat-latency.svg)",
+        // What each layout got, the same total for all.
+        "cores in all for every layout (single: one worker on cores",
     ] {
         assert!(
             report.contains(needle),
@@ -171,6 +174,19 @@ fn bad_suites_and_unknown_scenarios_are_explained() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("no scenario `nope`") && stderr.contains("seed-batch"),
+        "{stderr}"
+    );
+
+    // More cores than this process may use.
+    let output = tandem()
+        .args(["compare", "--cores", "100000", "--out"])
+        .arg(dir.path().join("never"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--cores 100000: this process may use"),
         "{stderr}"
     );
 }

@@ -2,7 +2,8 @@
 //! starts for itself (its own host key, client key and config in a temporary folder):
 //! a remote prefill worker serves through the router, survives a dropped log
 //! connection, and is stopped by pid on SIGTERM with nothing left behind; a remote
-//! worker that dies starting is reported with the last lines of its remote log.
+//! worker's own children are stopped with its process group; a remote worker that dies
+//! starting is reported with the last lines of its remote log.
 //!
 //! Without `/usr/sbin/sshd` these tests skip with a notice, unless
 //! `TANDEM_REQUIRE_SSHD=1` (CI), where they fail.
@@ -513,4 +514,113 @@ model = "/m.gguf"
         checks.contains("not reachable") && checks.contains("nobody@127.0.0.1"),
         "{checks}"
     );
+}
+
+/// A stand-in for `vllm serve … --port P …` in a venv on the host: it starts a child of
+/// its own (as vLLM starts engine processes), then `exec`s a real built-in worker.
+const FAKE_VLLM: &str = r#"#!/bin/sh
+port=
+while [ $# -gt 0 ]; do
+  if [ "$1" = --port ]; then port=$2; fi
+  shift
+done
+sleep 1000 >/dev/null 2>&1 </dev/null &
+echo $! >"$FAKE_DIR/child.pid"
+exec "$TANDEM" serve --host 127.0.0.1 --port "$port" --model "$MODEL" --threads 1 --kv-cache-memory 64MiB
+"#;
+
+#[test]
+fn a_remote_workers_children_are_stopped_with_its_process_group() {
+    use std::os::unix::fs::PermissionsExt;
+    if !sshd_usable() || !default_model_present() {
+        return;
+    }
+    let sshd = start_sshd();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("venv/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(
+        bin.join("activate"),
+        format!("PATH={}:$PATH\nexport PATH\n", bin.display()),
+    )
+    .unwrap();
+    std::fs::write(bin.join("vllm"), FAKE_VLLM).unwrap();
+    std::fs::set_permissions(bin.join("vllm"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let model = tandem().args(["model", "path"]).output().unwrap();
+    let file = dir.path().join("fake.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+[router]
+port = {router}
+
+[ssh]
+options = {options}
+
+[[worker]]
+engine = "vllm"
+role = "both"
+host = "{target}"
+port = {port}
+model = "fake/model"
+venv = "{venv}"
+env = {{ TANDEM = "{tandem}", MODEL = "{model}", FAKE_DIR = "{dir}" }}
+"#,
+            router = free_port(),
+            port = free_port(),
+            options = sshd.options_toml(),
+            target = sshd.target(),
+            venv = dir.path().join("venv").display(),
+            tandem = env!("CARGO_BIN_EXE_tandem"),
+            model = String::from_utf8_lossy(&model.stdout).trim(),
+            dir = dir.path().display(),
+        ),
+    )
+    .unwrap();
+    let mut up = Up::start(&file);
+    let started = up
+        .until("worker-0 runs on ")
+        .unwrap_or_else(|| panic!("no remote start:\n{}", up.rest()));
+    let (remote_pid, remote_dir) = remote_start(&started);
+    let url = up
+        .until("tandem is up: ")
+        .unwrap_or_else(|| panic!("not up:\n{}", up.rest()))
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .to_owned();
+    let child: u32 = std::fs::read_to_string(dir.path().join("child.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The worker leads a process group (and session) of its own, its child in it.
+    let pgrp = |pid: u32| -> String {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit(") ")
+            .next()
+            .unwrap_or_default()
+            .split(' ')
+            .nth(2)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(pgrp(remote_pid), remote_pid.to_string());
+    assert_eq!(pgrp(child), remote_pid.to_string());
+    chat_once(&url);
+
+    run_ok(Command::new("kill").args(["-TERM", &up.child.id().to_string()]));
+    let exit = up.child.wait().unwrap();
+    let said = up.rest();
+    assert!(exit.success(), "{exit:?}\n{said}");
+    let stopped = !alive(child);
+    if !stopped {
+        let _ = Command::new("kill")
+            .args(["-KILL", &child.to_string()])
+            .status();
+    }
+    assert!(!alive(remote_pid), "the worker outlived tandem up");
+    assert!(stopped, "the worker's child {child} outlived tandem up");
+    let _ = std::fs::remove_dir_all(&remote_dir);
 }

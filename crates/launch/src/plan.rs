@@ -262,6 +262,32 @@ impl Launch {
         parts.join(" ")
     }
 
+    /// The command as a shell runs it to start it: the venv activated, then `exec` into
+    /// the program, so that the shell's pid becomes the program's (pinned with
+    /// `taskset -c` when `taskset` and it has cores; local processes are pinned before
+    /// they exec instead).
+    pub fn exec_line(&self, taskset: bool) -> String {
+        let mut parts = Vec::new();
+        if let Some(venv) = &self.venv {
+            let activate = venv.join("bin/activate").display().to_string();
+            parts.push(format!(". {} &&", shell_quote(&activate)));
+        }
+        parts.push("exec".into());
+        if taskset && !self.cores.is_empty() {
+            let cores: Vec<String> = self.cores.iter().map(usize::to_string).collect();
+            parts.push(format!("taskset -c {}", cores.join(",")));
+        }
+        if !self.env.is_empty() {
+            parts.push("env".into());
+            for (key, value) in &self.env {
+                parts.push(shell_quote(&format!("{key}={value}")));
+            }
+        }
+        parts.push(shell_quote(&self.program));
+        parts.extend(self.args.iter().map(|a| shell_quote(a)));
+        parts.join(" ")
+    }
+
     /// What `--dry-run` prints for this process.
     pub fn describe(&self) -> String {
         let line = self.shell_line();

@@ -2,16 +2,20 @@
 //!
 //! A start is one short ssh session: it makes a fresh directory on the host
 //! (`mktemp -d /tmp/tandem-XXXXXXXX`) and starts the command in the background under a
-//! small `sh` wrapper that writes the command's pid to `DIR/NAME.pid`, its output to
-//! `DIR/NAME.log` and, once it has exited, its status to `DIR/NAME.exit`; the session
-//! prints the directory, the pid and the pid's start time, and ends. The process needs
-//! no ssh connection after that. A second session follows the log (`tail -F --pid`),
-//! so its lines reach this machine, and ends when the process does.
+//! small `sh` wrapper that starts the command under `setsid` (a session and process
+//! group of its own, whose id is its pid), writes its pid to `DIR/NAME.pid`, its output
+//! to `DIR/NAME.log` and, once it has exited, its status to `DIR/NAME.exit`; the
+//! session prints the directory, the pid, the pid's start time and its process group,
+//! and ends. The process needs no ssh connection after that. A second session follows
+//! the log (`tail -F --pid`), so its lines reach this machine, and ends when the
+//! process does.
 //!
-//! Stopping opens a fresh session that signals exactly that pid — only while no exit
-//! status is recorded and the pid still has its recorded start time, so a reused pid
-//! is never signalled — SIGTERM, then SIGKILL after the grace period; then it removes
-//! the pid file. The log and the exit status stay in the directory.
+//! Stopping opens a fresh session that signals exactly that process group — the
+//! command and whatever it started (vLLM's engine processes), even after the command
+//! itself has exited — but only while the group's leader is gone or still has its
+//! recorded start time, so a reused pid is never signalled: SIGTERM, then SIGKILL
+//! after the grace period; then it removes the pid file. The log and the exit status
+//! stay in the directory.
 
 use std::io::Read;
 use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
@@ -178,25 +182,7 @@ fn file_name(name: &str) -> String {
 /// The command as the wrapper runs it: venv activated, then `exec` into the program
 /// (pinned with `taskset` if it has cores), so its pid is the program's.
 pub fn exec_line(launch: &Launch) -> String {
-    let mut parts = Vec::new();
-    if let Some(venv) = &launch.venv {
-        let activate = venv.join("bin/activate").display().to_string();
-        parts.push(format!(". {} &&", shell_quote(&activate)));
-    }
-    parts.push("exec".into());
-    if !launch.cores.is_empty() {
-        let cores: Vec<String> = launch.cores.iter().map(usize::to_string).collect();
-        parts.push(format!("taskset -c {}", cores.join(",")));
-    }
-    if !launch.env.is_empty() {
-        parts.push("env".into());
-        for (key, value) in &launch.env {
-            parts.push(shell_quote(&format!("{key}={value}")));
-        }
-    }
-    parts.push(shell_quote(&launch.program));
-    parts.extend(launch.args.iter().map(|a| shell_quote(a)));
-    parts.join(" ")
+    launch.exec_line(true)
 }
 
 /// What a remote process is doing, as far as can be told.
@@ -219,6 +205,8 @@ pub struct RemoteProcess {
     pub pid: u32,
     /// The pid's start time (`/proc/PID/stat` field 22), `-` where unknown.
     start_time: String,
+    /// Its process group (its pid, as `setsid` made it), if it has one of its own.
+    pgid: Option<u32>,
     follower: Option<Child>,
     last_probe: Option<Instant>,
     exit: Option<String>,
@@ -234,13 +222,22 @@ pub fn launch(ssh: Ssh, launch: &Launch) -> Result<RemoteProcess, RemoteError> {
         what: "start",
         output: output.clone(),
     };
-    let [dir, pid, start_time] = fields[..] else {
+    let [dir, pid, start_time, pgid] = fields[..] else {
         return Err(unexpected());
     };
-    let pid = pid.parse().map_err(|_| unexpected())?;
+    let pid: u32 = pid.parse().map_err(|_| unexpected())?;
+    if pgid != pid.to_string() {
+        tracing::warn!(
+            target = ssh.target,
+            pid,
+            pgid,
+            "the process did not get a process group of its own: teardown signals its pid alone"
+        );
+    }
     Ok(RemoteProcess {
         dir: dir.to_owned(),
         start_time: start_time.to_owned(),
+        pgid: (pgid == pid.to_string()).then_some(pid),
         pid,
         file,
         follower: None,
@@ -251,9 +248,10 @@ pub fn launch(ssh: Ssh, launch: &Launch) -> Result<RemoteProcess, RemoteError> {
 }
 
 fn start_script(file: &str, line: &str) -> String {
+    let line = shell_quote(line);
     let wrapper = format!(
         r#"d=$1
-( {line} ) >"$d/{file}.log" 2>&1 </dev/null &
+setsid sh -c {line} >"$d/{file}.log" 2>&1 </dev/null &
 p=$!
 echo $p >"$d/{file}.pid.tmp" && mv "$d/{file}.pid.tmp" "$d/{file}.pid"
 wait $p
@@ -270,8 +268,14 @@ while [ ! -s "$d/{file}.pid" ]; do
   sleep 0.1
 done
 pid=$(cat "$d/{file}.pid")
+j=0
+while :; do
+  pg=$(sed 's/^.*) //' /proc/$pid/stat 2>/dev/null | cut -d' ' -f3)
+  if [ "$pg" = "$pid" ] || [ ! -e /proc/$pid ] || [ $j -ge 50 ]; then break; fi
+  j=$((j+1)); sleep 0.1
+done
 st=$(sed 's/^.*) //' /proc/$pid/stat 2>/dev/null | cut -d' ' -f20)
-echo "$d $pid ${{st:--}}""#,
+echo "$d $pid ${{st:--}} ${{pg:--}}""#,
         wrapper = shell_quote(&wrapper),
     )
 }
@@ -286,14 +290,26 @@ impl RemoteProcess {
     }
 
     /// Shell definitions for scripts about this process: `alive` is true while the
-    /// pid is still the process started (no exit status recorded, same start time).
+    /// pid is still the process started (no exit status recorded, same start time);
+    /// `group` while its process group has members and its leader is the process
+    /// started or gone (not a stranger that reused the pid); `running` while either;
+    /// `sig SIG` signals the group (or the pid alone, without a group of its own).
     fn prelude(&self) -> String {
+        let pgid = self.pgid.map_or("-".to_owned(), |g| g.to_string());
         format!(
-            r#"d={dir}; pid={pid}; start={start}; f={file}
+            r#"d={dir}; pid={pid}; start={start}; f={file}; g={pgid}
+started() {{ sed 's/^.*) //' /proc/$1/stat 2>/dev/null | cut -d' ' -f20; }}
 alive() {{
   [ ! -e "$d/$f.exit" ] && kill -0 $pid 2>/dev/null || return 1
-  [ "$start" = - ] || [ "$(sed 's/^.*) //' /proc/$pid/stat 2>/dev/null | cut -d' ' -f20)" = "$start" ]
+  [ "$start" = - ] || [ "$(started $pid)" = "$start" ]
 }}
+group() {{
+  [ "$g" != - ] || return 1
+  if [ -e /proc/$g ] && [ "$start" != - ] && [ "$(started $g)" != "$start" ]; then return 1; fi
+  kill -0 -$g 2>/dev/null
+}}
+running() {{ alive || group; }}
+sig() {{ if group; then kill -$1 -$g 2>/dev/null; elif alive; then kill -$1 $pid; fi; }}
 "#,
             dir = shell_quote(&self.dir),
             pid = self.pid,
@@ -398,16 +414,16 @@ if [ -e "$d/$f.exit" ]; then echo "exit status: $(cat "$d/$f.exit")"; else echo 
         let ticks = grace.as_millis().div_ceil(100);
         format!(
             r#"{prelude}result=gone
-if alive; then
-  kill -TERM $pid; result=stopped
+if running; then
+  sig TERM; result=stopped
   i=0
-  while alive; do
-    if [ $i -ge {ticks} ]; then kill -KILL $pid; result=killed; break; fi
+  while running; do
+    if [ $i -ge {ticks} ]; then sig KILL; result=killed; break; fi
     sleep 0.1; i=$((i+1))
   done
   j=0
-  while alive && [ $j -lt 50 ]; do sleep 0.1; j=$((j+1)); done
-  if alive; then result=still-running; fi
+  while running && [ $j -lt 50 ]; do sleep 0.1; j=$((j+1)); done
+  if running; then result=still-running; fi
 fi
 rm -f "$d/$f.pid"
 echo $result"#,
@@ -527,6 +543,7 @@ mod tests {
             dir: "/tmp/tandem-abc".into(),
             pid: 42,
             start_time: "-".into(),
+            pgid: Some(42),
             follower: None,
             last_probe: None,
             exit: None,

@@ -1,8 +1,10 @@
-//! Running a plan: each local process started as our child (pinned to its cores), each
-//! remote one over ssh ([`crate::remote`]: in the background on its host, with a pid
-//! file); every process's output prefixed with its name (or written to `--log-dir`),
-//! its `/health` awaited; and teardown that stops exactly the processes started, by pid
-//! — SIGTERM, then SIGKILL after a grace period — never by name.
+//! Running a plan: each local process started as our child (pinned to its cores, in a
+//! process group of its own, and sent SIGTERM by the kernel if we die), each remote one
+//! over ssh ([`crate::remote`]: in the background on its host, in a session of its own,
+//! with a pid file); every process's output prefixed with its name (or written to
+//! `--log-dir`), its `/health` awaited; and teardown that stops exactly the processes
+//! started and whatever they started — their process groups, SIGTERM, then SIGKILL
+//! after a grace period — never by name.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -35,6 +37,15 @@ pub enum RunError {
         name: String,
         program: String,
         source: std::io::Error,
+    },
+    #[error(
+        "{name} is pinned to cores {cores}, but this process may only use cores {allowed} \
+         (a cpuset or taskset limits them): change the worker's `cores` in the topology"
+    )]
+    Cores {
+        name: String,
+        cores: String,
+        allowed: String,
     },
     #[error("{name} exited during start-up ({status}); its last lines:\n{tail}")]
     DiedStarting {
@@ -71,19 +82,33 @@ pub struct Running {
     process: Process,
     tail: Arc<Mutex<VecDeque<String>>>,
     sink: Sink,
+    started: Instant,
 }
 
 /// Our child here, or a process on another host.
 enum Process {
-    Local(Child),
+    Local(Local),
     Remote(RemoteProcess),
 }
 
+/// Our child, leader of its own process group (its pgid is its pid). It is not reaped
+/// until teardown, so neither its pid nor its group id can be reused before then.
+struct Local {
+    child: Child,
+    /// Its exit status, once seen (not reaped: see [`exit_status`]).
+    exit: Option<String>,
+}
+
 impl Running {
+    /// Time since it was started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// Its pid (on its own host).
     pub fn pid(&self) -> u32 {
         match &self.process {
-            Process::Local(child) => child.id(),
+            Process::Local(local) => local.child.id(),
             Process::Remote(remote) => remote.pid,
         }
     }
@@ -99,12 +124,11 @@ impl Running {
     /// The exit status, if it has exited.
     fn exited(&mut self) -> Option<String> {
         let remote = match &mut self.process {
-            Process::Local(child) => {
-                return match child.try_wait() {
-                    Ok(Some(status)) => Some(status.to_string()),
-                    Ok(None) => None,
-                    Err(err) => Some(err.to_string()),
-                };
+            Process::Local(local) => {
+                if local.exit.is_none() {
+                    local.exit = exit_status(local.child.id());
+                }
+                return local.exit.clone();
             }
             Process::Remote(remote) => remote,
         };
@@ -163,12 +187,12 @@ fn start_remote(launch: &Launch, target: &str, sink: Sink) -> Result<Running, Ru
     };
     let ssh = Ssh::new(target, &launch.ssh_options);
     let mut process = remote::launch(ssh, launch).map_err(failed)?;
-    eprintln!(
+    print_line(&format!(
         "{} runs on {target} as pid {}; its log there: {}",
         launch.name,
         process.pid,
         process.log_path()
-    );
+    ));
     let tail = Arc::new(Mutex::new(VecDeque::new()));
     let followed = match process.follow(true) {
         Ok((stdout, stderr)) => {
@@ -184,6 +208,7 @@ fn start_remote(launch: &Launch, target: &str, sink: Sink) -> Result<Running, Ru
         process: Process::Remote(process),
         tail,
         sink,
+        started: Instant::now(),
     };
     if let Err(err) = followed {
         // Started but not followed: stop it rather than leave it unwatched.
@@ -196,8 +221,10 @@ fn start_remote(launch: &Launch, target: &str, sink: Sink) -> Result<Running, Ru
 fn start_local(launch: &Launch, sink: Sink) -> Result<Running, RunError> {
     let mut command = match &launch.venv {
         Some(_) => {
+            // `exec`, so that the pid (and the process group) is the program's, whatever
+            // the shell would do with its last command.
             let mut shell = Command::new("bash");
-            shell.args(["-c", &launch.shell_line()]);
+            shell.args(["-c", &launch.exec_line(false)]);
             shell
         }
         None => {
@@ -209,13 +236,42 @@ fn start_local(launch: &Launch, sink: Sink) -> Result<Running, RunError> {
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        // Its own process group, so that teardown reaches whatever it starts (vLLM's
+        // engine processes); a terminal's Ctrl-C reaches it only through us.
+        .process_group(0);
     let cores = launch.cores.clone();
     if !cores.is_empty() {
-        // SAFETY: only calls async-signal-safe functions (sched_setaffinity).
-        unsafe {
-            command.pre_exec(move || pin_to_cores(&cores));
+        let allowed = allowed_cores();
+        if cores.iter().any(|c| !allowed.contains(c)) {
+            return Err(RunError::Cores {
+                name: launch.name.clone(),
+                cores: core_list(&cores),
+                allowed: core_list(&allowed),
+            });
         }
+    }
+    // SAFETY: getpid is async-signal-safe; called before the fork.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid,
+    // sched_setaffinity) and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            // SIGTERM when we die, even by SIGKILL (the signal fires when the thread
+            // that started it ends: `tandem up` and `tandem compare` start every
+            // process from their main thread).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("tandem exited while starting it"));
+            }
+            if cores.is_empty() {
+                Ok(())
+            } else {
+                pin_to_cores(&cores)
+            }
+        });
     }
     let mut child = command.spawn().map_err(|source| RunError::Spawn {
         name: launch.name.clone(),
@@ -232,10 +288,36 @@ fn start_local(launch: &Launch, sink: Sink) -> Result<Running, RunError> {
     Ok(Running {
         name: launch.name.clone(),
         url: launch.url.clone(),
-        process: Process::Local(child),
+        process: Process::Local(Local { child, exit: None }),
         tail,
         sink,
+        started: Instant::now(),
     })
+}
+
+/// The CPU ids this process may run on, ascending: its affinity mask, which a cpuset
+/// or `taskset` may have narrowed (every online core where it cannot be read).
+pub fn allowed_cores() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set for sched_getaffinity to fill;
+    // CPU_ISSET reads within it for ids below CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            let cores: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+                .filter(|&core| libc::CPU_ISSET(core, &set))
+                .collect();
+            if !cores.is_empty() {
+                return cores;
+            }
+        }
+    }
+    (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+}
+
+/// `0,2,5`.
+pub fn core_list(cores: &[usize]) -> String {
+    let ids: Vec<String> = cores.iter().map(usize::to_string).collect();
+    ids.join(",")
 }
 
 fn pin_to_cores(cores: &[usize]) -> std::io::Result<()> {
@@ -255,6 +337,51 @@ fn pin_to_cores(cores: &[usize]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The exit status of our child `pid` if it has exited, read without reaping it
+/// (`waitid` with `WNOWAIT`): until teardown reaps it, its pid and process group id
+/// stay reserved, so signalling its group never reaches a stranger.
+fn exit_status(pid: u32) -> Option<String> {
+    use std::os::unix::process::ExitStatusExt;
+    // SAFETY: waitid fills a zeroed siginfo_t for our own child; WNOHANG never blocks.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        if libc::waitid(libc::P_PID, pid, &mut info, flags) != 0 {
+            return Some(std::io::Error::last_os_error().to_string());
+        }
+        if info.si_pid() == 0 {
+            return None;
+        }
+        // Back to a wait(2) status word, for std's wording ("exit status: 1",
+        // "signal: 9 (SIGKILL)").
+        let raw = match info.si_code {
+            libc::CLD_EXITED => (info.si_status() & 0xff) << 8,
+            libc::CLD_DUMPED => info.si_status() | 0x80,
+            _ => info.si_status(),
+        };
+        Some(std::process::ExitStatus::from_raw(raw).to_string())
+    }
+}
+
+/// Live (not zombie) processes in process group `pgid`, from `/proc`.
+fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // After the command name: state, ppid, pgrp, …
+            let mut fields = stat.rsplit_once(") ")?.1.split(' ');
+            let state = fields.next()?;
+            let pgrp: u32 = fields.nth(1)?.parse().ok()?;
+            (pgrp == pgid && state != "Z").then_some(pid)
+        })
+        .collect()
+}
+
 /// Where a process's output lines go.
 #[derive(Clone)]
 enum Sink {
@@ -266,7 +393,7 @@ fn forward(stream: impl Read + Send + 'static, sink: Sink, tail: Arc<Mutex<VecDe
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
             match &sink {
-                Sink::Prefixed(name) => eprintln!("[{name}] {line}"),
+                Sink::Prefixed(name) => print_line(&format!("[{name}] {line}")),
                 Sink::File(file) => {
                     let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
                     let _ = writeln!(file, "{line}");
@@ -290,33 +417,83 @@ pub fn wait_healthy(
 ) -> Result<(), RunError> {
     let agent = http_agent(Duration::from_secs(2));
     let started = Instant::now();
-    let url = format!("{}/health", running.url);
     loop {
         if stop.load(Ordering::Relaxed) {
             return Err(RunError::Interrupted);
         }
-        if let Some(status) = running.exited() {
-            return Err(RunError::DiedStarting {
-                name: running.name.clone(),
-                status,
-                tail: running.tail(),
-            });
-        }
-        if let Ok(response) = agent.get(&url).call()
-            && response.status().is_success()
-        {
+        if is_healthy(running, &agent)? {
             return Ok(());
         }
         if started.elapsed() > limit {
-            return Err(RunError::NotReady {
-                name: running.name.clone(),
-                url: running.url.clone(),
-                waited: limit,
-                tail: running.tail(),
-            });
+            return Err(not_ready(running, limit));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Whether `running` answers `/health` with 200 now; an error if it has exited.
+pub fn is_healthy(running: &mut Running, agent: &ureq::Agent) -> Result<bool, RunError> {
+    if let Some(status) = running.exited() {
+        return Err(RunError::DiedStarting {
+            name: running.name.clone(),
+            status,
+            tail: running.tail(),
+        });
+    }
+    let url = format!("{}/health", running.url);
+    Ok(agent
+        .get(&url)
+        .call()
+        .is_ok_and(|response| response.status().is_success()))
+}
+
+/// The error of a process not healthy after `waited`.
+pub fn not_ready(running: &Running, waited: Duration) -> RunError {
+    RunError::NotReady {
+        name: running.name.clone(),
+        url: running.url.clone(),
+        waited,
+        tail: running.tail(),
+    }
+}
+
+/// The status line drawn below the log lines while processes start (on a terminal).
+static STATUS: Mutex<String> = Mutex::new(String::new());
+
+/// Prints one line on stderr, above the status line if one is drawn.
+pub fn print_line(line: &str) {
+    let status = STATUS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut err = std::io::stderr().lock();
+    let _ = if status.is_empty() {
+        writeln!(err, "{line}")
+    } else {
+        write!(err, "\r\x1b[K{line}\n{status}")
+    };
+    let _ = err.flush();
+}
+
+/// Draws `text` as the status line below the log lines (cut to the terminal's width;
+/// empty: clears it). For terminals only.
+pub fn set_status_line(text: &str) {
+    let width = terminal_width().saturating_sub(1).max(20);
+    let text: String = text.chars().take(width).collect();
+    let mut status = STATUS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut err = std::io::stderr().lock();
+    let _ = write!(err, "\r\x1b[K{text}");
+    let _ = err.flush();
+    *status = text;
+}
+
+/// Columns of the terminal on stderr (80 where unknown).
+fn terminal_width() -> usize {
+    // SAFETY: TIOCGWINSZ fills a zeroed winsize; stderr's descriptor stays open.
+    unsafe {
+        let mut size: libc::winsize = std::mem::zeroed();
+        if libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut size) == 0 && size.ws_col > 0 {
+            return usize::from(size.ws_col);
+        }
+    }
+    80
 }
 
 /// A blocking HTTP client whose calls give up after `timeout` and return error
@@ -355,7 +532,7 @@ fn stop_all(processes: &mut [Running], grace: Duration) {
     let mut stopping = Vec::new();
     for running in processes.iter_mut().rev() {
         match &mut running.process {
-            Process::Local(child) => signal(child, libc::SIGTERM),
+            Process::Local(local) => signal_group(&local.child, libc::SIGTERM),
             Process::Remote(remote) => {
                 let what = format!(
                     "{} (pid {} on {})",
@@ -363,15 +540,15 @@ fn stop_all(processes: &mut [Running], grace: Duration) {
                     remote.pid,
                     remote.target()
                 );
-                let hint = format!("ssh {} kill {}", remote.target(), remote.pid);
+                let hint = format!("ssh {} kill -TERM -{}", remote.target(), remote.pid);
                 stopping.push((what, hint, remote.stop(grace)));
             }
         }
     }
     let deadline = Instant::now() + grace;
     for running in processes.iter_mut().rev() {
-        if let Process::Local(child) = &mut running.process {
-            wait_or_kill(&running.name, child, deadline, grace);
+        if let Process::Local(local) = &mut running.process {
+            wait_or_kill(&running.name, &mut local.child, deadline, grace);
         }
     }
     for (what, hint, stop) in stopping {
@@ -387,28 +564,40 @@ fn stop_all(processes: &mut [Running], grace: Duration) {
     }
 }
 
-/// Waits for a signalled child until `deadline`, then kills it.
+/// Waits until a signalled child and every process of its group have exited, until
+/// `deadline`; then kills the group. Reaps the child last, so that its group id stays
+/// reserved while the group is signalled.
 fn wait_or_kill(name: &str, child: &mut Child, deadline: Instant, grace: Duration) {
+    let pgid = child.id();
     loop {
-        match child.try_wait() {
-            Ok(Some(_)) | Err(_) => return,
-            Ok(None) if Instant::now() >= deadline => {
-                tracing::warn!(name, "still running after {grace:?}: killing it");
-                let _ = child.kill();
-                let _ = child.wait();
-                return;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+        if group_members(pgid).is_empty() {
+            break;
         }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                name,
+                "still running after {grace:?}: killing its process group"
+            );
+            signal_group(child, libc::SIGKILL);
+            let until = Instant::now() + Duration::from_secs(5);
+            while !group_members(pgid).is_empty() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
+    let _ = child.wait();
 }
 
-fn signal(child: &Child, signal: libc::c_int) {
-    // Our own child, not yet reaped: its pid cannot have been reused.
-    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill(2) with a pid we own.
+/// Signals our child's process group (its pgid is its pid).
+fn signal_group(child: &Child, signal: libc::c_int) {
+    // Our own child, not yet reaped: its pid, and so its group id, cannot have been
+    // reused.
+    if let Ok(pgid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) on a process group we created.
         unsafe {
-            libc::kill(pid, signal);
+            libc::kill(-pgid, signal);
         }
     }
 }

@@ -4,7 +4,7 @@
 //! behind.
 
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::plan::Launch;
@@ -16,19 +16,90 @@ const STOP_GRACE: Duration = Duration::from_secs(15);
 /// Where progress lines go while a stack starts.
 pub trait StartObserver {
     fn started(&mut self, launch: &Launch, pid: u32);
+    /// Called about every 100 ms while processes start: each one not yet healthy, with
+    /// the time since it was started.
+    fn waiting(&mut self, _pending: &[(&str, Duration)]) {}
     fn ready(&mut self, name: &str, after: Duration);
 }
 
-/// Progress lines on stderr, as `tandem up` prints them.
-pub struct StderrObserver;
+/// How often a plain (not a terminal) stderr gets a line naming what is still loading.
+const WAITING_LINE_EVERY: Duration = Duration::from_secs(5);
+
+/// Progress on stderr, as `tandem up` prints it: a line per start and per ready
+/// process; while processes load, a status line with a spinner and each one's elapsed
+/// time under the logs on a terminal, or else a `waiting for …` line every 5 s.
+pub struct StderrObserver {
+    terminal: bool,
+    frame: usize,
+    next_line: Option<Instant>,
+}
+
+impl StderrObserver {
+    pub fn new() -> Self {
+        use std::io::IsTerminal;
+        Self {
+            terminal: std::io::stderr().is_terminal(),
+            frame: 0,
+            next_line: None,
+        }
+    }
+}
+
+impl Default for StderrObserver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `prefill-0 (3.2 s), decode-0 (3.1 s)`.
+fn elapsed_list(pending: &[(&str, Duration)]) -> String {
+    let each: Vec<String> = pending
+        .iter()
+        .map(|(name, elapsed)| format!("{name} ({:.1} s)", elapsed.as_secs_f64()))
+        .collect();
+    each.join(", ")
+}
 
 impl StartObserver for StderrObserver {
     fn started(&mut self, launch: &Launch, pid: u32) {
-        eprintln!("starting {} on {} (pid {pid})", launch.name, launch.url);
+        run::print_line(&format!(
+            "starting {} on {} (pid {pid})",
+            launch.name, launch.url
+        ));
+    }
+
+    fn waiting(&mut self, pending: &[(&str, Duration)]) {
+        if self.terminal {
+            const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+            self.frame = (self.frame + 1) % FRAMES.len();
+            run::set_status_line(&format!(
+                "{} loading: {}",
+                FRAMES[self.frame],
+                elapsed_list(pending)
+            ));
+            return;
+        }
+        let now = Instant::now();
+        let next = *self.next_line.get_or_insert(now + WAITING_LINE_EVERY);
+        if now >= next {
+            run::print_line(&format!("  waiting for {}", elapsed_list(pending)));
+            self.next_line = Some(now + WAITING_LINE_EVERY);
+        }
     }
 
     fn ready(&mut self, name: &str, after: Duration) {
-        eprintln!("  {name} ready ({:.1} s)", after.as_secs_f64());
+        if self.terminal {
+            run::set_status_line("");
+        }
+        run::print_line(&format!("  {name} ready ({:.1} s)", after.as_secs_f64()));
+    }
+}
+
+impl Drop for StderrObserver {
+    fn drop(&mut self) {
+        if self.terminal {
+            run::set_status_line("");
+        }
     }
 }
 
@@ -65,22 +136,55 @@ impl Stack {
             processes: Vec::with_capacity(launches.len()),
             endpoint: router.url.clone(),
         };
-        // Workers start together, then each is awaited; the router needs them healthy.
+        // Workers start together and are awaited together; the router needs them
+        // healthy.
         for launch in workers {
             stack.spawn(launch, options, observer)?;
         }
-        let started = Instant::now();
-        for running in &mut stack.processes {
-            run::wait_healthy(running, options.limit, options.stop)?;
-            observer.ready(&running.name, started.elapsed());
-        }
+        stack.await_healthy(0, options, observer)?;
         stack.spawn(router, options, observer)?;
-        let started = Instant::now();
-        if let Some(router) = stack.processes.last_mut() {
-            run::wait_healthy(router, options.limit, options.stop)?;
-            observer.ready(&router.name, started.elapsed());
-        }
+        stack.await_healthy(workers.len(), options, observer)?;
         Ok(stack)
+    }
+
+    /// Waits until every process from index `first` on is healthy, telling `observer`
+    /// which ones it still waits for.
+    fn await_healthy(
+        &mut self,
+        first: usize,
+        options: &StartOptions,
+        observer: &mut dyn StartObserver,
+    ) -> Result<(), RunError> {
+        let agent = run::http_agent(Duration::from_secs(2));
+        let started = Instant::now();
+        let mut pending: Vec<usize> = (first..self.processes.len()).collect();
+        loop {
+            if options.stop.load(Ordering::Relaxed) {
+                return Err(RunError::Interrupted);
+            }
+            let mut still = Vec::with_capacity(pending.len());
+            for index in pending {
+                let running = &mut self.processes[index];
+                if run::is_healthy(running, &agent)? {
+                    observer.ready(&running.name, running.elapsed());
+                } else {
+                    still.push(index);
+                }
+            }
+            pending = still;
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if started.elapsed() > options.limit {
+                return Err(run::not_ready(&self.processes[pending[0]], options.limit));
+            }
+            let names: Vec<(&str, Duration)> = pending
+                .iter()
+                .map(|&i| (self.processes[i].name.as_str(), self.processes[i].elapsed()))
+                .collect();
+            observer.waiting(&names);
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn spawn(
