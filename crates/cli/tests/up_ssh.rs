@@ -3,7 +3,8 @@
 //! a remote prefill worker serves through the router, survives a dropped log
 //! connection, and is stopped by pid on SIGTERM with nothing left behind; a remote
 //! worker's own children are stopped with its process group; a remote worker that dies
-//! starting is reported with the last lines of its remote log.
+//! starting is reported with the last lines of its remote log; `tandem doctor` finds a
+//! missing `tandem` binary and a taken port on the host.
 //!
 //! Without `/usr/sbin/sshd` these tests skip with a notice, unless
 //! `TANDEM_REQUIRE_SSHD=1` (CI), where they fail.
@@ -340,6 +341,12 @@ kv_port = {kv_decode}
         .find(|l| l.contains(" model ") && l.contains("prefill"))
         .unwrap_or_default();
     assert!(model_row.starts_with("ok"), "checked on the host: {checks}");
+    let tandem_row = checks
+        .lines()
+        .find(|l| l.contains(" tandem ") && l.contains("prefill"))
+        .unwrap_or_default();
+    assert!(tandem_row.starts_with("ok"), "the binary there: {checks}");
+    assert!(doctor.status.success(), "{checks}");
     let mut up = Up::start(&file);
     let started = up
         .until("prefill-0 runs on ")
@@ -514,6 +521,74 @@ model = "/m.gguf"
         checks.contains("not reachable") && checks.contains("nobody@127.0.0.1"),
         "{checks}"
     );
+}
+
+#[test]
+fn doctor_finds_a_missing_binary_and_a_taken_port_on_the_host() {
+    if !sshd_usable() {
+        return;
+    }
+    let sshd = start_sshd();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("doctor.toml");
+    // Something listens on the worker's port on the host (loopback: this machine).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let kv_port = free_port();
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+[router]
+port = {router}
+
+[ssh]
+options = {options}
+
+[[worker]]
+engine = "builtin"
+role = "both"
+host = "{target}"
+port = {port}
+kv_port = {kv_port}
+model = "/nonexistent/model.gguf"
+tandem = "/nonexistent/bin/tandem"
+"#,
+            router = free_port(),
+            options = sshd.options_toml(),
+            target = sshd.target(),
+        ),
+    )
+    .unwrap();
+    let doctor = tandem()
+        .args(["doctor", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    drop(taken);
+    assert!(!doctor.status.success());
+    let checks = String::from_utf8_lossy(&doctor.stdout);
+    let row = |check: &str| {
+        checks
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(check))
+            .unwrap_or_else(|| panic!("no {check} row: {checks}"))
+            .to_owned()
+    };
+    let binary = row("tandem");
+    assert!(
+        binary.starts_with("FAIL") && binary.contains("/nonexistent/bin/tandem"),
+        "{checks}"
+    );
+    let port_row = row("port");
+    assert!(
+        port_row.starts_with("FAIL") && port_row.contains(&format!("{port} is in use")),
+        "{checks}"
+    );
+    assert!(
+        row("kv").starts_with("ok"),
+        "the free hand-off port: {checks}"
+    );
+    assert!(checks.contains("fix: copy the binary there"), "{checks}");
 }
 
 /// A stand-in for `vllm serve … --port P …` in a venv on the host: it starts a child of

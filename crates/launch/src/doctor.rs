@@ -1,8 +1,11 @@
 //! `tandem doctor`: checks that a topology can start, before starting it. Each check
 //! says what it looked at, whether it passed, and for a failure, how to fix it: ports
-//! free, SSH hosts reachable (BatchMode, no prompts), vLLM importable with its version
-//! and CUDA build, NIXL importable, free GPU memory, the model present on its host,
-//! pinned cores that exist, and hand-off addresses that other hosts can reach.
+//! free (on remote hosts read from `ss -ltn`, or `/proc/net/tcp` without it), SSH hosts
+//! reachable (BatchMode, no prompts), the `tandem` binary on the hosts of built-in
+//! workers, vLLM importable with its version and CUDA build, NIXL importable, enough
+//! free GPU memory for the worker's `gpu_memory_utilization`, the model present on its
+//! host, pinned cores this process may use, and hand-off addresses that other hosts can
+//! reach.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -46,7 +49,7 @@ fn fail(check: &str, target: &str, detail: impl Into<String>, fix: impl Into<Str
 /// Every check of `topology`.
 pub fn run_checks(topology: &Checked) -> Vec<Check> {
     let mut checks = vec![router_port(topology)];
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = crate::run::allowed_cores();
     let mut reached = std::collections::BTreeMap::new();
     for worker in &topology.workers {
         let spec = &worker.spec;
@@ -69,7 +72,7 @@ pub fn run_checks(topology: &Checked) -> Vec<Check> {
         }
         checks.extend(port_checks(worker, &shell, &target));
         match spec.engine {
-            Engine::Builtin => checks.extend(builtin_checks(worker, &shell, &target, cores)),
+            Engine::Builtin => checks.extend(builtin_checks(worker, &shell, &target, &cores)),
             Engine::Vllm => checks.extend(vllm_checks(worker, &shell, &target)),
         }
     }
@@ -106,20 +109,52 @@ fn port_checks(worker: &NamedWorker, shell: &Shell, target: &str) -> Vec<Check> 
             if spec.is_local() {
                 return port_free_here(what, target, &format!("127.0.0.1:{port}"));
             }
-            let probe = format!(
-                "python3 -c 'import socket; s=socket.socket(); s.bind((\"0.0.0.0\", {port}))'"
-            );
-            match shell.run(&probe) {
-                Ok(_) => pass(what, target, format!("{port} is free")),
+            match shell
+                .run(&port_probe(port))
+                .map(|answer| answer.trim().to_owned())
+            {
+                Ok(answer) if answer == "free" => pass(what, target, format!("{port} is free")),
+                Ok(answer) => fail(
+                    what,
+                    target,
+                    format!("{port} is in use: {answer}"),
+                    "stop what listens there (`ss -ltnp`), or change the port in the topology",
+                ),
                 Err(err) => fail(
                     what,
                     target,
-                    format!("{port}: {err}"),
-                    "stop what listens there, or change the port in the topology",
+                    format!("{port}: could not tell whether it is free: {err}"),
+                    "check that `ss` (iproute2) or /proc/net/tcp is readable on the host",
                 ),
             }
         })
         .collect()
+}
+
+/// A script that prints `free` when nothing listens on TCP `port` on this host, or the
+/// listening socket: from `ss -ltn` where it exists, else `/proc/net/tcp{,6}`. Needs no
+/// Python and binds nothing.
+fn port_probe(port: u16) -> String {
+    format!(
+        "if command -v ss >/dev/null 2>&1; then {}; else {}; fi",
+        port_probe_ss(port),
+        port_probe_proc(port)
+    )
+}
+
+/// `ss -ltn`: the local address is the 4th column (`0.0.0.0:8100`, `[::]:8100`, `*:8100`).
+fn port_probe_ss(port: u16) -> String {
+    format!(
+        r#"ss -ltn | awk '$4 ~ /:{port}$/ {{ print "listening on " $4; found = 1; exit }} END {{ if (!found) print "free" }}'"#
+    )
+}
+
+/// `/proc/net/tcp` and `tcp6`: listening sockets have state `0A`; the local address
+/// ends with the port in hex.
+fn port_probe_proc(port: u16) -> String {
+    format!(
+        r#"cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk '$4 == "0A" && $2 ~ /:{port:04X}$/ {{ print "a socket listens on it (/proc/net/tcp)"; found = 1; exit }} END {{ if (!found) print "free" }}'"#
+    )
 }
 
 /// Whether a built-in worker's extra arguments ask for `--load-format dummy`, where the
@@ -131,9 +166,17 @@ fn loads_dummy(extra_args: &[String]) -> bool {
     })
 }
 
-fn builtin_checks(worker: &NamedWorker, shell: &Shell, target: &str, cores: usize) -> Vec<Check> {
+fn builtin_checks(
+    worker: &NamedWorker,
+    shell: &Shell,
+    target: &str,
+    cores: &[usize],
+) -> Vec<Check> {
     let spec = &worker.spec;
     let mut checks = Vec::new();
+    if !spec.is_local() || spec.tandem.is_some() {
+        checks.push(tandem_binary(worker, shell, target));
+    }
     if let Some(model) = spec
         .model
         .as_ref()
@@ -164,22 +207,50 @@ fn builtin_checks(worker: &NamedWorker, shell: &Shell, target: &str, cores: usiz
         });
     }
     if spec.is_local() {
-        if let Some(&core) = spec.cores.iter().find(|&&c| c >= cores) {
+        let listed = crate::run::core_list(cores);
+        if let Some(&core) = spec.cores.iter().find(|c| !cores.contains(c)) {
             checks.push(fail(
                 "cores",
                 target,
-                format!("core {core} does not exist ({cores} available)"),
-                format!("pin to cores 0..{}", cores - 1),
+                format!("core {core} is not one this process may use ({listed})"),
+                format!("pin to cores among {listed} (a cpuset or taskset may limit them)"),
             ));
         } else if !spec.cores.is_empty() {
             checks.push(pass(
                 "cores",
                 target,
-                format!("{:?} of {cores}", spec.cores),
+                format!("{:?} of {listed}", spec.cores),
             ));
         }
     }
     checks
+}
+
+/// The `tandem` binary a built-in worker runs, executable on its host.
+fn tandem_binary(worker: &NamedWorker, shell: &Shell, target: &str) -> Check {
+    let program = match &worker.spec.tandem {
+        Some(path) => path.display().to_string(),
+        // `tandem up` runs the same path there as here; doctor is that binary.
+        None => std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "tandem".into()),
+    };
+    let quoted = crate::plan::shell_quote(&program);
+    match shell.run(&format!(
+        "test -x {quoted} || command -v {quoted} >/dev/null 2>&1"
+    )) {
+        Ok(_) => pass("tandem", target, program),
+        Err(_) => fail(
+            "tandem",
+            target,
+            format!("{program} is not an executable there"),
+            format!(
+                "copy the binary there (`scp target/release/tandem {}:{program}`), or set the \
+                 worker's `tandem` to where it is",
+                worker.spec.host
+            ),
+        ),
+    }
 }
 
 fn vllm_checks(worker: &NamedWorker, shell: &Shell, target: &str) -> Vec<Check> {
@@ -220,9 +291,13 @@ fn vllm_checks(worker: &NamedWorker, shell: &Shell, target: &str) -> Vec<Check> 
             ),
         });
     }
-    let query = "nvidia-smi --query-gpu=index,memory.free --format=csv,noheader,nounits";
+    let query =
+        "nvidia-smi --query-gpu=index,memory.free,memory.total --format=csv,noheader,nounits";
+    let utilization = spec
+        .gpu_memory_utilization
+        .unwrap_or(DEFAULT_GPU_MEMORY_UTILIZATION);
     checks.push(match shell.run(query) {
-        Ok(table) => gpu_memory(&table, &spec.gpus, target),
+        Ok(table) => gpu_memory(&table, &spec.gpus, utilization, target),
         Err(err) => fail(
             "gpu memory",
             target,
@@ -236,17 +311,26 @@ fn vllm_checks(worker: &NamedWorker, shell: &Shell, target: &str) -> Vec<Check> 
     checks
 }
 
-/// Free memory of the worker's GPUs, from `nvidia-smi` CSV (`index, free MiB`).
-fn gpu_memory(table: &str, gpus: &[usize], target: &str) -> Check {
-    let free: Vec<(usize, u64)> = table
+/// vLLM's `--gpu-memory-utilization` when the topology gives none (as `plan` writes it).
+const DEFAULT_GPU_MEMORY_UTILIZATION: f64 = 0.9;
+
+/// Whether the worker's GPUs have the memory vLLM will ask for: it refuses to start
+/// unless each GPU has `utilization` × its total memory free. From `nvidia-smi` CSV
+/// (`index, free MiB, total MiB`).
+fn gpu_memory(table: &str, gpus: &[usize], utilization: f64, target: &str) -> Check {
+    let gpus_found: Vec<(usize, u64, u64)> = table
         .lines()
         .filter_map(|l| {
-            let (index, mib) = l.split_once(',')?;
-            Some((index.trim().parse().ok()?, mib.trim().parse().ok()?))
+            let mut fields = l.split(',').map(str::trim);
+            Some((
+                fields.next()?.parse().ok()?,
+                fields.next()?.parse().ok()?,
+                fields.next()?.parse().ok()?,
+            ))
         })
-        .filter(|(index, _)| gpus.is_empty() || gpus.contains(index))
+        .filter(|(index, _, _)| gpus.is_empty() || gpus.contains(index))
         .collect();
-    if free.is_empty() {
+    if gpus_found.is_empty() {
         return fail(
             "gpu memory",
             target,
@@ -254,19 +338,33 @@ fn gpu_memory(table: &str, gpus: &[usize], target: &str) -> Check {
             "check `gpus` and the driver",
         );
     }
-    let detail: Vec<String> = free
+    let needed = |total: u64| (total as f64 * utilization).ceil() as u64;
+    let detail: Vec<String> = gpus_found
         .iter()
-        .map(|(i, m)| format!("GPU {i}: {m} MiB free"))
+        .map(|&(i, free, total)| {
+            format!(
+                "GPU {i}: {free} of {total} MiB free, {} needed",
+                needed(total)
+            )
+        })
         .collect();
-    if free.iter().any(|&(_, mib)| mib < 1024) {
+    let detail = format!(
+        "{} (gpu_memory_utilization {utilization})",
+        detail.join(", ")
+    );
+    if gpus_found
+        .iter()
+        .any(|&(_, free, total)| free < needed(total))
+    {
         return fail(
             "gpu memory",
             target,
-            detail.join(", "),
-            "stop the processes holding GPU memory (`nvidia-smi`)",
+            detail,
+            "stop the processes holding GPU memory (`nvidia-smi`), or lower the worker's \
+             `gpu_memory_utilization`",
         );
     }
-    pass("gpu memory", target, detail.join(", "))
+    pass("gpu memory", target, detail)
 }
 
 /// A Hugging Face model id is present in the host's HF cache (the workers run offline).
@@ -403,11 +501,43 @@ mod tests {
     }
 
     #[test]
-    fn gpu_memory_reads_nvidia_smi_csv() {
-        let table = "0, 80000\n1, 512\n";
-        assert!(gpu_memory(table, &[0], "w").ok);
-        assert!(!gpu_memory(table, &[], "w").ok, "GPU 1 is nearly full");
-        assert!(!gpu_memory(table, &[7], "w").ok, "no such GPU");
+    fn gpu_memory_is_compared_with_the_utilization_asked_for() {
+        let table = "0, 80000, 81559\n1, 60000, 81559\n";
+        assert!(gpu_memory(table, &[0], 0.9, "w").ok, "73,404 MiB needed");
+        assert!(
+            !gpu_memory(table, &[1], 0.9, "w").ok,
+            "60 GB free < 90% of 80 GB"
+        );
+        assert!(gpu_memory(table, &[1], 0.7, "w").ok);
+        let check = gpu_memory(table, &[], 0.9, "w");
+        assert!(!check.ok && check.detail.contains("GPU 1: 60000 of 81559 MiB free"));
+        assert!(!gpu_memory(table, &[7], 0.9, "w").ok, "no such GPU");
+    }
+
+    /// Runs a port probe here, as a remote host's `sh` would.
+    fn probe_here(script: &str) -> String {
+        let output = Command::new("sh").args(["-c", script]).output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    #[test]
+    fn port_probes_see_listeners_without_python() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(!port_probe(port).contains("python"));
+        let mut probes = vec![port_probe_proc(port), port_probe(port)];
+        if Command::new("ss").arg("-V").output().is_ok() {
+            probes.push(port_probe_ss(port));
+        }
+        for probe in &probes {
+            let answer = probe_here(probe);
+            assert!(answer != "free" && !answer.is_empty(), "{probe}: {answer}");
+        }
+        drop(listener);
+        for probe in &probes {
+            assert_eq!(probe_here(probe), "free", "{probe}");
+        }
     }
 
     #[test]
