@@ -1,6 +1,8 @@
 //! One benchmark request, streamed, timed as `vllm bench serve` times it (reference
 //! §3.2–3.3): TTFT at the first SSE message with non-empty `choices`, a gap per later
-//! choices message, token counts from the final usage chunk.
+//! choices message, token counts from the final usage chunk. The stream is buffered as
+//! bytes and split into events at blank lines (`\n\n` or `\r\n\r\n`); each whole event is
+//! decoded as UTF-8, so a character split across network chunks arrives intact.
 
 use std::time::{Duration, Instant};
 
@@ -115,23 +117,18 @@ async fn read(
             text.chars().take(300).collect::<String>()
         ));
     }
-    let mut buffer = String::new();
+    let mut buffer: Vec<u8> = Vec::new();
     let mut last_choice: Option<Instant> = None;
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| e.to_string())?;
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buffer.find("\n\n") {
-            let message: String = buffer.drain(..end + 2).collect();
+        buffer.extend_from_slice(&chunk);
+        while let Some(event) = next_event(&mut buffer) {
             let now = Instant::now();
-            if handle_message(
-                message.trim(),
-                now,
-                sent,
-                &mut last_choice,
-                record,
-                target.api,
-            )? {
+            let Some(data) = event_data(&event?) else {
+                continue;
+            };
+            if handle_message(&data, now, sent, &mut last_choice, record, target.api)? {
                 return finish(record, last_choice.is_some(), target.api);
             }
         }
@@ -139,22 +136,55 @@ async fn read(
     finish(record, last_choice.is_some(), target.api)
 }
 
-/// Handles one SSE message; true at `[DONE]`.
+/// Takes the first whole event (up to a blank line: `\n\n` or `\r\n\r\n`) off
+/// `buffer`, decoded; `None` until one has arrived whole.
+fn next_event(buffer: &mut Vec<u8>) -> Option<Result<String, String>> {
+    let find = |separator: &[u8]| {
+        buffer
+            .windows(separator.len())
+            .position(|w| w == separator)
+            .map(|at| (at, separator.len()))
+    };
+    let (at, len) = match (find(b"\n\n"), find(b"\r\n\r\n")) {
+        (Some(lf), Some(crlf)) => {
+            if lf.0 < crlf.0 {
+                lf
+            } else {
+                crlf
+            }
+        }
+        (Some(found), None) | (None, Some(found)) => found,
+        (None, None) => return None,
+    };
+    let event: Vec<u8> = buffer.drain(..at + len).take(at).collect();
+    Some(String::from_utf8(event).map_err(|e| format!("an event that is not UTF-8: {e}")))
+}
+
+/// An event's data: its `data:` lines' values joined by newlines (the SSE rule); `None`
+/// for events without data (comments such as `: keep-alive`).
+fn event_data(event: &str) -> Option<String> {
+    let values: Vec<&str> = event
+        .split('\n')
+        .map(|line| line.strip_suffix('\r').unwrap_or(line))
+        .filter_map(|line| line.strip_prefix("data:"))
+        .map(|value| value.strip_prefix(' ').unwrap_or(value))
+        .collect();
+    (!values.is_empty()).then(|| values.join("\n"))
+}
+
+/// Handles one SSE event's data; true at `[DONE]`.
 fn handle_message(
-    message: &str,
+    data: &str,
     now: Instant,
     sent: Instant,
     last_choice: &mut Option<Instant>,
     record: &mut RequestRecord,
     api: Api,
 ) -> Result<bool, String> {
-    if message.is_empty() || message.starts_with(':') {
+    let data = data.trim();
+    if data.is_empty() {
         return Ok(false);
     }
-    let data = message
-        .strip_prefix("data:")
-        .map(str::trim)
-        .unwrap_or(message);
     if data == "[DONE]" {
         return Ok(true);
     }
@@ -207,45 +237,45 @@ fn finish(record: &mut RequestRecord, got_choices: bool, api: Api) -> Result<(),
 mod tests {
     use super::*;
 
-    #[test]
-    fn sse_messages_are_timed_as_vllm_times_them() {
+    /// Feeds `chunks` as a stream would, timing event `i` at `times[i]` ms.
+    fn read_chunks(chunks: &[&[u8]], times: &[u64], api: Api) -> (RequestRecord, bool) {
         let sent = Instant::now();
-        let at = |ms| sent + Duration::from_millis(ms);
         let mut record = RequestRecord::default();
         let mut last = None;
-        let events = [
-            (": keep-alive", 5),
-            (r#"data: {"choices":[{"text":"a"}]}"#, 100),
-            (r#"data: {"choices":[{"text":"b"}]}"#, 130),
-            (
-                r#"data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}"#,
-                140,
-            ),
-        ];
-        for (message, ms) in events {
-            let done = handle_message(
-                message,
-                at(ms),
-                sent,
-                &mut last,
-                &mut record,
-                Api::Completions,
-            )
-            .unwrap();
-            assert!(!done);
+        let mut buffer = Vec::new();
+        let mut events = 0;
+        for chunk in chunks {
+            buffer.extend_from_slice(chunk);
+            while let Some(event) = next_event(&mut buffer) {
+                let now = sent + Duration::from_millis(times[events]);
+                events += 1;
+                let Some(data) = event_data(&event.unwrap()) else {
+                    continue;
+                };
+                if handle_message(&data, now, sent, &mut last, &mut record, api).unwrap() {
+                    finish(&mut record, last.is_some(), api).unwrap();
+                    return (record, true);
+                }
+            }
         }
-        assert!(
-            handle_message(
-                "data: [DONE]",
-                at(150),
-                sent,
-                &mut last,
-                &mut record,
-                Api::Completions
-            )
-            .unwrap()
+        (record, false)
+    }
+
+    #[test]
+    fn sse_messages_are_timed_as_vllm_times_them() {
+        let stream = concat!(
+            ": keep-alive\n\n",
+            "data: {\"choices\":[{\"text\":\"a\"}]}\n\n",
+            "data: {\"choices\":[{\"text\":\"b\"}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\n",
+            "data: [DONE]\n\n",
         );
-        finish(&mut record, true, Api::Completions).unwrap();
+        let (record, done) = read_chunks(
+            &[stream.as_bytes()],
+            &[5, 100, 130, 140, 150],
+            Api::Completions,
+        );
+        assert!(done);
         assert!((record.ttft - 0.100).abs() < 1e-9);
         assert_eq!(record.itls.len(), 1);
         assert!(
@@ -257,11 +287,67 @@ mod tests {
     }
 
     #[test]
+    fn split_characters_and_crlf_separators_arrive_intact() {
+        // "é" (C3 A9) and "😀" (F0 9F 98 80) cut across chunks; CRLF and LF separators,
+        // the boundary itself cut too.
+        let stream = "data: {\"choices\":[{\"text\":\"caf\u{e9}\"}]}\r\n\r\n\
+                      data: {\"choices\":[{\"text\":\" \u{1F600}\"}]}\n\n\
+                      : ping\r\n\r\n\
+                      data: [DONE]\r\n\r\n"
+            .as_bytes();
+        let e_acute = stream.iter().position(|&b| b == 0xC3).unwrap();
+        let emoji = stream.iter().position(|&b| b == 0xF0).unwrap();
+        let crlf = stream.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let cuts = [
+            e_acute + 1,
+            crlf + 2,
+            emoji + 1,
+            emoji + 3,
+            stream.len() - 1,
+        ];
+        let mut chunks = Vec::new();
+        let mut from = 0;
+        for cut in cuts {
+            chunks.push(&stream[from..cut]);
+            from = cut;
+        }
+        chunks.push(&stream[from..]);
+        let (record, done) = read_chunks(&chunks, &[10, 20, 30, 40], Api::Completions);
+        assert!(done, "[DONE] after a CRLF boundary");
+        assert_eq!(record.text, "café 😀");
+        assert_eq!(record.itls.len(), 1);
+        assert_eq!(record.output_tokens, 2);
+        // Every byte at once gives the same.
+        assert_eq!(
+            read_chunks(&[stream], &[10, 20, 30, 40], Api::Completions)
+                .0
+                .text,
+            "café 😀"
+        );
+    }
+
+    #[test]
+    fn events_are_split_at_the_first_blank_line_and_data_lines_joined() {
+        let mut buffer = b"data: a\r\n\r\ndata: b\n\ndata: c".to_vec();
+        assert_eq!(next_event(&mut buffer).unwrap().unwrap(), "data: a");
+        assert_eq!(next_event(&mut buffer).unwrap().unwrap(), "data: b");
+        assert!(next_event(&mut buffer).is_none(), "c has no end yet");
+        assert_eq!(buffer, b"data: c");
+        assert_eq!(
+            event_data("event: x\r\ndata: {\"a\":\r\ndata:1}").as_deref(),
+            Some("{\"a\":\n1}")
+        );
+        assert_eq!(event_data(": keep-alive"), None);
+        let mut invalid = b"data: \xff\n\n".to_vec();
+        assert!(next_event(&mut invalid).unwrap().is_err());
+    }
+
+    #[test]
     fn error_events_and_empty_streams_fail_the_request() {
         let sent = Instant::now();
         let mut record = RequestRecord::default();
         let mut last = None;
-        let error = r#"data: {"error":{"message":"boom","code":500}}"#;
+        let error = r#"{"error":{"message":"boom","code":500}}"#;
         assert!(handle_message(error, sent, sent, &mut last, &mut record, Api::Chat).is_err());
         assert!(finish(&mut RequestRecord::default(), false, Api::Completions).is_err());
     }

@@ -225,6 +225,13 @@ pub fn json(info: &RunInfo, summary: &Summary, records: &[RequestRecord], detail
             "itls".into(),
             json!(records.iter().map(|r| r.itls.clone()).collect::<Vec<_>>()),
         );
+        // With `ttfts`, `output_lens` and `errors`, what every latency figure is computed
+        // from: E2EL is `e2els`, TPOT `(e2el - ttft) / (output_len - 1)` for outputs of
+        // 2+ tokens, each over the requests whose `errors` entry is empty.
+        doc.insert(
+            "e2els".into(),
+            json!(records.iter().map(|r| r.latency).collect::<Vec<_>>()),
+        );
         doc.insert(
             "start_times".into(),
             json!(records.iter().map(|r| r.start).collect::<Vec<_>>()),
@@ -295,7 +302,19 @@ mod tests {
         }
         assert_eq!(doc["request_rate"], "inf");
         assert!(doc.get("ttfts").is_none());
-        assert!(json(&info, &summary, &records, true).get("ttfts").is_some());
+        let detailed = json(&info, &summary, &records, true);
+        for key in [
+            "input_lens",
+            "output_lens",
+            "ttfts",
+            "itls",
+            "e2els",
+            "start_times",
+            "errors",
+        ] {
+            assert_eq!(detailed[key].as_array().map(Vec::len), Some(1), "{key}");
+        }
+        assert_eq!(detailed["e2els"][0], 0.13);
         assert!(table(&info, &summary).contains("P99.9 TTFT (ms)"));
     }
 }

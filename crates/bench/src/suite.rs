@@ -267,7 +267,8 @@ concurrency = [2, 8]
 "#;
 
 impl Scenario {
-    fn check(&self) -> Result<(), SuiteError> {
+    /// Whether its values can be run (`Suite::parse` checks every scenario).
+    pub fn check(&self) -> Result<(), SuiteError> {
         let invalid = |problem: &str| SuiteError::Invalid {
             scenario: self.name.clone(),
             problem: problem.to_owned(),
@@ -389,7 +390,12 @@ impl Scenario {
                 self.seed,
             ),
             WorkloadKind::Sharegpt => {
-                let path = self.dataset_path.as_deref().unwrap_or(Path::new(""));
+                let Some(path) = self.dataset_path.as_deref() else {
+                    return Err(SuiteError::Invalid {
+                        scenario: self.name.clone(),
+                        problem: "the sharegpt workload needs dataset_path".into(),
+                    });
+                };
                 single(workload::sharegpt(path, self.num_prompts)?)
             }
         })

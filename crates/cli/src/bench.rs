@@ -56,7 +56,8 @@ pub struct BenchArgs {
     /// Lengths vary uniformly within ±ratio (random workload).
     #[arg(long, default_value_t = 0.0)]
     range_ratio: f64,
-    /// Requests per second (Poisson, or gamma with --burstiness); default: all at once.
+    /// Requests per second (Poisson, or gamma with --burstiness); default (or `inf`):
+    /// all at once.
     #[arg(long)]
     request_rate: Option<f64>,
     #[arg(long, default_value_t = 1.0)]
@@ -108,20 +109,59 @@ fn parse_workload(name: &str) -> Result<WorkloadKind, String> {
         })
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
+/// Refuses flag values that cannot be run, naming the flag.
+fn check_flags(args: &BenchArgs) -> Result<()> {
+    let positive_rate = |r: &f64| *r > 0.0 && !r.is_nan();
     if args.percentiles.iter().any(|p| !(0.0..=100.0).contains(p)) {
         bail!("--percentiles must be between 0 and 100");
     }
     if !(0.0..1.0).contains(&args.range_ratio) {
         bail!("--range-ratio must be in [0, 1)");
     }
-    if args.burstiness <= 0.0 {
+    if !(args.burstiness > 0.0 && args.burstiness.is_finite()) {
         bail!("--burstiness must be positive");
     }
+    if let Some(rate) = args.request_rate.filter(|r| !positive_rate(r)) {
+        bail!(
+            "--request-rate {rate}: must be a positive number of requests per second \
+             (leave it out, or give inf, to send every request at once)"
+        );
+    }
+    if let Some(rate) = args.sweep_rates.iter().find(|r| !positive_rate(r)) {
+        bail!("--sweep-rates: {rate} is not a positive number of requests per second");
+    }
+    if args.sweep_concurrency.contains(&0) {
+        bail!("--sweep-concurrency: a concurrency of 0 sends nothing; give 1 or more");
+    }
+    if args.max_concurrency == Some(0) {
+        bail!("--max-concurrency 0 sends nothing; give 1 or more, or leave it out");
+    }
+    for (flag, value) in [
+        ("--num-prompts", args.num_prompts),
+        ("--turns", args.turns),
+        ("--output-len", args.output_len),
+    ] {
+        if value == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    if args.workload == WorkloadKind::Sharegpt && args.dataset_path.is_none() {
+        bail!(
+            "--workload sharegpt needs --dataset-path FILE (a ShareGPT-format JSON file, \
+             such as ShareGPT_V3_unfiltered_cleaned_split.json)"
+        );
+    }
+    Ok(())
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    check_flags(&args)?;
     let slo = (!args.goodput.is_empty())
         .then(|| Slo::parse(&args.goodput))
         .transpose()?;
     let scenario = scenario_of(&args);
+    // What `tandem compare` checks in suite files, for anything the flags above miss.
+    scenario.check()?;
     let conversations = scenario.conversations()?;
     let requests: usize = conversations.iter().map(|c| c.turns.len()).sum();
     let workload_name = scenario.workload.name().to_owned();
@@ -150,6 +190,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         burstiness: args.burstiness,
         max_concurrency: concurrency,
     };
+    // `inf`, as vllm bench serve takes it: everything at once.
+    let request_rate = args.request_rate.filter(|r| r.is_finite());
     let points: Vec<(Option<f64>, Option<usize>)> = if !args.sweep_rates.is_empty() {
         args.sweep_rates
             .iter()
@@ -158,10 +200,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else if !args.sweep_concurrency.is_empty() {
         args.sweep_concurrency
             .iter()
-            .map(|&c| (args.request_rate, Some(c)))
+            .map(|&c| (request_rate, Some(c)))
             .collect()
     } else {
-        vec![(args.request_rate, args.max_concurrency)]
+        vec![(request_rate, args.max_concurrency)]
     };
     let mut runs = Vec::new();
     for (rate, concurrency) in points {

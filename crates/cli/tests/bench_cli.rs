@@ -103,6 +103,45 @@ fn a_random_workload_is_measured_whole() {
     ] {
         assert_close(numpy_percentile(&itls_ms, p), &report[key], key);
     }
+    // E2EL and TPOT from the records too: vLLM's TPOT is (e2el - ttft) / (output - 1),
+    // over the requests that succeeded (empty `errors` entry) with 2+ output tokens.
+    let column = |key: &str| -> Vec<f64> {
+        report[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key} in {report}"))
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    let (ttfts, e2els, outputs) = (column("ttfts"), column("e2els"), column("output_lens"));
+    let ok: Vec<bool> = report["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str() == Some(""))
+        .collect();
+    assert_eq!(e2els.len(), 6);
+    let e2els_ms: Vec<f64> = (0..6).filter(|&i| ok[i]).map(|i| e2els[i] * 1e3).collect();
+    let tpots_ms: Vec<f64> = (0..6)
+        .filter(|&i| ok[i] && outputs[i] > 1.0)
+        .map(|i| (e2els[i] - ttfts[i]) / (outputs[i] - 1.0) * 1e3)
+        .collect();
+    assert_eq!(tpots_ms.len(), 6);
+    for (p, name) in [(50.0, "p50"), (90.0, "p90"), (99.0, "p99")] {
+        let key = format!("{name}_e2el_ms");
+        assert_close(numpy_percentile(&e2els_ms, p), &report[&key], &key);
+        let key = format!("{name}_tpot_ms");
+        assert_close(numpy_percentile(&tpots_ms, p), &report[&key], &key);
+    }
+    assert_close(
+        tpots_ms.iter().sum::<f64>() / 6.0,
+        &report["mean_tpot_ms"],
+        "mean_tpot_ms",
+    );
+    // Every record's end comes after its first token, which comes after sending.
+    for i in 0..6 {
+        assert!(e2els[i] >= ttfts[i] && ttfts[i] > 0.0, "{report}");
+    }
 }
 
 /// `numpy.percentile(values, p)` (linear interpolation), written out independently.
@@ -229,4 +268,36 @@ fn a_concurrency_sweep_reports_every_point() {
         hits >= 32.0,
         "two 16-token blocks of the prefix, at least: {hits}"
     );
+}
+
+#[test]
+fn unusable_flags_are_refused_naming_the_flag() {
+    // Nothing is sent: the URL is never reached.
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let cases: [(&[&str], &str); 8] = [
+        (&["--request-rate", "0"], "--request-rate 0"),
+        (&["--request-rate=-2"], "--request-rate -2"),
+        (&["--sweep-rates", "1,0"], "--sweep-rates: 0"),
+        (&["--sweep-rates=-1"], "--sweep-rates: -1"),
+        (&["--sweep-concurrency", "2,0"], "--sweep-concurrency"),
+        (&["--max-concurrency", "0"], "--max-concurrency 0"),
+        (&["--workload", "sharegpt"], "--dataset-path"),
+        (
+            &["--workload", "random", "--num-prompts", "0"],
+            "--num-prompts",
+        ),
+    ];
+    for (flags, expected) in cases {
+        let output = tandem()
+            .args(["bench", "--url", &url])
+            .args(flags)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{flags:?} was accepted: {stderr}");
+        assert!(
+            stderr.contains(expected) && !stderr.contains("sending"),
+            "{flags:?}: {stderr}"
+        );
+    }
 }
