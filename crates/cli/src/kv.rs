@@ -1,7 +1,9 @@
 //! `tandem kv`: the KV cache arithmetic of a model — bytes per token and per request,
 //! how many tokens a memory budget holds, and how long one request's KV takes to move
-//! over common links — for a model file (GGUF or a Hugging Face folder) or a preset;
-//! with `--measure`, a real hand-off read from a running built-in worker, timed.
+//! over common links — for a model file (GGUF, a Hugging Face folder or its
+//! `config.json`: any architecture with layers, KV heads and a head dimension, Qwen's
+//! included) or a preset; with `--measure`, a real hand-off read from a running
+//! built-in worker, timed.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,8 +20,8 @@ use tandem_protocol::pd::KvTransferParams;
 
 #[derive(Args)]
 pub struct KvArgs {
-    /// A `.gguf` file, a Hugging Face folder, or a preset: llama-3.1-8b, llama-3.1-70b,
-    /// llama-3.2-1b, qwen3-0.6b, smollm2-135m.
+    /// A `.gguf` file, a Hugging Face folder or its `config.json`, or a preset:
+    /// llama-3.1-8b, llama-3.1-70b, llama-3.2-1b, qwen3-0.6b, smollm2-135m.
     model: String,
     /// Prompt (plus output) tokens of one request.
     #[arg(long, default_value_t = 2048)]
@@ -133,6 +135,9 @@ fn shape(model: &str) -> Result<Shape> {
             preset_names().join(", ")
         );
     }
+    if let Some(config) = hf_config_file(path) {
+        return shape_of_hf_config(&config);
+    }
     let config = ModelConfig::read(path).with_context(|| format!("reading {model}"))?;
     Ok(Shape {
         name: config.name.clone(),
@@ -140,6 +145,110 @@ fn shape(model: &str) -> Result<Shape> {
         kv_heads: config.num_kv_heads,
         head_dim: config.head_dim,
         vocab_size: Some(config.vocab_size),
+    })
+}
+
+/// The Hugging Face `config.json` that `path` is, or holds (a folder).
+fn hf_config_file(path: &Path) -> Option<std::path::PathBuf> {
+    if path.is_dir() {
+        return Some(path.join("config.json"));
+    }
+    let is_json = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    is_json.then(|| path.to_owned())
+}
+
+/// The folder of a model given as a folder or as its `config.json`.
+fn model_folder(path: &Path) -> &Path {
+    if path.is_dir() {
+        path
+    } else {
+        path.parent().unwrap_or(Path::new("."))
+    }
+}
+
+/// The KV shape from a Hugging Face `config.json`, of any architecture: layers
+/// (`num_hidden_layers`), KV heads (`num_key_value_heads`, else `num_attention_heads`:
+/// no grouping) and head dim (`head_dim`, else `hidden_size / num_attention_heads`),
+/// from the top level or from `text_config` (multimodal models).
+fn shape_of_hf_config(file: &Path) -> Result<Shape> {
+    let text = std::fs::read_to_string(file).with_context(|| match file.file_name() {
+        Some(name) if name == "config.json" && !file.exists() => format!(
+            "reading {}: a Hugging Face model folder holds its config.json",
+            file.display()
+        ),
+        _ => format!("reading {}", file.display()),
+    })?;
+    let json: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
+    let config = if json.get("num_hidden_layers").is_none() {
+        json.get("text_config").unwrap_or(&json)
+    } else {
+        &json
+    };
+    let field = |key: &str| -> Result<Option<usize>> {
+        match config.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => value
+                .as_u64()
+                .map(|v| Some(v as usize))
+                .with_context(|| format!("{}: `{key}` is {value}, not a count", file.display())),
+        }
+    };
+    let required = |key: &str| -> Result<usize> {
+        field(key)?.with_context(|| format!("{}: no `{key}`", file.display()))
+    };
+    let layers = required("num_hidden_layers")?;
+    let heads = field("num_attention_heads")?;
+    let kv_heads = match field("num_key_value_heads")? {
+        Some(n) => n,
+        None => heads.with_context(|| {
+            format!(
+                "{}: neither `num_key_value_heads` nor `num_attention_heads`",
+                file.display()
+            )
+        })?,
+    };
+    let head_dim = match field("head_dim")? {
+        Some(d) => d,
+        None => {
+            let hidden = required("hidden_size")?;
+            match heads {
+                Some(h) if h > 0 => hidden / h,
+                _ => bail!(
+                    "{}: no `head_dim`, and no `num_attention_heads` to derive it",
+                    file.display()
+                ),
+            }
+        }
+    };
+    for (key, value) in [
+        ("num_hidden_layers", layers),
+        ("num_key_value_heads", kv_heads),
+        ("head_dim", head_dim),
+    ] {
+        if value == 0 {
+            bail!(
+                "{}: `{key}` is 0, so the KV cache would take 0 bytes per token",
+                file.display()
+            );
+        }
+    }
+    let folder = model_folder(file);
+    let name = folder
+        .canonicalize()
+        .ok()
+        .as_deref()
+        .and_then(Path::file_name)
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    Ok(Shape {
+        name,
+        layers,
+        kv_heads,
+        head_dim,
+        vocab_size: field("vocab_size")?,
     })
 }
 
@@ -151,6 +260,15 @@ pub fn run(args: KvArgs) -> Result<()> {
         KvElement::Bf16
     });
     let per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * dtype.bytes();
+    if per_token == 0 {
+        bail!(
+            "{}: {} layers × {} KV heads × head dim {} is 0 bytes per token",
+            shape.name,
+            shape.layers,
+            shape.kv_heads,
+            shape.head_dim
+        );
+    }
     let measured = match &args.measure {
         Some(url) => Some(measure(&args, url, &shape, dtype, per_token)?),
         None => None,
@@ -300,12 +418,25 @@ fn measure(
     dtype: KvElement,
     per_token: usize,
 ) -> Result<Measured> {
-    let (Some(vocab_size), path) = (shape.vocab_size, Path::new(&args.model)) else {
+    let path = Path::new(&args.model);
+    if !path.exists() {
         bail!(
             "--measure needs the worker's model file or folder (its identity is checked at \
              the hand-off), not the preset `{}`",
             args.model
         );
+    }
+    let Some(vocab_size) = shape.vocab_size else {
+        bail!(
+            "--measure needs the model's vocab_size (its prompt is token ids), which {} \
+             does not give",
+            args.model
+        );
+    };
+    // A config.json stands for its folder, which the worker loaded.
+    let path = match hf_config_file(path) {
+        Some(_) => model_folder(path),
+        None => path,
     };
     let fingerprint = fingerprint(path, shape, dtype, args.block_size)?;
     if args.prompt_len == 0 {
@@ -494,6 +625,53 @@ mod tests {
         assert!(tokens.windows(2).any(|w| w[0] != w[1]));
         assert_eq!(tokens, prompt_tokens(512, 100, 7));
         assert_ne!(tokens, prompt_tokens(512, 100, 8));
+    }
+
+    fn shape_of(config: &str) -> Result<Shape> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.json");
+        std::fs::write(&file, config).unwrap();
+        shape_of_hf_config(&file)
+    }
+
+    #[test]
+    fn configs_of_any_architecture_give_their_kv_shape() {
+        // Qwen3-0.6B: head_dim 128 given (not hidden_size / heads = 64).
+        let qwen = shape_of(
+            r#"{"architectures": ["Qwen3ForCausalLM"], "hidden_size": 1024,
+                "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+                "num_hidden_layers": 28, "vocab_size": 151936}"#,
+        )
+        .unwrap();
+        assert_eq!((qwen.layers, qwen.kv_heads, qwen.head_dim), (28, 8, 128));
+        assert_eq!(qwen.vocab_size, Some(151_936));
+        // No KV heads or head_dim: one KV head per head, hidden_size / heads.
+        let mha =
+            shape_of(r#"{"hidden_size": 768, "num_attention_heads": 12, "num_hidden_layers": 12}"#)
+                .unwrap();
+        assert_eq!((mha.kv_heads, mha.head_dim, mha.vocab_size), (12, 64, None));
+        // A multimodal config keeps the language model's in text_config.
+        let nested = shape_of(
+            r#"{"text_config": {"num_hidden_layers": 4, "num_key_value_heads": 2,
+                "head_dim": 32}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (nested.layers, nested.kv_heads, nested.head_dim),
+            (4, 2, 32)
+        );
+    }
+
+    #[test]
+    fn configs_without_a_kv_size_are_refused() {
+        let zero =
+            shape_of(r#"{"num_hidden_layers": 2, "num_key_value_heads": 0, "head_dim": 64}"#);
+        let err = zero.err().unwrap().to_string();
+        assert!(err.contains("`num_key_value_heads` is 0"), "{err}");
+        let missing = shape_of(r#"{"num_attention_heads": 2}"#).err().unwrap();
+        assert!(missing.to_string().contains("no `num_hidden_layers`"));
+        let wrong = shape_of(r#"{"num_hidden_layers": "many"}"#).err().unwrap();
+        assert!(wrong.to_string().contains("not a count"), "{wrong}");
     }
 
     #[test]

@@ -132,3 +132,68 @@ fn measure_needs_a_model_file_and_a_worker_with_a_kv_port() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--kv-port"), "{stderr}");
 }
+
+/// Qwen3-0.6B's published config (the KV-relevant keys and a few others).
+const QWEN3_CONFIG: &str = r#"{
+  "architectures": ["Qwen3ForCausalLM"],
+  "model_type": "qwen3",
+  "hidden_size": 1024,
+  "intermediate_size": 3072,
+  "num_attention_heads": 16,
+  "num_key_value_heads": 8,
+  "head_dim": 128,
+  "num_hidden_layers": 28,
+  "vocab_size": 151936,
+  "torch_dtype": "bfloat16"
+}"#;
+
+#[test]
+fn a_qwen_config_gives_its_shape_as_a_folder_or_as_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("Qwen3-0.6B");
+    std::fs::create_dir(&folder).unwrap();
+    let config = folder.join("config.json");
+    std::fs::write(&config, QWEN3_CONFIG).unwrap();
+    // 2 (K and V) × 28 layers × 8 KV heads × 128 × 2 bytes (bf16).
+    let expected = 2 * 28 * 8 * 128 * 2;
+    for model in [&folder, &config] {
+        let report = kv_json(&[model.to_str().unwrap(), "--memory", "1GiB"]);
+        assert_eq!(report["bytes_per_token"], expected, "{report}");
+        assert_eq!(report["layers"], 28);
+        assert_eq!(report["head_dim"], 128);
+        assert_eq!(report["model"], "Qwen3-0.6B");
+        assert_eq!(report["tokens_in_memory"], (1u64 << 30) / expected);
+    }
+    // The same as the preset.
+    assert_eq!(kv_json(&["qwen3-0.6b"])["bytes_per_token"], expected);
+}
+
+#[test]
+fn a_config_with_no_kv_size_is_refused_not_divided_by() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        r#"{"num_hidden_layers": 0, "num_key_value_heads": 8, "head_dim": 128}"#,
+    )
+    .unwrap();
+    let output = tandem()
+        .args(["kv", config.to_str().unwrap(), "--memory", "1GiB"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("`num_hidden_layers` is 0") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let output = tandem()
+        .args(["kv", empty.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("config.json"), "{stderr}");
+}
