@@ -653,7 +653,10 @@ cores = [1]
         assert_eq!(prefill.url(), "http://127.0.0.1:8100");
         assert_eq!(prefill.ssh_options, ["-i", "/k"]);
         assert!(topology.workers[1].spec.is_local());
-        assert!(!topology.is_multi_host(), "loopback over ssh is this machine");
+        assert!(
+            !topology.is_multi_host(),
+            "loopback over ssh is this machine"
+        );
 
         let local_options = ONE_P_ONE_D.replace("cores = [1]", "ssh_options = [\"-v\"]");
         let err = parse(&local_options, "t").unwrap_err().to_string();
