@@ -87,7 +87,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut decoder = loaded.tokenizer.incremental_decoder(true);
     let mut stdout = std::io::stdout().lock();
     let stats = generate(
-        &loaded.model,
+        loaded.cpu(),
         &pool,
         &prompt_ids,
         &options,

@@ -14,6 +14,46 @@ pub enum GpuCommand {
     /// Time a decode step's matrix products (cuBLAS, bf16) at a preset's shapes for
     /// several batch sizes, against the memory roofline measured in the same run.
     DecodeGemms(DecodeGemmsArgs),
+    /// Time the GPU engine itself: decode steps at several batch sizes against the
+    /// memory roofline, prefill against the bf16 GEMM rate, and KV hand-off copies
+    /// against the copy bandwidth, all measured in the same run.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// A `--load-format dummy` preset (random weights at a model's exact shapes).
+    #[arg(long, default_value = "llama-3.1-8b", conflicts_with = "model")]
+    preset: String,
+    /// A `.gguf` file or Hugging Face folder instead of a preset.
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// Weight type: auto (bf16 for presets and HF folders, f16 for GGUF), f16, bf16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Concurrent sequences of the decode measurements.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    batches: Vec<usize>,
+    /// Context (prompt tokens) of each decoding sequence.
+    #[arg(long, default_value_t = 512)]
+    context: usize,
+    /// Timed decode steps per batch size.
+    #[arg(long, default_value_t = 32)]
+    steps: usize,
+    /// Prompt lengths of the prefill measurements.
+    #[arg(long, value_delimiter = ',', default_value = "2048,8192")]
+    prefill: Vec<usize>,
+    /// Prompt tokens whose KV the hand-off measurement copies (0: skip).
+    #[arg(long, default_value_t = 2048)]
+    handoff_tokens: usize,
+    /// Launch every step's kernels (no CUDA graphs).
+    #[arg(long)]
+    enforce_eager: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -55,6 +95,7 @@ pub fn run(command: GpuCommand) -> Result<()> {
     match command {
         GpuCommand::Limits(args) => limits(args),
         GpuCommand::DecodeGemms(args) => decode_gemms(args),
+        GpuCommand::Bench(args) => bench(args),
     }
 }
 
@@ -74,6 +115,101 @@ fn limits(_: LimitsArgs) -> Result<()> {
 #[cfg(not(feature = "cuda"))]
 fn decode_gemms(_: DecodeGemmsArgs) -> Result<()> {
     no_gpu_support()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench(_: BenchArgs) -> Result<()> {
+    no_gpu_support()
+}
+
+#[cfg(feature = "cuda")]
+fn bench(args: BenchArgs) -> Result<()> {
+    use std::sync::Arc;
+    use tandem_engine::cuda::CudaModel;
+    use tandem_engine::cuda::bench::{self, BenchPlan};
+    use tandem_engine::exec::WeightDtype;
+    use tandem_engine::model::dummy::Preset;
+
+    if args.batches.contains(&0) || args.steps == 0 || args.context == 0 {
+        anyhow::bail!("--batches, --steps and --context must be positive");
+    }
+    let dtype: Option<WeightDtype> = match args.dtype.as_str() {
+        "auto" => None,
+        other => Some(other.parse().map_err(anyhow::Error::msg)?),
+    };
+    let model = match &args.model {
+        Some(path) => CudaModel::load(path, args.device, dtype)?,
+        None => CudaModel::dummy(
+            Preset::find(&args.preset)?,
+            tandem_engine::loaded::DUMMY_SEED,
+            args.device,
+            dtype,
+        )?,
+    };
+    let plan = BenchPlan {
+        decode_batches: args.batches.clone(),
+        decode_context: args.context,
+        decode_steps: args.steps,
+        prefill_lengths: args.prefill.clone(),
+        handoff_tokens: args.handoff_tokens,
+        cuda_graphs: !args.enforce_eager,
+    };
+    let report = bench::run(Arc::new(model), &plan)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{} ({}) on {}: {:.2} GB of weights, {} KiB of KV per token; CUDA graphs {}",
+        report.model,
+        report.weight_dtype,
+        report.gpu,
+        report.weight_bytes as f64 / 1e9,
+        report.kv_bytes_per_token / 1024,
+        if report.cuda_graphs { "on" } else { "off" }
+    );
+    println!(
+        "ceilings measured now: device copy {:.0} GB/s ({:.0} GB/s of traffic), bf16 GEMM {:.0} TFLOP/s",
+        report.copy_bytes_per_second / 1e9,
+        report.copy_traffic_bytes_per_second / 1e9,
+        report.bf16_gemm_flops / 1e12
+    );
+    println!("decode (context {}):", args.context);
+    println!("  batch  step (ms)  tok/s      weights/step of roofline  weights+KV of roofline");
+    for d in &report.decode {
+        println!(
+            "  {:>5}  {:>9.3}  {:>9.0}  {:>24.1}%  {:>21.1}%",
+            d.batch,
+            d.step_seconds * 1e3,
+            d.tokens_per_second,
+            100.0 * d.weight_roofline_fraction,
+            100.0 * d.memory_roofline_fraction
+        );
+    }
+    println!("prefill (one sequence):");
+    println!("  tokens  seconds   tok/s      TFLOP/s  of GEMM rate");
+    for p in &report.prefill {
+        println!(
+            "  {:>6}  {:>7.4}  {:>9.0}  {:>7.0}  {:>11.1}%",
+            p.tokens,
+            p.seconds,
+            p.tokens_per_second,
+            p.flops / p.seconds / 1e12,
+            100.0 * p.gemm_roofline_fraction
+        );
+    }
+    println!("KV hand-off ({} tokens):", args.handoff_tokens);
+    for h in &report.handoff {
+        println!(
+            "  {:<6}  {:>8.1} MB in {:>7.3} ms = {:>7.1} GB/s, {:.1}% of the device copy",
+            h.path,
+            h.bytes as f64 / 1e6,
+            h.seconds * 1e3,
+            h.bytes_per_second / 1e9,
+            100.0 * h.copy_fraction
+        );
+    }
+    Ok(())
 }
 
 #[cfg(feature = "cuda")]

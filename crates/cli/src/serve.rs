@@ -13,8 +13,10 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use tandem_engine::LoadedModel;
 use tandem_engine::api::{self, HandoffInfo, ServedModel, ServerState};
+use tandem_engine::exec::{Device, WeightDtype};
 use tandem_engine::fetch;
 use tandem_engine::kv::{KvDtype, KvOptions};
+use tandem_engine::loaded::Placement;
 use tandem_engine::metrics::install_prometheus_recorder;
 use tandem_engine::model::LoadOptions;
 use tandem_engine::sched::{self, EngineConfig, EngineHandle, HandoffLinks};
@@ -56,8 +58,26 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 16)]
     block_size: usize,
     /// Memory for the KV cache: bytes, or with a suffix (KiB, MiB, GiB, KB, MB, GB).
-    #[arg(long, default_value = "1GiB", value_parser = parse_byte_size)]
-    kv_cache_memory: usize,
+    /// Default: 1GiB on the CPU; on a GPU, what --gpu-memory-utilization leaves.
+    #[arg(long, value_parser = parse_byte_size)]
+    kv_cache_memory: Option<usize>,
+    /// Where the model runs: cpu, or cuda / cuda:N (a build with `--features
+    /// tandem-cli/cuda`, docs/gpu.md).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// GPU only: the fraction of the GPU's memory this worker may use for weights,
+    /// buffers and KV cache together (vLLM's meaning); the KV cache gets the rest.
+    /// Ignored when --kv-cache-memory is given.
+    #[arg(long, default_value_t = 0.9)]
+    gpu_memory_utilization: f32,
+    /// GPU only: the weights' element type (auto: f16 for GGUF files, bf16 for
+    /// Hugging Face folders and dummy presets).
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    dtype: DtypeArg,
+    /// GPU only: launch every step's kernels instead of replaying decode steps from
+    /// CUDA graphs.
+    #[arg(long)]
+    enforce_eager: bool,
     /// Do not reuse the KV blocks of prompt prefixes seen before.
     #[arg(long)]
     no_prefix_caching: bool,
@@ -142,7 +162,7 @@ fn load_model(args: &ServeArgs) -> Result<(LoadedModel, String, String)> {
                 tokenizer.display()
             );
         }
-        let loaded = LoadedModel::dummy(preset, &tokenizer, LoadOptions::default())?;
+        let loaded = LoadedModel::dummy(preset, &tokenizer, placement(args))?;
         tracing::warn!(
             preset,
             "serving random weights (--load-format dummy): the text is meaningless"
@@ -151,14 +171,47 @@ fn load_model(args: &ServeArgs) -> Result<(LoadedModel, String, String)> {
         return Ok((loaded, preset.to_owned(), identity));
     }
     let path = fetch::resolve_model(args.model.as_deref())?;
-    let loaded = LoadedModel::load(&path, LoadOptions::default())
+    let loaded = LoadedModel::load_on(&path, placement(args))
         .with_context(|| format!("loading {}", path.display()))?;
     let identity = transfer::model_identity(&path)
         .with_context(|| format!("reading {} for its identity", path.display()))?;
     Ok((loaded, default_served_name(&path), identity))
 }
 
+fn placement(args: &ServeArgs) -> Placement {
+    Placement {
+        device: args.device,
+        dtype: args.dtype.weight_dtype(),
+        options: LoadOptions::default(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DtypeArg {
+    Auto,
+    F16,
+    Bf16,
+}
+
+impl DtypeArg {
+    fn weight_dtype(self) -> Option<WeightDtype> {
+        match self {
+            DtypeArg::Auto => None,
+            DtypeArg::F16 => Some(WeightDtype::F16),
+            DtypeArg::Bf16 => Some(WeightDtype::Bf16),
+        }
+    }
+}
+
+/// Bytes of KV cache on the CPU when --kv-cache-memory is not given.
+const CPU_KV_CACHE_DEFAULT: usize = 1 << 30;
+
 pub fn run(args: ServeArgs) -> Result<()> {
+    if args.device != Device::Cpu
+        && !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0)
+    {
+        bail!("--gpu-memory-utilization must be in (0, 1]");
+    }
     let (loaded, default_name, identity) = load_model(&args)?;
     let kv = KvOptions {
         block_size: args.block_size,
@@ -178,10 +231,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
         kv,
-        kv_cache_memory: args.kv_cache_memory,
+        kv_cache_memory: args.kv_cache_memory.unwrap_or(CPU_KV_CACHE_DEFAULT),
         prefix_caching: !args.no_prefix_caching,
         threads: args.threads,
         max_model_len,
+        gpu_memory_utilization: match (args.device, args.kv_cache_memory) {
+            (Device::Cuda(_), None) => Some(args.gpu_memory_utilization),
+            _ => None,
+        },
+        cuda_graphs: !args.enforce_eager,
     };
     let lease = Duration::try_from_secs_f64(args.kv_lease_secs)
         .ok()
@@ -297,7 +355,16 @@ fn advertised_kv_host(kv_host: Option<&str>, bind: IpAddr) -> String {
 fn max_model_len(loaded: &LoadedModel, args: &ServeArgs, kv: KvOptions) -> Result<usize> {
     let context = loaded.model.config().max_position_embeddings;
     let layout = loaded.model.kv_layout(kv);
-    let kv_tokens = (args.kv_cache_memory / layout.bytes_per_block()).max(1) * kv.block_size;
+    // A GPU sized by --gpu-memory-utilization learns its KV size once the engine starts
+    // (which refuses to start if it cannot hold max_model_len).
+    let kv_bytes = match (args.device, args.kv_cache_memory) {
+        (_, Some(bytes)) => bytes,
+        (Device::Cpu, None) => CPU_KV_CACHE_DEFAULT,
+        (Device::Cuda(_), None) => usize::MAX,
+    };
+    let kv_tokens = (kv_bytes / layout.bytes_per_block())
+        .max(1)
+        .saturating_mul(kv.block_size);
     match args.max_model_len {
         Some(0) => bail!("--max-model-len must be at least 1"),
         Some(asked) if asked > context => {

@@ -422,6 +422,7 @@ async fn prefill_worker_that_dies_mid_transfer() -> u16 {
                 let welcome = Message::Welcome {
                     fingerprint,
                     engine_id,
+                    device: None,
                 };
                 wire::send(&mut stream, &welcome).await.unwrap();
                 if let Ok(Message::Read { block_ids, .. }) = wire::receive(&mut stream).await {

@@ -96,7 +96,7 @@ fn measure_tandem(
     // Prefill: the whole prompt in one forward pass from an empty KV store.
     let mut best_prefill = f64::MAX;
     for run in 0..=repeats {
-        let mut session = Session::new(&loaded.model, &pool, prompt.len(), KvOptions::default());
+        let mut session = Session::new(loaded.cpu(), &pool, prompt.len(), KvOptions::default());
         let started = Instant::now();
         session.feed(&prompt, LogitsFor::Last).expect("prefill");
         let secs = started.elapsed().as_secs_f64();
@@ -110,7 +110,7 @@ fn measure_tandem(
     for run in 0..=repeats {
         let short = &prompt[..DECODE_PROMPT_TOKENS.min(prompt.len())];
         let mut session = Session::new(
-            &loaded.model,
+            loaded.cpu(),
             &pool,
             short.len() + decode_tokens,
             KvOptions::default(),

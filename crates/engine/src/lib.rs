@@ -4,6 +4,8 @@
 //!   batched forward pass over a paged KV store.
 //! - [`kernels`]: CPU compute kernels (quantized mat-vec, f32 GEMM, a spinning thread pool).
 //! - [`kv`]: the block-addressed KV store the forward pass reads and writes.
+//! - [`exec`]: where forward passes run (CPU, or a GPU with the `cuda` feature);
+//!   [`cuda`]: the GPU engine.
 //! - [`tokenizer`], [`chat`]: text in and out.
 //! - [`sample`]: turning logits into the next token.
 //! - [`generate`]: one prompt, one sequence, no server (what `tandem generate` runs).
@@ -18,6 +20,7 @@ pub mod chat;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod exec;
 pub mod fetch;
 pub mod generate;
 pub mod kernels;

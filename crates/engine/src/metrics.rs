@@ -41,6 +41,9 @@ pub const KV_TRANSFER_BYTES_TOTAL: &str = "tandem:kv_transfer_bytes_total";
 pub const KV_TRANSFER_BLOCKS_TOTAL: &str = "tandem:kv_transfer_blocks_total";
 /// Histogram: seconds of one pull on D, connect to done.
 pub const KV_TRANSFER_SECONDS: &str = "tandem:kv_transfer_seconds";
+/// Counter: pulls on D that copied GPU memory to GPU memory (same host, CUDA IPC)
+/// instead of reading bytes from the socket.
+pub const KV_DEVICE_PULLS_TOTAL: &str = "tandem:kv_device_pulls_total";
 /// Counter, label [`KIND`]: pulls that failed on D (`unreachable`, `handshake`,
 /// `refused`, `transfer`, `invalid_params`).
 pub const KV_TRANSFER_FAILURES_TOTAL: &str = "tandem:kv_transfer_failures_total";
@@ -176,6 +179,10 @@ fn describe_all() {
         KV_TRANSFER_SECONDS,
         Unit::Seconds,
         "Seconds of one KV pull on the decode side, connect to done."
+    );
+    describe_counter!(
+        KV_DEVICE_PULLS_TOTAL,
+        "KV pulls that copied GPU memory to GPU memory on one host (CUDA IPC)."
     );
     describe_counter!(
         KV_TRANSFER_FAILURES_TOTAL,

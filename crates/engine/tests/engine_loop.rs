@@ -44,7 +44,7 @@ fn alone(loaded: &LoadedModel, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
         ..GenerateOptions::default()
     };
     let mut out = Vec::new();
-    generate(&loaded.model, &pool, prompt, &options, |t| {
+    generate(loaded.cpu(), &pool, prompt, &options, |t| {
         out.push(t);
         true
     })

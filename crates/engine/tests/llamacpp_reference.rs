@@ -81,7 +81,7 @@ fn teacher_forced_agreement(loaded: &LoadedModel, pool: &ThreadPool, chunk: usiz
             .chain(&case.greedy_ids)
             .copied()
             .collect();
-        let mut session = Session::new(&loaded.model, pool, sequence.len(), KvOptions::default());
+        let mut session = Session::new(loaded.cpu(), pool, sequence.len(), KvOptions::default());
         let mut ours = Vec::new();
         for part in sequence.chunks(chunk) {
             let logits = session.feed(part, LogitsFor::All).unwrap();
@@ -131,7 +131,7 @@ fn greedy_generation_reproduces_llamacpp() {
             ..GenerateOptions::default()
         };
         let mut ours = Vec::new();
-        generate(&loaded.model, &pool, &case.prompt_ids, &options, |t| {
+        generate(loaded.cpu(), &pool, &case.prompt_ids, &options, |t| {
             ours.push(t);
             true
         })

@@ -1,11 +1,29 @@
 //! NVIDIA GPUs (the `cuda` feature). The driver API and cuBLAS are loaded at run time
-//! (cudarc's dynamic loading), so the feature builds on machines without CUDA; running
-//! needs the driver (`libcuda.so.1`) and, for GEMMs, `libcublas`.
+//! (cudarc's dynamic loading) and the kernels are embedded as PTX, so the feature
+//! builds on machines without CUDA; running needs the driver (`libcuda.so.1`) and
+//! `libcublas`.
 //!
+//! - [`gpu`]: one GPU — context, stream, allocations, kernel module, cuBLAS.
+//! - `kernels.cu` (PTX in [`ptx`]): embedding, RMSNorm, RoPE + KV store, SiLU·up,
+//!   paged flash attention, block copies.
+//! - [`weights`]: a model's weights uploaded in f16/bf16.
+//! - [`kv`]: the KV cache in GPU memory and its hand-off copies.
+//! - [`model`]: the forward pass over ragged batches, with CUDA graphs for decode.
+//! - [`bench`]: what the engine reaches on a GPU, against those ceilings.
 //! - [`limits`]: what a GPU can do at most, measured — the ceilings every GPU
 //!   performance figure of tandem is reported against.
 //! - [`decode_gemm`]: what cuBLAS alone reaches on a decode step's matrix products at
 //!   a model's shapes, against that ceiling.
 
+pub mod bench;
 pub mod decode_gemm;
+pub mod gpu;
+pub mod kv;
 pub mod limits;
+pub mod model;
+pub mod ptx;
+pub mod weights;
+
+pub use gpu::{Gpu, GpuError, WeightDtype};
+pub use kv::DeviceKv;
+pub use model::{CudaModel, GpuRunner, RunnerLimits};

@@ -249,6 +249,33 @@ impl Drop for KvMemory {
     }
 }
 
+/// Where a worker's KV blocks live, as the hand-off sees them: host memory (the CPU
+/// engine) or a GPU's memory (copied through pinned host memory, or between GPUs).
+#[derive(Clone)]
+pub enum KvBlocks {
+    Host(Arc<KvMemory>),
+    #[cfg(feature = "cuda")]
+    Device(Arc<crate::cuda::DeviceKv>),
+}
+
+impl KvBlocks {
+    pub fn layout(&self) -> KvLayout {
+        match self {
+            KvBlocks::Host(memory) => memory.layout(),
+            #[cfg(feature = "cuda")]
+            KvBlocks::Device(kv) => kv.layout(),
+        }
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        match self {
+            KvBlocks::Host(memory) => memory.num_blocks(),
+            #[cfg(feature = "cuda")]
+            KvBlocks::Device(kv) => kv.num_blocks(),
+        }
+    }
+}
+
 /// KV cache memory for a fixed number of blocks, as the engine loop sees it: it reads
 /// and writes only blocks held by its own sequences (see the module doc).
 pub struct KvStore {

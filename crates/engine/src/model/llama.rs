@@ -67,6 +67,9 @@ pub enum ForwardError {
     /// A shape the kernels reject: an engine bug, reported rather than panicking.
     #[error("internal kernel error: {0}")]
     Kernel(#[from] KernelError),
+    /// The GPU failed (a driver or cuBLAS error); the message is the device's.
+    #[error("GPU error: {0}")]
+    Device(String),
 }
 
 /// A loaded Llama-family model.
@@ -168,7 +171,6 @@ impl Llama {
     }
 
     fn validate(&self, batch: &[SeqInput], kv: &KvStore) -> Result<(), ForwardError> {
-        let c = &self.config;
         let layout = kv.layout();
         let expected = self.kv_layout(KvOptions {
             block_size: layout.block_size,
@@ -180,46 +182,7 @@ impl Llama {
                 model: expected,
             });
         }
-        for (seq, s) in batch.iter().enumerate() {
-            if s.tokens.is_empty() {
-                return Err(ForwardError::EmptySequence { seq });
-            }
-            if let Some(&token) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(ForwardError::TokenOutOfRange {
-                    seq,
-                    token,
-                    vocab: c.vocab_size,
-                });
-            }
-            let positions = s.start_pos + s.tokens.len();
-            if positions > c.max_position_embeddings {
-                return Err(ForwardError::ContextExceeded {
-                    seq,
-                    positions,
-                    max: c.max_position_embeddings,
-                });
-            }
-            let needed_blocks = layout.blocks_for(positions);
-            if s.block_table.len() < needed_blocks {
-                return Err(ForwardError::BlockTableTooShort {
-                    seq,
-                    covered: s.block_table.len() * layout.block_size,
-                    needed: positions,
-                });
-            }
-            let num_blocks = kv.num_blocks();
-            if let Some(&block) = s.block_table[..needed_blocks]
-                .iter()
-                .find(|&&b| b as usize >= num_blocks)
-            {
-                return Err(ForwardError::BlockOutOfRange {
-                    seq,
-                    block,
-                    num_blocks,
-                });
-            }
-        }
-        Ok(())
+        check_batch(&self.config, layout, kv.num_blocks(), batch)
     }
 
     fn embed(
@@ -438,4 +401,53 @@ fn project(
 
 fn resize(buf: &mut Vec<f32>, len: usize) {
     buf.resize(len, 0.0);
+}
+
+/// Checks a batch against the model and a KV store of `num_blocks` blocks of `layout`
+/// (every device runs the same checks before its forward pass).
+pub(crate) fn check_batch(
+    c: &ModelConfig,
+    layout: KvLayout,
+    num_blocks: usize,
+    batch: &[SeqInput],
+) -> Result<(), ForwardError> {
+    for (seq, s) in batch.iter().enumerate() {
+        if s.tokens.is_empty() {
+            return Err(ForwardError::EmptySequence { seq });
+        }
+        if let Some(&token) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ForwardError::TokenOutOfRange {
+                seq,
+                token,
+                vocab: c.vocab_size,
+            });
+        }
+        let positions = s.start_pos + s.tokens.len();
+        if positions > c.max_position_embeddings {
+            return Err(ForwardError::ContextExceeded {
+                seq,
+                positions,
+                max: c.max_position_embeddings,
+            });
+        }
+        let needed_blocks = layout.blocks_for(positions);
+        if s.block_table.len() < needed_blocks {
+            return Err(ForwardError::BlockTableTooShort {
+                seq,
+                covered: s.block_table.len() * layout.block_size,
+                needed: positions,
+            });
+        }
+        if let Some(&block) = s.block_table[..needed_blocks]
+            .iter()
+            .find(|&&b| b as usize >= num_blocks)
+        {
+            return Err(ForwardError::BlockOutOfRange {
+                seq,
+                block,
+                num_blocks,
+            });
+        }
+    }
+    Ok(())
 }

@@ -11,7 +11,7 @@ mod attention;
 pub mod config;
 pub mod dummy;
 pub mod llama;
-mod rope;
+pub(crate) mod rope;
 pub mod source;
 pub mod weights;
 
@@ -92,7 +92,7 @@ pub fn load_hf_dir(dir: &Path, options: LoadOptions) -> Result<Llama, ModelError
 
 /// The safetensors files of a checkpoint: those named by
 /// `model.safetensors.index.json` if present, else every `*.safetensors` file.
-fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+pub(crate) fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let index_path = dir.join("model.safetensors.index.json");
     if index_path.is_file() {
         let text =

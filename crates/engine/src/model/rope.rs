@@ -37,6 +37,12 @@ impl Rope {
         }
     }
 
+    /// The inverse frequency of each rotation pair (angle = position × frequency).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// `(cos, sin)` of every pair's angle at `position`, written to `cos` and `sin`
     /// (each `head_dim / 2` long).
     pub fn angles(&self, position: usize, cos: &mut [f32], sin: &mut [f32]) {

@@ -82,7 +82,7 @@ impl TensorNames {
         .collect()
     }
 
-    fn layer(&self, index: usize, which: LayerTensor) -> String {
+    pub(crate) fn layer(&self, index: usize, which: LayerTensor) -> String {
         format!(
             "{}{index}.{}",
             self.layer_prefix, self.layer[which as usize]
@@ -90,8 +90,9 @@ impl TensorNames {
     }
 }
 
+/// One of a transformer layer's tensors.
 #[derive(Clone, Copy)]
-enum LayerTensor {
+pub(crate) enum LayerTensor {
     AttnNorm,
     Q,
     K,
@@ -205,9 +206,10 @@ fn layer_params(c: &ModelConfig) -> usize {
     attn + ffn
 }
 
-struct Loader<'a> {
-    source: &'a dyn TensorSource,
-    config: &'a ModelConfig,
+/// Reads tensors of the expected shapes from a source (shared with the GPU loader).
+pub(crate) struct Loader<'a> {
+    pub source: &'a dyn TensorSource,
+    pub config: &'a ModelConfig,
 }
 
 impl Loader<'_> {
@@ -283,7 +285,7 @@ impl Loader<'_> {
         Ok(Projection::Split(linears))
     }
 
-    fn raw_matrix(
+    pub(crate) fn raw_matrix(
         &self,
         name: &str,
         rows: usize,
@@ -318,7 +320,7 @@ impl Loader<'_> {
     }
 
     /// A 1-D tensor (norm weights, RoPE factors) as f32.
-    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+    pub(crate) fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
         let raw = self.source.read(name)?;
         if raw.shape != [len] {
             return Err(ModelError::ShapeMismatch {

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use super::request::{GenerationEvent, GenerationRequest};
 use super::stats::{EngineStats, SharedStats};
-use crate::kv::{BlockId, KvMemory};
+use crate::kv::{BlockId, KvBlocks};
 use crate::transfer::PullOutcome;
 
 /// Engine-internal id of a submitted request.
@@ -47,7 +47,7 @@ pub struct EngineHandle {
     next_id: Arc<AtomicU64>,
     alive: Arc<AtomicBool>,
     stats: Arc<SharedStats>,
-    kv_memory: Arc<KvMemory>,
+    kv_memory: KvBlocks,
 }
 
 impl EngineHandle {
@@ -55,7 +55,7 @@ impl EngineHandle {
         commands: mpsc::UnboundedSender<Command>,
         alive: Arc<AtomicBool>,
         stats: Arc<SharedStats>,
-        kv_memory: Arc<KvMemory>,
+        kv_memory: KvBlocks,
     ) -> Self {
         Self {
             commands,
@@ -67,7 +67,7 @@ impl EngineHandle {
     }
 
     /// The engine's KV memory, for the hand-off.
-    pub fn kv_memory(&self) -> Arc<KvMemory> {
+    pub fn kv_memory(&self) -> KvBlocks {
         self.kv_memory.clone()
     }
 

@@ -20,9 +20,10 @@ pub use handle::{EngineHandle, EngineStopped, GenerationStream, SeqId, WeakEngin
 pub use request::{FinishReason, GenerationEvent, GenerationRequest, Usage};
 pub use stats::EngineStats;
 
+use crate::exec::{Executor, Model};
 use crate::kernels::{KernelError, ThreadPool};
 use crate::kv::{KvOptions, KvStore};
-use crate::model::Llama;
+use crate::model::ForwardScratch;
 use crate::transfer::{LeaseTable, LoadFailurePolicy, PullerMsg};
 
 /// How the engine loop batches and how much KV memory it has.
@@ -40,6 +41,11 @@ pub struct EngineConfig {
     pub threads: Option<usize>,
     /// Longest sequence (prompt + output) accepted.
     pub max_model_len: usize,
+    /// GPU models: size the KV cache as this fraction of the GPU's memory minus the
+    /// weights and buffers (instead of `kv_cache_memory`).
+    pub gpu_memory_utilization: Option<f32>,
+    /// GPU models: replay decode steps from CUDA graphs.
+    pub cuda_graphs: bool,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +58,8 @@ impl Default for EngineConfig {
             prefix_caching: true,
             threads: None,
             max_model_len: 8192,
+            gpu_memory_utilization: None,
+            cuda_graphs: true,
         }
     }
 }
@@ -73,6 +81,8 @@ pub enum SpawnError {
     Threads(#[from] KernelError),
     #[error("could not start the engine thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("could not start the engine on the GPU: {0}")]
+    Gpu(String),
 }
 
 /// The engine loop's links to the KV hand-off (all off by default).
@@ -95,13 +105,13 @@ impl Drop for ClearOnDrop {
 }
 
 /// Starts the engine loop on its own thread; it ends when every handle is dropped.
-pub fn spawn(model: Llama, config: EngineConfig) -> Result<EngineHandle, SpawnError> {
+pub fn spawn(model: impl Into<Model>, config: EngineConfig) -> Result<EngineHandle, SpawnError> {
     spawn_with_handoff(model, config, HandoffLinks::default())
 }
 
 /// [`spawn`], linked to the KV hand-off.
 pub fn spawn_with_handoff(
-    model: Llama,
+    model: impl Into<Model>,
     config: EngineConfig,
     handoff: HandoffLinks,
 ) -> Result<EngineHandle, SpawnError> {
@@ -110,26 +120,21 @@ pub fn spawn_with_handoff(
             "max_num_seqs and max_num_batched_tokens must be positive",
         ));
     }
-    let layout = model.kv_layout(config.kv);
-    let kv = KvStore::with_memory(layout, config.kv_cache_memory);
-    let capacity = kv.num_blocks() * layout.block_size;
+    let executor = executor(model.into(), &config)?;
+    let layout = executor.kv_layout();
+    let capacity = executor.num_blocks() * layout.block_size;
     if capacity < config.max_model_len {
         return Err(SpawnError::KvTooSmall {
-            memory: config.kv_cache_memory,
+            memory: capacity / layout.block_size * layout.bytes_per_block(),
             capacity,
             max_model_len: config.max_model_len,
         });
     }
-    let pool = match config.threads {
-        Some(n) => ThreadPool::new(n)?,
-        None => ThreadPool::with_available_parallelism()?,
-    };
     let (commands, receiver) = tokio::sync::mpsc::unbounded_channel();
     let alive = Arc::new(AtomicBool::new(true));
     let stats = Arc::new(stats::SharedStats::default());
-    let kv_memory = kv.memory();
-    let engine =
-        scheduler::EngineLoop::new(model, pool, kv, config, receiver, stats.clone(), handoff);
+    let kv_memory = executor.kv_blocks();
+    let engine = scheduler::EngineLoop::new(executor, config, receiver, stats.clone(), handoff);
     let flag = ClearOnDrop(alive.clone());
     std::thread::Builder::new()
         .name("tandem-engine".into())
@@ -139,4 +144,41 @@ pub fn spawn_with_handoff(
             engine.run();
         })?;
     Ok(EngineHandle::new(commands, alive, stats, kv_memory))
+}
+
+/// The model's executor with its KV memory.
+fn executor(model: Model, config: &EngineConfig) -> Result<Executor, SpawnError> {
+    match model {
+        Model::Cpu(model) => {
+            let layout = model.kv_layout(config.kv);
+            let pool = match config.threads {
+                Some(n) => ThreadPool::new(n)?,
+                None => ThreadPool::with_available_parallelism()?,
+            };
+            Ok(Executor::Cpu {
+                model,
+                pool,
+                kv: KvStore::with_memory(layout, config.kv_cache_memory),
+                scratch: ForwardScratch::default(),
+            })
+        }
+        #[cfg(feature = "cuda")]
+        Model::Cuda(model) => {
+            use crate::cuda::model::KvBudget;
+            let layout = model.kv_layout(config.kv);
+            let budget = match config.gpu_memory_utilization {
+                Some(fraction) => KvBudget::Fraction(fraction),
+                None => KvBudget::Bytes(config.kv_cache_memory),
+            };
+            let limits = crate::cuda::RunnerLimits {
+                max_tokens: config.max_num_batched_tokens,
+                max_seqs: config.max_num_seqs,
+                max_model_len: config.max_model_len,
+                cuda_graphs: config.cuda_graphs,
+            };
+            let runner = crate::cuda::GpuRunner::new(model, layout, budget, limits)
+                .map_err(|e| SpawnError::Gpu(e.to_string()))?;
+            Ok(Executor::Cuda(Box::new(runner)))
+        }
+    }
 }

@@ -22,11 +22,10 @@ use super::request::FinishReason;
 use super::sequence::{PullState, Sequence};
 use super::stats::{EngineStats, SharedStats};
 use super::{EngineConfig, HandoffLinks};
-use crate::kernels::ThreadPool;
-use crate::kv::KvStore;
+use crate::exec::Executor;
 use crate::kv::pool::BlockPool;
 use crate::metrics as names;
-use crate::model::{ForwardScratch, Llama, LogitsFor, SeqInput};
+use crate::model::{LogitsFor, SeqInput};
 use crate::transfer::puller::FailureKind;
 use crate::transfer::wire::tokens_digest;
 use crate::transfer::{
@@ -42,9 +41,7 @@ struct Slot {
 }
 
 pub(crate) struct EngineLoop {
-    model: Llama,
-    pool: ThreadPool,
-    kv: KvStore,
+    executor: Executor,
     blocks: BlockPool,
     config: EngineConfig,
     waiting: VecDeque<Sequence>,
@@ -53,7 +50,6 @@ pub(crate) struct EngineLoop {
     /// Admitted remote prefills whose KV is being pulled into their blocks.
     pulling: Vec<Sequence>,
     handoff: HandoffLinks,
-    scratch: ForwardScratch,
     commands: mpsc::UnboundedReceiver<Command>,
     stats: Arc<SharedStats>,
     steps: u64,
@@ -62,30 +58,25 @@ pub(crate) struct EngineLoop {
 
 impl EngineLoop {
     pub fn new(
-        model: Llama,
-        pool: ThreadPool,
-        kv: KvStore,
+        executor: Executor,
         config: EngineConfig,
         commands: mpsc::UnboundedReceiver<Command>,
         stats: Arc<SharedStats>,
         handoff: HandoffLinks,
     ) -> Self {
         let blocks = BlockPool::new(
-            kv.num_blocks(),
-            kv.layout().block_size,
+            executor.num_blocks(),
+            executor.kv_layout().block_size,
             config.prefix_caching,
         );
         Self {
-            model,
-            pool,
-            kv,
+            executor,
             blocks,
             config,
             waiting: VecDeque::new(),
             running: Vec::new(),
             pulling: Vec::new(),
             handoff,
-            scratch: ForwardScratch::default(),
             commands,
             stats,
             steps: 0,
@@ -172,7 +163,7 @@ impl EngineLoop {
                 seq.prompt_len, seq.max_tokens
             ));
         }
-        let vocab = self.model.config().vocab_size;
+        let vocab = self.executor.config().vocab_size;
         if let Some(t) = seq.tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(format!("token id {t} is outside the vocabulary ({vocab})"));
         }
@@ -500,13 +491,12 @@ impl EngineLoop {
                 }
             })
             .collect();
-        self.model
-            .forward(&self.pool, &inputs, &mut self.kv, &mut self.scratch)?;
+        self.executor.forward(&inputs)?;
         Ok(())
     }
 
     fn sample_and_report(&mut self, slots: &[Slot]) {
-        let vocab = self.model.config().vocab_size;
+        let vocab = self.executor.config().vocab_size;
         let mut logits_row = 0;
         let mut finished = Vec::new();
         for slot in slots {
@@ -516,7 +506,7 @@ impl EngineLoop {
             if seq.num_computed < seq.tokens.len() {
                 continue;
             }
-            let row = &self.scratch.logits()[logits_row * vocab..(logits_row + 1) * vocab];
+            let row = &self.executor.last_logits()[logits_row * vocab..(logits_row + 1) * vocab];
             logits_row += 1;
             let token = seq.sampler.sample(row);
             seq.tokens.push(token);

@@ -30,7 +30,7 @@ pub use wire::Fingerprint;
 
 use tandem_protocol::pd::KvTransferParams;
 
-use crate::kv::{BlockId, KvMemory};
+use crate::kv::{BlockId, KvBlocks};
 
 /// Where a decode request's prompt KV is, as P's `kv_transfer_params` said.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,8 +140,39 @@ impl Default for Limits {
 pub struct Local {
     pub engine_id: String,
     pub fingerprint: Fingerprint,
-    pub memory: std::sync::Arc<KvMemory>,
+    pub memory: KvBlocks,
     pub limits: Limits,
+}
+
+/// This host's identity for same-host hand-offs (the kernel's boot id), if known.
+pub fn host_identity() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// What a GPU worker offers same-host readers: its KV cache's IPC handle. `None` for
+/// host memory, or when the handle cannot be made (then readers get bytes).
+pub fn device_export(memory: &KvBlocks) -> Option<wire::DeviceExport> {
+    match memory {
+        KvBlocks::Host(_) => None,
+        #[cfg(feature = "cuda")]
+        KvBlocks::Device(kv) => {
+            let host = host_identity()?;
+            match kv.ipc_handle() {
+                Ok(handle) => Some(wire::DeviceExport {
+                    host,
+                    ipc_handle: handle.iter().map(|b| format!("{b:02x}")).collect(),
+                    bytes: kv.allocation_bytes() as u64,
+                }),
+                Err(err) => {
+                    tracing::warn!(%err, "cannot export the KV cache to same-host readers; they will read bytes");
+                    None
+                }
+            }
+        }
+    }
 }
 
 /// A fresh engine id: a random UUID (version 4), as vLLM's default.

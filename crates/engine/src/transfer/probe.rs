@@ -271,6 +271,7 @@ mod tests {
             let welcome = Message::Welcome {
                 fingerprint,
                 engine_id,
+                device: None,
             };
             wire::send(&mut stream, &welcome).await.unwrap();
             while let Ok(message) = wire::receive(&mut stream).await {

@@ -12,9 +12,9 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::wire::{self, Message, WireError, within};
+use super::wire::{self, DeviceExport, Message, WireError, within};
 use super::{Local, RemotePrefill, SOCKET_BUFFER_BYTES};
-use crate::kv::BlockId;
+use crate::kv::{BlockId, KvBlocks};
 use crate::metrics as names;
 use crate::sched::{SeqId, WeakEngine};
 
@@ -240,7 +240,12 @@ async fn connect(host: &str, port: u16, local: &Local) -> Result<TcpStream, Fail
     Ok(stream)
 }
 
-async fn handshake(stream: &mut TcpStream, engine_id: &str, local: &Local) -> Result<(), Failed> {
+/// Hello/welcome; returns what P offers same-host readers of GPU memory.
+async fn handshake(
+    stream: &mut TcpStream,
+    engine_id: &str,
+    local: &Local,
+) -> Result<Option<DeviceExport>, Failed> {
     let hello = Message::Hello {
         fingerprint: local.fingerprint.clone(),
         engine_id: engine_id.to_owned(),
@@ -256,6 +261,7 @@ async fn handshake(stream: &mut TcpStream, engine_id: &str, local: &Local) -> Re
         Message::Welcome {
             fingerprint,
             engine_id: theirs,
+            device,
         } => {
             let diffs = local.fingerprint.differences(&fingerprint);
             if !diffs.is_empty() || theirs != engine_id {
@@ -264,7 +270,7 @@ async fn handshake(stream: &mut TcpStream, engine_id: &str, local: &Local) -> Re
                     format!("P answered as engine {theirs} with {}", diffs.join("; ")),
                 ));
             }
-            Ok(())
+            Ok(device)
         }
         Message::Error { message, .. } => Err(Failed(FailureKind::Handshake, message)),
         other => Err(Failed(
@@ -327,7 +333,10 @@ async fn pull(job: PullJob, local: &Local) -> PullOutcome {
 async fn read_blocks(job: &PullJob, local: &Local) -> Result<usize, Failed> {
     let source = &job.source;
     let mut stream = connect(&source.host, source.port, local).await?;
-    handshake(&mut stream, &source.engine_id, local).await?;
+    let export = handshake(&mut stream, &source.engine_id, local).await?;
+    if let Some(base) = export.and_then(|e| mapped_peer(&e, &source.engine_id, local)) {
+        return read_from_device(&mut stream, job, local, base).await;
+    }
     let read = Message::Read {
         request_id: source.request_id.clone(),
         block_ids: job.remote_blocks.clone(),
@@ -349,12 +358,17 @@ async fn read_blocks(job: &PullJob, local: &Local) -> Result<usize, Failed> {
             ));
         }
     }
-    for &block in &job.local_blocks {
-        // SAFETY: the waiting sequence owns `block` and the engine loop leaves it alone
-        // until this pull's outcome arrives (which happens after this future ends).
-        let dst = unsafe { local.memory.block_mut(block) };
-        within(local.limits.io, async { Ok(stream.read_exact(dst).await?) }).await?;
+    // SAFETY: the waiting sequence owns these blocks and the engine loop leaves them
+    // alone until this pull's outcome arrives (which happens after this future ends).
+    unsafe {
+        receive_blocks(
+            &mut stream,
+            &local.memory,
+            &job.local_blocks,
+            local.limits.io,
+        )
     }
+    .await?;
     // The data is in; a lost "done" only leaves P's lease to expire.
     let done = Message::Done {
         request_id: source.request_id.clone(),
@@ -363,4 +377,139 @@ async fn read_blocks(job: &PullJob, local: &Local) -> Result<usize, Failed> {
         tracing::debug!(request_id = source.request_id, %err, "P did not acknowledge done");
     }
     Ok(job.local_blocks.len() * block_bytes)
+}
+
+/// P's exported GPU memory mapped here, when both sides' KV is on GPUs of this host
+/// (else `None`: the blocks come as bytes).
+#[cfg(feature = "cuda")]
+fn mapped_peer(export: &DeviceExport, engine_id: &str, local: &Local) -> Option<u64> {
+    let KvBlocks::Device(kv) = &local.memory else {
+        return None;
+    };
+    if super::host_identity().as_deref() != Some(export.host.as_str()) {
+        return None;
+    }
+    let handle = parse_handle(&export.ipc_handle)?;
+    match kv.map_peer(engine_id, handle) {
+        Ok(base) => Some(base),
+        Err(err) => {
+            tracing::warn!(%err, engine_id, "cannot map the prefill worker's GPU memory; reading bytes");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn mapped_peer(_: &DeviceExport, _: &str, _: &Local) -> Option<u64> {
+    None
+}
+
+/// 64 bytes from 128 hex digits.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn parse_handle(hex: &str) -> Option<[u8; 64]> {
+    if hex.len() != 128 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 64];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The same-host path: P pins the blocks, this side copies them GPU to GPU in one
+/// kernel, then tells P its copy is done, then done with the request.
+#[cfg(feature = "cuda")]
+async fn read_from_device(
+    stream: &mut TcpStream,
+    job: &PullJob,
+    local: &Local,
+    remote_base: u64,
+) -> Result<usize, Failed> {
+    let KvBlocks::Device(kv) = &local.memory else {
+        unreachable!("mapped_peer maps only for GPU memory");
+    };
+    let source = &job.source;
+    let read = Message::ReadDevice {
+        request_id: source.request_id.clone(),
+        block_ids: job.remote_blocks.clone(),
+        num_tokens: job.num_tokens,
+        tokens_digest: job.tokens_digest.clone(),
+    };
+    within(local.limits.io, wire::send(stream, &read)).await?;
+    match within(local.limits.io, wire::receive(stream)).await? {
+        Message::ReadDeviceOk { blocks } if blocks == job.local_blocks.len() => {}
+        Message::Error { message, .. } => return Err(Failed(FailureKind::Refused, message)),
+        other => {
+            return Err(Failed(
+                FailureKind::Transfer,
+                format!("unexpected answer to a device read: {other:?}"),
+            ));
+        }
+    }
+    // SAFETY: P pins the remote blocks until our ReadDeviceDone; the local blocks belong
+    // to the waiting sequence (as for a byte read).
+    let copied = unsafe { kv.copy_from_peer(remote_base, &job.remote_blocks, &job.local_blocks) };
+    let finished = Message::ReadDeviceDone {
+        request_id: source.request_id.clone(),
+    };
+    let acknowledged = request(stream, &finished, local).await;
+    if let Err(err) = copied {
+        kv.unmap_peer(&source.engine_id);
+        return Err(Failed(FailureKind::Transfer, format!("GPU copy: {err}")));
+    }
+    acknowledged?;
+    metrics::counter!(names::KV_DEVICE_PULLS_TOTAL).increment(1);
+    let done = Message::Done {
+        request_id: source.request_id.clone(),
+    };
+    if let Err(Failed(_, err)) = request(stream, &done, local).await {
+        tracing::debug!(request_id = source.request_id, %err, "P did not acknowledge done");
+    }
+    Ok(job.local_blocks.len() * kv.layout().bytes_per_block())
+}
+
+#[cfg(not(feature = "cuda"))]
+async fn read_from_device(
+    _: &mut TcpStream,
+    _: &PullJob,
+    _: &Local,
+    _: u64,
+) -> Result<usize, Failed> {
+    unreachable!("mapped_peer maps nothing without the cuda feature")
+}
+
+/// Reads the blocks' bytes from `stream` into `blocks`, straight into host memory or
+/// staged to the GPU.
+///
+/// # Safety
+/// Nobody else may read or write the blocks until the returned future completes.
+async unsafe fn receive_blocks(
+    stream: &mut TcpStream,
+    memory: &KvBlocks,
+    blocks: &[BlockId],
+    io: std::time::Duration,
+) -> Result<(), WireError> {
+    match memory {
+        KvBlocks::Host(memory) => {
+            for &block in blocks {
+                // SAFETY: the caller's promise.
+                let dst = unsafe { memory.block_mut(block) };
+                within(io, async { Ok(stream.read_exact(dst).await?) }).await?;
+            }
+        }
+        #[cfg(feature = "cuda")]
+        KvBlocks::Device(kv) => {
+            let per_block = kv.layout().bytes_per_block();
+            let mut staging = kv.staging().map_err(|e| WireError::Device(e.to_string()))?;
+            for chunk in blocks.chunks(staging.blocks(per_block)) {
+                let bytes = &mut staging.as_mut_slice()[..chunk.len() * per_block];
+                within(io, async { Ok(stream.read_exact(bytes).await?) }).await?;
+                // SAFETY: the caller's promise.
+                unsafe { kv.write_blocks(chunk, bytes) }
+                    .map_err(|e| WireError::Device(e.to_string()))?;
+            }
+        }
+    }
+    Ok(())
 }

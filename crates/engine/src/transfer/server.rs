@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use super::lease::LeaseTable;
 use super::wire::{self, ErrorCode, Message, WireError, within};
 use super::{Local, SOCKET_BUFFER_BYTES};
-use crate::kv::BlockId;
+use crate::kv::{BlockId, KvBlocks};
 use crate::metrics as names;
 use crate::sched::WeakEngine;
 
@@ -26,6 +26,8 @@ struct Ctx {
     local: Local,
     leases: Arc<LeaseTable>,
     engine: WeakEngine,
+    /// Offered to same-host readers when the KV is in GPU memory.
+    device: Option<wire::DeviceExport>,
 }
 
 impl Ctx {
@@ -54,10 +56,12 @@ impl KvServer {
         socket.set_send_buffer_size(SOCKET_BUFFER_BYTES)?;
         socket.bind(addr)?;
         let listener = socket.listen(1024)?;
+        let device = super::device_export(&local.memory);
         let ctx = Arc::new(Ctx {
             local,
             leases,
             engine,
+            device,
         });
         Ok(Self { listener, ctx })
     }
@@ -144,6 +148,23 @@ async fn converse(stream: &mut TcpStream, ctx: &Ctx) -> Result<(), WireError> {
                 .await?;
                 continue;
             }
+            Message::ReadDevice {
+                request_id,
+                block_ids,
+                num_tokens,
+                tokens_digest,
+            } if ctx.device.is_some() => {
+                serve_device_read(
+                    stream,
+                    ctx,
+                    &request_id,
+                    &block_ids,
+                    num_tokens,
+                    &tokens_digest,
+                )
+                .await?;
+                continue;
+            }
             Message::Heartbeat { request_ids } => Message::Ack {
                 count: ctx.leases.heartbeat(&request_ids),
             },
@@ -188,6 +209,7 @@ async fn greet(stream: &mut TcpStream, ctx: &Ctx) -> Result<bool, WireError> {
                 Message::Welcome {
                     fingerprint: local.fingerprint.clone(),
                     engine_id: local.engine_id.clone(),
+                    device: ctx.device.clone(),
                 }
             }
         }
@@ -225,12 +247,9 @@ async fn serve_read(
             block_bytes,
         };
         within(limits.io, wire::send(stream, &header)).await?;
-        for &block in block_ids {
-            // SAFETY: the lease holds `block` (checked by begin_read) and keeps it until
-            // end_read: the engine loop neither writes nor frees it meanwhile.
-            let bytes = unsafe { memory.block(block) };
-            within(limits.io, async { Ok(stream.write_all(bytes).await?) }).await?;
-        }
+        // SAFETY: the lease holds every block (checked by begin_read) and keeps them
+        // until end_read: the engine loop neither writes nor frees them meanwhile.
+        unsafe { send_blocks(stream, memory, block_ids, limits.io) }.await?;
         within(limits.io, async { Ok(stream.flush().await?) }).await
     }
     .await;
@@ -244,4 +263,81 @@ async fn serve_read(
             .increment(block_ids.len() as u64);
     }
     sent
+}
+
+/// A same-host reader copies the blocks from the exported GPU memory itself: pin them
+/// (as for a byte read) until it says its copy is done, or the connection fails.
+async fn serve_device_read(
+    stream: &mut TcpStream,
+    ctx: &Ctx,
+    request_id: &str,
+    block_ids: &[BlockId],
+    num_tokens: usize,
+    digest: &str,
+) -> Result<(), WireError> {
+    let limits = ctx.local.limits;
+    if let Err((code, message)) = ctx
+        .leases
+        .begin_read(request_id, block_ids, num_tokens, digest)
+    {
+        tracing::warn!(request_id, %message, "refused a KV read");
+        return within(limits.io, wire::send(stream, &refusal(code, message))).await;
+    }
+    let copied = async {
+        let ok = Message::ReadDeviceOk {
+            blocks: block_ids.len(),
+        };
+        within(limits.io, wire::send(stream, &ok)).await?;
+        match within(limits.io, wire::receive(stream)).await? {
+            Message::ReadDeviceDone { request_id: done } if done == request_id => Ok(()),
+            other => Err(WireError::Device(format!(
+                "expected the reader's copy to end, got {other:?}"
+            ))),
+        }
+    }
+    .await;
+    if let Some(blocks) = ctx.leases.end_read(request_id) {
+        ctx.release(blocks);
+    }
+    copied?;
+    let bytes = block_ids.len() * ctx.local.memory.layout().bytes_per_block();
+    metrics::counter!(names::KV_TRANSFER_BYTES_TOTAL, names::DIRECTION => "sent")
+        .increment(bytes as u64);
+    metrics::counter!(names::KV_TRANSFER_BLOCKS_TOTAL, names::DIRECTION => "sent")
+        .increment(block_ids.len() as u64);
+    within(limits.io, wire::send(stream, &Message::Ack { count: 1 })).await
+}
+
+/// Writes `blocks`' bytes to `stream`, straight from host memory or staged from the GPU.
+///
+/// # Safety
+/// Nobody may write the blocks until the returned future completes.
+async unsafe fn send_blocks(
+    stream: &mut TcpStream,
+    memory: &KvBlocks,
+    blocks: &[BlockId],
+    io: std::time::Duration,
+) -> Result<(), WireError> {
+    match memory {
+        KvBlocks::Host(memory) => {
+            for &block in blocks {
+                // SAFETY: the caller's promise.
+                let bytes = unsafe { memory.block(block) };
+                within(io, async { Ok(stream.write_all(bytes).await?) }).await?;
+            }
+        }
+        #[cfg(feature = "cuda")]
+        KvBlocks::Device(kv) => {
+            let per_block = kv.layout().bytes_per_block();
+            let mut staging = kv.staging().map_err(|e| WireError::Device(e.to_string()))?;
+            for chunk in blocks.chunks(staging.blocks(per_block)) {
+                let bytes = &mut staging.as_mut_slice()[..chunk.len() * per_block];
+                // SAFETY: the caller's promise.
+                unsafe { kv.read_blocks(chunk, bytes) }
+                    .map_err(|e| WireError::Device(e.to_string()))?;
+                within(io, async { Ok(stream.write_all(bytes).await?) }).await?;
+            }
+        }
+    }
+    Ok(())
 }

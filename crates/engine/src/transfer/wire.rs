@@ -82,6 +82,18 @@ impl Fingerprint {
     }
 }
 
+/// How a reader on the same host can copy a GPU worker's blocks itself: a CUDA IPC
+/// handle of its KV cache. Sent in the welcome of workers whose KV is in GPU memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceExport {
+    /// The host's boot id: readers elsewhere ignore the export.
+    pub host: String,
+    /// `cuIpcGetMemHandle` of the cache, hex.
+    pub ipc_handle: String,
+    /// Bytes of the exported allocation.
+    pub bytes: u64,
+}
+
 /// Why the serving side refused something.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -101,8 +113,8 @@ pub enum ErrorCode {
 }
 
 /// Every message of the protocol. Reader → server: `Hello`, then any of `Read`,
-/// `Heartbeat`, `Done`. Server → reader: `Welcome`, `ReadOk` (then the bytes), `Ack`,
-/// `Error`.
+/// `ReadDevice` (then `ReadDeviceDone`), `Heartbeat`, `Done`. Server → reader:
+/// `Welcome`, `ReadOk` (then the bytes), `ReadDeviceOk`, `Ack`, `Error`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
@@ -114,6 +126,9 @@ pub enum Message {
     Welcome {
         fingerprint: Fingerprint,
         engine_id: String,
+        /// Present when the KV is in GPU memory that a reader on this host may map.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<DeviceExport>,
     },
     Read {
         request_id: String,
@@ -127,6 +142,22 @@ pub enum Message {
     ReadOk {
         blocks: usize,
         block_bytes: usize,
+    },
+    /// Like `Read`, but the reader copies the blocks itself from the exported GPU
+    /// memory (same host): the server pins them until `ReadDeviceDone`.
+    ReadDevice {
+        request_id: String,
+        block_ids: Vec<u32>,
+        num_tokens: usize,
+        tokens_digest: String,
+    },
+    /// The blocks are pinned; copy them, then send `ReadDeviceDone`.
+    ReadDeviceOk {
+        blocks: usize,
+    },
+    /// The reader's copy is complete (or abandoned): unpin. Answered with `Ack`.
+    ReadDeviceDone {
+        request_id: String,
     },
     /// Renews the leases of these requests.
     Heartbeat {
@@ -159,6 +190,9 @@ pub enum WireError {
     Malformed(#[from] serde_json::Error),
     #[error("the peer closed the connection")]
     Closed,
+    /// Copying blocks to or from GPU memory failed.
+    #[error("KV memory: {0}")]
+    Device(String),
 }
 
 /// Runs `io` with a deadline.

@@ -1,0 +1,367 @@
+// tandem's CUDA kernels, compiled when the engine starts (NVRTC), so the `cuda`
+// feature builds without a CUDA toolkit.
+//
+// `wt` is the element type of the matrix products' operands (the weights, and the
+// activations fed to cuBLAS): half by default, bfloat16 when compiled with
+// -DTANDEM_BF16. The residual stream, norms, RoPE and softmax are f32; the KV cache,
+// queries and attention probabilities are half (what the tensor cores take).
+//
+// The KV cache has the CPU engine's block-major layout (see crates/engine/src/kv):
+// element (block, layer, plane, kv_head, slot, d) is at
+//   ((((block * num_layers + layer) * 2 + plane) * num_kv_heads + kv_head) * block_size + slot) * head_dim + d
+// so one block is one contiguous run of bytes for the hand-off, and one head's keys in
+// one block are contiguous for attention.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <mma.h>
+
+using namespace nvcuda;
+
+typedef long long i64;
+
+#ifdef TANDEM_BF16
+typedef __nv_bfloat16 wt;
+__device__ __forceinline__ wt to_wt(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ float from_wt(wt x) { return __bfloat162float(x); }
+#else
+typedef __half wt;
+__device__ __forceinline__ wt to_wt(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ float from_wt(wt x) { return __half2float(x); }
+#endif
+
+// Sum over the whole thread block (blockDim.x a multiple of 32, at most 1024).
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    int warps = blockDim.x >> 5;
+    v = lane < warps ? partial[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// x[t] = table[tokens[t]] (one block per token).
+extern "C" __global__ void embed(const wt* __restrict__ table, const unsigned* __restrict__ tokens,
+                                 float* __restrict__ x, int d) {
+    int t = blockIdx.x;
+    const wt* row = table + (i64)tokens[t] * d;
+    float* out = x + (i64)t * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) out[i] = from_wt(row[i]);
+}
+
+// out[r] = x[rows[r]] / rms(x[rows[r]]) * w, as wt (one block per output row; rows may
+// be null for the identity).
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const int* __restrict__ rows,
+                                    const float* __restrict__ w, wt* __restrict__ out, int d,
+                                    float eps) {
+    int r = blockIdx.x;
+    int src = rows ? rows[r] : r;
+    const float* xr = x + (i64)src * d;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss);
+    float inv = 1.0f / sqrtf(ss / (float)d + eps);
+    wt* o = out + (i64)r * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = to_wt(xr[i] * inv * w[i]);
+}
+
+// Rotates the query and key heads of each token's [q | k | v] row (f32) by its
+// position, writes the queries as half to q_out ([token][num_heads * head_dim]) and
+// the keys and values into the KV cache at (kv_block[t], pos[t] % block_size).
+extern "C" __global__ void rope_store(const float* __restrict__ qkv, const int* __restrict__ pos,
+                                      const int* __restrict__ kv_block,
+                                      const float* __restrict__ inv_freq, __half* __restrict__ q_out,
+                                      __half* __restrict__ kv, int num_heads, int num_kv_heads,
+                                      int head_dim, int interleaved, int layer, int num_layers,
+                                      int block_size) {
+    int t = blockIdx.x;
+    int D = head_dim, half_d = D / 2;
+    int q_dim = num_heads * D, kv_dim = num_kv_heads * D;
+    const float* row = qkv + (i64)t * (q_dim + 2 * kv_dim);
+    int p = pos[t];
+    i64 plane = (i64)num_kv_heads * block_size * D;
+    i64 key_base = (((i64)kv_block[t] * num_layers + layer) * 2) * plane;
+    i64 value_base = key_base + plane;
+    int slot = p % block_size;
+    int rotated = (num_heads + num_kv_heads) * half_d;
+    for (int i = threadIdx.x; i < rotated; i += blockDim.x) {
+        int head = i / half_d, j = i % half_d;
+        float s, c;
+        sincosf((float)p * inv_freq[j], &s, &c);
+        int ia = interleaved ? 2 * j : j;
+        int ib = interleaved ? 2 * j + 1 : j + half_d;
+        const float* src = row + head * D;  // key heads follow the query heads
+        float a = src[ia], b = src[ib];
+        float ra = a * c - b * s, rb = a * s + b * c;
+        if (head < num_heads) {
+            __half* dst = q_out + (i64)t * q_dim + head * D;
+            dst[ia] = __float2half_rn(ra);
+            dst[ib] = __float2half_rn(rb);
+        } else {
+            __half* dst = kv + key_base + ((i64)(head - num_heads) * block_size + slot) * D;
+            dst[ia] = __float2half_rn(ra);
+            dst[ib] = __float2half_rn(rb);
+        }
+    }
+    const float* values = row + q_dim + kv_dim;
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
+        int h = i / D, d = i % D;
+        kv[value_base + ((i64)h * block_size + slot) * D + d] = __float2half_rn(values[i]);
+    }
+}
+
+// out[t][j] = SiLU(gate[t][j]) * up[t][j] for rows [gate | up] of width 2 * inter.
+extern "C" __global__ void silu_mul(const float* __restrict__ gate_up, wt* __restrict__ out,
+                                    int inter, i64 total) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (i64)gridDim.x * blockDim.x) {
+        i64 t = i / inter;
+        int j = (int)(i % inter);
+        float g = gate_up[t * 2 * inter + j];
+        float u = gate_up[t * 2 * inter + inter + j];
+        out[i] = to_wt(g / (1.0f + expf(-g)) * u);
+    }
+}
+
+// Copies whole blocks: dst block dst_ids[i] = src block src_ids[i] (blockIdx.y = i).
+// The KV hand-off between two GPUs' caches (peer or IPC-mapped memory).
+extern "C" __global__ void copy_blocks(const uint4* __restrict__ src, const int* __restrict__ src_ids,
+                                       uint4* __restrict__ dst, const int* __restrict__ dst_ids,
+                                       i64 vectors_per_block) {
+    const uint4* s = src + (i64)src_ids[blockIdx.y] * vectors_per_block;
+    uint4* d = dst + (i64)dst_ids[blockIdx.y] * vectors_per_block;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < vectors_per_block;
+         i += (i64)gridDim.x * blockDim.x)
+        d[i] = s[i];
+}
+
+// ---------------------------------------------------------------------------------
+// Attention: causal softmax(q kᵀ / √d) v over the paged cache, flash-attention style
+// (keys in tiles of 64, an online softmax, tensor-core products in half with f32
+// accumulation).
+//
+// A thread block serves one sequence, one KV head, one tile of 16·WARPS "rows" and one
+// split of the keys. Rows pack the query heads of the KV head's group with the tokens
+// (row = token · group + head in group), so a decode step's group shares one pass over
+// the keys. seq_info[s] = {first row of the sequence in the batch, new tokens, tokens
+// already cached, offset of its block table in block_tables}; work[2i], work[2i+1] =
+// (sequence, row tile) of grid x index i.
+//
+// With one split the result goes straight to `out`; with several, each split leaves
+// its unnormalised output and (max, sum) in `part_o`/`part_ml` and attn_combine
+// merges them.
+
+struct SeqInfo {
+    int row;
+    int n_tokens;
+    int start_pos;
+    int table_offset;
+};
+
+template <int D, int WARPS>
+__device__ void attention_impl(const __half* __restrict__ q, const __half* __restrict__ kv,
+                               wt* __restrict__ out, const SeqInfo* __restrict__ seq_info,
+                               const int* __restrict__ block_tables, const int* __restrict__ work,
+                               float* __restrict__ part_o, float* __restrict__ part_ml,
+                               int n_rows, int num_heads, int num_kv_heads, int layer,
+                               int num_layers, int block_size, float scale) {
+    constexpr int ROWS = 16 * WARPS;
+    constexpr int KT = 64;
+    constexpr int LDH = D + 8;   // halves per row of Q, K, V in shared memory
+    constexpr int LDS = KT + 4;  // floats per row of S
+    constexpr int LDP = KT + 8;  // halves per row of P
+    constexpr int LDO = D + 4;   // floats per row of O
+    constexpr int THREADS = 32 * WARPS;
+    constexpr int CHUNKS = D / 8;  // 16-byte pieces of a head
+
+    extern __shared__ __align__(128) unsigned char smem[];
+    __half* Qs = (__half*)smem;
+    __half* Ks = Qs + ROWS * LDH;
+    __half* Vs = Ks + KT * LDH;
+    float* Ss = (float*)(Vs + KT * LDH);
+    __half* Ps = (__half*)(Ss + ROWS * LDS);
+    float* Os = (float*)(Ps + ROWS * LDP);
+    float* row_m = Os + ROWS * LDO;
+    float* row_l = row_m + ROWS;
+    float* row_scale = row_l + ROWS;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int seq = work[2 * blockIdx.x], tile = work[2 * blockIdx.x + 1];
+    const int kv_head = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    const SeqInfo info = seq_info[seq];
+    const int group = num_heads / num_kv_heads;
+    const int total_rows = info.n_tokens * group;
+    const int row0 = tile * ROWS;
+    if (row0 >= total_rows) return;
+    const int last_row = min(row0 + ROWS, total_rows) - 1;
+    const int kv_end = info.start_pos + last_row / group + 1;  // keys the tile can see
+    const int tiles = (kv_end + KT - 1) / KT;
+    const int tile_begin = split * tiles / splits, tile_end = (split + 1) * tiles / splits;
+    const i64 plane = (i64)num_kv_heads * block_size * D;
+    const int q_stride = num_heads * D;
+
+    for (int c = tid; c < ROWS * CHUNKS; c += THREADS) {
+        int r = c / CHUNKS, part = c % CHUNKS, R = row0 + r;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (R < total_rows) {
+            int t = R / group, head = kv_head * group + R % group;
+            v = *(const uint4*)(q + (i64)(info.row + t) * q_stride + head * D + part * 8);
+        }
+        *(uint4*)(Qs + r * LDH + part * 8) = v;
+    }
+    for (int i = tid; i < ROWS * LDO; i += THREADS) Os[i] = 0.0f;
+    for (int i = tid; i < ROWS; i += THREADS) {
+        row_m[i] = -INFINITY;
+        row_l[i] = 0.0f;
+    }
+    __syncthreads();
+
+    const bool warp_active = row0 + warp * 16 < total_rows;
+    __half* Qw = Qs + warp * 16 * LDH;
+    float* Sw = Ss + warp * 16 * LDS;
+    __half* Pw = Ps + warp * 16 * LDP;
+    float* Ow = Os + warp * 16 * LDO;
+
+    for (int kt = tile_begin; kt < tile_end; ++kt) {
+        const int k0 = kt * KT;
+        for (int c = tid; c < KT * CHUNKS; c += THREADS) {
+            int j = c / CHUNKS, part = c % CHUNKS, key = k0 + j;
+            uint4 kval = make_uint4(0, 0, 0, 0), vval = make_uint4(0, 0, 0, 0);
+            if (key < kv_end) {
+                i64 block = block_tables[info.table_offset + key / block_size];
+                i64 at = ((block * num_layers + layer) * 2) * plane +
+                         ((i64)kv_head * block_size + key % block_size) * D + part * 8;
+                kval = *(const uint4*)(kv + at);
+                vval = *(const uint4*)(kv + at + plane);
+            }
+            *(uint4*)(Ks + j * LDH + part * 8) = kval;
+            *(uint4*)(Vs + j * LDH + part * 8) = vval;
+        }
+        __syncthreads();
+        if (warp_active) {
+            // S = Q Kᵀ for this warp's 16 rows.
+            for (int n0 = 0; n0 < KT / 16; ++n0) {
+                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+                wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+                for (int k = 0; k < D / 16; ++k) {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
+                    wmma::load_matrix_sync(a, Qw + k * 16, LDH);
+                    wmma::load_matrix_sync(b, Ks + n0 * 16 * LDH + k * 16, LDH);
+                    wmma::mma_sync(acc, a, b, acc);
+                }
+                wmma::store_matrix_sync(Sw + n0 * 16, acc, LDS, wmma::mem_row_major);
+            }
+            __syncwarp();
+            // Online softmax: two lanes per row, 32 keys each.
+            const int r = lane >> 1, c0 = (lane & 1) * 32, R = row0 + warp * 16 + r;
+            const int q_pos = R < total_rows ? info.start_pos + R / group : -1;
+            float* srow = Sw + r * LDS;
+            float tile_max = -INFINITY;
+            for (int c = c0; c < c0 + 32; ++c) {
+                float s = k0 + c <= q_pos ? srow[c] * scale : -INFINITY;
+                srow[c] = s;
+                tile_max = fmaxf(tile_max, s);
+            }
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+            const float m_old = row_m[warp * 16 + r];
+            const float m_new = fmaxf(m_old, tile_max);
+            float sum = 0.0f;
+            __half* prow = Pw + r * LDP;
+            for (int c = c0; c < c0 + 32; ++c) {
+                float p = m_new == -INFINITY ? 0.0f : expf(srow[c] - m_new);
+                prow[c] = __float2half_rn(p);
+                sum += p;
+            }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            const float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+            __syncwarp();
+            if ((lane & 1) == 0) {
+                row_m[warp * 16 + r] = m_new;
+                row_l[warp * 16 + r] = row_l[warp * 16 + r] * alpha + sum;
+                row_scale[warp * 16 + r] = alpha;
+            }
+            __syncwarp();
+            for (int i = lane; i < 16 * D; i += 32) {
+                int rr = i / D, d = i % D;
+                Ow[rr * LDO + d] *= row_scale[warp * 16 + rr];
+            }
+            __syncwarp();
+            // O += P V.
+            for (int d0 = 0; d0 < D / 16; ++d0) {
+                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+                wmma::load_matrix_sync(acc, Ow + d0 * 16, LDO, wmma::mem_row_major);
+#pragma unroll
+                for (int k = 0; k < KT / 16; ++k) {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> b;
+                    wmma::load_matrix_sync(a, Pw + k * 16, LDP);
+                    wmma::load_matrix_sync(b, Vs + k * 16 * LDH + d0 * 16, LDH);
+                    wmma::mma_sync(acc, a, b, acc);
+                }
+                wmma::store_matrix_sync(Ow + d0 * 16, acc, LDO, wmma::mem_row_major);
+            }
+        }
+        __syncthreads();
+    }
+
+    for (int i = tid; i < ROWS * D; i += THREADS) {
+        int r = i / D, d = i % D, R = row0 + r;
+        if (R >= total_rows) continue;
+        int t = info.row + R / group, head = kv_head * group + R % group;
+        float o = Os[r * LDO + d], l = row_l[r];
+        if (splits == 1) {
+            out[(i64)t * q_stride + head * D + d] = to_wt(l > 0.0f ? o / l : 0.0f);
+        } else {
+            i64 cell = ((i64)split * n_rows + t) * num_heads + head;
+            part_o[cell * D + d] = o;
+            if (d == 0) {
+                part_ml[cell * 2] = row_m[r];
+                part_ml[cell * 2 + 1] = l;
+            }
+        }
+    }
+}
+
+#define ATTENTION(D, W)                                                                       \
+    extern "C" __global__ void __launch_bounds__(32 * W) attention_d##D##_w##W(             \
+        const __half* q, const __half* kv, wt* out, const SeqInfo* seq_info,                \
+        const int* block_tables, const int* work, float* part_o, float* part_ml, int n_rows, \
+        int num_heads, int num_kv_heads, int layer, int num_layers, int block_size,         \
+        float scale) {                                                                       \
+        attention_impl<D, W>(q, kv, out, seq_info, block_tables, work, part_o, part_ml,     \
+                             n_rows, num_heads, num_kv_heads, layer, num_layers, block_size, \
+                             scale);                                                         \
+    }
+
+ATTENTION(64, 1)
+ATTENTION(64, 4)
+ATTENTION(128, 1)
+ATTENTION(128, 4)
+
+// Merges the splits of attention: grid (token, head), head_dim threads.
+extern "C" __global__ void attn_combine(const float* __restrict__ part_o,
+                                        const float* __restrict__ part_ml, wt* __restrict__ out,
+                                        int n_rows, int num_heads, int head_dim, int splits) {
+    int t = blockIdx.x, head = blockIdx.y, d = threadIdx.x;
+    float m = -INFINITY;
+    for (int s = 0; s < splits; ++s)
+        m = fmaxf(m, part_ml[(((i64)s * n_rows + t) * num_heads + head) * 2]);
+    float l = 0.0f, acc = 0.0f;
+    if (m != -INFINITY) {
+        for (int s = 0; s < splits; ++s) {
+            i64 cell = ((i64)s * n_rows + t) * num_heads + head;
+            float ms = part_ml[cell * 2];
+            if (ms == -INFINITY) continue;
+            float w = expf(ms - m);
+            l += w * part_ml[cell * 2 + 1];
+            acc += w * part_o[cell * head_dim + d];
+        }
+    }
+    out[((i64)t * num_heads + head) * head_dim + d] = to_wt(l > 0.0f ? acc / l : 0.0f);
+}

@@ -1,0 +1,338 @@
+//! The KV cache in GPU memory, in the CPU store's block-major layout (one block = one
+//! contiguous run of [`KvLayout::bytes_per_block`] bytes, every layer's keys and values;
+//! see `crate::kv`), so blocks hand off between GPU and CPU workers alike.
+//!
+//! One extra block past the pool's last is the *padding block*: the rows a CUDA graph
+//! runs beyond the real batch write their keys and values there, and nothing reads it
+//! for a real sequence.
+//!
+//! The hand-off copies blocks between this memory and the host on its own stream
+//! ([`DeviceKv::read_blocks`], [`DeviceKv::write_blocks`]), or straight from another
+//! GPU's cache ([`DeviceKv::copy_from_peer`]); the block pool's ownership rules (a
+//! leased or pulling block is never touched by the engine loop) keep those copies and
+//! the forward pass apart, as on the CPU.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaStream, result, sys};
+
+use super::gpu::{DeviceBuffer, Gpu, GpuError, PinnedBuffer, kernel_args};
+use crate::kv::{BlockId, KvDtype, KvLayout};
+
+/// Bytes of one pinned staging buffer (several blocks).
+const STAGING_BYTES: usize = 16 << 20;
+/// Staging buffers kept for reuse (pinning memory costs ~1 ms per 8 MB).
+const STAGING_POOL: usize = 8;
+/// Other processes' caches kept mapped at once (each mapping keeps its memory alive).
+const MAX_MAPPED_PEERS: usize = 16;
+
+/// Another process's KV cache, mapped into this one through CUDA IPC.
+struct MappedPeer {
+    handle: [u8; 64],
+    base: sys::CUdeviceptr,
+    last_used: std::time::Instant,
+}
+
+pub struct DeviceKv {
+    memory: DeviceBuffer,
+    layout: KvLayout,
+    /// Blocks the pool hands out (the padding block is extra).
+    num_blocks: usize,
+    gpu: Arc<Gpu>,
+    /// Hand-off copies, off the compute stream.
+    transfer: Arc<CudaStream>,
+    /// Free pinned staging buffers.
+    staging: Mutex<Vec<PinnedBuffer<u8>>>,
+    /// By the peer's engine id.
+    peers: Mutex<HashMap<String, MappedPeer>>,
+}
+
+impl DeviceKv {
+    /// A cache of `num_blocks` usable blocks (plus the padding block).
+    pub fn new(gpu: Arc<Gpu>, layout: KvLayout, num_blocks: usize) -> Result<Self, GpuError> {
+        if layout.dtype != KvDtype::F16 {
+            return Err(GpuError::Unsupported(format!(
+                "a {} KV cache (use --kv-cache-dtype f16)",
+                layout.dtype.name()
+            )));
+        }
+        let bytes = (num_blocks + 1) * layout.bytes_per_block();
+        let (free, _) = gpu.free_memory()?;
+        if bytes > free {
+            return Err(GpuError::OutOfMemory {
+                what: "the KV cache",
+                needed: bytes,
+                available: free,
+            });
+        }
+        let memory = DeviceBuffer::zeroed(&gpu.ctx, bytes)?;
+        let transfer = gpu.ctx.new_stream()?;
+        Ok(Self {
+            memory,
+            layout,
+            num_blocks,
+            gpu,
+            transfer,
+            staging: Mutex::new(Vec::new()),
+            peers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// The block that padding rows write to.
+    pub fn padding_block(&self) -> BlockId {
+        self.num_blocks as BlockId
+    }
+
+    /// Device address of the cache (block 0).
+    pub fn base(&self) -> sys::CUdeviceptr {
+        self.memory.ptr()
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    fn check(&self, blocks: &[BlockId]) {
+        if let Some(&bad) = blocks.iter().find(|&&b| b as usize >= self.num_blocks) {
+            panic!(
+                "block {bad} is outside the KV cache ({} blocks)",
+                self.num_blocks
+            );
+        }
+    }
+
+    /// A pinned host buffer of whole blocks for staging a hand-off (returned to a pool
+    /// when dropped). Copies to and from pinned memory run at PCIe speed.
+    pub fn staging(&self) -> Result<Staging<'_>, GpuError> {
+        let reused = self.staging.lock().expect("staging lock").pop();
+        let buffer = match reused {
+            Some(buffer) => buffer,
+            None => {
+                let per_block = self.layout.bytes_per_block();
+                let blocks = (STAGING_BYTES / per_block).max(1);
+                PinnedBuffer::new(&self.gpu.ctx, blocks * per_block)?
+            }
+        };
+        Ok(Staging {
+            buffer: Some(buffer),
+            pool: &self.staging,
+        })
+    }
+
+    /// Copies `blocks` to `out` (their bytes back to back; fastest when `out` is
+    /// [`Self::staging`] memory).
+    ///
+    /// # Safety
+    /// Nobody may write these blocks meanwhile (the caller holds them: a lease).
+    pub unsafe fn read_blocks(&self, blocks: &[BlockId], out: &mut [u8]) -> Result<(), GpuError> {
+        let per_block = self.layout.bytes_per_block();
+        assert_eq!(out.len(), blocks.len() * per_block, "output size");
+        self.check(blocks);
+        self.gpu.bind()?;
+        for (&block, dst) in blocks.iter().zip(out.chunks_mut(per_block)) {
+            let src = self.memory.ptr() + (block as usize * per_block) as u64;
+            // SAFETY: in bounds (checked); `out` outlives the copy (synchronised below).
+            unsafe { result::memcpy_dtoh_async(dst, src, self.transfer.cu_stream()) }?;
+        }
+        self.transfer.synchronize()?;
+        Ok(())
+    }
+
+    /// Fills `blocks` from `data` (their bytes back to back; fastest from
+    /// [`Self::staging`] memory).
+    ///
+    /// # Safety
+    /// Nobody may read or write these blocks meanwhile (they belong to a sequence that
+    /// waits for exactly this data).
+    pub unsafe fn write_blocks(&self, blocks: &[BlockId], data: &[u8]) -> Result<(), GpuError> {
+        let per_block = self.layout.bytes_per_block();
+        assert_eq!(data.len(), blocks.len() * per_block, "input size");
+        self.check(blocks);
+        self.gpu.bind()?;
+        for (&block, src) in blocks.iter().zip(data.chunks(per_block)) {
+            let dst = self.memory.ptr() + (block as usize * per_block) as u64;
+            // SAFETY: in bounds (checked); `data` outlives the copy (synchronised below).
+            unsafe { result::memcpy_htod_async(dst, src, self.transfer.cu_stream()) }?;
+        }
+        self.transfer.synchronize()?;
+        Ok(())
+    }
+
+    /// Copies blocks of another cache with this layout, readable from this GPU at
+    /// `source_base` (a peer GPU's memory, or another process's opened through CUDA
+    /// IPC): local block `local[i]` = remote block `remote[i]`. One kernel launch.
+    ///
+    /// # Safety
+    /// `source_base` must be a live cache with this layout holding every `remote`
+    /// block, none written meanwhile; `local` blocks must be this caller's alone.
+    pub unsafe fn copy_from_peer(
+        &self,
+        source_base: sys::CUdeviceptr,
+        remote: &[BlockId],
+        local: &[BlockId],
+    ) -> Result<(), GpuError> {
+        assert_eq!(remote.len(), local.len(), "block lists differ in length");
+        if local.is_empty() {
+            return Ok(());
+        }
+        self.check(local);
+        self.gpu.bind()?;
+        let ids: Vec<i32> = remote.iter().chain(local).map(|&b| b as i32).collect();
+        let ids_device = DeviceBuffer::from_slice(&self.gpu.ctx, &ids)?;
+        let kernel = self.gpu.module.kernel("copy_blocks")?;
+        let vectors = (self.layout.bytes_per_block() / 16) as i64;
+        let src = source_base;
+        let src_ids = ids_device.ptr();
+        let dst = self.memory.ptr();
+        let dst_ids = ids_device.ptr() + 4 * remote.len() as u64;
+        let mut args = kernel_args![src, src_ids, dst, dst_ids, vectors];
+        // SAFETY: the kernel's parameters; the caller's promises on the memory.
+        unsafe {
+            result::launch_kernel(
+                kernel.function(),
+                (64, local.len() as u32, 1),
+                (256, 1, 1),
+                0,
+                self.transfer.cu_stream(),
+                &mut args,
+            )
+        }?;
+        self.transfer.synchronize()?;
+        Ok(())
+    }
+
+    /// A CUDA IPC handle of the cache, for readers in other processes on this host.
+    pub fn ipc_handle(&self) -> Result<[u8; 64], GpuError> {
+        self.gpu.bind()?;
+        let mut handle = std::mem::MaybeUninit::<sys::CUipcMemHandle>::uninit();
+        // SAFETY: the cache is a live cuMemAlloc allocation.
+        unsafe { sys::cuIpcGetMemHandle(handle.as_mut_ptr(), self.memory.ptr()).result() }?;
+        // SAFETY: initialised by the call above.
+        let handle = unsafe { handle.assume_init() };
+        Ok(handle.reserved.map(|b| b as u8))
+    }
+
+    /// Bytes of the cache's allocation (what an IPC reader maps).
+    pub fn allocation_bytes(&self) -> usize {
+        self.memory.bytes()
+    }
+
+    /// The device address of `engine`'s cache exported as `handle`, mapped into this
+    /// process (and kept mapped for the next hand-off; a new handle for the same engine
+    /// replaces the old mapping).
+    pub fn map_peer(&self, engine: &str, handle: [u8; 64]) -> Result<sys::CUdeviceptr, GpuError> {
+        self.gpu.bind()?;
+        let mut peers = self.peers.lock().expect("peer map lock");
+        if let Some(peer) = peers.get_mut(engine) {
+            if peer.handle == handle {
+                peer.last_used = std::time::Instant::now();
+                return Ok(peer.base);
+            }
+            let stale = peers.remove(engine).expect("present");
+            close_mapping(stale.base);
+        }
+        if peers.len() >= MAX_MAPPED_PEERS {
+            let oldest = peers
+                .iter()
+                .min_by_key(|(_, p)| p.last_used)
+                .map(|(k, _)| k.clone())
+                .expect("non-empty");
+            let evicted = peers.remove(&oldest).expect("present");
+            close_mapping(evicted.base);
+        }
+        let raw = sys::CUipcMemHandle {
+            reserved: handle.map(|b| b as std::ffi::c_char),
+        };
+        let mut base = 0;
+        // SAFETY: a handle another process exported; the driver validates it.
+        unsafe {
+            sys::cuIpcOpenMemHandle_v2(
+                &mut base,
+                raw,
+                sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+            )
+            .result()
+        }?;
+        peers.insert(
+            engine.to_owned(),
+            MappedPeer {
+                handle,
+                base,
+                last_used: std::time::Instant::now(),
+            },
+        );
+        Ok(base)
+    }
+
+    /// Forgets `engine`'s mapping (after a failed copy from it).
+    pub fn unmap_peer(&self, engine: &str) {
+        if self.gpu.bind().is_ok()
+            && let Some(peer) = self.peers.lock().expect("peer map lock").remove(engine)
+        {
+            close_mapping(peer.base);
+        }
+    }
+}
+
+/// A pinned staging buffer on loan from a [`DeviceKv`]'s pool.
+pub struct Staging<'a> {
+    buffer: Option<PinnedBuffer<u8>>,
+    pool: &'a Mutex<Vec<PinnedBuffer<u8>>>,
+}
+
+impl Staging<'_> {
+    /// Whole blocks that fit.
+    pub fn blocks(&self, bytes_per_block: usize) -> usize {
+        self.len() / bytes_per_block
+    }
+
+    pub fn len(&self) -> usize {
+        self.buffer.as_ref().map_or(0, PinnedBuffer::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.buffer
+            .as_mut()
+            .expect("present until drop")
+            .as_mut_slice()
+    }
+}
+
+impl Drop for Staging<'_> {
+    fn drop(&mut self) {
+        let mut pool = self.pool.lock().expect("staging lock");
+        if pool.len() < STAGING_POOL
+            && let Some(buffer) = self.buffer.take()
+        {
+            pool.push(buffer);
+        }
+    }
+}
+
+fn close_mapping(base: sys::CUdeviceptr) {
+    // SAFETY: opened by cuIpcOpenMemHandle and closed once.
+    let _ = unsafe { sys::cuIpcCloseMemHandle(base).result() };
+}
+
+impl Drop for DeviceKv {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_ok() {
+            for (_, peer) in self.peers.lock().expect("peer map lock").drain() {
+                close_mapping(peer.base);
+            }
+        }
+    }
+}

@@ -1,0 +1,977 @@
+//! The Llama forward pass on a GPU, for the engine loop: the same ragged batches as the
+//! CPU pass ([`SeqInput`]), the KV cache in GPU memory ([`DeviceKv`]), logits back on
+//! the host for the sampler.
+//!
+//! A step is: the batch's metadata (token ids, positions, the block each new key goes
+//! to, per-sequence rows and block tables, attention work items) written to pinned
+//! host memory and copied in one go; then per layer RMSNorm → QKV product (cuBLAS) →
+//! RoPE and KV store → paged attention → output product added to the residual →
+//! RMSNorm → gate/up product → SiLU·up → down product added to the residual; then the
+//! final norm and the output head for the rows that need logits.
+//!
+//! Pure decode steps (one new token per sequence) are replayed from CUDA graphs, one
+//! per batch-size bucket, captured on first use: a step is then one graph launch
+//! instead of ~10 launches per layer. The rows past the real batch are padding: token
+//! 0 at position 0, writing to the cache's padding block, attending only to itself.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use cudarc::driver::safe::CudaGraph;
+use cudarc::driver::{result, sys};
+
+use super::gpu::{DeviceBuffer, Gpu, GpuError, Kernel, PinnedBuffer, WeightDtype, kernel_args};
+use super::kv::DeviceKv;
+use super::weights::{GpuWeights, LoadError};
+use crate::error::ModelError;
+use crate::kv::{KvLayout, KvOptions};
+use crate::model::config::{ModelConfig, RopeStyle};
+use crate::model::dummy::{DummySource, Preset};
+use crate::model::llama::check_batch;
+use crate::model::source::{GgufSource, SafetensorsSource};
+use crate::model::weights::TensorNames;
+use crate::model::{ForwardError, LogitsFor, ModelFormat, SeqInput};
+
+/// Keys per attention tile (the kernel's KT).
+const KEY_TILE: usize = 64;
+/// Most key splits of one attention row tile.
+const MAX_SPLITS: usize = 16;
+/// Decode batch sizes that get a CUDA graph; a batch runs in the smallest that fits.
+const GRAPH_BUCKETS: &[usize] = &[
+    1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256,
+];
+
+/// A model's weights on a GPU.
+pub struct CudaModel {
+    pub gpu: Arc<Gpu>,
+    pub config: ModelConfig,
+    pub weights: GpuWeights,
+}
+
+impl CudaModel {
+    /// Loads a `.gguf` file or a Hugging Face folder onto GPU `ordinal`.
+    pub fn load(
+        path: &Path,
+        ordinal: usize,
+        dtype: Option<WeightDtype>,
+    ) -> Result<Self, LoadError> {
+        match ModelFormat::detect(path)? {
+            ModelFormat::Gguf(file) => {
+                let source = GgufSource::open(&file)?;
+                let config = ModelConfig::from_gguf(&source.content, &file)?;
+                let gpu = open(
+                    ordinal,
+                    dtype.unwrap_or(super::weights::auto_dtype(true)),
+                    &config,
+                )?;
+                let weights = GpuWeights::load(&gpu, &source, &TensorNames::GGUF, &config)?;
+                Ok(Self {
+                    gpu,
+                    config,
+                    weights,
+                })
+            }
+            ModelFormat::HfDir(dir) => {
+                let config_path = dir.join("config.json");
+                let json = std::fs::read_to_string(&config_path)
+                    .map_err(|e| ModelError::io(&config_path, e))?;
+                let config = ModelConfig::from_hf_json(&json, &config_path)?;
+                let source = SafetensorsSource::open(&crate::model::safetensors_shards(&dir)?)?;
+                let gpu = open(
+                    ordinal,
+                    dtype.unwrap_or(super::weights::auto_dtype(false)),
+                    &config,
+                )?;
+                let weights = GpuWeights::load(&gpu, &source, &TensorNames::HF, &config)?;
+                Ok(Self {
+                    gpu,
+                    config,
+                    weights,
+                })
+            }
+        }
+    }
+
+    /// A preset's shapes with random weights (`--load-format dummy`), as on the CPU.
+    pub fn dummy(
+        preset: &Preset,
+        seed: u64,
+        ordinal: usize,
+        dtype: Option<WeightDtype>,
+    ) -> Result<Self, LoadError> {
+        let config = preset.config();
+        let source = DummySource::new(preset, seed);
+        let gpu = open(
+            ordinal,
+            dtype.unwrap_or(super::weights::auto_dtype(false)),
+            &config,
+        )?;
+        let weights = GpuWeights::load(&gpu, &source, &TensorNames::HF, &config)?;
+        Ok(Self {
+            gpu,
+            config,
+            weights,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn kv_layout(&self, options: KvOptions) -> KvLayout {
+        KvLayout {
+            num_layers: self.config.num_layers,
+            num_kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+            block_size: options.block_size.max(1),
+            dtype: options.dtype,
+        }
+    }
+}
+
+fn open(ordinal: usize, dtype: WeightDtype, config: &ModelConfig) -> Result<Arc<Gpu>, LoadError> {
+    if !matches!(config.head_dim, 64 | 128) {
+        return Err(GpuError::Unsupported(format!(
+            "head dimension {} (64 and 128 are)",
+            config.head_dim
+        ))
+        .into());
+    }
+    if !config.num_heads.is_multiple_of(config.num_kv_heads) || config.group_size() > 64 {
+        return Err(GpuError::Unsupported(format!(
+            "{} query heads over {} KV heads",
+            config.num_heads, config.num_kv_heads
+        ))
+        .into());
+    }
+    Ok(Arc::new(Gpu::open(ordinal, dtype)?))
+}
+
+/// How big the runner's buffers are.
+#[derive(Debug, Clone, Copy)]
+pub struct RunnerLimits {
+    /// Most tokens in one forward pass.
+    pub max_tokens: usize,
+    /// Most sequences in one forward pass.
+    pub max_seqs: usize,
+    /// Longest sequence (bounds the block tables).
+    pub max_model_len: usize,
+    /// Capture decode steps into CUDA graphs (off: every step launches its kernels).
+    pub cuda_graphs: bool,
+}
+
+/// Offsets (in i32 units) of the metadata sections, at fixed places so that captured
+/// graphs read the current step's values.
+#[derive(Debug, Clone, Copy)]
+struct MetaLayout {
+    tokens: usize,
+    positions: usize,
+    kv_blocks: usize,
+    seq_info: usize,
+    work: usize,
+    tables: usize,
+    logit_rows: usize,
+    total: usize,
+}
+
+impl MetaLayout {
+    fn new(tokens: usize, seqs: usize, work: usize, table: usize, logit_rows: usize) -> Self {
+        let mut at = 0;
+        let mut take = |len: usize| {
+            let start = at;
+            at += len.div_ceil(4) * 4;
+            start
+        };
+        let tokens_at = take(tokens);
+        let positions = take(tokens);
+        let kv_blocks = take(tokens);
+        let seq_info = take(4 * seqs);
+        let work_at = take(2 * work);
+        let tables = take(table);
+        let logit_rows_at = take(logit_rows);
+        Self {
+            tokens: tokens_at,
+            positions,
+            kv_blocks,
+            seq_info,
+            work: work_at,
+            tables,
+            logit_rows: logit_rows_at,
+            total: at,
+        }
+    }
+}
+
+/// The shape of one step's launches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StepShape {
+    /// Rows (tokens) through the layers.
+    tokens: usize,
+    /// Attention thread blocks along x, warps per block, key splits.
+    work_items: usize,
+    warps: usize,
+    splits: usize,
+}
+
+/// Filled-in metadata lengths of one step (what to copy).
+#[derive(Debug, Default, Clone, Copy)]
+struct MetaFill {
+    tokens: usize,
+    seqs: usize,
+    work: usize,
+    table: usize,
+    logit_rows: usize,
+}
+
+struct Buffers {
+    meta: DeviceBuffer,
+    x: DeviceBuffer,
+    normed: DeviceBuffer,
+    qkv: DeviceBuffer,
+    q: DeviceBuffer,
+    attn: DeviceBuffer,
+    gate_up: DeviceBuffer,
+    act: DeviceBuffer,
+    head_in: DeviceBuffer,
+    logits: DeviceBuffer,
+    part_o: DeviceBuffer,
+    part_ml: DeviceBuffer,
+}
+
+struct Kernels {
+    embed: Kernel,
+    rms_norm: Kernel,
+    rope_store: Kernel,
+    silu_mul: Kernel,
+    attn_combine: Kernel,
+    /// By warps per block: 1 and 4.
+    attention_w1: Kernel,
+    attention_w4: Kernel,
+}
+
+/// Captured decode steps by bucket.
+struct Graphs(HashMap<usize, CudaGraph>);
+
+// SAFETY: graphs are only used by whoever owns the runner (the engine loop's thread);
+// the runner moves between threads once, before any use.
+unsafe impl Send for Graphs {}
+
+/// How much GPU memory the KV cache gets.
+#[derive(Debug, Clone, Copy)]
+pub enum KvBudget {
+    /// Exactly this many bytes.
+    Bytes(usize),
+    /// What is left of this fraction of the GPU's memory after the weights and the
+    /// activation buffers (vLLM's `--gpu-memory-utilization`).
+    Fraction(f32),
+}
+
+/// Memory kept free for cuBLAS, CUDA graphs and the driver.
+const RESERVE_BYTES: usize = 512 << 20;
+
+/// Runs forward passes of a [`CudaModel`] over its KV cache.
+pub struct GpuRunner {
+    model: Arc<CudaModel>,
+    kv: Arc<DeviceKv>,
+    limits: RunnerLimits,
+    meta_layout: MetaLayout,
+    /// Capacity of rows in the split-attention partials.
+    split_rows: usize,
+    /// Capacity of logits rows per output-head pass.
+    logit_capacity: usize,
+    buffers: Buffers,
+    kernels: Kernels,
+    meta_host: PinnedBuffer<i32>,
+    logits_host: PinnedBuffer<f32>,
+    /// Logits of steps that ask for more rows than `logit_capacity`.
+    logits_overflow: Vec<f32>,
+    graphs: Graphs,
+    /// Rows of logits the last forward pass produced.
+    last_rows: usize,
+}
+
+impl GpuRunner {
+    /// Allocates the activation buffers, then the KV cache (`layout`) from `budget`.
+    pub fn new(
+        model: Arc<CudaModel>,
+        layout: KvLayout,
+        budget: KvBudget,
+        limits: RunnerLimits,
+    ) -> Result<Self, GpuError> {
+        let c = model.config.clone();
+        let gpu = model.gpu.clone();
+        let max_tokens = limits
+            .max_tokens
+            .max(limits.max_seqs.min(*GRAPH_BUCKETS.last().expect("buckets")))
+            .max(1);
+        let max_seqs = limits.max_seqs.clamp(1, max_tokens);
+        let blocks_per_seq = layout.blocks_for(limits.max_model_len) + 1;
+        // Each sequence's rows (tokens × group) in tiles of at least 16 rows.
+        let work = max_tokens * c.group_size() / 16 + max_seqs + 1;
+        let table = max_seqs * blocks_per_seq + 1;
+        let logit_capacity = max_seqs.max(64).min(max_tokens);
+        let meta_layout = MetaLayout::new(max_tokens, max_seqs, work, table, max_tokens);
+        let split_rows = MAX_SPLITS * max_seqs.min(256);
+        let w = 2; // bytes per weight-type element
+        let (d, q_dim, kv_dim, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let t = max_tokens;
+        let sizes = [
+            4 * meta_layout.total,
+            4 * t * d,
+            w * t * d,
+            4 * t * (q_dim + 2 * kv_dim),
+            2 * t * q_dim,
+            w * t * q_dim,
+            4 * t * 2 * inter,
+            w * t * inter,
+            w * logit_capacity * d,
+            4 * logit_capacity * c.vocab_size,
+            4 * split_rows * c.num_heads * c.head_dim,
+            4 * split_rows * c.num_heads * 2,
+        ];
+        let needed: usize = sizes.iter().sum();
+        let (free, _) = gpu.free_memory()?;
+        if needed > free {
+            return Err(GpuError::OutOfMemory {
+                what: "the activation buffers",
+                needed,
+                available: free,
+            });
+        }
+        let alloc = |bytes: usize| DeviceBuffer::zeroed(&gpu.ctx, bytes);
+        let buffers = Buffers {
+            meta: alloc(sizes[0])?,
+            x: alloc(sizes[1])?,
+            normed: alloc(sizes[2])?,
+            qkv: alloc(sizes[3])?,
+            q: alloc(sizes[4])?,
+            attn: alloc(sizes[5])?,
+            gate_up: alloc(sizes[6])?,
+            act: alloc(sizes[7])?,
+            head_in: alloc(sizes[8])?,
+            logits: alloc(sizes[9])?,
+            part_o: alloc(sizes[10])?,
+            part_ml: alloc(sizes[11])?,
+        };
+        let kernels = load_kernels(&gpu, c.head_dim)?;
+        let kv_bytes = kv_bytes(&gpu, budget)?;
+        let kv = Arc::new(DeviceKv::new(
+            gpu.clone(),
+            layout,
+            kv_bytes / layout.bytes_per_block(),
+        )?);
+        let meta_host = PinnedBuffer::new(&gpu.ctx, meta_layout.total)?;
+        let logits_host = PinnedBuffer::new(&gpu.ctx, logit_capacity * c.vocab_size)?;
+        Ok(Self {
+            model,
+            kv,
+            limits: RunnerLimits {
+                max_tokens,
+                max_seqs,
+                ..limits
+            },
+            meta_layout,
+            split_rows,
+            logit_capacity,
+            buffers,
+            kernels,
+            meta_host,
+            logits_host,
+            logits_overflow: Vec::new(),
+            graphs: Graphs(HashMap::new()),
+            last_rows: 0,
+        })
+    }
+
+    pub fn kv(&self) -> &Arc<DeviceKv> {
+        &self.kv
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+
+    /// Runs the batch and returns the logits asked for: one `vocab_size` row per
+    /// requested position, in batch order (as [`crate::model::Llama::forward`]).
+    pub fn forward(&mut self, batch: &[SeqInput]) -> Result<&[f32], ForwardError> {
+        let layout = self.kv.layout();
+        check_batch(&self.model.config, layout, self.kv.num_blocks(), batch)?;
+        let n: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        if n > self.limits.max_tokens || batch.len() > self.limits.max_seqs {
+            return Err(ForwardError::Device(format!(
+                "a batch of {n} tokens in {} sequences exceeds the GPU buffers ({} tokens, {} sequences)",
+                batch.len(),
+                self.limits.max_tokens,
+                self.limits.max_seqs
+            )));
+        }
+        self.last_rows = 0;
+        if batch.is_empty() {
+            return Ok(&[]);
+        }
+        self.model
+            .gpu
+            .bind()
+            .map_err(|e| ForwardError::Device(e.to_string()))?;
+        let result = if let Some(bucket) = self.graph_bucket(batch) {
+            self.decode_with_graph(batch, bucket)
+        } else {
+            self.eager(batch)
+        };
+        match result {
+            Ok(rows) => {
+                self.last_rows = rows;
+                Ok(self.last_logits())
+            }
+            Err(err) => Err(ForwardError::Device(err.to_string())),
+        }
+    }
+
+    /// The logits of the last forward pass.
+    pub fn last_logits(&self) -> &[f32] {
+        let vocab = self.model.config.vocab_size;
+        let rows = self.last_rows;
+        if rows <= self.logit_capacity {
+            &self.logits_host.as_slice()[..rows * vocab]
+        } else {
+            &self.logits_overflow[..rows * vocab]
+        }
+    }
+
+    /// The graph bucket a pure decode batch runs in, if any.
+    fn graph_bucket(&self, batch: &[SeqInput]) -> Option<usize> {
+        if !self.limits.cuda_graphs
+            || !batch
+                .iter()
+                .all(|s| s.tokens.len() == 1 && s.logits == LogitsFor::Last)
+        {
+            return None;
+        }
+        GRAPH_BUCKETS
+            .iter()
+            .copied()
+            .filter(|&b| b <= self.limits.max_seqs && b <= self.limits.max_tokens)
+            .find(|&b| b >= batch.len())
+    }
+
+    /// Splits of the keys for decode-sized work: enough thread blocks to fill the GPU.
+    fn decode_splits(&self, work_items: usize, rows: usize) -> usize {
+        let blocks = work_items * self.model.config.num_kv_heads;
+        let wanted = (2 * self.model.gpu.multiprocessors).div_ceil(blocks.max(1));
+        wanted
+            .clamp(1, MAX_SPLITS)
+            .min(self.split_rows / rows.max(1))
+            .max(1)
+    }
+
+    fn eager(&mut self, batch: &[SeqInput]) -> Result<usize, GpuError> {
+        let (shape, fill) = self.plan(batch, None);
+        self.upload_meta(fill)?;
+        self.enqueue_layers(shape)?;
+        let rows = fill.logit_rows;
+        if rows <= self.logit_capacity {
+            self.enqueue_head(0, rows)?;
+            self.download_logits(rows, None)?;
+        } else {
+            let vocab = self.model.config.vocab_size;
+            self.logits_overflow.resize(rows * vocab, 0.0);
+            for start in (0..rows).step_by(self.logit_capacity) {
+                let count = self.logit_capacity.min(rows - start);
+                self.enqueue_head(start, count)?;
+                self.download_logits(count, Some(start))?;
+            }
+        }
+        if rows == 0 {
+            self.model.gpu.synchronize()?;
+        }
+        Ok(rows)
+    }
+
+    fn decode_with_graph(&mut self, batch: &[SeqInput], bucket: usize) -> Result<usize, GpuError> {
+        let (shape, fill) = self.plan(batch, Some(bucket));
+        self.upload_meta(fill)?;
+        if !self.graphs.0.contains_key(&bucket) {
+            // Once eagerly (cuBLAS picks and loads its kernels outside the capture), then
+            // captured.
+            self.enqueue_layers(shape)?;
+            self.enqueue_head_all(bucket)?;
+            self.model.gpu.synchronize()?;
+            let stream = &self.model.gpu.stream;
+            stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+            let captured = self
+                .enqueue_layers(shape)
+                .and_then(|()| self.enqueue_head_all(bucket));
+            let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0))?;
+            captured?;
+            let graph =
+                graph.ok_or_else(|| GpuError::Unsupported("an empty CUDA graph capture".into()))?;
+            self.graphs.0.insert(bucket, graph);
+        }
+        self.graphs.0[&bucket].launch()?;
+        self.download_logits(batch.len(), None)?;
+        Ok(batch.len())
+    }
+
+    /// Writes the step's metadata to the pinned buffer; with `pad_to`, pads a decode
+    /// batch to that many rows.
+    fn plan(&mut self, batch: &[SeqInput], pad_to: Option<usize>) -> (StepShape, MetaFill) {
+        let c = &self.model.config;
+        let group = c.group_size();
+        let block_size = self.kv.layout().block_size;
+        let padding_block = self.kv.padding_block() as i32;
+        let m = self.meta_layout;
+        let meta = self.meta_host.as_mut_slice();
+        let longest = batch.iter().map(|s| s.tokens.len()).max().unwrap_or(1);
+        let warps = if longest * group > 16 { 4 } else { 1 };
+        let rows_per_tile = 16 * warps;
+        let (mut row, mut table, mut work, mut logit_rows) = (0usize, 0usize, 0usize, 0usize);
+        for (s, seq) in batch.iter().enumerate() {
+            let n = seq.tokens.len();
+            for (i, &token) in seq.tokens.iter().enumerate() {
+                let pos = seq.start_pos + i;
+                meta[m.tokens + row + i] = token as i32;
+                meta[m.positions + row + i] = pos as i32;
+                meta[m.kv_blocks + row + i] = seq.block_table[pos / block_size] as i32;
+            }
+            let blocks = (seq.start_pos + n).div_ceil(block_size);
+            meta[m.seq_info + 4 * s..m.seq_info + 4 * s + 4].copy_from_slice(&[
+                row as i32,
+                n as i32,
+                seq.start_pos as i32,
+                table as i32,
+            ]);
+            for (j, &b) in seq.block_table[..blocks].iter().enumerate() {
+                meta[m.tables + table + j] = b as i32;
+            }
+            table += blocks;
+            for tile in 0..(n * group).div_ceil(rows_per_tile) {
+                meta[m.work + 2 * work] = s as i32;
+                meta[m.work + 2 * work + 1] = tile as i32;
+                work += 1;
+            }
+            match seq.logits {
+                LogitsFor::None => {}
+                LogitsFor::Last => {
+                    meta[m.logit_rows + logit_rows] = (row + n - 1) as i32;
+                    logit_rows += 1;
+                }
+                LogitsFor::All => {
+                    for r in row..row + n {
+                        meta[m.logit_rows + logit_rows] = r as i32;
+                        logit_rows += 1;
+                    }
+                }
+            }
+            row += n;
+        }
+        let mut seqs = batch.len();
+        if let Some(bucket) = pad_to {
+            // Padding rows: token 0 at position 0 in the padding block.
+            meta[m.tables + table] = padding_block;
+            for s in batch.len()..bucket {
+                meta[m.tokens + row] = 0;
+                meta[m.positions + row] = 0;
+                meta[m.kv_blocks + row] = padding_block;
+                meta[m.seq_info + 4 * s..m.seq_info + 4 * s + 4].copy_from_slice(&[
+                    row as i32,
+                    1,
+                    0,
+                    table as i32,
+                ]);
+                meta[m.work + 2 * work] = s as i32;
+                meta[m.work + 2 * work + 1] = 0;
+                work += 1;
+                row += 1;
+            }
+            table += 1;
+            seqs = bucket;
+        }
+        let splits = if longest <= 4 {
+            self.decode_splits(work, row)
+        } else {
+            1
+        };
+        let shape = StepShape {
+            tokens: row,
+            work_items: work,
+            warps,
+            splits,
+        };
+        let fill = MetaFill {
+            tokens: row,
+            seqs,
+            work,
+            table,
+            // Padded decode steps take every row in order (no index list).
+            logit_rows: if pad_to.is_some() { 0 } else { logit_rows },
+        };
+        (shape, fill)
+    }
+
+    /// Copies the filled metadata sections to the GPU (on the compute stream, so they
+    /// land before the step's kernels read them).
+    fn upload_meta(&self, fill: MetaFill) -> Result<(), GpuError> {
+        let m = self.meta_layout;
+        let sections = [
+            (m.tokens, fill.tokens),
+            (m.positions, fill.tokens),
+            (m.kv_blocks, fill.tokens),
+            (m.seq_info, 4 * fill.seqs),
+            (m.work, 2 * fill.work),
+            (m.tables, fill.table),
+            (m.logit_rows, fill.logit_rows),
+        ];
+        let gpu = &self.model.gpu;
+        gpu.bind()?;
+        for (start, len) in sections {
+            if len == 0 {
+                continue;
+            }
+            let src = &self.meta_host.as_slice()[start..start + len];
+            // SAFETY: in bounds of both buffers; the pinned buffer is only rewritten after
+            // the step's synchronisation.
+            unsafe {
+                result::memcpy_htod_async(
+                    self.buffers.meta.ptr() + 4 * start as u64,
+                    src,
+                    gpu.stream.cu_stream(),
+                )
+            }?;
+        }
+        Ok(())
+    }
+
+    fn meta_ptr(&self, offset: usize) -> sys::CUdeviceptr {
+        self.buffers.meta.ptr() + 4 * offset as u64
+    }
+
+    /// Queues the embedding and every layer for `shape.tokens` rows.
+    fn enqueue_layers(&self, shape: StepShape) -> Result<(), GpuError> {
+        let c = &self.model.config;
+        let gpu = &self.model.gpu;
+        let w = &self.model.weights;
+        let b = &self.buffers;
+        let n = shape.tokens;
+        let (d, q_dim, kv_dim, inter) = (
+            c.hidden_size as i32,
+            c.q_dim(),
+            c.kv_dim(),
+            c.intermediate_size,
+        );
+        let tokens = self.meta_ptr(self.meta_layout.tokens);
+        let (embed_table, x) = (w.embed.ptr(), b.x.ptr());
+        let mut args = kernel_args![embed_table, tokens, x, d];
+        // SAFETY: every launch below passes the kernel's parameters in order, with
+        // buffers sized for `max_tokens` rows (n ≤ max_tokens, checked by the caller).
+        unsafe {
+            gpu.launch(self.kernels.embed, (n as u32, 1, 1), 256, 0, &mut args)?;
+            for (layer, lw) in w.layers.iter().enumerate() {
+                self.rms_norm(b.x.ptr(), None, lw.attn_norm.ptr(), b.normed.ptr(), n)?;
+                gpu.matmul(
+                    lw.qkv.ptr(),
+                    q_dim + 2 * kv_dim,
+                    c.hidden_size,
+                    b.normed.ptr(),
+                    n,
+                    b.qkv.ptr(),
+                    false,
+                )?;
+                self.rope_store(layer, n)?;
+                self.attention(layer, shape)?;
+                gpu.matmul(
+                    lw.attn_out.ptr(),
+                    c.hidden_size,
+                    q_dim,
+                    b.attn.ptr(),
+                    n,
+                    b.x.ptr(),
+                    true,
+                )?;
+                self.rms_norm(b.x.ptr(), None, lw.ffn_norm.ptr(), b.normed.ptr(), n)?;
+                gpu.matmul(
+                    lw.gate_up.ptr(),
+                    2 * inter,
+                    c.hidden_size,
+                    b.normed.ptr(),
+                    n,
+                    b.gate_up.ptr(),
+                    false,
+                )?;
+                self.silu_mul(n)?;
+                gpu.matmul(
+                    lw.down.ptr(),
+                    c.hidden_size,
+                    inter,
+                    b.act.ptr(),
+                    n,
+                    b.x.ptr(),
+                    true,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `rows` output rows of RMSNorm(x[row index]) · w; the row indices come from the
+    /// metadata at `rows_from` (`None`: rows 0, 1, …).
+    unsafe fn rms_norm(
+        &self,
+        x: sys::CUdeviceptr,
+        rows_from: Option<usize>,
+        weight: sys::CUdeviceptr,
+        out: sys::CUdeviceptr,
+        rows: usize,
+    ) -> Result<(), GpuError> {
+        let c = &self.model.config;
+        let row_index: sys::CUdeviceptr = rows_from.map_or(0, |at| self.meta_ptr(at));
+        let (d, eps) = (c.hidden_size as i32, c.rms_norm_eps);
+        let mut args = kernel_args![x, row_index, weight, out, d, eps];
+        // SAFETY: the caller's promise on the buffers.
+        unsafe {
+            self.model.gpu.launch(
+                self.kernels.rms_norm,
+                (rows as u32, 1, 1),
+                256,
+                0,
+                &mut args,
+            )
+        }
+    }
+
+    unsafe fn rope_store(&self, layer: usize, n: usize) -> Result<(), GpuError> {
+        let c = &self.model.config;
+        let layout = self.kv.layout();
+        let b = &self.buffers;
+        let (qkv, q, kv) = (b.qkv.ptr(), b.q.ptr(), self.kv.base());
+        let positions = self.meta_ptr(self.meta_layout.positions);
+        let kv_blocks = self.meta_ptr(self.meta_layout.kv_blocks);
+        let inv_freq = self.model.weights.inv_freq.ptr();
+        let interleaved = i32::from(c.rope_style == RopeStyle::Interleaved);
+        let (heads, kv_heads, head_dim) =
+            (c.num_heads as i32, c.num_kv_heads as i32, c.head_dim as i32);
+        let (layer, layers, block_size) =
+            (layer as i32, c.num_layers as i32, layout.block_size as i32);
+        let mut args = kernel_args![
+            qkv,
+            positions,
+            kv_blocks,
+            inv_freq,
+            q,
+            kv,
+            heads,
+            kv_heads,
+            head_dim,
+            interleaved,
+            layer,
+            layers,
+            block_size
+        ];
+        // SAFETY: the caller's promise on the buffers.
+        unsafe {
+            self.model
+                .gpu
+                .launch(self.kernels.rope_store, (n as u32, 1, 1), 128, 0, &mut args)
+        }
+    }
+
+    unsafe fn attention(&self, layer: usize, shape: StepShape) -> Result<(), GpuError> {
+        let c = &self.model.config;
+        let layout = self.kv.layout();
+        let b = &self.buffers;
+        let splits = shape.splits;
+        let (q, kv, out) = (b.q.ptr(), self.kv.base(), b.attn.ptr());
+        let seq_info = self.meta_ptr(self.meta_layout.seq_info);
+        let tables = self.meta_ptr(self.meta_layout.tables);
+        let work = self.meta_ptr(self.meta_layout.work);
+        let (part_o, part_ml) = (b.part_o.ptr(), b.part_ml.ptr());
+        let n_rows = shape.tokens as i32;
+        let (heads, kv_heads) = (c.num_heads as i32, c.num_kv_heads as i32);
+        let (layer_i, layers, block_size) =
+            (layer as i32, c.num_layers as i32, layout.block_size as i32);
+        let scale = 1.0f32 / (c.head_dim as f32).sqrt();
+        let mut args = kernel_args![
+            q, kv, out, seq_info, tables, work, part_o, part_ml, n_rows, heads, kv_heads, layer_i,
+            layers, block_size, scale
+        ];
+        let kernel = if shape.warps == 1 {
+            self.kernels.attention_w1
+        } else {
+            self.kernels.attention_w4
+        };
+        let gpu = &self.model.gpu;
+        // SAFETY: the caller's promise on the buffers; shared memory as the kernel lays it
+        // out.
+        unsafe {
+            gpu.launch(
+                kernel,
+                (
+                    shape.work_items as u32,
+                    c.num_kv_heads as u32,
+                    splits as u32,
+                ),
+                32 * shape.warps as u32,
+                attention_shared_bytes(c.head_dim, shape.warps) as u32,
+                &mut args,
+            )?;
+            if splits > 1 {
+                let (head_dim, splits_i) = (c.head_dim as i32, splits as i32);
+                let mut args =
+                    kernel_args![part_o, part_ml, out, n_rows, heads, head_dim, splits_i];
+                gpu.launch(
+                    self.kernels.attn_combine,
+                    (shape.tokens as u32, c.num_heads as u32, 1),
+                    c.head_dim as u32,
+                    0,
+                    &mut args,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    unsafe fn silu_mul(&self, n: usize) -> Result<(), GpuError> {
+        let inter = self.model.config.intermediate_size;
+        let total = (n * inter) as i64;
+        let (gate_up, act, inter_i) = (
+            self.buffers.gate_up.ptr(),
+            self.buffers.act.ptr(),
+            inter as i32,
+        );
+        let mut args = kernel_args![gate_up, act, inter_i, total];
+        let blocks = (total as usize).div_ceil(256).min(4 * 1024) as u32;
+        // SAFETY: the caller's promise on the buffers.
+        unsafe {
+            self.model
+                .gpu
+                .launch(self.kernels.silu_mul, (blocks, 1, 1), 256, 0, &mut args)
+        }
+    }
+
+    /// Final norm and output head for logit rows `start..start + count` (row indices
+    /// from the metadata) into the logits buffer.
+    fn enqueue_head(&self, start: usize, count: usize) -> Result<(), GpuError> {
+        if count == 0 {
+            return Ok(());
+        }
+        let c = &self.model.config;
+        let b = &self.buffers;
+        // SAFETY: count ≤ logit_capacity rows; indices point at computed rows.
+        unsafe {
+            self.rms_norm(
+                b.x.ptr(),
+                Some(self.meta_layout.logit_rows + start),
+                self.model.weights.final_norm.ptr(),
+                b.head_in.ptr(),
+                count,
+            )?;
+            self.model.gpu.matmul(
+                self.model.weights.head().ptr(),
+                c.vocab_size,
+                c.hidden_size,
+                b.head_in.ptr(),
+                count,
+                b.logits.ptr(),
+                false,
+            )
+        }
+    }
+
+    /// The output head for rows 0..rows in order (padded decode steps).
+    fn enqueue_head_all(&self, rows: usize) -> Result<(), GpuError> {
+        let c = &self.model.config;
+        let b = &self.buffers;
+        // SAFETY: rows ≤ logit_capacity (buckets never exceed it).
+        unsafe {
+            self.rms_norm(
+                b.x.ptr(),
+                None,
+                self.model.weights.final_norm.ptr(),
+                b.head_in.ptr(),
+                rows,
+            )?;
+            self.model.gpu.matmul(
+                self.model.weights.head().ptr(),
+                c.vocab_size,
+                c.hidden_size,
+                b.head_in.ptr(),
+                rows,
+                b.logits.ptr(),
+                false,
+            )
+        }
+    }
+
+    /// Copies `rows` rows of logits back to the pinned buffer, waits for the step, and
+    /// for steps past the buffer's capacity appends them to the overflow at row `at`.
+    fn download_logits(&mut self, rows: usize, overflow_at: Option<usize>) -> Result<(), GpuError> {
+        let vocab = self.model.config.vocab_size;
+        let gpu = self.model.gpu.clone();
+        gpu.bind()?;
+        let dst = &mut self.logits_host.as_mut_slice()[..rows * vocab];
+        // SAFETY: in bounds (rows ≤ logit_capacity); synchronised before `dst` is read.
+        unsafe {
+            result::memcpy_dtoh_async(dst, self.buffers.logits.ptr(), gpu.stream.cu_stream())
+        }?;
+        gpu.synchronize()?;
+        if let Some(at) = overflow_at {
+            let src = &self.logits_host.as_slice()[..rows * vocab];
+            self.logits_overflow[at * vocab..(at + rows) * vocab].copy_from_slice(src);
+        }
+        Ok(())
+    }
+}
+
+/// The KV cache's share of the GPU's memory, once weights and buffers are allocated.
+fn kv_bytes(gpu: &Gpu, budget: KvBudget) -> Result<usize, GpuError> {
+    let (free, total) = gpu.free_memory()?;
+    let usable = free.saturating_sub(RESERVE_BYTES);
+    let wanted = match budget {
+        KvBudget::Bytes(bytes) => bytes,
+        KvBudget::Fraction(fraction) => {
+            let ours = gpu.free_at_open.saturating_sub(free);
+            ((fraction as f64 * total as f64) as usize)
+                .saturating_sub(ours)
+                .saturating_sub(RESERVE_BYTES)
+        }
+    };
+    if wanted > usable || wanted == 0 {
+        return Err(GpuError::OutOfMemory {
+            what: "the KV cache",
+            needed: wanted,
+            available: usable,
+        });
+    }
+    Ok(wanted)
+}
+
+/// Dynamic shared memory of `attention_d{head_dim}_w{warps}` (mirrors the kernel's
+/// layout).
+pub fn attention_shared_bytes(head_dim: usize, warps: usize) -> usize {
+    let rows = 16 * warps;
+    let ldh = head_dim + 8;
+    let (lds, ldp, ldo) = (KEY_TILE + 4, KEY_TILE + 8, head_dim + 4);
+    2 * (rows * ldh + 2 * KEY_TILE * ldh)
+        + 4 * rows * lds
+        + 2 * rows * ldp
+        + 4 * rows * ldo
+        + 4 * 3 * rows
+}
+
+fn load_kernels(gpu: &Gpu, head_dim: usize) -> Result<Kernels, GpuError> {
+    let m = &gpu.module;
+    let attention = |warps: usize| -> Result<Kernel, GpuError> {
+        let kernel = m.kernel(&format!("attention_d{head_dim}_w{warps}"))?;
+        kernel.allow_shared_memory(attention_shared_bytes(head_dim, warps))?;
+        Ok(kernel)
+    };
+    Ok(Kernels {
+        embed: m.kernel("embed")?,
+        rms_norm: m.kernel("rms_norm")?,
+        rope_store: m.kernel("rope_store")?,
+        silu_mul: m.kernel("silu_mul")?,
+        attn_combine: m.kernel("attn_combine")?,
+        attention_w1: attention(1)?,
+        attention_w4: attention(4)?,
+    })
+}

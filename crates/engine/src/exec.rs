@@ -1,0 +1,203 @@
+//! Where a model's forward passes run: on the CPU (the engine's own kernels over a
+//! host KV store) or, with the `cuda` feature, on a GPU (cuBLAS and tandem's kernels
+//! over a KV cache in GPU memory). The engine loop, the block pool and the hand-off
+//! protocol are the same for both; only [`Executor::forward`] and where the blocks'
+//! bytes live ([`KvBlocks`]) differ.
+
+#[cfg(feature = "cuda")]
+use std::sync::Arc;
+
+use crate::kernels::ThreadPool;
+use crate::kv::{KvBlocks, KvLayout, KvOptions, KvStore};
+use crate::model::{ForwardError, ForwardScratch, Llama, ModelConfig, SeqInput};
+
+/// Where to run a model: `cpu`, or `cuda`/`cuda:N` (GPU N; needs the `cuda` feature).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("`{s}` is not a device: use cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Element type of a GPU model's weights and of its matrix products' inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDtype {
+    F16,
+    Bf16,
+}
+
+impl WeightDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F16 => "f16",
+            WeightDtype::Bf16 => "bf16",
+        }
+    }
+
+    /// Converts f32 values to this type's bit patterns.
+    pub fn convert(self, values: &[f32]) -> Vec<u16> {
+        match self {
+            WeightDtype::F16 => values
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect(),
+            WeightDtype::Bf16 => values
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect(),
+        }
+    }
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f16" | "float16" | "half" => Ok(WeightDtype::F16),
+            "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
+            _ => Err(format!("`{s}` is not a GPU weight type: use f16 or bf16")),
+        }
+    }
+}
+
+/// A loaded model, on the device its forward passes will run on.
+// One value per worker: the variants' sizes don't matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Model {
+    Cpu(Llama),
+    #[cfg(feature = "cuda")]
+    Cuda(Arc<crate::cuda::CudaModel>),
+}
+
+impl From<Llama> for Model {
+    fn from(model: Llama) -> Self {
+        Model::Cpu(model)
+    }
+}
+
+impl Model {
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            Model::Cpu(model) => model.config(),
+            #[cfg(feature = "cuda")]
+            Model::Cuda(model) => model.config(),
+        }
+    }
+
+    /// The KV layout this model needs with the given block size and element type.
+    pub fn kv_layout(&self, options: KvOptions) -> KvLayout {
+        match self {
+            Model::Cpu(model) => model.kv_layout(options),
+            #[cfg(feature = "cuda")]
+            Model::Cuda(model) => model.kv_layout(options),
+        }
+    }
+
+    /// The CPU model, when the model runs on the CPU.
+    pub fn cpu(&self) -> Option<&Llama> {
+        match self {
+            Model::Cpu(model) => Some(model),
+            #[cfg(feature = "cuda")]
+            Model::Cuda(_) => None,
+        }
+    }
+
+    /// `cpu` or `cuda:N`.
+    pub fn device(&self) -> String {
+        match self {
+            Model::Cpu(_) => "cpu".into(),
+            #[cfg(feature = "cuda")]
+            Model::Cuda(model) => format!("cuda:{}", model.gpu.ctx.ordinal()),
+        }
+    }
+}
+
+/// Runs the engine loop's forward passes and owns the KV memory they use.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Executor {
+    Cpu {
+        model: Llama,
+        pool: ThreadPool,
+        kv: KvStore,
+        scratch: ForwardScratch,
+    },
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::cuda::GpuRunner>),
+}
+
+impl Executor {
+    pub(crate) fn config(&self) -> &ModelConfig {
+        match self {
+            Executor::Cpu { model, .. } => model.config(),
+            #[cfg(feature = "cuda")]
+            Executor::Cuda(runner) => runner.config(),
+        }
+    }
+
+    /// Blocks the KV memory holds (what the block pool hands out).
+    pub(crate) fn num_blocks(&self) -> usize {
+        self.kv_blocks().num_blocks()
+    }
+
+    pub(crate) fn kv_layout(&self) -> KvLayout {
+        self.kv_blocks().layout()
+    }
+
+    /// The KV memory, for the hand-off.
+    pub(crate) fn kv_blocks(&self) -> KvBlocks {
+        match self {
+            Executor::Cpu { kv, .. } => KvBlocks::Host(kv.memory()),
+            #[cfg(feature = "cuda")]
+            Executor::Cuda(runner) => KvBlocks::Device(runner.kv().clone()),
+        }
+    }
+
+    /// The logits of the last forward pass.
+    pub(crate) fn last_logits(&self) -> &[f32] {
+        match self {
+            Executor::Cpu { scratch, .. } => scratch.logits(),
+            #[cfg(feature = "cuda")]
+            Executor::Cuda(runner) => runner.last_logits(),
+        }
+    }
+
+    /// Runs the batch; returns one `vocab_size` row of logits per requested position, in
+    /// batch order.
+    pub(crate) fn forward(&mut self, batch: &[SeqInput]) -> Result<&[f32], ForwardError> {
+        match self {
+            Executor::Cpu {
+                model,
+                pool,
+                kv,
+                scratch,
+            } => model.forward(pool, batch, kv, scratch),
+            #[cfg(feature = "cuda")]
+            Executor::Cuda(runner) => runner.forward(batch),
+        }
+    }
+}
