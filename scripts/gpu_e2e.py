@@ -102,7 +102,9 @@ def metric(text, name, labels=""):
 
 
 def bench(tandem, url, workload, out_json):
-    cmd = [tandem, "bench", "--url", url, "--workload", workload, "--json", out_json]
+    # Greedy and to the full length, so both layouts generate the same tokens.
+    cmd = [tandem, "bench", "--url", url, "--workload", workload, "--temperature", "0",
+           "--ignore-eos", "--json", out_json]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout
 
 

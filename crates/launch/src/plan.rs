@@ -107,6 +107,12 @@ fn builtin(worker: &NamedWorker, tandem: &str) -> Launch {
     if let Some(memory) = &spec.kv_cache_memory {
         args.extend(["--kv-cache-memory".into(), memory.clone()]);
     }
+    if let Some(gpu) = spec.gpus.first() {
+        args.extend(["--device".into(), format!("cuda:{gpu}")]);
+    }
+    if let Some(u) = spec.gpu_memory_utilization {
+        args.extend(["--gpu-memory-utilization".into(), u.to_string()]);
+    }
     args.extend(spec.extra_args.iter().cloned());
     let program = match &spec.tandem {
         Some(path) => path.display().to_string(),
@@ -345,6 +351,34 @@ model = "/m.gguf"
         let local = &launches[1];
         assert_eq!(local.program, "/here/tandem");
         assert!(local.ssh_options.is_empty());
+    }
+
+    #[test]
+    fn builtin_workers_on_a_gpu_get_their_device_and_memory_share() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../topologies/gpu/disaggregated.toml"
+        ))
+        .unwrap();
+        let topology = crate::topology::parse(&text, "disaggregated.toml").unwrap();
+        let launches = plan(&topology, Path::new("/here/tandem"));
+        let args: Vec<String> = launches
+            .iter()
+            .filter(|l| l.args.first().is_some_and(|a| a == "serve"))
+            .map(|l| l.args.join(" "))
+            .collect();
+        assert_eq!(args.len(), 2);
+        for (arg, gpu) in args.iter().zip(["cuda:0", "cuda:1"]) {
+            assert!(arg.contains(&format!("--device {gpu}")), "{arg}");
+            assert!(arg.contains("--gpu-memory-utilization 0.9"), "{arg}");
+            assert!(arg.contains("--load-format dummy"), "{arg}");
+        }
+        let two = text.replacen("gpus = [0]", "gpus = [0, 1]", 1);
+        let err = crate::topology::parse(&two, "t").unwrap_err().to_string();
+        assert!(err.contains("`gpus`") && err.contains("one"), "{err}");
+        let no_gpu = text.replacen("gpus = [0]\n", "", 1);
+        let err = crate::topology::parse(&no_gpu, "t").unwrap_err().to_string();
+        assert!(err.contains("`gpu_memory_utilization`"), "{err}");
     }
 
     #[test]

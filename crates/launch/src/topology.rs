@@ -108,12 +108,13 @@ pub struct WorkerSpec {
     /// Built-in: CPU cores to pin the worker to (its thread count).
     #[serde(default)]
     pub cores: Vec<usize>,
-    /// vLLM: GPU ids (`CUDA_VISIBLE_DEVICES`).
+    /// vLLM: GPU ids (`CUDA_VISIBLE_DEVICES`). Built-in: the one GPU the worker runs on
+    /// (`--device cuda:N`; a build with the `cuda` feature).
     #[serde(default)]
     pub gpus: Vec<usize>,
     /// Built-in: KV cache bytes (`512MiB`, `2GiB`, …).
     pub kv_cache_memory: Option<String>,
-    /// vLLM: `--gpu-memory-utilization`.
+    /// `--gpu-memory-utilization` (vLLM, and built-in workers on a GPU).
     pub gpu_memory_utilization: Option<f64>,
     /// vLLM: `--tensor-parallel-size` (default 1).
     pub tensor_parallel_size: Option<usize>,
@@ -423,11 +424,22 @@ fn check_worker(spec: &WorkerSpec, name: &str) -> Result<(), String> {
     }
     match spec.engine {
         Engine::Builtin => {
-            if !spec.gpus.is_empty() || spec.gpu_memory_utilization.is_some() {
+            if spec.gpus.len() > 1 {
                 return Err(field(
                     "gpus",
-                    "is for vLLM workers (built-in workers take `cores`)",
+                    "names more than one GPU: a built-in worker runs on one (no tensor parallelism)",
                 ));
+            }
+            if spec.gpu_memory_utilization.is_some() && spec.gpus.is_empty() {
+                return Err(field(
+                    "gpu_memory_utilization",
+                    "is for workers on a GPU (set `gpus = [N]`)",
+                ));
+            }
+            if let Some(u) = spec.gpu_memory_utilization
+                && !(u > 0.0 && u <= 1.0)
+            {
+                return Err(field("gpu_memory_utilization", "must be in (0, 1]"));
             }
             if spec.role == Role::Prefill && spec.kv_port.is_none() {
                 return Err(field(

@@ -44,6 +44,20 @@ __device__ float block_sum(float v) {
     return v;
 }
 
+// Asynchronous 16-byte copy global → shared (sm_80+), zero-filling when !valid (then
+// `src` is not read). Lets a thread block put a whole tile's loads in flight at once.
+__device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool valid) {
+    unsigned shared = (unsigned)__cvta_generic_to_shared(dst);
+    int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared), "l"(src),
+                 "r"(bytes));
+}
+
+// Waits for this thread's asynchronous copies (the caller then syncs the block).
+__device__ __forceinline__ void wait_async_copies() {
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+
 // x[t] = table[tokens[t]] (one block per token).
 extern "C" __global__ void embed(const wt* __restrict__ table, const unsigned* __restrict__ tokens,
                                  float* __restrict__ x, int d) {
@@ -228,19 +242,21 @@ __device__ void attention_impl(const __half* __restrict__ q, const __half* __res
 
     for (int kt = tile_begin; kt < tile_end; ++kt) {
         const int k0 = kt * KT;
+        // The tile's keys and values, all loads in flight at once; keys past the end
+        // are zeros (garbage could be NaN, and NaN · 0 is NaN).
         for (int c = tid; c < KT * CHUNKS; c += THREADS) {
             int j = c / CHUNKS, part = c % CHUNKS, key = k0 + j;
-            uint4 kval = make_uint4(0, 0, 0, 0), vval = make_uint4(0, 0, 0, 0);
-            if (key < kv_end) {
+            bool valid = key < kv_end;
+            const __half* src = kv;
+            if (valid) {
                 i64 block = block_tables[info.table_offset + key / block_size];
-                i64 at = ((block * num_layers + layer) * 2) * plane +
-                         ((i64)kv_head * block_size + key % block_size) * D + part * 8;
-                kval = *(const uint4*)(kv + at);
-                vval = *(const uint4*)(kv + at + plane);
+                src = kv + ((block * num_layers + layer) * 2) * plane +
+                      ((i64)kv_head * block_size + key % block_size) * D + part * 8;
             }
-            *(uint4*)(Ks + j * LDH + part * 8) = kval;
-            *(uint4*)(Vs + j * LDH + part * 8) = vval;
+            copy_async_16(Ks + j * LDH + part * 8, src, valid);
+            copy_async_16(Vs + j * LDH + part * 8, valid ? src + plane : src, valid);
         }
+        wait_async_copies();
         __syncthreads();
         if (warp_active) {
             // S = Q Kᵀ for this warp's 16 rows.

@@ -24,6 +24,8 @@ use crate::kv::{BlockId, KvDtype, KvLayout};
 const STAGING_BYTES: usize = 16 << 20;
 /// Staging buffers kept for reuse (pinning memory costs ~1 ms per 8 MB).
 const STAGING_POOL: usize = 8;
+/// Blocks copied per kernel launch of a GPU-to-GPU hand-off.
+const COPY_BATCH: usize = 4096;
 /// Other processes' caches kept mapped at once (each mapping keeps its memory alive).
 const MAX_MAPPED_PEERS: usize = 16;
 
@@ -42,6 +44,8 @@ pub struct DeviceKv {
     gpu: Arc<Gpu>,
     /// Hand-off copies, off the compute stream.
     transfer: Arc<CudaStream>,
+    /// Block ids of GPU-to-GPU copies (source ids, then destination ids).
+    copy_ids: Mutex<DeviceBuffer>,
     /// Free pinned staging buffers.
     staging: Mutex<Vec<PinnedBuffer<u8>>>,
     /// By the peer's engine id.
@@ -68,6 +72,7 @@ impl DeviceKv {
         }
         let memory = DeviceBuffer::zeroed(&gpu.ctx, bytes)?;
         let transfer = gpu.ctx.new_stream()?;
+        let gpu_ctx = gpu.ctx.clone();
         Ok(Self {
             memory,
             layout,
@@ -75,6 +80,7 @@ impl DeviceKv {
             gpu,
             transfer,
             staging: Mutex::new(Vec::new()),
+            copy_ids: Mutex::new(DeviceBuffer::zeroed(&gpu_ctx, 8 * COPY_BATCH)?),
             peers: Mutex::new(HashMap::new()),
         })
     }
@@ -186,27 +192,30 @@ impl DeviceKv {
         }
         self.check(local);
         self.gpu.bind()?;
-        let ids: Vec<i32> = remote.iter().chain(local).map(|&b| b as i32).collect();
-        let ids_device = DeviceBuffer::from_slice(&self.gpu.ctx, &ids)?;
         let kernel = self.gpu.module.kernel("copy_blocks")?;
         let vectors = (self.layout.bytes_per_block() / 16) as i64;
-        let src = source_base;
-        let src_ids = ids_device.ptr();
-        let dst = self.memory.ptr();
-        let dst_ids = ids_device.ptr() + 4 * remote.len() as u64;
-        let mut args = kernel_args![src, src_ids, dst, dst_ids, vectors];
-        // SAFETY: the kernel's parameters; the caller's promises on the memory.
-        unsafe {
-            result::launch_kernel(
-                kernel.function(),
-                (64, local.len() as u32, 1),
-                (256, 1, 1),
-                0,
-                self.transfer.cu_stream(),
-                &mut args,
-            )
-        }?;
-        self.transfer.synchronize()?;
+        let ids_buffer = self.copy_ids.lock().expect("copy ids lock");
+        for (remote, local) in remote.chunks(COPY_BATCH).zip(local.chunks(COPY_BATCH)) {
+            let ids: Vec<i32> = remote.iter().chain(local).map(|&b| b as i32).collect();
+            // Synchronous: the previous batch's kernel has finished reading the ids.
+            ids_buffer.upload(0, &ids)?;
+            let (src, dst) = (source_base, self.memory.ptr());
+            let src_ids = ids_buffer.ptr();
+            let dst_ids = ids_buffer.ptr() + 4 * remote.len() as u64;
+            let mut args = kernel_args![src, src_ids, dst, dst_ids, vectors];
+            // SAFETY: the kernel's parameters; the caller's promises on the memory.
+            unsafe {
+                result::launch_kernel(
+                    kernel.function(),
+                    (64, local.len() as u32, 1),
+                    (256, 1, 1),
+                    0,
+                    self.transfer.cu_stream(),
+                    &mut args,
+                )
+            }?;
+            self.transfer.synchronize()?;
+        }
         Ok(())
     }
 

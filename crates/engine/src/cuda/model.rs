@@ -363,7 +363,7 @@ impl GpuRunner {
         )?);
         let meta_host = PinnedBuffer::new(&gpu.ctx, meta_layout.total)?;
         let logits_host = PinnedBuffer::new(&gpu.ctx, logit_capacity * c.vocab_size)?;
-        Ok(Self {
+        let mut runner = Self {
             model,
             kv,
             limits: RunnerLimits {
@@ -381,7 +381,12 @@ impl GpuRunner {
             logits_overflow: Vec::new(),
             graphs: Graphs(HashMap::new()),
             last_rows: 0,
-        })
+        };
+        if runner.limits.cuda_graphs {
+            runner.model.gpu.bind()?;
+            runner.capture_all()?;
+        }
+        Ok(runner)
     }
 
     pub fn kv(&self) -> &Arc<DeviceKv> {
@@ -492,25 +497,55 @@ impl GpuRunner {
         let (shape, fill) = self.plan(batch, Some(bucket));
         self.upload_meta(fill)?;
         if !self.graphs.0.contains_key(&bucket) {
-            // Once eagerly (cuBLAS picks and loads its kernels outside the capture), then
-            // captured.
-            self.enqueue_layers(shape)?;
-            self.enqueue_head_all(bucket)?;
-            self.model.gpu.synchronize()?;
-            let stream = &self.model.gpu.stream;
-            stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-            let captured = self
-                .enqueue_layers(shape)
-                .and_then(|()| self.enqueue_head_all(bucket));
-            let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0))?;
-            captured?;
-            let graph =
-                graph.ok_or_else(|| GpuError::Unsupported("an empty CUDA graph capture".into()))?;
-            self.graphs.0.insert(bucket, graph);
+            self.capture(bucket, shape)?;
         }
         self.graphs.0[&bucket].launch()?;
         self.download_logits(batch.len(), None)?;
         Ok(batch.len())
+    }
+
+    /// Captures the decode step of `bucket` rows (its metadata already uploaded): once
+    /// eagerly, so that cuBLAS picks and loads its kernels outside the capture, then
+    /// into a graph.
+    fn capture(&mut self, bucket: usize, shape: StepShape) -> Result<(), GpuError> {
+        self.enqueue_layers(shape)?;
+        self.enqueue_head_all(bucket)?;
+        self.model.gpu.synchronize()?;
+        let stream = &self.model.gpu.stream;
+        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let captured = self
+            .enqueue_layers(shape)
+            .and_then(|()| self.enqueue_head_all(bucket));
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0))?;
+        captured?;
+        let graph =
+            graph.ok_or_else(|| GpuError::Unsupported("an empty CUDA graph capture".into()))?;
+        graph.upload()?;
+        self.graphs.0.insert(bucket, graph);
+        Ok(())
+    }
+
+    /// Captures every decode bucket now, as vLLM does at start-up, so that no request
+    /// waits for a capture. The steps run on padding rows only.
+    fn capture_all(&mut self) -> Result<(), GpuError> {
+        let started = std::time::Instant::now();
+        let buckets: Vec<usize> = GRAPH_BUCKETS
+            .iter()
+            .copied()
+            .filter(|&b| b <= self.limits.max_seqs && b <= self.limits.max_tokens)
+            .collect();
+        for &bucket in &buckets {
+            let (shape, fill) = self.plan(&[], Some(bucket));
+            self.upload_meta(fill)?;
+            self.capture(bucket, shape)?;
+        }
+        self.model.gpu.synchronize()?;
+        tracing::info!(
+            graphs = buckets.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "captured the decode steps into CUDA graphs"
+        );
+        Ok(())
     }
 
     /// Writes the step's metadata to the pinned buffer; with `pad_to`, pads a decode
