@@ -207,6 +207,13 @@ impl DtypeArg {
 const CPU_KV_CACHE_DEFAULT: usize = 1 << 30;
 
 pub fn run(args: ServeArgs) -> Result<()> {
+    if args.device != Device::Cpu && !tandem_engine::exec::GPU_SUPPORT {
+        bail!(
+            "--device {}: this tandem was built without GPU support; build it with \
+             `cargo build --release --features tandem-cli/cuda` (see docs/gpu.md)",
+            args.device
+        );
+    }
     if args.device != Device::Cpu
         && !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0)
     {

@@ -102,3 +102,27 @@ fn unknown_presets_and_a_missing_preset_are_explained() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("needs --model PRESET"));
 }
+
+/// Without the `cuda` feature (CI's build), asking for a GPU is a clear error.
+#[test]
+fn a_gpu_device_without_gpu_support_is_explained() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let output = tandem()
+        .args(["serve", "--device", "cuda:1", "--port", "0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cuda:1") && stderr.contains("--features tandem-cli/cuda"),
+        "{stderr}"
+    );
+    let output = tandem()
+        .args(["serve", "--device", "tpu", "--port", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cpu, cuda or cuda:N"));
+}

@@ -11,6 +11,9 @@ use crate::kernels::ThreadPool;
 use crate::kv::{KvBlocks, KvLayout, KvOptions, KvStore};
 use crate::model::{ForwardError, ForwardScratch, Llama, ModelConfig, SeqInput};
 
+/// Whether this build can run models on GPUs (the `cuda` feature).
+pub const GPU_SUPPORT: bool = cfg!(feature = "cuda");
+
 /// Where to run a model: `cpu`, or `cuda`/`cuda:N` (GPU N; needs the `cuda` feature).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
@@ -199,5 +202,32 @@ impl Executor {
             #[cfg(feature = "cuda")]
             Executor::Cuda(runner) => runner.forward(batch),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Device, WeightDtype};
+
+    #[test]
+    fn devices_parse_as_vllm_and_torch_name_them() {
+        assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
+        assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda(0)));
+        assert_eq!("cuda:3".parse::<Device>(), Ok(Device::Cuda(3)));
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", ""] {
+            let err = bad.parse::<Device>().unwrap_err();
+            assert!(err.contains("cpu, cuda or cuda:N"), "{bad}: {err}");
+        }
+        assert_eq!(Device::Cuda(1).to_string(), "cuda:1");
+    }
+
+    #[test]
+    fn weight_types_round_to_their_precision() {
+        assert_eq!("bfloat16".parse::<WeightDtype>(), Ok(WeightDtype::Bf16));
+        assert!("int8".parse::<WeightDtype>().is_err());
+        // 1 + 2⁻¹⁰ is exact in f16 and rounds to 1 in bf16 (7 fraction bits).
+        let x = [1.0 + 1.0 / 1024.0];
+        assert_eq!(WeightDtype::F16.convert(&x), [0x3c01]);
+        assert_eq!(WeightDtype::Bf16.convert(&x), [0x3f80]);
     }
 }

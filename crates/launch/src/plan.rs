@@ -377,7 +377,9 @@ model = "/m.gguf"
         let err = crate::topology::parse(&two, "t").unwrap_err().to_string();
         assert!(err.contains("`gpus`") && err.contains("one"), "{err}");
         let no_gpu = text.replacen("gpus = [0]\n", "", 1);
-        let err = crate::topology::parse(&no_gpu, "t").unwrap_err().to_string();
+        let err = crate::topology::parse(&no_gpu, "t")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`gpu_memory_utilization`"), "{err}");
     }
 

@@ -27,6 +27,12 @@ pub enum GpuError {
     #[error("the GPU engine does not support {0}")]
     Unsupported(String),
     #[error(
+        "cannot load {0}: GPUs need the NVIDIA driver (libcuda.so.1) and cuBLAS 13 \
+         (libcublas.so.13) on the library path, e.g. \
+         LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib (docs/gpu.md)"
+    )]
+    MissingLibrary(&'static str),
+    #[error(
         "not enough GPU memory: {what} needs {needed} bytes, {available} are available \
          (raise --gpu-memory-utilization or lower --kv-cache-memory/--max-num-batched-tokens)"
     )]
@@ -281,9 +287,24 @@ unsafe impl Sync for Gpu {}
 
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
+/// Checks that the CUDA driver and cuBLAS can be loaded (cudarc panics on a first call
+/// into a library it cannot find).
+pub fn check_libraries() -> Result<(), GpuError> {
+    // SAFETY: only tries to open the libraries.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(GpuError::MissingLibrary("the CUDA driver library"));
+    }
+    // SAFETY: as above.
+    if !unsafe { blas_sys::is_culib_present() } {
+        return Err(GpuError::MissingLibrary("cuBLAS"));
+    }
+    Ok(())
+}
+
 impl Gpu {
     /// Opens GPU `ordinal` and loads the kernels for `weight_dtype`.
     pub fn open(ordinal: usize, weight_dtype: WeightDtype) -> Result<Self, GpuError> {
+        check_libraries()?;
         let count = CudaContext::device_count()? as usize;
         if ordinal >= count {
             return Err(GpuError::NoSuchDevice { ordinal, count });

@@ -20,6 +20,8 @@ pub enum LimitsError {
     Blas(#[from] cudarc::cublas::result::CublasError),
     #[error("no GPU {ordinal}: this machine has {count}")]
     NoSuchDevice { ordinal: usize, count: usize },
+    #[error(transparent)]
+    Gpu(#[from] super::GpuError),
 }
 
 /// What to measure.
@@ -64,6 +66,7 @@ pub struct PeerCopy {
 
 /// How many GPUs the driver sees.
 pub fn device_count() -> Result<usize, LimitsError> {
+    super::gpu::check_libraries()?;
     Ok(CudaContext::device_count()? as usize)
 }
 
@@ -134,6 +137,7 @@ pub(crate) fn best_seconds(
 
 /// Device-to-device copy rate (bytes copied per second) of GPU `probe.ordinal`.
 pub fn dtod_on(probe: &Probe) -> Result<f64, LimitsError> {
+    super::gpu::check_libraries()?;
     let ctx = CudaContext::new(probe.ordinal)?;
     dtod(&ctx.default_stream(), probe)
 }

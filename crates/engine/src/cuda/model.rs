@@ -165,6 +165,9 @@ pub struct RunnerLimits {
 /// graphs read the current step's values.
 #[derive(Debug, Clone, Copy)]
 struct MetaLayout {
+    /// Capacities of the block-table and work-item sections.
+    table_capacity: usize,
+    work_capacity: usize,
     tokens: usize,
     positions: usize,
     kv_blocks: usize,
@@ -191,6 +194,8 @@ impl MetaLayout {
         let tables = take(table);
         let logit_rows_at = take(logit_rows);
         Self {
+            table_capacity: table,
+            work_capacity: work,
             tokens: tokens_at,
             positions,
             kv_blocks,
@@ -308,7 +313,7 @@ impl GpuRunner {
         let max_seqs = limits.max_seqs.clamp(1, max_tokens);
         let blocks_per_seq = layout.blocks_for(limits.max_model_len) + 1;
         // Each sequence's rows (tokens × group) in tiles of at least 16 rows.
-        let work = max_tokens * c.group_size() / 16 + max_seqs + 1;
+        let work = max_tokens * c.group_size() / 16 + 2 * max_seqs + 1;
         let table = max_seqs * blocks_per_seq + 1;
         let logit_capacity = max_seqs.max(64).min(max_tokens);
         let meta_layout = MetaLayout::new(max_tokens, max_seqs, work, table, max_tokens);
@@ -411,6 +416,7 @@ impl GpuRunner {
                 self.limits.max_seqs
             )));
         }
+        self.check_sections(batch)?;
         self.last_rows = 0;
         if batch.is_empty() {
             return Ok(&[]);
@@ -431,6 +437,32 @@ impl GpuRunner {
             }
             Err(err) => Err(ForwardError::Device(err.to_string())),
         }
+    }
+
+    /// Refuses a batch whose block tables or attention work items would not fit the
+    /// metadata buffer (sequences longer than the runner's `max_model_len`).
+    fn check_sections(&self, batch: &[SeqInput]) -> Result<(), ForwardError> {
+        let layout = self.kv.layout();
+        let group = self.model.config.group_size();
+        let longest = batch.iter().map(|s| s.tokens.len()).max().unwrap_or(1);
+        let rows_per_tile = if longest * group > 16 { 64 } else { 16 };
+        let table: usize = batch
+            .iter()
+            .map(|s| layout.blocks_for(s.start_pos + s.tokens.len()))
+            .sum();
+        let work: usize = batch
+            .iter()
+            .map(|s| (s.tokens.len() * group).div_ceil(rows_per_tile))
+            .sum();
+        let m = &self.meta_layout;
+        if table + 1 > m.table_capacity || work > m.work_capacity {
+            return Err(ForwardError::Device(format!(
+                "a batch whose block tables hold {table} blocks exceeds what the GPU runner \
+                 was sized for (max_model_len {})",
+                self.limits.max_model_len
+            )));
+        }
+        Ok(())
     }
 
     /// The logits of the last forward pass.

@@ -513,3 +513,19 @@ async unsafe fn receive_blocks(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_handle;
+
+    #[test]
+    fn ipc_handles_are_128_hex_digits() {
+        let hex: String = (0..64u8).map(|b| format!("{b:02x}")).collect();
+        let handle = parse_handle(&hex).unwrap();
+        assert_eq!(handle[0], 0);
+        assert_eq!(handle[63], 63);
+        assert!(parse_handle(&hex[..126]).is_none());
+        assert!(parse_handle(&format!("{}zz", &hex[..126])).is_none());
+        assert!(parse_handle(&"é".repeat(64)).is_none());
+    }
+}

@@ -278,6 +278,61 @@ mod tests {
     }
 
     #[test]
+    fn welcomes_without_a_device_export_parse_as_before() {
+        let layout = KvLayout {
+            num_layers: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            block_size: 16,
+            dtype: crate::kv::KvDtype::F16,
+        };
+        let fingerprint = Fingerprint::new("m".into(), layout);
+        // What a worker without a GPU (or an older tandem) sends: no `device` key.
+        let old = serde_json::json!({
+            "type": "welcome",
+            "fingerprint": fingerprint,
+            "engine_id": "e",
+        });
+        let parsed: Message = serde_json::from_value(old.clone()).unwrap();
+        let plain = Message::Welcome {
+            fingerprint: fingerprint.clone(),
+            engine_id: "e".into(),
+            device: None,
+        };
+        assert_eq!(parsed, plain);
+        assert_eq!(serde_json::to_value(&plain).unwrap(), old);
+        let exported = Message::Welcome {
+            fingerprint,
+            engine_id: "e".into(),
+            device: Some(DeviceExport {
+                host: "boot".into(),
+                ipc_handle: "ab".repeat(64),
+                bytes: 1 << 30,
+            }),
+        };
+        let text = serde_json::to_string(&exported).unwrap();
+        assert!(text.contains(r#""device":{"host":"boot""#), "{text}");
+        assert_eq!(serde_json::from_str::<Message>(&text).unwrap(), exported);
+    }
+
+    #[test]
+    fn device_reads_have_their_own_message_types() {
+        let read = Message::ReadDevice {
+            request_id: "r".into(),
+            block_ids: vec![1],
+            num_tokens: 16,
+            tokens_digest: "d".into(),
+        };
+        let text = serde_json::to_string(&read).unwrap();
+        assert!(text.starts_with(r#"{"type":"read_device""#), "{text}");
+        let done = serde_json::to_string(&Message::ReadDeviceDone {
+            request_id: "r".into(),
+        })
+        .unwrap();
+        assert_eq!(done, r#"{"type":"read_device_done","request_id":"r"}"#);
+    }
+
+    #[test]
     fn digest_is_sha256_of_little_endian_ids() {
         // python3 -c "import hashlib,struct;print(hashlib.sha256(struct.pack('<2I',1,2)).hexdigest())"
         assert_eq!(
