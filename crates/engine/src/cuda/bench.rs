@@ -53,7 +53,7 @@ pub struct DecodePoint {
     pub tokens_per_second: f64,
     /// Weights plus the KV read by attention, per step.
     pub bytes_per_step: f64,
-    /// Weight bytes per step over the step time, as a fraction of the copy traffic.
+    /// Weight bytes a step reads over the step time, as a fraction of the copy traffic.
     pub weight_roofline_fraction: f64,
     /// All bytes per step over the step time, as a fraction of the copy traffic.
     pub memory_roofline_fraction: f64,
@@ -87,6 +87,8 @@ pub struct BenchReport {
     pub weight_dtype: &'static str,
     pub gpu: String,
     pub weight_bytes: usize,
+    /// Weight bytes one decode step reads (all but an untied embedding table).
+    pub decode_weight_bytes: usize,
     pub kv_bytes_per_token: usize,
     /// Device-to-device copy: bytes copied per second, and read + write traffic.
     pub copy_bytes_per_second: f64,
@@ -135,6 +137,14 @@ pub fn run(model: Arc<CudaModel>, plan: &BenchPlan) -> Result<BenchReport, Bench
         },
     )?;
     let weight_bytes = model.weights.matrix_bytes;
+    // A decode step gathers one embedding row per token: an untied embedding table is
+    // not read, the output head is.
+    let untied_embedding = if model.weights.lm_head.is_some() {
+        2 * c.vocab_size * c.hidden_size
+    } else {
+        0
+    };
+    let step_weight_bytes = weight_bytes - untied_embedding;
     let traffic = 2.0 * ceilings.dtod_bytes_per_second;
     let mut blocks = BlockIds::default();
 
@@ -182,9 +192,9 @@ pub fn run(model: Arc<CudaModel>, plan: &BenchPlan) -> Result<BenchReport, Bench
             batch,
             step_seconds: step,
             tokens_per_second: batch as f64 / step,
-            bytes_per_step: weight_bytes as f64 + kv_read,
-            weight_roofline_fraction: weight_bytes as f64 / step / traffic,
-            memory_roofline_fraction: (weight_bytes as f64 + kv_read) / step / traffic,
+            bytes_per_step: step_weight_bytes as f64 + kv_read,
+            weight_roofline_fraction: step_weight_bytes as f64 / step / traffic,
+            memory_roofline_fraction: (step_weight_bytes as f64 + kv_read) / step / traffic,
         });
         blocks.reset();
     }
@@ -235,6 +245,7 @@ pub fn run(model: Arc<CudaModel>, plan: &BenchPlan) -> Result<BenchReport, Bench
         weight_dtype: gpu.weight_dtype.name(),
         gpu: ceilings.name.clone(),
         weight_bytes,
+        decode_weight_bytes: step_weight_bytes,
         kv_bytes_per_token: kv_per_token,
         copy_bytes_per_second: ceilings.dtod_bytes_per_second,
         copy_traffic_bytes_per_second: traffic,

@@ -83,7 +83,7 @@ impl DeviceBuffer {
 
     /// A buffer holding `values`.
     pub fn from_slice<T: Copy>(ctx: &Arc<CudaContext>, values: &[T]) -> Result<Self, GpuError> {
-        let buffer = Self::zeroed(ctx, std::mem::size_of_val(values))?;
+        let mut buffer = Self::zeroed(ctx, std::mem::size_of_val(values))?;
         buffer.upload(0, values)?;
         Ok(buffer)
     }
@@ -96,8 +96,9 @@ impl DeviceBuffer {
         self.bytes
     }
 
-    /// Copies `values` to byte `offset`, synchronously.
-    pub fn upload<T: Copy>(&self, offset: usize, values: &[T]) -> Result<(), GpuError> {
+    /// Copies `values` to byte `offset`, synchronously (`&mut`: no kernel may be
+    /// using the buffer meanwhile).
+    pub fn upload<T: Copy>(&mut self, offset: usize, values: &[T]) -> Result<(), GpuError> {
         let len = std::mem::size_of_val(values);
         assert!(offset + len <= self.bytes, "upload past the buffer");
         self.ctx.bind_to_thread()?;
@@ -275,17 +276,16 @@ pub struct Gpu {
     /// cuBLAS's scratch, set explicitly so that captured products never allocate.
     _blas_workspace: DeviceBuffer,
     pub multiprocessors: usize,
-    /// Free memory right after the context was made, before tandem allocated anything.
-    pub free_at_open: usize,
     pub total_memory: usize,
 }
 
-// SAFETY: the cuBLAS handle is used only by the thread that runs the forward pass (the
-// engine loop), in stream order.
+// SAFETY: the cuBLAS handle and the compute stream are used only by the one
+// `GpuRunner` a `Gpu` serves (one per worker), on one thread at a time; the hand-off
+// uses its own stream and no cuBLAS.
 unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
-const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+pub(crate) const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 /// Checks that the CUDA driver and cuBLAS can be loaded (cudarc panics on a first call
 /// into a library it cannot find).
@@ -321,7 +321,7 @@ impl Gpu {
         // SAFETY: no cudarc-tracked memory of this context is shared across streams.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
-        let (free_at_open, total_memory) = result::mem_get_info()?;
+        let (_, total_memory) = result::mem_get_info()?;
         let module = Module::load(&ctx, ptx::source(weight_dtype))?;
         let blas = blas::create_handle()?;
         let workspace = DeviceBuffer::zeroed(&ctx, BLAS_WORKSPACE_BYTES)?;
@@ -346,7 +346,6 @@ impl Gpu {
             blas,
             _blas_workspace: workspace,
             multiprocessors,
-            free_at_open,
             total_memory,
         })
     }

@@ -1,5 +1,6 @@
-// tandem's CUDA kernels, compiled when the engine starts (NVRTC), so the `cuda`
-// feature builds without a CUDA toolkit.
+// tandem's CUDA kernels. scripts/build-ptx.sh compiles them to PTX, which the binary
+// embeds (src/cuda/ptx.rs) and the driver compiles for the GPU at start-up, so the
+// `cuda` feature builds without a CUDA toolkit.
 //
 // `wt` is the element type of the matrix products' operands (the weights, and the
 // activations fed to cuBLAS): half by default, bfloat16 when compiled with

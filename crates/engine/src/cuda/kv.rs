@@ -26,13 +26,40 @@ const STAGING_BYTES: usize = 16 << 20;
 const STAGING_POOL: usize = 8;
 /// Blocks copied per kernel launch of a GPU-to-GPU hand-off.
 const COPY_BATCH: usize = 4096;
-/// Other processes' caches kept mapped at once (each mapping keeps its memory alive).
+/// Other processes' caches kept mapped at once.
 const MAX_MAPPED_PEERS: usize = 16;
+/// A mapping unused this long is closed (its exporter may have exited: CUDA leaves
+/// freeing exported memory that is still mapped undefined).
+const MAPPING_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Another process's KV cache, mapped into this one through CUDA IPC.
-struct MappedPeer {
-    handle: [u8; 64],
+/// Another process's KV cache, mapped into this one through CUDA IPC; unmapped when the
+/// last holder (the peer table, a copy in progress) lets go.
+pub struct MappedPeer {
     base: sys::CUdeviceptr,
+    gpu: Arc<Gpu>,
+}
+
+impl MappedPeer {
+    /// Device address of the peer's block 0, valid while this value lives.
+    pub fn base(&self) -> sys::CUdeviceptr {
+        self.base
+    }
+}
+
+impl Drop for MappedPeer {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_ok() {
+            // SAFETY: opened by cuIpcOpenMemHandle and closed once, by the last holder.
+            let _ = unsafe { sys::cuIpcCloseMemHandle(self.base).result() };
+        }
+    }
+}
+
+/// A peer table entry.
+struct PeerEntry {
+    handle: [u8; 64],
+    /// `None`: mapping this handle failed; such peers get bytes without retrying.
+    mapped: Option<Arc<MappedPeer>>,
     last_used: std::time::Instant,
 }
 
@@ -49,7 +76,7 @@ pub struct DeviceKv {
     /// Free pinned staging buffers.
     staging: Mutex<Vec<PinnedBuffer<u8>>>,
     /// By the peer's engine id.
-    peers: Mutex<HashMap<String, MappedPeer>>,
+    peers: Mutex<HashMap<String, PeerEntry>>,
 }
 
 impl DeviceKv {
@@ -107,12 +134,13 @@ impl DeviceKv {
         &self.gpu
     }
 
-    fn check(&self, blocks: &[BlockId]) {
-        if let Some(&bad) = blocks.iter().find(|&&b| b as usize >= self.num_blocks) {
-            panic!(
-                "block {bad} is outside the KV cache ({} blocks)",
+    fn check(&self, blocks: &[BlockId]) -> Result<(), GpuError> {
+        match blocks.iter().find(|&&b| b as usize >= self.num_blocks) {
+            Some(&bad) => Err(GpuError::Unsupported(format!(
+                "block {bad}, outside the KV cache ({} blocks)",
                 self.num_blocks
-            );
+            ))),
+            None => Ok(()),
         }
     }
 
@@ -141,8 +169,14 @@ impl DeviceKv {
     /// Nobody may write these blocks meanwhile (the caller holds them: a lease).
     pub unsafe fn read_blocks(&self, blocks: &[BlockId], out: &mut [u8]) -> Result<(), GpuError> {
         let per_block = self.layout.bytes_per_block();
-        assert_eq!(out.len(), blocks.len() * per_block, "output size");
-        self.check(blocks);
+        if out.len() != blocks.len() * per_block {
+            return Err(GpuError::Unsupported(format!(
+                "reading {} blocks into {} bytes",
+                blocks.len(),
+                out.len()
+            )));
+        }
+        self.check(blocks)?;
         self.gpu.bind()?;
         for (&block, dst) in blocks.iter().zip(out.chunks_mut(per_block)) {
             let src = self.memory.ptr() + (block as usize * per_block) as u64;
@@ -161,8 +195,14 @@ impl DeviceKv {
     /// waits for exactly this data).
     pub unsafe fn write_blocks(&self, blocks: &[BlockId], data: &[u8]) -> Result<(), GpuError> {
         let per_block = self.layout.bytes_per_block();
-        assert_eq!(data.len(), blocks.len() * per_block, "input size");
-        self.check(blocks);
+        if data.len() != blocks.len() * per_block {
+            return Err(GpuError::Unsupported(format!(
+                "writing {} bytes into {} blocks",
+                data.len(),
+                blocks.len()
+            )));
+        }
+        self.check(blocks)?;
         self.gpu.bind()?;
         for (&block, src) in blocks.iter().zip(data.chunks(per_block)) {
             let dst = self.memory.ptr() + (block as usize * per_block) as u64;
@@ -186,15 +226,21 @@ impl DeviceKv {
         remote: &[BlockId],
         local: &[BlockId],
     ) -> Result<(), GpuError> {
-        assert_eq!(remote.len(), local.len(), "block lists differ in length");
+        if remote.len() != local.len() {
+            return Err(GpuError::Unsupported(format!(
+                "copying {} blocks into {}",
+                remote.len(),
+                local.len()
+            )));
+        }
         if local.is_empty() {
             return Ok(());
         }
-        self.check(local);
+        self.check(local)?;
         self.gpu.bind()?;
         let kernel = self.gpu.module.kernel("copy_blocks")?;
         let vectors = (self.layout.bytes_per_block() / 16) as i64;
-        let ids_buffer = self.copy_ids.lock().expect("copy ids lock");
+        let mut ids_buffer = self.copy_ids.lock().expect("copy ids lock");
         for (remote, local) in remote.chunks(COPY_BATCH).zip(local.chunks(COPY_BATCH)) {
             let ids: Vec<i32> = remote.iter().chain(local).map(|&b| b as i32).collect();
             // Synchronous: the previous batch's kernel has finished reading the ids.
@@ -235,29 +281,48 @@ impl DeviceKv {
         self.memory.bytes()
     }
 
-    /// The device address of `engine`'s cache exported as `handle`, mapped into this
-    /// process (and kept mapped for the next hand-off; a new handle for the same engine
-    /// replaces the old mapping).
-    pub fn map_peer(&self, engine: &str, handle: [u8; 64]) -> Result<sys::CUdeviceptr, GpuError> {
-        self.gpu.bind()?;
+    /// `engine`'s cache exported as `handle`, mapped into this process, kept for the
+    /// next hand-off (a new handle for the same engine replaces the old mapping; idle
+    /// mappings close). `None` when it cannot be mapped (another container, no peer
+    /// access): remembered, so later pulls go straight to bytes.
+    pub fn map_peer(&self, engine: &str, handle: [u8; 64]) -> Option<Arc<MappedPeer>> {
+        let now = std::time::Instant::now();
         let mut peers = self.peers.lock().expect("peer map lock");
-        if let Some(peer) = peers.get_mut(engine) {
-            if peer.handle == handle {
-                peer.last_used = std::time::Instant::now();
-                return Ok(peer.base);
-            }
-            let stale = peers.remove(engine).expect("present");
-            close_mapping(stale.base);
+        peers.retain(|_, p| now.duration_since(p.last_used) < MAPPING_IDLE);
+        if let Some(entry) = peers.get_mut(engine)
+            && entry.handle == handle
+        {
+            entry.last_used = now;
+            return entry.mapped.clone();
         }
-        if peers.len() >= MAX_MAPPED_PEERS {
-            let oldest = peers
+        if peers.len() >= MAX_MAPPED_PEERS
+            && let Some(oldest) = peers
                 .iter()
                 .min_by_key(|(_, p)| p.last_used)
                 .map(|(k, _)| k.clone())
-                .expect("non-empty");
-            let evicted = peers.remove(&oldest).expect("present");
-            close_mapping(evicted.base);
+        {
+            peers.remove(&oldest);
         }
+        let mapped = match self.open_mapping(handle) {
+            Ok(mapped) => Some(Arc::new(mapped)),
+            Err(err) => {
+                tracing::warn!(%err, engine, "cannot map the prefill worker's GPU memory; reading bytes");
+                None
+            }
+        };
+        peers.insert(
+            engine.to_owned(),
+            PeerEntry {
+                handle,
+                mapped: mapped.clone(),
+                last_used: now,
+            },
+        );
+        mapped
+    }
+
+    fn open_mapping(&self, handle: [u8; 64]) -> Result<MappedPeer, GpuError> {
+        self.gpu.bind()?;
         let raw = sys::CUipcMemHandle {
             reserved: handle.map(|b| b as std::ffi::c_char),
         };
@@ -271,24 +336,16 @@ impl DeviceKv {
             )
             .result()
         }?;
-        peers.insert(
-            engine.to_owned(),
-            MappedPeer {
-                handle,
-                base,
-                last_used: std::time::Instant::now(),
-            },
-        );
-        Ok(base)
+        Ok(MappedPeer {
+            base,
+            gpu: self.gpu.clone(),
+        })
     }
 
-    /// Forgets `engine`'s mapping (after a failed copy from it).
+    /// Forgets `engine`'s mapping (after a failed copy from it, or when it cannot be
+    /// reached); it closes once no copy holds it.
     pub fn unmap_peer(&self, engine: &str) {
-        if self.gpu.bind().is_ok()
-            && let Some(peer) = self.peers.lock().expect("peer map lock").remove(engine)
-        {
-            close_mapping(peer.base);
-        }
+        self.peers.lock().expect("peer map lock").remove(engine);
     }
 }
 
@@ -327,21 +384,6 @@ impl Drop for Staging<'_> {
             && let Some(buffer) = self.buffer.take()
         {
             pool.push(buffer);
-        }
-    }
-}
-
-fn close_mapping(base: sys::CUdeviceptr) {
-    // SAFETY: opened by cuIpcOpenMemHandle and closed once.
-    let _ = unsafe { sys::cuIpcCloseMemHandle(base).result() };
-}
-
-impl Drop for DeviceKv {
-    fn drop(&mut self) {
-        if self.gpu.bind().is_ok() {
-            for (_, peer) in self.peers.lock().expect("peer map lock").drain() {
-                close_mapping(peer.base);
-            }
         }
     }
 }

@@ -10,8 +10,8 @@
 //! final norm and the output head for the rows that need logits.
 //!
 //! Pure decode steps (one new token per sequence) are replayed from CUDA graphs, one
-//! per batch-size bucket, captured on first use: a step is then one graph launch
-//! instead of ~10 launches per layer. The rows past the real batch are padding: token
+//! per batch-size bucket, captured when the runner starts: a step is then one graph
+//! launch instead of ~10 launches per layer. The rows past the real batch are padding: token
 //! 0 at position 0, writing to the cache's padding block, attending only to itself.
 
 use std::collections::HashMap;
@@ -258,8 +258,10 @@ struct Kernels {
 /// Captured decode steps by bucket.
 struct Graphs(HashMap<usize, CudaGraph>);
 
-// SAFETY: graphs are only used by whoever owns the runner (the engine loop's thread);
-// the runner moves between threads once, before any use.
+// SAFETY: graphs are only used by whoever owns the runner, one thread at a time: they
+// are captured on the thread that makes the runner, which then moves (once) to the
+// engine loop's thread and replays them there. CUDA graphs may be used from any thread
+// when calls are not concurrent.
 unsafe impl Send for Graphs {}
 
 /// How much GPU memory the KV cache gets.
@@ -360,7 +362,8 @@ impl GpuRunner {
             part_ml: alloc(sizes[11])?,
         };
         let kernels = load_kernels(&gpu, c.head_dim)?;
-        let kv_bytes = kv_bytes(&gpu, budget)?;
+        let ours = model.weights.matrix_bytes + needed + super::gpu::BLAS_WORKSPACE_BYTES;
+        let kv_bytes = kv_bytes(&gpu, budget, ours)?;
         let kv = Arc::new(DeviceKv::new(
             gpu.clone(),
             layout,
@@ -457,9 +460,9 @@ impl GpuRunner {
         let m = &self.meta_layout;
         if table + 1 > m.table_capacity || work > m.work_capacity {
             return Err(ForwardError::Device(format!(
-                "a batch whose block tables hold {table} blocks exceeds what the GPU runner \
-                 was sized for (max_model_len {})",
-                self.limits.max_model_len
+                "a batch of {table} blocks and {work} attention tiles exceeds what the GPU \
+                 runner was sized for (max_model_len {}, {} tables, {} tiles)",
+                self.limits.max_model_len, m.table_capacity, m.work_capacity
             )));
         }
         Ok(())
@@ -990,17 +993,17 @@ impl GpuRunner {
 }
 
 /// The KV cache's share of the GPU's memory, once weights and buffers are allocated.
-fn kv_bytes(gpu: &Gpu, budget: KvBudget) -> Result<usize, GpuError> {
+/// `ours`: what this worker holds besides the KV cache (weights, buffers, cuBLAS's
+/// workspace), counted from its own allocations, so that other processes on the GPU
+/// are not counted as its own.
+fn kv_bytes(gpu: &Gpu, budget: KvBudget, ours: usize) -> Result<usize, GpuError> {
     let (free, total) = gpu.free_memory()?;
     let usable = free.saturating_sub(RESERVE_BYTES);
     let wanted = match budget {
         KvBudget::Bytes(bytes) => bytes,
-        KvBudget::Fraction(fraction) => {
-            let ours = gpu.free_at_open.saturating_sub(free);
-            ((fraction as f64 * total as f64) as usize)
-                .saturating_sub(ours)
-                .saturating_sub(RESERVE_BYTES)
-        }
+        KvBudget::Fraction(fraction) => ((fraction as f64 * total as f64) as usize)
+            .saturating_sub(ours)
+            .saturating_sub(RESERVE_BYTES),
     };
     if wanted > usable || wanted == 0 {
         return Err(GpuError::OutOfMemory {
@@ -1026,6 +1029,18 @@ pub fn attention_shared_bytes(head_dim: usize, warps: usize) -> usize {
 }
 
 fn load_kernels(gpu: &Gpu, head_dim: usize) -> Result<Kernels, GpuError> {
+    let available = gpu
+        .ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+        as usize;
+    let needed = attention_shared_bytes(head_dim, 4);
+    if available < needed {
+        return Err(GpuError::Unsupported(format!(
+            "this GPU: attention at head dimension {head_dim} needs {needed} bytes of shared \
+             memory per thread block and it offers {available} (A100, H100, H200 and B200 \
+             offer enough; GPUs with 100 KB do not)"
+        )));
+    }
     let m = &gpu.module;
     let attention = |warps: usize| -> Result<Kernel, GpuError> {
         let kernel = m.kernel(&format!("attention_d{head_dim}_w{warps}"))?;

@@ -221,7 +221,7 @@ fn upload_matrix(
     cols: usize,
 ) -> Result<DeviceBuffer, LoadError> {
     let rows: usize = parts.iter().map(|p| p.1).sum();
-    let buffer = DeviceBuffer::zeroed(&gpu.ctx, 2 * rows * cols)?;
+    let mut buffer = DeviceBuffer::zeroed(&gpu.ctx, 2 * rows * cols)?;
     let mut offset = 0;
     for &(name, part_rows) in parts {
         let (_, raw) = loader.raw_matrix(name, part_rows, cols)?;

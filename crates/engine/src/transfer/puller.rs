@@ -319,6 +319,13 @@ async fn pull(job: PullJob, local: &Local) -> PullOutcome {
         Err(Failed(kind, message)) => {
             let failure = PullFailure::new(kind, &job.source, message);
             failure.record();
+            #[cfg(feature = "cuda")]
+            if let (FailureKind::Unreachable | FailureKind::Handshake, KvBlocks::Device(kv)) =
+                (kind, &local.memory)
+            {
+                // P is gone or restarted: stop mapping its memory.
+                kv.unmap_peer(&job.source.engine_id);
+            }
             if matches!(kind, FailureKind::Refused | FailureKind::Transfer) {
                 // P may still hold blocks for this request; this reader is done with them.
                 let (source, local) = (job.source.clone(), local.clone());
@@ -334,8 +341,8 @@ async fn read_blocks(job: &PullJob, local: &Local) -> Result<usize, Failed> {
     let source = &job.source;
     let mut stream = connect(&source.host, source.port, local).await?;
     let export = handshake(&mut stream, &source.engine_id, local).await?;
-    if let Some(base) = export.and_then(|e| mapped_peer(&e, &source.engine_id, local)) {
-        return read_from_device(&mut stream, job, local, base).await;
+    if let Some(peer) = export.and_then(|e| mapped_peer(&e, &source.engine_id, local)) {
+        return read_from_device(&mut stream, job, local, peer).await;
     }
     let read = Message::Read {
         request_id: source.request_id.clone(),
@@ -382,7 +389,11 @@ async fn read_blocks(job: &PullJob, local: &Local) -> Result<usize, Failed> {
 /// P's exported GPU memory mapped here, when both sides' KV is on GPUs of this host
 /// (else `None`: the blocks come as bytes).
 #[cfg(feature = "cuda")]
-fn mapped_peer(export: &DeviceExport, engine_id: &str, local: &Local) -> Option<u64> {
+fn mapped_peer(
+    export: &DeviceExport,
+    engine_id: &str,
+    local: &Local,
+) -> Option<std::sync::Arc<crate::cuda::kv::MappedPeer>> {
     let KvBlocks::Device(kv) = &local.memory else {
         return None;
     };
@@ -390,19 +401,18 @@ fn mapped_peer(export: &DeviceExport, engine_id: &str, local: &Local) -> Option<
         return None;
     }
     let handle = parse_handle(&export.ipc_handle)?;
-    match kv.map_peer(engine_id, handle) {
-        Ok(base) => Some(base),
-        Err(err) => {
-            tracing::warn!(%err, engine_id, "cannot map the prefill worker's GPU memory; reading bytes");
-            None
-        }
-    }
+    // Opening a mapping takes tens of milliseconds the first time: off the async threads.
+    tokio::task::block_in_place(|| kv.map_peer(engine_id, handle))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn mapped_peer(_: &DeviceExport, _: &str, _: &Local) -> Option<u64> {
+fn mapped_peer(_: &DeviceExport, _: &str, _: &Local) -> Option<NoMapping> {
     None
 }
+
+/// Stands for a mapping in builds without GPUs (never made).
+#[cfg(not(feature = "cuda"))]
+enum NoMapping {}
 
 /// 64 bytes from 128 hex digits.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -424,7 +434,7 @@ async fn read_from_device(
     stream: &mut TcpStream,
     job: &PullJob,
     local: &Local,
-    remote_base: u64,
+    peer: std::sync::Arc<crate::cuda::kv::MappedPeer>,
 ) -> Result<usize, Failed> {
     let KvBlocks::Device(kv) = &local.memory else {
         unreachable!("mapped_peer maps only for GPU memory");
@@ -448,8 +458,11 @@ async fn read_from_device(
         }
     }
     // SAFETY: P pins the remote blocks until our ReadDeviceDone; the local blocks belong
-    // to the waiting sequence (as for a byte read).
-    let copied = unsafe { kv.copy_from_peer(remote_base, &job.remote_blocks, &job.local_blocks) };
+    // to the waiting sequence (as for a byte read); `peer` keeps the mapping open.
+    let copied = tokio::task::block_in_place(|| unsafe {
+        kv.copy_from_peer(peer.base(), &job.remote_blocks, &job.local_blocks)
+    });
+    drop(peer);
     let finished = Message::ReadDeviceDone {
         request_id: source.request_id.clone(),
     };
@@ -474,9 +487,9 @@ async fn read_from_device(
     _: &mut TcpStream,
     _: &PullJob,
     _: &Local,
-    _: u64,
+    never: NoMapping,
 ) -> Result<usize, Failed> {
-    unreachable!("mapped_peer maps nothing without the cuda feature")
+    match never {}
 }
 
 /// Reads the blocks' bytes from `stream` into `blocks`, straight into host memory or
@@ -500,13 +513,15 @@ async unsafe fn receive_blocks(
         }
         #[cfg(feature = "cuda")]
         KvBlocks::Device(kv) => {
+            // GPU copies block their thread: off the async threads.
             let per_block = kv.layout().bytes_per_block();
-            let mut staging = kv.staging().map_err(|e| WireError::Device(e.to_string()))?;
+            let mut staging = tokio::task::block_in_place(|| kv.staging())
+                .map_err(|e| WireError::Device(e.to_string()))?;
             for chunk in blocks.chunks(staging.blocks(per_block)) {
                 let bytes = &mut staging.as_mut_slice()[..chunk.len() * per_block];
                 within(io, async { Ok(stream.read_exact(bytes).await?) }).await?;
                 // SAFETY: the caller's promise.
-                unsafe { kv.write_blocks(chunk, bytes) }
+                tokio::task::block_in_place(|| unsafe { kv.write_blocks(chunk, bytes) })
                     .map_err(|e| WireError::Device(e.to_string()))?;
             }
         }

@@ -328,12 +328,14 @@ async unsafe fn send_blocks(
         }
         #[cfg(feature = "cuda")]
         KvBlocks::Device(kv) => {
+            // GPU copies block their thread: off the async threads.
             let per_block = kv.layout().bytes_per_block();
-            let mut staging = kv.staging().map_err(|e| WireError::Device(e.to_string()))?;
+            let mut staging = tokio::task::block_in_place(|| kv.staging())
+                .map_err(|e| WireError::Device(e.to_string()))?;
             for chunk in blocks.chunks(staging.blocks(per_block)) {
                 let bytes = &mut staging.as_mut_slice()[..chunk.len() * per_block];
                 // SAFETY: the caller's promise.
-                unsafe { kv.read_blocks(chunk, bytes) }
+                tokio::task::block_in_place(|| unsafe { kv.read_blocks(chunk, bytes) })
                     .map_err(|e| WireError::Device(e.to_string()))?;
                 within(io, async { Ok(stream.write_all(bytes).await?) }).await?;
             }
