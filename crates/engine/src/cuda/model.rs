@@ -921,16 +921,28 @@ impl GpuRunner {
     /// Final norm and output head for logit rows `start..start + count` (row indices
     /// from the metadata) into the logits buffer.
     fn enqueue_head(&self, start: usize, count: usize) -> Result<(), GpuError> {
+        self.enqueue_output_head(Some(self.meta_layout.logit_rows + start), count)
+    }
+
+    /// The output head for rows 0..rows in order (padded decode steps).
+    fn enqueue_head_all(&self, rows: usize) -> Result<(), GpuError> {
+        self.enqueue_output_head(None, rows)
+    }
+
+    /// Final norm of `count` rows (indices from the metadata at `rows_from`, or the
+    /// first `count` rows) and the output head, into the logits buffer.
+    fn enqueue_output_head(&self, rows_from: Option<usize>, count: usize) -> Result<(), GpuError> {
         if count == 0 {
             return Ok(());
         }
         let c = &self.model.config;
         let b = &self.buffers;
-        // SAFETY: count ≤ logit_capacity rows; indices point at computed rows.
+        // SAFETY: count ≤ logit_capacity (the callers' chunks, and graph buckets); the
+        // indices point at rows this step computed.
         unsafe {
             self.rms_norm(
                 b.x.ptr(),
-                Some(self.meta_layout.logit_rows + start),
+                rows_from,
                 self.model.weights.final_norm.ptr(),
                 b.head_in.ptr(),
                 count,
@@ -941,31 +953,6 @@ impl GpuRunner {
                 c.hidden_size,
                 b.head_in.ptr(),
                 count,
-                b.logits.ptr(),
-                false,
-            )
-        }
-    }
-
-    /// The output head for rows 0..rows in order (padded decode steps).
-    fn enqueue_head_all(&self, rows: usize) -> Result<(), GpuError> {
-        let c = &self.model.config;
-        let b = &self.buffers;
-        // SAFETY: rows ≤ logit_capacity (buckets never exceed it).
-        unsafe {
-            self.rms_norm(
-                b.x.ptr(),
-                None,
-                self.model.weights.final_norm.ptr(),
-                b.head_in.ptr(),
-                rows,
-            )?;
-            self.model.gpu.matmul(
-                self.model.weights.head().ptr(),
-                c.vocab_size,
-                c.hidden_size,
-                b.head_in.ptr(),
-                rows,
                 b.logits.ptr(),
                 false,
             )

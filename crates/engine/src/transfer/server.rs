@@ -232,12 +232,8 @@ async fn serve_read(
     digest: &str,
 ) -> Result<(), WireError> {
     let limits = ctx.local.limits;
-    if let Err((code, message)) = ctx
-        .leases
-        .begin_read(request_id, block_ids, num_tokens, digest)
-    {
-        tracing::warn!(request_id, %message, "refused a KV read");
-        return within(limits.io, wire::send(stream, &refusal(code, message))).await;
+    if !pin_or_refuse(stream, ctx, request_id, block_ids, num_tokens, digest).await? {
+        return Ok(());
     }
     let memory = &ctx.local.memory;
     let block_bytes = memory.layout().bytes_per_block();
@@ -257,12 +253,40 @@ async fn serve_read(
         ctx.release(blocks);
     }
     if sent.is_ok() {
-        metrics::counter!(names::KV_TRANSFER_BYTES_TOTAL, names::DIRECTION => "sent")
-            .increment((block_ids.len() * block_bytes) as u64);
-        metrics::counter!(names::KV_TRANSFER_BLOCKS_TOTAL, names::DIRECTION => "sent")
-            .increment(block_ids.len() as u64);
+        count_sent(block_ids.len(), block_bytes);
     }
     sent
+}
+
+/// Starts a read of leased blocks (they stay pinned until `end_read`); on a refusal
+/// tells the reader why and returns false.
+async fn pin_or_refuse(
+    stream: &mut TcpStream,
+    ctx: &Ctx,
+    request_id: &str,
+    block_ids: &[BlockId],
+    num_tokens: usize,
+    digest: &str,
+) -> Result<bool, WireError> {
+    match ctx
+        .leases
+        .begin_read(request_id, block_ids, num_tokens, digest)
+    {
+        Ok(()) => Ok(true),
+        Err((code, message)) => {
+            tracing::warn!(request_id, %message, "refused a KV read");
+            let refused = refusal(code, message);
+            within(ctx.local.limits.io, wire::send(stream, &refused)).await?;
+            Ok(false)
+        }
+    }
+}
+
+fn count_sent(blocks: usize, block_bytes: usize) {
+    metrics::counter!(names::KV_TRANSFER_BYTES_TOTAL, names::DIRECTION => "sent")
+        .increment((blocks * block_bytes) as u64);
+    metrics::counter!(names::KV_TRANSFER_BLOCKS_TOTAL, names::DIRECTION => "sent")
+        .increment(blocks as u64);
 }
 
 /// A same-host reader copies the blocks from the exported GPU memory itself: pin them
@@ -276,12 +300,8 @@ async fn serve_device_read(
     digest: &str,
 ) -> Result<(), WireError> {
     let limits = ctx.local.limits;
-    if let Err((code, message)) = ctx
-        .leases
-        .begin_read(request_id, block_ids, num_tokens, digest)
-    {
-        tracing::warn!(request_id, %message, "refused a KV read");
-        return within(limits.io, wire::send(stream, &refusal(code, message))).await;
+    if !pin_or_refuse(stream, ctx, request_id, block_ids, num_tokens, digest).await? {
+        return Ok(());
     }
     let copied = async {
         let ok = Message::ReadDeviceOk {
@@ -300,11 +320,7 @@ async fn serve_device_read(
         ctx.release(blocks);
     }
     copied?;
-    let bytes = block_ids.len() * ctx.local.memory.layout().bytes_per_block();
-    metrics::counter!(names::KV_TRANSFER_BYTES_TOTAL, names::DIRECTION => "sent")
-        .increment(bytes as u64);
-    metrics::counter!(names::KV_TRANSFER_BLOCKS_TOTAL, names::DIRECTION => "sent")
-        .increment(block_ids.len() as u64);
+    count_sent(block_ids.len(), ctx.local.memory.layout().bytes_per_block());
     within(limits.io, wire::send(stream, &Message::Ack { count: 1 })).await
 }
 
