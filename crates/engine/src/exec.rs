@@ -114,11 +114,7 @@ impl Model {
 
     /// The KV layout this model needs with the given block size and element type.
     pub fn kv_layout(&self, options: KvOptions) -> KvLayout {
-        match self {
-            Model::Cpu(model) => model.kv_layout(options),
-            #[cfg(feature = "cuda")]
-            Model::Cuda(model) => model.kv_layout(options),
-        }
+        KvLayout::for_model(self.config(), options)
     }
 
     /// The CPU model, when the model runs on the CPU.

@@ -254,6 +254,20 @@ fn assert_close(what: &str, cpu: &[Vec<f32>], gpu: &[Vec<f32>], limit: f64) -> f
     worst
 }
 
+fn seq<'a>(
+    tokens: &'a [u32],
+    start_pos: usize,
+    block_table: &'a [BlockId],
+    logits: LogitsFor,
+) -> SeqInput<'a> {
+    SeqInput {
+        tokens,
+        start_pos,
+        block_table,
+        logits,
+    }
+}
+
 fn tokens(n: usize, salt: u32, vocab: usize) -> Vec<u32> {
     (0..n as u32)
         .map(|i| (i.wrapping_mul(2654435761).wrapping_add(salt * 97) >> 7) % vocab as u32)
@@ -278,49 +292,24 @@ fn batching_scenarios(tiny: &Tiny, dtype: WeightDtype, graphs: bool, limit: f64)
     let table_b: Vec<BlockId> = (40..90).rev().collect();
     let table_c: Vec<BlockId> = (100..150).collect();
     let a = tokens(37, 1, vocab);
-    let (cpu, gpu) = pair.run(&[SeqInput {
-        tokens: &a,
-        start_pos: 0,
-        block_table: &table_a,
-        logits: LogitsFor::All,
-    }]);
+    let (cpu, gpu) = pair.run(&[seq(&a, 0, &table_a, LogitsFor::All)]);
     assert_close(&format!("{label}: prompt"), &cpu, &gpu, limit);
     let a2 = tokens(29, 2, vocab);
-    let (cpu, gpu) = pair.run(&[SeqInput {
-        tokens: &a2,
-        start_pos: a.len(),
-        block_table: &table_a,
-        logits: LogitsFor::All,
-    }]);
+    let (cpu, gpu) = pair.run(&[seq(&a2, a.len(), &table_a, LogitsFor::All)]);
     assert_close(&format!("{label}: continuation"), &cpu, &gpu, limit);
     let b = tokens(700, 3, vocab);
-    let (cpu, gpu) = pair.run(&[SeqInput {
-        tokens: &b,
-        start_pos: 0,
-        block_table: &table_b,
-        logits: LogitsFor::All,
-    }]);
+    let (cpu, gpu) = pair.run(&[seq(&b, 0, &table_b, LogitsFor::All)]);
     assert_close(&format!("{label}: 700-token prompt"), &cpu, &gpu, limit);
     // One long sequence decoding alone: its keys split across thread blocks.
     let mut b_len = b.len();
     for step in 0..3 {
         let t = tokens(1, 10 + step, vocab);
-        let (cpu, gpu) = pair.run(&[SeqInput {
-            tokens: &t,
-            start_pos: b_len,
-            block_table: &table_b,
-            logits: LogitsFor::Last,
-        }]);
+        let (cpu, gpu) = pair.run(&[seq(&t, b_len, &table_b, LogitsFor::Last)]);
         assert_close(&format!("{label}: decode alone {step}"), &cpu, &gpu, limit);
         b_len += 1;
     }
     let c = tokens(5, 4, vocab);
-    let (cpu, gpu) = pair.run(&[SeqInput {
-        tokens: &c,
-        start_pos: 0,
-        block_table: &table_c,
-        logits: LogitsFor::Last,
-    }]);
+    let (cpu, gpu) = pair.run(&[seq(&c, 0, &table_c, LogitsFor::Last)]);
     assert_close(&format!("{label}: short prompt"), &cpu, &gpu, limit);
     // Decode steps of three sequences of different lengths.
     let (mut a_len, mut c_len) = (a.len() + a2.len(), c.len());
@@ -331,24 +320,9 @@ fn batching_scenarios(tiny: &Tiny, dtype: WeightDtype, graphs: bool, limit: f64)
             tokens(1, 40 + step, vocab),
         );
         let (cpu, gpu) = pair.run(&[
-            SeqInput {
-                tokens: &ta,
-                start_pos: a_len,
-                block_table: &table_a,
-                logits: LogitsFor::Last,
-            },
-            SeqInput {
-                tokens: &tb,
-                start_pos: b_len,
-                block_table: &table_b,
-                logits: LogitsFor::Last,
-            },
-            SeqInput {
-                tokens: &tc,
-                start_pos: c_len,
-                block_table: &table_c,
-                logits: LogitsFor::Last,
-            },
+            seq(&ta, a_len, &table_a, LogitsFor::Last),
+            seq(&tb, b_len, &table_b, LogitsFor::Last),
+            seq(&tc, c_len, &table_c, LogitsFor::Last),
         ]);
         assert_close(&format!("{label}: decode batch {step}"), &cpu, &gpu, limit);
         a_len += 1;
@@ -362,24 +336,9 @@ fn batching_scenarios(tiny: &Tiny, dtype: WeightDtype, graphs: bool, limit: f64)
         tokens(20, 52, vocab),
     );
     let (cpu, gpu) = pair.run(&[
-        SeqInput {
-            tokens: &ta,
-            start_pos: a_len,
-            block_table: &table_a,
-            logits: LogitsFor::Last,
-        },
-        SeqInput {
-            tokens: &more,
-            start_pos: b_len,
-            block_table: &table_b,
-            logits: LogitsFor::None,
-        },
-        SeqInput {
-            tokens: &tc,
-            start_pos: c_len,
-            block_table: &table_c,
-            logits: LogitsFor::Last,
-        },
+        seq(&ta, a_len, &table_a, LogitsFor::Last),
+        seq(&more, b_len, &table_b, LogitsFor::None),
+        seq(&tc, c_len, &table_c, LogitsFor::Last),
     ]);
     assert_close(&format!("{label}: mixed step"), &cpu, &gpu, limit);
 }
@@ -454,12 +413,7 @@ fn kv_blocks_move_between_gpu_caches() {
     let p_table: Vec<BlockId> = (10..20).collect();
     let d_table: Vec<BlockId> = (60..70).rev().collect();
     p.gpu
-        .forward(&[SeqInput {
-            tokens: &prompt,
-            start_pos: 0,
-            block_table: &p_table,
-            logits: LogitsFor::Last,
-        }])
+        .forward(&[seq(&prompt, 0, &p_table, LogitsFor::Last)])
         .unwrap();
     let used = layout.blocks_for(prompt.len());
     unsafe {
@@ -471,12 +425,7 @@ fn kv_blocks_move_between_gpu_caches() {
     let next = tokens(1, 6, D128.vocab);
     let step = |pair: &mut Pair, table: &[BlockId]| {
         pair.gpu
-            .forward(&[SeqInput {
-                tokens: &next,
-                start_pos: prompt.len(),
-                block_table: table,
-                logits: LogitsFor::Last,
-            }])
+            .forward(&[seq(&next, prompt.len(), table, LogitsFor::Last)])
             .unwrap()
             .to_vec()
     };
@@ -537,12 +486,7 @@ fn default_model_agrees_with_llamacpp() {
         // Teacher-forced: prompt + llama.cpp's greedy continuation in one pass.
         let sequence: Vec<u32> = prompt.iter().chain(&greedy).copied().collect();
         let logits = runner
-            .forward(&[SeqInput {
-                tokens: &sequence,
-                start_pos: 0,
-                block_table: &table,
-                logits: LogitsFor::All,
-            }])
+            .forward(&[seq(&sequence, 0, &table, LogitsFor::All)])
             .unwrap()
             .to_vec();
         assert_eq!(
@@ -566,24 +510,14 @@ fn default_model_agrees_with_llamacpp() {
         // Greedy decoding token by token (decode steps replayed from graphs).
         let mut produced = Vec::new();
         let mut last = runner
-            .forward(&[SeqInput {
-                tokens: &prompt,
-                start_pos: 0,
-                block_table: &table,
-                logits: LogitsFor::Last,
-            }])
+            .forward(&[seq(&prompt, 0, &table, LogitsFor::Last)])
             .unwrap()
             .to_vec();
         for i in 0..greedy.len() {
             let token = argmax(&last);
             produced.push(token);
             last = runner
-                .forward(&[SeqInput {
-                    tokens: &[token],
-                    start_pos: prompt.len() + i,
-                    block_table: &table,
-                    logits: LogitsFor::Last,
-                }])
+                .forward(&[seq(&[token], prompt.len() + i, &table, LogitsFor::Last)])
                 .unwrap()
                 .to_vec();
         }

@@ -71,6 +71,8 @@ pub struct DeviceKv {
     gpu: Arc<Gpu>,
     /// Hand-off copies, off the compute stream.
     transfer: Arc<CudaStream>,
+    /// The `copy_blocks` kernel.
+    copy_kernel: super::gpu::Kernel,
     /// Block ids of GPU-to-GPU copies (source ids, then destination ids).
     copy_ids: Mutex<DeviceBuffer>,
     /// Free pinned staging buffers.
@@ -100,6 +102,7 @@ impl DeviceKv {
         let memory = DeviceBuffer::zeroed(&gpu.ctx, bytes)?;
         let transfer = gpu.ctx.new_stream()?;
         let gpu_ctx = gpu.ctx.clone();
+        let copy_kernel = gpu.module.kernel("copy_blocks")?;
         Ok(Self {
             memory,
             layout,
@@ -107,6 +110,7 @@ impl DeviceKv {
             gpu,
             transfer,
             staging: Mutex::new(Vec::new()),
+            copy_kernel,
             copy_ids: Mutex::new(DeviceBuffer::zeroed(&gpu_ctx, 8 * COPY_BATCH)?),
             peers: Mutex::new(HashMap::new()),
         })
@@ -238,7 +242,7 @@ impl DeviceKv {
         }
         self.check(local)?;
         self.gpu.bind()?;
-        let kernel = self.gpu.module.kernel("copy_blocks")?;
+        let kernel = self.copy_kernel;
         let vectors = (self.layout.bytes_per_block() / 16) as i64;
         let mut ids_buffer = self.copy_ids.lock().expect("copy ids lock");
         for (remote, local) in remote.chunks(COPY_BATCH).zip(local.chunks(COPY_BATCH)) {

@@ -29,7 +29,7 @@ use crate::kv::{KvLayout, KvOptions};
 use crate::model::config::{ModelConfig, RopeStyle};
 use crate::model::dummy::{DummySource, Preset};
 use crate::model::llama::check_batch;
-use crate::model::source::{GgufSource, SafetensorsSource};
+use crate::model::source::{GgufSource, SafetensorsSource, TensorSource};
 use crate::model::weights::TensorNames;
 use crate::model::{ForwardError, LogitsFor, ModelFormat, SeqInput};
 
@@ -60,17 +60,8 @@ impl CudaModel {
             ModelFormat::Gguf(file) => {
                 let source = GgufSource::open(&file)?;
                 let config = ModelConfig::from_gguf(&source.content, &file)?;
-                let gpu = open(
-                    ordinal,
-                    dtype.unwrap_or(super::weights::auto_dtype(true)),
-                    &config,
-                )?;
-                let weights = GpuWeights::load(&gpu, &source, &TensorNames::GGUF, &config)?;
-                Ok(Self {
-                    gpu,
-                    config,
-                    weights,
-                })
+                let dtype = dtype.unwrap_or(super::weights::auto_dtype(true));
+                Self::upload(ordinal, dtype, config, &source, &TensorNames::GGUF)
             }
             ModelFormat::HfDir(dir) => {
                 let config_path = dir.join("config.json");
@@ -78,17 +69,8 @@ impl CudaModel {
                     .map_err(|e| ModelError::io(&config_path, e))?;
                 let config = ModelConfig::from_hf_json(&json, &config_path)?;
                 let source = SafetensorsSource::open(&crate::model::safetensors_shards(&dir)?)?;
-                let gpu = open(
-                    ordinal,
-                    dtype.unwrap_or(super::weights::auto_dtype(false)),
-                    &config,
-                )?;
-                let weights = GpuWeights::load(&gpu, &source, &TensorNames::HF, &config)?;
-                Ok(Self {
-                    gpu,
-                    config,
-                    weights,
-                })
+                let dtype = dtype.unwrap_or(super::weights::auto_dtype(false));
+                Self::upload(ordinal, dtype, config, &source, &TensorNames::HF)
             }
         }
     }
@@ -100,14 +82,21 @@ impl CudaModel {
         ordinal: usize,
         dtype: Option<WeightDtype>,
     ) -> Result<Self, LoadError> {
-        let config = preset.config();
         let source = DummySource::new(preset, seed);
-        let gpu = open(
-            ordinal,
-            dtype.unwrap_or(super::weights::auto_dtype(false)),
-            &config,
-        )?;
-        let weights = GpuWeights::load(&gpu, &source, &TensorNames::HF, &config)?;
+        let dtype = dtype.unwrap_or(super::weights::auto_dtype(false));
+        Self::upload(ordinal, dtype, preset.config(), &source, &TensorNames::HF)
+    }
+
+    /// Opens the GPU and uploads `source`'s weights of `config`'s shapes.
+    fn upload(
+        ordinal: usize,
+        dtype: WeightDtype,
+        config: ModelConfig,
+        source: &(dyn TensorSource + Sync),
+        names: &TensorNames,
+    ) -> Result<Self, LoadError> {
+        let gpu = open(ordinal, dtype, &config)?;
+        let weights = GpuWeights::load(&gpu, source, names, &config)?;
         Ok(Self {
             gpu,
             config,
@@ -120,13 +109,7 @@ impl CudaModel {
     }
 
     pub fn kv_layout(&self, options: KvOptions) -> KvLayout {
-        KvLayout {
-            num_layers: self.config.num_layers,
-            num_kv_heads: self.config.num_kv_heads,
-            head_dim: self.config.head_dim,
-            block_size: options.block_size.max(1),
-            dtype: options.dtype,
-        }
+        KvLayout::for_model(&self.config, options)
     }
 }
 

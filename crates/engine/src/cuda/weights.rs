@@ -8,14 +8,12 @@
 
 use std::sync::Mutex;
 
-use candle_core::quantized::GgmlDType;
-
 use super::gpu::{DeviceBuffer, Gpu, GpuError, WeightDtype};
 use crate::error::ModelError;
 use crate::kernels::QMatrix;
 use crate::model::config::ModelConfig;
 use crate::model::rope::Rope;
-use crate::model::source::{RawTensor, TensorSource};
+use crate::model::source::{RawTensor, TensorSource, float_values};
 use crate::model::weights::{LayerTensor, Loader, TensorNames};
 
 #[derive(Debug, thiserror::Error)]
@@ -236,33 +234,17 @@ fn upload_matrix(
 
 /// A matrix's values as f32 (dequantized when quantized).
 fn to_f32(loader: &Loader, name: &str, raw: RawTensor) -> Result<Vec<f32>, ModelError> {
-    Ok(match raw.dtype {
-        GgmlDType::F32 => raw
-            .bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        GgmlDType::F16 => raw
-            .bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        GgmlDType::BF16 => raw
-            .bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        dtype => {
-            let (rows, cols) = (raw.shape[0], raw.shape[1]);
-            QMatrix::from_raw(dtype, rows, cols, &raw.bytes)
-                .map_err(|e| ModelError::UnsupportedDType {
-                    path: loader.source.path_of(name),
-                    tensor: name.into(),
-                    dtype: format!("{dtype:?} ({e})"),
-                })?
-                .dequantize()
-        }
-    })
+    if let Some(values) = float_values(raw.dtype, &raw.bytes) {
+        return Ok(values);
+    }
+    let (rows, cols) = (raw.shape[0], raw.shape[1]);
+    Ok(QMatrix::from_raw(raw.dtype, rows, cols, &raw.bytes)
+        .map_err(|e| ModelError::UnsupportedDType {
+            path: loader.source.path_of(name),
+            tensor: name.into(),
+            dtype: format!("{:?} ({e})", raw.dtype),
+        })?
+        .dequantize())
 }
 
 /// The weight type `auto` picks for a model: f16 for GGUF files (their quantized values

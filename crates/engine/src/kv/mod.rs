@@ -86,6 +86,17 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
+    /// The layout a model of shape `config` needs with the user's choices.
+    pub fn for_model(config: &crate::model::ModelConfig, options: KvOptions) -> Self {
+        Self {
+            num_layers: config.num_layers,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+            block_size: options.block_size.max(1),
+            dtype: options.dtype,
+        }
+    }
+
     /// Values of K (or of V) that one block holds for one layer.
     pub fn values_per_layer_block(&self) -> usize {
         self.num_kv_heads * self.block_size * self.head_dim

@@ -121,13 +121,7 @@ impl Llama {
 
     /// The KV layout this model needs with the given block size and element type.
     pub fn kv_layout(&self, options: KvOptions) -> KvLayout {
-        KvLayout {
-            num_layers: self.config.num_layers,
-            num_kv_heads: self.config.num_kv_heads,
-            head_dim: self.config.head_dim,
-            block_size: options.block_size.max(1),
-            dtype: options.dtype,
-        }
+        KvLayout::for_model(&self.config, options)
     }
 
     /// Runs the batch, writing its keys and values into `kv`, and returns the logits

@@ -20,6 +20,26 @@ pub struct RawTensor {
     pub bytes: Vec<u8>,
 }
 
+/// The values of an unquantized tensor's bytes (F32, F16 or BF16, little-endian) as
+/// f32; `None` for other types.
+pub(crate) fn float_values(dtype: GgmlDType, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        GgmlDType::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        GgmlDType::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        GgmlDType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
 /// Where weights come from.
 pub trait TensorSource {
     /// The file a tensor's errors should name.

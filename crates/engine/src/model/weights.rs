@@ -6,7 +6,7 @@
 use candle_core::quantized::GgmlDType;
 
 use super::config::ModelConfig;
-use super::source::{RawTensor, TensorSource};
+use super::source::{RawTensor, TensorSource, float_values};
 use crate::error::ModelError;
 use crate::kernels::{Linear, QMatrix};
 
@@ -331,16 +331,9 @@ impl Loader<'_> {
             });
         }
         let values = match raw.dtype {
-            GgmlDType::F32 => raw
-                .bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            GgmlDType::F16 => raw
-                .bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+            GgmlDType::F32 | GgmlDType::F16 => {
+                float_values(raw.dtype, &raw.bytes).expect("an unquantized type")
+            }
             other => {
                 return Err(ModelError::UnsupportedDType {
                     path: self.source.path_of(name),
