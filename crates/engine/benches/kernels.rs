@@ -2,7 +2,7 @@
 //! (1 token) and prefill (512 tokens) form, with 1 and 2 threads, against candle's stock
 //! `QMatMul` on the same weights in the same run.
 //!
-//! `cargo bench -p tandem-engine --bench kernels [-- quick] [dispatch|decode|step|step8|tiles|crossover|prefill|prefill-step]...`
+//! `cargo bench -p tandem-engine --bench kernels [-- quick] [dispatch|decode|step|step8|ceiling|tiles|crossover|prefill|prefill-step]...`
 //!
 //! Times are the best of several trials (the machine is shared); ratios > 1 mean tandem
 //! is faster.
@@ -83,6 +83,32 @@ fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Best time per call over `trials` trials of calls filling about `budget` each.
+/// Bytes per second of reading a 512 MB buffer (larger than any cache) once, split
+/// between the pool's threads: the rate at which a decode step can stream weights.
+fn stream_bandwidth(pool: &ThreadPool, trials: usize) -> f64 {
+    const BYTES: usize = 512 << 20;
+    let words = vec![1u64; BYTES / 8];
+    let n_tasks = pool.n_threads() * 4;
+    let chunk = words.len().div_ceil(n_tasks);
+    let sums: Vec<std::sync::atomic::AtomicU64> = (0..n_tasks)
+        .map(|_| std::sync::atomic::AtomicU64::new(0))
+        .collect();
+    let best = (0..trials.max(3))
+        .map(|_| {
+            let start = Instant::now();
+            pool.run(n_tasks, |i| {
+                let part = &words[(i * chunk).min(words.len())..((i + 1) * chunk).min(words.len())];
+                let sum = part.iter().fold(0u64, |a, &w| a.wrapping_add(w));
+                sums[i].store(sum, std::sync::atomic::Ordering::Relaxed);
+            });
+            start.elapsed()
+        })
+        .min()
+        .unwrap_or_default();
+    black_box(&sums);
+    BYTES as f64 / best.as_secs_f64()
+}
+
 fn best_time(budget: Duration, trials: usize, mut f: impl FnMut()) -> Duration {
     f();
     let start = Instant::now();
@@ -349,6 +375,69 @@ impl Bench {
         }
     }
 
+    /// The 8-token/1-token throughput ratio of a step's matrix products when each step
+    /// runs at its floor, both measured here: a 1-token step reads every weight byte
+    /// once (floor: the machine's streaming bandwidth); an 8-token step does every
+    /// multiply-add (floor: the 8-token tiles' rate with the matrix resident in L2, on
+    /// every thread). The engine's batching target (8 streams >= 4x one stream) needs
+    /// this ratio above 4; the line says how much faster the tiles would have to be.
+    fn ceiling(&self) {
+        println!("\n## A step's matmuls at their floors: 8 tokens vs 1\n");
+        let pool = self.pools.last().expect("pools");
+        let single = self.pools.first().expect("pools");
+        let (layers, head) = self.model_step_weights();
+        let layer_bytes: usize = layers
+            .iter()
+            .flatten()
+            .map(|l| l.qmatrix().storage_bytes())
+            .sum();
+        let head_bytes = head.qmatrix().storage_bytes();
+        let layer_macs: usize = layers.iter().flatten().map(|l| l.rows() * l.cols()).sum();
+        let head_macs = head.rows() * head.cols();
+
+        let bandwidth = stream_bandwidth(pool, self.trials);
+        // 512 rows x 576: 184 KB (Q4_1) and 313 KB (Q8_0), both inside one core's L2.
+        let resident_rate = |dtype: GgmlDType| {
+            let (rows, n) = (512, 8);
+            let w = QMatrix::from_f32(dtype, rows, HIDDEN, &pseudo_random(rows * HIDDEN, 5))
+                .expect("weights");
+            let linear = Linear::new(w, false);
+            let x = pseudo_random(n * HIDDEN, 6);
+            let mut y = vec![0f32; n * rows];
+            let time = best_time(self.budget, self.trials, || {
+                matmul(single, &linear, &x, n, &mut y).expect("matmul");
+                black_box(&y);
+            });
+            (rows * HIDDEN * n) as f64 / time.as_secs_f64()
+        };
+        let (q4_rate, q8_rate) = (
+            resident_rate(GgmlDType::Q4_1),
+            resident_rate(GgmlDType::Q8_0),
+        );
+        let threads = pool.n_threads() as f64;
+        let floor_1 = (layer_bytes + head_bytes) as f64 / bandwidth;
+        let floor_8 = 8.0 * (layer_macs as f64 / q4_rate + head_macs as f64 / q8_rate) / threads;
+        println!(
+            "- weights {:.1} MB streamed at {:.1} GB/s ({} threads): 1-token step >= {:.2} ms",
+            (layer_bytes + head_bytes) as f64 / 1e6,
+            bandwidth / 1e9,
+            pool.n_threads(),
+            floor_1 * 1e3
+        );
+        println!(
+            "- 8-token tiles, matrix in L2, 1 thread: Q4_1 {:.1} GMAC/s, Q8_0 {:.1} GMAC/s: 8-token step >= {:.2} ms on {} threads",
+            q4_rate / 1e9,
+            q8_rate / 1e9,
+            floor_8 * 1e3,
+            pool.n_threads()
+        );
+        let ratio = 8.0 * floor_1 / floor_8;
+        println!(
+            "- at both floors, 8-token throughput is {ratio:.2}x of 1-token; 4x needs 8-token tiles {:.2}x as fast",
+            4.0 / ratio
+        );
+    }
+
     /// The model's layer matrices (fused qkv and gate/up, 30 layers) and its lm_head.
     fn model_step_weights(&self) -> (Vec<Vec<Linear>>, Linear) {
         let layer_shapes = [
@@ -384,38 +473,39 @@ impl Bench {
     fn decode_step8(&self) {
         println!("\n## One decode step's matmuls at 1 and 8 tokens (lm_head for every token)\n");
         let (layers, head) = self.model_step_weights();
-        let pool = self.pools.last().expect("pools");
-        let time = |n: usize| {
-            let x = pseudo_random(n * INTER, 3);
-            let mut y = vec![0f32; n * VOCAB];
-            let step = best_time(self.budget * 4, self.trials, || {
-                for layer in &layers {
-                    for linear in layer {
-                        let (rows, cols) = (linear.rows(), linear.cols());
-                        matmul(pool, linear, &x[..n * cols], n, &mut y[..n * rows])
-                            .expect("matmul");
+        for pool in &self.pools {
+            let time = |n: usize| {
+                let x = pseudo_random(n * INTER, 3);
+                let mut y = vec![0f32; n * VOCAB];
+                let step = best_time(self.budget * 4, self.trials, || {
+                    for layer in &layers {
+                        for linear in layer {
+                            let (rows, cols) = (linear.rows(), linear.cols());
+                            matmul(pool, linear, &x[..n * cols], n, &mut y[..n * rows])
+                                .expect("matmul");
+                        }
                     }
-                }
-                matmul(pool, &head, &x[..n * HIDDEN], n, &mut y).expect("matmul");
-                black_box(&y);
-            });
-            let head_time = best_time(self.budget, self.trials, || {
-                matmul(pool, &head, &x[..n * HIDDEN], n, &mut y).expect("matmul");
-                black_box(&y);
-            });
-            (step, head_time)
-        };
-        let (one, one_head) = time(1);
-        let (eight, eight_head) = time(8);
-        println!(
-            "- {} threads: 1 token {:.2} ms (lm_head {:.2}) | 8 tokens {:.2} ms (lm_head {:.2}) | 8-token throughput {:.2}x of 1-token",
-            pool.n_threads(),
-            one.as_secs_f64() * 1e3,
-            one_head.as_secs_f64() * 1e3,
-            eight.as_secs_f64() * 1e3,
-            eight_head.as_secs_f64() * 1e3,
-            8.0 * one.as_secs_f64() / eight.as_secs_f64()
-        );
+                    matmul(pool, &head, &x[..n * HIDDEN], n, &mut y).expect("matmul");
+                    black_box(&y);
+                });
+                let head_time = best_time(self.budget, self.trials, || {
+                    matmul(pool, &head, &x[..n * HIDDEN], n, &mut y).expect("matmul");
+                    black_box(&y);
+                });
+                (step, head_time)
+            };
+            let (one, one_head) = time(1);
+            let (eight, eight_head) = time(8);
+            println!(
+                "- {} threads: 1 token {:.2} ms (lm_head {:.2}) | 8 tokens {:.2} ms (lm_head {:.2}) | 8-token throughput {:.2}x of 1-token",
+                pool.n_threads(),
+                one.as_secs_f64() * 1e3,
+                one_head.as_secs_f64() * 1e3,
+                eight.as_secs_f64() * 1e3,
+                eight_head.as_secs_f64() * 1e3,
+                8.0 * one.as_secs_f64() / eight.as_secs_f64()
+            );
+        }
     }
 
     /// The panel kernels on the model's shapes at small batches, GFLOP/s.
@@ -579,6 +669,9 @@ fn main() {
     }
     if wanted("step8") {
         bench.decode_step8();
+    }
+    if wanted("ceiling") {
+        bench.ceiling();
     }
     if wanted("tiles") {
         bench.tiles();
