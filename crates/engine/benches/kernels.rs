@@ -131,6 +131,7 @@ struct Bench {
     budget: Duration,
     trials: usize,
     pools: Vec<ThreadPool>,
+    step_weights: std::cell::OnceCell<StepWeights>,
 }
 
 fn candle_qmatmul(w: &QMatrix) -> QMatMul {
@@ -197,57 +198,24 @@ impl Bench {
     /// lm_head), back to back: an upper bound on decode tok/s from matmuls alone.
     fn decode_step(&self) {
         println!("\n## One decode step's matmuls (30 layers + lm_head), 1 token\n");
-        let layer_shapes = [
-            (HIDDEN + 2 * KV, HIDDEN),
-            (HIDDEN, HIDDEN),
-            (2 * INTER, HIDDEN),
-            (HIDDEN, INTER),
-        ];
-        let layers: Vec<Vec<Linear>> = (0..LAYERS)
-            .map(|l| {
-                layer_shapes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &(rows, cols))| {
-                        let values = pseudo_random(rows * cols, (l * 8 + i) as u64);
-                        Linear::new(
-                            QMatrix::from_f32(GgmlDType::Q4_1, rows, cols, &values).expect("w"),
-                            false,
-                        )
-                    })
-                    .collect()
-            })
-            .collect();
-        let head = QMatrix::from_f32(
-            GgmlDType::Q8_0,
-            VOCAB,
-            HIDDEN,
-            &pseudo_random(VOCAB * HIDDEN, 99),
-        )
-        .expect("w");
+        let StepWeights { layers, head } = self.step_weights();
         let candle_layers: Vec<Vec<QMatMul>> = layers
             .iter()
             .map(|ls| ls.iter().map(|l| candle_qmatmul(l.qmatrix())).collect())
             .collect();
-        let candle_head = candle_qmatmul(&head);
-        let head = Linear::new(head, false);
+        let candle_head = candle_qmatmul(head.qmatrix());
         let x = pseudo_random(INTER, 3);
         let mut y = vec![0f32; VOCAB];
-        let bytes: usize = layers
-            .iter()
-            .flatten()
-            .map(|l| l.qmatrix().storage_bytes())
-            .sum::<usize>()
-            + head.qmatrix().storage_bytes();
+        let bytes = self.step_weights().bytes();
         for pool in &self.pools {
             let t = best_time(self.budget * 4, self.trials, || {
-                for layer in &layers {
+                for layer in layers {
                     for linear in layer {
                         let n = linear.rows();
                         matmul(pool, linear, &x[..linear.cols()], 1, &mut y[..n]).expect("matmul");
                     }
                 }
-                matmul(pool, &head, &x[..HIDDEN], 1, &mut y).expect("matmul");
+                matmul(pool, head, &x[..HIDDEN], 1, &mut y).expect("matmul");
                 black_box(&y);
             });
             println!(
@@ -385,13 +353,9 @@ impl Bench {
         println!("\n## A step's matmuls at their floors: 8 tokens vs 1\n");
         let pool = self.pools.last().expect("pools");
         let single = self.pools.first().expect("pools");
-        let (layers, head) = self.model_step_weights();
-        let layer_bytes: usize = layers
-            .iter()
-            .flatten()
-            .map(|l| l.qmatrix().storage_bytes())
-            .sum();
-        let head_bytes = head.qmatrix().storage_bytes();
+        let weights = self.step_weights();
+        let StepWeights { layers, head } = weights;
+        let step_bytes = weights.bytes();
         let layer_macs: usize = layers.iter().flatten().map(|l| l.rows() * l.cols()).sum();
         let head_macs = head.rows() * head.cols();
 
@@ -415,11 +379,11 @@ impl Bench {
             resident_rate(GgmlDType::Q8_0),
         );
         let threads = pool.n_threads() as f64;
-        let floor_1 = (layer_bytes + head_bytes) as f64 / bandwidth;
+        let floor_1 = step_bytes as f64 / bandwidth;
         let floor_8 = 8.0 * (layer_macs as f64 / q4_rate + head_macs as f64 / q8_rate) / threads;
         println!(
             "- weights {:.1} MB streamed at {:.1} GB/s ({} threads): 1-token step >= {:.2} ms",
-            (layer_bytes + head_bytes) as f64 / 1e6,
+            step_bytes as f64 / 1e6,
             bandwidth / 1e9,
             pool.n_threads(),
             floor_1 * 1e3
@@ -438,8 +402,20 @@ impl Bench {
         );
     }
 
-    /// The model's layer matrices (fused qkv and gate/up, 30 layers) and its lm_head.
-    fn model_step_weights(&self) -> (Vec<Vec<Linear>>, Linear) {
+    /// The model-shaped weights of the step sections, built on first use.
+    fn step_weights(&self) -> &StepWeights {
+        self.step_weights.get_or_init(StepWeights::build)
+    }
+}
+
+/// The model's layer matrices (fused qkv and gate/up, 30 layers) and its lm_head.
+struct StepWeights {
+    layers: Vec<Vec<Linear>>,
+    head: Linear,
+}
+
+impl StepWeights {
+    fn build() -> Self {
         let layer_shapes = [
             (HIDDEN + 2 * KV, HIDDEN),
             (HIDDEN, HIDDEN),
@@ -465,31 +441,47 @@ impl Bench {
             HIDDEN,
             &pseudo_random(VOCAB * HIDDEN, 99),
         );
-        (layers, Linear::new(head.expect("w"), false))
+        Self {
+            layers,
+            head: Linear::new(head.expect("w"), false),
+        }
     }
 
-    /// One step's matmuls (30 layers + lm_head for every token) at 1 and 8 tokens, 2
-    /// threads: how far batched decode is from 8x the single-token throughput.
+    /// Bytes of every matrix: what one 1-token step reads.
+    fn bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .flatten()
+            .map(|l| l.qmatrix().storage_bytes())
+            .sum();
+        layers + self.head.qmatrix().storage_bytes()
+    }
+}
+
+impl Bench {
+    /// One step's matmuls (30 layers + lm_head for every token) at 1 and 8 tokens, on
+    /// each pool: how far batched decode is from 8x the single-token throughput.
     fn decode_step8(&self) {
         println!("\n## One decode step's matmuls at 1 and 8 tokens (lm_head for every token)\n");
-        let (layers, head) = self.model_step_weights();
+        let StepWeights { layers, head } = self.step_weights();
         for pool in &self.pools {
             let time = |n: usize| {
                 let x = pseudo_random(n * INTER, 3);
                 let mut y = vec![0f32; n * VOCAB];
                 let step = best_time(self.budget * 4, self.trials, || {
-                    for layer in &layers {
+                    for layer in layers {
                         for linear in layer {
                             let (rows, cols) = (linear.rows(), linear.cols());
                             matmul(pool, linear, &x[..n * cols], n, &mut y[..n * rows])
                                 .expect("matmul");
                         }
                     }
-                    matmul(pool, &head, &x[..n * HIDDEN], n, &mut y).expect("matmul");
+                    matmul(pool, head, &x[..n * HIDDEN], n, &mut y).expect("matmul");
                     black_box(&y);
                 });
                 let head_time = best_time(self.budget, self.trials, || {
-                    matmul(pool, &head, &x[..n * HIDDEN], n, &mut y).expect("matmul");
+                    matmul(pool, head, &x[..n * HIDDEN], n, &mut y).expect("matmul");
                     black_box(&y);
                 });
                 (step, head_time)
@@ -647,6 +639,7 @@ fn main() {
         budget: Duration::from_millis(if quick { 40 } else { 150 }),
         trials: if quick { 3 } else { 7 },
         pools,
+        step_weights: Default::default(),
     };
     println!(
         "# tandem kernels ({} threads max; candle uses its own pool of {} threads)",

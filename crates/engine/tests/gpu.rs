@@ -469,38 +469,27 @@ fn default_model_agrees_with_llamacpp() {
     )
     .unwrap();
     let vocab = runner.config().vocab_size;
-    let fixture = common::llamacpp_fixture();
-    let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
     let table: Vec<BlockId> = (0..64).collect();
     let (mut agree, mut total) = (0usize, 0usize);
-    for (case_index, case) in fixture["generation"].as_array().unwrap().iter().enumerate() {
-        let prompt = ids(&case["prompt_ids"]);
-        let greedy = ids(&case["greedy_ids"]);
-        let top5 = case["top5_logits_per_position"].as_array().unwrap();
+    for (case_index, case) in common::llamacpp_cases().iter().enumerate() {
+        let (prompt, greedy) = (&case.prompt_ids, &case.greedy_ids);
         // Teacher-forced: prompt + llama.cpp's greedy continuation in one pass.
-        let sequence: Vec<u32> = prompt.iter().chain(&greedy).copied().collect();
+        let sequence: Vec<u32> = prompt.iter().chain(greedy).copied().collect();
         let logits = runner
             .forward(&[seq(&sequence, 0, &table, LogitsFor::All)])
             .unwrap()
             .to_vec();
         assert_eq!(
             logits.len(),
-            vocab * top5.len(),
+            vocab * case.top1.len(),
             "one reference row per position"
         );
-        let margin = |k: usize| top5[k][0][1].as_f64().unwrap() - top5[k][1][1].as_f64().unwrap();
         for (k, row) in logits.chunks_exact(vocab).enumerate() {
-            let top1 = top5[k][0][0].as_u64().unwrap() as u32;
+            let top1 = case.top1[k];
             let ours = argmax(row);
             total += 1;
             agree += usize::from(ours == top1);
-            if margin(k) >= 0.5 {
+            if case.margin[k] >= common::CLEAR_MARGIN {
                 assert_eq!(
                     ours, top1,
                     "case {case_index}, position {k}: clear choice differs"
@@ -510,7 +499,7 @@ fn default_model_agrees_with_llamacpp() {
         // Greedy decoding token by token (decode steps replayed from graphs).
         let mut produced = Vec::new();
         let mut last = runner
-            .forward(&[seq(&prompt, 0, &table, LogitsFor::Last)])
+            .forward(&[seq(prompt, 0, &table, LogitsFor::Last)])
             .unwrap()
             .to_vec();
         for i in 0..greedy.len() {
@@ -523,7 +512,7 @@ fn default_model_agrees_with_llamacpp() {
         }
         let same = produced
             .iter()
-            .zip(&greedy)
+            .zip(greedy)
             .take_while(|(a, b)| a == b)
             .count();
         eprintln!(
@@ -532,7 +521,7 @@ fn default_model_agrees_with_llamacpp() {
         );
         // Up to llama.cpp's first near-tie, the continuation must be llama.cpp's.
         let first_tie = (0..greedy.len())
-            .find(|&i| margin(prompt.len() - 1 + i) < 0.5)
+            .find(|&i| case.margin[prompt.len() - 1 + i] < common::CLEAR_MARGIN)
             .unwrap_or(greedy.len());
         assert!(
             same >= first_tie.min(16),

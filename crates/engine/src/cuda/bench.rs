@@ -285,27 +285,22 @@ fn measure_handoff(
     let target = Arc::new(super::DeviceKv::new(model.gpu.clone(), layout, count + 1)?);
     let destination: Vec<BlockId> = (0..count as BlockId).rev().collect();
     let bytes = count * layout.bytes_per_block();
-    let mut points = Vec::new();
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let started = Instant::now();
+    let point = |path, seconds| HandoffPoint {
+        path,
+        bytes,
+        seconds,
+        bytes_per_second: bytes as f64 / seconds,
+        copy_fraction: bytes as f64 / seconds / copy_bytes_per_second,
+    };
+    let device = best_wall_seconds(5, || {
         // SAFETY: both caches live; nothing else touches these blocks.
         unsafe { target.copy_from_peer(runner.kv().base(), &source, &destination) }?;
-        best = best.min(started.elapsed().as_secs_f64());
-    }
-    points.push(HandoffPoint {
-        path: "device",
-        bytes,
-        seconds: best,
-        bytes_per_second: bytes as f64 / best,
-        copy_fraction: bytes as f64 / best / copy_bytes_per_second,
-    });
+        Ok(())
+    })?;
     // Through pinned staging buffers, a buffer's worth of blocks at a time, as the
     // hand-off's sockets are fed (the network itself left out).
     let per_block = layout.bytes_per_block();
-    let mut best = f64::MAX;
-    for _ in 0..3 {
-        let started = Instant::now();
+    let host = best_wall_seconds(3, || {
         let mut staging = runner.kv().staging()?;
         let per_chunk = staging.blocks(per_block);
         for (from, to) in source.chunks(per_chunk).zip(destination.chunks(per_chunk)) {
@@ -316,17 +311,24 @@ fn measure_handoff(
                 target.write_blocks(to, bytes)?;
             }
         }
+        Ok(())
+    })?;
+    blocks.reset();
+    Ok(vec![point("device", device), point("host", host)])
+}
+
+/// Best wall-clock seconds of `runs` runs of `work`.
+fn best_wall_seconds(
+    runs: usize,
+    mut work: impl FnMut() -> Result<(), BenchError>,
+) -> Result<f64, BenchError> {
+    let mut best = f64::MAX;
+    for _ in 0..runs {
+        let started = Instant::now();
+        work()?;
         best = best.min(started.elapsed().as_secs_f64());
     }
-    points.push(HandoffPoint {
-        path: "host",
-        bytes,
-        seconds: best,
-        bytes_per_second: bytes as f64 / best,
-        copy_fraction: bytes as f64 / best / copy_bytes_per_second,
-    });
-    blocks.reset();
-    Ok(points)
+    Ok(best)
 }
 
 /// Hands out block ids from 0 up (the bench owns the whole cache).

@@ -32,6 +32,15 @@ use tandem_protocol::pd::KvTransferParams;
 
 use crate::kv::{BlockId, KvBlocks};
 
+/// Runs a blocking GPU call (a copy, a staging-buffer allocation) off the async
+/// threads; its error becomes a wire error.
+#[cfg(feature = "cuda")]
+fn gpu_blocking<T, E: std::fmt::Display>(
+    call: impl FnOnce() -> Result<T, E>,
+) -> Result<T, wire::WireError> {
+    tokio::task::block_in_place(call).map_err(|e| wire::WireError::Device(e.to_string()))
+}
+
 /// Where a decode request's prompt KV is, as P's `kv_transfer_params` said.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemotePrefill {

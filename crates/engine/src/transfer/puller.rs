@@ -513,16 +513,13 @@ async unsafe fn receive_blocks(
         }
         #[cfg(feature = "cuda")]
         KvBlocks::Device(kv) => {
-            // GPU copies block their thread: off the async threads.
             let per_block = kv.layout().bytes_per_block();
-            let mut staging = tokio::task::block_in_place(|| kv.staging())
-                .map_err(|e| WireError::Device(e.to_string()))?;
+            let mut staging = super::gpu_blocking(|| kv.staging())?;
             for chunk in blocks.chunks(staging.blocks(per_block)) {
                 let bytes = &mut staging.as_mut_slice()[..chunk.len() * per_block];
                 within(io, async { Ok(stream.read_exact(bytes).await?) }).await?;
                 // SAFETY: the caller's promise.
-                tokio::task::block_in_place(|| unsafe { kv.write_blocks(chunk, bytes) })
-                    .map_err(|e| WireError::Device(e.to_string()))?;
+                super::gpu_blocking(|| unsafe { kv.write_blocks(chunk, bytes) })?;
             }
         }
     }

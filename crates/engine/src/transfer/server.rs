@@ -137,15 +137,13 @@ async fn converse(stream: &mut TcpStream, ctx: &Ctx) -> Result<(), WireError> {
                 num_tokens,
                 tokens_digest,
             } => {
-                serve_read(
-                    stream,
-                    ctx,
-                    &request_id,
-                    &block_ids,
+                let read = BlockRead {
+                    request_id: &request_id,
+                    block_ids: &block_ids,
                     num_tokens,
-                    &tokens_digest,
-                )
-                .await?;
+                    digest: &tokens_digest,
+                };
+                serve_read(stream, ctx, &read).await?;
                 continue;
             }
             Message::ReadDevice {
@@ -154,15 +152,13 @@ async fn converse(stream: &mut TcpStream, ctx: &Ctx) -> Result<(), WireError> {
                 num_tokens,
                 tokens_digest,
             } if ctx.device.is_some() => {
-                serve_device_read(
-                    stream,
-                    ctx,
-                    &request_id,
-                    &block_ids,
+                let read = BlockRead {
+                    request_id: &request_id,
+                    block_ids: &block_ids,
                     num_tokens,
-                    &tokens_digest,
-                )
-                .await?;
+                    digest: &tokens_digest,
+                };
+                serve_device_read(stream, ctx, &read).await?;
                 continue;
             }
             Message::Heartbeat { request_ids } => Message::Ack {
@@ -223,16 +219,26 @@ async fn greet(stream: &mut TcpStream, ctx: &Ctx) -> Result<bool, WireError> {
     Ok(welcomed)
 }
 
+/// What a reader asks for in `read` and `read_device`: the leased blocks of one request.
+struct BlockRead<'a> {
+    request_id: &'a str,
+    block_ids: &'a [BlockId],
+    num_tokens: usize,
+    digest: &'a str,
+}
+
 async fn serve_read(
     stream: &mut TcpStream,
     ctx: &Ctx,
-    request_id: &str,
-    block_ids: &[BlockId],
-    num_tokens: usize,
-    digest: &str,
+    read: &BlockRead<'_>,
 ) -> Result<(), WireError> {
     let limits = ctx.local.limits;
-    if !pin_or_refuse(stream, ctx, request_id, block_ids, num_tokens, digest).await? {
+    let BlockRead {
+        request_id,
+        block_ids,
+        ..
+    } = *read;
+    if !pin_or_refuse(stream, ctx, read).await? {
         return Ok(());
     }
     let memory = &ctx.local.memory;
@@ -263,11 +269,14 @@ async fn serve_read(
 async fn pin_or_refuse(
     stream: &mut TcpStream,
     ctx: &Ctx,
-    request_id: &str,
-    block_ids: &[BlockId],
-    num_tokens: usize,
-    digest: &str,
+    read: &BlockRead<'_>,
 ) -> Result<bool, WireError> {
+    let BlockRead {
+        request_id,
+        block_ids,
+        num_tokens,
+        digest,
+    } = *read;
     match ctx
         .leases
         .begin_read(request_id, block_ids, num_tokens, digest)
@@ -294,13 +303,15 @@ fn count_sent(blocks: usize, block_bytes: usize) {
 async fn serve_device_read(
     stream: &mut TcpStream,
     ctx: &Ctx,
-    request_id: &str,
-    block_ids: &[BlockId],
-    num_tokens: usize,
-    digest: &str,
+    read: &BlockRead<'_>,
 ) -> Result<(), WireError> {
     let limits = ctx.local.limits;
-    if !pin_or_refuse(stream, ctx, request_id, block_ids, num_tokens, digest).await? {
+    let BlockRead {
+        request_id,
+        block_ids,
+        ..
+    } = *read;
+    if !pin_or_refuse(stream, ctx, read).await? {
         return Ok(());
     }
     let copied = async {
@@ -344,15 +355,12 @@ async unsafe fn send_blocks(
         }
         #[cfg(feature = "cuda")]
         KvBlocks::Device(kv) => {
-            // GPU copies block their thread: off the async threads.
             let per_block = kv.layout().bytes_per_block();
-            let mut staging = tokio::task::block_in_place(|| kv.staging())
-                .map_err(|e| WireError::Device(e.to_string()))?;
+            let mut staging = super::gpu_blocking(|| kv.staging())?;
             for chunk in blocks.chunks(staging.blocks(per_block)) {
                 let bytes = &mut staging.as_mut_slice()[..chunk.len() * per_block];
                 // SAFETY: the caller's promise.
-                tokio::task::block_in_place(|| unsafe { kv.read_blocks(chunk, bytes) })
-                    .map_err(|e| WireError::Device(e.to_string()))?;
+                super::gpu_blocking(|| unsafe { kv.read_blocks(chunk, bytes) })?;
                 within(io, async { Ok(stream.write_all(bytes).await?) }).await?;
             }
         }

@@ -255,6 +255,16 @@ pub fn tokens_digest(tokens: &[u32]) -> String {
 mod tests {
     use super::*;
 
+    fn tiny_layout() -> KvLayout {
+        KvLayout {
+            num_layers: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            block_size: 16,
+            dtype: crate::kv::KvDtype::F16,
+        }
+    }
+
     #[tokio::test]
     async fn messages_round_trip_through_frames() {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
@@ -279,13 +289,7 @@ mod tests {
 
     #[test]
     fn welcomes_without_a_device_export_parse_as_before() {
-        let layout = KvLayout {
-            num_layers: 2,
-            num_kv_heads: 1,
-            head_dim: 4,
-            block_size: 16,
-            dtype: crate::kv::KvDtype::F16,
-        };
+        let layout = tiny_layout();
         let fingerprint = Fingerprint::new("m".into(), layout);
         // What a worker without a GPU (or an older tandem) sends: no `device` key.
         let old = serde_json::json!({
@@ -343,13 +347,7 @@ mod tests {
 
     #[test]
     fn fingerprint_differences_name_the_fields() {
-        let layout = KvLayout {
-            num_layers: 2,
-            num_kv_heads: 1,
-            head_dim: 4,
-            block_size: 16,
-            dtype: crate::kv::KvDtype::F16,
-        };
+        let layout = tiny_layout();
         let a = Fingerprint::new("m".into(), layout);
         let b = Fingerprint::new(
             "m".into(),

@@ -15,6 +15,53 @@ pub fn llamacpp_fixture() -> serde_json::Value {
         .expect("fixture is JSON")
 }
 
+/// A lead (in logits) of llama.cpp's top-1 over its second that no implementation
+/// noise should overturn.
+pub const CLEAR_MARGIN: f64 = 0.5;
+
+/// One generation case of the llama.cpp fixture.
+pub struct Case {
+    pub prompt_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    /// llama.cpp's most likely next token after each position of prompt + greedy.
+    pub top1: Vec<u32>,
+    /// How far llama.cpp's top-1 logit leads its second at each position.
+    pub margin: Vec<f64>,
+}
+
+/// The fixture's generation cases, parsed.
+pub fn llamacpp_cases() -> Vec<Case> {
+    let fixture = llamacpp_fixture();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    fixture["generation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| Case {
+            prompt_ids: ids(&case["prompt_ids"]),
+            greedy_ids: ids(&case["greedy_ids"]),
+            top1: case["top5_logits_per_position"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|top5| top5[0][0].as_u64().unwrap() as u32)
+                .collect(),
+            margin: case["top5_logits_per_position"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|top5| top5[0][1].as_f64().unwrap() - top5[1][1].as_f64().unwrap())
+                .collect(),
+        })
+        .collect()
+}
+
 /// The default model (SmolLM2-135M-Instruct Q4_1) if it has been fetched.
 ///
 /// Returns `None` (and says so on stderr) when it is absent, unless
