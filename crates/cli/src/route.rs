@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tandem_router::RouterConfig;
 use tandem_router::policy::PolicyKind;
+use tandem_router::{ClientParamsPolicy, RouterConfig, Secret};
 use tokio::sync::watch;
 
 #[derive(Args)]
@@ -42,11 +42,23 @@ pub struct RouteArgs {
     #[arg(long)]
     decode_policy: Option<PolicyKind>,
     /// Clients must send `Authorization: Bearer KEY`.
-    #[arg(long, env = "TANDEM_API_KEY")]
+    #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Enables the admin API (`/workers`) for `Authorization: Bearer TOKEN`.
-    #[arg(long, env = "TANDEM_ADMIN_TOKEN")]
+    #[arg(long, env = "TANDEM_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Sent to every worker as `Authorization: Bearer KEY` (workers started with
+    /// `--api-key KEY`); the client's own `Authorization` is never forwarded.
+    #[arg(long, env = "TANDEM_WORKER_API_KEY", hide_env_values = true)]
+    worker_api_key: Option<String>,
+    /// What a client's own `kv_transfer_params` get: `strip` (removed) or `reject`
+    /// (a 400) [default: strip].
+    #[arg(long, value_name = "POLICY")]
+    client_kv_transfer_params: Option<ClientParamsPolicy>,
+    /// P/D mode: answer 503 when no prefill worker can be reached, instead of letting
+    /// the decode worker compute the prompt.
+    #[arg(long)]
+    require_prefill: bool,
     /// Tries per leg, the first included [default: 3].
     #[arg(long)]
     max_attempts: Option<usize>,
@@ -92,12 +104,14 @@ impl RouteArgs {
         if self.decode_policy.is_some() {
             config.decode_policy = self.decode_policy;
         }
-        if self.api_key.is_some() {
-            config.api_key = self.api_key.clone();
-        }
-        if self.admin_token.is_some() {
-            config.admin_token = self.admin_token.clone();
-        }
+        override_secret(&mut config.api_key, &self.api_key);
+        override_secret(&mut config.admin_token, &self.admin_token);
+        override_secret(&mut config.worker_api_key, &self.worker_api_key);
+        override_with(
+            &mut config.client_kv_transfer_params,
+            self.client_kv_transfer_params,
+        );
+        config.require_prefill |= self.require_prefill;
         override_with(&mut config.retry.max_attempts, self.max_attempts);
         if self.local_prefill_threshold.is_some() {
             config.local_prefill_threshold = self.local_prefill_threshold;
@@ -113,6 +127,12 @@ impl RouteArgs {
 fn override_with<T>(field: &mut T, flag: Option<T>) {
     if let Some(value) = flag {
         *field = value;
+    }
+}
+
+fn override_secret(field: &mut Option<Secret>, flag: &Option<String>) {
+    if let Some(value) = flag {
+        *field = Some(Secret::new(value.clone()));
     }
 }
 

@@ -24,7 +24,7 @@ use crate::registry::{Role, Worker};
 const DRAIN_LIMIT: Duration = Duration::from_secs(600);
 
 fn authorize(state: &SharedState, headers: &HeaderMap) -> Result<(), ApiError> {
-    match state.admin_token.as_deref() {
+    match state.admin_token.as_ref() {
         None => Err(ApiError::new(
             ErrorKind::NotFound,
             "the admin API is disabled: start the router with --admin-token",
@@ -71,7 +71,8 @@ pub async fn add(
     let result = async {
         authorize(&state, &headers)?;
         let Json(new) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
-        let url = normalize_url(&new.url).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let url =
+            normalize_url(&new.url).map_err(|e| ApiError::invalid_param("url", e.to_string()))?;
         let role = role_for_mode(state.dispatcher.mode, new.role)?;
         let worker = Worker::new(url, role, &state.circuit);
         let added = state

@@ -1,7 +1,9 @@
 //! The router's HTTP surface (axum): the OpenAI endpoints it routes, the endpoints it
 //! answers itself (`/v1/models` from a healthy worker, `/health` by the mode's
 //! readiness rule, `/healthcheck` in the toy proxy's shape, `/metrics`), client API
-//! keys, and request ids.
+//! keys, and request ids. A request is screened once, here, for what only the router
+//! may send workers: its `kv_transfer_params` are removed (or refused), and none of
+//! its headers but the request id go upstream.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,20 +20,23 @@ use serde_json::{Map, Value, json};
 use tandem_protocol::openai::{ApiError, ErrorKind};
 
 use crate::admin;
-use crate::config::Mode;
-use crate::disagg::Endpoint;
+use crate::config::{ClientParamsPolicy, Mode};
+use crate::disagg::{self, Endpoint};
 use crate::dispatch::{ClientRequest, Dispatcher};
 use crate::error::error_response;
 use crate::metrics as names;
 use crate::registry::Role;
 use crate::relay::{ForwardHeaders, REQUEST_ID};
+use crate::secret::Secret;
 
 /// Everything the handlers share.
 #[derive(Debug)]
 pub struct AppState {
     pub dispatcher: Dispatcher,
-    pub api_key: Option<String>,
-    pub admin_token: Option<String>,
+    pub api_key: Option<Secret>,
+    pub admin_token: Option<Secret>,
+    /// What a client's own `kv_transfer_params` get.
+    pub client_params: ClientParamsPolicy,
     pub circuit: crate::config::CircuitConfig,
     pub metrics: Option<PrometheusHandle>,
 }
@@ -94,7 +99,7 @@ fn prepare(
     body: Result<Bytes, BytesRejection>,
     arrival: Instant,
 ) -> Result<ClientRequest, ApiError> {
-    check_bearer(headers, state.api_key.as_deref())?;
+    check_bearer(headers, state.api_key.as_ref())?;
     let bytes = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -105,17 +110,37 @@ fn prepare(
             ApiError::bad_request(format!("Could not read the request body: {rejection}"))
         }
     })?;
-    let body: Map<String, Value> = serde_json::from_slice(&bytes)
+    let mut body: Map<String, Value> = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("Invalid JSON in the request body: {e}")))?;
+    screen_client_params(&mut body, state.client_params)?;
     Ok(ClientRequest {
         endpoint,
         body,
         headers: ForwardHeaders {
             request_id: request_id(headers),
-            authorization: headers.get(header::AUTHORIZATION).cloned(),
         },
         arrival,
     })
+}
+
+/// Removes (or refuses) the client's own `kv_transfer_params`, counting each.
+fn screen_client_params(
+    body: &mut Map<String, Value>,
+    policy: ClientParamsPolicy,
+) -> Result<(), ApiError> {
+    let count = |action: &'static str| {
+        metrics::counter!(names::CLIENT_KV_TRANSFER_PARAMS_TOTAL, names::ACTION => action)
+            .increment(1);
+    };
+    match disagg::screen_client_params(body, policy) {
+        Ok(true) => count("stripped"),
+        Ok(false) => {}
+        Err(refused) => {
+            count("rejected");
+            return Err(ApiError::invalid_param(refused.param, refused.to_string()));
+        }
+    }
+    Ok(())
 }
 
 /// The client's `X-Request-Id` if it sent a usable one, else a fresh one.
@@ -129,8 +154,8 @@ fn request_id(headers: &HeaderMap) -> String {
 }
 
 /// Requires `Authorization: Bearer <expected>` when a key is configured.
-pub fn check_bearer(headers: &HeaderMap, expected: Option<&str>) -> Result<(), ApiError> {
-    let Some(expected) = expected else {
+pub fn check_bearer(headers: &HeaderMap, expected: Option<&Secret>) -> Result<(), ApiError> {
+    let Some(expected) = expected.map(Secret::expose) else {
         return Ok(());
     };
     let given = headers
@@ -193,9 +218,10 @@ impl Drop for OutcomeRecorder {
 }
 
 /// `/v1/models` of the first healthy worker that answers (decode or replicated
-/// workers first), relayed as is so `root` and `max_model_len` survive.
+/// workers first), relayed as is so `root` and `max_model_len` survive. The call
+/// carries the worker key (if any), never the client's `Authorization`.
 async fn models(State(state): State<SharedState>, headers: HeaderMap) -> Response {
-    if let Err(error) = check_bearer(&headers, state.api_key.as_deref()) {
+    if let Err(error) = check_bearer(&headers, state.api_key.as_ref()) {
         return error_response(error);
     }
     let registry = &state.dispatcher.registry;
@@ -204,12 +230,9 @@ async fn models(State(state): State<SharedState>, headers: HeaderMap) -> Respons
         .into_iter()
         .flat_map(|role| registry.available(role, &[]));
     for worker in workers {
-        let mut request = client
+        let request = client
             .get(format!("{}/v1/models", worker.url))
             .timeout(Duration::from_secs(10));
-        if let Some(auth) = headers.get(header::AUTHORIZATION) {
-            request = request.header(header::AUTHORIZATION, auth.clone());
-        }
         if let Ok(response) = request.send().await
             && response.status().is_success()
             && let Ok(body) = response.bytes().await
@@ -220,29 +243,43 @@ async fn models(State(state): State<SharedState>, headers: HeaderMap) -> Respons
     error_response(ApiError::unavailable("no worker answered /v1/models"))
 }
 
-/// 200 when the mode can serve: a healthy worker (replicated), or a healthy prefill
-/// and a healthy decode worker (P/D).
+/// 200 when the mode can serve: a healthy worker (replicated); in P/D mode a healthy
+/// decode worker, and a healthy prefill worker too under `require_prefill` (without
+/// one, decode workers compute prompts: 200 with `"status": "degraded"`).
 async fn health(State(state): State<SharedState>) -> Response {
     let registry = &state.dispatcher.registry;
-    let missing: Vec<&str> = match state.dispatcher.mode {
-        Mode::Replicated => [Role::Both].to_vec(),
-        Mode::Disaggregated => [Role::Prefill, Role::Decode].to_vec(),
+    let (needed, wanted): (&[Role], &[Role]) = match state.dispatcher.mode {
+        Mode::Replicated => (&[Role::Both], &[]),
+        Mode::Disaggregated if state.dispatcher.require_prefill => {
+            (&[Role::Prefill, Role::Decode], &[])
+        }
+        Mode::Disaggregated => (&[Role::Decode], &[Role::Prefill]),
+    };
+    let missing = |roles: &[Role]| -> Vec<&str> {
+        roles
+            .iter()
+            .filter(|&&role| !registry.has_healthy(role))
+            .map(|&role| match role {
+                Role::Both => "worker",
+                Role::Prefill => "prefill worker",
+                Role::Decode => "decode worker",
+            })
+            .collect()
+    };
+    let (missing_needed, missing_wanted) = (missing(needed), missing(wanted));
+    if !missing_needed.is_empty() {
+        return error_response(ApiError::unavailable(format!(
+            "not ready: no healthy {}",
+            missing_needed.join(" and no healthy ")
+        )));
     }
-    .into_iter()
-    .filter(|&role| !registry.has_healthy(role))
-    .map(|role| match role {
-        Role::Both => "worker",
-        Role::Prefill => "prefill worker",
-        Role::Decode => "decode worker",
-    })
-    .collect();
-    if missing.is_empty() {
-        return (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response();
-    }
-    error_response(ApiError::unavailable(format!(
-        "not ready: no healthy {}",
-        missing.join(" and no healthy ")
-    )))
+    let body = if missing_wanted.is_empty() {
+        json!({"status": "ok"})
+    } else {
+        json!({"status": "degraded",
+            "message": "no healthy prefill worker: decode workers compute prompts"})
+    };
+    (StatusCode::OK, axum::Json(body)).into_response()
 }
 
 /// The toy proxy's `/healthcheck`: registered instances, no checks.
@@ -274,12 +311,16 @@ mod tests {
     #[test]
     fn bearer_keys_are_checked_only_when_configured() {
         let mut headers = HeaderMap::new();
+        let key = Secret::new("k");
         assert!(check_bearer(&headers, None).is_ok());
-        assert_eq!(check_bearer(&headers, Some("k")).unwrap_err().status(), 401);
+        assert_eq!(
+            check_bearer(&headers, Some(&key)).unwrap_err().status(),
+            401
+        );
         headers.insert(header::AUTHORIZATION, "Bearer wrong".parse().unwrap());
-        assert!(check_bearer(&headers, Some("k")).is_err());
+        assert!(check_bearer(&headers, Some(&key)).is_err());
         headers.insert(header::AUTHORIZATION, "Bearer k".parse().unwrap());
-        assert!(check_bearer(&headers, Some("k")).is_ok());
+        assert!(check_bearer(&headers, Some(&key)).is_ok());
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::policy::{PolicyKind, PrefixConfig};
+use crate::secret::Secret;
 
 /// Everything `tandem route` can be told.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -26,10 +27,19 @@ pub struct RouterConfig {
     pub decode_policy: Option<PolicyKind>,
     pub prefix: PrefixConfig,
     /// Clients must send `Authorization: Bearer <api_key>`.
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     /// The admin API (`/workers`) needs `Authorization: Bearer <admin_token>`; without
     /// one it is disabled.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
+    /// Sent to every worker as `Authorization: Bearer <worker_api_key>` (both legs,
+    /// retries, `/v1/models`, health checks). Without one, no `Authorization` goes
+    /// upstream; the client's own is never forwarded.
+    pub worker_api_key: Option<Secret>,
+    /// What a client's own `kv_transfer_params` get: removed, or a 400.
+    pub client_kv_transfer_params: ClientParamsPolicy,
+    /// P/D mode: with no prefill worker to reach, answer 503 instead of letting the
+    /// decode worker compute the prompt.
+    pub require_prefill: bool,
     pub timeouts: Timeouts,
     pub retry: RetryConfig,
     pub health: HealthConfig,
@@ -57,6 +67,9 @@ impl Default for RouterConfig {
             prefix: PrefixConfig::default(),
             api_key: None,
             admin_token: None,
+            worker_api_key: None,
+            client_kv_transfer_params: ClientParamsPolicy::Strip,
+            require_prefill: false,
             timeouts: Timeouts::default(),
             retry: RetryConfig::default(),
             health: HealthConfig::default(),
@@ -65,6 +78,43 @@ impl Default for RouterConfig {
             local_prefill_threshold: None,
             tokenizer: None,
         }
+    }
+}
+
+/// What the router does with `kv_transfer_params` a client sent: only the router
+/// may ask a worker to hold KV for a remote decode or to pull KV from an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientParamsPolicy {
+    /// Removed from the request, which is served as if they were never sent.
+    #[default]
+    Strip,
+    /// The request is refused with a 400 naming the param.
+    Reject,
+}
+
+impl ClientParamsPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientParamsPolicy::Strip => "strip",
+            ClientParamsPolicy::Reject => "reject",
+        }
+    }
+}
+
+/// A name other than `strip` or `reject`.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown client kv_transfer_params policy `{0}`; expected strip or reject")]
+pub struct UnknownClientParamsPolicy(String);
+
+impl std::str::FromStr for ClientParamsPolicy {
+    type Err = UnknownClientParamsPolicy;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        [ClientParamsPolicy::Strip, ClientParamsPolicy::Reject]
+            .into_iter()
+            .find(|policy| policy.as_str() == name)
+            .ok_or_else(|| UnknownClientParamsPolicy(name.to_owned()))
     }
 }
 
@@ -100,6 +150,14 @@ pub enum ConfigError {
     HalfDisaggregated,
     #[error("`{0}` is not a worker URL: expected http://host:port")]
     BadUrl(String),
+    /// The URL is shown with its credentials replaced.
+    #[error(
+        "worker URL `{0}` carries credentials (user:password@): they would show in logs and \
+         metrics; give the workers' key with --worker-api-key instead"
+    )]
+    Credentials(String),
+    #[error("the worker API key must be visible ASCII (it is sent as an HTTP header)")]
+    WorkerKey,
     #[error("{0}")]
     Invalid(String),
 }
@@ -124,6 +182,11 @@ impl RouterConfig {
         let mode = self.mode()?;
         for url in self.workers.iter().chain(&self.prefill).chain(&self.decode) {
             normalize_url(url)?;
+        }
+        if let Some(key) = &self.worker_api_key
+            && !key.expose().bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(ConfigError::WorkerKey);
         }
         if self.retry.max_attempts == 0 {
             return Err(ConfigError::Invalid(
@@ -152,8 +215,13 @@ impl RouterConfig {
     }
 }
 
-/// `http://host:port` without a trailing slash; an error for anything else.
+/// `http://host:port` without a trailing slash; an error for anything else, and for a
+/// URL with credentials in it (`user:password@host`), which would be shown wherever
+/// the worker is named (logs, `/metrics`, the admin API).
 pub fn normalize_url(url: &str) -> Result<String, ConfigError> {
+    if let Some(redacted) = without_userinfo(url) {
+        return Err(ConfigError::Credentials(redacted));
+    }
     let bad = || ConfigError::BadUrl(url.to_owned());
     let trimmed = url.trim().trim_end_matches('/');
     let rest = trimmed
@@ -164,6 +232,20 @@ pub fn normalize_url(url: &str) -> Result<String, ConfigError> {
         return Err(bad());
     }
     Ok(trimmed.to_owned())
+}
+
+/// `url` with its userinfo replaced by `***`, if it has any (an `@` in the
+/// authority, scheme or not).
+fn without_userinfo(url: &str) -> Option<String> {
+    let url = url.trim();
+    let (scheme, rest) = match url.find("://") {
+        Some(at) => url.split_at(at + 3),
+        None => ("", url),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let (_, host) = authority.rsplit_once('@')?;
+    Some(format!("{scheme}***@{host}{path}"))
 }
 
 /// Deadlines of upstream calls.
@@ -346,5 +428,61 @@ mod tests {
         assert_eq!(normalize_url("http://h:1/").unwrap(), "http://h:1");
         assert!(normalize_url("ftp://h").is_err());
         assert!(normalize_url("http://").is_err());
+    }
+
+    #[test]
+    fn urls_with_credentials_are_refused_without_showing_them() {
+        for url in [
+            "http://user:pw-123@h:1",
+            "https://pw-123@h:1/v1",
+            "user:pw-123@h:1",
+            "http://a:b@c:pw-123@h:1",
+        ] {
+            let err = normalize_url(url).unwrap_err();
+            assert!(matches!(err, ConfigError::Credentials(_)), "{url}");
+            assert!(!err.to_string().contains("pw-123"), "{err}");
+        }
+        assert_eq!(
+            normalize_url("http://h:1/a@b").unwrap(),
+            "http://h:1/a@b",
+            "an @ in the path is no credential"
+        );
+    }
+
+    #[test]
+    fn debug_never_shows_credentials() {
+        let config: RouterConfig = toml::from_str(
+            r#"
+            workers = ["http://127.0.0.1:1"]
+            api_key = "client-key-1"
+            admin_token = "admin-token-1"
+            worker_api_key = "worker-key-1"
+            client_kv_transfer_params = "reject"
+            require_prefill = true
+            "#,
+        )
+        .unwrap();
+        let debug = format!("{config:?}");
+        for secret in ["client-key-1", "admin-token-1", "worker-key-1"] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
+        assert_eq!(config.client_kv_transfer_params, ClientParamsPolicy::Reject);
+        assert!(config.require_prefill);
+        assert_eq!(
+            RouterConfig::default().client_kv_transfer_params,
+            ClientParamsPolicy::Strip
+        );
+    }
+
+    #[test]
+    fn worker_keys_must_fit_a_header() {
+        let mut config = RouterConfig {
+            workers: vec!["http://a:1".into()],
+            worker_api_key: Some(Secret::new("two words")),
+            ..RouterConfig::default()
+        };
+        assert_eq!(config.validate(), Err(ConfigError::WorkerKey));
+        config.worker_api_key = Some(Secret::new("k-1"));
+        assert_eq!(config.validate(), Ok(Mode::Replicated));
     }
 }

@@ -1,9 +1,54 @@
 //! The P/D request transformations, pure and exactly as vLLM's protocol needs them
 //! (`../shared/reference/vllm-pd-protocol.md` §1.3, checklist §6): the prefill leg's
 //! body, the `kv_transfer_params` read from its answer, the decode leg's body; plus what
-//! the policies see of a request (its text, an estimate of its tokens).
+//! the policies see of a request (its text, an estimate of its tokens); and the
+//! removal of a client's own `kv_transfer_params`, which only the router may set.
 
 use serde_json::{Map, Value, json};
+
+use crate::config::ClientParamsPolicy;
+
+/// Where a client can put `kv_transfer_params` for a worker to read: the request's
+/// field, and vLLM's `vllm_xargs` (which vLLM copies into the same params).
+const XARGS: &str = "vllm_xargs";
+const PARAMS: &str = "kv_transfer_params";
+
+/// A client's request carried `kv_transfer_params` and the policy is to refuse it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{param}` is set by the router, not by clients: send the request without it")]
+pub struct ClientParamsRefused {
+    /// The offending field, as the 400's `param`.
+    pub param: &'static str,
+}
+
+/// Removes the `kv_transfer_params` a client sent (the field, and the same key in
+/// `vllm_xargs`), or refuses the request under [`ClientParamsPolicy::Reject`]. A
+/// `null` is removed silently in either case (it asks for nothing). `Ok(true)` when
+/// params were stripped.
+pub fn screen_client_params(
+    body: &mut Map<String, Value>,
+    policy: ClientParamsPolicy,
+) -> Result<bool, ClientParamsRefused> {
+    let top = body.get(PARAMS).is_some_and(|v| !v.is_null());
+    let in_xargs = body
+        .get(XARGS)
+        .and_then(Value::as_object)
+        .and_then(|xargs| xargs.get(PARAMS))
+        .is_some_and(|v| !v.is_null());
+    if policy == ClientParamsPolicy::Reject && (top || in_xargs) {
+        let param = if top {
+            PARAMS
+        } else {
+            "vllm_xargs.kv_transfer_params"
+        };
+        return Err(ClientParamsRefused { param });
+    }
+    body.remove(PARAMS);
+    if let Some(xargs) = body.get_mut(XARGS).and_then(Value::as_object_mut) {
+        xargs.remove(PARAMS);
+    }
+    Ok(top || in_xargs)
+}
 
 /// Which OpenAI endpoint a request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +246,36 @@ mod tests {
         assert_eq!(leg["max_tokens"], json!(9));
         assert_eq!(leg["stream_options"], json!({"include_usage": true}));
         assert_eq!(leg["kv_transfer_params"], Value::Object(params));
+    }
+
+    #[test]
+    fn client_params_are_stripped_or_refused() {
+        let hostile = json!({"do_remote_prefill": true, "remote_host": "10.9.9.9",
+            "remote_port": 1, "remote_block_ids": [[0, 1]]});
+        let mut body = object(json!({"prompt": "hi", "kv_transfer_params": hostile,
+            "vllm_xargs": {"kv_transfer_params": {"do_remote_decode": true}, "x": 1}}));
+        assert_eq!(
+            screen_client_params(&mut body.clone(), ClientParamsPolicy::Reject),
+            Err(ClientParamsRefused {
+                param: "kv_transfer_params"
+            })
+        );
+        assert_eq!(
+            screen_client_params(&mut body, ClientParamsPolicy::Strip),
+            Ok(true)
+        );
+        assert_eq!(
+            Value::Object(body),
+            json!({"prompt": "hi", "vllm_xargs": {"x": 1}})
+        );
+        let mut xargs_only = object(json!({"vllm_xargs": {"kv_transfer_params": {}}}));
+        let refused = screen_client_params(&mut xargs_only, ClientParamsPolicy::Reject);
+        assert_eq!(refused.unwrap_err().param, "vllm_xargs.kv_transfer_params");
+        for policy in [ClientParamsPolicy::Strip, ClientParamsPolicy::Reject] {
+            let mut null = object(json!({"prompt": "hi", "kv_transfer_params": null}));
+            assert_eq!(screen_client_params(&mut null, policy), Ok(false));
+            assert_eq!(Value::Object(null), json!({"prompt": "hi"}));
+        }
     }
 
     #[test]

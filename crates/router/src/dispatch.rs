@@ -10,9 +10,17 @@
 //! Conditional disaggregation (`local_prefill_threshold`) picks the decode worker
 //! first and skips the prefill leg when that worker lacks fewer prompt tokens than the
 //! threshold (by the router's own record of the prompts it sent there).
+//!
+//! With no prefill worker to reach (none available, or none that accepted a
+//! connection), the decode worker computes the prompt itself unless `require_prefill`
+//! says to refuse. The decode leg carries `kv_transfer_params` only when they came
+//! from the prefill worker's answer: the client's own were removed when the request
+//! was parsed.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+use crate::throttle::Throttle;
 
 use axum::http::header;
 use axum::response::Response;
@@ -58,7 +66,49 @@ pub struct Dispatcher {
     pub policies: Arc<Policies>,
     pub retry: RetryConfig,
     pub conditional: Arc<Option<ConditionalDisagg>>,
+    /// P/D mode: 503 instead of a decode-only answer when no prefill worker is reached.
+    pub require_prefill: bool,
 }
+
+/// A leg no worker answered.
+#[derive(Debug, thiserror::Error)]
+pub enum LegError {
+    /// No worker of the pool could be tried (none healthy, all draining or open).
+    #[error("no {role} worker is available")]
+    NoWorker { role: &'static str },
+    /// Every worker tried refused or failed the connection.
+    #[error("no {role} worker could be reached (last: {last})")]
+    Unreachable { role: &'static str, last: String },
+    /// A worker was reached but gave no usable answer (a timeout, a broken body).
+    #[error("no {role} worker could serve the request (last: {last})")]
+    Failed { role: &'static str, last: String },
+}
+
+impl LegError {
+    /// Whether no worker of the pool got the request (so another pool may take it).
+    fn reached_none(&self) -> bool {
+        matches!(
+            self,
+            LegError::NoWorker { .. } | LegError::Unreachable { .. }
+        )
+    }
+}
+
+impl From<LegError> for ApiError {
+    fn from(error: LegError) -> Self {
+        match error {
+            LegError::NoWorker { .. } => ApiError::unavailable(error.to_string()),
+            LegError::Unreachable { .. } | LegError::Failed { .. } => {
+                ApiError::new(ErrorKind::BadGateway, error.to_string())
+            }
+        }
+    }
+}
+
+/// "Decode workers compute prompts: no prefill worker", at most every 10 s.
+static NO_PREFILL_WARNING: Throttle = Throttle::new(Duration::from_secs(10));
+/// "A prefill answer had no kv_transfer_params", at most every 10 s.
+static NO_PARAMS_WARNING: Throttle = Throttle::new(Duration::from_secs(10));
 
 /// Decode-first routing that keeps short (or mostly cached) prompts on the decode
 /// worker.
@@ -151,30 +201,30 @@ impl Dispatcher {
                 .decode(request, &request.body, info, tokens, None)
                 .await;
         }
-        let decode_worker = match self.conditional.as_ref() {
-            Some(conditional) => {
-                let worker = self
-                    .select(Role::Decode, &[], info)
-                    .ok_or_else(|| ApiError::unavailable("no decode worker is available"))?;
-                let prompt_tokens = conditional.counter.count(info.text);
-                let cached_chars = conditional.cache.match_and_record(&worker.url, info.text);
-                let uncached = uncached_tokens(prompt_tokens, info.text.len(), cached_chars);
-                if uncached < conditional.threshold {
-                    count_decision("local", "below_threshold");
-                    return self
-                        .decode(request, &request.body, info, tokens, Some(worker))
-                        .await;
-                }
-                count_decision("remote", "above_threshold");
-                Some(worker)
+        let (decode_worker, reason) = match self.decode_first(info)? {
+            DecodeFirst::Local(worker) => {
+                count_decision("local", "below_threshold");
+                return self
+                    .decode(request, &request.body, info, tokens, Some(worker))
+                    .await;
             }
-            None => {
-                count_decision("remote", "always");
-                None
-            }
+            DecodeFirst::Remote(worker, reason) => (worker, reason),
         };
         let prefill_body = disagg::prefill_leg(&request.body);
-        let answer = match self.prefill(request, &prefill_body, info, tokens).await? {
+        let answer = match self.prefill(request, &prefill_body, info, tokens).await {
+            Err(error) if error.reached_none() && !self.require_prefill => {
+                return self
+                    .without_prefill(&error, request, info, tokens, decode_worker)
+                    .await;
+            }
+            Err(error) => {
+                count_decision("remote", reason);
+                return Err(error.into());
+            }
+            Ok(answer) => answer,
+        };
+        count_decision("remote", reason);
+        let answer = match answer {
             PrefillAnswer::Ok(answer) => answer,
             PrefillAnswer::Error(response) => return Ok(response),
         };
@@ -182,10 +232,12 @@ impl Dispatcher {
         let decode_body = match disagg::handoff_params(&answer) {
             Some(params) => disagg::decode_leg(&request.body, params),
             None => {
-                tracing::warn!(
-                    request_id = request.headers.request_id,
-                    "the prefill answer has no kv_transfer_params: the decode worker computes the prompt"
-                );
+                if let Some(held_back) = NO_PARAMS_WARNING.admit(Instant::now()) {
+                    tracing::warn!(
+                        held_back,
+                        "a prefill answer has no kv_transfer_params: the decode worker computes the prompt"
+                    );
+                }
                 metrics::counter!(names::PD_FALLBACKS_TOTAL).increment(1);
                 request.body.clone()
             }
@@ -197,13 +249,53 @@ impl Dispatcher {
         response
     }
 
+    /// With conditional disaggregation, the decode worker picked first and whether the
+    /// prompt stays on it; else a remote prefill on any decode worker.
+    fn decode_first(&self, info: &RequestInfo<'_>) -> Result<DecodeFirst, ApiError> {
+        let Some(conditional) = self.conditional.as_ref() else {
+            return Ok(DecodeFirst::Remote(None, "always"));
+        };
+        let worker = self
+            .select(Role::Decode, &[], info)
+            .ok_or_else(|| ApiError::unavailable("no decode worker is available"))?;
+        let prompt_tokens = conditional.counter.count(info.text);
+        let cached_chars = conditional.cache.match_and_record(&worker.url, info.text);
+        let uncached = uncached_tokens(prompt_tokens, info.text.len(), cached_chars);
+        if uncached < conditional.threshold {
+            return Ok(DecodeFirst::Local(worker));
+        }
+        Ok(DecodeFirst::Remote(Some(worker), "above_threshold"))
+    }
+
+    /// The decode worker alone computes the prompt: no prefill worker was reached.
+    /// The body is the client's, whose `kv_transfer_params` are already gone.
+    async fn without_prefill(
+        &self,
+        error: &LegError,
+        request: &ClientRequest,
+        info: &RequestInfo<'_>,
+        tokens: usize,
+        decode_worker: Option<Arc<Worker>>,
+    ) -> Result<Response, ApiError> {
+        count_decision("local", "no_prefill_worker");
+        if let Some(held_back) = NO_PREFILL_WARNING.admit(Instant::now()) {
+            tracing::warn!(
+                %error,
+                held_back,
+                "decode workers compute prompts themselves until a prefill worker is back"
+            );
+        }
+        self.decode(request, &request.body, info, tokens, decode_worker)
+            .await
+    }
+
     async fn prefill(
         &self,
         request: &ClientRequest,
         body: &Map<String, Value>,
         info: &RequestInfo<'_>,
         tokens: usize,
-    ) -> Result<PrefillAnswer, ApiError> {
+    ) -> Result<PrefillAnswer, LegError> {
         let started = Instant::now();
         let limit = self.upstream.timeouts().prefill();
         let leg = Leg {
@@ -221,8 +313,8 @@ impl Dispatcher {
         let remaining = limit.saturating_sub(started.elapsed());
         let bytes = match tokio::time::timeout(remaining, response.bytes()).await {
             Ok(Ok(bytes)) => bytes,
-            Ok(Err(err)) => return Err(bad_gateway(&guard, format!("reading its answer: {err}"))),
-            Err(_) => return Err(bad_gateway(&guard, format!("no answer within {limit:?}"))),
+            Ok(Err(err)) => return Err(broken(&guard, format!("reading its answer: {err}"))),
+            Err(_) => return Err(broken(&guard, format!("no answer within {limit:?}"))),
         };
         drop(guard);
         metrics::histogram!(names::PREFILL_LEG_SECONDS).record(started.elapsed().as_secs_f64());
@@ -275,9 +367,10 @@ impl Dispatcher {
         leg: &Leg<'_>,
         info: &RequestInfo<'_>,
         headers: &ForwardHeaders,
-    ) -> Result<Called, ApiError> {
+    ) -> Result<Called, LegError> {
         let mut excluded: Vec<String> = Vec::new();
         let mut last_failure = None;
+        let mut all_unreachable = true;
         for attempt in 0..self.retry.max_attempts {
             let preferred = leg
                 .preferred
@@ -318,21 +411,18 @@ impl Dispatcher {
                 }
                 Err(err) => {
                     worker.record_call(leg.label, false);
+                    all_unreachable &= err.is_connect();
                     tracing::warn!(worker = worker.url, %err, leg = leg.label, "upstream call failed");
                     last_failure = Some(format!("{}: {err}", worker.url));
                     excluded.push(worker.url.clone());
                 }
             }
         }
+        let role = leg.role.as_str();
         Err(match last_failure {
-            Some(failure) => ApiError::new(
-                ErrorKind::BadGateway,
-                format!(
-                    "no {} worker could serve the request (last: {failure})",
-                    leg.role.as_str()
-                ),
-            ),
-            None => ApiError::unavailable(format!("no {} worker is available", leg.role.as_str())),
+            Some(last) if all_unreachable => LegError::Unreachable { role, last },
+            Some(last) => LegError::Failed { role, last },
+            None => LegError::NoWorker { role },
         })
     }
 
@@ -350,19 +440,28 @@ impl Dispatcher {
     }
 }
 
+/// Where a P/D request's decode leg goes, decided before any prefill leg.
+enum DecodeFirst {
+    /// Straight to this decode worker (few uncached tokens).
+    Local(Arc<Worker>),
+    /// After a prefill leg, to this decode worker if chosen already; the reason label.
+    Remote(Option<Arc<Worker>>, &'static str),
+}
+
 enum PrefillAnswer {
     Ok(Value),
     /// P's non-success answer, to relay as is.
     Error(Response),
 }
 
-fn bad_gateway(guard: &LoadGuard, what: String) -> ApiError {
+/// A prefill worker answered headers but no usable body.
+fn broken(guard: &LoadGuard, what: String) -> LegError {
     let worker = guard.worker();
     worker.record_outcome(false);
-    ApiError::new(
-        ErrorKind::BadGateway,
-        format!("prefill worker {} failed: {what}", worker.url),
-    )
+    LegError::Failed {
+        role: Role::Prefill.as_str(),
+        last: format!("{}: {what}", worker.url),
+    }
 }
 
 /// Statuses another worker may answer better: overload and server-side failures.

@@ -11,6 +11,7 @@
 //! - [`dispatch`]: legs, selection and retries.
 //! - [`relay`]: upstream calls and streaming relay.
 //! - [`tokens`]: prompt token counts for conditional disaggregation.
+//! - [`secret`]: credentials that never print.
 //! - [`api`], [`admin`]: the HTTP surface.
 //! - [`metrics`]: metric names.
 
@@ -25,6 +26,8 @@ pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod relay;
+pub mod secret;
+mod throttle;
 pub mod tokens;
 
 use std::collections::HashMap;
@@ -36,7 +39,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpSocket;
 use tokio::sync::watch;
 
-pub use config::{ConfigError, Mode, RouterConfig};
+pub use config::{ClientParamsPolicy, ConfigError, Mode, RouterConfig};
+pub use secret::Secret;
 
 use dispatch::{Dispatcher, Policies};
 use registry::{Registry, Role, Worker};
@@ -47,7 +51,7 @@ pub enum RouterError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("building the HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
+    Client(#[from] relay::UpstreamError),
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
@@ -166,7 +170,7 @@ fn serve_thread(
         .build()?;
     runtime.block_on(async move {
         let listener = socket.listen(1024)?;
-        let upstream = Upstream::new(config.timeouts.clone())?;
+        let upstream = Upstream::new(config.timeouts.clone(), config.worker_api_key.as_ref())?;
         let checks = (index == 0).then(|| {
             tokio::spawn(health::run_checks(
                 shared.registry.clone(),
@@ -182,9 +186,11 @@ fn serve_thread(
                 policies: shared.policies,
                 retry: config.retry.clone(),
                 conditional: shared.conditional,
+                require_prefill: config.require_prefill,
             },
             api_key: config.api_key.clone(),
             admin_token: config.admin_token.clone(),
+            client_params: config.client_kv_transfer_params,
             circuit: config.circuit.clone(),
             metrics: shared.metrics,
         };

@@ -32,6 +32,9 @@ pub const PD_FALLBACKS_TOTAL: &str = "tandem_router_pd_fallbacks_total";
 /// Counter, labels [`DECISION`] (`remote`, `local`), [`REASON`]: P/D mode's choice per
 /// request between a prefill leg and a decode worker alone.
 pub const DISAGG_DECISIONS_TOTAL: &str = "tandem_router_disagg_decisions_total";
+/// Counter, label [`ACTION`] (`stripped`, `rejected`): client requests that carried
+/// their own `kv_transfer_params`, which only the router may set.
+pub const CLIENT_KV_TRANSFER_PARAMS_TOTAL: &str = "tandem_router_client_kv_transfer_params_total";
 
 pub const MODE: &str = "mode";
 pub const ENDPOINT: &str = "endpoint";
@@ -41,6 +44,8 @@ pub const WORKER: &str = "worker";
 pub const LEG: &str = "leg";
 pub const DECISION: &str = "decision";
 pub const REASON: &str = "reason";
+/// `stripped` or `rejected`.
+pub const ACTION: &str = "action";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -100,5 +105,9 @@ fn describe() {
     describe_counter!(
         DISAGG_DECISIONS_TOTAL,
         "P/D mode decisions: remote prefill, or the decode worker alone."
+    );
+    describe_counter!(
+        CLIENT_KV_TRANSFER_PARAMS_TOTAL,
+        "Client requests carrying their own kv_transfer_params, stripped or rejected."
     );
 }

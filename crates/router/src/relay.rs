@@ -20,16 +20,17 @@ use tokio::time::Sleep;
 use crate::config::Timeouts;
 use crate::metrics as names;
 use crate::registry::LoadGuard;
+use crate::secret::Secret;
 
 /// The request id header, shared by both legs of a P/D request.
 pub const REQUEST_ID: &str = "x-request-id";
 
-/// What goes with every upstream call.
+/// What goes with every upstream call of one client request. The client's own
+/// headers (its `Authorization` above all) are not among them: workers get the
+/// router's worker key, set on the client (see [`Upstream::new`]).
 #[derive(Debug, Clone)]
 pub struct ForwardHeaders {
     pub request_id: String,
-    /// The client's `Authorization`, passed on.
-    pub authorization: Option<HeaderValue>,
 }
 
 /// The HTTP client for every worker.
@@ -37,6 +38,15 @@ pub struct ForwardHeaders {
 pub struct Upstream {
     client: reqwest::Client,
     timeouts: Timeouts,
+}
+
+/// The upstream client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{0}")]
+    Client(#[from] reqwest::Error),
+    #[error("the worker API key cannot be sent as an HTTP header")]
+    WorkerKey(#[from] header::InvalidHeaderValue),
 }
 
 /// An upstream call that produced no response.
@@ -48,9 +58,23 @@ pub enum CallError {
     Timeout(Duration),
 }
 
+impl CallError {
+    /// Whether the worker was never reached (the connection failed).
+    pub fn is_connect(&self) -> bool {
+        matches!(self, CallError::Transport(err) if err.is_connect())
+    }
+}
+
 impl Upstream {
-    pub fn new(timeouts: Timeouts) -> Result<Self, reqwest::Error> {
+    /// The client for every call to workers. With `worker_key`, each of its calls
+    /// (both legs, retries, `/v1/models`, health checks) carries
+    /// `Authorization: Bearer <worker_key>`, marked sensitive so no `Debug` shows it.
+    /// Redirects are not followed: a worker cannot send the router, and its key,
+    /// elsewhere.
+    pub fn new(timeouts: Timeouts, worker_key: Option<&Secret>) -> Result<Self, UpstreamError> {
         let client = reqwest::Client::builder()
+            .default_headers(worker_headers(worker_key)?)
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(timeouts.connect())
             .tcp_nodelay(true)
             // Enough for steady load; a burst's extra connections are closed when
@@ -80,20 +104,28 @@ impl Upstream {
         limit: Duration,
     ) -> Result<reqwest::Response, CallError> {
         let json = serde_json::to_vec(body).expect("a JSON map serializes");
-        let mut request = self
+        let request = self
             .client
             .post(format!("{base}{path}"))
             .header(header::CONTENT_TYPE, "application/json")
             .header(REQUEST_ID, &headers.request_id)
             .body(json);
-        if let Some(auth) = &headers.authorization {
-            request = request.header(header::AUTHORIZATION, auth.clone());
-        }
         match tokio::time::timeout(limit, request.send()).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(CallError::Timeout(limit)),
         }
     }
+}
+
+/// The headers of every upstream call: the worker key's `Authorization`, if any.
+fn worker_headers(worker_key: Option<&Secret>) -> Result<HeaderMap, UpstreamError> {
+    let mut headers = HeaderMap::new();
+    if let Some(key) = worker_key {
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))?;
+        value.set_sensitive(true);
+        headers.insert(header::AUTHORIZATION, value);
+    }
+    Ok(headers)
 }
 
 /// Latency bookkeeping of one client request, recorded by the relayed body.
@@ -273,4 +305,22 @@ pub fn passthrough(status: u16, content_type: Option<HeaderValue>, body: Bytes) 
             .insert(header::CONTENT_TYPE, content_type);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_worker_key_is_a_sensitive_bearer_header() {
+        assert!(worker_headers(None).unwrap().is_empty());
+        let headers = worker_headers(Some(&Secret::new("w-key"))).unwrap();
+        let value = &headers[header::AUTHORIZATION];
+        assert_eq!(value, "Bearer w-key");
+        assert!(value.is_sensitive());
+        assert!(!format!("{headers:?}").contains("w-key"));
+        let upstream = Upstream::new(Timeouts::default(), Some(&Secret::new("w-key"))).unwrap();
+        assert!(!format!("{upstream:?}").contains("w-key"));
+        assert!(worker_headers(Some(&Secret::new("a\nb"))).is_err());
+    }
 }
