@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -81,32 +81,48 @@ pub struct Server {
     pub child: Child,
     base: String,
     pub client: reqwest::Client,
+    /// Every line of its stderr so far.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
     /// `tandem serve --port 0` with `args`; waits until it listens.
     pub fn start(args: &[&str]) -> Self {
-        Self::spawn("serve", args)
+        Self::spawn("serve", args, &[])
+    }
+
+    /// [`Self::start`] with `env` set in its environment.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn("serve", args, env)
     }
 
     /// `tandem route --port 0` with `args`; waits until it listens.
     pub fn start_router(args: &[&str]) -> Self {
-        Self::spawn("route", args)
+        Self::spawn("route", args, &[])
     }
 
-    fn spawn(subcommand: &str, args: &[&str]) -> Self {
+    /// [`Self::start_router`] with `env` set in its environment.
+    pub fn start_router_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn("route", args, env)
+    }
+
+    fn spawn(subcommand: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = tandem()
             .args([subcommand, "--port", "0"])
             .args(args)
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .expect("tandem starts");
         let stderr = child.stderr.take().expect("stderr is piped");
         let (address_tx, address_rx) = mpsc::channel();
         let subcommand = subcommand.to_owned();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[{subcommand}] {line}");
+                lines.lock().unwrap().push(line.clone());
                 if let Some(at) = line.find("http://") {
                     let _ = address_tx.send(line[at..].trim().to_owned());
                 }
@@ -119,7 +135,13 @@ impl Server {
             child,
             base,
             client: reqwest::Client::new(),
+            log,
         }
+    }
+
+    /// Its stderr so far, one line each.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
     }
 
     pub fn url(&self, path: &str) -> String {
