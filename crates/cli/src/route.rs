@@ -88,7 +88,7 @@ impl RouteArgs {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading {}", path.display()))?;
-                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+                parse_config(&text).with_context(|| format!("parsing {}", path.display()))?
             }
             None => RouterConfig::default(),
         };
@@ -122,6 +122,25 @@ impl RouteArgs {
         override_with(&mut config.health.interval_ms, self.health_interval_ms);
         Ok(config)
     }
+}
+
+/// A config file's parse error without toml's quote of the offending line: that line
+/// may hold a key or token (`api_key = "…"` under a misspelt name).
+#[derive(Debug, thiserror::Error)]
+#[error("{message} (line {line})")]
+struct ConfigParseError {
+    message: String,
+    line: usize,
+}
+
+fn parse_config(text: &str) -> Result<RouterConfig, ConfigParseError> {
+    toml::from_str(text).map_err(|e: toml::de::Error| {
+        let offset = e.span().map_or(0, |span| span.start);
+        ConfigParseError {
+            message: e.message().to_owned(),
+            line: text[..offset.min(text.len())].matches('\n').count() + 1,
+        }
+    })
 }
 
 fn override_with<T>(field: &mut T, flag: Option<T>) {
@@ -197,4 +216,17 @@ fn wait_for_termination(stop: watch::Sender<bool>, installed: std::sync::mpsc::S
     }
     eprintln!("shutting down: letting requests in flight finish");
     let _ = stop.send(true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_parse_errors_do_not_quote_the_file() {
+        let err = parse_config("port = 1\napikey = \"never-printed\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(!text.contains("never-printed"), "{text}");
+        assert!(text.contains("apikey") && text.contains("line 2"), "{text}");
+    }
 }

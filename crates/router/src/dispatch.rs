@@ -488,4 +488,23 @@ mod tests {
             assert!(!is_retryable(status));
         }
     }
+
+    #[test]
+    fn only_a_pool_nobody_reached_lets_another_pool_take_the_request() {
+        let last = || "http://p:1: refused".to_owned();
+        let none = LegError::NoWorker { role: "prefill" };
+        let unreachable = LegError::Unreachable {
+            role: "prefill",
+            last: last(),
+        };
+        let failed = LegError::Failed {
+            role: "prefill",
+            last: last(),
+        };
+        assert!(none.reached_none() && unreachable.reached_none());
+        assert!(!failed.reached_none());
+        assert_eq!(ApiError::from(none).status(), 503);
+        assert_eq!(ApiError::from(unreachable).status(), 502);
+        assert_eq!(ApiError::from(failed).status(), 502);
+    }
 }
