@@ -243,43 +243,60 @@ async fn models(State(state): State<SharedState>, headers: HeaderMap) -> Respons
     error_response(ApiError::unavailable("no worker answered /v1/models"))
 }
 
-/// 200 when the mode can serve: a healthy worker (replicated); in P/D mode a healthy
-/// decode worker, and a healthy prefill worker too under `require_prefill` (without
-/// one, decode workers compute prompts: 200 with `"status": "degraded"`).
+/// 200 when the mode can serve (see [`readiness`]), with `"status": "degraded"` while
+/// decode workers compute prompts for want of a prefill worker; else 503 naming what
+/// is missing.
 async fn health(State(state): State<SharedState>) -> Response {
-    let registry = &state.dispatcher.registry;
-    let (needed, wanted): (&[Role], &[Role]) = match state.dispatcher.mode {
-        Mode::Replicated => (&[Role::Both], &[]),
-        Mode::Disaggregated if state.dispatcher.require_prefill => {
-            (&[Role::Prefill, Role::Decode], &[])
+    let dispatcher = &state.dispatcher;
+    let healthy = |role| dispatcher.registry.has_healthy(role);
+    let body = match readiness(dispatcher.mode, dispatcher.require_prefill, healthy) {
+        Readiness::Ready => json!({"status": "ok"}),
+        Readiness::Degraded => json!({"status": "degraded",
+            "message": "no healthy prefill worker: decode workers compute prompts"}),
+        Readiness::Missing(missing) => {
+            return error_response(ApiError::unavailable(format!(
+                "not ready: no healthy {}",
+                missing.join(" and no healthy ")
+            )));
         }
-        Mode::Disaggregated => (&[Role::Decode], &[Role::Prefill]),
-    };
-    let missing = |roles: &[Role]| -> Vec<&str> {
-        roles
-            .iter()
-            .filter(|&&role| !registry.has_healthy(role))
-            .map(|&role| match role {
-                Role::Both => "worker",
-                Role::Prefill => "prefill worker",
-                Role::Decode => "decode worker",
-            })
-            .collect()
-    };
-    let (missing_needed, missing_wanted) = (missing(needed), missing(wanted));
-    if !missing_needed.is_empty() {
-        return error_response(ApiError::unavailable(format!(
-            "not ready: no healthy {}",
-            missing_needed.join(" and no healthy ")
-        )));
-    }
-    let body = if missing_wanted.is_empty() {
-        json!({"status": "ok"})
-    } else {
-        json!({"status": "degraded",
-            "message": "no healthy prefill worker: decode workers compute prompts"})
     };
     (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+/// Whether the router can serve.
+#[derive(Debug, PartialEq, Eq)]
+enum Readiness {
+    Ready,
+    /// P/D mode without a healthy prefill worker: decode workers compute prompts.
+    Degraded,
+    /// Not ready: the kinds of worker with none healthy.
+    Missing(Vec<&'static str>),
+}
+
+/// A healthy worker (replicated); in P/D mode a healthy decode worker, and a healthy
+/// prefill worker too under `require_prefill` (without one, the router degrades).
+fn readiness(mode: Mode, require_prefill: bool, healthy: impl Fn(Role) -> bool) -> Readiness {
+    let needed: &[Role] = match mode {
+        Mode::Replicated => &[Role::Both],
+        Mode::Disaggregated if require_prefill => &[Role::Prefill, Role::Decode],
+        Mode::Disaggregated => &[Role::Decode],
+    };
+    let missing: Vec<_> = needed
+        .iter()
+        .filter(|&&role| !healthy(role))
+        .map(|&role| match role {
+            Role::Both => "worker",
+            Role::Prefill => "prefill worker",
+            Role::Decode => "decode worker",
+        })
+        .collect();
+    if !missing.is_empty() {
+        Readiness::Missing(missing)
+    } else if mode == Mode::Disaggregated && !healthy(Role::Prefill) {
+        Readiness::Degraded
+    } else {
+        Readiness::Ready
+    }
 }
 
 /// The toy proxy's `/healthcheck`: registered instances, no checks.
@@ -321,6 +338,33 @@ mod tests {
         assert!(check_bearer(&headers, Some(&key)).is_err());
         headers.insert(header::AUTHORIZATION, "Bearer k".parse().unwrap());
         assert!(check_bearer(&headers, Some(&key)).is_ok());
+    }
+
+    #[test]
+    fn pd_mode_is_ready_without_prefill_workers_unless_they_are_required() {
+        let only = |up: Role| move |role| role == up;
+        let pd = Mode::Disaggregated;
+        assert_eq!(readiness(pd, false, |_| true), Readiness::Ready);
+        assert_eq!(
+            readiness(pd, false, only(Role::Decode)),
+            Readiness::Degraded
+        );
+        assert_eq!(
+            readiness(pd, true, only(Role::Decode)),
+            Readiness::Missing(vec!["prefill worker"])
+        );
+        assert_eq!(
+            readiness(pd, false, only(Role::Prefill)),
+            Readiness::Missing(vec!["decode worker"])
+        );
+        assert_eq!(
+            readiness(Mode::Replicated, false, |_| false),
+            Readiness::Missing(vec!["worker"])
+        );
+        assert_eq!(
+            readiness(Mode::Replicated, false, only(Role::Both)),
+            Readiness::Ready
+        );
     }
 
     #[test]

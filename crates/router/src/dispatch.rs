@@ -217,31 +217,17 @@ impl Dispatcher {
                     .without_prefill(&error, request, info, tokens, decode_worker)
                     .await;
             }
-            Err(error) => {
+            result => {
                 count_decision("remote", reason);
-                return Err(error.into());
+                result?
             }
-            Ok(answer) => answer,
         };
-        count_decision("remote", reason);
         let answer = match answer {
             PrefillAnswer::Ok(answer) => answer,
             PrefillAnswer::Error(response) => return Ok(response),
         };
         let handoff_started = Instant::now();
-        let decode_body = match disagg::handoff_params(&answer) {
-            Some(params) => disagg::decode_leg(&request.body, params),
-            None => {
-                if let Some(held_back) = NO_PARAMS_WARNING.admit(Instant::now()) {
-                    tracing::warn!(
-                        held_back,
-                        "a prefill answer has no kv_transfer_params: the decode worker computes the prompt"
-                    );
-                }
-                metrics::counter!(names::PD_FALLBACKS_TOTAL).increment(1);
-                request.body.clone()
-            }
-        };
+        let decode_body = decode_body(&request.body, &answer);
         let response = self
             .decode(request, &decode_body, info, tokens, decode_worker)
             .await;
@@ -438,6 +424,22 @@ impl Dispatcher {
         let index = self.policies.get(role).select(&candidates, info)?;
         workers.get(index).cloned()
     }
+}
+
+/// The decode leg: the client's body (its own params already gone) with the params of
+/// P's answer; without usable ones, the body alone (D computes the prompt), counted.
+fn decode_body(body: &Map<String, Value>, answer: &Value) -> Map<String, Value> {
+    if let Some(params) = disagg::handoff_params(answer) {
+        return disagg::decode_leg(body, params);
+    }
+    if let Some(held_back) = NO_PARAMS_WARNING.admit(Instant::now()) {
+        tracing::warn!(
+            held_back,
+            "a prefill answer has no kv_transfer_params: the decode worker computes the prompt"
+        );
+    }
+    metrics::counter!(names::PD_FALLBACKS_TOTAL).increment(1);
+    body.clone()
 }
 
 /// Where a P/D request's decode leg goes, decided before any prefill leg.
