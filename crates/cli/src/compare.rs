@@ -19,6 +19,7 @@ use tandem_bench::suite::{LoadPoint, Scenario, Suite};
 use tandem_bench::{Progress, Traffic, stats};
 use tandem_launch::plan::{self, Launch};
 use tandem_launch::run;
+use tandem_launch::secret::ClusterSecret;
 use tandem_launch::stack::{Stack, StartOptions, StderrObserver};
 use tandem_launch::topology::{self, Checked, Role};
 
@@ -92,15 +93,18 @@ pub fn run(args: CompareArgs) -> Result<()> {
         fetch &= !crate::up::fill_default_models(topology, fetch)?;
     }
     let tandem = std::env::current_exe().context("locating the tandem binary")?;
+    let secret = ClusterSecret::generate()?;
+    let plans: Vec<Vec<Launch>> = topologies
+        .iter()
+        .map(|(_, topology)| plan::plan(topology, &tandem, &secret))
+        .collect();
     let entries: Vec<TopologyEntry> = topologies
         .iter()
-        .map(|(name, topology)| TopologyEntry {
+        .zip(&plans)
+        .map(|((name, topology), launches)| TopologyEntry {
             name: name.clone(),
             description: describe(topology),
-            commands: plan::plan(topology, &tandem)
-                .iter()
-                .map(Launch::shell_line)
-                .collect(),
+            commands: launches.iter().map(Launch::shell_line).collect(),
             error: None,
         })
         .collect();
@@ -112,12 +116,12 @@ pub fn run(args: CompareArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    for (index, (name, topology)) in topologies.iter().enumerate() {
+    for (index, ((name, topology), launches)) in topologies.iter().zip(&plans).enumerate() {
         if STOP.load(Ordering::Relaxed) {
             break;
         }
         eprintln!("\n=== {name}: {} ===", describe(topology));
-        let measured = measure_topology(&args, &runtime, name, topology, &tandem, &mut comparison);
+        let measured = measure_topology(&args, &runtime, name, launches, &mut comparison);
         if let Err(error) = measured {
             eprintln!("{name} could not be measured: {error:#}");
             comparison.topologies[index].error = Some(format!("{error:#}"));
@@ -398,8 +402,7 @@ fn measure_topology(
     args: &CompareArgs,
     runtime: &tokio::runtime::Runtime,
     name: &str,
-    topology: &Checked,
-    tandem: &Path,
+    launches: &[Launch],
     comparison: &mut Comparison,
 ) -> Result<()> {
     let log_dir = args.out.join("logs").join(name);
@@ -409,8 +412,7 @@ fn measure_topology(
         limit: Duration::from_secs(args.start_timeout),
         stop: &STOP,
     };
-    let launches = plan::plan(topology, tandem);
-    let mut stack = Stack::start(&launches, &options, &mut StderrObserver::new())?;
+    let mut stack = Stack::start(launches, &options, &mut StderrObserver::new())?;
     let endpoint = stack.endpoint().to_owned();
     let target = |ignore_eos: bool| Target {
         base_url: endpoint.clone(),

@@ -13,6 +13,7 @@ use clap::Args;
 use tandem_engine::fetch;
 use tandem_launch::plan;
 use tandem_launch::run;
+use tandem_launch::secret::ClusterSecret;
 use tandem_launch::stack::{Stack, StartOptions, StderrObserver};
 use tandem_launch::topology::{self, Checked, Engine};
 
@@ -35,6 +36,11 @@ pub struct UpArgs {
     /// Seconds each process gets to become healthy.
     #[arg(long, default_value_t = 180)]
     start_timeout: u64,
+    /// The cluster secret of the built-in workers' KV hand-offs (a file holding one
+    /// line of at least 16 bytes). Default: $TANDEM_KV_SECRET if set, else a fresh
+    /// secret for this run.
+    #[arg(long, value_name = "FILE")]
+    kv_secret_file: Option<PathBuf>,
 }
 
 /// Set by SIGINT/SIGTERM.
@@ -87,14 +93,15 @@ pub fn run(args: UpArgs) -> Result<()> {
         topology.set_router_port(port)?;
     }
     fill_default_models(&mut topology, !args.dry_run)?;
+    let secret = ClusterSecret::resolve(args.kv_secret_file.as_deref())?;
     if args.dry_run {
-        for launch in plan::plan(&topology, Path::new("tandem")) {
+        for launch in plan::plan(&topology, Path::new("tandem"), &secret) {
             println!("{}\n", launch.describe());
         }
         return Ok(());
     }
     let tandem = std::env::current_exe().context("locating the tandem binary")?;
-    let launches = plan::plan(&topology, &tandem);
+    let launches = plan::plan(&topology, &tandem, &secret);
     if let Some(dir) = &args.log_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the log directory {}", dir.display()))?;

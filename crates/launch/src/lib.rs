@@ -3,6 +3,7 @@
 //! - [`topology`]: the TOML format and its checks.
 //! - [`plan`]: the exact commands (built-in workers, vLLM workers, the router).
 //! - [`doctor`]: checks that a topology can start.
+//! - [`secret`]: the cluster secret handed to built-in workers.
 //! - [`run`]: starting them here, waiting for health, prefixing logs, teardown by pid.
 //! - [`stack`]: a topology's processes as one whole, stopped when dropped.
 
@@ -10,5 +11,6 @@ pub mod doctor;
 pub mod plan;
 pub mod remote;
 pub mod run;
+pub mod secret;
 pub mod stack;
 pub mod topology;

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::secret::{ClusterSecret, SECRET_ENV};
 use crate::topology::{Checked, Engine, NamedWorker, Role};
 
 /// Where a command runs.
@@ -27,6 +28,9 @@ pub struct Launch {
     pub cores: Vec<usize>,
     /// A virtual environment to activate first.
     pub venv: Option<PathBuf>,
+    /// The cluster secret, given in the environment ([`SECRET_ENV`]) and never on the
+    /// command line (built-in workers).
+    pub kv_secret: Option<ClusterSecret>,
     /// Base URL whose `/health` says it is ready.
     pub url: String,
     /// `ssh` options for an [`Host::Ssh`] launch (`[ssh]`, the worker's own, and
@@ -34,15 +38,16 @@ pub struct Launch {
     pub ssh_options: Vec<String>,
 }
 
-/// The processes of a topology, workers first, the router last.
-pub fn plan(topology: &Checked, tandem: &Path) -> Vec<Launch> {
+/// The processes of a topology, workers first, the router last; built-in workers get
+/// `secret`.
+pub fn plan(topology: &Checked, tandem: &Path, secret: &ClusterSecret) -> Vec<Launch> {
     let tandem = tandem.display().to_string();
     let mut launches: Vec<Launch> = topology
         .workers
         .iter()
         .map(|worker| {
             let mut launch = match worker.spec.engine {
-                Engine::Builtin => builtin(worker, &tandem),
+                Engine::Builtin => builtin(worker, &tandem, secret),
                 Engine::Vllm => vllm(worker),
             };
             launch.ssh_options = ssh_options(topology, worker);
@@ -85,7 +90,7 @@ fn bind_address(worker: &NamedWorker) -> &'static str {
     }
 }
 
-fn builtin(worker: &NamedWorker, tandem: &str) -> Launch {
+fn builtin(worker: &NamedWorker, tandem: &str, secret: &ClusterSecret) -> Launch {
     let spec = &worker.spec;
     let mut args = vec![
         "serve".to_owned(),
@@ -130,6 +135,7 @@ fn builtin(worker: &NamedWorker, tandem: &str) -> Launch {
             .collect(),
         cores: spec.cores.clone(),
         venv: None,
+        kv_secret: Some(secret.clone()),
         url: spec.url(),
         ssh_options: Vec::new(),
     }
@@ -182,6 +188,7 @@ fn vllm(worker: &NamedWorker) -> Launch {
         env,
         cores: Vec::new(),
         venv: spec.venv.clone(),
+        kv_secret: None,
         url: spec.url(),
         ssh_options: Vec::new(),
     }
@@ -231,6 +238,7 @@ fn router(topology: &Checked, tandem: &str) -> Launch {
         env: Vec::new(),
         cores: Vec::new(),
         venv: None,
+        kv_secret: None,
         url: format!("http://{reach}:{}", spec.port),
         ssh_options: Vec::new(),
     }
@@ -263,6 +271,10 @@ impl Launch {
         for (key, value) in &self.env {
             parts.push(format!("{key}={}", shell_quote(value)));
         }
+        if self.kv_secret.is_some() {
+            // Whoever runs the line by hand supplies the secret from their environment.
+            parts.push(format!("{SECRET_ENV}=\"${SECRET_ENV}\""));
+        }
         parts.push(shell_quote(&self.program));
         parts.extend(self.args.iter().map(|a| shell_quote(a)));
         parts.join(" ")
@@ -271,7 +283,8 @@ impl Launch {
     /// The command as a shell runs it to start it: the venv activated, then `exec` into
     /// the program, so that the shell's pid becomes the program's (pinned with
     /// `taskset -c` when `taskset` and it has cores; local processes are pinned before
-    /// they exec instead).
+    /// they exec instead). The secret is not in it: the program inherits it from the
+    /// shell's environment.
     pub fn exec_line(&self, taskset: bool) -> String {
         let mut parts = Vec::new();
         if let Some(venv) = &self.venv {
@@ -338,7 +351,7 @@ port = 8200
 model = "/m.gguf"
 "#;
         let topology = crate::topology::parse(text, "t").unwrap();
-        let launches = plan(&topology, Path::new("/here/tandem"));
+        let launches = plan(&topology, Path::new("/here/tandem"), &test_secret());
         let remote = &launches[0];
         assert_eq!(remote.host, Host::Ssh("me@gpu-1".into()));
         assert_eq!(remote.program, "/opt/tandem");
@@ -361,7 +374,7 @@ model = "/m.gguf"
         ))
         .unwrap();
         let topology = crate::topology::parse(&text, "disaggregated.toml").unwrap();
-        let launches = plan(&topology, Path::new("/here/tandem"));
+        let launches = plan(&topology, Path::new("/here/tandem"), &test_secret());
         let args: Vec<String> = launches
             .iter()
             .filter(|l| l.args.first().is_some_and(|a| a == "serve"))
@@ -381,6 +394,53 @@ model = "/m.gguf"
             .unwrap_err()
             .to_string();
         assert!(err.contains("`gpu_memory_utilization`"), "{err}");
+    }
+
+    fn test_secret() -> ClusterSecret {
+        ClusterSecret::generate().unwrap()
+    }
+
+    #[test]
+    fn only_builtin_workers_get_the_secret_and_no_line_shows_it() {
+        let text = r#"
+[[worker]]
+engine = "builtin"
+role = "prefill"
+port = 8100
+kv_port = 5600
+model = "/m.gguf"
+
+[[worker]]
+engine = "vllm"
+role = "decode"
+port = 8200
+kv_port = 5601
+model = "/m"
+"#;
+        let topology = crate::topology::parse(text, "t").unwrap();
+        let secret = test_secret();
+        let launches = plan(&topology, Path::new("/here/tandem"), &secret);
+        assert_eq!(launches[0].kv_secret.as_ref(), Some(&secret));
+        assert!(launches[1].kv_secret.is_none(), "vLLM does not read it");
+        assert!(
+            launches[2].kv_secret.is_none(),
+            "the router does not need it"
+        );
+        for launch in &launches {
+            for shown in [
+                launch.shell_line(),
+                launch.exec_line(true),
+                launch.describe(),
+                format!("{launch:?}"),
+            ] {
+                assert!(!shown.contains(secret.expose()), "{shown}");
+            }
+        }
+        assert!(
+            launches[0]
+                .shell_line()
+                .contains(r#"TANDEM_KV_SECRET="$TANDEM_KV_SECRET""#)
+        );
     }
 
     #[test]

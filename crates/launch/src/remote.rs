@@ -6,7 +6,9 @@
 //! group of its own, whose id is its pid), writes its pid to `DIR/NAME.pid`, its output
 //! to `DIR/NAME.log` and, once it has exited, its status to `DIR/NAME.exit`; the
 //! session prints the directory, the pid, the pid's start time and its process group,
-//! and ends. The process needs no ssh connection after that. A second session follows
+//! and ends. The process needs no ssh connection after that. A cluster secret reaches
+//! the command through that session's standard input and the wrapper's environment,
+//! never a command line (which any user of the host may read). A second session follows
 //! the log (`tail -F --pid`), so its lines reach this machine, and ends when the
 //! process does.
 //!
@@ -17,12 +19,13 @@
 //! after the grace period; then it removes the pid file. The log and the exit status
 //! stay in the directory.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::plan::{Launch, shell_quote};
+use crate::secret::SECRET_ENV;
 
 /// Deadline of one short ssh session (start, probe, log tail).
 const CALL_LIMIT: Duration = Duration::from_secs(30);
@@ -76,7 +79,7 @@ impl Ssh {
 
     /// `ssh … TARGET sh -c SCRIPT` (ssh takes the first value of each option, so
     /// `BatchMode` cannot be overridden and the options' `ConnectTimeout` wins).
-    fn command(&self, script: &str) -> Command {
+    fn command(&self, script: &str, input: bool) -> Command {
         let mut ssh = Command::new("ssh");
         ssh.args(["-o", "BatchMode=yes"]).args(&self.options);
         if !self.options.iter().any(|o| o.contains("ConnectTimeout")) {
@@ -84,18 +87,29 @@ impl Ssh {
         }
         ssh.args(["--", &self.target])
             .arg(format!("sh -c {}", shell_quote(script)))
-            .stdin(Stdio::null());
+            .stdin(if input { Stdio::piped() } else { Stdio::null() });
         ssh
     }
 
-    /// Starts `script` on the host; its output is collected for [`Call::finish`].
-    fn call(&self, script: &str, what: &'static str) -> Result<Call, RemoteError> {
+    /// Starts `script` on the host, writing `input` (if any) to its standard input; its
+    /// output is collected for [`Call::finish`].
+    fn call(
+        &self,
+        script: &str,
+        what: &'static str,
+        input: Option<&str>,
+    ) -> Result<Call, RemoteError> {
         let mut child = self
-            .command(script)
+            .command(script, input.is_some())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(RemoteError::Spawn)?;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            // A few bytes: they fit the pipe, so this does not wait for the host. A
+            // failed write shows as the script's own failure.
+            let _ = stdin.write_all(input.as_bytes());
+        }
         let stdout = child.stdout.take().map(collect);
         let stderr = child.stderr.take().map(collect);
         Ok(Call {
@@ -109,7 +123,18 @@ impl Ssh {
 
     /// Runs `script` on the host within [`CALL_LIMIT`]; its standard output.
     pub fn run(&self, script: &str, what: &'static str) -> Result<String, RemoteError> {
-        self.call(script, what)?
+        self.call(script, what, None)?
+            .finish(Instant::now() + CALL_LIMIT, CALL_LIMIT)
+    }
+
+    /// [`Self::run`] with `input` on the script's standard input.
+    fn run_with_input(
+        &self,
+        script: &str,
+        what: &'static str,
+        input: &str,
+    ) -> Result<String, RemoteError> {
+        self.call(script, what, Some(input))?
             .finish(Instant::now() + CALL_LIMIT, CALL_LIMIT)
     }
 }
@@ -215,7 +240,11 @@ pub struct RemoteProcess {
 /// Starts `launch` on its host (see the module doc).
 pub fn launch(ssh: Ssh, launch: &Launch) -> Result<RemoteProcess, RemoteError> {
     let file = file_name(&launch.name);
-    let output = ssh.run(&start_script(&file, &exec_line(launch)), "start")?;
+    let script = start_script(&file, &exec_line(launch), launch.kv_secret.is_some());
+    let output = match &launch.kv_secret {
+        Some(secret) => ssh.run_with_input(&script, "start", &format!("{}\n", secret.expose()))?,
+        None => ssh.run(&script, "start")?,
+    };
     let fields: Vec<&str> = output.split_whitespace().collect();
     let unexpected = || RemoteError::Unexpected {
         target: ssh.target.clone(),
@@ -247,7 +276,14 @@ pub fn launch(ssh: Ssh, launch: &Launch) -> Result<RemoteProcess, RemoteError> {
     })
 }
 
-fn start_script(file: &str, line: &str) -> String {
+/// The start session's script; with `reads_secret`, it first reads the cluster secret
+/// from its standard input into the environment the command inherits.
+fn start_script(file: &str, line: &str, reads_secret: bool) -> String {
+    let secret = if reads_secret {
+        format!("IFS= read -r {SECRET_ENV}\nexport {SECRET_ENV}\n")
+    } else {
+        String::new()
+    };
     let line = shell_quote(line);
     let wrapper = format!(
         r#"d=$1
@@ -259,7 +295,7 @@ echo $? >"$d/{file}.exit""#
     );
     format!(
         r#"set -e
-d=$(mktemp -d /tmp/tandem-XXXXXXXX)
+{secret}d=$(mktemp -d /tmp/tandem-XXXXXXXX)
 nohup sh -c {wrapper} tandem-wrapper "$d" >/dev/null 2>&1 </dev/null &
 i=0
 while [ ! -s "$d/{file}.pid" ]; do
@@ -329,7 +365,7 @@ sig() {{ if group; then kill -$1 -$g 2>/dev/null; elif alive; then kill -$1 $pid
         );
         let mut child = self
             .ssh
-            .command(&script)
+            .command(&script, false)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -401,7 +437,7 @@ if [ -e "$d/$f.exit" ]; then echo "exit status: $(cat "$d/$f.exit")"; else echo 
     /// Starts stopping the process (SIGTERM, SIGKILL after `grace`, pid file
     /// removed), on a fresh session; [`Stopping::finish`] waits for it.
     pub fn stop(&mut self, grace: Duration) -> Result<Stopping, RemoteError> {
-        let call = self.ssh.call(&self.stop_script(grace), "stop")?;
+        let call = self.ssh.call(&self.stop_script(grace), "stop", None)?;
         Ok(Stopping {
             call,
             deadline: Instant::now() + grace + STOP_MARGIN,
@@ -501,6 +537,7 @@ mod tests {
             env,
             cores,
             venv: None,
+            kv_secret: None,
             url: "http://h:1".into(),
             ssh_options: Vec::new(),
         }
@@ -533,10 +570,13 @@ mod tests {
 
     #[test]
     fn every_script_is_valid_sh() {
-        valid_sh(&start_script(
-            "w",
-            &exec_line(&launch_of(Vec::new(), Vec::new())),
-        ));
+        for reads_secret in [false, true] {
+            valid_sh(&start_script(
+                "w",
+                &exec_line(&launch_of(Vec::new(), Vec::new())),
+                reads_secret,
+            ));
+        }
         let process = RemoteProcess {
             ssh: Ssh::new("me@h", &[]),
             file: "w".into(),

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::plan::{Host, Launch};
 use crate::remote::{self, RemoteError, RemoteProcess, Ssh, Status, Stopped};
+use crate::secret::SECRET_ENV;
 
 /// Lines of each process's output kept for error reports.
 const TAIL_LINES: usize = 20;
@@ -233,6 +234,9 @@ fn start_local(launch: &Launch, sink: Sink) -> Result<Running, RunError> {
             direct
         }
     };
+    if let Some(secret) = &launch.kv_secret {
+        command.env(SECRET_ENV, secret.expose());
+    }
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
