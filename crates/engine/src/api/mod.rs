@@ -5,6 +5,9 @@
 //!   ([`generation`], [`stop`]), answered whole or as server-sent events ([`sse`]).
 //! - `GET /v1/models`, `GET /health`, `GET /metrics` ([`info`]).
 //!
+//! Connections, timeouts and body limits are `tandem_httpd`'s: handlers get bodies
+//! that arrived whole within the limits.
+//!
 //! Handlers never touch engine state: they submit requests over the
 //! [`EngineHandle`] and read token events back. Dropping a response (a client that
 //! disconnects) drops its [`crate::sched::GenerationStream`], which cancels the request
@@ -28,8 +31,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tandem_httpd::HttpLimits;
 
 use tandem_protocol::openai::ApiError;
 
@@ -44,9 +47,6 @@ use validate::{OutputOptions, PreparedPrompt};
 pub use error::HttpError;
 pub use handoff::HandoffInfo;
 pub use stop::{StopMatcher, StopOutcome};
-
-/// Largest request body accepted (413 above).
-pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
 /// What the server says about the model it serves.
 #[derive(Debug, Clone)]
@@ -107,7 +107,7 @@ impl ServerState {
 type SharedState = Arc<ServerState>;
 
 /// The API's routes, with the body size limit and request ids.
-pub fn router(state: ServerState) -> Router {
+pub fn router(state: ServerState, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
@@ -116,29 +116,21 @@ pub fn router(state: ServerState) -> Router {
         .route("/metrics", get(info::metrics))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(request_id::assign))
         .with_state(Arc::new(state))
 }
 
-/// Serves the API on `listener` until `shutdown` completes, then until the requests in
-/// flight have finished.
+/// Serves the API on `listener` within `limits` until `shutdown` completes, then
+/// until the requests in flight have finished.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ServerState,
+    limits: HttpLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    // Without TCP_NODELAY, a streamed token written while the previous response's last
-    // segment awaits the client's delayed ACK waits up to 40 ms (Nagle): on a kept-alive
-    // connection every token of the next answer would arrive in one burst.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::warn!(%error, "could not set TCP_NODELAY on a connection");
-        }
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+) {
+    let app = router(state, limits.max_body_bytes);
+    tandem_httpd::serve(listener, app, limits, shutdown).await;
 }
 
 fn unix_seconds() -> u64 {
@@ -188,7 +180,7 @@ fn start_choices(
 }
 
 /// Runs CPU-heavy request preparation (parsing, chat templates, tokenizing a prompt of
-/// up to [`MAX_BODY_BYTES`]) on the blocking pool, so it never stalls the connections
+/// up to the body size limit) on the blocking pool, so it never stalls the connections
 /// the runtime's few threads serve. A panic in it becomes a 500.
 async fn off_runtime<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
