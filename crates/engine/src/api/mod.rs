@@ -6,7 +6,8 @@
 //! - `GET /v1/models`, `GET /health`, `GET /metrics` ([`info`]).
 //!
 //! Connections, timeouts and body limits are `tandem_httpd`'s: handlers get bodies
-//! that arrived whole within the limits.
+//! that arrived whole within the limits. Prompts that cannot fit the context are
+//! refused before they are tokenized ([`validate`]).
 //!
 //! Handlers never touch engine state: they submit requests over the
 //! [`EngineHandle`] and read token events back. Dropping a response (a client that
@@ -71,6 +72,8 @@ pub struct ServerState {
     /// Unix seconds the server started (`created` of the model card).
     started: u64,
     handoff: Option<HandoffInfo>,
+    /// Turns to prepare a large body (see [`prepare`]).
+    large_bodies: Arc<tokio::sync::Semaphore>,
 }
 
 impl ServerState {
@@ -90,6 +93,7 @@ impl ServerState {
             metrics,
             started: unix_seconds(),
             handoff: None,
+            large_bodies: Arc::new(tokio::sync::Semaphore::new(LARGE_BODY_PERMITS)),
         }
     }
 
@@ -177,6 +181,36 @@ fn start_choices(
             ))
         })
         .collect()
+}
+
+/// Bodies larger than this are prepared one at a time: parsing and tokenizing text
+/// costs ~80 bytes of memory per byte of text, and the prompt length check
+/// ([`validate`]) bounds the text of one request, not how many arrive at once
+/// (8 concurrent prompts of 1.3 MB, just under what 8192 tokens of the default model
+/// can hold: RSS +540 MB all at once, +176 MB one at a time). Smaller bodies never
+/// wait.
+const LARGE_BODY_BYTES: usize = 256 << 10;
+const LARGE_BODY_PERMITS: usize = 1;
+
+/// Prepares a request of `body_bytes` bytes with `work` off the runtime, waiting for a
+/// turn first if the body is large.
+async fn prepare<T: Send + 'static>(
+    state: &ServerState,
+    body_bytes: usize,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let turn = if body_bytes > LARGE_BODY_BYTES {
+        let turn = state.large_bodies.clone().acquire_owned().await;
+        Some(turn.map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))?)
+    } else {
+        None
+    };
+    // The turn ends with the work, even if the client leaves first.
+    off_runtime(move || {
+        let _turn = turn;
+        work()
+    })
+    .await
 }
 
 /// Runs CPU-heavy request preparation (parsing, chat templates, tokenizing a prompt of
