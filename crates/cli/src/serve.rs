@@ -91,6 +91,10 @@ pub struct ServeArgs {
     /// Seconds that requests in flight get to finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
+    /// Clients of the `/v1/*` routes must send `Authorization: Bearer KEY` (else 401),
+    /// as with vLLM's `--api-key`; `/health` and `/metrics` stay open.
+    #[arg(long, env = "VLLM_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Largest request body: bytes, or with a suffix (KiB, MiB, …). Larger bodies get
     /// 413, from `Content-Length` before they are read.
     #[arg(long, value_parser = parse_byte_size, default_value = "8MiB")]
@@ -315,7 +319,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
             load_failure_policy: args.kv_load_failure_policy.into(),
         };
         let state = ServerState::new(engine, tokenizer, chat_template, served, metrics)
-            .with_handoff(handoff);
+            .with_handoff(handoff)
+            .with_api_key(args.api_key.clone());
         let grace = Duration::from_secs(args.shutdown_timeout);
         serve_until_signal(&args.host, args.port, state, limits, grace).await
     });

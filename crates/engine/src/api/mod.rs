@@ -4,6 +4,7 @@
 //!   requests ([`validate`]), run through the engine loop and turned back into text
 //!   ([`generation`], [`stop`]), answered whole or as server-sent events ([`sse`]).
 //! - `GET /v1/models`, `GET /health`, `GET /metrics` ([`info`]).
+//! - An optional API key on the `/v1/*` routes ([`auth`]).
 //!
 //! Connections, timeouts and body limits are `tandem_httpd`'s: handlers get bodies
 //! that arrived whole within the limits. Prompts that cannot fit the context are
@@ -14,6 +15,7 @@
 //! disconnects) drops its [`crate::sched::GenerationStream`], which cancels the request
 //! and frees its KV blocks.
 
+mod auth;
 mod chat;
 mod completions;
 mod error;
@@ -72,6 +74,8 @@ pub struct ServerState {
     /// Unix seconds the server started (`created` of the model card).
     started: u64,
     handoff: Option<HandoffInfo>,
+    /// Clients of `/v1/*` must send `Authorization: Bearer <api_key>`.
+    api_key: Option<Arc<str>>,
     /// Turns to prepare a large body (see [`prepare`]).
     large_bodies: Arc<tokio::sync::Semaphore>,
 }
@@ -93,6 +97,7 @@ impl ServerState {
             metrics,
             started: unix_seconds(),
             handoff: None,
+            api_key: None,
             large_bodies: Arc::new(tokio::sync::Semaphore::new(LARGE_BODY_PERMITS)),
         }
     }
@@ -103,6 +108,12 @@ impl ServerState {
         self
     }
 
+    /// Requires `Authorization: Bearer <key>` on the `/v1/*` routes.
+    pub fn with_api_key(mut self, key: Option<String>) -> Self {
+        self.api_key = key.map(Arc::from);
+        self
+    }
+
     pub fn served_model(&self) -> &ServedModel {
         &self.model
     }
@@ -110,12 +121,16 @@ impl ServerState {
 
 type SharedState = Arc<ServerState>;
 
-/// The API's routes, with the body size limit and request ids.
+/// The API's routes, with the API key (when set), the body size limit and request ids.
 pub fn router(state: ServerState, max_body_bytes: usize) -> Router {
-    Router::new()
+    let mut openai = Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
-        .route("/v1/models", get(info::models))
+        .route("/v1/models", get(info::models));
+    if let Some(key) = state.api_key.clone() {
+        openai = openai.route_layer(axum::middleware::from_fn_with_state(key, auth::require_key));
+    }
+    openai
         .route("/health", get(info::health))
         .route("/metrics", get(info::metrics))
         .fallback(error::not_found)
