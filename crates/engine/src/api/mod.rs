@@ -108,9 +108,10 @@ impl ServerState {
         self
     }
 
-    /// Requires `Authorization: Bearer <key>` on the `/v1/*` routes.
+    /// Requires `Authorization: Bearer <key>` on the `/v1/*` routes; an empty key is
+    /// no key (as vLLM treats an empty `VLLM_API_KEY`).
     pub fn with_api_key(mut self, key: Option<String>) -> Self {
-        self.api_key = key.map(Arc::from);
+        self.api_key = key.filter(|key| !key.is_empty()).map(Arc::from);
         self
     }
 
