@@ -438,7 +438,7 @@ async fn serve_until_signal(
     limits: HttpLimits,
     grace: Duration,
 ) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind((host, port))
+    let listener = tandem_httpd::bind(host, port)
         .await
         .with_context(|| format!("listening on {host}:{port}"))?;
     let address = listener.local_addr()?;

@@ -17,20 +17,27 @@
 //! Bodies are read whole before the router sees the request ([`body`]), so handlers
 //! get a body that is complete and within the limit. Errors leave in the OpenAI shape
 //! (`{"error":{...}}`). Shutdown is graceful: no new connections, idle ones closed, and
-//! requests in flight finish. [`auth`] holds the bearer-key check the servers share.
+//! requests in flight finish. [`bind`] listens with a backlog that holds a burst of
+//! connections. [`auth`] holds the bearer-key check the servers share.
 
 pub mod auth;
 mod body;
 mod conn;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
 pub use body::{BodyError, error_response};
+
+/// Connections the kernel queues for a server before it accepts them. The usual 128
+/// (std's and mio's) overflows under a burst of connections, and a connection dropped
+/// from the queue waits a second for its SYN to be sent again.
+pub const LISTEN_BACKLOG: u32 = 1024;
 
 /// Largest request body accepted by default (a worker's default).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 << 20;
@@ -122,6 +129,35 @@ pub async fn serve(
     let _ = stop.send(true);
     drop(connections);
     alive.closed().await;
+}
+
+/// Listens on the first address `host:port` resolves to that can be bound, with
+/// [`LISTEN_BACKLOG`].
+pub async fn bind(host: &str, port: u16) -> std::io::Result<TcpListener> {
+    let mut failure = None;
+    for address in tokio::net::lookup_host((host, port)).await? {
+        match listen_on(address) {
+            Ok(listener) => return Ok(listener),
+            Err(error) => failure = Some(error),
+        }
+    }
+    Err(failure.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("{host} resolves to no address"),
+        )
+    }))
+}
+
+fn listen_on(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// A failed accept: the peer's doing (go on), or the process's (out of file

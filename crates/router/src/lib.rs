@@ -165,7 +165,7 @@ fn serve_thread(
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listener = socket.listen(1024)?;
+        let listener = socket.listen(tandem_httpd::LISTEN_BACKLOG)?;
         let upstream = Upstream::new(config.timeouts.clone())?;
         let checks = (index == 0).then(|| {
             tokio::spawn(health::run_checks(
