@@ -96,7 +96,14 @@ fn upstream_app() -> Router {
 async fn start_upstream() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, upstream_app()).await });
+    // The fake worker is served like a real one (tandem's one HTTP server loop).
+    let limits = tandem_httpd::HttpLimits::default();
+    tokio::spawn(tandem_httpd::serve(
+        listener,
+        upstream_app(),
+        limits,
+        std::future::pending(),
+    ));
     address
 }
 

@@ -72,6 +72,18 @@ pub struct RouteArgs {
     /// The model's tokenizer.json, to count prompt tokens exactly (else ~4 chars/token).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Largest request body: bytes, or with a suffix (KiB, MiB, …); larger bodies get
+    /// 413. Keep it below the workers' limit [config default: 8MiB less 256KiB].
+    #[arg(long, value_parser = crate::serve::parse_byte_size)]
+    max_body_bytes: Option<usize>,
+    /// Seconds a client connection gets to send complete request headers; then it is
+    /// closed. Also the longest a kept-alive connection stays idle [default: 10].
+    #[arg(long)]
+    header_read_timeout_secs: Option<u64>,
+    /// Seconds a request gets to send its whole body once its headers are in; then it
+    /// gets 408 [default: 30].
+    #[arg(long)]
+    body_read_timeout_secs: Option<u64>,
     /// Seconds that requests in flight get to finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
@@ -120,6 +132,15 @@ impl RouteArgs {
             config.tokenizer = self.tokenizer.clone();
         }
         override_with(&mut config.health.interval_ms, self.health_interval_ms);
+        override_with(&mut config.max_body_bytes, self.max_body_bytes);
+        override_with(
+            &mut config.header_read_timeout_secs,
+            self.header_read_timeout_secs,
+        );
+        override_with(
+            &mut config.body_read_timeout_secs,
+            self.body_read_timeout_secs,
+        );
         Ok(config)
     }
 }

@@ -21,6 +21,7 @@ use tandem_engine::metrics::install_prometheus_recorder;
 use tandem_engine::model::LoadOptions;
 use tandem_engine::sched::{self, EngineConfig, EngineHandle, HandoffLinks};
 use tandem_engine::transfer::{self, Fingerprint, KvServer, LeaseTable, Limits, LoadFailurePolicy};
+use tandem_httpd::{DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, HttpLimits};
 use tokio::sync::{Notify, mpsc};
 
 #[derive(Args)]
@@ -90,6 +91,22 @@ pub struct ServeArgs {
     /// Seconds that requests in flight get to finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
+    /// Clients of the `/v1/*` routes must send `Authorization: Bearer KEY` (else 401),
+    /// as with vLLM's `--api-key`; `/health` and `/metrics` stay open.
+    #[arg(long, env = "VLLM_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Largest request body: bytes, or with a suffix (KiB, MiB, …). Larger bodies get
+    /// 413, from `Content-Length` before they are read.
+    #[arg(long, value_parser = parse_byte_size, default_value = "8MiB")]
+    max_body_bytes: usize,
+    /// Seconds a connection gets to send complete request headers; then it is closed.
+    /// Also the longest a kept-alive connection stays idle.
+    #[arg(long, default_value_t = DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
+    header_read_timeout_secs: u64,
+    /// Seconds a request gets to send its whole body once its headers are in; then it
+    /// gets 408 and the connection is closed.
+    #[arg(long, default_value_t = DEFAULT_BODY_READ_TIMEOUT.as_secs())]
+    body_read_timeout_secs: u64,
     /// Port of the KV hand-off listener that decode workers read prefilled KV from
     /// (0: any free port). Without it this worker cannot be a prefill leg.
     #[arg(long)]
@@ -219,6 +236,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     {
         bail!("--gpu-memory-utilization must be in (0, 1]");
     }
+    let limits = http_limits(&args)?;
     let (loaded, default_name, identity) = load_model(&args)?;
     let kv = KvOptions {
         block_size: args.block_size,
@@ -301,12 +319,23 @@ pub fn run(args: ServeArgs) -> Result<()> {
             load_failure_policy: args.kv_load_failure_policy.into(),
         };
         let state = ServerState::new(engine, tokenizer, chat_template, served, metrics)
-            .with_handoff(handoff);
+            .with_handoff(handoff)
+            .with_api_key(args.api_key.clone());
         let grace = Duration::from_secs(args.shutdown_timeout);
-        serve_until_signal(&args.host, args.port, state, grace).await
+        serve_until_signal(&args.host, args.port, state, limits, grace).await
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// What the API accepts from clients (`--max-body-bytes`, `--*-read-timeout-secs`).
+fn http_limits(args: &ServeArgs) -> Result<HttpLimits> {
+    let limits = HttpLimits {
+        header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
+        body_read_timeout: Duration::from_secs(args.body_read_timeout_secs),
+        max_body_bytes: args.max_body_bytes,
+    };
+    Ok(limits.validate()?)
 }
 
 /// Binds and starts the hand-off listener; returns the advertised `(host, port)`.
@@ -406,9 +435,10 @@ async fn serve_until_signal(
     host: &str,
     port: u16,
     state: ServerState,
+    limits: HttpLimits,
     grace: Duration,
 ) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind((host, port))
+    let listener = tandem_httpd::bind(host, port)
         .await
         .with_context(|| format!("listening on {host}:{port}"))?;
     let address = listener.local_addr()?;
@@ -418,11 +448,11 @@ async fn serve_until_signal(
         let stop = stop.clone();
         async move { stop.notified().await }
     };
-    let server = api::serve(listener, state, shutdown);
+    let server = api::serve(listener, state, limits, shutdown);
     tokio::pin!(server);
     eprintln!("serving {model} on http://{address}");
     tokio::select! {
-        result = &mut server => return result.context("serving HTTP"),
+        () = &mut server => return Ok(()),
         signal = termination_signal() => signal?,
     }
     eprintln!(
@@ -431,7 +461,7 @@ async fn serve_until_signal(
     );
     stop.notify_one();
     match tokio::time::timeout(grace, server).await {
-        Ok(result) => result.context("serving HTTP"),
+        Ok(()) => Ok(()),
         Err(_) => {
             tracing::warn!(
                 "requests still in flight after {}s; exiting",

@@ -53,6 +53,28 @@ fn gguf_encoding_matches_llamacpp() {
 }
 
 #[test]
+fn no_token_stands_for_more_bytes_than_the_bound() {
+    let Some(tokenizer) = smollm() else { return };
+    let bound = tokenizer
+        .max_token_bytes()
+        .expect("byte-level BPE bounds the bytes per token");
+    let texts = fixture_cases()
+        .into_iter()
+        .map(|(text, _)| text)
+        .chain(["<|im_start|>".to_owned(), " ".repeat(300), "=".repeat(300)])
+        .collect::<Vec<_>>();
+    for text in texts {
+        let ids = tokenizer.encode(&text, false).expect("encode");
+        assert!(
+            text.len() <= ids.len() * bound,
+            "{} bytes in {} tokens of at most {bound} bytes",
+            text.len(),
+            ids.len()
+        );
+    }
+}
+
+#[test]
 fn gguf_decode_inverts_encode() {
     let Some(tokenizer) = smollm() else { return };
     for (text, _) in fixture_cases() {

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use serde::Deserialize;
+use tandem_httpd::HttpLimits;
 
 use crate::policy::{PolicyKind, PrefixConfig};
 use crate::secret::Secret;
@@ -44,8 +45,15 @@ pub struct RouterConfig {
     pub retry: RetryConfig,
     pub health: HealthConfig,
     pub circuit: CircuitConfig,
-    /// Largest request body accepted, bytes.
+    /// Largest request body accepted, bytes (413 above it). Keep it below what the
+    /// workers accept, so an oversized body gets the router's 413 rather than a
+    /// worker's: the default leaves room for what the router adds to a body.
     pub max_body_bytes: usize,
+    /// Seconds a client connection gets to send complete request headers (also the
+    /// longest a kept-alive connection stays idle).
+    pub header_read_timeout_secs: u64,
+    /// Seconds a request gets to send its whole body once its headers are in (408).
+    pub body_read_timeout_secs: u64,
     /// P/D mode: a prompt with fewer uncached tokens than this (on the decode worker
     /// chosen first) skips the prefill leg. `None`: always disaggregate.
     pub local_prefill_threshold: Option<usize>,
@@ -74,7 +82,9 @@ impl Default for RouterConfig {
             retry: RetryConfig::default(),
             health: HealthConfig::default(),
             circuit: CircuitConfig::default(),
-            max_body_bytes: 32 << 20,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            header_read_timeout_secs: tandem_httpd::DEFAULT_HEADER_READ_TIMEOUT.as_secs(),
+            body_read_timeout_secs: tandem_httpd::DEFAULT_BODY_READ_TIMEOUT.as_secs(),
             local_prefill_threshold: None,
             tokenizer: None,
         }
@@ -118,6 +128,10 @@ impl std::str::FromStr for ClientParamsPolicy {
     }
 }
 
+/// The router's default body limit: a worker's default less room for what the
+/// router adds to a body (`kv_transfer_params` on the decode leg).
+pub const DEFAULT_MAX_BODY_BYTES: usize = tandem_httpd::DEFAULT_MAX_BODY_BYTES - (256 << 10);
+
 /// How the router serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -160,6 +174,8 @@ pub enum ConfigError {
     WorkerKey,
     #[error("{0}")]
     Invalid(String),
+    #[error("client connection limits: {0}")]
+    Limits(#[from] tandem_httpd::LimitsError),
 }
 
 impl RouterConfig {
@@ -203,7 +219,17 @@ impl RouterConfig {
                 "circuit thresholds must be at least 1".into(),
             ));
         }
+        self.http_limits().validate()?;
         Ok(mode)
+    }
+
+    /// What the router accepts from its clients.
+    pub fn http_limits(&self) -> HttpLimits {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+            body_read_timeout: Duration::from_secs(self.body_read_timeout_secs),
+            max_body_bytes: self.max_body_bytes,
+        }
     }
 
     pub fn prefill_policy(&self) -> PolicyKind {
@@ -421,6 +447,21 @@ mod tests {
         assert_eq!(retry.backoff(20, 0.5), Duration::from_millis(2000));
         assert_eq!(retry.backoff(1, 0.0), Duration::from_millis(16));
         assert_eq!(retry.backoff(1, 1.0), Duration::from_millis(24));
+    }
+
+    #[test]
+    fn client_limits_default_below_a_workers_and_are_checked() {
+        let mut config: RouterConfig =
+            toml::from_str("workers = [\"http://a:1\"]\nheader_read_timeout_secs = 2").unwrap();
+        let limits = config.http_limits();
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(
+            limits.body_read_timeout,
+            tandem_httpd::DEFAULT_BODY_READ_TIMEOUT
+        );
+        assert!(limits.max_body_bytes < HttpLimits::default().max_body_bytes);
+        config.body_read_timeout_secs = 0;
+        assert!(matches!(config.validate(), Err(ConfigError::Limits(_))));
     }
 
     #[test]

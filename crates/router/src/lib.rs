@@ -169,7 +169,7 @@ fn serve_thread(
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listener = socket.listen(1024)?;
+        let listener = socket.listen(tandem_httpd::LISTEN_BACKLOG)?;
         let upstream = Upstream::new(config.timeouts.clone(), config.worker_api_key.as_ref())?;
         let checks = (index == 0).then(|| {
             tokio::spawn(health::run_checks(
@@ -194,29 +194,26 @@ fn serve_thread(
             circuit: config.circuit.clone(),
             metrics: shared.metrics,
         };
-        let app = api::router(state, config.max_body_bytes);
+        let limits = config.http_limits();
+        let app = api::router(state, limits.max_body_bytes);
         let mut stopping = shutdown.clone();
         let stopped = async move {
             let _ = stopping.wait_for(|stop| *stop).await;
         };
-        let server = axum::serve(listener, app)
-            .with_graceful_shutdown(stopped)
-            .into_future();
-        tokio::pin!(server);
-        let served = tokio::select! {
-            served = &mut server => served,
+        let server = tandem_httpd::serve(listener, app, limits, stopped);
+        tokio::select! {
+            () = server => {}
             _ = async {
                 let _ = shutdown.wait_for(|stop| *stop).await;
                 tokio::time::sleep(grace).await;
             } => {
                 tracing::warn!("requests still in flight after {grace:?}; stopping");
-                Ok(())
             }
-        };
+        }
         if let Some(checks) = checks {
             checks.abort();
         }
-        Ok(served?)
+        Ok(())
     })
 }
 

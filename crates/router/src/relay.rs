@@ -22,6 +22,9 @@ use crate::metrics as names;
 use crate::registry::LoadGuard;
 use crate::secret::Secret;
 
+/// How long an idle upstream connection is kept for reuse.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(4);
+
 /// The request id header, shared by both legs of a P/D request.
 pub const REQUEST_ID: &str = "x-request-id";
 
@@ -81,6 +84,10 @@ impl Upstream {
             // idle instead of each holding its buffers (RSS with 1,000 streams
             // 119 -> 100 MiB).
             .pool_max_idle_per_host(128)
+            // Workers close idle keep-alive connections (tandem's after its header read
+            // timeout, 10 s by default; uvicorn's after 5 s): drop them first, so a
+            // request never goes out on a connection the worker is closing.
+            .pool_idle_timeout(UPSTREAM_IDLE)
             .http1_only()
             .build()?;
         Ok(Self { client, timeouts })

@@ -19,7 +19,7 @@ use super::handoff;
 use super::request_id::RequestId;
 use super::sse::{self, ChunkWriter, Endpoint};
 use super::validate::{self, PromptNoun};
-use super::{SharedState, off_runtime, start_choices, unix_seconds};
+use super::{SharedState, prepare, start_choices, unix_seconds};
 
 pub async fn create(
     State(state): State<SharedState>,
@@ -30,7 +30,8 @@ pub async fn create(
     let (run, stream, include_usage) = {
         let state = state.clone();
         let request_id = request_id.clone();
-        off_runtime(move || {
+        let body_bytes = body.as_ref().map_or(0, Bytes::len);
+        prepare(&state.clone(), body_bytes, move || {
             let request: ChatCompletionRequest = parse_json_body(body)?;
             start(&state, &request, &request_id, arrival)
         })
@@ -72,6 +73,7 @@ fn start(
         &request.messages,
         state.chat_template.as_ref(),
         &state.tokenizer,
+        state.model.max_model_len,
     )?;
     options.kv = handoff::kv_role(
         request.sampling.kv_transfer_params.as_ref(),

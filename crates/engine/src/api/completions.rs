@@ -20,7 +20,7 @@ use super::handoff;
 use super::request_id::RequestId;
 use super::sse::{self, ChunkWriter, Endpoint};
 use super::validate::{self, PromptNoun};
-use super::{SharedState, off_runtime, start_choices, unix_seconds};
+use super::{SharedState, prepare, start_choices, unix_seconds};
 
 pub async fn create(
     State(state): State<SharedState>,
@@ -31,7 +31,8 @@ pub async fn create(
     let (runs, stream, include_usage) = {
         let state = state.clone();
         let request_id = request_id.clone();
-        off_runtime(move || {
+        let body_bytes = body.as_ref().map_or(0, Bytes::len);
+        prepare(&state.clone(), body_bytes, move || {
             let request: CompletionRequest = parse_json_body(body)?;
             start(&state, &request, &request_id, arrival)
         })

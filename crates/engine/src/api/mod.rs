@@ -4,12 +4,18 @@
 //!   requests ([`validate`]), run through the engine loop and turned back into text
 //!   ([`generation`], [`stop`]), answered whole or as server-sent events ([`sse`]).
 //! - `GET /v1/models`, `GET /health`, `GET /metrics` ([`info`]).
+//! - An optional API key on the `/v1/*` routes ([`auth`]).
+//!
+//! Connections, timeouts and body limits are `tandem_httpd`'s: handlers get bodies
+//! that arrived whole within the limits. Prompts that cannot fit the context are
+//! refused before they are tokenized ([`validate`]).
 //!
 //! Handlers never touch engine state: they submit requests over the
 //! [`EngineHandle`] and read token events back. Dropping a response (a client that
 //! disconnects) drops its [`crate::sched::GenerationStream`], which cancels the request
 //! and frees its KV blocks.
 
+mod auth;
 mod chat;
 mod completions;
 mod error;
@@ -28,8 +34,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tandem_httpd::HttpLimits;
 
 use tandem_protocol::openai::ApiError;
 
@@ -44,9 +50,6 @@ use validate::{OutputOptions, PreparedPrompt};
 pub use error::HttpError;
 pub use handoff::HandoffInfo;
 pub use stop::{StopMatcher, StopOutcome};
-
-/// Largest request body accepted (413 above).
-pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
 /// What the server says about the model it serves.
 #[derive(Debug, Clone)]
@@ -71,6 +74,10 @@ pub struct ServerState {
     /// Unix seconds the server started (`created` of the model card).
     started: u64,
     handoff: Option<HandoffInfo>,
+    /// Clients of `/v1/*` must send `Authorization: Bearer <api_key>`.
+    api_key: Option<Arc<str>>,
+    /// Turns to prepare a large body (see [`prepare`]).
+    large_bodies: Arc<tokio::sync::Semaphore>,
 }
 
 impl ServerState {
@@ -90,12 +97,21 @@ impl ServerState {
             metrics,
             started: unix_seconds(),
             handoff: None,
+            api_key: None,
+            large_bodies: Arc::new(tokio::sync::Semaphore::new(LARGE_BODY_PERMITS)),
         }
     }
 
     /// Lets requests take part in the KV hand-off (`kv_transfer_params`).
     pub fn with_handoff(mut self, handoff: HandoffInfo) -> Self {
         self.handoff = Some(handoff);
+        self
+    }
+
+    /// Requires `Authorization: Bearer <key>` on the `/v1/*` routes; an empty key is
+    /// no key (as vLLM treats an empty `VLLM_API_KEY`).
+    pub fn with_api_key(mut self, key: Option<String>) -> Self {
+        self.api_key = key.filter(|key| !key.is_empty()).map(Arc::from);
         self
     }
 
@@ -106,39 +122,35 @@ impl ServerState {
 
 type SharedState = Arc<ServerState>;
 
-/// The API's routes, with the body size limit and request ids.
-pub fn router(state: ServerState) -> Router {
-    Router::new()
+/// The API's routes, with the API key (when set), the body size limit and request ids.
+pub fn router(state: ServerState, max_body_bytes: usize) -> Router {
+    let mut openai = Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
-        .route("/v1/models", get(info::models))
+        .route("/v1/models", get(info::models));
+    if let Some(key) = state.api_key.clone() {
+        openai = openai.route_layer(axum::middleware::from_fn_with_state(key, auth::require_key));
+    }
+    openai
         .route("/health", get(info::health))
         .route("/metrics", get(info::metrics))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(request_id::assign))
         .with_state(Arc::new(state))
 }
 
-/// Serves the API on `listener` until `shutdown` completes, then until the requests in
-/// flight have finished.
+/// Serves the API on `listener` within `limits` until `shutdown` completes, then
+/// until the requests in flight have finished.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ServerState,
+    limits: HttpLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    // Without TCP_NODELAY, a streamed token written while the previous response's last
-    // segment awaits the client's delayed ACK waits up to 40 ms (Nagle): on a kept-alive
-    // connection every token of the next answer would arrive in one burst.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::warn!(%error, "could not set TCP_NODELAY on a connection");
-        }
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+) {
+    let app = router(state, limits.max_body_bytes);
+    tandem_httpd::serve(listener, app, limits, shutdown).await;
 }
 
 fn unix_seconds() -> u64 {
@@ -187,8 +199,38 @@ fn start_choices(
         .collect()
 }
 
+/// Bodies larger than this are prepared one at a time: parsing and tokenizing text
+/// costs ~80 bytes of memory per byte of text, and the prompt length check
+/// ([`validate`]) bounds the text of one request, not how many arrive at once
+/// (8 concurrent prompts of 1.3 MB, just under what 8192 tokens of the default model
+/// can hold: RSS +540 MB all at once, +176 MB one at a time). Smaller bodies never
+/// wait.
+const LARGE_BODY_BYTES: usize = 256 << 10;
+const LARGE_BODY_PERMITS: usize = 1;
+
+/// Prepares a request of `body_bytes` bytes with `work` off the runtime, waiting for a
+/// turn first if the body is large.
+async fn prepare<T: Send + 'static>(
+    state: &ServerState,
+    body_bytes: usize,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let turn = if body_bytes > LARGE_BODY_BYTES {
+        let turn = state.large_bodies.clone().acquire_owned().await;
+        Some(turn.map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))?)
+    } else {
+        None
+    };
+    // The turn ends with the work, even if the client leaves first.
+    off_runtime(move || {
+        let _turn = turn;
+        work()
+    })
+    .await
+}
+
 /// Runs CPU-heavy request preparation (parsing, chat templates, tokenizing a prompt of
-/// up to [`MAX_BODY_BYTES`]) on the blocking pool, so it never stalls the connections
+/// up to the body size limit) on the blocking pool, so it never stalls the connections
 /// the runtime's few threads serve. A panic in it becomes a 500.
 async fn off_runtime<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,

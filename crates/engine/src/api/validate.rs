@@ -231,6 +231,12 @@ pub fn completion_prompt_ids(
             if text.is_empty() {
                 return Err(empty_prompt());
             }
+            check_text_length(
+                text.len(),
+                tokenizer,
+                model.max_model_len,
+                PromptNoun::Prompt,
+            )?;
             encode(tokenizer, text, tokenizer.add_bos_by_default())?
         }
         PromptInput::Tokens(ids) => {
@@ -259,20 +265,36 @@ fn empty_prompt() -> ApiError {
 /// Token ids for a conversation, rendered with the model's chat template and the
 /// assistant's turn opened. The template writes any BOS itself, so none is added
 /// unless the model wants one and the template left it out.
+///
+/// Conversations too long for `max_model_len` tokens whatever their tokens are refused
+/// before rendering (their contents alone) and before tokenizing (the rendered text).
 pub fn chat_prompt_ids(
     messages: &[WireMessage],
     template: Option<&ChatTemplate>,
     tokenizer: &Tokenizer,
+    max_model_len: usize,
 ) -> Result<Vec<u32>, ApiError> {
     let template = template.ok_or_else(|| {
         ApiError::bad_request(
             "This model has no chat template; use /v1/completions with a prompt instead.",
         )
     })?;
+    let content_bytes = messages
+        .iter()
+        .filter_map(|message| message.content.as_ref())
+        .map(|content| content.text_len())
+        .fold(0usize, usize::saturating_add);
+    check_text_length(
+        content_bytes,
+        tokenizer,
+        max_model_len,
+        PromptNoun::Messages,
+    )?;
     let conversation = conversation(messages)?;
     let text = template.render(&conversation, true).map_err(|e| {
         ApiError::invalid_param("messages", format!("Cannot apply the chat template: {e}"))
     })?;
+    check_text_length(text.len(), tokenizer, max_model_len, PromptNoun::Messages)?;
     let starts_with_bos = tokenizer
         .bos_token()
         .is_some_and(|bos| !bos.is_empty() && text.starts_with(&bos));
@@ -324,6 +346,42 @@ fn encode(tokenizer: &Tokenizer, text: &str, add_bos: bool) -> Result<Vec<u32>, 
     tokenizer
         .encode(text, add_bos)
         .map_err(|e| ApiError::bad_request(format!("Cannot tokenize the prompt: {e}")))
+}
+
+/// Refuses text of `bytes` bytes that needs at least `max_model_len` tokens whatever
+/// it says (see [`Tokenizer::max_token_bytes`]), with the context-overflow error,
+/// before it is tokenized.
+fn check_text_length(
+    bytes: usize,
+    tokenizer: &Tokenizer,
+    max_model_len: usize,
+    noun: PromptNoun,
+) -> Result<(), ApiError> {
+    match tokenizer.max_token_bytes() {
+        Some(per_token) => text_fits(bytes, per_token, max_model_len, noun),
+        None => Ok(()),
+    }
+}
+
+fn text_fits(
+    bytes: usize,
+    per_token: usize,
+    max_model_len: usize,
+    noun: PromptNoun,
+) -> Result<(), ApiError> {
+    let fewest_tokens = bytes.div_ceil(per_token.max(1));
+    if fewest_tokens < max_model_len {
+        return Ok(());
+    }
+    let noun = noun.as_str();
+    Err(ApiError::invalid_param(
+        noun,
+        format!(
+            "This model's maximum context length is {max_model_len} tokens. However, you \
+             requested at least {fewest_tokens} tokens in the {noun} ({bytes} bytes), which \
+             leaves no room for output. Please reduce the length of the {noun}."
+        ),
+    ))
 }
 
 /// Checks that `prompt` plus the output fits the context and settles the output's
@@ -402,6 +460,23 @@ mod tests {
             error.message
         );
         assert_eq!(error.param.as_deref(), Some("prompt"));
+    }
+
+    #[test]
+    fn text_longer_than_the_context_can_hold_is_refused_untokenized() {
+        assert!(text_fits(0, 4, 10, PromptNoun::Prompt).is_ok());
+        assert!(text_fits(36, 4, 10, PromptNoun::Prompt).is_ok());
+        let error = text_fits(37, 4, 10, PromptNoun::Messages).unwrap_err();
+        assert_eq!(error.status(), 400);
+        assert_eq!(error.param.as_deref(), Some("messages"));
+        assert!(
+            error.message.contains(
+                "maximum context length is 10 tokens. However, you requested at least 10 \
+                 tokens in the messages (37 bytes)"
+            ),
+            "{}",
+            error.message
+        );
     }
 
     #[test]

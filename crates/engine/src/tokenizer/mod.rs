@@ -6,6 +6,7 @@
 //! BOS token and the set of tokens that end generation. [`IncrementalDecoder`] turns a
 //! stream of generated ids into text chunks that never split a UTF-8 character.
 
+mod bound;
 mod gguf;
 mod hf;
 mod incremental;
@@ -47,6 +48,8 @@ pub struct Tokenizer {
     eos: Option<u32>,
     end_of_generation: BTreeSet<u32>,
     add_bos_by_default: bool,
+    /// The most input bytes one token stands for, when the tokenizer bounds it.
+    max_token_bytes: Option<usize>,
 }
 
 /// Special-token ids read from a model's metadata, before the tokenizer is assembled.
@@ -89,6 +92,7 @@ impl Tokenizer {
             .chain(ids.extra_eos)
             .chain(end_of_generation_controls(&hf))
             .collect();
+        let max_token_bytes = bound::max_token_bytes(&hf);
         Self {
             hf: Arc::new(hf),
             source,
@@ -96,6 +100,7 @@ impl Tokenizer {
             eos: ids.eos,
             end_of_generation,
             add_bos_by_default: ids.add_bos_by_default,
+            max_token_bytes,
         }
     }
 
@@ -159,6 +164,14 @@ impl Tokenizer {
     /// Whether the model expects a BOS token in front of a prompt.
     pub fn add_bos_by_default(&self) -> bool {
         self.add_bos_by_default
+    }
+
+    /// The most bytes of input text one token can stand for (the longest vocabulary
+    /// entry), when this tokenizer has such a bound: text of `B` bytes then needs at
+    /// least `B / max_token_bytes` tokens, so it can be refused as too long for a
+    /// context without being tokenized.
+    pub fn max_token_bytes(&self) -> Option<usize> {
+        self.max_token_bytes
     }
 
     /// Number of token ids, special tokens included.

@@ -15,6 +15,8 @@ pub enum ErrorKind {
     NotFound,
     /// 405: the path exists but not with this method.
     MethodNotAllowed,
+    /// 408: the request body did not arrive in time.
+    RequestTimeout,
     /// 413: the body is over the size limit.
     PayloadTooLarge,
     /// 500: the server failed while serving a valid request.
@@ -32,6 +34,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => 401,
             ErrorKind::NotFound => 404,
             ErrorKind::MethodNotAllowed => 405,
+            ErrorKind::RequestTimeout => 408,
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::Internal => 500,
             ErrorKind::BadGateway => 502,
@@ -46,6 +49,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "AuthenticationError",
             ErrorKind::NotFound => "NotFoundError",
             ErrorKind::MethodNotAllowed => "MethodNotAllowedError",
+            ErrorKind::RequestTimeout => "RequestTimeoutError",
             ErrorKind::PayloadTooLarge => "RequestEntityTooLargeError",
             ErrorKind::Internal => "InternalServerError",
             ErrorKind::BadGateway => "BadGatewayError",

@@ -196,6 +196,20 @@ impl MessageContent {
                 .join("\n"),
         }
     }
+
+    /// The length in bytes of [`Self::text`], without building it.
+    pub fn text_len(&self) -> usize {
+        match self {
+            MessageContent::Text(text) => text.len(),
+            MessageContent::Parts(parts) => {
+                let joined: usize = parts
+                    .iter()
+                    .map(|ContentPart::Text { text }| text.len())
+                    .sum();
+                joined + parts.len().saturating_sub(1)
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
