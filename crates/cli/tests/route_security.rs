@@ -712,3 +712,58 @@ async fn with_no_prefill_worker_the_decode_worker_computes_the_prompt() {
     let (status, answer) = strict.post("/v1/completions", &body).await;
     common::assert_error(status, &answer, 503);
 }
+
+/// Real workers started with `--api-key`, in P/D mode behind a router with its own
+/// client key and `--worker-api-key`: clients holding the router's key are served
+/// through the router, but that key opens no worker, and the worker key is what the
+/// router presents on both legs.
+#[tokio::test]
+async fn keyed_workers_serve_the_router_and_refuse_its_clients_key() {
+    if !default_model_present() {
+        return;
+    }
+    let p = worker(&["--kv-port", "0", "--api-key", WORKER_KEY]);
+    let d = worker(&["--api-key", WORKER_KEY]);
+    let body = json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0});
+    let post = |url: String, key: Option<&'static str>| {
+        let client = reqwest::Client::new();
+        let body = body.clone();
+        async move {
+            let mut request = client.post(url).json(&body);
+            if let Some(key) = key {
+                request = request.bearer_auth(key);
+            }
+            let response = request.send().await.expect("an answer");
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    // The client's key opens no worker.
+    for w in [&p, &d] {
+        let (status, answer) = post(w.url("/v1/completions"), Some(CLIENT_KEY)).await;
+        common::assert_error(status, &answer, 401);
+    }
+    let direct = post(d.url("/v1/completions"), Some(WORKER_KEY)).await;
+    assert_eq!(direct.0, 200, "{}", direct.1);
+
+    let router = router(
+        &[("prefill", p.url("")), ("decode", d.url(""))],
+        &["--api-key", CLIENT_KEY, "--worker-api-key", WORKER_KEY],
+    )
+    .await;
+    let (status, answer) = post(router.url("/v1/completions"), None).await;
+    common::assert_error(status, &answer, 401);
+    let (status, answer) = post(router.url("/v1/completions"), Some(CLIENT_KEY)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(text_of(&answer), text_of(&direct.1));
+    // The answer came through P and D: P leased, D pulled.
+    let received = metric_with(
+        &d.metrics().await,
+        "tandem:kv_transfer_bytes_total",
+        &[("direction", "received")],
+    );
+    assert!(received.is_some_and(|b| b > 0.0), "D pulled no KV");
+}
