@@ -158,11 +158,7 @@ pub fn check_bearer(headers: &HeaderMap, expected: Option<&Secret>) -> Result<()
     let Some(expected) = expected.map(Secret::expose) else {
         return Ok(());
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given.is_some_and(|key| constant_time_eq(key.as_bytes(), expected.as_bytes())) {
+    if tandem_httpd::auth::bearer_matches(headers, expected) {
         Ok(())
     } else {
         Err(ApiError::new(
@@ -170,10 +166,6 @@ pub fn check_bearer(headers: &HeaderMap, expected: Option<&Secret>) -> Result<()
             "Unauthorized: a valid API key is required.",
         ))
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Counts a client request by how it ended; `cancelled` if the client left first.
