@@ -8,7 +8,8 @@
 //!    streamed decode leg, as a proxy runs them) vs a single worker.
 //!
 //! `cargo bench -p tandem-cli --bench handoff` (needs the default model;
-//! `TANDEM_BENCH_THREADS`, default 2, per worker).
+//! `TANDEM_BENCH_THREADS`, default 2, per worker; `TANDEM_BENCH_BIN`, default the
+//! `tandem` built with the bench: another build's binary, for an A/B comparison).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -27,7 +28,9 @@ struct Worker {
 
 impl Worker {
     fn start(threads: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        let binary = std::env::var("TANDEM_BENCH_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tandem").to_owned());
+        let mut child = Command::new(binary)
             .args(["serve", "--port", "0", "--threads", threads])
             .args(["--kv-cache-memory", "512MiB", "--max-model-len", "4096"])
             .args(extra)
@@ -109,7 +112,14 @@ async fn first_chunk(client: &reqwest::Client, worker: &Worker, body: &Value) ->
     at
 }
 
-async fn metric(client: &reqwest::Client, worker: &Worker, name: &str) -> f64 {
+/// The value of the first series of `name` carrying all of `labels` (0 before its
+/// first increment), whatever other labels (`model_name`) it has.
+async fn metric(
+    client: &reqwest::Client,
+    worker: &Worker,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
     let text = client
         .get(worker.url("/metrics"))
         .send()
@@ -119,8 +129,30 @@ async fn metric(client: &reqwest::Client, worker: &Worker, name: &str) -> f64 {
         .await
         .unwrap();
     text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            let has = |(k, v): &(&str, &str)| {
+                series_labels
+                    .split(',')
+                    .any(|pair| pair == format!("{k}=\"{v}\""))
+            };
+            (series_name == name && labels.iter().all(has))
+                .then(|| value.parse().ok())
+                .flatten()
+        })
         .unwrap_or(0.0)
+}
+
+/// D's pull totals: (seconds, bytes received).
+async fn pull_totals(client: &reqwest::Client, d: &Worker) -> (f64, f64) {
+    let seconds = metric(client, d, "tandem:kv_transfer_seconds_sum", &[]).await;
+    let received = [("direction", "received")];
+    let bytes = metric(client, d, "tandem:kv_transfer_bytes_total", &received).await;
+    (seconds, bytes)
 }
 
 /// GB/s of copying `bytes` bytes between two warm buffers, best of several.
@@ -154,18 +186,10 @@ fn main() {
         for trial in 0..TRIALS {
             let ids = prompt(2048, trial as u32);
             let params = prefill(&client, &p, &ids).await;
-            let seconds = "tandem:kv_transfer_seconds_sum";
-            let bytes = "tandem:kv_transfer_bytes_total{direction=\"received\"}";
-            let (s0, b0) = (
-                metric(&client, &d, seconds).await,
-                metric(&client, &d, bytes).await,
-            );
+            let (s0, b0) = pull_totals(&client, &d).await;
             let leg = json!({"prompt": ids, "max_tokens": 1, "kv_transfer_params": params});
             post(&client, &d, &leg).await;
-            let (s1, b1) = (
-                metric(&client, &d, seconds).await,
-                metric(&client, &d, bytes).await,
-            );
+            let (s1, b1) = pull_totals(&client, &d).await;
             bytes_per_pull = b1 - b0;
             best_gbps = best_gbps.max(bytes_per_pull / (s1 - s0) / 1e9);
         }
