@@ -218,6 +218,26 @@ fn start_remote(launch: &Launch, target: &str, sink: Sink) -> Result<Running, Ru
     Ok(running)
 }
 
+/// The variable holding the cluster's KV secret (`transfer::auth::SECRET_ENV` of
+/// tandem-engine), which built-in workers need to hand KV off.
+const KV_SECRET_ENV: &str = "TANDEM_KV_SECRET";
+
+/// The KV secret of the processes this run starts here: the caller's own, else one
+/// generated for this run (256 random bits, hex), so that its workers hand KV off to
+/// each other and to no one else. Never printed.
+fn run_kv_secret() -> &'static str {
+    static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SECRET.get_or_init(|| {
+        std::env::var(KV_SECRET_ENV)
+            .ok()
+            .filter(|secret| !secret.trim().is_empty())
+            .unwrap_or_else(|| {
+                let bytes: [u8; 32] = rand::random();
+                bytes.iter().map(|b| format!("{b:02x}")).collect()
+            })
+    })
+}
+
 fn start_local(launch: &Launch, sink: Sink) -> Result<Running, RunError> {
     let mut command = match &launch.venv {
         Some(_) => {
@@ -233,6 +253,9 @@ fn start_local(launch: &Launch, sink: Sink) -> Result<Running, RunError> {
             direct
         }
     };
+    if !launch.env.iter().any(|(key, _)| key == KV_SECRET_ENV) {
+        command.env(KV_SECRET_ENV, run_kv_secret());
+    }
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
