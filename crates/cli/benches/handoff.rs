@@ -21,6 +21,9 @@ use serde_json::{Value, json};
 
 const TRIALS: usize = 3;
 
+/// The cluster KV secret the bench's workers share (builds before protocol v2 ignore it).
+const KV_SECRET: &str = "tandem-handoff-bench-secret-0123456789";
+
 struct Worker {
     child: Child,
     base: String,
@@ -34,6 +37,7 @@ impl Worker {
             .args(["serve", "--port", "0", "--threads", threads])
             .args(["--kv-cache-memory", "512MiB", "--max-model-len", "4096"])
             .args(extra)
+            .env("TANDEM_KV_SECRET", KV_SECRET)
             .stderr(Stdio::piped())
             .spawn()
             .expect("tandem serve starts");
