@@ -185,13 +185,28 @@ fn auth_micros() -> f64 {
                 lease_secret: &lease_secret,
             };
             let signature = params.sign(&secret);
-            params.verify(&secret, &signature, auth::now_unix()).unwrap();
+            params
+                .verify(&secret, &signature, auth::now_unix())
+                .unwrap();
             let (client, server) = (Nonce::random(), Nonce::random());
             let server_proof = auth::server_proof(&secret, &client, &server);
-            assert!(auth::verify_server_proof(&secret, &client, &server, &server_proof));
+            assert!(auth::verify_server_proof(
+                &secret,
+                &client,
+                &server,
+                &server_proof
+            ));
             let client_proof = auth::client_proof(&secret, &client, &server);
-            assert!(auth::verify_client_proof(&secret, &client, &server, &client_proof));
-            assert!(auth::secrets_equal(&lease_secret, std::hint::black_box(&lease_secret)));
+            assert!(auth::verify_client_proof(
+                &secret,
+                &client,
+                &server,
+                &client_proof
+            ));
+            assert!(auth::secrets_equal(
+                &lease_secret,
+                std::hint::black_box(&lease_secret)
+            ));
         }
         best = best.min(started.elapsed());
     }
