@@ -312,13 +312,13 @@ async fn a_dead_prefill_worker_is_handled_by_the_policy() {
         .post("/v1/completions", &decode_leg(&body, &params))
         .await;
     common::assert_error(status, &answer, 500);
-    assert!(
-        answer["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("KV transfer"),
-        "{answer}"
-    );
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("KV transfer"), "{answer}");
+    // The client learns the kind of failure, not the address or the connection error.
+    let port = params["remote_port"].to_string();
+    for leak in ["127.0.0.1", port.as_str(), "onnect"] {
+        assert!(!message.contains(leak), "{leak} in {answer}");
+    }
     // Streamed: an error event, then [DONE].
     let events = fail
         .post_stream("/v1/chat/completions", &decode_leg(&chat, &chat_params))
