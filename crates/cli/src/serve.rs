@@ -313,8 +313,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         );
         let listener = match (leases, &secret) {
             (Some(leases), Some(secret)) => {
-                let server = (local.clone(), secret.clone(), leases);
-                Some(start_kv_listener(&args, &engine, server).await?)
+                let local = local.clone();
+                Some(start_kv_listener(&args, &engine, local, secret.clone(), leases).await?)
             }
             _ => None,
         };
@@ -333,11 +333,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
     result
 }
 
-/// Binds and starts the hand-off listener; returns the advertised `(host, port)`.
+/// Binds and starts the hand-off listener, serving readers that hold `secret`;
+/// returns the advertised `(host, port)`.
 async fn start_kv_listener(
     args: &ServeArgs,
     engine: &EngineHandle,
-    (local, secret, leases): (transfer::Local, ClusterSecret, Arc<LeaseTable>),
+    local: transfer::Local,
+    secret: ClusterSecret,
+    leases: Arc<LeaseTable>,
 ) -> Result<(String, u16)> {
     let port = args.kv_port.unwrap_or(0);
     let bind: IpAddr = args
