@@ -17,12 +17,13 @@
 //! after the grace period; then it removes the pid file. The log and the exit status
 //! stay in the directory.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::plan::{Launch, shell_quote};
+use crate::run::KV_SECRET_ENV;
 
 /// Deadline of one short ssh session (start, probe, log tail).
 const CALL_LIMIT: Duration = Duration::from_secs(30);
@@ -90,12 +91,30 @@ impl Ssh {
 
     /// Starts `script` on the host; its output is collected for [`Call::finish`].
     fn call(&self, script: &str, what: &'static str) -> Result<Call, RemoteError> {
-        let mut child = self
-            .command(script)
+        self.call_with_input(script, what, None)
+    }
+
+    /// [`Self::call`], writing `input` to the script's standard input (what must not
+    /// appear on a command line, where any user of either host could read it).
+    fn call_with_input(
+        &self,
+        script: &str,
+        what: &'static str,
+        input: Option<&str>,
+    ) -> Result<Call, RemoteError> {
+        let mut command = self.command(script);
+        if input.is_some() {
+            command.stdin(Stdio::piped());
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(RemoteError::Spawn)?;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            // A failed write shows as the script's own failure.
+            let _ = stdin.write_all(input.as_bytes());
+        }
         let stdout = child.stdout.take().map(collect);
         let stderr = child.stderr.take().map(collect);
         Ok(Call {
@@ -215,7 +234,16 @@ pub struct RemoteProcess {
 /// Starts `launch` on its host (see the module doc).
 pub fn launch(ssh: Ssh, launch: &Launch) -> Result<RemoteProcess, RemoteError> {
     let file = file_name(&launch.name);
-    let output = ssh.run(&start_script(&file, &exec_line(launch)), "start")?;
+    // The KV secret goes through standard input into the process's environment, never
+    // onto a command line.
+    let script = format!(
+        "IFS= read -r {KV_SECRET_ENV}; export {KV_SECRET_ENV}\n{}",
+        start_script(&file, &exec_line(launch))
+    );
+    let secret = format!("{}\n", crate::run::run_kv_secret());
+    let output = ssh
+        .call_with_input(&script, "start", Some(&secret))?
+        .finish(Instant::now() + CALL_LIMIT, CALL_LIMIT)?;
     let fields: Vec<&str> = output.split_whitespace().collect();
     let unexpected = || RemoteError::Unexpected {
         target: ssh.target.clone(),

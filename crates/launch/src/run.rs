@@ -220,12 +220,12 @@ fn start_remote(launch: &Launch, target: &str, sink: Sink) -> Result<Running, Ru
 
 /// The variable holding the cluster's KV secret (`transfer::auth::SECRET_ENV` of
 /// tandem-engine), which built-in workers need to hand KV off.
-const KV_SECRET_ENV: &str = "TANDEM_KV_SECRET";
+pub(crate) const KV_SECRET_ENV: &str = "TANDEM_KV_SECRET";
 
 /// The KV secret of the processes this run starts here: the caller's own, else one
 /// generated for this run (256 random bits, hex), so that its workers hand KV off to
 /// each other and to no one else. Never printed.
-fn run_kv_secret() -> &'static str {
+pub(crate) fn run_kv_secret() -> &'static str {
     static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SECRET.get_or_init(|| {
         std::env::var(KV_SECRET_ENV)
