@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -119,6 +120,8 @@ def main():
     ap.add_argument("--expect-device-pulls", action="store_true",
                     help="every pull must copy GPU to GPU (both workers on this host's GPUs)")
     a = ap.parse_args()
+    # The workers' shared KV secret (protocol v2 refuses --kv-port without one).
+    os.environ.setdefault("TANDEM_KV_SECRET", secrets.token_hex(32))
     os.makedirs(a.out, exist_ok=True)
     common = ["--model", a.model, "--kv-cache-memory", a.kv_cache_memory, "--max-model-len", "4096"]
     failures = []

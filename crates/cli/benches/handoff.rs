@@ -5,10 +5,14 @@
 //!    `tandem:kv_transfer_seconds` measures it: connect, handshake, read, done) vs a
 //!    `memcpy` of the same bytes;
 //! 2. time to first token of a 512-token prompt through P → D (prefill leg, then the
-//!    streamed decode leg, as a proxy runs them) vs a single worker.
+//!    streamed decode leg, as a proxy runs them) vs a single worker;
+//! 3. the CPU time the hand-off's authentication adds to one hand-off (P signs the
+//!    params, D checks them; the handshake's two nonces, two proofs and two checks),
+//!    in this process, against the hand-off's own time from 1.
 //!
 //! `cargo bench -p tandem-cli --bench handoff` (needs the default model;
-//! `TANDEM_BENCH_THREADS`, default 2, per worker).
+//! `TANDEM_BENCH_THREADS`, default 2, per worker; `TANDEM_BENCH_BIN`, default the
+//! `tandem` built with the bench: another build's binary, for an A/B comparison).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +24,9 @@ use serde_json::{Value, json};
 
 const TRIALS: usize = 3;
 
+/// The cluster KV secret the bench's workers share (builds before protocol v2 ignore it).
+const KV_SECRET: &str = "tandem-handoff-bench-secret-0123456789";
+
 struct Worker {
     child: Child,
     base: String,
@@ -27,10 +34,13 @@ struct Worker {
 
 impl Worker {
     fn start(threads: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        let binary = std::env::var("TANDEM_BENCH_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tandem").to_owned());
+        let mut child = Command::new(binary)
             .args(["serve", "--port", "0", "--threads", threads])
             .args(["--kv-cache-memory", "512MiB", "--max-model-len", "4096"])
             .args(extra)
+            .env("TANDEM_KV_SECRET", KV_SECRET)
             .stderr(Stdio::piped())
             .spawn()
             .expect("tandem serve starts");
@@ -109,7 +119,14 @@ async fn first_chunk(client: &reqwest::Client, worker: &Worker, body: &Value) ->
     at
 }
 
-async fn metric(client: &reqwest::Client, worker: &Worker, name: &str) -> f64 {
+/// The value of the first series of `name` carrying all of `labels` (0 before its
+/// first increment), whatever other labels (`model_name`) it has.
+async fn metric(
+    client: &reqwest::Client,
+    worker: &Worker,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
     let text = client
         .get(worker.url("/metrics"))
         .send()
@@ -119,8 +136,81 @@ async fn metric(client: &reqwest::Client, worker: &Worker, name: &str) -> f64 {
         .await
         .unwrap();
     text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            let has = |(k, v): &(&str, &str)| {
+                series_labels
+                    .split(',')
+                    .any(|pair| pair == format!("{k}=\"{v}\""))
+            };
+            (series_name == name && labels.iter().all(has))
+                .then(|| value.parse().ok())
+                .flatten()
+        })
         .unwrap_or(0.0)
+}
+
+/// D's pull totals: (seconds, bytes received).
+async fn pull_totals(client: &reqwest::Client, d: &Worker) -> (f64, f64) {
+    let seconds = metric(client, d, "tandem:kv_transfer_seconds_sum", &[]).await;
+    let received = [("direction", "received")];
+    let bytes = metric(client, d, "tandem:kv_transfer_bytes_total", &received).await;
+    (seconds, bytes)
+}
+
+/// Microseconds of CPU the authentication of one hand-off costs, best of several
+/// batches: everything both sides compute that protocol v1 did not.
+fn auth_micros() -> f64 {
+    use tandem_engine::transfer::auth::{self, ClusterSecret, Nonce, SignedParams};
+    let secret = ClusterSecret::new(KV_SECRET.as_bytes(), "bench").unwrap();
+    let blocks: Vec<u32> = (0..128).collect();
+    const BATCH: u32 = 1000;
+    let mut best = Duration::MAX;
+    for _ in 0..5 {
+        let started = Instant::now();
+        for _ in 0..BATCH {
+            let lease_secret = auth::new_lease_secret();
+            let params = SignedParams {
+                engine_id: "3c1e4f2a-0000-4000-8000-000000000000",
+                request_id: "cmpl-0123456789abcdef0123456789abcdef-0-1a2b3c4d",
+                block_ids: &blocks,
+                host: "10.0.0.5",
+                port: 5600,
+                num_tokens: 2048,
+                expires_at: auth::now_unix() + 30,
+                lease_secret: &lease_secret,
+            };
+            let signature = params.sign(&secret);
+            params
+                .verify(&secret, &signature, auth::now_unix())
+                .unwrap();
+            let (client, server) = (Nonce::random(), Nonce::random());
+            let server_proof = auth::server_proof(&secret, &client, &server);
+            assert!(auth::verify_server_proof(
+                &secret,
+                &client,
+                &server,
+                &server_proof
+            ));
+            let client_proof = auth::client_proof(&secret, &client, &server);
+            assert!(auth::verify_client_proof(
+                &secret,
+                &client,
+                &server,
+                &client_proof
+            ));
+            assert!(auth::secrets_equal(
+                &lease_secret,
+                std::hint::black_box(&lease_secret)
+            ));
+        }
+        best = best.min(started.elapsed());
+    }
+    best.as_secs_f64() * 1e6 / f64::from(BATCH)
 }
 
 /// GB/s of copying `bytes` bytes between two warm buffers, best of several.
@@ -154,22 +244,15 @@ fn main() {
         for trial in 0..TRIALS {
             let ids = prompt(2048, trial as u32);
             let params = prefill(&client, &p, &ids).await;
-            let seconds = "tandem:kv_transfer_seconds_sum";
-            let bytes = "tandem:kv_transfer_bytes_total{direction=\"received\"}";
-            let (s0, b0) = (
-                metric(&client, &d, seconds).await,
-                metric(&client, &d, bytes).await,
-            );
+            let (s0, b0) = pull_totals(&client, &d).await;
             let leg = json!({"prompt": ids, "max_tokens": 1, "kv_transfer_params": params});
             post(&client, &d, &leg).await;
-            let (s1, b1) = (
-                metric(&client, &d, seconds).await,
-                metric(&client, &d, bytes).await,
-            );
+            let (s1, b1) = pull_totals(&client, &d).await;
             bytes_per_pull = b1 - b0;
             best_gbps = best_gbps.max(bytes_per_pull / (s1 - s0) / 1e9);
         }
         let ceiling = memcpy_gbps(bytes_per_pull as usize);
+        let pull_seconds = bytes_per_pull / (best_gbps * 1e9);
         println!(
             "hand-off of a 2048-token prompt ({:.1} MB): {best_gbps:.2} GB/s | memcpy {ceiling:.2} GB/s | ratio {:.0}% (target >= 30%)",
             bytes_per_pull / 1e6,
@@ -197,6 +280,14 @@ fn main() {
             alone.as_secs_f64() * 1e3,
             through.as_secs_f64() * 1e3,
             100.0 * (through.as_secs_f64() / alone.as_secs_f64() - 1.0)
+        );
+
+        // 3. What authentication adds, in CPU time.
+        let micros = auth_micros();
+        println!(
+            "authentication of one hand-off: {micros:.1} us of CPU | {:.3}% of the 2048-token pull (target <= 5%) | {:.3} ms of TTFT (target <= 1 ms)",
+            100.0 * micros / 1e6 / pull_seconds,
+            micros / 1e3
         );
     });
 }

@@ -15,7 +15,9 @@ use tandem_engine::kv::{KvDtype, KvLayout};
 use tandem_engine::model::ModelConfig;
 use tandem_engine::transfer::probe::{self, ProbeError, ProbeRead, ProbeReport};
 use tandem_engine::transfer::wire::{self, ErrorCode};
-use tandem_engine::transfer::{Fingerprint, Limits, RemotePrefill, model_identity};
+use tandem_engine::transfer::{
+    ClusterSecret, Fingerprint, Limits, RemotePrefill, auth, model_identity,
+};
 use tandem_protocol::pd::KvTransferParams;
 
 #[derive(Args)]
@@ -43,6 +45,10 @@ pub struct KvArgs {
     /// With --measure: the worker's `--block-size`.
     #[arg(long, default_value_t = 16)]
     block_size: usize,
+    /// With --measure: a file holding the cluster's KV secret (the worker's
+    /// `--kv-secret-file`); without it, the TANDEM_KV_SECRET environment variable.
+    #[arg(long, value_name = "PATH")]
+    kv_secret_file: Option<std::path::PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -439,6 +445,13 @@ fn measure(
         None => path,
     };
     let fingerprint = fingerprint(path, shape, dtype, args.block_size)?;
+    let secret =
+        ClusterSecret::from_file_or_env(args.kv_secret_file.as_deref())?.with_context(|| {
+            format!(
+                "--measure reads KV as a decode worker, which needs the cluster's KV secret: {}",
+                auth::HOW_TO_CONFIGURE
+            )
+        })?;
     if args.prompt_len == 0 {
         bail!("--prompt-len must be at least 1 for --measure");
     }
@@ -455,6 +468,7 @@ fn measure(
     let read = ProbeRead {
         source,
         fingerprint,
+        secret,
         num_tokens,
         tokens_digest: wire::tokens_digest(&tokens[..num_tokens]),
     };
@@ -484,6 +498,10 @@ fn explain_refusal(err: ProbeError) -> anyhow::Error {
         } => {
             "reading the KV blocks (\"here\" is the worker: give the worker's model, \
              --block-size and --kv-dtype)"
+        }
+        ProbeError::Handshake { .. } => {
+            "reading the KV blocks (give the worker's KV secret: --kv-secret-file or \
+             TANDEM_KV_SECRET)"
         }
         _ => "reading the KV blocks",
     };

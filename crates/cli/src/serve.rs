@@ -20,7 +20,9 @@ use tandem_engine::loaded::Placement;
 use tandem_engine::metrics::install_prometheus_recorder;
 use tandem_engine::model::LoadOptions;
 use tandem_engine::sched::{self, EngineConfig, EngineHandle, HandoffLinks};
-use tandem_engine::transfer::{self, Fingerprint, KvServer, LeaseTable, Limits, LoadFailurePolicy};
+use tandem_engine::transfer::{
+    self, ClusterSecret, Fingerprint, KvServer, LeaseTable, Limits, LoadFailurePolicy, auth,
+};
 use tandem_httpd::{DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, HttpLimits};
 use tokio::sync::{Notify, mpsc};
 
@@ -124,6 +126,13 @@ pub struct ServeArgs {
     /// What a decode leg does when its KV cannot be pulled.
     #[arg(long, value_enum, default_value_t = FailurePolicy::Recompute)]
     kv_load_failure_policy: FailurePolicy,
+    /// A file holding the cluster's KV secret (its trimmed contents, at least 16 bytes;
+    /// the same on every worker of the cluster). Without it, the TANDEM_KV_SECRET
+    /// environment variable holds the secret itself. Needed with --kv-port, and to
+    /// take decode legs: it signs and checks kv_transfer_params and authenticates the
+    /// hand-off port.
+    #[arg(long, value_name = "PATH")]
+    kv_secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -237,6 +246,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
         bail!("--gpu-memory-utilization must be in (0, 1]");
     }
     let limits = http_limits(&args)?;
+    let secret = ClusterSecret::from_file_or_env(args.kv_secret_file.as_deref())?;
+    if args.kv_port.is_some() && secret.is_none() {
+        bail!(
+            "--kv-port serves KV only to workers that hold the cluster's KV secret, and \
+             none is set: {}",
+            auth::HOW_TO_CONFIGURE
+        );
+    }
     let (loaded, default_name, identity) = load_model(&args)?;
     let kv = KvOptions {
         block_size: args.block_size,
@@ -277,7 +294,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         chat_template,
         ..
     } = loaded;
-    let leases = args.kv_port.map(|_| Arc::new(LeaseTable::new(lease)));
+    let leases = args
+        .kv_port
+        .map(|_| Arc::new(LeaseTable::new(lease, kv.block_size)));
     let (puller, puller_messages) = mpsc::unbounded_channel();
     let links = HandoffLinks {
         leases: leases.clone(),
@@ -290,6 +309,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .engine_id
             .clone()
             .unwrap_or_else(transfer::new_engine_id),
+        secret: secret.clone(),
         fingerprint,
         memory: engine.kv_memory(),
         limits: Limits::default(),
@@ -309,14 +329,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
             local.clone(),
             lease / 6,
         );
-        let listener = match leases {
-            Some(leases) => Some(start_kv_listener(&args, &engine, local.clone(), leases).await?),
-            None => None,
+        let listener = match (leases, &secret) {
+            (Some(leases), Some(secret)) => {
+                let local = local.clone();
+                Some(start_kv_listener(&args, &engine, local, secret.clone(), leases).await?)
+            }
+            _ => None,
         };
         let handoff = HandoffInfo {
             engine_id: local.engine_id.clone(),
             listener,
             load_failure_policy: args.kv_load_failure_policy.into(),
+            secret,
         };
         let state = ServerState::new(engine, tokenizer, chat_template, served, metrics)
             .with_handoff(handoff)
@@ -338,11 +362,13 @@ fn http_limits(args: &ServeArgs) -> Result<HttpLimits> {
     Ok(limits.validate()?)
 }
 
-/// Binds and starts the hand-off listener; returns the advertised `(host, port)`.
+/// Binds and starts the hand-off listener, serving readers that hold `secret`;
+/// returns the advertised `(host, port)`.
 async fn start_kv_listener(
     args: &ServeArgs,
     engine: &EngineHandle,
     local: transfer::Local,
+    secret: ClusterSecret,
     leases: Arc<LeaseTable>,
 ) -> Result<(String, u16)> {
     let port = args.kv_port.unwrap_or(0);
@@ -351,9 +377,15 @@ async fn start_kv_listener(
         .parse()
         .with_context(|| format!("--host {} is not an IP address", args.host))?;
     let engine_id = local.engine_id.clone();
-    let server = KvServer::bind((bind, port).into(), local, leases, engine.downgrade())
-        .await
-        .with_context(|| format!("listening for KV hand-offs on {bind}:{port}"))?;
+    let server = KvServer::bind(
+        (bind, port).into(),
+        local,
+        secret,
+        leases,
+        engine.downgrade(),
+    )
+    .await
+    .with_context(|| format!("listening for KV hand-offs on {bind}:{port}"))?;
     let port = server.local_addr()?.port();
     let advertised = advertised_kv_host(args.kv_host.as_deref(), bind);
     tokio::spawn(server.run(std::future::pending()));

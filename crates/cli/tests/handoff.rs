@@ -312,13 +312,13 @@ async fn a_dead_prefill_worker_is_handled_by_the_policy() {
         .post("/v1/completions", &decode_leg(&body, &params))
         .await;
     common::assert_error(status, &answer, 500);
-    assert!(
-        answer["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("KV transfer"),
-        "{answer}"
-    );
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("KV transfer"), "{answer}");
+    // The client learns the kind of failure, not the address or the connection error.
+    let port = params["remote_port"].to_string();
+    for leak in ["127.0.0.1", port.as_str(), "onnect"] {
+        assert!(!message.contains(leak), "{leak} in {answer}");
+    }
     // Streamed: an error event, then [DONE].
     let events = fail
         .post_stream("/v1/chat/completions", &decode_leg(&chat, &chat_params))
@@ -356,11 +356,17 @@ async fn refused_reads_and_unusable_params_fall_back_to_local_prefill() {
     assert!(local.is_object());
     let (_, local) = worker(&[]).post("/v1/completions", &body).await;
 
-    // (failure kind on D, field of P's answer, spoiled value)
+    // (failure kind on D, field of P's answer, spoiled value): a spoiled signed
+    // field voids the signature, and D never connects.
     let cases = [
-        ("refused", "remote_block_ids", json!([[100_000]])),
-        ("handshake", "remote_engine_id", json!("someone-else")),
-        ("refused", "remote_request_id", json!("no-such-request")),
+        ("unauthenticated", "remote_block_ids", json!([[100_000]])),
+        ("unauthenticated", "remote_engine_id", json!("someone-else")),
+        (
+            "unauthenticated",
+            "remote_request_id",
+            json!("no-such-request"),
+        ),
+        ("unauthenticated", "tandem_signature", json!("00")),
         ("invalid_params", "remote_block_ids", json!([[]])),
     ];
     for (kind, field, spoiled) in cases {
@@ -373,6 +379,20 @@ async fn refused_reads_and_unusable_params_fall_back_to_local_prefill() {
         assert_eq!(text_of(&answer), text_of(&local), "{kind}");
         assert_eq!(failures(&d.metrics().await), before + 1.0, "{kind}");
     }
+
+    // Signed params for another (as short) prompt: P refuses the read (the digest
+    // differs).
+    let other = greedy(json!("A different prompt entirely."));
+    let (_, other_local) = worker(&[]).post("/v1/completions", &other).await;
+    let params = prefill(&p, "/v1/completions", &body).await;
+    let refused = |m: &str| labelled(m, "tandem:kv_transfer_failures_total", ("kind", "refused"));
+    let before = refused(&d.metrics().await);
+    let (status, answer) = d
+        .post("/v1/completions", &decode_leg(&other, &params))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(text_of(&answer), text_of(&other_local));
+    assert_eq!(refused(&d.metrics().await), before + 1.0);
 
     // A worker with another KV layout is refused at the handshake.
     let params = prefill(&p, "/v1/completions", &body).await;
@@ -404,7 +424,8 @@ async fn refused_reads_and_unusable_params_fall_back_to_local_prefill() {
     p.wait_until_idle(0.0).await;
 }
 
-/// A "prefill worker" that greets correctly, starts sending the blocks, and dies.
+/// A "prefill worker" of the cluster (it holds the secret) that greets correctly,
+/// starts sending the blocks, and dies.
 async fn prefill_worker_that_dies_mid_transfer() -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -412,10 +433,7 @@ async fn prefill_worker_that_dies_mid_transfer() -> u16 {
         loop {
             let (mut stream, _) = listener.accept().await.unwrap();
             tokio::spawn(async move {
-                let Ok(Message::Hello {
-                    fingerprint,
-                    engine_id,
-                }) = wire::receive(&mut stream).await
+                let Some((fingerprint, engine_id)) = common::kv::accept_reader(&mut stream).await
                 else {
                     return;
                 };
@@ -450,10 +468,7 @@ async fn a_prefill_worker_dying_mid_transfer_is_survived() {
     let body = greedy(json!(
         "When the connection drops in the middle of a block, the reader"
     ));
-    let params = json!({"do_remote_prefill": true, "do_remote_decode": false,
-        "remote_block_ids": [[0, 1, 2, 3]], "remote_engine_id": "fake",
-        "remote_request_id": "cmpl-x-0-00000000", "remote_host": "127.0.0.1",
-        "remote_port": port, "tp_size": 1, "remote_num_tokens": 20});
+    let params = common::kv::signed_params(port, "fake", &[0, 1, 2, 3], 20);
     let (_, local) = worker(&[]).post("/v1/completions", &body).await;
     let (status, answer) = d.post("/v1/completions", &decode_leg(&body, &params)).await;
     assert_eq!(status, 200, "{answer}");

@@ -1,7 +1,8 @@
 //! `tandem kv`: the arithmetic against published figures (Llama-3.1-8B in bf16 is 128
 //! KiB per token) and against the engine's own KV block size for the default model;
 //! `--measure` against a real `tandem serve --kv-port`: the bytes read equal the
-//! arithmetic exactly, the worker sent them, and its lease is released.
+//! arithmetic exactly, the worker sent them, and its lease is released; with another
+//! cluster's secret nothing is read.
 
 mod common;
 
@@ -105,6 +106,34 @@ fn measure_reads_a_real_hand_off_exactly_and_releases_it() {
         Some(0.0),
         "the lease is released: {metrics}"
     );
+
+    // Another cluster's secret (from a file, which wins over the environment): the
+    // worker cannot prove it holds this one, and nothing is read.
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("kv-secret");
+    std::fs::write(&secret_file, "another cluster's secret\n").unwrap();
+    let output = tandem()
+        .args(["kv", &model, "--measure", &url, "--prompt-len", "32"])
+        .args(["--kv-secret-file", secret_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("does not hold this cluster's secret"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--kv-secret-file"), "{stderr}");
+    let metrics = worker.metrics_blocking();
+    assert_eq!(sent_bytes(&metrics), Some((32 * 368_640) as f64));
+}
+
+fn sent_bytes(metrics: &str) -> Option<f64> {
+    metric_with(
+        metrics,
+        "tandem:kv_transfer_bytes_total",
+        &[("direction", "sent")],
+    )
 }
 
 #[test]

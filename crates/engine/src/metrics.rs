@@ -44,8 +44,8 @@ pub const KV_TRANSFER_SECONDS: &str = "tandem:kv_transfer_seconds";
 /// Counter: pulls on D that copied GPU memory to GPU memory (same host, CUDA IPC)
 /// instead of reading bytes from the socket.
 pub const KV_DEVICE_PULLS_TOTAL: &str = "tandem:kv_device_pulls_total";
-/// Counter, label [`KIND`]: pulls that failed on D (`unreachable`, `handshake`,
-/// `refused`, `transfer`, `invalid_params`).
+/// Counter, label [`KIND`]: pulls that failed on D (`unauthenticated`, `unreachable`,
+/// `handshake`, `refused`, `transfer`, `invalid_params`).
 pub const KV_TRANSFER_FAILURES_TOTAL: &str = "tandem:kv_transfer_failures_total";
 /// Counter: decode requests whose remote KV could not be pulled and whose prompt was
 /// computed locally instead (`--kv-load-failure-policy recompute`).
@@ -54,11 +54,17 @@ pub const KV_LOAD_RECOMPUTES_TOTAL: &str = "tandem:kv_load_recomputes_total";
 pub const KV_BLOCKS_HELD_FOR_REMOTE: &str = "tandem:kv_blocks_held_for_remote";
 /// Counter: leases that expired unread (vLLM's NIXL metric of the same meaning).
 pub const KV_EXPIRED_LEASES_TOTAL: &str = "vllm:nixl_num_kv_expired_reqs_total";
+/// Counter, label [`SIDE`]: hand-off handshakes that failed authentication (`server`:
+/// P refused a peer without the cluster secret; `client`: D met a peer that did not
+/// prove the secret, or that refused D's proof).
+pub const KV_AUTH_FAILURES_TOTAL: &str = "tandem:kv_auth_failures_total";
 
 /// Label of the KV transfer byte and block counters: `sent` or `received`.
 pub const DIRECTION: &str = "direction";
 /// Label of [`KV_TRANSFER_FAILURES_TOTAL`]: the failure kind.
 pub const KIND: &str = "kind";
+/// Label of [`KV_AUTH_FAILURES_TOTAL`]: `server` or `client`.
+pub const SIDE: &str = "side";
 
 /// Label of [`REQUEST_SUCCESS_TOTAL`]: the OpenAI `finish_reason`.
 pub const FINISHED_REASON: &str = "finished_reason";
@@ -199,5 +205,9 @@ fn describe_all() {
     describe_counter!(
         KV_EXPIRED_LEASES_TOTAL,
         "Requests whose KV blocks were released because their lease expired."
+    );
+    describe_counter!(
+        KV_AUTH_FAILURES_TOTAL,
+        "KV hand-off handshakes that failed authentication, by the side that saw it."
     );
 }

@@ -9,9 +9,15 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-/// The `tandem` binary under test.
+/// The cluster KV secret every process started by [`tandem`] holds (through
+/// `TANDEM_KV_SECRET`), so that test workers hand KV off to each other.
+pub const TEST_KV_SECRET: &str = "tandem-test-cluster-secret-0123456789";
+
+/// The `tandem` binary under test, holding [`TEST_KV_SECRET`].
 pub fn tandem() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tandem"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tandem"));
+    command.env("TANDEM_KV_SECRET", TEST_KV_SECRET);
+    command
 }
 
 /// Whether the default model is cached. Without it the caller skips (with a notice),
@@ -106,8 +112,24 @@ impl Server {
         Self::spawn("route", args, env)
     }
 
+    /// `tandem serve --port 0` with `args` and no KV secret; waits until it listens.
+    pub fn start_without_secret(args: &[&str]) -> Self {
+        let mut command = tandem();
+        command.env_remove("TANDEM_KV_SECRET");
+        Self::spawn_command(command, "serve", args, &[])
+    }
+
     fn spawn(subcommand: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = tandem()
+        Self::spawn_command(tandem(), subcommand, args, env)
+    }
+
+    fn spawn_command(
+        mut command: Command,
+        subcommand: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut child = command
             .args([subcommand, "--port", "0"])
             .args(args)
             .envs(env.iter().copied())
@@ -313,4 +335,67 @@ pub fn streamed_text(payloads: &[String]) -> String {
                 .map(str::to_owned)
         })
         .collect()
+}
+
+/// The KV hand-off as tests play its parts by hand: the test cluster's secret, params
+/// signed as a prefill worker of the cluster signs them, and the server's side of the
+/// handshake.
+pub mod kv {
+    use serde_json::{Value, json};
+    use tandem_engine::transfer::auth::{self, ClusterSecret, Nonce, SignedParams};
+    use tandem_engine::transfer::wire::{self, Fingerprint, Message};
+    use tokio::net::TcpStream;
+
+    pub fn secret() -> ClusterSecret {
+        ClusterSecret::new(super::TEST_KV_SECRET.as_bytes(), "the tests").unwrap()
+    }
+
+    /// A decode leg's `kv_transfer_params` naming `port` on loopback, signed with the
+    /// test secret (valid for 30 s).
+    pub fn signed_params(port: u16, engine_id: &str, blocks: &[u32], num_tokens: u64) -> Value {
+        let lease_secret = auth::new_lease_secret();
+        let expires_at = auth::now_unix() + 30;
+        let request_id = "cmpl-x-0-00000000";
+        let signed = SignedParams {
+            engine_id,
+            request_id,
+            block_ids: blocks,
+            host: "127.0.0.1",
+            port,
+            num_tokens,
+            expires_at,
+            lease_secret: &lease_secret,
+        };
+        json!({"do_remote_prefill": true, "do_remote_decode": false,
+            "remote_block_ids": [blocks], "remote_engine_id": engine_id,
+            "remote_request_id": request_id, "remote_host": "127.0.0.1",
+            "remote_port": port, "tp_size": 1, "remote_num_tokens": num_tokens,
+            "tandem_lease_secret": lease_secret, "tandem_expires_at": expires_at,
+            "tandem_signature": signed.sign(&secret())})
+    }
+
+    /// The server's side of the handshake with the test secret: what the reader
+    /// presented once it proved the secret, or `None`.
+    pub async fn accept_reader(stream: &mut TcpStream) -> Option<(Fingerprint, String)> {
+        let Ok(Message::Hello { client_nonce }) = wire::receive(stream).await else {
+            return None;
+        };
+        let client = Nonce::from_hex(&client_nonce)?;
+        let server = Nonce::random();
+        let challenge = Message::Challenge {
+            server_nonce: server.to_hex(),
+            server_proof: auth::server_proof(&secret(), &client, &server),
+        };
+        wire::send(stream, &challenge).await.ok()?;
+        match wire::receive(stream).await {
+            Ok(Message::Auth {
+                client_proof,
+                fingerprint,
+                engine_id,
+            }) if auth::verify_client_proof(&secret(), &client, &server, &client_proof) => {
+                Some((fingerprint, engine_id))
+            }
+            _ => None,
+        }
+    }
 }

@@ -1,12 +1,15 @@
 //! `kv_transfer_params` at the HTTP boundary: a request's params become its
 //! [`KvRole`], and a prefill leg's [`Handoff`] becomes the params of its response
-//! (vLLM's exact dict, reference §1.3.2).
+//! (vLLM's exact dict, reference §1.3.2, plus tandem's lease secret, expiry and
+//! signature). A decode leg is pulled only if its params carry a valid signature of
+//! this cluster: nothing connects anywhere on the word of an unsigned dict.
 
 use serde_json::{Value, json};
 use tandem_protocol::openai::ApiError;
 use tandem_protocol::pd::KvTransferParams;
 
 use crate::metrics as names;
+use crate::transfer::auth::{self, ClusterSecret, SignedParams};
 use crate::transfer::puller::FailureKind;
 use crate::transfer::{Handoff, KvRole, LoadFailurePolicy, RemotePrefill};
 
@@ -18,6 +21,9 @@ pub struct HandoffInfo {
     /// `remote_port`); `None` when it has none, and so cannot be a prefill leg.
     pub listener: Option<(String, u16)>,
     pub load_failure_policy: LoadFailurePolicy,
+    /// Signs the params this worker issues and checks those it is given; without it
+    /// this worker refuses decode legs.
+    pub secret: Option<ClusterSecret>,
 }
 
 /// The role of a request with these params. `stream` and `prompts` describe the
@@ -58,20 +64,40 @@ fn remote_prefill(
     prompts: usize,
     info: Option<&HandoffInfo>,
 ) -> Result<KvRole, ApiError> {
+    let Some(secret) = info.and_then(|i| i.secret.as_ref()) else {
+        return Err(invalid(&format!(
+            "this worker has no KV secret, so it pulls no KV from other workers: \
+             {}",
+            auth::HOW_TO_CONFIGURE
+        )));
+    };
     let policy = info.map_or(LoadFailurePolicy::Fail, |i| i.load_failure_policy);
-    match remote_source(params, prompts) {
-        Ok(source) => Ok(KvRole::RemotePrefill(source)),
-        Err(problem) => match policy {
-            LoadFailurePolicy::Fail => Err(invalid(&problem)),
-            LoadFailurePolicy::Recompute => {
-                tracing::warn!(%problem, "unusable kv_transfer_params: computing the prompt locally");
-                let kind = FailureKind::InvalidParams.label();
-                metrics::counter!(names::KV_TRANSFER_FAILURES_TOTAL, names::KIND => kind)
-                    .increment(1);
-                metrics::counter!(names::KV_LOAD_RECOMPUTES_TOTAL).increment(1);
-                Ok(KvRole::Local)
-            }
-        },
+    let source = match remote_source(params, prompts) {
+        Ok(source) => source,
+        Err(problem) => return fall_back(policy, FailureKind::InvalidParams, &problem),
+    };
+    match auth::verify_params(secret, &source, params, auth::now_unix()) {
+        Ok(()) => Ok(KvRole::RemotePrefill(source)),
+        Err(rejection) => fall_back(policy, FailureKind::Unauthenticated, &rejection.to_string()),
+    }
+}
+
+/// Params that cannot be pulled: the client's error under `fail`, a local prefill
+/// (logged and counted) under `recompute`.
+fn fall_back(
+    policy: LoadFailurePolicy,
+    kind: FailureKind,
+    problem: &str,
+) -> Result<KvRole, ApiError> {
+    match policy {
+        LoadFailurePolicy::Fail => Err(invalid(problem)),
+        LoadFailurePolicy::Recompute => {
+            let kind = kind.label();
+            tracing::warn!(kind, %problem, "unusable kv_transfer_params: computing the prompt locally");
+            metrics::counter!(names::KV_TRANSFER_FAILURES_TOTAL, names::KIND => kind).increment(1);
+            metrics::counter!(names::KV_LOAD_RECOMPUTES_TOTAL).increment(1);
+            Ok(KvRole::Local)
+        }
     }
 }
 
@@ -87,10 +113,22 @@ fn invalid(message: &str) -> ApiError {
     ApiError::invalid_param("kv_transfer_params", message)
 }
 
-/// The prefill leg's answer: where the decode worker finds the prompt's KV.
+/// The prefill leg's answer: where the decode worker finds the prompt's KV, signed
+/// under the cluster secret (`None` without a listener or a secret).
 pub fn response_params(handoff: &Handoff, info: &HandoffInfo) -> Option<Value> {
     let (host, port) = info.listener.as_ref()?;
-    Some(json!({
+    let secret = info.secret.as_ref()?;
+    let signed = SignedParams {
+        engine_id: &info.engine_id,
+        request_id: &handoff.remote_request_id,
+        block_ids: &handoff.block_ids,
+        host,
+        port: *port,
+        num_tokens: handoff.num_tokens as u64,
+        expires_at: handoff.expires_at,
+        lease_secret: &handoff.lease_secret,
+    };
+    let mut params = json!({
         "do_remote_prefill": true,
         "do_remote_decode": false,
         "remote_block_ids": [handoff.block_ids],
@@ -100,18 +138,38 @@ pub fn response_params(handoff: &Handoff, info: &HandoffInfo) -> Option<Value> {
         "remote_port": port,
         "tp_size": 1,
         "remote_num_tokens": handoff.num_tokens,
-    }))
+    });
+    let tandem = [
+        (auth::PARAM_LEASE_SECRET, json!(handoff.lease_secret)),
+        (auth::PARAM_EXPIRES_AT, json!(handoff.expires_at)),
+        (auth::PARAM_SIGNATURE, json!(signed.sign(secret))),
+    ];
+    let dict = params.as_object_mut()?;
+    dict.extend(tandem.map(|(k, v)| (k.to_owned(), v)));
+    Some(params)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn secret() -> ClusterSecret {
+        ClusterSecret::new(b"a test cluster secret", "test").unwrap()
+    }
+
     fn info() -> HandoffInfo {
         HandoffInfo {
             engine_id: "e".into(),
             listener: Some(("10.0.0.5".into(), 5600)),
             load_failure_policy: LoadFailurePolicy::Fail,
+            secret: Some(secret()),
+        }
+    }
+
+    fn lenient() -> HandoffInfo {
+        HandoffInfo {
+            load_failure_policy: LoadFailurePolicy::Recompute,
+            ..info()
         }
     }
 
@@ -119,10 +177,19 @@ mod tests {
         serde_json::from_value(json).unwrap()
     }
 
+    fn handoff() -> Handoff {
+        Handoff {
+            remote_request_id: "cmpl-R-0-1a2b3c4d".into(),
+            block_ids: vec![12, 13, 14],
+            num_tokens: 37,
+            lease_secret: auth::new_lease_secret(),
+            expires_at: auth::now_unix() + 30,
+        }
+    }
+
+    /// What a prefill worker of this cluster answers, as the proxy copies it.
     fn decode_leg() -> Value {
-        json!({"do_remote_prefill": true, "do_remote_decode": false,
-            "remote_block_ids": [[4, 5]], "remote_engine_id": "p", "remote_request_id": "r",
-            "remote_host": "127.0.0.1", "remote_port": 5600, "tp_size": 1})
+        response_params(&handoff(), &info()).unwrap()
     }
 
     #[test]
@@ -142,13 +209,14 @@ mod tests {
     }
 
     #[test]
-    fn a_complete_decode_dict_makes_a_decode_leg() {
+    fn a_signed_decode_dict_makes_a_decode_leg() {
         let role = kv_role(Some(&params(decode_leg())), true, 1, Some(&info())).unwrap();
         let KvRole::RemotePrefill(source) = role else {
             panic!("{role:?}")
         };
-        assert_eq!((source.host.as_str(), source.port), ("127.0.0.1", 5600));
-        assert_eq!(source.block_ids, vec![4, 5]);
+        assert_eq!((source.host.as_str(), source.port), ("10.0.0.5", 5600));
+        assert_eq!(source.block_ids, vec![12, 13, 14]);
+        assert_eq!(source.lease_secret.len(), 32);
     }
 
     #[test]
@@ -165,11 +233,7 @@ mod tests {
             let err = kv_role(Some(&params(dict.clone())), false, 1, Some(&info())).unwrap_err();
             assert_eq!(err.status(), 400);
             assert!(err.body().error.message.contains(field), "{err:?}");
-            let lenient = HandoffInfo {
-                load_failure_policy: LoadFailurePolicy::Recompute,
-                ..info()
-            };
-            let role = kv_role(Some(&params(dict)), false, 1, Some(&lenient)).unwrap();
+            let role = kv_role(Some(&params(dict)), false, 1, Some(&lenient())).unwrap();
             assert_eq!(role, KvRole::Local);
         }
         let mut empty = decode_leg();
@@ -181,13 +245,87 @@ mod tests {
     }
 
     #[test]
-    fn response_params_have_vllms_keys() {
-        let handoff = Handoff {
-            remote_request_id: "cmpl-R-0-1a2b3c4d".into(),
-            block_ids: vec![12, 13, 14],
-            num_tokens: 37,
+    fn unsigned_forged_or_expired_dicts_are_never_pulled() {
+        let forged = [
+            ("remote_host", json!("127.0.0.1")),
+            ("remote_port", json!(22)),
+            ("remote_engine_id", json!("someone-else")),
+            ("remote_request_id", json!("cmpl-other-0-00000000")),
+            ("remote_block_ids", json!([[12, 13]])),
+            ("remote_num_tokens", json!(36)),
+            ("tandem_lease_secret", json!("00")),
+            ("tandem_expires_at", json!(u64::MAX)),
+            ("tandem_signature", json!("00".repeat(32))),
+        ];
+        let mut cases: Vec<Value> = forged
+            .into_iter()
+            .map(|(field, value)| {
+                let mut dict = decode_leg();
+                dict[field] = value;
+                dict
+            })
+            .collect();
+        for key in [
+            "tandem_signature",
+            "tandem_expires_at",
+            "tandem_lease_secret",
+        ] {
+            let mut dict = decode_leg();
+            dict.as_object_mut().unwrap().remove(key);
+            cases.push(dict);
+        }
+        let mut stale = handoff();
+        stale.expires_at = auth::now_unix() - auth::CLOCK_SKEW_SECS - 5;
+        cases.push(response_params(&stale, &info()).unwrap());
+        for dict in cases {
+            let err = kv_role(Some(&params(dict.clone())), false, 1, Some(&info())).unwrap_err();
+            assert_eq!(err.status(), 400, "{dict}");
+            assert_eq!(
+                err.body().error.param.as_deref(),
+                Some("kv_transfer_params")
+            );
+            let message = &err.body().error.message;
+            assert!(
+                !message.contains("10.0.0.5") && !message.contains("127.0.0.1"),
+                "{message}"
+            );
+            let role = kv_role(Some(&params(dict)), false, 1, Some(&lenient())).unwrap();
+            assert_eq!(role, KvRole::Local);
+        }
+        // Signed under another cluster's secret.
+        let other = HandoffInfo {
+            secret: Some(ClusterSecret::new(b"another cluster's secret", "t").unwrap()),
+            ..info()
         };
-        let value = response_params(&handoff, &info()).unwrap();
+        let theirs = response_params(&handoff(), &other).unwrap();
+        assert!(kv_role(Some(&params(theirs)), false, 1, Some(&info())).is_err());
+    }
+
+    #[test]
+    fn a_worker_without_a_secret_refuses_decode_legs() {
+        let unsecured = HandoffInfo {
+            secret: None,
+            ..lenient()
+        };
+        for info in [Some(&unsecured), None] {
+            let err = kv_role(Some(&params(decode_leg())), false, 1, info).unwrap_err();
+            assert_eq!(err.status(), 400);
+            assert_eq!(
+                err.body().error.param.as_deref(),
+                Some("kv_transfer_params")
+            );
+            assert!(
+                err.body().error.message.contains("TANDEM_KV_SECRET"),
+                "{err:?}"
+            );
+        }
+        // Nor can it issue params (it cannot sign them).
+        assert!(response_params(&handoff(), &unsecured).is_none());
+    }
+
+    #[test]
+    fn response_params_have_vllms_keys_and_tandems_signature() {
+        let value = response_params(&handoff(), &info()).unwrap();
         let mut keys: Vec<_> = value.as_object().unwrap().keys().cloned().collect();
         keys.sort();
         assert_eq!(
@@ -201,6 +339,9 @@ mod tests {
                 "remote_num_tokens",
                 "remote_port",
                 "remote_request_id",
+                "tandem_expires_at",
+                "tandem_lease_secret",
+                "tandem_signature",
                 "tp_size"
             ]
         );

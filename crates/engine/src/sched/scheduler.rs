@@ -26,6 +26,7 @@ use crate::exec::Executor;
 use crate::kv::pool::BlockPool;
 use crate::metrics as names;
 use crate::model::{LogitsFor, SeqInput};
+use crate::transfer::auth;
 use crate::transfer::puller::FailureKind;
 use crate::transfer::wire::tokens_digest;
 use crate::transfer::{
@@ -215,12 +216,21 @@ impl EngineLoop {
         let blocks: Vec<_> = seq.blocks.drain(..held).collect();
         let remote_request_id = format!("{}-{:08x}", seq.request_id, rand::random::<u32>());
         let tokens = seq.tokens[..seq.num_computed].to_vec();
-        leases.insert(remote_request_id.clone(), blocks.clone(), tokens);
+        let lease_secret = auth::new_lease_secret();
+        let expires_at = auth::now_unix() + leases.duration().as_secs_f64().ceil() as u64;
+        leases.insert(
+            remote_request_id.clone(),
+            lease_secret.clone(),
+            blocks.clone(),
+            tokens,
+        );
         metrics::gauge!(names::KV_BLOCKS_HELD_FOR_REMOTE).set(leases.held_blocks() as f64);
         Some(Handoff {
             remote_request_id,
             block_ids: blocks,
             num_tokens: seq.num_computed,
+            lease_secret,
+            expires_at,
         })
     }
 
@@ -437,7 +447,8 @@ impl EngineLoop {
                 Some(seq)
             }
             LoadFailurePolicy::Fail => {
-                self.fail(seq, failure.to_string());
+                tracing::warn!(request_id = seq.request_id, %failure, "failing the request");
+                self.fail(seq, failure.client_message());
                 None
             }
         }

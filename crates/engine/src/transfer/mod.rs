@@ -4,6 +4,8 @@
 //! renewing the lease with heartbeats while it waits, and tells P when it is done.
 //!
 //! - [`wire`]: the versioned TCP protocol (documented in `docs/kv-transfer.md`).
+//! - [`auth`]: the cluster secret, signed params, handshake proofs, lease secrets.
+//! - [`handshake`]: the reader's side of the mutually authenticated handshake.
 //! - [`lease`]: P's leases.
 //! - `identity`: the model digest in the compatibility fingerprint.
 //! - `server`: P's listener (`--kv-port`).
@@ -13,6 +15,8 @@
 //! bytes, straight between the socket and the shared [`KvMemory`], and report back
 //! through the engine's command channel.
 
+pub mod auth;
+pub mod handshake;
 mod identity;
 pub mod lease;
 pub mod probe;
@@ -22,6 +26,7 @@ pub mod wire;
 
 use std::time::Duration;
 
+pub use auth::ClusterSecret;
 pub use identity::model_identity;
 pub use lease::{Handoff, LeaseTable};
 pub use puller::{PullFailure, PullJob, PullOutcome, PullerMsg, spawn_puller};
@@ -50,6 +55,9 @@ pub struct RemotePrefill {
     pub request_id: String,
     /// P's blocks in prompt order (the first KV group of `remote_block_ids`).
     pub block_ids: Vec<BlockId>,
+    /// What P wants to see before it serves the lease (`tandem_lease_secret`; empty
+    /// when the params carry none, which their signature check refuses).
+    pub lease_secret: String,
 }
 
 /// Why a decode leg's `kv_transfer_params` name no blocks tandem can read.
@@ -91,6 +99,12 @@ impl RemotePrefill {
                 .ok_or(SourceError::Missing("remote_port"))?,
             request_id: field(params.remote_request_id.as_ref(), "remote_request_id")?,
             block_ids,
+            lease_secret: params
+                .extra
+                .get(auth::PARAM_LEASE_SECRET)
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
         })
     }
 }
@@ -148,6 +162,8 @@ impl Default for Limits {
 #[derive(Clone)]
 pub struct Local {
     pub engine_id: String,
+    /// The cluster secret: without it this worker neither serves nor pulls KV.
+    pub secret: Option<ClusterSecret>,
     pub fingerprint: Fingerprint,
     pub memory: KvBlocks,
     pub limits: Limits,

@@ -1,6 +1,7 @@
 //! A measured read of a prefill worker's leased KV blocks, for `tandem kv --measure`:
-//! the decode side of the hand-off without an engine. It connects, says hello with
-//! the caller's fingerprint, reads every block of one lease into a scratch buffer
+//! the decode side of the hand-off without an engine. It connects, runs the mutually
+//! authenticated handshake with the cluster secret and the caller's fingerprint, reads
+//! every block of one lease into a scratch buffer
 //! (timed from the read request to the last byte), and says "done" so the worker
 //! frees the blocks at once.
 
@@ -9,6 +10,8 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 
+use super::auth::ClusterSecret;
+use super::handshake::{self, Greeting, HandshakeError};
 use super::wire::{self, ErrorCode, Fingerprint, Message, WireError, within};
 use super::{Limits, RemotePrefill, SOCKET_BUFFER_BYTES};
 
@@ -18,6 +21,8 @@ pub struct ProbeRead {
     pub source: RemotePrefill,
     /// This side's fingerprint: the worker's model, layout and KV element type.
     pub fingerprint: Fingerprint,
+    /// The cluster secret the worker holds.
+    pub secret: ClusterSecret,
     /// Prompt tokens the blocks hold, and their digest ([`wire::tokens_digest`]).
     pub num_tokens: usize,
     pub tokens_digest: String,
@@ -63,6 +68,8 @@ pub enum ProbeError {
     },
     #[error("the hand-off with {addr} failed: {error}")]
     Wire { addr: String, error: WireError },
+    #[error("the handshake with {addr} failed: {error}")]
+    Handshake { addr: String, error: HandshakeError },
     #[error("the read from {addr} did not finish within {limit:?}")]
     Deadline { addr: String, limit: Duration },
 }
@@ -108,6 +115,7 @@ async fn read_all(read: &ProbeRead, addr: &str, limits: Limits) -> Result<ProbeR
     let mut scratch = vec![1u8; ids.len() * ours];
     let request = Message::Read {
         request_id: read.source.request_id.clone(),
+        lease_secret: read.source.lease_secret.clone(),
         block_ids: ids.clone(),
         num_tokens: read.num_tokens,
         tokens_digest: read.tokens_digest.clone(),
@@ -195,23 +203,23 @@ async fn connect(read: &ProbeRead, addr: &str, limits: Limits) -> Result<TcpStre
             error,
         })?;
     let _ = stream.set_nodelay(true);
-    let hello = Message::Hello {
-        fingerprint: read.fingerprint.clone(),
-        engine_id: read.source.engine_id.clone(),
+    let greeting = Greeting {
+        secret: &read.secret,
+        fingerprint: &read.fingerprint,
+        engine_id: &read.source.engine_id,
+        io: limits.io,
     };
-    let wire_error = |error| ProbeError::Wire {
-        addr: addr.to_owned(),
-        error,
-    };
-    within(limits.io, wire::send(&mut stream, &hello))
-        .await
-        .map_err(wire_error)?;
-    match within(limits.io, wire::receive(&mut stream))
-        .await
-        .map_err(wire_error)?
-    {
-        Message::Welcome { .. } => Ok(stream),
-        other => Err(unexpected(addr, "the hello", other)),
+    match handshake::greet(&mut stream, &greeting).await {
+        Ok(_) => Ok(stream),
+        Err(HandshakeError::Refused { code, message }) => Err(ProbeError::Refused {
+            addr: addr.to_owned(),
+            code,
+            message,
+        }),
+        Err(error) => Err(ProbeError::Handshake {
+            addr: addr.to_owned(),
+            error,
+        }),
     }
 }
 
@@ -219,6 +227,7 @@ async fn connect(read: &ProbeRead, addr: &str, limits: Limits) -> Result<TcpStre
 async fn done(stream: &mut TcpStream, read: &ProbeRead, limits: Limits) -> Result<bool, WireError> {
     let done = Message::Done {
         request_id: read.source.request_id.clone(),
+        lease_secret: read.source.lease_secret.clone(),
     };
     within(limits.io, wire::send(stream, &done)).await?;
     match within(limits.io, wire::receive(stream)).await? {
@@ -242,6 +251,7 @@ async fn release(read: &ProbeRead, addr: &str, limits: Limits) -> Result<bool, P
 mod tests {
     use super::*;
     use crate::kv::{KvDtype, KvLayout};
+    use crate::transfer::auth::{self, Nonce};
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
@@ -261,11 +271,7 @@ mod tests {
     async fn fake_worker(listener: TcpListener, refuse: bool) -> usize {
         let mut dones = 0;
         while let Ok((mut stream, _)) = listener.accept().await {
-            let Ok(Message::Hello {
-                fingerprint,
-                engine_id,
-            }) = wire::receive(&mut stream).await
-            else {
+            let Some((fingerprint, engine_id)) = accept(&mut stream).await else {
                 return dones;
             };
             let welcome = Message::Welcome {
@@ -307,6 +313,34 @@ mod tests {
         dones
     }
 
+    fn secret() -> ClusterSecret {
+        ClusterSecret::new(b"a test cluster secret", "test").unwrap()
+    }
+
+    /// The server's side of the handshake; what the reader presented.
+    async fn accept(stream: &mut tokio::net::TcpStream) -> Option<(Fingerprint, String)> {
+        let Ok(Message::Hello { client_nonce }) = wire::receive(stream).await else {
+            return None;
+        };
+        let client = Nonce::from_hex(&client_nonce)?;
+        let server = Nonce::random();
+        let challenge = Message::Challenge {
+            server_nonce: server.to_hex(),
+            server_proof: auth::server_proof(&secret(), &client, &server),
+        };
+        wire::send(stream, &challenge).await.ok()?;
+        match wire::receive(stream).await {
+            Ok(Message::Auth {
+                client_proof,
+                fingerprint,
+                engine_id,
+            }) if auth::verify_client_proof(&secret(), &client, &server, &client_proof) => {
+                Some((fingerprint, engine_id))
+            }
+            _ => None,
+        }
+    }
+
     async fn probe(refuse: bool) -> (Result<ProbeReport, ProbeError>, usize) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -318,8 +352,10 @@ mod tests {
                 port,
                 request_id: "r".into(),
                 block_ids: vec![4, 5, 6],
+                lease_secret: "5ec2e7".into(),
             },
             fingerprint: small(),
+            secret: secret(),
             num_tokens: 40,
             tokens_digest: wire::tokens_digest(&[1; 40]),
         };

@@ -1,8 +1,10 @@
 //! D's side of the hand-off: one task that owns the decode requests waiting for remote
 //! KV. It renews their leases on P with heartbeats until their pull starts, runs each
-//! pull (handshake, read straight into the blocks the engine allocated, done) under a
-//! deadline, tells P "done" for requests that will never read, and reports every pull's
-//! outcome to the engine loop.
+//! pull (mutually authenticated handshake, read straight into the blocks the engine
+//! allocated, done) under a deadline, tells P "done" for requests that will never read,
+//! and reports every pull's outcome to the engine loop. Requests reach it only after
+//! their params' signature was checked (`api::handoff`), so it connects only where a
+//! worker holding the cluster secret said the KV is.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -12,7 +14,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::wire::{self, DeviceExport, Message, WireError, within};
+use super::handshake::{self, Greeting};
+use super::wire::{self, DeviceExport, LeaseRef, Message, WireError, within};
 use super::{Local, RemotePrefill, SOCKET_BUFFER_BYTES};
 use crate::kv::{BlockId, KvBlocks};
 use crate::metrics as names;
@@ -45,9 +48,13 @@ pub struct PullJob {
 /// Why a pull failed, as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
+    /// The params were not signed by a worker of this cluster, or expired (never
+    /// pulled: nothing connects anywhere).
+    Unauthenticated,
     /// P could not be reached.
     Unreachable,
-    /// P refused the handshake (fingerprint, engine id) or answered it wrongly.
+    /// P refused the handshake (secret, fingerprint, engine id), did not prove it holds
+    /// the cluster secret, or answered wrongly.
     Handshake,
     /// P refused the read (unknown or expired request, foreign blocks, other prompt).
     Refused,
@@ -60,6 +67,7 @@ pub enum FailureKind {
 impl FailureKind {
     pub fn label(self) -> &'static str {
         match self {
+            FailureKind::Unauthenticated => "unauthenticated",
             FailureKind::Unreachable => "unreachable",
             FailureKind::Handshake => "handshake",
             FailureKind::Refused => "refused",
@@ -83,6 +91,22 @@ impl PullFailure {
             kind,
             source_addr: format!("{}:{}", source.host, source.port),
             message: message.into(),
+        }
+    }
+
+    /// What the client of the failed request is told. For failures on the network only
+    /// the kind: the address and the error stay in this worker's log (a client must
+    /// not learn about the network through it).
+    pub fn client_message(&self) -> String {
+        let kind = self.kind.label();
+        match self.kind {
+            FailureKind::InvalidParams | FailureKind::Unauthenticated => {
+                format!("KV transfer failed ({kind}): {}", self.message)
+            }
+            _ => format!(
+                "KV transfer from the prefill worker failed ({kind}); the decode worker's \
+                 log has the details"
+            ),
         }
     }
 
@@ -152,18 +176,15 @@ async fn run(
 
 /// One heartbeat per P endpoint, naming all of its requests still waiting here.
 fn send_heartbeats(waiting: &HashMap<SeqId, RemotePrefill>, local: &Local) {
-    let mut by_source: HashMap<(String, u16, String), Vec<String>> = HashMap::new();
+    let mut by_source: HashMap<(String, u16, String), Vec<LeaseRef>> = HashMap::new();
     for source in waiting.values() {
         let key = (source.host.clone(), source.port, source.engine_id.clone());
-        by_source
-            .entry(key)
-            .or_default()
-            .push(source.request_id.clone());
+        by_source.entry(key).or_default().push(lease_ref(source));
     }
-    for ((host, port, engine_id), request_ids) in by_source {
+    for ((host, port, engine_id), leases) in by_source {
         let local = local.clone();
         tokio::spawn(async move {
-            let heartbeat = Message::Heartbeat { request_ids };
+            let heartbeat = Message::Heartbeat { leases };
             if let Err(err) = exchange(&host, port, &engine_id, &heartbeat, &local).await {
                 tracing::debug!(%host, port, %err, "KV lease heartbeat failed");
             }
@@ -171,10 +192,22 @@ fn send_heartbeats(waiting: &HashMap<SeqId, RemotePrefill>, local: &Local) {
     }
 }
 
-async fn tell_done(source: &RemotePrefill, local: &Local) {
-    let done = Message::Done {
+fn lease_ref(source: &RemotePrefill) -> LeaseRef {
+    LeaseRef {
         request_id: source.request_id.clone(),
-    };
+        lease_secret: source.lease_secret.clone(),
+    }
+}
+
+fn done_message(source: &RemotePrefill) -> Message {
+    Message::Done {
+        request_id: source.request_id.clone(),
+        lease_secret: source.lease_secret.clone(),
+    }
+}
+
+async fn tell_done(source: &RemotePrefill, local: &Local) {
+    let done = done_message(source);
     if let Err(err) = exchange(&source.host, source.port, &source.engine_id, &done, local).await {
         tracing::debug!(request_id = source.request_id, %err, "could not tell P to free its blocks");
     }
@@ -188,9 +221,20 @@ async fn exchange(
     message: &Message,
     local: &Local,
 ) -> Result<(), Failed> {
+    let secret = secret_of(local)?;
     let mut stream = connect(host, port, local).await?;
-    handshake(&mut stream, engine_id, local).await?;
+    handshake(&mut stream, engine_id, secret, local).await?;
     request(&mut stream, message, local).await
+}
+
+/// The cluster secret; without one this worker never connects to a P.
+fn secret_of(local: &Local) -> Result<&super::ClusterSecret, Failed> {
+    local.secret.as_ref().ok_or_else(|| {
+        Failed(
+            FailureKind::Unauthenticated,
+            "this worker has no KV secret".into(),
+        )
+    })
 }
 
 /// An exchange error, classified by when it happened.
@@ -240,44 +284,23 @@ async fn connect(host: &str, port: u16, local: &Local) -> Result<TcpStream, Fail
     Ok(stream)
 }
 
-/// Hello/welcome; returns what P offers same-host readers of GPU memory.
+/// The mutually authenticated handshake; returns what P offers same-host readers of
+/// GPU memory.
 async fn handshake(
     stream: &mut TcpStream,
     engine_id: &str,
+    secret: &super::ClusterSecret,
     local: &Local,
 ) -> Result<Option<DeviceExport>, Failed> {
-    let hello = Message::Hello {
-        fingerprint: local.fingerprint.clone(),
-        engine_id: engine_id.to_owned(),
+    let greeting = Greeting {
+        secret,
+        fingerprint: &local.fingerprint,
+        engine_id,
+        io: local.limits.io,
     };
-    let handshake_failed = |e: WireError| Failed(FailureKind::Handshake, e.to_string());
-    within(local.limits.io, wire::send(stream, &hello))
+    handshake::greet(stream, &greeting)
         .await
-        .map_err(handshake_failed)?;
-    match within(local.limits.io, wire::receive(stream))
-        .await
-        .map_err(handshake_failed)?
-    {
-        Message::Welcome {
-            fingerprint,
-            engine_id: theirs,
-            device,
-        } => {
-            let diffs = local.fingerprint.differences(&fingerprint);
-            if !diffs.is_empty() || theirs != engine_id {
-                return Err(Failed(
-                    FailureKind::Handshake,
-                    format!("P answered as engine {theirs} with {}", diffs.join("; ")),
-                ));
-            }
-            Ok(device)
-        }
-        Message::Error { message, .. } => Err(Failed(FailureKind::Handshake, message)),
-        other => Err(Failed(
-            FailureKind::Handshake,
-            format!("unexpected answer {other:?}"),
-        )),
-    }
+        .map_err(|e| Failed(FailureKind::Handshake, e.to_string()))
 }
 
 /// Sends a heartbeat or done and waits for its acknowledgement.
@@ -339,13 +362,15 @@ async fn pull(job: PullJob, local: &Local) -> PullOutcome {
 /// Handshake, read, done; returns the bytes read.
 async fn read_blocks(job: &PullJob, local: &Local) -> Result<usize, Failed> {
     let source = &job.source;
+    let secret = secret_of(local)?;
     let mut stream = connect(&source.host, source.port, local).await?;
-    let export = handshake(&mut stream, &source.engine_id, local).await?;
+    let export = handshake(&mut stream, &source.engine_id, secret, local).await?;
     if let Some(peer) = export.and_then(|e| mapped_peer(&e, &source.engine_id, local)) {
         return read_from_device(&mut stream, job, local, peer).await;
     }
     let read = Message::Read {
         request_id: source.request_id.clone(),
+        lease_secret: source.lease_secret.clone(),
         block_ids: job.remote_blocks.clone(),
         num_tokens: job.num_tokens,
         tokens_digest: job.tokens_digest.clone(),
@@ -377,9 +402,7 @@ async fn read_blocks(job: &PullJob, local: &Local) -> Result<usize, Failed> {
     }
     .await?;
     // The data is in; a lost "done" only leaves P's lease to expire.
-    let done = Message::Done {
-        request_id: source.request_id.clone(),
-    };
+    let done = done_message(source);
     if let Err(Failed(_, err)) = request(&mut stream, &done, local).await {
         tracing::debug!(request_id = source.request_id, %err, "P did not acknowledge done");
     }
@@ -442,6 +465,7 @@ async fn read_from_device(
     let source = &job.source;
     let read = Message::ReadDevice {
         request_id: source.request_id.clone(),
+        lease_secret: source.lease_secret.clone(),
         block_ids: job.remote_blocks.clone(),
         num_tokens: job.num_tokens,
         tokens_digest: job.tokens_digest.clone(),
@@ -465,6 +489,7 @@ async fn read_from_device(
     drop(peer);
     let finished = Message::ReadDeviceDone {
         request_id: source.request_id.clone(),
+        lease_secret: source.lease_secret.clone(),
     };
     let acknowledged = request(stream, &finished, local).await;
     if let Err(err) = copied {
@@ -473,9 +498,7 @@ async fn read_from_device(
     }
     acknowledged?;
     metrics::counter!(names::KV_DEVICE_PULLS_TOTAL).increment(1);
-    let done = Message::Done {
-        request_id: source.request_id.clone(),
-    };
+    let done = done_message(source);
     if let Err(Failed(_, err)) = request(stream, &done, local).await {
         tracing::debug!(request_id = source.request_id, %err, "P did not acknowledge done");
     }

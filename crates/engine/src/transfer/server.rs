@@ -1,16 +1,21 @@
-//! P's hand-off listener: checks each reader's fingerprint and engine id, serves reads
-//! of leased blocks straight from the KV memory, renews leases on heartbeats, ends them
-//! on "done", and sweeps the expired ones. Freed blocks go back to the engine loop.
+//! P's hand-off listener: authenticates each reader (both prove they hold the cluster
+//! secret; a peer that does not learns nothing but "unauthorized"), then checks its
+//! fingerprint and engine id, serves reads of leased blocks straight from the KV
+//! memory, renews leases on heartbeats, ends them on "done", and sweeps the expired
+//! ones. Every lease operation must present the lease's secret. Freed blocks go back
+//! to the engine loop.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use super::lease::LeaseTable;
-use super::wire::{self, ErrorCode, Message, WireError, within};
+use super::auth::{self, ClusterSecret, Nonce};
+use super::lease::{LeaseRead, LeaseTable};
+use super::wire::{self, ErrorCode, Fingerprint, Message, WireError, within};
 use super::{Local, SOCKET_BUFFER_BYTES};
 use crate::kv::{BlockId, KvBlocks};
 use crate::metrics as names;
@@ -24,6 +29,7 @@ pub struct KvServer {
 
 struct Ctx {
     local: Local,
+    secret: ClusterSecret,
     leases: Arc<LeaseTable>,
     engine: WeakEngine,
     /// Offered to same-host readers when the KV is in GPU memory.
@@ -40,9 +46,11 @@ impl Ctx {
 }
 
 impl KvServer {
+    /// Listens on `addr` for readers holding `secret`.
     pub async fn bind(
         addr: SocketAddr,
         local: Local,
+        secret: ClusterSecret,
         leases: Arc<LeaseTable>,
         engine: WeakEngine,
     ) -> std::io::Result<Self> {
@@ -59,6 +67,7 @@ impl KvServer {
         let device = super::device_export(&local.memory);
         let ctx = Arc::new(Ctx {
             local,
+            secret,
             leases,
             engine,
             device,
@@ -115,14 +124,14 @@ async fn sweep(ctx: Arc<Ctx>) {
 
 async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
     let _ = stream.set_nodelay(true);
-    if let Err(err) = converse(&mut stream, &ctx).await {
+    if let Err(err) = converse(&mut stream, peer, &ctx).await {
         tracing::debug!(%peer, %err, "KV hand-off connection ended");
     }
 }
 
-async fn converse(stream: &mut TcpStream, ctx: &Ctx) -> Result<(), WireError> {
+async fn converse(stream: &mut TcpStream, peer: SocketAddr, ctx: &Ctx) -> Result<(), WireError> {
     let limits = ctx.local.limits;
-    if !greet(stream, ctx).await? {
+    if !greet(stream, peer, ctx).await? {
         return Ok(());
     }
     loop {
@@ -133,12 +142,14 @@ async fn converse(stream: &mut TcpStream, ctx: &Ctx) -> Result<(), WireError> {
         let reply = match message {
             Message::Read {
                 request_id,
+                lease_secret,
                 block_ids,
                 num_tokens,
                 tokens_digest,
             } => {
-                let read = BlockRead {
+                let read = LeaseRead {
                     request_id: &request_id,
+                    lease_secret: &lease_secret,
                     block_ids: &block_ids,
                     num_tokens,
                     digest: &tokens_digest,
@@ -148,12 +159,14 @@ async fn converse(stream: &mut TcpStream, ctx: &Ctx) -> Result<(), WireError> {
             }
             Message::ReadDevice {
                 request_id,
+                lease_secret,
                 block_ids,
                 num_tokens,
                 tokens_digest,
             } if ctx.device.is_some() => {
-                let read = BlockRead {
+                let read = LeaseRead {
                     request_id: &request_id,
+                    lease_secret: &lease_secret,
                     block_ids: &block_ids,
                     num_tokens,
                     digest: &tokens_digest,
@@ -161,11 +174,14 @@ async fn converse(stream: &mut TcpStream, ctx: &Ctx) -> Result<(), WireError> {
                 serve_device_read(stream, ctx, &read).await?;
                 continue;
             }
-            Message::Heartbeat { request_ids } => Message::Ack {
-                count: ctx.leases.heartbeat(&request_ids),
+            Message::Heartbeat { leases } => Message::Ack {
+                count: ctx.leases.heartbeat(&leases),
             },
-            Message::Done { request_id } => {
-                let (existed, blocks) = ctx.leases.done(&request_id);
+            Message::Done {
+                request_id,
+                lease_secret,
+            } => {
+                let (existed, blocks) = ctx.leases.done(&request_id, &lease_secret);
                 ctx.release(blocks.unwrap_or_default());
                 Message::Ack {
                     count: usize::from(existed),
@@ -185,55 +201,114 @@ fn refusal(code: ErrorCode, message: String) -> Message {
     Message::Error { code, message }
 }
 
-/// Checks the reader's hello; false (after telling it why) if they cannot work together.
-async fn greet(stream: &mut TcpStream, ctx: &Ctx) -> Result<bool, WireError> {
-    let limits = ctx.local.limits;
+/// Authenticates the reader, then checks its fingerprint and engine id; false (after
+/// telling it why) if they cannot work together.
+async fn greet(stream: &mut TcpStream, peer: SocketAddr, ctx: &Ctx) -> Result<bool, WireError> {
+    let Some((fingerprint, engine_id)) = authenticate(stream, peer, ctx).await? else {
+        return Ok(false);
+    };
     let local = &ctx.local;
-    let answer = match within(limits.io, wire::receive(stream)).await? {
-        Message::Hello {
-            fingerprint,
-            engine_id,
-        } => {
-            let diffs = local.fingerprint.differences(&fingerprint);
-            if !diffs.is_empty() {
-                let message = format!("incompatible KV layouts: {}", diffs.join("; "));
-                refusal(ErrorCode::Incompatible, message)
-            } else if engine_id != local.engine_id {
-                let message = format!("this is engine {}, not {engine_id}", local.engine_id);
-                refusal(ErrorCode::EngineIdMismatch, message)
-            } else {
-                Message::Welcome {
-                    fingerprint: local.fingerprint.clone(),
-                    engine_id: local.engine_id.clone(),
-                    device: ctx.device.clone(),
-                }
-            }
+    // The reader holds the cluster secret: it may learn why it cannot read here.
+    let diffs = local.fingerprint.differences(&fingerprint);
+    let answer = if !diffs.is_empty() {
+        let message = format!("incompatible KV layouts: {}", diffs.join("; "));
+        refusal(ErrorCode::Incompatible, message)
+    } else if engine_id != local.engine_id {
+        let message = format!("this is engine {}, not {engine_id}", local.engine_id);
+        refusal(ErrorCode::EngineIdMismatch, message)
+    } else {
+        Message::Welcome {
+            fingerprint: local.fingerprint.clone(),
+            engine_id: local.engine_id.clone(),
+            device: ctx.device.clone(),
         }
-        other => refusal(
-            ErrorCode::BadMessage,
-            format!("expected a hello, got {other:?}"),
-        ),
     };
     let welcomed = matches!(answer, Message::Welcome { .. });
-    within(limits.io, wire::send(stream, &answer)).await?;
+    within(local.limits.io, wire::send(stream, &answer)).await?;
     Ok(welcomed)
 }
 
-/// What a reader asks for in `read` and `read_device`: the leased blocks of one request.
-struct BlockRead<'a> {
-    request_id: &'a str,
-    block_ids: &'a [BlockId],
-    num_tokens: usize,
-    digest: &'a str,
+/// The mutual proof of the cluster secret: the reader's nonce, this side's nonce and
+/// proof, the reader's proof. Returns what the reader presented with its proof, or
+/// `None` after refusing a peer that failed (it learns nothing but "unauthorized").
+async fn authenticate(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    ctx: &Ctx,
+) -> Result<Option<(Fingerprint, String)>, WireError> {
+    let io = ctx.local.limits.io;
+    let client = match received(within(io, wire::receive(stream)).await)? {
+        Some(Message::Hello { client_nonce }) => Nonce::from_hex(&client_nonce),
+        _ => None,
+    };
+    let Some(client) = client else {
+        return refuse_unauthenticated(stream, peer, ctx).await;
+    };
+    let server = Nonce::random();
+    let challenge = Message::Challenge {
+        server_nonce: server.to_hex(),
+        server_proof: auth::server_proof(&ctx.secret, &client, &server),
+    };
+    within(io, wire::send(stream, &challenge)).await?;
+    match received(within(io, wire::receive(stream)).await)? {
+        Some(Message::Auth {
+            client_proof,
+            fingerprint,
+            engine_id,
+        }) if auth::verify_client_proof(&ctx.secret, &client, &server, &client_proof) => {
+            Ok(Some((fingerprint, engine_id)))
+        }
+        _ => refuse_unauthenticated(stream, peer, ctx).await,
+    }
+}
+
+/// A message, or `None` for bytes that are not one (answered as unauthenticated);
+/// connection failures stay errors (nothing to answer).
+fn received(outcome: Result<Message, WireError>) -> Result<Option<Message>, WireError> {
+    match outcome {
+        Ok(message) => Ok(Some(message)),
+        Err(WireError::Malformed(_) | WireError::TooLarge(_)) => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// Counts the failure, logs it (a warning at most once a minute: scanners must not
+/// flood the log), and tells the peer nothing but "unauthorized".
+async fn refuse_unauthenticated<T>(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    ctx: &Ctx,
+) -> Result<Option<T>, WireError> {
+    metrics::counter!(names::KV_AUTH_FAILURES_TOTAL, names::SIDE => "server").increment(1);
+    static LAST_WARNING: AtomicU64 = AtomicU64::new(0);
+    let now = auth::now_unix();
+    let last = LAST_WARNING.load(Ordering::Relaxed);
+    if now >= last + 60
+        && LAST_WARNING
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            %peer,
+            "a KV hand-off peer failed authentication (it does not hold this cluster's \
+             secret); further failures within a minute are logged at debug level and \
+             counted in tandem:kv_auth_failures_total"
+        );
+    } else {
+        tracing::debug!(%peer, "a KV hand-off peer failed authentication");
+    }
+    let refused = refusal(ErrorCode::Unauthorized, "authentication failed".into());
+    within(ctx.local.limits.io, wire::send(stream, &refused)).await?;
+    Ok(None)
 }
 
 async fn serve_read(
     stream: &mut TcpStream,
     ctx: &Ctx,
-    read: &BlockRead<'_>,
+    read: &LeaseRead<'_>,
 ) -> Result<(), WireError> {
     let limits = ctx.local.limits;
-    let BlockRead {
+    let LeaseRead {
         request_id,
         block_ids,
         ..
@@ -269,21 +344,12 @@ async fn serve_read(
 async fn pin_or_refuse(
     stream: &mut TcpStream,
     ctx: &Ctx,
-    read: &BlockRead<'_>,
+    read: &LeaseRead<'_>,
 ) -> Result<bool, WireError> {
-    let BlockRead {
-        request_id,
-        block_ids,
-        num_tokens,
-        digest,
-    } = *read;
-    match ctx
-        .leases
-        .begin_read(request_id, block_ids, num_tokens, digest)
-    {
+    match ctx.leases.begin_read(read) {
         Ok(()) => Ok(true),
         Err((code, message)) => {
-            tracing::warn!(request_id, %message, "refused a KV read");
+            tracing::warn!(request_id = read.request_id, %message, "refused a KV read");
             let refused = refusal(code, message);
             within(ctx.local.limits.io, wire::send(stream, &refused)).await?;
             Ok(false)
@@ -303,11 +369,12 @@ fn count_sent(blocks: usize, block_bytes: usize) {
 async fn serve_device_read(
     stream: &mut TcpStream,
     ctx: &Ctx,
-    read: &BlockRead<'_>,
+    read: &LeaseRead<'_>,
 ) -> Result<(), WireError> {
     let limits = ctx.local.limits;
-    let BlockRead {
+    let LeaseRead {
         request_id,
+        lease_secret,
         block_ids,
         ..
     } = *read;
@@ -320,7 +387,10 @@ async fn serve_device_read(
         };
         within(limits.io, wire::send(stream, &ok)).await?;
         match within(limits.io, wire::receive(stream)).await? {
-            Message::ReadDeviceDone { request_id: done } if done == request_id => Ok(()),
+            Message::ReadDeviceDone {
+                request_id: done,
+                lease_secret: secret,
+            } if done == request_id && auth::secrets_equal(&secret, lease_secret) => Ok(()),
             other => Err(WireError::Device(format!(
                 "expected the reader's copy to end, got {other:?}"
             ))),

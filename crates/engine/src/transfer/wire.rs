@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::kv::KvLayout;
 
 /// Bumped on any incompatible change of the messages or their meaning.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest control message accepted (a read of a few thousand block ids fits easily).
 pub const MAX_CONTROL_BYTES: usize = 1 << 20;
@@ -98,11 +98,15 @@ pub struct DeviceExport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
+    /// The peer did not prove it holds the cluster secret (all an unauthenticated peer
+    /// ever learns).
+    Unauthorized,
     /// The fingerprints differ.
     Incompatible,
     /// The reader expected another engine.
     EngineIdMismatch,
-    /// No lease under that request id (never existed, released, or expired).
+    /// No lease under that request id (never existed, released, or expired), or not
+    /// with that lease secret.
     UnknownRequest,
     /// A block id is not one of the lease's blocks.
     BlockOutOfRange,
@@ -112,13 +116,31 @@ pub enum ErrorCode {
     BadMessage,
 }
 
-/// Every message of the protocol. Reader → server: `Hello`, then any of `Read`,
-/// `ReadDevice` (then `ReadDeviceDone`), `Heartbeat`, `Done`. Server → reader:
-/// `Welcome`, `ReadOk` (then the bytes), `ReadDeviceOk`, `Ack`, `Error`.
+/// A lease named with the secret P issued for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRef {
+    pub request_id: String,
+    pub lease_secret: String,
+}
+
+/// Every message of the protocol. Reader → server: `Hello`, `Auth`, then any of
+/// `Read`, `ReadDevice` (then `ReadDeviceDone`), `Heartbeat`, `Done`. Server → reader:
+/// `Challenge`, `Welcome`, `ReadOk` (then the bytes), `ReadDeviceOk`, `Ack`, `Error`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
+    /// The reader's first message: a fresh random nonce, hex.
     Hello {
+        client_nonce: String,
+    },
+    /// The server's nonce and its proof that it holds the cluster secret.
+    Challenge {
+        server_nonce: String,
+        server_proof: String,
+    },
+    /// The reader's proof, then what the server checks once it is authenticated.
+    Auth {
+        client_proof: String,
         fingerprint: Fingerprint,
         /// The `remote_engine_id` the reader was given.
         engine_id: String,
@@ -132,6 +154,7 @@ pub enum Message {
     },
     Read {
         request_id: String,
+        lease_secret: String,
         block_ids: Vec<u32>,
         /// Prompt tokens the blocks' contents depend on, and their digest
         /// ([`tokens_digest`]).
@@ -147,6 +170,7 @@ pub enum Message {
     /// memory (same host): the server pins them until `ReadDeviceDone`.
     ReadDevice {
         request_id: String,
+        lease_secret: String,
         block_ids: Vec<u32>,
         num_tokens: usize,
         tokens_digest: String,
@@ -158,16 +182,18 @@ pub enum Message {
     /// The reader's copy is complete (or abandoned): unpin. Answered with `Ack`.
     ReadDeviceDone {
         request_id: String,
+        lease_secret: String,
     },
-    /// Renews the leases of these requests.
+    /// Renews these leases.
     Heartbeat {
-        request_ids: Vec<String>,
+        leases: Vec<LeaseRef>,
     },
     /// The reader is done with this request's blocks (read, or never going to).
     Done {
         request_id: String,
+        lease_secret: String,
     },
-    /// `count`: how many of the named leases existed.
+    /// `count`: how many of the named leases existed (with that secret).
     Ack {
         count: usize,
     },
@@ -270,6 +296,7 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
         let sent = Message::Read {
             request_id: "cmpl-1-0-abcd".into(),
+            lease_secret: "00ff".into(),
             block_ids: vec![3, 1, 4],
             num_tokens: 40,
             tokens_digest: tokens_digest(&[1, 2, 3]),
@@ -323,6 +350,7 @@ mod tests {
     fn device_reads_have_their_own_message_types() {
         let read = Message::ReadDevice {
             request_id: "r".into(),
+            lease_secret: "s".into(),
             block_ids: vec![1],
             num_tokens: 16,
             tokens_digest: "d".into(),
@@ -331,9 +359,31 @@ mod tests {
         assert!(text.starts_with(r#"{"type":"read_device""#), "{text}");
         let done = serde_json::to_string(&Message::ReadDeviceDone {
             request_id: "r".into(),
+            lease_secret: "s".into(),
         })
         .unwrap();
-        assert_eq!(done, r#"{"type":"read_device_done","request_id":"r"}"#);
+        assert_eq!(
+            done,
+            r#"{"type":"read_device_done","request_id":"r","lease_secret":"s"}"#
+        );
+    }
+
+    #[test]
+    fn version_1_hellos_do_not_parse_as_version_2() {
+        // A v1 reader's hello carries its fingerprint and no nonce: the server answers
+        // it as an unauthenticated peer.
+        let v1 = r#"{"type":"hello","fingerprint":{},"engine_id":"e"}"#;
+        assert!(serde_json::from_str::<Message>(v1).is_err());
+        let heartbeat = Message::Heartbeat {
+            leases: vec![LeaseRef {
+                request_id: "r".into(),
+                lease_secret: "s".into(),
+            }],
+        };
+        assert_eq!(
+            serde_json::to_string(&heartbeat).unwrap(),
+            r#"{"type":"heartbeat","leases":[{"request_id":"r","lease_secret":"s"}]}"#
+        );
     }
 
     #[test]

@@ -1,0 +1,258 @@
+//! The reader's side of the KV port's handshake (protocol v2), shared by the decode
+//! worker's puller and `tandem kv --measure`: send a fresh nonce, check the server's
+//! proof that it holds the cluster secret before telling it anything, prove the same,
+//! and only then present the fingerprint and the engine id the reader was given.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::auth::{self, ClusterSecret, Nonce};
+use super::wire::{self, DeviceExport, ErrorCode, Fingerprint, Message, WireError, within};
+use crate::metrics as names;
+
+/// What the reader presents.
+#[derive(Debug, Clone, Copy)]
+pub struct Greeting<'a> {
+    pub secret: &'a ClusterSecret,
+    pub fingerprint: &'a Fingerprint,
+    /// The `remote_engine_id` the reader was given.
+    pub engine_id: &'a str,
+    /// Deadline of each message.
+    pub io: Duration,
+}
+
+/// Why a handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("handshake: {0}")]
+    Wire(#[from] WireError),
+    #[error("the peer does not hold this cluster's secret")]
+    PeerNotAuthenticated,
+    #[error("the peer refused this worker's proof: the two hold different KV secrets")]
+    ProofRefused,
+    #[error("the peer refused the handshake ({code:?}): {message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("the peer answered as engine {engine_id} with {differences}")]
+    Mismatch {
+        engine_id: String,
+        differences: String,
+    },
+    #[error("unexpected answer to the {step}: {answer}")]
+    Unexpected { step: &'static str, answer: String },
+}
+
+impl HandshakeError {
+    fn is_authentication(&self) -> bool {
+        matches!(self, Self::PeerNotAuthenticated | Self::ProofRefused)
+    }
+}
+
+/// Runs the handshake on a fresh connection; returns what the server offers same-host
+/// readers of GPU memory.
+pub async fn greet(
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    greeting: &Greeting<'_>,
+) -> Result<Option<DeviceExport>, HandshakeError> {
+    let outcome = exchange(stream, greeting).await;
+    if outcome
+        .as_ref()
+        .is_err_and(HandshakeError::is_authentication)
+    {
+        metrics::counter!(names::KV_AUTH_FAILURES_TOTAL, names::SIDE => "client").increment(1);
+    }
+    outcome
+}
+
+async fn exchange(
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    greeting: &Greeting<'_>,
+) -> Result<Option<DeviceExport>, HandshakeError> {
+    let io = greeting.io;
+    let client = Nonce::random();
+    let hello = Message::Hello {
+        client_nonce: client.to_hex(),
+    };
+    within(io, wire::send(stream, &hello)).await?;
+    let server = match within(io, wire::receive(stream)).await? {
+        Message::Challenge {
+            server_nonce,
+            server_proof,
+        } => Nonce::from_hex(&server_nonce)
+            .filter(|server| {
+                auth::verify_server_proof(greeting.secret, &client, server, &server_proof)
+            })
+            .ok_or(HandshakeError::PeerNotAuthenticated)?,
+        other => return Err(answer_error("hello", other)),
+    };
+    let auth = Message::Auth {
+        client_proof: auth::client_proof(greeting.secret, &client, &server),
+        fingerprint: greeting.fingerprint.clone(),
+        engine_id: greeting.engine_id.to_owned(),
+    };
+    within(io, wire::send(stream, &auth)).await?;
+    match within(io, wire::receive(stream)).await? {
+        Message::Welcome {
+            fingerprint,
+            engine_id,
+            device,
+        } => {
+            let diffs = greeting.fingerprint.differences(&fingerprint);
+            if !diffs.is_empty() || engine_id != greeting.engine_id {
+                return Err(HandshakeError::Mismatch {
+                    engine_id,
+                    differences: diffs.join("; "),
+                });
+            }
+            Ok(device)
+        }
+        Message::Error {
+            code: ErrorCode::Unauthorized,
+            ..
+        } => Err(HandshakeError::ProofRefused),
+        other => Err(answer_error("proof", other)),
+    }
+}
+
+fn answer_error(step: &'static str, answer: Message) -> HandshakeError {
+    match answer {
+        Message::Error { code, message } => HandshakeError::Refused { code, message },
+        other => HandshakeError::Unexpected {
+            step,
+            answer: format!("{other:?}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::{KvDtype, KvLayout};
+
+    const CLUSTER: &str = "the cluster secret";
+    const OTHER: &str = "another cluster's secret";
+
+    fn secret(text: &str) -> ClusterSecret {
+        ClusterSecret::new(text.as_bytes(), "test").unwrap()
+    }
+
+    fn fingerprint() -> Fingerprint {
+        let layout = KvLayout {
+            num_layers: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            block_size: 16,
+            dtype: KvDtype::F16,
+        };
+        Fingerprint::new("m".into(), layout)
+    }
+
+    /// The server's side, proving itself with `key` and checking the reader's proof
+    /// with `check`: welcomes a reader whose proof holds, refuses others as the KV
+    /// server does; `Ok(())` when it welcomed.
+    async fn serve(
+        mut stream: tokio::io::DuplexStream,
+        key: ClusterSecret,
+        check: ClusterSecret,
+    ) -> Result<(), &'static str> {
+        let Ok(Message::Hello { client_nonce }) = wire::receive(&mut stream).await else {
+            return Err("no hello");
+        };
+        let client = Nonce::from_hex(&client_nonce).ok_or("bad nonce")?;
+        let server = Nonce::random();
+        let challenge = Message::Challenge {
+            server_nonce: server.to_hex(),
+            server_proof: auth::server_proof(&key, &client, &server),
+        };
+        wire::send(&mut stream, &challenge)
+            .await
+            .map_err(|_| "send")?;
+        let answer = match wire::receive(&mut stream).await {
+            Ok(Message::Auth {
+                client_proof,
+                fingerprint,
+                engine_id,
+            }) if auth::verify_client_proof(&check, &client, &server, &client_proof) => {
+                Message::Welcome {
+                    fingerprint,
+                    engine_id,
+                    device: None,
+                }
+            }
+            Ok(_) => Message::Error {
+                code: ErrorCode::Unauthorized,
+                message: "authentication failed".into(),
+            },
+            Err(_) => return Err("the reader left"),
+        };
+        let welcomed = matches!(answer, Message::Welcome { .. });
+        wire::send(&mut stream, &answer).await.map_err(|_| "send")?;
+        if welcomed { Ok(()) } else { Err("refused") }
+    }
+
+    /// A reader holding `client_key` against a server proving `server_key` and checking
+    /// proofs with `check_key`.
+    async fn handshake(
+        client_key: &str,
+        server_key: &str,
+        check_key: &str,
+    ) -> (Result<(), HandshakeError>, Result<(), &'static str>) {
+        let (mut reader, server_end) = tokio::io::duplex(1 << 16);
+        let keys = (secret(server_key), secret(check_key));
+        let server = tokio::spawn(serve(server_end, keys.0, keys.1));
+        let key = secret(client_key);
+        let fingerprint = fingerprint();
+        let greeting = Greeting {
+            secret: &key,
+            fingerprint: &fingerprint,
+            engine_id: "e",
+            io: Duration::from_secs(5),
+        };
+        let outcome = greet(&mut reader, &greeting).await.map(|_| ());
+        drop(reader);
+        (outcome, server.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn both_sides_holding_the_secret_are_welcomed() {
+        let (client, server) = handshake(CLUSTER, CLUSTER, CLUSTER).await;
+        client.unwrap();
+        server.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_server_without_the_secret_learns_nothing_about_the_reader() {
+        let (client, server) = handshake(CLUSTER, OTHER, OTHER).await;
+        assert!(
+            matches!(client, Err(HandshakeError::PeerNotAuthenticated)),
+            "{client:?}"
+        );
+        assert_eq!(
+            client.unwrap_err().to_string(),
+            "the peer does not hold this cluster's secret"
+        );
+        // The reader left before sending its fingerprint or the engine id.
+        assert_eq!(server, Err("the reader left"));
+    }
+
+    #[tokio::test]
+    async fn a_reader_with_another_secret_stops_at_the_servers_proof() {
+        let (client, server) = handshake(OTHER, CLUSTER, CLUSTER).await;
+        assert!(
+            matches!(client, Err(HandshakeError::PeerNotAuthenticated)),
+            "{client:?}"
+        );
+        assert_eq!(server, Err("the reader left"));
+    }
+
+    #[tokio::test]
+    async fn a_refused_proof_is_reported_as_such() {
+        // A server whose proof holds but which checks readers against another secret.
+        let (client, server) = handshake(CLUSTER, CLUSTER, OTHER).await;
+        assert!(
+            matches!(client, Err(HandshakeError::ProofRefused)),
+            "{client:?}"
+        );
+        assert_eq!(server, Err("refused"));
+    }
+}
