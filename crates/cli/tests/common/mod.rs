@@ -342,8 +342,9 @@ pub fn streamed_text(payloads: &[String]) -> String {
 /// handshake.
 pub mod kv {
     use serde_json::{Value, json};
-    use tandem_engine::transfer::auth::{self, ClusterSecret, Nonce, SignedParams};
-    use tandem_engine::transfer::wire::{self, Fingerprint, Message};
+    use tandem_engine::transfer::auth::{self, ClusterSecret, SignedParams};
+    use tandem_engine::transfer::handshake;
+    use tandem_engine::transfer::wire::Fingerprint;
     use tokio::net::TcpStream;
 
     pub fn secret() -> ClusterSecret {
@@ -377,25 +378,8 @@ pub mod kv {
     /// The server's side of the handshake with the test secret: what the reader
     /// presented once it proved the secret, or `None`.
     pub async fn accept_reader(stream: &mut TcpStream) -> Option<(Fingerprint, String)> {
-        let Ok(Message::Hello { client_nonce }) = wire::receive(stream).await else {
-            return None;
-        };
-        let client = Nonce::from_hex(&client_nonce)?;
-        let server = Nonce::random();
-        let challenge = Message::Challenge {
-            server_nonce: server.to_hex(),
-            server_proof: auth::server_proof(&secret(), &client, &server),
-        };
-        wire::send(stream, &challenge).await.ok()?;
-        match wire::receive(stream).await {
-            Ok(Message::Auth {
-                client_proof,
-                fingerprint,
-                engine_id,
-            }) if auth::verify_client_proof(&secret(), &client, &server, &client_proof) => {
-                Some((fingerprint, engine_id))
-            }
-            _ => None,
-        }
+        let io = std::time::Duration::from_secs(10);
+        let presented = handshake::accept(stream, &secret(), io).await.ok()??;
+        Some((presented.fingerprint, presented.engine_id))
     }
 }

@@ -1,7 +1,9 @@
-//! The reader's side of the KV port's handshake (protocol v2), shared by the decode
-//! worker's puller and `tandem kv --measure`: send a fresh nonce, check the server's
-//! proof that it holds the cluster secret before telling it anything, prove the same,
-//! and only then present the fingerprint and the engine id the reader was given.
+//! The KV port's handshake (protocol v2). The reader's side ([`greet`]), shared by the
+//! decode worker's puller and `tandem kv --measure`: send a fresh nonce, check the
+//! server's proof that it holds the cluster secret before telling it anything, prove
+//! the same, and only then present the fingerprint and the engine id the reader was
+//! given. The server's side up to that point ([`accept`]), shared by the KV server and
+//! the test peers that play one.
 
 use std::time::Duration;
 
@@ -111,6 +113,60 @@ async fn exchange(
             ..
         } => Err(HandshakeError::ProofRefused),
         other => Err(answer_error("proof", other)),
+    }
+}
+
+/// What a reader presented once it proved the cluster secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presented {
+    pub fingerprint: Fingerprint,
+    pub engine_id: String,
+}
+
+/// The server's side of the mutual proof: the reader's nonce, this side's nonce and
+/// proof, the reader's proof. `Ok(None)` when the peer failed it (sent something else,
+/// or a wrong proof): the caller refuses it, telling it nothing. Connection failures
+/// stay errors.
+pub async fn accept(
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    secret: &ClusterSecret,
+    io: Duration,
+) -> Result<Option<Presented>, WireError> {
+    let client = match received(within(io, wire::receive(stream)).await)? {
+        Some(Message::Hello { client_nonce }) => Nonce::from_hex(&client_nonce),
+        _ => None,
+    };
+    let Some(client) = client else {
+        return Ok(None);
+    };
+    let server = Nonce::random();
+    let challenge = Message::Challenge {
+        server_nonce: server.to_hex(),
+        server_proof: auth::server_proof(secret, &client, &server),
+    };
+    within(io, wire::send(stream, &challenge)).await?;
+    Ok(match received(within(io, wire::receive(stream)).await)? {
+        Some(Message::Auth {
+            client_proof,
+            fingerprint,
+            engine_id,
+        }) if auth::verify_client_proof(secret, &client, &server, &client_proof) => {
+            Some(Presented {
+                fingerprint,
+                engine_id,
+            })
+        }
+        _ => None,
+    })
+}
+
+/// A message, or `None` for bytes that are not one (a peer to refuse); connection
+/// failures stay errors (nothing to answer).
+fn received(outcome: Result<Message, WireError>) -> Result<Option<Message>, WireError> {
+    match outcome {
+        Ok(message) => Ok(Some(message)),
+        Err(WireError::Malformed(_) | WireError::TooLarge(_)) => Ok(None),
+        Err(err) => Err(err),
     }
 }
 

@@ -251,7 +251,6 @@ async fn release(read: &ProbeRead, addr: &str, limits: Limits) -> Result<bool, P
 mod tests {
     use super::*;
     use crate::kv::{KvDtype, KvLayout};
-    use crate::transfer::auth::{self, Nonce};
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
@@ -319,26 +318,9 @@ mod tests {
 
     /// The server's side of the handshake; what the reader presented.
     async fn accept(stream: &mut tokio::net::TcpStream) -> Option<(Fingerprint, String)> {
-        let Ok(Message::Hello { client_nonce }) = wire::receive(stream).await else {
-            return None;
-        };
-        let client = Nonce::from_hex(&client_nonce)?;
-        let server = Nonce::random();
-        let challenge = Message::Challenge {
-            server_nonce: server.to_hex(),
-            server_proof: auth::server_proof(&secret(), &client, &server),
-        };
-        wire::send(stream, &challenge).await.ok()?;
-        match wire::receive(stream).await {
-            Ok(Message::Auth {
-                client_proof,
-                fingerprint,
-                engine_id,
-            }) if auth::verify_client_proof(&secret(), &client, &server, &client_proof) => {
-                Some((fingerprint, engine_id))
-            }
-            _ => None,
-        }
+        let io = std::time::Duration::from_secs(10);
+        let presented = handshake::accept(stream, &secret(), io).await.ok()??;
+        Some((presented.fingerprint, presented.engine_id))
     }
 
     async fn probe(refuse: bool) -> (Result<ProbeReport, ProbeError>, usize) {

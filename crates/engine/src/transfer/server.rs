@@ -13,9 +13,10 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use super::auth::{self, ClusterSecret, Nonce};
+use super::auth::{self, ClusterSecret};
+use super::handshake::{self, Presented};
 use super::lease::{LeaseRead, LeaseTable};
-use super::wire::{self, ErrorCode, Fingerprint, Message, WireError, within};
+use super::wire::{self, ErrorCode, Message, WireError, within};
 use super::{Local, SOCKET_BUFFER_BYTES};
 use crate::kv::{BlockId, KvBlocks};
 use crate::metrics as names;
@@ -204,7 +205,11 @@ fn refusal(code: ErrorCode, message: String) -> Message {
 /// Authenticates the reader, then checks its fingerprint and engine id; false (after
 /// telling it why) if they cannot work together.
 async fn greet(stream: &mut TcpStream, peer: SocketAddr, ctx: &Ctx) -> Result<bool, WireError> {
-    let Some((fingerprint, engine_id)) = authenticate(stream, peer, ctx).await? else {
+    let Some(Presented {
+        fingerprint,
+        engine_id,
+    }) = authenticate(stream, peer, ctx).await?
+    else {
         return Ok(false);
     };
     let local = &ctx.local;
@@ -228,47 +233,17 @@ async fn greet(stream: &mut TcpStream, peer: SocketAddr, ctx: &Ctx) -> Result<bo
     Ok(welcomed)
 }
 
-/// The mutual proof of the cluster secret: the reader's nonce, this side's nonce and
-/// proof, the reader's proof. Returns what the reader presented with its proof, or
-/// `None` after refusing a peer that failed (it learns nothing but "unauthorized").
+/// The mutual proof of the cluster secret ([`handshake::accept`]); what the reader
+/// presented, or `None` after refusing a peer that failed (it learns nothing but
+/// "unauthorized").
 async fn authenticate(
     stream: &mut TcpStream,
     peer: SocketAddr,
     ctx: &Ctx,
-) -> Result<Option<(Fingerprint, String)>, WireError> {
-    let io = ctx.local.limits.io;
-    let client = match received(within(io, wire::receive(stream)).await)? {
-        Some(Message::Hello { client_nonce }) => Nonce::from_hex(&client_nonce),
-        _ => None,
-    };
-    let Some(client) = client else {
-        return refuse_unauthenticated(stream, peer, ctx).await;
-    };
-    let server = Nonce::random();
-    let challenge = Message::Challenge {
-        server_nonce: server.to_hex(),
-        server_proof: auth::server_proof(&ctx.secret, &client, &server),
-    };
-    within(io, wire::send(stream, &challenge)).await?;
-    match received(within(io, wire::receive(stream)).await)? {
-        Some(Message::Auth {
-            client_proof,
-            fingerprint,
-            engine_id,
-        }) if auth::verify_client_proof(&ctx.secret, &client, &server, &client_proof) => {
-            Ok(Some((fingerprint, engine_id)))
-        }
-        _ => refuse_unauthenticated(stream, peer, ctx).await,
-    }
-}
-
-/// A message, or `None` for bytes that are not one (answered as unauthenticated);
-/// connection failures stay errors (nothing to answer).
-fn received(outcome: Result<Message, WireError>) -> Result<Option<Message>, WireError> {
-    match outcome {
-        Ok(message) => Ok(Some(message)),
-        Err(WireError::Malformed(_) | WireError::TooLarge(_)) => Ok(None),
-        Err(err) => Err(err),
+) -> Result<Option<Presented>, WireError> {
+    match handshake::accept(stream, &ctx.secret, ctx.local.limits.io).await? {
+        Some(presented) => Ok(Some(presented)),
+        None => refuse_unauthenticated(stream, peer, ctx).await,
     }
 }
 
