@@ -124,15 +124,23 @@ pub struct Presented {
 }
 
 /// The server's side of the mutual proof: the reader's nonce, this side's nonce and
-/// proof, the reader's proof. `Ok(None)` when the peer failed it (sent something else,
-/// or a wrong proof): the caller refuses it, telling it nothing. Connection failures
-/// stay errors.
+/// proof, the reader's proof, all within `limit` and in messages of at most
+/// [`wire::MAX_HANDSHAKE_BYTES`]. `Ok(None)` when the peer failed it (sent something
+/// else, or a wrong proof): the caller refuses it, telling it nothing. Connection
+/// failures and the deadline stay errors.
 pub async fn accept(
     stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
     secret: &ClusterSecret,
-    io: Duration,
+    limit: Duration,
 ) -> Result<Option<Presented>, WireError> {
-    let client = match received(within(io, wire::receive(stream)).await)? {
+    within(limit, accept_within(stream, secret)).await
+}
+
+async fn accept_within(
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    secret: &ClusterSecret,
+) -> Result<Option<Presented>, WireError> {
+    let client = match received(wire::receive_at_most(stream, wire::MAX_HANDSHAKE_BYTES).await)? {
         Some(Message::Hello { client_nonce }) => Nonce::from_hex(&client_nonce),
         _ => None,
     };
@@ -144,20 +152,22 @@ pub async fn accept(
         server_nonce: server.to_hex(),
         server_proof: auth::server_proof(secret, &client, &server),
     };
-    within(io, wire::send(stream, &challenge)).await?;
-    Ok(match received(within(io, wire::receive(stream)).await)? {
-        Some(Message::Auth {
-            client_proof,
-            fingerprint,
-            engine_id,
-        }) if auth::verify_client_proof(secret, &client, &server, &client_proof) => {
-            Some(Presented {
+    wire::send(stream, &challenge).await?;
+    Ok(
+        match received(wire::receive_at_most(stream, wire::MAX_HANDSHAKE_BYTES).await)? {
+            Some(Message::Auth {
+                client_proof,
                 fingerprint,
                 engine_id,
-            })
-        }
-        _ => None,
-    })
+            }) if auth::verify_client_proof(secret, &client, &server, &client_proof) => {
+                Some(Presented {
+                    fingerprint,
+                    engine_id,
+                })
+            }
+            _ => None,
+        },
+    )
 }
 
 /// A message, or `None` for bytes that are not one (a peer to refuse); connection
@@ -165,7 +175,7 @@ pub async fn accept(
 fn received(outcome: Result<Message, WireError>) -> Result<Option<Message>, WireError> {
     match outcome {
         Ok(message) => Ok(Some(message)),
-        Err(WireError::Malformed(_) | WireError::TooLarge(_)) => Ok(None),
+        Err(WireError::Malformed(_) | WireError::TooLarge { .. }) => Ok(None),
         Err(err) => Err(err),
     }
 }
@@ -175,7 +185,7 @@ fn answer_error(step: &'static str, answer: Message) -> HandshakeError {
         Message::Error { code, message } => HandshakeError::Refused { code, message },
         other => HandshakeError::Unexpected {
             step,
-            answer: format!("{other:?}"),
+            answer: other.kind().to_owned(),
         },
     }
 }

@@ -21,7 +21,8 @@ use super::wire::{ErrorCode, LeaseRef, tokens_digest};
 use crate::kv::BlockId;
 
 /// What the engine reports about a lease it created (becomes `kv_transfer_params`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Its `Debug` leaves the lease secret out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Handoff {
     pub remote_request_id: String,
     pub block_ids: Vec<BlockId>,
@@ -33,8 +34,21 @@ pub struct Handoff {
     pub expires_at: u64,
 }
 
-/// A read of a lease's blocks, as `read` and `read_device` ask for it.
-#[derive(Debug, Clone, Copy)]
+impl std::fmt::Debug for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handoff")
+            .field("remote_request_id", &self.remote_request_id)
+            .field("block_ids", &self.block_ids)
+            .field("num_tokens", &self.num_tokens)
+            .field("lease_secret", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// A read of a lease's blocks, as `read` and `read_device` ask for it (no `Debug`: it
+/// carries the lease secret).
+#[derive(Clone, Copy)]
 pub struct LeaseRead<'a> {
     pub request_id: &'a str,
     pub lease_secret: &'a str,
@@ -252,8 +266,33 @@ fn check_tokens(lease: &Lease, read: &LeaseRead<'_>) -> Result<(), Refusal> {
 
 /// Every block is the lease's, and its first position is among the vouched tokens.
 fn check_blocks(lease: &Lease, read: &LeaseRead<'_>, block_size: usize) -> Result<(), Refusal> {
+    // Each block at most once: a read never sends more than the lease holds.
+    if read.block_ids.len() > lease.blocks.len() {
+        return Err((
+            ErrorCode::BlockOutOfRange,
+            format!(
+                "{} blocks asked of request {}, which holds {}",
+                read.block_ids.len(),
+                read.request_id,
+                lease.blocks.len()
+            ),
+        ));
+    }
+    let positions: HashMap<BlockId, usize> = lease
+        .blocks
+        .iter()
+        .enumerate()
+        .map(|(index, &block)| (block, index))
+        .collect();
+    let mut asked = std::collections::HashSet::with_capacity(read.block_ids.len());
     for &block in read.block_ids {
-        let Some(index) = lease.blocks.iter().position(|&b| b == block) else {
+        if !asked.insert(block) {
+            return Err((
+                ErrorCode::BlockOutOfRange,
+                format!("block {block} is asked twice"),
+            ));
+        }
+        let Some(&index) = positions.get(&block) else {
             return Err((
                 ErrorCode::BlockOutOfRange,
                 format!(
@@ -399,6 +438,21 @@ mod tests {
         // A suffix (the reader holds block 7 already): the tokens still start at 0.
         let three = tokens_digest(&[1, 2, 3]);
         t.begin_read(&read(&[8], 3, &three)).unwrap();
+        t.end_read("r");
+    }
+
+    #[test]
+    fn a_read_asks_each_block_once() {
+        let t = table(Instant::now());
+        let three = tokens_digest(&[1, 2, 3]);
+        for ids in [&[7, 7][..], &[7, 8, 7], &[7, 7, 7, 7, 7]] {
+            assert_eq!(
+                refusal(t.begin_read(&read(ids, 3, &three))),
+                ErrorCode::BlockOutOfRange,
+                "{ids:?}"
+            );
+        }
+        t.begin_read(&read(&[7, 8], 3, &three)).unwrap();
         t.end_read("r");
     }
 

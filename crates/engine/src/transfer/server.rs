@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::auth::{self, ClusterSecret};
 use super::handshake::{self, Presented};
@@ -21,6 +22,14 @@ use super::{Local, SOCKET_BUFFER_BYTES};
 use crate::kv::{BlockId, KvBlocks};
 use crate::metrics as names;
 use crate::sched::WeakEngine;
+
+/// Connections served at once; more are closed as they arrive.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// Connections at once that have not yet proved the cluster secret; more are closed as
+/// they arrive, so strangers cannot crowd out the cluster's readers for long (each
+/// handshake has one I/O deadline in all).
+const MAX_HANDSHAKES: usize = 256;
 
 /// A bound hand-off listener; [`KvServer::run`] serves it.
 pub struct KvServer {
@@ -35,6 +44,8 @@ struct Ctx {
     engine: WeakEngine,
     /// Offered to same-host readers when the KV is in GPU memory.
     device: Option<wire::DeviceExport>,
+    connections: Arc<Semaphore>,
+    handshakes: Arc<Semaphore>,
 }
 
 impl Ctx {
@@ -72,6 +83,8 @@ impl KvServer {
             leases,
             engine,
             device,
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
         });
         Ok(Self { listener, ctx })
     }
@@ -88,9 +101,12 @@ impl KvServer {
         loop {
             tokio::select! {
                 accepted = self.listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        tokio::spawn(serve_connection(stream, peer, self.ctx.clone()));
-                    }
+                    Ok((stream, peer)) => match self.ctx.connections.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            tokio::spawn(serve_connection(stream, peer, self.ctx.clone(), permit));
+                        }
+                        Err(_) => tracing::debug!(%peer, "KV hand-off listener full: connection closed"),
+                    },
                     Err(err) => {
                         tracing::warn!(%err, "KV hand-off listener: accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -123,7 +139,13 @@ async fn sweep(ctx: Arc<Ctx>) {
     }
 }
 
-async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
+/// Serves one connection; `_permit` counts it among [`MAX_CONNECTIONS`].
+async fn serve_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<Ctx>,
+    _permit: OwnedSemaphorePermit,
+) {
     let _ = stream.set_nodelay(true);
     if let Err(err) = converse(&mut stream, peer, &ctx).await {
         tracing::debug!(%peer, %err, "KV hand-off connection ended");
@@ -132,7 +154,13 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>
 
 async fn converse(stream: &mut TcpStream, peer: SocketAddr, ctx: &Ctx) -> Result<(), WireError> {
     let limits = ctx.local.limits;
-    if !greet(stream, peer, ctx).await? {
+    let Ok(handshake) = ctx.handshakes.clone().try_acquire_owned() else {
+        tracing::debug!(%peer, "too many KV hand-off handshakes in progress: connection closed");
+        return Ok(());
+    };
+    let greeted = greet(stream, peer, ctx).await?;
+    drop(handshake);
+    if !greeted {
         return Ok(());
     }
     loop {
@@ -189,7 +217,10 @@ async fn converse(stream: &mut TcpStream, peer: SocketAddr, ctx: &Ctx) -> Result
                 }
             }
             other => {
-                let error = refusal(ErrorCode::BadMessage, format!("unexpected {other:?}"));
+                let error = refusal(
+                    ErrorCode::BadMessage,
+                    format!("unexpected {}", other.kind()),
+                );
                 within(limits.io, wire::send(stream, &error)).await?;
                 return Ok(());
             }
@@ -367,7 +398,8 @@ async fn serve_device_read(
                 lease_secret: secret,
             } if done == request_id && auth::secrets_equal(&secret, lease_secret) => Ok(()),
             other => Err(WireError::Device(format!(
-                "expected the reader's copy to end, got {other:?}"
+                "expected the reader's copy to end, got {}",
+                other.kind()
             ))),
         }
     }

@@ -17,6 +17,11 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest control message accepted (a read of a few thousand block ids fits easily).
 pub const MAX_CONTROL_BYTES: usize = 1 << 20;
 
+/// Largest message before a peer has proved the cluster secret (`hello`, `auth`: a
+/// nonce, a proof, a fingerprint and an engine id), so that strangers cannot make the
+/// server allocate more.
+pub const MAX_HANDSHAKE_BYTES: usize = 4 << 10;
+
 /// What must be equal on both sides before any block moves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fingerprint {
@@ -203,6 +208,28 @@ pub enum Message {
     },
 }
 
+impl Message {
+    /// Its `type` on the wire: what error texts and logs name, never its fields (some
+    /// carry lease secrets).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Challenge { .. } => "challenge",
+            Message::Auth { .. } => "auth",
+            Message::Welcome { .. } => "welcome",
+            Message::Read { .. } => "read",
+            Message::ReadOk { .. } => "read_ok",
+            Message::ReadDevice { .. } => "read_device",
+            Message::ReadDeviceOk { .. } => "read_device_ok",
+            Message::ReadDeviceDone { .. } => "read_device_done",
+            Message::Heartbeat { .. } => "heartbeat",
+            Message::Done { .. } => "done",
+            Message::Ack { .. } => "ack",
+            Message::Error { .. } => "error",
+        }
+    }
+}
+
 /// Failures of one exchange.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -210,8 +237,8 @@ pub enum WireError {
     Io(#[from] std::io::Error),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
-    #[error("a {0}-byte control message exceeds the {MAX_CONTROL_BYTES}-byte limit")]
-    TooLarge(usize),
+    #[error("a {len}-byte control message exceeds the {limit}-byte limit")]
+    TooLarge { len: usize, limit: usize },
     #[error("malformed message: {0}")]
     Malformed(#[from] serde_json::Error),
     #[error("the peer closed the connection")]
@@ -237,7 +264,10 @@ pub async fn send(
 ) -> Result<(), WireError> {
     let body = serde_json::to_vec(message)?;
     if body.len() > MAX_CONTROL_BYTES {
-        return Err(WireError::TooLarge(body.len()));
+        return Err(WireError::TooLarge {
+            len: body.len(),
+            limit: MAX_CONTROL_BYTES,
+        });
     }
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -249,6 +279,14 @@ pub async fn send(
 
 /// The next message; [`WireError::Closed`] on a clean end of stream before one.
 pub async fn receive(stream: &mut (impl AsyncRead + Unpin)) -> Result<Message, WireError> {
+    receive_at_most(stream, MAX_CONTROL_BYTES).await
+}
+
+/// [`receive`] of a message of at most `limit` bytes (refused before it is read).
+pub async fn receive_at_most(
+    stream: &mut (impl AsyncRead + Unpin),
+    limit: usize,
+) -> Result<Message, WireError> {
     let mut len = [0u8; 4];
     match stream.read_exact(&mut len).await {
         Ok(_) => {}
@@ -256,8 +294,8 @@ pub async fn receive(stream: &mut (impl AsyncRead + Unpin)) -> Result<Message, W
         Err(e) => return Err(e.into()),
     }
     let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_CONTROL_BYTES {
-        return Err(WireError::TooLarge(len));
+    if len > limit {
+        return Err(WireError::TooLarge { len, limit });
     }
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body).await?;
@@ -311,7 +349,10 @@ mod tests {
     async fn oversized_frames_are_refused_before_reading_them() {
         let (mut a, mut b) = tokio::io::duplex(64);
         a.write_all(&(u32::MAX).to_le_bytes()).await.unwrap();
-        assert!(matches!(receive(&mut b).await, Err(WireError::TooLarge(_))));
+        assert!(matches!(
+            receive(&mut b).await,
+            Err(WireError::TooLarge { .. })
+        ));
     }
 
     #[test]
