@@ -46,8 +46,9 @@ fn gpu_blocking<T, E: std::fmt::Display>(
     tokio::task::block_in_place(call).map_err(|e| wire::WireError::Device(e.to_string()))
 }
 
-/// Where a decode request's prompt KV is, as P's `kv_transfer_params` said.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a decode request's prompt KV is, as P's `kv_transfer_params` said. Its
+/// `Debug` leaves the lease secret out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct RemotePrefill {
     pub engine_id: String,
     pub host: String,
@@ -58,6 +59,19 @@ pub struct RemotePrefill {
     /// What P wants to see before it serves the lease (`tandem_lease_secret`; empty
     /// when the params carry none, which their signature check refuses).
     pub lease_secret: String,
+}
+
+impl std::fmt::Debug for RemotePrefill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemotePrefill")
+            .field("engine_id", &self.engine_id)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("request_id", &self.request_id)
+            .field("block_ids", &self.block_ids)
+            .field("lease_secret", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Why a decode leg's `kv_transfer_params` name no blocks tandem can read.

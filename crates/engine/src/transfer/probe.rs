@@ -169,7 +169,7 @@ fn unexpected(addr: &str, what: &'static str, answer: Message) -> ProbeError {
         other => ProbeError::Unexpected {
             addr: addr.to_owned(),
             what,
-            answer: format!("{other:?}"),
+            answer: other.kind().to_owned(),
         },
     }
 }

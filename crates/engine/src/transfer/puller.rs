@@ -310,7 +310,7 @@ async fn request(stream: &mut TcpStream, message: &Message, local: &Local) -> Re
         Message::Ack { .. } => Ok(()),
         other => Err(Failed(
             FailureKind::Transfer,
-            format!("unexpected answer {other:?}"),
+            format!("unexpected answer {}", other.kind()),
         )),
     }
 }
@@ -386,7 +386,7 @@ async fn read_blocks(job: &PullJob, local: &Local) -> Result<usize, Failed> {
         other => {
             return Err(Failed(
                 FailureKind::Transfer,
-                format!("unexpected answer to a read: {other:?}"),
+                format!("unexpected answer to a read: {}", other.kind()),
             ));
         }
     }
@@ -477,7 +477,7 @@ async fn read_from_device(
         other => {
             return Err(Failed(
                 FailureKind::Transfer,
-                format!("unexpected answer to a device read: {other:?}"),
+                format!("unexpected answer to a device read: {}", other.kind()),
             ));
         }
     }
