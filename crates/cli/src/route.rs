@@ -183,6 +183,9 @@ fn override_list(field: &mut Vec<String>, flag: &[String]) {
 }
 
 pub fn run(args: RouteArgs) -> Result<()> {
+    if let Err(err) = tandem_httpd::raise_open_files_limit() {
+        tracing::warn!(%err, "could not raise the open files limit");
+    }
     let config = args.config()?;
     let mode = config.validate()?;
     let metrics = tandem_router::metrics::install_recorder()

@@ -233,6 +233,9 @@ impl DtypeArg {
 const CPU_KV_CACHE_DEFAULT: usize = 1 << 30;
 
 pub fn run(args: ServeArgs) -> Result<()> {
+    if let Err(err) = tandem_httpd::raise_open_files_limit() {
+        tracing::warn!(%err, "could not raise the open files limit");
+    }
     if args.device != Device::Cpu && !tandem_engine::exec::GPU_SUPPORT {
         bail!(
             "--device {}: this tandem was built without GPU support; build it with \

@@ -18,7 +18,8 @@
 //! get a body that is complete and within the limit. Errors leave in the OpenAI shape
 //! (`{"error":{...}}`). Shutdown is graceful: no new connections, idle ones closed, and
 //! requests in flight finish. [`bind`] listens with a backlog that holds a burst of
-//! connections. [`auth`] holds the bearer-key check the servers share.
+//! connections, and [`raise_open_files_limit`] lets a server hold many. [`auth`] holds
+//! the bearer-key check the servers share.
 
 pub mod auth;
 mod body;
@@ -33,6 +34,29 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
 pub use body::{BodyError, error_response};
+
+/// Raises this process's soft limit on open files to its hard limit (often 1,024
+/// against 524,288): every connection a server holds, clients' and hand-offs', takes a
+/// file descriptor, and running out of them would stop the whole process, not just the
+/// connections over the limit. Returns the limit now in force.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `limit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads one rlimit from `limit`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
+}
 
 /// Connections the kernel queues for a server before it accepts them. The usual 128
 /// (std's and mio's) overflows under a burst of connections, and a connection dropped
