@@ -234,9 +234,11 @@ fn start_local(launch: &Launch, sink: Sink) -> Result<Running, RunError> {
             direct
         }
     };
-    if let Some(secret) = &launch.kv_secret {
-        command.env(SECRET_ENV, secret.expose());
-    }
+    match &launch.kv_secret {
+        Some(secret) => command.env(SECRET_ENV, secret.expose()),
+        // Only the built-in workers get it, whatever our own environment holds.
+        None => command.env_remove(SECRET_ENV),
+    };
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -89,7 +89,8 @@ impl ClusterSecret {
     }
 
     fn parse(text: &str, origin: &str) -> Result<Self, SecretError> {
-        let secret = text.trim();
+        // ASCII whitespace only, as the workers trim it.
+        let secret = text.trim_ascii();
         if secret.contains(['\n', '\r', '\0']) {
             return Err(SecretError::NotOneLine {
                 origin: origin.to_owned(),
