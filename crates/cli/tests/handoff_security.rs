@@ -414,6 +414,12 @@ async fn the_kv_port_tells_a_peer_without_the_secret_nothing() {
     stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     assert_told_nothing(&read_to_close(&mut stream).await, &leaks);
 
+    // A frame too large for a handshake (5 KiB, well within the 1 MiB an authenticated
+    // reader may send) is refused from its length alone, before its body arrives.
+    let mut stream = connect().await.unwrap();
+    stream.write_all(&(5u32 << 10).to_le_bytes()).await.unwrap();
+    assert_told_nothing(&read_to_close(&mut stream).await, &leaks);
+
     // A version-2 reader with another secret: P's challenge, then the refusal.
     let mut stream = connect().await.unwrap();
     let client = Nonce::random();
@@ -452,7 +458,7 @@ async fn the_kv_port_tells_a_peer_without_the_secret_nothing() {
         "tandem:kv_auth_failures_total",
         ("side", "server"),
     );
-    assert_eq!(failures, 4.0, "{metrics}");
+    assert_eq!(failures, 5.0, "{metrics}");
     // The lease is untouched.
     let held = metric_with(&metrics, "tandem:kv_blocks_held_for_remote", &[]);
     assert_eq!(held, Some(4.0));
