@@ -11,6 +11,7 @@
 //! - [`dispatch`]: legs, selection and retries.
 //! - [`relay`]: upstream calls and streaming relay.
 //! - [`tokens`]: prompt token counts for conditional disaggregation.
+//! - [`kv_index`]: which worker holds which prompt prefix, from KV-cache events (pure).
 //! - [`secret`]: credentials that never print.
 //! - [`api`], [`admin`]: the HTTP surface.
 //! - [`metrics`]: metric names.
@@ -22,6 +23,7 @@ pub mod disagg;
 pub mod dispatch;
 mod error;
 pub mod health;
+pub mod kv_index;
 pub mod metrics;
 pub mod policy;
 pub mod registry;
