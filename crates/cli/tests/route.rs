@@ -43,29 +43,8 @@ async fn router_checking_every(
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let router = Server::start_router(&args);
-    wait_for_health(&router, 200).await;
+    router.wait_for_health(200).await;
     router
-}
-
-async fn health_status(router: &Server) -> u16 {
-    router
-        .client
-        .get(router.url("/health"))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
-}
-
-/// Waits (bounded) until the router's `/health` answers `status`.
-async fn wait_for_health(router: &Server, status: u16) {
-    for _ in 0..150 {
-        if health_status(router).await == status {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("/health never answered {status}");
 }
 
 /// Greedy requests on both endpoints, whole and streamed.
@@ -188,7 +167,7 @@ async fn a_killed_worker_is_taken_out_and_requests_keep_succeeding() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(out, "the dead worker was never marked unhealthy");
-    assert_eq!(health_status(&replicated).await, 200);
+    assert_eq!(replicated.health_status().await, 200);
 }
 
 #[tokio::test]
@@ -203,7 +182,7 @@ async fn health_follows_the_pd_readiness_rule() {
         .await;
     assert_eq!(status, 200);
     drop(d);
-    wait_for_health(&pd, 503).await;
+    pd.wait_for_health(503).await;
     let (status, answer) = pd
         .post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}))
         .await;

@@ -41,7 +41,7 @@ async fn router_with_env(
     env: &[(&str, &str)],
 ) -> Server {
     let router = unready_router(workers, extra, env);
-    wait_for_health(&router, 200).await;
+    router.wait_for_health(200).await;
     router
 }
 
@@ -54,26 +54,6 @@ fn unready_router(workers: &[(&str, String)], extra: &[&str], env: &[(&str, &str
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Server::start_router_with_env(&args, env)
-}
-
-async fn health_status(router: &Server) -> u16 {
-    router
-        .client
-        .get(router.url("/health"))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
-}
-
-async fn wait_for_health(router: &Server, status: u16) {
-    for _ in 0..150 {
-        if health_status(router).await == status {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("/health never answered {status}");
 }
 
 /// Waits (bounded) until `/health` answers 200 `"degraded"`: no healthy prefill
@@ -682,7 +662,7 @@ async fn with_no_prefill_worker_the_decode_worker_computes_the_prompt() {
         args.extend(["--health-interval-ms".into(), "3600000".into()]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let router = Server::start_router(&args);
-        wait_for_health(&router, 200).await;
+        router.wait_for_health(200).await;
         router
     };
     let body = json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0});
@@ -708,7 +688,7 @@ async fn with_no_prefill_worker_the_decode_worker_computes_the_prompt() {
 
     // --require-prefill: a 503, as before, and /health says not ready.
     let strict = unready_router(&workers, &["--require-prefill"], &[]);
-    wait_for_health(&strict, 503).await;
+    strict.wait_for_health(503).await;
     let (status, answer) = strict.post("/v1/completions", &body).await;
     common::assert_error(status, &answer, 503);
 }

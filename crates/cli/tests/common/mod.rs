@@ -281,6 +281,29 @@ pub fn metric_with(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Opt
 }
 
 impl Server {
+    /// The status of `GET /health` (0 when it does not answer).
+    pub async fn health_status(&self) -> u16 {
+        self.client
+            .get(self.url("/health"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }
+
+    /// Waits (bounded, 15 s) until `GET /health` answers `status`.
+    pub async fn wait_for_health(&self, status: u16) {
+        for _ in 0..150 {
+            if self.health_status().await == status {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("/health never answered {status}");
+    }
+}
+
+impl Server {
     pub async fn metrics(&self) -> String {
         let response = self.client.get(self.url("/metrics")).send().await.unwrap();
         response.text().await.unwrap()

@@ -193,24 +193,12 @@ fn answer_error(step: &'static str, answer: Message) -> HandshakeError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::{KvDtype, KvLayout};
 
     const CLUSTER: &str = "the cluster secret";
     const OTHER: &str = "another cluster's secret";
 
     fn secret(text: &str) -> ClusterSecret {
         ClusterSecret::new(text.as_bytes(), "test").unwrap()
-    }
-
-    fn fingerprint() -> Fingerprint {
-        let layout = KvLayout {
-            num_layers: 2,
-            num_kv_heads: 1,
-            head_dim: 4,
-            block_size: 16,
-            dtype: KvDtype::F16,
-        };
-        Fingerprint::new("m".into(), layout)
     }
 
     /// The server's side, proving itself with `key` and checking the reader's proof
@@ -267,7 +255,7 @@ mod tests {
         let keys = (secret(server_key), secret(check_key));
         let server = tokio::spawn(serve(server_end, keys.0, keys.1));
         let key = secret(client_key);
-        let fingerprint = fingerprint();
+        let fingerprint = wire::tiny_fingerprint();
         let greeting = Greeting {
             secret: &key,
             fingerprint: &fingerprint,

@@ -254,17 +254,6 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
-    fn small() -> Fingerprint {
-        let layout = KvLayout {
-            num_layers: 2,
-            num_kv_heads: 1,
-            head_dim: 4,
-            block_size: 16,
-            dtype: KvDtype::F16,
-        };
-        Fingerprint::new("m".into(), layout)
-    }
-
     /// A hand-off server that welcomes, answers one read with `blocks` blocks of
     /// `fill` (or refuses it), and counts "done"s.
     async fn fake_worker(listener: TcpListener, refuse: bool) -> usize {
@@ -289,7 +278,7 @@ mod tests {
                         wire::send(&mut stream, &error).await.unwrap();
                     }
                     Message::Read { block_ids, .. } => {
-                        let block_bytes = block_bytes(&small());
+                        let block_bytes = block_bytes(&wire::tiny_fingerprint());
                         let header = Message::ReadOk {
                             blocks: block_ids.len(),
                             block_bytes,
@@ -336,7 +325,7 @@ mod tests {
                 block_ids: vec![4, 5, 6],
                 lease_secret: "5ec2e7".into(),
             },
-            fingerprint: small(),
+            fingerprint: wire::tiny_fingerprint(),
             secret: secret(),
             num_tokens: 40,
             tokens_digest: wire::tokens_digest(&[1; 40]),

@@ -315,19 +315,28 @@ pub fn tokens_digest(tokens: &[u32]) -> String {
         .collect()
 }
 
+/// The KV layout of the transfer module's unit tests: 2 layers, 1 KV head, head
+/// dim 4, blocks of 16, f16.
+#[cfg(test)]
+pub(crate) fn tiny_layout() -> KvLayout {
+    KvLayout {
+        num_layers: 2,
+        num_kv_heads: 1,
+        head_dim: 4,
+        block_size: 16,
+        dtype: crate::kv::KvDtype::F16,
+    }
+}
+
+/// The fingerprint of model "m" in [`tiny_layout`].
+#[cfg(test)]
+pub(crate) fn tiny_fingerprint() -> Fingerprint {
+    Fingerprint::new("m".into(), tiny_layout())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tiny_layout() -> KvLayout {
-        KvLayout {
-            num_layers: 2,
-            num_kv_heads: 1,
-            head_dim: 4,
-            block_size: 16,
-            dtype: crate::kv::KvDtype::F16,
-        }
-    }
 
     #[tokio::test]
     async fn messages_round_trip_through_frames() {
