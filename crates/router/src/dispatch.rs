@@ -153,7 +153,10 @@ impl Dispatcher {
     /// The client's answer to `request`.
     pub async fn dispatch(&self, request: ClientRequest) -> Response {
         let text = disagg::request_text(request.endpoint, &request.body);
-        let info = RequestInfo { text: &text };
+        let info = RequestInfo {
+            text: &text,
+            tokens: None,
+        };
         let tokens = disagg::estimated_tokens(&text, &request.body);
         let result = match self.mode {
             Mode::Replicated => self.replicated(&request, &info, tokens).await,

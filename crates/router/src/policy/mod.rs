@@ -26,6 +26,18 @@ pub struct Candidate<'a> {
 pub struct RequestInfo<'a> {
     /// The prompt text (for chat, the messages' contents joined), for `prefix`.
     pub text: &'a str,
+    /// The prompt's token ids as the workers see them (chat template applied), when
+    /// the router has them (`kv_aware`); `None` otherwise.
+    pub tokens: Option<&'a [u32]>,
+}
+
+/// What `kv_aware` asks of the router's view of the workers' KV caches (built from
+/// their KV events): per worker, how many leading tokens of a prompt it holds.
+pub trait PrefixLookup: Send + Sync + Debug {
+    /// For each of `urls`, in order: the number of leading `tokens` that worker holds
+    /// in its KV cache (whole blocks only), or `None` when its cache is unknown (no
+    /// event stream, stream lost or stale).
+    fn cached_prefix_tokens(&self, urls: &[&str], tokens: &[u32]) -> Vec<Option<usize>>;
 }
 
 /// Picks one of the candidates; `None` only when there are none.
@@ -157,7 +169,7 @@ mod tests {
     fn every_policy_gives_none_for_no_candidates_and_forgets_unknown_workers() {
         for kind in PolicyKind::ALL {
             let policy = build(kind, &PrefixConfig::default());
-            assert_eq!(policy.select(&[], &RequestInfo { text: "hi" }), None);
+            assert_eq!(policy.select(&[], &RequestInfo { text: "hi", tokens: None }), None);
             policy.forget("http://never-seen");
         }
     }
@@ -172,7 +184,7 @@ mod tests {
         for kind in PolicyKind::ALL {
             let policy = build(kind, &PrefixConfig::default());
             for _ in 0..3 {
-                assert_eq!(policy.select(&only, &RequestInfo { text: "hi" }), Some(0));
+                assert_eq!(policy.select(&only, &RequestInfo { text: "hi", tokens: None }), Some(0));
             }
         }
     }

@@ -435,7 +435,7 @@ mod tests {
 
     fn pick(policy: &PrefixPolicy, candidates: &[Candidate<'_>], text: &str) -> usize {
         policy
-            .select(candidates, &RequestInfo { text })
+            .select(candidates, &RequestInfo { text, tokens: None })
             .expect("non-empty")
     }
 
@@ -468,7 +468,7 @@ mod tests {
     #[test]
     fn empty_gives_none() {
         let policy = PrefixPolicy::new(PrefixConfig::default());
-        assert_eq!(policy.select(&[], &RequestInfo { text: "hi" }), None);
+        assert_eq!(policy.select(&[], &RequestInfo { text: "hi", tokens: None }), None);
         assert_eq!(policy.stored_chars(), 0);
     }
 
