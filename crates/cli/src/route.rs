@@ -31,8 +31,8 @@ pub struct RouteArgs {
     /// A decode worker of disaggregated mode (repeat for more).
     #[arg(long = "decode", value_name = "URL")]
     decode: Vec<String>,
-    /// Selection policy: round_robin, random, least_loaded, power_of_two, prefix
-    /// [default: round_robin].
+    /// Selection policy: round_robin, random, least_loaded, power_of_two, prefix,
+    /// kv_aware (from the workers' KV events, see --kv-events) [default: round_robin].
     #[arg(long)]
     policy: Option<PolicyKind>,
     /// Policy of the prefill pool (default: --policy).
@@ -41,6 +41,14 @@ pub struct RouteArgs {
     /// Policy of the decode pool (default: --policy).
     #[arg(long)]
     decode_policy: Option<PolicyKind>,
+    /// kv_aware: weight of a block of prompt still to compute against a block of KV
+    /// held by running requests; 0 ignores the cache [default: 1.0].
+    #[arg(long, value_name = "WEIGHT")]
+    kv_aware_overlap_weight: Option<f64>,
+    /// kv_aware: 0 picks the cheapest worker; above 0 draws by a softmax over costs,
+    /// so that several routers do not herd onto one worker [default: 0].
+    #[arg(long, value_name = "T")]
+    kv_aware_temperature: Option<f64>,
     /// Clients must send `Authorization: Bearer KEY`.
     #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -116,6 +124,11 @@ impl RouteArgs {
         if self.decode_policy.is_some() {
             config.decode_policy = self.decode_policy;
         }
+        override_with(
+            &mut config.kv_aware.overlap_weight,
+            self.kv_aware_overlap_weight,
+        );
+        override_with(&mut config.kv_aware.temperature, self.kv_aware_temperature);
         override_secret(&mut config.api_key, &self.api_key);
         override_secret(&mut config.admin_token, &self.admin_token);
         override_secret(&mut config.worker_api_key, &self.worker_api_key);

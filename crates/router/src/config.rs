@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tandem_httpd::HttpLimits;
 
-use crate::policy::{PolicyKind, PrefixConfig};
+use crate::policy::{KvAwareConfig, PolicyKind, PrefixConfig};
 use crate::secret::Secret;
 
 /// Everything `tandem route` can be told.
@@ -27,6 +27,8 @@ pub struct RouterConfig {
     pub prefill_policy: Option<PolicyKind>,
     pub decode_policy: Option<PolicyKind>,
     pub prefix: PrefixConfig,
+    /// Tuning of the `kv_aware` policy (`[kv_aware]`).
+    pub kv_aware: KvAwareConfig,
     /// Clients must send `Authorization: Bearer <api_key>`.
     pub api_key: Option<Secret>,
     /// The admin API (`/workers`) needs `Authorization: Bearer <admin_token>`; without
@@ -73,6 +75,7 @@ impl Default for RouterConfig {
             prefill_policy: None,
             decode_policy: None,
             prefix: PrefixConfig::default(),
+            kv_aware: KvAwareConfig::default(),
             api_key: None,
             admin_token: None,
             worker_api_key: None,
@@ -219,6 +222,9 @@ impl RouterConfig {
                 "circuit thresholds must be at least 1".into(),
             ));
         }
+        self.kv_aware
+            .validate()
+            .map_err(|err| ConfigError::Invalid(err.to_string()))?;
         self.http_limits().validate()?;
         Ok(mode)
     }

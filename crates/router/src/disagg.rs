@@ -11,7 +11,9 @@ use crate::config::ClientParamsPolicy;
 /// Where a client can put `kv_transfer_params` for a worker to read: the request's
 /// field, and vLLM's `vllm_xargs` (which vLLM copies into the same params).
 const XARGS: &str = "vllm_xargs";
-const PARAMS: &str = "kv_transfer_params";
+/// The field that carries the hand-off between the legs.
+pub const KV_TRANSFER_PARAMS: &str = "kv_transfer_params";
+const PARAMS: &str = KV_TRANSFER_PARAMS;
 
 /// A client's request carried `kv_transfer_params` and the policy is to refuse it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -30,6 +30,7 @@ use tandem_protocol::openai::{ApiError, ErrorKind};
 use crate::config::{Mode, RetryConfig};
 use crate::disagg::{self, Endpoint};
 use crate::error::error_response;
+use crate::kv_routing::{KvRouting, Prediction};
 use crate::metrics as names;
 use crate::policy::{Policy, PrefixCache, RequestInfo};
 use crate::registry::{LoadGuard, Registry, Role, Worker};
@@ -68,6 +69,8 @@ pub struct Dispatcher {
     pub conditional: Arc<Option<ConditionalDisagg>>,
     /// P/D mode: 503 instead of a decode-only answer when no prefill worker is reached.
     pub require_prefill: bool,
+    /// With a `kv_aware` pool: the workers' caches and the requests' token ids.
+    pub kv: Option<Arc<KvRouting>>,
 }
 
 /// A leg no worker answered.
@@ -140,22 +143,35 @@ struct Leg<'a> {
     /// Until the response headers arrive.
     limit: Duration,
     /// The worker to try first (chosen before the leg), if still available.
-    preferred: Option<Arc<Worker>>,
+    preferred: Option<Selected>,
+    /// Whether the worker computes the prompt itself (no KV handed to it), so that its
+    /// reported cached tokens check the policy's prediction.
+    computes_prompt: bool,
 }
 
-/// An answered call: the worker's response (any status) and its load guard.
+/// An answered call: the worker's response (any status), its load guard and what the
+/// policy predicted of its cache.
 struct Called {
     response: reqwest::Response,
     guard: LoadGuard,
+    prediction: Option<Prediction>,
+}
+
+/// A worker chosen for a leg, with the policy's prediction of its cache.
+#[derive(Clone)]
+struct Selected {
+    worker: Arc<Worker>,
+    prediction: Option<Prediction>,
 }
 
 impl Dispatcher {
     /// The client's answer to `request`.
     pub async fn dispatch(&self, request: ClientRequest) -> Response {
         let text = disagg::request_text(request.endpoint, &request.body);
+        let token_ids = self.prompt_token_ids(&request).await;
         let info = RequestInfo {
             text: &text,
-            tokens: None,
+            tokens: token_ids.as_deref(),
         };
         let tokens = disagg::estimated_tokens(&text, &request.body);
         let result = match self.mode {
@@ -179,6 +195,7 @@ impl Dispatcher {
             tokens,
             limit: self.upstream.timeouts().first_byte(),
             preferred: None,
+            computes_prompt: true,
         };
         let called = self.call(&leg, info, &request.headers).await?;
         Ok(self.relay(called, request).await)
@@ -205,10 +222,10 @@ impl Dispatcher {
                 .await;
         }
         let (decode_worker, reason) = match self.decode_first(info)? {
-            DecodeFirst::Local(worker) => {
+            DecodeFirst::Local(selected) => {
                 count_decision("local", "below_threshold");
                 return self
-                    .decode(request, &request.body, info, tokens, Some(worker))
+                    .decode(request, &request.body, info, tokens, Some(selected))
                     .await;
             }
             DecodeFirst::Remote(worker, reason) => (worker, reason),
@@ -244,16 +261,31 @@ impl Dispatcher {
         let Some(conditional) = self.conditional.as_ref() else {
             return Ok(DecodeFirst::Remote(None, "always"));
         };
-        let worker = self
+        let selected = self
             .select(Role::Decode, &[], info)
             .ok_or_else(|| ApiError::unavailable("no decode worker is available"))?;
-        let prompt_tokens = conditional.counter.count(info.text);
-        let cached_chars = conditional.cache.match_and_record(&worker.url, info.text);
-        let uncached = uncached_tokens(prompt_tokens, info.text.len(), cached_chars);
+        let cached_chars = conditional
+            .cache
+            .match_and_record(&selected.worker.url, info.text);
+        let uncached = match self.exact_uncached(&selected.worker.url, info) {
+            Some(uncached) => uncached,
+            None => {
+                let prompt_tokens = conditional.counter.count(info.text);
+                uncached_tokens(prompt_tokens, info.text.len(), cached_chars)
+            }
+        };
         if uncached < conditional.threshold {
-            return Ok(DecodeFirst::Local(worker));
+            return Ok(DecodeFirst::Local(selected));
         }
-        Ok(DecodeFirst::Remote(Some(worker), "above_threshold"))
+        Ok(DecodeFirst::Remote(Some(selected), "above_threshold"))
+    }
+
+    /// The prompt tokens `url` would have to compute, from its KV events, when the
+    /// router has the prompt's token ids and knows that worker's cache.
+    fn exact_uncached(&self, url: &str, info: &RequestInfo<'_>) -> Option<usize> {
+        let tokens = info.tokens?;
+        let cached = self.kv.as_ref()?.cached_on(url, tokens)?;
+        Some(tokens.len().saturating_sub(cached))
     }
 
     /// The decode worker alone computes the prompt: no prefill worker was reached.
@@ -264,7 +296,7 @@ impl Dispatcher {
         request: &ClientRequest,
         info: &RequestInfo<'_>,
         tokens: usize,
-        decode_worker: Option<Arc<Worker>>,
+        decode_worker: Option<Selected>,
     ) -> Result<Response, ApiError> {
         count_decision("local", "no_prefill_worker");
         if let Some(held_back) = NO_PREFILL_WARNING.admit(Instant::now()) {
@@ -295,8 +327,13 @@ impl Dispatcher {
             tokens,
             limit,
             preferred: None,
+            computes_prompt: true,
         };
-        let Called { response, guard } = self.call(&leg, info, &request.headers).await?;
+        let Called {
+            response,
+            guard,
+            prediction,
+        } = self.call(&leg, info, &request.headers).await?;
         let status = response.status();
         let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
         let remaining = limit.saturating_sub(started.elapsed());
@@ -312,9 +349,11 @@ impl Dispatcher {
             let response = relay::passthrough(status.as_u16(), content_type, bytes);
             return Ok(PrefillAnswer::Error(response));
         }
-        Ok(PrefillAnswer::Ok(
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        ))
+        let answer = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if let Some(prediction) = prediction {
+            prediction.check_answer(&answer);
+        }
+        Ok(PrefillAnswer::Ok(answer))
     }
 
     async fn decode(
@@ -323,7 +362,7 @@ impl Dispatcher {
         body: &Map<String, Value>,
         info: &RequestInfo<'_>,
         tokens: usize,
-        preferred: Option<Arc<Worker>>,
+        preferred: Option<Selected>,
     ) -> Result<Response, ApiError> {
         let leg = Leg {
             role: Role::Decode,
@@ -333,6 +372,7 @@ impl Dispatcher {
             tokens,
             limit: self.upstream.timeouts().first_byte(),
             preferred,
+            computes_prompt: !body.contains_key(disagg::KV_TRANSFER_PARAMS),
         };
         let called = self.call(&leg, info, &request.headers).await?;
         Ok(self.relay(called, request).await)
@@ -343,7 +383,7 @@ impl Dispatcher {
             called.response,
             &request.headers.request_id,
             vec![called.guard],
-            RequestTimer::new(request.arrival),
+            RequestTimer::new(request.arrival).checking(called.prediction),
             self.upstream.timeouts().idle(),
         )
         .await
@@ -364,13 +404,14 @@ impl Dispatcher {
             let preferred = leg
                 .preferred
                 .as_ref()
-                .filter(|w| attempt == 0 && w.is_available());
-            let Some(worker) = preferred
+                .filter(|chosen| attempt == 0 && chosen.worker.is_available());
+            let Some(Selected { worker, prediction }) = preferred
                 .cloned()
                 .or_else(|| self.select(leg.role, &excluded, info))
             else {
                 break;
             };
+            let prediction = prediction.filter(|_| leg.computes_prompt);
             if attempt > 0 {
                 metrics::counter!(names::RETRIES_TOTAL, names::LEG => leg.label).increment(1);
                 tokio::time::sleep(self.retry.backoff(attempt, rand::random())).await;
@@ -389,7 +430,11 @@ impl Dispatcher {
                     let last_try = attempt + 1 == self.retry.max_attempts
                         || !self.registry.has_available(leg.role, &excluded);
                     if !failed || last_try {
-                        return Ok(Called { response, guard });
+                        return Ok(Called {
+                            response,
+                            guard,
+                            prediction,
+                        });
                     }
                     tracing::warn!(
                         worker = worker.url,
@@ -416,16 +461,24 @@ impl Dispatcher {
     }
 
     /// The policy's pick among the available workers of `role`, minus `excluded`.
-    fn select(
-        &self,
-        role: Role,
-        excluded: &[String],
-        info: &RequestInfo<'_>,
-    ) -> Option<Arc<Worker>> {
+    fn select(&self, role: Role, excluded: &[String], info: &RequestInfo<'_>) -> Option<Selected> {
         let workers = self.registry.available(role, excluded);
         let candidates: Vec<_> = workers.iter().map(|w| w.candidate()).collect();
-        let index = self.policies.get(role).select(&candidates, info)?;
-        workers.get(index).cloned()
+        let pick = self.policies.get(role).pick(&candidates, info)?;
+        let worker = workers.get(pick.index).cloned()?;
+        if let Some(kv) = &self.kv {
+            kv.lookup.note_routed(&worker.url);
+        }
+        let prediction = pick
+            .predicted_cached_tokens
+            .map(|cached_tokens| Prediction { cached_tokens });
+        Some(Selected { worker, prediction })
+    }
+
+    /// The prompt's token ids for `kv_aware`, when a pool uses it and they can be had.
+    async fn prompt_token_ids(&self, request: &ClientRequest) -> Option<Vec<u32>> {
+        let kv = self.kv.as_ref()?;
+        kv.prompt_token_ids(request.endpoint, &request.body).await
     }
 }
 
@@ -448,9 +501,9 @@ fn decode_body(body: &Map<String, Value>, answer: &Value) -> Map<String, Value> 
 /// Where a P/D request's decode leg goes, decided before any prefill leg.
 enum DecodeFirst {
     /// Straight to this decode worker (few uncached tokens).
-    Local(Arc<Worker>),
+    Local(Selected),
     /// After a prefill leg, to this decode worker if chosen already; the reason label.
-    Remote(Option<Arc<Worker>>, &'static str),
+    Remote(Option<Selected>, &'static str),
 }
 
 enum PrefillAnswer {

@@ -12,6 +12,7 @@
 //! - [`relay`]: upstream calls and streaming relay.
 //! - [`tokens`]: prompt token counts for conditional disaggregation.
 //! - [`kv_index`]: which worker holds which prompt prefix, from KV-cache events (pure).
+//! - [`kv_routing`]: the dispatcher's side of `kv_aware` (token ids, predictions).
 //! - [`secret`]: credentials that never print.
 //! - [`api`], [`admin`]: the HTTP surface.
 //! - [`metrics`]: metric names.
@@ -24,6 +25,7 @@ pub mod dispatch;
 mod error;
 pub mod health;
 pub mod kv_index;
+pub mod kv_routing;
 pub mod metrics;
 pub mod policy;
 pub mod registry;
@@ -189,6 +191,7 @@ fn serve_thread(
                 retry: config.retry.clone(),
                 conditional: shared.conditional,
                 require_prefill: config.require_prefill,
+                kv: None,
             },
             api_key: config.api_key.clone(),
             admin_token: config.admin_token.clone(),
@@ -239,7 +242,12 @@ fn conditional(
 }
 
 fn policies(config: &RouterConfig, mode: Mode) -> Policies {
-    let build = |kind| policy::build(kind, &config.prefix);
+    let settings = policy::PolicySettings {
+        prefix: config.prefix.clone(),
+        kv_aware: config.kv_aware.clone(),
+        lookup: None,
+    };
+    let build = |kind| policy::build(kind, &settings);
     let mut by_role = HashMap::new();
     match mode {
         Mode::Replicated => {

@@ -35,6 +35,16 @@ pub const DISAGG_DECISIONS_TOTAL: &str = "tandem_router_disagg_decisions_total";
 /// Counter, label [`ACTION`] (`stripped`, `rejected`): client requests that carried
 /// their own `kv_transfer_params`, which only the router may set.
 pub const CLIENT_KV_TRANSFER_PARAMS_TOTAL: &str = "tandem_router_client_kv_transfer_params_total";
+/// Counter, label [`OUTCOME`] (`exact`, `over`, `under`): `kv_aware` predictions of a
+/// worker's cached prompt tokens, against what its answer reported.
+pub const KV_PREDICTIONS_TOTAL: &str = "tandem_router_kv_predictions_total";
+/// Counter: cached prompt tokens predicted, over the requests counted above.
+pub const KV_PREDICTED_CACHED_TOKENS_TOTAL: &str = "tandem_router_kv_predicted_cached_tokens_total";
+/// Counter: cached prompt tokens the workers reported, over the same requests.
+pub const KV_ACTUAL_CACHED_TOKENS_TOTAL: &str = "tandem_router_kv_actual_cached_tokens_total";
+/// Counter, label [`OUTCOME`] (`ok`, `error`, `unsupported`): getting a request's token
+/// ids for `kv_aware` (a worker's `/tokenize`, the local tokenizer or the prompt itself).
+pub const KV_TOKENIZE_TOTAL: &str = "tandem_router_kv_tokenize_total";
 
 pub const MODE: &str = "mode";
 pub const ENDPOINT: &str = "endpoint";

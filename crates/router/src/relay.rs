@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 use tokio::time::Sleep;
 
 use crate::config::Timeouts;
+use crate::kv_routing::Prediction;
 use crate::metrics as names;
 use crate::registry::LoadGuard;
 use crate::secret::Secret;
@@ -140,6 +141,8 @@ fn worker_headers(worker_key: Option<&Secret>) -> Result<HeaderMap, UpstreamErro
 pub struct RequestTimer {
     arrival: Instant,
     first_byte_seen: bool,
+    /// The policy's cache prediction, checked against the usage in the answer.
+    prediction: Option<Prediction>,
 }
 
 impl RequestTimer {
@@ -147,6 +150,31 @@ impl RequestTimer {
         Self {
             arrival,
             first_byte_seen: false,
+            prediction: None,
+        }
+    }
+
+    /// Also checks `prediction` against the cached tokens the answer reports.
+    pub fn checking(mut self, prediction: Option<Prediction>) -> Self {
+        self.prediction = prediction;
+        self
+    }
+
+    /// Checks the prediction against a whole answer.
+    fn check_whole(&mut self, body: &[u8]) {
+        if let Some(prediction) = self.prediction.take()
+            && let Ok(answer) = serde_json::from_slice::<serde_json::Value>(body)
+        {
+            prediction.check_answer(&answer);
+        }
+    }
+
+    /// Checks the prediction against an SSE chunk, if it holds the usage.
+    fn check_chunk(&mut self, chunk: &[u8]) {
+        if let Some(prediction) = self.prediction
+            && prediction.check_sse_chunk(chunk)
+        {
+            self.prediction = None;
         }
     }
 
@@ -190,6 +218,7 @@ pub async fn relay(
             Err(_) => return broken_answer(format!("the worker sent nothing for {idle:?}")),
         };
         timer.first_byte();
+        timer.check_whole(&body);
         drop(guards);
         let mut response = Response::new(Body::from(body));
         *response.status_mut() = status;
@@ -274,6 +303,9 @@ impl Stream for RelayBody {
         match self.inner.poll_next_unpin(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
                 self.timer.first_byte();
+                if self.is_sse {
+                    self.timer.check_chunk(&chunk);
+                }
                 let next = tokio::time::Instant::now() + self.idle;
                 self.deadline.as_mut().reset(next);
                 Poll::Ready(Some(Ok(chunk)))

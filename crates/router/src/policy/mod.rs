@@ -7,8 +7,11 @@
 //! - `power_of_two`: two random candidates, the less loaded of them.
 //! - `prefix`: cache-aware; an approximate prefix tree of recent request texts per
 //!   worker, falling back to the least-loaded worker when load is imbalanced.
+//! - `kv_aware`: cache-aware from the workers' own KV events ([`PrefixLookup`]): the
+//!   lowest cost of prompt still to compute plus KV already held.
 
 use std::fmt::Debug;
+use std::sync::Arc;
 
 /// One worker that could take the request, as the policy sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +41,29 @@ pub trait PrefixLookup: Send + Sync + Debug {
     /// in its KV cache (whole blocks only), or `None` when its cache is unknown (no
     /// event stream, stream lost or stale).
     fn cached_prefix_tokens(&self, urls: &[&str], tokens: &[u32]) -> Vec<Option<usize>>;
+
+    /// The router just sent a request to `url`: events from it are due (a worker that
+    /// takes requests but sends no events has lost its stream).
+    fn note_routed(&self, _url: &str) {}
+}
+
+/// A policy's choice, with what it expects of the chosen worker's cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    /// The index in the candidates.
+    pub index: usize,
+    /// Prompt tokens the policy expects the worker to find cached, if it knows.
+    pub predicted_cached_tokens: Option<usize>,
+}
+
+impl Pick {
+    /// A choice that predicts nothing about the cache.
+    pub fn plain(index: usize) -> Self {
+        Self {
+            index,
+            predicted_cached_tokens: None,
+        }
+    }
 }
 
 /// Picks one of the candidates; `None` only when there are none.
@@ -46,6 +72,11 @@ pub trait Policy: Send + Sync + Debug {
 
     /// The index in `candidates` of the chosen worker.
     fn select(&self, candidates: &[Candidate<'_>], request: &RequestInfo<'_>) -> Option<usize>;
+
+    /// [`Self::select`], with the policy's cache prediction when it makes one.
+    fn pick(&self, candidates: &[Candidate<'_>], request: &RequestInfo<'_>) -> Option<Pick> {
+        self.select(candidates, request).map(Pick::plain)
+    }
 
     /// Forgets a worker that left the pool.
     fn forget(&self, _url: &str) {}
@@ -60,14 +91,17 @@ pub enum PolicyKind {
     LeastLoaded,
     PowerOfTwo,
     Prefix,
+    KvAware,
 }
 
+mod kv_aware;
 mod least_loaded;
 mod power_of_two;
 mod prefix;
 mod random;
 mod round_robin;
 
+pub use kv_aware::{KvAware, KvAwareConfig, KvAwareConfigError, reusable_part};
 pub use least_loaded::LeastLoaded;
 pub use power_of_two::PowerOfTwo;
 pub use prefix::{PrefixCache, PrefixConfig, PrefixPolicy};
@@ -76,12 +110,13 @@ pub use round_robin::RoundRobin;
 
 impl PolicyKind {
     /// Every policy, in the order the CLI lists them.
-    pub const ALL: [PolicyKind; 5] = [
+    pub const ALL: [PolicyKind; 6] = [
         PolicyKind::RoundRobin,
         PolicyKind::Random,
         PolicyKind::LeastLoaded,
         PolicyKind::PowerOfTwo,
         PolicyKind::Prefix,
+        PolicyKind::KvAware,
     ];
 
     /// The name used on the command line, in config files and by `Policy::name`.
@@ -92,6 +127,7 @@ impl PolicyKind {
             PolicyKind::LeastLoaded => "least_loaded",
             PolicyKind::PowerOfTwo => "power_of_two",
             PolicyKind::Prefix => "prefix",
+            PolicyKind::KvAware => "kv_aware",
         }
     }
 }
@@ -131,14 +167,41 @@ impl std::str::FromStr for PolicyKind {
     }
 }
 
-/// The policy of that kind; `prefix` is only read by `PolicyKind::Prefix`.
-pub fn build(kind: PolicyKind, prefix: &PrefixConfig) -> Box<dyn Policy> {
+/// What the policies need beyond their kind.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySettings {
+    pub prefix: PrefixConfig,
+    pub kv_aware: KvAwareConfig,
+    /// The workers' KV caches as their events tell; `kv_aware` without it knows no
+    /// cache and is `least_loaded`.
+    pub lookup: Option<Arc<dyn PrefixLookup>>,
+}
+
+/// A lookup for routers that follow no KV events: every cache is unknown.
+#[derive(Debug)]
+struct NoEvents;
+
+impl PrefixLookup for NoEvents {
+    fn cached_prefix_tokens(&self, urls: &[&str], _tokens: &[u32]) -> Vec<Option<usize>> {
+        vec![None; urls.len()]
+    }
+}
+
+/// The policy of that kind, configured from `settings`.
+pub fn build(kind: PolicyKind, settings: &PolicySettings) -> Box<dyn Policy> {
     match kind {
         PolicyKind::RoundRobin => Box::new(RoundRobin::new()),
         PolicyKind::Random => Box::new(Random::new()),
         PolicyKind::LeastLoaded => Box::new(LeastLoaded::new()),
         PolicyKind::PowerOfTwo => Box::new(PowerOfTwo::new()),
-        PolicyKind::Prefix => Box::new(PrefixPolicy::new(prefix.clone())),
+        PolicyKind::Prefix => Box::new(PrefixPolicy::new(settings.prefix.clone())),
+        PolicyKind::KvAware => {
+            let lookup = settings
+                .lookup
+                .clone()
+                .unwrap_or_else(|| Arc::new(NoEvents));
+            Box::new(KvAware::new(settings.kv_aware.clone(), lookup))
+        }
     }
 }
 
@@ -151,7 +214,10 @@ mod tests {
         for kind in PolicyKind::ALL {
             assert_eq!(kind.as_str().parse::<PolicyKind>(), Ok(kind));
             assert_eq!(kind.to_string(), kind.as_str());
-            assert_eq!(build(kind, &PrefixConfig::default()).name(), kind.as_str());
+            assert_eq!(
+                build(kind, &PolicySettings::default()).name(),
+                kind.as_str()
+            );
         }
     }
 
@@ -161,15 +227,24 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "unknown policy `cache_aware`; expected one of: \
-             round_robin, random, least_loaded, power_of_two, prefix"
+             round_robin, random, least_loaded, power_of_two, prefix, kv_aware"
         );
     }
 
     #[test]
     fn every_policy_gives_none_for_no_candidates_and_forgets_unknown_workers() {
         for kind in PolicyKind::ALL {
-            let policy = build(kind, &PrefixConfig::default());
-            assert_eq!(policy.select(&[], &RequestInfo { text: "hi", tokens: None }), None);
+            let policy = build(kind, &PolicySettings::default());
+            assert_eq!(
+                policy.select(
+                    &[],
+                    &RequestInfo {
+                        text: "hi",
+                        tokens: None
+                    }
+                ),
+                None
+            );
             policy.forget("http://never-seen");
         }
     }
@@ -182,9 +257,18 @@ mod tests {
             in_flight_tokens: 700,
         }];
         for kind in PolicyKind::ALL {
-            let policy = build(kind, &PrefixConfig::default());
+            let policy = build(kind, &PolicySettings::default());
             for _ in 0..3 {
-                assert_eq!(policy.select(&only, &RequestInfo { text: "hi", tokens: None }), Some(0));
+                assert_eq!(
+                    policy.select(
+                        &only,
+                        &RequestInfo {
+                            text: "hi",
+                            tokens: None
+                        }
+                    ),
+                    Some(0)
+                );
             }
         }
     }
