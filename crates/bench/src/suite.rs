@@ -100,6 +100,9 @@ pub struct Scenario {
     pub range_ratio: f64,
     #[serde(default = "defaults::prefix_len")]
     pub prefix_len: usize,
+    /// Distinct prefixes of the shared-prefix workload, taken in turn.
+    #[serde(default = "defaults::one")]
+    pub prefix_groups: usize,
     #[serde(default = "defaults::turns")]
     pub turns: usize,
     pub dataset_path: Option<PathBuf>,
@@ -376,6 +379,7 @@ impl Scenario {
             )),
             WorkloadKind::SharedPrefix => single(workload::shared_prefix(
                 self.num_prompts,
+                self.prefix_groups,
                 self.prefix_len,
                 self.input_len,
                 self.output_len,

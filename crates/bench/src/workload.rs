@@ -76,24 +76,27 @@ pub fn random(
         .collect()
 }
 
-/// `count` prompts that share their first `prefix_len` words (a system prompt, say)
-/// and then differ for `input_len` words: what prefix caching and cache-aware routing
-/// are for.
+/// `count` prompts that start with one of `groups` prefixes of `prefix_len` words (a
+/// system prompt, say; prompt `i` takes prefix `i % groups`) and then differ for
+/// `input_len` words: what prefix caching and cache-aware routing are for. With several
+/// groups, a router that sends each group to its own worker finds the most cache hits.
 pub fn shared_prefix(
     count: usize,
+    groups: usize,
     prefix_len: usize,
     input_len: usize,
     output_len: usize,
     seed: u64,
 ) -> Vec<Prompt> {
-    let prefix = random(1, prefix_len, 1, 0.0, seed.wrapping_add(1))
-        .pop()
+    let prefixes: Vec<String> = random(groups.max(1), prefix_len, 1, 0.0, seed.wrapping_add(1))
+        .into_iter()
         .map(|p| p.text)
-        .unwrap_or_default();
+        .collect();
     random(count, input_len, output_len, 0.0, seed)
         .into_iter()
-        .map(|p| Prompt {
-            text: format!("{prefix} {}", p.text),
+        .enumerate()
+        .map(|(i, p)| Prompt {
+            text: format!("{} {}", prefixes[i % prefixes.len()], p.text),
             max_tokens: p.max_tokens,
         })
         .collect()
@@ -120,7 +123,7 @@ pub fn multi_turn(
     output_len: usize,
     seed: u64,
 ) -> Vec<Conversation> {
-    let firsts = shared_prefix(users, prefix_len, input_len, output_len, seed);
+    let firsts = shared_prefix(users, 1, prefix_len, input_len, output_len, seed);
     let mut later = random(
         users * turns.saturating_sub(1),
         input_len,
@@ -277,7 +280,7 @@ mod tests {
 
     #[test]
     fn shared_prefixes_are_shared_and_suffixes_differ() {
-        let prompts = shared_prefix(4, 30, 10, 8, 2);
+        let prompts = shared_prefix(4, 1, 30, 10, 8, 2);
         let prefix: Vec<&str> = prompts[0].text.split(' ').take(30).collect();
         for p in &prompts {
             let words: Vec<&str> = p.text.split(' ').collect();
@@ -285,6 +288,29 @@ mod tests {
             assert_eq!(&words[..30], &prefix[..]);
         }
         assert_ne!(prompts[0].text, prompts[1].text);
+    }
+
+    #[test]
+    fn prefix_groups_alternate_and_differ() {
+        let prompts = shared_prefix(6, 3, 20, 5, 4, 9);
+        let prefix = |i: usize| -> Vec<String> {
+            prompts[i]
+                .text
+                .split(' ')
+                .take(20)
+                .map(str::to_owned)
+                .collect()
+        };
+        for i in 0..3 {
+            assert_eq!(
+                prefix(i),
+                prefix(i + 3),
+                "prompt {i} and {} share a group",
+                i + 3
+            );
+        }
+        assert_ne!(prefix(0), prefix(1));
+        assert_ne!(prefix(1), prefix(2));
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub struct BenchArgs {
     /// Words shared by every prompt (shared-prefix workload).
     #[arg(long, default_value_t = 256)]
     prefix_len: usize,
+    /// Distinct prefixes, taken in turn by the prompts (shared-prefix workload).
+    #[arg(long, default_value_t = 1)]
+    prefix_groups: usize,
     /// A ShareGPT-format JSON file (sharegpt workload).
     #[arg(long)]
     dataset_path: Option<PathBuf>,
@@ -251,6 +254,7 @@ fn scenario_of(args: &BenchArgs) -> Scenario {
         output_len: args.output_len,
         range_ratio: args.range_ratio,
         prefix_len: args.prefix_len,
+        prefix_groups: args.prefix_groups,
         turns: args.turns,
         dataset_path: args.dataset_path.clone(),
         concurrency: Vec::new(),
