@@ -539,6 +539,43 @@ async fn client_disconnects_abort_requests_and_free_their_blocks() {
     );
 }
 
+/// vLLM sends a chat stream's role chunk with the first output, after the prefill, so
+/// that a client timing the first chunk (as `vllm bench serve` does) times the first
+/// token. The server's own TTFT (arrival to first token) cannot exceed the client's
+/// time to the first chunk unless that chunk went out before the first token.
+#[tokio::test]
+async fn a_chat_stream_starts_when_the_first_token_is_ready() {
+    if !default_model_present() {
+        return;
+    }
+    let server = Server::start(&["--threads", "1", "--max-model-len", "2048"]);
+    let body = json!({"messages": [{"role": "user", "content": "word ".repeat(1000)}],
+                      "max_completion_tokens": 2, "stream": true});
+    let sent = std::time::Instant::now();
+    let response = server
+        .client
+        .post(server.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut events = response.bytes_stream();
+    let first = events.next().await.unwrap().unwrap();
+    let first_chunk_after = sent.elapsed().as_secs_f64();
+    assert!(
+        String::from_utf8_lossy(&first).contains(r#""role":"assistant""#),
+        "{first:?}"
+    );
+    while events.next().await.is_some() {}
+    let metrics = server.metrics().await;
+    let ttft = metric_value(&metrics, "vllm:time_to_first_token_seconds_sum").unwrap();
+    assert!(
+        first_chunk_after >= ttft,
+        "the role chunk came {first_chunk_after:.3} s after sending, the first token \
+         {ttft:.3} s after arrival"
+    );
+}
+
 /// A body over the limit gets 413, answered from `Content-Length` before the body is
 /// read; the server then reads and drops the rest before closing, so the answer
 /// reaches a client that is still uploading instead of a connection reset.

@@ -1,5 +1,6 @@
 //! Streamed responses as server-sent events, in vLLM's order: (chat only) a first
-//! chunk per choice with the assistant role, text chunks as tokens decode, a chunk per
+//! chunk per choice with the assistant role, sent with the first output (after the
+//! prefill, so the first chunk marks the first token), text chunks as tokens decode, a chunk per
 //! choice with its `finish_reason`, then (with `include_usage`) a usage chunk with no
 //! choices, then `data: [DONE]`. An engine failure mid-stream is an in-band
 //! `data: {"error":...}` event followed by `[DONE]`.
@@ -155,13 +156,16 @@ pub fn response(
     runs: Vec<ChoiceRun>,
     include_usage: bool,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let mut pending = VecDeque::new();
-    if writer.endpoint == Endpoint::Chat {
-        pending.extend((0..runs.len()).map(|index| writer.role(index)));
-    }
+    // vLLM sends the role chunks with the first output, after the prefill: clients
+    // (and `vllm bench serve`) time the first token by the first chunk.
+    let roles_due = match writer.endpoint {
+        Endpoint::Chat => runs.len(),
+        _ => 0,
+    };
     let state = StreamState {
         choices: stream::select_all(runs.into_iter().map(ChoiceRun::into_stream)),
-        pending,
+        pending: VecDeque::new(),
+        roles_due,
         usage: Vec::new(),
         writer,
         include_usage,
@@ -177,6 +181,8 @@ pub fn response(
 struct StreamState {
     choices: SelectAll<BoxStream<'static, ChoiceEvent>>,
     pending: VecDeque<Event>,
+    /// Chat: the choices whose role chunk goes out before the first output.
+    roles_due: usize,
     usage: Vec<UsageInfo>,
     writer: ChunkWriter,
     include_usage: bool,
@@ -198,6 +204,12 @@ impl StreamState {
     }
 
     fn handle(&mut self, event: Option<ChoiceEvent>) {
+        if matches!(
+            event,
+            Some(ChoiceEvent::Text { .. } | ChoiceEvent::Finished { .. })
+        ) {
+            self.send_roles();
+        }
         match event {
             Some(ChoiceEvent::Text { index, text }) => {
                 self.pending.push_back(self.writer.text(index, text));
@@ -227,6 +239,13 @@ impl StreamState {
                 }
                 self.end();
             }
+        }
+    }
+
+    fn send_roles(&mut self) {
+        for index in 0..std::mem::take(&mut self.roles_due) {
+            let role = self.writer.role(index);
+            self.pending.push_back(role);
         }
     }
 
