@@ -103,6 +103,12 @@ fn port_checks(worker: &NamedWorker, shell: &Shell, target: &str) -> Vec<Check> 
     if let Some(kv_port) = spec.kv_port {
         ports.push(("kv port", kv_port));
     }
+    if let Some(port) = spec.kv_events_port {
+        ports.push(("kv events port", port));
+    }
+    if let Some(port) = spec.kv_replay_port {
+        ports.push(("kv replay port", port));
+    }
     ports
         .into_iter()
         .map(|(what, port)| {

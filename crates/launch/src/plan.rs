@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::secret::{ClusterSecret, SECRET_ENV};
-use crate::topology::{Checked, Engine, NamedWorker, Role};
+use crate::topology::{Checked, Engine, NamedWorker, Role, WorkerSpec};
 
 /// Where a command runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +109,7 @@ fn builtin(worker: &NamedWorker, tandem: &str, secret: &ClusterSecret) -> Launch
     if !spec.cores.is_empty() {
         args.extend(["--threads".into(), spec.cores.len().to_string()]);
     }
+    args.extend(kv_events_args(spec));
     if let Some(memory) = &spec.kv_cache_memory {
         args.extend(["--kv-cache-memory".into(), memory.clone()]);
     }
@@ -141,6 +142,54 @@ fn builtin(worker: &NamedWorker, tandem: &str, secret: &ClusterSecret) -> Launch
     }
 }
 
+/// The topic of the KV events `tandem up` configures.
+const KV_EVENTS_TOPIC: &str = "kv";
+
+/// `--kv-events-config` (vLLM's flag, which built-in workers share) when the worker
+/// has a KV-event port. vLLM's rule binds an endpoint with `*` and connects any other,
+/// so the sockets listen on every interface.
+fn kv_events_args(spec: &WorkerSpec) -> Vec<String> {
+    let Some(port) = spec.kv_events_port else {
+        return Vec::new();
+    };
+    let mut config = serde_json::json!({
+        "enable_kv_cache_events": true,
+        "publisher": "zmq",
+        "endpoint": format!("tcp://*:{port}"),
+        "topic": KV_EVENTS_TOPIC,
+    });
+    if let Some(replay) = spec.kv_replay_port {
+        config["replay_endpoint"] = format!("tcp://*:{replay}").into();
+    }
+    vec!["--kv-events-config".into(), config.to_string()]
+}
+
+/// The router's `--kv-events`/`--kv-replay` for the workers that publish events.
+fn router_kv_events_args(topology: &Checked) -> Vec<String> {
+    let mut args = Vec::new();
+    for worker in &topology.workers {
+        let spec = &worker.spec;
+        let Some(port) = spec.kv_events_port else {
+            continue;
+        };
+        let (url, address) = (spec.url(), spec.reach_address());
+        args.extend([
+            "--kv-events".into(),
+            format!("{url}=tcp://{address}:{port}"),
+        ]);
+        if let Some(replay) = spec.kv_replay_port {
+            args.extend([
+                "--kv-replay".into(),
+                format!("{url}=tcp://{address}:{replay}"),
+            ]);
+        }
+    }
+    if !args.is_empty() {
+        args.extend(["--kv-events-topic".into(), KV_EVENTS_TOPIC.into()]);
+    }
+    args
+}
+
 fn vllm(worker: &NamedWorker) -> Launch {
     let spec = &worker.spec;
     let model = spec.model.clone().unwrap_or_default();
@@ -171,6 +220,7 @@ fn vllm(worker: &NamedWorker) -> Launch {
         env.push(("VLLM_NIXL_SIDE_CHANNEL_HOST".into(), address));
         env.push(("VLLM_NIXL_SIDE_CHANNEL_PORT".into(), kv_port.to_string()));
     }
+    args.extend(kv_events_args(spec));
     if let Some(cuda_home) = &spec.cuda_home {
         env.push(("CUDA_HOME".into(), cuda_home.display().to_string()));
     }
@@ -224,6 +274,7 @@ fn router(topology: &Checked, tandem: &str) -> Launch {
     if let Some(threshold) = spec.local_prefill_threshold {
         args.extend(["--local-prefill-threshold".into(), threshold.to_string()]);
     }
+    args.extend(router_kv_events_args(topology));
     args.extend(spec.extra_args.iter().cloned());
     let reach = if matches!(spec.host.as_str(), "0.0.0.0" | "::") {
         "127.0.0.1"
@@ -394,6 +445,59 @@ model = "/m.gguf"
             .unwrap_err()
             .to_string();
         assert!(err.contains("`gpu_memory_utilization`"), "{err}");
+    }
+
+    #[test]
+    fn kv_event_ports_configure_the_workers_and_the_router() {
+        let text = r#"
+[router]
+policy = "kv_aware"
+
+[[worker]]
+engine = "builtin"
+role = "both"
+port = 8100
+kv_events_port = 5700
+kv_replay_port = 5701
+
+[[worker]]
+engine = "vllm"
+role = "both"
+port = 8200
+kv_events_port = 5702
+model = "/m"
+
+[[worker]]
+engine = "builtin"
+role = "both"
+port = 8300
+"#;
+        let topology = crate::topology::parse(text, "t").unwrap();
+        let launches = plan(&topology, Path::new("/here/tandem"), &test_secret());
+        let config_of = |launch: &Launch| -> Option<serde_json::Value> {
+            let at = launch.args.iter().position(|a| a == "--kv-events-config")?;
+            Some(serde_json::from_str(&launch.args[at + 1]).unwrap())
+        };
+        let builtin = config_of(&launches[0]).unwrap();
+        assert_eq!(builtin["endpoint"], "tcp://*:5700");
+        assert_eq!(builtin["replay_endpoint"], "tcp://*:5701");
+        assert_eq!(builtin["enable_kv_cache_events"], true);
+        let vllm = config_of(&launches[1]).unwrap();
+        assert_eq!(vllm["endpoint"], "tcp://*:5702");
+        assert!(vllm.get("replay_endpoint").is_none());
+        assert!(config_of(&launches[2]).is_none());
+        let router = launches.last().unwrap().args.join(" ");
+        assert!(
+            router.contains(
+                "--kv-events http://127.0.0.1:8100=tcp://127.0.0.1:5700 \
+             --kv-replay http://127.0.0.1:8100=tcp://127.0.0.1:5701 \
+             --kv-events http://127.0.0.1:8200=tcp://127.0.0.1:5702 --kv-events-topic kv"
+            ),
+            "{router}"
+        );
+        let clash = text.replace("kv_replay_port = 5701", "kv_replay_port = 8100");
+        let err = crate::topology::parse(&clash, "t").unwrap_err().to_string();
+        assert!(err.contains("`kv_replay_port`"), "{err}");
     }
 
     fn test_secret() -> ClusterSecret {

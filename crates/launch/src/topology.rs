@@ -100,6 +100,13 @@ pub struct WorkerSpec {
     pub port: u16,
     /// The KV hand-off port (built-in: `--kv-port`; vLLM: the NIXL side channel).
     pub kv_port: Option<u16>,
+    /// The KV-event PUB port (`--kv-events-config`, built-in and vLLM alike): the
+    /// worker announces what enters and leaves its prefix cache there, and the router
+    /// follows it (`--kv-events`) for the `kv_aware` policy.
+    pub kv_events_port: Option<u16>,
+    /// The KV-event replay port (`replay_endpoint`), from which the router refetches
+    /// the events it missed.
+    pub kv_replay_port: Option<u16>,
     /// Built-in: a `.gguf` or Hugging Face folder (default: the default model).
     /// vLLM: the model name or path given to `vllm serve` (required).
     pub model: Option<String>,
@@ -372,6 +379,8 @@ fn check_names_and_ports(topology: &Checked) -> Result<(), Misfit> {
         let machine = machine_of(spec);
         let mut own = vec![("port", spec.port)];
         own.extend(spec.kv_port.map(|p| ("kv_port", p)));
+        own.extend(spec.kv_events_port.map(|p| ("kv_events_port", p)));
+        own.extend(spec.kv_replay_port.map(|p| ("kv_replay_port", p)));
         for (field, port) in own {
             if machine == "here" && port == topology.router.port {
                 return Err((
