@@ -38,6 +38,9 @@ pub struct KvAwareConfig {
     pub temperature: f64,
     /// Tokens per block in the cost when a worker's own block size is not known.
     pub block_size: usize,
+    /// How long the router waits for a worker's `/tokenize` before routing the request
+    /// without the cache (the dispatcher's setting; the policy does not read it).
+    pub tokenize_timeout_ms: u64,
 }
 
 impl Default for KvAwareConfig {
@@ -46,6 +49,7 @@ impl Default for KvAwareConfig {
             overlap_weight: 1.0,
             temperature: 0.0,
             block_size: 16,
+            tokenize_timeout_ms: 2000,
         }
     }
 }
@@ -59,6 +63,8 @@ pub enum KvAwareConfigError {
     Temperature(f64),
     #[error("kv_aware.block_size must be at least 1")]
     BlockSize,
+    #[error("kv_aware.tokenize_timeout_ms must be at least 1")]
+    TokenizeTimeout,
 }
 
 impl KvAwareConfig {
@@ -71,6 +77,9 @@ impl KvAwareConfig {
         }
         if self.block_size == 0 {
             return Err(KvAwareConfigError::BlockSize);
+        }
+        if self.tokenize_timeout_ms == 0 {
+            return Err(KvAwareConfigError::TokenizeTimeout);
         }
         Ok(())
     }
