@@ -11,6 +11,8 @@
 //! - [`dispatch`]: legs, selection and retries.
 //! - [`relay`]: upstream calls and streaming relay.
 //! - [`tokens`]: prompt token counts for conditional disaggregation.
+//! - [`prompt_tokens`]: a request's prompt token ids as the worker sees them (its
+//!   `/tokenize`), for KV-aware routing.
 //! - [`kv_index`]: which worker holds which prompt prefix, from KV-cache events (pure).
 //! - [`secret`]: credentials that never print.
 //! - [`api`], [`admin`]: the HTTP surface.
@@ -26,6 +28,7 @@ pub mod health;
 pub mod kv_index;
 pub mod metrics;
 pub mod policy;
+pub mod prompt_tokens;
 pub mod registry;
 pub mod relay;
 pub mod secret;

@@ -1,7 +1,8 @@
 //! Counting a prompt's tokens for conditional disaggregation: exactly, with the
 //! model's Hugging Face `tokenizer.json` (`--tokenizer`), or as an estimate of four
 //! characters per token. Chat requests are counted on their messages' text, without
-//! the chat template's few extra tokens.
+//! the chat template's few extra tokens. The exact tokenizer also gives a completions
+//! prompt's ids ([`TokenCounter::encode`], for [`crate::prompt_tokens`]).
 
 use std::path::Path;
 
@@ -35,6 +36,19 @@ impl TokenCounter {
                 path: path.display().to_string(),
                 message: e.to_string(),
             })
+    }
+
+    /// The token ids of `text` with the tokenizer's special tokens added (as a worker
+    /// tokenizes a completions prompt); `None` for an estimate, or text the tokenizer
+    /// cannot encode.
+    pub fn encode(&self, text: &str) -> Option<Vec<u32>> {
+        match self {
+            TokenCounter::Estimate => None,
+            TokenCounter::Exact(tokenizer) => tokenizer
+                .encode_fast(text, true)
+                .ok()
+                .map(|encoding| encoding.get_ids().to_vec()),
+        }
     }
 
     pub fn count(&self, text: &str) -> usize {
