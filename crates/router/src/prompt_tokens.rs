@@ -289,6 +289,64 @@ mod tests {
         );
     }
 
+    /// A worker whose `/tokenize` answers `answer` after `delay`.
+    async fn fake_worker(answer: &'static str, delay: Duration) -> String {
+        let app = axum::Router::new().route(
+            "/tokenize",
+            axum::routing::post(move || async move {
+                tokio::time::sleep(delay).await;
+                answer
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{address}")
+    }
+
+    async fn fetch_from(worker: &str, timeout: Duration) -> Result<Vec<u32>, PromptTokensError> {
+        let client = reqwest::Client::new();
+        let body = prompt_body("hi".into());
+        fetch(&client, worker, None, &body, timeout).await
+    }
+
+    #[tokio::test]
+    async fn answers_are_bounded_in_time_size_and_shape() {
+        let good = r#"{"count":2,"max_model_len":8,"tokens":[7,9],"token_strs":null}"#;
+        let worker = fake_worker(good, Duration::ZERO).await;
+        assert_eq!(
+            fetch_from(&worker, Duration::from_secs(5)).await.unwrap(),
+            vec![7, 9]
+        );
+
+        let slow = fake_worker(good, Duration::from_secs(30)).await;
+        let error = fetch_from(&slow, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, PromptTokensError::Timeout(_)), "{error}");
+
+        let huge: &'static str = " ".repeat(MAX_RESPONSE_BYTES + 1).leak();
+        let worker = fake_worker(huge, Duration::ZERO).await;
+        let error = fetch_from(&worker, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, PromptTokensError::TooLarge), "{error}");
+
+        let worker = fake_worker(r#"{"tokens":"x"}"#, Duration::ZERO).await;
+        let error = fetch_from(&worker, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, PromptTokensError::BadBody(_)), "{error}");
+
+        let error = fetch_from(&format!("{worker}/nowhere"), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, PromptTokensError::Status { status: 404 }),
+            "{error}"
+        );
+    }
+
     #[test]
     fn chat_without_a_message_list_is_unsupported() {
         for client in [json!({}), json!({"messages": "hi"}), json!({"prompt": "x"})] {
