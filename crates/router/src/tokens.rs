@@ -84,6 +84,29 @@ mod tests {
         assert_eq!(uncached_tokens(7, 0, 0), 7);
     }
 
+    /// A word-level tokenizer whose post-processor adds `<s>` (id 0), as Llama's does.
+    const TOKENIZER_WITH_BOS: &str = r#"{
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"<s>": 0, "a": 1, "b": 2, "[UNK]": 3},
+                  "unk_token": "[UNK]"},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]}}}
+    }"#;
+
+    #[test]
+    fn exact_tokenizers_encode_with_their_special_tokens() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), TOKENIZER_WITH_BOS).unwrap();
+        let exact = TokenCounter::from_file(file.path()).unwrap();
+        assert_eq!(exact.encode("a b a"), Some(vec![0, 1, 2, 1]));
+        assert_eq!(TokenCounter::Estimate.encode("a b a"), None);
+    }
+
     #[test]
     fn a_missing_tokenizer_is_a_clear_error() {
         let err = TokenCounter::from_file(Path::new("/nonexistent/tokenizer.json")).unwrap_err();
