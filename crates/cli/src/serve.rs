@@ -93,8 +93,9 @@ pub struct ServeArgs {
     /// Seconds that requests in flight get to finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
-    /// Clients of the `/v1/*` routes must send `Authorization: Bearer KEY` (else 401),
-    /// as with vLLM's `--api-key`; `/health` and `/metrics` stay open.
+    /// Clients of the `/v1/*` routes, `/tokenize` and `/detokenize` must send
+    /// `Authorization: Bearer KEY` (else 401), as with vLLM's `--api-key`; `/health`
+    /// and `/metrics` stay open.
     #[arg(long, env = "VLLM_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Largest request body: bytes, or with a suffix (KiB, MiB, …). Larger bodies get

@@ -11,6 +11,8 @@
 //! - [`dispatch`]: legs, selection and retries.
 //! - [`relay`]: upstream calls and streaming relay.
 //! - [`tokens`]: prompt token counts for conditional disaggregation.
+//! - [`prompt_tokens`]: a request's prompt token ids as the worker sees them (its
+//!   `/tokenize`), for KV-aware routing.
 //! - [`kv_index`]: which worker holds which prompt prefix, from KV-cache events (pure).
 //! - [`kv_routing`]: the dispatcher's side of `kv_aware` (token ids, predictions).
 //! - [`secret`]: credentials that never print.
@@ -28,6 +30,7 @@ pub mod kv_index;
 pub mod kv_routing;
 pub mod metrics;
 pub mod policy;
+pub mod prompt_tokens;
 pub mod registry;
 pub mod relay;
 pub mod secret;

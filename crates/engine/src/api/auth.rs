@@ -1,5 +1,6 @@
-//! The worker's API key (`--api-key`, as vLLM's): every `/v1/*` request must carry
-//! `Authorization: Bearer KEY`, else 401; `/health` and `/metrics` stay open.
+//! The worker's API key (`--api-key`, as vLLM's): every `/v1/*`, `/tokenize` and
+//! `/detokenize` request must carry `Authorization: Bearer KEY`, else 401; `/health`
+//! and `/metrics` stay open.
 
 use std::sync::Arc;
 

@@ -69,8 +69,14 @@ fn start(
         &state.tokenizer,
         &state.model,
     )?;
+    let chat = validate::ChatPromptOptions::from_fields(
+        request.add_generation_prompt,
+        request.continue_final_message,
+        None,
+    )?;
     let ids = validate::chat_prompt_ids(
         &request.messages,
+        chat,
         state.chat_template.as_ref(),
         &state.tokenizer,
         state.model.max_model_len,

@@ -90,7 +90,7 @@ fn start(
     let prompts = inputs
         .into_iter()
         .map(|input| {
-            let ids = validate::completion_prompt_ids(input, &state.tokenizer, &state.model)?;
+            let ids = validate::completion_prompt_ids(input, true, &state.tokenizer, &state.model)?;
             validate::fit_to_context(
                 ids,
                 options.max_tokens,

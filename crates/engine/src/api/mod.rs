@@ -3,8 +3,12 @@
 //! - `POST /v1/completions`, `POST /v1/chat/completions`: validated into engine
 //!   requests ([`validate`]), run through the engine loop and turned back into text
 //!   ([`generation`], [`stop`]), answered whole or as server-sent events ([`sse`]).
+//! - `POST /tokenize`, `POST /detokenize`: a prompt or conversation as the token ids
+//!   the generation endpoints would feed the model, and ids back into text
+//!   ([`tokenize`]).
 //! - `GET /v1/models`, `GET /health`, `GET /metrics` ([`info`]).
-//! - An optional API key on the `/v1/*` routes ([`auth`]).
+//! - An optional API key on the `/v1/*` routes, `/tokenize` and `/detokenize`
+//!   ([`auth`]).
 //!
 //! Connections, timeouts and body limits are `tandem_httpd`'s: handlers get bodies
 //! that arrived whole within the limits. Prompts that cannot fit the context are
@@ -25,6 +29,7 @@ mod info;
 mod request_id;
 mod sse;
 mod stop;
+mod tokenize;
 mod validate;
 
 use std::future::Future;
@@ -122,12 +127,15 @@ impl ServerState {
 
 type SharedState = Arc<ServerState>;
 
-/// The API's routes, with the API key (when set), the body size limit and request ids.
+/// The API's routes, with the API key (when set) on all but `/health` and `/metrics`,
+/// the body size limit and request ids.
 pub fn router(state: ServerState, max_body_bytes: usize) -> Router {
     let mut openai = Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
-        .route("/v1/models", get(info::models));
+        .route("/v1/models", get(info::models))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize));
     if let Some(key) = state.api_key.clone() {
         openai = openai.route_layer(axum::middleware::from_fn_with_state(key, auth::require_key));
     }

@@ -220,9 +220,12 @@ fn stop_token_ids(
     Ok(ids)
 }
 
-/// Token ids for one completion prompt.
+/// Token ids for one completion prompt: text gets the model's BOS (if it wants one)
+/// when `add_special_tokens`; token ids are taken as they are. `/v1/completions` and
+/// `/tokenize` both call it, so the two agree by construction.
 pub fn completion_prompt_ids(
     input: PromptInput<'_>,
+    add_special_tokens: bool,
     tokenizer: &Tokenizer,
     model: &ServedModel,
 ) -> Result<Vec<u32>, ApiError> {
@@ -237,7 +240,11 @@ pub fn completion_prompt_ids(
                 model.max_model_len,
                 PromptNoun::Prompt,
             )?;
-            encode(tokenizer, text, tokenizer.add_bos_by_default())?
+            encode(
+                tokenizer,
+                text,
+                add_special_tokens && tokenizer.add_bos_by_default(),
+            )?
         }
         PromptInput::Tokens(ids) => {
             if let Some(&bad) = ids.iter().find(|&&id| id as usize >= model.vocab_size) {
@@ -262,14 +269,52 @@ fn empty_prompt() -> ApiError {
     ApiError::invalid_param("prompt", "The prompt cannot be empty.")
 }
 
-/// Token ids for a conversation, rendered with the model's chat template and the
-/// assistant's turn opened. The template writes any BOS itself, so none is added
-/// unless the model wants one and the template left it out.
+/// How a conversation becomes a prompt (vLLM's fields of the same names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChatPromptOptions {
+    /// End with the header of the assistant's turn (default true).
+    pub add_generation_prompt: bool,
+    /// Leave the last message open for the model to continue (default false).
+    pub continue_final_message: bool,
+    /// Add the BOS token in front whatever the template wrote (default false: the
+    /// template writes the special tokens, and a BOS is added only when the model
+    /// wants one and the template left it out).
+    pub add_special_tokens: bool,
+}
+
+impl ChatPromptOptions {
+    /// The options from the request's fields, with vLLM's defaults and its refusal of
+    /// both `add_generation_prompt` and `continue_final_message`.
+    pub fn from_fields(
+        add_generation_prompt: Option<bool>,
+        continue_final_message: Option<bool>,
+        add_special_tokens: Option<bool>,
+    ) -> Result<Self, ApiError> {
+        let options = Self {
+            add_generation_prompt: add_generation_prompt.unwrap_or(true),
+            continue_final_message: continue_final_message.unwrap_or(false),
+            add_special_tokens: add_special_tokens.unwrap_or(false),
+        };
+        if options.add_generation_prompt && options.continue_final_message {
+            // vLLM's check, word for word.
+            return Err(ApiError::invalid_param(
+                "continue_final_message",
+                "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            ));
+        }
+        Ok(options)
+    }
+}
+
+/// Token ids for a conversation, rendered with the model's chat template as `options`
+/// say. `/v1/chat/completions` and `/tokenize` both call it, so the two agree by
+/// construction.
 ///
 /// Conversations too long for `max_model_len` tokens whatever their tokens are refused
 /// before rendering (their contents alone) and before tokenizing (the rendered text).
 pub fn chat_prompt_ids(
     messages: &[WireMessage],
+    options: ChatPromptOptions,
     template: Option<&ChatTemplate>,
     tokenizer: &Tokenizer,
     max_model_len: usize,
@@ -291,18 +336,14 @@ pub fn chat_prompt_ids(
         PromptNoun::Messages,
     )?;
     let conversation = conversation(messages)?;
-    let text = template.render(&conversation, true).map_err(|e| {
-        ApiError::invalid_param("messages", format!("Cannot apply the chat template: {e}"))
-    })?;
+    let text = render(template, &conversation, options)?;
     check_text_length(text.len(), tokenizer, max_model_len, PromptNoun::Messages)?;
     let starts_with_bos = tokenizer
         .bos_token()
         .is_some_and(|bos| !bos.is_empty() && text.starts_with(&bos));
-    let ids = encode(
-        tokenizer,
-        &text,
-        tokenizer.add_bos_by_default() && !starts_with_bos,
-    )?;
+    let add_bos =
+        tokenizer.add_bos_by_default() && (options.add_special_tokens || !starts_with_bos);
+    let ids = encode(tokenizer, &text, add_bos)?;
     if ids.is_empty() {
         return Err(ApiError::invalid_param(
             "messages",
@@ -310,6 +351,43 @@ pub fn chat_prompt_ids(
         ));
     }
     Ok(ids)
+}
+
+/// The prompt text; with `continue_final_message`, cut right after the last
+/// message's content (as `transformers` does), so the model continues it.
+fn render(
+    template: &ChatTemplate,
+    conversation: &[ChatMessage],
+    options: ChatPromptOptions,
+) -> Result<String, ApiError> {
+    let text = template
+        .render(conversation, options.add_generation_prompt)
+        .map_err(|e| {
+            ApiError::invalid_param("messages", format!("Cannot apply the chat template: {e}"))
+        })?;
+    if !options.continue_final_message {
+        return Ok(text);
+    }
+    let last = conversation
+        .last()
+        .map(|message| message.content.trim())
+        .unwrap_or_default();
+    cut_after_final_message(text, last)
+}
+
+fn cut_after_final_message(mut text: String, last: &str) -> Result<String, ApiError> {
+    let at = (!last.is_empty())
+        .then(|| text.rfind(last))
+        .flatten()
+        .ok_or_else(|| {
+            ApiError::invalid_param(
+                "continue_final_message",
+                "continue_final_message needs a last message with content that the chat \
+                 template writes out.",
+            )
+        })?;
+    text.truncate(at + last.len());
+    Ok(text)
 }
 
 fn conversation(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, ApiError> {
@@ -513,6 +591,27 @@ mod tests {
         assert_eq!(check_model(Some("x"), &served).unwrap_err().status(), 404);
         assert!(check_model(Some("m"), &served).is_ok());
         assert!(check_model(None, &served).is_ok());
+    }
+
+    #[test]
+    fn chat_options_take_vllms_defaults_and_refuse_both_endings() {
+        let defaults = ChatPromptOptions::from_fields(None, None, None).unwrap();
+        assert!(defaults.add_generation_prompt);
+        assert!(!defaults.continue_final_message && !defaults.add_special_tokens);
+        let error = ChatPromptOptions::from_fields(None, Some(true), None).unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("continue_final_message"));
+        assert!(ChatPromptOptions::from_fields(Some(false), Some(true), None).is_ok());
+    }
+
+    #[test]
+    fn continuing_cuts_after_the_last_message() {
+        let text = "<user>hi</user><assistant>Once upon</assistant>".to_owned();
+        assert_eq!(
+            cut_after_final_message(text.clone(), "Once upon").unwrap(),
+            "<user>hi</user><assistant>Once upon"
+        );
+        assert!(cut_after_final_message(text.clone(), "").is_err());
+        assert!(cut_after_final_message(text, "absent").is_err());
     }
 
     #[test]

@@ -141,6 +141,12 @@ pub struct ChatCompletionRequest {
     /// Not supported when true.
     #[serde(default)]
     pub top_logprobs: Option<Value>,
+    /// Whether the prompt ends with the header of the assistant's turn (default true).
+    #[serde(default)]
+    pub add_generation_prompt: Option<bool>,
+    /// Whether the last message is left open for the model to continue (default false).
+    #[serde(default)]
+    pub continue_final_message: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
