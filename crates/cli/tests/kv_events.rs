@@ -196,31 +196,73 @@ fn assert_vllm_shape(stored: &BlockStored) {
     assert_eq!(stored.kv_cache_spec_sliding_window, None);
 }
 
-/// A SUB socket on the worker's PUB, past the slow-joiner window: requests of fresh
-/// prompts until a message arrives (each announces a block).
+/// A SUB socket on the worker's PUB, past the slow-joiner window.
 async fn subscribe(worker: &Publisher) -> SubSocket {
     let mut sub = SubSocket::new();
     sub.connect(&format!("tcp://127.0.0.1:{}", worker.pub_port))
         .await
         .expect("the PUB socket accepts");
     sub.subscribe(TOPIC).await.unwrap();
+    await_first_message(&mut sub, &worker.server).await;
+    sub
+}
+
+/// Requests fresh prompts (each announces a block) until `sub` receives a message:
+/// the PUB socket drops messages until the subscription has reached it.
+async fn await_first_message(sub: &mut SubSocket, server: &Server) {
     for round in 0..100 {
         let warm_up: Vec<u32> = (0..BLOCK as u32 + 1)
             .map(|t| 20_000 + round * 40 + t)
             .collect();
-        complete(&worker.server, json!(warm_up)).await;
+        complete(server, json!(warm_up)).await;
         if tokio::time::timeout(Duration::from_millis(500), sub.recv())
             .await
             .is_ok()
         {
-            return sub;
+            return;
         }
     }
     panic!("the SUB socket never received a message");
 }
 
+#[tokio::test]
+async fn a_pub_socket_with_a_plain_address_connects_to_its_subscriber() {
+    if !default_model_present() {
+        return;
+    }
+    // vLLM's rule: no `*` or `::`, so the worker connects to a SUB socket that binds.
+    let mut sub = SubSocket::new();
+    let bound = sub.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+    sub.subscribe("").await.unwrap();
+    let config = json!({"enable_kv_cache_events": true, "endpoint": bound}).to_string();
+    let server = Server::start(&[
+        "--threads",
+        "1",
+        "--kv-cache-memory",
+        "128MiB",
+        "--kv-events-config",
+        &config,
+    ]);
+    assert!(
+        server
+            .log()
+            .iter()
+            .any(|l| l == &format!("KV events published to {bound}")),
+        "{:?}",
+        server.log()
+    );
+    await_first_message(&mut sub, &server).await;
+    let prompt: Vec<u32> = (9000..9016).chain([1]).collect();
+    complete(&server, json!(prompt)).await;
+    receive_until_stored(&mut sub, "", &prompt[..BLOCK]).await;
+}
+
 /// Receives live messages until one holds a store of `tokens`; returns all decoded.
-async fn receive_until_stored(sub: &mut SubSocket, tokens: &[u32]) -> Vec<(u64, Vec<u8>)> {
+async fn receive_until_stored(
+    sub: &mut SubSocket,
+    topic: &str,
+    tokens: &[u32],
+) -> Vec<(u64, Vec<u8>)> {
     let mut received = Vec::new();
     let mut seen = Vec::new();
     loop {
@@ -231,7 +273,7 @@ async fn receive_until_stored(sub: &mut SubSocket, tokens: &[u32]) -> Vec<(u64, 
         let frames: Vec<Vec<u8>> = message.into_vec().into_iter().map(|f| f.to_vec()).collect();
         let parts: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
         let decoded = decode_message(&parts).expect("vLLM's three frames");
-        assert_eq!(decoded.topic, TOPIC);
+        assert_eq!(decoded.topic, topic);
         assert_eq!(decoded.batch.data_parallel_rank, Some(0));
         let found = store_of(std::slice::from_ref(&decoded.batch), tokens).is_some();
         seen.push(decoded.batch.clone());
@@ -255,13 +297,13 @@ async fn a_prompt_is_announced_live_chained_and_replayed() {
     let prompt_tokens = complete(&worker.server, json!(text)).await;
     assert_eq!(prompt_tokens as usize, ids.len());
     let full = &ids[..ids.len() / BLOCK * BLOCK];
-    let live = receive_until_stored(&mut sub, full).await;
+    let live = receive_until_stored(&mut sub, TOPIC, full).await;
 
     // A longer prompt sharing those blocks announces only its new block, chained.
     let longer: Vec<u32> = ids.iter().copied().chain(5000..5013).collect();
     complete(&worker.server, json!(longer)).await;
     let third = &longer[full.len()..full.len() + BLOCK];
-    let live_more = receive_until_stored(&mut sub, third).await;
+    let live_more = receive_until_stored(&mut sub, TOPIC, third).await;
 
     let replayed = replay_until(&worker.replay_endpoint(), |batches| {
         store_of(batches, third).is_some()
