@@ -16,6 +16,7 @@ use tandem_engine::api::{self, HandoffInfo, ServedModel, ServerState};
 use tandem_engine::exec::{Device, WeightDtype};
 use tandem_engine::fetch;
 use tandem_engine::kv::{KvDtype, KvOptions};
+use tandem_engine::kv_events::{self, KvEventSink, KvEventsConfig, SocketMode};
 use tandem_engine::loaded::Placement;
 use tandem_engine::metrics::install_prometheus_recorder;
 use tandem_engine::model::LoadOptions;
@@ -134,6 +135,14 @@ pub struct ServeArgs {
     /// hand-off port.
     #[arg(long, value_name = "PATH")]
     kv_secret_file: Option<PathBuf>,
+    /// Publish the prefix cache's block events over ZMQ in vLLM's format: vLLM's
+    /// `KVEventsConfig` as JSON, e.g. `{"enable_kv_cache_events": true, "endpoint":
+    /// "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}` (keys: enable_kv_cache_events,
+    /// publisher, endpoint, replay_endpoint, buffer_steps, hwm, max_queue_size, topic;
+    /// docs/kv-events.md). The stream carries prompt token ids and has no
+    /// authentication: bind it to a private interface.
+    #[arg(long, value_name = "JSON", value_parser = KvEventsConfig::from_json)]
+    kv_events_config: Option<KvEventsConfig>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -301,13 +310,23 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let leases = args
         .kv_port
         .map(|_| Arc::new(LeaseTable::new(lease, kv.block_size)));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let kv_events = match args.kv_events_config.as_ref().filter(|c| c.publishes()) {
+        Some(events) => Some(runtime.block_on(start_kv_events(events, config.prefix_caching))?),
+        None => None,
+    };
     let (puller, puller_messages) = mpsc::unbounded_channel();
     let links = HandoffLinks {
         leases: leases.clone(),
         puller: Some(puller),
         load_failure_policy: args.kv_load_failure_policy.into(),
     };
-    let engine = sched::spawn_with_handoff(model, config, links).context("starting the engine")?;
+    let engine =
+        sched::spawn_with_links(model, config, links, kv_events).context("starting the engine")?;
     let local = transfer::Local {
         engine_id: args
             .engine_id
@@ -321,11 +340,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let metrics = install_prometheus_recorder(&served.name)
         .map_err(|e| tracing::warn!("metrics are disabled: {e}"))
         .ok();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     let result = runtime.block_on(async {
         transfer::spawn_puller(
             puller_messages,
@@ -354,6 +368,29 @@ pub fn run(args: ServeArgs) -> Result<()> {
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// Binds the KV event sockets (failing startup if they cannot be bound) and starts
+/// the publisher; returns the engine's end of its queue.
+async fn start_kv_events(config: &KvEventsConfig, prefix_caching: bool) -> Result<KvEventSink> {
+    if !prefix_caching {
+        tracing::warn!(
+            "KV events are enabled but prefix caching is off (--no-prefix-caching): \
+             no block enters the cache, so none is announced"
+        );
+    }
+    let (sink, source) = kv_events::channel(config.max_queue_size);
+    let endpoints = kv_events::start_publisher(config, source)
+        .await
+        .context("starting the KV event publisher")?;
+    match endpoints.mode {
+        SocketMode::Bind => eprintln!("KV events published on {}", endpoints.publish),
+        SocketMode::Connect => eprintln!("KV events published to {}", endpoints.publish),
+    }
+    if let Some(replay) = &endpoints.replay {
+        eprintln!("KV event replay on {replay}");
+    }
+    Ok(sink)
 }
 
 /// What the API accepts from clients (`--max-body-bytes`, `--*-read-timeout-secs`).

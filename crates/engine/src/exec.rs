@@ -176,6 +176,17 @@ impl Executor {
         }
     }
 
+    /// Where the KV cache lives, as vLLM's KV events name it (`medium`): `"CPU"` for
+    /// host memory, `"GPU"` for CUDA memory (vLLM's block pool says `"GPU"`; its
+    /// offloading connectors say `"CPU"` for host copies).
+    pub(crate) fn kv_medium(&self) -> &'static str {
+        match self {
+            Executor::Cpu { .. } => "CPU",
+            #[cfg(feature = "cuda")]
+            Executor::Cuda(_) => "GPU",
+        }
+    }
+
     /// The logits of the last forward pass.
     pub(crate) fn last_logits(&self) -> &[f32] {
         match self {

@@ -13,6 +13,7 @@
 //! - [`fetch`]: where the default model lives and how it is obtained.
 //! - [`loaded`]: weights, tokenizer and chat template loaded together.
 //! - [`transfer`]: the prefill/decode KV hand-off between workers.
+//! - [`kv_events`]: publishing the prefix cache's block events (vLLM's KV events).
 //! - [`api`]: the worker's OpenAI-compatible HTTP API; [`metrics`]: its metric names.
 
 pub mod api;
@@ -25,6 +26,7 @@ pub mod fetch;
 pub mod generate;
 pub mod kernels;
 pub mod kv;
+pub mod kv_events;
 pub mod loaded;
 pub mod metrics;
 pub mod model;

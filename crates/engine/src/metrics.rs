@@ -58,6 +58,13 @@ pub const KV_EXPIRED_LEASES_TOTAL: &str = "vllm:nixl_num_kv_expired_reqs_total";
 /// P refused a peer without the cluster secret; `client`: D met a peer that did not
 /// prove the secret, or that refused D's proof).
 pub const KV_AUTH_FAILURES_TOTAL: &str = "tandem:kv_auth_failures_total";
+/// Counter: KV event batches (`--kv-events-config`) handed to the PUB socket.
+pub const KV_EVENTS_PUBLISHED_TOTAL: &str = "tandem:kv_events_published_total";
+/// Counter: KV event batches dropped because the queue to the publisher was full
+/// (subscribers see a gap in the sequence numbers).
+pub const KV_EVENTS_DROPPED_TOTAL: &str = "tandem:kv_events_dropped_total";
+/// Counter: malformed requests to the KV event replay socket, ignored.
+pub const KV_EVENTS_REPLAY_REFUSED_TOTAL: &str = "tandem:kv_events_replay_refused_total";
 
 /// Label of the KV transfer byte and block counters: `sent` or `received`.
 pub const DIRECTION: &str = "direction";
@@ -209,5 +216,17 @@ fn describe_all() {
     describe_counter!(
         KV_AUTH_FAILURES_TOTAL,
         "KV hand-off handshakes that failed authentication, by the side that saw it."
+    );
+    describe_counter!(
+        KV_EVENTS_PUBLISHED_TOTAL,
+        "KV event batches handed to the ZMQ PUB socket."
+    );
+    describe_counter!(
+        KV_EVENTS_DROPPED_TOTAL,
+        "KV event batches dropped because the queue to the publisher was full."
+    );
+    describe_counter!(
+        KV_EVENTS_REPLAY_REFUSED_TOTAL,
+        "Malformed KV event replay requests, ignored."
     );
 }

@@ -17,9 +17,19 @@
 //! token ids, so a block matches only after the same whole prefix.
 //!
 //! The scheduler loop is the only owner (no locks).
+//!
+//! With [`BlockPool::enable_events`] the pool also records vLLM's KV events for
+//! `--kv-events-config` (taken by [`BlockPool::take_events`] after each step):
+//! `BlockStored` for each run of blocks one [`BlockPool::commit_full_blocks`] call
+//! newly caches (a block already cached is not announced and ends the run),
+//! `BlockRemoved` for each evicted block, and on [`BlockPool::reset_prefix_cache`]
+//! `AllBlocksCleared` when nothing stays cached, else `BlockRemoved` of what was
+//! forgotten.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
+
+use tandem_protocol::kv_events::{BlockRemoved, BlockStored, KvEvent};
 
 use super::BlockId;
 
@@ -64,6 +74,27 @@ pub struct BlockPool {
     clock: u64,
     num_referenced: usize,
     stats: PrefixCacheStats,
+    /// Set once events are enabled: what happened since the last `take_events`.
+    events: Option<EventLog>,
+}
+
+/// The KV events recorded since they were last taken.
+#[derive(Debug)]
+struct EventLog {
+    /// `medium` of every event: where the blocks live (`"CPU"`, `"GPU"`).
+    medium: String,
+    events: Vec<KvEvent>,
+}
+
+/// vLLM's KV-cache group of every event: tandem has one, full attention.
+const GROUP_IDX: u32 = 0;
+const SPEC_KIND: &str = "full_attention";
+
+/// Newly cached consecutive blocks of one commit call, announced as one `BlockStored`.
+struct StoreRun {
+    parent: Option<BlockHash>,
+    hashes: Vec<BlockHash>,
+    tokens: Vec<u32>,
 }
 
 impl BlockPool {
@@ -84,7 +115,25 @@ impl BlockPool {
             clock: 0,
             num_referenced: 0,
             stats: PrefixCacheStats::default(),
+            events: None,
         }
+    }
+
+    /// Records vLLM's KV events from now on, with `medium` (where the blocks live:
+    /// `"CPU"`, `"GPU"`) on each.
+    pub fn enable_events(&mut self, medium: &str) {
+        self.events = Some(EventLog {
+            medium: medium.to_owned(),
+            events: Vec::new(),
+        });
+    }
+
+    /// The events recorded since the last call, oldest first (none unless enabled).
+    pub fn take_events(&mut self) -> Vec<KvEvent> {
+        self.events
+            .as_mut()
+            .map(|log| std::mem::take(&mut log.events))
+            .unwrap_or_default()
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -173,32 +222,103 @@ impl BlockPool {
         tokens: &[u32],
     ) -> BlockHash {
         debug_assert_eq!(tokens.len(), self.block_size, "only full blocks are cached");
-        let hash = block_hash(parent, tokens);
+        self.commit_full_blocks(&[block], parent, tokens)
+            .pop()
+            .unwrap_or_else(|| block_hash(parent, tokens))
+    }
+
+    /// [`Self::commit_full_block`] for consecutive blocks of one sequence: `blocks[i]`
+    /// holds `tokens[i * block_size..][..block_size]`, the first after `parent`.
+    /// Returns their hashes. With events enabled, each run of blocks this call newly
+    /// caches is one `BlockStored`.
+    pub fn commit_full_blocks(
+        &mut self,
+        blocks: &[BlockId],
+        parent: Option<BlockHash>,
+        tokens: &[u32],
+    ) -> Vec<BlockHash> {
+        debug_assert_eq!(tokens.len(), blocks.len() * self.block_size);
+        let mut hashes = Vec::with_capacity(blocks.len());
+        let mut run = StoreRun::after(parent);
+        let mut parent = parent;
+        for (&block, chunk) in blocks.iter().zip(tokens.chunks_exact(self.block_size)) {
+            let hash = block_hash(parent, chunk);
+            if self.cache_block(block, hash) {
+                run.push(hash, chunk, self.events.is_some());
+            } else {
+                self.record_stored(std::mem::replace(&mut run, StoreRun::after(Some(hash))));
+            }
+            hashes.push(hash);
+            parent = Some(hash);
+        }
+        self.record_stored(run);
+        hashes
+    }
+
+    /// Makes `block` the cached copy of `hash` unless one is cached (or prefix caching
+    /// is off, or the caller broke the contract); true if it did.
+    fn cache_block(&mut self, block: BlockId, hash: BlockHash) -> bool {
         if !self.prefix_caching {
-            return hash;
+            return false;
         }
         let Some(meta) = self.blocks.get_mut(block as usize) else {
             report_bug(format_args!(
                 "commit of block {block}, which does not exist"
             ));
-            return hash;
+            return false;
         };
         if meta.ref_count == 0 {
             report_bug(format_args!("commit of block {block}, which nobody holds"));
-            return hash;
+            return false;
         }
         if self.cached.contains_key(&hash) {
-            return hash;
+            return false;
         }
         if let Some(old) = meta.cached_hash {
             report_bug(format_args!(
                 "block {block} committed as {hash:#x}, already cached as {old:#x}"
             ));
-            return hash;
+            return false;
         }
         meta.cached_hash = Some(hash);
         self.cached.insert(hash, block);
-        hash
+        true
+    }
+
+    /// Announces a run of newly cached blocks (if any, and if events are on).
+    fn record_stored(&mut self, run: StoreRun) {
+        let block_size = self.block_size as u32;
+        let Some(log) = self.events.as_mut() else {
+            return;
+        };
+        if run.hashes.is_empty() {
+            return;
+        }
+        let blocks = run.hashes.len();
+        log.events.push(KvEvent::BlockStored(BlockStored {
+            block_hashes: run.hashes,
+            parent_block_hash: run.parent,
+            token_ids: run.tokens,
+            block_size,
+            lora_id: None,
+            medium: Some(log.medium.clone()),
+            lora_name: None,
+            extra_keys: Some(vec![None; blocks]),
+            group_idx: Some(GROUP_IDX),
+            kv_cache_spec_kind: Some(SPEC_KIND.to_owned()),
+            kv_cache_spec_sliding_window: None,
+        }));
+    }
+
+    /// Announces that cached blocks were forgotten (if events are on).
+    fn record_removed(&mut self, block_hashes: Vec<BlockHash>) {
+        if let Some(log) = self.events.as_mut() {
+            log.events.push(KvEvent::BlockRemoved(BlockRemoved {
+                block_hashes,
+                medium: Some(log.medium.clone()),
+                group_idx: Some(GROUP_IDX),
+            }));
+        }
     }
 
     /// Drops one reference on each of `blocks`. Unreferenced blocks without cached
@@ -221,12 +341,22 @@ impl BlockPool {
     }
 
     /// Forgets every cached block that nobody references, making it free. Blocks that
-    /// sequences hold stay cached. The counters are kept.
+    /// sequences hold stay cached. The counters are kept. Announced as
+    /// `AllBlocksCleared` when nothing stays cached (as vLLM, whose reset succeeds only
+    /// then), else as `BlockRemoved` of the forgotten blocks.
     pub fn reset_prefix_cache(&mut self) {
         let evictable = std::mem::take(&mut self.evictable);
+        let mut forgotten = Vec::with_capacity(evictable.len());
         for block in evictable.into_values() {
-            self.forget_evictable(block);
+            forgotten.extend(self.forget_evictable(block));
             self.free.push(block);
+        }
+        if self.cached.is_empty() {
+            if let Some(log) = self.events.as_mut() {
+                log.events.push(KvEvent::AllBlocksCleared);
+            }
+        } else if !forgotten.is_empty() {
+            self.record_removed(forgotten);
         }
     }
 
@@ -252,17 +382,21 @@ impl BlockPool {
             .evictable
             .pop_first()
             .expect("caller checked num_available");
-        self.forget_evictable(block);
+        if let Some(hash) = self.forget_evictable(block) {
+            // One event per evicted block, as vLLM's `_maybe_evict_cached_block`.
+            self.record_removed(vec![hash]);
+        }
         block
     }
 
-    /// Clears an evictable block's cached identity; it is already out of `evictable`.
-    fn forget_evictable(&mut self, block: BlockId) {
+    /// Clears an evictable block's cached identity (returned); it is already out of
+    /// `evictable`.
+    fn forget_evictable(&mut self, block: BlockId) -> Option<BlockHash> {
         let meta = &mut self.blocks[block as usize];
         meta.evictable_since = None;
-        if let Some(hash) = meta.cached_hash.take() {
-            self.cached.remove(&hash);
-        }
+        let hash = meta.cached_hash.take()?;
+        self.cached.remove(&hash);
+        Some(hash)
     }
 
     fn release_one(&mut self, block: BlockId) {
@@ -288,6 +422,25 @@ impl BlockPool {
             self.evictable.insert(since, block);
         } else {
             self.free.push(block);
+        }
+    }
+}
+
+impl StoreRun {
+    /// An empty run whose first block follows `parent`.
+    fn after(parent: Option<BlockHash>) -> Self {
+        Self {
+            parent,
+            hashes: Vec::new(),
+            tokens: Vec::new(),
+        }
+    }
+
+    /// Adds a block; its tokens only when they will be announced.
+    fn push(&mut self, hash: BlockHash, tokens: &[u32], with_tokens: bool) {
+        self.hashes.push(hash);
+        if with_tokens {
+            self.tokens.extend_from_slice(tokens);
         }
     }
 }
@@ -631,6 +784,158 @@ mod tests {
         let held = pool.allocate(1).unwrap();
         pool.release(&held);
         pool.release(&held);
+    }
+
+    fn stored(event: &KvEvent) -> &BlockStored {
+        match event {
+            KvEvent::BlockStored(stored) => stored,
+            other => panic!("not a BlockStored: {other:?}"),
+        }
+    }
+
+    fn removed(event: &KvEvent) -> Vec<BlockHash> {
+        match event {
+            KvEvent::BlockRemoved(removed) => {
+                assert_eq!(removed.medium.as_deref(), Some("CPU"));
+                assert_eq!(removed.group_idx, Some(0));
+                removed.block_hashes.clone()
+            }
+            other => panic!("not a BlockRemoved: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn nothing_is_recorded_unless_enabled() {
+        let mut pool = BlockPool::new(4, BS, true);
+        let held = pool.allocate(2).unwrap();
+        commit_all(&mut pool, &held, &(0..8).collect::<Vec<_>>());
+        pool.release(&held);
+        pool.reset_prefix_cache();
+        assert!(pool.take_events().is_empty());
+    }
+
+    #[test]
+    fn newly_cached_runs_are_stored_in_vllms_shape() {
+        let mut pool = BlockPool::new(8, BS, true);
+        pool.enable_events("CPU");
+        let tokens: Vec<u32> = (100..112).collect();
+        let held = pool.allocate(3).unwrap();
+        let hashes = pool.commit_full_blocks(&held, None, &tokens);
+        assert_eq!(
+            hashes,
+            commit_all(&mut BlockPool::new(8, BS, true), &held, &tokens)
+        );
+        let events = pool.take_events();
+        assert_eq!(events.len(), 1, "one run, one event: {events:?}");
+        let expected = BlockStored {
+            block_hashes: hashes.clone(),
+            parent_block_hash: None,
+            token_ids: tokens.clone(),
+            block_size: BS as u32,
+            lora_id: None,
+            medium: Some("CPU".into()),
+            lora_name: None,
+            extra_keys: Some(vec![None; 3]),
+            group_idx: Some(0),
+            kv_cache_spec_kind: Some("full_attention".into()),
+            kv_cache_spec_sliding_window: None,
+        };
+        assert_eq!(stored(&events[0]), &expected);
+        assert!(pool.take_events().is_empty(), "taken once");
+
+        // A later block of the same sequence chains from the last one.
+        let more = pool.allocate(1).unwrap();
+        let next: Vec<u32> = (112..116).collect();
+        let hash = pool.commit_full_blocks(&more, hashes.last().copied(), &next);
+        let events = pool.take_events();
+        assert_eq!(stored(&events[0]).parent_block_hash, Some(hashes[2]));
+        assert_eq!(stored(&events[0]).block_hashes, hash);
+        assert_eq!(stored(&events[0]).token_ids, next);
+        check_invariants(&pool);
+    }
+
+    #[test]
+    fn an_already_cached_block_is_not_announced_and_breaks_the_run() {
+        let mut pool = BlockPool::new(8, BS, true);
+        pool.enable_events("CPU");
+        let tokens: Vec<u32> = (0..12).collect();
+        // Another sequence cached the middle block's twin: same parent, same tokens.
+        let first = pool.allocate(2).unwrap();
+        let head = pool.commit_full_blocks(&first, None, &tokens[..8]);
+        pool.take_events();
+        let other = pool.allocate(3).unwrap();
+        let hashes = pool.commit_full_blocks(&other, None, &tokens);
+        assert_eq!(hashes[..2], head[..]);
+        let events = pool.take_events();
+        assert_eq!(events.len(), 1, "{events:?}");
+        let tail = stored(&events[0]);
+        assert_eq!(tail.block_hashes, vec![hashes[2]]);
+        assert_eq!(tail.parent_block_hash, Some(hashes[1]));
+        assert_eq!(tail.token_ids, tokens[8..]);
+
+        // Cached, not cached, cached, not cached: two one-block runs.
+        let mut pool = BlockPool::new(8, BS, true);
+        pool.enable_events("CPU");
+        let a = pool.allocate(1).unwrap();
+        let h0 = pool.commit_full_blocks(&a, None, &tokens[..4])[0];
+        let b = pool.allocate(1).unwrap();
+        let h1 = block_hash(Some(h0), &tokens[4..8]);
+        let h2 = block_hash(Some(h1), &tokens[8..12]);
+        pool.commit_full_blocks(&b, Some(h1), &tokens[8..12]);
+        pool.take_events();
+        let seq = pool.allocate(4).unwrap();
+        let all: Vec<u32> = (0..16).collect();
+        let hashes = pool.commit_full_blocks(&seq, None, &all);
+        assert_eq!(hashes[..3], [h0, h1, h2]);
+        let events = pool.take_events();
+        let runs: Vec<_> = events.iter().map(stored).collect();
+        assert_eq!(runs.len(), 2, "{events:?}");
+        assert_eq!(runs[0].block_hashes, vec![h1]);
+        assert_eq!(runs[0].parent_block_hash, Some(h0));
+        assert_eq!(runs[1].block_hashes, vec![hashes[3]]);
+        assert_eq!(runs[1].parent_block_hash, Some(h2));
+        assert_eq!(runs[1].token_ids, all[12..]);
+        check_invariants(&pool);
+    }
+
+    #[test]
+    fn evictions_are_removed_one_block_each() {
+        let mut pool = BlockPool::new(2, BS, true);
+        pool.enable_events("CPU");
+        let held = pool.allocate(2).unwrap();
+        let hashes = pool.commit_full_blocks(&held, None, &(0..8).collect::<Vec<_>>());
+        pool.release(&reversed(&held));
+        pool.take_events();
+        pool.allocate(2).unwrap();
+        let events = pool.take_events();
+        let evicted: Vec<_> = events.iter().map(removed).collect();
+        assert_eq!(
+            evicted,
+            vec![vec![hashes[1]], vec![hashes[0]]],
+            "tail first"
+        );
+        check_invariants(&pool);
+    }
+
+    #[test]
+    fn a_reset_clears_all_or_removes_what_it_forgot() {
+        let mut pool = BlockPool::new(4, BS, true);
+        pool.enable_events("CPU");
+        let held = pool.allocate(2).unwrap();
+        let hashes = pool.commit_full_blocks(&held, None, &(0..8).collect::<Vec<_>>());
+        pool.release(&held[1..]);
+        pool.take_events();
+        // The held head stays cached: only the tail is forgotten.
+        pool.reset_prefix_cache();
+        let events = pool.take_events();
+        assert_eq!(
+            events.iter().map(removed).collect::<Vec<_>>(),
+            vec![vec![hashes[1]]]
+        );
+        pool.release(&held[..1]);
+        pool.reset_prefix_cache();
+        assert_eq!(pool.take_events(), vec![KvEvent::AllBlocksCleared]);
+        check_invariants(&pool);
     }
 
     /// A 64-bit linear congruential generator (Knuth's MMIX constants).

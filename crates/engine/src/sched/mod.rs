@@ -23,6 +23,7 @@ pub use stats::EngineStats;
 use crate::exec::{Executor, Model};
 use crate::kernels::{KernelError, ThreadPool};
 use crate::kv::{KvOptions, KvStore};
+use crate::kv_events::KvEventSink;
 use crate::model::ForwardScratch;
 use crate::transfer::{LeaseTable, LoadFailurePolicy, PullerMsg};
 
@@ -115,6 +116,17 @@ pub fn spawn_with_handoff(
     config: EngineConfig,
     handoff: HandoffLinks,
 ) -> Result<EngineHandle, SpawnError> {
+    spawn_with_links(model, config, handoff, None)
+}
+
+/// [`spawn_with_handoff`], also publishing the prefix cache's block events to
+/// `kv_events` (`--kv-events-config`; see [`crate::kv_events`]).
+pub fn spawn_with_links(
+    model: impl Into<Model>,
+    config: EngineConfig,
+    handoff: HandoffLinks,
+    kv_events: Option<KvEventSink>,
+) -> Result<EngineHandle, SpawnError> {
     if config.max_num_seqs == 0 || config.max_num_batched_tokens == 0 {
         return Err(SpawnError::Invalid(
             "max_num_seqs and max_num_batched_tokens must be positive",
@@ -134,7 +146,14 @@ pub fn spawn_with_handoff(
     let alive = Arc::new(AtomicBool::new(true));
     let stats = Arc::new(stats::SharedStats::default());
     let kv_memory = executor.kv_blocks();
-    let engine = scheduler::EngineLoop::new(executor, config, receiver, stats.clone(), handoff);
+    let engine = scheduler::EngineLoop::new(
+        executor,
+        config,
+        receiver,
+        stats.clone(),
+        handoff,
+        kv_events,
+    );
     let flag = ClearOnDrop(alive.clone());
     std::thread::Builder::new()
         .name("tandem-engine".into())

@@ -24,6 +24,7 @@ use super::stats::{EngineStats, SharedStats};
 use super::{EngineConfig, HandoffLinks};
 use crate::exec::Executor;
 use crate::kv::pool::BlockPool;
+use crate::kv_events::KvEventSink;
 use crate::metrics as names;
 use crate::model::{LogitsFor, SeqInput};
 use crate::transfer::auth;
@@ -51,6 +52,8 @@ pub(crate) struct EngineLoop {
     /// Admitted remote prefills whose KV is being pulled into their blocks.
     pulling: Vec<Sequence>,
     handoff: HandoffLinks,
+    /// Set with `--kv-events-config`: where each step's block events go.
+    kv_events: Option<KvEventSink>,
     commands: mpsc::UnboundedReceiver<Command>,
     stats: Arc<SharedStats>,
     steps: u64,
@@ -64,12 +67,16 @@ impl EngineLoop {
         commands: mpsc::UnboundedReceiver<Command>,
         stats: Arc<SharedStats>,
         handoff: HandoffLinks,
+        kv_events: Option<KvEventSink>,
     ) -> Self {
-        let blocks = BlockPool::new(
+        let mut blocks = BlockPool::new(
             executor.num_blocks(),
             executor.kv_layout().block_size,
             config.prefix_caching,
         );
+        if kv_events.is_some() {
+            blocks.enable_events(executor.kv_medium());
+        }
         Self {
             executor,
             blocks,
@@ -78,6 +85,7 @@ impl EngineLoop {
             running: Vec::new(),
             pulling: Vec::new(),
             handoff,
+            kv_events,
             commands,
             stats,
             steps: 0,
@@ -90,6 +98,7 @@ impl EngineLoop {
         while self.take_commands() {
             self.step();
             self.publish_gauges();
+            self.publish_kv_events();
         }
     }
 
@@ -563,6 +572,17 @@ impl EngineLoop {
         self.publish_prefix_counters();
     }
 
+    /// The step's block events as one batch (none if nothing entered or left the cache).
+    fn publish_kv_events(&mut self) {
+        let Some(sink) = self.kv_events.as_mut() else {
+            return;
+        };
+        let events = self.blocks.take_events();
+        if !events.is_empty() {
+            sink.send(events);
+        }
+    }
+
     fn publish_prefix_counters(&self) {
         let prefix = self.blocks.prefix_cache_stats();
         metrics::counter!(names::PREFIX_CACHE_QUERIES_TOTAL).absolute(prefix.queries);
@@ -570,15 +590,19 @@ impl EngineLoop {
     }
 }
 
-/// Registers the sequence's newly completed blocks in the prefix cache.
+/// Registers the sequence's newly completed blocks in the prefix cache, in one call
+/// (one `BlockStored` per run of newly cached blocks). Blocks pulled from a prefill
+/// worker are committed here too, once the step after the pull computed the last
+/// prompt token, so they are announced like local ones.
 fn commit_full_blocks(pool: &mut BlockPool, seq: &mut Sequence) {
     let block_size = pool.block_size();
     let full = seq.num_computed / block_size;
-    while seq.block_hashes.len() < full {
-        let i = seq.block_hashes.len();
-        let parent = i.checked_sub(1).map(|p| seq.block_hashes[p]);
-        let tokens = &seq.tokens[i * block_size..(i + 1) * block_size];
-        let hash = pool.commit_full_block(seq.blocks[i], parent, tokens);
-        seq.block_hashes.push(hash);
+    let first = seq.block_hashes.len();
+    if first >= full {
+        return;
     }
+    let parent = seq.block_hashes.last().copied();
+    let tokens = &seq.tokens[first * block_size..full * block_size];
+    let hashes = pool.commit_full_blocks(&seq.blocks[first..full], parent, tokens);
+    seq.block_hashes.extend(hashes);
 }
