@@ -475,10 +475,19 @@ impl Dispatcher {
         Some(Selected { worker, prediction })
     }
 
-    /// The prompt's token ids for `kv_aware`, when a pool uses it and they can be had.
+    /// The prompt's token ids for `kv_aware`, when a pool uses it and they can be had;
+    /// a worker that would compute the prompt tokenizes it.
     async fn prompt_token_ids(&self, request: &ClientRequest) -> Option<Vec<u32>> {
         let kv = self.kv.as_ref()?;
-        kv.prompt_token_ids(request.endpoint, &request.body).await
+        let role = match self.mode {
+            Mode::Replicated => Role::Both,
+            Mode::Disaggregated if self.registry.has_available(Role::Prefill, &[]) => Role::Prefill,
+            Mode::Disaggregated => Role::Decode,
+        };
+        let workers = self.registry.available(role, &[]);
+        let client = self.upstream.client();
+        kv.prompt_token_ids(client, request.endpoint, &request.body, &workers)
+            .await
     }
 }
 

@@ -11,34 +11,81 @@
 //!   matches the caches.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
+use crate::disagg::Endpoint;
 use crate::metrics as names;
 use crate::policy::{PrefixLookup, reusable_part};
+use crate::prompt_tokens::PromptTokens;
+use crate::registry::Worker;
+use crate::throttle::Throttle;
+use crate::tokens::TokenCounter;
 
 /// What KV-aware routing needs in the dispatcher.
 #[derive(Debug)]
 pub struct KvRouting {
     /// The workers' caches, from their KV events.
     pub lookup: Arc<dyn PrefixLookup>,
+    /// Tokenizes completions text prompts here when the router has the model's
+    /// tokenizer (`--tokenizer`).
+    counter: TokenCounter,
+    /// The longest wait for a worker's `/tokenize`.
+    timeout: Duration,
+    /// Which worker tokenizes next.
+    rotation: AtomicUsize,
 }
 
+/// "No token ids for kv_aware", at most every 10 s.
+static TOKENIZE_WARNING: Throttle = Throttle::new(Duration::from_secs(10));
+
 impl KvRouting {
-    /// The request's prompt as token ids, when it can be had. (For now only prompts
-    /// sent as token ids; a worker's `/tokenize` comes with the tokenize client.)
+    pub fn new(lookup: Arc<dyn PrefixLookup>, counter: TokenCounter, timeout: Duration) -> Self {
+        Self {
+            lookup,
+            counter,
+            timeout,
+            rotation: AtomicUsize::new(0),
+        }
+    }
+
+    /// The request's prompt as the workers tokenize it, chat template applied: from
+    /// the prompt itself (ids), the local tokenizer (text, with `--tokenizer`) or one
+    /// of `workers` (`POST /tokenize`, taken in turn). `None`, counted, when it cannot
+    /// be had: the request is then routed without the cache.
     pub async fn prompt_token_ids(
         &self,
-        endpoint: crate::disagg::Endpoint,
-        body: &serde_json::Map<String, Value>,
+        client: &reqwest::Client,
+        endpoint: Endpoint,
+        body: &Map<String, Value>,
+        workers: &[Arc<Worker>],
     ) -> Option<Vec<u32>> {
-        if endpoint != crate::disagg::Endpoint::Completions {
-            return None;
-        }
-        let ids = body.get("prompt")?.as_array()?;
-        ids.iter()
-            .map(|id| id.as_u64().and_then(|id| u32::try_from(id).ok()))
-            .collect()
+        let worker = match workers.len() {
+            0 => "",
+            n => &workers[self.rotation.fetch_add(1, Ordering::Relaxed) % n].url,
+        };
+        let source = PromptTokens {
+            local: &self.counter,
+            client,
+            // The client sends the worker key on every call already.
+            worker_key: None,
+            timeout: self.timeout,
+        };
+        let (outcome, ids) = match source.for_request(endpoint, body, worker).await {
+            Ok(Some(ids)) => ("ok", Some(ids)),
+            Ok(None) => ("unsupported", None),
+            Err(err) => {
+                if let Some(held_back) = TOKENIZE_WARNING.admit(Instant::now()) {
+                    tracing::warn!(worker, %err, held_back,
+                        "no token ids for kv_aware: routing without the cache");
+                }
+                ("error", None)
+            }
+        };
+        metrics::counter!(names::KV_TOKENIZE_TOTAL, names::OUTCOME => outcome).increment(1);
+        ids
     }
 
     /// Cached prompt tokens on `url`, as far as the router knows (`None`: unknown).

@@ -80,10 +80,13 @@ pub fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), RouterError> {
     let mode = config.validate()?;
+    // The workers' caches, from their KV events (none followed yet).
+    let lookup: Option<Arc<dyn policy::PrefixLookup>> = None;
     let shared = Shared {
         mode,
         registry: registry(&config)?,
-        policies: Arc::new(policies(&config, mode)),
+        policies: Arc::new(policies(&config, mode, lookup.clone())),
+        kv: kv_routing(&config, mode, lookup)?.map(Arc::new),
         conditional: Arc::new(conditional(&config, mode)?),
         metrics,
     };
@@ -118,6 +121,7 @@ struct Shared {
     registry: Arc<Registry>,
     policies: Arc<Policies>,
     conditional: Arc<Option<dispatch::ConditionalDisagg>>,
+    kv: Option<Arc<kv_routing::KvRouting>>,
     metrics: Option<PrometheusHandle>,
 }
 
@@ -194,7 +198,7 @@ fn serve_thread(
                 retry: config.retry.clone(),
                 conditional: shared.conditional,
                 require_prefill: config.require_prefill,
-                kv: None,
+                kv: shared.kv,
             },
             api_key: config.api_key.clone(),
             admin_token: config.admin_token.clone(),
@@ -244,11 +248,53 @@ fn conditional(
     }))
 }
 
-fn policies(config: &RouterConfig, mode: Mode) -> Policies {
+/// Whether a pool of the mode routes by `kv_aware`.
+fn uses_kv_aware(config: &RouterConfig, mode: Mode) -> bool {
+    let kv_aware = policy::PolicyKind::KvAware;
+    match mode {
+        Mode::Replicated => config.policy == kv_aware,
+        Mode::Disaggregated => {
+            config.prefill_policy() == kv_aware || config.decode_policy() == kv_aware
+        }
+    }
+}
+
+/// What the dispatcher needs for the workers' caches: with a `kv_aware` pool, or with
+/// conditional disaggregation on followed KV events (it then uses the decode worker's
+/// exact cached prefix).
+fn kv_routing(
+    config: &RouterConfig,
+    mode: Mode,
+    lookup: Option<Arc<dyn policy::PrefixLookup>>,
+) -> Result<Option<kv_routing::KvRouting>, RouterError> {
+    let conditional_on_events = config.local_prefill_threshold.is_some() && lookup.is_some();
+    if !(uses_kv_aware(config, mode) || conditional_on_events) {
+        return Ok(None);
+    }
+    let Some(lookup) = lookup else {
+        tracing::warn!(
+            "kv_aware without --kv-events: no worker's cache is known, so it routes as \
+             least_loaded"
+        );
+        return Ok(None);
+    };
+    let counter = match &config.tokenizer {
+        Some(path) => tokens::TokenCounter::from_file(path)?,
+        None => tokens::TokenCounter::Estimate,
+    };
+    let timeout = Duration::from_millis(config.kv_aware.tokenize_timeout_ms);
+    Ok(Some(kv_routing::KvRouting::new(lookup, counter, timeout)))
+}
+
+fn policies(
+    config: &RouterConfig,
+    mode: Mode,
+    lookup: Option<Arc<dyn policy::PrefixLookup>>,
+) -> Policies {
     let settings = policy::PolicySettings {
         prefix: config.prefix.clone(),
         kv_aware: config.kv_aware.clone(),
-        lookup: None,
+        lookup,
     };
     let build = |kind| policy::build(kind, &settings);
     let mut by_role = HashMap::new();
