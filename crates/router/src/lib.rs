@@ -12,6 +12,7 @@
 //! - [`relay`]: upstream calls and streaming relay.
 //! - [`tokens`]: prompt token counts for conditional disaggregation.
 //! - [`kv_index`]: which worker holds which prompt prefix, from KV-cache events (pure).
+//! - [`kv_follow`]: the workers' KV event subscribers feeding that index.
 //! - [`secret`]: credentials that never print.
 //! - [`api`], [`admin`]: the HTTP surface.
 //! - [`metrics`]: metric names.
@@ -23,6 +24,7 @@ pub mod disagg;
 pub mod dispatch;
 mod error;
 pub mod health;
+pub mod kv_follow;
 pub mod kv_index;
 pub mod metrics;
 pub mod policy;

@@ -36,6 +36,20 @@ pub const DISAGG_DECISIONS_TOTAL: &str = "tandem_router_disagg_decisions_total";
 /// their own `kv_transfer_params`, which only the router may set.
 pub const CLIENT_KV_TRANSFER_PARAMS_TOTAL: &str = "tandem_router_client_kv_transfer_params_total";
 
+/// Counter: KV event batches applied to the KV index (live and replayed).
+pub const KV_EVENT_BATCHES_TOTAL: &str = "tandem_router_kv_event_batches_total";
+/// Counter, label [`REASON`]: KV event messages, batches or blocks dropped:
+/// `decode_error`, `bad_frames`, `too_large`, `topic`, `gap`, `restart`, `disconnect`,
+/// `duplicate`, `unknown_parent`, `token_mismatch`, `zero_block_size`, `over_cap`
+/// (blocks), `removed_unknown` (hashes).
+pub const KV_EVENTS_DROPPED_TOTAL: &str = "tandem_router_kv_events_dropped_total";
+/// Counter, label [`OUTCOME`] (`ok`, `failed`, `unavailable`): replays after a gap.
+pub const KV_REPLAYS_TOTAL: &str = "tandem_router_kv_replays_total";
+/// Gauge, label [`WORKER`]: engine blocks of the worker in the KV index.
+pub const KV_INDEX_BLOCKS: &str = "tandem_router_kv_index_blocks";
+/// Gauge: followed workers whose KV cache is unknown (disconnected, stale, silent).
+pub const KV_UNKNOWN_WORKERS: &str = "tandem_router_kv_unknown_workers";
+
 pub const MODE: &str = "mode";
 pub const ENDPOINT: &str = "endpoint";
 pub const OUTCOME: &str = "outcome";
@@ -105,6 +119,26 @@ fn describe() {
     describe_counter!(
         DISAGG_DECISIONS_TOTAL,
         "P/D mode decisions: remote prefill, or the decode worker alone."
+    );
+    describe_counter!(
+        KV_EVENT_BATCHES_TOTAL,
+        "KV event batches applied to the KV index."
+    );
+    describe_counter!(
+        KV_EVENTS_DROPPED_TOTAL,
+        "KV event messages, batches or blocks dropped, by reason."
+    );
+    describe_counter!(
+        KV_REPLAYS_TOTAL,
+        "KV event replays after a gap, by outcome."
+    );
+    describe_gauge!(
+        KV_INDEX_BLOCKS,
+        "Engine blocks of a worker in the KV index."
+    );
+    describe_gauge!(
+        KV_UNKNOWN_WORKERS,
+        "Followed workers whose KV cache is unknown (disconnected, stale or silent)."
     );
     describe_counter!(
         CLIENT_KV_TRANSFER_PARAMS_TOTAL,

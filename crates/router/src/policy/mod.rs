@@ -169,7 +169,16 @@ mod tests {
     fn every_policy_gives_none_for_no_candidates_and_forgets_unknown_workers() {
         for kind in PolicyKind::ALL {
             let policy = build(kind, &PrefixConfig::default());
-            assert_eq!(policy.select(&[], &RequestInfo { text: "hi", tokens: None }), None);
+            assert_eq!(
+                policy.select(
+                    &[],
+                    &RequestInfo {
+                        text: "hi",
+                        tokens: None
+                    }
+                ),
+                None
+            );
             policy.forget("http://never-seen");
         }
     }
@@ -184,7 +193,16 @@ mod tests {
         for kind in PolicyKind::ALL {
             let policy = build(kind, &PrefixConfig::default());
             for _ in 0..3 {
-                assert_eq!(policy.select(&only, &RequestInfo { text: "hi", tokens: None }), Some(0));
+                assert_eq!(
+                    policy.select(
+                        &only,
+                        &RequestInfo {
+                            text: "hi",
+                            tokens: None
+                        }
+                    ),
+                    Some(0)
+                );
             }
         }
     }

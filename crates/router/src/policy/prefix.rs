@@ -468,7 +468,16 @@ mod tests {
     #[test]
     fn empty_gives_none() {
         let policy = PrefixPolicy::new(PrefixConfig::default());
-        assert_eq!(policy.select(&[], &RequestInfo { text: "hi", tokens: None }), None);
+        assert_eq!(
+            policy.select(
+                &[],
+                &RequestInfo {
+                    text: "hi",
+                    tokens: None
+                }
+            ),
+            None
+        );
         assert_eq!(policy.stored_chars(), 0);
     }
 
