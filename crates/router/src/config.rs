@@ -504,6 +504,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn kv_events_must_name_a_worker_once_with_tcp_endpoints() {
+        let mut config = RouterConfig {
+            prefill: vec!["http://p:1".into()],
+            decode: vec!["http://d:1".into()],
+            ..RouterConfig::default()
+        };
+        let source = |worker: &str, endpoint: &str| KvEventsSource {
+            worker: worker.into(),
+            endpoint: endpoint.into(),
+            replay_endpoint: None,
+        };
+        config.kv_events = vec![source("http://d:1/", "tcp://d:5557")];
+        assert_eq!(config.validate(), Ok(Mode::Disaggregated));
+        config.kv_events.push(source("http://d:1", "tcp://d:5558"));
+        assert!(matches!(config.validate(), Err(ConfigError::Invalid(_))));
+        config.kv_events = vec![source("http://x:1", "tcp://x:5557")];
+        assert!(matches!(config.validate(), Err(ConfigError::Invalid(_))));
+        for bad in [
+            "tcp://*:5557",
+            "ipc:///tmp/kv",
+            "tcp://d",
+            "tcp://d:0",
+            "http://d:1",
+            "tcp://:1",
+            "tcp://d:1 x",
+        ] {
+            config.kv_events = vec![source("http://p:1", bad)];
+            assert_eq!(
+                config.validate(),
+                Err(ConfigError::BadEndpoint(bad.into())),
+                "{bad}"
+            );
+        }
+        config.kv_events = vec![KvEventsSource {
+            replay_endpoint: Some("tcp://p".into()),
+            ..source("http://p:1", "tcp://127.0.0.1:5557")
+        }];
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::BadEndpoint(_))
+        ));
+        config.kv_events[0].replay_endpoint = Some("tcp://[::1]:5558".into());
+        assert_eq!(config.validate(), Ok(Mode::Disaggregated));
+    }
+
+    #[test]
     fn modes_follow_the_worker_lists() {
         let mut config = RouterConfig::default();
         assert_eq!(config.validate(), Err(ConfigError::NoWorkers));

@@ -60,6 +60,8 @@ pub enum RouterError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Tokenizer(#[from] tokens::TokenizerError),
+    #[error(transparent)]
+    KvFollow(#[from] kv_follow::FollowError),
 }
 
 /// Runs the router on `threads` threads until `shutdown` turns true, then lets
@@ -77,12 +79,15 @@ pub fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), RouterError> {
     let mode = config.validate()?;
+    // Dropped (subscribers stopped, thread joined) when `run` returns.
+    let follower = kv_follower(&config)?;
     let shared = Shared {
         mode,
         registry: registry(&config)?,
         policies: Arc::new(policies(&config, mode)),
         conditional: Arc::new(conditional(&config, mode)?),
         metrics,
+        kv: follower.as_ref().map(kv_follow::KvFollower::handle),
     };
     let sockets = bind_sockets(&config.host, config.port, threads.max(1))?;
     ready(sockets[0].local_addr()?);
@@ -116,6 +121,25 @@ struct Shared {
     policies: Arc<Policies>,
     conditional: Arc<Option<dispatch::ConditionalDisagg>>,
     metrics: Option<PrometheusHandle>,
+    /// The KV event subscribers, when any worker has a stream or the admin API may
+    /// add one.
+    kv: Option<kv_follow::KvFollowHandle>,
+}
+
+/// The KV event follower: started when a worker has an event stream, or when the
+/// admin API is on (it may add workers with one). A policy takes its view as
+/// `follower.lookup()` (an `Arc<dyn PrefixLookup>`).
+fn kv_follower(config: &RouterConfig) -> Result<Option<kv_follow::KvFollower>, RouterError> {
+    if config.kv_events.is_empty() && config.admin_token.is_none() {
+        return Ok(None);
+    }
+    let streams = config
+        .kv_events
+        .iter()
+        .map(kv_follow::stream_of)
+        .collect::<Result<Vec<_>, _>>()?;
+    let settings = kv_follow::FollowSettings::from_config(config);
+    Ok(Some(kv_follow::KvFollower::start(settings, streams)?))
 }
 
 fn registry(config: &RouterConfig) -> Result<Arc<Registry>, RouterError> {
@@ -197,6 +221,7 @@ fn serve_thread(
             client_params: config.client_kv_transfer_params,
             circuit: config.circuit.clone(),
             metrics: shared.metrics,
+            kv: shared.kv,
         };
         let limits = config.http_limits();
         let app = api::router(state, limits.max_body_bytes);
