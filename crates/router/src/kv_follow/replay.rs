@@ -96,7 +96,7 @@ async fn fetch_unbounded(
 fn split_reply(reply: &ZmqMessage) -> Result<(u64, &[u8]), ReplayError> {
     let frames: Vec<&[u8]> = reply.iter().map(|frame| frame.as_ref()).collect();
     let (seq, payload) = match frames.as_slice() {
-        [empty, seq, payload] if empty.is_empty() => (*seq, *payload),
+        [[], seq, payload] => (*seq, *payload),
         [seq, payload] => (*seq, *payload),
         _ => return Err(ReplayError::Malformed("expected [\"\", seq, payload]")),
     };
