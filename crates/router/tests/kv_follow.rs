@@ -305,8 +305,9 @@ async fn a_gap_is_filled_from_the_replay_socket() {
     follower.shutdown();
 }
 
-/// Publishes seq 0, loses 1 and 2, publishes 3: what the view holds then.
-async fn gap_with(replay: Option<&str>) -> (KvFollower, Vec<Vec<u32>>) {
+/// Publishes seq 0, loses 1 and 2, publishes 3 and 4: the follower, the recorded
+/// prompts and the publisher (dropping it would disconnect the worker).
+async fn gap_with(replay: Option<&str>) -> (KvFollower, Vec<Vec<u32>>, PubSocket) {
     let records = records();
     let (mut publisher, endpoint) = bind_pub().await;
     let follower = KvFollower::start(
@@ -323,14 +324,14 @@ async fn gap_with(replay: Option<&str>) -> (KvFollower, Vec<Vec<u32>>) {
     // The next message follows seq 3 and is applied to the empty state.
     publish(&mut publisher, records[4].seq, &records[4].payload).await;
     wait_until("seq 4 is applied", || view.worker_blocks(W1) == 3).await;
-    (follower, prompts(&records))
+    (follower, prompts(&records), publisher)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_the_replay_buffer_no_longer_holds_resets_the_worker() {
     let records = records();
     let (replay, requests, _server) = replay_server(&records, 2, true).await;
-    let (follower, prompts) = gap_with(Some(&replay)).await;
+    let (follower, prompts, _publisher) = gap_with(Some(&replay)).await;
     assert_eq!(requests.load(Ordering::Relaxed), 1);
     let view = follower.view();
     assert_eq!(cached(view, &[W1], &prompts[0]), vec![Some(0)]);
@@ -343,12 +344,12 @@ async fn a_gap_the_replay_buffer_no_longer_holds_resets_the_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_without_replay_or_with_a_silent_replay_server_resets_the_worker() {
-    let (follower, prompts) = gap_with(None).await;
+    let (follower, prompts, _publisher) = gap_with(None).await;
     assert_eq!(cached(follower.view(), &[W1], &prompts[0]), vec![Some(0)]);
     follower.shutdown();
     let records = records();
     let (replay, requests, _server) = replay_server(&records, 0, false).await;
-    let (follower, prompts) = gap_with(Some(&replay)).await;
+    let (follower, prompts, _publisher) = gap_with(Some(&replay)).await;
     assert_eq!(requests.load(Ordering::Relaxed), 1);
     assert_eq!(cached(follower.view(), &[W1], &prompts[0]), vec![Some(0)]);
     follower.shutdown();

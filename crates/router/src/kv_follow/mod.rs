@@ -63,6 +63,7 @@ pub use replay::{ReplayError, ReplayLimits, fetch as fetch_replay};
 pub use view::{CacheState, KvCacheView};
 
 use crate::config::{KvEventsSource, RouterConfig};
+use crate::kv_index::WorkerId;
 use crate::policy::PrefixLookup;
 
 /// Commands the follower's thread accepts at most this many of at once.
@@ -249,8 +250,7 @@ async fn drive(
     mut commands: mpsc::Receiver<Command>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let mut tasks: HashMap<String, (watch::Sender<bool>, tokio::task::JoinHandle<()>)> =
-        HashMap::new();
+    let mut tasks: HashMap<String, Task> = HashMap::new();
     for stream in streams {
         spawn_subscriber(&view, &settings, &mut tasks, stream);
     }
@@ -261,34 +261,50 @@ async fn drive(
             command = commands.recv() => match command {
                 Some(Command::Follow(stream)) => spawn_subscriber(&view, &settings, &mut tasks, stream),
                 Some(Command::Unfollow(url)) => {
-                    if let Some((stop, task)) = tasks.remove(&url) {
-                        let _ = stop.send(true);
-                        let _ = task.await;
+                    if let Some(task) = tasks.remove(&url) {
+                        let worker = task.worker;
+                        task.stop().await;
+                        // What it applied after `unfollow` unregistered it.
+                        view.forget(worker);
                     }
-                    view.unregister(&url);
                 }
                 None => break,
             },
             _ = gauges.tick() => view.publish_gauges(),
         }
     }
-    for (_, (stop, task)) in tasks {
-        let _ = stop.send(true);
-        let _ = task.await;
+    for (_, task) in tasks {
+        task.stop().await;
+    }
+}
+
+/// A running subscriber.
+struct Task {
+    worker: WorkerId,
+    stop: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Task {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.handle.await;
     }
 }
 
 fn spawn_subscriber(
     view: &Arc<KvCacheView>,
     settings: &Arc<FollowSettings>,
-    tasks: &mut HashMap<String, (watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+    tasks: &mut HashMap<String, Task>,
     stream: KvStream,
 ) {
-    if let Some((stop, task)) = tasks.remove(&stream.worker) {
-        let _ = stop.send(true);
-        task.abort();
+    if let Some(task) = tasks.remove(&stream.worker) {
+        // This thread's runtime runs one task at a time: aborted, it applies no more.
+        task.handle.abort();
+        view.forget(task.worker);
     }
     let live = view.register(&stream.worker);
+    let worker_id = live.id;
     let (stop, stopped) = watch::channel(false);
     let worker = stream.worker.clone();
     let subscriber = subscriber::Subscriber {
@@ -297,5 +313,13 @@ fn spawn_subscriber(
         stream,
         settings: settings.clone(),
     };
-    tasks.insert(worker, (stop, tokio::spawn(subscriber.run(stopped))));
+    let handle = tokio::spawn(subscriber.run(stopped));
+    tasks.insert(
+        worker,
+        Task {
+            worker: worker_id,
+            stop,
+            handle,
+        },
+    );
 }

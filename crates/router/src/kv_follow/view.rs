@@ -118,6 +118,12 @@ impl KvCacheView {
         }
     }
 
+    /// Forgets the blocks of a worker id no longer in the map (a subscriber that
+    /// applied a last batch after its worker was unregistered).
+    pub(crate) fn forget(&self, worker: WorkerId) {
+        self.lock().index.remove_worker(worker);
+    }
+
     /// The dispatcher's hook: a request was just routed to `url`. If no event comes
     /// from it within `stale_after`, its cache counts as unknown until one does.
     pub fn note_routed(&self, url: &str) {
