@@ -68,6 +68,9 @@ pub struct Dispatcher {
     pub conditional: Arc<Option<ConditionalDisagg>>,
     /// P/D mode: 503 instead of a decode-only answer when no prefill worker is reached.
     pub require_prefill: bool,
+    /// The workers' KV caches as their events describe them, told of every request
+    /// sent (`note_routed`), so that a worker whose events stop counts as unknown.
+    pub kv: Option<Arc<crate::kv_follow::KvCacheView>>,
 }
 
 /// A leg no worker answered.
@@ -376,6 +379,9 @@ impl Dispatcher {
                 tokio::time::sleep(self.retry.backoff(attempt, rand::random())).await;
             }
             let guard = worker.load_guard(leg.tokens);
+            if let Some(kv) = &self.kv {
+                kv.note_routed(&worker.url);
+            }
             match self
                 .upstream
                 .post(&worker.url, leg.path, leg.body, headers, leg.limit)

@@ -215,6 +215,7 @@ fn serve_thread(
                 retry: config.retry.clone(),
                 conditional: shared.conditional,
                 require_prefill: config.require_prefill,
+                kv: shared.kv.as_ref().map(|kv| kv.view().clone()),
             },
             api_key: config.api_key.clone(),
             admin_token: config.admin_token.clone(),

@@ -52,6 +52,9 @@ mod replay;
 mod subscriber;
 mod view;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread::JoinHandle;
