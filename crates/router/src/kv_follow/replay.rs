@@ -75,15 +75,16 @@ async fn fetch_unbounded(
         if seq == TERMINATOR {
             return Err(ReplayError::Incomplete { missing: next });
         }
+        // Every reply counts, skipped ones too: a server cannot stream forever.
+        bytes = bytes.saturating_add(payload.len());
+        if bytes > limits.max_bytes {
+            return Err(ReplayError::TooLarge(limits.max_bytes));
+        }
         if seq < next {
             continue;
         }
         if seq > next {
             return Err(ReplayError::Overrun { wanted: next });
-        }
-        bytes = bytes.saturating_add(payload.len());
-        if bytes > limits.max_bytes {
-            return Err(ReplayError::TooLarge(limits.max_bytes));
         }
         batches.push((seq, decode_batch(payload)?));
         next += 1;
