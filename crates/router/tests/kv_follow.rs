@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tandem_protocol::kv_events::{KvEvent, decode_batch};
-use tandem_router::kv_follow::{CacheState, FollowSettings, KvCacheView, KvFollower, KvStream};
+use tandem_router::kv_follow::{
+    CacheState, FollowSettings, KvCacheView, KvFollower, KvStream, ReplayError, ReplayLimits,
+    fetch_replay,
+};
 use tandem_router::policy::PrefixLookup;
 use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
@@ -443,4 +446,38 @@ async fn a_lost_publisher_makes_the_cache_unknown_and_unfollowing_forgets_it() {
     assert_eq!(view.worker_blocks(W1), 0);
     assert_eq!(cached(&view, &[W1], &prompts[0]), vec![None]);
     follower.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replay_client_takes_the_range_asked_and_no_more_than_its_limits() {
+    let records = records();
+    let (endpoint, requests, _server) = replay_server(&records, 0, true).await;
+    let limits = ReplayLimits {
+        timeout: Duration::from_secs(2),
+        max_bytes: 1 << 20,
+    };
+    let seqs = |batches: &[(u64, _)]| batches.iter().map(|(seq, _)| *seq).collect::<Vec<_>>();
+    let all = fetch_replay(&endpoint, 0, 5, limits).await.unwrap();
+    assert_eq!(seqs(&all), vec![0, 1, 2, 3, 4]);
+    let middle = fetch_replay(&endpoint, 1, 3, limits).await.unwrap();
+    assert_eq!(seqs(&middle), vec![1, 2]);
+    let past_the_end = fetch_replay(&endpoint, 3, 7, limits).await.unwrap_err();
+    assert!(
+        matches!(past_the_end, ReplayError::Incomplete { missing: 5 }),
+        "{past_the_end}"
+    );
+    let small = ReplayLimits {
+        max_bytes: records[0].payload.len(),
+        ..limits
+    };
+    let too_large = fetch_replay(&endpoint, 0, 5, small).await.unwrap_err();
+    assert!(matches!(too_large, ReplayError::TooLarge(_)), "{too_large}");
+    assert_eq!(requests.load(Ordering::Relaxed), 4);
+    let (silent, _, _server) = replay_server(&records, 0, false).await;
+    let short = ReplayLimits {
+        timeout: Duration::from_millis(200),
+        ..limits
+    };
+    let timeout = fetch_replay(&silent, 0, 5, short).await.unwrap_err();
+    assert!(matches!(timeout, ReplayError::Timeout(_)), "{timeout}");
 }
