@@ -42,7 +42,6 @@ pub enum CacheState {
 }
 
 /// The router's view of its workers' KV caches: see the module doc of `kv_follow`.
-#[derive(Debug)]
 pub struct KvCacheView {
     index: Mutex<IndexState>,
     workers: RwLock<HashMap<String, Arc<WorkerLive>>>,
@@ -51,7 +50,19 @@ pub struct KvCacheView {
     stale_after: Duration,
 }
 
-#[derive(Debug)]
+/// A summary: the index may hold millions of entries.
+impl std::fmt::Debug for KvCacheView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let workers = self.workers.read().map_or(0, |w| w.len());
+        let entries = self.index.lock().map_or(0, |state| state.index.entries());
+        f.debug_struct("KvCacheView")
+            .field("followed_workers", &workers)
+            .field("index_entries", &entries)
+            .field("stale_after", &self.stale_after)
+            .finish()
+    }
+}
+
 struct IndexState {
     index: KvIndex,
     /// The counters as last turned into metrics.
