@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use tandem_router::config::KvEventsSource;
 use tandem_router::policy::PolicyKind;
 use tandem_router::{ClientParamsPolicy, RouterConfig, Secret};
 use tokio::sync::watch;
@@ -92,6 +93,18 @@ pub struct RouteArgs {
     /// gets 408 [default: 30].
     #[arg(long)]
     body_read_timeout_secs: Option<u64>,
+    /// Follow a worker's KV cache events: `WORKER_URL=tcp://host:port`, its vLLM
+    /// `--kv-events-config` endpoint (repeat per worker; replaces the config file's
+    /// `[[kv_events]]`).
+    #[arg(long = "kv-events", value_name = "WORKER_URL=ENDPOINT")]
+    kv_events: Vec<String>,
+    /// A followed worker's replay socket, to fill gaps: `WORKER_URL=tcp://host:port`
+    /// (vLLM's `replay_endpoint`; repeat per worker).
+    #[arg(long = "kv-replay", value_name = "WORKER_URL=ENDPOINT")]
+    kv_replay: Vec<String>,
+    /// The topic the workers publish KV events under [default: ""].
+    #[arg(long)]
+    kv_events_topic: Option<String>,
     /// Seconds that requests in flight get to finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
@@ -154,6 +167,8 @@ impl RouteArgs {
             &mut config.body_read_timeout_secs,
             self.body_read_timeout_secs,
         );
+        override_with(&mut config.kv_events_topic, self.kv_events_topic.clone());
+        apply_kv_flags(&mut config.kv_events, &self.kv_events, &self.kv_replay)?;
         Ok(config)
     }
 }
@@ -175,6 +190,48 @@ fn parse_config(text: &str) -> Result<RouterConfig, ConfigParseError> {
             line: text[..offset.min(text.len())].matches('\n').count() + 1,
         }
     })
+}
+
+/// `--kv-events` replaces the config file's streams; `--kv-replay` then sets the
+/// replay endpoint of a stream given either way.
+fn apply_kv_flags(
+    sources: &mut Vec<KvEventsSource>,
+    events: &[String],
+    replays: &[String],
+) -> Result<()> {
+    if !events.is_empty() {
+        *sources = events
+            .iter()
+            .map(|flag| {
+                let (worker, endpoint) = split_kv_flag("--kv-events", flag)?;
+                Ok(KvEventsSource {
+                    worker,
+                    endpoint,
+                    replay_endpoint: None,
+                })
+            })
+            .collect::<Result<_>>()?;
+    }
+    for flag in replays {
+        let (worker, endpoint) = split_kv_flag("--kv-replay", flag)?;
+        let worker = tandem_router::config::normalize_url(&worker)?;
+        let source = sources
+            .iter_mut()
+            .find(|source| {
+                tandem_router::config::normalize_url(&source.worker).ok() == Some(worker.clone())
+            })
+            .with_context(|| format!("--kv-replay for {worker}, which has no --kv-events"))?;
+        source.replay_endpoint = Some(endpoint);
+    }
+    Ok(())
+}
+
+/// `WORKER_URL=ENDPOINT`, split at the `=` (URLs and ZMQ endpoints hold none).
+fn split_kv_flag(flag: &str, value: &str) -> Result<(String, String)> {
+    let (worker, endpoint) = value
+        .split_once('=')
+        .with_context(|| format!("{flag} takes WORKER_URL=tcp://host:port, not `{value}`"))?;
+    Ok((worker.trim().to_owned(), endpoint.trim().to_owned()))
 }
 
 fn override_with<T>(field: &mut T, flag: Option<T>) {
@@ -265,5 +322,32 @@ mod tests {
         let text = err.to_string();
         assert!(!text.contains("never-printed"), "{text}");
         assert!(text.contains("apikey") && text.contains("line 2"), "{text}");
+    }
+
+    #[test]
+    fn kv_flags_replace_the_file_streams_and_attach_replays() {
+        let text = "workers = [\"http://a:1\", \"http://b:1\"]\n\
+                    kv_events_topic = \"kv\"\n\
+                    [[kv_events]]\nworker = \"http://a:1\"\nendpoint = \"tcp://a:5557\"\n\
+                    [kv_index]\nmax_blocks = 1000\nstale_after_secs = 3\n";
+        let mut config = parse_config(text).unwrap();
+        assert_eq!(config.kv_events.len(), 1);
+        assert_eq!(config.kv_index.max_blocks, 1000);
+        assert!(config.validate().is_ok());
+        let events = ["http://b:1/=tcp://b:5557".to_owned()];
+        let replays = ["http://b:1=tcp://b:5558".to_owned()];
+        apply_kv_flags(&mut config.kv_events, &events, &replays).unwrap();
+        assert_eq!(
+            config.kv_events,
+            vec![KvEventsSource {
+                worker: "http://b:1/".into(),
+                endpoint: "tcp://b:5557".into(),
+                replay_endpoint: Some("tcp://b:5558".into()),
+            }]
+        );
+        assert!(config.validate().is_ok());
+        let orphan = ["http://a:1=tcp://a:5558".to_owned()];
+        assert!(apply_kv_flags(&mut config.kv_events, &[], &orphan).is_err());
+        assert!(apply_kv_flags(&mut config.kv_events, &["http://a:1".into()], &[]).is_err());
     }
 }

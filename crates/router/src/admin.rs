@@ -2,6 +2,10 @@
 //! health, circuit and load; `POST /workers {"url", "role"}` adds one (it takes
 //! requests at once and is health-checked from then on); `DELETE /workers?url=…`
 //! drains one (no new requests), then drops it once its requests have finished.
+//!
+//! A worker added with `"kv_events": {"endpoint": "tcp://host:port",
+//! "replay_endpoint": "tcp://host:port"}` (replay optional) is followed into the KV
+//! index at once; removing a worker stops its subscriber and forgets its blocks.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,8 +20,9 @@ use serde_json::json;
 use tandem_protocol::openai::{ApiError, ErrorKind};
 
 use crate::api::{SharedState, check_bearer};
-use crate::config::{Mode, normalize_url};
+use crate::config::{KvEventsSource, Mode, normalize_url};
 use crate::error::error_response;
+use crate::kv_follow::{self, CacheState, KvStream};
 use crate::registry::{Role, Worker};
 
 /// Longest a drained worker's requests may run before it is dropped anyway.
@@ -50,10 +55,26 @@ pub async fn list(State(state): State<SharedState>, headers: HeaderMap) -> Respo
                 "draining": w.is_draining(),
                 "circuit": w.circuit_state().as_str(),
                 "in_flight": w.in_flight_requests(),
+                "kv_cache": kv_cache_state(&state, &w.url),
             })
         })
         .collect();
     Json(json!({ "workers": workers })).into_response()
+}
+
+/// Whether the router knows the worker's KV cache: `known`, `not_followed`,
+/// `disconnected`, `stale` or `events_stopped`.
+fn kv_cache_state(state: &SharedState, url: &str) -> &'static str {
+    let Some(kv) = state.kv.as_ref() else {
+        return "not_followed";
+    };
+    match kv.view().cache_state(url) {
+        CacheState::Known => "known",
+        CacheState::NotFollowed => "not_followed",
+        CacheState::Disconnected => "disconnected",
+        CacheState::Stale => "stale",
+        CacheState::EventsStopped => "events_stopped",
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -61,6 +82,30 @@ pub async fn list(State(state): State<SharedState>, headers: HeaderMap) -> Respo
 pub struct NewWorker {
     url: String,
     role: Option<Role>,
+    kv_events: Option<NewKvEvents>,
+}
+
+/// The KV event stream of a worker the admin API adds.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKvEvents {
+    endpoint: String,
+    replay_endpoint: Option<String>,
+}
+
+/// The stream to follow for a new worker, validated before the worker is added.
+fn kv_stream(url: &str, new: Option<NewKvEvents>) -> Result<Option<KvStream>, ApiError> {
+    let Some(new) = new else {
+        return Ok(None);
+    };
+    let source = KvEventsSource {
+        worker: url.to_owned(),
+        endpoint: new.endpoint,
+        replay_endpoint: new.replay_endpoint,
+    };
+    kv_follow::stream_of(&source)
+        .map(Some)
+        .map_err(|e| ApiError::invalid_param("kv_events", e.to_string()))
 }
 
 pub async fn add(
@@ -74,12 +119,28 @@ pub async fn add(
         let url =
             normalize_url(&new.url).map_err(|e| ApiError::invalid_param("url", e.to_string()))?;
         let role = role_for_mode(state.dispatcher.mode, new.role)?;
+        let stream = kv_stream(&url, new.kv_events)?;
+        let kv = match (stream, state.kv.as_ref()) {
+            (Some(stream), Some(kv)) => Some((stream, kv)),
+            (Some(_), None) => {
+                return Err(ApiError::invalid_param(
+                    "kv_events",
+                    "the router does not follow KV events",
+                ));
+            }
+            (None, _) => None,
+        };
         let worker = Worker::new(url, role, &state.circuit);
         let added = state
             .dispatcher
             .registry
             .add(worker)
             .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
+        if let Some((stream, kv)) = kv {
+            kv.follow(stream)
+                .await
+                .map_err(|e| ApiError::new(ErrorKind::Unavailable, e.to_string()))?;
+        }
         tracing::info!(worker = added.url, role = role.as_str(), "worker added");
         Ok::<_, ApiError>(json!({"url": added.url, "role": role}))
     }
@@ -124,6 +185,11 @@ pub async fn remove(
     let workers = state.dispatcher.registry.find(&url);
     if workers.is_empty() {
         return error_response(ApiError::not_found(format!("no worker {url}")));
+    }
+    if let Some(kv) = state.kv.as_ref()
+        && kv.unfollow(&url).await.is_err()
+    {
+        tracing::warn!(worker = url, "the KV events thread has stopped");
     }
     for worker in workers {
         worker.start_draining();

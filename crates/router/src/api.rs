@@ -39,6 +39,8 @@ pub struct AppState {
     pub client_params: ClientParamsPolicy,
     pub circuit: crate::config::CircuitConfig,
     pub metrics: Option<PrometheusHandle>,
+    /// The KV event follower's handle (the admin API adds and removes streams).
+    pub kv: Option<crate::kv_follow::KvFollowHandle>,
 }
 
 pub type SharedState = Arc<AppState>;

@@ -61,6 +61,12 @@ pub struct RouterConfig {
     pub local_prefill_threshold: Option<usize>,
     /// The model's `tokenizer.json`, to count prompt tokens exactly (else estimated).
     pub tokenizer: Option<std::path::PathBuf>,
+    /// Workers' KV event streams (`[[kv_events]]`), followed into the KV index.
+    pub kv_events: Vec<KvEventsSource>,
+    /// The topic the workers publish KV events under (vLLM's `KVEventsConfig.topic`).
+    pub kv_events_topic: String,
+    /// The KV index and its subscribers.
+    pub kv_index: KvIndexConfig,
 }
 
 impl Default for RouterConfig {
@@ -90,6 +96,9 @@ impl Default for RouterConfig {
             body_read_timeout_secs: tandem_httpd::DEFAULT_BODY_READ_TIMEOUT.as_secs(),
             local_prefill_threshold: None,
             tokenizer: None,
+            kv_events: Vec::new(),
+            kv_events_topic: String::new(),
+            kv_index: KvIndexConfig::default(),
         }
     }
 }
@@ -175,6 +184,8 @@ pub enum ConfigError {
     Credentials(String),
     #[error("the worker API key must be visible ASCII (it is sent as an HTTP header)")]
     WorkerKey,
+    #[error("`{0}` is not a KV events endpoint: expected tcp://host:port")]
+    BadEndpoint(String),
     #[error("{0}")]
     Invalid(String),
     #[error("client connection limits: {0}")]
@@ -226,6 +237,7 @@ impl RouterConfig {
             .validate()
             .map_err(|err| ConfigError::Invalid(err.to_string()))?;
         self.http_limits().validate()?;
+        self.validate_kv_events()?;
         Ok(mode)
     }
 
@@ -236,6 +248,42 @@ impl RouterConfig {
             body_read_timeout: Duration::from_secs(self.body_read_timeout_secs),
             max_body_bytes: self.max_body_bytes,
         }
+    }
+
+    /// Each KV event stream names a configured worker once, with valid endpoints.
+    fn validate_kv_events(&self) -> Result<(), ConfigError> {
+        let workers: Vec<String> = self
+            .workers
+            .iter()
+            .chain(&self.prefill)
+            .chain(&self.decode)
+            .filter_map(|url| normalize_url(url).ok())
+            .collect();
+        let mut seen = Vec::new();
+        for source in &self.kv_events {
+            let worker = normalize_url(&source.worker)?;
+            if !workers.contains(&worker) {
+                return Err(ConfigError::Invalid(format!(
+                    "KV events for {worker}, which is not a configured worker"
+                )));
+            }
+            if seen.contains(&worker) {
+                return Err(ConfigError::Invalid(format!(
+                    "KV events for {worker} are given twice"
+                )));
+            }
+            seen.push(worker);
+            validate_zmq_endpoint(&source.endpoint)?;
+            if let Some(replay) = &source.replay_endpoint {
+                validate_zmq_endpoint(replay)?;
+            }
+        }
+        if self.kv_index.max_blocks == 0 || self.kv_index.replay_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "kv_index.max_blocks and kv_index.replay_timeout_ms must be at least 1".into(),
+            ));
+        }
+        Ok(())
     }
 
     pub fn prefill_policy(&self) -> PolicyKind {
@@ -264,6 +312,24 @@ pub fn normalize_url(url: &str) -> Result<String, ConfigError> {
         return Err(bad());
     }
     Ok(trimmed.to_owned())
+}
+
+/// A ZMQ endpoint the router may connect to: `tcp://host:port` (the only transport
+/// the router's ZMQ build has), with a host and a port other than 0, and no wildcard
+/// (`*` binds; the router connects).
+pub fn validate_zmq_endpoint(endpoint: &str) -> Result<(), ConfigError> {
+    let bad = || ConfigError::BadEndpoint(endpoint.to_owned());
+    let rest = endpoint.strip_prefix("tcp://").ok_or_else(bad)?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = !host.is_empty()
+        && host != "*"
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b));
+    match port.parse::<u16>() {
+        Ok(port) if port != 0 && host_ok => Ok(()),
+        _ => Err(bad()),
+    }
 }
 
 /// `url` with its userinfo replaced by `***`, if it has any (an `@` in the
@@ -379,6 +445,44 @@ impl Default for HealthConfig {
     }
 }
 
+/// One worker's KV event stream, from the operator (`[[kv_events]]`, `--kv-events`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvEventsSource {
+    /// The worker's URL, as configured among the workers (any role).
+    pub worker: String,
+    /// Its PUB socket, `tcp://host:port` (vLLM's `KVEventsConfig.endpoint`).
+    pub endpoint: String,
+    /// Its replay ROUTER socket (`KVEventsConfig.replay_endpoint`), to fill gaps.
+    #[serde(default)]
+    pub replay_endpoint: Option<String>,
+}
+
+/// The KV index and its subscribers (`[kv_index]`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KvIndexConfig {
+    /// (worker, block) entries the index holds at most, all workers together.
+    pub max_blocks: usize,
+    /// Longest a replay (connect, request, every reply) may take.
+    pub replay_timeout_ms: u64,
+    /// A worker sent requests this long ago and no event since: its cache is unknown.
+    pub stale_after_secs: u64,
+    /// Most payload bytes one replay may bring back.
+    pub max_replay_bytes: usize,
+}
+
+impl Default for KvIndexConfig {
+    fn default() -> Self {
+        Self {
+            max_blocks: 1 << 21,
+            replay_timeout_ms: 2000,
+            stale_after_secs: 10,
+            max_replay_bytes: 64 << 20,
+        }
+    }
+}
+
 /// The per-worker circuit breaker on request outcomes.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -404,6 +508,52 @@ impl Default for CircuitConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kv_events_must_name_a_worker_once_with_tcp_endpoints() {
+        let mut config = RouterConfig {
+            prefill: vec!["http://p:1".into()],
+            decode: vec!["http://d:1".into()],
+            ..RouterConfig::default()
+        };
+        let source = |worker: &str, endpoint: &str| KvEventsSource {
+            worker: worker.into(),
+            endpoint: endpoint.into(),
+            replay_endpoint: None,
+        };
+        config.kv_events = vec![source("http://d:1/", "tcp://d:5557")];
+        assert_eq!(config.validate(), Ok(Mode::Disaggregated));
+        config.kv_events.push(source("http://d:1", "tcp://d:5558"));
+        assert!(matches!(config.validate(), Err(ConfigError::Invalid(_))));
+        config.kv_events = vec![source("http://x:1", "tcp://x:5557")];
+        assert!(matches!(config.validate(), Err(ConfigError::Invalid(_))));
+        for bad in [
+            "tcp://*:5557",
+            "ipc:///tmp/kv",
+            "tcp://d",
+            "tcp://d:0",
+            "http://d:1",
+            "tcp://:1",
+            "tcp://d:1 x",
+        ] {
+            config.kv_events = vec![source("http://p:1", bad)];
+            assert_eq!(
+                config.validate(),
+                Err(ConfigError::BadEndpoint(bad.into())),
+                "{bad}"
+            );
+        }
+        config.kv_events = vec![KvEventsSource {
+            replay_endpoint: Some("tcp://p".into()),
+            ..source("http://p:1", "tcp://127.0.0.1:5557")
+        }];
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::BadEndpoint(_))
+        ));
+        config.kv_events[0].replay_endpoint = Some("tcp://[::1]:5558".into());
+        assert_eq!(config.validate(), Ok(Mode::Disaggregated));
+    }
 
     #[test]
     fn modes_follow_the_worker_lists() {

@@ -417,6 +417,9 @@ impl Dispatcher {
                 tokio::time::sleep(self.retry.backoff(attempt, rand::random())).await;
             }
             let guard = worker.load_guard(leg.tokens);
+            if let Some(kv) = &self.kv {
+                kv.lookup.note_routed(&worker.url);
+            }
             match self
                 .upstream
                 .post(&worker.url, leg.path, leg.body, headers, leg.limit)
@@ -466,9 +469,6 @@ impl Dispatcher {
         let candidates: Vec<_> = workers.iter().map(|w| w.candidate()).collect();
         let pick = self.policies.get(role).pick(&candidates, info)?;
         let worker = workers.get(pick.index).cloned()?;
-        if let Some(kv) = &self.kv {
-            kv.lookup.note_routed(&worker.url);
-        }
         let prediction = pick
             .predicted_cached_tokens
             .map(|cached_tokens| Prediction { cached_tokens });

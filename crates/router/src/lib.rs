@@ -14,6 +14,7 @@
 //! - [`prompt_tokens`]: a request's prompt token ids as the worker sees them (its
 //!   `/tokenize`), for KV-aware routing.
 //! - [`kv_index`]: which worker holds which prompt prefix, from KV-cache events (pure).
+//! - [`kv_follow`]: the workers' KV event subscribers feeding that index.
 //! - [`kv_routing`]: the dispatcher's side of `kv_aware` (token ids, predictions).
 //! - [`secret`]: credentials that never print.
 //! - [`api`], [`admin`]: the HTTP surface.
@@ -26,6 +27,7 @@ pub mod disagg;
 pub mod dispatch;
 mod error;
 pub mod health;
+pub mod kv_follow;
 pub mod kv_index;
 pub mod kv_routing;
 pub mod metrics;
@@ -63,6 +65,8 @@ pub enum RouterError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Tokenizer(#[from] tokens::TokenizerError),
+    #[error(transparent)]
+    KvFollow(#[from] kv_follow::FollowError),
 }
 
 /// Runs the router on `threads` threads until `shutdown` turns true, then lets
@@ -80,8 +84,10 @@ pub fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), RouterError> {
     let mode = config.validate()?;
-    // The workers' caches, from their KV events (none followed yet).
-    let lookup: Option<Arc<dyn policy::PrefixLookup>> = None;
+    // Dropped (subscribers stopped, thread joined) when `run` returns.
+    let follower = kv_follower(&config)?;
+    // The workers' caches, from their KV events.
+    let lookup = follower.as_ref().map(kv_follow::KvFollower::lookup);
     let shared = Shared {
         mode,
         registry: registry(&config)?,
@@ -89,6 +95,7 @@ pub fn run(
         kv: kv_routing(&config, mode, lookup)?.map(Arc::new),
         conditional: Arc::new(conditional(&config, mode)?),
         metrics,
+        kv_follow: follower.as_ref().map(kv_follow::KvFollower::handle),
     };
     let sockets = bind_sockets(&config.host, config.port, threads.max(1))?;
     ready(sockets[0].local_addr()?);
@@ -123,6 +130,25 @@ struct Shared {
     conditional: Arc<Option<dispatch::ConditionalDisagg>>,
     kv: Option<Arc<kv_routing::KvRouting>>,
     metrics: Option<PrometheusHandle>,
+    /// The KV event subscribers, when any worker has a stream or the admin API may
+    /// add one.
+    kv_follow: Option<kv_follow::KvFollowHandle>,
+}
+
+/// The KV event follower: started when a worker has an event stream, or when the
+/// admin API is on (it may add workers with one). A policy takes its view as
+/// `follower.lookup()` (an `Arc<dyn PrefixLookup>`).
+fn kv_follower(config: &RouterConfig) -> Result<Option<kv_follow::KvFollower>, RouterError> {
+    if config.kv_events.is_empty() && config.admin_token.is_none() {
+        return Ok(None);
+    }
+    let streams = config
+        .kv_events
+        .iter()
+        .map(kv_follow::stream_of)
+        .collect::<Result<Vec<_>, _>>()?;
+    let settings = kv_follow::FollowSettings::from_config(config);
+    Ok(Some(kv_follow::KvFollower::start(settings, streams)?))
 }
 
 fn registry(config: &RouterConfig) -> Result<Arc<Registry>, RouterError> {
@@ -205,6 +231,7 @@ fn serve_thread(
             client_params: config.client_kv_transfer_params,
             circuit: config.circuit.clone(),
             metrics: shared.metrics,
+            kv: shared.kv_follow,
         };
         let limits = config.http_limits();
         let app = api::router(state, limits.max_body_bytes);
@@ -267,7 +294,8 @@ fn kv_routing(
     mode: Mode,
     lookup: Option<Arc<dyn policy::PrefixLookup>>,
 ) -> Result<Option<kv_routing::KvRouting>, RouterError> {
-    let conditional_on_events = config.local_prefill_threshold.is_some() && lookup.is_some();
+    let conditional_on_events =
+        config.local_prefill_threshold.is_some() && !config.kv_events.is_empty();
     if !(uses_kv_aware(config, mode) || conditional_on_events) {
         return Ok(None);
     }

@@ -46,6 +46,20 @@ pub const KV_ACTUAL_CACHED_TOKENS_TOTAL: &str = "tandem_router_kv_actual_cached_
 /// ids for `kv_aware` (a worker's `/tokenize`, the local tokenizer or the prompt itself).
 pub const KV_TOKENIZE_TOTAL: &str = "tandem_router_kv_tokenize_total";
 
+/// Counter: KV event batches applied to the KV index (live and replayed).
+pub const KV_EVENT_BATCHES_TOTAL: &str = "tandem_router_kv_event_batches_total";
+/// Counter, label [`REASON`]: KV event messages, batches or blocks dropped:
+/// `decode_error`, `bad_frames`, `too_large`, `topic`, `gap`, `restart`, `disconnect`,
+/// `duplicate`, `unknown_parent`, `token_mismatch`, `zero_block_size`, `over_cap`
+/// (blocks), `removed_unknown` (hashes).
+pub const KV_EVENTS_DROPPED_TOTAL: &str = "tandem_router_kv_events_dropped_total";
+/// Counter, label [`OUTCOME`] (`ok`, `failed`, `unavailable`): replays after a gap.
+pub const KV_REPLAYS_TOTAL: &str = "tandem_router_kv_replays_total";
+/// Gauge, label [`WORKER`]: engine blocks of the worker in the KV index.
+pub const KV_INDEX_BLOCKS: &str = "tandem_router_kv_index_blocks";
+/// Gauge: followed workers whose KV cache is unknown (disconnected, stale, silent).
+pub const KV_UNKNOWN_WORKERS: &str = "tandem_router_kv_unknown_workers";
+
 pub const MODE: &str = "mode";
 pub const ENDPOINT: &str = "endpoint";
 pub const OUTCOME: &str = "outcome";
@@ -115,6 +129,26 @@ fn describe() {
     describe_counter!(
         DISAGG_DECISIONS_TOTAL,
         "P/D mode decisions: remote prefill, or the decode worker alone."
+    );
+    describe_counter!(
+        KV_EVENT_BATCHES_TOTAL,
+        "KV event batches applied to the KV index."
+    );
+    describe_counter!(
+        KV_EVENTS_DROPPED_TOTAL,
+        "KV event messages, batches or blocks dropped, by reason."
+    );
+    describe_counter!(
+        KV_REPLAYS_TOTAL,
+        "KV event replays after a gap, by outcome."
+    );
+    describe_gauge!(
+        KV_INDEX_BLOCKS,
+        "Engine blocks of a worker in the KV index."
+    );
+    describe_gauge!(
+        KV_UNKNOWN_WORKERS,
+        "Followed workers whose KV cache is unknown (disconnected, stale or silent)."
     );
     describe_counter!(
         CLIENT_KV_TRANSFER_PARAMS_TOTAL,
