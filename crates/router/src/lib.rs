@@ -98,17 +98,27 @@ pub fn run(
         kv_follow: follower.as_ref().map(kv_follow::KvFollower::handle),
     };
     let sockets = bind_sockets(&config.host, config.port, threads.max(1))?;
-    ready(sockets[0].local_addr()?);
+    let address = sockets[0].local_addr()?;
+    let (listening_tx, listening_rx) = std::sync::mpsc::channel();
     let handles: Vec<_> = sockets
         .into_iter()
         .enumerate()
         .map(|(index, socket)| {
             let (config, shared, shutdown) = (config.clone(), shared.clone(), shutdown.clone());
+            let listening = listening_tx.clone();
             std::thread::Builder::new()
                 .name(format!("tandem-router-{index}"))
-                .spawn(move || serve_thread(index, socket, config, shared, grace, shutdown))
+                .spawn(move || {
+                    serve_thread(index, socket, config, shared, grace, shutdown, listening)
+                })
         })
         .collect::<Result<_, _>>()?;
+    drop(listening_tx);
+    // Announced only once every socket listens: a bound socket that does not listen
+    // yet refuses connections, and callers connect as soon as they read the address.
+    if listening_rx.iter().take(handles.len()).count() == handles.len() {
+        ready(address);
+    }
     let mut result = Ok(());
     for handle in handles {
         let outcome = handle.join().unwrap_or_else(|_| {
@@ -201,12 +211,14 @@ fn serve_thread(
     shared: Shared,
     grace: Duration,
     mut shutdown: watch::Receiver<bool>,
+    listening: std::sync::mpsc::Sender<()>,
 ) -> Result<(), RouterError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         let listener = socket.listen(tandem_httpd::LISTEN_BACKLOG)?;
+        let _ = listening.send(());
         let upstream = Upstream::new(config.timeouts.clone(), config.worker_api_key.as_ref())?;
         let checks = (index == 0).then(|| {
             tokio::spawn(health::run_checks(
