@@ -18,7 +18,9 @@ Scenarios:
 
     python3 scripts/kv_routing_bench.py [--tandem target/release/tandem]
         [--scenarios multi-turn,shared-prefix,evict,restart]
-        [--policies round_robin,prefix,kv_aware] [--json results.json]
+        [--policies round_robin,prefix,kv_aware,kv_aware@2] [--json results.json]
+
+A policy written `kv_aware@W` runs kv_aware with `--kv-aware-overlap-weight W`.
 
 Prints one table per scenario: hit rate (hits / queried prompt tokens, summed over
 the workers), its ratio to the oracle's, TTFT p50/p99, request throughput. Needs the
@@ -69,7 +71,7 @@ SCENARIOS = {
         bench=["--endpoint", "chat", "--workload", "multi-turn", "--num-prompts", "16",
                "--turns", "4", "--prefix-len", "32", "--input-len", "160",
                "--output-len", "16", "--max-concurrency", "4"],
-        cache="12MiB"),
+        cache="28MiB"),
     "restart": dict(
         bench=["--endpoint", "chat", "--workload", "multi-turn", "--num-prompts", "16",
                "--turns", "4", "--prefix-len", "32", "--input-len", "160",
@@ -120,7 +122,7 @@ class Cluster:
     def serve_args(self, i, threads=1, port=None, cache=None, events=True):
         args = [self.tandem, "serve", "--port", str(port or worker_port(i)),
                 "--threads", str(threads), "--kv-cache-memory", cache or self.cache,
-                "--max-model-len", "4096"]
+                "--max-model-len", "1024"]
         if events:
             config = {"enable_kv_cache_events": True, "publisher": "zmq",
                       "endpoint": f"tcp://*:{events_port(i)}",
@@ -143,8 +145,12 @@ class Cluster:
     def start(self, policy):
         for i in range(WORKERS):
             self.start_worker(i)
-        args = [self.tandem, "route", "--port", str(ROUTER_PORT), "--policy", policy,
+        # "kv_aware@2": kv_aware with --kv-aware-overlap-weight 2.
+        name, _, weight = policy.partition("@")
+        args = [self.tandem, "route", "--port", str(ROUTER_PORT), "--policy", name,
                 "--kv-events-topic", "kv", "--health-interval-ms", "500"]
+        if weight:
+            args += ["--kv-aware-overlap-weight", weight]
         for i in range(WORKERS):
             url = f"http://127.0.0.1:{worker_port(i)}"
             args += ["--worker", url,

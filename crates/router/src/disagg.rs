@@ -177,11 +177,15 @@ fn value_text(value: &Value) -> String {
 /// Prompt plus output tokens, estimated (about 4 characters per token) for load
 /// accounting.
 pub fn estimated_tokens(text: &str, body: &Map<String, Value>) -> usize {
-    let output = ["max_completion_tokens", "max_tokens"]
+    text.len().div_ceil(4) + output_tokens(body)
+}
+
+/// The most output tokens a request asks for (256 when it does not say).
+pub fn output_tokens(body: &Map<String, Value>) -> usize {
+    ["max_completion_tokens", "max_tokens"]
         .iter()
         .find_map(|k| body.get(*k).and_then(Value::as_u64))
-        .unwrap_or(256) as usize;
-    text.len().div_ceil(4) + output
+        .map_or(256, |n| usize::try_from(n).unwrap_or(usize::MAX))
 }
 
 #[cfg(test)]

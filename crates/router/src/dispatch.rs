@@ -157,6 +157,15 @@ struct Called {
     prediction: Option<Prediction>,
 }
 
+/// Counts `leg` against `worker`'s load as the work it gives it: prompt tokens the
+/// worker is predicted to hold are not part of it (see `Candidate::in_flight_tokens`).
+fn load_guard(worker: &Arc<Worker>, leg: &Leg<'_>, prediction: Option<&Prediction>) -> LoadGuard {
+    let output = disagg::output_tokens(leg.body).min(leg.tokens);
+    let prompt = leg.tokens - output;
+    let to_compute = prediction.map_or(prompt, |p| prompt.saturating_sub(p.cached_tokens));
+    worker.load_guard(to_compute, output)
+}
+
 /// A worker chosen for a leg, with the policy's prediction of its cache.
 #[derive(Clone)]
 struct Selected {
@@ -173,7 +182,13 @@ impl Dispatcher {
             text: &text,
             tokens: token_ids.as_deref(),
         };
-        let tokens = disagg::estimated_tokens(&text, &request.body);
+        // Exact when the prompt's token ids are known (kv_aware), estimated otherwise.
+        let tokens = match &token_ids {
+            Some(ids) => ids
+                .len()
+                .saturating_add(disagg::output_tokens(&request.body)),
+            None => disagg::estimated_tokens(&text, &request.body),
+        };
         let result = match self.mode {
             Mode::Replicated => self.replicated(&request, &info, tokens).await,
             Mode::Disaggregated => self.disaggregated(&request, &info, tokens).await,
@@ -416,7 +431,7 @@ impl Dispatcher {
                 metrics::counter!(names::RETRIES_TOTAL, names::LEG => leg.label).increment(1);
                 tokio::time::sleep(self.retry.backoff(attempt, rand::random())).await;
             }
-            let guard = worker.load_guard(leg.tokens);
+            let guard = load_guard(&worker, leg, prediction.as_ref());
             if let Some(kv) = &self.kv {
                 kv.lookup.note_routed(&worker.url);
             }

@@ -127,6 +127,13 @@ impl Worker {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// Takes requests again (a drained worker registered anew).
+    pub fn stop_draining(&self) {
+        if self.draining.swap(false, Ordering::Relaxed) {
+            tracing::info!(worker = self.url, "worker no longer draining");
+        }
+    }
+
     fn lock_circuit(&self) -> std::sync::MutexGuard<'_, CircuitBreaker> {
         self.circuit.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -169,14 +176,18 @@ impl Worker {
         self.metrics.healthy.set(value);
     }
 
-    /// Counts a request against this worker until the guard drops.
-    pub fn load_guard(self: &Arc<Self>, tokens: usize) -> LoadGuard {
+    /// Counts a request against this worker until the guard drops: the prompt tokens
+    /// it must compute (released early, by [`LoadGuard::prompt_computed`], once the
+    /// answer starts) and the output tokens it may generate.
+    pub fn load_guard(self: &Arc<Self>, prompt_tokens: usize, output_tokens: usize) -> LoadGuard {
         self.in_flight_requests.fetch_add(1, Ordering::Relaxed);
-        self.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
+        self.in_flight_tokens
+            .fetch_add(prompt_tokens + output_tokens, Ordering::Relaxed);
         self.publish_in_flight();
         LoadGuard {
             worker: self.clone(),
-            tokens,
+            prompt_tokens,
+            output_tokens,
         }
     }
 
@@ -197,12 +208,23 @@ impl Worker {
 #[derive(Debug)]
 pub struct LoadGuard {
     worker: Arc<Worker>,
-    tokens: usize,
+    prompt_tokens: usize,
+    output_tokens: usize,
 }
 
 impl LoadGuard {
     pub fn worker(&self) -> &Arc<Worker> {
         &self.worker
+    }
+
+    /// The worker has computed the prompt (its answer started): only the output is
+    /// still work. Without this a long prompt would weigh on the worker's load for as
+    /// long as its answer streams.
+    pub fn prompt_computed(&mut self) {
+        let prompt = std::mem::take(&mut self.prompt_tokens);
+        self.worker
+            .in_flight_tokens
+            .fetch_sub(prompt, Ordering::Relaxed);
     }
 }
 
@@ -213,7 +235,7 @@ impl Drop for LoadGuard {
             .fetch_sub(1, Ordering::Relaxed);
         self.worker
             .in_flight_tokens
-            .fetch_sub(self.tokens, Ordering::Relaxed);
+            .fetch_sub(self.prompt_tokens + self.output_tokens, Ordering::Relaxed);
         self.worker.publish_in_flight();
     }
 }
@@ -306,10 +328,14 @@ mod tests {
     fn load_guards_count_until_dropped() {
         let registry = Registry::new();
         let w = registry.add(worker("http://a:1", Role::Both)).unwrap();
-        let g1 = w.load_guard(100);
-        let g2 = w.load_guard(50);
+        let mut g1 = w.load_guard(80, 20);
+        let g2 = w.load_guard(40, 10);
         assert_eq!(w.candidate().in_flight_requests, 2);
         assert_eq!(w.candidate().in_flight_tokens, 150);
+        g1.prompt_computed();
+        g1.prompt_computed();
+        assert_eq!(w.candidate().in_flight_tokens, 70);
+        assert_eq!(w.candidate().in_flight_requests, 2);
         drop(g1);
         assert_eq!(w.candidate().in_flight_tokens, 50);
         drop(g2);

@@ -231,7 +231,7 @@ pub async fn relay(
         deadline: Box::pin(tokio::time::sleep(idle)),
         is_sse,
         ended: false,
-        _guards: guards,
+        guards,
         timer,
     };
     let mut response = Response::new(Body::from_stream(body));
@@ -273,7 +273,7 @@ struct RelayBody {
     deadline: Pin<Box<Sleep>>,
     is_sse: bool,
     ended: bool,
-    _guards: Vec<LoadGuard>,
+    guards: Vec<LoadGuard>,
     timer: RequestTimer,
 }
 
@@ -302,6 +302,9 @@ impl Stream for RelayBody {
         }
         match self.inner.poll_next_unpin(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
+                if !self.timer.first_byte_seen {
+                    self.guards.iter_mut().for_each(LoadGuard::prompt_computed);
+                }
                 self.timer.first_byte();
                 if self.is_sse {
                     self.timer.check_chunk(&chunk);

@@ -20,7 +20,10 @@ pub struct Candidate<'a> {
     pub url: &'a str,
     /// Requests routed to it that have not finished.
     pub in_flight_requests: usize,
-    /// Prompt plus maximum output tokens of those requests (an estimate).
+    /// The tokens those requests still make the worker compute: their prompt tokens,
+    /// minus those `kv_aware` predicted it holds, plus their maximum output. On a
+    /// compute-bound worker this, not the KV footprint, is the queue a new request
+    /// waits behind.
     pub in_flight_tokens: usize,
 }
 
