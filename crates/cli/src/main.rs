@@ -1,6 +1,7 @@
 //! The `tandem` command: parses arguments and hands each subcommand to the crate that
 //! does the work.
 
+mod announce;
 mod bench;
 mod compare;
 mod doctor;
@@ -8,6 +9,7 @@ mod generate;
 mod gpu;
 mod kv;
 mod model;
+mod register;
 mod route;
 mod serve;
 mod up;
@@ -38,6 +40,9 @@ enum Command {
     Up(up::UpArgs),
     /// Route OpenAI requests to workers: replicated, or disaggregated (prefill/decode).
     Route(route::RouteArgs),
+    /// Keep a worker that does not speak etcd (vLLM, …) registered for discovery while
+    /// its /health answers.
+    Register(register::RegisterArgs),
     /// Load an OpenAI-compatible endpoint and report vllm bench serve's metrics.
     Bench(bench::BenchArgs),
     /// Run the same scenarios against single, replicated and disaggregated topologies
@@ -72,6 +77,7 @@ fn main() -> std::process::ExitCode {
         Command::Gpu(command) => gpu::run(command),
         Command::Serve(args) => serve::run(args),
         Command::Route(args) => route::run(args),
+        Command::Register(args) => register::run(args),
         Command::Up(args) => up::run(args),
         Command::Kv(args) => kv::run(args),
         Command::Doctor(args) => doctor::run(args),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tandem_router::config::KvEventsSource;
+use tandem_router::config::{DiscoveryConfig, KvEventsSource, default_namespace};
 use tandem_router::policy::PolicyKind;
 use tandem_router::{ClientParamsPolicy, RouterConfig, Secret};
 use tokio::sync::watch;
@@ -42,8 +42,8 @@ pub struct RouteArgs {
     /// Policy of the decode pool (default: --policy).
     #[arg(long)]
     decode_policy: Option<PolicyKind>,
-    /// kv_aware: weight of a block of prompt still to compute against a block of KV
-    /// held by running requests; 0 ignores the cache [default: 1.0].
+    /// kv_aware: weight of a block of prompt still to compute against a block of work
+    /// the worker already has in flight; 0 ignores the cache [default: 2.0].
     #[arg(long, value_name = "WEIGHT")]
     kv_aware_overlap_weight: Option<f64>,
     /// kv_aware: 0 picks the cheapest worker; above 0 draws by a softmax over costs,
@@ -102,6 +102,21 @@ pub struct RouteArgs {
     /// (vLLM's `replay_endpoint`; repeat per worker).
     #[arg(long = "kv-replay", value_name = "WORKER_URL=ENDPOINT")]
     kv_replay: Vec<String>,
+    /// Follow the workers registered in etcd (`etcd://HOST:PORT[,…]`): they join the
+    /// pool when they register and leave it, drained, when their keys go
+    /// (docs/discovery.md). Static workers may be given too.
+    #[arg(long, value_name = "etcd://HOST:PORT")]
+    discovery: Option<String>,
+    /// The etcd namespace to follow [default: default].
+    #[arg(long, requires = "discovery")]
+    discovery_namespace: Option<String>,
+    /// With --discovery: a P/D pool (registered prefill and decode workers), not a
+    /// replicated one (workers of role `both`). Implied by --prefill/--decode.
+    #[arg(long, requires = "discovery")]
+    discovery_disaggregated: bool,
+    /// With --discovery: only workers that serve this model.
+    #[arg(long, requires = "discovery")]
+    discovery_model: Option<String>,
     /// The topic the workers publish KV events under [default: ""].
     #[arg(long)]
     kv_events_topic: Option<String>,
@@ -169,7 +184,30 @@ impl RouteArgs {
         );
         override_with(&mut config.kv_events_topic, self.kv_events_topic.clone());
         apply_kv_flags(&mut config.kv_events, &self.kv_events, &self.kv_replay)?;
+        self.apply_discovery_flags(&mut config);
         Ok(config)
+    }
+}
+
+impl RouteArgs {
+    /// `--discovery` replaces the config file's `[discovery]` table; the other
+    /// discovery flags then override its fields.
+    fn apply_discovery_flags(&self, config: &mut RouterConfig) {
+        if let Some(etcd) = &self.discovery {
+            config.discovery = Some(DiscoveryConfig {
+                etcd: etcd.clone(),
+                namespace: default_namespace(),
+                disaggregated: false,
+                model: None,
+            });
+        }
+        if let Some(discovery) = config.discovery.as_mut() {
+            override_with(&mut discovery.namespace, self.discovery_namespace.clone());
+            discovery.disaggregated |= self.discovery_disaggregated;
+            if self.discovery_model.is_some() {
+                discovery.model = self.discovery_model.clone();
+            }
+        }
     }
 }
 

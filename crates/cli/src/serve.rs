@@ -10,6 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use tandem_discovery::{Capacity, Registration, RegistrationSettings, WorkerRecord};
+
+use crate::announce::{self, DiscoveryFlags};
 use clap::{Args, ValueEnum};
 use tandem_engine::LoadedModel;
 use tandem_engine::api::{self, HandoffInfo, ServedModel, ServerState};
@@ -143,6 +146,12 @@ pub struct ServeArgs {
     /// authentication: bind it to a private interface.
     #[arg(long, value_name = "JSON", value_parser = KvEventsConfig::from_json)]
     kv_events_config: Option<KvEventsConfig>,
+    #[command(flatten)]
+    discovery: DiscoveryFlags,
+    /// The host routers and other workers reach this worker at, as announced in etcd.
+    /// Default: --host, or 127.0.0.1 when that is a wildcard address.
+    #[arg(long)]
+    advertise_host: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -259,6 +268,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         bail!("--gpu-memory-utilization must be in (0, 1]");
     }
     let limits = http_limits(&args)?;
+    let registration = args.discovery.settings()?;
     let secret = ClusterSecret::from_file_or_env(args.kv_secret_file.as_deref())?;
     if args.kv_port.is_some() && secret.is_none() {
         bail!(
@@ -360,11 +370,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
             load_failure_policy: args.kv_load_failure_policy.into(),
             secret,
         };
+        let announce = registration.map(|settings| {
+            let record = announced_record(&args, &engine, &served, &handoff);
+            (settings, record)
+        });
         let state = ServerState::new(engine, tokenizer, chat_template, served, metrics)
             .with_handoff(handoff)
             .with_api_key(args.api_key.clone());
         let grace = Duration::from_secs(args.shutdown_timeout);
-        serve_until_signal(&args.host, args.port, state, limits, grace).await
+        let advertise = args.advertise_host.as_deref();
+        serve_until_signal(
+            &args.host, args.port, state, limits, grace, announce, advertise,
+        )
+        .await
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
@@ -504,12 +522,49 @@ fn default_served_name(path: &Path) -> String {
     )
 }
 
+/// What `--discovery` announces, but the URL (known once the server listens).
+fn announced_record(
+    args: &ServeArgs,
+    engine: &EngineHandle,
+    served: &ServedModel,
+    handoff: &HandoffInfo,
+) -> WorkerRecord {
+    let host = announce::reachable_host(&args.host, args.advertise_host.as_deref());
+    let kv_events = args
+        .kv_events_config
+        .as_ref()
+        .filter(|c| c.publishes())
+        .and_then(|c| {
+            announce::kv_events_endpoints(&c.endpoint, c.replay_endpoint.as_deref(), &host)
+                .ok()
+                .flatten()
+        });
+    WorkerRecord {
+        url: String::new(),
+        role: args.discovery.role,
+        model: served.name.clone(),
+        engine: "tandem".into(),
+        engine_id: Some(handoff.engine_id.clone()),
+        kv_handoff: handoff
+            .listener
+            .as_ref()
+            .map(|(host, port)| format!("{host}:{port}")),
+        kv_events,
+        capacity: Some(Capacity {
+            max_num_seqs: args.max_num_seqs,
+            kv_cache_tokens: engine.kv_memory().num_blocks() * args.block_size,
+        }),
+    }
+}
+
 async fn serve_until_signal(
     host: &str,
     port: u16,
     state: ServerState,
     limits: HttpLimits,
     grace: Duration,
+    announce: Option<(RegistrationSettings, WorkerRecord)>,
+    advertise_host: Option<&str>,
 ) -> Result<()> {
     let listener = tandem_httpd::bind(host, port)
         .await
@@ -524,9 +579,30 @@ async fn serve_until_signal(
     let server = api::serve(listener, state, limits, shutdown);
     tokio::pin!(server);
     eprintln!("serving {model} on http://{address}");
+    let registration = match announce {
+        Some((settings, mut record)) => {
+            let reachable = announce::reachable_host(host, advertise_host);
+            record.url = announce::http_url(&reachable, address.port());
+            let registration = Registration::start(settings.clone(), &record)?;
+            eprintln!(
+                "registering {} as {} in {} ({})",
+                record.url,
+                record.role.as_str(),
+                settings.address,
+                registration.key()
+            );
+            Some(registration)
+        }
+        None => None,
+    };
     tokio::select! {
         () = &mut server => return Ok(()),
         signal = termination_signal() => signal?,
+    }
+    if let Some(registration) = registration {
+        // Routers stop sending new requests before this worker stops taking them.
+        registration.deregister().await;
+        eprintln!("deregistered from etcd");
     }
     eprintln!(
         "shutting down: waiting up to {}s for requests in flight",

@@ -1,18 +1,18 @@
 //! The admin API, behind `--admin-token`: `GET /workers` lists the workers with their
 //! health, circuit and load; `POST /workers {"url", "role"}` adds one (it takes
-//! requests at once and is health-checked from then on); `DELETE /workers?url=…`
-//! drains one (no new requests), then drops it once its requests have finished.
+//! requests at once and is health-checked from then on); `POST /workers/{url}/drain`
+//! stops new requests to one (its requests finish; it stays listed, draining);
+//! `DELETE /workers?url=…` drains one, then drops it once its requests have finished.
+//! The work itself is [`membership`](crate::membership)'s, shared with discovery.
 //!
 //! A worker added with `"kv_events": {"endpoint": "tcp://host:port",
 //! "replay_endpoint": "tcp://host:port"}` (replay optional) is followed into the KV
 //! index at once; removing a worker stops its subscriber and forgets its blocks.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -20,13 +20,11 @@ use serde_json::json;
 use tandem_protocol::openai::{ApiError, ErrorKind};
 
 use crate::api::{SharedState, check_bearer};
-use crate::config::{KvEventsSource, Mode, normalize_url};
+use crate::config::{Mode, normalize_url};
 use crate::error::error_response;
-use crate::kv_follow::{self, CacheState, KvStream};
-use crate::registry::{Role, Worker};
-
-/// Longest a drained worker's requests may run before it is dropped anyway.
-const DRAIN_LIMIT: Duration = Duration::from_secs(600);
+use crate::kv_follow::{CacheState, KvStream};
+use crate::membership;
+use crate::registry::Role;
 
 fn authorize(state: &SharedState, headers: &HeaderMap) -> Result<(), ApiError> {
     match state.admin_token.as_ref() {
@@ -98,14 +96,7 @@ fn kv_stream(url: &str, new: Option<NewKvEvents>) -> Result<Option<KvStream>, Ap
     let Some(new) = new else {
         return Ok(None);
     };
-    let source = KvEventsSource {
-        worker: url.to_owned(),
-        endpoint: new.endpoint,
-        replay_endpoint: new.replay_endpoint,
-    };
-    kv_follow::stream_of(&source)
-        .map(Some)
-        .map_err(|e| ApiError::invalid_param("kv_events", e.to_string()))
+    membership::kv_stream(url, new.endpoint, new.replay_endpoint).map(Some)
 }
 
 pub async fn add(
@@ -120,28 +111,7 @@ pub async fn add(
             normalize_url(&new.url).map_err(|e| ApiError::invalid_param("url", e.to_string()))?;
         let role = role_for_mode(state.dispatcher.mode, new.role)?;
         let stream = kv_stream(&url, new.kv_events)?;
-        let kv = match (stream, state.kv.as_ref()) {
-            (Some(stream), Some(kv)) => Some((stream, kv)),
-            (Some(_), None) => {
-                return Err(ApiError::invalid_param(
-                    "kv_events",
-                    "the router does not follow KV events",
-                ));
-            }
-            (None, _) => None,
-        };
-        let worker = Worker::new(url, role, &state.circuit);
-        let added = state
-            .dispatcher
-            .registry
-            .add(worker)
-            .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
-        if let Some((stream, kv)) = kv {
-            kv.follow(stream)
-                .await
-                .map_err(|e| ApiError::new(ErrorKind::Unavailable, e.to_string()))?;
-        }
-        tracing::info!(worker = added.url, role = role.as_str(), "worker added");
+        let added = membership::add_worker(&state, url, role, stream).await?;
         Ok::<_, ApiError>(json!({"url": added.url, "role": role}))
     }
     .await;
@@ -186,16 +156,7 @@ pub async fn remove(
     if workers.is_empty() {
         return error_response(ApiError::not_found(format!("no worker {url}")));
     }
-    if let Some(kv) = state.kv.as_ref()
-        && kv.unfollow(&url).await.is_err()
-    {
-        tracing::warn!(worker = url, "the KV events thread has stopped");
-    }
-    for worker in workers {
-        worker.start_draining();
-        tokio::spawn(drop_when_idle(state.clone(), worker));
-    }
-    tracing::info!(worker = url, "draining worker");
+    membership::remove(&state, workers).await;
     (
         StatusCode::ACCEPTED,
         Json(json!({"url": url, "draining": true})),
@@ -203,15 +164,32 @@ pub async fn remove(
         .into_response()
 }
 
-/// Drops a draining worker once its requests have finished (or after a bound).
-async fn drop_when_idle(state: SharedState, worker: Arc<Worker>) {
-    let started = tokio::time::Instant::now();
-    while worker.in_flight_requests() > 0 && started.elapsed() < DRAIN_LIMIT {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// `POST /workers/{url}/drain`: no new requests to the worker (the URL percent-encoded,
+/// as a path segment); those in flight finish. It stays listed as draining.
+pub async fn drain(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(error) = authorize(&state, &headers) {
+        return error_response(error);
     }
-    state.dispatcher.registry.remove(&worker);
-    state.dispatcher.forget(&worker.url);
-    tracing::info!(worker = worker.url, "worker removed");
+    let Ok(url) = normalize_url(&id) else {
+        return error_response(ApiError::invalid_param(
+            "url",
+            "give the worker's URL, percent-encoded: /workers/http%3A%2F%2Fhost%3Aport/drain",
+        ));
+    };
+    let workers = state.dispatcher.registry.find(&url);
+    if workers.is_empty() {
+        return error_response(ApiError::not_found(format!("no worker {url}")));
+    }
+    membership::drain(&workers);
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({"url": url, "draining": true})),
+    )
+        .into_response()
 }
 
 #[cfg(test)]

@@ -45,7 +45,7 @@ pub struct AppState {
 
 pub type SharedState = Arc<AppState>;
 
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
@@ -57,9 +57,10 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             "/workers",
             get(admin::list).post(admin::add).delete(admin::remove),
         )
+        .route("/workers/{id}/drain", post(admin::drain))
         .fallback(|| async { error_response(ApiError::not_found("Not Found")) })
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(Arc::new(state))
+        .with_state(state)
 }
 
 async fn completions(

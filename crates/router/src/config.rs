@@ -67,6 +67,31 @@ pub struct RouterConfig {
     pub kv_events_topic: String,
     /// The KV index and its subscribers.
     pub kv_index: KvIndexConfig,
+    /// Workers registered in etcd join and leave the pool live (`[discovery]`).
+    pub discovery: Option<DiscoveryConfig>,
+}
+
+/// Following the workers registered in etcd (`--discovery etcd://…`); the key layout
+/// is in docs/discovery.md.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// `etcd://HOST:PORT[,HOST:PORT…]`.
+    pub etcd: String,
+    /// Whose workers: `/tandem/<namespace>/workers/…` [default: "default"].
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Prefill and decode workers (P/D); otherwise workers of role `both`. Implied by
+    /// static `prefill`/`decode` lists.
+    #[serde(default)]
+    pub disaggregated: bool,
+    /// Only workers serving this model (default: any).
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+pub fn default_namespace() -> String {
+    "default".into()
 }
 
 impl Default for RouterConfig {
@@ -99,6 +124,7 @@ impl Default for RouterConfig {
             kv_events: Vec::new(),
             kv_events_topic: String::new(),
             kv_index: KvIndexConfig::default(),
+            discovery: None,
         }
     }
 }
@@ -196,6 +222,15 @@ impl RouterConfig {
     /// The mode the worker lists describe, after checking them.
     pub fn mode(&self) -> Result<Mode, ConfigError> {
         let disaggregated = !self.prefill.is_empty() || !self.decode.is_empty();
+        if let Some(discovery) = &self.discovery {
+            // The pool fills from etcd: static lists may be partial or empty.
+            let pd = disaggregated || discovery.disaggregated;
+            return match (self.workers.is_empty(), pd) {
+                (false, true) => Err(ConfigError::MixedModes),
+                (_, true) => Ok(Mode::Disaggregated),
+                (_, false) => Ok(Mode::Replicated),
+            };
+        }
         match (self.workers.is_empty(), disaggregated) {
             (true, false) => Err(ConfigError::NoWorkers),
             (false, true) => Err(ConfigError::MixedModes),
@@ -238,6 +273,11 @@ impl RouterConfig {
             .map_err(|err| ConfigError::Invalid(err.to_string()))?;
         self.http_limits().validate()?;
         self.validate_kv_events()?;
+        if let Some(discovery) = &self.discovery {
+            tandem_discovery::EtcdAddress::parse(&discovery.etcd)
+                .and_then(|_| tandem_discovery::validate_namespace(&discovery.namespace))
+                .map_err(|err| ConfigError::Invalid(err.to_string()))?;
+        }
         Ok(mode)
     }
 
@@ -569,6 +609,40 @@ mod tests {
         assert_eq!(config.validate(), Ok(Mode::Disaggregated));
         config.decode = vec!["d:1".into()];
         assert!(matches!(config.validate(), Err(ConfigError::BadUrl(_))));
+    }
+
+    #[test]
+    fn discovery_fills_or_completes_the_pool() {
+        let mut config: RouterConfig =
+            toml::from_str("[discovery]\netcd = \"etcd://127.0.0.1:2379\"\n").unwrap();
+        let discovery = config.discovery.clone().unwrap();
+        assert_eq!(discovery.namespace, "default");
+        assert_eq!(
+            config.validate(),
+            Ok(Mode::Replicated),
+            "no static worker needed"
+        );
+        config.prefill = vec!["http://p:1".into()];
+        assert_eq!(
+            config.validate(),
+            Ok(Mode::Disaggregated),
+            "half a P/D pool is fine"
+        );
+        config.workers = vec!["http://a:1".into()];
+        assert_eq!(config.validate(), Err(ConfigError::MixedModes));
+        config.workers.clear();
+        config.prefill.clear();
+        config.discovery.as_mut().unwrap().disaggregated = true;
+        assert_eq!(config.validate(), Ok(Mode::Disaggregated));
+        for (etcd, namespace) in [("http://x:1", "default"), ("etcd://x:1", "A/B")] {
+            let discovery = config.discovery.as_mut().unwrap();
+            discovery.etcd = etcd.into();
+            discovery.namespace = namespace.into();
+            assert!(
+                matches!(config.validate(), Err(ConfigError::Invalid(_))),
+                "{etcd} {namespace}"
+            );
+        }
     }
 
     #[test]

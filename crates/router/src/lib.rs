@@ -16,6 +16,8 @@
 //! - [`kv_index`]: which worker holds which prompt prefix, from KV-cache events (pure).
 //! - [`kv_follow`]: the workers' KV event subscribers feeding that index.
 //! - [`kv_routing`]: the dispatcher's side of `kv_aware` (token ids, predictions).
+//! - [`membership`]: workers joining, draining and leaving at run time (admin API,
+//!   etcd discovery).
 //! - [`secret`]: credentials that never print.
 //! - [`api`], [`admin`]: the HTTP surface.
 //! - [`metrics`]: metric names.
@@ -30,6 +32,7 @@ pub mod health;
 pub mod kv_follow;
 pub mod kv_index;
 pub mod kv_routing;
+pub mod membership;
 pub mod metrics;
 pub mod policy;
 pub mod prompt_tokens;
@@ -67,6 +70,8 @@ pub enum RouterError {
     Tokenizer(#[from] tokens::TokenizerError),
     #[error(transparent)]
     KvFollow(#[from] kv_follow::FollowError),
+    #[error(transparent)]
+    Discovery(#[from] tandem_discovery::DiscoveryError),
 }
 
 /// Runs the router on `threads` threads until `shutdown` turns true, then lets
@@ -146,10 +151,10 @@ struct Shared {
 }
 
 /// The KV event follower: started when a worker has an event stream, or when the
-/// admin API is on (it may add workers with one). A policy takes its view as
+/// admin API or discovery is on (they may add workers with one). A policy takes its view as
 /// `follower.lookup()` (an `Arc<dyn PrefixLookup>`).
 fn kv_follower(config: &RouterConfig) -> Result<Option<kv_follow::KvFollower>, RouterError> {
-    if config.kv_events.is_empty() && config.admin_token.is_none() {
+    if config.kv_events.is_empty() && config.admin_token.is_none() && config.discovery.is_none() {
         return Ok(None);
     }
     let streams = config
@@ -245,6 +250,12 @@ fn serve_thread(
             metrics: shared.metrics,
             kv: shared.kv_follow,
         };
+        let state = Arc::new(state);
+        if index == 0
+            && let Some(discovery) = &config.discovery
+        {
+            membership::spawn_discovery(state.clone(), discovery)?;
+        }
         let limits = config.http_limits();
         let app = api::router(state, limits.max_body_bytes);
         let mut stopping = shutdown.clone();

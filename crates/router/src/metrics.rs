@@ -60,6 +60,11 @@ pub const KV_INDEX_BLOCKS: &str = "tandem_router_kv_index_blocks";
 /// Gauge: followed workers whose KV cache is unknown (disconnected, stale, silent).
 pub const KV_UNKNOWN_WORKERS: &str = "tandem_router_kv_unknown_workers";
 
+/// Gauge: workers the router follows from etcd.
+pub const DISCOVERED_WORKERS: &str = "tandem_router_discovered_workers";
+/// Counter by action (`add`, `remove`): discovered workers joining and leaving.
+pub const DISCOVERY_CHANGES_TOTAL: &str = "tandem_router_discovery_changes_total";
+
 pub const MODE: &str = "mode";
 pub const ENDPOINT: &str = "endpoint";
 pub const OUTCOME: &str = "outcome";
@@ -153,5 +158,10 @@ fn describe() {
     describe_counter!(
         CLIENT_KV_TRANSFER_PARAMS_TOTAL,
         "Client requests carrying their own kv_transfer_params, stripped or rejected."
+    );
+    describe_gauge!(DISCOVERED_WORKERS, "Workers the router follows from etcd.");
+    describe_counter!(
+        DISCOVERY_CHANGES_TOTAL,
+        "Discovered workers added to or removed from the pool, by action."
     );
 }
