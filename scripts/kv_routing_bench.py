@@ -15,9 +15,11 @@ Scenarios:
   shared-prefix   prompts behind one of 8 system prompts, taken in turn
   evict           multi-turn with small KV caches, so workers evict what they held
   restart         multi-turn, one worker killed and restarted a third of the way in
+  two-routers     multi-turn through two routers over the same workers (a round-robin
+                  front router alternates them), so each router sees half the turns
 
     python3 scripts/kv_routing_bench.py [--tandem target/release/tandem]
-        [--scenarios multi-turn,shared-prefix,evict,restart]
+        [--scenarios multi-turn,shared-prefix,evict,restart,two-routers]
         [--policies round_robin,prefix,kv_aware,kv_aware@2] [--json results.json]
 
 A policy written `kv_aware@W` runs kv_aware with `--kv-aware-overlap-weight W`.
@@ -77,6 +79,11 @@ SCENARIOS = {
                "--turns", "4", "--prefix-len", "32", "--input-len", "160",
                "--output-len", "16", "--max-concurrency", "4"],
         cache="256MiB", restart=True),
+    "two-routers": dict(
+        bench=["--endpoint", "chat", "--workload", "multi-turn", "--num-prompts", "16",
+               "--turns", "4", "--prefix-len", "32", "--input-len", "160",
+               "--output-len", "16", "--max-concurrency", "4"],
+        cache="256MiB", routers=2),
 }
 
 
@@ -115,7 +122,7 @@ class Cluster:
     def __init__(self, tandem, cache, logdir):
         self.tandem, self.cache, self.logdir = tandem, cache, logdir
         self.workers = [None] * WORKERS
-        self.router = None
+        self.routers = []
         # Counters of worker processes that were stopped (a restart resets them).
         self.retired = [0.0, 0.0]
 
@@ -142,12 +149,28 @@ class Cluster:
         self.workers[i].send_signal(signal.SIGKILL)
         self.workers[i].wait()
 
-    def start(self, policy):
+    def start(self, policy, routers=1):
         for i in range(WORKERS):
             self.start_worker(i)
+        if routers == 1:
+            self.routers = [self.start_router(policy, ROUTER_PORT)]
+            return
+        # Several routers over the same workers, each with its own view, and a
+        # round-robin front router spreading the clients' requests over them.
+        ports = [BASE + 3 + r for r in range(routers)]
+        self.routers = [self.start_router(policy, port) for port in ports]
+        args = [self.tandem, "route", "--port", str(ROUTER_PORT), "--policy", "round_robin",
+                "--health-interval-ms", "500"]
+        for port in ports:
+            args += ["--worker", f"http://127.0.0.1:{port}"]
+        log = open(os.path.join(self.logdir, f"front-{policy}.log"), "ab")
+        self.routers.append(subprocess.Popen(args, stdout=log, stderr=log))
+        wait_healthy(ROUTER_PORT, "front router", self.routers[-1])
+
+    def start_router(self, policy, port):
         # "kv_aware@2": kv_aware with --kv-aware-overlap-weight 2.
         name, _, weight = policy.partition("@")
-        args = [self.tandem, "route", "--port", str(ROUTER_PORT), "--policy", name,
+        args = [self.tandem, "route", "--port", str(port), "--policy", name,
                 "--kv-events-topic", "kv", "--health-interval-ms", "500"]
         if weight:
             args += ["--kv-aware-overlap-weight", weight]
@@ -156,9 +179,10 @@ class Cluster:
             args += ["--worker", url,
                      "--kv-events", f"{url}=tcp://127.0.0.1:{events_port(i)}",
                      "--kv-replay", f"{url}=tcp://127.0.0.1:{replay_port(i)}"]
-        log = open(os.path.join(self.logdir, f"router-{policy}.log"), "ab")
-        self.router = subprocess.Popen(args, stdout=log, stderr=log)
-        wait_healthy(ROUTER_PORT, "router", self.router)
+        log = open(os.path.join(self.logdir, f"router-{policy}-{port}.log"), "ab")
+        router = subprocess.Popen(args, stdout=log, stderr=log)
+        wait_healthy(port, "router", router)
+        return router
 
     def hit_rate(self):
         queried, hit = self.retired
@@ -169,10 +193,10 @@ class Cluster:
         return hit / queried if queried else 0.0
 
     def stop(self):
-        for proc in [self.router] + self.workers:
+        for proc in self.routers + self.workers:
             if proc and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in [self.router] + self.workers:
+        for proc in self.routers + self.workers:
             if proc:
                 try:
                     proc.wait(20)
@@ -201,7 +225,7 @@ def pick(doc, *names):
 def run_policy(tandem, name, scenario, policy, logdir):
     cluster = Cluster(tandem, scenario["cache"], logdir)
     try:
-        cluster.start(policy)
+        cluster.start(policy, scenario.get("routers", 1))
         hook = None
         if scenario.get("restart"):
             def hook(proc, cluster=cluster):
@@ -240,7 +264,8 @@ def run_oracle(tandem, name, scenario, logdir):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tandem", default="target/release/tandem")
-    parser.add_argument("--scenarios", default="multi-turn,shared-prefix,evict,restart")
+    parser.add_argument("--scenarios",
+                        default="multi-turn,shared-prefix,evict,restart,two-routers")
     parser.add_argument("--policies", default="round_robin,prefix,kv_aware")
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--logs", help="keep worker and router logs here")
