@@ -601,8 +601,9 @@ async fn serve_until_signal(
     }
     if let Some(registration) = registration {
         // Routers stop sending new requests before this worker stops taking them.
-        registration.deregister().await;
-        eprintln!("deregistered from etcd");
+        if registration.deregister().await {
+            eprintln!("deregistered from etcd");
+        }
     }
     eprintln!(
         "shutting down: waiting up to {}s for requests in flight",

@@ -102,6 +102,16 @@ fn every_builtin_example_topology_serves_and_stops_cleanly() {
 }
 
 #[test]
+fn a_discovery_topology_starts_etcd_and_the_router_follows_it() {
+    if !default_model_present() || !common::etcd::etcd_present() {
+        return;
+    }
+    let _ports = PORTS.lock().unwrap_or_else(|e| e.into_inner());
+    // etcd is one of the processes started and stopped (its pid is checked too).
+    serve_and_stop(&[&repo_file("topologies/builtin-1p1d-discovery.toml")]);
+}
+
+#[test]
 fn a_worker_that_dies_starting_is_reported_and_the_rest_stopped() {
     if !default_model_present() {
         return;

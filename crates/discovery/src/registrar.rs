@@ -36,7 +36,7 @@ pub struct Registration {
     key: String,
     stop: watch::Sender<bool>,
     registered: watch::Receiver<bool>,
-    task: JoinHandle<()>,
+    task: JoinHandle<bool>,
 }
 
 impl Registration {
@@ -93,16 +93,21 @@ impl Registration {
     }
 
     /// Stops the keep-alives and revokes the lease, so that routers drop the worker
-    /// now rather than after the TTL. Bounded: etcd being away costs at most a few
-    /// seconds, after which the key expires on its own.
-    pub async fn deregister(self) {
+    /// now rather than after the TTL; whether the key is gone now. Bounded: etcd being
+    /// away costs at most a few seconds, after which the key expires on its own.
+    pub async fn deregister(self) -> bool {
         let _ = self.stop.send(true);
         let limit = CALL_TIMEOUT * 2 + crate::CONNECT_TIMEOUT;
-        if tokio::time::timeout(limit, self.task).await.is_err() {
-            tracing::warn!(
-                key = self.key,
-                "deregistration timed out; the key expires with its lease"
-            );
+        match tokio::time::timeout(limit, self.task).await {
+            Ok(Ok(revoked)) => revoked,
+            Ok(Err(_)) => false,
+            Err(_) => {
+                tracing::warn!(
+                    key = self.key,
+                    "deregistration timed out; the key expires with its lease"
+                );
+                false
+            }
         }
     }
 }
@@ -118,7 +123,8 @@ struct Keeper {
 }
 
 impl Keeper {
-    async fn run(self, mut stop: watch::Receiver<bool>) {
+    /// Registers until stopped; then whether the key is gone (revoked, or never put).
+    async fn run(self, mut stop: watch::Receiver<bool>) -> bool {
         let mut backoff = Duration::from_millis(100);
         let mut warned = false;
         loop {
@@ -144,7 +150,7 @@ impl Keeper {
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
         self.registered.send_replace(false);
-        self.revoke().await;
+        self.revoke().await
     }
 
     /// Grants a lease, puts the record under it and keeps it alive; returns only on
@@ -172,11 +178,12 @@ impl Keeper {
         }
     }
 
-    /// Revokes the current lease, if any (its key goes with it).
-    async fn revoke(&self) {
+    /// Revokes the current lease, if any (its key goes with it); whether the key is
+    /// gone.
+    async fn revoke(&self) -> bool {
         let lease = self.lease.swap(0, Ordering::Relaxed);
         if lease == 0 {
-            return;
+            return true;
         }
         let revoked = async {
             let mut client: Client = self.settings.address.connect().await?;
@@ -185,9 +192,10 @@ impl Keeper {
         }
         .await;
         match revoked {
-            Ok(()) => tracing::info!(key = self.key, "deregistered from etcd"),
+            Ok(()) => true,
             Err(err) => {
-                tracing::warn!(key = self.key, %err, "could not revoke the lease; the key expires with it")
+                tracing::warn!(key = self.key, %err, "could not revoke the lease; the key expires with it");
+                false
             }
         }
     }

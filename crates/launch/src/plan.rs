@@ -1,12 +1,14 @@
 //! From a checked topology to the exact commands that start it: `tandem serve` for
 //! built-in workers, the seed notebooks' `vllm serve … --kv-transfer-config` with the
-//! NIXL environment for vLLM workers, and `tandem route` in front. `--dry-run` prints
-//! these; the runner executes them.
+//! NIXL environment for vLLM workers, and `tandem route` in front; with `[discovery]`,
+//! an etcd (unless one is given), registration flags for built-in workers, a `tandem
+//! register` sidecar per vLLM worker, and a router that follows etcd instead of a
+//! list. `--dry-run` prints these; the runner executes them.
 
 use std::path::{Path, PathBuf};
 
 use crate::secret::{ClusterSecret, SECRET_ENV};
-use crate::topology::{Checked, Engine, NamedWorker, Role, WorkerSpec};
+use crate::topology::{Checked, DiscoverySpec, Engine, NamedWorker, Role, WorkerSpec};
 
 /// Where a command runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,26 +38,130 @@ pub struct Launch {
     /// `ssh` options for an [`Host::Ssh`] launch (`[ssh]`, the worker's own, and
     /// `ConnectTimeout`); empty for local ones.
     pub ssh_options: Vec<String>,
+    /// Stopped after every other process has exited (etcd, which the workers
+    /// deregister from on their way out).
+    pub stop_last: bool,
 }
 
 /// The processes of a topology, workers first, the router last; built-in workers get
 /// `secret`.
 pub fn plan(topology: &Checked, tandem: &Path, secret: &ClusterSecret) -> Vec<Launch> {
     let tandem = tandem.display().to_string();
-    let mut launches: Vec<Launch> = topology
-        .workers
-        .iter()
-        .map(|worker| {
-            let mut launch = match worker.spec.engine {
-                Engine::Builtin => builtin(worker, &tandem, secret),
-                Engine::Vllm => vllm(worker),
-            };
-            launch.ssh_options = ssh_options(topology, worker);
-            launch
-        })
+    let discovery = topology.discovery.as_ref();
+    let mut launches: Vec<Launch> = discovery
+        .filter(|d| d.starts_etcd())
+        .map(etcd)
+        .into_iter()
         .collect();
+    for worker in &topology.workers {
+        let mut launch = match worker.spec.engine {
+            Engine::Builtin => builtin(worker, &tandem, secret),
+            Engine::Vllm => vllm(worker),
+        };
+        launch.ssh_options = ssh_options(topology, worker);
+        if let Some(discovery) = discovery {
+            match worker.spec.engine {
+                Engine::Builtin => launch.args.extend(registration_args(worker, discovery)),
+                Engine::Vllm => launches.push(register_sidecar(worker, discovery, &tandem)),
+            }
+        }
+        launches.push(launch);
+    }
     launches.push(router(topology, &tandem));
     launches
+}
+
+/// The etcd `tandem up` starts for `[discovery]` without `etcd`: loopback only, a
+/// fresh data folder per run (so no worker of an earlier run lingers).
+fn etcd(discovery: &DiscoverySpec) -> Launch {
+    let client = format!("http://127.0.0.1:{}", discovery.etcd_port);
+    let peer = format!("http://127.0.0.1:{}", discovery.etcd_port.wrapping_add(1));
+    let data = std::env::temp_dir().join(format!(
+        "tandem-etcd-{}-{}",
+        discovery.etcd_port,
+        std::process::id()
+    ));
+    let args = ["--name", "tandem", "--data-dir"]
+        .map(String::from)
+        .into_iter()
+        .chain([data.display().to_string()])
+        .chain(["--listen-client-urls".into(), client.clone()])
+        .chain(["--advertise-client-urls".into(), client.clone()])
+        .chain(["--listen-peer-urls".into(), peer.clone()])
+        .chain(["--initial-advertise-peer-urls".into(), peer.clone()])
+        .chain(["--initial-cluster".into(), format!("tandem={peer}")])
+        .collect();
+    Launch {
+        name: "etcd".into(),
+        host: Host::Local,
+        program: "etcd".into(),
+        args,
+        env: Vec::new(),
+        cores: Vec::new(),
+        venv: None,
+        kv_secret: None,
+        url: client,
+        ssh_options: Vec::new(),
+        stop_last: true,
+    }
+}
+
+/// The flags `tandem serve` and `tandem register` share to register a worker.
+fn discovery_flags(worker: &NamedWorker, discovery: &DiscoverySpec) -> Vec<String> {
+    vec![
+        "--discovery".into(),
+        discovery.address(),
+        "--discovery-namespace".into(),
+        discovery.namespace.clone(),
+        "--discovery-ttl-secs".into(),
+        discovery.ttl_secs.to_string(),
+        "--role".into(),
+        role_name(worker.spec.role).into(),
+    ]
+}
+
+/// `tandem serve`'s flags to register itself, at the address the router reaches.
+fn registration_args(worker: &NamedWorker, discovery: &DiscoverySpec) -> Vec<String> {
+    let mut args = discovery_flags(worker, discovery);
+    args.extend(["--advertise-host".into(), worker.spec.reach_address()]);
+    args
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Prefill => "prefill",
+        Role::Decode => "decode",
+        Role::Both => "both",
+    }
+}
+
+/// `tandem register` for a vLLM worker, run here: it keeps the worker registered while
+/// its `/health` answers.
+fn register_sidecar(worker: &NamedWorker, discovery: &DiscoverySpec, tandem: &str) -> Launch {
+    let spec = &worker.spec;
+    let mut args = vec!["register".to_owned(), "--url".into(), spec.url()];
+    args.extend(discovery_flags(worker, discovery));
+    if let Some(port) = spec.kv_events_port {
+        let host = spec.reach_address();
+        args.extend(["--kv-events".into(), format!("tcp://{host}:{port}")]);
+        if let Some(replay) = spec.kv_replay_port {
+            args.extend(["--kv-replay".into(), format!("tcp://{host}:{replay}")]);
+        }
+    }
+    Launch {
+        name: format!("register-{}", worker.name),
+        host: Host::Local,
+        program: tandem.to_owned(),
+        args,
+        env: Vec::new(),
+        cores: Vec::new(),
+        venv: None,
+        kv_secret: None,
+        // Ready once its worker is.
+        url: spec.url(),
+        ssh_options: Vec::new(),
+        stop_last: false,
+    }
 }
 
 fn host_of(worker: &NamedWorker) -> Host {
@@ -139,6 +245,7 @@ fn builtin(worker: &NamedWorker, tandem: &str, secret: &ClusterSecret) -> Launch
         kv_secret: Some(secret.clone()),
         url: spec.url(),
         ssh_options: Vec::new(),
+        stop_last: false,
     }
 }
 
@@ -241,6 +348,7 @@ fn vllm(worker: &NamedWorker) -> Launch {
         kv_secret: None,
         url: spec.url(),
         ssh_options: Vec::new(),
+        stop_last: false,
     }
 }
 
@@ -253,13 +361,24 @@ fn router(topology: &Checked, tandem: &str) -> Launch {
         "--port".into(),
         spec.port.to_string(),
     ];
-    for worker in &topology.workers {
-        let flag = match worker.spec.role {
-            Role::Prefill => "--prefill",
-            Role::Decode => "--decode",
-            Role::Both => "--worker",
-        };
-        args.extend([flag.into(), worker.spec.url()]);
+    match &topology.discovery {
+        Some(discovery) => {
+            args.extend(["--discovery".into(), discovery.address()]);
+            args.extend(["--discovery-namespace".into(), discovery.namespace.clone()]);
+            if topology.workers.iter().any(|w| w.spec.role != Role::Both) {
+                args.push("--discovery-disaggregated".into());
+            }
+        }
+        None => {
+            for worker in &topology.workers {
+                let flag = match worker.spec.role {
+                    Role::Prefill => "--prefill",
+                    Role::Decode => "--decode",
+                    Role::Both => "--worker",
+                };
+                args.extend([flag.into(), worker.spec.url()]);
+            }
+        }
     }
     let policies = [
         ("--policy", &spec.policy),
@@ -274,7 +393,10 @@ fn router(topology: &Checked, tandem: &str) -> Launch {
     if let Some(threshold) = spec.local_prefill_threshold {
         args.extend(["--local-prefill-threshold".into(), threshold.to_string()]);
     }
-    args.extend(router_kv_events_args(topology));
+    if topology.discovery.is_none() {
+        // With discovery the workers announce their streams themselves.
+        args.extend(router_kv_events_args(topology));
+    }
     args.extend(spec.extra_args.iter().cloned());
     let reach = if matches!(spec.host.as_str(), "0.0.0.0" | "::") {
         "127.0.0.1"
@@ -292,6 +414,7 @@ fn router(topology: &Checked, tandem: &str) -> Launch {
         kv_secret: None,
         url: format!("http://{reach}:{}", spec.port),
         ssh_options: Vec::new(),
+        stop_last: false,
     }
 }
 
@@ -415,6 +538,77 @@ model = "/m.gguf"
         let local = &launches[1];
         assert_eq!(local.program, "/here/tandem");
         assert!(local.ssh_options.is_empty());
+    }
+
+    #[test]
+    fn discovery_starts_etcd_registers_workers_and_lets_the_router_follow() {
+        let text = r#"
+[discovery]
+etcd_port = 23790
+namespace = "lab"
+
+[[worker]]
+engine = "builtin"
+role = "prefill"
+port = 8100
+kv_port = 8101
+
+[[worker]]
+engine = "vllm"
+role = "decode"
+port = 8200
+kv_events_port = 8201
+kv_port = 8202
+model = "m"
+"#;
+        let topology = crate::topology::parse(text, "t").unwrap();
+        let launches = plan(&topology, Path::new("/here/tandem"), &test_secret());
+        let names: Vec<&str> = launches.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "etcd",
+                "prefill-0",
+                "register-decode-0",
+                "decode-0",
+                "router"
+            ]
+        );
+        assert_eq!(launches[0].program, "etcd");
+        assert_eq!(launches[0].url, "http://127.0.0.1:23790");
+        let joined = |l: &Launch| l.args.join(" ");
+        let serve = joined(&launches[1]);
+        assert!(
+            serve.contains(
+                "--discovery etcd://127.0.0.1:23790 --discovery-namespace lab \
+                 --discovery-ttl-secs 10 --role prefill --advertise-host 127.0.0.1"
+            ),
+            "{serve}"
+        );
+        let sidecar = joined(&launches[2]);
+        assert!(sidecar.starts_with("register --url http://127.0.0.1:8200 --discovery"));
+        assert!(
+            sidecar.contains("--role decode --kv-events tcp://127.0.0.1:8201"),
+            "{sidecar}"
+        );
+        let router = joined(&launches[4]);
+        assert!(router.contains("--discovery etcd://127.0.0.1:23790 --discovery-namespace lab"));
+        assert!(router.contains("--discovery-disaggregated"), "{router}");
+        assert!(
+            !router.contains("--prefill") && !router.contains("--kv-events"),
+            "{router}"
+        );
+
+        let given = text.replace("etcd_port = 23790", "etcd = \"etcd://10.0.0.9:2379\"");
+        let launches = plan(
+            &crate::topology::parse(&given, "t").unwrap(),
+            Path::new("/here/tandem"),
+            &test_secret(),
+        );
+        assert_ne!(launches[0].name, "etcd", "an etcd given is not started");
+        let clash = text.replace("port = 8100", "port = 23791");
+        let err = crate::topology::parse(&clash, "t").unwrap_err().to_string();
+        assert!(err.contains("etcd_port + 1"), "{err}");
     }
 
     #[test]

@@ -540,6 +540,7 @@ mod tests {
             kv_secret: None,
             url: "http://h:1".into(),
             ssh_options: Vec::new(),
+            stop_last: false,
         }
     }
 

@@ -80,6 +80,7 @@ pub enum RunError {
 pub struct Running {
     pub name: String,
     pub url: String,
+    stop_last: bool,
     process: Process,
     tail: Arc<Mutex<VecDeque<String>>>,
     sink: Sink,
@@ -206,6 +207,7 @@ fn start_remote(launch: &Launch, target: &str, sink: Sink) -> Result<Running, Ru
     let mut running = Running {
         name: launch.name.clone(),
         url: launch.url.clone(),
+        stop_last: launch.stop_last,
         process: Process::Remote(process),
         tail,
         sink,
@@ -294,6 +296,7 @@ fn start_local(launch: &Launch, sink: Sink) -> Result<Running, RunError> {
     Ok(Running {
         name: launch.name.clone(),
         url: launch.url.clone(),
+        stop_last: launch.stop_last,
         process: Process::Local(Local { child, exit: None }),
         tail,
         sink,
@@ -528,10 +531,13 @@ pub fn check_alive(processes: &mut [Running]) -> Result<(), RunError> {
 }
 
 /// Stops the processes in reverse order of start: SIGTERM, then SIGKILL for those still
-/// running after `grace`. Remote ones are stopped on their hosts, all at once.
+/// running after `grace`. Remote ones are stopped on their hosts, all at once. Those
+/// marked `stop_last` (etcd) go once the others have exited.
 pub fn teardown(processes: &mut Vec<Running>, grace: Duration) {
-    stop_all(processes, grace);
-    processes.clear();
+    let (mut last, mut first): (Vec<Running>, Vec<Running>) =
+        processes.drain(..).partition(|p| p.stop_last);
+    stop_all(&mut first, grace);
+    stop_all(&mut last, grace);
 }
 
 fn stop_all(processes: &mut [Running], grace: Duration) {

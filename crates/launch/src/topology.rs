@@ -15,6 +15,7 @@ use toml::Spanned;
 pub struct Topology {
     pub router: Option<Spanned<RouterSpec>>,
     pub ssh: Option<Spanned<SshSpec>>,
+    pub discovery: Option<Spanned<DiscoverySpec>>,
     #[serde(rename = "worker")]
     pub workers: Vec<Spanned<WorkerSpec>>,
 }
@@ -50,6 +51,47 @@ impl Default for RouterSpec {
 }
 
 /// `[ssh]`: how `tandem up` reaches remote hosts (always `BatchMode=yes`).
+/// `[discovery]`: the workers register in etcd and the router follows them, instead
+/// of a static list (docs/discovery.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoverySpec {
+    /// `etcd://HOST:PORT[,…]` of an etcd to use; without it `tandem up` starts one on
+    /// this machine (client port `etcd_port`, peer port `etcd_port + 1`, a fresh data
+    /// folder per run).
+    pub etcd: Option<String>,
+    pub etcd_port: u16,
+    pub namespace: String,
+    /// The workers' lease TTL, seconds.
+    pub ttl_secs: u64,
+}
+
+impl Default for DiscoverySpec {
+    fn default() -> Self {
+        Self {
+            etcd: None,
+            etcd_port: 2379,
+            namespace: "default".into(),
+            ttl_secs: 10,
+        }
+    }
+}
+
+impl DiscoverySpec {
+    /// The etcd everything registers in and follows.
+    pub fn address(&self) -> String {
+        match &self.etcd {
+            Some(etcd) => etcd.clone(),
+            None => format!("etcd://127.0.0.1:{}", self.etcd_port),
+        }
+    }
+
+    /// Whether `tandem up` starts the etcd.
+    pub fn starts_etcd(&self) -> bool {
+        self.etcd.is_none()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SshSpec {
@@ -193,6 +235,7 @@ pub enum TopologyError {
 pub struct Checked {
     pub router: RouterSpec,
     pub ssh: SshSpec,
+    pub discovery: Option<DiscoverySpec>,
     pub workers: Vec<NamedWorker>,
 }
 
@@ -274,6 +317,15 @@ fn check(topology: Topology, text: &str, origin: &str) -> Result<Checked, Topolo
             "[router]: field `port` must be a port number, not 0".into(),
         ));
     }
+    let discovery = match topology.discovery {
+        Some(spanned) => {
+            let span = spanned.span();
+            let spec = spanned.get_ref().clone();
+            check_discovery(&spec, &router).map_err(|message| invalid(span, message))?;
+            Some(spec)
+        }
+        None => None,
+    };
     if ssh.connect_timeout == 0 {
         return Err(invalid(
             ssh_span,
@@ -304,6 +356,7 @@ fn check(topology: Topology, text: &str, origin: &str) -> Result<Checked, Topolo
     let checked = Checked {
         router,
         ssh,
+        discovery,
         workers,
     };
     check_roles(&checked)
@@ -311,6 +364,39 @@ fn check(topology: Topology, text: &str, origin: &str) -> Result<Checked, Topolo
         .and_then(|()| check_addresses(&checked))
         .map_err(|(index, message)| invalid(spans[index].clone(), message))?;
     Ok(checked)
+}
+
+/// `[discovery]` fields that cannot work.
+fn check_discovery(spec: &DiscoverySpec, router: &RouterSpec) -> Result<(), String> {
+    let namespace_ok = (1..=64).contains(&spec.namespace.len())
+        && spec
+            .namespace
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !namespace_ok {
+        return Err("[discovery]: field `namespace`: use 1-64 of a-z, 0-9, '-' and '_'".into());
+    }
+    if spec.ttl_secs < 2 {
+        return Err("[discovery]: field `ttl_secs` must be at least 2".into());
+    }
+    if let Some(etcd) = &spec.etcd
+        && !etcd.starts_with("etcd://")
+    {
+        return Err(format!(
+            "[discovery]: field `etcd`: {etcd:?} is not etcd://HOST:PORT"
+        ));
+    }
+    let ports = [spec.etcd_port, spec.etcd_port.wrapping_add(1)];
+    if spec.starts_etcd() && (spec.etcd_port == 0 || spec.etcd_port == u16::MAX) {
+        return Err("[discovery]: field `etcd_port` must be a port number below 65535".into());
+    }
+    if spec.starts_etcd() && ports.contains(&router.port) {
+        return Err(format!(
+            "[discovery]: etcd's ports {} and {} clash with the router's",
+            ports[0], ports[1]
+        ));
+    }
+    Ok(())
 }
 
 /// A whole-topology problem: the index of the worker to point at, and what is wrong.
@@ -364,6 +450,11 @@ fn check_names_and_ports(topology: &Checked) -> Result<(), Misfit> {
     let mut names = std::collections::BTreeSet::new();
     // (machine, port) → (worker, field)
     let mut ports: BTreeMap<(&str, u16), (&str, &str)> = BTreeMap::new();
+    if let Some(discovery) = topology.discovery.as_ref().filter(|d| d.starts_etcd()) {
+        ports.insert(("here", discovery.etcd_port), ("[discovery]", "etcd_port"));
+        let peer = discovery.etcd_port.wrapping_add(1);
+        ports.insert(("here", peer), ("[discovery]", "etcd_port + 1"));
+    }
     for (index, worker) in topology.workers.iter().enumerate() {
         if !names.insert(worker.name.as_str()) {
             return Err((
