@@ -150,10 +150,11 @@ async fn workers_join_on_registering_and_leave_on_sigterm_or_a_crash() {
     .await;
     let gone = killed.elapsed();
     eprintln!("B left {gone:?} after SIGKILL (lease TTL {TTL_SECS} s)");
-    // The lease runs TTL seconds from the last keep-alive; etcd checks expiries
-    // every half second or so.
+    // The lease runs TTL seconds from the last keep-alive (sent every third of it);
+    // etcd checks expiries every half second, then the watch tells the router. A
+    // loaded machine may add to that: a second of slack beyond it.
     assert!(
-        gone <= Duration::from_millis(TTL_SECS * 1000 + 1000),
+        gone <= Duration::from_millis(TTL_SECS * 1000 + 2000),
         "{gone:?}"
     );
     let metrics = router.metrics().await;

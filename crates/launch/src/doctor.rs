@@ -77,7 +77,38 @@ pub fn run_checks(topology: &Checked) -> Vec<Check> {
         }
     }
     checks.extend(address_checks(topology));
+    checks.extend(discovery_checks(topology));
     checks
+}
+
+/// The etcd `tandem up` would start: its binary here and its two ports free.
+fn discovery_checks(topology: &Checked) -> Vec<Check> {
+    let Some(discovery) = topology.discovery.as_ref().filter(|d| d.starts_etcd()) else {
+        return Vec::new();
+    };
+    let binary = match std::process::Command::new("etcd").arg("--version").output() {
+        Ok(out) if out.status.success() => {
+            let version = String::from_utf8_lossy(&out.stdout);
+            let first = version.lines().next().unwrap_or("").trim().to_owned();
+            pass("etcd", "discovery", first)
+        }
+        _ => fail(
+            "etcd",
+            "discovery",
+            "no `etcd` on the PATH, which [discovery] without `etcd` starts",
+            "install it (Debian: apt-get install etcd-server) or give `etcd = \"etcd://host:port\"`",
+        ),
+    };
+    let port = discovery.etcd_port;
+    vec![
+        binary,
+        port_free_here("etcd port", "discovery", &format!("127.0.0.1:{port}")),
+        port_free_here(
+            "etcd peer port",
+            "discovery",
+            &format!("127.0.0.1:{}", port.wrapping_add(1)),
+        ),
+    ]
 }
 
 fn router_port(topology: &Checked) -> Check {
