@@ -1,6 +1,7 @@
 //! The flags that put a worker in etcd (`tandem serve --discovery`, `tandem register`)
 //! and the record `tandem serve` announces from what it bound.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -43,11 +44,14 @@ impl DiscoveryFlags {
     }
 }
 
-/// A worker's endpoint as others reach it: `advertised` for a wildcard bind address.
+/// The host others reach a worker at: `advertised` when given, else the address it
+/// binds, or 127.0.0.1 for a wildcard one (the rule of `--kv-host` and
+/// `--advertise-host` alike).
 pub fn reachable_host(bind: &str, advertised: Option<&str>) -> String {
+    let wildcard = bind == "[::]" || bind.parse::<IpAddr>().is_ok_and(|ip| ip.is_unspecified());
     match advertised {
         Some(host) => host.to_owned(),
-        None if matches!(bind, "0.0.0.0" | "::" | "[::]") => "127.0.0.1".to_owned(),
+        None if wildcard => "127.0.0.1".to_owned(),
         None => bind.to_owned(),
     }
 }

@@ -371,18 +371,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
             secret,
         };
         let announce = registration.map(|settings| {
-            let record = announced_record(&args, &engine, &served, &handoff);
-            (settings, record)
+            let host = announce::reachable_host(&args.host, args.advertise_host.as_deref());
+            let record = announced_record(&args, &engine, &served, &handoff, &host);
+            (settings, record, host)
         });
         let state = ServerState::new(engine, tokenizer, chat_template, served, metrics)
             .with_handoff(handoff)
             .with_api_key(args.api_key.clone());
         let grace = Duration::from_secs(args.shutdown_timeout);
-        let advertise = args.advertise_host.as_deref();
-        serve_until_signal(
-            &args.host, args.port, state, limits, grace, announce, advertise,
-        )
-        .await
+        serve_until_signal(&args.host, args.port, state, limits, grace, announce).await
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
@@ -458,11 +455,7 @@ async fn start_kv_listener(
 /// address advertised by a worker that listens beyond loopback is probably a mistake
 /// (decode workers on other hosts could not reach it): warn.
 fn advertised_kv_host(kv_host: Option<&str>, bind: IpAddr) -> String {
-    let advertised = match kv_host {
-        Some(host) => host.to_owned(),
-        None if bind.is_unspecified() => "127.0.0.1".to_owned(),
-        None => bind.to_string(),
-    };
+    let advertised = announce::reachable_host(&bind.to_string(), kv_host);
     let advertised_loopback = advertised == "localhost"
         || advertised
             .parse::<IpAddr>()
@@ -522,20 +515,21 @@ fn default_served_name(path: &Path) -> String {
     )
 }
 
-/// What `--discovery` announces, but the URL (known once the server listens).
+/// What `--discovery` announces for a worker reached at `host`, but the URL (its port
+/// is known once the server listens).
 fn announced_record(
     args: &ServeArgs,
     engine: &EngineHandle,
     served: &ServedModel,
     handoff: &HandoffInfo,
+    host: &str,
 ) -> WorkerRecord {
-    let host = announce::reachable_host(&args.host, args.advertise_host.as_deref());
     let kv_events = args
         .kv_events_config
         .as_ref()
         .filter(|c| c.publishes())
         .and_then(|c| {
-            announce::kv_events_endpoints(&c.endpoint, c.replay_endpoint.as_deref(), &host)
+            announce::kv_events_endpoints(&c.endpoint, c.replay_endpoint.as_deref(), host)
                 .ok()
                 .flatten()
         });
@@ -563,8 +557,7 @@ async fn serve_until_signal(
     state: ServerState,
     limits: HttpLimits,
     grace: Duration,
-    announce: Option<(RegistrationSettings, WorkerRecord)>,
-    advertise_host: Option<&str>,
+    announce: Option<(RegistrationSettings, WorkerRecord, String)>,
 ) -> Result<()> {
     let listener = tandem_httpd::bind(host, port)
         .await
@@ -580,8 +573,7 @@ async fn serve_until_signal(
     tokio::pin!(server);
     eprintln!("serving {model} on http://{address}");
     let registration = match announce {
-        Some((settings, mut record)) => {
-            let reachable = announce::reachable_host(host, advertise_host);
+        Some((settings, mut record, reachable)) => {
             record.url = announce::http_url(&reachable, address.port());
             let registration = Registration::start(settings.clone(), &record)?;
             eprintln!(

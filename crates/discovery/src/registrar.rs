@@ -4,7 +4,6 @@
 //! record again; when the lease is found expired, likewise. Deregistering revokes the
 //! lease, which deletes the key at once.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
@@ -35,7 +34,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 pub struct Registration {
     key: String,
     stop: watch::Sender<bool>,
-    registered: watch::Receiver<bool>,
     task: JoinHandle<bool>,
 }
 
@@ -57,39 +55,19 @@ impl Registration {
         let value =
             serde_json::to_vec(record).map_err(|e| DiscoveryError::Protocol(e.to_string()))?;
         let (stop, stop_rx) = watch::channel(false);
-        let (registered_tx, registered) = watch::channel(false);
         let keeper = Keeper {
             settings,
             key: key.clone(),
             value,
-            lease: Arc::new(AtomicI64::new(0)),
-            registered: registered_tx,
+            lease: AtomicI64::new(0),
         };
         let task = tokio::spawn(keeper.run(stop_rx));
-        Ok(Self {
-            key,
-            stop,
-            registered,
-            task,
-        })
+        Ok(Self { key, stop, task })
     }
 
     /// The worker's key in etcd.
     pub fn key(&self) -> &str {
         &self.key
-    }
-
-    /// Whether the key is in etcd now (as far as the last keep-alive knows).
-    pub fn is_registered(&self) -> bool {
-        *self.registered.borrow()
-    }
-
-    /// Waits until the key is in etcd, at most `limit`; whether it is.
-    pub async fn wait_registered(&self, limit: Duration) -> bool {
-        let mut registered = self.registered.clone();
-        tokio::time::timeout(limit, registered.wait_for(|r| *r))
-            .await
-            .is_ok_and(|r| r.is_ok())
     }
 
     /// Stops the keep-alives and revokes the lease, so that routers drop the worker
@@ -118,8 +96,7 @@ struct Keeper {
     key: String,
     value: Vec<u8>,
     /// The current lease (0: none).
-    lease: Arc<AtomicI64>,
-    registered: watch::Sender<bool>,
+    lease: AtomicI64,
 }
 
 impl Keeper {
@@ -128,12 +105,13 @@ impl Keeper {
         let mut backoff = Duration::from_millis(100);
         let mut warned = false;
         loop {
+            // Set once the key is put: a later failure lost a key, not never had one.
+            let mut registered = false;
             let attempt = tokio::select! {
-                result = self.register_and_keep_alive() => result,
+                result = self.register_and_keep_alive(&mut registered) => result,
                 _ = stop.wait_for(|s| *s) => break,
             };
-            if self.registered.send_replace(false) {
-                // It was registered: the key was lost, not never had; retry quickly.
+            if registered {
                 backoff = Duration::from_millis(100);
                 warned = false;
             }
@@ -149,13 +127,12 @@ impl Keeper {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-        self.registered.send_replace(false);
         self.revoke().await
     }
 
     /// Grants a lease, puts the record under it and keeps it alive; returns only on
     /// failure (etcd away, lease expired).
-    async fn register_and_keep_alive(&self) -> Result<(), DiscoveryError> {
+    async fn register_and_keep_alive(&self, registered: &mut bool) -> Result<(), DiscoveryError> {
         let mut client = self.settings.address.connect().await?;
         let ttl = i64::try_from(self.settings.ttl.as_secs()).unwrap_or(i64::MAX);
         let lease = within(client.lease_grant(ttl, None)).await?.id();
@@ -163,7 +140,7 @@ impl Keeper {
         let options = PutOptions::new().with_lease(lease);
         within(client.put(self.key.clone(), self.value.clone(), Some(options))).await?;
         let (mut keeper, mut responses) = within(client.lease_keep_alive(lease)).await?;
-        self.registered.send_replace(true);
+        *registered = true;
         tracing::info!(key = self.key, lease, "registered in etcd");
         let interval = self.settings.ttl / 3;
         loop {

@@ -94,18 +94,18 @@ impl Membership {
         &mut self,
         listing: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
     ) -> Vec<Change> {
-        let mut seen = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut changes = Vec::new();
         for (key, value) in listing {
             if let Some(instance) = self.instance(key) {
-                seen.push(instance.to_owned());
+                seen.insert(instance.to_owned());
             }
             changes.extend(self.put(key, value));
         }
         let gone: Vec<String> = self
             .known
             .keys()
-            .filter(|instance| !seen.contains(instance))
+            .filter(|instance| !seen.contains(*instance))
             .cloned()
             .collect();
         for instance in gone {

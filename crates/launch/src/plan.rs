@@ -43,6 +43,25 @@ pub struct Launch {
     pub stop_last: bool,
 }
 
+impl Launch {
+    /// A process run here as it is: no pinning, venv, secret, extra environment or ssh.
+    fn local(name: String, program: String, args: Vec<String>, url: String) -> Self {
+        Self {
+            name,
+            host: Host::Local,
+            program,
+            args,
+            env: Vec::new(),
+            cores: Vec::new(),
+            venv: None,
+            kv_secret: None,
+            url,
+            ssh_options: Vec::new(),
+            stop_last: false,
+        }
+    }
+}
+
 /// The processes of a topology, workers first, the router last; built-in workers get
 /// `secret`.
 pub fn plan(topology: &Checked, tandem: &Path, secret: &ClusterSecret) -> Vec<Launch> {
@@ -81,28 +100,25 @@ fn etcd(discovery: &DiscoverySpec) -> Launch {
         discovery.etcd_port,
         std::process::id()
     ));
-    let args = ["--name", "tandem", "--data-dir"]
-        .map(String::from)
-        .into_iter()
-        .chain([data.display().to_string()])
-        .chain(["--listen-client-urls".into(), client.clone()])
-        .chain(["--advertise-client-urls".into(), client.clone()])
-        .chain(["--listen-peer-urls".into(), peer.clone()])
-        .chain(["--initial-advertise-peer-urls".into(), peer.clone()])
-        .chain(["--initial-cluster".into(), format!("tandem={peer}")])
-        .collect();
+    let args = vec![
+        "--name".into(),
+        "tandem".into(),
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--listen-client-urls".into(),
+        client.clone(),
+        "--advertise-client-urls".into(),
+        client.clone(),
+        "--listen-peer-urls".into(),
+        peer.clone(),
+        "--initial-advertise-peer-urls".into(),
+        peer.clone(),
+        "--initial-cluster".into(),
+        format!("tandem={peer}"),
+    ];
     Launch {
-        name: "etcd".into(),
-        host: Host::Local,
-        program: "etcd".into(),
-        args,
-        env: Vec::new(),
-        cores: Vec::new(),
-        venv: None,
-        kv_secret: None,
-        url: client,
-        ssh_options: Vec::new(),
         stop_last: true,
+        ..Launch::local("etcd".into(), "etcd".into(), args, client)
     }
 }
 
@@ -148,20 +164,9 @@ fn register_sidecar(worker: &NamedWorker, discovery: &DiscoverySpec, tandem: &st
             args.extend(["--kv-replay".into(), format!("tcp://{host}:{replay}")]);
         }
     }
-    Launch {
-        name: format!("register-{}", worker.name),
-        host: Host::Local,
-        program: tandem.to_owned(),
-        args,
-        env: Vec::new(),
-        cores: Vec::new(),
-        venv: None,
-        kv_secret: None,
-        // Ready once its worker is.
-        url: spec.url(),
-        ssh_options: Vec::new(),
-        stop_last: false,
-    }
+    // Ready once its worker is.
+    let name = format!("register-{}", worker.name);
+    Launch::local(name, tandem.to_owned(), args, spec.url())
 }
 
 fn host_of(worker: &NamedWorker) -> Host {
@@ -403,19 +408,8 @@ fn router(topology: &Checked, tandem: &str) -> Launch {
     } else {
         &spec.host
     };
-    Launch {
-        name: "router".into(),
-        host: Host::Local,
-        program: tandem.to_owned(),
-        args,
-        env: Vec::new(),
-        cores: Vec::new(),
-        venv: None,
-        kv_secret: None,
-        url: format!("http://{reach}:{}", spec.port),
-        ssh_options: Vec::new(),
-        stop_last: false,
-    }
+    let url = format!("http://{reach}:{}", spec.port);
+    Launch::local("router".into(), tandem.to_owned(), args, url)
 }
 
 /// `text` quoted for a POSIX shell when it needs it.

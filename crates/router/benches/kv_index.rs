@@ -50,19 +50,13 @@ fn stored(w: u32, p: u32, tokens: Vec<u32>) -> KvEventBatch {
     let base = (u64::from(w) << 40) | (u64::from(p) << 8);
     KvEventBatch {
         ts: 0.0,
-        events: vec![KvEvent::BlockStored(BlockStored {
-            block_hashes: (0..PROMPT_BLOCKS as u64).map(|b| base + b).collect(),
-            parent_block_hash: None,
-            token_ids: tokens,
-            block_size: BLOCK as u32,
-            lora_id: None,
-            medium: Some("GPU".into()),
-            lora_name: None,
-            extra_keys: None,
-            group_idx: Some(0),
-            kv_cache_spec_kind: None,
-            kv_cache_spec_sliding_window: None,
-        })],
+        events: vec![KvEvent::BlockStored(BlockStored::new(
+            (0..PROMPT_BLOCKS as u64).map(|b| base + b).collect(),
+            None,
+            tokens,
+            BLOCK as u32,
+            "GPU",
+        ))],
         data_parallel_rank: Some(0),
     }
 }

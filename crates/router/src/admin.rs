@@ -10,6 +10,7 @@
 //! index at once; removing a worker stops its subscriber and forgets its blocks.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -24,7 +25,7 @@ use crate::config::{Mode, normalize_url};
 use crate::error::error_response;
 use crate::kv_follow::{CacheState, KvStream};
 use crate::membership;
-use crate::registry::Role;
+use crate::registry::{Role, Worker};
 
 fn authorize(state: &SharedState, headers: &HeaderMap) -> Result<(), ApiError> {
     match state.admin_token.as_ref() {
@@ -143,25 +144,15 @@ pub async fn remove(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(error) = authorize(&state, &headers) {
-        return error_response(error);
+    let how = "give the worker as ?url=http://host:port";
+    let given = query.get("url").map(String::as_str);
+    match listed(&state, &headers, given, how) {
+        Ok((url, workers)) => {
+            membership::remove(&state, workers).await;
+            draining(&url)
+        }
+        Err(error) => error_response(error),
     }
-    let Some(url) = query.get("url").and_then(|u| normalize_url(u).ok()) else {
-        return error_response(ApiError::invalid_param(
-            "url",
-            "give the worker as ?url=http://host:port",
-        ));
-    };
-    let workers = state.dispatcher.registry.find(&url);
-    if workers.is_empty() {
-        return error_response(ApiError::not_found(format!("no worker {url}")));
-    }
-    membership::remove(&state, workers).await;
-    (
-        StatusCode::ACCEPTED,
-        Json(json!({"url": url, "draining": true})),
-    )
-        .into_response()
 }
 
 /// `POST /workers/{url}/drain`: no new requests to the worker (the URL percent-encoded,
@@ -171,25 +162,38 @@ pub async fn drain(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(error) = authorize(&state, &headers) {
-        return error_response(error);
+    let how = "give the worker's URL, percent-encoded: /workers/http%3A%2F%2Fhost%3Aport/drain";
+    match listed(&state, &headers, Some(&id), how) {
+        Ok((url, workers)) => {
+            membership::drain(&workers);
+            draining(&url)
+        }
+        Err(error) => error_response(error),
     }
-    let Ok(url) = normalize_url(&id) else {
-        return error_response(ApiError::invalid_param(
-            "url",
-            "give the worker's URL, percent-encoded: /workers/http%3A%2F%2Fhost%3Aport/drain",
-        ));
-    };
+}
+
+/// The workers an admin call names, after its token is checked: 400 (saying `how`) for
+/// a missing or bad URL, 404 for one the router does not have.
+fn listed(
+    state: &SharedState,
+    headers: &HeaderMap,
+    given: Option<&str>,
+    how: &str,
+) -> Result<(String, Vec<Arc<Worker>>), ApiError> {
+    authorize(state, headers)?;
+    let url = given
+        .and_then(|u| normalize_url(u).ok())
+        .ok_or_else(|| ApiError::invalid_param("url", how))?;
     let workers = state.dispatcher.registry.find(&url);
     if workers.is_empty() {
-        return error_response(ApiError::not_found(format!("no worker {url}")));
+        return Err(ApiError::not_found(format!("no worker {url}")));
     }
-    membership::drain(&workers);
-    (
-        StatusCode::ACCEPTED,
-        Json(json!({"url": url, "draining": true})),
-    )
-        .into_response()
+    Ok((url, workers))
+}
+
+fn draining(url: &str) -> Response {
+    let body = json!({"url": url, "draining": true});
+    (StatusCode::ACCEPTED, Json(body)).into_response()
 }
 
 #[cfg(test)]

@@ -128,6 +128,32 @@ pub struct BlockStored {
     pub kv_cache_spec_sliding_window: Option<u32>,
 }
 
+impl BlockStored {
+    /// A run of blocks in KV-cache group 0 with none of the optional extras (no LoRA,
+    /// no extra keys, no attention kind): the plain case of a vLLM GPU block pool.
+    pub fn new(
+        block_hashes: Vec<u64>,
+        parent_block_hash: Option<u64>,
+        token_ids: Vec<u32>,
+        block_size: u32,
+        medium: &str,
+    ) -> Self {
+        Self {
+            block_hashes,
+            parent_block_hash,
+            token_ids,
+            block_size,
+            lora_id: None,
+            medium: Some(medium.to_owned()),
+            lora_name: None,
+            extra_keys: None,
+            group_idx: Some(0),
+            kv_cache_spec_kind: None,
+            kv_cache_spec_sliding_window: None,
+        }
+    }
+}
+
 /// Cached blocks were evicted. Fields in vLLM 0.26's order, which is the wire order.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockRemoved {

@@ -6,21 +6,10 @@ use super::view::{CacheState, KvCacheView};
 use crate::policy::PrefixLookup;
 
 fn stored(hashes: &[u64], parent: Option<u64>, tokens: Vec<u32>, block_size: u32) -> KvEventBatch {
+    let event = BlockStored::new(hashes.to_vec(), parent, tokens, block_size, "GPU");
     KvEventBatch {
         ts: 0.0,
-        events: vec![KvEvent::BlockStored(BlockStored {
-            block_hashes: hashes.to_vec(),
-            parent_block_hash: parent,
-            token_ids: tokens,
-            block_size,
-            lora_id: None,
-            medium: Some("GPU".into()),
-            lora_name: None,
-            extra_keys: None,
-            group_idx: Some(0),
-            kv_cache_spec_kind: None,
-            kv_cache_spec_sliding_window: None,
-        })],
+        events: vec![KvEvent::BlockStored(event)],
         data_parallel_rank: Some(0),
     }
 }

@@ -69,19 +69,13 @@ fn batch(events: Vec<KvEvent>) -> KvEventBatch {
 }
 
 fn stored(hashes: &[u64], parent: Option<u64>, tokens: Vec<u32>, block_size: u32) -> KvEvent {
-    KvEvent::BlockStored(BlockStored {
-        block_hashes: hashes.to_vec(),
-        parent_block_hash: parent,
-        token_ids: tokens,
+    KvEvent::BlockStored(BlockStored::new(
+        hashes.to_vec(),
+        parent,
+        tokens,
         block_size,
-        lora_id: None,
-        medium: Some("GPU".into()),
-        lora_name: None,
-        extra_keys: None,
-        group_idx: Some(0),
-        kv_cache_spec_kind: None,
-        kv_cache_spec_sliding_window: None,
-    })
+        "GPU",
+    ))
 }
 
 fn removed(hashes: &[u64]) -> KvEvent {
