@@ -140,6 +140,11 @@ impl ChoiceRun {
     }
 
     fn on_finished(&mut self, reason: FinishReason, mut usage: Usage, handoff: Option<Handoff>) {
+        if usage.completion_tokens > 0 {
+            // A stop token as the only output never comes as a token event, but it
+            // was generated: its time is the request's time to first token.
+            self.timer.first_token_if_none();
+        }
         if self.stopped {
             usage.completion_tokens = self.completion_tokens;
             self.finish(FinishReason::Stop, usage, handoff);
@@ -232,6 +237,13 @@ impl RequestTimer {
                 .record(now.duration_since(last).as_secs_f64()),
         }
         self.last_token = Some(now);
+    }
+
+    /// Records the time to first token unless a token was already seen.
+    fn first_token_if_none(&mut self) {
+        if self.last_token.is_none() {
+            self.token();
+        }
     }
 
     /// Records the end of a request with the reason its client is told (which a stop
