@@ -34,11 +34,7 @@ fn prefill_worker(extra: &[&str]) -> Server {
 
 /// The fixture's prompts (token ids, as llama.cpp saw them).
 fn fixture_prompts() -> Vec<Vec<u64>> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../engine/tests/fixtures/smollm2-llamacpp-reference.json"
-    );
-    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let fixture = common::llamacpp_fixture();
     fixture["generation"]
         .as_array()
         .unwrap()

@@ -67,11 +67,7 @@ impl Publisher {
 
 /// llama.cpp's ids for a 35-token text (the engine's tokenizer fixture).
 fn reference_prompt() -> (String, Vec<u32>) {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../engine/tests/fixtures/smollm2-llamacpp-reference.json"
-    );
-    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let fixture = common::llamacpp_fixture();
     let case = fixture["tokenizer"]
         .as_array()
         .unwrap()

@@ -2,7 +2,8 @@
 //! (`tandem_router::prompt_tokens`), against a real server on the default model:
 //! text prompts tokenize to llama.cpp's ids (the independent reference), a
 //! conversation to the ids its chat completion is fed, ids detokenize back to the
-//! text, and bad bodies get OpenAI errors with the right status.
+//! text, and bad bodies get OpenAI errors with the right status. Answers with
+//! `return_token_ids` carry the same ids.
 
 mod common;
 
@@ -36,11 +37,7 @@ fn start_server(extra: &[&str]) -> Server {
 
 /// llama.cpp's tokenizations of the default model: (text, ids).
 fn llamacpp_tokenizations() -> Vec<(String, Vec<u32>)> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../engine/tests/fixtures/smollm2-llamacpp-reference.json"
-    );
-    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let fixture = common::llamacpp_fixture();
     fixture["tokenizer"]
         .as_array()
         .unwrap()
@@ -333,4 +330,83 @@ async fn the_routers_client_learns_the_ids_the_worker_feeds_its_model() {
         matches!(error, PromptTokensError::Status { status: 401 }),
         "{error}"
     );
+}
+
+/// The ids of every chunk's choice, the prompt ids seen, and the text.
+fn streamed_ids(payloads: &[String]) -> (Vec<u64>, Vec<Value>, String) {
+    let (mut ids, mut prompts) = (Vec::new(), Vec::new());
+    for payload in &payloads[..payloads.len() - 1] {
+        let chunk: Value = serde_json::from_str(payload).unwrap();
+        prompts.extend(chunk.get("prompt_token_ids").cloned());
+        for choice in chunk["choices"].as_array().unwrap() {
+            prompts.extend(choice.get("prompt_token_ids").cloned());
+            if choice["delta"].get("role").is_some() {
+                // vLLM's chat role chunk carries no output.
+                continue;
+            }
+            let chunk_ids = choice["token_ids"]
+                .as_array()
+                .unwrap_or_else(|| panic!("no token_ids in {payload}"));
+            ids.extend(chunk_ids.iter().map(|id| id.as_u64().unwrap()));
+        }
+    }
+    (ids, prompts, common::streamed_text(payloads))
+}
+
+#[tokio::test]
+async fn answers_with_return_token_ids_carry_the_prompts_ids_and_the_texts() {
+    if !default_model_present() {
+        return;
+    }
+    let server = start_server(&[]);
+    let (text, prompt_ids) = llamacpp_tokenizations().swap_remove(1);
+    let body = json!({"prompt": text, "max_tokens": 24, "temperature": 0,
+                      "return_token_ids": true});
+    let (status, whole) = server.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{whole}");
+    let choice = &whole["choices"][0];
+    assert_eq!(choice["prompt_token_ids"], json!(prompt_ids));
+    let ids = choice["token_ids"].as_array().unwrap().clone();
+    assert_eq!(
+        ids.len() as u64,
+        whole["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let (_, back) = server.post("/detokenize", &json!({"tokens": ids})).await;
+    assert_eq!(back["prompt"], choice["text"]);
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let payloads = server.post_stream("/v1/completions", &streamed).await;
+    let (stream_ids, prompts, stream_text) = streamed_ids(&payloads);
+    assert_eq!(json!(stream_ids), json!(ids));
+    assert_eq!(
+        prompts,
+        vec![json!(prompt_ids)],
+        "the prompt's ids come once"
+    );
+    assert_eq!(stream_text, choice["text"].as_str().unwrap());
+
+    // Chat: the ids at the top level (the first chunk when streamed), as vLLM has them.
+    let chat = json!({"messages": conversation(), "max_tokens": 8, "temperature": 0,
+                      "return_token_ids": true});
+    let (_, tokenized) = server
+        .post("/tokenize", &json!({"messages": conversation()}))
+        .await;
+    let (status, whole) = server.post("/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{whole}");
+    assert_eq!(whole["prompt_token_ids"], tokenized["tokens"]);
+    let ids = whole["choices"][0]["token_ids"].clone();
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let payloads = server.post_stream("/v1/chat/completions", &streamed).await;
+    let (stream_ids, prompts, _) = streamed_ids(&payloads);
+    assert_eq!(json!(stream_ids), ids);
+    assert_eq!(prompts, vec![tokenized["tokens"].clone()]);
+
+    // Without the field, no ids.
+    let (_, plain) = server
+        .post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}))
+        .await;
+    assert!(plain["choices"][0].get("token_ids").is_none());
+    assert!(plain["choices"][0].get("prompt_token_ids").is_none());
 }

@@ -57,6 +57,17 @@ pub fn tee_lines(
     lines
 }
 
+/// llama.cpp's outputs for the default model (`../shared/fixtures`, kept in the
+/// engine's tests): its tokenizations and greedy generations, the independent
+/// reference.
+pub fn llamacpp_fixture() -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../engine/tests/fixtures/smollm2-llamacpp-reference.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 /// A port free on loopback now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -132,8 +132,10 @@ async fn respond_whole(
             logprobs: None,
             finish_reason: Some(choice.finish_reason.as_openai().to_owned()),
             stop_reason: choice.stop_reason,
+            token_ids: choice.token_ids,
         }],
         usage: choice.usage,
+        prompt_token_ids: choice.prompt_token_ids,
         kv_transfer_params,
     })
 }

@@ -130,6 +130,8 @@ async fn respond_whole(
             logprobs: None,
             finish_reason: Some(choice.finish_reason.as_openai().to_owned()),
             stop_reason: choice.stop_reason,
+            prompt_token_ids: choice.prompt_token_ids,
+            token_ids: choice.token_ids,
         });
     }
     Ok(CompletionResponse {

@@ -19,8 +19,13 @@ use crate::transfer::Handoff;
 /// What a running choice reports, in order: text pieces, then one end.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChoiceEvent {
-    /// Output text (never empty).
-    Text { index: usize, text: String },
+    /// Output text (never empty), with the ids of the tokens whose text is now all
+    /// sent (empty unless ids are reported; see [`ChoiceRun::reporting_ids`]).
+    Text {
+        index: usize,
+        text: String,
+        token_ids: Vec<u32>,
+    },
     /// The choice is complete.
     Finished {
         index: usize,
@@ -30,6 +35,8 @@ pub enum ChoiceEvent {
         usage: UsageInfo,
         /// Where a prefill leg's KV waits for its decode worker.
         handoff: Option<Handoff>,
+        /// The ids not reported with text yet (the stop token among them).
+        token_ids: Vec<u32>,
     },
     /// The engine could not run it.
     Failed { index: usize, message: String },
@@ -50,6 +57,17 @@ pub struct ChoiceRun {
     /// The stop token the engine reported.
     stop_token: Option<u32>,
     ended: bool,
+    /// With `return_token_ids`: the prompt's ids, and the output ids whose text is not
+    /// all sent yet (held for a whole character or a possible stop string). An id is
+    /// reported only once its text is out, so a client that resumes from the reported
+    /// ids (the router's migration) neither loses nor repeats text.
+    report_ids: Option<ReportedIds>,
+}
+
+#[derive(Debug, Default)]
+struct ReportedIds {
+    prompt: Vec<u32>,
+    unsent: Vec<u32>,
 }
 
 impl ChoiceRun {
@@ -74,7 +92,23 @@ impl ChoiceRun {
             stopped: false,
             stop_token: None,
             ended: false,
+            report_ids: None,
         }
+    }
+
+    /// Reports token ids (vLLM's `return_token_ids`): `prompt` for the answer's
+    /// `prompt_token_ids`, output ids with the text they make.
+    pub fn reporting_ids(mut self, prompt: Vec<u32>) -> Self {
+        self.report_ids = Some(ReportedIds {
+            prompt,
+            unsent: Vec::new(),
+        });
+        self
+    }
+
+    /// The prompt's ids, when ids are reported.
+    pub fn reported_prompt_ids(&self) -> Option<&[u32]> {
+        self.report_ids.as_ref().map(|ids| ids.prompt.as_slice())
     }
 
     /// The next event; `None` after the end.
@@ -124,17 +158,23 @@ impl ChoiceRun {
         }
         self.completion_tokens += 1;
         self.timer.token();
+        if let Some(ids) = &mut self.report_ids {
+            ids.unsent.push(id);
+        }
         let Some(text) = self.decoder.push(id) else {
             return;
         };
         match self.stop.push(&text) {
-            StopOutcome::Emit(text) => self.queue_text(text),
+            StopOutcome::Emit(text) => {
+                let all_sent = !self.stop.holds_text();
+                self.queue_text(text, all_sent);
+            }
             StopOutcome::Stopped(text) => {
                 // The engine ends the request as stopped and still reports its usage
                 // (and, for a prefill leg, its hand-off).
                 self.stream.stop();
                 self.stopped = true;
-                self.queue_text(text);
+                self.queue_text(text, false);
             }
         }
     }
@@ -153,27 +193,42 @@ impl ChoiceRun {
         if let Some(rest) = self.decoder.finish()
             && let StopOutcome::Stopped(text) = self.stop.push(&rest)
         {
-            self.queue_text(text);
+            self.queue_text(text, false);
             self.finish(FinishReason::Stop, usage, handoff);
             return;
         }
         let rest = self.stop.finish();
-        self.queue_text(rest);
+        self.queue_text(rest, false);
         self.finish(reason, usage, handoff);
     }
 
-    fn queue_text(&mut self, text: String) {
-        if !text.is_empty() {
-            self.queued.push_back(ChoiceEvent::Text {
-                index: self.index,
-                text,
-            });
+    /// Queues `text`; with `ids_sent`, the ids not yet reported go with it (its text
+    /// completes theirs).
+    fn queue_text(&mut self, text: String, ids_sent: bool) {
+        if text.is_empty() {
+            return;
         }
+        let token_ids = match &mut self.report_ids {
+            Some(ids) if ids_sent => std::mem::take(&mut ids.unsent),
+            _ => Vec::new(),
+        };
+        self.queued.push_back(ChoiceEvent::Text {
+            index: self.index,
+            text,
+            token_ids,
+        });
     }
 
     fn finish(&mut self, reason: FinishReason, usage: Usage, handoff: Option<Handoff>) {
         self.ended = true;
         self.timer.finished(reason, &usage);
+        let mut token_ids = Vec::new();
+        if let Some(ids) = &mut self.report_ids {
+            token_ids = std::mem::take(&mut ids.unsent);
+            // The stop token is generated output (vLLM counts and returns it) but never
+            // comes as a token event.
+            token_ids.extend(self.stop_token.filter(|_| !self.stopped));
+        }
         self.queued.push_back(ChoiceEvent::Finished {
             index: self.index,
             reason,
@@ -184,6 +239,7 @@ impl ChoiceRun {
                 usage.cached_tokens,
             ),
             handoff,
+            token_ids,
         });
     }
 
@@ -271,6 +327,9 @@ pub struct CollectedChoice {
     pub stop_reason: Option<Value>,
     pub usage: UsageInfo,
     pub handoff: Option<Handoff>,
+    /// With `return_token_ids`: the prompt's ids and the output's.
+    pub prompt_token_ids: Option<Vec<u32>>,
+    pub token_ids: Option<Vec<u32>>,
 }
 
 /// The engine failed a request (its message).
@@ -281,16 +340,27 @@ pub struct EngineFailure(pub String);
 /// Reads a choice to its end.
 pub async fn collect(mut run: ChoiceRun) -> Result<CollectedChoice, EngineFailure> {
     let mut text = String::new();
+    let mut ids = Vec::new();
+    let prompt_token_ids = run.reported_prompt_ids().map(<[u32]>::to_vec);
     while let Some(event) = run.next().await {
         match event {
-            ChoiceEvent::Text { text: piece, .. } => text.push_str(&piece),
+            ChoiceEvent::Text {
+                text: piece,
+                token_ids,
+                ..
+            } => {
+                text.push_str(&piece);
+                ids.extend(token_ids);
+            }
             ChoiceEvent::Finished {
                 index,
                 reason,
                 stop_reason,
                 usage,
                 handoff,
+                token_ids,
             } => {
+                ids.extend(token_ids);
                 return Ok(CollectedChoice {
                     index,
                     text,
@@ -298,6 +368,8 @@ pub async fn collect(mut run: ChoiceRun) -> Result<CollectedChoice, EngineFailur
                     stop_reason,
                     usage,
                     handoff,
+                    token_ids: prompt_token_ids.is_some().then_some(ids),
+                    prompt_token_ids,
                 });
             }
             ChoiceEvent::Failed { message, .. } => return Err(EngineFailure(message)),

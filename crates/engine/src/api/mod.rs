@@ -181,6 +181,7 @@ fn start_choices(
         .map(|(index, prompt)| {
             let decoder = IncrementalDecoder::with_context(&state.tokenizer, &prompt.ids, true);
             let prompt_tokens = prompt.ids.len();
+            let reported_prompt = options.return_token_ids.then(|| prompt.ids.clone());
             let request = GenerationRequest {
                 request_id: format!("{id_prefix}-{index}"),
                 prompt: prompt.ids,
@@ -195,14 +196,11 @@ fn start_choices(
                 .map_err(|e| ApiError::unavailable(e.to_string()))?;
             let stops = Stops::new(options.stop_strings.clone())
                 .with_stop_tokens(options.requested_stop_token_ids.clone());
-            Ok(ChoiceRun::new(
-                index,
-                stream,
-                decoder,
-                stops,
-                prompt_tokens,
-                arrival,
-            ))
+            let run = ChoiceRun::new(index, stream, decoder, stops, prompt_tokens, arrival);
+            Ok(match reported_prompt {
+                Some(ids) => run.reporting_ids(ids),
+                None => run,
+            })
         })
         .collect()
 }

@@ -19,7 +19,6 @@ use tandem_protocol::openai::{
 };
 
 use super::generation::{ChoiceEvent, ChoiceRun};
-use crate::sched::FinishReason;
 
 /// Which endpoint's chunks to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,41 +37,79 @@ pub struct ChunkWriter {
     pub model: String,
 }
 
+/// What a text or finish chunk says about one choice.
+struct ChoiceDelta {
+    index: usize,
+    text: String,
+    finish_reason: Option<String>,
+    stop_reason: Option<Value>,
+    /// `Some` when token ids are reported.
+    token_ids: Option<Vec<u32>>,
+    /// The prompt's ids, on a completions choice's first chunk.
+    prompt_token_ids: Option<Vec<u32>>,
+}
+
 impl ChunkWriter {
-    fn role(&self, index: usize) -> Event {
-        self.chat_chunk(
+    /// Chat's first chunk of a choice; `prompt_token_ids` when ids are reported.
+    fn role(&self, index: usize, prompt_token_ids: Option<Vec<u32>>) -> Event {
+        let choice = ChatChunkChoice {
             index,
-            ChatDelta {
+            delta: ChatDelta {
                 role: Some("assistant".into()),
                 content: Some(String::new()),
             },
-            None,
-        )
+            logprobs: None,
+            finish_reason: None,
+            token_ids: None,
+        };
+        self.chat_chunk(choice, prompt_token_ids)
     }
 
-    fn text(&self, index: usize, text: String) -> Event {
-        match self.endpoint {
-            Endpoint::Completions => self.completion_chunk(index, text, None),
-            Endpoint::Chat => self.chat_chunk(
-                index,
-                ChatDelta {
-                    role: None,
-                    content: Some(text),
-                },
-                None,
-            ),
-        }
+    fn chat_chunk(&self, choice: ChatChunkChoice, prompt_token_ids: Option<Vec<u32>>) -> Event {
+        json_event(&ChatCompletionChunk {
+            id: self.id.clone(),
+            object: CHAT_COMPLETION_CHUNK.into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![choice],
+            usage: None,
+            prompt_token_ids,
+        })
     }
 
-    fn finish(&self, index: usize, reason: FinishReason, stop_reason: Option<Value>) -> Event {
-        let reason = Some(reason.as_openai().to_owned());
+    fn delta(&self, delta: ChoiceDelta) -> Event {
         match self.endpoint {
-            Endpoint::Completions => {
-                let mut chunk = self.completion_chunk_body(index, String::new(), reason);
-                chunk.choices[0].stop_reason = stop_reason;
-                json_event(&chunk)
+            Endpoint::Completions => json_event(&CompletionChunk {
+                id: self.id.clone(),
+                object: TEXT_COMPLETION.into(),
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![CompletionChunkChoice {
+                    index: delta.index,
+                    text: delta.text,
+                    logprobs: None,
+                    finish_reason: delta.finish_reason,
+                    stop_reason: delta.stop_reason,
+                    prompt_token_ids: delta.prompt_token_ids,
+                    token_ids: delta.token_ids,
+                }],
+                usage: None,
+            }),
+            Endpoint::Chat => {
+                // vLLM's chat finish chunk has an empty delta.
+                let content = Some(delta.text).filter(|text| !text.is_empty());
+                let choice = ChatChunkChoice {
+                    index: delta.index,
+                    delta: ChatDelta {
+                        role: None,
+                        content,
+                    },
+                    logprobs: None,
+                    finish_reason: delta.finish_reason,
+                    token_ids: delta.token_ids,
+                };
+                self.chat_chunk(choice, None)
             }
-            Endpoint::Chat => self.chat_chunk(index, ChatDelta::default(), reason),
         }
     }
 
@@ -93,50 +130,9 @@ impl ChunkWriter {
                 model: self.model.clone(),
                 choices: Vec::new(),
                 usage: Some(usage),
+                prompt_token_ids: None,
             }),
         }
-    }
-
-    fn completion_chunk(&self, index: usize, text: String, finish: Option<String>) -> Event {
-        json_event(&self.completion_chunk_body(index, text, finish))
-    }
-
-    fn completion_chunk_body(
-        &self,
-        index: usize,
-        text: String,
-        finish: Option<String>,
-    ) -> CompletionChunk {
-        CompletionChunk {
-            id: self.id.clone(),
-            object: TEXT_COMPLETION.into(),
-            created: self.created,
-            model: self.model.clone(),
-            choices: vec![CompletionChunkChoice {
-                index,
-                text,
-                logprobs: None,
-                finish_reason: finish,
-                stop_reason: None,
-            }],
-            usage: None,
-        }
-    }
-
-    fn chat_chunk(&self, index: usize, delta: ChatDelta, finish: Option<String>) -> Event {
-        json_event(&ChatCompletionChunk {
-            id: self.id.clone(),
-            object: CHAT_COMPLETION_CHUNK.into(),
-            created: self.created,
-            model: self.model.clone(),
-            choices: vec![ChatChunkChoice {
-                index,
-                delta,
-                logprobs: None,
-                finish_reason: finish,
-            }],
-            usage: None,
-        })
     }
 }
 
@@ -162,10 +158,17 @@ pub fn response(
         Endpoint::Chat => runs.len(),
         _ => 0,
     };
+    let prompt_ids: Vec<Option<Vec<u32>>> = runs
+        .iter()
+        .map(|run| run.reported_prompt_ids().map(<[u32]>::to_vec))
+        .collect();
+    let report_ids = prompt_ids.iter().any(Option::is_some);
     let state = StreamState {
         choices: stream::select_all(runs.into_iter().map(ChoiceRun::into_stream)),
         pending: VecDeque::new(),
         roles_due,
+        prompt_ids,
+        report_ids,
         usage: Vec::new(),
         writer,
         include_usage,
@@ -183,6 +186,10 @@ struct StreamState {
     pending: VecDeque<Event>,
     /// Chat: the choices whose role chunk goes out before the first output.
     roles_due: usize,
+    /// Per choice, the prompt's ids until its first chunk carries them.
+    prompt_ids: Vec<Option<Vec<u32>>>,
+    /// `return_token_ids`: chunks carry their tokens' ids.
+    report_ids: bool,
     usage: Vec<UsageInfo>,
     writer: ChunkWriter,
     include_usage: bool,
@@ -211,19 +218,26 @@ impl StreamState {
             self.send_roles();
         }
         match event {
-            Some(ChoiceEvent::Text { index, text }) => {
-                self.pending.push_back(self.writer.text(index, text));
+            Some(ChoiceEvent::Text {
+                index,
+                text,
+                token_ids,
+            }) => {
+                let delta = self.choice_delta(index, text, None, None, token_ids);
+                self.pending.push_back(self.writer.delta(delta));
             }
             Some(ChoiceEvent::Finished {
                 index,
                 reason,
                 stop_reason,
                 usage,
+                token_ids,
                 ..
             }) => {
                 self.usage.push(usage);
-                let event = self.writer.finish(index, reason, stop_reason);
-                self.pending.push_back(event);
+                let reason = Some(reason.as_openai().to_owned());
+                let delta = self.choice_delta(index, String::new(), reason, stop_reason, token_ids);
+                self.pending.push_back(self.writer.delta(delta));
             }
             Some(ChoiceEvent::Failed { message, .. }) => {
                 // The other choices are dropped, which cancels them.
@@ -242,9 +256,33 @@ impl StreamState {
         }
     }
 
+    fn choice_delta(
+        &mut self,
+        index: usize,
+        text: String,
+        finish_reason: Option<String>,
+        stop_reason: Option<Value>,
+        token_ids: Vec<u32>,
+    ) -> ChoiceDelta {
+        // Chat's role chunk carried the prompt's ids already.
+        let prompt_token_ids = match self.writer.endpoint {
+            Endpoint::Completions => self.prompt_ids.get_mut(index).and_then(Option::take),
+            Endpoint::Chat => None,
+        };
+        ChoiceDelta {
+            index,
+            text,
+            finish_reason,
+            stop_reason,
+            token_ids: self.report_ids.then_some(token_ids),
+            prompt_token_ids,
+        }
+    }
+
     fn send_roles(&mut self) {
         for index in 0..std::mem::take(&mut self.roles_due) {
-            let role = self.writer.role(index);
+            let prompt_ids = self.prompt_ids.get_mut(index).and_then(Option::take);
+            let role = self.writer.role(index, prompt_ids);
             self.pending.push_back(role);
         }
     }

@@ -58,6 +58,11 @@ impl StopMatcher {
         std::mem::take(&mut self.held)
     }
 
+    /// Whether text is held back (a possible start of a stop string).
+    pub fn holds_text(&self) -> bool {
+        !self.held.is_empty()
+    }
+
     /// The stop string that ended the output, if one did.
     pub fn matched(&self) -> Option<&str> {
         self.matched.as_deref()

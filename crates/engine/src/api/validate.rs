@@ -35,6 +35,8 @@ pub struct OutputOptions {
     pub requested_stop_token_ids: Vec<u32>,
     pub stream: bool,
     pub include_usage: bool,
+    /// vLLM's `return_token_ids`: answers carry the prompt's and the output's ids.
+    pub return_token_ids: bool,
     /// The request's part in a KV hand-off (set by the endpoint once it knows the
     /// prompts).
     pub kv: KvRole,
@@ -115,6 +117,7 @@ pub fn output_options(
         requested_stop_token_ids: fields.stop_token_ids.clone().unwrap_or_default(),
         stream: fields.is_stream(),
         include_usage: fields.include_usage(),
+        return_token_ids: fields.wants_token_ids(),
         kv: KvRole::Local,
     })
 }

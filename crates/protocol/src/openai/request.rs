@@ -30,6 +30,8 @@ pub struct SamplingFields {
     /// Not supported: any value but `null`/`false` is refused.
     pub logprobs: Option<Value>,
     pub user: Option<String>,
+    /// vLLM's extension: answers carry the prompt's and the output's token ids.
+    pub return_token_ids: Option<bool>,
     /// vLLM's prefill/decode hand-off (see [`crate::pd`]).
     pub kv_transfer_params: Option<crate::pd::KvTransferParams>,
 }
@@ -54,6 +56,10 @@ impl SamplingFields {
             Some(StopStrings::One(stop)) => vec![stop.clone()],
             Some(StopStrings::Many(stops)) => stops.clone(),
         }
+    }
+
+    pub fn wants_token_ids(&self) -> bool {
+        self.return_token_ids.unwrap_or(false)
     }
 
     /// Whether `logprobs` asks for log probabilities (unsupported).

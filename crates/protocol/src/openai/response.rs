@@ -74,6 +74,13 @@ pub struct CompletionChoice {
     pub finish_reason: Option<String>,
     #[serde(default)]
     pub stop_reason: Option<Value>,
+    /// vLLM's `return_token_ids`: the prompt's ids (the first chunk only when streamed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
+    /// vLLM's `return_token_ids`: the ids of this choice's output (of this chunk's
+    /// text when streamed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 /// One `data:` event of a streamed `/v1/completions` response. The usage chunk has no
@@ -98,6 +105,13 @@ pub struct CompletionChunkChoice {
     pub finish_reason: Option<String>,
     #[serde(default)]
     pub stop_reason: Option<Value>,
+    /// vLLM's `return_token_ids`: the prompt's ids (the first chunk only when streamed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
+    /// vLLM's `return_token_ids`: the ids of this choice's output (of this chunk's
+    /// text when streamed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 /// A non-streamed `/v1/chat/completions` response.
@@ -109,6 +123,9 @@ pub struct ChatCompletionResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: UsageInfo,
+    /// vLLM's `return_token_ids`: the prompt's ids (the first chunk only when streamed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
     #[serde(default)]
     pub kv_transfer_params: Option<Value>,
 }
@@ -122,6 +139,10 @@ pub struct ChatChoice {
     pub finish_reason: Option<String>,
     #[serde(default)]
     pub stop_reason: Option<Value>,
+    /// vLLM's `return_token_ids`: the ids of this choice's output (of this chunk's
+    /// text when streamed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +161,9 @@ pub struct ChatCompletionChunk {
     pub choices: Vec<ChatChunkChoice>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageInfo>,
+    /// vLLM's `return_token_ids`: the prompt's ids (the first chunk only when streamed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,6 +173,10 @@ pub struct ChatChunkChoice {
     #[serde(default)]
     pub logprobs: Option<Value>,
     pub finish_reason: Option<String>,
+    /// vLLM's `return_token_ids`: the ids of this choice's output (of this chunk's
+    /// text when streamed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 /// What a chunk adds to a message: the role in the first chunk, then content.
@@ -221,6 +249,8 @@ mod tests {
                 logprobs: None,
                 finish_reason: Some("length".into()),
                 stop_reason: None,
+                prompt_token_ids: None,
+                token_ids: None,
             }],
             usage: UsageInfo::new(5, 1, 0),
             kv_transfer_params: None,
@@ -253,6 +283,8 @@ mod tests {
                 logprobs: None,
                 finish_reason: None,
                 stop_reason: None,
+                prompt_token_ids: None,
+                token_ids: None,
             }],
             None,
         );
