@@ -39,7 +39,6 @@ impl std::str::FromStr for WorkerRole {
 
 /// A worker's KV event stream (vLLM's ZMQ PUB and replay endpoints).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct KvEventsEndpoints {
     pub endpoint: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -48,7 +47,6 @@ pub struct KvEventsEndpoints {
 
 /// How much a worker can hold, for placement and planning.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Capacity {
     /// Sequences it runs at once.
     pub max_num_seqs: usize,
@@ -123,6 +121,12 @@ mod tests {
         let read: WorkerRecord = serde_json::from_str(newer).unwrap();
         assert_eq!(read.role, WorkerRole::Both);
         assert!(read.kv_events.is_none());
+        let nested = r#"{"url":"http://a:1","role":"both","model":"m","engine":"tandem",
+            "kv_events":{"endpoint":"tcp://a:2","transport":"zmq"},
+            "capacity":{"max_num_seqs":8,"kv_cache_tokens":4096,"lora_slots":2}}"#;
+        let read: WorkerRecord = serde_json::from_str(nested).unwrap();
+        assert_eq!(read.kv_events.unwrap().endpoint, "tcp://a:2");
+        assert_eq!(read.capacity.unwrap().max_num_seqs, 8);
         assert!(serde_json::from_str::<WorkerRecord>(r#"{"url":"http://a:1"}"#).is_err());
     }
 
