@@ -71,6 +71,10 @@ pub struct RouteArgs {
     /// Tries per leg, the first included [default: 3].
     #[arg(long)]
     max_attempts: Option<usize>,
+    /// How many times a streamed answer whose worker fails mid-stream may continue on
+    /// another worker, from the tokens already sent [default: 0, never].
+    #[arg(long, value_name = "N")]
+    migration_limit: Option<u32>,
     /// Milliseconds between active health checks [default: 2000].
     #[arg(long)]
     health_interval_ms: Option<u64>,
@@ -166,6 +170,7 @@ impl RouteArgs {
         );
         config.require_prefill |= self.require_prefill;
         override_with(&mut config.retry.max_attempts, self.max_attempts);
+        override_with(&mut config.migration_limit, self.migration_limit);
         if self.local_prefill_threshold.is_some() {
             config.local_prefill_threshold = self.local_prefill_threshold;
         }

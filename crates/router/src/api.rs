@@ -32,7 +32,7 @@ use crate::secret::Secret;
 /// Everything the handlers share.
 #[derive(Debug)]
 pub struct AppState {
-    pub dispatcher: Dispatcher,
+    pub dispatcher: Arc<Dispatcher>,
     pub api_key: Option<Secret>,
     pub admin_token: Option<Secret>,
     /// What a client's own `kv_transfer_params` get.
@@ -123,6 +123,7 @@ fn prepare(
             request_id: request_id(headers),
         },
         arrival,
+        resume: None,
     })
 }
 

@@ -45,6 +45,9 @@ pub struct RouterConfig {
     pub require_prefill: bool,
     pub timeouts: Timeouts,
     pub retry: RetryConfig,
+    /// How many times a streamed answer whose worker fails mid-stream may continue on
+    /// another worker (0: never; docs/router.md, "Request migration").
+    pub migration_limit: u32,
     pub health: HealthConfig,
     pub circuit: CircuitConfig,
     /// Largest request body accepted, bytes (413 above it). Keep it below what the
@@ -114,6 +117,7 @@ impl Default for RouterConfig {
             require_prefill: false,
             timeouts: Timeouts::default(),
             retry: RetryConfig::default(),
+            migration_limit: 0,
             health: HealthConfig::default(),
             circuit: CircuitConfig::default(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,

@@ -8,7 +8,9 @@
 //! - [`policy`]: selection policies (pure).
 //! - [`health`]: circuit breakers and active health checks.
 //! - [`disagg`]: the P/D request transformations (pure).
-//! - [`dispatch`]: legs, selection and retries.
+//! - [`dispatch`]: legs, selection, retries and the migration of broken streams.
+//! - [`migration`]: which answers can move mid-stream and how their events are
+//!   continued (pure).
 //! - [`relay`]: upstream calls and streaming relay.
 //! - [`tokens`]: prompt token counts for conditional disaggregation.
 //! - [`prompt_tokens`]: a request's prompt token ids as the worker sees them (its
@@ -34,6 +36,7 @@ pub mod kv_index;
 pub mod kv_routing;
 pub mod membership;
 pub mod metrics;
+pub mod migration;
 pub mod policy;
 pub mod prompt_tokens;
 pub mod registry;
@@ -233,7 +236,7 @@ fn serve_thread(
             ))
         });
         let state = api::AppState {
-            dispatcher: Dispatcher {
+            dispatcher: Arc::new(Dispatcher {
                 mode: shared.mode,
                 registry: shared.registry,
                 upstream,
@@ -242,7 +245,8 @@ fn serve_thread(
                 conditional: shared.conditional,
                 require_prefill: config.require_prefill,
                 kv: shared.kv,
-            },
+                migration_limit: config.migration_limit,
+            }),
             api_key: config.api_key.clone(),
             admin_token: config.admin_token.clone(),
             client_params: config.client_kv_transfer_params,

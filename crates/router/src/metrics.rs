@@ -60,6 +60,12 @@ pub const KV_INDEX_BLOCKS: &str = "tandem_router_kv_index_blocks";
 /// Gauge: followed workers whose KV cache is unknown (disconnected, stale, silent).
 pub const KV_UNKNOWN_WORKERS: &str = "tandem_router_kv_unknown_workers";
 
+/// Counter by outcome: streamed answers whose worker failed mid-stream. `resumed`:
+/// continued on another worker; `completed`: the answer was whole already, the
+/// router ended it; `failed`: no worker took the continuation; `not_resumable`:
+/// the limit was reached or the request cannot move (docs/router.md).
+pub const MIGRATIONS_TOTAL: &str = "tandem_router_migrations_total";
+
 /// Gauge: workers the router follows from etcd.
 pub const DISCOVERED_WORKERS: &str = "tandem_router_discovered_workers";
 /// Counter by action (`add`, `remove`): discovered workers joining and leaving.
@@ -122,6 +128,10 @@ fn describe() {
     );
     describe_gauge!(IN_FLIGHT, "Requests routed to a worker and not finished.");
     describe_counter!(RETRIES_TOTAL, "Upstream calls retried on another worker.");
+    describe_counter!(
+        MIGRATIONS_TOTAL,
+        "Streamed answers whose worker failed mid-stream, by what the router did."
+    );
     describe_gauge!(
         CIRCUIT_STATE,
         "Circuit breaker: 0 closed, 1 half-open, 2 open."

@@ -160,6 +160,11 @@ impl RequestTimer {
         self
     }
 
+    /// Stops checking the prediction (the answer moved to another worker).
+    pub(crate) fn forget_prediction(&mut self) {
+        self.prediction = None;
+    }
+
     /// Checks the prediction against a whole answer.
     fn check_whole(&mut self, body: &[u8]) {
         if let Some(prediction) = self.prediction.take()
@@ -175,6 +180,19 @@ impl RequestTimer {
             && prediction.check_sse_chunk(chunk)
         {
             self.prediction = None;
+        }
+    }
+
+    /// Bookkeeping of a relayed chunk: the first one marks the worker's prompt as
+    /// computed (`guards`) and the time to first byte; an SSE chunk may hold the usage
+    /// that checks the prediction.
+    pub(crate) fn chunk_relayed(&mut self, chunk: &[u8], is_sse: bool, guards: &mut [LoadGuard]) {
+        if !self.first_byte_seen {
+            guards.iter_mut().for_each(LoadGuard::prompt_computed);
+        }
+        self.first_byte();
+        if is_sse {
+            self.check_chunk(chunk);
         }
     }
 
@@ -257,6 +275,28 @@ fn set_headers(
     }
 }
 
+/// The end of an SSE answer that broke off: an in-band error event (the client has a
+/// 200 already), then `[DONE]`.
+pub(crate) fn sse_error_end(message: &str) -> Bytes {
+    let error = serde_json::json!({"error": {"message": message,
+        "type": "BadGateway", "param": null, "code": 502}});
+    Bytes::from(format!("data: {error}\n\ndata: [DONE]\n\n"))
+}
+
+/// A streamed response to the client: the worker's status and content type, the
+/// request id, `body`.
+pub(crate) fn streamed_response(
+    status: StatusCode,
+    content_type: Option<HeaderValue>,
+    request_id: &str,
+    body: Body,
+) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    set_headers(response.headers_mut(), content_type, request_id, true);
+    response
+}
+
 /// The client's answer when a worker's whole answer could not be read.
 fn broken_answer(message: String) -> Response {
     tracing::warn!(%message, "upstream answer failed");
@@ -284,10 +324,7 @@ impl RelayBody {
         self.ended = true;
         tracing::warn!(%message, "upstream body failed mid-relay");
         if self.is_sse {
-            let error = serde_json::json!({"error": {"message": message,
-                "type": "BadGateway", "param": null, "code": 502}});
-            let event = format!("data: {error}\n\ndata: [DONE]\n\n");
-            return Poll::Ready(Some(Ok(Bytes::from(event))));
+            return Poll::Ready(Some(Ok(sse_error_end(&message))));
         }
         Poll::Ready(Some(Err(std::io::Error::other(message))))
     }
@@ -302,13 +339,9 @@ impl Stream for RelayBody {
         }
         match self.inner.poll_next_unpin(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
-                if !self.timer.first_byte_seen {
-                    self.guards.iter_mut().for_each(LoadGuard::prompt_computed);
-                }
-                self.timer.first_byte();
-                if self.is_sse {
-                    self.timer.check_chunk(&chunk);
-                }
+                let this = &mut *self;
+                this.timer
+                    .chunk_relayed(&chunk, this.is_sse, &mut this.guards);
                 let next = tokio::time::Instant::now() + self.idle;
                 self.deadline.as_mut().reset(next);
                 Poll::Ready(Some(Ok(chunk)))

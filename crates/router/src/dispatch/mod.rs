@@ -16,6 +16,11 @@
 //! says to refuse. The decode leg carries `kv_transfer_params` only when they came
 //! from the prefill worker's answer: the client's own were removed when the request
 //! was parsed.
+//!
+//! With a migration limit, a streamed answer whose worker fails mid-stream continues
+//! on another worker ([`resume`], [`crate::migration`]).
+
+mod resume;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -32,6 +37,7 @@ use crate::disagg::{self, Endpoint};
 use crate::error::error_response;
 use crate::kv_routing::{KvRouting, Prediction};
 use crate::metrics as names;
+use crate::migration;
 use crate::policy::{Policy, PrefixCache, RequestInfo};
 use crate::registry::{LoadGuard, Registry, Role, Worker};
 use crate::relay::{self, ForwardHeaders, RequestTimer, Upstream};
@@ -71,6 +77,8 @@ pub struct Dispatcher {
     pub require_prefill: bool,
     /// With a `kv_aware` pool: the workers' caches and the requests' token ids.
     pub kv: Option<Arc<KvRouting>>,
+    /// How many times one streamed answer may move to another worker (0: never).
+    pub migration_limit: u32,
 }
 
 /// A leg no worker answered.
@@ -130,6 +138,15 @@ pub struct ClientRequest {
     pub body: Map<String, Value>,
     pub headers: ForwardHeaders,
     pub arrival: Instant,
+    /// Set by the dispatcher when the answer may migrate.
+    pub resume: Option<ResumeTicket>,
+}
+
+/// A request whose streamed answer may move to another worker: the worker is asked
+/// for token ids, which the client sees only if it asked for them too.
+#[derive(Debug, Clone, Copy)]
+pub struct ResumeTicket {
+    pub client_wants_ids: bool,
 }
 
 /// One upstream call to make, on some worker of `role`.
@@ -147,6 +164,8 @@ struct Leg<'a> {
     /// Whether the worker computes the prompt itself (no KV handed to it), so that its
     /// reported cached tokens check the policy's prediction.
     computes_prompt: bool,
+    /// Workers not to try (a migrated answer's failed ones).
+    avoid: &'a [String],
 }
 
 /// An answered call: the worker's response (any status), its load guard and what the
@@ -175,7 +194,15 @@ struct Selected {
 
 impl Dispatcher {
     /// The client's answer to `request`.
-    pub async fn dispatch(&self, request: ClientRequest) -> Response {
+    pub async fn dispatch(self: &Arc<Self>, mut request: ClientRequest) -> Response {
+        if self.migration_limit > 0 && migration::resumable(request.endpoint, &request.body) {
+            let asked = request
+                .body
+                .insert(migration::RETURN_TOKEN_IDS.into(), Value::Bool(true));
+            request.resume = Some(ResumeTicket {
+                client_wants_ids: asked == Some(Value::Bool(true)),
+            });
+        }
         let text = disagg::request_text(request.endpoint, &request.body);
         let token_ids = self.prompt_token_ids(&request).await;
         let info = RequestInfo {
@@ -197,7 +224,7 @@ impl Dispatcher {
     }
 
     async fn replicated(
-        &self,
+        self: &Arc<Self>,
         request: &ClientRequest,
         info: &RequestInfo<'_>,
         tokens: usize,
@@ -211,6 +238,7 @@ impl Dispatcher {
             limit: self.upstream.timeouts().first_byte(),
             preferred: None,
             computes_prompt: true,
+            avoid: &[],
         };
         let called = self.call(&leg, info, &request.headers).await?;
         Ok(self.relay(called, request).await)
@@ -225,7 +253,7 @@ impl Dispatcher {
     }
 
     async fn disaggregated(
-        &self,
+        self: &Arc<Self>,
         request: &ClientRequest,
         info: &RequestInfo<'_>,
         tokens: usize,
@@ -306,7 +334,7 @@ impl Dispatcher {
     /// The decode worker alone computes the prompt: no prefill worker was reached.
     /// The body is the client's, whose `kv_transfer_params` are already gone.
     async fn without_prefill(
-        &self,
+        self: &Arc<Self>,
         error: &LegError,
         request: &ClientRequest,
         info: &RequestInfo<'_>,
@@ -343,6 +371,7 @@ impl Dispatcher {
             limit,
             preferred: None,
             computes_prompt: true,
+            avoid: &[],
         };
         let Called {
             response,
@@ -372,7 +401,7 @@ impl Dispatcher {
     }
 
     async fn decode(
-        &self,
+        self: &Arc<Self>,
         request: &ClientRequest,
         body: &Map<String, Value>,
         info: &RequestInfo<'_>,
@@ -388,12 +417,18 @@ impl Dispatcher {
             limit: self.upstream.timeouts().first_byte(),
             preferred,
             computes_prompt: !body.contains_key(disagg::KV_TRANSFER_PARAMS),
+            avoid: &[],
         };
         let called = self.call(&leg, info, &request.headers).await?;
         Ok(self.relay(called, request).await)
     }
 
-    async fn relay(&self, called: Called, request: &ClientRequest) -> Response {
+    async fn relay(self: &Arc<Self>, called: Called, request: &ClientRequest) -> Response {
+        if let Some(ticket) = request.resume
+            && resume::is_ok_event_stream(&called.response)
+        {
+            return self.relay_resumable(called, request, ticket);
+        }
         relay::relay(
             called.response,
             &request.headers.request_id,
@@ -412,7 +447,7 @@ impl Dispatcher {
         info: &RequestInfo<'_>,
         headers: &ForwardHeaders,
     ) -> Result<Called, LegError> {
-        let mut excluded: Vec<String> = Vec::new();
+        let mut excluded: Vec<String> = leg.avoid.to_vec();
         let mut last_failure = None;
         let mut all_unreachable = true;
         for attempt in 0..self.retry.max_attempts {
