@@ -107,7 +107,7 @@ pub fn generate(
         });
     }
     let mut session = Session::new(model, pool, positions, options.kv);
-    let mut sampler = Sampler::new(options.sampling);
+    let mut sampler = Sampler::new(options.sampling.clone());
 
     let started = Instant::now();
     let mut token = prefill(&mut session, prompt, options.prefill_chunk, &mut sampler)?;

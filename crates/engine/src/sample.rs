@@ -1,5 +1,7 @@
-//! Turning a row of logits into the next token: greedy, or temperature sampling
-//! restricted by top-k and top-p, reproducible with a seed.
+//! Turning a row of logits into the next token: logits adjusted (bias, end tokens
+//! held back, repetition, presence and frequency penalties), then greedy, or
+//! temperature sampling restricted by top-k, min-p and top-p, reproducible with a
+//! seed.
 
 use std::collections::HashMap;
 
@@ -7,7 +9,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// How the next token is chosen.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy (argmax).
     pub temperature: f32,
@@ -21,6 +23,15 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     /// Subtracted once per earlier occurrence of a token in the output.
     pub frequency_penalty: f32,
+    /// Divides a positive logit (multiplies a negative one) of every token already in
+    /// the prompt or the output (vLLM's and Hugging Face's semantics; 1 = off).
+    pub repetition_penalty: f32,
+    /// Drops tokens less likely than `min_p` times the most likely one (0 = off).
+    pub min_p: f32,
+    /// Added to the logits of these tokens (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// The end tokens cannot be sampled before this many output tokens.
+    pub min_tokens: usize,
 }
 
 impl Default for SamplingParams {
@@ -32,6 +43,10 @@ impl Default for SamplingParams {
             seed: None,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            min_p: 0.0,
+            logit_bias: Vec::new(),
+            min_tokens: 0,
         }
     }
 }
@@ -48,8 +63,14 @@ impl SamplingParams {
         self.temperature < 1e-5 || self.top_k == 1
     }
 
-    fn has_penalties(&self) -> bool {
-        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
+    /// Whether the logits change before sampling (penalties, biases, end tokens held
+    /// back), which needs a copy of them.
+    fn adjusts_logits(&self) -> bool {
+        self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || self.repetition_penalty != 1.0
+            || !self.logit_bias.is_empty()
+            || self.min_tokens > 0
     }
 }
 
@@ -61,8 +82,14 @@ pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
     candidates: Vec<(u32, f32)>,
-    /// Occurrences of each token this sampler has produced (only with penalties).
+    /// Occurrences of each token this sampler has produced (only with adjustments).
     output_counts: HashMap<u32, u32>,
+    /// Tokens produced so far.
+    produced: usize,
+    /// The prompt's distinct tokens (only with a repetition penalty).
+    prompt_tokens: Vec<u32>,
+    /// Tokens that end the output (held back before `min_tokens`).
+    end_tokens: Vec<u32>,
     penalized: Vec<f32>,
 }
 
@@ -77,28 +104,82 @@ impl Sampler {
             rng,
             candidates: Vec::new(),
             output_counts: HashMap::new(),
+            produced: 0,
+            prompt_tokens: Vec::new(),
+            end_tokens: Vec::new(),
             penalized: Vec::new(),
         }
     }
 
+    /// A sampler for a sequence: `prompt` for the repetition penalty, `end_tokens`
+    /// held back until `min_tokens` tokens were produced.
+    pub fn for_sequence(params: SamplingParams, prompt: &[u32], end_tokens: &[u32]) -> Self {
+        let mut sampler = Self::new(params);
+        if sampler.params.repetition_penalty != 1.0 {
+            let mut distinct = prompt.to_vec();
+            distinct.sort_unstable();
+            distinct.dedup();
+            sampler.prompt_tokens = distinct;
+        }
+        if sampler.params.min_tokens > 0 {
+            sampler.end_tokens = end_tokens.to_vec();
+        }
+        sampler
+    }
+
     /// The next token; penalties count the tokens this sampler returned before.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if !self.params.has_penalties() {
+        if !self.params.adjusts_logits() {
+            self.produced += 1;
             return self.sample_from(logits);
         }
-        let mut penalized = std::mem::take(&mut self.penalized);
-        penalized.clear();
-        penalized.extend_from_slice(logits);
-        for (&token, &count) in &self.output_counts {
-            if let Some(logit) = penalized.get_mut(token as usize) {
-                *logit -=
-                    self.params.presence_penalty + self.params.frequency_penalty * count as f32;
+        let mut adjusted = std::mem::take(&mut self.penalized);
+        adjusted.clear();
+        adjusted.extend_from_slice(logits);
+        self.adjust(&mut adjusted);
+        let token = self.sample_from(&adjusted);
+        self.penalized = adjusted;
+        *self.output_counts.entry(token).or_insert(0) += 1;
+        self.produced += 1;
+        token
+    }
+
+    /// vLLM's order: logit bias, end tokens held back, the repetition penalty (prompt
+    /// and output), then presence and frequency penalties (output).
+    fn adjust(&self, logits: &mut [f32]) {
+        let params = &self.params;
+        for &(token, bias) in &params.logit_bias {
+            if let Some(logit) = logits.get_mut(token as usize) {
+                *logit += bias;
             }
         }
-        let token = self.sample_from(&penalized);
-        self.penalized = penalized;
-        *self.output_counts.entry(token).or_insert(0) += 1;
-        token
+        if self.produced < params.min_tokens {
+            for &token in &self.end_tokens {
+                if let Some(logit) = logits.get_mut(token as usize) {
+                    *logit = f32::NEG_INFINITY;
+                }
+            }
+        }
+        if params.repetition_penalty != 1.0 {
+            let seen = self.prompt_tokens.iter().chain(self.output_counts.keys());
+            let mut penalized = std::collections::HashSet::new();
+            for &token in seen {
+                if penalized.insert(token)
+                    && let Some(logit) = logits.get_mut(token as usize)
+                {
+                    *logit = if *logit > 0.0 {
+                        *logit / params.repetition_penalty
+                    } else {
+                        *logit * params.repetition_penalty
+                    };
+                }
+            }
+        }
+        for (&token, &count) in &self.output_counts {
+            if let Some(logit) = logits.get_mut(token as usize) {
+                *logit -= params.presence_penalty + params.frequency_penalty * count as f32;
+            }
+        }
     }
 
     fn sample_from(&mut self, logits: &[f32]) -> u32 {
@@ -119,6 +200,9 @@ impl Sampler {
         };
         keep_top(&mut self.candidates, k);
         to_probabilities(&mut self.candidates);
+        if self.params.min_p > 0.0 {
+            self.apply_min_p();
+        }
         if self.params.top_p < 1.0 {
             self.apply_top_p();
         }
@@ -132,6 +216,17 @@ impl Sampler {
             }
         }
         candidates.last().map_or(0, |c| c.0)
+    }
+
+    /// Drops candidates less likely than `min_p` times the most likely one.
+    fn apply_min_p(&mut self) {
+        let best = self.candidates.iter().map(|c| c.1).fold(0.0, f32::max);
+        let floor = self.params.min_p * best;
+        self.candidates.retain(|c| c.1 >= floor);
+        let total: f32 = self.candidates.iter().map(|c| c.1).sum();
+        for c in &mut self.candidates {
+            c.1 /= total;
+        }
     }
 
     /// Keeps the most likely candidates whose cumulative probability reaches top_p.
@@ -272,6 +367,57 @@ mod tests {
     }
 
     #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens() {
+        let params = SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::greedy()
+        };
+        // Token 0 is in the prompt: 3.0 / 2 = 1.5 < 2.0.
+        let mut sampler = Sampler::for_sequence(params.clone(), &[0, 0], &[]);
+        assert_eq!(sampler.sample(&[3.0, 2.0, -1.0]), 1);
+        // Now 1 is in the output too: 1.5, 1.0, and -1.0 untouched.
+        assert_eq!(sampler.sample(&[3.0, 2.0, -1.0]), 0);
+        let mut negative = Sampler::for_sequence(params, &[0], &[]);
+        // -1 * 2 = -2 < -1.5.
+        assert_eq!(negative.sample(&[-1.0, -1.5]), 1);
+    }
+
+    #[test]
+    fn logit_bias_and_min_tokens_move_the_choice() {
+        let biased = SamplingParams {
+            logit_bias: vec![(2, 5.0)],
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(Sampler::new(biased).sample(&[1.0, 0.0, -1.0]), 2);
+        let held = SamplingParams {
+            min_tokens: 2,
+            ..SamplingParams::greedy()
+        };
+        // Token 0 ends the output: held back for two tokens.
+        let mut sampler = Sampler::for_sequence(held, &[], &[0]);
+        let logits = [5.0, 1.0, 0.0];
+        let picks: Vec<u32> = (0..3).map(|_| sampler.sample(&logits)).collect();
+        assert_eq!(picks, vec![1, 1, 0]);
+    }
+
+    #[test]
+    fn min_p_drops_tokens_far_below_the_best() {
+        // p ~ [0.66, 0.24, 0.09, 0.01]: min_p 0.2 keeps tokens 0 and 1 (floor 0.13).
+        let logits = [3.0f32, 2.0, 1.0, -1.0];
+        let mut sampler = Sampler::new(SamplingParams {
+            min_p: 0.2,
+            seed: Some(5),
+            ..SamplingParams::default()
+        });
+        let mut seen = [0usize; 4];
+        for _ in 0..2000 {
+            seen[sampler.sample(&logits) as usize] += 1;
+        }
+        assert_eq!(seen[2] + seen[3], 0, "{seen:?}");
+        assert!(seen[1] > 0, "{seen:?}");
+    }
+
+    #[test]
     fn same_seed_same_tokens() {
         let logits: Vec<f32> = (0..100).map(|i| (i % 7) as f32 * 0.3).collect();
         let params = SamplingParams {
@@ -280,7 +426,7 @@ mod tests {
             ..SamplingParams::default()
         };
         let a: Vec<u32> = {
-            let mut s = Sampler::new(params);
+            let mut s = Sampler::new(params.clone());
             (0..20).map(|_| s.sample(&logits)).collect()
         };
         let b: Vec<u32> = {

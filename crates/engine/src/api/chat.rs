@@ -13,7 +13,7 @@ use tandem_protocol::openai::{
     ApiError, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
 };
 
-use super::error::{HttpError, parse_json_body};
+use super::error::{HttpError, parse_screened_body};
 use super::generation::{ChoiceRun, collect};
 use super::handoff;
 use super::request_id::RequestId;
@@ -32,7 +32,7 @@ pub async fn create(
         let request_id = request_id.clone();
         let body_bytes = body.as_ref().map_or(0, Bytes::len);
         prepare(&state.clone(), body_bytes, move || {
-            let request: ChatCompletionRequest = parse_json_body(body)?;
+            let request: ChatCompletionRequest = parse_screened_body(body, Endpoint::Chat)?;
             start(&state, &request, &request_id, arrival)
         })
         .await?
@@ -58,9 +58,14 @@ fn start(
 ) -> Result<(ChoiceRun, bool, bool), ApiError> {
     validate::check_model(request.model.as_deref(), &state.model)?;
     if request.wants_logprobs() {
+        let field = if request.sampling.wants_logprobs() {
+            "logprobs"
+        } else {
+            "top_logprobs"
+        };
         return Err(ApiError::invalid_param(
-            "logprobs",
-            "logprobs is not supported.",
+            field,
+            format!("{field} is not supported."),
         ));
     }
     let mut options = validate::output_options(

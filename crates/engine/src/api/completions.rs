@@ -14,7 +14,7 @@ use tandem_protocol::openai::{
     ApiError, CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo,
 };
 
-use super::error::{HttpError, parse_json_body};
+use super::error::{HttpError, parse_screened_body};
 use super::generation::{ChoiceRun, collect};
 use super::handoff;
 use super::request_id::RequestId;
@@ -33,7 +33,7 @@ pub async fn create(
         let request_id = request_id.clone();
         let body_bytes = body.as_ref().map_or(0, Bytes::len);
         prepare(&state.clone(), body_bytes, move || {
-            let request: CompletionRequest = parse_json_body(body)?;
+            let request: CompletionRequest = parse_screened_body(body, Endpoint::Completions)?;
             start(&state, &request, &request_id, arrival)
         })
         .await?
@@ -90,7 +90,13 @@ fn start(
     let prompts = inputs
         .into_iter()
         .map(|input| {
-            let ids = validate::completion_prompt_ids(input, true, &state.tokenizer, &state.model)?;
+            let add_special_tokens = request.add_special_tokens.unwrap_or(true);
+            let ids = validate::completion_prompt_ids(
+                input,
+                add_special_tokens,
+                &state.tokenizer,
+                &state.model,
+            )?;
             validate::fit_to_context(
                 ids,
                 options.max_tokens,

@@ -37,6 +37,19 @@ pub fn parse_json_body<T: DeserializeOwned>(
     serde_json::from_slice(&bytes).map_err(|e| json_error(&e))
 }
 
+/// Parses a request body as a JSON object, screens its fields for `endpoint` (see
+/// [`super::fields`]), then reads it as `T`.
+pub fn parse_screened_body<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    endpoint: super::sse::Endpoint,
+) -> Result<T, ApiError> {
+    let value: serde_json::Value = parse_json_body(body)?;
+    if let Some(fields) = value.as_object() {
+        super::fields::screen(endpoint, fields)?;
+    }
+    serde_json::from_value(value).map_err(|e| json_error(&e))
+}
+
 fn body_rejection(rejection: BytesRejection) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         return ApiError::new(

@@ -62,6 +62,9 @@ pub struct ChoiceRun {
     /// reported only once its text is out, so a client that resumes from the reported
     /// ids (the router's migration) neither loses nor repeats text.
     report_ids: Option<ReportedIds>,
+    /// Stop strings are not matched before this many output tokens (vLLM's
+    /// `min_tokens`; the sampler holds the end tokens back).
+    min_tokens: usize,
 }
 
 #[derive(Debug, Default)]
@@ -93,7 +96,14 @@ impl ChoiceRun {
             stop_token: None,
             ended: false,
             report_ids: None,
+            min_tokens: 0,
         }
+    }
+
+    /// Matches stop strings only from the `min_tokens`-th output token on.
+    pub fn with_min_tokens(mut self, min_tokens: usize) -> Self {
+        self.min_tokens = min_tokens;
+        self
     }
 
     /// Reports token ids (vLLM's `return_token_ids`): `prompt` for the answer's
@@ -164,6 +174,11 @@ impl ChoiceRun {
         let Some(text) = self.decoder.push(id) else {
             return;
         };
+        if self.completion_tokens < self.min_tokens {
+            let text = self.stop.pass(&text);
+            self.queue_text(text, true);
+            return;
+        }
         match self.stop.push(&text) {
             StopOutcome::Emit(text) => {
                 let all_sent = !self.stop.holds_text();

@@ -1,5 +1,6 @@
 //! The informational endpoints: `/v1/models` (the served model's card), `/health`
-//! (200, or 503 once the engine loop has stopped) and `/metrics` (Prometheus text).
+//! and `/ping` (200, or 503 once the engine loop has stopped), `/version` and
+//! `/metrics` (Prometheus text).
 
 use axum::Json;
 use axum::extract::State;
@@ -26,6 +27,11 @@ pub async fn health(State(state): State<SharedState>) -> StatusCode {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     }
+}
+
+/// `{"version": …}`, as vLLM answers it (tandem's version).
+pub async fn version() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"version": env!("CARGO_PKG_VERSION")}))
 }
 
 pub async fn metrics(State(state): State<SharedState>) -> Response {

@@ -3,10 +3,12 @@
 //! - `POST /v1/completions`, `POST /v1/chat/completions`: validated into engine
 //!   requests ([`validate`]), run through the engine loop and turned back into text
 //!   ([`generation`], [`stop`]), answered whole or as server-sent events ([`sse`]).
+//!   Fields the server does not honour are refused by name ([`fields`]).
 //! - `POST /tokenize`, `POST /detokenize`: a prompt or conversation as the token ids
 //!   the generation endpoints would feed the model, and ids back into text
 //!   ([`tokenize`]).
-//! - `GET /v1/models`, `GET /health`, `GET /metrics` ([`info`]).
+//! - `GET /v1/models`, `GET /health`, `/ping`, `GET /version`, `GET /metrics`
+//!   ([`info`]).
 //! - An optional API key on the `/v1/*` routes, `/tokenize` and `/detokenize`
 //!   ([`auth`]).
 //!
@@ -23,6 +25,7 @@ mod auth;
 mod chat;
 mod completions;
 mod error;
+mod fields;
 mod generation;
 mod handoff;
 mod info;
@@ -141,6 +144,9 @@ pub fn router(state: ServerState, max_body_bytes: usize) -> Router {
     }
     openai
         .route("/health", get(info::health))
+        // SageMaker's liveness path, as vLLM serves it.
+        .route("/ping", get(info::health).post(info::health))
+        .route("/version", get(info::version))
         .route("/metrics", get(info::metrics))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
@@ -185,7 +191,7 @@ fn start_choices(
             let request = GenerationRequest {
                 request_id: format!("{id_prefix}-{index}"),
                 prompt: prompt.ids,
-                sampling: options.sampling,
+                sampling: options.sampling.clone(),
                 max_tokens: prompt.max_tokens,
                 stop_token_ids: options.stop_token_ids.clone(),
                 kv: options.kv.clone(),
@@ -196,7 +202,8 @@ fn start_choices(
                 .map_err(|e| ApiError::unavailable(e.to_string()))?;
             let stops = Stops::new(options.stop_strings.clone())
                 .with_stop_tokens(options.requested_stop_token_ids.clone());
-            let run = ChoiceRun::new(index, stream, decoder, stops, prompt_tokens, arrival);
+            let run = ChoiceRun::new(index, stream, decoder, stops, prompt_tokens, arrival)
+                .with_min_tokens(options.sampling.min_tokens);
             Ok(match reported_prompt {
                 Some(ids) => run.reporting_ids(ids),
                 None => run,

@@ -53,6 +53,14 @@ impl StopMatcher {
         StopOutcome::Emit(released)
     }
 
+    /// Takes text that must not end the output (before `min_tokens`): releases it,
+    /// with what was held back, unmatched.
+    pub fn pass(&mut self, text: &str) -> String {
+        let mut released = std::mem::take(&mut self.held);
+        released.push_str(text);
+        released
+    }
+
     /// The output has ended: releases what was held back.
     pub fn finish(&mut self) -> String {
         std::mem::take(&mut self.held)

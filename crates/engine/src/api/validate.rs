@@ -107,7 +107,7 @@ pub fn output_options(
     let stop_strings = fields.stop_strings();
     check_stop_strings(&stop_strings)?;
     Ok(OutputOptions {
-        sampling: sampling_params(fields)?,
+        sampling: sampling_params(fields, model.vocab_size)?,
         max_tokens: max_tokens
             .1
             .map(|value| positive_max_tokens(max_tokens.0, value))
@@ -122,7 +122,7 @@ pub fn output_options(
     })
 }
 
-fn sampling_params(fields: &SamplingFields) -> Result<SamplingParams, ApiError> {
+fn sampling_params(fields: &SamplingFields, vocab_size: usize) -> Result<SamplingParams, ApiError> {
     let temperature = fields.temperature.unwrap_or(1.0);
     if temperature.is_nan() || temperature < 0.0 {
         return Err(ApiError::invalid_param(
@@ -154,7 +154,81 @@ fn sampling_params(fields: &SamplingFields) -> Result<SamplingParams, ApiError> 
         seed: fields.seed,
         presence_penalty: fields.presence_penalty.unwrap_or(0.0) as f32,
         frequency_penalty: fields.frequency_penalty.unwrap_or(0.0) as f32,
+        repetition_penalty: repetition_penalty(fields.repetition_penalty)?,
+        min_p: min_p(fields.min_p)?,
+        logit_bias: logit_bias(fields.logit_bias.as_ref(), vocab_size)?,
+        min_tokens: min_tokens(fields)?,
     })
+}
+
+fn repetition_penalty(value: Option<f64>) -> Result<f32, ApiError> {
+    match value {
+        None => Ok(1.0),
+        Some(p) if p.is_finite() && p > 0.0 => Ok(p as f32),
+        Some(p) => Err(ApiError::invalid_param(
+            "repetition_penalty",
+            format!("repetition_penalty must be greater than zero, got {p}."),
+        )),
+    }
+}
+
+fn min_p(value: Option<f64>) -> Result<f32, ApiError> {
+    match value {
+        None => Ok(0.0),
+        Some(p) if (0.0..=1.0).contains(&p) => Ok(p as f32),
+        Some(p) => Err(ApiError::invalid_param(
+            "min_p",
+            format!("min_p must be in [0, 1], got {p}."),
+        )),
+    }
+}
+
+/// OpenAI's range for a logit bias.
+const MAX_LOGIT_BIAS: f64 = 100.0;
+
+fn logit_bias(
+    biases: Option<&std::collections::BTreeMap<String, f64>>,
+    vocab_size: usize,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(biases) = biases else {
+        return Ok(Vec::new());
+    };
+    biases
+        .iter()
+        .map(|(token, &bias)| {
+            let id = token
+                .parse::<u32>()
+                .ok()
+                .filter(|&id| (id as usize) < vocab_size)
+                .ok_or_else(|| {
+                    ApiError::invalid_param(
+                        "logit_bias",
+                        format!(
+                            "logit_bias keys must be token ids below {vocab_size}, got {token:?}."
+                        ),
+                    )
+                })?;
+            if !(-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(&bias) {
+                return Err(ApiError::invalid_param(
+                    "logit_bias",
+                    format!("logit_bias values must be in [-100, 100], got {bias}."),
+                ));
+            }
+            Ok((id, bias as f32))
+        })
+        .collect()
+}
+
+fn min_tokens(fields: &SamplingFields) -> Result<usize, ApiError> {
+    let min = fields.min_tokens.unwrap_or(0);
+    let max = fields.max_tokens;
+    if min < 0 || max.is_some_and(|max| min > max) {
+        return Err(ApiError::invalid_param(
+            "min_tokens",
+            format!("min_tokens must be at least 0 and at most max_tokens, got {min}."),
+        ));
+    }
+    Ok(usize::try_from(min).unwrap_or(usize::MAX))
 }
 
 fn check_penalty(name: &str, value: Option<f64>) -> Result<(), ApiError> {
@@ -560,15 +634,43 @@ mod tests {
         );
     }
 
+    fn sampling_params_of(fields: &SamplingFields) -> Result<SamplingParams, ApiError> {
+        sampling_params(fields, 1000)
+    }
+
+    fn fields(json: &str) -> SamplingFields {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn new_sampling_fields_are_range_checked() {
+        for bad in [
+            r#"{"min_p": 1.5}"#,
+            r#"{"repetition_penalty": 0}"#,
+            r#"{"logit_bias": {"1000": 1}}"#,
+            r#"{"logit_bias": {"x": 1}}"#,
+            r#"{"logit_bias": {"5": 101}}"#,
+            r#"{"min_tokens": -1}"#,
+            r#"{"min_tokens": 9, "max_tokens": 8}"#,
+        ] {
+            assert!(sampling_params_of(&fields(bad)).is_err(), "{bad}");
+        }
+        let params = sampling_params_of(&fields(
+            r#"{"min_p": 0.1, "repetition_penalty": 1.2, "logit_bias": {"7": -3}, "min_tokens": 2}"#,
+        ))
+        .unwrap();
+        assert_eq!(params.logit_bias, vec![(7, -3.0)]);
+        assert_eq!((params.min_tokens, params.min_p), (2, 0.1));
+    }
+
     #[test]
     fn sampling_ranges_are_checked() {
-        let fields = |json: &str| -> SamplingFields { serde_json::from_str(json).unwrap() };
-        assert!(sampling_params(&fields(r#"{"temperature": -0.1}"#)).is_err());
-        assert!(sampling_params(&fields(r#"{"top_p": 0}"#)).is_err());
-        assert!(sampling_params(&fields(r#"{"top_p": 1.5}"#)).is_err());
-        assert!(sampling_params(&fields(r#"{"top_k": -2}"#)).is_err());
+        assert!(sampling_params_of(&fields(r#"{"temperature": -0.1}"#)).is_err());
+        assert!(sampling_params_of(&fields(r#"{"top_p": 0}"#)).is_err());
+        assert!(sampling_params_of(&fields(r#"{"top_p": 1.5}"#)).is_err());
+        assert!(sampling_params_of(&fields(r#"{"top_k": -2}"#)).is_err());
         let params =
-            sampling_params(&fields(r#"{"temperature": 0, "top_k": -1, "seed": 3}"#)).unwrap();
+            sampling_params_of(&fields(r#"{"temperature": 0, "top_k": -1, "seed": 3}"#)).unwrap();
         assert_eq!(
             params,
             SamplingParams {

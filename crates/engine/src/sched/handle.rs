@@ -19,7 +19,8 @@ pub type SeqId = u64;
 pub(crate) enum Command {
     Submit {
         id: SeqId,
-        request: GenerationRequest,
+        /// Boxed: the other commands are a few bytes.
+        request: Box<GenerationRequest>,
         events: mpsc::UnboundedSender<GenerationEvent>,
     },
     /// The caller ends the request as stopped (a stop string matched): unlike a cancel,
@@ -90,7 +91,7 @@ impl EngineHandle {
         self.commands
             .send(Command::Submit {
                 id,
-                request,
+                request: Box::new(request),
                 events,
             })
             .map_err(|_| EngineStopped)?;

@@ -131,7 +131,7 @@ impl EngineLoop {
                 request,
                 events,
             } => {
-                let seq = Sequence::new(id, request, events);
+                let seq = Sequence::new(id, *request, events);
                 if let Err(message) = self.check_fits(&seq) {
                     seq.send_failed(message);
                     return;

@@ -53,6 +53,8 @@ impl Sequence {
         request: GenerationRequest,
         events: mpsc::UnboundedSender<GenerationEvent>,
     ) -> Self {
+        let sampler =
+            Sampler::for_sequence(request.sampling, &request.prompt, &request.stop_token_ids);
         Self {
             id,
             request_id: request.request_id,
@@ -64,7 +66,7 @@ impl Sequence {
             cached_tokens: 0,
             max_tokens: request.max_tokens,
             stop_token_ids: request.stop_token_ids,
-            sampler: Sampler::new(request.sampling),
+            sampler,
             kv: request.kv,
             pull: PullState::NotStarted,
             abandoned: false,

@@ -23,6 +23,14 @@ pub struct SamplingFields {
     pub stop_token_ids: Option<Vec<u32>>,
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
+    /// vLLM's: 1 is off.
+    pub repetition_penalty: Option<f64>,
+    /// vLLM's: 0 is off.
+    pub min_p: Option<f64>,
+    /// Token id (as a string) to a bias added to its logit.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// vLLM's: end tokens cannot come before this many output tokens.
+    pub min_tokens: Option<i64>,
     pub ignore_eos: Option<bool>,
     pub n: Option<i64>,
     pub stream: Option<bool>,
@@ -98,6 +106,9 @@ pub struct CompletionRequest {
     /// Not supported: any value but `null`/`false` is refused.
     #[serde(default)]
     pub echo: Option<Value>,
+    /// Whether a text prompt gets the tokenizer's special tokens (BOS); default true.
+    #[serde(default)]
+    pub add_special_tokens: Option<bool>,
 }
 
 impl CompletionRequest {
