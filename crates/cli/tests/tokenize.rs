@@ -410,3 +410,50 @@ async fn answers_with_return_token_ids_carry_the_prompts_ids_and_the_texts() {
     assert!(plain["choices"][0].get("token_ids").is_none());
     assert!(plain["choices"][0].get("prompt_token_ids").is_none());
 }
+
+#[tokio::test]
+async fn the_router_serves_tokenize_detokenize_version_and_ping() {
+    if !default_model_present() {
+        return;
+    }
+    let worker = start_server(&[]);
+    let router = Server::start_router(&["--worker", &worker.url("")]);
+    let (text, ids) = llamacpp_tokenizations().swap_remove(0);
+    let (status, tokenized) = router
+        .post("/tokenize", &json!({"prompt": text, "model": "smol"}))
+        .await;
+    assert_eq!(status, 200, "{tokenized}");
+    assert_eq!(tokenized["tokens"], json!(ids));
+    let (status, back) = router.post("/detokenize", &json!({"tokens": ids})).await;
+    assert_eq!(status, 200);
+    assert_eq!(back["prompt"], json!(text));
+    // The worker's own 400s come back as it said them.
+    let (status, refused) = router
+        .post("/tokenize", &json!({"prompt": "x", "bogus": 1}))
+        .await;
+    assert_error(status, &refused, 400);
+
+    for server in [&worker, &router] {
+        let version: Value = reqwest::get(server.url("/version"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(version["version"], env!("CARGO_PKG_VERSION"));
+        for method in [reqwest::Method::GET, reqwest::Method::POST] {
+            let ping = server
+                .client
+                .request(method, server.url("/ping"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(ping.status(), 200);
+        }
+        // A POST route asked with GET: 405 with an OpenAI body, not an empty one.
+        let wrong = reqwest::get(server.url("/v1/completions")).await.unwrap();
+        assert_eq!(wrong.status(), 405);
+        let body: Value = wrong.json().await.unwrap();
+        assert_eq!(body["error"]["code"], 405, "{body}");
+    }
+}

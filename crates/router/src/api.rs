@@ -51,6 +51,10 @@ pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/ping", get(health).post(health))
+        .route("/version", get(version))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/healthcheck", get(healthcheck))
         .route("/metrics", get(metrics))
         .route(
@@ -59,6 +63,12 @@ pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
         )
         .route("/workers/{id}/drain", post(admin::drain))
         .fallback(|| async { error_response(ApiError::not_found("Not Found")) })
+        .method_not_allowed_fallback(|| async {
+            error_response(ApiError::new(
+                ErrorKind::MethodNotAllowed,
+                "Method Not Allowed",
+            ))
+        })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
@@ -103,16 +113,7 @@ fn prepare(
     arrival: Instant,
 ) -> Result<ClientRequest, ApiError> {
     check_bearer(headers, state.api_key.as_ref())?;
-    let bytes = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                ErrorKind::PayloadTooLarge,
-                "The request body is larger than the router accepts.",
-            )
-        } else {
-            ApiError::bad_request(format!("Could not read the request body: {rejection}"))
-        }
-    })?;
+    let bytes = body.map_err(|rejection| body_error(&rejection))?;
     let mut body: Map<String, Value> = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("Invalid JSON in the request body: {e}")))?;
     screen_client_params(&mut body, state.client_params)?;
@@ -125,6 +126,18 @@ fn prepare(
         arrival,
         resume: None,
     })
+}
+
+/// The client's error for a body that could not be read.
+fn body_error(rejection: &BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            ErrorKind::PayloadTooLarge,
+            "The request body is larger than the router accepts.",
+        )
+    } else {
+        ApiError::bad_request(format!("Could not read the request body: {rejection}"))
+    }
 }
 
 /// Removes (or refuses) the client's own `kv_transfer_params`, counting each.
@@ -237,6 +250,70 @@ async fn models(State(state): State<SharedState>, headers: HeaderMap) -> Respons
         }
     }
     error_response(ApiError::unavailable("no worker answered /v1/models"))
+}
+
+/// `{"version": …}`: the router's (tandem's) version, as vLLM answers it.
+async fn version() -> Response {
+    axum::Json(json!({"version": env!("CARGO_PKG_VERSION")})).into_response()
+}
+
+async fn tokenize(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    forward_to_a_worker(&state, "/tokenize", &headers, body).await
+}
+
+async fn detokenize(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    forward_to_a_worker(&state, "/detokenize", &headers, body).await
+}
+
+/// A request the workers all answer alike (`/tokenize`, `/detokenize`), sent to the
+/// first available worker that answers (prefill workers first in P/D mode: they
+/// tokenize what the decode workers would) and relayed as it answered. The call
+/// carries the worker key (if any), never the client's `Authorization`.
+async fn forward_to_a_worker(
+    state: &AppState,
+    path: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(error) = check_bearer(headers, state.api_key.as_ref()) {
+        return error_response(error);
+    }
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return error_response(body_error(&rejection)),
+    };
+    let registry = &state.dispatcher.registry;
+    let client = state.dispatcher.upstream.client();
+    let workers = [Role::Both, Role::Prefill, Role::Decode]
+        .into_iter()
+        .flat_map(|role| registry.available(role, &[]));
+    for worker in workers {
+        let request = client
+            .post(format!("{}{path}", worker.url))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.clone())
+            .timeout(Duration::from_secs(30));
+        let Ok(response) = request.send().await else {
+            continue;
+        };
+        let status = response.status().as_u16();
+        if status >= 500 {
+            continue;
+        }
+        let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
+        if let Ok(bytes) = response.bytes().await {
+            return crate::relay::passthrough(status, content_type, bytes);
+        }
+    }
+    error_response(ApiError::unavailable(format!("no worker answered {path}")))
 }
 
 /// 200 when the mode can serve (see [`readiness`]), with `"status": "degraded"` while
