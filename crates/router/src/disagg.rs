@@ -123,18 +123,30 @@ pub fn decode_leg(body: &Map<String, Value>, params: &Map<String, Value>) -> Map
 pub enum LocalReason {
     /// A `/v1/completions` prompt list: P would hand off only one prompt's KV.
     PromptList,
+    /// Several choices (`n`, `best_of` above 1): the hand-off carries one sequence's
+    /// KV, and a decode worker runs each choice as a sequence of its own.
+    SeveralChoices,
 }
 
 impl LocalReason {
     pub fn as_str(self) -> &'static str {
         match self {
             LocalReason::PromptList => "prompt_list",
+            LocalReason::SeveralChoices => "several_choices",
         }
     }
 }
 
 /// Whether a P/D request must go to the decode worker alone.
 pub fn must_run_locally(endpoint: Endpoint, body: &Map<String, Value>) -> Option<LocalReason> {
+    let several = |field: &str| {
+        body.get(field)
+            .and_then(Value::as_u64)
+            .is_some_and(|n| n > 1)
+    };
+    if several("n") || several("best_of") {
+        return Some(LocalReason::SeveralChoices);
+    }
     let prompt = body.get("prompt")?;
     let is_list_of_prompts = match prompt.as_array() {
         Some(items) => items.len() > 1 && items.iter().all(|i| i.is_string() || i.is_array()),
@@ -297,6 +309,13 @@ mod tests {
         assert!(must_run_locally(Endpoint::Completions, &id_lists).is_some());
         let one = object(json!({"prompt": ["a"]}));
         assert_eq!(must_run_locally(Endpoint::Completions, &one), None);
+        let choices = object(json!({"messages": [], "n": 3}));
+        assert_eq!(
+            must_run_locally(Endpoint::Chat, &choices),
+            Some(LocalReason::SeveralChoices)
+        );
+        let one_choice = object(json!({"messages": [], "n": 1}));
+        assert_eq!(must_run_locally(Endpoint::Chat, &one_choice), None);
     }
 
     #[test]
