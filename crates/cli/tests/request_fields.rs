@@ -25,7 +25,7 @@ fn shared_fields() -> Vec<(&'static str, Value, Expect)> {
         ("presence_penalty", json!(0.5), Honoured),
         ("logit_bias", json!({"100": 5}), Honoured),
         ("max_tokens", json!(3), Honoured),
-        ("n", json!(2), Refused),
+        ("n", json!(2), Honoured),
         ("seed", json!(1), Honoured),
         ("stop", json!(["x"]), Honoured),
         ("stream", json!(true), Honoured),
@@ -79,8 +79,10 @@ fn completions_fields() -> Vec<(&'static str, Value, Expect)> {
     let mut fields = shared_fields();
     fields.extend([
         ("echo", json!(true), Refused),
-        ("logprobs", json!(1), Refused),
+        ("logprobs", json!(1), Honoured),
+        ("logprobs", json!(21), Refused),
         ("best_of", json!(2), Refused),
+        ("n", json!(65), Refused),
         ("suffix", json!("end"), Refused),
         ("add_special_tokens", json!(false), Honoured),
     ]);
@@ -91,7 +93,8 @@ fn chat_fields() -> Vec<(&'static str, Value, Expect)> {
     let mut fields = shared_fields();
     fields.extend([
         ("echo", json!(true), Refused),
-        ("logprobs", json!(true), Refused),
+        ("logprobs", json!(true), Honoured),
+        // Without `logprobs: true`, refused (vLLM's rule), by name.
         ("top_logprobs", json!(2), Refused),
         ("max_completion_tokens", json!(3), Honoured),
         (
@@ -256,4 +259,156 @@ async fn the_new_sampling_fields_change_the_output_as_vllm_defines_them() {
         held["usage"]["completion_tokens"].as_u64().unwrap() >= min_tokens,
         "{held}"
     );
+}
+
+#[tokio::test]
+async fn n_choices_are_the_seeded_single_choices_and_the_prompt_counts_once() {
+    if !default_model_present() {
+        return;
+    }
+    let server = Server::start(&["--threads", "2", "--max-model-len", "512"]);
+    let body = |n: u64, seed: u64| {
+        json!({"prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0,
+               "seed": seed, "n": n})
+    };
+    let (status, three) = server.post("/v1/completions", &body(3, 5)).await;
+    assert_eq!(status, 200, "{three}");
+    let choices = three["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let mut completion_tokens = 0;
+    let mut prompt_tokens = 0;
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        // Choice i samples with seed + i: the single request with that seed.
+        let (_, single) = server.post("/v1/completions", &body(1, 5 + i as u64)).await;
+        assert_eq!(choice["text"], single["choices"][0]["text"], "choice {i}");
+        completion_tokens += single["usage"]["completion_tokens"].as_u64().unwrap();
+        prompt_tokens = single["usage"]["prompt_tokens"].as_u64().unwrap();
+    }
+    assert_eq!(
+        three["usage"]["prompt_tokens"], prompt_tokens,
+        "the prompt counts once"
+    );
+    assert_eq!(three["usage"]["completion_tokens"], completion_tokens);
+
+    // Streamed chat: a role chunk per choice, then each choice's text under its index.
+    let chat = json!({"messages": [{"role": "user", "content": "Name a colour."}],
+                      "max_tokens": 8, "temperature": 1.0, "seed": 3, "n": 2,
+                      "stream": true, "stream_options": {"include_usage": true}});
+    let payloads = server.post_stream("/v1/chat/completions", &chat).await;
+    let mut texts = [String::new(), String::new()];
+    let mut roles = 0;
+    for payload in &payloads[..payloads.len() - 1] {
+        let chunk: Value = serde_json::from_str(payload).unwrap();
+        for choice in chunk["choices"].as_array().unwrap() {
+            let index = choice["index"].as_u64().unwrap() as usize;
+            roles += usize::from(choice["delta"].get("role").is_some());
+            texts[index].push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+        }
+    }
+    assert_eq!(roles, 2);
+    let mut whole = chat.clone();
+    whole["stream"] = json!(false);
+    whole.as_object_mut().unwrap().remove("stream_options");
+    let (_, answer) = server.post("/v1/chat/completions", &whole).await;
+    for (i, text) in texts.iter().enumerate() {
+        assert_eq!(answer["choices"][i]["message"]["content"], json!(text));
+    }
+}
+
+#[tokio::test]
+async fn greedy_logprobs_rank_and_space_tokens_as_llamacpps_logits_do() {
+    if !default_model_present() {
+        return;
+    }
+    let server = Server::start(&["--threads", "2", "--max-model-len", "512"]);
+    let fixture = common::llamacpp_fixture();
+    let mut names = std::collections::HashMap::new();
+    for case in fixture["generation"].as_array().unwrap() {
+        // The engine's own fixture test holds greedy tokens equal for 16 positions.
+        let positions = 16;
+        let body = json!({"prompt": case["prompt_ids"], "max_tokens": positions,
+                          "temperature": 0, "logprobs": 5});
+        let (status, answer) = server.post("/v1/completions", &body).await;
+        assert_eq!(status, 200, "{answer}");
+        let logprobs = &answer["choices"][0]["logprobs"];
+        let tops = logprobs["top_logprobs"].as_array().unwrap();
+        assert_eq!(tops.len(), positions);
+        // llama.cpp's logits cover every position of prompt and output; the one that
+        // predicts output token j is the prompt's last position plus j.
+        let first = case["prompt_ids"].as_array().unwrap().len() - 1;
+        for (position, top) in tops.iter().enumerate() {
+            let reference = case["top5_logits_per_position"][first + position]
+                .as_array()
+                .unwrap();
+            let logit = |i: usize| reference[i][1].as_f64().unwrap();
+            let mut name = async |id: &Value| -> String {
+                let id = id.as_u64().unwrap();
+                if let Some(name) = names.get(&id) {
+                    return String::clone(name);
+                }
+                let (_, text) = server.post("/detokenize", &json!({"tokens": [id]})).await;
+                let name = text["prompt"].as_str().unwrap().to_owned();
+                names.insert(id, name.clone());
+                name
+            };
+            let best = name(&reference[0][0]).await;
+            let best_logprob = top[&best]
+                .as_f64()
+                .unwrap_or_else(|| panic!("position {position}: {best:?} not in {top}"));
+            assert_eq!(
+                logprobs["token_logprobs"][position].as_f64(),
+                Some(best_logprob),
+                "position {position}: the sampled token is llama.cpp's top one"
+            );
+            for (i, entry) in reference.iter().enumerate().skip(1) {
+                let other = name(&entry[0]).await;
+                let Some(logprob) = top[&other].as_f64() else {
+                    continue; // Another token nearly tied with it took its place.
+                };
+                // Log probabilities differ as the logits do; llama.cpp's logits carry
+                // ~0.15 of noise (the engine's fixture test), so 0.5 is generous.
+                let ours = best_logprob - logprob;
+                let theirs = logit(0) - logit(i);
+                assert!(
+                    (ours - theirs).abs() < 0.5,
+                    "position {position}, {other:?}: {ours} vs llama.cpp's {theirs}"
+                );
+            }
+        }
+        let total: f64 = tops[0]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|lp| lp.as_f64().unwrap().exp())
+            .sum();
+        assert!(
+            total <= 1.0 + 1e-4,
+            "probabilities of the top tokens sum to {total}"
+        );
+    }
+
+    // Chat's shape, streamed: one entry per token, each with its top alternatives.
+    let chat = json!({"messages": [{"role": "user", "content": "Name a colour."}],
+                      "max_tokens": 6, "temperature": 0, "logprobs": true,
+                      "top_logprobs": 3, "stream": true});
+    let payloads = server.post_stream("/v1/chat/completions", &chat).await;
+    let mut entries = Vec::new();
+    for payload in &payloads[..payloads.len() - 1] {
+        let chunk: Value = serde_json::from_str(payload).unwrap();
+        let choice = &chunk["choices"][0];
+        if let Some(content) = choice["logprobs"]["content"].as_array() {
+            entries.extend(content.iter().cloned());
+        }
+    }
+    assert_eq!(entries.len(), 6, "{payloads:?}");
+    for entry in &entries {
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert_eq!(
+            top[0]["token"], entry["token"],
+            "greedy: the top token is the one chosen"
+        );
+        assert!(entry["bytes"].is_array());
+    }
 }

@@ -352,7 +352,8 @@ async fn bad_input_gets_openai_errors_with_the_right_status() {
             r#"{"prompt": "x", "top_k": -2}"#.into(),
             400,
         ),
-        ("n 2", r#"{"prompt": "x", "n": 2}"#.into(), 400),
+        ("n 65", r#"{"prompt": "x", "n": 65}"#.into(), 400),
+        ("n 0", r#"{"prompt": "x", "n": 0}"#.into(), 400),
         (
             "stream_options without stream",
             r#"{"prompt": "x", "stream_options": {"include_usage": true}}"#.into(),
@@ -379,7 +380,7 @@ async fn bad_input_gets_openai_errors_with_the_right_status() {
             400,
         ),
         ("echo", r#"{"prompt": "x", "echo": true}"#.into(), 400),
-        ("logprobs", r#"{"prompt": "x", "logprobs": 1}"#.into(), 400),
+        ("logprobs 21", r#"{"prompt": "x", "logprobs": 21}"#.into(), 400),
         (
             "token id out of vocabulary",
             r#"{"prompt": [1, 4000000]}"#.into(),

@@ -40,7 +40,7 @@ async fn decode_throughput(engine: &EngineHandle, prompts: &[Vec<u32>], streams:
             let mut n = 0;
             while let Some(event) = stream.next().await {
                 match event {
-                    GenerationEvent::Token(_) => n += 1,
+                    GenerationEvent::Token(_) | GenerationEvent::TokenWithLogprobs(..) => n += 1,
                     GenerationEvent::Finished { .. } => break,
                     GenerationEvent::Failed(e) => panic!("{e}"),
                 }

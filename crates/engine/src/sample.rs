@@ -32,6 +32,8 @@ pub struct SamplingParams {
     pub logit_bias: Vec<(u32, f32)>,
     /// The end tokens cannot be sampled before this many output tokens.
     pub min_tokens: usize,
+    /// Report each token's log probability and those of this many most likely tokens.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -47,6 +49,7 @@ impl Default for SamplingParams {
             min_p: 0.0,
             logit_bias: Vec::new(),
             min_tokens: 0,
+            logprobs: None,
         }
     }
 }
@@ -142,6 +145,11 @@ impl Sampler {
         *self.output_counts.entry(token).or_insert(0) += 1;
         self.produced += 1;
         token
+    }
+
+    /// `token`'s log probabilities under the raw `logits`, when they are reported.
+    pub fn logprobs(&self, logits: &[f32], token: u32) -> Option<TokenLogprobs> {
+        self.params.logprobs.map(|k| logprobs_of(logits, token, k))
     }
 
     /// vLLM's order: logit bias, end tokens held back, the repetition penalty (prompt
@@ -243,6 +251,39 @@ impl Sampler {
                 return;
             }
         }
+    }
+}
+
+/// The log probability of a sampled token and of the most likely tokens, from the
+/// model's raw logits (vLLM's default `raw_logprobs`: before penalties, biases and
+/// temperature).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    /// The `k` most likely tokens, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// [`TokenLogprobs`] of `token` and the `k` most likely tokens under `logits`.
+pub fn logprobs_of(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    let log_total = max + sum.ln();
+    let logprob = |l: f32| (l - log_total).max(-9999.0);
+    let mut top: Vec<(u32, f32)> = Vec::new();
+    if k > 0 {
+        top = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        keep_top(&mut top, k);
+        sort_descending(&mut top);
+        top.iter_mut().for_each(|entry| entry.1 = logprob(entry.1));
+    }
+    TokenLogprobs {
+        logprob: logits.get(token as usize).map_or(-9999.0, |&l| logprob(l)),
+        top,
     }
 }
 
@@ -415,6 +456,17 @@ mod tests {
         }
         assert_eq!(seen[2] + seen[3], 0, "{seen:?}");
         assert!(seen[1] > 0, "{seen:?}");
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_and_the_top_tokens_come_first() {
+        // softmax([ln 3, ln 1, ln 0.5... ]) with logits ln(6), ln(3), ln(1): p = .6, .3, .1.
+        let logits = [6f32.ln(), 3f32.ln(), 1f32.ln()];
+        let lp = logprobs_of(&logits, 1, 2);
+        assert!((lp.logprob - 0.3f32.ln()).abs() < 1e-5, "{lp:?}");
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![0, 1]);
+        assert!((lp.top[0].1 - 0.6f32.ln()).abs() < 1e-5);
+        assert!(logprobs_of(&logits, 2, 0).top.is_empty());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
+use futures_util::future::join_all;
 use tandem_protocol::openai::response::CHAT_COMPLETION;
 use tandem_protocol::openai::{
     ApiError, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
@@ -17,8 +18,8 @@ use super::error::{HttpError, parse_screened_body};
 use super::generation::{ChoiceRun, collect};
 use super::handoff;
 use super::request_id::RequestId;
-use super::sse::{self, ChunkWriter, Endpoint};
-use super::validate::{self, PromptNoun};
+use super::sse::{self, ChunkWriter, Endpoint, StreamShape};
+use super::validate::{self, OutputOptions, PromptNoun};
 use super::{SharedState, prepare, start_choices, unix_seconds};
 
 pub async fn create(
@@ -27,7 +28,7 @@ pub async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
     let arrival = Instant::now();
-    let (run, stream, include_usage) = {
+    let (runs, options) = {
         let state = state.clone();
         let request_id = request_id.clone();
         let body_bytes = body.as_ref().map_or(0, Bytes::len);
@@ -43,36 +44,31 @@ pub async fn create(
         created: unix_seconds(),
         model: state.model.name.clone(),
     };
-    if stream {
-        return Ok(sse::response(writer, vec![run], include_usage).into_response());
+    let shape = super::stream_shape(&options, &state);
+    if options.stream {
+        return Ok(sse::response(writer, runs, shape).into_response());
     }
-    Ok(Json(respond_whole(writer, run, &state).await?).into_response())
+    Ok(Json(respond_whole(writer, runs, shape, &state).await?).into_response())
 }
 
-/// Validates the request and submits it; returns the run and the stream flags.
+/// Validates the request and submits its `n` choices; returns the runs, `n` and the
+/// stream flags.
 fn start(
     state: &SharedState,
     request: &ChatCompletionRequest,
     request_id: &str,
     arrival: Instant,
-) -> Result<(ChoiceRun, bool, bool), ApiError> {
+) -> Result<(Vec<ChoiceRun>, OutputOptions), ApiError> {
     validate::check_model(request.model.as_deref(), &state.model)?;
-    if request.wants_logprobs() {
-        let field = if request.sampling.wants_logprobs() {
-            "logprobs"
-        } else {
-            "top_logprobs"
-        };
-        return Err(ApiError::invalid_param(
-            field,
-            format!("{field} is not supported."),
-        ));
-    }
     let mut options = validate::output_options(
         &request.sampling,
         (request.max_tokens_field(), request.max_tokens()),
         &state.tokenizer,
         &state.model,
+    )?;
+    options.sampling.logprobs = validate::chat_logprobs(
+        request.sampling.logprobs.as_ref(),
+        request.top_logprobs.as_ref(),
     )?;
     let chat = validate::ChatPromptOptions::from_fields(
         request.add_generation_prompt,
@@ -89,7 +85,7 @@ fn start(
     options.kv = handoff::kv_role(
         request.sampling.kv_transfer_params.as_ref(),
         options.stream,
-        1,
+        options.n,
         state.handoff.as_ref(),
     )?;
     let prompt = validate::fit_to_context(
@@ -98,49 +94,58 @@ fn start(
         state.model.max_model_len,
         PromptNoun::Messages,
     )?;
-    let mut runs = start_choices(
+    let runs = start_choices(
         state,
         &format!("chatcmpl-{request_id}"),
         vec![prompt],
         &options,
         arrival,
     )?;
-    let run = runs
-        .pop()
-        .ok_or_else(|| ApiError::internal("no choice was started"))?;
-    Ok((run, options.stream, options.include_usage))
+    Ok((runs, options))
 }
 
 async fn respond_whole(
     writer: ChunkWriter,
-    run: ChoiceRun,
+    runs: Vec<ChoiceRun>,
+    shape: StreamShape,
     state: &SharedState,
 ) -> Result<ChatCompletionResponse, ApiError> {
-    let choice = collect(run)
-        .await
-        .map_err(|failure| ApiError::internal(failure.to_string()))?;
-    let kv_transfer_params = match (&choice.handoff, &state.handoff) {
-        (Some(handoff), Some(info)) => handoff::response_params(handoff, info),
-        _ => None,
-    };
-    Ok(ChatCompletionResponse {
-        id: writer.id,
-        object: CHAT_COMPLETION.into(),
-        created: writer.created,
-        model: writer.model,
-        choices: vec![ChatChoice {
+    let n = runs.len();
+    let collected = join_all(runs.into_iter().map(collect)).await;
+    let mut choices = Vec::with_capacity(n);
+    let mut usage = Vec::with_capacity(n);
+    let (mut kv_transfer_params, mut prompt_token_ids) = (None, None);
+    for result in collected {
+        let choice = result.map_err(|failure| ApiError::internal(failure.to_string()))?;
+        usage.push((choice.index, choice.usage));
+        if let (Some(handoff), Some(info)) = (&choice.handoff, &state.handoff) {
+            kv_transfer_params = handoff::response_params(handoff, info);
+        }
+        prompt_token_ids = prompt_token_ids.or(choice.prompt_token_ids);
+        let logprobs = match (&shape.logprobs, &choice.logprobs) {
+            (Some(writer), Some(tokens)) => Some(writer.chat(tokens)),
+            _ => None,
+        };
+        choices.push(ChatChoice {
             index: choice.index,
             message: ChatResponseMessage {
                 role: "assistant".into(),
                 content: choice.text,
             },
-            logprobs: None,
+            logprobs,
             finish_reason: Some(choice.finish_reason.as_openai().to_owned()),
             stop_reason: choice.stop_reason,
             token_ids: choice.token_ids,
-        }],
-        usage: choice.usage,
-        prompt_token_ids: choice.prompt_token_ids,
+        });
+    }
+    Ok(ChatCompletionResponse {
+        id: writer.id,
+        object: CHAT_COMPLETION.into(),
+        created: writer.created,
+        model: writer.model,
+        choices,
+        usage: super::total_usage(usage, shape.n),
         kv_transfer_params,
+        prompt_token_ids,
     })
 }

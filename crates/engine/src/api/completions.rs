@@ -10,16 +10,14 @@ use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::join_all;
 use tandem_protocol::openai::response::TEXT_COMPLETION;
-use tandem_protocol::openai::{
-    ApiError, CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo,
-};
+use tandem_protocol::openai::{ApiError, CompletionChoice, CompletionRequest, CompletionResponse};
 
 use super::error::{HttpError, parse_screened_body};
 use super::generation::{ChoiceRun, collect};
 use super::handoff;
 use super::request_id::RequestId;
-use super::sse::{self, ChunkWriter, Endpoint};
-use super::validate::{self, PromptNoun};
+use super::sse::{self, ChunkWriter, Endpoint, StreamShape};
+use super::validate::{self, OutputOptions, PromptNoun};
 use super::{SharedState, prepare, start_choices, unix_seconds};
 
 pub async fn create(
@@ -28,7 +26,7 @@ pub async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
     let arrival = Instant::now();
-    let (runs, stream, include_usage) = {
+    let (runs, options) = {
         let state = state.clone();
         let request_id = request_id.clone();
         let body_bytes = body.as_ref().map_or(0, Bytes::len);
@@ -44,10 +42,11 @@ pub async fn create(
         created: unix_seconds(),
         model: state.model.name.clone(),
     };
-    if stream {
-        return Ok(sse::response(writer, runs, include_usage).into_response());
+    let shape = super::stream_shape(&options, &state);
+    if options.stream {
+        return Ok(sse::response(writer, runs, shape).into_response());
     }
-    Ok(Json(respond_whole(writer, runs, &state).await?).into_response())
+    Ok(Json(respond_whole(writer, runs, shape, &state).await?).into_response())
 }
 
 /// Validates the request and submits its prompts; returns the runs and the stream
@@ -57,16 +56,10 @@ fn start(
     request: &CompletionRequest,
     request_id: &str,
     arrival: Instant,
-) -> Result<(Vec<ChoiceRun>, bool, bool), ApiError> {
+) -> Result<(Vec<ChoiceRun>, OutputOptions), ApiError> {
     validate::check_model(request.model.as_deref(), &state.model)?;
     if request.wants_echo() {
         return Err(ApiError::invalid_param("echo", "echo is not supported."));
-    }
-    if request.sampling.wants_logprobs() {
-        return Err(ApiError::invalid_param(
-            "logprobs",
-            "logprobs is not supported.",
-        ));
     }
     let mut options = validate::output_options(
         &request.sampling,
@@ -74,6 +67,7 @@ fn start(
         &state.tokenizer,
         &state.model,
     )?;
+    options.sampling.logprobs = validate::completion_logprobs(request.sampling.logprobs.as_ref())?;
     let inputs = request.prompt.inputs();
     if inputs.is_empty() {
         return Err(ApiError::invalid_param(
@@ -84,7 +78,7 @@ fn start(
     options.kv = handoff::kv_role(
         request.sampling.kv_transfer_params.as_ref(),
         options.stream,
-        inputs.len(),
+        inputs.len() * options.n,
         state.handoff.as_ref(),
     )?;
     let prompts = inputs
@@ -112,12 +106,13 @@ fn start(
         &options,
         arrival,
     )?;
-    Ok((runs, options.stream, options.include_usage))
+    Ok((runs, options))
 }
 
 async fn respond_whole(
     writer: ChunkWriter,
     runs: Vec<ChoiceRun>,
+    shape: StreamShape,
     state: &SharedState,
 ) -> Result<CompletionResponse, ApiError> {
     let collected = join_all(runs.into_iter().map(collect)).await;
@@ -126,14 +121,18 @@ async fn respond_whole(
     let mut kv_transfer_params = None;
     for result in collected {
         let choice = result.map_err(|failure| ApiError::internal(failure.to_string()))?;
-        usage.push(choice.usage);
+        usage.push((choice.index, choice.usage));
         if let (Some(handoff), Some(info)) = (&choice.handoff, &state.handoff) {
             kv_transfer_params = handoff::response_params(handoff, info);
         }
+        let logprobs = match (&shape.logprobs, &choice.logprobs) {
+            (Some(writer), Some(tokens)) => Some(writer.completion(tokens, &mut 0)),
+            _ => None,
+        };
         choices.push(CompletionChoice {
             index: choice.index,
             text: choice.text,
-            logprobs: None,
+            logprobs,
             finish_reason: Some(choice.finish_reason.as_openai().to_owned()),
             stop_reason: choice.stop_reason,
             prompt_token_ids: choice.prompt_token_ids,
@@ -146,7 +145,7 @@ async fn respond_whole(
         created: writer.created,
         model: writer.model,
         choices,
-        usage: UsageInfo::sum(usage),
+        usage: super::total_usage(usage, shape.n),
         kv_transfer_params,
     })
 }

@@ -12,6 +12,7 @@ use tandem_protocol::openai::UsageInfo;
 
 use super::stop::{StopMatcher, StopOutcome};
 use crate::metrics as names;
+use crate::sample::TokenLogprobs;
 use crate::sched::{FinishReason, GenerationEvent, GenerationStream, Usage};
 use crate::tokenizer::IncrementalDecoder;
 use crate::transfer::Handoff;
@@ -19,12 +20,12 @@ use crate::transfer::Handoff;
 /// What a running choice reports, in order: text pieces, then one end.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChoiceEvent {
-    /// Output text (never empty), with the ids of the tokens whose text is now all
-    /// sent (empty unless ids are reported; see [`ChoiceRun::reporting_ids`]).
+    /// Output text (never empty), with the tokens whose text is now all sent (empty
+    /// unless tokens are reported; see [`ChoiceRun::reporting`]).
     Text {
         index: usize,
         text: String,
-        token_ids: Vec<u32>,
+        tokens: Vec<OutputToken>,
     },
     /// The choice is complete.
     Finished {
@@ -35,8 +36,8 @@ pub enum ChoiceEvent {
         usage: UsageInfo,
         /// Where a prefill leg's KV waits for its decode worker.
         handoff: Option<Handoff>,
-        /// The ids not reported with text yet (the stop token among them).
-        token_ids: Vec<u32>,
+        /// The tokens not reported with text yet (the stop token among them).
+        tokens: Vec<OutputToken>,
     },
     /// The engine could not run it.
     Failed { index: usize, message: String },
@@ -57,20 +58,42 @@ pub struct ChoiceRun {
     /// The stop token the engine reported.
     stop_token: Option<u32>,
     ended: bool,
-    /// With `return_token_ids`: the prompt's ids, and the output ids whose text is not
-    /// all sent yet (held for a whole character or a possible stop string). An id is
+    /// With `return_token_ids` or `logprobs`: the output tokens whose text is not all
+    /// sent yet (held for a whole character or a possible stop string). A token is
     /// reported only once its text is out, so a client that resumes from the reported
     /// ids (the router's migration) neither loses nor repeats text.
-    report_ids: Option<ReportedIds>,
+    report: Option<TokenReport>,
     /// Stop strings are not matched before this many output tokens (vLLM's
     /// `min_tokens`; the sampler holds the end tokens back).
     min_tokens: usize,
 }
 
-#[derive(Debug, Default)]
-struct ReportedIds {
-    prompt: Vec<u32>,
-    unsent: Vec<u32>,
+/// An output token as reported beside the text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputToken {
+    pub id: u32,
+    /// With `logprobs`.
+    pub logprobs: Option<Box<TokenLogprobs>>,
+}
+
+/// What a run reports of its tokens.
+#[derive(Debug, Clone, Default)]
+pub struct TokenReport {
+    /// `return_token_ids`: the prompt's ids (the output's go with the text).
+    pub prompt_ids: Option<Vec<u32>>,
+    /// `logprobs`: each token's log probabilities.
+    pub logprobs: bool,
+    unsent: Vec<OutputToken>,
+}
+
+impl TokenReport {
+    pub fn new(prompt_ids: Option<Vec<u32>>, logprobs: bool) -> Option<Self> {
+        (prompt_ids.is_some() || logprobs).then_some(Self {
+            prompt_ids,
+            logprobs,
+            unsent: Vec::new(),
+        })
+    }
 }
 
 impl ChoiceRun {
@@ -95,7 +118,7 @@ impl ChoiceRun {
             stopped: false,
             stop_token: None,
             ended: false,
-            report_ids: None,
+            report: None,
             min_tokens: 0,
         }
     }
@@ -106,19 +129,20 @@ impl ChoiceRun {
         self
     }
 
-    /// Reports token ids (vLLM's `return_token_ids`): `prompt` for the answer's
-    /// `prompt_token_ids`, output ids with the text they make.
-    pub fn reporting_ids(mut self, prompt: Vec<u32>) -> Self {
-        self.report_ids = Some(ReportedIds {
-            prompt,
-            unsent: Vec::new(),
-        });
+    /// Reports output tokens with the text they make (`return_token_ids`, `logprobs`).
+    pub fn reporting(mut self, report: Option<TokenReport>) -> Self {
+        self.report = report;
         self
     }
 
     /// The prompt's ids, when ids are reported.
     pub fn reported_prompt_ids(&self) -> Option<&[u32]> {
-        self.report_ids.as_ref().map(|ids| ids.prompt.as_slice())
+        self.report.as_ref()?.prompt_ids.as_deref()
+    }
+
+    /// Whether the output's log probabilities are reported.
+    pub fn reports_logprobs(&self) -> bool {
+        self.report.as_ref().is_some_and(|report| report.logprobs)
     }
 
     /// The next event; `None` after the end.
@@ -146,14 +170,28 @@ impl ChoiceRun {
 
     fn handle(&mut self, event: Option<GenerationEvent>) {
         match event {
-            Some(GenerationEvent::Token(id)) => self.on_token(id),
+            Some(GenerationEvent::Token(id)) => self.on_token(id, None),
+            Some(GenerationEvent::TokenWithLogprobs(id, logprobs)) => {
+                self.on_token(id, Some(logprobs))
+            }
             Some(GenerationEvent::Finished {
                 reason,
                 usage,
                 handoff,
                 stop_token,
+                stop_logprobs,
             }) => {
                 self.stop_token = stop_token;
+                if let (Some(report), Some(id)) = (&mut self.report, stop_token)
+                    && !self.stopped
+                {
+                    // The stop token is generated output (vLLM counts and returns it)
+                    // but never comes as a token event.
+                    report.unsent.push(OutputToken {
+                        id,
+                        logprobs: stop_logprobs,
+                    });
+                }
                 self.on_finished(reason, usage, handoff)
             }
             Some(GenerationEvent::Failed(message)) => self.fail(message),
@@ -161,15 +199,15 @@ impl ChoiceRun {
         }
     }
 
-    fn on_token(&mut self, id: u32) {
+    fn on_token(&mut self, id: u32, logprobs: Option<Box<TokenLogprobs>>) {
         if self.stopped {
             // Generated before the engine heard of the stop: not part of the output.
             return;
         }
         self.completion_tokens += 1;
         self.timer.token();
-        if let Some(ids) = &mut self.report_ids {
-            ids.unsent.push(id);
+        if let Some(report) = &mut self.report {
+            report.unsent.push(OutputToken { id, logprobs });
         }
         let Some(text) = self.decoder.push(id) else {
             return;
@@ -223,27 +261,25 @@ impl ChoiceRun {
         if text.is_empty() {
             return;
         }
-        let token_ids = match &mut self.report_ids {
-            Some(ids) if ids_sent => std::mem::take(&mut ids.unsent),
+        let tokens = match &mut self.report {
+            Some(report) if ids_sent => std::mem::take(&mut report.unsent),
             _ => Vec::new(),
         };
         self.queued.push_back(ChoiceEvent::Text {
             index: self.index,
             text,
-            token_ids,
+            tokens,
         });
     }
 
     fn finish(&mut self, reason: FinishReason, usage: Usage, handoff: Option<Handoff>) {
         self.ended = true;
         self.timer.finished(reason, &usage);
-        let mut token_ids = Vec::new();
-        if let Some(ids) = &mut self.report_ids {
-            token_ids = std::mem::take(&mut ids.unsent);
-            // The stop token is generated output (vLLM counts and returns it) but never
-            // comes as a token event.
-            token_ids.extend(self.stop_token.filter(|_| !self.stopped));
-        }
+        let tokens = self
+            .report
+            .as_mut()
+            .map(|report| std::mem::take(&mut report.unsent))
+            .unwrap_or_default();
         self.queued.push_back(ChoiceEvent::Finished {
             index: self.index,
             reason,
@@ -254,7 +290,7 @@ impl ChoiceRun {
                 usage.cached_tokens,
             ),
             handoff,
-            token_ids,
+            tokens,
         });
     }
 
@@ -345,6 +381,8 @@ pub struct CollectedChoice {
     /// With `return_token_ids`: the prompt's ids and the output's.
     pub prompt_token_ids: Option<Vec<u32>>,
     pub token_ids: Option<Vec<u32>>,
+    /// The output's tokens, when their log probabilities are reported.
+    pub logprobs: Option<Vec<OutputToken>>,
 }
 
 /// The engine failed a request (its message).
@@ -355,17 +393,18 @@ pub struct EngineFailure(pub String);
 /// Reads a choice to its end.
 pub async fn collect(mut run: ChoiceRun) -> Result<CollectedChoice, EngineFailure> {
     let mut text = String::new();
-    let mut ids = Vec::new();
+    let mut all_tokens = Vec::new();
     let prompt_token_ids = run.reported_prompt_ids().map(<[u32]>::to_vec);
+    let logprobs = run.reports_logprobs();
     while let Some(event) = run.next().await {
         match event {
             ChoiceEvent::Text {
                 text: piece,
-                token_ids,
+                tokens,
                 ..
             } => {
                 text.push_str(&piece);
-                ids.extend(token_ids);
+                all_tokens.extend(tokens);
             }
             ChoiceEvent::Finished {
                 index,
@@ -373,9 +412,10 @@ pub async fn collect(mut run: ChoiceRun) -> Result<CollectedChoice, EngineFailur
                 stop_reason,
                 usage,
                 handoff,
-                token_ids,
+                tokens,
             } => {
-                ids.extend(token_ids);
+                all_tokens.extend(tokens);
+                let ids = all_tokens.iter().map(|token| token.id).collect();
                 return Ok(CollectedChoice {
                     index,
                     text,
@@ -385,6 +425,7 @@ pub async fn collect(mut run: ChoiceRun) -> Result<CollectedChoice, EngineFailur
                     handoff,
                     token_ids: prompt_token_ids.is_some().then_some(ids),
                     prompt_token_ids,
+                    logprobs: logprobs.then_some(all_tokens),
                 });
             }
             ChoiceEvent::Failed { message, .. } => return Err(EngineFailure(message)),

@@ -46,7 +46,8 @@ pub fn kv_role(
         (true, false) => {
             if prompts > 1 {
                 return Err(invalid(
-                    "a prefill leg (do_remote_decode) takes one prompt; send one request per prompt",
+                    "a prefill leg (do_remote_decode) takes one prompt and one choice (n = 1); \
+                     send one request per prompt",
                 ));
             }
             let serves_reads = info.is_some_and(|i| i.listener.is_some());

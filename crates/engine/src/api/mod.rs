@@ -29,6 +29,7 @@ mod fields;
 mod generation;
 mod handoff;
 mod info;
+mod logprobs;
 mod request_id;
 mod sse;
 mod stop;
@@ -51,7 +52,7 @@ use crate::chat::ChatTemplate;
 use crate::sched::{EngineHandle, GenerationRequest};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
-use generation::ChoiceRun;
+use generation::{ChoiceRun, TokenReport};
 use stop::StopMatcher as Stops;
 use validate::{OutputOptions, PreparedPrompt};
 
@@ -173,7 +174,9 @@ fn unix_seconds() -> u64 {
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
-/// Submits each prompt as one choice (`{id_prefix}-{index}` in the engine).
+/// Submits `options.n` choices of each prompt (`{id_prefix}-{index}` in the engine,
+/// prompt by prompt, as vLLM numbers them). A seeded request's choice `i` of a prompt
+/// samples with seed + i, so that the choices differ and each is reproducible.
 fn start_choices(
     state: &ServerState,
     id_prefix: &str,
@@ -181,35 +184,77 @@ fn start_choices(
     options: &OutputOptions,
     arrival: Instant,
 ) -> Result<Vec<ChoiceRun>, ApiError> {
-    prompts
-        .into_iter()
-        .enumerate()
-        .map(|(index, prompt)| {
-            let decoder = IncrementalDecoder::with_context(&state.tokenizer, &prompt.ids, true);
-            let prompt_tokens = prompt.ids.len();
-            let reported_prompt = options.return_token_ids.then(|| prompt.ids.clone());
-            let request = GenerationRequest {
-                request_id: format!("{id_prefix}-{index}"),
-                prompt: prompt.ids,
-                sampling: options.sampling.clone(),
-                max_tokens: prompt.max_tokens,
-                stop_token_ids: options.stop_token_ids.clone(),
-                kv: options.kv.clone(),
-            };
-            let stream = state
-                .engine
-                .submit(request)
-                .map_err(|e| ApiError::unavailable(e.to_string()))?;
-            let stops = Stops::new(options.stop_strings.clone())
-                .with_stop_tokens(options.requested_stop_token_ids.clone());
-            let run = ChoiceRun::new(index, stream, decoder, stops, prompt_tokens, arrival)
-                .with_min_tokens(options.sampling.min_tokens);
-            Ok(match reported_prompt {
-                Some(ids) => run.reporting_ids(ids),
-                None => run,
-            })
-        })
-        .collect()
+    let n = options.n;
+    let mut runs = Vec::with_capacity(prompts.len() * n);
+    for (prompt_index, prompt) in prompts.into_iter().enumerate() {
+        for choice in 0..n {
+            let index = prompt_index * n + choice;
+            runs.push(start_choice(
+                state, id_prefix, index, &prompt, choice, options, arrival,
+            )?);
+        }
+    }
+    Ok(runs)
+}
+
+fn start_choice(
+    state: &ServerState,
+    id_prefix: &str,
+    index: usize,
+    prompt: &PreparedPrompt,
+    choice: usize,
+    options: &OutputOptions,
+    arrival: Instant,
+) -> Result<ChoiceRun, ApiError> {
+    let decoder = IncrementalDecoder::with_context(&state.tokenizer, &prompt.ids, true);
+    let mut sampling = options.sampling.clone();
+    sampling.seed = sampling.seed.map(|seed| seed.wrapping_add(choice as u64));
+    let request = GenerationRequest {
+        request_id: format!("{id_prefix}-{index}"),
+        prompt: prompt.ids.clone(),
+        sampling,
+        max_tokens: prompt.max_tokens,
+        stop_token_ids: options.stop_token_ids.clone(),
+        kv: options.kv.clone(),
+    };
+    let stream = state
+        .engine
+        .submit(request)
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let stops = Stops::new(options.stop_strings.clone())
+        .with_stop_tokens(options.requested_stop_token_ids.clone());
+    let run = ChoiceRun::new(index, stream, decoder, stops, prompt.ids.len(), arrival)
+        .with_min_tokens(options.sampling.min_tokens);
+    let prompt_ids = options.return_token_ids.then(|| prompt.ids.clone());
+    let logprobs = options.sampling.logprobs.is_some();
+    Ok(run.reporting(TokenReport::new(prompt_ids, logprobs)))
+}
+
+/// How an answer is told, from its options.
+fn stream_shape(options: &OutputOptions, state: &ServerState) -> sse::StreamShape {
+    sse::StreamShape {
+        n: options.n,
+        include_usage: options.include_usage,
+        logprobs: options
+            .sampling
+            .logprobs
+            .map(|_| logprobs::LogprobsWriter::new(state.tokenizer.clone())),
+    }
+}
+
+/// The usage of a request's choices, `n` per prompt: each prompt's tokens counted
+/// once (as vLLM counts them), every choice's output.
+fn total_usage(
+    choices: impl IntoIterator<Item = (usize, tandem_protocol::openai::UsageInfo)>,
+    n: usize,
+) -> tandem_protocol::openai::UsageInfo {
+    tandem_protocol::openai::UsageInfo::sum(choices.into_iter().map(|(index, usage)| {
+        if index % n.max(1) == 0 {
+            usage
+        } else {
+            tandem_protocol::openai::UsageInfo::new(0, usage.completion_tokens, 0)
+        }
+    }))
 }
 
 /// Bodies larger than this are prepared one at a time: parsing and tokenizing text

@@ -18,7 +18,8 @@ use tandem_protocol::openai::{
     CompletionChunkChoice, UsageInfo,
 };
 
-use super::generation::{ChoiceEvent, ChoiceRun};
+use super::generation::{ChoiceEvent, ChoiceRun, OutputToken};
+use super::logprobs::LogprobsWriter;
 
 /// Which endpoint's chunks to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +48,8 @@ struct ChoiceDelta {
     token_ids: Option<Vec<u32>>,
     /// The prompt's ids, on a completions choice's first chunk.
     prompt_token_ids: Option<Vec<u32>>,
+    /// The chunk's tokens' log probabilities, in the endpoint's shape.
+    logprobs: Option<Value>,
 }
 
 impl ChunkWriter {
@@ -87,7 +90,7 @@ impl ChunkWriter {
                 choices: vec![CompletionChunkChoice {
                     index: delta.index,
                     text: delta.text,
-                    logprobs: None,
+                    logprobs: delta.logprobs,
                     finish_reason: delta.finish_reason,
                     stop_reason: delta.stop_reason,
                     prompt_token_ids: delta.prompt_token_ids,
@@ -104,7 +107,7 @@ impl ChunkWriter {
                         role: None,
                         content,
                     },
-                    logprobs: None,
+                    logprobs: delta.logprobs,
                     finish_reason: delta.finish_reason,
                     token_ids: delta.token_ids,
                 };
@@ -146,11 +149,20 @@ fn done_event() -> Event {
     Event::default().data("[DONE]")
 }
 
+/// How a streamed answer is told, beyond its chunks' shared fields.
+pub struct StreamShape {
+    /// Choices per prompt.
+    pub n: usize,
+    pub include_usage: bool,
+    /// With `logprobs`: how they are written.
+    pub logprobs: Option<LogprobsWriter>,
+}
+
 /// The SSE response for `runs` (one per choice, in index order).
 pub fn response(
     writer: ChunkWriter,
     runs: Vec<ChoiceRun>,
-    include_usage: bool,
+    shape: StreamShape,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     // vLLM sends the role chunks with the first output, after the prefill: clients
     // (and `vllm bench serve`) time the first token by the first chunk.
@@ -167,11 +179,14 @@ pub fn response(
         choices: stream::select_all(runs.into_iter().map(ChoiceRun::into_stream)),
         pending: VecDeque::new(),
         roles_due,
+        text_offsets: vec![0; prompt_ids.len()],
         prompt_ids,
         report_ids,
+        logprobs: shape.logprobs,
         usage: Vec::new(),
+        n: shape.n,
         writer,
-        include_usage,
+        include_usage: shape.include_usage,
         done: false,
     };
     Sse::new(stream::unfold(state, |mut state| async move {
@@ -190,7 +205,14 @@ struct StreamState {
     prompt_ids: Vec<Option<Vec<u32>>>,
     /// `return_token_ids`: chunks carry their tokens' ids.
     report_ids: bool,
-    usage: Vec<UsageInfo>,
+    /// `logprobs`: chunks carry their tokens' log probabilities.
+    logprobs: Option<LogprobsWriter>,
+    /// Per choice, where the next chunk's text starts (completions' `text_offset`).
+    text_offsets: Vec<usize>,
+    /// Each finished choice's usage, by index.
+    usage: Vec<(usize, UsageInfo)>,
+    /// Choices per prompt.
+    n: usize,
     writer: ChunkWriter,
     include_usage: bool,
     done: bool,
@@ -221,9 +243,9 @@ impl StreamState {
             Some(ChoiceEvent::Text {
                 index,
                 text,
-                token_ids,
+                tokens,
             }) => {
-                let delta = self.choice_delta(index, text, None, None, token_ids);
+                let delta = self.choice_delta(index, text, None, None, tokens);
                 self.pending.push_back(self.writer.delta(delta));
             }
             Some(ChoiceEvent::Finished {
@@ -231,12 +253,12 @@ impl StreamState {
                 reason,
                 stop_reason,
                 usage,
-                token_ids,
+                tokens,
                 ..
             }) => {
-                self.usage.push(usage);
+                self.usage.push((index, usage));
                 let reason = Some(reason.as_openai().to_owned());
-                let delta = self.choice_delta(index, String::new(), reason, stop_reason, token_ids);
+                let delta = self.choice_delta(index, String::new(), reason, stop_reason, tokens);
                 self.pending.push_back(self.writer.delta(delta));
             }
             Some(ChoiceEvent::Failed { message, .. }) => {
@@ -248,7 +270,7 @@ impl StreamState {
             }
             None => {
                 if self.include_usage {
-                    let usage = UsageInfo::sum(self.usage.iter().copied());
+                    let usage = super::total_usage(self.usage.iter().copied(), self.n);
                     self.pending.push_back(self.writer.usage(usage));
                 }
                 self.end();
@@ -262,7 +284,7 @@ impl StreamState {
         text: String,
         finish_reason: Option<String>,
         stop_reason: Option<Value>,
-        token_ids: Vec<u32>,
+        tokens: Vec<OutputToken>,
     ) -> ChoiceDelta {
         // Chat's role chunk carried the prompt's ids already.
         let prompt_token_ids = match self.writer.endpoint {
@@ -274,9 +296,24 @@ impl StreamState {
             text,
             finish_reason,
             stop_reason,
-            token_ids: self.report_ids.then_some(token_ids),
+            token_ids: self
+                .report_ids
+                .then(|| tokens.iter().map(|token| token.id).collect()),
             prompt_token_ids,
+            logprobs: self.logprobs_of(index, &tokens),
         }
+    }
+
+    fn logprobs_of(&mut self, index: usize, tokens: &[OutputToken]) -> Option<Value> {
+        let writer = self.logprobs.as_ref()?;
+        Some(match self.writer.endpoint {
+            Endpoint::Completions => {
+                let mut unused = 0;
+                let offset = self.text_offsets.get_mut(index).unwrap_or(&mut unused);
+                writer.completion(tokens, offset)
+            }
+            Endpoint::Chat => writer.chat(tokens),
+        })
     }
 
     fn send_roles(&mut self) {

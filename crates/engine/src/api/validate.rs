@@ -33,6 +33,8 @@ pub struct OutputOptions {
     pub stop_token_ids: Vec<u32>,
     /// The client's own `stop_token_ids` (reported as `stop_reason` when they match).
     pub requested_stop_token_ids: Vec<u32>,
+    /// Choices per prompt (`n`), each sampled on its own.
+    pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
     /// vLLM's `return_token_ids`: answers carry the prompt's and the output's ids.
@@ -85,15 +87,7 @@ pub fn output_options(
     tokenizer: &Tokenizer,
     model: &ServedModel,
 ) -> Result<OutputOptions, ApiError> {
-    if fields.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid_param(
-            "n",
-            format!(
-                "n must be 1 (one choice per prompt), got {}",
-                fields.n.unwrap_or(1)
-            ),
-        ));
-    }
+    let n = choices_per_prompt(fields.n)?;
     if fields.stream_options.is_some() && !fields.is_stream() {
         // vLLM's check, word for word.
         return Err(ApiError::invalid_param(
@@ -115,6 +109,7 @@ pub fn output_options(
         stop_strings,
         stop_token_ids,
         requested_stop_token_ids: fields.stop_token_ids.clone().unwrap_or_default(),
+        n,
         stream: fields.is_stream(),
         include_usage: fields.include_usage(),
         return_token_ids: fields.wants_token_ids(),
@@ -158,7 +153,78 @@ fn sampling_params(fields: &SamplingFields, vocab_size: usize) -> Result<Samplin
         min_p: min_p(fields.min_p)?,
         logit_bias: logit_bias(fields.logit_bias.as_ref(), vocab_size)?,
         min_tokens: min_tokens(fields)?,
+        // Set by the endpoint: the field's shape differs between them.
+        logprobs: None,
     })
+}
+
+/// Most top tokens a request may ask log probabilities of (vLLM's default
+/// `max_logprobs`).
+pub const MAX_LOGPROBS: u64 = 20;
+
+/// `logprobs` of a completions request (`null` or a count of top tokens).
+pub fn completion_logprobs(value: Option<&serde_json::Value>) -> Result<Option<usize>, ApiError> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(value) => match value.as_u64() {
+            Some(k) if k <= MAX_LOGPROBS => Ok(Some(k as usize)),
+            _ => Err(ApiError::invalid_param(
+                "logprobs",
+                format!("logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {value}."),
+            )),
+        },
+    }
+}
+
+/// `logprobs` (a flag) and `top_logprobs` (a count) of a chat request.
+pub fn chat_logprobs(
+    logprobs: Option<&serde_json::Value>,
+    top_logprobs: Option<&serde_json::Value>,
+) -> Result<Option<usize>, ApiError> {
+    let wanted = match logprobs {
+        None | Some(serde_json::Value::Null) => false,
+        Some(flag) => flag.as_bool().ok_or_else(|| {
+            ApiError::invalid_param(
+                "logprobs",
+                format!("logprobs must be a boolean, got {flag}."),
+            )
+        })?,
+    };
+    let top = match top_logprobs {
+        None | Some(serde_json::Value::Null) => None,
+        Some(value) => match value.as_u64() {
+            Some(k) if k <= MAX_LOGPROBS => Some(k as usize),
+            _ => {
+                return Err(ApiError::invalid_param(
+                    "top_logprobs",
+                    format!(
+                        "top_logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {value}."
+                    ),
+                ));
+            }
+        },
+    };
+    match (wanted, top) {
+        (false, Some(k)) if k > 0 => Err(ApiError::invalid_param(
+            "top_logprobs",
+            "when using `top_logprobs`, `logprobs` must be set to true.",
+        )),
+        (false, _) => Ok(None),
+        (true, top) => Ok(Some(top.unwrap_or(0))),
+    }
+}
+
+/// Most choices one request may ask for per prompt: each is a sequence of its own.
+pub const MAX_CHOICES: i64 = 64;
+
+fn choices_per_prompt(n: Option<i64>) -> Result<usize, ApiError> {
+    match n.unwrap_or(1) {
+        n @ 1..=MAX_CHOICES => Ok(n as usize),
+        n => Err(ApiError::invalid_param(
+            "n",
+            format!("n must be between 1 and {MAX_CHOICES}, got {n}."),
+        )),
+    }
 }
 
 fn repetition_penalty(value: Option<f64>) -> Result<f32, ApiError> {

@@ -125,7 +125,7 @@ impl GenerationStream {
         }
         let event = self.events.recv().await;
         match &event {
-            Some(GenerationEvent::Token(_)) => {}
+            Some(GenerationEvent::Token(_) | GenerationEvent::TokenWithLogprobs(..)) => {}
             Some(_) | None => self.finished = true,
         }
         event

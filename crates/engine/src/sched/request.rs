@@ -2,7 +2,7 @@
 //! HTTP layer and the scheduler. The scheduler deals in token ids only; text (chat
 //! templates, detokenization, stop strings) stays with the caller.
 
-use crate::sample::SamplingParams;
+use crate::sample::{SamplingParams, TokenLogprobs};
 use crate::transfer::{Handoff, KvRole};
 
 /// One generation to run.
@@ -56,6 +56,8 @@ pub struct Usage {
 pub enum GenerationEvent {
     /// A new output token.
     Token(u32),
+    /// A new output token with its log probabilities (`SamplingParams::logprobs`).
+    TokenWithLogprobs(u32, Box<TokenLogprobs>),
     /// The last event of a request that ran. `handoff`: where the KV of a
     /// [`KvRole::RemoteDecode`] request is held for its decode worker.
     Finished {
@@ -64,6 +66,8 @@ pub enum GenerationEvent {
         handoff: Option<Handoff>,
         /// The stop token that ended it, if one did (not part of the output).
         stop_token: Option<u32>,
+        /// Its log probabilities, when asked for.
+        stop_logprobs: Option<Box<TokenLogprobs>>,
     },
     /// The engine could not run the request (the last event).
     Failed(String),

@@ -529,12 +529,14 @@ impl EngineLoop {
             let row = &self.executor.last_logits()[logits_row * vocab..(logits_row + 1) * vocab];
             logits_row += 1;
             let token = seq.sampler.sample(row);
+            let logprobs = seq.sampler.logprobs(row, token);
             seq.tokens.push(token);
             metrics::counter!(names::GENERATION_TOKENS_TOTAL).increment(1);
             let reason = if seq.stop_token_ids.contains(&token) {
                 seq.stop_token = Some(token);
+                seq.stop_logprobs = logprobs.map(Box::new);
                 Some(FinishReason::Stop)
-            } else if !seq.send_token(token) {
+            } else if !seq.send_token(token, logprobs) {
                 Some(FinishReason::Aborted)
             } else if seq.generated() >= seq.max_tokens {
                 Some(FinishReason::Length)

@@ -7,7 +7,7 @@ use super::handle::SeqId;
 use super::request::{FinishReason, GenerationEvent, GenerationRequest, Usage};
 use crate::kv::BlockId;
 use crate::kv::pool::BlockHash;
-use crate::sample::Sampler;
+use crate::sample::{Sampler, TokenLogprobs};
 use crate::transfer::{Handoff, KvRole};
 
 pub(crate) struct Sequence {
@@ -34,6 +34,8 @@ pub(crate) struct Sequence {
     pub abandoned: bool,
     /// The stop token that ended the generation.
     pub stop_token: Option<u32>,
+    /// The stop token's log probabilities, when asked for.
+    pub stop_logprobs: Option<Box<TokenLogprobs>>,
     events: mpsc::UnboundedSender<GenerationEvent>,
 }
 
@@ -71,6 +73,7 @@ impl Sequence {
             pull: PullState::NotStarted,
             abandoned: false,
             stop_token: None,
+            stop_logprobs: None,
             events,
         }
     }
@@ -97,9 +100,14 @@ impl Sequence {
         }
     }
 
-    /// Reports a token; false if the caller has gone.
-    pub fn send_token(&self, token: u32) -> bool {
-        self.events.send(GenerationEvent::Token(token)).is_ok()
+    /// Reports a token (with its log probabilities, if asked for); false if the
+    /// caller has gone.
+    pub fn send_token(&self, token: u32, logprobs: Option<TokenLogprobs>) -> bool {
+        let event = match logprobs {
+            None => GenerationEvent::Token(token),
+            Some(logprobs) => GenerationEvent::TokenWithLogprobs(token, Box::new(logprobs)),
+        };
+        self.events.send(event).is_ok()
     }
 
     pub fn send_finished(&self, reason: FinishReason, handoff: Option<Handoff>) {
@@ -109,6 +117,7 @@ impl Sequence {
             usage,
             handoff,
             stop_token: self.stop_token,
+            stop_logprobs: self.stop_logprobs.clone(),
         });
     }
 
