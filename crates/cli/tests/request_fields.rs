@@ -40,10 +40,10 @@ fn shared_fields() -> Vec<(&'static str, Value, Expect)> {
         ("repetition_penalty", json!(1.1), Honoured),
         ("length_penalty", json!(0.5), Refused),
         ("stop_token_ids", json!([5]), Honoured),
-        ("include_stop_str_in_output", json!(true), Refused),
+        ("include_stop_str_in_output", json!(true), Honoured),
         ("ignore_eos", json!(true), Honoured),
         ("min_tokens", json!(1), Honoured),
-        ("skip_special_tokens", json!(false), Refused),
+        ("skip_special_tokens", json!(false), Honoured),
         ("spaces_between_special_tokens", json!(false), Refused),
         ("truncate_prompt_tokens", json!(5), Refused),
         ("truncation_side", json!("left"), Refused),
@@ -78,7 +78,7 @@ fn shared_fields() -> Vec<(&'static str, Value, Expect)> {
 fn completions_fields() -> Vec<(&'static str, Value, Expect)> {
     let mut fields = shared_fields();
     fields.extend([
-        ("echo", json!(true), Refused),
+        ("echo", json!(true), Honoured),
         ("logprobs", json!(1), Honoured),
         ("logprobs", json!(21), Refused),
         ("best_of", json!(2), Refused),
@@ -235,6 +235,46 @@ async fn the_new_sampling_fields_change_the_output_as_vllm_defines_them() {
     // The repetition penalty moves the greedy output off what it already said.
     let (penalised, _) = completion_ids(&server, prompt, json!({"repetition_penalty": 1.5})).await;
     assert_ne!(penalised, greedy);
+
+    // echo: the prompt's text, then the output; streamed, with the first output.
+    let (_, plain) = server
+        .post(
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 5, "temperature": 0}),
+        )
+        .await;
+    let output = plain["choices"][0]["text"].as_str().unwrap();
+    let echoed = json!({"prompt": prompt, "max_tokens": 5, "temperature": 0, "echo": true});
+    let (_, whole) = server.post("/v1/completions", &echoed).await;
+    assert_eq!(whole["choices"][0]["text"], format!("{prompt}{output}"));
+    let mut streamed = echoed.clone();
+    streamed["stream"] = json!(true);
+    let payloads = server.post_stream("/v1/completions", &streamed).await;
+    assert_eq!(
+        common::streamed_text(&payloads),
+        format!("{prompt}{output}")
+    );
+    let first: Value = serde_json::from_str(&payloads[0]).unwrap();
+    assert!(first["choices"][0]["text"].as_str().unwrap().len() > prompt.len());
+    let (status, refused) = server
+        .post(
+            "/v1/completions",
+            &json!({"prompt": prompt, "echo": true, "logprobs": 1}),
+        )
+        .await;
+    assert_eq!((status, &refused["error"]["param"]), (400, &json!("echo")));
+
+    // include_stop_str_in_output: the output ends with the stop string that ended it.
+    let stop = output.split_whitespace().next().unwrap().to_owned();
+    let stopped = |include: bool| {
+        json!({"prompt": prompt, "max_tokens": 5, "temperature": 0, "stop": [stop],
+               "include_stop_str_in_output": include})
+    };
+    let (_, without) = server.post("/v1/completions", &stopped(false)).await;
+    let (_, with) = server.post("/v1/completions", &stopped(true)).await;
+    let without = without["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(with["choices"][0]["text"], format!("{without}{stop}"));
+    assert_eq!(with["choices"][0]["stop_reason"], json!(stop));
 
     // A short answer that ends itself, then the same held to 8 tokens more.
     let chat = |extra: Value| {

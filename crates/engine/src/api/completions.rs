@@ -58,9 +58,6 @@ fn start(
     arrival: Instant,
 ) -> Result<(Vec<ChoiceRun>, OutputOptions), ApiError> {
     validate::check_model(request.model.as_deref(), &state.model)?;
-    if request.wants_echo() {
-        return Err(ApiError::invalid_param("echo", "echo is not supported."));
-    }
     let mut options = validate::output_options(
         &request.sampling,
         ("max_tokens", request.sampling.max_tokens),
@@ -68,6 +65,14 @@ fn start(
         &state.model,
     )?;
     options.sampling.logprobs = validate::completion_logprobs(request.sampling.logprobs.as_ref())?;
+    options.echo = request.wants_echo();
+    if options.echo && options.sampling.logprobs.is_some() {
+        return Err(ApiError::invalid_param(
+            "echo",
+            "echo with logprobs needs the prompt's log probabilities, which tandem serve \
+             does not compute yet.",
+        ));
+    }
     let inputs = request.prompt.inputs();
     if inputs.is_empty() {
         return Err(ApiError::invalid_param(

@@ -38,6 +38,8 @@ const HONOURED: &[&str] = &[
     "user",
     "kv_transfer_params",
     "return_token_ids",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
 ];
 
 /// Fields only completions honour.

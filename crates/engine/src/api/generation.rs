@@ -66,6 +66,9 @@ pub struct ChoiceRun {
     /// Stop strings are not matched before this many output tokens (vLLM's
     /// `min_tokens`; the sampler holds the end tokens back).
     min_tokens: usize,
+    /// `echo`: the prompt's text, sent with the first output (so that the first chunk
+    /// still marks the first token, as vLLM sends it).
+    echo: Option<String>,
 }
 
 /// An output token as reported beside the text.
@@ -120,7 +123,14 @@ impl ChoiceRun {
             ended: false,
             report: None,
             min_tokens: 0,
+            echo: None,
         }
+    }
+
+    /// Begins the text with `prompt_text` (`echo`).
+    pub fn echoing(mut self, prompt_text: Option<String>) -> Self {
+        self.echo = prompt_text.filter(|text| !text.is_empty());
+        self
     }
 
     /// Matches stop strings only from the `min_tokens`-th output token on.
@@ -258,6 +268,13 @@ impl ChoiceRun {
     /// Queues `text`; with `ids_sent`, the ids not yet reported go with it (its text
     /// completes theirs).
     fn queue_text(&mut self, text: String, ids_sent: bool) {
+        let text = match self.echo.take() {
+            Some(mut prompt) => {
+                prompt.push_str(&text);
+                prompt
+            }
+            None => text,
+        };
         if text.is_empty() {
             return;
         }
@@ -273,6 +290,8 @@ impl ChoiceRun {
     }
 
     fn finish(&mut self, reason: FinishReason, usage: Usage, handoff: Option<Handoff>) {
+        // An echoed prompt whose output was empty still comes.
+        self.queue_text(String::new(), false);
         self.ended = true;
         self.timer.finished(reason, &usage);
         let tokens = self

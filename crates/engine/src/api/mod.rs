@@ -206,7 +206,11 @@ fn start_choice(
     options: &OutputOptions,
     arrival: Instant,
 ) -> Result<ChoiceRun, ApiError> {
-    let decoder = IncrementalDecoder::with_context(&state.tokenizer, &prompt.ids, true);
+    let decoder = IncrementalDecoder::with_context(
+        &state.tokenizer,
+        &prompt.ids,
+        options.skip_special_tokens,
+    );
     let mut sampling = options.sampling.clone();
     sampling.seed = sampling.seed.map(|seed| seed.wrapping_add(choice as u64));
     let request = GenerationRequest {
@@ -222,9 +226,16 @@ fn start_choice(
         .submit(request)
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
     let stops = Stops::new(options.stop_strings.clone())
-        .with_stop_tokens(options.requested_stop_token_ids.clone());
+        .with_stop_tokens(options.requested_stop_token_ids.clone())
+        .including_stop_string(options.include_stop_string);
+    let echo = options.echo.then(|| {
+        state
+            .tokenizer
+            .decode(&prompt.ids, options.skip_special_tokens)
+    });
     let run = ChoiceRun::new(index, stream, decoder, stops, prompt.ids.len(), arrival)
-        .with_min_tokens(options.sampling.min_tokens);
+        .with_min_tokens(options.sampling.min_tokens)
+        .echoing(echo);
     let prompt_ids = options.return_token_ids.then(|| prompt.ids.clone());
     let logprobs = options.sampling.logprobs.is_some();
     Ok(run.reporting(TokenReport::new(prompt_ids, logprobs)))

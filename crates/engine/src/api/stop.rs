@@ -22,6 +22,8 @@ pub struct StopMatcher {
     held: String,
     /// The stop string that matched.
     matched: Option<String>,
+    /// vLLM's `include_stop_str_in_output`: the matched stop string ends the text.
+    include_stop: bool,
 }
 
 impl StopMatcher {
@@ -32,7 +34,14 @@ impl StopMatcher {
             stop_token_ids: Vec::new(),
             held: String::new(),
             matched: None,
+            include_stop: false,
         }
+    }
+
+    /// Keeps the matched stop string at the end of the output.
+    pub fn including_stop_string(mut self, include: bool) -> Self {
+        self.include_stop = include;
+        self
     }
 
     /// Takes the next chunk of output text.
@@ -42,8 +51,14 @@ impl StopMatcher {
         }
         self.held.push_str(text);
         if let Some((at, stop)) = self.first_match() {
-            self.matched = Some(stop.to_owned());
-            let before = self.held[..at].to_owned();
+            let stop = stop.to_owned();
+            let end = if self.include_stop {
+                at + stop.len()
+            } else {
+                at
+            };
+            self.matched = Some(stop);
+            let before = self.held[..end].to_owned();
             self.held.clear();
             return StopOutcome::Stopped(before);
         }
@@ -118,6 +133,13 @@ impl StopMatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stop_string_can_end_the_output() {
+        let mut matcher = StopMatcher::new(vec!["END".into()]).including_stop_string(true);
+        assert_eq!(matcher.push("abc E"), StopOutcome::Emit("abc ".into()));
+        assert_eq!(matcher.push("NDx"), StopOutcome::Stopped("END".into()));
+    }
 
     fn run(stops: &[&str], chunks: &[&str]) -> (String, bool) {
         let mut matcher = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect());

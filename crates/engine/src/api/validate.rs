@@ -39,6 +39,12 @@ pub struct OutputOptions {
     pub include_usage: bool,
     /// vLLM's `return_token_ids`: answers carry the prompt's and the output's ids.
     pub return_token_ids: bool,
+    /// vLLM's `include_stop_str_in_output`.
+    pub include_stop_string: bool,
+    /// vLLM's `skip_special_tokens` (default true).
+    pub skip_special_tokens: bool,
+    /// `echo` (completions): the prompt's text begins each choice's text.
+    pub echo: bool,
     /// The request's part in a KV hand-off (set by the endpoint once it knows the
     /// prompts).
     pub kv: KvRole,
@@ -113,6 +119,9 @@ pub fn output_options(
         stream: fields.is_stream(),
         include_usage: fields.include_usage(),
         return_token_ids: fields.wants_token_ids(),
+        include_stop_string: fields.include_stop_str_in_output.unwrap_or(false),
+        skip_special_tokens: fields.skip_special_tokens.unwrap_or(true),
+        echo: false,
         kv: KvRole::Local,
     })
 }

@@ -31,6 +31,10 @@ pub struct SamplingFields {
     pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     /// vLLM's: end tokens cannot come before this many output tokens.
     pub min_tokens: Option<i64>,
+    /// vLLM's: a matched stop string stays at the end of the text.
+    pub include_stop_str_in_output: Option<bool>,
+    /// vLLM's: special tokens are left out of the text (default true).
+    pub skip_special_tokens: Option<bool>,
     pub ignore_eos: Option<bool>,
     pub n: Option<i64>,
     pub stream: Option<bool>,
