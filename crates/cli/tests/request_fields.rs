@@ -264,6 +264,30 @@ async fn the_new_sampling_fields_change_the_output_as_vllm_defines_them() {
         .await;
     assert_eq!((status, &refused["error"]["param"]), (400, &json!("echo")));
 
+    // continuous_usage_stats: every chunk carries its usage so far, ending at the total.
+    let continuous = json!({"prompt": prompt, "max_tokens": 5, "temperature": 0,
+        "stream": true, "stream_options": {"include_usage": true,
+                                           "continuous_usage_stats": true}});
+    let payloads = server.post_stream("/v1/completions", &continuous).await;
+    let chunks: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
+    let counts: Vec<u64> = chunks
+        .iter()
+        .map(|chunk| {
+            chunk["usage"]["completion_tokens"]
+                .as_u64()
+                .expect("usage on every chunk")
+        })
+        .collect();
+    assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
+    assert_eq!(counts.last(), Some(&5));
+    assert_eq!(
+        chunks[0]["usage"]["prompt_tokens"],
+        plain["usage"]["prompt_tokens"]
+    );
+
     // include_stop_str_in_output: the output ends with the stop string that ended it.
     let stop = output.split_whitespace().next().unwrap().to_owned();
     let stopped = |include: bool| {

@@ -155,20 +155,16 @@ pub fn screen(endpoint: Endpoint, body: &Map<String, Value>) -> Result<(), ApiEr
 }
 
 fn screen_stream_options(options: &Map<String, Value>) -> Result<(), ApiError> {
-    for (field, value) in options {
-        let inert = match field.as_str() {
-            "include_usage" => continue,
-            "continuous_usage_stats" => value.is_null() || value == &json!(false),
-            _ => false,
-        };
-        if !inert {
-            return Err(ApiError::invalid_param(
-                &format!("stream_options.{field}"),
-                format!("`stream_options.{field}` is not supported by tandem serve."),
-            ));
-        }
+    let unknown = options
+        .keys()
+        .find(|field| !matches!(field.as_str(), "include_usage" | "continuous_usage_stats"));
+    match unknown {
+        Some(field) => Err(ApiError::invalid_param(
+            &format!("stream_options.{field}"),
+            format!("`stream_options.{field}` is not supported by tandem serve."),
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// A message's fields and content parts: text only.
@@ -242,8 +238,8 @@ mod tests {
         assert_eq!(completions(json!({"suffix": "z"})), Err("suffix".into()));
         assert_eq!(completions(json!({"messages": []})), Err("messages".into()));
         assert_eq!(
-            completions(json!({"stream_options": {"continuous_usage_stats": true}})),
-            Err("stream_options.continuous_usage_stats".into())
+            completions(json!({"stream_options": {"chunk_size": 2}})),
+            Err("stream_options.chunk_size".into())
         );
     }
 

@@ -26,6 +26,8 @@ pub enum ChoiceEvent {
         index: usize,
         text: String,
         tokens: Vec<OutputToken>,
+        /// Output tokens so far (for per-chunk usage).
+        generated: usize,
     },
     /// The choice is complete.
     Finished {
@@ -148,6 +150,11 @@ impl ChoiceRun {
     /// The prompt's ids, when ids are reported.
     pub fn reported_prompt_ids(&self) -> Option<&[u32]> {
         self.report.as_ref()?.prompt_ids.as_deref()
+    }
+
+    /// The prompt's length in tokens.
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens
     }
 
     /// Whether the output's log probabilities are reported.
@@ -286,6 +293,7 @@ impl ChoiceRun {
             index: self.index,
             text,
             tokens,
+            generated: self.completion_tokens,
         });
     }
 

@@ -246,6 +246,7 @@ fn stream_shape(options: &OutputOptions, state: &ServerState) -> sse::StreamShap
     sse::StreamShape {
         n: options.n,
         include_usage: options.include_usage,
+        continuous_usage: options.continuous_usage,
         logprobs: options
             .sampling
             .logprobs

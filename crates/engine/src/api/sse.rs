@@ -50,6 +50,8 @@ struct ChoiceDelta {
     prompt_token_ids: Option<Vec<u32>>,
     /// The chunk's tokens' log probabilities, in the endpoint's shape.
     logprobs: Option<Value>,
+    /// `continuous_usage_stats`: the choice's usage so far.
+    usage: Option<UsageInfo>,
 }
 
 impl ChunkWriter {
@@ -65,17 +67,22 @@ impl ChunkWriter {
             finish_reason: None,
             token_ids: None,
         };
-        self.chat_chunk(choice, prompt_token_ids)
+        self.chat_chunk(choice, prompt_token_ids, None)
     }
 
-    fn chat_chunk(&self, choice: ChatChunkChoice, prompt_token_ids: Option<Vec<u32>>) -> Event {
+    fn chat_chunk(
+        &self,
+        choice: ChatChunkChoice,
+        prompt_token_ids: Option<Vec<u32>>,
+        usage: Option<UsageInfo>,
+    ) -> Event {
         json_event(&ChatCompletionChunk {
             id: self.id.clone(),
             object: CHAT_COMPLETION_CHUNK.into(),
             created: self.created,
             model: self.model.clone(),
             choices: vec![choice],
-            usage: None,
+            usage,
             prompt_token_ids,
         })
     }
@@ -96,7 +103,7 @@ impl ChunkWriter {
                     prompt_token_ids: delta.prompt_token_ids,
                     token_ids: delta.token_ids,
                 }],
-                usage: None,
+                usage: delta.usage,
             }),
             Endpoint::Chat => {
                 // vLLM's chat finish chunk has an empty delta.
@@ -111,7 +118,7 @@ impl ChunkWriter {
                     finish_reason: delta.finish_reason,
                     token_ids: delta.token_ids,
                 };
-                self.chat_chunk(choice, None)
+                self.chat_chunk(choice, None, delta.usage)
             }
         }
     }
@@ -154,6 +161,8 @@ pub struct StreamShape {
     /// Choices per prompt.
     pub n: usize,
     pub include_usage: bool,
+    /// `continuous_usage_stats`: every chunk carries its choice's usage so far.
+    pub continuous_usage: bool,
     /// With `logprobs`: how they are written.
     pub logprobs: Option<LogprobsWriter>,
 }
@@ -175,11 +184,15 @@ pub fn response(
         .map(|run| run.reported_prompt_ids().map(<[u32]>::to_vec))
         .collect();
     let report_ids = prompt_ids.iter().any(Option::is_some);
+    let prompt_tokens = shape
+        .continuous_usage
+        .then(|| runs.iter().map(ChoiceRun::prompt_tokens).collect());
     let state = StreamState {
         choices: stream::select_all(runs.into_iter().map(ChoiceRun::into_stream)),
         pending: VecDeque::new(),
         roles_due,
         text_offsets: vec![0; prompt_ids.len()],
+        prompt_tokens,
         prompt_ids,
         report_ids,
         logprobs: shape.logprobs,
@@ -209,6 +222,8 @@ struct StreamState {
     logprobs: Option<LogprobsWriter>,
     /// Per choice, where the next chunk's text starts (completions' `text_offset`).
     text_offsets: Vec<usize>,
+    /// `continuous_usage_stats`: each choice's prompt length.
+    prompt_tokens: Option<Vec<usize>>,
     /// Each finished choice's usage, by index.
     usage: Vec<(usize, UsageInfo)>,
     /// Choices per prompt.
@@ -244,8 +259,10 @@ impl StreamState {
                 index,
                 text,
                 tokens,
+                generated,
             }) => {
-                let delta = self.choice_delta(index, text, None, None, tokens);
+                let mut delta = self.choice_delta(index, text, None, None, tokens);
+                delta.usage = self.usage_so_far(index, generated);
                 self.pending.push_back(self.writer.delta(delta));
             }
             Some(ChoiceEvent::Finished {
@@ -258,7 +275,9 @@ impl StreamState {
             }) => {
                 self.usage.push((index, usage));
                 let reason = Some(reason.as_openai().to_owned());
-                let delta = self.choice_delta(index, String::new(), reason, stop_reason, tokens);
+                let mut delta =
+                    self.choice_delta(index, String::new(), reason, stop_reason, tokens);
+                delta.usage = self.usage_so_far(index, usage.completion_tokens);
                 self.pending.push_back(self.writer.delta(delta));
             }
             Some(ChoiceEvent::Failed { message, .. }) => {
@@ -301,7 +320,14 @@ impl StreamState {
                 .then(|| tokens.iter().map(|token| token.id).collect()),
             prompt_token_ids,
             logprobs: self.logprobs_of(index, &tokens),
+            usage: None,
         }
+    }
+
+    /// With `continuous_usage_stats`: choice `index`'s usage after `generated` tokens.
+    fn usage_so_far(&self, index: usize, generated: usize) -> Option<UsageInfo> {
+        let prompt = *self.prompt_tokens.as_ref()?.get(index)?;
+        Some(UsageInfo::new(prompt, generated, 0))
     }
 
     fn logprobs_of(&mut self, index: usize, tokens: &[OutputToken]) -> Option<Value> {

@@ -37,6 +37,8 @@ pub struct OutputOptions {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    /// Every streamed chunk carries the usage so far.
+    pub continuous_usage: bool,
     /// vLLM's `return_token_ids`: answers carry the prompt's and the output's ids.
     pub return_token_ids: bool,
     /// vLLM's `include_stop_str_in_output`.
@@ -118,6 +120,7 @@ pub fn output_options(
         n,
         stream: fields.is_stream(),
         include_usage: fields.include_usage(),
+        continuous_usage: fields.continuous_usage(),
         return_token_ids: fields.wants_token_ids(),
         include_stop_string: fields.include_stop_str_in_output.unwrap_or(false),
         skip_special_tokens: fields.skip_special_tokens.unwrap_or(true),

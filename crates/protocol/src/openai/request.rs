@@ -61,6 +61,16 @@ impl SamplingFields {
             .unwrap_or(false)
     }
 
+    /// Whether every streamed chunk carries the usage so far (needs `include_usage`).
+    pub fn continuous_usage(&self) -> bool {
+        self.include_usage()
+            && self
+                .stream_options
+                .as_ref()
+                .and_then(|options| options.continuous_usage_stats)
+                .unwrap_or(false)
+    }
+
     /// The stop strings, as a list (empty when none).
     pub fn stop_strings(&self) -> Vec<String> {
         match &self.stop {
@@ -89,6 +99,8 @@ fn is_set(value: Option<&Value>) -> bool {
 #[serde(default)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
+    /// With `include_usage`: every chunk carries the usage so far (vLLM's).
+    pub continuous_usage_stats: Option<bool>,
 }
 
 /// `stop`: one string or a list.
