@@ -476,3 +476,52 @@ async fn greedy_logprobs_rank_and_space_tokens_as_llamacpps_logits_do() {
         assert!(entry["bytes"].is_array());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn choices_and_logprobs_come_through_a_pd_router_as_from_one_worker() {
+    if !default_model_present() {
+        return;
+    }
+    let alone = Server::start(&["--threads", "1", "--max-model-len", "512"]);
+    let prefill = Server::start(&["--threads", "1", "--kv-port", "0", "--max-model-len", "512"]);
+    let decode = Server::start(&["--threads", "1", "--max-model-len", "512"]);
+    let router =
+        Server::start_router(&["--prefill", &prefill.url(""), "--decode", &decode.url("")]);
+    let requests = [
+        // Handed from P to D: the decode worker's logprobs.
+        json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0,
+               "logprobs": 3}),
+        // Several choices run on the decode worker alone.
+        json!({"prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0,
+               "seed": 11, "n": 2}),
+    ];
+    for body in &requests {
+        let (status, direct) = alone.post("/v1/completions", body).await;
+        assert_eq!(status, 200, "{direct}");
+        let (status, routed) = router.post("/v1/completions", body).await;
+        assert_eq!(status, 200, "{routed}");
+        assert_eq!(
+            routed["choices"].as_array().unwrap().len(),
+            direct["choices"].as_array().unwrap().len()
+        );
+        for (a, b) in routed["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(direct["choices"].as_array().unwrap())
+        {
+            assert_eq!(a["text"], b["text"], "{body}");
+            assert_eq!(a["logprobs"]["tokens"], b["logprobs"]["tokens"], "{body}");
+        }
+    }
+    let metrics = router.metrics().await;
+    let decided = |decision: &str, reason: &str| {
+        common::metric_with(
+            &metrics,
+            "tandem_router_disagg_decisions_total",
+            &[("decision", decision), ("reason", reason)],
+        )
+    };
+    assert_eq!(decided("remote", "always"), Some(1.0));
+    assert_eq!(decided("local", "several_choices"), Some(1.0));
+}
