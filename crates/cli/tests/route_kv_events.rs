@@ -13,7 +13,7 @@ use zeromq::{PubSocket, Socket, SocketSend, ZmqMessage};
 
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/fixtures/vllm-0.26/kv_events.jsonl"
+    "/../protocol/tests/fixtures/vllm-0.26/kv_events.jsonl"
 );
 const TOKEN: &str = "admin-secret";
 

@@ -16,7 +16,7 @@ use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage
 
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/fixtures/vllm-0.26/kv_events.jsonl"
+    "/../protocol/tests/fixtures/vllm-0.26/kv_events.jsonl"
 );
 const TOPIC: &str = "kv-events";
 const W1: &str = "http://w1:8000";

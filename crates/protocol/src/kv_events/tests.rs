@@ -2,11 +2,12 @@ use serde_json::Value;
 
 use super::*;
 
-/// Real vLLM 0.26.0's published messages (shared/fixtures/vllm-0.26/); a missing file
+/// Real vLLM 0.26.0's published messages (`shared/fixtures/vllm-0.26/`, kept in
+/// `crates/protocol/tests/fixtures/`); a missing file
 /// fails the tests that read it.
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/fixtures/vllm-0.26/kv_events.jsonl"
+    "/tests/fixtures/vllm-0.26/kv_events.jsonl"
 );
 
 #[derive(serde::Deserialize)]

@@ -4,7 +4,7 @@ use super::*;
 
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/fixtures/vllm-0.26/kv_events.jsonl"
+    "/../protocol/tests/fixtures/vllm-0.26/kv_events.jsonl"
 );
 
 const A: WorkerId = WorkerId(1);
