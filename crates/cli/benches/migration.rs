@@ -13,9 +13,10 @@
 //!
 //! `cargo bench -p tandem-cli --bench migration [-- quick]`
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -26,6 +27,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::Response;
 use axum::routing::{get, post};
+use common::{RouterProcess, free_port, spawn};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -139,48 +141,15 @@ async fn start_worker(behaviour: Behaviour) -> SocketAddr {
     address
 }
 
-/// A `tandem route` process, killed when dropped.
-struct RouterProcess {
-    child: Child,
-    base: String,
-}
-
-impl Drop for RouterProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start_router(workers: &[SocketAddr], migration_limit: u32) -> RouterProcess {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut command = Command::new(env!("CARGO_BIN_EXE_tandem"));
     command.args(["route", "--port", &port.to_string(), "--threads", "1"]);
     command.args(["--migration-limit", &migration_limit.to_string()]);
     for worker in workers {
         command.args(["--worker", &format!("http://{worker}")]);
     }
-    let mut child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if std::env::var_os("BENCH_VERBOSE").is_some() {
-                eprintln!("[route] {line}");
-            }
-        }
-    });
-    RouterProcess {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    }
+    spawn("route", command, port)
 }
 
 /// The router's CPU seconds so far (user + system).

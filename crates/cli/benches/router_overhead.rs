@@ -14,9 +14,10 @@
 //!
 //! `cargo bench -p tandem-cli --bench router_overhead [-- quick]`
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -26,6 +27,7 @@ use axum::body::Body;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use common::{RouterProcess, free_port, spawn};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -105,49 +107,6 @@ async fn start_upstream() -> SocketAddr {
         std::future::pending(),
     ));
     address
-}
-
-/// A router process, killed when dropped.
-struct RouterProcess {
-    name: &'static str,
-    child: Child,
-    base: String,
-}
-
-impl Drop for RouterProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn(name: &'static str, mut command: Command, port: u16) -> RouterProcess {
-    let mut child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if std::env::var_os("BENCH_VERBOSE").is_some() {
-                eprintln!("[{name}] {line}");
-            }
-        }
-    });
-    RouterProcess {
-        name,
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    }
 }
 
 fn tandem_router(prefill: SocketAddr, decode: SocketAddr) -> RouterProcess {

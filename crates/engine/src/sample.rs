@@ -169,12 +169,14 @@ impl Sampler {
             }
         }
         if params.repetition_penalty != 1.0 {
-            let seen = self.prompt_tokens.iter().chain(self.output_counts.keys());
-            let mut penalized = std::collections::HashSet::new();
-            for &token in seen {
-                if penalized.insert(token)
-                    && let Some(logit) = logits.get_mut(token as usize)
-                {
+            // Each seen token once: the prompt's (distinct, sorted), then the output's
+            // that the prompt lacks.
+            let output_only = self
+                .output_counts
+                .keys()
+                .filter(|token| self.prompt_tokens.binary_search(token).is_err());
+            for &token in self.prompt_tokens.iter().chain(output_only) {
+                if let Some(logit) = logits.get_mut(token as usize) {
                     *logit = if *logit > 0.0 {
                         *logit / params.repetition_penalty
                     } else {

@@ -85,7 +85,14 @@ pub fn prefill_leg(body: &Map<String, Value>) -> Map<String, Value> {
     if leg.contains_key("max_completion_tokens") {
         leg.insert("max_completion_tokens".into(), json!(1));
     }
-    for key in ["stream_options", "min_tokens", "min_completion_tokens"] {
+    // `return_token_ids`: P's answer is read for its params only, and its prompt ids
+    // would be the largest part of it.
+    for key in [
+        "stream_options",
+        "min_tokens",
+        "min_completion_tokens",
+        "return_token_ids",
+    ] {
         leg.remove(key);
     }
     leg.insert(

@@ -252,10 +252,13 @@ pub async fn relay(
         guards,
         timer,
     };
-    let mut response = Response::new(Body::from_stream(body));
-    *response.status_mut() = status;
-    set_headers(response.headers_mut(), content_type, request_id, is_sse);
-    response
+    streamed_response(
+        status,
+        content_type,
+        request_id,
+        is_sse,
+        Body::from_stream(body),
+    )
 }
 
 fn set_headers(
@@ -289,11 +292,12 @@ pub(crate) fn streamed_response(
     status: StatusCode,
     content_type: Option<HeaderValue>,
     request_id: &str,
+    is_sse: bool,
     body: Body,
 ) -> Response {
     let mut response = Response::new(body);
     *response.status_mut() = status;
-    set_headers(response.headers_mut(), content_type, request_id, true);
+    set_headers(response.headers_mut(), content_type, request_id, is_sse);
     response
 }
 

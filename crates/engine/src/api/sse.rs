@@ -333,11 +333,7 @@ impl StreamState {
     fn logprobs_of(&mut self, index: usize, tokens: &[OutputToken]) -> Option<Value> {
         let writer = self.logprobs.as_ref()?;
         Some(match self.writer.endpoint {
-            Endpoint::Completions => {
-                let mut unused = 0;
-                let offset = self.text_offsets.get_mut(index).unwrap_or(&mut unused);
-                writer.completion(tokens, offset)
-            }
+            Endpoint::Completions => writer.completion(tokens, &mut self.text_offsets[index]),
             Endpoint::Chat => writer.chat(tokens),
         })
     }

@@ -85,6 +85,7 @@ impl Dispatcher {
             StatusCode::OK,
             content_type,
             &request.headers.request_id,
+            true,
             Body::from_stream(body),
         )
     }
