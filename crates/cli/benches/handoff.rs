@@ -14,60 +14,29 @@
 //! `TANDEM_BENCH_THREADS`, default 2, per worker; `TANDEM_BENCH_BIN`, default the
 //! `tandem` built with the bench: another build's binary, for an A/B comparison).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
+
+use common::WorkerProcess;
 
 const TRIALS: usize = 3;
 
 /// The cluster KV secret the bench's workers share (builds before protocol v2 ignore it).
 const KV_SECRET: &str = "tandem-handoff-bench-secret-0123456789";
 
-struct Worker {
-    child: Child,
-    base: String,
-}
+/// A `tandem serve` of the bench, with the shared KV secret.
+struct Worker;
 
 impl Worker {
-    fn start(threads: &str, extra: &[&str]) -> Self {
-        let binary = std::env::var("TANDEM_BENCH_BIN")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tandem").to_owned());
-        let mut child = Command::new(binary)
-            .args(["serve", "--port", "0", "--threads", threads])
-            .args(["--kv-cache-memory", "512MiB", "--max-model-len", "4096"])
-            .args(extra)
-            .env("TANDEM_KV_SECRET", KV_SECRET)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tandem serve starts");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(at) = line.find("http://") {
-                    let _ = tx.send(line[at..].trim().to_owned());
-                }
-            }
-        });
-        let base = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("the worker reports its address (is the default model fetched?)");
-        Self { child, base }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn start(threads: &str, extra: &[&str]) -> WorkerProcess {
+        let mut args = vec!["--threads", threads, "--kv-cache-memory", "512MiB"];
+        args.extend_from_slice(&["--max-model-len", "4096"]);
+        args.extend_from_slice(extra);
+        WorkerProcess::start(&args, &[("TANDEM_KV_SECRET", KV_SECRET)])
     }
 }
 
@@ -85,7 +54,7 @@ fn prompt(len: usize, seed: u32) -> Vec<u32> {
         .collect()
 }
 
-async fn post(client: &reqwest::Client, worker: &Worker, body: &Value) -> Value {
+async fn post(client: &reqwest::Client, worker: &WorkerProcess, body: &Value) -> Value {
     let response = client
         .post(worker.url("/v1/completions"))
         .json(body)
@@ -97,7 +66,7 @@ async fn post(client: &reqwest::Client, worker: &Worker, body: &Value) -> Value 
 }
 
 /// The prefill leg; returns its `kv_transfer_params`.
-async fn prefill(client: &reqwest::Client, p: &Worker, ids: &[u32]) -> Value {
+async fn prefill(client: &reqwest::Client, p: &WorkerProcess, ids: &[u32]) -> Value {
     let leg = json!({"prompt": ids, "max_tokens": 1, "stream": false,
         "kv_transfer_params": {"do_remote_decode": true}});
     let answer = post(client, p, &leg).await;
@@ -105,7 +74,7 @@ async fn prefill(client: &reqwest::Client, p: &Worker, ids: &[u32]) -> Value {
 }
 
 /// Sends a streamed request; returns when its first chunk arrives (then drains it).
-async fn first_chunk(client: &reqwest::Client, worker: &Worker, body: &Value) -> Instant {
+async fn first_chunk(client: &reqwest::Client, worker: &WorkerProcess, body: &Value) -> Instant {
     let response = client
         .post(worker.url("/v1/completions"))
         .json(body)
@@ -123,7 +92,7 @@ async fn first_chunk(client: &reqwest::Client, worker: &Worker, body: &Value) ->
 /// first increment), whatever other labels (`model_name`) it has.
 async fn metric(
     client: &reqwest::Client,
-    worker: &Worker,
+    worker: &WorkerProcess,
     name: &str,
     labels: &[(&str, &str)],
 ) -> f64 {
@@ -155,7 +124,7 @@ async fn metric(
 }
 
 /// D's pull totals: (seconds, bytes received).
-async fn pull_totals(client: &reqwest::Client, d: &Worker) -> (f64, f64) {
+async fn pull_totals(client: &reqwest::Client, d: &WorkerProcess) -> (f64, f64) {
     let seconds = metric(client, d, "tandem:kv_transfer_seconds_sum", &[]).await;
     let received = [("direction", "received")];
     let bytes = metric(client, d, "tandem:kv_transfer_bytes_total", &received).await;

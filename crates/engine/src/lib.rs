@@ -7,7 +7,8 @@
 //! - [`exec`]: where forward passes run (CPU, or a GPU with the `cuda` feature);
 //!   [`cuda`]: the GPU engine.
 //! - [`tokenizer`], [`chat`]: text in and out.
-//! - [`sample`]: turning logits into the next token.
+//! - [`sample`]: turning logits into the next token; [`constrain`]: structured output
+//!   (the grammar a sequence's tokens must follow).
 //! - [`generate`]: one prompt, one sequence, no server (what `tandem generate` runs).
 //! - [`sched`]: the engine loop that serves many sequences at once.
 //! - [`fetch`]: where the default model lives and how it is obtained.
@@ -18,6 +19,7 @@
 
 pub mod api;
 pub mod chat;
+pub mod constrain;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;

@@ -77,6 +77,21 @@ impl SamplingParams {
     }
 }
 
+/// Sets the logits of tokens whose bit is clear in `allowed` to -inf.
+fn mask_disallowed(logits: &mut [f32], allowed: &[u32]) {
+    for (chunk_index, chunk) in logits.chunks_mut(32).enumerate() {
+        let bits = allowed.get(chunk_index).copied().unwrap_or(0);
+        if bits == u32::MAX {
+            continue;
+        }
+        for (bit, logit) in chunk.iter_mut().enumerate() {
+            if bits & (1 << bit) == 0 {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 /// Candidates examined before falling back to sorting the whole vocabulary for top-p.
 const TOP_P_FIRST_PASS: usize = 256;
 
@@ -132,7 +147,17 @@ impl Sampler {
 
     /// The next token; penalties count the tokens this sampler returned before.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if !self.params.adjusts_logits() {
+        self.sample_allowed(logits, None)
+    }
+
+    /// The next token among those whose bit is set in `allowed` (a bit per token id,
+    /// 32 to a word, low bit first), as a grammar allows them.
+    pub fn sample_within(&mut self, logits: &[f32], allowed: &[u32]) -> u32 {
+        self.sample_allowed(logits, Some(allowed))
+    }
+
+    fn sample_allowed(&mut self, logits: &[f32], allowed: Option<&[u32]>) -> u32 {
+        if !self.params.adjusts_logits() && allowed.is_none() {
             self.produced += 1;
             return self.sample_from(logits);
         }
@@ -140,6 +165,9 @@ impl Sampler {
         adjusted.clear();
         adjusted.extend_from_slice(logits);
         self.adjust(&mut adjusted);
+        if let Some(allowed) = allowed {
+            mask_disallowed(&mut adjusted, allowed);
+        }
         let token = self.sample_from(&adjusted);
         self.penalized = adjusted;
         *self.output_counts.entry(token).or_insert(0) += 1;
@@ -336,6 +364,26 @@ mod tests {
     fn greedy_picks_the_first_maximum() {
         let mut sampler = Sampler::new(SamplingParams::greedy());
         assert_eq!(sampler.sample(&[0.1, 3.0, -1.0, 3.0]), 1);
+    }
+
+    #[test]
+    fn only_allowed_tokens_are_chosen() {
+        // 40 tokens: the best (7) is not allowed; 33 (second word) and 2 are.
+        let mut logits = vec![0.0f32; 40];
+        logits[7] = 9.0;
+        logits[33] = 5.0;
+        logits[2] = 4.0;
+        let allowed = [1 << 2, 1 << 1];
+        let mut greedy = Sampler::new(SamplingParams::greedy());
+        assert_eq!(greedy.sample_within(&logits, &allowed), 33);
+        let mut sampled = Sampler::new(SamplingParams {
+            temperature: 2.0,
+            seed: Some(3),
+            ..SamplingParams::default()
+        });
+        for _ in 0..200 {
+            assert!([2, 33].contains(&sampled.sample_within(&logits, &allowed)));
+        }
     }
 
     #[test]

@@ -60,6 +60,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         max_tokens,
         stop_token_ids: Vec::new(),
         kv: Default::default(),
+        constraint: None,
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{Content, Value, VersionedMagic};
 use serde_json::json;
 use tandem_engine::ModelError;
-use tandem_engine::tokenizer::{IncrementalDecoder, Tokenizer};
+use tandem_engine::tokenizer::{IncrementalDecoder, TokenBytes, Tokenizer};
 
 fn smollm() -> Option<Tokenizer> {
     let path = common::default_model()?;
@@ -546,4 +546,41 @@ fn gguf_sentencepiece_vocabulary_merges_by_score_and_falls_back_to_bytes() {
     assert_eq!(decoder.push(world).as_deref(), Some(" world"));
     let mut decoder = tokenizer.incremental_decoder(true);
     assert_eq!(decoder.push(world).as_deref(), Some("world"));
+}
+
+/// The ids' text as [`Tokenizer::vocab_bytes`] spells it (control tokens as their
+/// written form).
+fn spelled(entries: &[TokenBytes], ids: &[u32]) -> Vec<u8> {
+    ids.iter()
+        .flat_map(|&id| match &entries[id as usize] {
+            TokenBytes::Text(bytes) => bytes.clone(),
+            TokenBytes::Special(name) => name.clone().into_bytes(),
+            TokenBytes::Unused => panic!("id {id} has no entry"),
+        })
+        .collect()
+}
+
+#[test]
+fn vocab_bytes_spell_llamacpps_ids_back_into_the_text() {
+    let Some(tokenizer) = smollm() else { return };
+    let entries = tokenizer.vocab_bytes().expect("byte-level vocabulary");
+    assert_eq!(entries.len(), tokenizer.vocab_size());
+    for (text, ids) in fixture_cases() {
+        assert_eq!(spelled(&entries, &ids), text.as_bytes(), "{text:?}");
+    }
+    let end = tokenizer.token_to_id("<|im_end|>").expect("control token");
+    assert_eq!(
+        entries[end as usize],
+        TokenBytes::Special("<|im_end|>".into())
+    );
+}
+
+#[test]
+fn vocab_bytes_of_a_sentencepiece_vocabulary_restore_spaces_and_bytes() {
+    let tokenizer =
+        Tokenizer::from_gguf(&tiny_llama_gguf(), Path::new("tiny.gguf")).expect("loads");
+    let entries = tokenizer.vocab_bytes().expect("byte-fallback vocabulary");
+    let ids = tokenizer.encode("hello world hé", false).expect("encode");
+    assert_eq!(spelled(&entries, &ids), " hello world hé".as_bytes());
+    assert_eq!(entries[2], TokenBytes::Special("</s>".into()));
 }

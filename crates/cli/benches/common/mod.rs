@@ -1,8 +1,58 @@
-//! What the CLI's benches share: router processes they start and stop, and free ports.
+//! What the CLI's benches share: worker and router processes they start and stop, and
+//! free ports.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A `tandem serve` process on a port of its own choosing, killed when dropped.
+pub struct WorkerProcess {
+    child: Child,
+    pub base: String,
+}
+
+impl WorkerProcess {
+    /// Starts `tandem serve` with `args` (and `--port 0`) and waits until it listens.
+    /// The binary is `TANDEM_BENCH_BIN`, default the `tandem` built with the bench
+    /// (another build's binary, for an A/B comparison).
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let binary = std::env::var("TANDEM_BENCH_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tandem").to_owned());
+        let mut child = Command::new(binary)
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .envs(env.iter().copied())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tandem serve starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(at) = line.find("http://") {
+                    let _ = tx.send(line[at..].trim().to_owned());
+                }
+            }
+        });
+        let base = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the worker reports its address (is the default model fetched?)");
+        Self { child, base }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 /// A router process, killed when dropped.
 pub struct RouterProcess {

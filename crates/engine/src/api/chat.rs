@@ -66,6 +66,7 @@ fn start(
         &state.tokenizer,
         &state.model,
     )?;
+    options.constraint = state.output_constraint(&request.sampling)?;
     options.sampling.logprobs = validate::chat_logprobs(
         request.sampling.logprobs.as_ref(),
         request.top_logprobs.as_ref(),

@@ -64,6 +64,7 @@ fn start(
         &state.tokenizer,
         &state.model,
     )?;
+    options.constraint = state.output_constraint(&request.sampling)?;
     options.sampling.logprobs = validate::completion_logprobs(request.sampling.logprobs.as_ref())?;
     options.echo = request.wants_echo();
     if options.echo && options.sampling.logprobs.is_some() {

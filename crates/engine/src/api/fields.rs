@@ -40,6 +40,15 @@ const HONOURED: &[&str] = &[
     "return_token_ids",
     "include_stop_str_in_output",
     "skip_special_tokens",
+    // Structured output (checked in `structured`).
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_whitespace_pattern",
+    "guided_decoding_backend",
 ];
 
 /// Fields only completions honour.
@@ -83,7 +92,6 @@ fn inert_values(field: &str, endpoint: Endpoint) -> Option<Vec<Value>> {
         "store" | "add_special_tokens" if endpoint == Endpoint::Chat => vec![json!(false)],
         "service_tier" if endpoint == Endpoint::Chat => vec![json!("auto"), json!("default")],
         "modalities" if endpoint == Endpoint::Chat => vec![json!(["text"])],
-        "response_format" => vec![json!({"type": "text"})],
         "use_beam_search"
         | "return_tokens_as_token_ids"
         | "return_token_offsets"
@@ -93,14 +101,7 @@ fn inert_values(field: &str, endpoint: Endpoint) -> Option<Vec<Value>> {
         "priority" => vec![json!(0)],
         "bad_words" => vec![json!([])],
         "vllm_xargs" => vec![json!({})],
-        "structured_outputs"
-        | "guided_json"
-        | "guided_regex"
-        | "guided_choice"
-        | "guided_grammar"
-        | "guided_decoding_backend"
-        | "guided_whitespace_pattern"
-        | "prompt_logprobs"
+        "prompt_logprobs"
         | "logprob_token_ids"
         | "allowed_token_ids"
         | "truncate_prompt_tokens"
@@ -221,14 +222,10 @@ mod tests {
         let chat = |body| screened(Endpoint::Chat, body);
         assert!(chat(json!({"messages": [], "min_p": 0.1, "user": "u"})).is_ok());
         assert!(chat(json!({"tools": [], "tool_choice": "none", "response_format": null})).is_ok());
-        assert!(chat(json!({"response_format": {"type": "text"}, "priority": 0})).is_ok());
+        assert!(chat(json!({"response_format": {"type": "json_object"}, "priority": 0})).is_ok());
         assert_eq!(
             chat(json!({"tools": [{"type": "function"}]})),
             Err("tools".into())
-        );
-        assert_eq!(
-            chat(json!({"response_format": {"type": "json_object"}})),
-            Err("response_format".into())
         );
         assert_eq!(chat(json!({"cache_salt": "s"})), Err("cache_salt".into()));
         assert_eq!(chat(json!({"frobnicate": 1})), Err("frobnicate".into()));

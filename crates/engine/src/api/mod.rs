@@ -3,7 +3,8 @@
 //! - `POST /v1/completions`, `POST /v1/chat/completions`: validated into engine
 //!   requests ([`validate`]), run through the engine loop and turned back into text
 //!   ([`generation`], [`stop`]), answered whole or as server-sent events ([`sse`]).
-//!   Fields the server does not honour are refused by name ([`fields`]).
+//!   Fields the server does not honour are refused by name ([`fields`]); structured
+//!   output fields become the grammar the output follows ([`structured`]).
 //! - `POST /tokenize`, `POST /detokenize`: a prompt or conversation as the token ids
 //!   the generation endpoints would feed the model, and ids back into text
 //!   ([`tokenize`]).
@@ -33,11 +34,12 @@ mod logprobs;
 mod request_id;
 mod sse;
 mod stop;
+mod structured;
 mod tokenize;
 mod validate;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -49,6 +51,7 @@ use tandem_httpd::HttpLimits;
 use tandem_protocol::openai::ApiError;
 
 use crate::chat::ChatTemplate;
+use crate::constrain::{Constrainer, ConstraintError, OutputConstraint};
 use crate::sched::{EngineHandle, GenerationRequest};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -87,6 +90,9 @@ pub struct ServerState {
     api_key: Option<Arc<str>>,
     /// Turns to prepare a large body (see [`prepare`]).
     large_bodies: Arc<tokio::sync::Semaphore>,
+    /// Compiles structured-output grammars; built on first use (it indexes the
+    /// vocabulary, which servers that never constrain output need not pay for).
+    constrainer: OnceLock<Result<Constrainer, String>>,
 }
 
 impl ServerState {
@@ -108,6 +114,7 @@ impl ServerState {
             handoff: None,
             api_key: None,
             large_bodies: Arc::new(tokio::sync::Semaphore::new(LARGE_BODY_PERMITS)),
+            constrainer: OnceLock::new(),
         }
     }
 
@@ -126,6 +133,32 @@ impl ServerState {
 
     pub fn served_model(&self) -> &ServedModel {
         &self.model
+    }
+
+    /// The grammar a request's structured-output fields ask for, compiled; `None` for
+    /// free text. CPU work: call it while preparing the request, off the runtime.
+    fn output_constraint(
+        &self,
+        fields: &tandem_protocol::openai::SamplingFields,
+    ) -> Result<Option<OutputConstraint>, ApiError> {
+        let Some(requested) = structured::requested_grammar(fields)? else {
+            return Ok(None);
+        };
+        let constrainer = self
+            .constrainer
+            .get_or_init(|| {
+                Constrainer::new(&self.tokenizer, self.model.vocab_size).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| ApiError::invalid_param(requested.field, e.clone()))?;
+        match constrainer.compile(&requested.grammar, &requested.layout) {
+            Ok(constraint) => Ok(Some(constraint)),
+            Err(ConstraintError::Invalid(detail)) => Err(ApiError::invalid_param(
+                requested.field,
+                format!("`{}` cannot be used: {detail}", requested.field),
+            )),
+            Err(other) => Err(ApiError::invalid_param(requested.field, other.to_string())),
+        }
     }
 }
 
@@ -220,6 +253,7 @@ fn start_choice(
         max_tokens: prompt.max_tokens,
         stop_token_ids: options.stop_token_ids.clone(),
         kv: options.kv.clone(),
+        constraint: options.constraint.clone(),
     };
     let stream = state
         .engine

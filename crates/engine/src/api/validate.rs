@@ -6,6 +6,7 @@ use tandem_protocol::openai::{ApiError, ChatMessage as WireMessage, PromptInput,
 
 use super::ServedModel;
 use crate::chat::{ChatMessage, ChatTemplate};
+use crate::constrain::OutputConstraint;
 use crate::sample::SamplingParams;
 use crate::tokenizer::Tokenizer;
 use crate::transfer::KvRole;
@@ -50,6 +51,8 @@ pub struct OutputOptions {
     /// The request's part in a KV hand-off (set by the endpoint once it knows the
     /// prompts).
     pub kv: KvRole,
+    /// The grammar every choice's output follows (structured output), if any.
+    pub constraint: Option<OutputConstraint>,
 }
 
 /// One prompt ready for the engine.
@@ -126,6 +129,7 @@ pub fn output_options(
         skip_special_tokens: fields.skip_special_tokens.unwrap_or(true),
         echo: false,
         kv: KvRole::Local,
+        constraint: None,
     })
 }
 

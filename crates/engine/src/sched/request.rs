@@ -2,6 +2,7 @@
 //! HTTP layer and the scheduler. The scheduler deals in token ids only; text (chat
 //! templates, detokenization, stop strings) stays with the caller.
 
+use crate::constrain::OutputConstraint;
 use crate::sample::{SamplingParams, TokenLogprobs};
 use crate::transfer::{Handoff, KvRole};
 
@@ -18,6 +19,8 @@ pub struct GenerationRequest {
     pub stop_token_ids: Vec<u32>,
     /// Its part in a prefill/decode hand-off, if any.
     pub kv: KvRole,
+    /// The grammar the output must follow (structured output), if any.
+    pub constraint: Option<OutputConstraint>,
 }
 
 /// Why a generation ended.

@@ -528,7 +528,17 @@ impl EngineLoop {
             }
             let row = &self.executor.last_logits()[logits_row * vocab..(logits_row + 1) * vocab];
             logits_row += 1;
-            let token = seq.sampler.sample(row);
+            let token = match seq.next_token(row) {
+                Ok(Some(token)) => token,
+                Ok(None) => {
+                    finished.push((seq.id, Ok(FinishReason::Stop)));
+                    continue;
+                }
+                Err(error) => {
+                    finished.push((seq.id, Err(error.to_string())));
+                    continue;
+                }
+            };
             let logprobs = seq.sampler.logprobs(row, token);
             seq.tokens.push(token);
             metrics::counter!(names::GENERATION_TOKENS_TOTAL).increment(1);
@@ -538,19 +548,24 @@ impl EngineLoop {
                 Some(FinishReason::Stop)
             } else if !seq.send_token(token, logprobs) {
                 Some(FinishReason::Aborted)
+            } else if seq.output_complete() {
+                Some(FinishReason::Stop)
             } else if seq.generated() >= seq.max_tokens {
                 Some(FinishReason::Length)
             } else {
                 None
             };
             if let Some(reason) = reason {
-                finished.push((seq.id, reason));
+                finished.push((seq.id, Ok(reason)));
             }
         }
-        for (id, reason) in finished {
+        for (id, outcome) in finished {
             if let Some(i) = self.running.iter().position(|s| s.id == id) {
                 let seq = self.running.remove(i);
-                self.finish(seq, reason);
+                match outcome {
+                    Ok(reason) => self.finish(seq, reason),
+                    Err(message) => self.fail(seq, message),
+                }
             }
         }
     }

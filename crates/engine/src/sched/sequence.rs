@@ -5,6 +5,7 @@ use tokio::sync::mpsc;
 
 use super::handle::SeqId;
 use super::request::{FinishReason, GenerationEvent, GenerationRequest, Usage};
+use crate::constrain::{Allowed, ConstraintError, OutputConstraint};
 use crate::kv::BlockId;
 use crate::kv::pool::BlockHash;
 use crate::sample::{Sampler, TokenLogprobs};
@@ -26,6 +27,8 @@ pub(crate) struct Sequence {
     pub max_tokens: usize,
     pub stop_token_ids: Vec<u32>,
     pub sampler: Sampler,
+    /// The grammar its output follows (structured output).
+    constraint: Option<OutputConstraint>,
     pub kv: KvRole,
     /// Where a remote prefill's pull stands.
     pub pull: PullState,
@@ -69,6 +72,7 @@ impl Sequence {
             max_tokens: request.max_tokens,
             stop_token_ids: request.stop_token_ids,
             sampler,
+            constraint: request.constraint,
             kv: request.kv,
             pull: PullState::NotStarted,
             abandoned: false,
@@ -76,6 +80,27 @@ impl Sequence {
             stop_logprobs: None,
             events,
         }
+    }
+
+    /// The next token from a row of logits, within the output's grammar if it has
+    /// one; `None` when the grammar is complete and nothing may follow.
+    pub fn next_token(&mut self, logits: &[f32]) -> Result<Option<u32>, ConstraintError> {
+        let Some(constraint) = self.constraint.as_mut() else {
+            return Ok(Some(self.sampler.sample(logits)));
+        };
+        let token = match constraint.allowed()? {
+            Allowed::Complete => return Ok(None),
+            Allowed::Tokens(mask) => self.sampler.sample_within(logits, mask.as_slice()),
+        };
+        constraint.accept(token)?;
+        Ok(Some(token))
+    }
+
+    /// Whether the output's grammar is complete (nothing may follow).
+    pub fn output_complete(&self) -> bool {
+        self.constraint
+            .as_ref()
+            .is_some_and(OutputConstraint::is_complete)
     }
 
     pub fn generated(&self) -> usize {

@@ -11,6 +11,7 @@ mod gguf;
 mod hf;
 mod incremental;
 mod pre;
+mod vocab_bytes;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -23,6 +24,7 @@ use tokenizers::Tokenizer as HfTokenizer;
 use crate::error::ModelError;
 
 pub use incremental::IncrementalDecoder;
+pub use vocab_bytes::TokenBytes;
 
 /// Control tokens that end an assistant turn or a document in common model families.
 /// A model's own EOS id is always included as well.

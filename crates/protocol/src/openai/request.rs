@@ -46,6 +46,19 @@ pub struct SamplingFields {
     pub return_token_ids: Option<bool>,
     /// vLLM's prefill/decode hand-off (see [`crate::pd`]).
     pub kv_transfer_params: Option<crate::pd::KvTransferParams>,
+    /// Structured output, OpenAI's way: `{"type": "text" | "json_object" |
+    /// "json_schema", "json_schema": {"name", "schema", "strict"}}`.
+    pub response_format: Option<Value>,
+    /// Structured output, vLLM's way: one of `json`, `regex`, `choice`, `grammar`,
+    /// `json_object`, with layout options.
+    pub structured_outputs: Option<Value>,
+    /// vLLM's older structured output fields, one per kind.
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    pub guided_whitespace_pattern: Option<Value>,
+    pub guided_decoding_backend: Option<Value>,
 }
 
 impl SamplingFields {
