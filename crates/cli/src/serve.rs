@@ -24,6 +24,7 @@ use tandem_engine::loaded::Placement;
 use tandem_engine::metrics::install_prometheus_recorder;
 use tandem_engine::model::LoadOptions;
 use tandem_engine::sched::{self, EngineConfig, EngineHandle, HandoffLinks};
+use tandem_engine::tools::ToolCallFormat;
 use tandem_engine::transfer::{
     self, ClusterSecret, Fingerprint, KvServer, LeaseTable, Limits, LoadFailurePolicy, auth,
 };
@@ -102,6 +103,12 @@ pub struct ServeArgs {
     /// and `/metrics` stay open.
     #[arg(long, env = "VLLM_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// How the model writes tool calls, to read them out of its output (`tools` with
+    /// `tool_choice: "auto"`) and to tell a model whose chat template has no place
+    /// for tools how to call them: `hermes` (`<tool_call>{...}</tool_call>`) or
+    /// `llama3_json` (vLLM's names).
+    #[arg(long, default_value_t = ToolCallFormat::Hermes)]
+    tool_call_parser: ToolCallFormat,
     /// Largest request body: bytes, or with a suffix (KiB, MiB, …). Larger bodies get
     /// 413, from `Content-Length` before they are read.
     #[arg(long, value_parser = parse_byte_size, default_value = "8MiB")]
@@ -377,7 +384,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         });
         let state = ServerState::new(engine, tokenizer, chat_template, served, metrics)
             .with_handoff(handoff)
-            .with_api_key(args.api_key.clone());
+            .with_api_key(args.api_key.clone())
+            .with_tool_call_format(args.tool_call_parser);
         let grace = Duration::from_secs(args.shutdown_timeout);
         serve_until_signal(&args.host, args.port, state, limits, grace, announce).await
     });

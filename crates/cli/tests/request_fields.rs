@@ -104,8 +104,9 @@ fn chat_fields() -> Vec<(&'static str, Value, Expect)> {
         (
             "tools",
             json!([{"type": "function", "function": {"name": "f"}}]),
-            Refused,
+            Honoured,
         ),
+        // Without `tools`, there is nothing to call: refused by name.
         ("tool_choice", json!("required"), Refused),
         ("functions", json!([{"name": "f"}]), Refused),
         ("function_call", json!({"name": "f"}), Refused),

@@ -6,7 +6,7 @@
 //! - [`kv`]: the block-addressed KV store the forward pass reads and writes.
 //! - [`exec`]: where forward passes run (CPU, or a GPU with the `cuda` feature);
 //!   [`cuda`]: the GPU engine.
-//! - [`tokenizer`], [`chat`]: text in and out.
+//! - [`tokenizer`], [`chat`]: text in and out; [`tools`]: tool calls in generated text.
 //! - [`sample`]: turning logits into the next token; [`constrain`]: structured output
 //!   (the grammar a sequence's tokens must follow).
 //! - [`generate`]: one prompt, one sequence, no server (what `tandem generate` runs).
@@ -35,6 +35,7 @@ pub mod model;
 pub mod sample;
 pub mod sched;
 pub mod tokenizer;
+pub mod tools;
 pub mod transfer;
 
 pub use error::ModelError;

@@ -19,8 +19,10 @@ use super::generation::{ChoiceRun, collect};
 use super::handoff;
 use super::request_id::RequestId;
 use super::sse::{self, ChunkWriter, Endpoint, StreamShape};
+use super::tools::ToolUse;
 use super::validate::{self, OutputOptions, PromptNoun};
 use super::{SharedState, prepare, start_choices, unix_seconds};
+use crate::tools::ToolCallExtractor;
 
 pub async fn create(
     State(state): State<SharedState>,
@@ -28,7 +30,7 @@ pub async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
     let arrival = Instant::now();
-    let (runs, options) = {
+    let (runs, options, tool_calls) = {
         let state = state.clone();
         let request_id = request_id.clone();
         let body_bytes = body.as_ref().map_or(0, Bytes::len);
@@ -44,21 +46,22 @@ pub async fn create(
         created: unix_seconds(),
         model: state.model.name.clone(),
     };
-    let shape = super::stream_shape(&options, &state);
+    let mut shape = super::stream_shape(&options, &state);
+    shape.tool_calls = tool_calls;
     if options.stream {
         return Ok(sse::response(writer, runs, shape).into_response());
     }
     Ok(Json(respond_whole(writer, runs, shape, &state).await?).into_response())
 }
 
-/// Validates the request and submits its `n` choices; returns the runs, `n` and the
-/// stream flags.
+/// Validates the request and submits its `n` choices; returns the runs, the output
+/// options and, with tools, what reads calls out of each choice's output.
 fn start(
     state: &SharedState,
     request: &ChatCompletionRequest,
     request_id: &str,
     arrival: Instant,
-) -> Result<(Vec<ChoiceRun>, OutputOptions), ApiError> {
+) -> Result<(Vec<ChoiceRun>, OutputOptions, Option<ToolCallExtractor>), ApiError> {
     validate::check_model(request.model.as_deref(), &state.model)?;
     let mut options = validate::output_options(
         &request.sampling,
@@ -67,6 +70,16 @@ fn start(
         &state.model,
     )?;
     options.constraint = state.output_constraint(&request.sampling)?;
+    let tool_use = ToolUse::from_request(request)?;
+    if let Some(forced) = tool_use.as_ref().and_then(ToolUse::forced_grammar) {
+        if options.constraint.is_some() {
+            return Err(ApiError::invalid_param(
+                "tool_choice",
+                "A required or named `tool_choice` cannot be combined with structured output.",
+            ));
+        }
+        options.constraint = Some(state.compile(&forced)?);
+    }
     options.sampling.logprobs = validate::chat_logprobs(
         request.sampling.logprobs.as_ref(),
         request.top_logprobs.as_ref(),
@@ -76,9 +89,14 @@ fn start(
         request.continue_final_message,
         None,
     )?;
+    let offer = tool_use.as_ref().map(|tools| validate::ToolOffer {
+        tools: &tools.tools,
+        format: state.tool_call_format,
+    });
     let ids = validate::chat_prompt_ids(
         &request.messages,
         chat,
+        offer,
         state.chat_template.as_ref(),
         &state.tokenizer,
         state.model.max_model_len,
@@ -102,7 +120,8 @@ fn start(
         &options,
         arrival,
     )?;
-    Ok((runs, options))
+    let extractor = tool_use.and_then(|tools| tools.extractor(state.tool_call_format));
+    Ok((runs, options, extractor))
 }
 
 async fn respond_whole(
@@ -127,14 +146,26 @@ async fn respond_whole(
             (Some(writer), Some(tokens)) => Some(writer.chat(tokens)),
             _ => None,
         };
+        let (message, finish_reason) = match &shape.tool_calls {
+            Some(extractor) => with_tool_calls(
+                extractor.clone(),
+                &choice.text,
+                choice.finish_reason.as_openai(),
+            ),
+            None => (
+                ChatResponseMessage {
+                    role: "assistant".into(),
+                    content: Some(choice.text),
+                    tool_calls: None,
+                },
+                choice.finish_reason.as_openai(),
+            ),
+        };
         choices.push(ChatChoice {
             index: choice.index,
-            message: ChatResponseMessage {
-                role: "assistant".into(),
-                content: choice.text,
-            },
+            message,
             logprobs,
-            finish_reason: Some(choice.finish_reason.as_openai().to_owned()),
+            finish_reason: Some(finish_reason.to_owned()),
             stop_reason: choice.stop_reason,
             token_ids: choice.token_ids,
         });
@@ -149,4 +180,30 @@ async fn respond_whole(
         kv_transfer_params,
         prompt_token_ids,
     })
+}
+
+/// A whole answer's message with its tool calls read out of `text`, and its finish
+/// reason (`tool_calls` when the model chose to call, as OpenAI reports it).
+fn with_tool_calls(
+    mut extractor: ToolCallExtractor,
+    text: &str,
+    finish_reason: &'static str,
+) -> (ChatResponseMessage, &'static str) {
+    let mut pieces = extractor.push(text);
+    pieces.extend(extractor.finish());
+    let (content, calls) = sse::split_pieces(pieces);
+    let calls: Vec<_> = calls
+        .into_iter()
+        .map(|call| sse::tool_call_json(&call, None))
+        .collect();
+    let finish_reason = match finish_reason {
+        "stop" if !calls.is_empty() && !extractor.is_named() => "tool_calls",
+        other => other,
+    };
+    let message = ChatResponseMessage {
+        role: "assistant".into(),
+        content: (!content.is_empty() || calls.is_empty()).then_some(content),
+        tool_calls: (!calls.is_empty()).then_some(calls),
+    };
+    (message, finish_reason)
 }

@@ -61,8 +61,11 @@ const HONOURED_CHAT: &[&str] = &[
     "top_logprobs",
     "add_generation_prompt",
     "continue_final_message",
-    // Without tools there is nothing to call in parallel, or to reason about apart.
+    // Checked in `tools`.
+    "tools",
+    "tool_choice",
     "parallel_tool_calls",
+    // Without reasoning parsing, there is nothing to hold apart.
     "include_reasoning",
     // OpenAI's prompt-cache routing hint and abuse id: the prefix cache is always on.
     "prompt_cache_key",
@@ -75,10 +78,8 @@ fn inert_values(field: &str, endpoint: Endpoint) -> Option<Vec<Value>> {
         "best_of" if endpoint == Endpoint::Completions => vec![json!(1)],
         "suffix" if endpoint == Endpoint::Completions => vec![json!("")],
         "echo" if endpoint == Endpoint::Chat => vec![json!(false)],
-        "tools" | "functions" | "documents" if endpoint == Endpoint::Chat => vec![json!([])],
-        "tool_choice" | "function_call" if endpoint == Endpoint::Chat => {
-            vec![json!("none"), json!("auto")]
-        }
+        "functions" | "documents" if endpoint == Endpoint::Chat => vec![json!([])],
+        "function_call" if endpoint == Endpoint::Chat => vec![json!("none"), json!("auto")],
         "chat_template" if endpoint == Endpoint::Chat => vec![],
         "chat_template_kwargs" | "mm_processor_kwargs" if endpoint == Endpoint::Chat => {
             vec![json!({})]
@@ -174,16 +175,15 @@ fn screen_message(index: usize, message: &Value) -> Result<(), ApiError> {
         return Ok(()); // The parser names what is wrong with it.
     };
     for (field, value) in message {
-        let honoured = matches!(field.as_str(), "role" | "content" | "name");
-        let inert =
-            value.is_null() || (matches!(field.as_str(), "tool_calls") && value == &json!([]));
+        let honoured = matches!(
+            field.as_str(),
+            "role" | "content" | "name" | "tool_calls" | "tool_call_id"
+        );
+        let inert = value.is_null();
         if !(honoured || inert) {
             return Err(ApiError::invalid_param(
                 &format!("messages[{index}].{field}"),
-                format!(
-                    "`{field}` in a message is not supported by tandem serve (tool calls \
-                     and reasoning are not, yet)."
-                ),
+                format!("`{field}` in a message is not supported by tandem serve."),
             ));
         }
     }
@@ -224,8 +224,8 @@ mod tests {
         assert!(chat(json!({"tools": [], "tool_choice": "none", "response_format": null})).is_ok());
         assert!(chat(json!({"response_format": {"type": "json_object"}, "priority": 0})).is_ok());
         assert_eq!(
-            chat(json!({"tools": [{"type": "function"}]})),
-            Err("tools".into())
+            chat(json!({"functions": [{"name": "f"}]})),
+            Err("functions".into())
         );
         assert_eq!(chat(json!({"cache_salt": "s"})), Err("cache_salt".into()));
         assert_eq!(chat(json!({"frobnicate": 1})), Err("frobnicate".into()));
@@ -241,7 +241,7 @@ mod tests {
     }
 
     #[test]
-    fn images_and_tool_calls_in_messages_are_refused_by_where_they_are() {
+    fn images_and_unknown_message_fields_are_refused_by_where_they_are() {
         let image = json!({"messages": [{"role": "user", "content": [
             {"type": "text", "text": "what is this?"},
             {"type": "image_url", "image_url": {"url": "data:,"}}]}]});
@@ -249,11 +249,11 @@ mod tests {
         let body = error.body().error;
         assert_eq!(body.param.as_deref(), Some("messages[0].content[1]"));
         assert!(body.message.contains("no vision input"), "{}", body.message);
-        let tool = json!({"messages": [{"role": "assistant", "content": null,
-            "tool_calls": [{"id": "1"}]}]});
+        let reasoning = json!({"messages": [{"role": "assistant", "content": "x",
+            "reasoning_content": "because"}]});
         assert_eq!(
-            screened(Endpoint::Chat, tool),
-            Err("messages[0].tool_calls".into())
+            screened(Endpoint::Chat, reasoning),
+            Err("messages[0].reasoning_content".into())
         );
         let plain = json!({"messages": [{"role": "user", "content": "hi", "name": "a",
             "tool_calls": []}]});

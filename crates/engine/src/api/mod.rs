@@ -36,6 +36,7 @@ mod sse;
 mod stop;
 mod structured;
 mod tokenize;
+mod tools;
 mod validate;
 
 use std::future::Future;
@@ -54,6 +55,7 @@ use crate::chat::ChatTemplate;
 use crate::constrain::{Constrainer, ConstraintError, OutputConstraint};
 use crate::sched::{EngineHandle, GenerationRequest};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+use crate::tools::ToolCallFormat;
 
 use generation::{ChoiceRun, TokenReport};
 use stop::StopMatcher as Stops;
@@ -90,6 +92,8 @@ pub struct ServerState {
     api_key: Option<Arc<str>>,
     /// Turns to prepare a large body (see [`prepare`]).
     large_bodies: Arc<tokio::sync::Semaphore>,
+    /// How the model writes tool calls (`--tool-call-parser`).
+    tool_call_format: ToolCallFormat,
     /// Compiles structured-output grammars; built on first use (it indexes the
     /// vocabulary, which servers that never constrain output need not pay for).
     constrainer: OnceLock<Result<Constrainer, String>>,
@@ -115,12 +119,20 @@ impl ServerState {
             api_key: None,
             large_bodies: Arc::new(tokio::sync::Semaphore::new(LARGE_BODY_PERMITS)),
             constrainer: OnceLock::new(),
+            tool_call_format: ToolCallFormat::default(),
         }
     }
 
     /// Lets requests take part in the KV hand-off (`kv_transfer_params`).
     pub fn with_handoff(mut self, handoff: HandoffInfo) -> Self {
         self.handoff = Some(handoff);
+        self
+    }
+
+    /// How the model writes tool calls, to read them out of its output and to tell a
+    /// model whose template has no place for tools.
+    pub fn with_tool_call_format(mut self, format: ToolCallFormat) -> Self {
+        self.tool_call_format = format;
         self
     }
 
@@ -141,9 +153,16 @@ impl ServerState {
         &self,
         fields: &tandem_protocol::openai::SamplingFields,
     ) -> Result<Option<OutputConstraint>, ApiError> {
-        let Some(requested) = structured::requested_grammar(fields)? else {
-            return Ok(None);
-        };
+        match structured::requested_grammar(fields)? {
+            Some(requested) => self.compile(&requested).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn compile(
+        &self,
+        requested: &structured::RequestedGrammar,
+    ) -> Result<OutputConstraint, ApiError> {
         let constrainer = self
             .constrainer
             .get_or_init(|| {
@@ -152,7 +171,7 @@ impl ServerState {
             .as_ref()
             .map_err(|e| ApiError::invalid_param(requested.field, e.clone()))?;
         match constrainer.compile(&requested.grammar, &requested.layout) {
-            Ok(constraint) => Ok(Some(constraint)),
+            Ok(constraint) => Ok(constraint),
             Err(ConstraintError::Invalid(detail)) => Err(ApiError::invalid_param(
                 requested.field,
                 format!("`{}` cannot be used: {detail}", requested.field),
@@ -285,6 +304,7 @@ fn stream_shape(options: &OutputOptions, state: &ServerState) -> sse::StreamShap
             .sampling
             .logprobs
             .map(|_| logprobs::LogprobsWriter::new(state.tokenizer.clone())),
+        tool_calls: None,
     }
 }
 

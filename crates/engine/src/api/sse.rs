@@ -20,6 +20,7 @@ use tandem_protocol::openai::{
 
 use super::generation::{ChoiceEvent, ChoiceRun, OutputToken};
 use super::logprobs::LogprobsWriter;
+use crate::tools::{Piece, ToolCall, ToolCallExtractor};
 
 /// Which endpoint's chunks to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +63,7 @@ impl ChunkWriter {
             delta: ChatDelta {
                 role: Some("assistant".into()),
                 content: Some(String::new()),
+                tool_calls: None,
             },
             logprobs: None,
             finish_reason: None,
@@ -113,6 +115,7 @@ impl ChunkWriter {
                     delta: ChatDelta {
                         role: None,
                         content,
+                        tool_calls: None,
                     },
                     logprobs: delta.logprobs,
                     finish_reason: delta.finish_reason,
@@ -121,6 +124,22 @@ impl ChunkWriter {
                 self.chat_chunk(choice, None, delta.usage)
             }
         }
+    }
+
+    /// A chat chunk with one whole tool call, the choice's `call_index`th.
+    fn tool_call(&self, index: usize, call: &ToolCall, call_index: usize) -> Event {
+        let choice = ChatChunkChoice {
+            index,
+            delta: ChatDelta {
+                role: None,
+                content: None,
+                tool_calls: Some(vec![tool_call_json(call, Some(call_index))]),
+            },
+            logprobs: None,
+            finish_reason: None,
+            token_ids: None,
+        };
+        self.chat_chunk(choice, None, None)
     }
 
     fn usage(&self, usage: UsageInfo) -> Event {
@@ -152,6 +171,33 @@ fn json_event<T: Serialize>(value: &T) -> Event {
         .unwrap_or_else(|_| Event::default().data(r#"{"error":{"message":"Internal server error","type":"InternalServerError","param":null,"code":500}}"#))
 }
 
+/// A tool call in OpenAI's shape, with a fresh id (`index` in streamed deltas).
+pub fn tool_call_json(call: &ToolCall, index: Option<usize>) -> Value {
+    let id: u128 = rand::random();
+    let mut value = serde_json::json!({
+        "id": format!("chatcmpl-tool-{id:032x}"),
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    });
+    if let Some(index) = index {
+        value["index"] = index.into();
+    }
+    value
+}
+
+/// The content and the calls among `pieces`.
+pub fn split_pieces(pieces: Vec<Piece>) -> (String, Vec<ToolCall>) {
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    for piece in pieces {
+        match piece {
+            Piece::Content(text) => content.push_str(&text),
+            Piece::Call(call) => calls.push(call),
+        }
+    }
+    (content, calls)
+}
+
 fn done_event() -> Event {
     Event::default().data("[DONE]")
 }
@@ -165,6 +211,8 @@ pub struct StreamShape {
     pub continuous_usage: bool,
     /// With `logprobs`: how they are written.
     pub logprobs: Option<LogprobsWriter>,
+    /// Chat with tools: reads calls out of each choice's output.
+    pub tool_calls: Option<ToolCallExtractor>,
 }
 
 /// The SSE response for `runs` (one per choice, in index order).
@@ -187,6 +235,9 @@ pub fn response(
     let prompt_tokens = shape
         .continuous_usage
         .then(|| runs.iter().map(ChoiceRun::prompt_tokens).collect());
+    let tool_calls = shape
+        .tool_calls
+        .map(|extractor| ToolCalls::new(extractor, runs.len()));
     let state = StreamState {
         choices: stream::select_all(runs.into_iter().map(ChoiceRun::into_stream)),
         pending: VecDeque::new(),
@@ -196,6 +247,7 @@ pub fn response(
         prompt_ids,
         report_ids,
         logprobs: shape.logprobs,
+        tool_calls,
         usage: Vec::new(),
         n: shape.n,
         writer,
@@ -224,6 +276,8 @@ struct StreamState {
     text_offsets: Vec<usize>,
     /// `continuous_usage_stats`: each choice's prompt length.
     prompt_tokens: Option<Vec<usize>>,
+    /// Chat with tools: each choice's call reader.
+    tool_calls: Option<ToolCalls>,
     /// Each finished choice's usage, by index.
     usage: Vec<(usize, UsageInfo)>,
     /// Choices per prompt.
@@ -261,9 +315,17 @@ impl StreamState {
                 tokens,
                 generated,
             }) => {
-                let mut delta = self.choice_delta(index, text, None, None, tokens);
-                delta.usage = self.usage_so_far(index, generated);
-                self.pending.push_back(self.writer.delta(delta));
+                let (text, calls) = match self.tool_calls.as_mut() {
+                    Some(reader) => reader.push(index, &text),
+                    None => (text, Vec::new()),
+                };
+                let reports = self.report_ids || self.logprobs.is_some();
+                if !text.is_empty() || reports || self.tool_calls.is_none() {
+                    let mut delta = self.choice_delta(index, text, None, None, tokens);
+                    delta.usage = self.usage_so_far(index, generated);
+                    self.pending.push_back(self.writer.delta(delta));
+                }
+                self.send_tool_calls(index, calls);
             }
             Some(ChoiceEvent::Finished {
                 index,
@@ -274,7 +336,18 @@ impl StreamState {
                 ..
             }) => {
                 self.usage.push((index, usage));
-                let reason = Some(reason.as_openai().to_owned());
+                let mut reason = reason.as_openai();
+                if let Some((text, calls)) = self.tool_calls.as_mut().map(|r| r.finish(index)) {
+                    if !text.is_empty() {
+                        let delta = self.choice_delta(index, text, None, None, Vec::new());
+                        self.pending.push_back(self.writer.delta(delta));
+                    }
+                    self.send_tool_calls(index, calls);
+                }
+                if let Some(reader) = &self.tool_calls {
+                    reason = reader.finish_reason(index, reason);
+                }
+                let reason = Some(reason.to_owned());
                 let mut delta =
                     self.choice_delta(index, String::new(), reason, stop_reason, tokens);
                 delta.usage = self.usage_so_far(index, usage.completion_tokens);
@@ -338,6 +411,17 @@ impl StreamState {
         })
     }
 
+    fn send_tool_calls(&mut self, index: usize, calls: Vec<ToolCall>) {
+        for call in calls {
+            let Some(reader) = self.tool_calls.as_mut() else {
+                return;
+            };
+            let call_index = reader.next_call_index(index);
+            let event = self.writer.tool_call(index, &call, call_index);
+            self.pending.push_back(event);
+        }
+    }
+
     fn send_roles(&mut self) {
         for index in 0..std::mem::take(&mut self.roles_due) {
             let prompt_ids = self.prompt_ids.get_mut(index).and_then(Option::take);
@@ -349,5 +433,53 @@ impl StreamState {
     fn end(&mut self) {
         self.pending.push_back(done_event());
         self.done = true;
+    }
+}
+
+/// Chat with tools: one call reader per choice, and how many calls each has sent.
+struct ToolCalls {
+    readers: Vec<ToolCallExtractor>,
+    sent: Vec<usize>,
+}
+
+impl ToolCalls {
+    fn new(extractor: ToolCallExtractor, choices: usize) -> Self {
+        Self {
+            readers: vec![extractor; choices],
+            sent: vec![0; choices],
+        }
+    }
+
+    /// Choice `index`'s content and calls that `text` completes.
+    fn push(&mut self, index: usize, text: &str) -> (String, Vec<ToolCall>) {
+        match self.readers.get_mut(index) {
+            Some(reader) => split_pieces(reader.push(text)),
+            None => (text.to_owned(), Vec::new()),
+        }
+    }
+
+    /// The rest of choice `index`'s output.
+    fn finish(&mut self, index: usize) -> (String, Vec<ToolCall>) {
+        match self.readers.get_mut(index) {
+            Some(reader) => split_pieces(reader.finish()),
+            None => (String::new(), Vec::new()),
+        }
+    }
+
+    /// `tool_calls` for a choice that stopped after calling (unless the call was
+    /// forced by name, which OpenAI ends with `stop`).
+    fn finish_reason(&self, index: usize, reason: &'static str) -> &'static str {
+        match self.readers.get(index) {
+            Some(reader) if reason == "stop" && reader.made_calls() && !reader.is_named() => {
+                "tool_calls"
+            }
+            _ => reason,
+        }
+    }
+
+    fn next_call_index(&mut self, index: usize) -> usize {
+        let sent = &mut self.sent[index];
+        *sent += 1;
+        *sent - 1
     }
 }

@@ -134,6 +134,7 @@ fn tokenize_chat(
     let ids = validate::chat_prompt_ids(
         &request.messages,
         options,
+        None,
         state.chat_template.as_ref(),
         &state.tokenizer,
         state.model.max_model_len,

@@ -9,6 +9,7 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::constrain::OutputConstraint;
 use crate::sample::SamplingParams;
 use crate::tokenizer::Tokenizer;
+use crate::tools::{ToolCall, ToolCallFormat, offer_prompt, written_calls};
 use crate::transfer::KvRole;
 
 /// Roles a chat message may have.
@@ -474,6 +475,7 @@ impl ChatPromptOptions {
 pub fn chat_prompt_ids(
     messages: &[WireMessage],
     options: ChatPromptOptions,
+    tools: Option<ToolOffer<'_>>,
     template: Option<&ChatTemplate>,
     tokenizer: &Tokenizer,
     max_model_len: usize,
@@ -494,8 +496,16 @@ pub fn chat_prompt_ids(
         max_model_len,
         PromptNoun::Messages,
     )?;
-    let conversation = conversation(messages)?;
-    let text = render(template, &conversation, options)?;
+    let mut conversation = conversation(messages)?;
+    let template_tools = match tools {
+        Some(offer) if template.takes_tools() => Some(offer.tools),
+        Some(offer) => {
+            offer_in_system_message(&mut conversation, offer);
+            None
+        }
+        None => None,
+    };
+    let text = render(template, &conversation, template_tools, options)?;
     check_text_length(text.len(), tokenizer, max_model_len, PromptNoun::Messages)?;
     let starts_with_bos = tokenizer
         .bos_token()
@@ -517,10 +527,11 @@ pub fn chat_prompt_ids(
 fn render(
     template: &ChatTemplate,
     conversation: &[ChatMessage],
+    tools: Option<&[serde_json::Value]>,
     options: ChatPromptOptions,
 ) -> Result<String, ApiError> {
     let text = template
-        .render(conversation, options.add_generation_prompt)
+        .render_with_tools(conversation, tools, options.add_generation_prompt)
         .map_err(|e| {
             ApiError::invalid_param("messages", format!("Cannot apply the chat template: {e}"))
         })?;
@@ -549,6 +560,78 @@ fn cut_after_final_message(mut text: String, last: &str) -> Result<String, ApiEr
     Ok(text)
 }
 
+/// Tools to offer in a chat prompt, and the format the model is told to call them in
+/// when its template has no place for them.
+#[derive(Debug, Clone, Copy)]
+pub struct ToolOffer<'a> {
+    pub tools: &'a [serde_json::Value],
+    pub format: ToolCallFormat,
+}
+
+/// For a template without tools: the offer goes first in the system message (one is
+/// added if there is none), and earlier assistant calls are written into their turns'
+/// text as the model is told to write them.
+fn offer_in_system_message(conversation: &mut Vec<ChatMessage>, offer: ToolOffer<'_>) {
+    let prompt = offer_prompt(offer.tools, offer.format);
+    match conversation.first_mut() {
+        Some(first) if first.role == "system" => {
+            first.content = format!("{}\n\n{prompt}", first.content);
+        }
+        _ => conversation.insert(0, ChatMessage::new("system", prompt)),
+    }
+    for message in conversation.iter_mut() {
+        let Some(calls) = message.tool_calls.take() else {
+            continue;
+        };
+        let written = written_calls(&calls_of(&calls), offer.format);
+        message.content = [message.content.as_str(), written.as_str()]
+            .iter()
+            .filter(|part| !part.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join("\n");
+    }
+}
+
+/// The calls of a message's checked `tool_calls`.
+fn calls_of(calls: &serde_json::Value) -> Vec<ToolCall> {
+    calls
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|call| {
+            let function = &call["function"];
+            ToolCall {
+                name: function["name"].as_str().unwrap_or_default().to_owned(),
+                arguments: match &function["arguments"] {
+                    serde_json::Value::String(text) => text.clone(),
+                    other => other.to_string(),
+                },
+            }
+        })
+        .collect()
+}
+
+/// An assistant message's `tool_calls`: a list of `{"function": {"name", "arguments"}}`.
+fn check_tool_calls(index: usize, calls: &serde_json::Value) -> Result<(), ApiError> {
+    let well_formed = calls.as_array().is_some_and(|calls| {
+        calls.iter().all(|call| {
+            call["function"]["name"].is_string()
+                && (call["function"]["arguments"].is_string()
+                    || call["function"]["arguments"].is_object())
+        })
+    });
+    if well_formed {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_param(
+            &format!("messages[{index}].tool_calls"),
+            "`tool_calls` must be a list of {\"id\", \"type\": \"function\", \"function\": \
+             {\"name\", \"arguments\"}}.",
+        ))
+    }
+}
+
 fn conversation(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid_param(
@@ -558,7 +641,8 @@ fn conversation(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, ApiError> 
     }
     messages
         .iter()
-        .map(|message| {
+        .enumerate()
+        .map(|(index, message)| {
             if !ROLES.contains(&message.role.as_str()) {
                 return Err(ApiError::invalid_param(
                     "messages",
@@ -574,7 +658,18 @@ fn conversation(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, ApiError> 
                 .as_ref()
                 .map(|c| c.text())
                 .unwrap_or_default();
-            Ok(ChatMessage::new(message.role.as_str(), content))
+            let tool_calls = message
+                .tool_calls
+                .clone()
+                .filter(|calls| calls.as_array().is_some_and(|calls| !calls.is_empty()));
+            if let Some(calls) = &tool_calls {
+                check_tool_calls(index, calls)?;
+            }
+            Ok(ChatMessage {
+                tool_calls,
+                tool_call_id: message.tool_call_id.clone(),
+                ..ChatMessage::new(message.role.as_str(), content)
+            })
         })
         .collect()
 }
@@ -808,11 +903,48 @@ mod tests {
             role: role.into(),
             content: None,
             name: None,
+            tool_calls: None,
+            tool_call_id: None,
         };
         assert!(conversation(&[message("wizard")]).is_err());
         assert_eq!(
             conversation(&[message("assistant")]).unwrap(),
             vec![ChatMessage::new("assistant", "")]
         );
+    }
+
+    #[test]
+    fn tools_go_first_in_the_system_message_and_calls_into_their_turns() {
+        let tools = [serde_json::json!({"type": "function", "function": {"name": "add"}})];
+        let offer = ToolOffer {
+            tools: &tools,
+            format: ToolCallFormat::Hermes,
+        };
+        let calls = serde_json::json!([{"id": "1", "type": "function",
+            "function": {"name": "add", "arguments": "{\"a\": 1}"}}]);
+        let mut conversation = vec![
+            ChatMessage::new("user", "1 + 1?"),
+            ChatMessage {
+                tool_calls: Some(calls),
+                ..ChatMessage::new("assistant", "")
+            },
+        ];
+        offer_in_system_message(&mut conversation, offer);
+        assert_eq!(conversation[0].role, "system");
+        assert!(conversation[0].content.contains(r#"{"name":"add"}"#));
+        let written = conversation[2].content.as_str();
+        let call = written
+            .strip_prefix("<tool_call>\n")
+            .and_then(|rest| rest.strip_suffix("\n</tool_call>"))
+            .expect("one call in tags");
+        let call: serde_json::Value = serde_json::from_str(call).unwrap();
+        assert_eq!(
+            call,
+            serde_json::json!({"name": "add", "arguments": {"a": 1}})
+        );
+        assert_eq!(conversation[2].tool_calls, None);
+        let mut with_system = vec![ChatMessage::new("system", "Be brief.")];
+        offer_in_system_message(&mut with_system, offer);
+        assert!(with_system[0].content.starts_with("Be brief.\n\n"));
     }
 }

@@ -193,6 +193,16 @@ pub struct ChatCompletionRequest {
     /// Whether the last message is left open for the model to continue (default false).
     #[serde(default)]
     pub continue_final_message: Option<bool>,
+    /// Functions the model may call: `[{"type": "function", "function": {"name",
+    /// "description", "parameters"}}]`.
+    #[serde(default)]
+    pub tools: Option<Value>,
+    /// `"none"`, `"auto"`, `"required"` or `{"type": "function", "function": {"name"}}`.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    /// Whether `required` may produce several calls (default true).
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -217,15 +227,21 @@ impl ChatCompletionRequest {
     }
 }
 
-/// One message of a conversation. Fields other than these (`tool_calls`, ...) are
-/// ignored.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// One message of a conversation (other fields are refused before parsing).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<MessageContent>,
     #[serde(default)]
     pub name: Option<String>,
+    /// An assistant turn's calls: `[{"id", "type": "function", "function": {"name",
+    /// "arguments"}}]`.
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    /// A `tool` turn: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 /// `content`: a string or a list of typed parts (only text parts are supported).

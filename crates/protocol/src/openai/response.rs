@@ -145,10 +145,14 @@ pub struct ChatChoice {
     pub token_ids: Option<Vec<u32>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatResponseMessage {
     pub role: String,
-    pub content: String,
+    /// `null` when the answer is only tool calls.
+    pub content: Option<String>,
+    /// `[{"id", "type": "function", "function": {"name", "arguments"}}]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Value>>,
 }
 
 /// One `data:` event of a streamed `/v1/chat/completions` response.
@@ -180,12 +184,16 @@ pub struct ChatChunkChoice {
 }
 
 /// What a chunk adds to a message: the role in the first chunk, then content.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatDelta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Tool calls, each whole: `[{"index", "id", "type", "function": {"name",
+    /// "arguments"}}]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Value>>,
 }
 
 /// `GET /v1/models`.
@@ -301,6 +309,7 @@ mod tests {
         let first = ChatDelta {
             role: Some("assistant".into()),
             content: Some(String::new()),
+            tool_calls: None,
         };
         assert_eq!(
             serde_json::to_value(first).unwrap(),
@@ -309,6 +318,7 @@ mod tests {
         let later = ChatDelta {
             role: None,
             content: Some("Hi".into()),
+            tool_calls: None,
         };
         assert_eq!(
             serde_json::to_value(later).unwrap(),
