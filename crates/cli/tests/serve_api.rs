@@ -379,7 +379,6 @@ async fn bad_input_gets_openai_errors_with_the_right_status() {
             r#"{"prompt": "x", "presence_penalty": 3}"#.into(),
             400,
         ),
-        ("echo with logprobs", r#"{"prompt": "x", "echo": true, "logprobs": 1}"#.into(), 400),
         ("logprobs 21", r#"{"prompt": "x", "logprobs": 21}"#.into(), 400),
         (
             "token id out of vocabulary",

@@ -27,6 +27,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         stop_token_ids: Vec::new(),
         kv: Default::default(),
         constraint: None,
+        prompt_logprobs: None,
     }
 }
 
@@ -43,6 +44,7 @@ async fn decode_throughput(engine: &EngineHandle, prompts: &[Vec<u32>], streams:
                 match event {
                     GenerationEvent::Token(_) | GenerationEvent::TokenWithLogprobs(..) => n += 1,
                     GenerationEvent::Finished { .. } => break,
+                    GenerationEvent::PromptLogprobs(_) => {}
                     GenerationEvent::Failed(e) => panic!("{e}"),
                 }
             }

@@ -52,6 +52,7 @@ pub struct ChatTemplate {
     /// Whether the template has a place for `tools` (else they are offered in a
     /// system message; see [`crate::tools::offer_prompt`]).
     takes_tools: bool,
+    source: String,
 }
 
 impl ChatTemplate {
@@ -66,6 +67,7 @@ impl ChatTemplate {
             bos_token: bos_token.to_owned(),
             eos_token: eos_token.to_owned(),
             takes_tools: source.contains("tools"),
+            source: source.to_owned(),
         })
     }
 
@@ -142,6 +144,11 @@ impl ChatTemplate {
                 eos_token => &self.eos_token,
             })
             .map_err(template_error)
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Whether the template writes `tools` itself.

@@ -61,6 +61,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         stop_token_ids: Vec::new(),
         kv: Default::default(),
         constraint: None,
+        prompt_logprobs: None,
     }
 }
 

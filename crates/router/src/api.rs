@@ -55,6 +55,7 @@ pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
         .route("/version", get(version))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/tokenizer_info", get(tokenizer_info))
         .route("/healthcheck", get(healthcheck))
         .route("/metrics", get(metrics))
         .route(
@@ -262,7 +263,11 @@ async fn tokenize(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    forward_to_a_worker(&state, "/tokenize", &headers, body).await
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return error_response(body_error(&rejection)),
+    };
+    forward_to_a_worker(&state, "/tokenize", &headers, Some(body)).await
 }
 
 async fn detokenize(
@@ -270,37 +275,48 @@ async fn detokenize(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    forward_to_a_worker(&state, "/detokenize", &headers, body).await
-}
-
-/// A request the workers all answer alike (`/tokenize`, `/detokenize`), sent to the
-/// first available worker that answers (prefill workers first in P/D mode: they
-/// tokenize what the decode workers would) and relayed as it answered. The call
-/// carries the worker key (if any), never the client's `Authorization`.
-async fn forward_to_a_worker(
-    state: &AppState,
-    path: &str,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    if let Err(error) = check_bearer(headers, state.api_key.as_ref()) {
-        return error_response(error);
-    }
     let body = match body {
         Ok(body) => body,
         Err(rejection) => return error_response(body_error(&rejection)),
     };
+    forward_to_a_worker(&state, "/detokenize", &headers, Some(body)).await
+}
+
+/// The workers' tokenizer description (vLLM's `GET /tokenizer_info`; lm-eval reads it
+/// for `tokenizer_backend=remote`).
+async fn tokenizer_info(State(state): State<SharedState>, headers: HeaderMap) -> Response {
+    forward_to_a_worker(&state, "/tokenizer_info", &headers, None).await
+}
+
+/// A request the workers all answer alike (`/tokenize`, `/detokenize`,
+/// `/tokenizer_info`), sent to the first available worker that answers (prefill
+/// workers first in P/D mode: they tokenize what the decode workers would) and relayed
+/// as it answered: a POST of `body`, or a GET without one. The call carries the worker
+/// key (if any), never the client's `Authorization`.
+async fn forward_to_a_worker(
+    state: &AppState,
+    path: &str,
+    headers: &HeaderMap,
+    body: Option<Bytes>,
+) -> Response {
+    if let Err(error) = check_bearer(headers, state.api_key.as_ref()) {
+        return error_response(error);
+    }
     let registry = &state.dispatcher.registry;
     let client = state.dispatcher.upstream.client();
     let workers = [Role::Both, Role::Prefill, Role::Decode]
         .into_iter()
         .flat_map(|role| registry.available(role, &[]));
     for worker in workers {
-        let request = client
-            .post(format!("{}{path}", worker.url))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body.clone())
-            .timeout(Duration::from_secs(30));
+        let url = format!("{}{path}", worker.url);
+        let request = match &body {
+            Some(body) => client
+                .post(url)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(body.clone()),
+            None => client.get(url),
+        }
+        .timeout(Duration::from_secs(30));
         let Ok(response) = request.send().await else {
             continue;
         };

@@ -133,6 +133,10 @@ pub enum LocalReason {
     /// Several choices (`n`, `best_of` above 1): the hand-off carries one sequence's
     /// KV, and a decode worker runs each choice as a sequence of its own.
     SeveralChoices,
+    /// The prompt's own log probabilities (`echo` with `logprobs`, or vLLM's
+    /// `prompt_logprobs`): they come from computing the prompt, which a decode worker
+    /// that pulls the prompt's KV never does.
+    PromptLogprobs,
 }
 
 impl LocalReason {
@@ -140,6 +144,7 @@ impl LocalReason {
         match self {
             LocalReason::PromptList => "prompt_list",
             LocalReason::SeveralChoices => "several_choices",
+            LocalReason::PromptLogprobs => "prompt_logprobs",
         }
     }
 }
@@ -154,12 +159,21 @@ pub fn must_run_locally(endpoint: Endpoint, body: &Map<String, Value>) -> Option
     if several("n") || several("best_of") {
         return Some(LocalReason::SeveralChoices);
     }
+    if wants_prompt_logprobs(endpoint, body) {
+        return Some(LocalReason::PromptLogprobs);
+    }
     let prompt = body.get("prompt")?;
     let is_list_of_prompts = match prompt.as_array() {
         Some(items) => items.len() > 1 && items.iter().all(|i| i.is_string() || i.is_array()),
         None => false,
     };
     (endpoint == Endpoint::Completions && is_list_of_prompts).then_some(LocalReason::PromptList)
+}
+
+fn wants_prompt_logprobs(endpoint: Endpoint, body: &Map<String, Value>) -> bool {
+    let set = |field: &str| body.get(field).is_some_and(|value| !value.is_null());
+    let echo = body.get("echo").and_then(Value::as_bool) == Some(true);
+    set("prompt_logprobs") || (endpoint == Endpoint::Completions && echo && set("logprobs"))
 }
 
 /// The text a cache-aware policy matches on: the prompt (token ids as text) or the
@@ -323,6 +337,27 @@ mod tests {
         );
         let one_choice = object(json!({"messages": [], "n": 1}));
         assert_eq!(must_run_locally(Endpoint::Chat, &one_choice), None);
+    }
+
+    #[test]
+    fn prompt_log_probabilities_run_locally() {
+        let scored = object(json!({"prompt": [[1, 2]], "echo": true, "logprobs": 0}));
+        assert_eq!(
+            must_run_locally(Endpoint::Completions, &scored),
+            Some(LocalReason::PromptLogprobs)
+        );
+        for body in [
+            json!({"prompt": "a", "echo": true}),
+            json!({"prompt": "a", "echo": false, "logprobs": 1}),
+            json!({"prompt": "a", "echo": true, "logprobs": null}),
+        ] {
+            assert_eq!(must_run_locally(Endpoint::Completions, &object(body)), None);
+        }
+        let vllm_field = object(json!({"messages": [], "prompt_logprobs": 2}));
+        assert_eq!(
+            must_run_locally(Endpoint::Chat, &vllm_field),
+            Some(LocalReason::PromptLogprobs)
+        );
     }
 
     #[test]

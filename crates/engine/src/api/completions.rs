@@ -19,6 +19,7 @@ use super::request_id::RequestId;
 use super::sse::{self, ChunkWriter, Endpoint, StreamShape};
 use super::validate::{self, OutputOptions, PromptNoun};
 use super::{SharedState, prepare, start_choices, unix_seconds};
+use crate::transfer::KvRole;
 
 pub async fn create(
     State(state): State<SharedState>,
@@ -67,13 +68,8 @@ fn start(
     options.constraint = state.output_constraint(&request.sampling)?;
     options.sampling.logprobs = validate::completion_logprobs(request.sampling.logprobs.as_ref())?;
     options.echo = request.wants_echo();
-    if options.echo && options.sampling.logprobs.is_some() {
-        return Err(ApiError::invalid_param(
-            "echo",
-            "echo with logprobs needs the prompt's log probabilities, which tandem serve \
-             does not compute yet.",
-        ));
-    }
+    // Echoed prompt tokens come with their log probabilities (lm-eval's log-likelihood).
+    options.prompt_logprobs = options.sampling.logprobs.filter(|_| options.echo);
     let inputs = request.prompt.inputs();
     if inputs.is_empty() {
         return Err(ApiError::invalid_param(
@@ -87,6 +83,13 @@ fn start(
         inputs.len() * options.n,
         state.handoff.as_ref(),
     )?;
+    if options.prompt_logprobs.is_some() && matches!(options.kv, KvRole::RemotePrefill(_)) {
+        return Err(ApiError::invalid_param(
+            "kv_transfer_params",
+            "echo with logprobs needs the prompt computed here, not pulled from a prefill \
+             worker.",
+        ));
+    }
     let prompts = inputs
         .into_iter()
         .map(|input| {

@@ -71,6 +71,9 @@ pub struct ChoiceRun {
     /// `echo`: the prompt's text, sent with the first output (so that the first chunk
     /// still marks the first token, as vLLM sends it).
     echo: Option<String>,
+    /// `echo` with `logprobs`: the prompt's ids, reported as tokens before the output's
+    /// once their log probabilities come.
+    echo_ids: Option<Vec<u32>>,
 }
 
 /// An output token as reported beside the text.
@@ -126,7 +129,15 @@ impl ChoiceRun {
             report: None,
             min_tokens: 0,
             echo: None,
+            echo_ids: None,
         }
+    }
+
+    /// Reports the prompt's ids (with their log probabilities) as the first tokens
+    /// (`echo` with `logprobs`).
+    pub fn echoing_tokens(mut self, prompt_ids: Option<Vec<u32>>) -> Self {
+        self.echo_ids = prompt_ids;
+        self
     }
 
     /// Begins the text with `prompt_text` (`echo`).
@@ -211,9 +222,24 @@ impl ChoiceRun {
                 }
                 self.on_finished(reason, usage, handoff)
             }
+            Some(GenerationEvent::PromptLogprobs(logprobs)) => self.on_prompt_logprobs(logprobs),
             Some(GenerationEvent::Failed(message)) => self.fail(message),
             None => self.fail("the engine stopped before the request finished".into()),
         }
+    }
+
+    /// The echoed prompt's tokens go first in the report: the first with no log
+    /// probability (nothing predicts it), as vLLM reports it.
+    fn on_prompt_logprobs(&mut self, logprobs: Vec<TokenLogprobs>) {
+        let (Some(ids), Some(report)) = (self.echo_ids.take(), &mut self.report) else {
+            return;
+        };
+        let known = std::iter::once(None).chain(logprobs.into_iter().map(|lp| Some(Box::new(lp))));
+        let tokens = ids
+            .into_iter()
+            .zip(known)
+            .map(|(id, logprobs)| OutputToken { id, logprobs });
+        report.unsent.splice(0..0, tokens);
     }
 
     fn on_token(&mut self, id: u32, logprobs: Option<Box<TokenLogprobs>>) {

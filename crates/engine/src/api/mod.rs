@@ -191,7 +191,8 @@ pub fn router(state: ServerState, max_body_bytes: usize) -> Router {
         .route("/v1/chat/completions", post(chat::create))
         .route("/v1/models", get(info::models))
         .route("/tokenize", post(tokenize::tokenize))
-        .route("/detokenize", post(tokenize::detokenize));
+        .route("/detokenize", post(tokenize::detokenize))
+        .route("/tokenizer_info", get(tokenize::tokenizer_info));
     if let Some(key) = state.api_key.clone() {
         openai = openai.route_layer(axum::middleware::from_fn_with_state(key, auth::require_key));
     }
@@ -273,6 +274,7 @@ fn start_choice(
         stop_token_ids: options.stop_token_ids.clone(),
         kv: options.kv.clone(),
         constraint: options.constraint.clone(),
+        prompt_logprobs: options.prompt_logprobs,
     };
     let stream = state
         .engine
@@ -288,7 +290,8 @@ fn start_choice(
     });
     let run = ChoiceRun::new(index, stream, decoder, stops, prompt.ids.len(), arrival)
         .with_min_tokens(options.sampling.min_tokens)
-        .echoing(echo);
+        .echoing(echo)
+        .echoing_tokens(options.prompt_logprobs.map(|_| prompt.ids.clone()));
     let prompt_ids = options.return_token_ids.then(|| prompt.ids.clone());
     let logprobs = options.sampling.logprobs.is_some();
     Ok(run.reporting(TokenReport::new(prompt_ids, logprobs)))

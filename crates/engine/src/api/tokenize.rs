@@ -213,3 +213,20 @@ fn detokenize_request(
         prompt: state.tokenizer.decode(&request.tokens, false),
     })
 }
+
+/// `GET /tokenizer_info`: the tokenizer's special tokens and chat template, in the
+/// keys of a Hugging Face `tokenizer_config.json` (vLLM's endpoint; what lm-eval's
+/// `tokenizer_backend=remote` reads).
+pub async fn tokenizer_info(State(state): State<SharedState>) -> Json<Value> {
+    let tokenizer = &state.tokenizer;
+    Json(serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tokenizer.bos_token(),
+        "eos_token": tokenizer.eos_token(),
+        "pad_token": null,
+        "unk_token": null,
+        "add_bos_token": tokenizer.add_bos_by_default(),
+        "model_max_length": state.model.max_model_len,
+        "chat_template": state.chat_template.as_ref().map(|template| template.source()),
+    }))
+}

@@ -54,6 +54,9 @@ pub struct OutputOptions {
     pub kv: KvRole,
     /// The grammar every choice's output follows (structured output), if any.
     pub constraint: Option<OutputConstraint>,
+    /// The prompt tokens' log probabilities, with this many top tokens (`echo` with
+    /// `logprobs`).
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// One prompt ready for the engine.
@@ -131,6 +134,7 @@ pub fn output_options(
         echo: false,
         kv: KvRole::Local,
         constraint: None,
+        prompt_logprobs: None,
     })
 }
 

@@ -125,7 +125,11 @@ impl GenerationStream {
         }
         let event = self.events.recv().await;
         match &event {
-            Some(GenerationEvent::Token(_) | GenerationEvent::TokenWithLogprobs(..)) => {}
+            Some(
+                GenerationEvent::Token(_)
+                | GenerationEvent::TokenWithLogprobs(..)
+                | GenerationEvent::PromptLogprobs(_),
+            ) => {}
             Some(_) | None => self.finished = true,
         }
         event

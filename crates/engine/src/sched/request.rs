@@ -21,6 +21,10 @@ pub struct GenerationRequest {
     pub kv: KvRole,
     /// The grammar the output must follow (structured output), if any.
     pub constraint: Option<OutputConstraint>,
+    /// Report the log probability of each prompt token (after the first) and of this
+    /// many most likely tokens at its place. The prompt is then computed whole, not
+    /// taken from the prefix cache.
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// Why a generation ended.
@@ -61,6 +65,9 @@ pub enum GenerationEvent {
     Token(u32),
     /// A new output token with its log probabilities (`SamplingParams::logprobs`).
     TokenWithLogprobs(u32, Box<TokenLogprobs>),
+    /// With `prompt_logprobs`, before the first token: the log probabilities of the
+    /// prompt's tokens after the first, in order.
+    PromptLogprobs(Vec<TokenLogprobs>),
     /// The last event of a request that ran. `handoff`: where the KV of a
     /// [`KvRole::RemoteDecode`] request is held for its decode worker.
     Finished {

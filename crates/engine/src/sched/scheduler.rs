@@ -286,7 +286,7 @@ impl EngineLoop {
             if *budget == 0 {
                 break;
             }
-            let len = self.running[i].pending().min(*budget);
+            let len = self.running[i].step_len().min(*budget);
             if !self.ensure_blocks(i, len) {
                 // `i` itself was preempted (it was the newest); nothing after it runs.
                 break;
@@ -362,7 +362,7 @@ impl EngineLoop {
                     }
                 }
             }
-            let len = seq.pending().min(*budget);
+            let len = seq.step_len().min(*budget);
             *budget -= len;
             self.running.push(seq);
             slots.push(Slot {
@@ -467,7 +467,12 @@ impl EngineLoop {
     fn allocate_prompt(&mut self, seq: &mut Sequence) -> bool {
         let block_size = self.blocks.block_size();
         // Keep at least the last token to compute: its logits are needed.
-        let max_cached = (seq.tokens.len() - 1) / block_size;
+        // Prompt log probabilities need every position's logits: nothing cached.
+        let max_cached = if seq.wants_prompt_logits() {
+            0
+        } else {
+            (seq.tokens.len() - 1) / block_size
+        };
         let needed = seq.tokens.len().div_ceil(block_size);
         // Hopeless even if the whole cacheable prefix hits: don't look it up (a lookup
         // counts as a prefix-cache query, and this request is retried every step).
@@ -503,7 +508,9 @@ impl EngineLoop {
                     tokens: &seq.tokens[start..start + slot.len],
                     start_pos: start,
                     block_table: &seq.blocks,
-                    logits: if start + slot.len == seq.tokens.len() {
+                    logits: if seq.wants_prompt_logits() {
+                        LogitsFor::All
+                    } else if start + slot.len == seq.tokens.len() {
                         LogitsFor::Last
                     } else {
                         LogitsFor::None
@@ -521,13 +528,26 @@ impl EngineLoop {
         let mut finished = Vec::new();
         for slot in slots {
             let seq = &mut self.running[slot.seq];
+            let start = seq.num_computed;
             seq.num_computed += slot.len;
             commit_full_blocks(&mut self.blocks, seq);
-            if seq.num_computed < seq.tokens.len() {
-                continue;
-            }
-            let row = &self.executor.last_logits()[logits_row * vocab..(logits_row + 1) * vocab];
-            logits_row += 1;
+            let logits = self.executor.last_logits();
+            let row = if seq.wants_prompt_logits() {
+                let rows = &logits[logits_row * vocab..(logits_row + slot.len) * vocab];
+                logits_row += slot.len;
+                seq.collect_prompt_logprobs(start, rows, vocab);
+                if seq.num_computed < seq.tokens.len() {
+                    continue;
+                }
+                seq.send_prompt_logprobs();
+                &rows[(slot.len - 1) * vocab..]
+            } else {
+                if seq.num_computed < seq.tokens.len() {
+                    continue;
+                }
+                logits_row += 1;
+                &logits[(logits_row - 1) * vocab..logits_row * vocab]
+            };
             let token = match seq.next_token(row) {
                 Ok(Some(token)) => token,
                 Ok(None) => {

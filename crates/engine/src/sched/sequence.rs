@@ -11,6 +11,10 @@ use crate::kv::pool::BlockHash;
 use crate::sample::{Sampler, TokenLogprobs};
 use crate::transfer::{Handoff, KvRole};
 
+/// The most prompt positions a step computes for a request that wants them all
+/// (prompt log probabilities): 256 rows of logits are 50 MB at a 49k vocabulary.
+pub(crate) const PROMPT_LOGITS_CHUNK: usize = 256;
+
 pub(crate) struct Sequence {
     pub id: SeqId,
     /// The caller's id (for logs, and the base of a hand-off's remote request id).
@@ -39,6 +43,9 @@ pub(crate) struct Sequence {
     pub stop_token: Option<u32>,
     /// The stop token's log probabilities, when asked for.
     pub stop_logprobs: Option<Box<TokenLogprobs>>,
+    /// With prompt log probabilities asked for: how many top tokens, and those
+    /// collected so far (`None` once sent).
+    prompt_logprobs: Option<(usize, Vec<TokenLogprobs>)>,
     events: mpsc::UnboundedSender<GenerationEvent>,
 }
 
@@ -78,6 +85,7 @@ impl Sequence {
             abandoned: false,
             stop_token: None,
             stop_logprobs: None,
+            prompt_logprobs: request.prompt_logprobs.map(|top| (top, Vec::new())),
             events,
         }
     }
@@ -96,6 +104,36 @@ impl Sequence {
         Ok(Some(token))
     }
 
+    /// Whether the next forward pass must give logits for every prompt position.
+    pub fn wants_prompt_logits(&self) -> bool {
+        self.prompt_logprobs.is_some()
+    }
+
+    /// Takes the log probabilities of the prompt tokens that `rows` (logits of the
+    /// positions from `start` on, `vocab` each) predict.
+    pub fn collect_prompt_logprobs(&mut self, start: usize, rows: &[f32], vocab: usize) {
+        let Some((top, collected)) = self.prompt_logprobs.as_mut() else {
+            return;
+        };
+        for (offset, row) in rows.chunks_exact(vocab).enumerate() {
+            let predicted = start + offset + 1;
+            if predicted < self.prompt_len {
+                collected.push(crate::sample::logprobs_of(
+                    row,
+                    self.tokens[predicted],
+                    *top,
+                ));
+            }
+        }
+    }
+
+    /// Reports the prompt's log probabilities (once its last position was computed).
+    pub fn send_prompt_logprobs(&mut self) {
+        if let Some((_, collected)) = self.prompt_logprobs.take() {
+            let _ = self.events.send(GenerationEvent::PromptLogprobs(collected));
+        }
+    }
+
     /// Whether the output's grammar is complete (nothing may follow).
     pub fn output_complete(&self) -> bool {
         self.constraint
@@ -110,6 +148,17 @@ impl Sequence {
     /// Tokens still to run through the model before the next sample.
     pub fn pending(&self) -> usize {
         self.tokens.len() - self.num_computed
+    }
+
+    /// Tokens to run through the model in the next step, at most: all pending ones,
+    /// but a prompt whose every position's logits are kept goes in chunks of
+    /// [`PROMPT_LOGITS_CHUNK`], so that those logits stay a few tens of MB.
+    pub fn step_len(&self) -> usize {
+        if self.wants_prompt_logits() {
+            self.pending().min(PROMPT_LOGITS_CHUNK)
+        } else {
+            self.pending()
+        }
     }
 
     /// Whether the caller still listens.
@@ -158,6 +207,9 @@ impl Sequence {
     /// Forgets the computed KV (after its blocks were released) so the sequence can be
     /// recomputed from scratch, generated tokens included.
     pub fn reset_for_recompute(&mut self) {
+        if let Some((_, collected)) = self.prompt_logprobs.as_mut() {
+            collected.clear();
+        }
         self.num_computed = 0;
         self.blocks.clear();
         self.block_hashes.clear();
