@@ -48,7 +48,7 @@ fn shared_fields() -> Vec<(&'static str, Value, Expect)> {
         ("truncate_prompt_tokens", json!(5), Refused),
         ("truncation_side", json!("left"), Refused),
         ("allowed_token_ids", json!([1, 2]), Refused),
-        ("prompt_logprobs", json!(1), Refused),
+        ("prompt_logprobs", json!(1), Honoured),
         ("logprob_token_ids", json!([1]), Refused),
         ("bad_words", json!(["x"]), Refused),
         ("response_format", json!({"type": "json_object"}), Honoured),
@@ -85,7 +85,7 @@ fn completions_fields() -> Vec<(&'static str, Value, Expect)> {
         ("echo", json!(true), Honoured),
         ("logprobs", json!(1), Honoured),
         ("logprobs", json!(21), Refused),
-        ("best_of", json!(2), Refused),
+        ("best_of", json!(2), Honoured),
         ("n", json!(65), Refused),
         ("suffix", json!("end"), Refused),
         ("add_special_tokens", json!(false), Honoured),
@@ -423,6 +423,63 @@ async fn n_choices_are_the_seeded_single_choices_and_the_prompt_counts_once() {
     );
     assert_eq!(three["usage"]["completion_tokens"], completion_tokens);
 
+    // best_of: the n candidates (seeded as n choices are) with the highest mean log
+    // probability per token, most likely first; every candidate's output counts.
+    let mut candidates = body(4, 9);
+    candidates["logprobs"] = json!(0);
+    let (_, all) = server.post("/v1/completions", &candidates).await;
+    let mut ranked: Vec<(f64, String)> = all["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|choice| {
+            let logprobs = choice["logprobs"]["token_logprobs"].as_array().unwrap();
+            let sum: f64 = logprobs.iter().map(|lp| lp.as_f64().unwrap()).sum();
+            (
+                sum / logprobs.len() as f64,
+                choice["text"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut best = body(2, 9);
+    best["best_of"] = json!(4);
+    let (status, answer) = server.post("/v1/completions", &best).await;
+    assert_eq!(status, 200, "{answer}");
+    let texts: Vec<&str> = answer["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|choice| choice["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, [ranked[0].1.as_str(), ranked[1].1.as_str()]);
+    assert_eq!(answer["choices"][1]["index"], 1);
+    assert_eq!(
+        answer["choices"][0]["logprobs"],
+        Value::Null,
+        "not asked for"
+    );
+    assert_eq!(
+        answer["usage"]["completion_tokens"],
+        all["usage"]["completion_tokens"]
+    );
+    for (refused, field) in [
+        (json!({"best_of": 1, "n": 2}), "best_of"),
+        (json!({"best_of": 65}), "best_of"),
+        (json!({"best_of": 2, "stream": true}), "best_of"),
+    ] {
+        let mut body = json!({"prompt": "x", "max_tokens": 2});
+        body.as_object_mut()
+            .unwrap()
+            .extend(refused.as_object().unwrap().clone());
+        let (status, error) = server.post("/v1/completions", &body).await;
+        assert_eq!(
+            (status, &error["error"]["param"]),
+            (400, &json!(field)),
+            "{body}"
+        );
+    }
+
     // Streamed chat: a role chunk per choice, then each choice's text under its index.
     let chat = json!({"messages": [{"role": "user", "content": "Name a colour."}],
                       "max_tokens": 8, "temperature": 1.0, "seed": 3, "n": 2,
@@ -662,6 +719,104 @@ async fn echoed_prompt_logprobs_rank_as_llamacpps_logits_do() {
                 "position {end}, {token:?}: {echoed:?} vs {logprob}"
             );
         }
+    }
+}
+
+#[tokio::test]
+async fn vllms_prompt_logprobs_are_the_echoed_ones_in_vllms_shape() {
+    if !default_model_present() {
+        return;
+    }
+    let server = Server::start(&["--threads", "2", "--max-model-len", "512"]);
+    let prompt = "The capital of France is";
+    let echoed = json!({"prompt": prompt, "max_tokens": 2, "temperature": 0,
+                        "echo": true, "logprobs": 1});
+    let (_, echoed) = server.post("/v1/completions", &echoed).await;
+    let echoed = &echoed["choices"][0]["logprobs"]["token_logprobs"];
+    // Both asked for: each keeps its own number of top tokens.
+    let body = json!({"prompt": prompt, "max_tokens": 2, "temperature": 0,
+                      "prompt_logprobs": 3, "echo": true, "logprobs": 1});
+    let (status, answer) = server.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let choice = &answer["choices"][0];
+    assert_eq!(choice["logprobs"]["token_logprobs"], *echoed);
+    assert!(
+        choice["logprobs"]["top_logprobs"][1]
+            .as_object()
+            .unwrap()
+            .len()
+            <= 2
+    );
+    let (_, tokenized) = server.post("/tokenize", &json!({"prompt": prompt})).await;
+    let ids = tokenized["tokens"].as_array().unwrap();
+    let positions = choice["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(positions.len(), ids.len());
+    assert_eq!(positions[0], Value::Null);
+    for (p, entries) in positions.iter().enumerate().skip(1) {
+        let entries = entries.as_object().unwrap();
+        let own = &entries[&ids[p].to_string()];
+        assert_eq!(own["logprob"], echoed[p], "position {p}");
+        let rank = own["rank"].as_u64().unwrap();
+        assert!(rank >= 1);
+        let mut tops: Vec<_> = entries
+            .values()
+            .map(|e| (e["rank"].as_u64().unwrap(), e["logprob"].as_f64().unwrap()))
+            .collect();
+        tops.sort_by_key(|&(rank, _)| rank);
+        assert_eq!(tops[0].0, 1, "the most likely token is listed: {entries:?}");
+        assert!(
+            tops.windows(2).all(|w| w[0].1 >= w[1].1),
+            "ranked by logprob: {tops:?}"
+        );
+        assert!(
+            entries.len() == 3 || (entries.len() == 4 && rank > 3),
+            "{entries:?}"
+        );
+        let name = &own["decoded_token"];
+        let (_, text) = server
+            .post("/detokenize", &json!({"tokens": [ids[p]]}))
+            .await;
+        assert_eq!(*name, text["prompt"]);
+    }
+    // Chat: on the response, for the templated prompt.
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+                      "prompt_logprobs": 0});
+    let (status, answer) = server.post("/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{answer}");
+    let positions = answer["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(
+        positions.len() as u64,
+        answer["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert!(
+        positions[1..]
+            .iter()
+            .all(|entries| entries.as_object().unwrap().len() == 1)
+    );
+    for (body, endpoint) in [
+        (
+            json!({"prompt": "x", "prompt_logprobs": 1, "stream": true}),
+            "/v1/completions",
+        ),
+        (
+            json!({"prompt": "x", "prompt_logprobs": -1}),
+            "/v1/completions",
+        ),
+        (
+            json!({"prompt": "x", "prompt_logprobs": 21}),
+            "/v1/completions",
+        ),
+        (
+            json!({"messages": [], "prompt_logprobs": "all"}),
+            "/v1/chat/completions",
+        ),
+    ] {
+        let (status, error) = server.post(endpoint, &body).await;
+        assert_eq!(
+            (status, &error["error"]["param"]),
+            (400, &json!("prompt_logprobs")),
+            "{body}"
+        );
     }
 }
 

@@ -290,6 +290,8 @@ impl Sampler {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprobs {
     pub logprob: f32,
+    /// The token's place among all tokens, most likely first (1 for the most likely).
+    pub rank: u32,
     /// The `k` most likely tokens, most likely first.
     pub top: Vec<(u32, f32)>,
 }
@@ -311,8 +313,13 @@ pub fn logprobs_of(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
         sort_descending(&mut top);
         top.iter_mut().for_each(|entry| entry.1 = logprob(entry.1));
     }
+    let logit = logits
+        .get(token as usize)
+        .copied()
+        .unwrap_or(f32::NEG_INFINITY);
     TokenLogprobs {
-        logprob: logits.get(token as usize).map_or(-9999.0, |&l| logprob(l)),
+        logprob: logprob(logit),
+        rank: 1 + logits.iter().filter(|&&l| l > logit).count() as u32,
         top,
     }
 }

@@ -17,6 +17,7 @@ use tandem_protocol::openai::{
 use super::error::{HttpError, parse_screened_body};
 use super::generation::{ChoiceRun, collect};
 use super::handoff;
+use super::logprobs::LogprobsWriter;
 use super::request_id::RequestId;
 use super::sse::{self, ChunkWriter, Endpoint, StreamShape};
 use super::tools::ToolUse;
@@ -107,6 +108,7 @@ fn start(
         options.n,
         state.handoff.as_ref(),
     )?;
+    validate::check_prompt_computed_here(&options)?;
     let prompt = validate::fit_to_context(
         ids,
         options.max_tokens,
@@ -134,7 +136,7 @@ async fn respond_whole(
     let collected = join_all(runs.into_iter().map(collect)).await;
     let mut choices = Vec::with_capacity(n);
     let mut usage = Vec::with_capacity(n);
-    let (mut kv_transfer_params, mut prompt_token_ids) = (None, None);
+    let (mut kv_transfer_params, mut prompt_token_ids, mut prompt_logprobs) = (None, None, None);
     for result in collected {
         let choice = result.map_err(|failure| ApiError::internal(failure.to_string()))?;
         usage.push((choice.index, choice.usage));
@@ -142,6 +144,7 @@ async fn respond_whole(
             kv_transfer_params = handoff::response_params(handoff, info);
         }
         prompt_token_ids = prompt_token_ids.or(choice.prompt_token_ids);
+        prompt_logprobs = prompt_logprobs.or(choice.prompt_logprobs);
         let logprobs = match (&shape.logprobs, &choice.logprobs) {
             (Some(writer), Some(tokens)) => Some(writer.chat(tokens)),
             _ => None,
@@ -179,6 +182,8 @@ async fn respond_whole(
         usage: super::total_usage(usage, shape.n),
         kv_transfer_params,
         prompt_token_ids,
+        prompt_logprobs: prompt_logprobs
+            .map(|prompt| LogprobsWriter::new(state.tokenizer.clone()).prompt(&prompt)),
     })
 }
 

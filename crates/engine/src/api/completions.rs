@@ -12,14 +12,15 @@ use futures_util::future::join_all;
 use tandem_protocol::openai::response::TEXT_COMPLETION;
 use tandem_protocol::openai::{ApiError, CompletionChoice, CompletionRequest, CompletionResponse};
 
+use super::best_of;
 use super::error::{HttpError, parse_screened_body};
 use super::generation::{ChoiceRun, collect};
 use super::handoff;
+use super::logprobs::LogprobsWriter;
 use super::request_id::RequestId;
 use super::sse::{self, ChunkWriter, Endpoint, StreamShape};
 use super::validate::{self, OutputOptions, PromptNoun};
 use super::{SharedState, prepare, start_choices, unix_seconds};
-use crate::transfer::KvRole;
 
 pub async fn create(
     State(state): State<SharedState>,
@@ -47,7 +48,8 @@ pub async fn create(
     if options.stream {
         return Ok(sse::response(writer, runs, shape).into_response());
     }
-    Ok(Json(respond_whole(writer, runs, shape, &state).await?).into_response())
+    let answer = respond_whole(writer, runs, shape, &options, &state).await?;
+    Ok(Json(answer).into_response())
 }
 
 /// Validates the request and submits its prompts; returns the runs and the stream
@@ -67,9 +69,11 @@ fn start(
     )?;
     options.constraint = state.output_constraint(&request.sampling)?;
     options.sampling.logprobs = validate::completion_logprobs(request.sampling.logprobs.as_ref())?;
+    options.best_of = validate::best_of(request.best_of, options.n, options.stream)?;
     options.echo = request.wants_echo();
     // Echoed prompt tokens come with their log probabilities (lm-eval's log-likelihood).
-    options.prompt_logprobs = options.sampling.logprobs.filter(|_| options.echo);
+    options.echo_logprobs = options.sampling.logprobs.filter(|_| options.echo);
+    options.prompt_logprobs = options.prompt_logprobs.max(options.echo_logprobs);
     let inputs = request.prompt.inputs();
     if inputs.is_empty() {
         return Err(ApiError::invalid_param(
@@ -80,16 +84,10 @@ fn start(
     options.kv = handoff::kv_role(
         request.sampling.kv_transfer_params.as_ref(),
         options.stream,
-        inputs.len() * options.n,
+        inputs.len() * options.best_of.unwrap_or(options.n),
         state.handoff.as_ref(),
     )?;
-    if options.prompt_logprobs.is_some() && matches!(options.kv, KvRole::RemotePrefill(_)) {
-        return Err(ApiError::invalid_param(
-            "kv_transfer_params",
-            "echo with logprobs needs the prompt computed here, not pulled from a prefill \
-             worker.",
-        ));
-    }
+    validate::check_prompt_computed_here(&options)?;
     let prompts = inputs
         .into_iter()
         .map(|input| {
@@ -108,13 +106,29 @@ fn start(
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let runs = start_choices(
-        state,
-        &format!("cmpl-{request_id}"),
-        prompts,
-        &options,
-        arrival,
-    )?;
+    let runs = match options.best_of {
+        Some(candidates) => {
+            // Every candidate runs as a choice, its tokens' log probabilities kept to
+            // rank it.
+            let mut candidate_options = options.clone();
+            candidate_options.n = candidates;
+            candidate_options.sampling.logprobs.get_or_insert(0);
+            start_choices(
+                state,
+                &format!("cmpl-{request_id}"),
+                prompts,
+                &candidate_options,
+                arrival,
+            )?
+        }
+        None => start_choices(
+            state,
+            &format!("cmpl-{request_id}"),
+            prompts,
+            &options,
+            arrival,
+        )?,
+    };
     Ok((runs, options))
 }
 
@@ -122,15 +136,30 @@ async fn respond_whole(
     writer: ChunkWriter,
     runs: Vec<ChoiceRun>,
     shape: StreamShape,
+    options: &OutputOptions,
     state: &SharedState,
 ) -> Result<CompletionResponse, ApiError> {
-    let collected = join_all(runs.into_iter().map(collect)).await;
+    let collected = join_all(runs.into_iter().map(collect))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|failure| ApiError::internal(failure.to_string()))?;
+    // Every choice's output counts, best_of's candidates included: all were computed.
+    let per_prompt = options.best_of.unwrap_or(options.n);
+    let usage = super::total_usage(
+        collected.iter().map(|choice| (choice.index, choice.usage)),
+        per_prompt,
+    );
+    let collected = match options.best_of {
+        Some(candidates) => {
+            let reported = options.sampling.logprobs.is_some();
+            best_of::most_likely(collected, candidates, options.n, reported)
+        }
+        None => collected,
+    };
     let mut choices = Vec::with_capacity(collected.len());
-    let mut usage = Vec::with_capacity(collected.len());
     let mut kv_transfer_params = None;
-    for result in collected {
-        let choice = result.map_err(|failure| ApiError::internal(failure.to_string()))?;
-        usage.push((choice.index, choice.usage));
+    for choice in collected {
         if let (Some(handoff), Some(info)) = (&choice.handoff, &state.handoff) {
             kv_transfer_params = handoff::response_params(handoff, info);
         }
@@ -138,6 +167,10 @@ async fn respond_whole(
             (Some(writer), Some(tokens)) => Some(writer.completion(tokens, &mut 0)),
             _ => None,
         };
+        let prompt_logprobs = choice
+            .prompt_logprobs
+            .as_ref()
+            .map(|prompt| LogprobsWriter::new(state.tokenizer.clone()).prompt(prompt));
         choices.push(CompletionChoice {
             index: choice.index,
             text: choice.text,
@@ -146,6 +179,7 @@ async fn respond_whole(
             stop_reason: choice.stop_reason,
             prompt_token_ids: choice.prompt_token_ids,
             token_ids: choice.token_ids,
+            prompt_logprobs,
         });
     }
     Ok(CompletionResponse {
@@ -154,7 +188,7 @@ async fn respond_whole(
         created: writer.created,
         model: writer.model,
         choices,
-        usage: super::total_usage(usage, shape.n),
+        usage,
         kv_transfer_params,
     })
 }

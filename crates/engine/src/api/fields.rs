@@ -40,6 +40,7 @@ const HONOURED: &[&str] = &[
     "return_token_ids",
     "include_stop_str_in_output",
     "skip_special_tokens",
+    "prompt_logprobs",
     // Structured output (checked in `structured`).
     "response_format",
     "structured_outputs",
@@ -52,7 +53,7 @@ const HONOURED: &[&str] = &[
 ];
 
 /// Fields only completions honour.
-const HONOURED_COMPLETIONS: &[&str] = &["prompt", "echo", "add_special_tokens"];
+const HONOURED_COMPLETIONS: &[&str] = &["prompt", "echo", "add_special_tokens", "best_of"];
 
 /// Fields only chat honours.
 const HONOURED_CHAT: &[&str] = &[
@@ -75,7 +76,6 @@ const HONOURED_CHAT: &[&str] = &[
 /// The values of a field that ask for nothing, besides `null`.
 fn inert_values(field: &str, endpoint: Endpoint) -> Option<Vec<Value>> {
     let values = match field {
-        "best_of" if endpoint == Endpoint::Completions => vec![json!(1)],
         "suffix" if endpoint == Endpoint::Completions => vec![json!("")],
         "echo" if endpoint == Endpoint::Chat => vec![json!(false)],
         "functions" | "documents" if endpoint == Endpoint::Chat => vec![json!([])],
@@ -102,8 +102,7 @@ fn inert_values(field: &str, endpoint: Endpoint) -> Option<Vec<Value>> {
         "priority" => vec![json!(0)],
         "bad_words" => vec![json!([])],
         "vllm_xargs" => vec![json!({})],
-        "prompt_logprobs"
-        | "logprob_token_ids"
+        "logprob_token_ids"
         | "allowed_token_ids"
         | "truncate_prompt_tokens"
         | "truncation_side"

@@ -72,8 +72,20 @@ pub struct ChoiceRun {
     /// still marks the first token, as vLLM sends it).
     echo: Option<String>,
     /// `echo` with `logprobs`: the prompt's ids, reported as tokens before the output's
-    /// once their log probabilities come.
-    echo_ids: Option<Vec<u32>>,
+    /// once their log probabilities come, with this many top tokens each.
+    echo_ids: Option<(Vec<u32>, usize)>,
+    /// vLLM's `prompt_logprobs`: the prompt's log probabilities, once they come.
+    prompt_logprobs: Option<PromptLogprobs>,
+}
+
+/// The log probabilities of a prompt's tokens after the first (vLLM's
+/// `prompt_logprobs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLogprobs {
+    pub ids: Vec<u32>,
+    /// `logprobs[i]` is of `ids[i + 1]`, with at most this many top tokens.
+    pub top: usize,
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 /// An output token as reported beside the text.
@@ -130,14 +142,31 @@ impl ChoiceRun {
             min_tokens: 0,
             echo: None,
             echo_ids: None,
+            prompt_logprobs: None,
         }
     }
 
     /// Reports the prompt's ids (with their log probabilities) as the first tokens
     /// (`echo` with `logprobs`).
-    pub fn echoing_tokens(mut self, prompt_ids: Option<Vec<u32>>) -> Self {
+    pub fn echoing_tokens(mut self, prompt_ids: Option<(Vec<u32>, usize)>) -> Self {
         self.echo_ids = prompt_ids;
         self
+    }
+
+    /// Keeps the prompt's log probabilities, with `top` top tokens each, for
+    /// [`ChoiceRun::take_prompt_logprobs`] (vLLM's `prompt_logprobs`).
+    pub fn keeping_prompt_logprobs(mut self, prompt: Option<(Vec<u32>, usize)>) -> Self {
+        self.prompt_logprobs = prompt.map(|(ids, top)| PromptLogprobs {
+            ids,
+            top,
+            logprobs: Vec::new(),
+        });
+        self
+    }
+
+    /// The prompt's log probabilities, if kept (complete once the first token came).
+    pub fn take_prompt_logprobs(&mut self) -> Option<PromptLogprobs> {
+        self.prompt_logprobs.take()
     }
 
     /// Begins the text with `prompt_text` (`echo`).
@@ -231,10 +260,19 @@ impl ChoiceRun {
     /// The echoed prompt's tokens go first in the report: the first with no log
     /// probability (nothing predicts it), as vLLM reports it.
     fn on_prompt_logprobs(&mut self, logprobs: Vec<TokenLogprobs>) {
-        let (Some(ids), Some(report)) = (self.echo_ids.take(), &mut self.report) else {
+        let truncated = |top: usize| {
+            logprobs.iter().map(move |lp| TokenLogprobs {
+                top: lp.top[..top.min(lp.top.len())].to_vec(),
+                ..lp.clone()
+            })
+        };
+        if let Some(kept) = &mut self.prompt_logprobs {
+            kept.logprobs = truncated(kept.top).collect();
+        }
+        let (Some((ids, top)), Some(report)) = (self.echo_ids.take(), &mut self.report) else {
             return;
         };
-        let known = std::iter::once(None).chain(logprobs.into_iter().map(|lp| Some(Box::new(lp))));
+        let known = std::iter::once(None).chain(truncated(top).map(|lp| Some(Box::new(lp))));
         let tokens = ids
             .into_iter()
             .zip(known)
@@ -436,6 +474,8 @@ pub struct CollectedChoice {
     pub token_ids: Option<Vec<u32>>,
     /// The output's tokens, when their log probabilities are reported.
     pub logprobs: Option<Vec<OutputToken>>,
+    /// vLLM's `prompt_logprobs`, when asked for.
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
 /// The engine failed a request (its message).
@@ -479,6 +519,7 @@ pub async fn collect(mut run: ChoiceRun) -> Result<CollectedChoice, EngineFailur
                     token_ids: prompt_token_ids.is_some().then_some(ids),
                     prompt_token_ids,
                     logprobs: logprobs.then_some(all_tokens),
+                    prompt_logprobs: run.take_prompt_logprobs(),
                 });
             }
             ChoiceEvent::Failed { message, .. } => return Err(EngineFailure(message)),

@@ -1,11 +1,12 @@
 //! Log probabilities in the shapes vLLM answers them: completions'
 //! `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}` and chat's
-//! `{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}`. Tokens are named
+//! `{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}`, and the prompt's
+//! (`prompt_logprobs`). Tokens are named
 //! by decoding each id alone, special tokens included (vLLM's way).
 
 use serde_json::{Map, Value, json};
 
-use super::generation::OutputToken;
+use super::generation::{OutputToken, PromptLogprobs};
 use crate::tokenizer::Tokenizer;
 
 /// Names tokens and writes their log probabilities; keeps a choice's text offset.
@@ -70,6 +71,28 @@ impl LogprobsWriter {
             })
             .collect();
         json!({"content": content})
+    }
+
+    /// vLLM's `prompt_logprobs`: `null` for the first prompt token (nothing predicts
+    /// it), then for each later one a map from token id to `{"logprob", "rank",
+    /// "decoded_token"}`, holding the prompt's token and the top tokens.
+    pub fn prompt(&self, prompt: &PromptLogprobs) -> Value {
+        let mut positions = vec![Value::Null];
+        for (&id, lp) in prompt.ids[1..].iter().zip(&prompt.logprobs) {
+            let mut entries = Map::new();
+            entries.insert(id.to_string(), self.ranked(id, lp.logprob, lp.rank));
+            for (rank, &(top_id, logprob)) in lp.top.iter().enumerate() {
+                entries
+                    .entry(top_id.to_string())
+                    .or_insert_with(|| self.ranked(top_id, logprob, rank as u32 + 1));
+            }
+            positions.push(Value::Object(entries));
+        }
+        Value::Array(positions)
+    }
+
+    fn ranked(&self, id: u32, logprob: f32, rank: u32) -> Value {
+        json!({"logprob": logprob, "rank": rank, "decoded_token": self.name(id)})
     }
 
     fn entry(&self, id: u32, logprob: f32) -> Value {

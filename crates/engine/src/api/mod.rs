@@ -23,6 +23,7 @@
 //! and frees its KV blocks.
 
 mod auth;
+mod best_of;
 mod chat;
 mod completions;
 mod error;
@@ -291,7 +292,12 @@ fn start_choice(
     let run = ChoiceRun::new(index, stream, decoder, stops, prompt.ids.len(), arrival)
         .with_min_tokens(options.sampling.min_tokens)
         .echoing(echo)
-        .echoing_tokens(options.prompt_logprobs.map(|_| prompt.ids.clone()));
+        .echoing_tokens(options.echo_logprobs.map(|top| (prompt.ids.clone(), top)))
+        .keeping_prompt_logprobs(
+            options
+                .reported_prompt_logprobs
+                .map(|top| (prompt.ids.clone(), top)),
+        );
     let prompt_ids = options.return_token_ids.then(|| prompt.ids.clone());
     let logprobs = options.sampling.logprobs.is_some();
     Ok(run.reporting(TokenReport::new(prompt_ids, logprobs)))

@@ -37,6 +37,9 @@ pub struct OutputOptions {
     pub requested_stop_token_ids: Vec<u32>,
     /// Choices per prompt (`n`), each sampled on its own.
     pub n: usize,
+    /// `best_of` above `n` (completions): the candidates each prompt samples, of which
+    /// the `n` most likely are returned.
+    pub best_of: Option<usize>,
     pub stream: bool,
     pub include_usage: bool,
     /// Every streamed chunk carries the usage so far.
@@ -54,9 +57,14 @@ pub struct OutputOptions {
     pub kv: KvRole,
     /// The grammar every choice's output follows (structured output), if any.
     pub constraint: Option<OutputConstraint>,
-    /// The prompt tokens' log probabilities, with this many top tokens (`echo` with
-    /// `logprobs`).
+    /// The engine computes the prompt tokens' log probabilities, with this many top
+    /// tokens: the most that [`Self::echo_logprobs`] and
+    /// [`Self::reported_prompt_logprobs`] ask for.
     pub prompt_logprobs: Option<usize>,
+    /// `echo` with `logprobs` (completions): the echoed tokens' top tokens.
+    pub echo_logprobs: Option<usize>,
+    /// vLLM's `prompt_logprobs`: reported beside the output, with this many top tokens.
+    pub reported_prompt_logprobs: Option<usize>,
 }
 
 /// One prompt ready for the engine.
@@ -115,6 +123,8 @@ pub fn output_options(
     let stop_token_ids = stop_token_ids(fields, tokenizer, model)?;
     let stop_strings = fields.stop_strings();
     check_stop_strings(&stop_strings)?;
+    let reported_prompt_logprobs =
+        prompt_logprobs(fields.prompt_logprobs.as_ref(), fields.is_stream())?;
     Ok(OutputOptions {
         sampling: sampling_params(fields, model.vocab_size)?,
         max_tokens: max_tokens
@@ -125,6 +135,7 @@ pub fn output_options(
         stop_token_ids,
         requested_stop_token_ids: fields.stop_token_ids.clone().unwrap_or_default(),
         n,
+        best_of: None,
         stream: fields.is_stream(),
         include_usage: fields.include_usage(),
         continuous_usage: fields.continuous_usage(),
@@ -134,8 +145,55 @@ pub fn output_options(
         echo: false,
         kv: KvRole::Local,
         constraint: None,
-        prompt_logprobs: None,
+        prompt_logprobs: reported_prompt_logprobs,
+        echo_logprobs: None,
+        reported_prompt_logprobs,
     })
+}
+
+/// vLLM's `prompt_logprobs`: how many top tokens each prompt token's entry lists. Not
+/// streamed (as in vLLM), and not the whole vocabulary (`-1`).
+fn prompt_logprobs(
+    value: Option<&serde_json::Value>,
+    stream: bool,
+) -> Result<Option<usize>, ApiError> {
+    let invalid = |message: String| ApiError::invalid_param("prompt_logprobs", message);
+    let top = match value {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(value) => value.as_i64().ok_or_else(|| {
+            invalid(format!(
+                "`prompt_logprobs` must be an integer, got {value}."
+            ))
+        })?,
+    };
+    if stream {
+        return Err(invalid(
+            "`prompt_logprobs` are not available when `stream=True`.".into(),
+        ));
+    }
+    match top {
+        0.. if top as u64 <= MAX_LOGPROBS => Ok(Some(top as usize)),
+        -1 => Err(invalid(format!(
+            "prompt_logprobs -1 (the whole vocabulary) is not supported; ask for at most \
+             {MAX_LOGPROBS} top tokens."
+        ))),
+        _ => Err(invalid(format!(
+            "`prompt_logprobs` must be between 0 and {MAX_LOGPROBS}, got {top}."
+        ))),
+    }
+}
+
+/// Refuses prompt log probabilities for a request whose prompt KV comes from a prefill
+/// worker: they come from computing the prompt.
+pub fn check_prompt_computed_here(options: &OutputOptions) -> Result<(), ApiError> {
+    if options.prompt_logprobs.is_some() && matches!(options.kv, KvRole::RemotePrefill(_)) {
+        return Err(ApiError::invalid_param(
+            "kv_transfer_params",
+            "prompt log probabilities (prompt_logprobs, or echo with logprobs) need the \
+             prompt computed here, not pulled from a prefill worker.",
+        ));
+    }
+    Ok(())
 }
 
 fn sampling_params(fields: &SamplingFields, vocab_size: usize) -> Result<SamplingParams, ApiError> {
@@ -246,6 +304,33 @@ fn choices_per_prompt(n: Option<i64>) -> Result<usize, ApiError> {
             format!("n must be between 1 and {MAX_CHOICES}, got {n}."),
         )),
     }
+}
+
+/// `best_of` (completions): how many candidates each prompt samples when that is more
+/// than its `n` choices (`None` when it is not). The best are known only once all have
+/// finished, so such a request cannot stream.
+pub fn best_of(value: Option<i64>, n: usize, stream: bool) -> Result<Option<usize>, ApiError> {
+    let Some(best_of) = value else {
+        return Ok(None);
+    };
+    if !(n as i64..=MAX_CHOICES).contains(&best_of) {
+        return Err(ApiError::invalid_param(
+            "best_of",
+            format!("best_of must be between n ({n}) and {MAX_CHOICES}, got {best_of}."),
+        ));
+    }
+    let candidates = best_of as usize;
+    if candidates == n {
+        return Ok(None);
+    }
+    if stream {
+        return Err(ApiError::invalid_param(
+            "best_of",
+            "best_of above n cannot be streamed: the best choices are known only once \
+             every candidate has finished.",
+        ));
+    }
+    Ok(Some(candidates))
 }
 
 fn repetition_penalty(value: Option<f64>) -> Result<f32, ApiError> {

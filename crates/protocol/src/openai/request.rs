@@ -13,6 +13,9 @@ use serde_json::Value;
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct SamplingFields {
+    /// vLLM's `prompt_logprobs`: the prompt tokens' log probabilities, with this many
+    /// top tokens each.
+    pub prompt_logprobs: Option<Value>,
     pub max_tokens: Option<i64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
@@ -132,9 +135,12 @@ pub struct CompletionRequest {
     pub prompt: Prompt,
     #[serde(flatten)]
     pub sampling: SamplingFields,
-    /// Not supported: any value but `null`/`false` is refused.
+    /// The prompt's text (and, with `logprobs`, tokens) before each choice's output.
     #[serde(default)]
     pub echo: Option<Value>,
+    /// Candidates per prompt, of which the `n` most likely are returned.
+    #[serde(default)]
+    pub best_of: Option<i64>,
     /// Whether a text prompt gets the tokenizer's special tokens (BOS); default true.
     #[serde(default)]
     pub add_special_tokens: Option<bool>,

@@ -81,6 +81,10 @@ pub struct CompletionChoice {
     /// text when streamed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_ids: Option<Vec<u32>>,
+    /// vLLM's `prompt_logprobs`: `null` for the first prompt token, then a map from
+    /// token id to `{"logprob", "rank", "decoded_token"}` for each later one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Value>,
 }
 
 /// One `data:` event of a streamed `/v1/completions` response. The usage chunk has no
@@ -126,6 +130,9 @@ pub struct ChatCompletionResponse {
     /// vLLM's `return_token_ids`: the prompt's ids (the first chunk only when streamed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,
+    /// vLLM's `prompt_logprobs` (see [`CompletionChoice::prompt_logprobs`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Value>,
     #[serde(default)]
     pub kv_transfer_params: Option<Value>,
 }
@@ -259,6 +266,7 @@ mod tests {
                 stop_reason: None,
                 prompt_token_ids: None,
                 token_ids: None,
+                prompt_logprobs: None,
             }],
             usage: UsageInfo::new(5, 1, 0),
             kv_transfer_params: None,
