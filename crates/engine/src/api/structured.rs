@@ -114,11 +114,17 @@ fn structured_outputs(value: &Value) -> Result<(OutputGrammar, JsonLayout), ApiE
         ],
     )?;
     refuse_set(object, "structured_outputs", "structural_tag")?;
-    refuse_set(
-        object,
-        "structured_outputs",
-        "disable_additional_properties",
-    )?;
+    // Objects that list their properties admit no others either way, as with vLLM's
+    // default backend (`constrain::close_listed_objects`): `true` asks for what is done.
+    if !matches!(
+        object.get("disable_additional_properties"),
+        None | Some(Value::Null | Value::Bool(_))
+    ) {
+        return Err(ApiError::invalid_param(
+            "structured_outputs.disable_additional_properties",
+            "`structured_outputs.disable_additional_properties` must be a boolean.",
+        ));
+    }
     let set: Vec<&str> = KINDS
         .iter()
         .copied()

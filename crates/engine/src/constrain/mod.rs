@@ -138,6 +138,7 @@ fn top_level_grammar(grammar: &OutputGrammar, layout: &JsonLayout) -> TopLevelGr
 
 /// A JSON schema grammar; the layout goes in llguidance's `x-guidance` options.
 fn json_grammar(mut schema: Value, layout: &JsonLayout) -> TopLevelGrammar {
+    close_listed_objects(&mut schema);
     if let Some(object) = schema.as_object_mut()
         && !object.contains_key("x-guidance")
         && (layout.compact || layout.whitespace_pattern.is_some())
@@ -149,6 +150,44 @@ fn json_grammar(mut schema: Value, layout: &JsonLayout) -> TopLevelGrammar {
         object.insert("x-guidance".into(), options);
     }
     TopLevelGrammar::from_json_schema(schema)
+}
+
+/// Gives every object schema that lists its `properties` and says nothing of others
+/// `"additionalProperties": false`, as vLLM's default grammar backend (xgrammar, in its
+/// strict mode) reads such schemas: a tool's parameters or a response format name the
+/// keys the client will read, and a small model left free invents others. Branches of
+/// `allOf` stay open, as closing each would refuse the keys the others add.
+fn close_listed_objects(schema: &mut Value) {
+    let Some(object) = schema.as_object_mut() else {
+        return;
+    };
+    if object.contains_key("properties")
+        && !object.contains_key("additionalProperties")
+        && !object.contains_key("patternProperties")
+        && !object.contains_key("unevaluatedProperties")
+    {
+        object.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for (key, value) in object.iter_mut() {
+        match key.as_str() {
+            "properties" | "$defs" | "definitions" => {
+                value
+                    .as_object_mut()
+                    .into_iter()
+                    .flatten()
+                    .for_each(|(_, v)| close_listed_objects(v));
+            }
+            "anyOf" | "oneOf" | "prefixItems" => {
+                value
+                    .as_array_mut()
+                    .into_iter()
+                    .flatten()
+                    .for_each(close_listed_objects);
+            }
+            "items" | "additionalProperties" | "not" => close_listed_objects(value),
+            _ => {}
+        }
+    }
 }
 
 /// `text` as a regular expression matching exactly it.
@@ -242,6 +281,34 @@ mod tests {
         assert_eq!(escape_regex("a.b"), "a\\.b");
         assert_eq!(escape_regex("(x|y)?"), "\\(x\\|y\\)\\?");
         assert_eq!(escape_regex("plain words"), "plain words");
+    }
+
+    #[test]
+    fn objects_that_list_their_properties_admit_no_others() {
+        let mut schema = json!({
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "stops": {"type": "array", "items": {"properties": {"at": {}}}},
+                "extra": {"type": "object", "properties": {}, "additionalProperties": true}
+            },
+            "$defs": {"place": {"anyOf": [{"properties": {"x": {}}}, {"type": "string"}]}},
+            "allOf": [{"properties": {"y": {}}}]
+        });
+        close_listed_objects(&mut schema);
+        assert_eq!(schema["additionalProperties"], json!(false));
+        let properties = &schema["properties"];
+        assert_eq!(
+            properties["stops"]["items"]["additionalProperties"],
+            json!(false)
+        );
+        assert_eq!(properties["extra"]["additionalProperties"], json!(true));
+        assert_eq!(properties["city"].get("additionalProperties"), None);
+        assert_eq!(
+            schema["$defs"]["place"]["anyOf"][0]["additionalProperties"],
+            json!(false)
+        );
+        assert_eq!(schema["allOf"][0].get("additionalProperties"), None);
     }
 
     #[test]
