@@ -820,6 +820,11 @@ async fn vllms_prompt_logprobs_are_the_echoed_ones_in_vllms_shape() {
     }
 }
 
+/// A prompt of several KV blocks (16 tokens each, the default).
+const LONG_PROMPT: &str = "The history of the city goes back to a small fishing village on \
+    the banks of a wide river, where traders from the north met farmers from the south \
+    every spring to exchange grain, salt and cloth.";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn choices_and_logprobs_come_through_a_pd_router_as_from_one_worker() {
     if !default_model_present() {
@@ -834,9 +839,12 @@ async fn choices_and_logprobs_come_through_a_pd_router_as_from_one_worker() {
         // Handed from P to D: the decode worker's logprobs.
         json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0,
                "logprobs": 3}),
-        // Several choices run on the decode worker alone.
-        json!({"prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0,
-               "seed": 11, "n": 2}),
+        // Several choices decode from one prefilled prompt: the first pulls its KV, the
+        // others find it in the decode worker's prefix cache.
+        json!({"prompt": LONG_PROMPT, "max_tokens": 6, "temperature": 1.0, "seed": 11,
+               "n": 3}),
+        json!({"prompt": LONG_PROMPT, "max_tokens": 6, "temperature": 1.0, "seed": 5,
+               "best_of": 3, "n": 2}),
         // The prompt's log probabilities come from computing it: on the decode worker.
         json!({"prompt": [[504, 3575, 282, 4649, 314]], "max_tokens": 1, "temperature": 0,
                "echo": true, "logprobs": 1}),
@@ -872,8 +880,19 @@ async fn choices_and_logprobs_come_through_a_pd_router_as_from_one_worker() {
             &[("decision", decision), ("reason", reason)],
         )
     };
-    assert_eq!(decided("remote", "always"), Some(1.0));
-    assert_eq!(decided("local", "several_choices"), Some(1.0));
+    assert_eq!(decided("remote", "always"), Some(3.0));
+    // The prefill worker computed each prompt once; the decode worker pulled it once
+    // per request and its other sequences (2 + 2) took its full blocks from the cache.
+    let hits = common::metric_value(&decode.metrics().await, "vllm:prefix_cache_hits_total");
+    let full_blocks = |tokens: f64| (tokens / 16.0).floor() * 16.0;
+    let (_, tokenized) = alone
+        .post("/tokenize", &json!({"prompt": LONG_PROMPT}))
+        .await;
+    let prompt_tokens = tokenized["count"].as_f64().unwrap();
+    assert!(
+        hits.unwrap_or(0.0) >= 4.0 * full_blocks(prompt_tokens - 1.0),
+        "prefix cache hits {hits:?} for a {prompt_tokens}-token prompt"
+    );
     assert_eq!(decided("local", "prompt_logprobs"), Some(1.0));
     // lm-eval's `tokenizer_backend=remote` reads the tokenizer through the router.
     let info: Value = reqwest::get(router.url("/tokenizer_info"))

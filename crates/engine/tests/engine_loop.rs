@@ -62,6 +62,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         kv: Default::default(),
         constraint: None,
         prompt_logprobs: None,
+        after_prompt_of: None,
     }
 }
 

@@ -82,6 +82,11 @@ pub fn prefill_leg(body: &Map<String, Value>) -> Map<String, Value> {
     let mut leg = body.clone();
     leg.insert("stream".into(), Value::Bool(false));
     leg.insert("max_tokens".into(), json!(1));
+    // The prompt is computed once, whatever the choices: the decode worker runs them
+    // all from its KV.
+    if leg.contains_key("n") {
+        leg.insert("n".into(), json!(1));
+    }
     if leg.contains_key("max_completion_tokens") {
         leg.insert("max_completion_tokens".into(), json!(1));
     }
@@ -92,6 +97,7 @@ pub fn prefill_leg(body: &Map<String, Value>) -> Map<String, Value> {
         "min_tokens",
         "min_completion_tokens",
         "return_token_ids",
+        "best_of",
     ] {
         leg.remove(key);
     }
@@ -130,9 +136,6 @@ pub fn decode_leg(body: &Map<String, Value>, params: &Map<String, Value>) -> Map
 pub enum LocalReason {
     /// A `/v1/completions` prompt list: P would hand off only one prompt's KV.
     PromptList,
-    /// Several choices (`n`, `best_of` above 1): the hand-off carries one sequence's
-    /// KV, and a decode worker runs each choice as a sequence of its own.
-    SeveralChoices,
     /// The prompt's own log probabilities (`echo` with `logprobs`, or vLLM's
     /// `prompt_logprobs`): they come from computing the prompt, which a decode worker
     /// that pulls the prompt's KV never does.
@@ -143,7 +146,6 @@ impl LocalReason {
     pub fn as_str(self) -> &'static str {
         match self {
             LocalReason::PromptList => "prompt_list",
-            LocalReason::SeveralChoices => "several_choices",
             LocalReason::PromptLogprobs => "prompt_logprobs",
         }
     }
@@ -151,14 +153,6 @@ impl LocalReason {
 
 /// Whether a P/D request must go to the decode worker alone.
 pub fn must_run_locally(endpoint: Endpoint, body: &Map<String, Value>) -> Option<LocalReason> {
-    let several = |field: &str| {
-        body.get(field)
-            .and_then(Value::as_u64)
-            .is_some_and(|n| n > 1)
-    };
-    if several("n") || several("best_of") {
-        return Some(LocalReason::SeveralChoices);
-    }
     if wants_prompt_logprobs(endpoint, body) {
         return Some(LocalReason::PromptLogprobs);
     }
@@ -246,6 +240,13 @@ mod tests {
         );
         let no_completion_tokens = prefill_leg(&object(json!({"prompt": "x"})));
         assert!(!no_completion_tokens.contains_key("max_completion_tokens"));
+        assert!(!no_completion_tokens.contains_key("n"));
+        // Several choices: the prompt is computed once, for all of them.
+        let choices = prefill_leg(&object(json!({"prompt": "x", "n": 4, "best_of": 6})));
+        assert_eq!(
+            (choices.get("n"), choices.get("best_of")),
+            (Some(&json!(1)), None)
+        );
     }
 
     #[test]
@@ -330,13 +331,9 @@ mod tests {
         assert!(must_run_locally(Endpoint::Completions, &id_lists).is_some());
         let one = object(json!({"prompt": ["a"]}));
         assert_eq!(must_run_locally(Endpoint::Completions, &one), None);
+        // Several choices decode from one prefilled prompt.
         let choices = object(json!({"messages": [], "n": 3}));
-        assert_eq!(
-            must_run_locally(Endpoint::Chat, &choices),
-            Some(LocalReason::SeveralChoices)
-        );
-        let one_choice = object(json!({"messages": [], "n": 1}));
-        assert_eq!(must_run_locally(Endpoint::Chat, &one_choice), None);
+        assert_eq!(must_run_locally(Endpoint::Chat, &choices), None);
     }
 
     #[test]

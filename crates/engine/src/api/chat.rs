@@ -105,7 +105,10 @@ fn start(
     options.kv = handoff::kv_role(
         request.sampling.kv_transfer_params.as_ref(),
         options.stream,
-        options.n,
+        handoff::RequestShape {
+            prompts: 1,
+            sequences_per_prompt: options.n,
+        },
         state.handoff.as_ref(),
     )?;
     validate::check_prompt_computed_here(&options)?;

@@ -84,7 +84,10 @@ fn start(
     options.kv = handoff::kv_role(
         request.sampling.kv_transfer_params.as_ref(),
         options.stream,
-        inputs.len() * options.best_of.unwrap_or(options.n),
+        handoff::RequestShape {
+            prompts: inputs.len(),
+            sequences_per_prompt: options.best_of.unwrap_or(options.n),
+        },
         state.handoff.as_ref(),
     )?;
     validate::check_prompt_computed_here(&options)?;

@@ -13,7 +13,7 @@ use tandem_protocol::openai::UsageInfo;
 use super::stop::{StopMatcher, StopOutcome};
 use crate::metrics as names;
 use crate::sample::TokenLogprobs;
-use crate::sched::{FinishReason, GenerationEvent, GenerationStream, Usage};
+use crate::sched::{FinishReason, GenerationEvent, GenerationStream, SeqId, Usage};
 use crate::tokenizer::IncrementalDecoder;
 use crate::transfer::Handoff;
 
@@ -151,6 +151,11 @@ impl ChoiceRun {
     pub fn echoing_tokens(mut self, prompt_ids: Option<(Vec<u32>, usize)>) -> Self {
         self.echo_ids = prompt_ids;
         self
+    }
+
+    /// The engine's id of its sequence.
+    pub fn seq_id(&self) -> SeqId {
+        self.stream.id()
     }
 
     /// Keeps the prompt's log probabilities, with `top` top tokens each, for

@@ -26,13 +26,30 @@ pub struct HandoffInfo {
     pub secret: Option<ClusterSecret>,
 }
 
-/// The role of a request with these params. `stream` and `prompts` describe the
+/// How many prompts a request has, and how many sequences (choices, or `best_of`
+/// candidates) each runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestShape {
+    pub prompts: usize,
+    pub sequences_per_prompt: usize,
+}
+
+impl RequestShape {
+    pub const ONE: Self = Self {
+        prompts: 1,
+        sequences_per_prompt: 1,
+    };
+}
+
+/// The role of a request with these params. `stream` and `shape` describe the
 /// request: a streamed answer has nowhere to put the params (as in vLLM), so a
-/// streamed prefill leg runs as an ordinary request; a prefill leg takes one prompt.
+/// streamed prefill leg runs as an ordinary request; a prefill leg computes one
+/// sequence; a decode leg takes one prompt, which its first sequence pulls and the
+/// others take from the prefix cache.
 pub fn kv_role(
     params: Option<&KvTransferParams>,
     stream: bool,
-    prompts: usize,
+    shape: RequestShape,
     info: Option<&HandoffInfo>,
 ) -> Result<KvRole, ApiError> {
     let Some(params) = params else {
@@ -44,7 +61,7 @@ pub fn kv_role(
             "do_remote_decode and do_remote_prefill cannot both be true",
         )),
         (true, false) => {
-            if prompts > 1 {
+            if shape != RequestShape::ONE {
                 return Err(invalid(
                     "a prefill leg (do_remote_decode) takes one prompt and one choice (n = 1); \
                      send one request per prompt",
@@ -56,7 +73,7 @@ pub fn kv_role(
             }
             Ok(KvRole::RemoteDecode)
         }
-        (false, true) => remote_prefill(params, prompts, info),
+        (false, true) => remote_prefill(params, shape.prompts, info),
     }
 }
 
@@ -197,27 +214,52 @@ mod tests {
     fn the_toy_proxy_prefill_dict_makes_a_prefill_leg() {
         let p = KvTransferParams::prefill_request();
         assert_eq!(
-            kv_role(Some(&p), false, 1, Some(&info())).unwrap(),
+            kv_role(Some(&p), false, RequestShape::ONE, Some(&info())).unwrap(),
             KvRole::RemoteDecode
         );
         // Streamed, or on a worker without a listener: an ordinary request.
         assert_eq!(
-            kv_role(Some(&p), true, 1, Some(&info())).unwrap(),
+            kv_role(Some(&p), true, RequestShape::ONE, Some(&info())).unwrap(),
             KvRole::Local
         );
-        assert_eq!(kv_role(Some(&p), false, 1, None).unwrap(), KvRole::Local);
-        assert!(kv_role(Some(&p), false, 2, Some(&info())).is_err());
+        assert_eq!(
+            kv_role(Some(&p), false, RequestShape::ONE, None).unwrap(),
+            KvRole::Local
+        );
+        let two = RequestShape {
+            prompts: 1,
+            sequences_per_prompt: 2,
+        };
+        assert!(kv_role(Some(&p), false, two, Some(&info())).is_err());
     }
 
     #[test]
     fn a_signed_decode_dict_makes_a_decode_leg() {
-        let role = kv_role(Some(&params(decode_leg())), true, 1, Some(&info())).unwrap();
+        let role = kv_role(
+            Some(&params(decode_leg())),
+            true,
+            RequestShape::ONE,
+            Some(&info()),
+        )
+        .unwrap();
         let KvRole::RemotePrefill(source) = role else {
             panic!("{role:?}")
         };
         assert_eq!((source.host.as_str(), source.port), ("10.0.0.5", 5600));
         assert_eq!(source.block_ids, vec![12, 13, 14]);
         assert_eq!(source.lease_secret.len(), 32);
+        // Several choices of one prompt share the pull; two prompts cannot.
+        let choices = RequestShape {
+            prompts: 1,
+            sequences_per_prompt: 4,
+        };
+        let role = kv_role(Some(&params(decode_leg())), false, choices, Some(&info()));
+        assert!(matches!(role, Ok(KvRole::RemotePrefill(_))), "{role:?}");
+        let prompts = RequestShape {
+            prompts: 2,
+            sequences_per_prompt: 1,
+        };
+        assert!(kv_role(Some(&params(decode_leg())), false, prompts, Some(&info())).is_err());
     }
 
     #[test]
@@ -231,18 +273,38 @@ mod tests {
         ] {
             let mut dict = decode_leg();
             dict.as_object_mut().unwrap().remove(field);
-            let err = kv_role(Some(&params(dict.clone())), false, 1, Some(&info())).unwrap_err();
+            let err = kv_role(
+                Some(&params(dict.clone())),
+                false,
+                RequestShape::ONE,
+                Some(&info()),
+            )
+            .unwrap_err();
             assert_eq!(err.status(), 400);
             assert!(err.body().error.message.contains(field), "{err:?}");
-            let role = kv_role(Some(&params(dict)), false, 1, Some(&lenient())).unwrap();
+            let role = kv_role(
+                Some(&params(dict)),
+                false,
+                RequestShape::ONE,
+                Some(&lenient()),
+            )
+            .unwrap();
             assert_eq!(role, KvRole::Local);
         }
         let mut empty = decode_leg();
         empty["remote_block_ids"] = json!([[]]);
-        assert!(kv_role(Some(&params(empty)), false, 1, Some(&info())).is_err());
+        assert!(
+            kv_role(
+                Some(&params(empty)),
+                false,
+                RequestShape::ONE,
+                Some(&info())
+            )
+            .is_err()
+        );
         let mut tp2 = decode_leg();
         tp2["tp_size"] = json!(2);
-        assert!(kv_role(Some(&params(tp2)), false, 1, Some(&info())).is_err());
+        assert!(kv_role(Some(&params(tp2)), false, RequestShape::ONE, Some(&info())).is_err());
     }
 
     #[test]
@@ -279,7 +341,13 @@ mod tests {
         stale.expires_at = auth::now_unix() - auth::CLOCK_SKEW_SECS - 5;
         cases.push(response_params(&stale, &info()).unwrap());
         for dict in cases {
-            let err = kv_role(Some(&params(dict.clone())), false, 1, Some(&info())).unwrap_err();
+            let err = kv_role(
+                Some(&params(dict.clone())),
+                false,
+                RequestShape::ONE,
+                Some(&info()),
+            )
+            .unwrap_err();
             assert_eq!(err.status(), 400, "{dict}");
             assert_eq!(
                 err.body().error.param.as_deref(),
@@ -290,7 +358,13 @@ mod tests {
                 !message.contains("10.0.0.5") && !message.contains("127.0.0.1"),
                 "{message}"
             );
-            let role = kv_role(Some(&params(dict)), false, 1, Some(&lenient())).unwrap();
+            let role = kv_role(
+                Some(&params(dict)),
+                false,
+                RequestShape::ONE,
+                Some(&lenient()),
+            )
+            .unwrap();
             assert_eq!(role, KvRole::Local);
         }
         // Signed under another cluster's secret.
@@ -299,7 +373,15 @@ mod tests {
             ..info()
         };
         let theirs = response_params(&handoff(), &other).unwrap();
-        assert!(kv_role(Some(&params(theirs)), false, 1, Some(&info())).is_err());
+        assert!(
+            kv_role(
+                Some(&params(theirs)),
+                false,
+                RequestShape::ONE,
+                Some(&info())
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -309,7 +391,8 @@ mod tests {
             ..lenient()
         };
         for info in [Some(&unsecured), None] {
-            let err = kv_role(Some(&params(decode_leg())), false, 1, info).unwrap_err();
+            let err =
+                kv_role(Some(&params(decode_leg())), false, RequestShape::ONE, info).unwrap_err();
             assert_eq!(err.status(), 400);
             assert_eq!(
                 err.body().error.param.as_deref(),
@@ -348,7 +431,13 @@ mod tests {
         );
         assert_eq!(value["remote_block_ids"], json!([[12, 13, 14]]));
         // What the proxy copies into the decode leg parses back as one.
-        let role = kv_role(Some(&params(value)), false, 1, Some(&info())).unwrap();
+        let role = kv_role(
+            Some(&params(value)),
+            false,
+            RequestShape::ONE,
+            Some(&info()),
+        )
+        .unwrap();
         assert!(matches!(role, KvRole::RemotePrefill(_)));
     }
 }

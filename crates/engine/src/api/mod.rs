@@ -54,9 +54,10 @@ use tandem_protocol::openai::ApiError;
 
 use crate::chat::ChatTemplate;
 use crate::constrain::{Constrainer, ConstraintError, OutputConstraint};
-use crate::sched::{EngineHandle, GenerationRequest};
+use crate::sched::{EngineHandle, GenerationRequest, SeqId};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 use crate::tools::ToolCallFormat;
+use crate::transfer::KvRole;
 
 use generation::{ChoiceRun, TokenReport};
 use stop::StopMatcher as Stops;
@@ -230,7 +231,9 @@ fn unix_seconds() -> u64 {
 
 /// Submits `options.n` choices of each prompt (`{id_prefix}-{index}` in the engine,
 /// prompt by prompt, as vLLM numbers them). A seeded request's choice `i` of a prompt
-/// samples with seed + i, so that the choices differ and each is reproducible.
+/// samples with seed + i, so that the choices differ and each is reproducible. When
+/// the prompt's KV is pulled from a prefill worker, the first choice pulls it and the
+/// others wait for it in the prefix cache.
 fn start_choices(
     state: &ServerState,
     id_prefix: &str,
@@ -240,26 +243,48 @@ fn start_choices(
 ) -> Result<Vec<ChoiceRun>, ApiError> {
     let n = options.n;
     let mut runs = Vec::with_capacity(prompts.len() * n);
+    let pulls = matches!(options.kv, KvRole::RemotePrefill(_));
     for (prompt_index, prompt) in prompts.into_iter().enumerate() {
+        let mut puller = None;
         for choice in 0..n {
-            let index = prompt_index * n + choice;
-            runs.push(start_choice(
-                state, id_prefix, index, &prompt, choice, options, arrival,
-            )?);
+            let slot = ChoiceSlot {
+                index: prompt_index * n + choice,
+                choice,
+                after_prompt_of: puller,
+            };
+            let run = start_choice(state, id_prefix, slot, &prompt, options, arrival)?;
+            if pulls && puller.is_none() {
+                puller = Some(run.seq_id());
+            }
+            runs.push(run);
         }
     }
     Ok(runs)
 }
 
+/// Where a choice goes among a request's.
+struct ChoiceSlot {
+    /// Its index in the answer.
+    index: usize,
+    /// Its place among its prompt's choices.
+    choice: usize,
+    /// The sibling that pulls the prompt's KV, if another does.
+    after_prompt_of: Option<SeqId>,
+}
+
 fn start_choice(
     state: &ServerState,
     id_prefix: &str,
-    index: usize,
+    slot: ChoiceSlot,
     prompt: &PreparedPrompt,
-    choice: usize,
     options: &OutputOptions,
     arrival: Instant,
 ) -> Result<ChoiceRun, ApiError> {
+    let ChoiceSlot {
+        index,
+        choice,
+        after_prompt_of,
+    } = slot;
     let decoder = IncrementalDecoder::with_context(
         &state.tokenizer,
         &prompt.ids,
@@ -273,9 +298,14 @@ fn start_choice(
         sampling,
         max_tokens: prompt.max_tokens,
         stop_token_ids: options.stop_token_ids.clone(),
-        kv: options.kv.clone(),
+        // A sibling pulls the prompt's KV; this one finds it in the prefix cache.
+        kv: match after_prompt_of {
+            Some(_) => KvRole::Local,
+            None => options.kv.clone(),
+        },
         constraint: options.constraint.clone(),
         prompt_logprobs: options.prompt_logprobs,
+        after_prompt_of,
     };
     let stream = state
         .engine

@@ -118,6 +118,11 @@ pub struct GenerationStream {
 }
 
 impl GenerationStream {
+    /// The engine's id of its sequence.
+    pub fn id(&self) -> SeqId {
+        self.id
+    }
+
     /// The next event; `None` after the last one, or if the engine loop died.
     pub async fn next(&mut self) -> Option<GenerationEvent> {
         if self.finished {

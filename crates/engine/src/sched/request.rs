@@ -6,6 +6,8 @@ use crate::constrain::OutputConstraint;
 use crate::sample::{SamplingParams, TokenLogprobs};
 use crate::transfer::{Handoff, KvRole};
 
+use super::SeqId;
+
 /// One generation to run.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
@@ -25,6 +27,10 @@ pub struct GenerationRequest {
     /// many most likely tokens at its place. The prompt is then computed whole, not
     /// taken from the prefix cache.
     pub prompt_logprobs: Option<usize>,
+    /// Admit it only once this sequence's prompt is computed (or it has left), so that
+    /// the prompt's KV comes from the prefix cache: the further choices of a prompt
+    /// whose KV the first one pulls from a prefill worker.
+    pub after_prompt_of: Option<SeqId>,
 }
 
 /// Why a generation ended.

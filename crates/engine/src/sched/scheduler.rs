@@ -331,12 +331,45 @@ impl EngineLoop {
         self.waiting.push_front(seq);
     }
 
-    /// Admits waiting sequences first-come-first-served.
+    /// Admits waiting sequences first-come-first-served, but for those held until
+    /// another's prompt is computed ([`GenerationRequest::after_prompt_of`]), which
+    /// keep their places without holding up the others.
     fn admit_waiting(&mut self, budget: &mut usize, slots: &mut Vec<Slot>) {
+        let mut held = Vec::new();
+        self.admit_unheld(budget, slots, &mut held);
+        for seq in held.into_iter().rev() {
+            self.waiting.push_front(seq);
+        }
+    }
+
+    /// Whether sequence `id` is still to compute its prompt (waiting, pulling it, or
+    /// running through it).
+    fn prompt_pending(&self, id: SeqId) -> bool {
+        self.waiting.iter().any(|seq| seq.id == id)
+            || self.pulling.iter().any(|seq| seq.id == id)
+            || self
+                .running
+                .iter()
+                .any(|seq| seq.id == id && seq.num_computed < seq.prompt_len)
+    }
+
+    fn admit_unheld(
+        &mut self,
+        budget: &mut usize,
+        slots: &mut Vec<Slot>,
+        held: &mut Vec<Sequence>,
+    ) {
         while *budget > 0 && self.running.len() + self.pulling.len() < self.config.max_num_seqs {
             let Some(mut seq) = self.waiting.pop_front() else {
                 return;
             };
+            if seq
+                .after_prompt_of
+                .is_some_and(|leader| self.prompt_pending(leader))
+            {
+                held.push(seq);
+                continue;
+            }
             if !seq.is_listening() {
                 self.finish(seq, FinishReason::Aborted);
                 continue;

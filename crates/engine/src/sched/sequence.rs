@@ -46,6 +46,8 @@ pub(crate) struct Sequence {
     /// With prompt log probabilities asked for: how many top tokens, and those
     /// collected so far (`None` once sent).
     prompt_logprobs: Option<(usize, Vec<TokenLogprobs>)>,
+    /// See [`GenerationRequest::after_prompt_of`].
+    pub after_prompt_of: Option<SeqId>,
     events: mpsc::UnboundedSender<GenerationEvent>,
 }
 
@@ -86,6 +88,7 @@ impl Sequence {
             stop_token: None,
             stop_logprobs: None,
             prompt_logprobs: request.prompt_logprobs.map(|top| (top, Vec::new())),
+            after_prompt_of: request.after_prompt_of,
             events,
         }
     }
