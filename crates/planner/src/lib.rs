@@ -1,0 +1,21 @@
+//! The planner's model, with no runtime or HTTP types: what a worker of this hardware
+//! costs ([`profile`]: prefill time against prompt length, decode step time against
+//! batch and context, hand-off time per KV byte), what is asked of it ([`workload`],
+//! [`Slo`]), how workers are laid out ([`layout`]), what a layout would do under a
+//! workload ([`simulate`]: a discrete-event model of continuous batching, DistServe's
+//! method), and which layout serves the most within the SLO ([`plan`]).
+//!
+//! Measuring a profile and acting on a plan belong to callers (`tandem plan`,
+//! `tandem up --planner`); this crate only reasons.
+
+pub mod layout;
+pub mod plan;
+pub mod profile;
+pub mod simulate;
+pub mod workload;
+
+pub use layout::{Layout, WorkerGroup};
+pub use plan::{Ranked, rank_layouts};
+pub use profile::{Profile, ProfileError, WorkerProfile};
+pub use simulate::{Prediction, simulate};
+pub use workload::{Arrival, LengthDist, Slo, Workload};

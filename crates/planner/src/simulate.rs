@@ -1,0 +1,486 @@
+//! What a layout does under a workload: a discrete-event model of continuous batching
+//! (DistServe's method: simulate, then read latency and SLO attainment off the
+//! modelled requests).
+//!
+//! Each worker runs steps back to back while it has work, as `tandem serve` does: a step
+//! decodes one token for every sequence past its prompt and spends the rest of the
+//! step's token budget on prompt chunks, first come first served; its time is the
+//! decode step's plus each chunk's prefill time (from the [`Profile`]). A request goes to
+//! the least loaded worker of its entry pool. On a prefill worker its prompt is
+//! computed, its KV then moves (the profile's hand-off time) to the least loaded
+//! decode worker, which computes the prompt's last position and samples the first
+//! token, as a `tandem serve` decode leg does. Not modelled: KV capacity (preemption),
+//! the router's own time, prefix-cache hits.
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, VecDeque};
+
+use crate::layout::{Layout, Role};
+use crate::profile::{Profile, ProfileError, WorkerCost};
+use crate::workload::{Request, Slo, Workload};
+
+/// The modelled requests' latencies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// Per request, in arrival order: time to first token, and time per output token
+    /// after the first (0 for one-token outputs).
+    pub ttft: Vec<f64>,
+    pub tpot: Vec<f64>,
+    /// From the first arrival to the last finish.
+    pub duration: f64,
+    pub output_tokens: usize,
+}
+
+impl Prediction {
+    /// The `p`-th percentile (0–100) of time to first token.
+    pub fn ttft_percentile(&self, p: f64) -> f64 {
+        percentile(&self.ttft, p)
+    }
+
+    pub fn tpot_percentile(&self, p: f64) -> f64 {
+        percentile(&self.tpot, p)
+    }
+
+    pub fn mean_ttft(&self) -> f64 {
+        self.ttft.iter().sum::<f64>() / self.ttft.len().max(1) as f64
+    }
+
+    /// The share of requests meeting both of the SLO's latencies.
+    pub fn attainment(&self, slo: &Slo) -> f64 {
+        let met = self
+            .ttft
+            .iter()
+            .zip(&self.tpot)
+            .filter(|&(&ttft, &tpot)| ttft <= slo.ttft_seconds && tpot <= slo.tpot_seconds)
+            .count();
+        met as f64 / self.ttft.len().max(1) as f64
+    }
+
+    /// Output tokens per second.
+    pub fn throughput(&self) -> f64 {
+        self.output_tokens as f64 / self.duration.max(f64::EPSILON)
+    }
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Models `workload` on `layout` with the costs of `profile`.
+pub fn simulate(
+    profile: &Profile,
+    layout: &Layout,
+    workload: &Workload,
+) -> Result<Prediction, ProfileError> {
+    let mut model = Model::new(profile, layout)?;
+    let requests = workload.requests();
+    for (index, request) in requests.iter().enumerate() {
+        model.schedule(request.arrival, Event::Arrive(index));
+    }
+    model.run(&requests);
+    Ok(model.prediction(&requests))
+}
+
+/// A sequence on a worker.
+#[derive(Debug, Clone, Copy)]
+struct Seq {
+    request: usize,
+    /// Prompt positions computed (on a decode worker, all but the last arrive with the
+    /// KV).
+    computed: usize,
+    input: usize,
+    output: usize,
+    generated: usize,
+}
+
+impl Seq {
+    fn in_prompt(&self) -> bool {
+        self.computed < self.input
+    }
+}
+
+struct Worker {
+    role: Role,
+    cost: WorkerCost,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    /// The step under way: which running sequences decode, and each prompt chunk.
+    step: Option<Step>,
+}
+
+#[derive(Default)]
+struct Step {
+    decoding: Vec<usize>,
+    chunks: Vec<(usize, usize)>,
+}
+
+impl Worker {
+    fn load(&self) -> usize {
+        self.waiting.len() + self.running.len()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Event {
+    Arrive(usize),
+    StepDone(usize),
+    /// A prompt's KV reached decode worker `.1`.
+    Handed(Seq, usize),
+}
+
+struct Scheduled {
+    at: f64,
+    order: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    /// Earliest first (a max-heap of the reverse), then in scheduling order.
+    fn cmp(&self, other: &Self) -> Ordering {
+        other
+            .at
+            .total_cmp(&self.at)
+            .then(other.order.cmp(&self.order))
+    }
+}
+
+struct Model<'a> {
+    profile: &'a Profile,
+    workers: Vec<Worker>,
+    events: BinaryHeap<Scheduled>,
+    scheduled: u64,
+    first_token: Vec<f64>,
+    finished: Vec<f64>,
+}
+
+impl<'a> Model<'a> {
+    fn new(profile: &'a Profile, layout: &Layout) -> Result<Self, ProfileError> {
+        let mut workers = Vec::new();
+        for group in &layout.groups {
+            let cost = profile.worker(group.cores)?;
+            for _ in 0..group.count {
+                workers.push(Worker {
+                    role: group.role,
+                    cost: cost.clone(),
+                    waiting: VecDeque::new(),
+                    running: Vec::new(),
+                    step: None,
+                });
+            }
+        }
+        Ok(Self {
+            profile,
+            workers,
+            events: BinaryHeap::new(),
+            scheduled: 0,
+            first_token: Vec::new(),
+            finished: Vec::new(),
+        })
+    }
+
+    fn schedule(&mut self, at: f64, event: Event) {
+        self.scheduled += 1;
+        self.events.push(Scheduled {
+            at,
+            order: self.scheduled,
+            event,
+        });
+    }
+
+    fn run(&mut self, requests: &[Request]) {
+        self.first_token = vec![f64::NAN; requests.len()];
+        self.finished = vec![f64::NAN; requests.len()];
+        while let Some(Scheduled { at, event, .. }) = self.events.pop() {
+            match event {
+                Event::Arrive(index) => {
+                    let request = requests[index];
+                    let seq = Seq {
+                        request: index,
+                        computed: 0,
+                        input: request.input,
+                        output: request.output,
+                        generated: 0,
+                    };
+                    let worker = self.least_loaded(|role| role != Role::Decode);
+                    self.enqueue(worker, seq, at);
+                }
+                Event::Handed(seq, worker) => self.enqueue(worker, seq, at),
+                Event::StepDone(worker) => {
+                    self.finish_step(worker, at);
+                    self.start_step(worker, at);
+                }
+            }
+        }
+    }
+
+    fn least_loaded(&self, accepts: impl Fn(Role) -> bool) -> usize {
+        (0..self.workers.len())
+            .filter(|&w| accepts(self.workers[w].role))
+            .min_by_key(|&w| self.workers[w].load())
+            .expect("a layout has a worker for each part")
+    }
+
+    fn enqueue(&mut self, worker: usize, seq: Seq, now: f64) {
+        self.workers[worker].waiting.push_back(seq);
+        if self.workers[worker].step.is_none() {
+            self.start_step(worker, now);
+        }
+    }
+
+    /// Plans the worker's next step and schedules its end, if it has work.
+    fn start_step(&mut self, w: usize, now: f64) {
+        let worker = &mut self.workers[w];
+        while worker.running.len() < worker.cost.max_sequences {
+            let Some(seq) = worker.waiting.pop_front() else {
+                break;
+            };
+            worker.running.push(seq);
+        }
+        let mut step = Step::default();
+        let mut budget = worker.cost.max_batched_tokens;
+        let mut context = 0;
+        for (i, seq) in worker.running.iter().enumerate() {
+            if !seq.in_prompt() && budget > 0 {
+                step.decoding.push(i);
+                context += seq.input + seq.generated;
+                budget -= 1;
+            }
+        }
+        let mut seconds = worker.cost.decode_step_seconds(
+            step.decoding.len(),
+            context as f64 / step.decoding.len().max(1) as f64,
+        );
+        for (i, seq) in worker.running.iter().enumerate() {
+            if seq.in_prompt() && budget > 0 {
+                let chunk = (seq.input - seq.computed).min(budget);
+                seconds += worker
+                    .cost
+                    .prefill_seconds(seq.computed, seq.computed + chunk);
+                step.chunks.push((i, chunk));
+                budget -= chunk;
+            }
+        }
+        if step.decoding.is_empty() && step.chunks.is_empty() {
+            worker.step = None;
+            return;
+        }
+        worker.step = Some(step);
+        self.schedule(now + seconds, Event::StepDone(w));
+    }
+
+    /// Applies the step that just ended: tokens, finished prompts, hand-offs.
+    fn finish_step(&mut self, w: usize, now: f64) {
+        let step = self.workers[w].step.take().expect("a step was under way");
+        let role = self.workers[w].role;
+        let mut sampled = step.decoding;
+        for (i, chunk) in step.chunks {
+            let seq = &mut self.workers[w].running[i];
+            seq.computed += chunk;
+            if !seq.in_prompt() {
+                sampled.push(i);
+            }
+        }
+        let mut leaving = Vec::new();
+        for i in sampled {
+            let seq = &mut self.workers[w].running[i];
+            if role == Role::Prefill {
+                leaving.push(i);
+                continue;
+            }
+            seq.generated += 1;
+            if seq.generated == 1 {
+                self.first_token[seq.request] = now;
+            }
+            if seq.generated >= seq.output {
+                self.finished[seq.request] = now;
+                leaving.push(i);
+            }
+        }
+        leaving.sort_unstable_by(|a, b| b.cmp(a));
+        for i in leaving {
+            let seq = self.workers[w].running.remove(i);
+            if role == Role::Prefill {
+                self.hand_off(seq, now);
+            }
+        }
+    }
+
+    /// The prompt's KV moves to the least loaded decode worker, which computes the
+    /// last position itself.
+    fn hand_off(&mut self, seq: Seq, now: f64) {
+        let decode = self.least_loaded(|role| role == Role::Decode);
+        let arrives = now + self.profile.handoff_seconds(seq.input);
+        let pulled = Seq {
+            computed: seq.input - 1,
+            ..seq
+        };
+        self.schedule(arrives, Event::Handed(pulled, decode));
+    }
+
+    fn prediction(&self, requests: &[Request]) -> Prediction {
+        let mut ttft = Vec::with_capacity(requests.len());
+        let mut tpot = Vec::with_capacity(requests.len());
+        for (i, request) in requests.iter().enumerate() {
+            ttft.push(self.first_token[i] - request.arrival);
+            let later = request.output.saturating_sub(1);
+            tpot.push(if later == 0 {
+                0.0
+            } else {
+                (self.finished[i] - self.first_token[i]) / later as f64
+            });
+        }
+        let start = requests.first().map_or(0.0, |r| r.arrival);
+        let end = self.finished.iter().copied().fold(start, f64::max);
+        Prediction {
+            ttft,
+            tpot,
+            duration: end - start,
+            output_tokens: requests.iter().map(|r| r.output).sum(),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::profile::{DecodePoint, HandoffCost, PrefillPoint, WorkerProfile};
+    use crate::workload::{Arrival, LengthDist};
+
+    /// Prefill 1 ms + 0.1 ms per token (+ a little attention), decode 10 ms + 0.5 ms
+    /// per sequence; hand-off 2 ms + 1 ns per byte.
+    pub(crate) fn profile() -> Profile {
+        let worker = |cores: usize| {
+            let speed = cores as f64;
+            WorkerProfile {
+                cores,
+                max_batched_tokens: 512,
+                max_sequences: 32,
+                prefill: [16, 128, 512, 2048]
+                    .map(|t| PrefillPoint {
+                        tokens: t,
+                        seconds: (0.001 + 1e-4 * t as f64 + 1e-9 * (t * t) as f64) / speed,
+                    })
+                    .to_vec(),
+                decode: [(1, 100), (8, 100), (8, 1000), (32, 500)]
+                    .map(|(n, x)| DecodePoint {
+                        batch: n,
+                        context: x,
+                        seconds: (0.01 + 5e-4 * n as f64 + 1e-7 * (n * x) as f64) / speed.sqrt(),
+                    })
+                    .to_vec(),
+            }
+        };
+        Profile {
+            hardware: "test machine".into(),
+            model: "test model".into(),
+            kv_bytes_per_token: 10_000,
+            handoff: HandoffCost {
+                fixed_seconds: 0.002,
+                seconds_per_byte: 1e-9,
+            },
+            workers: vec![worker(1), worker(2)],
+        }
+    }
+
+    fn workload(input: usize, output: usize, rate: f64) -> Workload {
+        Workload {
+            input: LengthDist::Fixed(input),
+            output: LengthDist::Fixed(output),
+            arrival: Arrival::Poisson { rate },
+            requests: 4000,
+            seed: 1,
+        }
+    }
+
+    #[test]
+    fn a_prefill_queue_waits_as_an_md1_queue_does() {
+        // One-token outputs of prompts that fill a step: one prompt per step, each
+        // taking D; DistServe §3.1: mean TTFT = D + R·D² / (2(1 − R·D)).
+        let profile = profile();
+        let cost = profile.worker(1).unwrap();
+        let d = cost.prefill_seconds(0, 512);
+        for utilization in [0.3, 0.5, 0.7] {
+            let rate = utilization / d;
+            let mut workload = workload(512, 1, rate);
+            workload.requests = 100_000;
+            let predicted = simulate(&profile, &Layout::single(1), &workload).unwrap();
+            let queueing = d + rate * d * d / (2.0 * (1.0 - rate * d));
+            let error = (predicted.mean_ttft() - queueing).abs() / queueing;
+            assert!(
+                error < 0.05,
+                "ρ={utilization}: {} vs {queueing}",
+                predicted.mean_ttft()
+            );
+        }
+    }
+
+    #[test]
+    fn an_idle_layout_answers_in_the_profiles_times() {
+        let profile = profile();
+        let slow = workload(1000, 11, 0.01);
+        let alone = simulate(&profile, &Layout::single(1), &slow).unwrap();
+        let cost = profile.worker(1).unwrap();
+        assert!((alone.ttft_percentile(50.0) - cost.prefill_seconds(0, 1000)).abs() < 1e-9);
+        // TPOT: a decode step of one sequence, its context growing from 1001 to 1010.
+        let step = cost.decode_step_seconds(1, 1005.0);
+        assert!(
+            (alone.tpot_percentile(50.0) - step).abs() < 1e-6,
+            "{}",
+            alone.tpot_percentile(50.0)
+        );
+        // P/D: the prompt, the hand-off, then D computes the last position.
+        let split = simulate(&profile, &Layout::disaggregated((1, 1), (1, 1)), &slow).unwrap();
+        let expected = cost.prefill_seconds(0, 1000)
+            + profile.handoff_seconds(1000)
+            + cost.prefill_seconds(999, 1000);
+        assert!((split.ttft_percentile(50.0) - expected).abs() < 1e-9);
+        assert_eq!(split.output_tokens, slow.requests * 11);
+    }
+
+    #[test]
+    fn disaggregation_keeps_decoding_steady_under_long_prompts() {
+        // Long prompts arriving among long outputs: colocated, every prompt chunk
+        // stretches a decode step (interference); split, decode steps stay short.
+        let profile = profile();
+        let mixed = workload(2000, 100, 1.5);
+        let slo = Slo {
+            ttft_seconds: 2.0,
+            tpot_seconds: 0.015,
+            attainment: 0.9,
+        };
+        let replicas = simulate(&profile, &Layout::replicas(2, 1), &mixed).unwrap();
+        let split = simulate(&profile, &Layout::disaggregated((1, 1), (1, 1)), &mixed).unwrap();
+        assert!(split.tpot_percentile(90.0) < replicas.tpot_percentile(90.0));
+        assert!(split.attainment(&slo) > replicas.attainment(&slo));
+    }
+
+    #[test]
+    fn the_same_workload_is_modelled_alike() {
+        let profile = profile();
+        let load = workload(300, 20, 5.0);
+        let layout = Layout::disaggregated((1, 1), (1, 1));
+        assert_eq!(
+            simulate(&profile, &layout, &load).unwrap(),
+            simulate(&profile, &layout, &load).unwrap()
+        );
+        let missing = simulate(&profile, &Layout::single(4), &load).unwrap_err();
+        assert_eq!(missing, ProfileError::NoWorkerSize { cores: 4 });
+    }
+}
