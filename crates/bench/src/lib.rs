@@ -13,6 +13,7 @@
 pub mod client;
 pub mod comparison;
 pub mod plot;
+pub mod profile;
 pub mod report;
 pub mod stats;
 pub mod suite;

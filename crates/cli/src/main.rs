@@ -9,6 +9,7 @@ mod generate;
 mod gpu;
 mod kv;
 mod model;
+mod plan;
 mod register;
 mod route;
 mod serve;
@@ -48,6 +49,10 @@ enum Command {
     /// Run the same scenarios against single, replicated and disaggregated topologies
     /// on the same resources, and write a report with tables and plots.
     Compare(compare::CompareArgs),
+    /// Plan the layout: profile this hardware, then rank single, replicas and xPyD
+    /// layouts for a workload and SLO (docs/planner.md).
+    #[command(subcommand)]
+    Plan(plan::PlanCommand),
     /// Check that a topology (or the embedded default) can start, with a fix for each failure.
     Doctor(doctor::DoctorArgs),
     /// KV cache arithmetic: bytes per token and request, capacity, transfer times.
@@ -83,6 +88,7 @@ fn main() -> std::process::ExitCode {
         Command::Doctor(args) => doctor::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Compare(args) => compare::run(args),
+        Command::Plan(command) => plan::run(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -15,7 +15,7 @@ pub mod simulate;
 pub mod workload;
 
 pub use layout::{Layout, WorkerGroup};
-pub use plan::{Ranked, rank_layouts};
+pub use plan::{Ranked, rank_layouts, table};
 pub use profile::{Profile, ProfileError, WorkerProfile};
 pub use simulate::{Prediction, simulate};
 pub use workload::{Arrival, LengthDist, Slo, Workload};

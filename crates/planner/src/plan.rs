@@ -23,6 +23,43 @@ impl Ranked {
     }
 }
 
+/// The ranking as a text table, best first, and what it recommends.
+pub fn table(ranked: &[Ranked], slo: &Slo) -> String {
+    let mut out = format!(
+        "{:<28} {:>10} {:>10} {:>10} {:>10} {:>11}\n",
+        "layout", "goodput/s", "per core", "TTFT p90", "TPOT p90", "attainment"
+    );
+    for entry in ranked {
+        let at = &entry.at_rate;
+        out += &format!(
+            "{:<28} {:>10.3} {:>10.3} {:>9.0}ms {:>9.1}ms {:>10.0}%\n",
+            entry.layout.to_string(),
+            entry.goodput,
+            entry.goodput_per_core(),
+            at.ttft_percentile(90.0) * 1e3,
+            at.tpot_percentile(90.0) * 1e3,
+            at.attainment(slo) * 100.0
+        );
+    }
+    out += "(goodput: the highest request rate at which the SLO is met; the latency and \
+            attainment columns are at the workload's own rate)\n";
+    match ranked.first() {
+        Some(best) if best.goodput > 0.0 => {
+            out += &format!("recommended: {}\n", best.layout);
+        }
+        _ => {
+            out += &format!(
+                "no layout meets the SLO (TTFT ≤ {} s and TPOT ≤ {} s for {:.0}% of \
+                 requests) at any rate: loosen it, shorten the requests, or add cores\n",
+                slo.ttft_seconds,
+                slo.tpot_seconds,
+                slo.attainment * 100.0
+            );
+        }
+    }
+    out
+}
+
 /// Bisection steps after bracketing: the rate to within 2^-10 of the bracket.
 const BISECTIONS: usize = 10;
 
@@ -145,6 +182,30 @@ mod tests {
                 .windows(2)
                 .all(|w| w[0].goodput >= w[1].goodput)
         );
+    }
+
+    #[test]
+    fn the_table_recommends_the_best_or_says_none_will_do() {
+        let profile = profile();
+        let layouts = Layout::all_on(2, &[1, 2]);
+        let slo = Slo {
+            ttft_seconds: 1.0,
+            tpot_seconds: 0.05,
+            attainment: 0.9,
+        };
+        let ranked = rank_layouts(&profile, &layouts, &workload(300, 30), &slo).unwrap();
+        let text = table(&ranked, &slo);
+        assert!(
+            text.contains(&format!("recommended: {}", ranked[0].layout)),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), layouts.len() + 3);
+        let impossible = Slo {
+            ttft_seconds: 1e-4,
+            ..slo
+        };
+        let ranked = rank_layouts(&profile, &layouts, &workload(300, 30), &impossible).unwrap();
+        assert!(table(&ranked, &impossible).contains("no layout meets the SLO"));
     }
 
     #[test]

@@ -1,0 +1,209 @@
+//! `tandem plan`: measure a profile of this hardware against running endpoints
+//! (`profile`), and rank layouts for a workload and SLO from it (`rank`). The model is
+//! `tandem_planner`'s; the measuring, `tandem_bench::profile`'s.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use tandem_bench::profile::{self, WorkerPlan};
+use tandem_planner::profile::HandoffCost;
+use tandem_planner::{Arrival, Layout, LengthDist, Profile, Slo, Workload};
+
+#[derive(Subcommand)]
+pub enum PlanCommand {
+    /// Measure one worker size (and the hand-off, given a P/D router) into a profile
+    /// file, adding to what it already holds.
+    Profile(ProfileArgs),
+    /// Rank every layout of the cores for a workload and SLO, from a profile.
+    Rank(RankArgs),
+}
+
+#[derive(Args)]
+pub struct ProfileArgs {
+    /// A worker running with --cores threads (`tandem serve`, vLLM, …).
+    #[arg(long)]
+    url: String,
+    /// Its cores (`tandem serve --threads`).
+    #[arg(long)]
+    cores: usize,
+    /// The served model's name, as /v1/models lists it.
+    #[arg(long)]
+    model: String,
+    /// The worker's --max-num-batched-tokens and --max-num-seqs.
+    #[arg(long, default_value_t = 2048)]
+    max_batched_tokens: usize,
+    #[arg(long, default_value_t = 256)]
+    max_sequences: usize,
+    /// Prompt lengths timed alone (words, about a token each).
+    #[arg(long, value_delimiter = ',', default_value = "32,128,512,1024")]
+    prompt_lengths: Vec<usize>,
+    /// Decode batch sizes, at each of --contexts prompt lengths.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    batches: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "64,512")]
+    contexts: Vec<usize>,
+    /// Output tokens per decode stream.
+    #[arg(long, default_value_t = 48)]
+    decode_tokens: usize,
+    /// Runs of each measurement (the median is kept).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// A P/D router over workers like this one: the hand-off is timed against --url.
+    #[arg(long)]
+    split_url: Option<String>,
+    /// KV bytes one token takes (`tandem kv --model M` prints it; the default is the
+    /// default model's at f16).
+    #[arg(long, default_value_t = 23040)]
+    kv_bytes_per_token: u64,
+    /// The profile file (created, or extended with this worker size).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct RankArgs {
+    #[arg(long)]
+    profile: PathBuf,
+    /// Cores to lay the workers out on.
+    #[arg(long)]
+    cores: usize,
+    /// Mean prompt and output lengths (tokens), each drawn uniformly within ±--range.
+    #[arg(long)]
+    input_len: usize,
+    #[arg(long)]
+    output_len: usize,
+    #[arg(long, default_value_t = 0.0)]
+    range: f64,
+    /// The workload's request rate (per second).
+    #[arg(long)]
+    rate: f64,
+    /// Requests modelled per run.
+    #[arg(long, default_value_t = 1000)]
+    requests: usize,
+    /// The SLO: time to first token and time per output token (seconds), met by
+    /// --attainment of the requests.
+    #[arg(long)]
+    ttft: f64,
+    #[arg(long)]
+    tpot: f64,
+    #[arg(long, default_value_t = 0.9)]
+    attainment: f64,
+    /// The model served (refuses a profile for another).
+    #[arg(long)]
+    model: Option<String>,
+    /// Plan for the machine the profile was measured on, not this one.
+    #[arg(long)]
+    other_hardware: bool,
+}
+
+pub fn run(command: PlanCommand) -> Result<()> {
+    match command {
+        PlanCommand::Profile(args) => measure(args),
+        PlanCommand::Rank(args) => rank(args),
+    }
+}
+
+fn measure(args: ProfileArgs) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let target = profile::target(&args.url, Some(args.model.clone()));
+    let plan = WorkerPlan {
+        cores: args.cores,
+        max_batched_tokens: args.max_batched_tokens,
+        max_sequences: args.max_sequences,
+        prompt_lengths: args.prompt_lengths.clone(),
+        batches: args.batches.clone(),
+        contexts: args.contexts.clone(),
+        decode_tokens: args.decode_tokens,
+        repeats: args.repeats.max(1),
+    };
+    eprintln!("measuring a {}-core worker at {}", args.cores, args.url);
+    let worker = runtime.block_on(profile::measure_worker(&target, &plan))?;
+    worker
+        .cost()
+        .context("the measurements do not make a usable profile")?;
+    let hardware = profile::cpu_description();
+    let mut profile = match std::fs::read_to_string(&args.out) {
+        Ok(text) => {
+            let profile = Profile::from_toml(&text)?;
+            profile.check_matches(&args.model, &hardware)?;
+            profile
+        }
+        Err(_) => Profile {
+            hardware,
+            model: args.model.clone(),
+            kv_bytes_per_token: args.kv_bytes_per_token,
+            handoff: HandoffCost {
+                fixed_seconds: 0.0,
+                seconds_per_byte: 0.0,
+            },
+            workers: Vec::new(),
+        },
+    };
+    if let Some(split) = &args.split_url {
+        let split = profile::target(split, Some(args.model.clone()));
+        eprintln!("measuring the hand-off through {}", split.base_url);
+        profile.handoff = runtime.block_on(profile::measure_handoff(
+            &split,
+            &target,
+            profile.kv_bytes_per_token,
+            &args.prompt_lengths,
+            plan.repeats,
+        ))?;
+    }
+    profile.workers.retain(|w| w.cores != args.cores);
+    profile.workers.push(worker);
+    profile.workers.sort_by_key(|w| w.cores);
+    std::fs::write(&args.out, profile.to_toml())
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("profile written to {}", args.out.display());
+    Ok(())
+}
+
+fn rank(args: RankArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.profile)
+        .with_context(|| format!("reading {}", args.profile.display()))?;
+    let profile = Profile::from_toml(&text)?;
+    if let Some(model) = &args.model {
+        profile.check_matches(model, &profile.hardware)?;
+    }
+    if !args.other_hardware {
+        profile.check_matches(&profile.model, &profile::cpu_description())?;
+    }
+    if !(args.rate > 0.0 && args.ttft > 0.0 && args.tpot > 0.0) {
+        bail!("--rate, --ttft and --tpot must be positive");
+    }
+    if !(args.attainment > 0.0 && args.attainment <= 1.0) {
+        bail!("--attainment is a share of requests, in (0, 1]");
+    }
+    let lengths = |mean: usize| {
+        let spread = (mean as f64 * args.range.clamp(0.0, 1.0)) as usize;
+        LengthDist::Uniform {
+            min: mean.saturating_sub(spread).max(1),
+            max: mean + spread,
+        }
+    };
+    let workload = Workload {
+        input: lengths(args.input_len),
+        output: lengths(args.output_len),
+        arrival: Arrival::Poisson { rate: args.rate },
+        requests: args.requests.max(10),
+        seed: 1,
+    };
+    let slo = Slo {
+        ttft_seconds: args.ttft,
+        tpot_seconds: args.tpot,
+        attainment: args.attainment,
+    };
+    let sizes: Vec<usize> = profile.workers.iter().map(|w| w.cores).collect();
+    let layouts = Layout::all_on(args.cores, &sizes);
+    if layouts.is_empty() {
+        bail!(
+            "no layout of the profiled worker sizes ({sizes:?} cores) uses exactly {} cores",
+            args.cores
+        );
+    }
+    let ranked = tandem_planner::rank_layouts(&profile, &layouts, &workload, &slo)?;
+    print!("{}", tandem_planner::table(&ranked, &slo));
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! `tandem plan`: a profile measured against a real `tandem serve` (and the hand-off
+//! through a real P/D router), then ranked; profiles for another model or machine are
+//! refused with the reason.
+
+mod common;
+
+use common::{Server, default_model_present, tandem};
+
+const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_is_measured_then_ranked_and_refused_elsewhere() {
+    if !default_model_present() {
+        return;
+    }
+    let worker = Server::start(&["--threads", "1", "--max-model-len", "512"]);
+    let prefill = Server::start(&["--threads", "1", "--kv-port", "0", "--max-model-len", "512"]);
+    let decode = Server::start(&["--threads", "1", "--max-model-len", "512"]);
+    let router =
+        Server::start_router(&["--prefill", &prefill.url(""), "--decode", &decode.url("")]);
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("profile.toml");
+    let (url, split) = (worker.url(""), router.url(""));
+    let profile_arg = profile.to_str().unwrap().to_owned();
+    let measured = tokio::task::spawn_blocking(move || {
+        tandem()
+            .args([
+                "plan", "profile", "--url", &url, "--cores", "1", "--model", MODEL,
+            ])
+            .args(["--prompt-lengths", "8,32,96", "--batches", "1,2,4"])
+            .args([
+                "--contexts",
+                "8,48",
+                "--decode-tokens",
+                "8",
+                "--repeats",
+                "1",
+            ])
+            .args(["--split-url", &split, "--out", &profile_arg])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(measured.status.success(), "{measured:?}");
+    let text = std::fs::read_to_string(&profile).unwrap();
+    assert!(text.contains(MODEL), "{text}");
+    let parsed = tandem_planner::Profile::from_toml(&text).unwrap();
+    let worker_profile = parsed.worker(1).unwrap();
+    // Longer prompts take longer; a bigger batch's step does not take less.
+    assert!(worker_profile.prefill_seconds(0, 96) > worker_profile.prefill_seconds(0, 8));
+    assert_eq!(parsed.workers[0].decode.len(), 6);
+
+    let rank = |extra: &[&str]| {
+        let mut command = tandem();
+        command
+            .args([
+                "plan",
+                "rank",
+                "--profile",
+                profile.to_str().unwrap(),
+                "--cores",
+                "2",
+            ])
+            .args(["--input-len", "64", "--output-len", "16", "--rate", "1"])
+            .args(["--ttft", "2", "--tpot", "0.5", "--requests", "200"])
+            .args(extra);
+        command.output().unwrap()
+    };
+    let ranked = rank(&[]);
+    let table = String::from_utf8_lossy(&ranked.stdout);
+    assert!(ranked.status.success(), "{ranked:?}");
+    // Two 1-core workers: replicas, or one prefill and one decode worker.
+    assert!(table.contains("2 replicas (1 core each)"), "{table}");
+    assert!(table.contains("1P1D (1-core P, 1-core D)"), "{table}");
+    assert!(table.contains("recommended: "), "{table}");
+    // No 2-core measurement: no single 2-core layout is claimed.
+    assert!(!table.contains("single"), "{table}");
+
+    let other_model = rank(&["--model", "Llama-3.1-8B"]);
+    assert!(!other_model.status.success());
+    assert!(String::from_utf8_lossy(&other_model.stderr).contains("profile this model"));
+    let elsewhere = text.replace(&parsed.hardware, "Some Other CPU, 96 cores");
+    std::fs::write(&profile, elsewhere).unwrap();
+    let refused = rank(&[]);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("profile this machine"),
+        "{refused:?}"
+    );
+    assert!(rank(&["--other-hardware"]).status.success());
+}
