@@ -17,6 +17,7 @@ pub mod profile;
 pub mod report;
 pub mod stats;
 pub mod suite;
+pub mod validate;
 pub mod workload;
 
 use std::sync::Arc;

@@ -17,6 +17,21 @@ pub enum PlanCommand {
     Profile(ProfileArgs),
     /// Rank every layout of the cores for a workload and SLO, from a profile.
     Rank(RankArgs),
+    /// Set the profile's predictions beside a `tandem compare` report's measurements,
+    /// run by run (same requests, same arrival times).
+    Validate(ValidateArgs),
+}
+
+#[derive(Args)]
+pub struct ValidateArgs {
+    #[arg(long)]
+    profile: PathBuf,
+    /// The report's results.json.
+    #[arg(long)]
+    results: PathBuf,
+    /// The scenarios' seed (0 unless the suite file set one).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -95,13 +110,38 @@ pub struct RankArgs {
     /// Plan for the machine the profile was measured on, not this one.
     #[arg(long)]
     other_hardware: bool,
+    /// The seed of the modelled requests' lengths and arrivals.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Also write each layout's figures as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 pub fn run(command: PlanCommand) -> Result<()> {
     match command {
         PlanCommand::Profile(args) => measure(args),
         PlanCommand::Rank(args) => rank(args),
+        PlanCommand::Validate(args) => validate(args),
     }
+}
+
+fn validate(args: ValidateArgs) -> Result<()> {
+    let profile = Profile::from_toml(
+        &std::fs::read_to_string(&args.profile)
+            .with_context(|| format!("reading {}", args.profile.display()))?,
+    )?;
+    let results: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&args.results)
+            .with_context(|| format!("reading {}", args.results.display()))?,
+    )
+    .context("the results file is not JSON")?;
+    let rows = tandem_bench::validate::against_report(&profile, &results, args.seed)?;
+    if rows.is_empty() {
+        bail!("the report has no request-rate runs of tandem serve layouts to check");
+    }
+    print!("{}", tandem_bench::validate::markdown(&rows));
+    Ok(())
 }
 
 fn measure(args: ProfileArgs) -> Result<()> {
@@ -188,7 +228,7 @@ fn rank(args: RankArgs) -> Result<()> {
         output: lengths(args.output_len),
         arrival: Arrival::Poisson { rate: args.rate },
         requests: args.requests.max(10),
-        seed: 1,
+        seed: args.seed,
     };
     let slo = Slo {
         ttft_seconds: args.ttft,
@@ -205,5 +245,20 @@ fn rank(args: RankArgs) -> Result<()> {
     }
     let ranked = tandem_planner::rank_layouts(&profile, &layouts, &workload, &slo)?;
     print!("{}", tandem_planner::table(&ranked, &slo));
+    if let Some(path) = &args.json {
+        let entries: Vec<_> = ranked
+            .iter()
+            .map(|entry| {
+                serde_json::json!({
+                    "layout": entry.layout.to_string(),
+                    "goodput": entry.goodput,
+                    "at_rate": entry.at_rate.summary(),
+                    "attainment": entry.at_rate.attainment(&slo),
+                })
+            })
+            .collect();
+        std::fs::write(path, serde_json::to_string_pretty(&entries)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }

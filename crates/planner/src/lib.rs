@@ -17,5 +17,5 @@ pub mod workload;
 pub use layout::{Layout, WorkerGroup};
 pub use plan::{Ranked, rank_layouts, table};
 pub use profile::{Profile, ProfileError, WorkerProfile};
-pub use simulate::{Prediction, simulate};
+pub use simulate::{Prediction, simulate, simulate_requests};
 pub use workload::{Arrival, LengthDist, Slo, Workload};

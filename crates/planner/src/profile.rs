@@ -203,6 +203,34 @@ impl WorkerCost {
         (a + b * t + c * t * t).max(f64::EPSILON)
     }
 
+    /// Seconds of one step that computes the prompt `chunks` (positions `from..to` of
+    /// each) and decodes `batch` sequences of mean `context`: the work of each part,
+    /// but a step's fixed cost (the weights read, the pass's overhead) once — the
+    /// larger of prefill's and decode's, as one pass does both.
+    pub fn step_seconds(&self, chunks: &[(usize, usize)], batch: usize, context: f64) -> f64 {
+        let [prefill_fixed, ..] = self.prefill.0;
+        let [decode_fixed, ..] = self.decode.0;
+        let prefill: f64 = chunks
+            .iter()
+            .map(|&(from, to)| self.prefill_work(from, to))
+            .sum();
+        let decode = self.decode_step_seconds(batch, context);
+        let fixed = match (chunks.is_empty(), batch) {
+            (true, 0) => return 0.0,
+            (true, _) => return decode,
+            (false, 0) => prefill_fixed,
+            (false, _) => prefill_fixed.max(decode_fixed),
+        };
+        (fixed + prefill + decode - decode_fixed.min(decode)).max(f64::EPSILON)
+    }
+
+    /// A chunk's cost beyond the step's fixed one.
+    fn prefill_work(&self, from: usize, to: usize) -> f64 {
+        let [_, b, c] = self.prefill.0;
+        let at = |t: usize| b * t as f64 + c * (t * t) as f64;
+        (at(to) - at(from)).max(0.0)
+    }
+
     /// Seconds of one decode step of `batch` sequences holding `context` tokens on
     /// average.
     pub fn decode_step_seconds(&self, batch: usize, context: f64) -> f64 {
@@ -294,6 +322,11 @@ mod tests {
         let step = 0.01 + 5e-4 * 16.0 + 1e-6 * 16.0 * 250.0;
         assert!((cost.decode_step_seconds(16, 250.0) - step).abs() < 1e-9);
         assert_eq!(cost.decode_step_seconds(0, 0.0), 0.0);
+        // One pass computing a prompt chunk and decoding pays the fixed cost once (the
+        // larger one, decode's 10 ms here), not prefill's 2 ms besides.
+        let mixed = cost.step_seconds(&[(0, 300)], 16, 250.0);
+        assert!((mixed - (whole - 0.002 + step)).abs() < 1e-9, "{mixed}");
+        assert_eq!(cost.step_seconds(&[], 0, 0.0), 0.0);
     }
 
     #[test]

@@ -60,6 +60,25 @@ impl Prediction {
     pub fn throughput(&self) -> f64 {
         self.output_tokens as f64 / self.duration.max(f64::EPSILON)
     }
+
+    /// Its percentiles (50, 90, 99) and throughput, for reports.
+    pub fn summary(&self) -> Summary {
+        let at = |values: &[f64]| [50.0, 90.0, 99.0].map(|p| percentile(values, p));
+        Summary {
+            ttft: at(&self.ttft),
+            tpot: at(&self.tpot),
+            throughput: self.throughput(),
+        }
+    }
+}
+
+/// A prediction's figures: TTFT and TPOT at the 50th, 90th and 99th percentiles
+/// (seconds), output tokens per second.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Summary {
+    pub ttft: [f64; 3],
+    pub tpot: [f64; 3],
+    pub throughput: f64,
 }
 
 fn percentile(values: &[f64], p: f64) -> f64 {
@@ -78,13 +97,22 @@ pub fn simulate(
     layout: &Layout,
     workload: &Workload,
 ) -> Result<Prediction, ProfileError> {
+    simulate_requests(profile, layout, &workload.requests())
+}
+
+/// Models these requests (in arrival order) on `layout`: a measured run's own
+/// arrivals, say.
+pub fn simulate_requests(
+    profile: &Profile,
+    layout: &Layout,
+    requests: &[Request],
+) -> Result<Prediction, ProfileError> {
     let mut model = Model::new(profile, layout)?;
-    let requests = workload.requests();
     for (index, request) in requests.iter().enumerate() {
         model.schedule(request.arrival, Event::Arrive(index));
     }
-    model.run(&requests);
-    Ok(model.prediction(&requests))
+    model.run(requests);
+    Ok(model.prediction(requests))
 }
 
 /// A sequence on a worker.
@@ -263,20 +291,19 @@ impl<'a> Model<'a> {
                 budget -= 1;
             }
         }
-        let mut seconds = worker.cost.decode_step_seconds(
-            step.decoding.len(),
-            context as f64 / step.decoding.len().max(1) as f64,
-        );
+        let mut spans = Vec::new();
         for (i, seq) in worker.running.iter().enumerate() {
             if seq.in_prompt() && budget > 0 {
                 let chunk = (seq.input - seq.computed).min(budget);
-                seconds += worker
-                    .cost
-                    .prefill_seconds(seq.computed, seq.computed + chunk);
+                spans.push((seq.computed, seq.computed + chunk));
                 step.chunks.push((i, chunk));
                 budget -= chunk;
             }
         }
+        let mean_context = context as f64 / step.decoding.len().max(1) as f64;
+        let seconds = worker
+            .cost
+            .step_seconds(&spans, step.decoding.len(), mean_context);
         if step.decoding.is_empty() && step.chunks.is_empty() {
             worker.step = None;
             return;
@@ -437,7 +464,11 @@ pub(crate) mod tests {
         let slow = workload(1000, 11, 0.01);
         let alone = simulate(&profile, &Layout::single(1), &slow).unwrap();
         let cost = profile.worker(1).unwrap();
-        assert!((alone.ttft_percentile(50.0) - cost.prefill_seconds(0, 1000)).abs() < 1e-9);
+        // Two steps (the step budget is 512 tokens), each paying the pass's fixed cost.
+        let prompt =
+            cost.step_seconds(&[(0, 512)], 0, 0.0) + cost.step_seconds(&[(512, 1000)], 0, 0.0);
+        let ttft = alone.ttft_percentile(50.0);
+        assert!((ttft - prompt).abs() < 1e-9, "{ttft} vs {prompt}");
         // TPOT: a decode step of one sequence, its context growing from 1001 to 1010.
         let step = cost.decode_step_seconds(1, 1005.0);
         assert!(
@@ -447,9 +478,8 @@ pub(crate) mod tests {
         );
         // P/D: the prompt, the hand-off, then D computes the last position.
         let split = simulate(&profile, &Layout::disaggregated((1, 1), (1, 1)), &slow).unwrap();
-        let expected = cost.prefill_seconds(0, 1000)
-            + profile.handoff_seconds(1000)
-            + cost.prefill_seconds(999, 1000);
+        let expected =
+            prompt + profile.handoff_seconds(1000) + cost.step_seconds(&[(999, 1000)], 0, 0.0);
         assert!((split.ttft_percentile(50.0) - expected).abs() < 1e-9);
         assert_eq!(split.output_tokens, slow.requests * 11);
     }

@@ -1,0 +1,287 @@
+//! The planner's predictions against a comparison's measurements: each request-rate run
+//! of a `tandem compare` report (`results.json`) is modelled with the same requests —
+//! lengths, and the arrival times `tandem bench` drew for it — on the layout its
+//! topology's commands describe, and the figures are set side by side.
+
+use serde_json::Value;
+use tandem_planner::layout::Layout;
+use tandem_planner::workload::Request;
+use tandem_planner::{Profile, ProfileError, simulate_requests};
+
+use crate::workload;
+
+/// One run, measured and predicted: TTFT and TPOT at the 50th and 90th percentiles
+/// (milliseconds) and output tokens per second.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub scenario: String,
+    pub topology: String,
+    pub layout: String,
+    pub rate: f64,
+    pub measured: [f64; 5],
+    pub predicted: [f64; 5],
+}
+
+/// Why a report cannot be checked.
+#[derive(Debug, thiserror::Error)]
+pub enum ValidateError {
+    #[error("the report has no {0}")]
+    Missing(&'static str),
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+}
+
+/// Every request-rate run of `results` (a `tandem compare` results.json) whose topology
+/// is made of `tandem serve` workers, measured and predicted. `seed`: the scenarios'
+/// seed (0 unless the suite set one).
+pub fn against_report(
+    profile: &Profile,
+    results: &Value,
+    seed: u64,
+) -> Result<Vec<Row>, ValidateError> {
+    check_same_setup(profile, &results["setup"])?;
+    let topologies = results["topologies"]
+        .as_array()
+        .ok_or(ValidateError::Missing("topologies"))?;
+    let scenarios = results["scenarios"]
+        .as_array()
+        .ok_or(ValidateError::Missing("scenarios"))?;
+    let mut rows = Vec::new();
+    for scenario in scenarios {
+        let runs = scenario["runs"]
+            .as_array()
+            .ok_or(ValidateError::Missing("runs"))?;
+        for run in runs {
+            let Some(rate) = run["request_rate"].as_f64() else {
+                continue;
+            };
+            let name = run["topology"].as_str().unwrap_or_default();
+            let Some(layout) = topologies
+                .iter()
+                .find(|t| t["name"] == name)
+                .and_then(layout_of)
+            else {
+                continue;
+            };
+            let requests = requests_of(run, rate, seed);
+            let predicted = simulate_requests(profile, &layout, &requests)?.summary();
+            let measured = |key: &str| run[key].as_f64().unwrap_or(f64::NAN);
+            rows.push(Row {
+                scenario: scenario["scenario"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                topology: name.to_owned(),
+                layout: layout.to_string(),
+                rate,
+                measured: [
+                    measured("p50_ttft_ms"),
+                    measured("p90_ttft_ms"),
+                    measured("p50_tpot_ms"),
+                    measured("p90_tpot_ms"),
+                    measured("output_throughput"),
+                ],
+                predicted: [
+                    predicted.ttft[0] * 1e3,
+                    predicted.ttft[1] * 1e3,
+                    predicted.tpot[0] * 1e3,
+                    predicted.tpot[1] * 1e3,
+                    predicted.throughput,
+                ],
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Refuses a report measured on another machine or model than the profile: the
+/// report's machine is "host: CPU, N cores", its model a path or name.
+fn check_same_setup(profile: &Profile, setup: &Value) -> Result<(), ValidateError> {
+    let machine = setup["machine"]
+        .as_str()
+        .ok_or(ValidateError::Missing("setup.machine"))?;
+    let model = setup["model"]
+        .as_str()
+        .ok_or(ValidateError::Missing("setup.model"))?;
+    let hardware = machine
+        .split_once(": ")
+        .map_or(machine, |(_, hardware)| hardware);
+    let name = std::path::Path::new(model)
+        .file_stem()
+        .and_then(|stem| stem.to_str())
+        .unwrap_or(model);
+    Ok(profile.check_matches(name, hardware)?)
+}
+
+/// The run's requests: its mean lengths, at the times `tandem bench` sent them.
+fn requests_of(run: &Value, rate: f64, seed: u64) -> Vec<Request> {
+    let count = run["num_prompts"].as_u64().unwrap_or(0) as usize;
+    let per = |key: &str| (run[key].as_f64().unwrap_or(0.0) / count.max(1) as f64).round() as usize;
+    let burstiness = run["burstiness"].as_f64().unwrap_or(1.0);
+    workload::arrivals(count, Some(rate), burstiness, seed)
+        .into_iter()
+        .map(|arrival| Request {
+            arrival,
+            input: per("total_input_tokens").max(1),
+            output: per("total_output_tokens").max(1),
+        })
+        .collect()
+}
+
+/// The layout a topology's commands start: `tandem serve … --threads N` workers, the
+/// router's `--prefill`/`--decode`/`--worker` lists saying which is which. `None` for
+/// anything else (vLLM workers, mixed sizes within a role).
+fn layout_of(topology: &Value) -> Option<Layout> {
+    let commands: Vec<&str> = topology["commands"]
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let router = commands.iter().find(|c| c.contains(" route "))?;
+    let threads_at = |url: &str| -> Option<usize> {
+        let port = url.rsplit(':').next()?;
+        let serve = commands
+            .iter()
+            .find(|c| c.contains(" serve ") && c.contains(&format!("--port {port} ")))?;
+        flag(serve, "--threads")?.parse().ok()
+    };
+    let pool = |name: &str| -> Option<(usize, usize)> {
+        let urls = flags(router, name);
+        let sizes: Vec<usize> = urls
+            .iter()
+            .map(|url| threads_at(url))
+            .collect::<Option<_>>()?;
+        match sizes.as_slice() {
+            [] => Some((0, 0)),
+            [first, rest @ ..] if rest.iter().all(|s| s == first) => Some((sizes.len(), *first)),
+            _ => None,
+        }
+    };
+    let (workers, prefill, decode) = (pool("--worker")?, pool("--prefill")?, pool("--decode")?);
+    match (workers, prefill, decode) {
+        ((n, cores), (0, _), (0, _)) if n > 0 => Some(Layout::replicas(n, cores)),
+        ((0, _), p, d) if p.0 > 0 && d.0 > 0 => Some(Layout::disaggregated(p, d)),
+        _ => None,
+    }
+}
+
+fn flag<'a>(command: &'a str, name: &str) -> Option<&'a str> {
+    flags(command, name).into_iter().next()
+}
+
+fn flags<'a>(command: &'a str, name: &str) -> Vec<&'a str> {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    words
+        .windows(2)
+        .filter(|pair| pair[0] == name)
+        .map(|pair| pair[1])
+        .collect()
+}
+
+/// The rows as a markdown table, with predicted/measured ratios.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| scenario | layout | rate | TTFT p50 meas. / pred. | TTFT p90 | TPOT p50 | TPOT p90 | output tok/s |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    for row in rows {
+        let cell = |i: usize| {
+            let (m, p) = (row.measured[i], row.predicted[i]);
+            format!("{m:.0} / {p:.0} ({:.2}×)", p / m)
+        };
+        let fine = |i: usize| {
+            let (m, p) = (row.measured[i], row.predicted[i]);
+            format!("{m:.1} / {p:.1} ({:.2}×)", p / m)
+        };
+        out += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            row.scenario,
+            row.layout,
+            row.rate,
+            cell(0),
+            cell(1),
+            fine(2),
+            fine(3),
+            fine(4)
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn committed_profile() -> Profile {
+        Profile::from_toml(include_str!(
+            "../../../docs/planner/xeon-2core-profile.toml"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_report_from_another_machine_or_model_is_refused() {
+        let profile = committed_profile();
+        let setup = |machine: &str, model: &str| json!({"machine": machine, "model": model});
+        let gguf = "/m/SmolLM2-135M-Instruct.Q4_1.gguf";
+        let here = setup("vm: Intel(R) Xeon(R) Processor, 2 cores", gguf);
+        assert!(check_same_setup(&profile, &here).is_ok());
+        let elsewhere = setup("box: AMD EPYC, 2 cores", gguf);
+        let error = check_same_setup(&profile, &elsewhere)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("profile this machine"), "{error}");
+        let other = setup("vm: Intel(R) Xeon(R) Processor, 2 cores", "llama.gguf");
+        let error = check_same_setup(&profile, &other).unwrap_err().to_string();
+        assert!(error.contains("profile this model"), "{error}");
+    }
+
+    #[test]
+    fn the_committed_report_is_modelled_run_by_run() {
+        let results: Value = serde_json::from_str(include_str!(
+            "../../../docs/planner/xeon-2core-long-prompt-results.json"
+        ))
+        .unwrap();
+        let rows = against_report(&committed_profile(), &results, 0).unwrap();
+        // 3 layouts × 4 rates; throughput is the figure the model gets closest.
+        assert_eq!(rows.len(), 12);
+        for row in &rows {
+            let ratio = row.predicted[4] / row.measured[4];
+            assert!((0.8..1.2).contains(&ratio), "{row:?}");
+        }
+        assert_eq!(markdown(&rows).lines().count(), 14);
+    }
+
+    #[test]
+    fn layouts_are_read_from_the_topology_commands() {
+        let serve = |port: u16, threads: usize| {
+            format!(
+                "tandem serve --host 127.0.0.1 --port {port} --model m --threads {threads} --kv-cache-memory 1GiB"
+            )
+        };
+        let topology = |router: &str, serves: Vec<String>| {
+            let mut commands: Vec<Value> = serves.into_iter().map(Value::from).collect();
+            commands.push(Value::from(router));
+            json!({"commands": commands})
+        };
+        let single = topology(
+            "tandem route --port 9 --worker http://127.0.0.1:1 --threads 1",
+            vec![serve(1, 2)],
+        );
+        assert_eq!(layout_of(&single), Some(Layout::single(2)));
+        let split = topology(
+            "tandem route --port 9 --prefill http://127.0.0.1:1 --decode http://127.0.0.1:2",
+            vec![serve(1, 1), serve(2, 1)],
+        );
+        assert_eq!(
+            layout_of(&split),
+            Some(Layout::disaggregated((1, 1), (1, 1)))
+        );
+        let vllm = topology(
+            "tandem route --port 9 --worker http://127.0.0.1:1",
+            vec!["vllm serve m --port 1".into()],
+        );
+        assert_eq!(layout_of(&vllm), None);
+    }
+}
