@@ -536,22 +536,13 @@ fn warm_up(runtime: &tokio::runtime::Runtime, target: &Target) -> Result<()> {
     }
 }
 
-/// "host: CPU model, N cores".
+/// "host: CPU model, N cores" (after the host, what a planner profile calls the
+/// machine).
 fn machine() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "this machine".into());
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{host}: {cpu}, {cores} cores")
+    format!("{host}: {}", tandem_bench::profile::cpu_description())
 }
 
 /// Today's date in UTC, `YYYY-MM-DD`.
