@@ -91,12 +91,7 @@ async fn the_clients_users_have_run_against_a_pd_router() {
     // Generation went through the hand-off; lm-eval's scoring ran on the decode worker.
     let metrics = router.metrics().await;
     let decided = |decision: &str, reason: &str| {
-        common::metric_with(
-            &metrics,
-            "tandem_router_disagg_decisions_total",
-            &[("decision", decision), ("reason", reason)],
-        )
-        .unwrap_or(0.0)
+        common::disagg_decisions(&metrics, decision, reason).unwrap_or(0.0)
     };
     assert!(decided("remote", "always") >= 10.0, "{metrics}");
     assert!(decided("local", "prompt_logprobs") >= 13.0, "{metrics}");

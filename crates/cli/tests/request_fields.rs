@@ -873,13 +873,8 @@ async fn choices_and_logprobs_come_through_a_pd_router_as_from_one_worker() {
         }
     }
     let metrics = router.metrics().await;
-    let decided = |decision: &str, reason: &str| {
-        common::metric_with(
-            &metrics,
-            "tandem_router_disagg_decisions_total",
-            &[("decision", decision), ("reason", reason)],
-        )
-    };
+    let decided =
+        |decision: &str, reason: &str| common::disagg_decisions(&metrics, decision, reason);
     assert_eq!(decided("remote", "always"), Some(3.0));
     // The prefill worker computed each prompt once; the decode worker pulled it once
     // per request and its other sequences (2 + 2) took its full blocks from the cache.

@@ -77,6 +77,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// How many P/D requests a router decided so (`decision`: `remote` or `local`) for
+/// `reason`, from its metrics exposition.
+pub fn disagg_decisions(exposition: &str, decision: &str, reason: &str) -> Option<f64> {
+    metric_with(
+        exposition,
+        "tandem_router_disagg_decisions_total",
+        &[("decision", decision), ("reason", reason)],
+    )
+}
+
 /// Whether process `pid` exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()

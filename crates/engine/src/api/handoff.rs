@@ -171,6 +171,11 @@ pub fn response_params(handoff: &Handoff, info: &HandoffInfo) -> Option<Value> {
 mod tests {
     use super::*;
 
+    /// The role of a non-streamed one-prompt, one-choice request with these params.
+    fn decode_role(dict: Value, info: Option<&HandoffInfo>) -> Result<KvRole, ApiError> {
+        kv_role(Some(&params(dict)), false, RequestShape::ONE, info)
+    }
+
     fn secret() -> ClusterSecret {
         ClusterSecret::new(b"a test cluster secret", "test").unwrap()
     }
@@ -273,38 +278,18 @@ mod tests {
         ] {
             let mut dict = decode_leg();
             dict.as_object_mut().unwrap().remove(field);
-            let err = kv_role(
-                Some(&params(dict.clone())),
-                false,
-                RequestShape::ONE,
-                Some(&info()),
-            )
-            .unwrap_err();
+            let err = decode_role(dict.clone(), Some(&info())).unwrap_err();
             assert_eq!(err.status(), 400);
             assert!(err.body().error.message.contains(field), "{err:?}");
-            let role = kv_role(
-                Some(&params(dict)),
-                false,
-                RequestShape::ONE,
-                Some(&lenient()),
-            )
-            .unwrap();
+            let role = decode_role(dict, Some(&lenient())).unwrap();
             assert_eq!(role, KvRole::Local);
         }
         let mut empty = decode_leg();
         empty["remote_block_ids"] = json!([[]]);
-        assert!(
-            kv_role(
-                Some(&params(empty)),
-                false,
-                RequestShape::ONE,
-                Some(&info())
-            )
-            .is_err()
-        );
+        assert!(decode_role(empty, Some(&info())).is_err());
         let mut tp2 = decode_leg();
         tp2["tp_size"] = json!(2);
-        assert!(kv_role(Some(&params(tp2)), false, RequestShape::ONE, Some(&info())).is_err());
+        assert!(decode_role(tp2, Some(&info())).is_err());
     }
 
     #[test]
@@ -341,13 +326,7 @@ mod tests {
         stale.expires_at = auth::now_unix() - auth::CLOCK_SKEW_SECS - 5;
         cases.push(response_params(&stale, &info()).unwrap());
         for dict in cases {
-            let err = kv_role(
-                Some(&params(dict.clone())),
-                false,
-                RequestShape::ONE,
-                Some(&info()),
-            )
-            .unwrap_err();
+            let err = decode_role(dict.clone(), Some(&info())).unwrap_err();
             assert_eq!(err.status(), 400, "{dict}");
             assert_eq!(
                 err.body().error.param.as_deref(),
@@ -358,13 +337,7 @@ mod tests {
                 !message.contains("10.0.0.5") && !message.contains("127.0.0.1"),
                 "{message}"
             );
-            let role = kv_role(
-                Some(&params(dict)),
-                false,
-                RequestShape::ONE,
-                Some(&lenient()),
-            )
-            .unwrap();
+            let role = decode_role(dict, Some(&lenient())).unwrap();
             assert_eq!(role, KvRole::Local);
         }
         // Signed under another cluster's secret.
@@ -373,15 +346,7 @@ mod tests {
             ..info()
         };
         let theirs = response_params(&handoff(), &other).unwrap();
-        assert!(
-            kv_role(
-                Some(&params(theirs)),
-                false,
-                RequestShape::ONE,
-                Some(&info())
-            )
-            .is_err()
-        );
+        assert!(decode_role(theirs, Some(&info())).is_err());
     }
 
     #[test]
@@ -391,8 +356,7 @@ mod tests {
             ..lenient()
         };
         for info in [Some(&unsecured), None] {
-            let err =
-                kv_role(Some(&params(decode_leg())), false, RequestShape::ONE, info).unwrap_err();
+            let err = decode_role(decode_leg(), info).unwrap_err();
             assert_eq!(err.status(), 400);
             assert_eq!(
                 err.body().error.param.as_deref(),
@@ -431,13 +395,7 @@ mod tests {
         );
         assert_eq!(value["remote_block_ids"], json!([[12, 13, 14]]));
         // What the proxy copies into the decode leg parses back as one.
-        let role = kv_role(
-            Some(&params(value)),
-            false,
-            RequestShape::ONE,
-            Some(&info()),
-        )
-        .unwrap();
+        let role = decode_role(value, Some(&info())).unwrap();
         assert!(matches!(role, KvRole::RemotePrefill(_)));
     }
 }
