@@ -72,7 +72,11 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // The planner's verdicts (logged only when they change) are the
+                // record of why the layout changed: shown by default.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("warn,tandem_router::rebalance=info")
+                }),
         )
         .init();
     let cli = Cli::parse();

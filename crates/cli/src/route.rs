@@ -121,6 +121,17 @@ pub struct RouteArgs {
     /// With --discovery: only workers that serve this model.
     #[arg(long, requires = "discovery")]
     discovery_model: Option<String>,
+    /// P/D mode: run the online planner with this time-to-first-token limit (seconds);
+    /// it moves workers between the pools when the SLO's percentile misses
+    /// (docs/planner.md). Its other settings come from `[planner]` in --config.
+    #[arg(long, value_name = "SECS")]
+    planner_ttft: Option<f64>,
+    /// The planner's time-per-output-token limit (seconds); also turns it on.
+    #[arg(long, value_name = "SECS")]
+    planner_tpot: Option<f64>,
+    /// Seconds between the planner's moves [default: 30].
+    #[arg(long, value_name = "SECS")]
+    planner_cooldown: Option<u64>,
     /// The topic the workers publish KV events under [default: ""].
     #[arg(long)]
     kv_events_topic: Option<String>,
@@ -190,11 +201,27 @@ impl RouteArgs {
         override_with(&mut config.kv_events_topic, self.kv_events_topic.clone());
         apply_kv_flags(&mut config.kv_events, &self.kv_events, &self.kv_replay)?;
         self.apply_discovery_flags(&mut config);
+        self.apply_planner_flags(&mut config);
         Ok(config)
     }
 }
 
 impl RouteArgs {
+    /// Any planner flag turns the planner on (with `[planner]`'s or default
+    /// settings), then overrides its field.
+    fn apply_planner_flags(&self, config: &mut RouterConfig) {
+        let given = self.planner_ttft.is_some()
+            || self.planner_tpot.is_some()
+            || self.planner_cooldown.is_some();
+        if !given {
+            return;
+        }
+        let planner = config.planner.get_or_insert_with(Default::default);
+        override_with(&mut planner.ttft_secs, self.planner_ttft);
+        override_with(&mut planner.tpot_secs, self.planner_tpot);
+        override_with(&mut planner.cooldown_secs, self.planner_cooldown);
+    }
+
     /// `--discovery` replaces the config file's `[discovery]` table; the other
     /// discovery flags then override its fields.
     fn apply_discovery_flags(&self, config: &mut RouterConfig) {

@@ -3,12 +3,14 @@
 //! batch and context, hand-off time per KV byte), what is asked of it ([`workload`],
 //! [`Slo`]), how workers are laid out ([`layout`]), what a layout would do under a
 //! workload ([`simulate`]: a discrete-event model of continuous batching, DistServe's
-//! method), and which layout serves the most within the SLO ([`plan`]).
+//! method), which layout serves the most within the SLO ([`plan`]), and, while
+//! serving, whether to move a worker between the P/D pools ([`online`]).
 //!
 //! Measuring a profile and acting on a plan belong to callers (`tandem plan`,
 //! `tandem up --planner`); this crate only reasons.
 
 pub mod layout;
+pub mod online;
 pub mod plan;
 pub mod profile;
 pub mod simulate;

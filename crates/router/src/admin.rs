@@ -2,8 +2,11 @@
 //! health, circuit and load; `POST /workers {"url", "role"}` adds one (it takes
 //! requests at once and is health-checked from then on); `POST /workers/{url}/drain`
 //! stops new requests to one (its requests finish; it stays listed, draining);
-//! `DELETE /workers?url=…` drains one, then drops it once its requests have finished.
-//! The work itself is [`membership`](crate::membership)'s, shared with discovery.
+//! `DELETE /workers?url=…` drains one, then drops it once its requests have finished;
+//! `POST /workers/{url}/move {"role"}` moves a P/D worker to the other pool (drained
+//! first, no restart); `GET /planner` shows the online planner's settings and recent
+//! verdicts (`?since=<unix seconds>`). The work itself is
+//! [`membership`](crate::membership)'s, shared with discovery and the planner.
 //!
 //! A worker added with `"kv_events": {"endpoint": "tcp://host:port",
 //! "replay_endpoint": "tcp://host:port"}` (replay optional) is followed into the KV
@@ -168,6 +171,99 @@ pub async fn drain(
             membership::drain(&workers);
             draining(&url)
         }
+        Err(error) => error_response(error),
+    }
+}
+
+/// The body of `POST /workers/{url}/move`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveTo {
+    role: Role,
+}
+
+/// `POST /workers/{url}/move {"role": "prefill"|"decode"}`: the worker stops taking
+/// requests in its pool, its requests finish (within the planner's drain limit, or
+/// two minutes), and it joins the other pool. Answers when it has moved: 200 with its
+/// new role, 409 when it cannot move.
+pub async fn move_worker(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<MoveTo>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let how = "give the worker's URL, percent-encoded: /workers/http%3A%2F%2Fhost%3Aport/move";
+    let result = async {
+        let (url, workers) = listed(&state, &headers, Some(&id), how)?;
+        let Json(to) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let from = match to.role {
+            Role::Prefill => Role::Decode,
+            Role::Decode => Role::Prefill,
+            Role::Both => {
+                return Err(ApiError::invalid_param(
+                    "role",
+                    "workers move between the P/D pools: give \"prefill\" or \"decode\"",
+                ));
+            }
+        };
+        let worker = workers
+            .into_iter()
+            .find(|w| w.role == from)
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::Conflict,
+                    format!("{url} is not a {} worker", from.as_str()),
+                )
+            })?;
+        let limit = state
+            .planner
+            .as_ref()
+            .map_or(membership::DEFAULT_MOVE_LIMIT, |p| p.config.drain_limit());
+        membership::move_worker(&state, &worker, to.role, limit)
+            .await
+            .map_err(|e| ApiError::new(ErrorKind::Conflict, e.to_string()))?;
+        Ok::<_, ApiError>(json!({"url": url, "role": to.role}))
+    }
+    .await;
+    match result {
+        Ok(body) => Json(body).into_response(),
+        Err(error) => error_response(error),
+    }
+}
+
+/// `GET /planner[?since=<unix seconds>]`: the planner's settings and its verdicts
+/// (all kept, or those after `since`); 404 when the planner is off.
+pub async fn planner(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let result = (|| {
+        authorize(&state, &headers)?;
+        let journal = state.planner.as_ref().ok_or_else(|| {
+            ApiError::not_found("the planner is off (start the router with [planner])")
+        })?;
+        let since = match query.get("since") {
+            Some(v) => v
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| ApiError::invalid_param("since", "give Unix seconds"))?,
+            None => 0.0,
+        };
+        let config = &journal.config;
+        Ok::<_, ApiError>(json!({
+            "slo": {"ttft_secs": config.ttft_secs, "tpot_secs": config.tpot_secs, "percentile": config.percentile},
+            "interval_ms": config.interval_ms,
+            "window_secs": config.window_secs,
+            "confirm": config.confirm,
+            "cooldown_secs": config.cooldown_secs,
+            "headroom": config.headroom,
+            "decisions": journal.since(since),
+        }))
+    })();
+    match result {
+        Ok(body) => Json(body).into_response(),
         Err(error) => error_response(error),
     }
 }

@@ -41,6 +41,8 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// The KV event follower's handle (the admin API adds and removes streams).
     pub kv: Option<crate::kv_follow::KvFollowHandle>,
+    /// The online planner's journal, when it runs (`GET /planner`).
+    pub planner: Option<Arc<crate::rebalance::Journal>>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -63,6 +65,8 @@ pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
             get(admin::list).post(admin::add).delete(admin::remove),
         )
         .route("/workers/{id}/drain", post(admin::drain))
+        .route("/workers/{id}/move", post(admin::move_worker))
+        .route("/planner", get(admin::planner))
         .fallback(|| async { error_response(ApiError::not_found("Not Found")) })
         .method_not_allowed_fallback(|| async {
             error_response(ApiError::new(

@@ -72,6 +72,9 @@ pub struct RouterConfig {
     pub kv_index: KvIndexConfig,
     /// Workers registered in etcd join and leave the pool live (`[discovery]`).
     pub discovery: Option<DiscoveryConfig>,
+    /// P/D mode: the online planner moves workers between the pools against an SLO
+    /// (`[planner]`, docs/planner.md).
+    pub planner: Option<PlannerConfig>,
 }
 
 /// Following the workers registered in etcd (`--discovery etcd://…`); the key layout
@@ -129,6 +132,7 @@ impl Default for RouterConfig {
             kv_events_topic: String::new(),
             kv_index: KvIndexConfig::default(),
             discovery: None,
+            planner: None,
         }
     }
 }
@@ -281,6 +285,14 @@ impl RouterConfig {
             tandem_discovery::EtcdAddress::parse(&discovery.etcd)
                 .and_then(|_| tandem_discovery::validate_namespace(&discovery.namespace))
                 .map_err(|err| ConfigError::Invalid(err.to_string()))?;
+        }
+        if let Some(planner) = &self.planner {
+            if mode != Mode::Disaggregated {
+                return Err(ConfigError::Invalid(
+                    "the planner moves workers between P/D pools: it needs prefill and decode workers".into(),
+                ));
+            }
+            planner.validate()?;
         }
         Ok(mode)
     }
@@ -463,6 +475,81 @@ impl RetryConfig {
         let jitter = self.jitter.clamp(0.0, 1.0);
         let factor = 1.0 - jitter + 2.0 * jitter * unit_random.clamp(0.0, 1.0);
         Duration::from_secs_f64((capped * factor).max(0.0) / 1000.0)
+    }
+}
+
+/// The online planner (`[planner]`): every `interval_ms` it judges the streamed
+/// requests finished in the last `window_secs` (and since its last move) against the
+/// SLO, and moves one worker from the pool with room to the pool that misses.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlannerConfig {
+    /// Time to first token limit, seconds.
+    pub ttft_secs: f64,
+    /// Time per output token limit, seconds.
+    pub tpot_secs: f64,
+    /// The percentile held to the limits (0.9: p90).
+    pub percentile: f64,
+    pub interval_ms: u64,
+    pub window_secs: u64,
+    /// Fewer finished requests in a window than this: no verdict.
+    pub min_samples: usize,
+    /// Consecutive identical verdicts before a worker moves.
+    pub confirm: u32,
+    /// Seconds after a move before another.
+    pub cooldown_secs: u64,
+    /// Share of its limit the giving pool may reach with one worker fewer.
+    pub headroom: f64,
+    /// Longest a moving worker's requests may take to finish before the move is given up.
+    pub drain_limit_secs: u64,
+}
+
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        Self {
+            ttft_secs: 2.0,
+            tpot_secs: 0.1,
+            percentile: 0.9,
+            interval_ms: 2000,
+            window_secs: 20,
+            min_samples: 8,
+            confirm: 3,
+            cooldown_secs: 30,
+            headroom: 0.9,
+            drain_limit_secs: 120,
+        }
+    }
+}
+
+impl PlannerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        let invalid = |what: &str| Err(ConfigError::Invalid(format!("planner: {what}")));
+        if !positive(self.ttft_secs) || !positive(self.tpot_secs) {
+            return invalid("ttft_secs and tpot_secs must be positive");
+        }
+        if !(positive(self.percentile) && self.percentile <= 1.0) {
+            return invalid("percentile must be in (0, 1]");
+        }
+        if !(positive(self.headroom) && self.headroom <= 1.0) {
+            return invalid("headroom must be in (0, 1]");
+        }
+        if self.interval_ms < 100 || self.window_secs == 0 || self.confirm == 0 {
+            return invalid("interval_ms must be at least 100, window_secs and confirm at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+
+    pub fn window(&self) -> Duration {
+        Duration::from_secs(self.window_secs)
+    }
+
+    pub fn drain_limit(&self) -> Duration {
+        Duration::from_secs(self.drain_limit_secs)
     }
 }
 

@@ -18,8 +18,10 @@
 //! - [`kv_index`]: which worker holds which prompt prefix, from KV-cache events (pure).
 //! - [`kv_follow`]: the workers' KV event subscribers feeding that index.
 //! - [`kv_routing`]: the dispatcher's side of `kv_aware` (token ids, predictions).
-//! - [`membership`]: workers joining, draining and leaving at run time (admin API,
-//!   etcd discovery).
+//! - [`membership`]: workers joining, draining, moving between pools and leaving at
+//!   run time (admin API, etcd discovery, the planner).
+//! - [`signals`]: finished requests' latencies, for the planner.
+//! - [`rebalance`]: the online planner, moving workers between the P/D pools.
 //! - [`secret`]: credentials that never print.
 //! - [`api`], [`admin`]: the HTTP surface.
 //! - [`metrics`]: metric names.
@@ -39,9 +41,11 @@ pub mod metrics;
 pub mod migration;
 pub mod policy;
 pub mod prompt_tokens;
+pub mod rebalance;
 pub mod registry;
 pub mod relay;
 pub mod secret;
+pub mod signals;
 mod throttle;
 pub mod tokens;
 
@@ -104,6 +108,10 @@ pub fn run(
         conditional: Arc::new(conditional(&config, mode)?),
         metrics,
         kv_follow: follower.as_ref().map(kv_follow::KvFollower::handle),
+        planner: config.planner.clone().map(|planner| {
+            let journal = Arc::new(rebalance::Journal::new(planner));
+            (Arc::new(signals::Signals::default()), journal)
+        }),
     };
     let sockets = bind_sockets(&config.host, config.port, threads.max(1))?;
     let address = sockets[0].local_addr()?;
@@ -151,6 +159,8 @@ struct Shared {
     /// The KV event subscribers, when any worker has a stream or the admin API may
     /// add one.
     kv_follow: Option<kv_follow::KvFollowHandle>,
+    /// With the online planner: the requests' latencies and its journal.
+    planner: Option<(Arc<signals::Signals>, Arc<rebalance::Journal>)>,
 }
 
 /// The KV event follower: started when a worker has an event stream, or when the
@@ -246,6 +256,7 @@ fn serve_thread(
                 require_prefill: config.require_prefill,
                 kv: shared.kv,
                 migration_limit: config.migration_limit,
+                signals: shared.planner.as_ref().map(|(signals, _)| signals.clone()),
             }),
             api_key: config.api_key.clone(),
             admin_token: config.admin_token.clone(),
@@ -253,8 +264,17 @@ fn serve_thread(
             circuit: config.circuit.clone(),
             metrics: shared.metrics,
             kv: shared.kv_follow,
+            planner: shared.planner.as_ref().map(|(_, journal)| journal.clone()),
         };
         let state = Arc::new(state);
+        let planner = match (index, &shared.planner) {
+            (0, Some((signals, journal))) => Some(tokio::spawn(rebalance::run(
+                state.clone(),
+                signals.clone(),
+                journal.clone(),
+            ))),
+            _ => None,
+        };
         if index == 0
             && let Some(discovery) = &config.discovery
         {
@@ -276,8 +296,8 @@ fn serve_thread(
                 tracing::warn!("requests still in flight after {grace:?}; stopping");
             }
         }
-        if let Some(checks) = checks {
-            checks.abort();
+        for task in [checks, planner].into_iter().flatten() {
+            task.abort();
         }
         Ok(())
     })

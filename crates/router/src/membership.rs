@@ -22,6 +22,9 @@ use crate::registry::{Role, Worker};
 /// Longest a drained worker's requests may run before it is dropped anyway.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(600);
 
+/// Longest an admin move waits for the worker's requests when no planner sets it.
+pub const DEFAULT_MOVE_LIMIT: Duration = Duration::from_secs(120);
+
 /// Registers a worker (it takes requests at once and is health-checked from then
 /// on) and follows its KV events, if it has a stream.
 pub async fn add_worker(
@@ -88,6 +91,61 @@ pub async fn remove(state: &SharedState, workers: Vec<Arc<Worker>>) {
         }
         tokio::spawn(drop_when_idle(state.clone(), worker));
     }
+}
+
+/// Why a worker did not move to another role.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("{0} is already registered as {1}")]
+    AlreadyInRole(String, &'static str),
+    #[error("{0} is draining (being removed)")]
+    Draining(String),
+    #[error("{0}'s requests did not finish within {1:?}")]
+    StillBusy(String, Duration),
+    #[error("{0} was removed while it drained")]
+    Removed(String),
+}
+
+/// Moves `worker` to `role` without a restart: it takes no new requests, its
+/// requests in flight finish (within `limit`, or the move is given up and it serves
+/// its old role again), then it is registered in its new role and takes requests at
+/// once. Its worker keeps serving KV pulls throughout, so prompts it prefilled still
+/// reach their decode workers.
+pub async fn move_worker(
+    state: &SharedState,
+    worker: &Arc<Worker>,
+    role: Role,
+    limit: Duration,
+) -> Result<Arc<Worker>, MoveError> {
+    let url = worker.url.clone();
+    let registry = &state.dispatcher.registry;
+    if registry.find(&url).iter().any(|w| w.role == role) {
+        return Err(MoveError::AlreadyInRole(url, role.as_str()));
+    }
+    if worker.is_draining() {
+        return Err(MoveError::Draining(url));
+    }
+    worker.start_draining();
+    let started = tokio::time::Instant::now();
+    while worker.in_flight_requests() > 0 {
+        if started.elapsed() >= limit {
+            worker.stop_draining();
+            return Err(MoveError::StillBusy(url, limit));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let moved = registry
+        .replace(worker, Worker::new(url.clone(), role, &state.circuit))
+        .ok_or_else(|| MoveError::Removed(url.clone()))?;
+    moved.set_healthy(worker.is_healthy());
+    state.dispatcher.forget(&url);
+    tracing::info!(
+        worker = url,
+        from = worker.role.as_str(),
+        to = role.as_str(),
+        "worker moved"
+    );
+    Ok(moved)
 }
 
 /// Drops a draining worker once its requests have finished (or after a bound), unless
@@ -241,20 +299,23 @@ impl DiscoveredPool {
         let Some((url, role)) = self.instances.remove(instance) else {
             return;
         };
-        if self
+        let still_announced: Vec<Role> = self
             .instances
             .values()
-            .any(|other| *other == (url.clone(), role))
-        {
+            .filter(|(other, _)| *other == url)
+            .map(|(_, role)| *role)
+            .collect();
+        if still_announced.contains(&role) {
             return;
         }
+        // The planner may have moved the worker to another role since it joined.
         let workers: Vec<_> = self
             .state
             .dispatcher
             .registry
             .find(&url)
             .into_iter()
-            .filter(|w| w.role == role)
+            .filter(|w| !still_announced.contains(&w.role))
             .collect();
         metrics::counter!(names::DISCOVERY_CHANGES_TOTAL, names::ACTION => "remove").increment(1);
         remove(&self.state, workers).await;

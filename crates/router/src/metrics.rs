@@ -71,6 +71,20 @@ pub const DISCOVERED_WORKERS: &str = "tandem_router_discovered_workers";
 /// Counter by action (`add`, `remove`): discovered workers joining and leaving.
 pub const DISCOVERY_CHANGES_TOTAL: &str = "tandem_router_discovery_changes_total";
 
+/// Counter, label [`ACTION`] (`move_to_prefill`, `move_to_decode`, `cannot_meet`,
+/// `meets`, `confirming`, `no_room`, `cooling`, `moving`, `few_samples`): the online
+/// planner's verdict on each window.
+pub const PLANNER_DECISIONS_TOTAL: &str = "tandem_router_planner_decisions_total";
+/// Counter, labels [`ROLE`] (the pool moved to) and [`OUTCOME`] (`ok`, `failed`):
+/// workers the planner moved between the P/D pools.
+pub const PLANNER_MOVES_TOTAL: &str = "tandem_router_planner_moves_total";
+/// Gauge, label [`ROLE`]: healthy, non-draining workers in each P/D pool, as the
+/// planner last counted them.
+pub const PLANNER_POOL_WORKERS: &str = "tandem_router_planner_pool_workers";
+/// Gauge, label [`FIGURE`] (`ttft`, `tpot`): the planner's last window percentile,
+/// seconds.
+pub const PLANNER_WINDOW_SECONDS: &str = "tandem_router_planner_window_seconds";
+
 pub const MODE: &str = "mode";
 pub const ENDPOINT: &str = "endpoint";
 pub const OUTCOME: &str = "outcome";
@@ -79,8 +93,12 @@ pub const WORKER: &str = "worker";
 pub const LEG: &str = "leg";
 pub const DECISION: &str = "decision";
 pub const REASON: &str = "reason";
-/// `stripped` or `rejected`.
+/// `stripped` or `rejected`; the planner's verdicts; discovery's `add` and `remove`.
 pub const ACTION: &str = "action";
+/// A P/D pool: `prefill` or `decode`.
+pub const ROLE: &str = "role";
+/// `ttft` or `tpot`.
+pub const FIGURE: &str = "figure";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -173,5 +191,22 @@ fn describe() {
     describe_counter!(
         DISCOVERY_CHANGES_TOTAL,
         "Discovered workers added to or removed from the pool, by action."
+    );
+    describe_counter!(
+        PLANNER_DECISIONS_TOTAL,
+        "The online planner's verdicts on its windows, by action."
+    );
+    describe_counter!(
+        PLANNER_MOVES_TOTAL,
+        "Workers the planner moved between P/D pools, by pool moved to and outcome."
+    );
+    describe_gauge!(
+        PLANNER_POOL_WORKERS,
+        "Healthy, non-draining workers per P/D pool, as the planner last counted."
+    );
+    describe_gauge!(
+        PLANNER_WINDOW_SECONDS,
+        Unit::Seconds,
+        "The planner's last window percentile of TTFT and TPOT."
     );
 }

@@ -277,6 +277,22 @@ impl Registry {
         Ok(worker)
     }
 
+    /// Puts `new` in `old`'s place (the same worker in another role); `None` when
+    /// `old` is no longer registered, or `new`'s URL already has `new`'s role.
+    pub fn replace(&self, old: &Arc<Worker>, new: Worker) -> Option<Arc<Worker>> {
+        let mut workers = self.write();
+        if workers
+            .iter()
+            .any(|w| w.url == new.url && w.role == new.role)
+        {
+            return None;
+        }
+        let slot = workers.iter_mut().find(|w| Arc::ptr_eq(w, old))?;
+        let new = Arc::new(new);
+        *slot = new.clone();
+        Some(new)
+    }
+
     /// Drops a worker from the registry (requests in flight keep their `Arc`).
     pub fn remove(&self, worker: &Arc<Worker>) {
         self.write().retain(|w| !Arc::ptr_eq(w, worker));

@@ -6,6 +6,7 @@
 //! cancels, the upstream request).
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use crate::kv_routing::Prediction;
 use crate::metrics as names;
 use crate::registry::LoadGuard;
 use crate::secret::Secret;
+use crate::signals::{EventClock, Signals};
 
 /// How long an idle upstream connection is kept for reuse.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(4);
@@ -143,6 +145,12 @@ pub struct RequestTimer {
     first_byte_seen: bool,
     /// The policy's cache prediction, checked against the usage in the answer.
     prediction: Option<Prediction>,
+    /// Where a successful streamed answer's latencies go for the planner.
+    signals: Option<Arc<Signals>>,
+    /// The answer is a successful event stream (only those are signals).
+    ok_stream: bool,
+    first_byte_secs: Option<f64>,
+    events: EventClock,
 }
 
 impl RequestTimer {
@@ -151,7 +159,22 @@ impl RequestTimer {
             arrival,
             first_byte_seen: false,
             prediction: None,
+            signals: None,
+            ok_stream: false,
+            first_byte_secs: None,
+            events: EventClock::default(),
         }
+    }
+
+    /// Also records the answer's latencies in `signals`, if it is a successful stream.
+    pub fn recording(mut self, signals: Option<Arc<Signals>>) -> Self {
+        self.signals = signals;
+        self
+    }
+
+    /// The answer is a successful event stream: its latencies are signals.
+    pub(crate) fn ok_stream(&mut self) {
+        self.ok_stream = true;
     }
 
     /// Also checks `prediction` against the cached tokens the answer reports.
@@ -193,14 +216,18 @@ impl RequestTimer {
         self.first_byte();
         if is_sse {
             self.check_chunk(chunk);
+            if self.signals.is_some() {
+                self.events.chunk(chunk);
+            }
         }
     }
 
     fn first_byte(&mut self) {
         if !self.first_byte_seen {
             self.first_byte_seen = true;
-            metrics::histogram!(names::TIME_TO_FIRST_BYTE_SECONDS)
-                .record(self.arrival.elapsed().as_secs_f64());
+            let secs = self.arrival.elapsed().as_secs_f64();
+            self.first_byte_secs = Some(secs);
+            metrics::histogram!(names::TIME_TO_FIRST_BYTE_SECONDS).record(secs);
         }
     }
 }
@@ -242,6 +269,9 @@ pub async fn relay(
         *response.status_mut() = status;
         set_headers(response.headers_mut(), content_type, request_id, false);
         return response;
+    }
+    if is_sse && status.is_success() {
+        timer.ok_stream();
     }
     let body = RelayBody {
         inner: upstream.bytes_stream().boxed(),
@@ -371,6 +401,11 @@ impl Stream for RelayBody {
 impl Drop for RequestTimer {
     fn drop(&mut self) {
         metrics::histogram!(names::E2E_SECONDS).record(self.arrival.elapsed().as_secs_f64());
+        if let (true, Some(signals), Some(ttft)) =
+            (self.ok_stream, &self.signals, self.first_byte_secs)
+        {
+            signals.record(ttft, self.events.per_event_secs());
+        }
     }
 }
 

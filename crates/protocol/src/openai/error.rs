@@ -17,6 +17,9 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// 408: the request body did not arrive in time.
     RequestTimeout,
+    /// 409: the request conflicts with the server's state (an admin change that
+    /// cannot be made now).
+    Conflict,
     /// 413: the body is over the size limit.
     PayloadTooLarge,
     /// 500: the server failed while serving a valid request.
@@ -35,6 +38,7 @@ impl ErrorKind {
             ErrorKind::NotFound => 404,
             ErrorKind::MethodNotAllowed => 405,
             ErrorKind::RequestTimeout => 408,
+            ErrorKind::Conflict => 409,
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::Internal => 500,
             ErrorKind::BadGateway => 502,
@@ -50,6 +54,7 @@ impl ErrorKind {
             ErrorKind::NotFound => "NotFoundError",
             ErrorKind::MethodNotAllowed => "MethodNotAllowedError",
             ErrorKind::RequestTimeout => "RequestTimeoutError",
+            ErrorKind::Conflict => "ConflictError",
             ErrorKind::PayloadTooLarge => "RequestEntityTooLargeError",
             ErrorKind::Internal => "InternalServerError",
             ErrorKind::BadGateway => "BadGatewayError",

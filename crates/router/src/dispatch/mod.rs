@@ -41,6 +41,7 @@ use crate::migration;
 use crate::policy::{Policy, PrefixCache, RequestInfo};
 use crate::registry::{LoadGuard, Registry, Role, Worker};
 use crate::relay::{self, ForwardHeaders, RequestTimer, Upstream};
+use crate::signals::Signals;
 use crate::tokens::{TokenCounter, uncached_tokens};
 use std::sync::Arc;
 
@@ -79,6 +80,8 @@ pub struct Dispatcher {
     pub kv: Option<Arc<KvRouting>>,
     /// How many times one streamed answer may move to another worker (0: never).
     pub migration_limit: u32,
+    /// With the online planner: where answers' latencies go.
+    pub signals: Option<Arc<Signals>>,
 }
 
 /// A leg no worker answered.
@@ -423,6 +426,13 @@ impl Dispatcher {
         Ok(self.relay(called, request).await)
     }
 
+    /// The latency bookkeeping of `request`'s relayed answer.
+    fn timer(&self, request: &ClientRequest, prediction: Option<Prediction>) -> RequestTimer {
+        RequestTimer::new(request.arrival)
+            .checking(prediction)
+            .recording(self.signals.clone())
+    }
+
     async fn relay(self: &Arc<Self>, called: Called, request: &ClientRequest) -> Response {
         if let Some(ticket) = request.resume
             && resume::is_ok_event_stream(&called.response)
@@ -433,7 +443,7 @@ impl Dispatcher {
             called.response,
             &request.headers.request_id,
             vec![called.guard],
-            RequestTimer::new(request.arrival).checking(called.prediction),
+            self.timer(request, called.prediction),
             self.upstream.timeouts().idle(),
         )
         .await

@@ -64,13 +64,15 @@ impl Dispatcher {
         ticket: ResumeTicket,
     ) -> Response {
         let content_type = called.response.headers().get(header::CONTENT_TYPE).cloned();
+        let mut timer = self.timer(request, called.prediction);
+        timer.ok_stream();
         let state = ResumableStream {
             dispatcher: Arc::clone(self),
             client_body: request.body.clone(),
             headers: request.headers.clone(),
             upstream: called.response.bytes_stream().boxed(),
             guards: vec![called.guard],
-            timer: RequestTimer::new(request.arrival).checking(called.prediction),
+            timer,
             ledger: StreamLedger::new(request.endpoint, &request.body, ticket.client_wants_ids),
             migrations_left: self.migration_limit,
             failed: Vec::new(),

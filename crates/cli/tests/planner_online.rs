@@ -1,0 +1,321 @@
+//! The online planner and worker moves on a real P/D router over real `tandem serve`
+//! workers: a pool that misses its limit gets a worker from the pool with room (after
+//! confirmation), every request answered throughout; once no move can help, the
+//! planner says so (log, journal, metrics) and stops moving. An admin move waits for
+//! the worker's stream to finish before the worker changes pool; bad moves are refused.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Server, assert_error, default_model_present, metric_with, sse_payloads};
+use serde_json::{Value, json};
+
+const ADMIN: &str = "admin-secret";
+
+fn worker() -> Server {
+    Server::start(&["--threads", "1", "--kv-port", "0", "--max-model-len", "512"])
+}
+
+fn encoded(url: &str) -> String {
+    url.replace(':', "%3A").replace('/', "%2F")
+}
+
+async fn admin_get(router: &Server, path: &str) -> (u16, Value) {
+    let response = router
+        .client
+        .get(router.url(path))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn admin_move(router: &Server, url: &str, body: &Value) -> (u16, Value) {
+    let response = router
+        .client
+        .post(router.url(&format!("/workers/{}/move", encoded(url))))
+        .bearer_auth(ADMIN)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// The role of each listed worker, by URL.
+async fn roles(router: &Server) -> Vec<(String, String)> {
+    let (status, listed) = admin_get(router, "/workers").await;
+    assert_eq!(status, 200, "{listed}");
+    let mut roles: Vec<_> = listed["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["url"].as_str().unwrap().to_owned(),
+                w["role"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    roles.sort();
+    roles
+}
+
+/// One streamed completion through the router; its `data:` payloads.
+async fn streamed(router: &Server, max_tokens: u32) -> Result<Vec<String>, String> {
+    let body = json!({"prompt": "The planner moves workers between", "max_tokens": max_tokens,
+        "stream": true, "ignore_eos": true});
+    let response = router
+        .client
+        .post(router.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let text = response.text().await.map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!("{status}: {text}"));
+    }
+    Ok(sse_payloads(&text))
+}
+
+/// The number of tokens a streamed completion sent, checking it ended properly.
+fn tokens_of(payloads: &[String]) -> usize {
+    assert_eq!(
+        payloads.last().map(String::as_str),
+        Some("[DONE]"),
+        "{payloads:?}"
+    );
+    payloads
+        .iter()
+        .filter(|p| p.as_str() != "[DONE]")
+        .map(|p| serde_json::from_str::<Value>(p).unwrap())
+        .filter(|event| {
+            event["choices"][0]["text"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_planner_moves_a_worker_to_the_missing_pool_then_says_it_cannot_do_more() {
+    if !default_model_present() {
+        return;
+    }
+    let (p1, p2, d1) = (worker(), worker(), worker());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("router.toml");
+    // A TPOT limit no worker meets and a TTFT limit every request meets: the decode
+    // pool misses, the prefill pool has room, so one prefill worker must move; after
+    // that the prefill pool has none to give.
+    std::fs::write(
+        &config,
+        "[planner]\nttft_secs = 1000.0\ntpot_secs = 0.0001\ninterval_ms = 300\n\
+         window_secs = 60\nmin_samples = 4\nconfirm = 2\ncooldown_secs = 1\n",
+    )
+    .unwrap();
+    let router = Server::start_router(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--admin-token",
+        ADMIN,
+        "--prefill",
+        &p1.url(""),
+        "--prefill",
+        &p2.url(""),
+        "--decode",
+        &d1.url(""),
+    ]);
+
+    let started = Instant::now();
+    let mut answered = 0;
+    let decisions = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "the planner never concluded"
+        );
+        let batch: Vec<_> = (0..4)
+            .map(|_| {
+                let router = &router;
+                async move { streamed(router, 6).await }
+            })
+            .collect();
+        for result in futures_util::future::join_all(batch).await {
+            let payloads = result.expect("every request is answered, during moves too");
+            assert_eq!(tokens_of(&payloads), 6);
+            answered += 1;
+        }
+        let (status, journal) = admin_get(&router, "/planner").await;
+        assert_eq!(status, 200, "{journal}");
+        let decisions = journal["decisions"].as_array().unwrap().clone();
+        if decisions.iter().any(|d| d["action"] == "cannot_meet") {
+            break decisions;
+        }
+    };
+    let actions: Vec<&str> = decisions
+        .iter()
+        .map(|d| d["action"].as_str().unwrap())
+        .collect();
+    let moves: Vec<&Value> = decisions
+        .iter()
+        .filter(|d| d["action"] == "move_to_decode")
+        .collect();
+    assert_eq!(moves.len(), 1, "{actions:?}");
+    assert_eq!(moves[0]["moved"], true, "{}", moves[0]);
+    assert!(
+        moves[0]["detail"].as_str().unwrap().contains("TPOT p90"),
+        "{}",
+        moves[0]
+    );
+    assert!(!actions.contains(&"move_to_prefill"), "{actions:?}");
+    let first_move = actions.iter().position(|a| *a == "move_to_decode").unwrap();
+    assert!(actions[..first_move].contains(&"confirming"), "{actions:?}");
+    let unmet = decisions
+        .iter()
+        .find(|d| d["action"] == "cannot_meet")
+        .unwrap();
+    assert!(
+        unmet["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the prefill pool has 1 worker(s) to give"),
+        "{unmet}"
+    );
+    assert_eq!(
+        (
+            unmet["prefill_workers"].as_u64(),
+            unmet["decode_workers"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
+
+    let listed = roles(&router).await;
+    let count = |role: &str| listed.iter().filter(|(_, r)| r == role).count();
+    assert_eq!((count("prefill"), count("decode")), (1, 2), "{listed:?}");
+    let metrics = router.metrics().await;
+    let moved = [("role", "decode"), ("outcome", "ok")];
+    assert_eq!(
+        metric_with(&metrics, "tandem_router_planner_moves_total", &moved),
+        Some(1.0)
+    );
+    let unmet_count = [("action", "cannot_meet")];
+    assert!(
+        metric_with(
+            &metrics,
+            "tandem_router_planner_decisions_total",
+            &unmet_count
+        ) >= Some(1.0)
+    );
+    let pool = [("role", "decode")];
+    assert_eq!(
+        metric_with(&metrics, "tandem_router_planner_pool_workers", &pool),
+        Some(2.0)
+    );
+    let log = router.log().join("\n");
+    assert!(
+        log.contains("planner: move a worker prefill → decode"),
+        "{log}"
+    );
+    assert!(log.contains("planner: the SLO cannot be met"), "{log}");
+    assert!(answered >= 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_admin_move_waits_for_the_stream_then_changes_the_pool() {
+    if !default_model_present() {
+        return;
+    }
+    let (p1, d1, d2) = (worker(), worker(), worker());
+    let router = Server::start_router(&[
+        "--admin-token",
+        ADMIN,
+        "--prefill",
+        &p1.url(""),
+        "--decode",
+        &d1.url(""),
+        "--decode",
+        &d2.url(""),
+    ]);
+    let (status, body) = admin_get(&router, "/planner").await;
+    assert_error(status, &body, 404);
+
+    // A long stream on one decode worker; that worker is asked to move meanwhile.
+    let stream = {
+        let router_url = router.url("");
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let body = json!({"prompt": "Count slowly:", "max_tokens": 48, "stream": true,
+                "ignore_eos": true});
+            let text = client
+                .post(format!("{router_url}/v1/completions"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            (Instant::now(), sse_payloads(&text))
+        })
+    };
+    let busy = loop {
+        let (_, listed) = admin_get(&router, "/workers").await;
+        let busy = listed["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["role"] == "decode" && w["in_flight"].as_u64().unwrap_or(0) > 0);
+        if let Some(busy) = busy {
+            break busy["url"].as_str().unwrap().to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (status, moved) = admin_move(&router, &busy, &json!({"role": "prefill"})).await;
+    let moved_at = Instant::now();
+    assert_eq!(status, 200, "{moved}");
+    assert_eq!(moved["role"], "prefill");
+    let (ended_at, payloads) = stream.await.unwrap();
+    assert_eq!(tokens_of(&payloads), 48, "the stream finished whole");
+    assert!(ended_at <= moved_at, "the move waited for the stream");
+    let listed = roles(&router).await;
+    assert!(
+        listed.contains(&(busy.clone(), "prefill".into())),
+        "{listed:?}"
+    );
+    // The moved worker now takes prefill legs: requests still complete.
+    for _ in 0..3 {
+        assert_eq!(tokens_of(&streamed(&router, 4).await.unwrap()), 4);
+    }
+
+    // Refusals: no such pool, already there, unknown worker, no token.
+    let (status, body) = admin_move(&router, &busy, &json!({"role": "both"})).await;
+    assert_error(status, &body, 400);
+    let (status, body) = admin_move(&router, &busy, &json!({"role": "prefill"})).await;
+    assert_error(status, &body, 409);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("is not a decode worker"),
+        "{body}"
+    );
+    let (status, body) =
+        admin_move(&router, "http://127.0.0.1:1", &json!({"role": "decode"})).await;
+    assert_error(status, &body, 404);
+    let (status, body) = admin_move(&router, &busy, &json!({"role": "decode", "now": true})).await;
+    assert_error(status, &body, 400);
+    let unauthorized = router
+        .client
+        .post(router.url(&format!("/workers/{}/move", encoded(&busy))))
+        .json(&json!({"role": "decode"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
+}

@@ -1,0 +1,524 @@
+//! The online planner's decisions, with no runtime types: given what the router saw
+//! over a window (each finished request's time to first token and time per output
+//! token) and how many workers each P/D pool has, whether to move one worker from one
+//! pool to the other, and why.
+//!
+//! The rule is the SLO's: TTFT over its limit is the prefill pool's problem (prompts
+//! queue there), TPOT over its limit the decode pool's. A worker moves to the pool
+//! that misses only when the pool that gives it has room to lose it — its own figure
+//! scaled by the load each of its remaining workers would take, `n / (n - 1)`, stays
+//! under `headroom` of its limit — and only after the same verdict `confirm` times in
+//! a row (hysteresis), never within `cooldown_secs` of the last move (the new layout
+//! gets time to show). When both miss, or the missing pool cannot be given a worker,
+//! the SLO cannot be met with these workers: that is a decision too, reported rather
+//! than acted on, so the planner never thrashes.
+
+use std::fmt;
+
+/// A P/D pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Pool {
+    Prefill,
+    Decode,
+}
+
+impl Pool {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pool::Prefill => "prefill",
+            Pool::Decode => "decode",
+        }
+    }
+
+    fn other(self) -> Pool {
+        match self {
+            Pool::Prefill => Pool::Decode,
+            Pool::Decode => Pool::Prefill,
+        }
+    }
+}
+
+/// How the planner judges a window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnlineConfig {
+    /// Time to first token limit, seconds.
+    pub ttft_secs: f64,
+    /// Time per output token limit, seconds.
+    pub tpot_secs: f64,
+    /// Which percentile of the window is held to the limits (0.9: p90).
+    pub percentile: f64,
+    /// Fewer finished requests than this in a window: no verdict.
+    pub min_samples: usize,
+    /// Consecutive identical verdicts before a worker moves.
+    pub confirm: u32,
+    /// Seconds after a move during which no other move is made.
+    pub cooldown_secs: f64,
+    /// Share of its limit the giving pool may reach once it has one worker fewer.
+    pub headroom: f64,
+}
+
+impl Default for OnlineConfig {
+    fn default() -> Self {
+        Self {
+            ttft_secs: 2.0,
+            tpot_secs: 0.1,
+            percentile: 0.9,
+            min_samples: 8,
+            confirm: 3,
+            cooldown_secs: 30.0,
+            headroom: 0.9,
+        }
+    }
+}
+
+/// What the router saw: the pools' sizes now and the requests finished in the window.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    /// Seconds on the caller's clock (only differences matter).
+    pub now_secs: f64,
+    pub prefill_workers: usize,
+    pub decode_workers: usize,
+    /// Time to first token of each finished request, seconds.
+    pub ttft: Vec<f64>,
+    /// Time per output token of each finished streamed request, seconds.
+    pub tpot: Vec<f64>,
+}
+
+impl Observation {
+    fn workers(&self, pool: Pool) -> usize {
+        match pool {
+            Pool::Prefill => self.prefill_workers,
+            Pool::Decode => self.decode_workers,
+        }
+    }
+}
+
+/// The window's figures against the limits: each is the percentile over its limit
+/// (above 1: missed). `None` when the window has no such samples.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pressure {
+    pub ttft: Option<f64>,
+    pub tpot: Option<f64>,
+}
+
+impl Pressure {
+    fn of(&self, pool: Pool) -> Option<f64> {
+        match pool {
+            Pool::Prefill => self.ttft,
+            Pool::Decode => self.tpot,
+        }
+    }
+}
+
+/// What the planner decided about one window.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Move one worker `from` → `to` now.
+    Move { from: Pool, to: Pool, why: String },
+    /// The SLO is missed and no move of these workers can fix it.
+    CannotMeet { why: String },
+    /// Nothing to do.
+    Hold(Hold),
+}
+
+/// Why nothing moves.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Hold {
+    /// Too few finished requests to judge.
+    FewSamples { samples: usize },
+    /// Both limits are met.
+    Meets,
+    /// A move is under way (its worker is draining).
+    Moving,
+    /// A move was made less than the cooldown ago.
+    Cooling { left_secs: f64 },
+    /// The pool `to` misses; the verdict has been seen `seen` times of `confirm`.
+    Confirming { to: Pool, seen: u32 },
+    /// The pool `to` misses, but the other one has no room to give a worker.
+    NoRoom { to: Pool, why: String },
+}
+
+impl Decision {
+    /// A short name for metrics: `move_to_prefill`, `move_to_decode`, `cannot_meet`,
+    /// or the hold's kind.
+    pub fn action(&self) -> &'static str {
+        match self {
+            Decision::Move {
+                to: Pool::Prefill, ..
+            } => "move_to_prefill",
+            Decision::Move {
+                to: Pool::Decode, ..
+            } => "move_to_decode",
+            Decision::CannotMeet { .. } => "cannot_meet",
+            Decision::Hold(Hold::FewSamples { .. }) => "few_samples",
+            Decision::Hold(Hold::Meets) => "meets",
+            Decision::Hold(Hold::Moving) => "moving",
+            Decision::Hold(Hold::Cooling { .. }) => "cooling",
+            Decision::Hold(Hold::Confirming { .. }) => "confirming",
+            Decision::Hold(Hold::NoRoom { .. }) => "no_room",
+        }
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Decision::Move { from, to, why } => {
+                write!(
+                    f,
+                    "move a worker {} → {}: {why}",
+                    from.as_str(),
+                    to.as_str()
+                )
+            }
+            Decision::CannotMeet { why } => write!(f, "the SLO cannot be met: {why}"),
+            Decision::Hold(Hold::FewSamples { samples }) => {
+                write!(f, "too few finished requests to judge ({samples})")
+            }
+            Decision::Hold(Hold::Meets) => write!(f, "both limits met"),
+            Decision::Hold(Hold::Moving) => write!(f, "a worker is moving"),
+            Decision::Hold(Hold::Cooling { left_secs }) => {
+                write!(f, "cooling down for {left_secs:.0} s more")
+            }
+            Decision::Hold(Hold::Confirming { to, seen }) => {
+                write!(f, "{} misses; seen {seen} time(s)", to.as_str())
+            }
+            Decision::Hold(Hold::NoRoom { to, why }) => {
+                write!(f, "{} misses, but {why}", to.as_str())
+            }
+        }
+    }
+}
+
+/// The planner's state between windows: the pending verdict and the last move.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    config: OnlineConfig,
+    pending: Option<(Pool, u32)>,
+    last_move_secs: Option<f64>,
+    /// A move was decided and the caller has not said it is over.
+    moving: bool,
+}
+
+impl Controller {
+    pub fn new(config: OnlineConfig) -> Self {
+        Self {
+            config,
+            pending: None,
+            last_move_secs: None,
+            moving: false,
+        }
+    }
+
+    pub fn config(&self) -> &OnlineConfig {
+        &self.config
+    }
+
+    /// The window's percentiles over the limits.
+    pub fn pressure(&self, observation: &Observation) -> Pressure {
+        let p = self.config.percentile;
+        Pressure {
+            ttft: percentile(&observation.ttft, p).map(|v| v / self.config.ttft_secs),
+            tpot: percentile(&observation.tpot, p).map(|v| v / self.config.tpot_secs),
+        }
+    }
+
+    /// Judges one window. A `Move` is a promise the caller keeps or reports failed
+    /// with [`Controller::moved`]: the cooldown starts when the worker has moved.
+    pub fn observe(&mut self, observation: &Observation) -> Decision {
+        let samples = observation.ttft.len();
+        if samples < self.config.min_samples {
+            return Decision::Hold(Hold::FewSamples { samples });
+        }
+        if self.moving {
+            return Decision::Hold(Hold::Moving);
+        }
+        if let Some(left_secs) = self.cooling(observation.now_secs) {
+            self.pending = None;
+            return Decision::Hold(Hold::Cooling { left_secs });
+        }
+        let pressure = self.pressure(observation);
+        let wanted = match self.verdict(observation, pressure) {
+            Ok(Some(pool)) => pool,
+            Ok(None) => {
+                self.pending = None;
+                return Decision::Hold(Hold::Meets);
+            }
+            Err(decision) => {
+                self.pending = None;
+                return decision;
+            }
+        };
+        let seen = match self.pending {
+            Some((pool, seen)) if pool == wanted => seen + 1,
+            _ => 1,
+        };
+        if seen < self.config.confirm {
+            self.pending = Some((wanted, seen));
+            return Decision::Hold(Hold::Confirming { to: wanted, seen });
+        }
+        self.pending = None;
+        self.moving = true;
+        Decision::Move {
+            from: wanted.other(),
+            to: wanted,
+            why: describe_miss(wanted, pressure, &self.config),
+        }
+    }
+
+    /// The move decided last has finished (`ok`) or was given up; the cooldown runs
+    /// from `now_secs` either way, so a failing move is not retried at once.
+    pub fn moved(&mut self, now_secs: f64) {
+        self.moving = false;
+        self.last_move_secs = Some(now_secs);
+    }
+
+    fn cooling(&self, now_secs: f64) -> Option<f64> {
+        let last = self.last_move_secs?;
+        let left = last + self.config.cooldown_secs - now_secs;
+        (left > 0.0).then_some(left)
+    }
+
+    /// Which pool needs a worker (`Ok(None)`: none), or why none can be given.
+    fn verdict(
+        &self,
+        observation: &Observation,
+        pressure: Pressure,
+    ) -> Result<Option<Pool>, Decision> {
+        let missed = |pool: Pool| pressure.of(pool).is_some_and(|v| v > 1.0);
+        let wanted = match (missed(Pool::Prefill), missed(Pool::Decode)) {
+            (false, false) => return Ok(None),
+            (true, true) => {
+                return Err(Decision::CannotMeet {
+                    why: format!(
+                        "both limits missed ({}) with {} prefill and {} decode workers",
+                        figures(pressure, &self.config),
+                        observation.prefill_workers,
+                        observation.decode_workers
+                    ),
+                });
+            }
+            (true, false) => Pool::Prefill,
+            (false, true) => Pool::Decode,
+        };
+        let giver = wanted.other();
+        let givers = observation.workers(giver);
+        if givers <= 1 {
+            return Err(Decision::CannotMeet {
+                why: format!(
+                    "{} ({}), and the {} pool has {givers} worker(s) to give",
+                    describe_miss(wanted, pressure, &self.config),
+                    figures(pressure, &self.config),
+                    giver.as_str()
+                ),
+            });
+        }
+        let Some(giver_pressure) = pressure.of(giver) else {
+            return Err(Decision::Hold(Hold::NoRoom {
+                to: wanted,
+                why: format!(
+                    "the {} pool's figure is unknown (no samples)",
+                    giver.as_str()
+                ),
+            }));
+        };
+        let after = giver_pressure * givers as f64 / (givers - 1) as f64;
+        if after > self.config.headroom {
+            return Err(Decision::Hold(Hold::NoRoom {
+                to: wanted,
+                why: format!(
+                    "the {} pool would reach {:.0}% of its limit with one worker fewer",
+                    giver.as_str(),
+                    after * 100.0
+                ),
+            }));
+        }
+        Ok(Some(wanted))
+    }
+}
+
+fn describe_miss(pool: Pool, pressure: Pressure, config: &OnlineConfig) -> String {
+    let pct = (config.percentile * 100.0).round();
+    match pool {
+        Pool::Prefill => format!(
+            "TTFT p{pct} is {:.0}% of its {} s limit",
+            pressure.ttft.unwrap_or(0.0) * 100.0,
+            config.ttft_secs
+        ),
+        Pool::Decode => format!(
+            "TPOT p{pct} is {:.0}% of its {} s limit",
+            pressure.tpot.unwrap_or(0.0) * 100.0,
+            config.tpot_secs
+        ),
+    }
+}
+
+fn figures(pressure: Pressure, config: &OnlineConfig) -> String {
+    let show = |v: Option<f64>, limit: f64| match v {
+        Some(v) => format!("{:.3} s", v * limit),
+        None => "unknown".into(),
+    };
+    format!(
+        "TTFT {} of {} s, TPOT {} of {} s",
+        show(pressure.ttft, config.ttft_secs),
+        config.ttft_secs,
+        show(pressure.tpot, config.tpot_secs),
+        config.tpot_secs
+    )
+}
+
+/// The `p` quantile (0..=1) of `values` by nearest rank; `None` when empty.
+pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> OnlineConfig {
+        OnlineConfig {
+            ttft_secs: 1.0,
+            tpot_secs: 0.1,
+            percentile: 0.9,
+            min_samples: 4,
+            confirm: 2,
+            cooldown_secs: 10.0,
+            headroom: 0.9,
+        }
+    }
+
+    fn window(now: f64, p: usize, d: usize, ttft: f64, tpot: f64) -> Observation {
+        Observation {
+            now_secs: now,
+            prefill_workers: p,
+            decode_workers: d,
+            ttft: vec![ttft; 10],
+            tpot: vec![tpot; 10],
+        }
+    }
+
+    #[test]
+    fn a_missed_tpot_moves_a_prefill_worker_after_confirmation() {
+        let mut planner = Controller::new(config());
+        let slow_decode = window(0.0, 2, 1, 0.2, 0.2);
+        assert_eq!(
+            planner.observe(&slow_decode),
+            Decision::Hold(Hold::Confirming {
+                to: Pool::Decode,
+                seen: 1
+            })
+        );
+        let decision = planner.observe(&Observation {
+            now_secs: 2.0,
+            ..slow_decode
+        });
+        let Decision::Move { from, to, why } = decision else {
+            panic!("expected a move, got {decision:?}");
+        };
+        assert_eq!((from, to), (Pool::Prefill, Pool::Decode));
+        assert!(why.contains("TPOT p90 is 200%"), "{why}");
+    }
+
+    #[test]
+    fn an_interrupted_verdict_starts_over() {
+        let mut planner = Controller::new(config());
+        planner.observe(&window(0.0, 2, 2, 2.0, 0.01));
+        assert_eq!(
+            planner.observe(&window(1.0, 2, 2, 0.1, 0.01)),
+            Decision::Hold(Hold::Meets)
+        );
+        assert_eq!(
+            planner.observe(&window(2.0, 2, 2, 2.0, 0.01)),
+            Decision::Hold(Hold::Confirming {
+                to: Pool::Prefill,
+                seen: 1
+            })
+        );
+    }
+
+    #[test]
+    fn no_move_until_the_cooldown_after_the_last_one_ends() {
+        let mut planner = Controller::new(config());
+        planner.observe(&window(0.0, 2, 2, 2.0, 0.01));
+        assert!(matches!(
+            planner.observe(&window(1.0, 2, 2, 2.0, 0.01)),
+            Decision::Move { .. }
+        ));
+        // The move is under way: nothing else is decided, however long it takes.
+        assert_eq!(
+            planner.observe(&window(100.0, 3, 1, 0.1, 0.5)),
+            Decision::Hold(Hold::Moving)
+        );
+        planner.moved(100.0);
+        assert!(matches!(
+            planner.observe(&window(105.0, 3, 1, 2.0, 0.01)),
+            Decision::Hold(Hold::Cooling { .. })
+        ));
+        assert_eq!(
+            planner.observe(&window(111.0, 3, 1, 2.0, 0.01)),
+            Decision::CannotMeet {
+                why: "TTFT p90 is 200% of its 1 s limit (TTFT 2.000 s of 1 s, TPOT 0.010 s of 0.1 s), and the decode pool has 1 worker(s) to give".into()
+            }
+        );
+    }
+
+    #[test]
+    fn the_giving_pool_must_have_room_for_the_load_it_keeps() {
+        let mut planner = Controller::new(config());
+        // Two decode workers at 50% of the TPOT limit would reach 100% as one.
+        assert!(matches!(
+            planner.observe(&window(0.0, 1, 2, 3.0, 0.05)),
+            Decision::Hold(Hold::NoRoom {
+                to: Pool::Prefill,
+                ..
+            })
+        ));
+        // At 40% they would reach 80%: room.
+        planner.observe(&window(1.0, 1, 2, 3.0, 0.04));
+        assert!(matches!(
+            planner.observe(&window(2.0, 1, 2, 3.0, 0.04)),
+            Decision::Move { .. }
+        ));
+    }
+
+    #[test]
+    fn both_limits_missed_cannot_be_fixed_by_moving() {
+        let mut planner = Controller::new(config());
+        let decision = planner.observe(&window(0.0, 2, 2, 3.0, 0.3));
+        assert_eq!(decision.action(), "cannot_meet");
+        assert!(
+            decision.to_string().contains("both limits missed"),
+            "{decision}"
+        );
+    }
+
+    #[test]
+    fn few_samples_or_unknown_tpot_decide_nothing() {
+        let mut planner = Controller::new(config());
+        let mut sparse = window(0.0, 2, 2, 3.0, 0.01);
+        sparse.ttft.truncate(3);
+        assert_eq!(
+            planner.observe(&sparse),
+            Decision::Hold(Hold::FewSamples { samples: 3 })
+        );
+        let mut unstreamed = window(0.0, 2, 2, 3.0, 0.01);
+        unstreamed.tpot.clear();
+        assert_eq!(planner.observe(&unstreamed).action(), "no_room");
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let values: Vec<f64> = (1..=10).map(f64::from).collect();
+        assert_eq!(percentile(&values, 0.9), Some(9.0));
+        assert_eq!(percentile(&values, 0.5), Some(5.0));
+        assert_eq!(percentile(&values, 1.0), Some(10.0));
+        assert_eq!(percentile(&[], 0.9), None);
+    }
+}

@@ -1,0 +1,232 @@
+//! The online planner at run time: every interval it counts the P/D pools, takes the
+//! window of finished streamed requests from [`Signals`], asks
+//! [`tandem_planner::online::Controller`] for a verdict, counts it in metrics, keeps
+//! it in the [`Journal`] (`GET /planner`), logs it when the verdict changes, and
+//! carries out a move with [`membership::move_worker`] (drain, then the new role; no
+//! restart). The decision rule itself lives in the planner crate, with no runtime
+//! types.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tandem_planner::online::{Controller, Decision, Observation, OnlineConfig, Pool, percentile};
+
+use crate::api::SharedState;
+use crate::config::PlannerConfig;
+use crate::membership;
+use crate::metrics as names;
+use crate::registry::{Role, Worker};
+use crate::signals::Signals;
+
+/// Verdicts kept for `GET /planner`.
+const JOURNAL_LENGTH: usize = 2048;
+
+/// One judged window.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    /// Seconds since the Unix epoch.
+    pub at: f64,
+    pub action: &'static str,
+    pub detail: String,
+    pub prefill_workers: usize,
+    pub decode_workers: usize,
+    pub samples: usize,
+    /// The window's percentile of TTFT and TPOT, seconds.
+    pub ttft: Option<f64>,
+    pub tpot: Option<f64>,
+    /// For a move: which worker, and whether it moved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moved: Option<bool>,
+}
+
+/// The planner's recent verdicts, shared by every router thread.
+#[derive(Debug)]
+pub struct Journal {
+    pub config: PlannerConfig,
+    entries: Mutex<VecDeque<Entry>>,
+}
+
+impl Journal {
+    pub fn new(config: PlannerConfig) -> Self {
+        Self {
+            config,
+            entries: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn push(&self, entry: Entry) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() == JOURNAL_LENGTH {
+            entries.pop_front();
+        }
+        entries.push_back(entry);
+    }
+
+    /// The verdicts since `after` (Unix seconds), oldest first.
+    pub fn since(&self, after: f64) -> Vec<Entry> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.iter().filter(|e| e.at > after).cloned().collect()
+    }
+}
+
+/// Runs the planner until the router stops (the task is aborted with its thread).
+pub async fn run(state: SharedState, signals: Arc<Signals>, journal: Arc<Journal>) {
+    let config = journal.config.clone();
+    let mut controller = Controller::new(online_config(&config));
+    let started = Instant::now();
+    let mut last_move = started;
+    let mut last_action = "";
+    let mut ticks = tokio::time::interval(config.interval());
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let now = Instant::now();
+        let since = now
+            .checked_sub(config.window())
+            .map_or(last_move, |w| w.max(last_move));
+        let window = signals.window(since);
+        let (prefill, decode) = pool_sizes(&state);
+        let observation = Observation {
+            now_secs: now.duration_since(started).as_secs_f64(),
+            prefill_workers: prefill.len(),
+            decode_workers: decode.len(),
+            ttft: window.ttft,
+            tpot: window.tpot,
+        };
+        let decision = controller.observe(&observation);
+        let mut entry = record(&controller, &observation, &decision);
+        if decision.action() != last_action {
+            log(&decision);
+            last_action = decision.action();
+        }
+        if let Decision::Move { from, to, .. } = decision {
+            let candidates = if from == Pool::Prefill {
+                prefill
+            } else {
+                decode
+            };
+            let (worker, moved) = carry_out(&state, &config, candidates, to).await;
+            entry.worker = worker;
+            entry.moved = Some(moved);
+            last_move = Instant::now();
+            controller.moved(last_move.duration_since(started).as_secs_f64());
+        }
+        journal.push(entry);
+    }
+}
+
+fn online_config(config: &PlannerConfig) -> OnlineConfig {
+    OnlineConfig {
+        ttft_secs: config.ttft_secs,
+        tpot_secs: config.tpot_secs,
+        percentile: config.percentile,
+        min_samples: config.min_samples,
+        confirm: config.confirm,
+        cooldown_secs: config.cooldown_secs as f64,
+        headroom: config.headroom,
+    }
+}
+
+/// The workers that take requests in each pool: healthy and not draining.
+fn pool_sizes(state: &SharedState) -> (Vec<Arc<Worker>>, Vec<Arc<Worker>>) {
+    let serving: Vec<_> = state
+        .dispatcher
+        .registry
+        .all()
+        .into_iter()
+        .filter(|w| w.is_healthy() && !w.is_draining())
+        .collect();
+    let (prefill, rest): (Vec<_>, Vec<_>) =
+        serving.into_iter().partition(|w| w.role == Role::Prefill);
+    let decode = rest
+        .into_iter()
+        .filter(|w| w.role == Role::Decode)
+        .collect();
+    (prefill, decode)
+}
+
+/// Counts the verdict and the window in metrics; the journal's entry for it.
+fn record(controller: &Controller, observation: &Observation, decision: &Decision) -> Entry {
+    metrics::counter!(names::PLANNER_DECISIONS_TOTAL, names::ACTION => decision.action())
+        .increment(1);
+    for (role, count) in [
+        ("prefill", observation.prefill_workers),
+        ("decode", observation.decode_workers),
+    ] {
+        metrics::gauge!(names::PLANNER_POOL_WORKERS, names::ROLE => role).set(count as f64);
+    }
+    let p = controller.config().percentile;
+    let (ttft, tpot) = (
+        percentile(&observation.ttft, p),
+        percentile(&observation.tpot, p),
+    );
+    for (figure, value) in [("ttft", ttft), ("tpot", tpot)] {
+        if let Some(value) = value {
+            metrics::gauge!(names::PLANNER_WINDOW_SECONDS, names::FIGURE => figure).set(value);
+        }
+    }
+    Entry {
+        at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+        action: decision.action(),
+        detail: decision.to_string(),
+        prefill_workers: observation.prefill_workers,
+        decode_workers: observation.decode_workers,
+        samples: observation.ttft.len(),
+        ttft,
+        tpot,
+        worker: None,
+        moved: None,
+    }
+}
+
+/// Logs a verdict that differs from the last one logged (so a steady state is one
+/// line, not one per interval).
+fn log(decision: &Decision) {
+    match decision {
+        Decision::CannotMeet { .. } => {
+            tracing::warn!(action = decision.action(), "planner: {decision}");
+        }
+        Decision::Move { .. } | Decision::Hold(_) => {
+            tracing::info!(action = decision.action(), "planner: {decision}");
+        }
+    }
+}
+
+/// Moves the least busy of `candidates` to `to`; the worker tried and whether it moved.
+async fn carry_out(
+    state: &SharedState,
+    config: &PlannerConfig,
+    candidates: Vec<Arc<Worker>>,
+    to: Pool,
+) -> (Option<String>, bool) {
+    let role = match to {
+        Pool::Prefill => Role::Prefill,
+        Pool::Decode => Role::Decode,
+    };
+    let Some(worker) = candidates
+        .into_iter()
+        .min_by_key(|w| w.in_flight_requests())
+    else {
+        return (None, false);
+    };
+    let outcome = membership::move_worker(state, &worker, role, config.drain_limit()).await;
+    let ok = outcome.is_ok();
+    match outcome {
+        Ok(_) => tracing::info!(
+            worker = worker.url,
+            to = role.as_str(),
+            "planner: worker moved"
+        ),
+        Err(err) => tracing::warn!(worker = worker.url, "planner: the move was given up: {err}"),
+    }
+    let label = if ok { "ok" } else { "failed" };
+    metrics::counter!(names::PLANNER_MOVES_TOTAL, names::ROLE => role.as_str(), names::OUTCOME => label)
+        .increment(1);
+    (Some(worker.url.clone()), ok)
+}
