@@ -121,17 +121,8 @@ pub struct RouteArgs {
     /// With --discovery: only workers that serve this model.
     #[arg(long, requires = "discovery")]
     discovery_model: Option<String>,
-    /// P/D mode: run the online planner with this time-to-first-token limit (seconds);
-    /// it moves workers between the pools when the SLO's percentile misses
-    /// (docs/planner.md). Its other settings come from `[planner]` in --config.
-    #[arg(long, value_name = "SECS")]
-    planner_ttft: Option<f64>,
-    /// The planner's time-per-output-token limit (seconds); also turns it on.
-    #[arg(long, value_name = "SECS")]
-    planner_tpot: Option<f64>,
-    /// Seconds between the planner's moves [default: 30].
-    #[arg(long, value_name = "SECS")]
-    planner_cooldown: Option<u64>,
+    #[command(flatten)]
+    planner: PlannerArgs,
     /// The topic the workers publish KV events under [default: ""].
     #[arg(long)]
     kv_events_topic: Option<String>,
@@ -206,20 +197,80 @@ impl RouteArgs {
     }
 }
 
+/// The online planner's settings (docs/planner.md); any of them turns it on, the
+/// others come from `[planner]` in --config or their defaults.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Online planner (P/D mode)")]
+pub struct PlannerArgs {
+    /// Run the online planner: it moves workers between the P/D pools to keep the SLO
+    /// below (each flag below also turns it on).
+    #[arg(long)]
+    planner: bool,
+    /// Time-to-first-token limit, seconds [default: 2].
+    #[arg(long, value_name = "SECS")]
+    planner_ttft: Option<f64>,
+    /// Time-per-output-token limit, seconds [default: 0.1].
+    #[arg(long, value_name = "SECS")]
+    planner_tpot: Option<f64>,
+    /// The percentile held to the limits, 0..1 [default: 0.9].
+    #[arg(long, value_name = "P")]
+    planner_percentile: Option<f64>,
+    /// Milliseconds between verdicts [default: 2000].
+    #[arg(long, value_name = "MS")]
+    planner_interval_ms: Option<u64>,
+    /// Seconds of finished requests each verdict judges [default: 20].
+    #[arg(long, value_name = "SECS")]
+    planner_window_secs: Option<u64>,
+    /// Fewest finished requests a verdict needs [default: 8].
+    #[arg(long, value_name = "N")]
+    planner_min_samples: Option<usize>,
+    /// Identical verdicts in a row before a worker moves [default: 3].
+    #[arg(long, value_name = "N")]
+    planner_confirm: Option<u32>,
+    /// Seconds after a move before another [default: 30].
+    #[arg(long, value_name = "SECS")]
+    planner_cooldown_secs: Option<u64>,
+    /// Share of its limit the giving pool may reach with one worker fewer [default: 0.9].
+    #[arg(long, value_name = "SHARE")]
+    planner_headroom: Option<f64>,
+    /// Seconds a moving worker's requests get to finish [default: 120].
+    #[arg(long, value_name = "SECS")]
+    planner_drain_limit_secs: Option<u64>,
+}
+
 impl RouteArgs {
     /// Any planner flag turns the planner on (with `[planner]`'s or default
     /// settings), then overrides its field.
     fn apply_planner_flags(&self, config: &mut RouterConfig) {
-        let given = self.planner_ttft.is_some()
-            || self.planner_tpot.is_some()
-            || self.planner_cooldown.is_some();
+        let flags = &self.planner;
+        let given = flags.planner
+            || flags.planner_ttft.is_some()
+            || flags.planner_tpot.is_some()
+            || flags.planner_percentile.is_some()
+            || flags.planner_interval_ms.is_some()
+            || flags.planner_window_secs.is_some()
+            || flags.planner_min_samples.is_some()
+            || flags.planner_confirm.is_some()
+            || flags.planner_cooldown_secs.is_some()
+            || flags.planner_headroom.is_some()
+            || flags.planner_drain_limit_secs.is_some();
         if !given {
             return;
         }
         let planner = config.planner.get_or_insert_with(Default::default);
-        override_with(&mut planner.ttft_secs, self.planner_ttft);
-        override_with(&mut planner.tpot_secs, self.planner_tpot);
-        override_with(&mut planner.cooldown_secs, self.planner_cooldown);
+        override_with(&mut planner.ttft_secs, flags.planner_ttft);
+        override_with(&mut planner.tpot_secs, flags.planner_tpot);
+        override_with(&mut planner.percentile, flags.planner_percentile);
+        override_with(&mut planner.interval_ms, flags.planner_interval_ms);
+        override_with(&mut planner.window_secs, flags.planner_window_secs);
+        override_with(&mut planner.min_samples, flags.planner_min_samples);
+        override_with(&mut planner.confirm, flags.planner_confirm);
+        override_with(&mut planner.cooldown_secs, flags.planner_cooldown_secs);
+        override_with(&mut planner.headroom, flags.planner_headroom);
+        override_with(
+            &mut planner.drain_limit_secs,
+            flags.planner_drain_limit_secs,
+        );
     }
 
     /// `--discovery` replaces the config file's `[discovery]` table; the other

@@ -398,6 +398,9 @@ fn router(topology: &Checked, tandem: &str) -> Launch {
     if let Some(threshold) = spec.local_prefill_threshold {
         args.extend(["--local-prefill-threshold".into(), threshold.to_string()]);
     }
+    if let Some(planner) = &spec.planner {
+        args.extend(planner.router_args());
+    }
     if topology.discovery.is_none() {
         // With discovery the workers announce their streams themselves.
         args.extend(router_kv_events_args(topology));
@@ -686,6 +689,56 @@ port = 8300
         let clash = text.replace("kv_replay_port = 5701", "kv_replay_port = 8100");
         let err = crate::topology::parse(&clash, "t").unwrap_err().to_string();
         assert!(err.contains("`kv_replay_port`"), "{err}");
+    }
+
+    #[test]
+    fn a_planner_table_becomes_router_flags_and_needs_movable_pd_workers() {
+        let text = r#"
+[router.planner]
+ttft = 1.5
+tpot = 0.05
+cooldown_secs = 20
+
+[[worker]]
+engine = "builtin"
+role = "prefill"
+port = 8100
+kv_port = 8101
+
+[[worker]]
+engine = "builtin"
+role = "decode"
+port = 8200
+kv_port = 8201
+"#;
+        let topology = crate::topology::parse(text, "t").unwrap();
+        let launches = plan(&topology, Path::new("/here/tandem"), &test_secret());
+        let router = launches.last().unwrap().args.join(" ");
+        assert!(
+            router.contains(
+                "--planner --planner-ttft 1.5 --planner-tpot 0.05 --planner-cooldown-secs 20"
+            ),
+            "{router}"
+        );
+        let fixed = text.replace("kv_port = 8201\n", "");
+        let err = crate::topology::parse(&fixed, "t").unwrap_err().to_string();
+        assert!(
+            err.contains("`kv_port` is required with [router.planner]"),
+            "{err}"
+        );
+        let replicated = text
+            .replace("\"prefill\"", "\"both\"")
+            .replace("\"decode\"", "\"both\"");
+        let err = crate::topology::parse(&replicated, "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[router.planner]: the planner moves workers"),
+            "{err}"
+        );
+        let typo = text.replace("cooldown_secs", "cooldown");
+        let err = crate::topology::parse(&typo, "t").unwrap_err().to_string();
+        assert!(err.contains("cooldown"), "{err}");
     }
 
     fn test_secret() -> ClusterSecret {

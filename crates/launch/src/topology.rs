@@ -32,8 +32,54 @@ pub struct RouterSpec {
     pub prefill_policy: Option<String>,
     pub decode_policy: Option<String>,
     pub local_prefill_threshold: Option<usize>,
+    /// `[router.planner]`: the online planner (P/D topologies; docs/planner.md).
+    pub planner: Option<PlannerSpec>,
     /// Extra `tandem route` arguments.
     pub extra_args: Vec<String>,
+}
+
+/// `[router.planner]`: the router runs with `--planner`, and each field becomes its
+/// `--planner-…` flag of the same name (`ttft` and `tpot` in seconds); an empty table
+/// runs the planner on its defaults.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlannerSpec {
+    pub ttft: Option<f64>,
+    pub tpot: Option<f64>,
+    pub percentile: Option<f64>,
+    pub interval_ms: Option<u64>,
+    pub window_secs: Option<u64>,
+    pub min_samples: Option<usize>,
+    pub confirm: Option<u32>,
+    pub cooldown_secs: Option<u64>,
+    pub headroom: Option<f64>,
+    pub drain_limit_secs: Option<u64>,
+}
+
+impl PlannerSpec {
+    /// The `tandem route` flags it stands for.
+    pub fn router_args(&self) -> Vec<String> {
+        let fields: [(&str, Option<String>); 10] = [
+            ("ttft", self.ttft.map(|v| v.to_string())),
+            ("tpot", self.tpot.map(|v| v.to_string())),
+            ("percentile", self.percentile.map(|v| v.to_string())),
+            ("interval-ms", self.interval_ms.map(|v| v.to_string())),
+            ("window-secs", self.window_secs.map(|v| v.to_string())),
+            ("min-samples", self.min_samples.map(|v| v.to_string())),
+            ("confirm", self.confirm.map(|v| v.to_string())),
+            ("cooldown-secs", self.cooldown_secs.map(|v| v.to_string())),
+            ("headroom", self.headroom.map(|v| v.to_string())),
+            (
+                "drain-limit-secs",
+                self.drain_limit_secs.map(|v| v.to_string()),
+            ),
+        ];
+        let set = fields
+            .into_iter()
+            .filter_map(|(name, value)| Some([format!("--planner-{name}"), value?]))
+            .flatten();
+        std::iter::once("--planner".to_owned()).chain(set).collect()
+    }
 }
 
 impl Default for RouterSpec {
@@ -45,6 +91,7 @@ impl Default for RouterSpec {
             prefill_policy: None,
             decode_policy: None,
             local_prefill_threshold: None,
+            planner: None,
             extra_args: Vec::new(),
         }
     }
@@ -362,8 +409,39 @@ fn check(topology: Topology, text: &str, origin: &str) -> Result<Checked, Topolo
     check_roles(&checked)
         .and_then(|()| check_names_and_ports(&checked))
         .and_then(|()| check_addresses(&checked))
+        .and_then(|()| check_movable(&checked))
         .map_err(|(index, message)| invalid(spans[index].clone(), message))?;
+    if checked.router.planner.is_some() && !checked.is_disaggregated() {
+        return Err(invalid(
+            router_span,
+            "[router.planner]: the planner moves workers between prefill and decode pools; \
+             give workers of role \"prefill\" and \"decode\""
+                .into(),
+        ));
+    }
     Ok(checked)
+}
+
+/// With the planner, a built-in decode worker may become a prefill worker: it needs
+/// the KV port a prefill worker serves pulls on.
+fn check_movable(topology: &Checked) -> Result<(), (usize, String)> {
+    if topology.router.planner.is_none() {
+        return Ok(());
+    }
+    let unmovable = topology.workers.iter().position(|w| {
+        w.spec.engine == Engine::Builtin && w.spec.role == Role::Decode && w.spec.kv_port.is_none()
+    });
+    match unmovable {
+        Some(index) => Err((
+            index,
+            format!(
+                "worker `{}`: field `kv_port` is required with [router.planner] (the planner \
+                 may move it to the prefill pool)",
+                topology.workers[index].name
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// `[discovery]` fields that cannot work.
