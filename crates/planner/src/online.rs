@@ -47,7 +47,7 @@ pub struct OnlineConfig {
     pub tpot_secs: f64,
     /// Which percentile of the window is held to the limits (0.9: p90).
     pub percentile: f64,
-    /// Fewer finished requests than this in a window: no verdict.
+    /// Fewer samples of a figure than this in a window: that figure is unknown.
     pub min_samples: usize,
     /// Consecutive identical verdicts before a worker moves.
     pub confirm: u32,
@@ -71,16 +71,16 @@ impl Default for OnlineConfig {
     }
 }
 
-/// What the router saw: the pools' sizes now and the requests finished in the window.
+/// What the router saw: the pools' sizes now and the window's samples.
 #[derive(Debug, Clone, Default)]
 pub struct Observation {
     /// Seconds on the caller's clock (only differences matter).
     pub now_secs: f64,
     pub prefill_workers: usize,
     pub decode_workers: usize,
-    /// Time to first token of each finished request, seconds.
+    /// Times to first token, seconds (one per request).
     pub ttft: Vec<f64>,
-    /// Time per output token of each finished streamed request, seconds.
+    /// Times per output token, seconds (one per stretch of a streamed answer).
     pub tpot: Vec<f64>,
 }
 
@@ -94,7 +94,7 @@ impl Observation {
 }
 
 /// The window's figures against the limits: each is the percentile over its limit
-/// (above 1: missed). `None` when the window has no such samples.
+/// (above 1: missed). `None` when the window has too few such samples.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Pressure {
     pub ttft: Option<f64>,
@@ -124,7 +124,7 @@ pub enum Decision {
 /// Why nothing moves.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Hold {
-    /// Too few finished requests to judge.
+    /// Too few samples of either figure to judge.
     FewSamples { samples: usize },
     /// Both limits are met.
     Meets,
@@ -173,7 +173,7 @@ impl fmt::Display for Decision {
             }
             Decision::CannotMeet { why } => write!(f, "the SLO cannot be met: {why}"),
             Decision::Hold(Hold::FewSamples { samples }) => {
-                write!(f, "too few finished requests to judge ({samples})")
+                write!(f, "too few samples to judge ({samples})")
             }
             Decision::Hold(Hold::Meets) => write!(f, "both limits met"),
             Decision::Hold(Hold::Moving) => write!(f, "a worker is moving"),
@@ -217,16 +217,22 @@ impl Controller {
     /// The window's percentiles over the limits.
     pub fn pressure(&self, observation: &Observation) -> Pressure {
         let p = self.config.percentile;
+        let judged = |values: &[f64], limit: f64| {
+            (values.len() >= self.config.min_samples)
+                .then(|| percentile(values, p))
+                .flatten()
+                .map(|v| v / limit)
+        };
         Pressure {
-            ttft: percentile(&observation.ttft, p).map(|v| v / self.config.ttft_secs),
-            tpot: percentile(&observation.tpot, p).map(|v| v / self.config.tpot_secs),
+            ttft: judged(&observation.ttft, self.config.ttft_secs),
+            tpot: judged(&observation.tpot, self.config.tpot_secs),
         }
     }
 
     /// Judges one window. A `Move` is a promise the caller keeps or reports failed
     /// with [`Controller::moved`]: the cooldown starts when the worker has moved.
     pub fn observe(&mut self, observation: &Observation) -> Decision {
-        let samples = observation.ttft.len();
+        let samples = observation.ttft.len().max(observation.tpot.len());
         if samples < self.config.min_samples {
             return Decision::Hold(Hold::FewSamples { samples });
         }
@@ -504,10 +510,15 @@ mod tests {
         let mut planner = Controller::new(config());
         let mut sparse = window(0.0, 2, 2, 3.0, 0.01);
         sparse.ttft.truncate(3);
+        sparse.tpot.truncate(2);
         assert_eq!(
             planner.observe(&sparse),
             Decision::Hold(Hold::FewSamples { samples: 3 })
         );
+        // Enough TPOT samples, too few TTFT ones: TTFT is unknown, not met.
+        let mut few_ttft = window(0.0, 2, 2, 3.0, 0.5);
+        few_ttft.ttft.truncate(3);
+        assert_eq!(planner.observe(&few_ttft).action(), "no_room");
         let mut unstreamed = window(0.0, 2, 2, 3.0, 0.01);
         unstreamed.tpot.clear();
         assert_eq!(planner.observe(&unstreamed).action(), "no_room");

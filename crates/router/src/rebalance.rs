@@ -1,5 +1,5 @@
 //! The online planner at run time: every interval it counts the P/D pools, takes the
-//! window of finished streamed requests from [`Signals`], asks
+//! window of recent latency samples from [`Signals`], asks
 //! [`tandem_planner::online::Controller`] for a verdict, counts it in metrics, keeps
 //! it in the [`Journal`] (`GET /planner`), logs it when the verdict changes, and
 //! carries out a move with [`membership::move_worker`] (drain, then the new role; no
@@ -32,7 +32,8 @@ pub struct Entry {
     pub detail: String,
     pub prefill_workers: usize,
     pub decode_workers: usize,
-    pub samples: usize,
+    pub ttft_samples: usize,
+    pub tpot_samples: usize,
     /// The window's percentile of TTFT and TPOT, seconds.
     pub ttft: Option<f64>,
     pub tpot: Option<f64>,
@@ -177,7 +178,8 @@ fn record(controller: &Controller, observation: &Observation, decision: &Decisio
         detail: decision.to_string(),
         prefill_workers: observation.prefill_workers,
         decode_workers: observation.decode_workers,
-        samples: observation.ttft.len(),
+        ttft_samples: observation.ttft.len(),
+        tpot_samples: observation.tpot.len(),
         ttft,
         tpot,
         worker: None,

@@ -149,7 +149,6 @@ pub struct RequestTimer {
     signals: Option<Arc<Signals>>,
     /// The answer is a successful event stream (only those are signals).
     ok_stream: bool,
-    first_byte_secs: Option<f64>,
     events: EventClock,
 }
 
@@ -161,7 +160,6 @@ impl RequestTimer {
             prediction: None,
             signals: None,
             ok_stream: false,
-            first_byte_secs: None,
             events: EventClock::default(),
         }
     }
@@ -216,8 +214,10 @@ impl RequestTimer {
         self.first_byte();
         if is_sse {
             self.check_chunk(chunk);
-            if self.signals.is_some() {
-                self.events.chunk(chunk);
+            if let (true, Some(signals)) = (self.ok_stream, &self.signals)
+                && let Some(tpot) = self.events.chunk(chunk)
+            {
+                signals.record_tpot(tpot);
             }
         }
     }
@@ -226,8 +226,10 @@ impl RequestTimer {
         if !self.first_byte_seen {
             self.first_byte_seen = true;
             let secs = self.arrival.elapsed().as_secs_f64();
-            self.first_byte_secs = Some(secs);
             metrics::histogram!(names::TIME_TO_FIRST_BYTE_SECONDS).record(secs);
+            if let (true, Some(signals)) = (self.ok_stream, &self.signals) {
+                signals.record_ttft(secs);
+            }
         }
     }
 }
@@ -401,10 +403,10 @@ impl Stream for RelayBody {
 impl Drop for RequestTimer {
     fn drop(&mut self) {
         metrics::histogram!(names::E2E_SECONDS).record(self.arrival.elapsed().as_secs_f64());
-        if let (true, Some(signals), Some(ttft)) =
-            (self.ok_stream, &self.signals, self.first_byte_secs)
+        if let (true, Some(signals)) = (self.ok_stream, &self.signals)
+            && let Some(tpot) = self.events.rest(Instant::now())
         {
-            signals.record(ttft, self.events.per_event_secs());
+            signals.record_tpot(tpot);
         }
     }
 }

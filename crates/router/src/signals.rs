@@ -1,33 +1,31 @@
-//! What the online planner reads: each finished streamed request's time to first
-//! token and time per output token as the router saw them, kept for a bounded recent
-//! past. The relayed body records into it; the planner takes the samples of a window.
+//! What the online planner reads, as the router sees it happen: each successful
+//! streamed answer's time to first token (recorded when the first token is relayed)
+//! and its time per output token (the mean gap between its SSE events, recorded for
+//! every [`TPOT_SEGMENT`] tokens and for the rest at the end, so a long answer is
+//! judged while it streams, not only once it has finished). Kept for a bounded recent
+//! past; the planner takes a window of it.
 //!
 //! Only streamed answers count: a whole answer's first byte is its last, so its time
-//! to first token is unknown to the router. Time per output token is the mean gap
-//! between the answer's SSE events after the first (a worker sends one per token).
+//! to first token is unknown to the router.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Instant;
 
-/// Samples kept at most; the oldest go first.
+/// Samples kept at most, of each kind; the oldest go first.
 const CAPACITY: usize = 16_384;
 
-/// One finished streamed request.
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    finished: Instant,
-    ttft_secs: f64,
-    tpot_secs: Option<f64>,
-}
+/// Output tokens per TPOT sample.
+pub const TPOT_SEGMENT: u32 = 16;
 
-/// The recent finished requests, shared by every router thread.
+/// The recent samples, shared by every router thread.
 #[derive(Debug, Default)]
 pub struct Signals {
-    samples: Mutex<VecDeque<Sample>>,
+    ttft: Mutex<VecDeque<(Instant, f64)>>,
+    tpot: Mutex<VecDeque<(Instant, f64)>>,
 }
 
-/// The samples of a window, each figure in seconds.
+/// The samples of a window, each in seconds.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Window {
     pub ttft: Vec<f64>,
@@ -35,57 +33,79 @@ pub struct Window {
 }
 
 impl Signals {
-    pub fn record(&self, ttft_secs: f64, tpot_secs: Option<f64>) {
-        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
-        if samples.len() == CAPACITY {
-            samples.pop_front();
-        }
-        samples.push_back(Sample {
-            finished: Instant::now(),
-            ttft_secs,
-            tpot_secs,
-        });
+    pub fn record_ttft(&self, secs: f64) {
+        push(&self.ttft, secs);
     }
 
-    /// The requests finished after `since`.
+    pub fn record_tpot(&self, secs: f64) {
+        push(&self.tpot, secs);
+    }
+
+    /// The samples recorded after `since`, newest first.
     pub fn window(&self, since: Instant) -> Window {
-        let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
-        let recent = samples.iter().rev().take_while(|s| s.finished > since);
-        let mut window = Window::default();
-        for sample in recent {
-            window.ttft.push(sample.ttft_secs);
-            window.tpot.extend(sample.tpot_secs);
+        Window {
+            ttft: after(&self.ttft, since),
+            tpot: after(&self.tpot, since),
         }
-        window
     }
 }
 
-/// Counts the SSE events of a relayed stream and when the first and last came.
+fn push(samples: &Mutex<VecDeque<(Instant, f64)>>, secs: f64) {
+    let mut samples = samples.lock().unwrap_or_else(|e| e.into_inner());
+    if samples.len() == CAPACITY {
+        samples.pop_front();
+    }
+    samples.push_back((Instant::now(), secs));
+}
+
+fn after(samples: &Mutex<VecDeque<(Instant, f64)>>, since: Instant) -> Vec<f64> {
+    let samples = samples.lock().unwrap_or_else(|e| e.into_inner());
+    samples
+        .iter()
+        .rev()
+        .take_while(|(at, _)| *at > since)
+        .map(|(_, secs)| *secs)
+        .collect()
+}
+
+/// Times the SSE events of one relayed stream, a segment of tokens at a time.
 #[derive(Debug, Default)]
 pub(crate) struct EventClock {
-    events: u32,
-    first: Option<Instant>,
-    last: Option<Instant>,
+    /// When the segment's first event came.
+    segment_start: Option<Instant>,
+    /// Events since then.
+    segment_events: u32,
 }
 
 impl EventClock {
-    /// Notes the `data:` events of one relayed chunk (`[DONE]` is not a token).
-    pub fn chunk(&mut self, chunk: &[u8]) {
+    /// Notes the `data:` events of one relayed chunk (`[DONE]` is not a token); the
+    /// mean gap of a segment once it has [`TPOT_SEGMENT`] events.
+    pub fn chunk(&mut self, chunk: &[u8]) -> Option<f64> {
         let events = count(chunk, b"data:").saturating_sub(count(chunk, b"[DONE]"));
         if events == 0 {
-            return;
+            return None;
         }
         let now = Instant::now();
-        self.first.get_or_insert(now);
-        self.last = Some(now);
-        self.events += events as u32;
+        let Some(start) = self.segment_start else {
+            self.segment_start = Some(now);
+            self.segment_events = events as u32 - 1;
+            return None;
+        };
+        self.segment_events += events as u32;
+        if self.segment_events < TPOT_SEGMENT {
+            return None;
+        }
+        let mean = now.duration_since(start).as_secs_f64() / f64::from(self.segment_events);
+        self.segment_start = Some(now);
+        self.segment_events = 0;
+        Some(mean)
     }
 
-    /// Mean seconds between the events after the first, if there were two or more.
-    pub fn per_event_secs(&self) -> Option<f64> {
-        let (first, last) = (self.first?, self.last?);
-        (self.events > 1)
-            .then(|| last.duration_since(first).as_secs_f64() / f64::from(self.events - 1))
+    /// The mean gap of the unfinished segment, when the stream has ended.
+    pub fn rest(&self, end: Instant) -> Option<f64> {
+        let start = self.segment_start?;
+        (self.segment_events > 0)
+            .then(|| end.duration_since(start).as_secs_f64() / f64::from(self.segment_events))
     }
 }
 
@@ -101,13 +121,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_window_holds_what_finished_after_its_start() {
+    fn a_window_holds_what_was_recorded_after_its_start() {
         let signals = Signals::default();
-        signals.record(1.0, Some(0.1));
+        signals.record_ttft(1.0);
         let start = Instant::now();
         std::thread::sleep(std::time::Duration::from_millis(2));
-        signals.record(2.0, None);
-        signals.record(3.0, Some(0.3));
+        signals.record_ttft(2.0);
+        signals.record_tpot(0.3);
+        signals.record_ttft(3.0);
         assert_eq!(
             signals.window(start),
             Window {
@@ -118,14 +139,17 @@ mod tests {
     }
 
     #[test]
-    fn events_are_counted_without_done() {
+    fn a_segment_of_events_gives_one_sample_and_the_rest_another() {
         let mut clock = EventClock::default();
-        clock.chunk(b"data: {\"a\":1}\n\n");
-        assert_eq!(clock.per_event_secs(), None);
-        clock.chunk(b"data: {\"a\":2}\n\ndata: {\"a\":3}\n\ndata: [DONE]\n\n");
-        assert_eq!(clock.events, 3);
-        assert!(clock.per_event_secs().is_some());
-        clock.chunk(b": keep-alive\n\n");
-        assert_eq!(clock.events, 3);
+        assert_eq!(clock.chunk(b"data: {\"a\":0}\n\n"), None);
+        assert_eq!(clock.chunk(b": keep-alive\n\n"), None);
+        for _ in 0..TPOT_SEGMENT - 1 {
+            assert_eq!(clock.chunk(b"data: {}\n\n"), None);
+        }
+        assert!(clock.chunk(b"data: {}\n\n").is_some());
+        assert_eq!(clock.rest(Instant::now()), None);
+        clock.chunk(b"data: {}\n\ndata: {}\n\ndata: [DONE]\n\n");
+        assert_eq!(clock.segment_events, 2);
+        assert!(clock.rest(Instant::now()).is_some());
     }
 }
