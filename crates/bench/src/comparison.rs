@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use crate::plot::{Figure, Panel, PlotError, Series};
 use crate::stats::{Distribution, Summary};
 use crate::suite::{LoadPoint, Scenario};
+use crate::timeline::{self, Timeline};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -55,6 +56,8 @@ pub struct Run {
     pub summary: Summary,
     /// The run as `tandem bench --json` writes it.
     pub document: Value,
+    /// The run over time (shift workloads, and runs with the online planner).
+    pub timeline: Option<Timeline>,
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +130,9 @@ impl Comparison {
                         let mut doc = run.document.clone();
                         doc["topology"] = json!(run.topology);
                         doc["load"] = json!(run.load);
+                        if let Some(timeline) = &run.timeline {
+                            doc["timeline"] = json!(timeline);
+                        }
                         doc
                     })
                     .collect();
@@ -225,8 +231,116 @@ impl ScenarioResults {
                 out.push_str(&format!("![{} {kind}]({stem}.svg)\n\n", s.name));
             }
         }
+        out.push_str(&self.timelines_markdown(baseline, topologies, figures));
         out.push_str(&self.percentile_table(topologies));
         out
+    }
+
+    /// Per load with timelines: requests meeting the SLO over the whole run, with
+    /// ratios to the baseline and to the best topology without a planner; the
+    /// planner's moves; the timeline figure.
+    fn timelines_markdown(
+        &self,
+        baseline: &str,
+        topologies: &[TopologyEntry],
+        figures: &[String],
+    ) -> String {
+        let mut out = String::new();
+        for (index, load) in self.scenario.points().into_iter().enumerate() {
+            let runs: Vec<&Run> = topologies
+                .iter()
+                .filter_map(|t| self.run_at(&t.name, &load))
+                .filter(|r| r.timeline.is_some())
+                .collect();
+            if runs.is_empty() {
+                continue;
+            }
+            let met = |run: &Run| run.timeline.as_ref().map_or(0, Timeline::met);
+            let planned = |run: &Run| {
+                run.timeline
+                    .as_ref()
+                    .is_some_and(|t| !t.moves.is_empty() || t.pools.len() > 1)
+            };
+            let base = runs
+                .iter()
+                .find(|r| r.topology == baseline)
+                .map(|r| met(r) as f64);
+            let best_static = runs
+                .iter()
+                .filter(|r| !planned(r))
+                .max_by_key(|r| met(r))
+                .map(|r| (r.topology.clone(), met(r) as f64));
+            out.push_str(&format!(
+                "Over the whole run at {}: requests meeting the SLO{}.\n\n| topology | met SLO | share | goodput (req/s) | vs {baseline} |{} layout changes |\n|---|---|---|---|---|{}---|\n",
+                load.label(),
+                best_static.as_ref().map_or(String::new(), |(name, _)| format!(" (best layout that does not change: **{name}**)")),
+                best_static.as_ref().map_or(String::new(), |(name, _)| format!(" vs {name} |")),
+                if best_static.is_some() { "---|" } else { "" },
+            ));
+            for run in &runs {
+                let total = run.timeline.as_ref().map_or(0, |t| t.requests.len());
+                let versus_best = best_static.as_ref().map_or(String::new(), |(_, best)| {
+                    format!(" {} |", ratio(met(run) as f64, Some(*best)))
+                });
+                let changes = run
+                    .timeline
+                    .as_ref()
+                    .map_or(0, |t| t.moves.iter().filter(|m| m.moved).count());
+                out.push_str(&format!(
+                    "| {} | {} | {:.0}% | {} | {} |{versus_best} {changes} |\n",
+                    run.topology,
+                    met(run),
+                    100.0 * met(run) as f64 / total.max(1) as f64,
+                    run.summary
+                        .request_goodput
+                        .map_or("–".into(), |g| format!("{g:.2}")),
+                    ratio(met(run) as f64, base),
+                ));
+            }
+            out.push('\n');
+            for run in runs.iter().filter(|r| planned(r)) {
+                for m in run.timeline.iter().flat_map(|t| &t.moves) {
+                    let outcome = if m.moved { "" } else { " (given up)" };
+                    out.push_str(&format!(
+                        "- {} at {:.0} s: {}{outcome} ({})\n",
+                        run.topology, m.at, m.detail, m.worker
+                    ));
+                }
+            }
+            let stem = self.timeline_stem(index);
+            if figures.contains(&stem) {
+                out.push_str(&format!(
+                    "\n![{} timeline]({stem}.svg)\n\n",
+                    self.scenario.name
+                ));
+            }
+        }
+        out
+    }
+
+    fn timeline_stem(&self, load_index: usize) -> String {
+        if self.scenario.points().len() > 1 {
+            format!("{}-timeline-{}", self.scenario.name, load_index + 1)
+        } else {
+            format!("{}-timeline", self.scenario.name)
+        }
+    }
+
+    /// One timeline figure per load whose runs have timelines.
+    fn timeline_figures(&self, topologies: &[&str]) -> Vec<(String, Figure)> {
+        let mut figures = Vec::new();
+        for (index, load) in self.scenario.points().into_iter().enumerate() {
+            let runs: Vec<(&str, &Timeline)> = topologies
+                .iter()
+                .filter_map(|t| Some((*t, self.run_at(t, &load)?.timeline.as_ref()?)))
+                .collect();
+            if runs.is_empty() {
+                continue;
+            }
+            let title = format!("{} at {}: over time", self.scenario.name, load.label());
+            figures.push((self.timeline_stem(index), timeline::figure(&title, &runs)));
+        }
+        figures
     }
 
     /// One row per load and topology: counts, throughput and latency, with ratios to the
@@ -416,6 +530,7 @@ impl ScenarioResults {
             }
         }
         figures.push((format!("{name}-latency"), self.latency_figure(topologies)));
+        figures.extend(self.timeline_figures(topologies));
         figures
     }
 
@@ -533,6 +648,14 @@ fn workload_line(s: &Scenario) -> String {
             s.num_prompts, s.turns, s.prefix_len, s.input_len, s.output_len
         ),
         Sharegpt => format!("{} ShareGPT conversations' first turns", s.num_prompts),
+        Shift => format!(
+            "{} random prompts shifting halfway from {} words / {} tokens out to {} / {}",
+            s.num_prompts,
+            s.input_len,
+            s.output_len,
+            s.shift_input_len.unwrap_or(s.input_len),
+            s.shift_output_len.unwrap_or(s.output_len)
+        ),
     };
     let loads: Vec<String> = s.points().iter().map(LoadPoint::label).collect();
     let slo = if s.goodput.is_empty() {

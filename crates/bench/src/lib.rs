@@ -9,6 +9,8 @@
 //! - [`suite`]: the scenarios a comparison runs (TOML).
 //! - [`comparison`]: a comparison's results, `report.md` and `results.json`.
 //! - [`plot`]: its charts, PNG and SVG.
+//! - [`timeline`]: one run over time (latencies by send time, the P/D layout, the
+//!   planner's moves).
 
 pub mod client;
 pub mod comparison;
@@ -17,6 +19,7 @@ pub mod profile;
 pub mod report;
 pub mod stats;
 pub mod suite;
+pub mod timeline;
 pub mod validate;
 pub mod workload;
 

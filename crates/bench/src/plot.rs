@@ -12,6 +12,8 @@ use plotters::prelude::*;
 /// Pixel size of one panel.
 const PANEL: (u32, u32) = (640, 420);
 const FONT: &str = "sans-serif";
+/// Lines with more points than this are drawn without markers.
+const MAX_MARKED_POINTS: usize = 40;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
@@ -138,9 +140,12 @@ impl Panel {
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
                 });
-            chart
-                .draw_series(points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
-                .map_err(error)?;
+            // Markers show a sweep's few measured points; on a dense line they only blot.
+            if points.len() <= MAX_MARKED_POINTS {
+                chart
+                    .draw_series(points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
+                    .map_err(error)?;
+            }
         }
         chart
             .configure_series_labels()

@@ -124,7 +124,7 @@ impl Slo {
     }
 
     /// vLLM's rule: good iff every given SLO ≥ the measured value (TPOT 0 for 1 token).
-    fn met_by(&self, record: &RequestRecord) -> bool {
+    pub fn met_by(&self, record: &RequestRecord) -> bool {
         let within = |slo: Option<f64>, seconds: f64| slo.is_none_or(|ms| ms >= seconds * 1e3);
         within(self.ttft_ms, record.ttft)
             && within(self.tpot_ms, record.tpot().unwrap_or(0.0))

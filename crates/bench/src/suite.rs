@@ -52,16 +52,21 @@ pub enum WorkloadKind {
     MultiTurn,
     /// First turns of a ShareGPT-format file.
     Sharegpt,
+    /// Random prompts whose lengths change halfway: the first half of `num_prompts`
+    /// with `input_len`/`output_len`, the second with `shift_input_len`/
+    /// `shift_output_len`, on one arrival schedule (what the online planner is for).
+    Shift,
 }
 
 impl WorkloadKind {
-    pub const ALL: [WorkloadKind; 6] = [
+    pub const ALL: [WorkloadKind; 7] = [
         WorkloadKind::SeedSingle,
         WorkloadKind::SeedBatch,
         WorkloadKind::Random,
         WorkloadKind::SharedPrefix,
         WorkloadKind::MultiTurn,
         WorkloadKind::Sharegpt,
+        WorkloadKind::Shift,
     ];
 
     /// Its name in files and flags.
@@ -73,6 +78,7 @@ impl WorkloadKind {
             WorkloadKind::SharedPrefix => "shared-prefix",
             WorkloadKind::MultiTurn => "multi-turn",
             WorkloadKind::Sharegpt => "sharegpt",
+            WorkloadKind::Shift => "shift",
         }
     }
 }
@@ -106,6 +112,10 @@ pub struct Scenario {
     #[serde(default = "defaults::turns")]
     pub turns: usize,
     pub dataset_path: Option<PathBuf>,
+    /// The shift workload's second half: prompt length…
+    pub shift_input_len: Option<usize>,
+    /// …and output tokens.
+    pub shift_output_len: Option<usize>,
     /// Concurrency limits to run at, one run each.
     #[serde(default)]
     pub concurrency: Vec<usize>,
@@ -299,6 +309,17 @@ impl Scenario {
         if self.workload == WorkloadKind::Sharegpt && self.dataset_path.is_none() {
             return Err(invalid("the sharegpt workload needs dataset_path"));
         }
+        if self.workload == WorkloadKind::Shift {
+            match (self.shift_input_len, self.shift_output_len) {
+                (Some(_), Some(0)) => return Err(invalid("shift_output_len must be positive")),
+                (Some(_), Some(_)) => {}
+                _ => {
+                    return Err(invalid(
+                        "the shift workload needs shift_input_len and shift_output_len",
+                    ));
+                }
+            }
+        }
         self.slo()?;
         Ok(())
     }
@@ -351,7 +372,10 @@ impl Scenario {
     pub fn ignores_eos(&self) -> bool {
         self.ignore_eos.unwrap_or(matches!(
             self.workload,
-            WorkloadKind::Random | WorkloadKind::SharedPrefix | WorkloadKind::MultiTurn
+            WorkloadKind::Random
+                | WorkloadKind::SharedPrefix
+                | WorkloadKind::MultiTurn
+                | WorkloadKind::Shift
         ))
     }
 
@@ -393,6 +417,19 @@ impl Scenario {
                 self.output_len,
                 self.seed,
             ),
+            WorkloadKind::Shift => {
+                let second = (
+                    self.shift_input_len.unwrap_or(self.input_len),
+                    self.shift_output_len.unwrap_or(self.output_len),
+                );
+                single(workload::shifted(
+                    self.num_prompts,
+                    (self.input_len, self.output_len),
+                    second,
+                    self.range_ratio,
+                    self.seed,
+                ))
+            }
             WorkloadKind::Sharegpt => {
                 let Some(path) = self.dataset_path.as_deref() else {
                     return Err(SuiteError::Invalid {

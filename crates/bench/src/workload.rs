@@ -76,6 +76,27 @@ pub fn random(
         .collect()
 }
 
+/// `count` random prompts, the first half of `first` (prompt words, output tokens)
+/// and the rest of `second`: a load that shifts halfway.
+pub fn shifted(
+    count: usize,
+    first: (usize, usize),
+    second: (usize, usize),
+    ratio: f64,
+    seed: u64,
+) -> Vec<Prompt> {
+    let half = count / 2;
+    let mut prompts = random(half, first.0, first.1, ratio, seed);
+    prompts.extend(random(
+        count - half,
+        second.0,
+        second.1,
+        ratio,
+        seed.wrapping_add(1),
+    ));
+    prompts
+}
+
 /// `count` prompts that start with one of `groups` prefixes of `prefix_len` words (a
 /// system prompt, say; prompt `i` takes prefix `i % groups`) and then differ for
 /// `input_len` words: what prefix caching and cache-aware routing are for. With several

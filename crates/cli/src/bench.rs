@@ -26,7 +26,8 @@ pub struct BenchArgs {
     /// random: --num-prompts prompts of --input-len/--output-len tokens; shared-prefix:
     /// the same, behind a common --prefix-len prefix; multi-turn: --num-prompts
     /// conversations of --turns turns behind a common prefix, each turn sent with the
-    /// transcript so far; sharegpt: --dataset-path.
+    /// transcript so far; sharegpt: --dataset-path; shift: random prompts whose
+    /// lengths change halfway to --shift-input-len/--shift-output-len.
     #[arg(long, value_parser = parse_workload, default_value = "seed-batch")]
     workload: WorkloadKind,
     /// Prompts (conversations for multi-turn).
@@ -56,6 +57,14 @@ pub struct BenchArgs {
     /// Output tokens per request (the seed tests use 100).
     #[arg(long, default_value_t = 100)]
     output_len: usize,
+    /// The shift workload's second half: prompt length (the first half uses
+    /// --input-len).
+    #[arg(long)]
+    shift_input_len: Option<usize>,
+    /// The shift workload's second half: output tokens (the first half uses
+    /// --output-len).
+    #[arg(long)]
+    shift_output_len: Option<usize>,
     /// Lengths vary uniformly within ±ratio (random workload).
     #[arg(long, default_value_t = 0.0)]
     range_ratio: f64,
@@ -147,6 +156,14 @@ fn check_flags(args: &BenchArgs) -> Result<()> {
         if value == 0 {
             bail!("{flag} must be at least 1");
         }
+    }
+    if args.workload == WorkloadKind::Shift
+        && (args.shift_input_len.is_none() || args.shift_output_len.is_none())
+    {
+        bail!("--workload shift needs --shift-input-len and --shift-output-len (the second half)");
+    }
+    if args.shift_output_len == Some(0) {
+        bail!("--shift-output-len must be at least 1");
     }
     if args.workload == WorkloadKind::Sharegpt && args.dataset_path.is_none() {
         bail!(
@@ -257,6 +274,8 @@ fn scenario_of(args: &BenchArgs) -> Scenario {
         prefix_groups: args.prefix_groups,
         turns: args.turns,
         dataset_path: args.dataset_path.clone(),
+        shift_input_len: args.shift_input_len,
+        shift_output_len: args.shift_output_len,
         concurrency: Vec::new(),
         rates: Vec::new(),
         burstiness: args.burstiness,

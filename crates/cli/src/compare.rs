@@ -15,7 +15,8 @@ use clap::Args;
 use tandem_bench::client::{Api, Prompt, Target};
 use tandem_bench::comparison::{Comparison, Run, Setup, TopologyEntry};
 use tandem_bench::report::{self, RunInfo};
-use tandem_bench::suite::{LoadPoint, Scenario, Suite};
+use tandem_bench::suite::{LoadPoint, Scenario, Suite, WorkloadKind};
+use tandem_bench::timeline::Timeline;
 use tandem_bench::{Progress, Traffic, stats};
 use tandem_launch::plan::{self, Launch};
 use tandem_launch::run;
@@ -109,6 +110,20 @@ pub fn run(args: CompareArgs) -> Result<()> {
         })
         .collect();
     let mut comparison = Comparison::new(setup(&args, &topologies), entries, &scenarios);
+    // Routers with the online planner get an admin token, to read the planner's
+    // journal after each run; given in the environment, after the report's command
+    // lines were taken, so no report shows it.
+    let admin_token = ClusterSecret::generate()?;
+    let mut plans = plans;
+    for ((_, topology), launches) in topologies.iter().zip(&mut plans) {
+        if topology.router.planner.is_some()
+            && let Some(router) = launches.iter_mut().find(|l| l.name == "router")
+        {
+            router
+                .env
+                .push(("TANDEM_ADMIN_TOKEN".into(), admin_token.expose().to_owned()));
+        }
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     run::stop_on_signals(&STOP);
@@ -121,7 +136,18 @@ pub fn run(args: CompareArgs) -> Result<()> {
             break;
         }
         eprintln!("\n=== {name}: {} ===", describe(topology));
-        let measured = measure_topology(&args, &runtime, name, launches, &mut comparison);
+        let planner_token = topology
+            .router
+            .planner
+            .is_some()
+            .then_some(admin_token.expose());
+        let measured = measure_topology(
+            &args,
+            &runtime,
+            (name, topology, launches),
+            planner_token,
+            &mut comparison,
+        );
         if let Err(error) = measured {
             eprintln!("{name} could not be measured: {error:#}");
             comparison.topologies[index].error = Some(format!("{error:#}"));
@@ -401,8 +427,8 @@ fn setup(args: &CompareArgs, topologies: &[(String, Checked)]) -> Setup {
 fn measure_topology(
     args: &CompareArgs,
     runtime: &tokio::runtime::Runtime,
-    name: &str,
-    launches: &[Launch],
+    (name, topology, launches): (&str, &Checked, &[Launch]),
+    planner_token: Option<&str>,
     comparison: &mut Comparison,
 ) -> Result<()> {
     let log_dir = args.out.join("logs").join(name);
@@ -449,6 +475,7 @@ fn measure_topology(
             let label = format!("{name} · {} · {}", scenario.name, load.label());
             let progress = Progress::stderr(requests, &label);
             let target = target(scenario.ignores_eos());
+            let run_start = unix_now();
             let run = tandem_bench::run_conversations(&target, &conversations, &traffic, &progress);
             let finished = runtime.block_on(until_stopped(run));
             progress.done();
@@ -465,17 +492,76 @@ fn measure_topology(
                 summary.tpot.median
             );
             let info = run_info(&target, &scenario, &load, requests);
+            let wants_timeline =
+                scenario.workload == WorkloadKind::Shift || planner_token.is_some();
+            let timeline = wants_timeline.then(|| {
+                let requests = Timeline::of_requests(&records, slo.as_ref());
+                match planner_token {
+                    Some(token) => match planner_journal(&endpoint, token, run_start) {
+                        Ok(journal) => requests.with_planner_journal(&journal, run_start),
+                        Err(error) => {
+                            eprintln!("{label}: no planner journal: {error:#}");
+                            requests
+                        }
+                    },
+                    None => {
+                        let (prefill, decode) = pool_sizes(topology);
+                        requests.with_fixed_pools(prefill, decode)
+                    }
+                }
+            });
             results.runs.push(Run {
                 topology: name.to_owned(),
                 load,
                 document: report::json(&info, &summary, &records, false),
                 summary,
+                timeline,
             });
             stack.check_alive()?;
         }
     }
     stack.stop();
     Ok(())
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The router's `GET /planner` answer: the planner's verdicts since `since` (Unix s).
+fn planner_journal(endpoint: &str, token: &str, since: f64) -> Result<serde_json::Value> {
+    let agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .new_agent();
+    let mut answer = agent
+        .get(&format!("{endpoint}/planner?since={since}"))
+        .header("Authorization", &format!("Bearer {token}"))
+        .call()
+        .context("asking the router for its planner journal")?;
+    let text = answer
+        .body_mut()
+        .read_to_string()
+        .context("reading the planner journal")?;
+    serde_json::from_str(&text).context("parsing the planner journal")
+}
+
+/// A topology's fixed layout as (prefill, decode) pool sizes; replicas count as
+/// decode workers (each decodes what it prefilled).
+fn pool_sizes(topology: &Checked) -> (usize, usize) {
+    let count = |role: Role| {
+        topology
+            .workers
+            .iter()
+            .filter(|w| w.spec.role == role)
+            .count()
+    };
+    (
+        count(Role::Prefill),
+        count(Role::Decode) + count(Role::Both),
+    )
 }
 
 /// `work`'s output, or `None` once a signal sets `STOP` (the requests still in flight
