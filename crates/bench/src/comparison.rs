@@ -256,11 +256,7 @@ impl ScenarioResults {
                 continue;
             }
             let met = |run: &Run| run.timeline.as_ref().map_or(0, Timeline::met);
-            let planned = |run: &Run| {
-                run.timeline
-                    .as_ref()
-                    .is_some_and(|t| !t.moves.is_empty() || t.pools.len() > 1)
-            };
+            let planned = |run: &Run| run.timeline.as_ref().is_some_and(|t| t.planner);
             let base = runs
                 .iter()
                 .find(|r| r.topology == baseline)
@@ -270,10 +266,13 @@ impl ScenarioResults {
                 .filter(|r| !planned(r))
                 .max_by_key(|r| met(r))
                 .map(|r| (r.topology.clone(), met(r) as f64));
+            let best_name = best_static.as_ref().map(|(name, _)| name.clone());
+            // When the best is the baseline, its column says it already.
+            let best_static = best_static.filter(|(name, _)| name != baseline);
             out.push_str(&format!(
                 "Over the whole run at {}: requests meeting the SLO{}.\n\n| topology | met SLO | share | goodput (req/s) | vs {baseline} |{} layout changes |\n|---|---|---|---|---|{}---|\n",
                 load.label(),
-                best_static.as_ref().map_or(String::new(), |(name, _)| format!(" (best layout that does not change: **{name}**)")),
+                best_name.map_or(String::new(), |name| format!(" (best layout that does not change: **{name}**)")),
                 best_static.as_ref().map_or(String::new(), |(name, _)| format!(" vs {name} |")),
                 if best_static.is_some() { "---|" } else { "" },
             ));

@@ -182,8 +182,14 @@ fn tick(value: f64) -> String {
         format!("{value:.0}")
     } else if value.abs() >= 10.0 {
         format!("{value:.1}")
-    } else {
+    } else if value.abs() >= 0.1 {
         format!("{value:.2}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_owned()
+    } else {
+        // Small values (seconds per token) keep their first significant digits.
+        format!("{value:.4}")
             .trim_end_matches('0')
             .trim_end_matches('.')
             .to_owned()

@@ -41,6 +41,9 @@ pub struct Move {
 /// A run's timeline.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Timeline {
+    /// Whether an online planner ran (its layout could change).
+    #[serde(default)]
+    pub planner: bool,
     pub requests: Vec<RequestPoint>,
     pub pools: Vec<PoolPoint>,
     pub moves: Vec<Move>,
@@ -79,6 +82,7 @@ impl Timeline {
     /// The layout over time from the router's `GET /planner` answer; `run_start` is
     /// the run's start in Unix seconds (the journal's clock).
     pub fn with_planner_journal(mut self, journal: &Value, run_start: f64) -> Self {
+        self.planner = true;
         let decisions = journal["decisions"].as_array().cloned().unwrap_or_default();
         let mut last: Option<(usize, usize)> = None;
         for decision in &decisions {
@@ -112,8 +116,13 @@ impl Timeline {
         self.requests.iter().filter(|r| r.met_slo).count()
     }
 
-    /// The rolling median of `value` over [`ROLLING`] requests, by start time.
-    fn rolling(&self, value: impl Fn(&RequestPoint) -> Option<f64>) -> Vec<(f64, f64)> {
+    /// `value` over [`ROLLING`] requests at a time, by start time, reduced by `reduce`
+    /// (each point at the window's last start).
+    fn rolling(
+        &self,
+        value: impl Fn(&RequestPoint) -> Option<f64>,
+        reduce: fn(&mut [f64]) -> f64,
+    ) -> Vec<(f64, f64)> {
         let points: Vec<(f64, f64)> = self
             .requests
             .iter()
@@ -123,8 +132,7 @@ impl Timeline {
             .windows(ROLLING.min(points.len()).max(1))
             .map(|window| {
                 let mut values: Vec<f64> = window.iter().map(|(_, v)| *v).collect();
-                values.sort_by(f64::total_cmp);
-                (window[window.len() - 1].0, values[values.len() / 2])
+                (window[window.len() - 1].0, reduce(&mut values))
             })
             .collect()
     }
@@ -143,6 +151,15 @@ impl Timeline {
         }
         steps
     }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn mean(values: &mut [f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len() as f64
 }
 
 /// The figure of a scenario's runs at one load: rolling TTFT and TPOT, the share of
@@ -169,23 +186,19 @@ pub fn figure(title: &str, runs: &[(&str, &Timeline)]) -> Figure {
                 title: format!("TTFT, rolling median of {ROLLING} requests"),
                 x_label: x.clone(),
                 y_label: "s".into(),
-                series: series(&|t| t.rolling(|r| Some(r.ttft))),
+                series: series(&|t| t.rolling(|r| Some(r.ttft), median)),
             },
             Panel {
                 title: format!("TPOT, rolling median of {ROLLING} requests"),
                 x_label: x.clone(),
                 y_label: "s".into(),
-                series: series(&|t| t.rolling(|r| r.tpot)),
+                series: series(&|t| t.rolling(|r| r.tpot, median)),
             },
             Panel {
-                title: format!("share meeting the SLO, rolling over {ROLLING} requests"),
+                title: format!("share meeting the SLO, rolling mean of {ROLLING} requests"),
                 x_label: x.clone(),
                 y_label: "share".into(),
-                series: series(&|t| {
-                    t.rolling(|r| Some(if r.met_slo { 1.0 } else { 0.0 }))
-                        .into_iter()
-                        .collect()
-                }),
+                series: series(&|t| t.rolling(|r| Some(f64::from(u8::from(r.met_slo))), mean)),
             },
             Panel {
                 title: "decode workers (the rest prefill)".into(),
@@ -236,10 +249,14 @@ mod tests {
         let starts: Vec<f64> = timeline.requests.iter().map(|r| r.start).collect();
         assert_eq!(starts, [0.0, 1.0, 2.0]);
         assert_eq!(timeline.met(), 1);
+        assert!(timeline.planner);
         assert_eq!(timeline.pools.len(), 2);
         assert_eq!((timeline.pools[1].at, timeline.pools[1].decode), (2.0, 2));
         assert_eq!(timeline.moves.len(), 1);
         assert_eq!(timeline.moves[0].at, 1.0);
+        let share = timeline.rolling(|r| Some(f64::from(u8::from(r.met_slo))), mean);
+        assert_eq!(share.len(), 1);
+        assert!((share[0].1 - 1.0 / 3.0).abs() < 1e-12);
         assert_eq!(
             timeline.decode_steps(5.0),
             [(0.5, 1.0), (2.0, 1.0), (2.0, 2.0), (5.0, 2.0)]

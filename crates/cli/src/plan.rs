@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use tandem_bench::profile::{self, WorkerPlan};
+use tandem_launch::generate::{Generated, GeneratedWorker};
+use tandem_launch::topology::{PlannerSpec, Role as TopologyRole};
+use tandem_planner::layout::Role as PlannedRole;
 use tandem_planner::profile::HandoffCost;
 use tandem_planner::{Arrival, Layout, LengthDist, Profile, Slo, Workload};
 
@@ -116,6 +119,17 @@ pub struct RankArgs {
     /// Also write each layout's figures as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Writes the recommended layout as a topology for `tandem up`: built-in workers
+    /// pinned to the first cores this process may use, loopback ports.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// With --out and a P/D recommendation: run the online planner with the SLO's
+    /// limits (`[router.planner]`).
+    #[arg(long, requires = "out")]
+    with_planner: bool,
+    /// With --out: the KV cache of each worker.
+    #[arg(long, default_value = "512MiB", requires = "out")]
+    kv_cache_memory: String,
 }
 
 pub fn run(command: PlanCommand) -> Result<()> {
@@ -200,6 +214,60 @@ fn measure(args: ProfileArgs) -> Result<()> {
     Ok(())
 }
 
+/// The recommended layout as a topology file.
+fn write_topology(args: &RankArgs, layout: &Layout, path: &std::path::Path) -> Result<()> {
+    let allowed = tandem_launch::run::allowed_cores();
+    let cores: Vec<usize> = if allowed.len() >= args.cores {
+        allowed[..args.cores].to_vec()
+    } else {
+        (0..args.cores).collect()
+    };
+    let mut free = cores.into_iter();
+    let mut workers = Vec::new();
+    for group in &layout.groups {
+        let role = match group.role {
+            PlannedRole::Both => TopologyRole::Both,
+            PlannedRole::Prefill => TopologyRole::Prefill,
+            PlannedRole::Decode => TopologyRole::Decode,
+        };
+        for _ in 0..group.count {
+            let cores: Vec<usize> = free.by_ref().take(group.cores).collect();
+            workers.push(GeneratedWorker { role, cores });
+        }
+    }
+    let disaggregated = workers.iter().any(|w| w.role != TopologyRole::Both);
+    if args.with_planner && !disaggregated {
+        bail!(
+            "--with-planner: the recommended layout ({layout}) has no P/D pools to move workers between"
+        );
+    }
+    let planner = args.with_planner.then(|| PlannerSpec {
+        ttft: Some(args.ttft),
+        tpot: Some(args.tpot),
+        ..PlannerSpec::default()
+    });
+    let comment = format!(
+        "{layout}: recommended by tandem plan rank for {} → {} tokens at {} req/s\n(TTFT ≤ {} s, TPOT ≤ {} s for {:.0}% of requests).\n  tandem up {}",
+        args.input_len,
+        args.output_len,
+        args.rate,
+        args.ttft,
+        args.tpot,
+        args.attainment * 100.0,
+        path.display()
+    );
+    let generated = Generated {
+        comment: &comment,
+        router_port: 8192,
+        policy: "least_loaded",
+        kv_cache_memory: &args.kv_cache_memory,
+        planner,
+        workers,
+    };
+    let (text, _) = generated.write()?;
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
 fn rank(args: RankArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.profile)
         .with_context(|| format!("reading {}", args.profile.display()))?;
@@ -245,6 +313,18 @@ fn rank(args: RankArgs) -> Result<()> {
     }
     let ranked = tandem_planner::rank_layouts(&profile, &layouts, &workload, &slo)?;
     print!("{}", tandem_planner::table(&ranked, &slo));
+    if let Some(path) = &args.out {
+        let best = ranked
+            .first()
+            .filter(|best| best.goodput > 0.0)
+            .context("no layout meets the SLO: no topology written")?;
+        write_topology(&args, &best.layout, path)?;
+        println!(
+            "topology: {} (tandem up {})",
+            path.display(),
+            path.display()
+        );
+    }
     if let Some(path) = &args.json {
         let entries: Vec<_> = ranked
             .iter()

@@ -89,3 +89,55 @@ async fn a_profile_is_measured_then_ranked_and_refused_elsewhere() {
     );
     assert!(rank(&["--other-hardware"]).status.success());
 }
+
+#[test]
+fn rank_writes_the_recommended_layout_as_a_topology_up_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("recommended.toml");
+    let profile = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/planner/xeon-2core-profile.toml"
+    );
+    let rank = |extra: &[&str]| {
+        tandem()
+            .args([
+                "plan",
+                "rank",
+                "--profile",
+                profile,
+                "--cores",
+                "2",
+                "--other-hardware",
+            ])
+            .args(["--input-len", "512", "--output-len", "32", "--rate", "1"])
+            .args(["--ttft", "2", "--tpot", "0.1", "--requests", "200"])
+            .args(["--out", out.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ranked = rank(&[]);
+    let stdout = String::from_utf8_lossy(&ranked.stdout);
+    assert!(ranked.status.success(), "{ranked:?}");
+    let recommended = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("recommended: "))
+        .unwrap()
+        .to_owned();
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        text.starts_with(&format!("# {recommended}: recommended by tandem plan rank")),
+        "{text}"
+    );
+    let topology = tandem_launch::topology::load(&out).unwrap();
+    let cores: usize = topology.workers.iter().map(|w| w.spec.cores.len()).sum();
+    assert_eq!(cores, 2, "{text}");
+    // Two replicas here (the measured order): no P/D pools for a planner.
+    if recommended.contains("replicas") {
+        assert!(!topology.is_disaggregated());
+        let refused = rank(&["--with-planner"]);
+        assert!(!refused.status.success());
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains("has no P/D pools"), "{stderr}");
+    }
+}

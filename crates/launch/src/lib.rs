@@ -2,12 +2,14 @@
 //!
 //! - [`topology`]: the TOML format and its checks.
 //! - [`plan`]: the exact commands (built-in workers, vLLM workers, the router).
+//! - [`generate`]: topology files written by tandem (`tandem plan rank --out`).
 //! - [`doctor`]: checks that a topology can start.
 //! - [`secret`]: the cluster secret handed to built-in workers.
 //! - [`run`]: starting them here, waiting for health, prefixing logs, teardown by pid.
 //! - [`stack`]: a topology's processes as one whole, stopped when dropped.
 
 pub mod doctor;
+pub mod generate;
 pub mod plan;
 pub mod remote;
 pub mod run;
