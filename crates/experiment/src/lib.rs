@@ -1,0 +1,197 @@
+//! Experiments on layouts: the same scenarios run against several topologies in turn —
+//! each started with `tandem up`'s machinery, warmed up, measured and torn down — into
+//! one report folder (`report.md`, `results.json`, figures) rewritten after every
+//! topology, so an interrupted experiment keeps what it measured. `tandem compare` is
+//! its command line; the planner's measurements reuse its parts.
+//!
+//! - [`defaults`]: the default single, replicated and disaggregated topologies.
+//! - [`measure`]: one topology through every scenario.
+//! - [`setup`]: what the report says about where it ran.
+
+pub mod defaults;
+pub mod measure;
+pub mod setup;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tandem_bench::comparison::{Comparison, ReportError, Setup, TopologyEntry};
+use tandem_bench::suite::Scenario;
+use tandem_launch::plan::{self, Launch};
+use tandem_launch::run::RunError;
+use tandem_launch::secret::{ClusterSecret, SecretError};
+use tandem_launch::topology::{Checked, TopologyError};
+
+/// Why an experiment could not run (a topology that fails to start is not one: the
+/// report says so and the others run).
+#[derive(Debug, thiserror::Error)]
+pub enum ExperimentError {
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error(transparent)]
+    Start(#[from] RunError),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    #[error(transparent)]
+    Report(#[from] ReportError),
+    #[error(transparent)]
+    Suite(#[from] tandem_bench::suite::SuiteError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("--cores {0}")]
+    Cores(String),
+    #[error("the warm-up request {0}")]
+    WarmUp(String),
+    #[error("the planner journal: {0}")]
+    Journal(String),
+}
+
+/// How the runs are made and reported.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The report folder.
+    pub out: PathBuf,
+    /// Chat requests instead of completions.
+    pub chat: bool,
+    pub percentiles: Vec<f64>,
+    /// Each process's time to become healthy.
+    pub start_timeout: Duration,
+    /// One request's time limit.
+    pub request_timeout: Duration,
+    /// What every topology gets, for the report ("as the topology files give them").
+    pub resources: String,
+    /// The command line that asked for the experiment, for the report.
+    pub command: String,
+}
+
+/// What an experiment measured.
+#[derive(Debug)]
+pub struct Outcome {
+    pub report: PathBuf,
+    /// Topologies that could not be measured.
+    pub failed: Vec<String>,
+    /// A signal stopped it early (the report holds what was measured).
+    pub interrupted: bool,
+}
+
+/// Runs `scenarios` against each of `topologies` in turn (the first is the baseline)
+/// and writes the report into `options.out`. `stop` (set on SIGINT/SIGTERM, and
+/// checked between runs) ends it early.
+pub fn compare(
+    topologies: &[(String, Checked)],
+    scenarios: &[Scenario],
+    options: &Options,
+    stop: &'static AtomicBool,
+) -> Result<Outcome, ExperimentError> {
+    let tandem = std::env::current_exe().map_err(|source| ExperimentError::Io {
+        context: "locating the tandem binary".into(),
+        source,
+    })?;
+    let secret = ClusterSecret::generate()?;
+    let mut plans: Vec<Vec<Launch>> = topologies
+        .iter()
+        .map(|(_, topology)| plan::plan(topology, &tandem, &secret))
+        .collect();
+    let entries: Vec<TopologyEntry> = topologies
+        .iter()
+        .zip(&plans)
+        .map(|((name, topology), launches)| TopologyEntry {
+            name: name.clone(),
+            description: setup::describe(topology),
+            commands: launches.iter().map(Launch::shell_line).collect(),
+            error: None,
+        })
+        .collect();
+    let mut comparison = Comparison::new(report_setup(topologies, options), entries, scenarios);
+    let admin_token = give_planners_a_token(topologies, &mut plans)?;
+    create_dir(&options.out)?;
+    tandem_launch::run::stop_on_signals(stop);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ExperimentError::Io {
+            context: "starting the async runtime".into(),
+            source,
+        })?;
+    for (index, ((name, topology), launches)) in topologies.iter().zip(&plans).enumerate() {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        eprintln!("\n=== {name}: {} ===", setup::describe(topology));
+        let planner_token = topology
+            .router
+            .planner
+            .is_some()
+            .then_some(admin_token.expose());
+        let measured = measure::topology(
+            &runtime,
+            (name, topology, launches),
+            planner_token,
+            (options, stop),
+            &mut comparison,
+        );
+        if let Err(error) = measured {
+            eprintln!("{name} could not be measured: {error}");
+            comparison.topologies[index].error = Some(error.to_string());
+        }
+        comparison.write(&options.out)?;
+    }
+    Ok(Outcome {
+        report: options.out.join("report.md"),
+        failed: comparison
+            .topologies
+            .iter()
+            .filter(|t| t.error.is_some())
+            .map(|t| t.name.clone())
+            .collect(),
+        interrupted: stop.load(Ordering::Relaxed),
+    })
+}
+
+/// Routers with the online planner get an admin token, to read the planner's journal
+/// after each run; given in the environment, after the report's command lines were
+/// taken, so no report shows it.
+fn give_planners_a_token(
+    topologies: &[(String, Checked)],
+    plans: &mut [Vec<Launch>],
+) -> Result<ClusterSecret, ExperimentError> {
+    let token = ClusterSecret::generate()?;
+    for ((_, topology), launches) in topologies.iter().zip(plans) {
+        if topology.router.planner.is_some()
+            && let Some(router) = launches.iter_mut().find(|l| l.name == "router")
+        {
+            router
+                .env
+                .push(("TANDEM_ADMIN_TOKEN".into(), token.expose().to_owned()));
+        }
+    }
+    Ok(token)
+}
+
+fn report_setup(topologies: &[(String, Checked)], options: &Options) -> Setup {
+    let models: Vec<String> = topologies
+        .iter()
+        .flat_map(|(_, t)| t.workers.iter().filter_map(|w| w.spec.model.clone()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    Setup {
+        date: setup::utc_date(),
+        tandem_version: env!("CARGO_PKG_VERSION").into(),
+        machine: setup::machine(),
+        model: models.join(", "),
+        resources: options.resources.clone(),
+        command: options.command.clone(),
+    }
+}
+
+fn create_dir(dir: &Path) -> Result<(), ExperimentError> {
+    std::fs::create_dir_all(dir).map_err(|source| ExperimentError::Io {
+        context: format!("creating {}", dir.display()),
+        source,
+    })
+}

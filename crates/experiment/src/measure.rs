@@ -1,0 +1,229 @@
+//! Measuring one topology: start it with `tandem up`'s machinery, warm it up, run
+//! every scenario at every load, keep each run (with its timeline where it has one:
+//! shift workloads and topologies with the online planner), stop it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tandem_bench::client::{Api, Prompt, Target};
+use tandem_bench::comparison::{Comparison, Run};
+use tandem_bench::report::{self, RunInfo};
+use tandem_bench::suite::{LoadPoint, Scenario, WorkloadKind};
+use tandem_bench::timeline::Timeline;
+use tandem_bench::{Progress, Traffic, stats};
+use tandem_launch::plan::Launch;
+use tandem_launch::stack::{Stack, StartOptions, StderrObserver};
+use tandem_launch::topology::{Checked, Role};
+
+use crate::{ExperimentError, Options};
+
+/// Starts one topology, warms it up, runs every scenario at every load, tears it down.
+/// Starts `topology` (its `launches`), runs every scenario of `comparison` against it
+/// and adds the runs; its logs go to `logs/<name>` in the report folder.
+pub fn topology(
+    runtime: &tokio::runtime::Runtime,
+    (name, topology, launches): (&str, &Checked, &[Launch]),
+    planner_token: Option<&str>,
+    (args, stop): (&Options, &'static AtomicBool),
+    comparison: &mut Comparison,
+) -> Result<(), ExperimentError> {
+    let log_dir = args.out.join("logs").join(name);
+    crate::create_dir(&log_dir)?;
+    let options = StartOptions {
+        log_dir: Some(&log_dir),
+        limit: args.start_timeout,
+        stop,
+    };
+    let mut stack = Stack::start(launches, &options, &mut StderrObserver::new())?;
+    let endpoint = stack.endpoint().to_owned();
+    let target = |ignore_eos: bool| Target {
+        base_url: endpoint.clone(),
+        model: None,
+        api: if args.chat {
+            Api::Chat
+        } else {
+            Api::Completions
+        },
+        ignore_eos,
+        temperature: Some(0.0),
+        timeout: args.request_timeout,
+    };
+    warm_up(runtime, &target(true))?;
+    for results in &mut comparison.scenarios {
+        let scenario = results.scenario.clone();
+        let slo = scenario.slo()?;
+        for (point_index, load) in scenario.points().into_iter().enumerate() {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            // Fresh prompts at every load (no prefix-cache hits carried over from the
+            // previous load), the same ones for every topology.
+            let mut varied = scenario.clone();
+            varied.seed = scenario.seed.wrapping_add(1000 * point_index as u64);
+            let conversations = varied.conversations()?;
+            let requests: usize = conversations.iter().map(|c| c.turns.len()).sum();
+            let traffic = Traffic {
+                request_rate: load.request_rate,
+                burstiness: scenario.burstiness,
+                max_concurrency: load.max_concurrency,
+                seed: varied.seed,
+            };
+            let label = format!("{name} · {} · {}", scenario.name, load.label());
+            let progress = Progress::stderr(requests, &label);
+            let target = target(scenario.ignores_eos());
+            let run_start = unix_now();
+            let run = tandem_bench::run_conversations(&target, &conversations, &traffic, &progress);
+            let finished = runtime.block_on(until_stopped(run, stop));
+            progress.done();
+            let Some((records, duration)) = finished else {
+                return Ok(());
+            };
+            let summary = stats::summarize(&records, duration, &args.percentiles, slo.as_ref());
+            eprintln!(
+                "{label}: {} ok, {} failed, {:.1} output tok/s, TTFT p50 {:.0} ms, TPOT p50 {:.1} ms",
+                summary.completed,
+                summary.failed,
+                summary.output_throughput,
+                summary.ttft.median,
+                summary.tpot.median
+            );
+            let info = run_info(&target, &scenario, &load, requests);
+            let wants_timeline =
+                scenario.workload == WorkloadKind::Shift || planner_token.is_some();
+            let timeline = wants_timeline.then(|| {
+                let requests = Timeline::of_requests(&records, slo.as_ref());
+                match planner_token {
+                    Some(token) => match planner_journal(&endpoint, token, run_start) {
+                        Ok(journal) => requests.with_planner_journal(&journal, run_start),
+                        Err(error) => {
+                            eprintln!("{label}: no planner journal: {error}");
+                            requests
+                        }
+                    },
+                    None => {
+                        let (prefill, decode) = pool_sizes(topology);
+                        requests.with_fixed_pools(prefill, decode)
+                    }
+                }
+            });
+            results.runs.push(Run {
+                topology: name.to_owned(),
+                load,
+                document: report::json(&info, &summary, &records, false),
+                summary,
+                timeline,
+            });
+            stack.check_alive()?;
+        }
+    }
+    stack.stop();
+    Ok(())
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The router's `GET /planner` answer: the planner's verdicts since `since` (Unix s).
+fn planner_journal(
+    endpoint: &str,
+    token: &str,
+    since: f64,
+) -> Result<serde_json::Value, ExperimentError> {
+    let failed = |what: &str, error: &dyn std::fmt::Display| {
+        ExperimentError::Journal(format!("{what}: {error}"))
+    };
+    let agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .new_agent();
+    let mut answer = agent
+        .get(&format!("{endpoint}/planner?since={since}"))
+        .header("Authorization", &format!("Bearer {token}"))
+        .call()
+        .map_err(|e| failed("asking the router", &e))?;
+    let text = answer
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| failed("reading it", &e))?;
+    serde_json::from_str(&text).map_err(|e| failed("parsing it", &e))
+}
+
+/// A topology's fixed layout as (prefill, decode) pool sizes; replicas count as
+/// decode workers (each decodes what it prefilled).
+fn pool_sizes(topology: &Checked) -> (usize, usize) {
+    let count = |role: Role| {
+        topology
+            .workers
+            .iter()
+            .filter(|w| w.spec.role == role)
+            .count()
+    };
+    (
+        count(Role::Prefill),
+        count(Role::Decode) + count(Role::Both),
+    )
+}
+
+/// `work`'s output, or `None` once a signal sets `stop` (the requests still in flight
+/// are dropped with the runtime).
+async fn until_stopped<T>(
+    work: impl std::future::Future<Output = T>,
+    stop: &AtomicBool,
+) -> Option<T> {
+    let stopped = async {
+        while !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        output = work => Some(output),
+        () = stopped => None,
+    }
+}
+
+fn run_info(target: &Target, scenario: &Scenario, load: &LoadPoint, requests: usize) -> RunInfo {
+    RunInfo {
+        url: target.base_url.clone(),
+        endpoint: match target.api {
+            Api::Completions => "completions".into(),
+            Api::Chat => "chat".into(),
+        },
+        workload: scenario.workload.name().into(),
+        num_prompts: requests,
+        request_rate: load.request_rate,
+        burstiness: scenario.burstiness,
+        max_concurrency: load.max_concurrency,
+    }
+}
+
+/// One short request through the router, so that no measured request pays for first
+/// touches of the weights or the first hand-off connection.
+fn warm_up(runtime: &tokio::runtime::Runtime, target: &Target) -> Result<(), ExperimentError> {
+    let prompt = Prompt {
+        text: "Warm up: say hello.".into(),
+        max_tokens: 4,
+    };
+    let traffic = Traffic {
+        request_rate: None,
+        burstiness: 1.0,
+        max_concurrency: None,
+        seed: 0,
+    };
+    let (records, _) = runtime.block_on(tandem_bench::run(
+        target,
+        &[prompt],
+        &traffic,
+        &Progress::hidden(),
+    ));
+    match records.first() {
+        Some(record) if record.ok => Ok(()),
+        Some(record) => Err(ExperimentError::WarmUp(format!(
+            "failed: {}",
+            record.error.as_deref().unwrap_or("unknown")
+        ))),
+        None => Err(ExperimentError::WarmUp("was not sent".into())),
+    }
+}
