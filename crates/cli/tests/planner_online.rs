@@ -319,3 +319,81 @@ async fn an_admin_move_waits_for_the_stream_then_changes_the_pool() {
         .unwrap();
     assert_eq!(unauthorized.status(), 401);
 }
+
+/// A worker registered in etcd as prefill: it may become a decode worker.
+fn registered(etcd: &common::etcd::Etcd, role: &str) -> Server {
+    Server::start(&[
+        "--threads",
+        "1",
+        "--kv-port",
+        "0",
+        "--max-model-len",
+        "512",
+        "--discovery",
+        &etcd.address(),
+        "--discovery-ttl-secs",
+        "2",
+        "--role",
+        role,
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn discovered_workers_move_and_leave_from_the_pool_they_were_moved_to() {
+    if !default_model_present() || !common::etcd::etcd_present() {
+        return;
+    }
+    let etcd = common::etcd::Etcd::start();
+    let router = Server::start_router(&[
+        "--discovery",
+        &etcd.address(),
+        "--discovery-disaggregated",
+        "--admin-token",
+        ADMIN,
+        "--planner",
+        "--planner-interval-ms",
+        "200",
+        "--health-interval-ms",
+        "200",
+    ]);
+    let mut moving = registered(&etcd, "prefill");
+    let _prefill = registered(&etcd, "prefill");
+    let _decode = registered(&etcd, "decode");
+    let started = Instant::now();
+    while roles(&router).await.len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            roles(&router).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = moving.url("");
+    let url = url.trim_end_matches('/');
+    let (status, moved) = admin_move(&router, url, &json!({"role": "decode"})).await;
+    assert_eq!(status, 200, "{moved}");
+    let listed = roles(&router).await;
+    let count = |role: &str| listed.iter().filter(|(_, r)| r == role).count();
+    assert_eq!((count("prefill"), count("decode")), (1, 2), "{listed:?}");
+    assert_eq!(tokens_of(&streamed(&router, 4).await.unwrap()), 4);
+
+    // Its key goes (SIGTERM deregisters): it leaves the decode pool it was moved to.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &moving.pid().to_string()])
+        .status();
+    let _ = moving.child.wait();
+    let started = Instant::now();
+    loop {
+        let listed = roles(&router).await;
+        if !listed.iter().any(|(u, _)| u == url) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "still listed: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(roles(&router).await.len(), 2);
+    assert_eq!(tokens_of(&streamed(&router, 4).await.unwrap()), 4);
+}

@@ -246,9 +246,20 @@ impl DiscoveredPool {
         }
         self.forget_instance(&instance).await;
         let listed = self.state.dispatcher.registry.find(&url);
+        let moved = listed
+            .iter()
+            .find(|w| self.state.planner.is_some() && w.role != role && !w.is_draining());
         if let Some(same) = listed.iter().find(|w| w.role == role) {
             // Registered again (a restart, or static and announced): serve it.
             same.stop_draining();
+        } else if let Some(moved) = moved {
+            // The planner moved this worker to the other pool: it stays there (its
+            // announced role is where it started), and is removed from there when
+            // its key goes.
+            let current = (url.clone(), moved.role);
+            metrics::counter!(names::DISCOVERY_CHANGES_TOTAL, names::ACTION => "add").increment(1);
+            self.instances.insert(instance, current);
+            return;
         } else {
             let stream = match announced_stream(&url, &record) {
                 Ok(stream) => stream,
