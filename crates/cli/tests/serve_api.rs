@@ -290,6 +290,18 @@ async fn info_endpoints_and_request_ids() {
             "missing {name} in\n{metrics}"
         );
     }
+    // Tokens per engine step, vLLM's buckets: every step of both requests, never more
+    // tokens than their prompts and outputs (a cached prefix computes fewer).
+    let steps = metric_value(&metrics, "vllm:iteration_tokens_total_count").unwrap();
+    let computed = metric_value(&metrics, "vllm:iteration_tokens_total_sum").unwrap();
+    let generated = metric_value(&metrics, "vllm:generation_tokens_total").unwrap();
+    assert!(steps >= 2.0, "{metrics}");
+    assert!(computed >= steps && computed <= 10.0 + generated, "{metrics}");
+    let bucket = [smol, ("le", "2048")];
+    assert_eq!(
+        metric_with(&metrics, "vllm:iteration_tokens_total_bucket", &bucket),
+        Some(steps)
+    );
 }
 
 #[tokio::test]

@@ -21,6 +21,8 @@ pub const REQUEST_SUCCESS_TOTAL: &str = "vllm:request_success_total";
 pub const PROMPT_TOKENS_TOTAL: &str = "vllm:prompt_tokens_total";
 /// Counter: output tokens of finished requests.
 pub const GENERATION_TOKENS_TOTAL: &str = "vllm:generation_tokens_total";
+/// Histogram: tokens computed per engine step (prompt chunks and decodes together).
+pub const ITERATION_TOKENS_TOTAL: &str = "vllm:iteration_tokens_total";
 /// Gauge: requests in the running batch.
 pub const NUM_REQUESTS_RUNNING: &str = "vllm:num_requests_running";
 /// Gauge: requests waiting to be scheduled.
@@ -92,6 +94,11 @@ const REQUEST_LATENCY_BUCKETS: &[f64] = &[
     480.0, 960.0, 1920.0, 7680.0,
 ];
 
+/// vLLM's tokens-per-step buckets.
+const ITERATION_TOKEN_BUCKETS: &[f64] = &[
+    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
+];
+
 /// KV pull durations, seconds (loopback pulls take about a millisecond).
 const KV_TRANSFER_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -123,6 +130,10 @@ pub fn install_prometheus_recorder(model_name: &str) -> Result<PrometheusHandle,
             Matcher::Full(KV_TRANSFER_SECONDS.into()),
             KV_TRANSFER_BUCKETS,
         )?
+        .set_buckets_for_metric(
+            Matcher::Full(ITERATION_TOKENS_TOTAL.into()),
+            ITERATION_TOKEN_BUCKETS,
+        )?
         .install_recorder()?;
     describe_all();
     Ok(handle)
@@ -135,6 +146,10 @@ fn describe_all() {
         TIME_TO_FIRST_TOKEN_SECONDS,
         Unit::Seconds,
         "Histogram of time to first token in seconds."
+    );
+    describe_histogram!(
+        ITERATION_TOKENS_TOTAL,
+        "Histogram of number of tokens per engine_step."
     );
     describe_histogram!(
         INTER_TOKEN_LATENCY_SECONDS,

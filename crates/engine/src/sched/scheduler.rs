@@ -263,6 +263,8 @@ impl EngineLoop {
         if slots.is_empty() {
             return;
         }
+        let tokens: usize = slots.iter().map(|s| s.len).sum();
+        metrics::histogram!(names::ITERATION_TOKENS_TOTAL).record(tokens as f64);
         if let Err(err) = self.run_batch(&slots) {
             // A bug, not a client error: fail the batch's requests and carry on.
             tracing::error!(%err, "forward pass failed");
