@@ -296,7 +296,10 @@ async fn info_endpoints_and_request_ids() {
     let computed = metric_value(&metrics, "vllm:iteration_tokens_total_sum").unwrap();
     let generated = metric_value(&metrics, "vllm:generation_tokens_total").unwrap();
     assert!(steps >= 2.0, "{metrics}");
-    assert!(computed >= steps && computed <= 10.0 + generated, "{metrics}");
+    assert!(
+        computed >= steps && computed <= 10.0 + generated,
+        "{metrics}"
+    );
     let bucket = [smol, ("le", "2048")];
     assert_eq!(
         metric_with(&metrics, "vllm:iteration_tokens_total_bucket", &bucket),
