@@ -40,7 +40,7 @@ enum Command {
     /// Start a whole topology (workers and router) from a file, or the embedded default.
     Up(up::UpArgs),
     /// Route OpenAI requests to workers: replicated, or disaggregated (prefill/decode).
-    Route(route::RouteArgs),
+    Route(Box<route::RouteArgs>),
     /// Keep a worker that does not speak etcd (vLLM, …) registered for discovery while
     /// its /health answers.
     Register(register::RegisterArgs),
@@ -85,7 +85,7 @@ fn main() -> std::process::ExitCode {
         Command::Model(command) => model::run(command),
         Command::Gpu(command) => gpu::run(command),
         Command::Serve(args) => serve::run(args),
-        Command::Route(args) => route::run(args),
+        Command::Route(args) => route::run(*args),
         Command::Register(args) => register::run(args),
         Command::Up(args) => up::run(args),
         Command::Kv(args) => kv::run(args),

@@ -236,6 +236,18 @@ pub struct PlannerArgs {
     /// Seconds a moving worker's requests get to finish [default: 120].
     #[arg(long, value_name = "SECS")]
     planner_drain_limit_secs: Option<u64>,
+    /// Slot budget: workers both pools may have together. The planner then asks for
+    /// workers to be started (`GET /planner`'s `wanted`; `tandem up` starts its standby
+    /// workers) and stops idle ones [default: none, moves only].
+    #[arg(long, value_name = "N")]
+    planner_max_workers: Option<usize>,
+    /// With a budget: stop a worker when every figure stays under this share of its
+    /// limit with one worker fewer [default: 0.5].
+    #[arg(long, value_name = "SHARE")]
+    planner_stop_below: Option<f64>,
+    /// Seconds a worker asked for gets to join its pool [default: 180].
+    #[arg(long, value_name = "SECS")]
+    planner_start_limit_secs: Option<u64>,
 }
 
 impl RouteArgs {
@@ -253,7 +265,10 @@ impl RouteArgs {
             || flags.planner_confirm.is_some()
             || flags.planner_cooldown_secs.is_some()
             || flags.planner_headroom.is_some()
-            || flags.planner_drain_limit_secs.is_some();
+            || flags.planner_drain_limit_secs.is_some()
+            || flags.planner_max_workers.is_some()
+            || flags.planner_stop_below.is_some()
+            || flags.planner_start_limit_secs.is_some();
         if !given {
             return;
         }
@@ -270,6 +285,14 @@ impl RouteArgs {
         override_with(
             &mut planner.drain_limit_secs,
             flags.planner_drain_limit_secs,
+        );
+        if flags.planner_max_workers.is_some() {
+            planner.max_workers = flags.planner_max_workers;
+        }
+        override_with(&mut planner.stop_below, flags.planner_stop_below);
+        override_with(
+            &mut planner.start_limit_secs,
+            flags.planner_start_limit_secs,
         );
     }
 

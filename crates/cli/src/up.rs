@@ -13,6 +13,7 @@ use clap::Args;
 use tandem_engine::fetch;
 use tandem_launch::plan;
 use tandem_launch::run;
+use tandem_launch::scale::Scaler;
 use tandem_launch::secret::ClusterSecret;
 use tandem_launch::stack::{Stack, StartOptions, StderrObserver};
 use tandem_launch::topology::{self, Checked, Engine};
@@ -98,10 +99,19 @@ pub fn run(args: UpArgs) -> Result<()> {
         for launch in plan::plan(&topology, Path::new("tandem"), &secret) {
             println!("{}\n", launch.describe());
         }
+        let standby = plan::slots(&topology, Path::new("tandem"), &secret);
+        for slot in standby.iter().filter(|s| !s.started) {
+            println!(
+                "# standby: started when the planner asks\n{}\n",
+                slot.launch.describe()
+            );
+        }
         return Ok(());
     }
     let tandem = std::env::current_exe().context("locating the tandem binary")?;
-    let launches = plan::plan(&topology, &tandem, &secret);
+    let mut launches = plan::plan(&topology, &tandem, &secret);
+    let slots = plan::slots(&topology, &tandem, &secret);
+    let mut scaler = Scaler::prepare(&topology, &mut launches, slots)?;
     if let Some(dir) = &args.log_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the log directory {}", dir.display()))?;
@@ -112,8 +122,13 @@ pub fn run(args: UpArgs) -> Result<()> {
         limit: Duration::from_secs(args.start_timeout),
         stop: &STOP,
     };
-    let mut stack = Stack::start(&launches, &options, &mut StderrObserver::new())?;
-    let result = serve(&args, &mut stack);
+    let mut observer = StderrObserver::new();
+    let mut stack = Stack::start(&launches, &options, &mut observer)?;
+    let result = serve(&args, &mut stack, |stack| {
+        if let Some(scaler) = scaler.as_mut() {
+            scaler.tick(stack, &options, &mut observer);
+        }
+    });
     eprintln!("stopping {} processes", stack.len());
     stack.stop();
     result
@@ -142,8 +157,9 @@ pub fn fill_default_models(topology: &mut Checked, fetch_if_missing: bool) -> Re
     Ok(true)
 }
 
-/// Prints the endpoint; then the smoke request, or waits for a signal or a death.
-fn serve(args: &UpArgs, stack: &mut Stack) -> Result<()> {
+/// Prints the endpoint; then the smoke request, or waits for a signal or a death,
+/// calling `tick` (the planner's scaler) meanwhile.
+fn serve(args: &UpArgs, stack: &mut Stack, mut tick: impl FnMut(&mut Stack)) -> Result<()> {
     let endpoint = stack.endpoint().to_owned();
     eprintln!("\ntandem is up: {endpoint}  (Ctrl-C stops everything it started)\n");
     println!(
@@ -154,6 +170,7 @@ fn serve(args: &UpArgs, stack: &mut Stack) -> Result<()> {
     }
     while !STOP.load(Ordering::Relaxed) {
         stack.check_alive()?;
+        tick(stack);
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())

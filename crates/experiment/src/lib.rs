@@ -20,6 +20,7 @@ use tandem_bench::comparison::{Comparison, ReportError, Setup, TopologyEntry};
 use tandem_bench::suite::Scenario;
 use tandem_launch::plan::{self, Launch};
 use tandem_launch::run::RunError;
+use tandem_launch::scale::Scaler;
 use tandem_launch::secret::{ClusterSecret, SecretError};
 use tandem_launch::topology::{Checked, TopologyError};
 
@@ -48,6 +49,8 @@ pub enum ExperimentError {
     WarmUp(String),
     #[error("the planner journal: {0}")]
     Journal(String),
+    #[error(transparent)]
+    Scale(#[from] tandem_launch::scale::ScaleError),
 }
 
 /// How the runs are made and reported.
@@ -108,6 +111,11 @@ pub fn compare(
         .collect();
     let mut comparison = Comparison::new(report_setup(topologies, options), entries, scenarios);
     let admin_token = give_planners_a_token(topologies, &mut plans)?;
+    let mut scalers = Vec::with_capacity(topologies.len());
+    for ((_, topology), launches) in topologies.iter().zip(&mut plans) {
+        let slots = plan::slots(topology, &tandem, &secret);
+        scalers.push(Scaler::prepare(topology, launches, slots)?);
+    }
     create_dir(&options.out)?;
     tandem_launch::run::stop_on_signals(stop);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -117,7 +125,8 @@ pub fn compare(
             context: "starting the async runtime".into(),
             source,
         })?;
-    for (index, ((name, topology), launches)) in topologies.iter().zip(&plans).enumerate() {
+    let runs = topologies.iter().zip(&plans).zip(scalers);
+    for (index, (((name, topology), launches), scaler)) in runs.enumerate() {
         if stop.load(Ordering::Relaxed) {
             break;
         }
@@ -130,7 +139,7 @@ pub fn compare(
         let measured = measure::topology(
             &runtime,
             (name, topology, launches),
-            planner_token,
+            (planner_token, scaler),
             (options, stop),
             &mut comparison,
         );

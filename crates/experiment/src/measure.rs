@@ -2,6 +2,7 @@
 //! every scenario at every load, keep each run (with its timeline where it has one:
 //! shift workloads and topologies with the online planner), stop it.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -12,18 +13,20 @@ use tandem_bench::suite::{LoadPoint, Scenario, WorkloadKind};
 use tandem_bench::timeline::Timeline;
 use tandem_bench::{Progress, Traffic, stats};
 use tandem_launch::plan::Launch;
+use tandem_launch::scale::Scaler;
 use tandem_launch::stack::{Stack, StartOptions, StderrObserver};
 use tandem_launch::topology::{Checked, Role};
 
 use crate::{ExperimentError, Options};
 
-/// Starts one topology, warms it up, runs every scenario at every load, tears it down.
 /// Starts `topology` (its `launches`), runs every scenario of `comparison` against it
-/// and adds the runs; its logs go to `logs/<name>` in the report folder.
+/// and adds the runs; its logs go to `logs/<name>` in the report folder. With a
+/// `scaler` (standby workers), a thread starts and stops workers as the router's
+/// planner asks while the runs go on.
 pub fn topology(
     runtime: &tokio::runtime::Runtime,
     (name, topology, launches): (&str, &Checked, &[Launch]),
-    planner_token: Option<&str>,
+    (planner_token, scaler): (Option<&str>, Option<Scaler>),
     (args, stop): (&Options, &'static AtomicBool),
     comparison: &mut Comparison,
 ) -> Result<(), ExperimentError> {
@@ -34,10 +37,59 @@ pub fn topology(
         limit: args.start_timeout,
         stop,
     };
-    let mut stack = Stack::start(launches, &options, &mut StderrObserver::new())?;
-    let endpoint = stack.endpoint().to_owned();
+    let stack = Mutex::new(Stack::start(
+        launches,
+        &options,
+        &mut StderrObserver::new(),
+    )?);
+    let endpoint = stack
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .endpoint()
+        .to_owned();
+    let measured = AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        if let Some(mut scaler) = scaler {
+            let (stack, options, measured) = (&stack, &options, &measured);
+            scope.spawn(move || {
+                let mut observer = StderrObserver::new();
+                while !measured.load(Ordering::Relaxed) {
+                    let mut stack = stack.lock().unwrap_or_else(|e| e.into_inner());
+                    scaler.tick(&mut stack, options, &mut observer);
+                    drop(stack);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            });
+        }
+        let planner = planner_token.map(|token| (endpoint.as_str(), token));
+        let result = scenarios(
+            runtime,
+            (name, topology),
+            &endpoint,
+            planner,
+            (args, stop),
+            &stack,
+            comparison,
+        );
+        measured.store(true, Ordering::Relaxed);
+        result
+    });
+    stack.into_inner().unwrap_or_else(|e| e.into_inner()).stop();
+    result
+}
+
+/// Runs every scenario of `comparison` at every load against the router at `endpoint`.
+fn scenarios(
+    runtime: &tokio::runtime::Runtime,
+    (name, topology): (&str, &Checked),
+    endpoint: &str,
+    planner: Option<(&str, &str)>,
+    (args, stop): (&Options, &'static AtomicBool),
+    stack: &Mutex<Stack>,
+    comparison: &mut Comparison,
+) -> Result<(), ExperimentError> {
     let target = |ignore_eos: bool| Target {
-        base_url: endpoint.clone(),
+        base_url: endpoint.to_owned(),
         model: None,
         api: if args.chat {
             Api::Chat
@@ -88,12 +140,11 @@ pub fn topology(
                 summary.tpot.median
             );
             let info = run_info(&target, &scenario, &load, requests);
-            let wants_timeline =
-                scenario.workload == WorkloadKind::Shift || planner_token.is_some();
+            let wants_timeline = scenario.workload == WorkloadKind::Shift || planner.is_some();
             let timeline = wants_timeline.then(|| {
                 let requests = Timeline::of_requests(&records, slo.as_ref());
-                match planner_token {
-                    Some(token) => match planner_journal(&endpoint, token, run_start) {
+                match planner {
+                    Some((endpoint, token)) => match planner_journal(endpoint, token, run_start) {
                         Ok(journal) => requests.with_planner_journal(&journal, run_start),
                         Err(error) => {
                             eprintln!("{label}: no planner journal: {error}");
@@ -113,10 +164,12 @@ pub fn topology(
                 summary,
                 timeline,
             });
-            stack.check_alive()?;
+            stack
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .check_alive()?;
         }
     }
-    stack.stop();
     Ok(())
 }
 
@@ -156,8 +209,7 @@ fn planner_journal(
 fn pool_sizes(topology: &Checked) -> (usize, usize) {
     let count = |role: Role| {
         topology
-            .workers
-            .iter()
+            .started_workers()
             .filter(|w| w.spec.role == role)
             .count()
     };

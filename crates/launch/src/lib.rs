@@ -7,12 +7,14 @@
 //! - [`secret`]: the cluster secret handed to built-in workers.
 //! - [`run`]: starting them here, waiting for health, prefixing logs, teardown by pid.
 //! - [`stack`]: a topology's processes as one whole, stopped when dropped.
+//! - [`scale`]: starting and stopping workers as the router's online planner asks.
 
 pub mod doctor;
 pub mod generate;
 pub mod plan;
 pub mod remote;
 pub mod run;
+pub mod scale;
 pub mod secret;
 pub mod stack;
 pub mod topology;

@@ -72,12 +72,8 @@ pub fn plan(topology: &Checked, tandem: &Path, secret: &ClusterSecret) -> Vec<La
         .map(etcd)
         .into_iter()
         .collect();
-    for worker in &topology.workers {
-        let mut launch = match worker.spec.engine {
-            Engine::Builtin => builtin(worker, &tandem, secret),
-            Engine::Vllm => vllm(worker),
-        };
-        launch.ssh_options = ssh_options(topology, worker);
+    for worker in topology.started_workers() {
+        let mut launch = worker_launch(topology, worker, &tandem, secret);
         if let Some(discovery) = discovery {
             match worker.spec.engine {
                 Engine::Builtin => launch.args.extend(registration_args(worker, discovery)),
@@ -88,6 +84,66 @@ pub fn plan(topology: &Checked, tandem: &Path, secret: &ClusterSecret) -> Vec<La
     }
     launches.push(router(topology, &tandem));
     launches
+}
+
+/// How one worker is started, as [`plan`] starts it (without discovery's additions).
+fn worker_launch(
+    topology: &Checked,
+    worker: &NamedWorker,
+    tandem: &str,
+    secret: &ClusterSecret,
+) -> Launch {
+    let mut launch = match worker.spec.engine {
+        Engine::Builtin => builtin(worker, tandem, secret),
+        Engine::Vllm => vllm(worker),
+    };
+    launch.ssh_options = ssh_options(topology, worker);
+    launch
+}
+
+/// A worker the online planner may have started or stopped: how to start it, and how
+/// the router adds it.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    pub launch: Launch,
+    /// Its base URL, as the router knows it.
+    pub url: String,
+    /// Its KV event streams (`tcp://…`), if it publishes them.
+    pub kv_events: Option<String>,
+    pub kv_replay: Option<String>,
+    /// Started with the others (not on standby).
+    pub started: bool,
+}
+
+/// Every P/D worker of a topology with standby workers, as the planner's slots
+/// (static membership: [`check_standby`](crate::topology) refuses discovery).
+pub fn slots(topology: &Checked, tandem: &Path, secret: &ClusterSecret) -> Vec<Slot> {
+    let tandem = tandem.display().to_string();
+    topology
+        .workers
+        .iter()
+        .filter(|w| w.spec.role != Role::Both)
+        .map(|worker| {
+            let (kv_events, kv_replay) = kv_event_endpoints(&worker.spec);
+            Slot {
+                launch: worker_launch(topology, worker, &tandem, secret),
+                url: worker.spec.url(),
+                kv_events,
+                kv_replay,
+                started: !worker.spec.standby,
+            }
+        })
+        .collect()
+}
+
+/// A worker's KV event stream and replay endpoints, as the router connects to them.
+fn kv_event_endpoints(spec: &WorkerSpec) -> (Option<String>, Option<String>) {
+    let address = spec.reach_address();
+    let endpoint = |port: Option<u16>| port.map(|port| format!("tcp://{address}:{port}"));
+    match spec.kv_events_port {
+        Some(_) => (endpoint(spec.kv_events_port), endpoint(spec.kv_replay_port)),
+        None => (None, None),
+    }
 }
 
 /// The etcd `tandem up` starts for `[discovery]` without `etcd`: loopback only, a
@@ -279,21 +335,15 @@ fn kv_events_args(spec: &WorkerSpec) -> Vec<String> {
 /// The router's `--kv-events`/`--kv-replay` for the workers that publish events.
 fn router_kv_events_args(topology: &Checked) -> Vec<String> {
     let mut args = Vec::new();
-    for worker in &topology.workers {
+    for worker in topology.started_workers() {
         let spec = &worker.spec;
-        let Some(port) = spec.kv_events_port else {
+        let (Some(events), replay) = kv_event_endpoints(spec) else {
             continue;
         };
-        let (url, address) = (spec.url(), spec.reach_address());
-        args.extend([
-            "--kv-events".into(),
-            format!("{url}=tcp://{address}:{port}"),
-        ]);
-        if let Some(replay) = spec.kv_replay_port {
-            args.extend([
-                "--kv-replay".into(),
-                format!("{url}=tcp://{address}:{replay}"),
-            ]);
+        let url = spec.url();
+        args.extend(["--kv-events".into(), format!("{url}={events}")]);
+        if let Some(replay) = replay {
+            args.extend(["--kv-replay".into(), format!("{url}={replay}")]);
         }
     }
     if !args.is_empty() {
@@ -375,7 +425,7 @@ fn router(topology: &Checked, tandem: &str) -> Launch {
             }
         }
         None => {
-            for worker in &topology.workers {
+            for worker in topology.started_workers() {
                 let flag = match worker.spec.role {
                     Role::Prefill => "--prefill",
                     Role::Decode => "--decode",
@@ -400,6 +450,10 @@ fn router(topology: &Checked, tandem: &str) -> Launch {
     }
     if let Some(planner) = &spec.planner {
         args.extend(planner.router_args());
+        if topology.has_standby() {
+            let slots = topology.workers.len().to_string();
+            args.extend(["--planner-max-workers".into(), slots]);
+        }
     }
     if topology.discovery.is_none() {
         // With discovery the workers announce their streams themselves.
@@ -739,6 +793,77 @@ kv_port = 8201
         let typo = text.replace("cooldown_secs", "cooldown");
         let err = crate::topology::parse(&typo, "t").unwrap_err().to_string();
         assert!(err.contains("cooldown"), "{err}");
+    }
+
+    #[test]
+    fn standby_workers_are_slots_the_router_does_not_start_with() {
+        let text = r#"
+[router.planner]
+tpot = 0.05
+
+[[worker]]
+engine = "builtin"
+role = "prefill"
+port = 8100
+kv_port = 8101
+
+[[worker]]
+engine = "builtin"
+role = "decode"
+port = 8200
+kv_port = 8201
+kv_events_port = 8202
+
+[[worker]]
+engine = "builtin"
+role = "decode"
+port = 8300
+kv_port = 8301
+kv_events_port = 8302
+standby = true
+"#;
+        let topology = crate::topology::parse(text, "t").unwrap();
+        let secret = test_secret();
+        let launches = plan(&topology, Path::new("/here/tandem"), &secret);
+        let names: Vec<_> = launches.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["prefill-0", "decode-0", "router"]);
+        let router = launches.last().unwrap().args.join(" ");
+        assert!(router.contains("--planner-max-workers 3"), "{router}");
+        assert!(!router.contains(":8300"), "standby is not listed: {router}");
+        assert!(!router.contains(":8302"), "nor followed: {router}");
+        let slots = slots(&topology, Path::new("/here/tandem"), &secret);
+        let started: Vec<_> = slots.iter().map(|s| (s.url.as_str(), s.started)).collect();
+        assert_eq!(
+            started,
+            [
+                ("http://127.0.0.1:8100", true),
+                ("http://127.0.0.1:8200", true),
+                ("http://127.0.0.1:8300", false)
+            ]
+        );
+        assert_eq!(slots[2].kv_events.as_deref(), Some("tcp://127.0.0.1:8302"));
+        assert_eq!(slots[2].launch.name, "decode-1");
+        assert!(slots[2].launch.args.join(" ").contains("--port 8300"));
+
+        let without_planner = text.replace(
+            "[router.planner]
+tpot = 0.05
+",
+            "",
+        );
+        let err = crate::topology::parse(&without_planner, "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`standby` needs [router.planner]"), "{err}");
+        let empty_pool = text.replacen(
+            "role = \"decode\"\nport = 8200\nkv_port = 8201\nkv_events_port = 8202\n",
+            "role = \"decode\"\nport = 8200\nkv_port = 8201\nkv_events_port = 8202\nstandby = true\n",
+            1,
+        );
+        let err = crate::topology::parse(&empty_pool, "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the decode pool would start empty"), "{err}");
     }
 
     fn test_secret() -> ClusterSecret {

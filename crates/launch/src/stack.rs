@@ -199,6 +199,35 @@ impl Stack {
         Ok(())
     }
 
+    /// Starts one more process (a worker the planner asked for) and waits until it is
+    /// healthy; on failure it is stopped again.
+    pub fn start_one(
+        &mut self,
+        launch: &Launch,
+        options: &StartOptions,
+        observer: &mut dyn StartObserver,
+    ) -> Result<(), RunError> {
+        let index = self.processes.len();
+        self.spawn(launch, options, observer)?;
+        let healthy = self.await_healthy(index, options, observer);
+        if healthy.is_err() {
+            let mut failed = vec![self.processes.remove(index)];
+            run::teardown(&mut failed, STOP_GRACE);
+        }
+        healthy
+    }
+
+    /// Stops the process serving `url` (a worker the planner retired); whether there
+    /// was one.
+    pub fn stop_one(&mut self, url: &str) -> bool {
+        let Some(index) = self.processes.iter().position(|p| p.url == url) else {
+            return false;
+        };
+        let mut stopped = vec![self.processes.remove(index)];
+        run::teardown(&mut stopped, STOP_GRACE);
+        true
+    }
+
     /// The router's base URL.
     pub fn endpoint(&self) -> &str {
         &self.endpoint

@@ -54,12 +54,15 @@ pub struct PlannerSpec {
     pub cooldown_secs: Option<u64>,
     pub headroom: Option<f64>,
     pub drain_limit_secs: Option<u64>,
+    /// With standby workers (the slot budget): see `--planner-stop-below`.
+    pub stop_below: Option<f64>,
+    pub start_limit_secs: Option<u64>,
 }
 
 impl PlannerSpec {
     /// The `tandem route` flags it stands for.
     pub fn router_args(&self) -> Vec<String> {
-        let fields: [(&str, Option<String>); 10] = [
+        let fields: [(&str, Option<String>); 12] = [
             ("ttft", self.ttft.map(|v| v.to_string())),
             ("tpot", self.tpot.map(|v| v.to_string())),
             ("percentile", self.percentile.map(|v| v.to_string())),
@@ -72,6 +75,11 @@ impl PlannerSpec {
             (
                 "drain-limit-secs",
                 self.drain_limit_secs.map(|v| v.to_string()),
+            ),
+            ("stop-below", self.stop_below.map(|v| v.to_string())),
+            (
+                "start-limit-secs",
+                self.start_limit_secs.map(|v| v.to_string()),
             ),
         ];
         let set = fields
@@ -227,6 +235,11 @@ pub struct WorkerSpec {
     /// Extra arguments for the worker's command.
     #[serde(default)]
     pub extra_args: Vec<String>,
+    /// Not started with the others: a slot the online planner may start a worker in
+    /// (in either pool) when no move can meet the SLO, as it may stop any worker the
+    /// load leaves idle. Needs `[router.planner]`.
+    #[serde(default)]
+    pub standby: bool,
 }
 
 fn local() -> String {
@@ -410,6 +423,7 @@ fn check(topology: Topology, text: &str, origin: &str) -> Result<Checked, Topolo
         .and_then(|()| check_names_and_ports(&checked))
         .and_then(|()| check_addresses(&checked))
         .and_then(|()| check_movable(&checked))
+        .and_then(|()| check_standby(&checked))
         .map_err(|(index, message)| invalid(spans[index].clone(), message))?;
     if checked.router.planner.is_some() && !checked.is_disaggregated() {
         return Err(invalid(
@@ -441,6 +455,58 @@ fn check_movable(topology: &Checked) -> Result<(), (usize, String)> {
             ),
         )),
         None => Ok(()),
+    }
+}
+
+/// Standby workers are the planner's slots: P/D workers of a planner's topology with
+/// static membership, and each pool starts with a worker that is not one.
+fn check_standby(topology: &Checked) -> Result<(), (usize, String)> {
+    let Some(first) = topology.workers.iter().position(|w| w.spec.standby) else {
+        return Ok(());
+    };
+    let name = &topology.workers[first].name;
+    if topology.router.planner.is_none() {
+        return Err((
+            first,
+            format!("worker `{name}`: `standby` needs [router.planner], which starts it"),
+        ));
+    }
+    if topology.discovery.is_some() {
+        return Err((
+            first,
+            format!(
+                "worker `{name}`: `standby` workers are not supported with [discovery] yet \
+                 (the planner adds them through the admin API of a static router)"
+            ),
+        ));
+    }
+    for (role, pool) in [(Role::Prefill, "prefill"), (Role::Decode, "decode")] {
+        let starts = topology
+            .workers
+            .iter()
+            .any(|w| w.spec.role == role && !w.spec.standby);
+        if !starts {
+            return Err((
+                first,
+                format!(
+                    "worker `{name}`: the {pool} pool would start empty; give each pool a \
+                     worker that is not `standby`"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Checked {
+    /// The workers `tandem up` starts (those not on standby).
+    pub fn started_workers(&self) -> impl Iterator<Item = &NamedWorker> {
+        self.workers.iter().filter(|w| !w.spec.standby)
+    }
+
+    /// Whether the planner has slots to start workers in.
+    pub fn has_standby(&self) -> bool {
+        self.workers.iter().any(|w| w.spec.standby)
     }
 }
 

@@ -12,6 +12,12 @@
 //! gets time to show). When both miss, or the missing pool cannot be given a worker,
 //! the SLO cannot be met with these workers: that is a decision too, reported rather
 //! than acted on, so the planner never thrashes.
+//!
+//! With a slot budget (`max_workers`, both pools together) the planner also starts a
+//! worker where no move can help and a slot is free, and stops one when the load
+//! leaves a pool idle: both figures under `stop_below` of their limits, and the pool
+//! that loses a worker still under it with `n − 1` workers. Starting and stopping are
+//! confirmed and cooled down as moves are; a move is preferred, since it costs no slot.
 
 use std::fmt;
 
@@ -55,6 +61,11 @@ pub struct OnlineConfig {
     pub cooldown_secs: f64,
     /// Share of its limit the giving pool may reach once it has one worker fewer.
     pub headroom: f64,
+    /// Workers both pools may have together; `None`: none are started or stopped.
+    pub max_workers: Option<usize>,
+    /// With a budget: a pool loses a worker when every figure is under this share of
+    /// its limit, its own with one worker fewer.
+    pub stop_below: f64,
 }
 
 impl Default for OnlineConfig {
@@ -67,6 +78,8 @@ impl Default for OnlineConfig {
             confirm: 3,
             cooldown_secs: 30.0,
             headroom: 0.9,
+            max_workers: None,
+            stop_below: 0.5,
         }
     }
 }
@@ -90,6 +103,10 @@ impl Observation {
             Pool::Prefill => self.prefill_workers,
             Pool::Decode => self.decode_workers,
         }
+    }
+
+    fn total(&self) -> usize {
+        self.prefill_workers + self.decode_workers
     }
 }
 
@@ -115,6 +132,10 @@ impl Pressure {
 pub enum Decision {
     /// Move one worker `from` → `to` now.
     Move { from: Pool, to: Pool, why: String },
+    /// Start a worker for `pool` in a free slot of the budget.
+    Start { pool: Pool, why: String },
+    /// Stop one of `pool`'s workers: the load leaves it idle.
+    Stop { pool: Pool, why: String },
     /// The SLO is missed and no move of these workers can fix it.
     CannotMeet { why: String },
     /// Nothing to do.
@@ -128,18 +149,40 @@ pub enum Hold {
     FewSamples { samples: usize },
     /// Both limits are met.
     Meets,
-    /// A move is under way (its worker is draining).
+    /// A move, start or stop is under way.
     Moving,
     /// A move was made less than the cooldown ago.
     Cooling { left_secs: f64 },
-    /// The pool `to` misses; the verdict has been seen `seen` times of `confirm`.
-    Confirming { to: Pool, seen: u32 },
+    /// The same verdict has been seen `seen` times of `confirm`.
+    Confirming { intent: Intent, seen: u32 },
     /// The pool `to` misses, but the other one has no room to give a worker.
     NoRoom { to: Pool, why: String },
 }
 
+/// What a verdict, once confirmed, does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// Move a worker from the other pool into this one.
+    MoveTo(Pool),
+    /// Start a worker for this pool.
+    Start(Pool),
+    /// Stop one of this pool's workers.
+    Stop(Pool),
+}
+
+impl fmt::Display for Intent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Intent::MoveTo(pool) => write!(f, "{} needs a worker moved to it", pool.as_str()),
+            Intent::Start(pool) => write!(f, "{} needs a worker started", pool.as_str()),
+            Intent::Stop(pool) => write!(f, "{} can do with a worker fewer", pool.as_str()),
+        }
+    }
+}
+
 impl Decision {
-    /// A short name for metrics: `move_to_prefill`, `move_to_decode`, `cannot_meet`,
+    /// A short name for metrics: `move_to_prefill`, `move_to_decode`,
+    /// `start_prefill`, `start_decode`, `stop_prefill`, `stop_decode`, `cannot_meet`,
     /// or the hold's kind.
     pub fn action(&self) -> &'static str {
         match self {
@@ -149,6 +192,20 @@ impl Decision {
             Decision::Move {
                 to: Pool::Decode, ..
             } => "move_to_decode",
+            Decision::Start {
+                pool: Pool::Prefill,
+                ..
+            } => "start_prefill",
+            Decision::Start {
+                pool: Pool::Decode, ..
+            } => "start_decode",
+            Decision::Stop {
+                pool: Pool::Prefill,
+                ..
+            } => "stop_prefill",
+            Decision::Stop {
+                pool: Pool::Decode, ..
+            } => "stop_decode",
             Decision::CannotMeet { .. } => "cannot_meet",
             Decision::Hold(Hold::FewSamples { .. }) => "few_samples",
             Decision::Hold(Hold::Meets) => "meets",
@@ -171,17 +228,21 @@ impl fmt::Display for Decision {
                     to.as_str()
                 )
             }
+            Decision::Start { pool, why } => {
+                write!(f, "start a {} worker: {why}", pool.as_str())
+            }
+            Decision::Stop { pool, why } => write!(f, "stop a {} worker: {why}", pool.as_str()),
             Decision::CannotMeet { why } => write!(f, "the SLO cannot be met: {why}"),
             Decision::Hold(Hold::FewSamples { samples }) => {
                 write!(f, "too few samples to judge ({samples})")
             }
             Decision::Hold(Hold::Meets) => write!(f, "both limits met"),
-            Decision::Hold(Hold::Moving) => write!(f, "a worker is moving"),
+            Decision::Hold(Hold::Moving) => write!(f, "a worker is moving, starting or stopping"),
             Decision::Hold(Hold::Cooling { left_secs }) => {
                 write!(f, "cooling down for {left_secs:.0} s more")
             }
-            Decision::Hold(Hold::Confirming { to, seen }) => {
-                write!(f, "{} misses; seen {seen} time(s)", to.as_str())
+            Decision::Hold(Hold::Confirming { intent, seen }) => {
+                write!(f, "{intent}; seen {seen} time(s)")
             }
             Decision::Hold(Hold::NoRoom { to, why }) => {
                 write!(f, "{} misses, but {why}", to.as_str())
@@ -194,7 +255,7 @@ impl fmt::Display for Decision {
 #[derive(Debug, Clone)]
 pub struct Controller {
     config: OnlineConfig,
-    pending: Option<(Pool, u32)>,
+    pending: Option<(Intent, u32)>,
     last_move_secs: Option<f64>,
     /// A move was decided and the caller has not said it is over.
     moving: bool,
@@ -244,8 +305,8 @@ impl Controller {
             return Decision::Hold(Hold::Cooling { left_secs });
         }
         let pressure = self.pressure(observation);
-        let wanted = match self.verdict(observation, pressure) {
-            Ok(Some(pool)) => pool,
+        let intent = match self.verdict(observation, pressure) {
+            Ok(Some(intent)) => intent,
             Ok(None) => {
                 self.pending = None;
                 return Decision::Hold(Hold::Meets);
@@ -256,25 +317,45 @@ impl Controller {
             }
         };
         let seen = match self.pending {
-            Some((pool, seen)) if pool == wanted => seen + 1,
+            Some((pending, seen)) if pending == intent => seen + 1,
             _ => 1,
         };
         if seen < self.config.confirm {
-            self.pending = Some((wanted, seen));
-            return Decision::Hold(Hold::Confirming { to: wanted, seen });
+            self.pending = Some((intent, seen));
+            return Decision::Hold(Hold::Confirming { intent, seen });
         }
         self.pending = None;
         self.moving = true;
-        Decision::Move {
-            from: wanted.other(),
-            to: wanted,
-            why: describe_miss(wanted, pressure, &self.config),
+        match intent {
+            Intent::MoveTo(to) => Decision::Move {
+                from: to.other(),
+                to,
+                why: describe_miss(to, pressure, &self.config),
+            },
+            Intent::Start(pool) => Decision::Start {
+                pool,
+                why: format!(
+                    "{}, and {} of {} slots are in use",
+                    describe_miss(pool, pressure, &self.config),
+                    observation.total(),
+                    self.config.max_workers.unwrap_or(0)
+                ),
+            },
+            Intent::Stop(pool) => Decision::Stop {
+                pool,
+                why: format!(
+                    "{} with {} prefill and {} decode workers",
+                    figures(pressure, &self.config),
+                    observation.prefill_workers,
+                    observation.decode_workers
+                ),
+            },
         }
     }
 
-    /// The move decided last has finished (`ok`) or was given up; the cooldown runs
-    /// from `now_secs` either way, so a failing move is not retried at once.
-    pub fn moved(&mut self, now_secs: f64) {
+    /// The move, start or stop decided last has finished or was given up; the
+    /// cooldown runs from `now_secs` either way, so a failing one is not retried at once.
+    pub fn finished(&mut self, now_secs: f64) {
         self.moving = false;
         self.last_move_secs = Some(now_secs);
     }
@@ -285,37 +366,61 @@ impl Controller {
         (left > 0.0).then_some(left)
     }
 
-    /// Which pool needs a worker (`Ok(None)`: none), or why none can be given.
+    /// What the window calls for (`Ok(None)`: nothing), or why nothing can be done.
     fn verdict(
         &self,
         observation: &Observation,
         pressure: Pressure,
-    ) -> Result<Option<Pool>, Decision> {
+    ) -> Result<Option<Intent>, Decision> {
         let missed = |pool: Pool| pressure.of(pool).is_some_and(|v| v > 1.0);
         let wanted = match (missed(Pool::Prefill), missed(Pool::Decode)) {
-            (false, false) => return Ok(None),
+            (false, false) => return Ok(self.surplus(observation, pressure).map(Intent::Stop)),
             (true, true) => {
+                let worse = if pressure.ttft >= pressure.tpot {
+                    Pool::Prefill
+                } else {
+                    Pool::Decode
+                };
+                if self.has_free_slot(observation) {
+                    return Ok(Some(Intent::Start(worse)));
+                }
                 return Err(Decision::CannotMeet {
                     why: format!(
-                        "both limits missed ({}) with {} prefill and {} decode workers",
+                        "both limits missed ({}) with {} prefill and {} decode workers{}",
                         figures(pressure, &self.config),
                         observation.prefill_workers,
-                        observation.decode_workers
+                        observation.decode_workers,
+                        self.slots_note(observation)
                     ),
                 });
             }
             (true, false) => Pool::Prefill,
             (false, true) => Pool::Decode,
         };
+        match self.giver_room(observation, pressure, wanted) {
+            Ok(()) => Ok(Some(Intent::MoveTo(wanted))),
+            Err(_) if self.has_free_slot(observation) => Ok(Some(Intent::Start(wanted))),
+            Err(decision) => Err(decision),
+        }
+    }
+
+    /// Whether the pool that would give `wanted` a worker can spare one.
+    fn giver_room(
+        &self,
+        observation: &Observation,
+        pressure: Pressure,
+        wanted: Pool,
+    ) -> Result<(), Decision> {
         let giver = wanted.other();
         let givers = observation.workers(giver);
         if givers <= 1 {
             return Err(Decision::CannotMeet {
                 why: format!(
-                    "{} ({}), and the {} pool has {givers} worker(s) to give",
+                    "{} ({}), and the {} pool has {givers} worker(s) to give{}",
                     describe_miss(wanted, pressure, &self.config),
                     figures(pressure, &self.config),
-                    giver.as_str()
+                    giver.as_str(),
+                    self.slots_note(observation)
                 ),
             });
         }
@@ -339,7 +444,44 @@ impl Controller {
                 ),
             }));
         }
-        Ok(Some(wanted))
+        Ok(())
+    }
+
+    fn has_free_slot(&self, observation: &Observation) -> bool {
+        self.config
+            .max_workers
+            .is_some_and(|max| observation.total() < max)
+    }
+
+    /// `, and all N slots are in use` when a budget is set.
+    fn slots_note(&self, observation: &Observation) -> String {
+        match self.config.max_workers {
+            Some(max) => format!(", and {} of {max} slots are in use", observation.total()),
+            None => String::new(),
+        }
+    }
+
+    /// With a budget, the pool that can best do with a worker fewer while every figure
+    /// stays under `stop_below` of its limit (its own with `n − 1` workers); unknown
+    /// figures stop nothing.
+    fn surplus(&self, observation: &Observation, pressure: Pressure) -> Option<Pool> {
+        self.config.max_workers?;
+        let (ttft, tpot) = (pressure.ttft?, pressure.tpot?);
+        let limit = self.config.stop_below;
+        if ttft.max(tpot) > limit {
+            return None;
+        }
+        [Pool::Prefill, Pool::Decode]
+            .into_iter()
+            .filter(|&pool| observation.workers(pool) >= 2)
+            .map(|pool| {
+                let n = observation.workers(pool) as f64;
+                let after = pressure.of(pool).unwrap_or(0.0) * n / (n - 1.0);
+                (pool, after)
+            })
+            .filter(|&(_, after)| after <= limit)
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(pool, _)| pool)
     }
 }
 
@@ -397,6 +539,8 @@ mod tests {
             confirm: 2,
             cooldown_secs: 10.0,
             headroom: 0.9,
+            max_workers: None,
+            stop_below: 0.5,
         }
     }
 
@@ -417,7 +561,7 @@ mod tests {
         assert_eq!(
             planner.observe(&slow_decode),
             Decision::Hold(Hold::Confirming {
-                to: Pool::Decode,
+                intent: Intent::MoveTo(Pool::Decode),
                 seen: 1
             })
         );
@@ -443,7 +587,7 @@ mod tests {
         assert_eq!(
             planner.observe(&window(2.0, 2, 2, 2.0, 0.01)),
             Decision::Hold(Hold::Confirming {
-                to: Pool::Prefill,
+                intent: Intent::MoveTo(Pool::Prefill),
                 seen: 1
             })
         );
@@ -462,7 +606,7 @@ mod tests {
             planner.observe(&window(100.0, 3, 1, 0.1, 0.5)),
             Decision::Hold(Hold::Moving)
         );
-        planner.moved(100.0);
+        planner.finished(100.0);
         assert!(matches!(
             planner.observe(&window(105.0, 3, 1, 2.0, 0.01)),
             Decision::Hold(Hold::Cooling { .. })
@@ -522,6 +666,105 @@ mod tests {
         let mut unstreamed = window(0.0, 2, 2, 3.0, 0.01);
         unstreamed.tpot.clear();
         assert_eq!(planner.observe(&unstreamed).action(), "no_room");
+    }
+
+    fn budget(max_workers: usize) -> OnlineConfig {
+        OnlineConfig {
+            max_workers: Some(max_workers),
+            ..config()
+        }
+    }
+
+    #[test]
+    fn a_free_slot_starts_a_worker_where_no_move_can_help() {
+        let mut planner = Controller::new(budget(3));
+        // TPOT misses and the prefill pool has one worker to give: start a decode one.
+        planner.observe(&window(0.0, 1, 1, 0.1, 0.3));
+        let decision = planner.observe(&window(1.0, 1, 1, 0.1, 0.3));
+        let Decision::Start { pool, why } = &decision else {
+            panic!("expected a start, got {decision:?}");
+        };
+        assert_eq!(*pool, Pool::Decode);
+        assert!(why.contains("2 of 3 slots are in use"), "{why}");
+        assert_eq!(decision.action(), "start_decode");
+        assert_eq!(
+            planner.observe(&window(2.0, 1, 1, 0.1, 0.3)),
+            Decision::Hold(Hold::Moving)
+        );
+        planner.finished(30.0);
+        // The budget is spent: the next miss is reported, not acted on.
+        let full = planner.observe(&window(41.0, 1, 2, 3.0, 0.3));
+        assert_eq!(full.action(), "cannot_meet");
+        assert!(
+            full.to_string().contains("3 of 3 slots are in use"),
+            "{full}"
+        );
+    }
+
+    #[test]
+    fn a_move_is_preferred_to_a_start() {
+        let mut planner = Controller::new(budget(8));
+        planner.observe(&window(0.0, 2, 2, 3.0, 0.02));
+        assert!(matches!(
+            planner.observe(&window(1.0, 2, 2, 3.0, 0.02)),
+            Decision::Move {
+                to: Pool::Prefill,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn both_missed_with_a_free_slot_starts_for_the_worse_pool() {
+        let mut planner = Controller::new(budget(5));
+        planner.observe(&window(0.0, 2, 2, 1.5, 0.4));
+        assert_eq!(
+            planner.observe(&window(1.0, 2, 2, 1.5, 0.4)).action(),
+            "start_decode"
+        );
+    }
+
+    #[test]
+    fn an_idle_pool_gives_back_a_worker_only_with_a_budget_and_known_figures() {
+        let quiet = window(0.0, 3, 2, 0.1, 0.02);
+        // No budget: nothing is ever stopped.
+        let mut unbudgeted = Controller::new(config());
+        unbudgeted.observe(&quiet);
+        assert_eq!(unbudgeted.observe(&quiet), Decision::Hold(Hold::Meets));
+        let mut planner = Controller::new(budget(5));
+        assert_eq!(
+            planner.observe(&quiet),
+            Decision::Hold(Hold::Confirming {
+                intent: Intent::Stop(Pool::Prefill),
+                seen: 1
+            })
+        );
+        // Prefill at 10% → 15% with 2 of 3; decode at 20% → 40% with 1 of 2: prefill.
+        let decision = planner.observe(&Observation {
+            now_secs: 1.0,
+            ..quiet.clone()
+        });
+        assert_eq!(decision.action(), "stop_prefill", "{decision}");
+        planner.finished(1.0);
+        // A pool near its limit, or one whose figure is unknown, keeps its workers.
+        let mut busy = Controller::new(budget(5));
+        busy.observe(&window(0.0, 2, 2, 0.6, 0.02));
+        assert_eq!(
+            busy.observe(&window(1.0, 2, 2, 0.6, 0.02)),
+            Decision::Hold(Hold::Meets)
+        );
+        let mut unknown = window(0.0, 2, 2, 0.1, 0.01);
+        unknown.tpot.clear();
+        let mut blind = Controller::new(budget(5));
+        blind.observe(&unknown);
+        assert_eq!(blind.observe(&unknown), Decision::Hold(Hold::Meets));
+        // One worker per pool is the floor.
+        let mut floor = Controller::new(budget(5));
+        floor.observe(&window(0.0, 1, 1, 0.01, 0.001));
+        assert_eq!(
+            floor.observe(&window(1.0, 1, 1, 0.01, 0.001)),
+            Decision::Hold(Hold::Meets)
+        );
     }
 
     #[test]

@@ -231,8 +231,9 @@ pub async fn move_worker(
     }
 }
 
-/// `GET /planner[?since=<unix seconds>]`: the planner's settings and its verdicts
-/// (all kept, or those after `since`); 404 when the planner is off.
+/// `GET /planner[?since=<unix seconds>]`: the planner's settings, the worker it
+/// waits for (`wanted`: `{"role", "since"}` or null; what an actuator starts), and
+/// its verdicts (all kept, or those after `since`); 404 when the planner is off.
 pub async fn planner(
     State(state): State<SharedState>,
     headers: HeaderMap,
@@ -259,6 +260,9 @@ pub async fn planner(
             "confirm": config.confirm,
             "cooldown_secs": config.cooldown_secs,
             "headroom": config.headroom,
+            "max_workers": config.max_workers,
+            "stop_below": config.stop_below,
+            "wanted": journal.wanted(),
             "decisions": journal.since(since),
         }))
     })();

@@ -480,7 +480,10 @@ impl RetryConfig {
 
 /// The online planner (`[planner]`): every `interval_ms` it judges the streamed
 /// requests finished in the last `window_secs` (and since its last move) against the
-/// SLO, and moves one worker from the pool with room to the pool that misses.
+/// SLO, and moves one worker from the pool with room to the pool that misses. With
+/// `max_workers` it also asks for a worker to be started where no move helps (an
+/// actuator such as `tandem up` starts it and adds it through the admin API) and
+/// stops one the load leaves idle.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PlannerConfig {
@@ -502,6 +505,14 @@ pub struct PlannerConfig {
     pub headroom: f64,
     /// Longest a moving worker's requests may take to finish before the move is given up.
     pub drain_limit_secs: u64,
+    /// Workers both pools may have together (the slot budget); unset: the planner
+    /// only moves workers.
+    pub max_workers: Option<usize>,
+    /// With a budget: a pool gives back a worker when every figure is under this
+    /// share of its limit, its own with one worker fewer.
+    pub stop_below: f64,
+    /// Longest a worker asked for may take to join its pool before the start is given up.
+    pub start_limit_secs: u64,
 }
 
 impl Default for PlannerConfig {
@@ -517,6 +528,9 @@ impl Default for PlannerConfig {
             cooldown_secs: 30,
             headroom: 0.9,
             drain_limit_secs: 120,
+            max_workers: None,
+            stop_below: 0.5,
+            start_limit_secs: 180,
         }
     }
 }
@@ -534,6 +548,12 @@ impl PlannerConfig {
         if !(positive(self.headroom) && self.headroom <= 1.0) {
             return invalid("headroom must be in (0, 1]");
         }
+        if !(positive(self.stop_below) && self.stop_below < self.headroom) {
+            return invalid("stop_below must be in (0, headroom)");
+        }
+        if self.max_workers.is_some_and(|max| max < 2) {
+            return invalid("max_workers must be at least 2 (a prefill and a decode worker)");
+        }
         if self.interval_ms < 100 || self.window_secs == 0 || self.confirm == 0 {
             return invalid("interval_ms must be at least 100, window_secs and confirm at least 1");
         }
@@ -550,6 +570,10 @@ impl PlannerConfig {
 
     pub fn drain_limit(&self) -> Duration {
         Duration::from_secs(self.drain_limit_secs)
+    }
+
+    pub fn start_limit(&self) -> Duration {
+        Duration::from_secs(self.start_limit_secs)
     }
 }
 

@@ -93,7 +93,7 @@ pub async fn remove(state: &SharedState, workers: Vec<Arc<Worker>>) {
     }
 }
 
-/// Why a worker did not move to another role.
+/// Why a worker did not move to another role or leave for good.
 #[derive(Debug, thiserror::Error)]
 pub enum MoveError {
     #[error("{0} is already registered as {1}")]
@@ -104,6 +104,24 @@ pub enum MoveError {
     StillBusy(String, Duration),
     #[error("{0} was removed while it drained")]
     Removed(String),
+}
+
+/// Stops new requests to `worker` and waits until its requests have finished; past
+/// `limit` it takes requests again and this fails.
+async fn drain_and_wait(worker: &Arc<Worker>, limit: Duration) -> Result<(), MoveError> {
+    if worker.is_draining() {
+        return Err(MoveError::Draining(worker.url.clone()));
+    }
+    worker.start_draining();
+    let started = tokio::time::Instant::now();
+    while worker.in_flight_requests() > 0 {
+        if started.elapsed() >= limit {
+            worker.stop_draining();
+            return Err(MoveError::StillBusy(worker.url.clone(), limit));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 /// Moves `worker` to `role` without a restart: it takes no new requests, its
@@ -122,18 +140,7 @@ pub async fn move_worker(
     if registry.find(&url).iter().any(|w| w.role == role) {
         return Err(MoveError::AlreadyInRole(url, role.as_str()));
     }
-    if worker.is_draining() {
-        return Err(MoveError::Draining(url));
-    }
-    worker.start_draining();
-    let started = tokio::time::Instant::now();
-    while worker.in_flight_requests() > 0 {
-        if started.elapsed() >= limit {
-            worker.stop_draining();
-            return Err(MoveError::StillBusy(url, limit));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    drain_and_wait(worker, limit).await?;
     let moved = registry
         .replace(worker, Worker::new(url.clone(), role, &state.circuit))
         .ok_or_else(|| MoveError::Removed(url.clone()))?;
@@ -146,6 +153,36 @@ pub async fn move_worker(
         "worker moved"
     );
     Ok(moved)
+}
+
+/// Takes `worker` out of the router once its requests have finished (within
+/// `limit`, or it serves again and this fails): the planner's stop, after which its
+/// process may go.
+pub async fn retire(
+    state: &SharedState,
+    worker: &Arc<Worker>,
+    limit: Duration,
+) -> Result<(), MoveError> {
+    drain_and_wait(worker, limit).await?;
+    let registry = &state.dispatcher.registry;
+    let listed_otherwise = registry
+        .find(&worker.url)
+        .iter()
+        .any(|other| !Arc::ptr_eq(other, worker));
+    if !listed_otherwise
+        && let Some(kv) = state.kv.as_ref()
+        && kv.unfollow(&worker.url).await.is_err()
+    {
+        tracing::warn!(worker = worker.url, "the KV events thread has stopped");
+    }
+    registry.remove(worker);
+    state.dispatcher.forget(&worker.url);
+    tracing::info!(
+        worker = worker.url,
+        role = worker.role.as_str(),
+        "worker retired"
+    );
+    Ok(())
 }
 
 /// Drops a draining worker once its requests have finished (or after a bound), unless

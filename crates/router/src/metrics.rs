@@ -71,13 +71,17 @@ pub const DISCOVERED_WORKERS: &str = "tandem_router_discovered_workers";
 /// Counter by action (`add`, `remove`): discovered workers joining and leaving.
 pub const DISCOVERY_CHANGES_TOTAL: &str = "tandem_router_discovery_changes_total";
 
-/// Counter, label [`ACTION`] (`move_to_prefill`, `move_to_decode`, `cannot_meet`,
-/// `meets`, `confirming`, `no_room`, `cooling`, `moving`, `few_samples`): the online
-/// planner's verdict on each window.
+/// Counter, label [`ACTION`] (`move_to_prefill`, `move_to_decode`, `start_prefill`,
+/// `start_decode`, `stop_prefill`, `stop_decode`, `cannot_meet`, `meets`,
+/// `confirming`, `no_room`, `cooling`, `moving`, `few_samples`): the online planner's
+/// verdict on each window.
 pub const PLANNER_DECISIONS_TOTAL: &str = "tandem_router_planner_decisions_total";
 /// Counter, labels [`ROLE`] (the pool moved to) and [`OUTCOME`] (`ok`, `failed`):
 /// workers the planner moved between the P/D pools.
 pub const PLANNER_MOVES_TOTAL: &str = "tandem_router_planner_moves_total";
+/// Counter, labels [`ROLE`] (the pool), [`ACTION`] (`start`, `stop`) and [`OUTCOME`]
+/// (`ok`, `failed`): workers the planner had started or stopped within its budget.
+pub const PLANNER_SCALE_TOTAL: &str = "tandem_router_planner_scale_total";
 /// Gauge, label [`ROLE`]: healthy, non-draining workers in each P/D pool, as the
 /// planner last counted them.
 pub const PLANNER_POOL_WORKERS: &str = "tandem_router_planner_pool_workers";
@@ -199,6 +203,10 @@ fn describe() {
     describe_counter!(
         PLANNER_MOVES_TOTAL,
         "Workers the planner moved between P/D pools, by pool moved to and outcome."
+    );
+    describe_counter!(
+        PLANNER_SCALE_TOTAL,
+        "Workers the planner had started or stopped, by pool, action and outcome."
     );
     describe_gauge!(
         PLANNER_POOL_WORKERS,

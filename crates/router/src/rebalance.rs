@@ -2,13 +2,16 @@
 //! window of recent latency samples from [`Signals`], asks
 //! [`tandem_planner::online::Controller`] for a verdict, counts it in metrics, keeps
 //! it in the [`Journal`] (`GET /planner`), logs it when the verdict changes, and
-//! carries out a move with [`membership::move_worker`] (drain, then the new role; no
-//! restart). The decision rule itself lives in the planner crate, with no runtime
-//! types.
+//! carries it out: a move with [`membership::move_worker`] (drain, then the new role;
+//! no restart), a stop with [`membership::retire`] (drain, then out of the router; the
+//! journal names the worker so its process can go), a start by posting what is
+//! wanted in the journal and waiting for an actuator (`tandem up`) to add a worker
+//! through the admin API. The decision rule itself lives in the planner crate, with
+//! no runtime types.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tandem_planner::online::{Controller, Decision, Observation, OnlineConfig, Pool, percentile};
@@ -26,7 +29,8 @@ const JOURNAL_LENGTH: usize = 2048;
 /// One judged window.
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
-    /// Seconds since the Unix epoch.
+    /// Seconds since the Unix epoch: when it was judged, or for a move, start or
+    /// stop, when that was carried out (entries are in order of `at`).
     pub at: f64,
     pub action: &'static str,
     pub detail: String,
@@ -37,11 +41,20 @@ pub struct Entry {
     /// The window's percentile of TTFT and TPOT, seconds.
     pub ttft: Option<f64>,
     pub tpot: Option<f64>,
-    /// For a move: which worker, and whether it moved.
+    /// For a move, start or stop: which worker (for a start, the one that joined),
+    /// and whether it was carried out.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub moved: Option<bool>,
+}
+
+/// A worker the planner asked for and waits for.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Wanted {
+    pub role: Role,
+    /// Seconds since the Unix epoch.
+    pub since: f64,
 }
 
 /// The planner's recent verdicts, shared by every router thread.
@@ -49,6 +62,7 @@ pub struct Entry {
 pub struct Journal {
     pub config: PlannerConfig,
     entries: Mutex<VecDeque<Entry>>,
+    wanted: Mutex<Option<Wanted>>,
 }
 
 impl Journal {
@@ -56,7 +70,17 @@ impl Journal {
         Self {
             config,
             entries: Mutex::new(VecDeque::new()),
+            wanted: Mutex::new(None),
         }
+    }
+
+    /// The worker the planner waits for, if any.
+    pub fn wanted(&self) -> Option<Wanted> {
+        *self.wanted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_wanted(&self, wanted: Option<Wanted>) {
+        *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = wanted;
     }
 
     fn push(&self, entry: Entry) {
@@ -104,18 +128,42 @@ pub async fn run(state: SharedState, signals: Arc<Signals>, journal: Arc<Journal
             log(&decision);
             last_action = decision.action();
         }
-        if let Decision::Move { from, to, .. } = decision {
-            let candidates = if from == Pool::Prefill {
-                prefill
-            } else {
-                decode
-            };
-            let (worker, moved) = carry_out(&state, &config, candidates, to).await;
-            entry.worker = worker;
-            entry.moved = Some(moved);
-            last_move = Instant::now();
-            controller.moved(last_move.duration_since(started).as_secs_f64());
-        }
+        let (worker, done) = match decision {
+            Decision::Move { from, to, .. } => {
+                let candidates = if from == Pool::Prefill {
+                    prefill
+                } else {
+                    decode
+                };
+                carry_out(&state, &config, candidates, to).await
+            }
+            Decision::Stop { pool, .. } => {
+                let candidates = if pool == Pool::Prefill {
+                    prefill
+                } else {
+                    decode
+                };
+                stop_one(&state, &config, candidates).await
+            }
+            Decision::Start { pool, .. } => {
+                let members = if pool == Pool::Prefill {
+                    prefill
+                } else {
+                    decode
+                };
+                await_start(&state, &journal, &config, role_of(pool), members).await
+            }
+            Decision::CannotMeet { .. } | Decision::Hold(_) => {
+                journal.push(entry);
+                continue;
+            }
+        };
+        entry.worker = worker;
+        entry.moved = Some(done);
+        // Stamped when carried out, so `?since=` readers never miss it.
+        entry.at = unix_now();
+        last_move = Instant::now();
+        controller.finished(last_move.duration_since(started).as_secs_f64());
         journal.push(entry);
     }
 }
@@ -129,7 +177,22 @@ fn online_config(config: &PlannerConfig) -> OnlineConfig {
         confirm: config.confirm,
         cooldown_secs: config.cooldown_secs as f64,
         headroom: config.headroom,
+        max_workers: config.max_workers,
+        stop_below: config.stop_below,
     }
+}
+
+fn role_of(pool: Pool) -> Role {
+    match pool {
+        Pool::Prefill => Role::Prefill,
+        Pool::Decode => Role::Decode,
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// The workers that take requests in each pool: healthy and not draining.
@@ -171,9 +234,7 @@ fn record(controller: &Controller, observation: &Observation, decision: &Decisio
         }
     }
     Entry {
-        at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64()),
+        at: unix_now(),
         action: decision.action(),
         detail: decision.to_string(),
         prefill_workers: observation.prefill_workers,
@@ -194,7 +255,10 @@ fn log(decision: &Decision) {
         Decision::CannotMeet { .. } => {
             tracing::warn!(action = decision.action(), "planner: {decision}");
         }
-        Decision::Move { .. } | Decision::Hold(_) => {
+        Decision::Move { .. }
+        | Decision::Start { .. }
+        | Decision::Stop { .. }
+        | Decision::Hold(_) => {
             tracing::info!(action = decision.action(), "planner: {decision}");
         }
     }
@@ -207,10 +271,7 @@ async fn carry_out(
     candidates: Vec<Arc<Worker>>,
     to: Pool,
 ) -> (Option<String>, bool) {
-    let role = match to {
-        Pool::Prefill => Role::Prefill,
-        Pool::Decode => Role::Decode,
-    };
+    let role = role_of(to);
     let Some(worker) = candidates
         .into_iter()
         .min_by_key(|w| w.in_flight_requests())
@@ -231,4 +292,72 @@ async fn carry_out(
     metrics::counter!(names::PLANNER_MOVES_TOTAL, names::ROLE => role.as_str(), names::OUTCOME => label)
         .increment(1);
     (Some(worker.url.clone()), ok)
+}
+
+/// Retires the least busy of `candidates`; the worker tried and whether it left.
+async fn stop_one(
+    state: &SharedState,
+    config: &PlannerConfig,
+    candidates: Vec<Arc<Worker>>,
+) -> (Option<String>, bool) {
+    let Some(worker) = candidates
+        .into_iter()
+        .min_by_key(|w| w.in_flight_requests())
+    else {
+        return (None, false);
+    };
+    let outcome = membership::retire(state, &worker, config.drain_limit()).await;
+    if let Err(err) = &outcome {
+        tracing::warn!(worker = worker.url, "planner: the stop was given up: {err}");
+    }
+    count_change(worker.role, "stop", outcome.is_ok());
+    (Some(worker.url.clone()), outcome.is_ok())
+}
+
+/// Posts that a worker is wanted for `role` and waits until one that is not among
+/// `members` serves in that pool, or the start limit passes; the worker that joined.
+async fn await_start(
+    state: &SharedState,
+    journal: &Journal,
+    config: &PlannerConfig,
+    role: Role,
+    members: Vec<Arc<Worker>>,
+) -> (Option<String>, bool) {
+    journal.set_wanted(Some(Wanted {
+        role,
+        since: unix_now(),
+    }));
+    let started = Instant::now();
+    let joined = loop {
+        let (prefill, decode) = pool_sizes(state);
+        let pool = if role == Role::Prefill {
+            prefill
+        } else {
+            decode
+        };
+        if let Some(new) = pool
+            .iter()
+            .find(|w| !members.iter().any(|m| m.url == w.url))
+        {
+            break Some(new.url.clone());
+        }
+        if started.elapsed() >= config.start_limit() {
+            tracing::warn!(
+                role = role.as_str(),
+                "planner: no worker joined within {:?}; the start was given up",
+                config.start_limit()
+            );
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    journal.set_wanted(None);
+    count_change(role, "start", joined.is_some());
+    (joined.clone(), joined.is_some())
+}
+
+fn count_change(role: Role, change: &'static str, ok: bool) {
+    let outcome = if ok { "ok" } else { "failed" };
+    metrics::counter!(names::PLANNER_SCALE_TOTAL, names::ROLE => role.as_str(), names::ACTION => change, names::OUTCOME => outcome)
+        .increment(1);
 }
