@@ -123,6 +123,11 @@ pub struct RouteArgs {
     discovery_model: Option<String>,
     #[command(flatten)]
     planner: PlannerArgs,
+    /// `/metrics` also carries every worker's own series, labelled `worker="<url>"`
+    /// (fetched at each scrape, 2 s limit per worker), for clients that scrape one
+    /// endpoint.
+    #[arg(long)]
+    federate_worker_metrics: bool,
     /// The topic the workers publish KV events under [default: ""].
     #[arg(long)]
     kv_events_topic: Option<String>,
@@ -171,6 +176,7 @@ impl RouteArgs {
             self.client_kv_transfer_params,
         );
         config.require_prefill |= self.require_prefill;
+        config.federate_worker_metrics |= self.federate_worker_metrics;
         override_with(&mut config.retry.max_attempts, self.max_attempts);
         override_with(&mut config.migration_limit, self.migration_limit);
         if self.local_prefill_threshold.is_some() {

@@ -3,7 +3,9 @@
 //! on both endpoints; a killed worker is taken out while requests keep succeeding;
 //! `/health` follows the P/D readiness rule; a prefill worker's error reaches the
 //! client as the worker said it; a client that leaves cancels the upstream request; the
-//! admin API and client API keys guard what they should.
+//! admin API and client API keys guard what they should; `--federate-worker-metrics`
+//! puts each worker's own series on the router's `/metrics`, labelled, and says
+//! whose did not come back.
 
 mod common;
 
@@ -168,6 +170,69 @@ async fn a_killed_worker_is_taken_out_and_requests_keep_succeeding() {
     }
     assert!(out, "the dead worker was never marked unhealthy");
     assert_eq!(replicated.health_status().await, 200);
+}
+
+#[tokio::test]
+async fn federated_metrics_carry_each_workers_series_labelled_by_worker() {
+    if !default_model_present() {
+        return;
+    }
+    let (prefill, decode) = (pd_worker(), worker(&[]));
+    let pd = router(
+        &[("prefill", &prefill), ("decode", &decode)],
+        &["--federate-worker-metrics"],
+    )
+    .await;
+    let (status, answer) = pd
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "Hello", "max_tokens": 4}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let metrics = pd.metrics().await;
+    for server in [&prefill, &decode] {
+        let url = server.url("");
+        let url = url.trim_end_matches('/');
+        let labelled = |name: &str| metric_with(&metrics, name, &[("worker", url)]);
+        assert_eq!(
+            labelled("tandem_router_federated_up"),
+            Some(1.0),
+            "{metrics}"
+        );
+        assert!(labelled("vllm:num_requests_running").is_some(), "{metrics}");
+        // Each worker's own count: its leg of the one request.
+        assert!(
+            labelled("vllm:request_success_total").is_some_and(|n| n >= 1.0),
+            "{metrics}"
+        );
+    }
+    // The router's own series are there once; each family is declared once.
+    assert!(metric_value(&metrics, "tandem_router_requests_total").is_some());
+    let mut declared = std::collections::HashSet::new();
+    for line in metrics.lines().filter(|l| l.starts_with("# TYPE ")) {
+        assert!(declared.insert(line.to_owned()), "declared twice: {line}");
+    }
+    // A worker that is gone is said to be so; the rest still come back.
+    let gone = decode.url("");
+    let gone = gone.trim_end_matches('/').to_owned();
+    drop(decode);
+    let metrics = pd.metrics().await;
+    assert_eq!(
+        metric_with(&metrics, "tandem_router_federated_up", &[("worker", &gone)]),
+        Some(0.0),
+        "{metrics}"
+    );
+    let kept = prefill.url("");
+    assert!(
+        metric_with(
+            &metrics,
+            "vllm:num_requests_running",
+            &[("worker", kept.trim_end_matches('/'))]
+        )
+        .is_some(),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

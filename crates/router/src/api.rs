@@ -43,6 +43,8 @@ pub struct AppState {
     pub kv: Option<crate::kv_follow::KvFollowHandle>,
     /// The online planner's journal, when it runs (`GET /planner`).
     pub planner: Option<Arc<crate::rebalance::Journal>>,
+    /// `/metrics` also carries the workers' own series ([`crate::federation`]).
+    pub federate_worker_metrics: bool,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -406,11 +408,25 @@ async fn healthcheck(State(state): State<SharedState>) -> Response {
 }
 
 async fn metrics(State(state): State<SharedState>) -> Response {
-    let text = state
+    let mut text = state
         .metrics
         .as_ref()
         .map(|h| h.render())
         .unwrap_or_default();
+    if state.federate_worker_metrics {
+        let mut workers: Vec<String> = state
+            .dispatcher
+            .registry
+            .all()
+            .iter()
+            .map(|w| w.url.clone())
+            .collect();
+        workers.sort();
+        workers.dedup();
+        let own = crate::federation::family_names(&text);
+        let client = state.dispatcher.upstream.client();
+        text.push_str(&crate::federation::worker_metrics(client, &workers, &own).await);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -75,6 +75,8 @@ pub struct RouterConfig {
     /// P/D mode: the online planner moves workers between the pools against an SLO
     /// (`[planner]`, docs/planner.md).
     pub planner: Option<PlannerConfig>,
+    /// `/metrics` also carries each worker's own series, labelled `worker`.
+    pub federate_worker_metrics: bool,
 }
 
 /// Following the workers registered in etcd (`--discovery etcd://…`); the key layout
@@ -133,6 +135,7 @@ impl Default for RouterConfig {
             kv_index: KvIndexConfig::default(),
             discovery: None,
             planner: None,
+            federate_worker_metrics: false,
         }
     }
 }

@@ -22,6 +22,7 @@
 //!   run time (admin API, etcd discovery, the planner).
 //! - [`signals`]: finished requests' latencies, for the planner.
 //! - [`rebalance`]: the online planner, moving workers between the P/D pools.
+//! - [`federation`]: the workers' own metrics on the router's `/metrics`.
 //! - [`secret`]: credentials that never print.
 //! - [`api`], [`admin`]: the HTTP surface.
 //! - [`metrics`]: metric names.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod disagg;
 pub mod dispatch;
 mod error;
+pub mod federation;
 pub mod health;
 pub mod kv_follow;
 pub mod kv_index;
@@ -265,6 +267,7 @@ fn serve_thread(
             metrics: shared.metrics,
             kv: shared.kv_follow,
             planner: shared.planner.as_ref().map(|(_, journal)| journal.clone()),
+            federate_worker_metrics: config.federate_worker_metrics,
         };
         let state = Arc::new(state);
         let planner = match (index, &shared.planner) {
