@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use tandem_engine::fetch;
 use tandem_launch::plan;
+use tandem_launch::prometheus;
 use tandem_launch::run;
 use tandem_launch::scale::Scaler;
 use tandem_launch::secret::ClusterSecret;
@@ -42,6 +43,10 @@ pub struct UpArgs {
     /// secret for this run.
     #[arg(long, value_name = "FILE")]
     kv_secret_file: Option<PathBuf>,
+    /// Write a Prometheus configuration that scrapes this topology's router and
+    /// workers to FILE (also with --dry-run); deploy/grafana/tandem.json reads it.
+    #[arg(long, value_name = "FILE")]
+    prometheus_config: Option<PathBuf>,
 }
 
 /// Set by SIGINT/SIGTERM.
@@ -95,6 +100,11 @@ pub fn run(args: UpArgs) -> Result<()> {
     }
     fill_default_models(&mut topology, !args.dry_run)?;
     let secret = ClusterSecret::resolve(args.kv_secret_file.as_deref())?;
+    if let Some(path) = &args.prometheus_config {
+        std::fs::write(path, prometheus::scrape_config(&topology))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("Prometheus configuration written to {}", path.display());
+    }
     if args.dry_run {
         for launch in plan::plan(&topology, Path::new("tandem"), &secret) {
             println!("{}\n", launch.describe());

@@ -6,78 +6,17 @@
 
 mod common;
 
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{
-    alive, default_model_present, free_port, metric_with, sse_payloads, tandem, tee_lines,
-};
+use common::up::Up;
+use common::{alive, default_model_present, free_port, metric_with, sse_payloads};
 use serde_json::{Value, json};
 
 const ADMIN: &str = "slots-admin-token";
 
 /// Two `tandem up`s of three or four workers each would crowd a small machine.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A running `tandem up` and every line of its stderr so far.
-struct Up {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    url: String,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Up {
-    fn start(topology: &std::path::Path) -> Up {
-        let mut child = tandem()
-            .arg("up")
-            .arg(topology)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tandem up starts");
-        let rx = tee_lines(child.stderr.take().unwrap(), "up");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let url = loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(120))
-                .expect("tandem up reports progress");
-            lines.lock().unwrap().push(line.clone());
-            if let Some(rest) = line.strip_prefix("tandem is up: ") {
-                break rest.split_whitespace().next().unwrap().to_owned();
-            }
-        };
-        let kept = lines.clone();
-        std::thread::spawn(move || {
-            while let Ok(line) = rx.recv() {
-                kept.lock().unwrap().push(line);
-            }
-        });
-        Up { child, lines, url }
-    }
-
-    fn log(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-
-    /// The pid `tandem up` reported for the process serving `url`.
-    fn pid_of(&self, port: u16) -> Option<u32> {
-        let needle = format!(":{port} (pid ");
-        self.lines.lock().unwrap().iter().rev().find_map(|line| {
-            let rest = line.split(&needle).nth(1)?;
-            rest.trim_end_matches(')').parse().ok()
-        })
-    }
-}
 
 /// A P/D topology of one-thread built-in workers, `(role, standby)` each, with the
 /// planner on `planner` (TOML lines of `[router.planner]`); the workers' ports.
@@ -221,7 +160,7 @@ async fn a_standby_worker_starts_for_the_pool_that_misses_then_the_budget_is_spe
         "ttft = 1000.0\ntpot = 0.0001\ninterval_ms = 300\nwindow_secs = 10\nmin_samples = 4\n\
          confirm = 2\ncooldown_secs = 1",
     );
-    let up = Up::start(&file);
+    let up = Up::start(&file, &[]);
     let client = reqwest::Client::new();
     let standby = format!("http://127.0.0.1:{}", ports[2]);
     assert_eq!(
@@ -347,7 +286,7 @@ async fn an_idle_worker_is_retired_and_its_process_stopped() {
         "ttft = 1000.0\ntpot = 1000.0\ninterval_ms = 300\nwindow_secs = 10\nmin_samples = 4\n\
          confirm = 2\ncooldown_secs = 1",
     );
-    let up = Up::start(&file);
+    let up = Up::start(&file, &[]);
     let client = reqwest::Client::new();
     assert_eq!(workers(&client, &up).await.len(), 3);
     let pids: Vec<u32> = ports[..2]

@@ -7,11 +7,13 @@
 //! - [`secret`]: the cluster secret handed to built-in workers.
 //! - [`run`]: starting them here, waiting for health, prefixing logs, teardown by pid.
 //! - [`stack`]: a topology's processes as one whole, stopped when dropped.
+//! - [`prometheus`]: the scrape configuration of a topology.
 //! - [`scale`]: starting and stopping workers as the router's online planner asks.
 
 pub mod doctor;
 pub mod generate;
 pub mod plan;
+pub mod prometheus;
 pub mod remote;
 pub mod run;
 pub mod scale;

@@ -115,7 +115,20 @@ pub fn install_recorder() -> Result<PrometheusHandle, BuildError> {
         .set_buckets_for_metric(Matcher::Prefix("tandem_router_".into()), LATENCY_BUCKETS)?
         .install_recorder()?;
     describe();
+    start_at_zero();
     Ok(handle)
+}
+
+/// The counters of rare events exist from the start, at 0, so that a dashboard's
+/// `rate()` reads 0 instead of no data until the first one happens.
+fn start_at_zero() {
+    for leg in ["whole", "prefill", "decode"] {
+        metrics::counter!(RETRIES_TOTAL, LEG => leg).absolute(0);
+    }
+    metrics::counter!(PD_FALLBACKS_TOTAL).absolute(0);
+    for outcome in ["resumed", "completed", "failed", "not_resumable"] {
+        metrics::counter!(MIGRATIONS_TOTAL, OUTCOME => outcome).absolute(0);
+    }
 }
 
 fn describe() {

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod up;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
