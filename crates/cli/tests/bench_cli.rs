@@ -301,3 +301,156 @@ fn unusable_flags_are_refused_naming_the_flag() {
         );
     }
 }
+
+/// The default model's GGUF file.
+fn default_model_path() -> String {
+    let output = tandem().args(["model", "path"]).output().unwrap();
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+fn input_lens(report: &Value) -> Vec<u64> {
+    report["input_lens"]
+        .as_array()
+        .unwrap_or_else(|| panic!("input_lens in {report}"))
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect()
+}
+
+/// Random prompts drawn in the model's own tokenizer (the GGUF file, or the server's
+/// /tokenize when no --tokenizer is given) have exactly the requested token counts as
+/// the server counts them (`usage.prompt_tokens`), as vllm bench serve's random dataset
+/// does; no two share a prefix-cache block unless the workload shares a prefix.
+#[test]
+fn random_prompts_have_exact_token_counts() {
+    if !default_model_present() {
+        return;
+    }
+    let gguf = default_model_path();
+    let server = Server::start(&["--threads", "2", "--kv-cache-memory", "128MiB"]);
+    let url = server.url("");
+    let hits =
+        || metric_value(&server.metrics_blocking(), "vllm:prefix_cache_hits_total").unwrap_or(0.0);
+    let common = ["--url", &url, "--num-prompts", "10", "--output-len", "2"];
+    let run = |extra: &[&str]| {
+        let args: Vec<&str> = common.iter().chain(extra).copied().collect();
+        let (output, report) = bench(&args);
+        assert!(output.status.success(), "{output:?}");
+        assert_eq!(report["completed"], 10, "{report}");
+        (String::from_utf8_lossy(&output.stderr).into_owned(), report)
+    };
+
+    // The GGUF file's tokenizer.
+    let (stderr, report) = run(&[
+        "--workload",
+        "random",
+        "--input-len",
+        "37",
+        "--max-concurrency",
+        "4",
+        "--tokenizer",
+        &gguf,
+    ]);
+    assert!(
+        stderr.contains(&format!("the tokenizer of {gguf}")),
+        "{stderr}"
+    );
+    assert_eq!(input_lens(&report), vec![37; 10], "{stderr}");
+    assert_eq!(report["total_input_tokens"], 370);
+    assert_eq!(hits(), 0.0, "random prompts share no prefix-cache block");
+
+    // The server's tokenizer, with longer prompts (several blocks each); another seed,
+    // so no prompt repeats the run before.
+    let (stderr, report) = run(&["--workload", "random", "--input-len", "150", "--seed", "1"]);
+    assert!(stderr.contains("the server's /tokenize"), "{stderr}");
+    assert_eq!(input_lens(&report), vec![150; 10], "{stderr}");
+    assert_eq!(hits(), 0.0, "random prompts share no prefix-cache block");
+
+    // A shared prefix of 64 tokens: every prompt is 64 + 20, and all but the first
+    // find the prefix's whole blocks cached.
+    let (stderr, report) = run(&[
+        "--workload",
+        "shared-prefix",
+        "--prefix-len",
+        "64",
+        "--input-len",
+        "20",
+        "--max-concurrency",
+        "1",
+        "--seed",
+        "2",
+        "--tokenizer",
+        &gguf,
+    ]);
+    assert_eq!(input_lens(&report), vec![84; 10], "{stderr}");
+    assert!(
+        hits() >= 9.0 * 48.0,
+        "the prefix is shared on purpose: {} hits",
+        hits()
+    );
+}
+
+/// Without --tokenizer, a server with no /tokenize gets word prompts, each starting
+/// with a word of its own, and the run says its counts are approximate.
+#[test]
+fn without_a_tokenizer_prompts_are_words_that_start_apart() {
+    use std::sync::{Arc, Mutex};
+    let prompts: Arc<Mutex<Vec<String>>> = Arc::default();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    let seen = prompts.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let answer = move |body: axum::Json<Value>| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock()
+                        .unwrap()
+                        .push(body["prompt"].as_str().unwrap_or_default().to_owned());
+                    let chunk = serde_json::json!({"choices": [{"index": 0, "text": " ok"}]});
+                    let usage = serde_json::json!({"choices": [],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 1}});
+                    (
+                        [("content-type", "text/event-stream")],
+                        format!("data: {chunk}\n\ndata: {usage}\n\ndata: [DONE]\n\n"),
+                    )
+                }
+            };
+            let app = axum::Router::new().route("/v1/completions", axum::routing::post(answer));
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    let url = format!("http://{address}");
+    let (output, report) = bench(&[
+        "--url",
+        &url,
+        "--workload",
+        "random",
+        "--num-prompts",
+        "40",
+        "--input-len",
+        "12",
+        "--output-len",
+        "1",
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(report["completed"], 40, "{report}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("prompts are random words")
+            && stderr.contains("the server's /tokenize: HTTP 404"),
+        "{stderr}"
+    );
+    let prompts = prompts.lock().unwrap();
+    let firsts: std::collections::HashSet<&str> = prompts
+        .iter()
+        .map(|p| p.split(' ').next().unwrap())
+        .collect();
+    assert_eq!((prompts.len(), firsts.len()), (40, 40), "{prompts:?}");
+}
