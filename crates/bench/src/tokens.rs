@@ -676,6 +676,10 @@ mod tests {
     /// A word-level tokenizer.json (ids 0..=2 special, 3..=202 words that decode
     /// joined by spaces), written to `dir` and loaded.
     fn word_tokenizer(dir: &Path) -> PromptTokenizer {
+        word_tokenizer_with(dir, Value::Null)
+    }
+
+    fn word_tokenizer_with(dir: &Path, post_processor: Value) -> PromptTokenizer {
         let mut vocab = serde_json::Map::new();
         for (i, word) in ["<s>", "</s>", "<unk>"].iter().enumerate() {
             vocab.insert((*word).into(), json!(i));
@@ -694,7 +698,7 @@ mod tests {
             "added_tokens": [special(0, "<s>"), special(1, "</s>"), special(2, "<unk>")],
             "normalizer": null,
             "pre_tokenizer": {"type": "WhitespaceSplit"},
-            "post_processor": null,
+            "post_processor": post_processor,
             "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
             "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
         });
@@ -725,6 +729,23 @@ mod tests {
         let again = random(&tokenizer, &spec, 50, 7).await.unwrap();
         let texts = |r: &Realized| r.prompts.iter().map(|p| p.text.clone()).collect::<Vec<_>>();
         assert_eq!(texts(&realized), texts(&again));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_bare_tokenizer_json_counts_the_bos_its_post_processor_adds() {
+        let dir = std::env::temp_dir().join(format!("tandem-tokens-bos-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bos = json!({"SpecialToken": {"id": "<s>", "type_id": 0}});
+        let post_processor = json!({
+            "type": "TemplateProcessing",
+            "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]}}
+        });
+        let tokenizer = word_tokenizer_with(&dir, post_processor);
+        assert_eq!(tokenizer.vocabulary().num_special, 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -184,9 +184,14 @@ impl Tokenizer {
     }
 
     /// How many ids encoding a prompt adds around its text (Hugging Face's
-    /// `num_special_tokens_to_add`): 1 when the model expects a BOS token in front.
+    /// `num_special_tokens_to_add`): 1 when the model expects a BOS token in front;
+    /// without a known BOS (a `tokenizer.json` alone), what the tokenizer's own
+    /// post-processor adds.
     pub fn num_special_tokens_to_add(&self) -> usize {
-        usize::from(self.add_bos_by_default && self.bos.is_some())
+        match self.bos {
+            Some(_) => usize::from(self.add_bos_by_default),
+            None => self.hf.encode_fast("", true).map_or(0, |e| e.len()),
+        }
     }
 
     /// The special tokens' ids (BOS, EOS and the other control tokens: Hugging Face's
