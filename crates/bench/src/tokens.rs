@@ -163,6 +163,15 @@ impl PromptTokenizer {
         }
     }
 
+    /// What `tandem bench --json` records as `tokenizer_id`: the file or folder, or
+    /// `server` for the server's endpoints.
+    pub fn id(&self) -> String {
+        match self {
+            Self::Local { tokenizer, .. } => tokenizer.source().display().to_string(),
+            Self::Server(_) => "server".into(),
+        }
+    }
+
     /// `text`'s ids, without the special tokens a server adds.
     pub async fn encode(&self, text: &str) -> Result<Vec<u32>, TokensError> {
         match self {

@@ -10,7 +10,7 @@ use tandem_bench::client::{Api, Target};
 use tandem_bench::report::{self, RunInfo};
 use tandem_bench::stats::{self, Slo};
 use tandem_bench::suite::{Scenario, WorkloadKind};
-use tandem_bench::tokens::{self, PromptSource};
+use tandem_bench::tokens::{self, PromptSource, PromptTokenizer};
 use tandem_bench::{Progress, Traffic};
 
 #[derive(Args)]
@@ -238,6 +238,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         request_rate: rate,
         burstiness: args.burstiness,
         max_concurrency: concurrency,
+        tokenizer_id: tokenizer.map(PromptTokenizer::id),
     };
     // `inf`, as vllm bench serve takes it: everything at once.
     let request_rate = args.request_rate.filter(|r| r.is_finite());

@@ -356,6 +356,7 @@ fn random_prompts_have_exact_token_counts() {
         "{stderr}"
     );
     assert_eq!(input_lens(&report), vec![37; 10], "{stderr}");
+    assert_eq!(report["tokenizer_id"], gguf.as_str());
     assert_eq!(report["total_input_tokens"], 370);
     assert_eq!(hits(), 0.0, "random prompts share no prefix-cache block");
 
@@ -364,6 +365,7 @@ fn random_prompts_have_exact_token_counts() {
     let (stderr, report) = run(&["--workload", "random", "--input-len", "150", "--seed", "1"]);
     assert!(stderr.contains("the server's /tokenize"), "{stderr}");
     assert_eq!(input_lens(&report), vec![150; 10], "{stderr}");
+    assert_eq!(report["tokenizer_id"], "server");
     assert_eq!(hits(), 0.0, "random prompts share no prefix-cache block");
 
     // A shared prefix of 64 tokens: every prompt is 64 + 20, and all but the first
@@ -441,6 +443,7 @@ fn without_a_tokenizer_prompts_are_words_that_start_apart() {
     ]);
     assert!(output.status.success(), "{output:?}");
     assert_eq!(report["completed"], 40, "{report}");
+    assert_eq!(report["tokenizer_id"], Value::Null);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("prompts are random words")
