@@ -374,13 +374,7 @@ impl Scenario {
 
     /// Whether requests ask for exactly `output_len` tokens.
     pub fn ignores_eos(&self) -> bool {
-        self.ignore_eos.unwrap_or(matches!(
-            self.workload,
-            WorkloadKind::Random
-                | WorkloadKind::SharedPrefix
-                | WorkloadKind::MultiTurn
-                | WorkloadKind::Shift
-        ))
+        self.ignore_eos.unwrap_or(self.is_random())
     }
 
     /// Whether its prompts are random (and so can be drawn in tokens).

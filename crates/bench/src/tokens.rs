@@ -40,8 +40,10 @@ const SERVER_CONCURRENCY: usize = 16;
 /// Why prompts could not be drawn in tokens.
 #[derive(Debug, thiserror::Error)]
 pub enum TokensError {
-    #[error("--tokenizer {path}: {source}")]
-    Load { path: PathBuf, source: ModelError },
+    #[error("--tokenizer {path}: {error}")]
+    Load { path: PathBuf, error: ModelError },
+    #[error("--tokenizer {path}: no such file or folder")]
+    Missing { path: PathBuf },
     #[error(
         "--tokenizer {path}: not a tokenizer.json file, a model folder with one, or a GGUF \
          file"
@@ -101,21 +103,20 @@ impl PromptTokenizer {
     /// A `tokenizer.json` file, a folder holding one (a Hugging Face model), or a GGUF
     /// file (its `tokenizer.ggml.*` metadata).
     pub fn load(path: &Path) -> Result<Self, TokensError> {
-        let load_error = |source| TokensError::Load {
+        let load_error = |error| TokensError::Load {
             path: path.to_owned(),
-            source,
+            error,
         };
-        let tokenizer = if path.is_dir() {
+        let tokenizer = if !path.exists() {
+            return Err(TokensError::Missing {
+                path: path.to_owned(),
+            });
+        } else if path.is_dir() {
             Tokenizer::from_hf_dir(path).map_err(load_error)?
         } else if is_gguf(path) {
             Tokenizer::from_gguf_file(path).map_err(load_error)?
         } else if path.extension().is_some_and(|e| e == "json") {
             Tokenizer::from_tokenizer_json(path).map_err(load_error)?
-        } else if !path.exists() {
-            return Err(load_error(ModelError::Io {
-                path: path.to_owned(),
-                source: std::io::Error::from(std::io::ErrorKind::NotFound),
-            }));
         } else {
             return Err(TokensError::Unrecognized {
                 path: path.to_owned(),
@@ -191,7 +192,8 @@ impl PromptTokenizer {
     }
 }
 
-/// Whether `path` is a GGUF file (by its magic, else its extension).
+/// Whether `path` is a GGUF file (by its magic; by its extension when unreadable, so
+/// that the error says why).
 fn is_gguf(path: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
@@ -761,7 +763,7 @@ mod tests {
     #[test]
     fn paths_that_are_no_tokenizer_are_refused() {
         let missing = PromptTokenizer::load(Path::new("/nonexistent/tokenizer.bin"));
-        assert!(matches!(missing, Err(TokensError::Load { .. })));
+        assert!(matches!(missing, Err(TokensError::Missing { .. })));
         let dir = std::env::temp_dir().join(format!("tandem-not-tok-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let other = dir.join("weights.bin");
