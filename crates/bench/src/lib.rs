@@ -3,6 +3,8 @@
 //! definitions, and the three-way comparison's report.
 //!
 //! - [`workload`]: what to send and when.
+//! - [`tokens`]: random prompts of exact token counts, as vLLM draws them, and the
+//!   tokenizer (local or the server's) they are counted in.
 //! - [`client`]: one streamed request, timed.
 //! - [`stats`]: records to metrics.
 //! - [`report`]: the terminal table, the JSON document and markdown of one run.
@@ -20,6 +22,7 @@ pub mod report;
 pub mod stats;
 pub mod suite;
 pub mod timeline;
+pub mod tokens;
 pub mod validate;
 pub mod workload;
 

@@ -15,6 +15,9 @@ pub struct RunInfo {
     pub request_rate: Option<f64>,
     pub burstiness: f64,
     pub max_concurrency: Option<usize>,
+    /// The tokenizer random prompts were drawn in (a path, or `server`), as vllm bench
+    /// serve's `tokenizer_id`; `None` for word prompts or fixed datasets.
+    pub tokenizer_id: Option<String>,
 }
 
 pub fn table(info: &RunInfo, summary: &Summary) -> String {
@@ -181,6 +184,7 @@ pub fn json(info: &RunInfo, summary: &Summary, records: &[RequestRecord], detail
     put("base_url", json!(info.url));
     put("endpoint_type", json!(info.endpoint));
     put("workload", json!(info.workload));
+    put("tokenizer_id", json!(info.tokenizer_id));
     put("num_prompts", json!(info.num_prompts));
     put(
         "request_rate",
@@ -285,6 +289,7 @@ mod tests {
             request_rate: None,
             burstiness: 1.0,
             max_concurrency: None,
+            tokenizer_id: None,
         };
         let doc = json(&info, &summary, &records, false);
         for key in [

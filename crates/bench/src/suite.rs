@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::client::Prompt;
 use crate::stats::Slo;
+use crate::tokens::{self, PromptTokenizer, RandomTokens, TokensError};
 use crate::workload::{self, Conversation, DatasetError};
 
 /// A scenario file problem.
@@ -26,6 +28,8 @@ pub enum SuiteError {
     Invalid { scenario: String, problem: String },
     #[error(transparent)]
     Dataset(#[from] DatasetError),
+    #[error(transparent)]
+    Tokens(#[from] TokensError),
 }
 
 /// Scenarios, run in order.
@@ -370,13 +374,87 @@ impl Scenario {
 
     /// Whether requests ask for exactly `output_len` tokens.
     pub fn ignores_eos(&self) -> bool {
-        self.ignore_eos.unwrap_or(matches!(
+        self.ignore_eos.unwrap_or(self.is_random())
+    }
+
+    /// Whether its prompts are random (and so can be drawn in tokens).
+    pub fn is_random(&self) -> bool {
+        matches!(
             self.workload,
             WorkloadKind::Random
                 | WorkloadKind::SharedPrefix
                 | WorkloadKind::MultiTurn
                 | WorkloadKind::Shift
-        ))
+        )
+    }
+
+    /// What to send, with random prompts drawn in `tokenizer`'s tokens when there is
+    /// one ([`tokens`]: exact lengths, as `vllm bench serve --dataset-name random`
+    /// draws them); else as [`Self::conversations`]. Also the prompt tokens by which
+    /// the drawn prompts miss their lengths (0 unless a tokenizer's round trips did
+    /// not settle).
+    pub async fn conversations_in(
+        &self,
+        tokenizer: Option<&PromptTokenizer>,
+    ) -> Result<(Vec<Conversation>, i64), SuiteError> {
+        let Some(tokenizer) = tokenizer.filter(|_| self.is_random()) else {
+            return Ok((self.conversations()?, 0));
+        };
+        let lengths = |input_len, output_len, range_ratio, prefix_len| RandomTokens {
+            input_len,
+            output_len,
+            range_ratio,
+            prefix_len,
+            prefix_groups: self.prefix_groups,
+        };
+        let (input, output, ratio) = (self.input_len, self.output_len, self.range_ratio);
+        let n = self.num_prompts;
+        let parts = match self.workload {
+            WorkloadKind::SharedPrefix => vec![(lengths(input, output, ratio, self.prefix_len), n)],
+            WorkloadKind::MultiTurn => vec![
+                (
+                    RandomTokens {
+                        prefix_groups: 1,
+                        ..lengths(input, output, 0.0, self.prefix_len)
+                    },
+                    n,
+                ),
+                (
+                    lengths(input, output, 0.0, 0),
+                    n * self.turns.saturating_sub(1),
+                ),
+            ],
+            WorkloadKind::Shift => {
+                let first = n / 2;
+                let second = lengths(
+                    self.shift_input_len.unwrap_or(input),
+                    self.shift_output_len.unwrap_or(output),
+                    ratio,
+                    0,
+                );
+                vec![
+                    (lengths(input, output, ratio, 0), first),
+                    (second, n - first),
+                ]
+            }
+            _ => vec![(lengths(input, output, ratio, 0), n)],
+        };
+        let drawn = tokens::random_parts(tokenizer, &parts, self.seed).await?;
+        let mut prompts = drawn.prompts.into_iter();
+        let conversations = if self.workload == WorkloadKind::MultiTurn {
+            let firsts: Vec<Prompt> = prompts.by_ref().take(n).collect();
+            firsts
+                .into_iter()
+                .map(|first| {
+                    let mut turns = vec![first];
+                    turns.extend(prompts.by_ref().take(self.turns.saturating_sub(1)));
+                    Conversation { turns }
+                })
+                .collect()
+        } else {
+            prompts.map(|p| Conversation { turns: vec![p] }).collect()
+        };
+        Ok((conversations, drawn.token_mismatch))
     }
 
     /// What to send.

@@ -3,6 +3,8 @@
 //! files, and the arrival schedule (all at once, or a Poisson/gamma process at a
 //! request rate, as `vllm bench serve` draws it).
 
+use std::collections::HashSet;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -48,7 +50,11 @@ fn draw_len(rng: &mut StdRng, len: usize, ratio: f64) -> usize {
 }
 
 /// `count` prompts of about `input_len` tokens (common English words, one token each
-/// for most tokenizers) and `output_len` output tokens each.
+/// for most tokenizers) and `output_len` output tokens each. Each prompt's first word
+/// is a number no other prompt of the call starts with, so that no two prompts share a
+/// prefix-cache block by accident (a tokenizer that maps the words to few tokens would
+/// otherwise make every prompt a cache hit). [`crate::tokens`] draws exact token counts
+/// when a tokenizer is at hand.
 pub fn random(
     count: usize,
     input_len: usize,
@@ -62,11 +68,18 @@ pub fn random(
         "page", "route", "token", "batch", "layer", "state", "event",
     ];
     let mut rng = StdRng::seed_from_u64(seed);
+    let mut leads = HashSet::new();
     (0..count)
         .map(|_| {
             let words = draw_len(&mut rng, input_len, ratio);
-            let text: Vec<&str> = (0..words)
-                .map(|_| WORDS[rng.random_range(0..WORDS.len())])
+            let lead = loop {
+                let lead: u32 = rng.random_range(100_000..1_000_000);
+                if leads.insert(lead) {
+                    break lead.to_string();
+                }
+            };
+            let text: Vec<&str> = std::iter::once(lead.as_str())
+                .chain((1..words).map(|_| WORDS[rng.random_range(0..WORDS.len())]))
                 .collect();
             Prompt {
                 text: text.join(" "),
@@ -297,6 +310,23 @@ mod tests {
             random(3, 10, 5, 0.0, 1)[0].text
         );
         assert!(random(3, 10, 5, 0.0, 1).iter().all(|p| p.max_tokens == 5));
+    }
+
+    #[test]
+    fn random_prompts_differ_from_their_first_word() {
+        let prompts = random(2000, 8, 4, 0.0, 3);
+        let firsts: HashSet<&str> = prompts
+            .iter()
+            .map(|p| p.text.split(' ').next().unwrap())
+            .collect();
+        assert_eq!(firsts.len(), 2000);
+        // Shared prefixes stay shared; what follows them starts distinct.
+        let prompts = shared_prefix(50, 1, 20, 10, 4, 1);
+        let after: HashSet<&str> = prompts
+            .iter()
+            .map(|p| p.text.split(' ').nth(20).unwrap())
+            .collect();
+        assert_eq!(after.len(), 50);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tandem_bench::client::{Api, Target};
 use tandem_bench::report::{self, RunInfo};
 use tandem_bench::stats::{self, Slo};
 use tandem_bench::suite::{Scenario, WorkloadKind};
+use tandem_bench::tokens::{self, PromptSource, PromptTokenizer};
 use tandem_bench::{Progress, Traffic};
 
 #[derive(Args)]
@@ -36,7 +37,8 @@ pub struct BenchArgs {
     /// Turns per conversation (multi-turn workload).
     #[arg(long, default_value_t = 3)]
     turns: usize,
-    /// Words shared by every prompt (shared-prefix workload).
+    /// Tokens (words without a tokenizer) shared by every prompt (shared-prefix and
+    /// multi-turn workloads).
     #[arg(long, default_value_t = 256)]
     prefix_len: usize,
     /// Distinct prefixes, taken in turn by the prompts (shared-prefix workload).
@@ -51,9 +53,16 @@ pub struct BenchArgs {
     /// Runs the workload once per concurrency limit (e.g. `1,8,32`).
     #[arg(long, value_delimiter = ',', conflicts_with = "max_concurrency")]
     sweep_concurrency: Vec<usize>,
-    /// Prompt length (random workload; about one token per word).
+    /// Prompt length in tokens (random workloads): exact when prompts are drawn in a
+    /// tokenizer's tokens (--tokenizer, or the server's /tokenize), else words.
     #[arg(long, default_value_t = 512)]
     input_len: usize,
+    /// The tokenizer random prompts are drawn in, as vllm bench serve draws them: a
+    /// tokenizer.json file, a model folder holding one, or a GGUF file. Default: the
+    /// server's /tokenize and /detokenize (vLLM and tandem have them); without those,
+    /// random words.
+    #[arg(long, value_name = "PATH")]
+    tokenizer: Option<PathBuf>,
     /// Output tokens per request (the seed tests use 100).
     #[arg(long, default_value_t = 100)]
     output_len: usize,
@@ -182,7 +191,31 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let scenario = scenario_of(&args);
     // What `tandem compare` checks in suite files, for anything the flags above miss.
     scenario.check()?;
-    let conversations = scenario.conversations()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let source = if scenario.is_random() {
+        let source = runtime.block_on(tokens::choose(
+            args.tokenizer.as_deref(),
+            &args.url,
+            args.model.as_deref(),
+        ))?;
+        eprintln!("{}", source.describe());
+        Some(source)
+    } else {
+        None
+    };
+    let tokenizer = source.as_ref().and_then(PromptSource::tokenizer);
+    let (conversations, mismatch) = runtime.block_on(scenario.conversations_in(tokenizer))?;
+    if mismatch != 0 {
+        eprintln!(
+            "note: the drawn prompts have {} {} tokens than asked in all (their decode and \
+             re-encode did not settle, as vllm bench serve warns)",
+            mismatch.abs(),
+            if mismatch > 0 { "more" } else { "fewer" }
+        );
+    }
     let requests: usize = conversations.iter().map(|c| c.turns.len()).sum();
     let workload_name = scenario.workload.name().to_owned();
     let ignore_eos = scenario.ignores_eos();
@@ -197,10 +230,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         temperature: args.temperature,
         timeout: Duration::from_secs(args.request_timeout),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     let info = |rate: Option<f64>, concurrency: Option<usize>| RunInfo {
         url: args.url.clone(),
         endpoint: format!("{:?}", args.endpoint).to_lowercase(),
@@ -209,6 +238,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         request_rate: rate,
         burstiness: args.burstiness,
         max_concurrency: concurrency,
+        tokenizer_id: tokenizer.map(PromptTokenizer::id),
     };
     // `inf`, as vllm bench serve takes it: everything at once.
     let request_rate = args.request_rate.filter(|r| r.is_finite());

@@ -301,3 +301,273 @@ fn unusable_flags_are_refused_naming_the_flag() {
         );
     }
 }
+
+/// The default model's GGUF file.
+fn default_model_path() -> String {
+    let output = tandem().args(["model", "path"]).output().unwrap();
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+fn input_lens(report: &Value) -> Vec<u64> {
+    report["input_lens"]
+        .as_array()
+        .unwrap_or_else(|| panic!("input_lens in {report}"))
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect()
+}
+
+/// Random prompts drawn in the model's own tokenizer (the GGUF file, or the server's
+/// /tokenize when no --tokenizer is given) have exactly the requested token counts as
+/// the server counts them (`usage.prompt_tokens`), as vllm bench serve's random dataset
+/// does; no two share a prefix-cache block unless the workload shares a prefix.
+#[test]
+fn random_prompts_have_exact_token_counts() {
+    if !default_model_present() {
+        return;
+    }
+    let gguf = default_model_path();
+    let server = Server::start(&["--threads", "2", "--kv-cache-memory", "128MiB"]);
+    let url = server.url("");
+    let hits =
+        || metric_value(&server.metrics_blocking(), "vllm:prefix_cache_hits_total").unwrap_or(0.0);
+    let common = ["--url", &url, "--num-prompts", "10", "--output-len", "2"];
+    let run = |extra: &[&str]| {
+        let args: Vec<&str> = common.iter().chain(extra).copied().collect();
+        let (output, report) = bench(&args);
+        assert!(output.status.success(), "{output:?}");
+        assert_eq!(report["completed"], 10, "{report}");
+        (String::from_utf8_lossy(&output.stderr).into_owned(), report)
+    };
+
+    // The GGUF file's tokenizer.
+    let (stderr, report) = run(&[
+        "--workload",
+        "random",
+        "--input-len",
+        "37",
+        "--max-concurrency",
+        "4",
+        "--tokenizer",
+        &gguf,
+    ]);
+    assert!(
+        stderr.contains(&format!("the tokenizer of {gguf}")),
+        "{stderr}"
+    );
+    assert_eq!(input_lens(&report), vec![37; 10], "{stderr}");
+    assert_eq!(report["tokenizer_id"], gguf.as_str());
+    assert_eq!(report["total_input_tokens"], 370);
+    assert_eq!(hits(), 0.0, "random prompts share no prefix-cache block");
+
+    // The server's tokenizer, with longer prompts (several blocks each); another seed,
+    // so no prompt repeats the run before.
+    let (stderr, report) = run(&["--workload", "random", "--input-len", "150", "--seed", "1"]);
+    assert!(stderr.contains("the server's /tokenize"), "{stderr}");
+    assert_eq!(input_lens(&report), vec![150; 10], "{stderr}");
+    assert_eq!(report["tokenizer_id"], "server");
+    assert_eq!(hits(), 0.0, "random prompts share no prefix-cache block");
+
+    // A shared prefix of 64 tokens: every prompt is 64 + 20, and all but the first
+    // find the prefix's whole blocks cached.
+    let (stderr, report) = run(&[
+        "--workload",
+        "shared-prefix",
+        "--prefix-len",
+        "64",
+        "--input-len",
+        "20",
+        "--max-concurrency",
+        "1",
+        "--seed",
+        "2",
+        "--tokenizer",
+        &gguf,
+    ]);
+    assert_eq!(input_lens(&report), vec![84; 10], "{stderr}");
+    assert!(
+        hits() >= 9.0 * 48.0,
+        "the prefix is shared on purpose: {} hits",
+        hits()
+    );
+}
+
+/// A stand-in for an OpenAI server, answering every completion with one token and
+/// counting its prompt in a toy tokenizer: ids `0..VOCAB`, id 0 the BOS `<s>` (added
+/// when `add_special_tokens`), the others the words `wN`; anything else is id 1.
+/// With `tokenizes`, it has vLLM's `/tokenize` and `/detokenize`, the latter decoding
+/// ids past the vocabulary to nothing (as Hugging Face tokenizers do). Records the
+/// prompts it was sent.
+struct FakeServer {
+    url: String,
+    prompts: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+const FAKE_VOCAB: u32 = 1000;
+
+impl FakeServer {
+    fn start(tokenizes: bool) -> Self {
+        use axum::routing::post;
+        use serde_json::json;
+        use std::sync::{Arc, Mutex};
+        fn encode(text: &str, bos: bool) -> Vec<u32> {
+            let words = text.split_whitespace().map(|word| match word {
+                "<s>" => 0,
+                _ => word
+                    .strip_prefix('w')
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n| n > 0 && n < FAKE_VOCAB)
+                    .unwrap_or(1),
+            });
+            bos.then_some(0).into_iter().chain(words).collect()
+        }
+        let prompts: Arc<Mutex<Vec<String>>> = Arc::default();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = prompts.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let complete = move |body: axum::Json<Value>| {
+                    let seen = seen.clone();
+                    async move {
+                        let prompt = body["prompt"].as_str().unwrap_or_default().to_owned();
+                        let count = encode(&prompt, true).len();
+                        seen.lock().unwrap().push(prompt);
+                        let chunk = json!({"choices": [{"index": 0, "text": " ok"}]});
+                        let usage = json!({"choices": [],
+                            "usage": {"prompt_tokens": count, "completion_tokens": 1}});
+                        (
+                            [("content-type", "text/event-stream")],
+                            format!("data: {chunk}\n\ndata: {usage}\n\ndata: [DONE]\n\n"),
+                        )
+                    }
+                };
+                let tokenize = |body: axum::Json<Value>| async move {
+                    let bos = body["add_special_tokens"].as_bool().unwrap_or(true);
+                    let tokens = encode(body["prompt"].as_str().unwrap_or_default(), bos);
+                    axum::Json(json!({"count": tokens.len(), "max_model_len": 4096,
+                        "tokens": tokens}))
+                };
+                let detokenize = |body: axum::Json<Value>| async move {
+                    let ids: Vec<u32> = serde_json::from_value(body["tokens"].clone()).unwrap();
+                    let words: Vec<String> = ids
+                        .iter()
+                        .filter(|&&id| id < FAKE_VOCAB)
+                        .map(|&id| match id {
+                            0 => "<s>".to_owned(),
+                            n => format!("w{n}"),
+                        })
+                        .collect();
+                    axum::Json(json!({"prompt": words.join(" ")}))
+                };
+                let mut app = axum::Router::new().route("/v1/completions", post(complete));
+                if tokenizes {
+                    app = app
+                        .route("/tokenize", post(tokenize))
+                        .route("/detokenize", post(detokenize));
+                }
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        Self { url, prompts }
+    }
+
+    fn prompts(&self) -> Vec<String> {
+        self.prompts.lock().unwrap().clone()
+    }
+}
+
+/// Without --tokenizer, a server with no /tokenize gets word prompts, each starting
+/// with a word of its own, and the run says its counts are approximate.
+#[test]
+fn without_a_tokenizer_prompts_are_words_that_start_apart() {
+    let server = FakeServer::start(false);
+    let (output, report) = bench(&[
+        "--url",
+        &server.url,
+        "--workload",
+        "random",
+        "--num-prompts",
+        "40",
+        "--input-len",
+        "12",
+        "--output-len",
+        "1",
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(report["completed"], 40, "{report}");
+    assert_eq!(report["tokenizer_id"], Value::Null);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("prompts are random words")
+            && stderr.contains("the server's /tokenize: HTTP 404"),
+        "{stderr}"
+    );
+    let prompts = server.prompts();
+    let firsts: std::collections::HashSet<&str> = prompts
+        .iter()
+        .map(|p| p.split(' ').next().unwrap())
+        .collect();
+    assert_eq!((prompts.len(), firsts.len()), (40, 40), "{prompts:?}");
+}
+
+/// A vLLM-shaped server's tokenizer: its vocabulary size is found through
+/// /detokenize (which decodes ids past it to nothing), the BOS it adds is counted in
+/// --input-len, and every prompt is exactly --input-len tokens as it counts them,
+/// with a ±ratio spread as vLLM's.
+#[test]
+fn a_vllm_shaped_servers_tokenizer_is_found_and_used() {
+    let server = FakeServer::start(true);
+    let (output, report) = bench(&[
+        "--url",
+        &server.url,
+        "--workload",
+        "random",
+        "--num-prompts",
+        "30",
+        "--input-len",
+        "21",
+        "--output-len",
+        "1",
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/detokenize (1000 ids)"), "{stderr}");
+    assert_eq!(input_lens(&report), vec![21; 30], "{stderr}");
+    assert_eq!(report["tokenizer_id"], "server");
+    let prompts = server.prompts();
+    let firsts: std::collections::HashSet<&str> = prompts
+        .iter()
+        .map(|p| p.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(firsts.len(), 30, "{prompts:?}");
+
+    // ±50% of the 20 drawn tokens: [10, 30], plus the BOS.
+    let (output, report) = bench(&[
+        "--url",
+        &server.url,
+        "--workload",
+        "random",
+        "--num-prompts",
+        "200",
+        "--input-len",
+        "21",
+        "--output-len",
+        "1",
+        "--range-ratio",
+        "0.5",
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    let lens = input_lens(&report);
+    assert_eq!(
+        (lens.iter().min(), lens.iter().max()),
+        (Some(&11), Some(&31)),
+        "{lens:?}"
+    );
+}

@@ -248,6 +248,7 @@ fn run_info(target: &Target, scenario: &Scenario, load: &LoadPoint, requests: us
         request_rate: load.request_rate,
         burstiness: scenario.burstiness,
         max_concurrency: load.max_concurrency,
+        tokenizer_id: None,
     }
 }
 

@@ -11,12 +11,17 @@ use super::{SpecialIds, Tokenizer};
 use crate::error::ModelError;
 
 pub(super) fn build(dir: &Path) -> Result<Tokenizer, ModelError> {
-    let tokenizer_path = dir.join("tokenizer.json");
-    let hf = read_tokenizer_json(&tokenizer_path)?;
+    build_from_file(&dir.join("tokenizer.json"))
+}
+
+/// A `tokenizer.json` file (by any name), with the special-token files beside it.
+pub(super) fn build_from_file(tokenizer_path: &Path) -> Result<Tokenizer, ModelError> {
+    let dir = tokenizer_path.parent().unwrap_or(Path::new("."));
+    let hf = read_tokenizer_json(tokenizer_path)?;
     let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
     let generation = read_optional_json(&dir.join("generation_config.json"))?;
     let ids = special_ids(&hf, config.as_ref(), generation.as_ref());
-    Ok(Tokenizer::assemble(hf, tokenizer_path, ids))
+    Ok(Tokenizer::assemble(hf, tokenizer_path.to_path_buf(), ids))
 }
 
 fn read_tokenizer_json(path: &Path) -> Result<HfTokenizer, ModelError> {

@@ -2,7 +2,8 @@
 //!
 //! [`Tokenizer`] wraps a Hugging Face `tokenizers` tokenizer built either from GGUF
 //! metadata ([`Tokenizer::from_gguf`], matching llama.cpp's tokenization) or from a
-//! Hugging Face model folder ([`Tokenizer::from_hf_dir`]). It also knows the model's
+//! Hugging Face model folder ([`Tokenizer::from_hf_dir`]) or `tokenizer.json` file
+//! ([`Tokenizer::from_tokenizer_json`]). It also knows the model's
 //! BOS token and the set of tokens that end generation. [`IncrementalDecoder`] turns a
 //! stream of generated ids into text chunks that never split a UTF-8 character.
 
@@ -85,6 +86,12 @@ impl Tokenizer {
     /// `generation_config.json` when those files exist.
     pub fn from_hf_dir(dir: &Path) -> Result<Self, ModelError> {
         hf::build(dir)
+    }
+
+    /// Loads a `tokenizer.json` file, with `tokenizer_config.json` and
+    /// `generation_config.json` from its folder as [`Self::from_hf_dir`] reads them.
+    pub fn from_tokenizer_json(path: &Path) -> Result<Self, ModelError> {
+        hf::build_from_file(path)
     }
 
     fn assemble(hf: HfTokenizer, source: PathBuf, ids: SpecialIds) -> Self {
@@ -174,6 +181,30 @@ impl Tokenizer {
     /// context without being tokenized.
     pub fn max_token_bytes(&self) -> Option<usize> {
         self.max_token_bytes
+    }
+
+    /// How many ids encoding a prompt adds around its text (Hugging Face's
+    /// `num_special_tokens_to_add`): 1 when the model expects a BOS token in front;
+    /// without a known BOS (a `tokenizer.json` alone), what the tokenizer's own
+    /// post-processor adds.
+    pub fn num_special_tokens_to_add(&self) -> usize {
+        match self.bos {
+            Some(_) => usize::from(self.add_bos_by_default),
+            None => self.hf.encode_fast("", true).map_or(0, |e| e.len()),
+        }
+    }
+
+    /// The special tokens' ids (BOS, EOS and the other control tokens: Hugging Face's
+    /// `all_special_ids`).
+    pub fn special_token_ids(&self) -> BTreeSet<u32> {
+        self.hf
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, token)| token.special)
+            .map(|(id, _)| id)
+            .chain(self.bos)
+            .chain(self.eos)
+            .collect()
     }
 
     /// Number of token ids, special tokens included.
