@@ -136,7 +136,26 @@ pub fn install_prometheus_recorder(model_name: &str) -> Result<PrometheusHandle,
         )?
         .install_recorder()?;
     describe_all();
+    keep_up(handle.clone());
     Ok(handle)
+}
+
+/// Drains the histograms' recorded samples every 5 s. Without it they pile up
+/// between scrapes — without bound when nobody scrapes (`install_recorder` leaves
+/// this to the caller).
+fn keep_up(handle: PrometheusHandle) {
+    let upkeep = move || {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            handle.run_upkeep();
+        }
+    };
+    if let Err(err) = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(upkeep)
+    {
+        tracing::warn!("no metrics upkeep thread: {err}");
+    }
 }
 
 /// Registers help texts (and so the metrics themselves, at zero) with the recorder.
