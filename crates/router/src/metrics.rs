@@ -116,7 +116,26 @@ pub fn install_recorder() -> Result<PrometheusHandle, BuildError> {
         .install_recorder()?;
     describe();
     start_at_zero();
+    keep_up(handle.clone());
     Ok(handle)
+}
+
+/// Drains the histograms' recorded samples every 5 s. Without it they pile up
+/// between scrapes — without bound when nobody scrapes (`install_recorder` leaves
+/// this to the caller).
+fn keep_up(handle: PrometheusHandle) {
+    let upkeep = move || {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            handle.run_upkeep();
+        }
+    };
+    if let Err(err) = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(upkeep)
+    {
+        tracing::warn!("no metrics upkeep thread: {err}");
+    }
 }
 
 /// The counters of rare events exist from the start, at 0, so that a dashboard's
