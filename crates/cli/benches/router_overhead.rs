@@ -10,7 +10,9 @@
 //!
 //! Figures: p50 added latency at 1 connection (through the router minus the client
 //! calling the prefill and decode upstreams itself), requests per second at 32
-//! connections, and the router's RSS while 1,000 streams are open.
+//! connections, and the router's RSS while 1,000 streams are open. For tandem also
+//! what one `/dashboard` viewer costs: the router's CPU time over the same load with
+//! and without a viewer's stream open, and the stream's CPU on an idle router.
 //!
 //! `cargo bench -p tandem-cli --bench router_overhead [-- quick]`
 
@@ -263,6 +265,107 @@ async fn direct_two_legs(
     latencies
 }
 
+/// CPU seconds (user + system) process `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime
+    // the 13th; both in clock ticks (100 a second on Linux).
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// One dashboard viewer: reads `/dashboard/events` until dropped; counts snapshots.
+struct Viewer {
+    task: tokio::task::JoinHandle<()>,
+    snapshots: Arc<AtomicUsize>,
+}
+
+impl Viewer {
+    async fn open(base: &str) -> Viewer {
+        let snapshots = Arc::new(AtomicUsize::new(0));
+        let response = reqwest::get(format!("{base}/dashboard/events"))
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+        let counted = snapshots.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = response.bytes_stream();
+            while let Some(Ok(chunk)) = stream.next().await {
+                let events = chunk
+                    .windows(15)
+                    .filter(|w| w == b"event: snapshot")
+                    .count();
+                counted.fetch_add(events, Ordering::Relaxed);
+            }
+        });
+        Viewer { task, snapshots }
+    }
+}
+
+impl Drop for Viewer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The router's CPU seconds for `total` requests at 32 connections, and the wall time.
+async fn cpu_for_load(
+    client: &reqwest::Client,
+    router: &RouterProcess,
+    total: usize,
+) -> (f64, f64) {
+    let before = cpu_seconds(router.child.id());
+    let (_, wall) = load(client, &router.base, 32, total).await;
+    (cpu_seconds(router.child.id()) - before, wall.as_secs_f64())
+}
+
+/// What one dashboard viewer costs the router: under load (CPU with a viewer minus
+/// without, rounds alternating), and idle (its CPU share over 10 s).
+async fn dashboard_cost(client: &reqwest::Client, router: &RouterProcess, total: usize) {
+    // CPU time comes in 10 ms ticks and the machine drifts: long rounds, alternating.
+    const DASHBOARD_ROUNDS: usize = 6;
+    let total = total * 3;
+    let (mut without, mut with, mut wall) = (0.0, 0.0, 0.0);
+    let mut snapshots = 0;
+    for _ in 0..DASHBOARD_ROUNDS {
+        without += cpu_for_load(client, router, total).await.0;
+        let viewer = Viewer::open(&router.base).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (cpu, seconds) = cpu_for_load(client, router, total).await;
+        with += cpu;
+        wall += seconds;
+        snapshots += viewer.snapshots.load(Ordering::Relaxed);
+    }
+    let requests = (DASHBOARD_ROUNDS * total) as f64;
+    let extra = (with - without).max(0.0);
+    println!(
+        "tandem route with a /dashboard viewer: {:.1} µs of router CPU per request with, {:.1} without \
+         ({:.0} req/s; {snapshots} snapshots received) → the viewer costs {:.2}% of the router's CPU, \
+         {:.2}% of a core (target < 1%)",
+        with / requests * 1e6,
+        without / requests * 1e6,
+        requests / wall,
+        extra / without.max(1e-9) * 100.0,
+        extra / wall * 100.0
+    );
+    let idle_before = cpu_seconds(router.child.id());
+    let viewer = Viewer::open(&router.base).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle = cpu_seconds(router.child.id()) - idle_before;
+    println!(
+        "tandem route idle with a /dashboard viewer: {:.2}% of a core over 10 s ({} snapshots)",
+        idle / 10.0 * 100.0,
+        viewer.snapshots.load(Ordering::Relaxed)
+    );
+}
+
 fn p50(latencies: &[Duration]) -> Duration {
     latencies[latencies.len() / 2]
 }
@@ -398,6 +501,7 @@ fn main() {
             );
             figures.push(figure);
         }
+        dashboard_cost(&client, ready[0], parallel).await;
         let ours = &figures[0];
         for other in &figures[1..] {
             let targets = if other.name == "vllm-router" {

@@ -45,6 +45,8 @@ pub struct AppState {
     pub planner: Option<Arc<crate::rebalance::Journal>>,
     /// `/metrics` also carries the workers' own series ([`crate::federation`]).
     pub federate_worker_metrics: bool,
+    /// The live view's snapshots (`/dashboard/events`).
+    pub live: Option<Arc<crate::live::Live>>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -69,6 +71,8 @@ pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
         .route("/workers/{id}/drain", post(admin::drain))
         .route("/workers/{id}/move", post(admin::move_worker))
         .route("/planner", get(admin::planner))
+        .route("/dashboard", get(crate::live::page))
+        .route("/dashboard/events", get(crate::live::events))
         .fallback(|| async { error_response(ApiError::not_found("Not Found")) })
         .method_not_allowed_fallback(|| async {
             error_response(ApiError::new(

@@ -193,6 +193,60 @@ fn parse_sample(line: &str) -> Option<Sample> {
     }
 }
 
+/// Every sample of series `name` in an exposition: its labels (values unquoted) and
+/// value. Unparsable lines and values are skipped.
+pub fn series(text: &str, name: &str) -> Vec<(Vec<(String, String)>, f64)> {
+    text.lines()
+        .filter(|line| line.starts_with(name) && !line.starts_with('#'))
+        .filter_map(parse_sample)
+        .filter(|sample| sample.series == name)
+        .filter_map(|sample| {
+            let value = sample.value.split(' ').next()?.parse::<f64>().ok()?;
+            let labels = sample
+                .labels
+                .into_iter()
+                .map(|(key, quoted)| (key, unquote(&quoted)))
+                .collect();
+            Some((labels, value))
+        })
+        .collect()
+}
+
+/// The sum of series `name`'s samples whose labels include `with`; `None` if none.
+pub fn sum(text: &str, name: &str, with: &[(&str, &str)]) -> Option<f64> {
+    let matching: Vec<f64> = series(text, name)
+        .into_iter()
+        .filter(|(labels, _)| {
+            with.iter()
+                .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, value)| value)
+        .collect();
+    (!matching.is_empty()).then(|| matching.iter().sum())
+}
+
+/// A quoted label value, unescaped.
+fn unquote(quoted: &str) -> String {
+    let inner = quoted
+        .strip_prefix('"')
+        .and_then(|q| q.strip_suffix('"'))
+        .unwrap_or(quoted);
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some(other) => out.push(other),
+            None => {}
+        }
+    }
+    out
+}
+
 /// The names of the metric families in an exposition (the router's own).
 pub fn family_names(text: &str) -> HashSet<String> {
     text.lines()
@@ -203,7 +257,7 @@ pub fn family_names(text: &str) -> HashSet<String> {
 }
 
 /// Fetches one worker's `/metrics` text, bounded in time and size.
-async fn scrape(client: &reqwest::Client, url: &str) -> Option<String> {
+pub async fn scrape(client: &reqwest::Client, url: &str) -> Option<String> {
     let fetch = async {
         let response = client.get(format!("{url}/metrics")).send().await.ok()?;
         if !response.status().is_success() {
@@ -370,6 +424,28 @@ plain 2
         assert!(
             out.contains("vllm:kv_cache_usage_perc{worker=\"http://d:8200\""),
             "{out}"
+        );
+    }
+
+    #[test]
+    fn series_are_read_with_their_labels() {
+        let text = fixture("d");
+        assert!(sum(&text, "vllm:kv_cache_usage_perc", &[]).is_some());
+        let odd = series(VLLM, "odd");
+        assert_eq!(odd.len(), 1);
+        assert_eq!(odd[0].0[0], ("path".to_owned(), "a,b \"c\"".to_owned()));
+        assert_eq!(odd[0].1, 1.0);
+        assert_eq!(
+            sum(
+                VLLM,
+                "vllm:time_to_first_token_seconds_bucket",
+                &[("le", "+Inf")]
+            ),
+            Some(7.0)
+        );
+        assert_eq!(
+            sum(VLLM, "vllm:num_requests_running", &[("engine", "1")]),
+            None
         );
     }
 

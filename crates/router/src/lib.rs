@@ -23,6 +23,7 @@
 //! - [`signals`]: finished requests' latencies, for the planner.
 //! - [`rebalance`]: the online planner, moving workers between the P/D pools.
 //! - [`federation`]: the workers' own metrics on the router's `/metrics`.
+//! - [`live`]: the dashboard page and its stream of snapshots.
 //! - [`secret`]: credentials that never print.
 //! - [`api`], [`admin`]: the HTTP surface.
 //! - [`metrics`]: metric names.
@@ -38,6 +39,7 @@ pub mod health;
 pub mod kv_follow;
 pub mod kv_index;
 pub mod kv_routing;
+pub mod live;
 pub mod membership;
 pub mod metrics;
 pub mod migration;
@@ -110,10 +112,12 @@ pub fn run(
         conditional: Arc::new(conditional(&config, mode)?),
         metrics,
         kv_follow: follower.as_ref().map(kv_follow::KvFollower::handle),
-        planner: config.planner.clone().map(|planner| {
-            let journal = Arc::new(rebalance::Journal::new(planner));
-            (Arc::new(signals::Signals::default()), journal)
-        }),
+        signals: Arc::new(signals::Signals::default()),
+        planner: config
+            .planner
+            .clone()
+            .map(|planner| Arc::new(rebalance::Journal::new(planner))),
+        live: Arc::new(live::Live::default()),
     };
     let sockets = bind_sockets(&config.host, config.port, threads.max(1))?;
     let address = sockets[0].local_addr()?;
@@ -161,8 +165,12 @@ struct Shared {
     /// The KV event subscribers, when any worker has a stream or the admin API may
     /// add one.
     kv_follow: Option<kv_follow::KvFollowHandle>,
-    /// With the online planner: the requests' latencies and its journal.
-    planner: Option<(Arc<signals::Signals>, Arc<rebalance::Journal>)>,
+    /// The streamed answers' latencies (the planner's and the live view's).
+    signals: Arc<signals::Signals>,
+    /// With the online planner: its journal.
+    planner: Option<Arc<rebalance::Journal>>,
+    /// The live view's latest snapshot.
+    live: Arc<live::Live>,
 }
 
 /// The KV event follower: started when a worker has an event stream, or when the
@@ -258,7 +266,7 @@ fn serve_thread(
                 require_prefill: config.require_prefill,
                 kv: shared.kv,
                 migration_limit: config.migration_limit,
-                signals: shared.planner.as_ref().map(|(signals, _)| signals.clone()),
+                signals: Some(shared.signals.clone()),
             }),
             api_key: config.api_key.clone(),
             admin_token: config.admin_token.clone(),
@@ -266,18 +274,26 @@ fn serve_thread(
             circuit: config.circuit.clone(),
             metrics: shared.metrics,
             kv: shared.kv_follow,
-            planner: shared.planner.as_ref().map(|(_, journal)| journal.clone()),
+            planner: shared.planner.clone(),
             federate_worker_metrics: config.federate_worker_metrics,
+            live: Some(shared.live.clone()),
         };
         let state = Arc::new(state);
         let planner = match (index, &shared.planner) {
-            (0, Some((signals, journal))) => Some(tokio::spawn(rebalance::run(
+            (0, Some(journal)) => Some(tokio::spawn(rebalance::run(
                 state.clone(),
-                signals.clone(),
+                shared.signals.clone(),
                 journal.clone(),
             ))),
             _ => None,
         };
+        let live_view = (index == 0).then(|| {
+            tokio::spawn(live::run(
+                state.clone(),
+                shared.live.clone(),
+                shared.signals.clone(),
+            ))
+        });
         if index == 0
             && let Some(discovery) = &config.discovery
         {
@@ -286,8 +302,12 @@ fn serve_thread(
         let limits = config.http_limits();
         let app = api::router(state, limits.max_body_bytes);
         let mut stopping = shutdown.clone();
+        let live = shared.live.clone();
         let stopped = async move {
             let _ = stopping.wait_for(|stop| *stop).await;
+            // Dashboard streams never end by themselves: end them, so they do not
+            // hold the graceful shutdown open.
+            live.close();
         };
         let server = tandem_httpd::serve(listener, app, limits, stopped);
         tokio::select! {
@@ -299,7 +319,7 @@ fn serve_thread(
                 tracing::warn!("requests still in flight after {grace:?}; stopping");
             }
         }
-        for task in [checks, planner].into_iter().flatten() {
+        for task in [checks, planner, live_view].into_iter().flatten() {
             task.abort();
         }
         Ok(())

@@ -91,6 +91,12 @@ impl Journal {
         entries.push_back(entry);
     }
 
+    /// The latest `count` verdicts, newest first.
+    pub fn latest(&self, count: usize) -> Vec<Entry> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.iter().rev().take(count).cloned().collect()
+    }
+
     /// The verdicts since `after` (Unix seconds), oldest first.
     pub fn since(&self, after: f64) -> Vec<Entry> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
