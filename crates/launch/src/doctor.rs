@@ -2,10 +2,11 @@
 //! says what it looked at, whether it passed, and for a failure, how to fix it: ports
 //! free (on remote hosts read from `ss -ltn`, or `/proc/net/tcp` without it), SSH hosts
 //! reachable (BatchMode, no prompts), the `tandem` binary on the hosts of built-in
-//! workers, vLLM importable with its version and CUDA build, NIXL importable, enough
-//! free GPU memory for the worker's `gpu_memory_utilization`, the model present on its
-//! host, pinned cores this process may use, and hand-off addresses that other hosts can
-//! reach.
+//! workers, vLLM's command on the PATH and vLLM importable (with the worker's `env`,
+//! venv and `python`, as `tandem up` runs it) with its version and CUDA build, NIXL
+//! importable, enough free GPU memory for the `gpu_memory_utilization`s of all the
+//! workers on each GPU together, the model present on its host, pinned cores this
+//! process may use, and hand-off addresses that other hosts can reach.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -51,7 +52,7 @@ pub fn run_checks(topology: &Checked) -> Vec<Check> {
     let mut checks = vec![router_port(topology)];
     let cores = crate::run::allowed_cores();
     let mut reached = std::collections::BTreeMap::new();
-    for worker in &topology.workers {
+    for (index, worker) in topology.workers.iter().enumerate() {
         let spec = &worker.spec;
         let target = format!("{} ({})", worker.name, spec.host);
         let shell = Shell::of(topology, worker);
@@ -74,6 +75,10 @@ pub fn run_checks(topology: &Checked) -> Vec<Check> {
         match spec.engine {
             Engine::Builtin => checks.extend(builtin_checks(worker, &shell, &target, &cores)),
             Engine::Vllm => checks.extend(vllm_checks(worker, &shell, &target)),
+        }
+        let wants = gpu_wants(topology, index);
+        if !wants.is_empty() {
+            checks.push(gpu_memory_check(&shell, &wants, &target));
         }
     }
     checks.extend(address_checks(topology));
@@ -132,7 +137,13 @@ fn port_checks(worker: &NamedWorker, shell: &Shell, target: &str) -> Vec<Check> 
     let spec = &worker.spec;
     let mut ports = vec![("port", spec.port)];
     if let Some(kv_port) = spec.kv_port {
-        ports.push(("kv port", kv_port));
+        let what = match spec.engine {
+            Engine::Builtin => "kv port",
+            // VLLM_NIXL_SIDE_CHANNEL_PORT: where the decode side asks for the KV's
+            // NIXL metadata.
+            Engine::Vllm => "nixl side-channel port",
+        };
+        ports.push((what, kv_port));
     }
     if let Some(port) = spec.kv_events_port {
         ports.push(("kv events port", port));
@@ -292,55 +303,33 @@ fn tandem_binary(worker: &NamedWorker, shell: &Shell, target: &str) -> Check {
 
 fn vllm_checks(worker: &NamedWorker, shell: &Shell, target: &str) -> Vec<Check> {
     let spec = &worker.spec;
-    let activate = spec
-        .venv
-        .as_ref()
-        .map(|v| {
-            format!(
-                ". {} && ",
-                crate::plan::shell_quote(&v.join("bin/activate").display().to_string())
-            )
-        })
-        .unwrap_or_default();
-    let python = |code: &str| format!("{activate}python3 -c {}", crate::plan::shell_quote(code));
     let mut checks = Vec::new();
-    checks.push(
-        match shell.run(&python(
-            "import vllm, torch; print(vllm.__version__, 'cuda', torch.version.cuda)",
-        )) {
-            Ok(version) => pass("vllm", target, version.trim().to_owned()),
-            Err(err) => fail(
-                "vllm",
-                target,
-                err.to_string(),
-                "install vLLM in the worker's venv (`pip install vllm`) and set `venv`",
-            ),
-        },
-    );
-    if spec.role != Role::Both {
-        checks.push(match shell.run(&python("import nixl")) {
-            Ok(_) => pass("nixl", target, "importable"),
-            Err(err) => fail(
-                "nixl",
-                target,
-                err.to_string(),
-                "install NIXL in the worker's venv (`pip install nixl`)",
-            ),
-        });
-    }
-    let query =
-        "nvidia-smi --query-gpu=index,memory.free,memory.total --format=csv,noheader,nounits";
-    let utilization = spec
-        .gpu_memory_utilization
-        .unwrap_or(DEFAULT_GPU_MEMORY_UTILIZATION);
-    checks.push(match shell.run(query) {
-        Ok(table) => gpu_memory(&table, &spec.gpus, utilization, target),
-        Err(err) => fail(
-            "gpu memory",
+    let command = spec.vllm_command();
+    let program = crate::plan::shell_quote(&command[0]);
+    let prefix = vllm_prefix(worker);
+    checks.push(match shell.run(&format!("{prefix}command -v {program}")) {
+        Ok(path) => pass(
+            "vllm command",
             target,
-            err.to_string(),
-            "install the NVIDIA driver (nvidia-smi)",
+            format!("{} ({})", command.join(" "), path.trim()),
         ),
+        Err(_) => fail(
+            "vllm command",
+            target,
+            format!("{} is not a program there", command[0]),
+            "install vLLM (`pip install vllm`) and set the worker's `venv`, or set its \
+                 `command` to how vLLM is started there",
+        ),
+    });
+    let python = spec.vllm_python();
+    let fix = format!(
+        "install vLLM where `{python}` finds it (`pip install vllm`, with the worker's `env` \
+         and `venv`), or set the worker's `python`"
+    );
+    let import = vllm_import_script(&python, &command, spec.role != Role::Both);
+    checks.push(match shell.run_slow(&format!("{prefix}{import}")) {
+        Ok(version) => pass("vllm", target, version.trim().to_owned()),
+        Err(err) => fail("vllm", target, err.to_string(), fix),
     });
     if let Some(model) = &spec.model {
         checks.push(model_in_hf_cache(shell, model, target));
@@ -348,14 +337,105 @@ fn vllm_checks(worker: &NamedWorker, shell: &Shell, target: &str) -> Vec<Check> 
     checks
 }
 
-/// vLLM's `--gpu-memory-utilization` when the topology gives none (as `plan` writes it).
-const DEFAULT_GPU_MEMORY_UTILIZATION: f64 = 0.9;
+/// What comes before a vLLM worker's check commands: its venv activated and its `env`
+/// exported (`PYTHONPATH` of an install vLLM runs from), as `tandem up` runs it.
+fn vllm_prefix(worker: &NamedWorker) -> String {
+    let spec = &worker.spec;
+    let mut prefix = String::new();
+    if let Some(venv) = &spec.venv {
+        let activate = venv.join("bin/activate").display().to_string();
+        prefix.push_str(&format!(". {} && ", crate::plan::shell_quote(&activate)));
+    }
+    for (key, value) in &spec.env {
+        prefix.push_str(&format!(
+            "export {key}={}; ",
+            crate::plan::shell_quote(value)
+        ));
+    }
+    prefix
+}
 
-/// Whether the worker's GPUs have the memory vLLM will ask for: it refuses to start
-/// unless each GPU has `utilization` × its total memory free. From `nvidia-smi` CSV
+/// `python -c …` that imports vLLM and torch (and NIXL for P/D), finds the module of a
+/// `python -m MODULE` command, and prints vLLM's version and torch's CUDA.
+fn vllm_import_script(python: &str, command: &[String], nixl: bool) -> String {
+    let mut code = String::from("import vllm, torch\n");
+    if nixl {
+        code.push_str("import nixl\n");
+    }
+    let module = match command {
+        [_, flag, module, ..] if flag == "-m" => Some(module.as_str()),
+        _ => None,
+    };
+    if let Some(module) = module {
+        code.push_str(&format!(
+            "import importlib.util\nassert importlib.util.find_spec({module:?}), 'no module {module}'\n"
+        ));
+    }
+    code.push_str(&format!(
+        "print('vllm', vllm.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda{})\n",
+        if nixl { ", 'nixl'" } else { "" }
+    ));
+    format!(
+        "{} -c {}",
+        crate::plan::shell_quote(python),
+        crate::plan::shell_quote(&code)
+    )
+}
+
+/// One GPU a worker runs on, and what every worker on it asks of its memory.
+#[derive(Debug, Clone, PartialEq)]
+struct GpuWant {
+    gpu: usize,
+    /// The `gpu_memory_utilization`s of the workers on it, together.
+    share: f64,
+    /// Those workers (this one included), in file order.
+    workers: Vec<String>,
+}
+
+/// The GPUs worker `index` runs on, each with the share of its memory that all of
+/// its workers on this machine take together: vLLM refuses to start unless the memory
+/// it asks for is free when it starts, after its GPU's earlier workers took theirs.
+fn gpu_wants(topology: &Checked, index: usize) -> Vec<GpuWant> {
+    topology.workers[index]
+        .spec
+        .gpu_ids()
+        .into_iter()
+        .map(|gpu| {
+            let neighbours = topology.gpu_neighbours(index, gpu);
+            GpuWant {
+                gpu,
+                share: neighbours
+                    .iter()
+                    .map(|&i| topology.workers[i].spec.gpu_share())
+                    .sum(),
+                workers: neighbours
+                    .iter()
+                    .map(|&i| topology.workers[i].name.clone())
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+fn gpu_memory_check(shell: &Shell, wants: &[GpuWant], target: &str) -> Check {
+    let query =
+        "nvidia-smi --query-gpu=index,memory.free,memory.total --format=csv,noheader,nounits";
+    match shell.run(query) {
+        Ok(table) => gpu_memory(&table, wants, target),
+        Err(err) => fail(
+            "gpu memory",
+            target,
+            err.to_string(),
+            "install the NVIDIA driver (nvidia-smi)",
+        ),
+    }
+}
+
+/// Whether the worker's GPUs have the memory their workers will ask for: each GPU
+/// needs its workers' shares together × its total memory free. From `nvidia-smi` CSV
 /// (`index, free MiB, total MiB`).
-fn gpu_memory(table: &str, gpus: &[usize], utilization: f64, target: &str) -> Check {
-    let gpus_found: Vec<(usize, u64, u64)> = table
+fn gpu_memory(table: &str, wants: &[GpuWant], target: &str) -> Check {
+    let found: Vec<(usize, u64, u64)> = table
         .lines()
         .filter_map(|l| {
             let mut fields = l.split(',').map(str::trim);
@@ -365,40 +445,42 @@ fn gpu_memory(table: &str, gpus: &[usize], utilization: f64, target: &str) -> Ch
                 fields.next()?.parse().ok()?,
             ))
         })
-        .filter(|(index, _, _)| gpus.is_empty() || gpus.contains(index))
         .collect();
-    if gpus_found.is_empty() {
-        return fail(
-            "gpu memory",
-            target,
-            "no GPU found",
-            "check `gpus` and the driver",
-        );
-    }
-    let needed = |total: u64| (total as f64 * utilization).ceil() as u64;
-    let detail: Vec<String> = gpus_found
-        .iter()
-        .map(|&(i, free, total)| {
+    let mut detail = Vec::new();
+    let mut short = false;
+    for want in wants {
+        let Some(&(_, free, total)) = found.iter().find(|(i, _, _)| *i == want.gpu) else {
+            return fail(
+                "gpu memory",
+                target,
+                format!("no GPU {} (nvidia-smi lists {})", want.gpu, found.len()),
+                "check the worker's `gpus` and the driver",
+            );
+        };
+        let needed = (total as f64 * want.share).ceil() as u64;
+        short |= free < needed;
+        let whose = if want.workers.len() > 1 {
             format!(
-                "GPU {i}: {free} of {total} MiB free, {} needed",
-                needed(total)
+                " for {} (gpu_memory_utilization {:.2} together)",
+                want.workers.join(" + "),
+                want.share
             )
-        })
-        .collect();
-    let detail = format!(
-        "{} (gpu_memory_utilization {utilization})",
-        detail.join(", ")
-    );
-    if gpus_found
-        .iter()
-        .any(|&(_, free, total)| free < needed(total))
-    {
+        } else {
+            format!(" (gpu_memory_utilization {})", want.share)
+        };
+        detail.push(format!(
+            "GPU {}: {free} of {total} MiB free, {needed} needed{whose}",
+            want.gpu
+        ));
+    }
+    let detail = detail.join(", ");
+    if short {
         return fail(
             "gpu memory",
             target,
             detail,
-            "stop the processes holding GPU memory (`nvidia-smi`), or lower the worker's \
-             `gpu_memory_utilization`",
+            "stop the processes holding GPU memory (`nvidia-smi`), or lower the \
+             `gpu_memory_utilization` of the workers on that GPU",
         );
     }
     pass("gpu memory", target, detail)
@@ -480,14 +562,23 @@ impl Shell {
     /// Runs `script` with a deadline; its stdout.
     fn run(&self, script: &str) -> Result<String, ShellError> {
         match self {
-            Shell::Here => run_here(script),
+            Shell::Here => run_here(script, Duration::from_secs(20)),
+            Shell::Remote(ssh) => Ok(ssh.run(script, "doctor check")?),
+        }
+    }
+
+    /// As [`Shell::run`], with two minutes here: the first import of a fresh vLLM
+    /// install compiles its bytecode.
+    fn run_slow(&self, script: &str) -> Result<String, ShellError> {
+        match self {
+            Shell::Here => run_here(script, Duration::from_secs(120)),
             Shell::Remote(ssh) => Ok(ssh.run(script, "doctor check")?),
         }
     }
 }
 
-/// `bash -c script` here within 20 s: its stdout, or the last line of its stderr.
-fn run_here(script: &str) -> Result<String, ShellError> {
+/// `bash -c script` here within `limit`: its stdout, or the last line of its stderr.
+fn run_here(script: &str, limit: Duration) -> Result<String, ShellError> {
     let mut child = Command::new("bash")
         .args(["-c", script])
         .stdin(Stdio::null())
@@ -495,14 +586,17 @@ fn run_here(script: &str) -> Result<String, ShellError> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| ShellError::Here(e.to_string()))?;
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + limit;
     loop {
         match child.try_wait() {
             Ok(Some(_)) => break,
             Ok(None) if Instant::now() > deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(ShellError::Here("no answer within 20 s".into()));
+                return Err(ShellError::Here(format!(
+                    "no answer within {} s",
+                    limit.as_secs()
+                )));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(err) => return Err(ShellError::Here(err.to_string())),
@@ -537,18 +631,130 @@ mod tests {
         assert!(!loads_dummy(&args(&["dummy"])));
     }
 
+    fn want(gpu: usize, share: f64, workers: &[&str]) -> GpuWant {
+        GpuWant {
+            gpu,
+            share,
+            workers: workers.iter().map(|w| w.to_string()).collect(),
+        }
+    }
+
     #[test]
     fn gpu_memory_is_compared_with_the_utilization_asked_for() {
         let table = "0, 80000, 81559\n1, 60000, 81559\n";
-        assert!(gpu_memory(table, &[0], 0.9, "w").ok, "73,404 MiB needed");
         assert!(
-            !gpu_memory(table, &[1], 0.9, "w").ok,
-            "60 GB free < 90% of 80 GB"
+            gpu_memory(table, &[want(0, 0.9, &["w"])], "w").ok,
+            "73,404 MiB needed"
         );
-        assert!(gpu_memory(table, &[1], 0.7, "w").ok);
-        let check = gpu_memory(table, &[], 0.9, "w");
-        assert!(!check.ok && check.detail.contains("GPU 1: 60000 of 81559 MiB free"));
-        assert!(!gpu_memory(table, &[7], 0.9, "w").ok, "no such GPU");
+        let check = gpu_memory(table, &[want(1, 0.9, &["w"])], "w");
+        assert!(!check.ok, "60 GB free < 90% of 80 GB");
+        assert_eq!(
+            check.detail,
+            "GPU 1: 60000 of 81559 MiB free, 73404 needed (gpu_memory_utilization 0.9)"
+        );
+        assert!(check.fix.contains("gpu_memory_utilization"));
+        assert!(gpu_memory(table, &[want(1, 0.7, &["w"])], "w").ok);
+        let both = gpu_memory(table, &[want(0, 0.3, &["a"]), want(1, 0.9, &["a"])], "a");
+        assert!(!both.ok && both.detail.contains("GPU 0: 80000 of 81559 MiB free"));
+        let missing = gpu_memory(table, &[want(7, 0.1, &["w"])], "w");
+        assert!(
+            !missing.ok && missing.detail.contains("no GPU 7"),
+            "{missing:?}"
+        );
+    }
+
+    #[test]
+    fn workers_sharing_a_gpu_need_their_shares_together() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../topologies/gpu-vllm-1p1d.toml"
+        ))
+        .unwrap();
+        let topology = crate::topology::parse(&text, "t").unwrap();
+        let wants = gpu_wants(&topology, 1);
+        assert_eq!(wants.len(), 1);
+        assert_eq!(wants[0].gpu, 0);
+        assert!((wants[0].share - 0.6).abs() < 1e-9);
+        assert_eq!(wants[0].workers, ["prefill-0", "decode-0"]);
+        // An H100: 0.6 of 81,559 MiB is 48,936.
+        let check = gpu_memory("0, 50000, 81559\n", &wants, "decode-0");
+        assert!(check.ok, "{check:?}");
+        assert_eq!(
+            check.detail,
+            "GPU 0: 50000 of 81559 MiB free, 48936 needed for prefill-0 + decode-0 \
+             (gpu_memory_utilization 0.60 together)"
+        );
+        assert!(!gpu_memory("0, 40000, 81559\n", &wants, "decode-0").ok);
+        // Built-in workers on the CPU have no GPU to check.
+        let cpu = crate::topology::parse(
+            "[[worker]]\nengine = \"builtin\"\nrole = \"both\"\nport = 8100\n",
+            "t",
+        )
+        .unwrap();
+        assert!(gpu_wants(&cpu, 0).is_empty());
+    }
+
+    #[test]
+    fn vllm_checks_run_with_the_workers_env_and_python() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../topologies/gpu-vllm-1p1d.toml"
+        ))
+        .unwrap();
+        let topology = crate::topology::parse(&text, "t").unwrap();
+        let prefill = &topology.workers[0];
+        let prefix = vllm_prefix(prefill);
+        assert!(prefix.contains("export PYTHONPATH=/tmp/site; "), "{prefix}");
+        let seen = Shell::Here
+            .run(&format!(
+                "{prefix}echo \"$PYTHONPATH $VLLM_USE_FLASHINFER_SAMPLER\""
+            ))
+            .unwrap();
+        assert_eq!(seen.trim(), "/tmp/site 0");
+
+        let command = prefill.spec.vllm_command();
+        let script = vllm_import_script("python3", &command, true);
+        assert!(script.starts_with("python3 -c "), "{script}");
+        assert!(script.contains("import nixl"), "{script}");
+        assert!(
+            script.contains(r#"find_spec("vllm.entrypoints.cli.main")"#),
+            "{script}"
+        );
+        let plain = vllm_import_script("python3", &["vllm".into(), "serve".into()], false);
+        assert!(
+            !plain.contains("nixl") && !plain.contains("find_spec"),
+            "{plain}"
+        );
+
+        // This machine has Python but no vLLM: the check says so, with Python's words.
+        let checks = vllm_checks(prefill, &Shell::Here, "prefill-0 (local)");
+        let command = checks.iter().find(|c| c.check == "vllm command").unwrap();
+        assert!(command.ok, "{command:?}");
+        let import = checks.iter().find(|c| c.check == "vllm").unwrap();
+        assert!(!import.ok, "{import:?}");
+        assert!(
+            import.detail.contains("No module named 'vllm'"),
+            "{import:?}"
+        );
+        assert!(import.fix.contains("python3"), "{import:?}");
+        let mut missing = prefill.clone();
+        missing.spec.command = vec!["/nonexistent/vllm".into(), "serve".into()];
+        let checks = vllm_checks(&missing, &Shell::Here, "w");
+        assert!(!checks[0].ok && checks[0].detail.contains("/nonexistent/vllm"));
+    }
+
+    #[test]
+    fn vllm_side_channel_ports_are_checked() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../topologies/gpu-vllm-1p1d.toml"
+        ))
+        .unwrap();
+        let topology = crate::topology::parse(&text, "t").unwrap();
+        let checks = port_checks(&topology.workers[1], &Shell::Here, "decode-0");
+        let names: Vec<&str> = checks.iter().map(|c| c.check.as_str()).collect();
+        assert_eq!(names, ["port", "nixl side-channel port"]);
+        assert!(checks[1].detail.contains("127.0.0.1:5601"), "{checks:?}");
     }
 
     /// Runs a port probe here, as a remote host's `sh` would.

@@ -41,6 +41,11 @@ pub struct Launch {
     /// Stopped after every other process has exited (etcd, which the workers
     /// deregister from on their way out).
     pub stop_last: bool,
+    /// Started only once these processes (earlier in the plan) are healthy: the
+    /// workers before it on one of its GPUs. vLLM sizes its KV cache from the memory it
+    /// sees in use while it profiles, so a neighbour loading at the same time on the
+    /// same GPU would be counted against it (or make it refuse to start).
+    pub start_after: Vec<String>,
 }
 
 impl Launch {
@@ -58,6 +63,7 @@ impl Launch {
             url,
             ssh_options: Vec::new(),
             stop_last: false,
+            start_after: Vec::new(),
         }
     }
 }
@@ -72,12 +78,19 @@ pub fn plan(topology: &Checked, tandem: &Path, secret: &ClusterSecret) -> Vec<La
         .map(etcd)
         .into_iter()
         .collect();
-    for worker in topology.started_workers() {
+    let started = topology.workers.iter().enumerate();
+    for (index, worker) in started.filter(|(_, w)| !w.spec.standby) {
         let mut launch = worker_launch(topology, worker, &tandem, secret);
+        launch.start_after = earlier_on_its_gpus(topology, index);
         if let Some(discovery) = discovery {
             match worker.spec.engine {
                 Engine::Builtin => launch.args.extend(registration_args(worker, discovery)),
-                Engine::Vllm => launches.push(register_sidecar(worker, discovery, &tandem)),
+                Engine::Vllm => {
+                    // Healthy when its worker is, so it waits for what its worker waits for.
+                    let mut sidecar = register_sidecar(worker, discovery, &tandem);
+                    sidecar.start_after = launch.start_after.clone();
+                    launches.push(sidecar);
+                }
             }
         }
         launches.push(launch);
@@ -144,6 +157,24 @@ fn kv_event_endpoints(spec: &WorkerSpec) -> (Option<String>, Option<String>) {
         Some(_) => (endpoint(spec.kv_events_port), endpoint(spec.kv_replay_port)),
         None => (None, None),
     }
+}
+
+/// The names of the started (not standby) workers before worker `index` in the file
+/// that share one of its GPUs on its machine.
+fn earlier_on_its_gpus(topology: &Checked, index: usize) -> Vec<String> {
+    let mut earlier: Vec<usize> = topology.workers[index]
+        .spec
+        .gpu_ids()
+        .into_iter()
+        .flat_map(|gpu| topology.gpu_neighbours(index, gpu))
+        .filter(|&other| other < index && !topology.workers[other].spec.standby)
+        .collect();
+    earlier.sort_unstable();
+    earlier.dedup();
+    earlier
+        .into_iter()
+        .map(|other| topology.workers[other].name.clone())
+        .collect()
 }
 
 /// The etcd `tandem up` starts for `[discovery]` without `etcd`: loopback only, a
@@ -307,6 +338,7 @@ fn builtin(worker: &NamedWorker, tandem: &str, secret: &ClusterSecret) -> Launch
         url: spec.url(),
         ssh_options: Vec::new(),
         stop_last: false,
+        start_after: Vec::new(),
     }
 }
 
@@ -355,18 +387,20 @@ fn router_kv_events_args(topology: &Checked) -> Vec<String> {
 fn vllm(worker: &NamedWorker) -> Launch {
     let spec = &worker.spec;
     let model = spec.model.clone().unwrap_or_default();
-    let mut args = vec![
-        "serve".to_owned(),
+    let mut command = spec.vllm_command().into_iter();
+    let program = command.next().unwrap_or_else(|| "vllm".into());
+    let mut args: Vec<String> = command.collect();
+    args.extend([
         model,
         "--host".into(),
         bind_address(worker).into(),
         "--port".into(),
         spec.port.to_string(),
         "--gpu-memory-utilization".into(),
-        spec.gpu_memory_utilization.unwrap_or(0.9).to_string(),
+        spec.gpu_share().to_string(),
         "--tensor-parallel-size".into(),
         spec.tensor_parallel_size.unwrap_or(1).to_string(),
-    ];
+    ]);
     let mut env: Vec<(String, String)> = vec![("HF_HUB_OFFLINE".into(), "1".into())];
     if spec.role != Role::Both
         && let Some(kv_port) = spec.kv_port
@@ -395,7 +429,7 @@ fn vllm(worker: &NamedWorker) -> Launch {
     Launch {
         name: worker.name.clone(),
         host: host_of(worker),
-        program: "vllm".into(),
+        program,
         args,
         env,
         cores: Vec::new(),
@@ -404,6 +438,7 @@ fn vllm(worker: &NamedWorker) -> Launch {
         url: spec.url(),
         ssh_options: Vec::new(),
         stop_last: false,
+        start_after: Vec::new(),
     }
 }
 
@@ -535,18 +570,21 @@ impl Launch {
     /// What `--dry-run` prints for this process.
     pub fn describe(&self) -> String {
         let line = self.shell_line();
-        match &self.host {
-            Host::Local if self.cores.is_empty() => format!("# {} (local)\n{line}", self.name),
+        let mut notes = match &self.host {
+            Host::Local if self.cores.is_empty() => vec!["local".to_owned()],
             Host::Local => {
                 let cores: Vec<String> = self.cores.iter().map(usize::to_string).collect();
-                format!(
-                    "# {} (local, pinned to cores {})\n{line}",
-                    self.name,
-                    cores.join(",")
-                )
+                vec![format!("local, pinned to cores {}", cores.join(","))]
             }
-            Host::Ssh(target) => format!("# {} (on {target}: run there)\n{line}", self.name),
+            Host::Ssh(target) => vec![format!("on {target}: run there")],
+        };
+        if !self.start_after.is_empty() {
+            notes.push(format!(
+                "once {} is healthy: they share a GPU",
+                self.start_after.join(", ")
+            ));
         }
+        format!("# {} ({})\n{line}", self.name, notes.join("; "))
     }
 }
 
@@ -911,6 +949,141 @@ model = "/m"
                 .shell_line()
                 .contains(r#"TANDEM_KV_SECRET="$TANDEM_KV_SECRET""#)
         );
+    }
+
+    #[test]
+    fn vllm_on_one_gpu_runs_from_its_command_with_nixl_and_starts_in_turn() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../topologies/gpu-vllm-1p1d.toml"
+        ))
+        .unwrap();
+        let topology = crate::topology::parse(&text, "gpu-vllm-1p1d.toml").unwrap();
+        let launches = plan(&topology, Path::new("/here/tandem"), &test_secret());
+        let names: Vec<&str> = launches.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["prefill-0", "decode-0", "router"]);
+        for (launch, side_channel) in launches.iter().zip(["5600", "5601"]) {
+            assert_eq!(launch.host, Host::Local);
+            assert_eq!(launch.program, "python3");
+            let args = launch.args.join(" ");
+            assert!(
+                args.starts_with(
+                    "-m vllm.entrypoints.cli.main serve /tmp/llama31-8b-dummy --host 127.0.0.1 \
+                     --port 8"
+                ),
+                "{args}"
+            );
+            assert!(
+                args.contains("--gpu-memory-utilization 0.3 --tensor-parallel-size 1"),
+                "{args}"
+            );
+            assert!(
+                args.ends_with(
+                    "--load-format dummy --served-model-name llama --max-model-len 4096"
+                ),
+                "{args}"
+            );
+            let at = launch
+                .args
+                .iter()
+                .position(|a| a == "--kv-transfer-config")
+                .unwrap();
+            let config: serde_json::Value = serde_json::from_str(&launch.args[at + 1]).unwrap();
+            assert_eq!(config["kv_connector"], "NixlConnector");
+            assert_eq!(config["kv_role"], "kv_both");
+            let env = |key: &str| {
+                launch
+                    .env
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.as_str())
+            };
+            assert_eq!(env("PYTHONPATH"), Some("/tmp/site"));
+            assert_eq!(env("CUDA_VISIBLE_DEVICES"), Some("0"));
+            assert_eq!(env("VLLM_NIXL_SIDE_CHANNEL_PORT"), Some(side_channel));
+            assert_eq!(env("VLLM_NIXL_SIDE_CHANNEL_HOST"), Some("127.0.0.1"));
+            assert_eq!(env("VLLM_USE_FLASHINFER_SAMPLER"), Some("0"));
+            assert!(launch.kv_secret.is_none() && launch.venv.is_none());
+        }
+        // They share GPU 0: the decode instance starts once the prefill one is healthy.
+        assert!(launches[0].start_after.is_empty());
+        assert_eq!(launches[1].start_after, ["prefill-0"]);
+        assert!(launches[2].start_after.is_empty());
+        let shown = launches[1].describe();
+        assert!(
+            shown.starts_with("# decode-0 (local; once prefill-0 is healthy: they share a GPU)"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains(" python3 -m vllm.entrypoints.cli.main serve "),
+            "{shown}"
+        );
+        let router = launches[2].args.join(" ");
+        assert!(
+            router.contains("--prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200"),
+            "{router}"
+        );
+
+        // Without `command`: `vllm serve`; on two GPUs: no waiting.
+        let plain = text
+            .replace(
+                "command = [\"python3\", \"-m\", \"vllm.entrypoints.cli.main\", \"serve\"]\n",
+                "",
+            )
+            .replacen("gpus = [0]", "gpus = [1]", 1);
+        let launches = plan(
+            &crate::topology::parse(&plain, "t").unwrap(),
+            Path::new("/here/tandem"),
+            &test_secret(),
+        );
+        assert_eq!(launches[0].program, "vllm");
+        assert_eq!(launches[0].args[..2], ["serve", "/tmp/llama31-8b-dummy"]);
+        assert!(launches[1].start_after.is_empty());
+        assert!(!launches[1].describe().contains("once"));
+    }
+
+    #[test]
+    fn a_register_sidecar_waits_with_its_worker() {
+        let text = r#"
+[discovery]
+etcd_port = 23790
+
+[[worker]]
+engine = "vllm"
+role = "prefill"
+port = 8100
+kv_port = 5600
+model = "/m"
+gpu_memory_utilization = 0.4
+
+[[worker]]
+engine = "vllm"
+role = "decode"
+port = 8200
+kv_port = 5601
+model = "/m"
+gpu_memory_utilization = 0.4
+"#;
+        let topology = crate::topology::parse(text, "t").unwrap();
+        let launches = plan(&topology, Path::new("/here/tandem"), &test_secret());
+        let waits: Vec<(&str, &[String])> = launches
+            .iter()
+            .map(|l| (l.name.as_str(), l.start_after.as_slice()))
+            .collect();
+        let after = ["prefill-0".to_owned()];
+        assert_eq!(
+            waits,
+            [
+                ("etcd", &[][..]),
+                ("register-prefill-0", &[][..]),
+                ("prefill-0", &[][..]),
+                ("register-decode-0", &after[..]),
+                ("decode-0", &after[..]),
+                ("router", &[][..]),
+            ]
+        );
+        let waves = crate::stack::start_waves(&launches[..launches.len() - 1]);
+        assert_eq!(waves, [0, 0, 0, 1, 1]);
     }
 
     #[test]

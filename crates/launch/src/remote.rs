@@ -541,6 +541,7 @@ mod tests {
             url: "http://h:1".into(),
             ssh_options: Vec::new(),
             stop_last: false,
+            start_after: Vec::new(),
         }
     }
 

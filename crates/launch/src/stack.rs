@@ -103,6 +103,24 @@ impl Drop for StderrObserver {
     }
 }
 
+/// The wave each launch starts in: 0, or one more than the latest wave of the
+/// processes it starts after (which come before it in the plan; names it does not
+/// find are ignored).
+pub fn start_waves(launches: &[Launch]) -> Vec<usize> {
+    let mut waves: Vec<usize> = Vec::with_capacity(launches.len());
+    for launch in launches {
+        let wave = launches
+            .iter()
+            .zip(&waves)
+            .filter(|(earlier, _)| launch.start_after.contains(&earlier.name))
+            .map(|(_, wave)| wave + 1)
+            .max()
+            .unwrap_or(0);
+        waves.push(wave);
+    }
+    waves
+}
+
 /// Running processes, stopped on drop.
 pub struct Stack {
     processes: Vec<Running>,
@@ -136,12 +154,17 @@ impl Stack {
             processes: Vec::with_capacity(launches.len()),
             endpoint: router.url.clone(),
         };
-        // Workers start together and are awaited together; the router needs them
-        // healthy.
-        for launch in workers {
-            stack.spawn(launch, options, observer)?;
+        // Workers start together and are awaited together, except that one waits for
+        // those it must start after (its GPU's earlier workers): wave by wave. The
+        // router needs them all healthy.
+        let waves = start_waves(workers);
+        for wave in 0..=waves.iter().copied().max().unwrap_or(0) {
+            let first = stack.processes.len();
+            for (launch, _) in workers.iter().zip(&waves).filter(|(_, w)| **w == wave) {
+                stack.spawn(launch, options, observer)?;
+            }
+            stack.await_healthy(first, options, observer)?;
         }
-        stack.await_healthy(0, options, observer)?;
         stack.spawn(router, options, observer)?;
         stack.await_healthy(workers.len(), options, observer)?;
         Ok(stack)
@@ -255,5 +278,42 @@ impl Stack {
 impl Drop for Stack {
     fn drop(&mut self) {
         run::teardown(&mut self.processes, STOP_GRACE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Host;
+
+    fn launch(name: &str, after: &[&str]) -> Launch {
+        Launch {
+            name: name.into(),
+            host: Host::Local,
+            program: "true".into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            cores: Vec::new(),
+            venv: None,
+            kv_secret: None,
+            url: String::new(),
+            ssh_options: Vec::new(),
+            stop_last: false,
+            start_after: after.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn processes_start_in_waves_after_what_they_wait_for() {
+        let launches = [
+            launch("a", &[]),
+            launch("b", &["a"]),
+            launch("c", &[]),
+            launch("d", &["a", "b"]),
+            launch("e", &["c"]),
+            launch("f", &["nobody"]),
+        ];
+        assert_eq!(start_waves(&launches), [0, 1, 0, 2, 1, 0]);
+        assert!(start_waves(&[]).is_empty());
     }
 }

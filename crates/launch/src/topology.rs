@@ -224,6 +224,15 @@ pub struct WorkerSpec {
     pub tensor_parallel_size: Option<usize>,
     /// vLLM: a virtual environment to activate first.
     pub venv: Option<PathBuf>,
+    /// vLLM: the command that starts the server, to which the model and the flags are
+    /// appended (default `["vllm", "serve"]`). For a vLLM installed on `PYTHONPATH`
+    /// (set in `env`): `["python3", "-m", "vllm.entrypoints.cli.main", "serve"]`.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// vLLM: the Python that `tandem doctor` imports vLLM and NIXL with, in the
+    /// worker's `env` and `venv` (default: the command's program when it is a Python,
+    /// else `python3`).
+    pub python: Option<String>,
     /// vLLM: `CUDA_HOME`.
     pub cuda_home: Option<PathBuf>,
     /// Built-in: the `tandem` binary on the worker's host (default: the path of the
@@ -270,6 +279,55 @@ impl WorkerSpec {
     pub fn url(&self) -> String {
         format!("http://{}:{}", self.reach_address(), self.port)
     }
+
+    /// The GPUs it runs on: `gpus`, or for a vLLM worker without them the first
+    /// `tensor_parallel_size` GPUs (what vLLM takes when `CUDA_VISIBLE_DEVICES` is
+    /// unset); none for a built-in worker on the CPU.
+    pub fn gpu_ids(&self) -> Vec<usize> {
+        match (self.engine, self.gpus.is_empty()) {
+            (_, false) => self.gpus.clone(),
+            (Engine::Vllm, true) => (0..self.tensor_parallel_size.unwrap_or(1)).collect(),
+            (Engine::Builtin, true) => Vec::new(),
+        }
+    }
+
+    /// The fraction of each of its GPUs' memory it takes (`gpu_memory_utilization`,
+    /// default 0.9 as in vLLM and `tandem serve`).
+    pub fn gpu_share(&self) -> f64 {
+        self.gpu_memory_utilization
+            .unwrap_or(DEFAULT_GPU_MEMORY_UTILIZATION)
+    }
+
+    /// vLLM: the program and leading arguments that start the server.
+    pub fn vllm_command(&self) -> Vec<String> {
+        if self.command.is_empty() {
+            vec!["vllm".into(), "serve".into()]
+        } else {
+            self.command.clone()
+        }
+    }
+
+    /// vLLM: the Python `tandem doctor` checks imports with.
+    pub fn vllm_python(&self) -> String {
+        if let Some(python) = &self.python {
+            return python.clone();
+        }
+        match self.command.first() {
+            Some(program) if is_python(program) => program.clone(),
+            _ => "python3".into(),
+        }
+    }
+}
+
+/// `--gpu-memory-utilization` when the topology gives none (vLLM's and `tandem serve`'s
+/// default).
+pub const DEFAULT_GPU_MEMORY_UTILIZATION: f64 = 0.9;
+
+/// Whether `program` names a Python interpreter (`python3`, `/opt/venv/bin/python3.12`).
+fn is_python(program: &str) -> bool {
+    let name = program.rsplit('/').next().unwrap_or(program);
+    name.strip_prefix("python")
+        .is_some_and(|rest| rest.chars().all(|c| c.is_ascii_digit() || c == '.'))
 }
 
 /// A topology that cannot be used, with where.
@@ -330,6 +388,18 @@ impl Checked {
         let machines: std::collections::BTreeSet<&str> =
             self.workers.iter().map(|w| machine_of(&w.spec)).collect();
         machines.len() > 1
+    }
+
+    /// The workers on the same GPU of the same machine as worker `index`, itself
+    /// included, in file order (empty for a worker on no GPU).
+    pub fn gpu_neighbours(&self, index: usize, gpu: usize) -> Vec<usize> {
+        let machine = machine_of(&self.workers[index].spec);
+        self.workers
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| machine_of(&w.spec) == machine && w.spec.gpu_ids().contains(&gpu))
+            .map(|(i, _)| i)
+            .collect()
     }
 }
 
@@ -691,6 +761,17 @@ fn check_worker(spec: &WorkerSpec, name: &str) -> Result<(), String> {
                     "is required for a built-in prefill worker",
                 ));
             }
+            if !spec.command.is_empty() || spec.python.is_some() {
+                let which = if spec.command.is_empty() {
+                    "python"
+                } else {
+                    "command"
+                };
+                return Err(field(
+                    which,
+                    "is for vLLM workers (built-in workers run `tandem serve`; see `tandem`)",
+                ));
+            }
         }
         Engine::Vllm => {
             if spec.model.is_none() {
@@ -718,6 +799,15 @@ fn check_worker(spec: &WorkerSpec, name: &str) -> Result<(), String> {
                     "tandem",
                     "is for built-in workers (vLLM workers run `vllm serve`)",
                 ));
+            }
+            if spec.command.first().is_some_and(|p| p.trim().is_empty()) {
+                return Err(field(
+                    "command",
+                    "must start with a program (`[\"vllm\", \"serve\"]`)",
+                ));
+            }
+            if spec.python.as_ref().is_some_and(|p| p.trim().is_empty()) {
+                return Err(field("python", "must name a Python interpreter"));
             }
         }
     }
@@ -920,6 +1010,118 @@ cores = [1]
         let option_as_host = ONE_P_ONE_D.replace("cores = [1]", "host = \"-oProxyCommand=x\"");
         let err = parse(&option_as_host, "t").unwrap_err().to_string();
         assert!(err.contains("`host`"), "{err}");
+    }
+
+    #[test]
+    fn vllm_commands_and_pythons_are_for_vllm_workers() {
+        let text = r#"
+[[worker]]
+engine = "vllm"
+role = "both"
+port = 8100
+model = "/m"
+command = ["/opt/py/bin/python3.12", "-m", "vllm.entrypoints.cli.main", "serve"]
+
+[[worker]]
+engine = "vllm"
+role = "both"
+port = 8200
+model = "/m"
+"#;
+        let topology = parse(text, "t").unwrap();
+        let (custom, plain) = (&topology.workers[0].spec, &topology.workers[1].spec);
+        assert_eq!(custom.vllm_command()[0], "/opt/py/bin/python3.12");
+        assert_eq!(custom.vllm_python(), "/opt/py/bin/python3.12");
+        assert_eq!(plain.vllm_command(), ["vllm", "serve"]);
+        assert_eq!(plain.vllm_python(), "python3");
+        let own_python = text.replacen(
+            "command = [",
+            "python = \"/usr/bin/python3\"\ncommand = [",
+            1,
+        );
+        let topology = parse(&own_python, "t").unwrap();
+        assert_eq!(topology.workers[0].spec.vllm_python(), "/usr/bin/python3");
+        let wrapper = text.replace(
+            "\"/opt/py/bin/python3.12\", \"-m\"",
+            "\"/opt/vllm-wrapper\", \"-m\"",
+        );
+        let topology = parse(&wrapper, "t").unwrap();
+        assert_eq!(
+            topology.workers[0].spec.vllm_python(),
+            "python3",
+            "not a Python"
+        );
+
+        let empty = text.replace("\"/opt/py/bin/python3.12\"", "\"\"");
+        assert!(
+            error_of(&empty).contains("`command`"),
+            "{}",
+            error_of(&empty)
+        );
+        let builtin = ONE_P_ONE_D.replace("cores = [1]", "command = [\"vllm\", \"serve\"]");
+        let err = error_of(&builtin);
+        assert!(
+            err.contains("`command`") && err.contains("vLLM workers"),
+            "{err}"
+        );
+        let builtin = ONE_P_ONE_D.replace("cores = [1]", "python = \"python3\"");
+        assert!(error_of(&builtin).contains("`python`"));
+    }
+
+    #[test]
+    fn workers_on_one_gpu_are_neighbours() {
+        let text = r#"
+[[worker]]
+engine = "vllm"
+role = "both"
+port = 8100
+model = "/m"
+gpus = [0]
+gpu_memory_utilization = 0.3
+
+[[worker]]
+engine = "vllm"
+role = "both"
+port = 8200
+model = "/m"
+gpu_memory_utilization = 0.3
+
+[[worker]]
+engine = "vllm"
+role = "both"
+port = 8300
+model = "/m"
+gpus = [1]
+
+[[worker]]
+engine = "vllm"
+role = "both"
+host = "me@gpu-2"
+port = 8400
+model = "/m"
+gpus = [0]
+"#;
+        let topology = parse(&text.replace("host = \"me@gpu-2\"\n", ""), "t").unwrap();
+        // Without `gpus`, a vLLM worker is on GPU 0 (tensor_parallel_size 1).
+        assert_eq!(topology.workers[1].spec.gpu_ids(), [0]);
+        assert_eq!(topology.gpu_neighbours(0, 0), [0, 1, 3]);
+        assert_eq!(topology.gpu_neighbours(2, 1), [2]);
+        assert_eq!(topology.workers[2].spec.gpu_share(), 0.9);
+        // GPU 0 of another machine is another GPU.
+        let topology = parse(text, "t").unwrap();
+        assert_eq!(topology.gpu_neighbours(0, 0), [0, 1]);
+        assert_eq!(topology.gpu_neighbours(3, 0), [3]);
+        let two = text.replacen(
+            "gpu_memory_utilization = 0.3\n\n[[worker]]\nengine = \"vllm\"\nrole = \"both\"\nport = 8300",
+            "tensor_parallel_size = 2\n\n[[worker]]\nengine = \"vllm\"\nrole = \"both\"\nport = 8300",
+            1,
+        );
+        let topology = parse(&two, "t").unwrap();
+        assert_eq!(topology.workers[1].spec.gpu_ids(), [0, 1]);
+        assert_eq!(topology.gpu_neighbours(2, 1), [1, 2]);
+        // A built-in worker without `gpus` is on the CPU.
+        let cpu = parse(ONE_P_ONE_D, "t").unwrap();
+        assert!(cpu.workers[0].spec.gpu_ids().is_empty());
     }
 
     #[test]
