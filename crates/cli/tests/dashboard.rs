@@ -19,20 +19,11 @@ const ADMIN: &str = "dashboard-admin-token";
 /// Whether chromedriver is installed; without it the test skips, unless
 /// `TANDEM_REQUIRE_CHROMIUM=1` (CI).
 fn chromedriver_present() -> bool {
-    let found = Command::new("chromedriver")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var("TANDEM_REQUIRE_CHROMIUM").as_deref() != Ok("1"),
-            "chromedriver missing: install Debian's chromium and chromium-driver"
-        );
-        eprintln!("skipping: no chromedriver on the PATH");
-    }
-    found
+    common::program_present(
+        "chromedriver",
+        "TANDEM_REQUIRE_CHROMIUM",
+        "install Debian's chromium and chromium-driver",
+    )
 }
 
 /// chromedriver on loopback, stopped on drop.

@@ -89,20 +89,11 @@ fn the_dashboard_is_well_formed() {
 /// Whether Prometheus is installed; without it the live test skips, unless
 /// `TANDEM_REQUIRE_PROMETHEUS=1` (CI).
 fn prometheus_present() -> bool {
-    let found = Command::new("prometheus")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var("TANDEM_REQUIRE_PROMETHEUS").as_deref() != Ok("1"),
-            "prometheus missing: install Debian's prometheus"
-        );
-        eprintln!("skipping: no prometheus on the PATH");
-    }
-    found
+    common::program_present(
+        "prometheus",
+        "TANDEM_REQUIRE_PROMETHEUS",
+        "install Debian's prometheus",
+    )
 }
 
 /// A real Prometheus on loopback with its own data folder.

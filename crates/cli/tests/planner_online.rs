@@ -50,19 +50,7 @@ async fn admin_move(router: &Server, url: &str, body: &Value) -> (u16, Value) {
 async fn roles(router: &Server) -> Vec<(String, String)> {
     let (status, listed) = admin_get(router, "/workers").await;
     assert_eq!(status, 200, "{listed}");
-    let mut roles: Vec<_> = listed["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| {
-            (
-                w["url"].as_str().unwrap().to_owned(),
-                w["role"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    roles.sort();
-    roles
+    common::listed_roles(&listed)
 }
 
 /// One streamed completion through the router; its `data:` payloads.

@@ -58,20 +58,7 @@ async fn admin_get(client: &reqwest::Client, up: &Up, path: &str) -> Value {
 
 /// `(url, role)` of each worker the router lists.
 async fn workers(client: &reqwest::Client, up: &Up) -> Vec<(String, String)> {
-    let listed = admin_get(client, up, "/workers").await;
-    let mut workers: Vec<_> = listed["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| {
-            (
-                w["url"].as_str().unwrap().to_owned(),
-                w["role"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    workers.sort();
-    workers
+    common::listed_roles(&admin_get(client, up, "/workers").await)
 }
 
 /// Streams completions through the router from `clients` tasks until `stop`; the

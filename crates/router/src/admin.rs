@@ -50,18 +50,25 @@ pub async fn list(State(state): State<SharedState>, headers: HeaderMap) -> Respo
         .all()
         .iter()
         .map(|w| {
-            json!({
-                "url": w.url,
-                "role": w.role,
-                "healthy": w.is_healthy(),
-                "draining": w.is_draining(),
-                "circuit": w.circuit_state().as_str(),
-                "in_flight": w.in_flight_requests(),
-                "kv_cache": kv_cache_state(&state, &w.url),
-            })
+            let mut fields = worker_state(w);
+            fields["kv_cache"] = kv_cache_state(&state, &w.url).into();
+            fields
         })
         .collect();
     Json(json!({ "workers": workers })).into_response()
+}
+
+/// A worker as `GET /workers` and the live view show it: URL, role, health, draining,
+/// breaker, requests in flight.
+pub fn worker_state(w: &Worker) -> serde_json::Value {
+    json!({
+        "url": w.url,
+        "role": w.role,
+        "healthy": w.is_healthy(),
+        "draining": w.is_draining(),
+        "circuit": w.circuit_state().as_str(),
+        "in_flight": w.in_flight_requests(),
+    })
 }
 
 /// Whether the router knows the worker's KV cache: `known`, `not_followed`,

@@ -418,15 +418,7 @@ async fn metrics(State(state): State<SharedState>) -> Response {
         .map(|h| h.render())
         .unwrap_or_default();
     if state.federate_worker_metrics {
-        let mut workers: Vec<String> = state
-            .dispatcher
-            .registry
-            .all()
-            .iter()
-            .map(|w| w.url.clone())
-            .collect();
-        workers.sort();
-        workers.dedup();
+        let workers = state.dispatcher.registry.urls();
         let own = crate::federation::family_names(&text);
         let client = state.dispatcher.upstream.client();
         text.push_str(&crate::federation::worker_metrics(client, &workers, &own).await);

@@ -141,15 +141,7 @@ pub async fn run(state: SharedState, live: Arc<Live>, signals: Arc<Signals>) {
 
 /// Each worker's engine figures from its own `/metrics` (vLLM's names).
 async fn engine_figures(state: &SharedState) -> BTreeMap<String, Value> {
-    let mut urls: Vec<String> = state
-        .dispatcher
-        .registry
-        .all()
-        .iter()
-        .map(|w| w.url.clone())
-        .collect();
-    urls.sort();
-    urls.dedup();
+    let urls = state.dispatcher.registry.urls();
     let client = state.dispatcher.upstream.client();
     let texts =
         futures_util::future::join_all(urls.iter().map(|url| federation::scrape(client, url)))
@@ -186,15 +178,9 @@ fn snapshot(state: &SharedState, signals: &Signals, engines: &BTreeMap<String, V
         .all()
         .iter()
         .map(|w| {
-            json!({
-                "url": w.url,
-                "role": w.role,
-                "healthy": w.is_healthy(),
-                "draining": w.is_draining(),
-                "circuit": w.circuit_state().as_str(),
-                "in_flight": w.in_flight_requests(),
-                "engine": engines.get(&w.url).cloned().unwrap_or(Value::Null),
-            })
+            let mut fields = crate::admin::worker_state(w);
+            fields["engine"] = engines.get(&w.url).cloned().unwrap_or(Value::Null);
+            fields
         })
         .collect();
     let count =

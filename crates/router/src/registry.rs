@@ -302,6 +302,14 @@ impl Registry {
         self.read().clone()
     }
 
+    /// Each listed worker's URL once (a worker may be listed in both P/D pools).
+    pub fn urls(&self) -> Vec<String> {
+        let mut urls: Vec<String> = self.read().iter().map(|w| w.url.clone()).collect();
+        urls.sort();
+        urls.dedup();
+        urls
+    }
+
     pub fn find(&self, url: &str) -> Vec<Arc<Worker>> {
         self.read()
             .iter()

@@ -16,20 +16,11 @@ pub struct Etcd {
 /// Whether an `etcd` binary is on the PATH; without one the test skips, unless
 /// `TANDEM_REQUIRE_ETCD=1` (CI), when it fails.
 pub fn etcd_present() -> bool {
-    let found = Command::new("etcd")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var("TANDEM_REQUIRE_ETCD").as_deref() != Ok("1"),
-            "etcd missing: install Debian's etcd-server"
-        );
-        eprintln!("skipping: no etcd on the PATH");
-    }
-    found
+    super::program_present(
+        "etcd",
+        "TANDEM_REQUIRE_ETCD",
+        "install Debian's etcd-server",
+    )
 }
 
 impl Etcd {

@@ -69,6 +69,42 @@ pub fn llamacpp_fixture() -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// Whether `program --version` runs. Without it the caller skips (with a notice),
+/// unless `require_env` is `1` (CI), where a missing program fails the test.
+pub fn program_present(program: &str, require_env: &str, install: &str) -> bool {
+    let found = Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var(require_env).as_deref() != Ok("1"),
+            "{program} missing: {install}"
+        );
+        eprintln!("skipping: no {program} on the PATH");
+    }
+    found
+}
+
+/// `(url, role)` of each worker in an admin API `GET /workers` answer, sorted.
+pub fn listed_roles(listed: &Value) -> Vec<(String, String)> {
+    let mut roles: Vec<_> = listed["workers"]
+        .as_array()
+        .expect("a worker list")
+        .iter()
+        .map(|w| {
+            (
+                w["url"].as_str().unwrap().to_owned(),
+                w["role"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    roles.sort();
+    roles
+}
+
 /// A port free on loopback now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
