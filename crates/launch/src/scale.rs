@@ -174,7 +174,7 @@ impl Scaler {
         }
     }
 
-    fn planner_view(&mut self) -> Result<PlannerView, CallError> {
+    fn planner_view(&self) -> Result<PlannerView, CallError> {
         let url = format!("{}/planner?since={}", self.router, self.read_until);
         let mut response = self
             .agent
