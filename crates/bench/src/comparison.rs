@@ -218,7 +218,13 @@ impl ScenarioResults {
         if !s.description.is_empty() {
             out.push_str(&format!("{}\n\n", s.description));
         }
-        out.push_str(&format!("Workload: {}.\n\n", workload_line(s)));
+        // Random prompts are exact token counts where the runs drew them in a tokenizer.
+        let in_tokens = self
+            .runs
+            .iter()
+            .any(|r| r.document["tokenizer_id"].is_string());
+        let unit = if in_tokens { "token" } else { "word" };
+        out.push_str(&format!("Workload: {}.\n\n", workload_line(s, unit)));
         if self.runs.is_empty() {
             out.push_str("No runs.\n\n");
             return out;
@@ -624,7 +630,8 @@ fn one_line(text: &str) -> String {
     text.lines().next().unwrap_or_default().replace('|', "/")
 }
 
-fn workload_line(s: &Scenario) -> String {
+/// The scenario in a line; prompt lengths in `unit`s (`word` or `token`).
+fn workload_line(s: &Scenario, unit: &str) -> String {
     use crate::suite::WorkloadKind::*;
     let what = match s.workload {
         SeedSingle | SeedBatch => format!(
@@ -635,20 +642,20 @@ fn workload_line(s: &Scenario) -> String {
             s.output_len
         ),
         Random => format!(
-            "random, {} prompts of {} words, {} tokens out",
+            "random, {} prompts of {} {unit}s, {} tokens out",
             s.num_prompts, s.input_len, s.output_len
         ),
         SharedPrefix => format!(
-            "{} prompts of a shared {}-word prefix and {} words of their own, {} tokens out",
+            "{} prompts of a shared {}-{unit} prefix and {} {unit}s of their own, {} tokens out",
             s.num_prompts, s.prefix_len, s.input_len, s.output_len
         ),
         MultiTurn => format!(
-            "{} conversations of {} turns behind a shared {}-word prefix, {} new words and {} tokens out per turn",
+            "{} conversations of {} turns behind a shared {}-{unit} prefix, {} new {unit}s and {} tokens out per turn",
             s.num_prompts, s.turns, s.prefix_len, s.input_len, s.output_len
         ),
         Sharegpt => format!("{} ShareGPT conversations' first turns", s.num_prompts),
         Shift => format!(
-            "{} random prompts shifting halfway from {} words / {} tokens out to {} / {}",
+            "{} random prompts shifting halfway from {} {unit}s / {} tokens out to {} / {}",
             s.num_prompts,
             s.input_len,
             s.output_len,

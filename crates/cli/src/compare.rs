@@ -50,6 +50,12 @@ pub struct CompareArgs {
     /// Send chat requests instead of completions.
     #[arg(long)]
     chat: bool,
+    /// Draw random prompts as exact token counts in this tokenizer (a tokenizer.json, a
+    /// model folder holding one, or a GGUF file), as `vllm bench serve` does; needed
+    /// where the workers' tokenizer turns words into few or repeated tokens. Default:
+    /// words.
+    #[arg(long, value_name = "PATH")]
+    tokenizer: Option<PathBuf>,
     /// Percentiles to report.
     #[arg(long, value_delimiter = ',', default_value = "50,90,95,99")]
     percentiles: Vec<f64>,
@@ -95,6 +101,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
             .map(|a| plan::shell_quote(&a))
             .collect::<Vec<_>>()
             .join(" "),
+        tokenizer: args.tokenizer.clone(),
     };
     let outcome = tandem_experiment::compare(&topologies, &scenarios, &options, &STOP)?;
     eprintln!("\nreport: {}", outcome.report.display());

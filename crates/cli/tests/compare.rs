@@ -45,9 +45,13 @@ fn a_three_way_comparison_writes_a_complete_report() {
     let suite = dir.path().join("suite.toml");
     std::fs::write(&suite, SUITE).unwrap();
     let out = dir.path().join("report");
+    // Random prompts drawn in the model's own tokenizer: exact token counts.
+    let model = tandem().args(["model", "path"]).output().unwrap();
+    let gguf = String::from_utf8_lossy(&model.stdout).trim().to_owned();
     let output = tandem()
         .args(["compare", "--suite", suite.to_str().unwrap()])
         .args(["--out", out.to_str().unwrap(), "--kv-cache-memory", "64MiB"])
+        .args(["--tokenizer", &gguf])
         .output()
         .unwrap();
     assert!(output.status.success(), "{output:?}");
@@ -80,6 +84,10 @@ fn a_three_way_comparison_writes_a_complete_report() {
             if let Some(tokens) = tokens {
                 assert_eq!(run["total_output_tokens"], tokens, "{name}: {run}");
             }
+            if name == "long-prompts" {
+                assert_eq!(run["total_input_tokens"], 3 * 60, "{run}");
+                assert_eq!(run["tokenizer_id"], gguf.as_str(), "{run}");
+            }
             assert!(run["mean_ttft_ms"].as_f64().unwrap() > 0.0);
         }
     }
@@ -92,6 +100,7 @@ fn a_three_way_comparison_writes_a_complete_report() {
         "## seed-single",
         "## long-prompts",
         "Long prompts, short answers.",
+        "random, 3 prompts of 60 tokens, 4 tokens out",
         "| concurrency 3 | disaggregated |",
         "vs single",
         "Percentiles at concurrency 3 (ms)",

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use tandem_bench::comparison::{Comparison, ReportError, Setup, TopologyEntry};
 use tandem_bench::suite::Scenario;
+use tandem_bench::tokens::PromptTokenizer;
 use tandem_launch::plan::{self, Launch};
 use tandem_launch::run::RunError;
 use tandem_launch::scale::Scaler;
@@ -51,6 +52,8 @@ pub enum ExperimentError {
     Journal(String),
     #[error(transparent)]
     Scale(#[from] tandem_launch::scale::ScaleError),
+    #[error(transparent)]
+    Tokens(#[from] tandem_bench::tokens::TokensError),
 }
 
 /// How the runs are made and reported.
@@ -69,6 +72,10 @@ pub struct Options {
     pub resources: String,
     /// The command line that asked for the experiment, for the report.
     pub command: String,
+    /// Draw random prompts in this tokenizer's ids (exact token counts, as `vllm bench
+    /// serve` draws them) instead of words: a `tokenizer.json`, a model folder holding
+    /// one, or a GGUF file.
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// What an experiment measured.
@@ -109,6 +116,11 @@ pub fn compare(
             error: None,
         })
         .collect();
+    let tokenizer = options
+        .tokenizer
+        .as_deref()
+        .map(PromptTokenizer::load)
+        .transpose()?;
     let mut comparison = Comparison::new(report_setup(topologies, options), entries, scenarios);
     let admin_token = give_planners_a_token(topologies, &mut plans)?;
     let mut scalers = Vec::with_capacity(topologies.len());
@@ -140,7 +152,7 @@ pub fn compare(
             &runtime,
             (name, topology, launches),
             (planner_token, scaler),
-            (options, stop),
+            (options, tokenizer.as_ref(), stop),
             &mut comparison,
         );
         if let Err(error) = measured {

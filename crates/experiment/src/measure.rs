@@ -11,6 +11,7 @@ use tandem_bench::comparison::{Comparison, Run};
 use tandem_bench::report::{self, RunInfo};
 use tandem_bench::suite::{LoadPoint, Scenario, WorkloadKind};
 use tandem_bench::timeline::Timeline;
+use tandem_bench::tokens::PromptTokenizer;
 use tandem_bench::{Progress, Traffic, stats};
 use tandem_launch::plan::Launch;
 use tandem_launch::scale::Scaler;
@@ -27,7 +28,7 @@ pub fn topology(
     runtime: &tokio::runtime::Runtime,
     (name, topology, launches): (&str, &Checked, &[Launch]),
     (planner_token, scaler): (Option<&str>, Option<Scaler>),
-    (args, stop): (&Options, &'static AtomicBool),
+    (args, tokenizer, stop): (&Options, Option<&PromptTokenizer>, &'static AtomicBool),
     comparison: &mut Comparison,
 ) -> Result<(), ExperimentError> {
     let log_dir = args.out.join("logs").join(name);
@@ -67,7 +68,7 @@ pub fn topology(
             (name, topology),
             &endpoint,
             planner,
-            (args, stop),
+            (args, tokenizer, stop),
             &stack,
             comparison,
         );
@@ -84,7 +85,7 @@ fn scenarios(
     (name, topology): (&str, &Checked),
     endpoint: &str,
     planner: Option<(&str, &str)>,
-    (args, stop): (&Options, &'static AtomicBool),
+    (args, tokenizer, stop): (&Options, Option<&PromptTokenizer>, &'static AtomicBool),
     stack: &Mutex<Stack>,
     comparison: &mut Comparison,
 ) -> Result<(), ExperimentError> {
@@ -112,7 +113,7 @@ fn scenarios(
             // previous load), the same ones for every topology.
             let mut varied = scenario.clone();
             varied.seed = scenario.seed.wrapping_add(1000 * point_index as u64);
-            let conversations = varied.conversations()?;
+            let (conversations, _) = runtime.block_on(varied.conversations_in(tokenizer))?;
             let requests: usize = conversations.iter().map(|c| c.turns.len()).sum();
             let traffic = Traffic {
                 request_rate: load.request_rate,
@@ -139,7 +140,10 @@ fn scenarios(
                 summary.ttft.median,
                 summary.tpot.median
             );
-            let info = run_info(&target, &scenario, &load, requests);
+            let mut info = run_info(&target, &scenario, &load, requests);
+            info.tokenizer_id = tokenizer
+                .filter(|_| scenario.is_random())
+                .map(PromptTokenizer::id);
             let wants_timeline = scenario.workload == WorkloadKind::Shift || planner.is_some();
             let timeline = wants_timeline.then(|| {
                 let requests = Timeline::of_requests(&records, slo.as_ref());
