@@ -2,6 +2,11 @@
 //! of a `tandem compare` report (`results.json`) is modelled with the same requests —
 //! lengths, and the arrival times `tandem bench` drew for it — on the layout its
 //! topology's commands describe, and the figures are set side by side.
+//!
+//! The arrival times are drawn again, not read: a report keeps each run's figures, not
+//! its requests. `tandem compare` draws the load point `i` of a scenario (its `rates`
+//! in order) with the seed `seed + 1000·i` (fresh prompts and arrivals at every load),
+//! so that is the seed the model replays with.
 
 use serde_json::Value;
 use tandem_planner::layout::Layout;
@@ -33,7 +38,7 @@ pub enum ValidateError {
 
 /// Every request-rate run of `results` (a `tandem compare` results.json) whose topology
 /// is made of `tandem serve` workers, measured and predicted. `seed`: the scenarios'
-/// seed (0 unless the suite set one).
+/// seed where the report does not record it (0 unless the suite set one).
 pub fn against_report(
     profile: &Profile,
     results: &Value,
@@ -48,6 +53,11 @@ pub fn against_report(
         .ok_or(ValidateError::Missing("scenarios"))?;
     let mut rows = Vec::new();
     for scenario in scenarios {
+        let seed = scenario["scenario"]["seed"].as_u64().unwrap_or(seed);
+        let rates: Vec<f64> = scenario["scenario"]["rates"]
+            .as_array()
+            .map(|rates| rates.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default();
         let runs = scenario["runs"]
             .as_array()
             .ok_or(ValidateError::Missing("runs"))?;
@@ -63,7 +73,8 @@ pub fn against_report(
             else {
                 continue;
             };
-            let requests = requests_of(run, rate, seed);
+            let point = rates.iter().position(|&r| r == rate).unwrap_or(0);
+            let requests = requests_of(run, rate, point_seed(seed, point));
             let predicted = simulate_requests(profile, &layout, &requests)?.summary();
             let measured = |key: &str| run[key].as_f64().unwrap_or(f64::NAN);
             rows.push(Row {
@@ -92,6 +103,12 @@ pub fn against_report(
         }
     }
     Ok(rows)
+}
+
+/// The seed `tandem compare` draws a scenario's load point `index` with (its prompts
+/// and its arrival times).
+pub fn point_seed(seed: u64, index: usize) -> u64 {
+    seed.wrapping_add(1000 * index as u64)
 }
 
 /// Refuses a report measured on another machine or model than the profile: the
