@@ -2,13 +2,14 @@
 //! `tandem serve` or vLLM alike: a worker's prefill time against prompt length (the
 //! time to first token of one request alone, one output token), its decode step time
 //! against batch size and context (the gaps between tokens of `batch` streams started
-//! together), and the hand-off's cost (a P/D router's time to first token over a
-//! single worker's, against the KV bytes moved). Prompts are random words, fresh for
-//! every request, so no prefix cache shortens them.
+//! together), steps of several prompts computed together, with or without decode rows
+//! beside them ([`shared_step`]), and the hand-off's cost (a P/D router's time to first
+//! token over a single worker's, against the KV bytes moved). Prompts are random
+//! words, fresh for every request, so no prefix cache shortens them.
 
 use std::time::{Duration, Instant};
 
-use tandem_planner::profile::{DecodePoint, HandoffCost, PrefillPoint, WorkerProfile};
+use tandem_planner::profile::{DecodePoint, HandoffCost, PrefillPoint, StepPoint, WorkerProfile};
 
 use crate::client::{self, Api, Prompt, Target};
 use crate::stats::RequestRecord;
@@ -28,8 +29,48 @@ pub struct WorkerPlan {
     pub contexts: Vec<usize>,
     /// Output tokens of each decode stream.
     pub decode_tokens: usize,
+    /// Steps of several prompts timed together.
+    pub steps: Vec<StepGroup>,
+    /// Prompt length (words) of the decode streams running beside a step's prompts.
+    pub step_decode_context: usize,
     /// Runs of each measurement; the median is kept.
     pub repeats: usize,
+}
+
+/// One shared step to time: `prompts` prompts of `words` words each, beside `decodes`
+/// decoding streams. Written `NxW` or `NxW+D` (`4x256`, `2x500+32`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepGroup {
+    pub prompts: usize,
+    pub words: usize,
+    pub decodes: usize,
+}
+
+impl std::str::FromStr for StepGroup {
+    type Err = ProfileFailure;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || ProfileFailure {
+            what: format!("step group `{text}`"),
+            reason: "write it NxW (N prompts of W words) or NxW+D (beside D decoding streams), \
+                     each at least 1"
+                .into(),
+        };
+        let (group, decodes) = match text.split_once('+') {
+            Some((group, decodes)) => (group, decodes.parse().map_err(|_| bad())?),
+            None => (text, 0),
+        };
+        let (prompts, words) = group.split_once('x').ok_or_else(bad)?;
+        let step = StepGroup {
+            prompts: prompts.parse().map_err(|_| bad())?,
+            words: words.parse().map_err(|_| bad())?,
+            decodes,
+        };
+        if step.prompts == 0 || step.words == 0 || text.ends_with('+') {
+            return Err(bad());
+        }
+        Ok(step)
+    }
 }
 
 /// A measurement that could not be taken.
@@ -103,12 +144,36 @@ pub async fn measure_worker(
             });
         }
     }
+    // The blocker: the measured prompt length nearest 512 words, and its time.
+    let blocker = plan
+        .prompt_lengths
+        .iter()
+        .zip(&prefill)
+        .min_by_key(|(words, _)| words.abs_diff(512))
+        .map(|(&words, point)| (words, point.seconds));
+    let mut steps = Vec::new();
+    for &group in &plan.steps {
+        let mut runs = Vec::new();
+        for _ in 0..plan.repeats {
+            seed += 1;
+            let Some(blocker) = blocker else {
+                return Err(ProfileFailure {
+                    what: "steps of several prompts".into(),
+                    reason: "they need a measured prompt length (--prompt-lengths)".into(),
+                });
+            };
+            runs.push(shared_step(&client, target, group, plan, blocker, seed).await?);
+        }
+        runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+        steps.push(runs[runs.len() / 2]);
+    }
     Ok(WorkerProfile {
         cores: plan.cores,
         max_batched_tokens: plan.max_batched_tokens,
         max_sequences: plan.max_sequences,
         prefill,
         decode,
+        steps,
     })
 }
 
@@ -208,6 +273,132 @@ async fn decode_step(
     Ok((mean_context, gaps[gaps.len() / 2]))
 }
 
+/// One step of `group.prompts` prompts computed together: a blocker prompt (`blocker`:
+/// its words and measured prefill time) is sent first and the group 40% of that time
+/// later, while the worker computes the blocker (decode steps beside it are shorter
+/// than that), so the group is queued whole when the blocker's step ends and the next
+/// step takes it at once (within the token budget). The step's time is from the
+/// blocker's first token to the group's last first token. With `group.decodes`, that
+/// many streams are started first and a one-word request waits behind their prompts,
+/// so the blocker and the group meet them decoding; the step's decode context is
+/// theirs then.
+async fn shared_step(
+    client: &reqwest::Client,
+    target: &Target,
+    group: StepGroup,
+    plan: &WorkerPlan,
+    (blocker_words, blocker_seconds): (usize, f64),
+    seed: u64,
+) -> Result<StepPoint, ProfileFailure> {
+    let start = Instant::now();
+    let failed = |reason: String| ProfileFailure {
+        what: format!(
+            "a step of {} prompts of {} words beside {} decoding streams",
+            group.prompts, group.words, group.decodes
+        ),
+        reason,
+    };
+    // Enough tokens to decode through the settling, the blocker's step and the group's.
+    let decode_tokens = plan.decode_tokens.max(32);
+    let decoders = futures_util::future::join_all((0..group.decodes as u64).map(|i| {
+        let prompt = fresh(
+            plan.step_decode_context,
+            decode_tokens,
+            seed * 1000 + 500 + i,
+        );
+        sent_at(client, target, prompt, start)
+    }));
+    let timed = async {
+        if group.decodes > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            one(client, target, fresh(1, 1, seed * 1000 + 999)).await?;
+        }
+        let blocker = sent_at(
+            client,
+            target,
+            fresh(blocker_words, 1, seed * 1000 + 998),
+            start,
+        );
+        let prompts = async {
+            let wait = (blocker_seconds * 0.4).max(0.03);
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            futures_util::future::join_all((0..group.prompts as u64).map(|i| {
+                sent_at(
+                    client,
+                    target,
+                    fresh(group.words, 1, seed * 1000 + i),
+                    start,
+                )
+            }))
+            .await
+        };
+        let (blocker, prompts) = futures_util::future::join(blocker, prompts).await;
+        Ok::<_, ProfileFailure>((blocker, prompts))
+    };
+    let (decoders, timed) = futures_util::future::join(decoders, timed).await;
+    let (blocker, prompts) = timed?;
+    let first_token = |r: &RequestRecord| r.start + r.ttft;
+    for record in std::iter::once(&blocker).chain(&prompts).chain(&decoders) {
+        if !record.ok {
+            return Err(failed(record.error.clone().unwrap_or_default()));
+        }
+    }
+    let begun = first_token(&blocker);
+    let ended = prompts.iter().map(first_token).fold(f64::MIN, f64::max);
+    let spread = ended - prompts.iter().map(first_token).fold(f64::MAX, f64::min);
+    let seconds = ended - begun;
+    if seconds <= 0.0 || prompts.iter().any(|r| r.start >= begun) {
+        return Err(failed(
+            "the prompts were not queued while the blocker's step ran (they joined its \
+             step, or came after it)"
+                .into(),
+        ));
+    }
+    if spread > seconds / 4.0 {
+        return Err(failed(format!(
+            "the prompts' first tokens came {:.0} ms apart in a step of {:.0} ms: \
+             they did not share one step (more tokens than --max-batched-tokens?)",
+            spread * 1e3,
+            seconds * 1e3
+        )));
+    }
+    let mut context = 0;
+    for record in &decoders {
+        // Token times: the first, then each gap after it.
+        let mut at = first_token(record);
+        let mut before = 0;
+        for gap in std::iter::once(&0.0).chain(&record.itls) {
+            at += gap;
+            if at < begun {
+                before += 1;
+            }
+        }
+        if before == 0 || record.start + record.latency < ended {
+            return Err(failed(
+                "a decoding stream was not decoding through the timed step".into(),
+            ));
+        }
+        context += record.prompt_tokens + before;
+    }
+    Ok(StepPoint {
+        prompts: group.prompts,
+        tokens: prompts.iter().map(|r| r.prompt_tokens).sum(),
+        decode_batch: group.decodes,
+        decode_context: context / group.decodes.max(1),
+        seconds,
+    })
+}
+
+/// `prompt`'s record, its times from `start`.
+async fn sent_at(
+    client: &reqwest::Client,
+    target: &Target,
+    prompt: Prompt,
+    start: Instant,
+) -> RequestRecord {
+    client::send(client, target, &prompt, "tandem-plan-profile", start).await
+}
+
 /// The run of median time, with its size.
 fn median_by_time(mut runs: Vec<(usize, f64)>) -> (usize, f64) {
     runs.sort_by(|a, b| a.1.total_cmp(&b.1));
@@ -237,5 +428,23 @@ mod tests {
         assert!((a - 1.0).abs() < 1e-12 && (b - 0.2).abs() < 1e-12);
         assert_eq!(line_through(&[(5.0, 2.0)]), (2.0, 0.0));
         assert_eq!(median_by_time(vec![(1, 3.0), (2, 1.0), (3, 2.0)]), (3, 2.0));
+    }
+
+    #[test]
+    fn step_groups_are_read_as_written() {
+        let group = |text: &str| text.parse::<StepGroup>();
+        assert_eq!(
+            group("4x256").unwrap(),
+            StepGroup {
+                prompts: 4,
+                words: 256,
+                decodes: 0
+            }
+        );
+        assert_eq!(group("2x500+32").unwrap().decodes, 32);
+        for bad in ["4", "0x256", "4x", "x256", "4x256+", "4x256+a", "4*256"] {
+            let error = group(bad).unwrap_err().to_string();
+            assert!(error.contains("NxW"), "{bad}: {error}");
+        }
     }
 }

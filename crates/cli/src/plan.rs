@@ -32,7 +32,8 @@ pub struct ValidateArgs {
     /// The report's results.json.
     #[arg(long)]
     results: PathBuf,
-    /// The scenarios' seed (0 unless the suite file set one).
+    /// The scenarios' seed, for reports that do not record it (0 unless the suite file
+    /// set one).
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -64,6 +65,18 @@ pub struct ProfileArgs {
     /// Output tokens per decode stream.
     #[arg(long, default_value_t = 48)]
     decode_tokens: usize,
+    /// Steps of several prompts computed together: NxW is N prompts of W words, NxW+D
+    /// the same beside D decoding streams. Each must fit --max-batched-tokens (a word
+    /// is about a token; a prompt has a few more). None: `--steps ''`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "2x128,8x128,2x256,4x256,2x500,4x500,1x500+32,3x500+32"
+    )]
+    steps: Vec<StepGroupArg>,
+    /// Prompt length (words) of the decode streams beside a step's prompts.
+    #[arg(long, default_value_t = 64)]
+    step_decode_context: usize,
     /// Runs of each measurement (the median is kept).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
@@ -132,6 +145,21 @@ pub struct RankArgs {
     kv_cache_memory: String,
 }
 
+/// A `--steps` entry; empty entries are skipped.
+#[derive(Clone)]
+struct StepGroupArg(Option<profile::StepGroup>);
+
+impl std::str::FromStr for StepGroupArg {
+    type Err = profile::ProfileFailure;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.trim().is_empty() {
+            return Ok(Self(None));
+        }
+        text.trim().parse().map(|group| Self(Some(group)))
+    }
+}
+
 pub fn run(command: PlanCommand) -> Result<()> {
     match command {
         PlanCommand::Profile(args) => measure(args),
@@ -169,13 +197,25 @@ fn measure(args: ProfileArgs) -> Result<()> {
         batches: args.batches.clone(),
         contexts: args.contexts.clone(),
         decode_tokens: args.decode_tokens,
+        steps: args.steps.iter().filter_map(|group| group.0).collect(),
+        step_decode_context: args.step_decode_context.max(1),
         repeats: args.repeats.max(1),
     };
     eprintln!("measuring a {}-core worker at {}", args.cores, args.url);
     let worker = runtime.block_on(profile::measure_worker(&target, &plan))?;
-    worker
+    let cost = worker
         .cost()
         .context("the measurements do not make a usable profile")?;
+    for step in &worker.steps {
+        eprintln!(
+            "  step of {} prompts ({} tokens) beside {} decode rows: measured {:.0} ms, fitted {:.0} ms",
+            step.prompts,
+            step.tokens,
+            step.decode_batch,
+            step.seconds * 1e3,
+            cost.step_point_seconds(step) * 1e3
+        );
+    }
     let hardware = profile::cpu_description();
     let mut profile = match std::fs::read_to_string(&args.out) {
         Ok(text) => {

@@ -36,6 +36,7 @@ async fn a_profile_is_measured_then_ranked_and_refused_elsewhere() {
                 "--repeats",
                 "1",
             ])
+            .args(["--steps", "2x32,3x16,2x32+3", "--step-decode-context", "8"])
             .args(["--split-url", &split, "--out", &profile_arg])
             .output()
             .unwrap()
@@ -50,6 +51,16 @@ async fn a_profile_is_measured_then_ranked_and_refused_elsewhere() {
     // Longer prompts take longer; a bigger batch's step does not take less.
     assert!(worker_profile.prefill_seconds(0, 96) > worker_profile.prefill_seconds(0, 8));
     assert_eq!(parsed.workers[0].decode.len(), 6);
+    // Steps of several prompts, the last beside three decoding streams.
+    let steps = &parsed.workers[0].steps;
+    assert_eq!(steps.len(), 3, "{text}");
+    assert_eq!((steps[1].prompts, steps[2].decode_batch), (3, 3));
+    assert!(
+        steps
+            .iter()
+            .all(|s| s.tokens >= s.prompts * 16 && s.seconds > 0.0)
+    );
+    assert!(steps[2].decode_context >= 8, "{:?}", steps[2]);
 
     let rank = |extra: &[&str]| {
         let mut command = tandem();

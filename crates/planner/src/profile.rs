@@ -1,12 +1,20 @@
 //! A hardware profile: what one worker of a given size (cores) costs on this machine
 //! for this model, from measured points, and what moving a prompt's KV costs.
 //!
-//! Measured points are fitted, not looked up: prefill time as `a + b·t + c·t²` in the
-//! prompt's tokens `t` (weights, per-token work, attention over the prompt), a decode
-//! step as `a + b·n + c·n·x` in the batch `n` and its mean context `x` (weights read
-//! once a step, per-sequence work, each sequence reading its KV). Least squares over
-//! the points keeps a noisy measurement from bending the curve, and the forms
-//! extrapolate the way the costs grow.
+//! Measured points are fitted, not looked up. A step that computes prompt tokens costs
+//! `a + b·T + c·Σt²`: `T` the prompt tokens in the step (every row goes through the
+//! same matrix products), `Σt²` over each prompt's own tokens (attention within a
+//! prompt; a chunk of positions `s..e` counts `e² − s²`). It is fitted, by least
+//! squares on relative error, to prompts timed alone (`T = t`) and, where the profile
+//! has them, to steps of several prompts computed together, with or without decode
+//! rows beside them ([`StepPoint`]; the decode rows' own cost is taken off first). A
+//! decode step costs `a + b·n + c·n·x` in the batch `n` and its mean context `x`
+//! (weights read once a step, per-sequence work, each sequence reading its KV). Least
+//! squares keeps a noisy measurement from bending the curve, and the forms extrapolate
+//! the way the costs grow.
+//!
+//! Profiles measured before step points existed have none: their prompt cost is fitted
+//! to the single prompts alone, the same form, so they load and plan as before.
 
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +53,9 @@ pub struct WorkerProfile {
     pub prefill: Vec<PrefillPoint>,
     /// Decode steps of a batch.
     pub decode: Vec<DecodePoint>,
+    /// Steps of several prompts computed together (absent from older profiles).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepPoint>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -59,6 +70,39 @@ pub struct DecodePoint {
     /// Mean context (tokens held) of the batch's sequences.
     pub context: usize,
     pub seconds: f64,
+}
+
+/// One step that computed `prompts` whole prompts of about equal length, `tokens`
+/// prompt tokens in all, beside `decode_batch` decoding sequences of mean context
+/// `decode_context` (none in a prompts-only step).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepPoint {
+    pub prompts: usize,
+    pub tokens: usize,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub decode_batch: usize,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub decode_context: usize,
+    pub seconds: f64,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+impl StepPoint {
+    /// The step's prompt chunks: `prompts` whole prompts sharing `tokens` evenly.
+    pub fn chunks(&self) -> Vec<(usize, usize)> {
+        let prompts = self.prompts.max(1);
+        (0..prompts)
+            .map(|i| {
+                (
+                    0,
+                    self.tokens / prompts + usize::from(i < self.tokens % prompts),
+                )
+            })
+            .collect()
+    }
 }
 
 /// Why a profile cannot be used.
@@ -156,14 +200,33 @@ impl WorkerProfile {
         {
             return Err(unusable("every measured time must be positive".into()));
         }
-        let prefill_rows: Vec<_> = self
-            .prefill
+        if let Some(step) = self
+            .steps
             .iter()
-            .map(|p| {
-                let t = p.tokens as f64;
-                ([1.0, t, t * t], p.seconds)
-            })
-            .collect();
+            .find(|p| p.prompts == 0 || p.tokens < p.prompts)
+        {
+            return Err(unusable(format!(
+                "a step of {} prompts and {} tokens is not a step of whole prompts",
+                step.prompts, step.tokens
+            )));
+        }
+        if let Some(step) = self.steps.iter().find(|p| bad_time(p.seconds)) {
+            return Err(unusable(format!(
+                "every measured time must be positive (a step of {} prompts took {} s)",
+                step.prompts, step.seconds
+            )));
+        }
+        if let Some(step) = self
+            .steps
+            .iter()
+            .find(|p| p.tokens + p.decode_batch > self.max_batched_tokens)
+        {
+            return Err(unusable(format!(
+                "a measured step of {} prompt tokens and {} decode rows exceeds the worker's \
+                 {} tokens per step: it was more than one step",
+                step.tokens, step.decode_batch, self.max_batched_tokens
+            )));
+        }
         let decode_rows: Vec<_> = self
             .decode
             .iter()
@@ -172,11 +235,37 @@ impl WorkerProfile {
                 ([1.0, n, n * x], p.seconds)
             })
             .collect();
-        let prefill = fit(&prefill_rows)
-            .ok_or_else(|| unusable("prefill needs 3 or more prompt lengths".into()))?;
         let decode = fit(&decode_rows).ok_or_else(|| {
             unusable("decode needs 3 or more points spanning batch sizes and contexts".into())
         })?;
+        if self.prefill.len() < 3 {
+            return Err(unusable("prefill needs 3 or more prompt lengths".into()));
+        }
+        let mut prefill_rows: Vec<_> = self
+            .prefill
+            .iter()
+            .map(|p| (prompt_terms(&[(0, p.tokens)]), p.seconds))
+            .collect();
+        for step in &self.steps {
+            // The decode rows' work, beyond the step's fixed cost, is the decode fit's.
+            let decodes = decode_work(decode, step.decode_batch, step.decode_context as f64);
+            let prompts = step.seconds - decodes;
+            if prompts <= 0.0 {
+                return Err(unusable(format!(
+                    "a step of {} prompts beside {} decode rows took {} s, less than its \
+                     decode rows alone ({decodes} s)",
+                    step.prompts, step.decode_batch, step.seconds
+                )));
+            }
+            prefill_rows.push((prompt_terms(&step.chunks()), prompts));
+        }
+        // Relative error: a 30 ms prompt counts as much as a 3 s one.
+        let weighted: Vec<_> = prefill_rows
+            .iter()
+            .map(|(x, y)| (x.map(|v| v / y), 1.0))
+            .collect();
+        let prefill = fit(&weighted)
+            .ok_or_else(|| unusable("prefill needs 3 or more prompt lengths".into()))?;
         Ok(WorkerCost {
             cores: self.cores,
             max_batched_tokens: self.max_batched_tokens,
@@ -185,6 +274,23 @@ impl WorkerProfile {
             decode,
         })
     }
+}
+
+/// A step's prompt terms `[1, T, Σ(e² − s²)]` for its chunks `s..e`.
+fn prompt_terms(chunks: &[(usize, usize)]) -> [f64; 3] {
+    let tokens: usize = chunks.iter().map(|&(from, to)| to - from).sum();
+    let attention: f64 = chunks
+        .iter()
+        .map(|&(from, to)| (to * to - from * from) as f64)
+        .sum();
+    [1.0, tokens as f64, attention]
+}
+
+/// Decode rows' cost beyond a step's fixed cost.
+fn decode_work(decode: Fit, batch: usize, context: f64) -> f64 {
+    let [_, b, c] = decode.0;
+    let n = batch as f64;
+    (b * n + c * n * context).max(0.0)
 }
 
 impl WorkerCost {
@@ -204,24 +310,25 @@ impl WorkerCost {
     }
 
     /// Seconds of one step that computes the prompt `chunks` (positions `from..to` of
-    /// each) and decodes `batch` sequences of mean `context`: the work of each part,
-    /// but a step's fixed cost (the weights read, the pass's overhead) once — the
-    /// larger of prefill's and decode's, as one pass does both.
+    /// each) and decodes `batch` sequences of mean `context`. A step with prompt tokens
+    /// costs the fitted prompt-step cost (`a + b·T + c·Σ(e² − s²)`, its fixed cost
+    /// once, however many prompts) plus the decode rows' work beyond a decode step's
+    /// fixed cost — the form the profile's steps beside decode rows were fitted to —
+    /// and never less than its decode rows alone; a step of decode rows only costs the
+    /// decode step.
     pub fn step_seconds(&self, chunks: &[(usize, usize)], batch: usize, context: f64) -> f64 {
-        let [prefill_fixed, ..] = self.prefill.0;
-        let [decode_fixed, ..] = self.decode.0;
-        let prefill: f64 = chunks
-            .iter()
-            .map(|&(from, to)| self.prefill_work(from, to))
-            .sum();
         let decode = self.decode_step_seconds(batch, context);
-        let fixed = match (chunks.is_empty(), batch) {
-            (true, 0) => return 0.0,
-            (true, _) => return decode,
-            (false, 0) => prefill_fixed,
-            (false, _) => prefill_fixed.max(decode_fixed),
-        };
-        (fixed + prefill + decode - decode_fixed.min(decode)).max(f64::EPSILON)
+        if chunks.is_empty() {
+            return decode;
+        }
+        let [prefill_fixed, ..] = self.prefill.0;
+        let prompts: f64 = prefill_fixed
+            + chunks
+                .iter()
+                .map(|&(from, to)| self.prefill_work(from, to))
+                .sum::<f64>();
+        let rows = decode_work(self.decode, batch, context);
+        (prompts.max(decode - rows) + rows).max(f64::EPSILON)
     }
 
     /// A chunk's cost beyond the step's fixed one.
@@ -229,6 +336,15 @@ impl WorkerCost {
         let [_, b, c] = self.prefill.0;
         let at = |t: usize| b * t as f64 + c * (t * t) as f64;
         (at(to) - at(from)).max(0.0)
+    }
+
+    /// What the fitted costs make of a measured step (to set beside its seconds).
+    pub fn step_point_seconds(&self, step: &StepPoint) -> f64 {
+        self.step_seconds(
+            &step.chunks(),
+            step.decode_batch,
+            step.decode_context as f64,
+        )
     }
 
     /// Seconds of one decode step of `batch` sequences holding `context` tokens on
@@ -244,10 +360,21 @@ impl WorkerCost {
 }
 
 /// Least squares for `y ≈ w·row` with three terms; `None` when the rows do not pin
-/// all three down.
+/// all three down. Each term is scaled to at most 1 first, so that terms of very
+/// different sizes (1, tokens, tokens²) do not hide one another from the pivot test.
 fn fit(rows: &[([f64; 3], f64)]) -> Option<Fit> {
+    let mut scale = [0.0_f64; 3];
+    for (x, _) in rows {
+        for i in 0..3 {
+            scale[i] = scale[i].max(x[i].abs());
+        }
+    }
+    if scale.contains(&0.0) {
+        return None;
+    }
     let mut normal = [[0.0; 4]; 3];
     for (x, y) in rows {
+        let x = [x[0] / scale[0], x[1] / scale[1], x[2] / scale[2]];
         for i in 0..3 {
             for j in 0..3 {
                 normal[i][j] += x[i] * x[j];
@@ -255,7 +382,8 @@ fn fit(rows: &[([f64; 3], f64)]) -> Option<Fit> {
             normal[i][3] += x[i] * y;
         }
     }
-    solve3(normal).map(Fit)
+    let w = solve3(normal)?;
+    Some(Fit([w[0] / scale[0], w[1] / scale[1], w[2] / scale[2]]))
 }
 
 /// Gaussian elimination with partial pivoting on an augmented 3×4 system.
@@ -305,7 +433,112 @@ mod tests {
             max_sequences: 64,
             prefill,
             decode,
+            steps: Vec::new(),
         }
+    }
+
+    /// The exact worker with steps of several prompts that cost less per prompt than
+    /// alone (a smaller per-token term than its single prompts have), some beside
+    /// decode rows, which cost what its decode points say beyond their fixed cost.
+    fn stepped_worker() -> WorkerProfile {
+        let mut worker = exact_worker(1);
+        let step = |tokens: usize, attention: usize| {
+            0.002 + 0.8e-4 * tokens as f64 + 2e-8 * attention as f64
+        };
+        for point in &mut worker.prefill {
+            point.seconds = step(point.tokens, point.tokens * point.tokens);
+        }
+        let decodes = |n: usize, x: usize| 5e-4 * n as f64 + 1e-6 * (n * x) as f64;
+        worker.steps = [
+            (2, 256, 0, 0),
+            (4, 256, 0, 0),
+            (8, 128, 0, 0),
+            (2, 512, 16, 300),
+        ]
+        .map(|(prompts, each, batch, context)| StepPoint {
+            prompts,
+            tokens: prompts * each,
+            decode_batch: batch,
+            decode_context: context,
+            seconds: step(prompts * each, prompts * each * each) + decodes(batch, context),
+        })
+        .to_vec();
+        worker
+    }
+
+    #[test]
+    fn steps_of_several_prompts_are_fitted_with_the_single_prompts() {
+        let worker = stepped_worker();
+        let cost = worker.cost().unwrap();
+        for point in &worker.steps {
+            let fitted = cost.step_point_seconds(point);
+            assert!((fitted - point.seconds).abs() < 1e-9, "{point:?}: {fitted}");
+        }
+        // Two prompts in one step cost one step's fixed cost less than two steps.
+        let alone = cost.step_seconds(&[(0, 256)], 0, 0.0);
+        let together = cost.step_seconds(&[(0, 256), (0, 256)], 0, 0.0);
+        assert!((2.0 * alone - together - 0.002).abs() < 1e-9);
+        // A chunk later in a prompt attends to more positions.
+        assert!(cost.prefill_seconds(256, 512) > cost.prefill_seconds(0, 256));
+    }
+
+    /// The steps measured on the 2-core Xeon (`docs/planner/xeon-2core-profile.toml`):
+    /// the fitted step cost reproduces each, with or without decode rows beside it.
+    #[test]
+    fn the_recorded_steps_are_reproduced() {
+        let profile = Profile::from_toml(include_str!(
+            "../../../docs/planner/xeon-2core-profile.toml"
+        ))
+        .unwrap();
+        for worker in &profile.workers {
+            assert!(worker.steps.len() >= 6, "cores {}", worker.cores);
+            assert!(worker.steps.iter().any(|s| s.decode_batch > 0));
+            let cost = worker.cost().unwrap();
+            for point in &worker.steps {
+                let ratio = cost.step_point_seconds(point) / point.seconds;
+                assert!((0.93..1.07).contains(&ratio), "{point:?}: {ratio}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_profile_without_steps_is_fitted_from_its_single_prompts() {
+        // Profiles measured before step points existed have no `steps`: they load, and
+        // the same step cost is fitted to their single prompts alone.
+        let worker = exact_worker(1);
+        let text = toml::to_string(&worker).unwrap();
+        assert!(!text.contains("steps"), "{text}");
+        let back: WorkerProfile = toml::from_str(&text).unwrap();
+        assert!(back.steps.is_empty());
+        let cost = back.cost().unwrap();
+        let four = [(0, 256); 4];
+        let expected = 0.002 + 1e-4 * 1024.0 + 2e-8 * 4.0 * 65536.0;
+        assert!((cost.step_seconds(&four, 0, 0.0) - expected).abs() < 1e-9);
+        // Steps survive the round trip, decode-free ones without decode fields.
+        let stepped = stepped_worker();
+        let text = toml::to_string(&stepped).unwrap();
+        assert_eq!(text.matches("decode_batch").count(), 1, "{text}");
+        assert_eq!(toml::from_str::<WorkerProfile>(&text).unwrap(), stepped);
+    }
+
+    #[test]
+    fn impossible_steps_are_refused_with_the_reason() {
+        let refused = |change: fn(&mut StepPoint)| {
+            let mut worker = stepped_worker();
+            change(&mut worker.steps[3]);
+            worker.cost().unwrap_err().to_string()
+        };
+        let over = refused(|s| s.tokens = 2040);
+        assert!(over.contains("more than one step"), "{over}");
+        let faster = refused(|s| s.seconds = 0.001);
+        assert!(
+            faster.contains("less than its decode rows alone"),
+            "{faster}"
+        );
+        let empty = refused(|s| s.prompts = 0);
+        assert!(empty.contains("not a step of whole prompts"), "{empty}");
+        let negative = refused(|s| s.seconds = -1.0);
+        assert!(negative.contains("positive"), "{negative}");
     }
 
     #[test]
@@ -322,10 +555,14 @@ mod tests {
         let step = 0.01 + 5e-4 * 16.0 + 1e-6 * 16.0 * 250.0;
         assert!((cost.decode_step_seconds(16, 250.0) - step).abs() < 1e-9);
         assert_eq!(cost.decode_step_seconds(0, 0.0), 0.0);
-        // One pass computing a prompt chunk and decoding pays the fixed cost once (the
-        // larger one, decode's 10 ms here), not prefill's 2 ms besides.
+        // One pass computing a prompt chunk and decoding pays one fixed cost: the
+        // prompt's, with the decode rows' work beside it (not decode's 10 ms besides).
         let mixed = cost.step_seconds(&[(0, 300)], 16, 250.0);
-        assert!((mixed - (whole - 0.002 + step)).abs() < 1e-9, "{mixed}");
+        assert!((mixed - (whole + step - 0.01)).abs() < 1e-9, "{mixed}");
+        // A one-position chunk beside a decode batch costs no less than the batch (here
+        // just the batch: the prompt part is under its fixed cost).
+        let tiny = cost.step_seconds(&[(299, 300)], 16, 250.0);
+        assert!((tiny - step).abs() < 1e-12, "{tiny} vs {step}");
         assert_eq!(cost.step_seconds(&[], 0, 0.0), 0.0);
     }
 

@@ -4,8 +4,9 @@
 //!
 //! Each worker runs steps back to back while it has work, as `tandem serve` does: a step
 //! decodes one token for every sequence past its prompt and spends the rest of the
-//! step's token budget on prompt chunks, first come first served; its time is the
-//! decode step's plus each chunk's prefill time (from the [`Profile`]). A request goes to
+//! step's token budget on prompt chunks, first come first served (the engine's own
+//! order; see `Model::start_step`); its time is the profile's step cost of its prompt
+//! tokens and decode rows together ([`WorkerCost::step_seconds`]). A request goes to
 //! the least loaded worker of its entry pool. On a prefill worker its prompt is
 //! computed, its KV then moves (the profile's hand-off time) to the least loaded
 //! decode worker, which computes the prompt's last position and samples the first
@@ -158,6 +159,10 @@ impl Worker {
 enum Event {
     Arrive(usize),
     StepDone(usize),
+    /// An idle worker was given work: it starts a step once every event of this
+    /// instant is in (requests sent together share a step, as the engine takes every
+    /// queued command before a step).
+    Wake(usize),
     /// A prompt's KV reached decode worker `.1`.
     Handed(Seq, usize),
 }
@@ -250,6 +255,11 @@ impl<'a> Model<'a> {
                     self.enqueue(worker, seq, at);
                 }
                 Event::Handed(seq, worker) => self.enqueue(worker, seq, at),
+                Event::Wake(worker) => {
+                    if self.workers[worker].step.is_none() {
+                        self.start_step(worker, at);
+                    }
+                }
                 Event::StepDone(worker) => {
                     self.finish_step(worker, at);
                     self.start_step(worker, at);
@@ -268,46 +278,56 @@ impl<'a> Model<'a> {
     fn enqueue(&mut self, worker: usize, seq: Seq, now: f64) {
         self.workers[worker].waiting.push_back(seq);
         if self.workers[worker].step.is_none() {
-            self.start_step(worker, now);
+            self.schedule(now, Event::Wake(worker));
         }
     }
 
-    /// Plans the worker's next step and schedules its end, if it has work.
+    /// Plans the worker's next step and schedules its end, if it has work: as the
+    /// engine's scheduler (`crates/engine/src/sched/scheduler.rs`) does, the running
+    /// sequences first, in admission order — one token each for those decoding, the
+    /// rest of the prompt (as much as the step's token budget leaves) for those in one —
+    /// then waiting requests, first come first served, while budget is left and fewer
+    /// than `max_sequences` run. A decode leg's prompt arrives with all but its last
+    /// position, so it takes one token.
     fn start_step(&mut self, w: usize, now: f64) {
         let worker = &mut self.workers[w];
-        while worker.running.len() < worker.cost.max_sequences {
+        let mut step = Step::default();
+        let mut spans = Vec::new();
+        let mut budget = worker.cost.max_batched_tokens;
+        let mut context = 0;
+        let mut take = |i: usize, seq: &Seq, budget: &mut usize| {
+            if seq.in_prompt() {
+                let chunk = (seq.input - seq.computed).min(*budget);
+                spans.push((seq.computed, seq.computed + chunk));
+                step.chunks.push((i, chunk));
+                *budget -= chunk;
+            } else {
+                step.decoding.push(i);
+                context += seq.input + seq.generated;
+                *budget -= 1;
+            }
+        };
+        for (i, seq) in worker.running.iter().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            take(i, seq, &mut budget);
+        }
+        while budget > 0 && worker.running.len() < worker.cost.max_sequences {
             let Some(seq) = worker.waiting.pop_front() else {
                 break;
             };
+            take(worker.running.len(), &seq, &mut budget);
             worker.running.push(seq);
         }
-        let mut step = Step::default();
-        let mut budget = worker.cost.max_batched_tokens;
-        let mut context = 0;
-        for (i, seq) in worker.running.iter().enumerate() {
-            if !seq.in_prompt() && budget > 0 {
-                step.decoding.push(i);
-                context += seq.input + seq.generated;
-                budget -= 1;
-            }
-        }
-        let mut spans = Vec::new();
-        for (i, seq) in worker.running.iter().enumerate() {
-            if seq.in_prompt() && budget > 0 {
-                let chunk = (seq.input - seq.computed).min(budget);
-                spans.push((seq.computed, seq.computed + chunk));
-                step.chunks.push((i, chunk));
-                budget -= chunk;
-            }
+        if step.decoding.is_empty() && step.chunks.is_empty() {
+            worker.step = None;
+            return;
         }
         let mean_context = context as f64 / step.decoding.len().max(1) as f64;
         let seconds = worker
             .cost
             .step_seconds(&spans, step.decoding.len(), mean_context);
-        if step.decoding.is_empty() && step.chunks.is_empty() {
-            worker.step = None;
-            return;
-        }
         worker.step = Some(step);
         self.schedule(now + seconds, Event::StepDone(w));
     }
@@ -412,6 +432,7 @@ pub(crate) mod tests {
                         seconds: (0.01 + 5e-4 * n as f64 + 1e-7 * (n * x) as f64) / speed.sqrt(),
                     })
                     .to_vec(),
+                steps: Vec::new(),
             }
         };
         Profile {
@@ -499,6 +520,71 @@ pub(crate) mod tests {
         let split = simulate(&profile, &Layout::disaggregated((1, 1), (1, 1)), &mixed).unwrap();
         assert!(split.tpot_percentile(90.0) < replicas.tpot_percentile(90.0));
         assert!(split.attainment(&slo) > replicas.attainment(&slo));
+    }
+
+    /// Requests of `input` tokens and `output` tokens, all sent at `arrival`.
+    fn together(count: usize, input: usize, output: usize) -> Vec<Request> {
+        vec![
+            Request {
+                arrival: 0.0,
+                input,
+                output,
+            };
+            count
+        ]
+    }
+
+    #[test]
+    fn steps_are_scheduled_as_the_engine_schedules_them() {
+        // A 512-token budget and at most 2 sequences: three 300-token prompts sent
+        // together. Step 1: the first prompt and 212 tokens of the second (the third
+        // waits: 2 sequences run). Step 2: the first decodes, the second's last 88.
+        // Step 3: both decode; the first has its 3 tokens. Step 4: the second decodes
+        // (its last token) and the third is admitted whole. Steps 5–6: it decodes.
+        let mut profile = profile();
+        profile.workers[0].max_sequences = 2;
+        let cost = profile.worker(1).unwrap();
+        let predicted =
+            simulate_requests(&profile, &Layout::single(1), &together(3, 300, 3)).unwrap();
+        let s1 = cost.step_seconds(&[(0, 300), (0, 212)], 0, 0.0);
+        let s2 = cost.step_seconds(&[(212, 300)], 1, 301.0);
+        let s3 = cost.step_seconds(&[], 2, (302 + 301) as f64 / 2.0);
+        let s4 = cost.step_seconds(&[(0, 300)], 1, 302.0);
+        let (s5, s6) = (
+            cost.step_seconds(&[], 1, 301.0),
+            cost.step_seconds(&[], 1, 302.0),
+        );
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(close(predicted.ttft[0], s1), "{predicted:?}");
+        assert!(close(predicted.ttft[1], s1 + s2), "{predicted:?}");
+        assert!(close(predicted.ttft[2], s1 + s2 + s3 + s4), "{predicted:?}");
+        assert!(close(predicted.tpot[0], (s2 + s3) / 2.0));
+        assert!(close(predicted.tpot[1], (s3 + s4) / 2.0));
+        assert!(close(predicted.tpot[2], (s5 + s6) / 2.0));
+    }
+
+    #[test]
+    fn prompts_sent_together_take_the_measured_shared_step() {
+        // The 2-core Xeon's profile: four ~505-token prompts sent at once to the
+        // 2-core worker are computed in one step, which the profile measured.
+        let profile = Profile::from_toml(include_str!(
+            "../../../docs/planner/xeon-2core-profile.toml"
+        ))
+        .unwrap();
+        let measured = profile.workers[1]
+            .steps
+            .iter()
+            .find(|s| s.prompts == 4 && s.decode_batch == 0 && s.tokens > 2000)
+            .copied()
+            .unwrap();
+        let each = measured.tokens / 4;
+        let predicted =
+            simulate_requests(&profile, &Layout::single(2), &together(4, each, 1)).unwrap();
+        let cost = profile.worker(2).unwrap();
+        let step = cost.step_seconds(&[(0, each); 4], 0, 0.0);
+        assert!(predicted.ttft.iter().all(|&t| (t - step).abs() < 1e-12));
+        let ratio = step / measured.seconds;
+        assert!((0.93..1.07).contains(&ratio), "{step} vs {measured:?}");
     }
 
     #[test]
