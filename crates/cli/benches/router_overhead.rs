@@ -14,7 +14,8 @@
 //! what one `/dashboard` viewer costs: the router's CPU time over the same load with
 //! and without a viewer's stream open, and the stream's CPU on an idle router.
 //!
-//! `cargo bench -p tandem-cli --bench router_overhead [-- quick]`
+//! `cargo bench -p tandem-cli --bench router_overhead [-- quick] [-- dashboard]`
+//! (`dashboard`: only tandem's router, and only what a viewer costs it)
 
 mod common;
 
@@ -326,34 +327,81 @@ async fn cpu_for_load(
     (cpu_seconds(router.child.id()) - before, wall.as_secs_f64())
 }
 
-/// What one dashboard viewer costs the router: under load (CPU with a viewer minus
-/// without, rounds alternating), and idle (its CPU share over 10 s).
+/// The router's snapshot-building time so far (`_sum`, `_count` of its histogram).
+async fn snapshot_seconds(client: &reqwest::Client, router: &RouterProcess) -> (f64, f64) {
+    let text = client
+        .get(format!("{}/metrics", router.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let read = |suffix: &str| {
+        let name = format!("tandem_router_dashboard_snapshot_seconds_{suffix} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&name))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    };
+    (read("sum"), read("count"))
+}
+
+/// What one dashboard viewer costs the router under load, two ways: directly (the
+/// router's own timing of the snapshots it builds, per second of load), and as the
+/// difference of its CPU time over the same load with and without a viewer's stream
+/// open — rounds alternating which goes first, so that the machine's drift cancels,
+/// with the spread of the per-round ratios as the noise it has to beat. Then idle.
 async fn dashboard_cost(client: &reqwest::Client, router: &RouterProcess, total: usize) {
     // CPU time comes in 10 ms ticks and the machine drifts: long rounds, alternating.
-    const DASHBOARD_ROUNDS: usize = 6;
+    const DASHBOARD_ROUNDS: usize = 8;
     let total = total * 3;
-    let (mut without, mut with, mut wall) = (0.0, 0.0, 0.0);
-    let mut snapshots = 0;
-    for _ in 0..DASHBOARD_ROUNDS {
-        without += cpu_for_load(client, router, total).await.0;
-        let viewer = Viewer::open(&router.base).await;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let (cpu, seconds) = cpu_for_load(client, router, total).await;
-        with += cpu;
-        wall += seconds;
-        snapshots += viewer.snapshots.load(Ordering::Relaxed);
+    let (mut without, mut with, mut wall_with) = (0.0, 0.0, 0.0);
+    let (mut snapshots, mut built, mut built_count) = (0, 0.0, 0.0);
+    let mut ratios = Vec::with_capacity(DASHBOARD_ROUNDS);
+    for round in 0..DASHBOARD_ROUNDS {
+        let mut measured = [0.0; 2]; // [without, with]
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for viewing in order {
+            // The same pause before both (the viewer's first snapshot comes in it): a
+            // pause only before the viewer's rounds would be measured as the viewer.
+            if viewing == 0 {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                measured[0] = cpu_for_load(client, router, total).await.0;
+                continue;
+            }
+            let viewer = Viewer::open(&router.base).await;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let before = snapshot_seconds(client, router).await;
+            let (cpu, seconds) = cpu_for_load(client, router, total).await;
+            let after = snapshot_seconds(client, router).await;
+            measured[1] = cpu;
+            wall_with += seconds;
+            built += after.0 - before.0;
+            built_count += after.1 - before.1;
+            snapshots += viewer.snapshots.load(Ordering::Relaxed);
+        }
+        without += measured[0];
+        with += measured[1];
+        ratios.push(measured[1] / measured[0].max(1e-9) - 1.0);
     }
+    ratios.sort_by(f64::total_cmp);
     let requests = (DASHBOARD_ROUNDS * total) as f64;
-    let extra = (with - without).max(0.0);
     println!(
-        "tandem route with a /dashboard viewer: {:.1} µs of router CPU per request with, {:.1} without \
-         ({:.0} req/s; {snapshots} snapshots received) → the viewer costs {:.2}% of the router's CPU, \
-         {:.2}% of a core (target < 1%)",
+        "tandem route with a /dashboard viewer ({:.0} req/s, {snapshots} snapshots received):\n  \
+         directly: {built_count:.0} snapshots built under load, {:.2} ms each, {:.3}% of a core, \
+         {:.3}% of the router's CPU (target < 1%)\n  \
+         by difference: {:.1} µs of router CPU per request with, {:.1} without: {:+.2}% \
+         (rounds from {:+.2}% to {:+.2}%, median {:+.2}%)",
+        requests / wall_with,
+        built / built_count.max(1.0) * 1e3,
+        built / wall_with * 100.0,
+        built / with.max(1e-9) * 100.0,
         with / requests * 1e6,
         without / requests * 1e6,
-        requests / wall,
-        extra / without.max(1e-9) * 100.0,
-        extra / wall * 100.0
+        (with / without.max(1e-9) - 1.0) * 100.0,
+        ratios[0] * 100.0,
+        ratios[ratios.len() - 1] * 100.0,
+        ratios[ratios.len() / 2] * 100.0,
     );
     let idle_before = cpu_seconds(router.child.id());
     let viewer = Viewer::open(&router.base).await;
@@ -437,6 +485,7 @@ struct Figures {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
+    let dashboard_only = std::env::args().any(|a| a == "dashboard");
     let (serial, parallel) = if quick { (300, 3000) } else { (1000, 10_000) };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -452,8 +501,10 @@ fn main() {
             .build()
             .unwrap();
         let mut routers = vec![tandem_router(prefill, decode)];
-        routers.extend(vllm_router(prefill, decode));
-        routers.extend(toy_proxy(prefill, decode));
+        if !dashboard_only {
+            routers.extend(vllm_router(prefill, decode));
+            routers.extend(toy_proxy(prefill, decode));
+        }
         let ready: Vec<&RouterProcess> = {
             let mut ready = Vec::new();
             for router in &routers {
@@ -466,6 +517,10 @@ fn main() {
             }
             ready
         };
+        if dashboard_only {
+            dashboard_cost(&client, ready[0], parallel).await;
+            return;
+        }
         // Latency rounds alternate between routers (and the direct floor), best p50
         // of each kept: the machine is shared and drifts.
         let mut floor = Duration::MAX;

@@ -10,7 +10,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Server, default_model_present, free_port, tandem};
+use common::{Server, default_model_present, free_port, metric_value, tandem};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
@@ -239,6 +239,12 @@ async fn the_dashboard_shows_the_workers_moves_under_load_and_sees_a_worker_die(
     )
     .await;
     assert!(loaded["snapshots"].as_u64().unwrap() >= 2, "{loaded}");
+    // The router times each snapshot it builds (what the live view costs it).
+    let built = metric_value(
+        &router.metrics().await,
+        "tandem_router_dashboard_snapshot_seconds_count",
+    );
+    assert!(built.is_some_and(|n| n >= 2.0), "{built:?}");
     if let Some(path) = screenshot {
         tokio::time::sleep(Duration::from_secs(25)).await;
         std::fs::write(path, browser.screenshot().await.unwrap()).unwrap();

@@ -89,6 +89,11 @@ pub const PLANNER_POOL_WORKERS: &str = "tandem_router_planner_pool_workers";
 /// seconds.
 pub const PLANNER_WINDOW_SECONDS: &str = "tandem_router_planner_window_seconds";
 
+/// Histogram: seconds the router spent building one `/dashboard` snapshot (its own
+/// metrics read, the workers' figures parsed, the JSON written); built once a second,
+/// only while someone watches. What the live view costs the router, measured directly.
+pub const DASHBOARD_SNAPSHOT_SECONDS: &str = "tandem_router_dashboard_snapshot_seconds";
+
 pub const MODE: &str = "mode";
 pub const ENDPOINT: &str = "endpoint";
 pub const OUTCOME: &str = "outcome";
@@ -179,6 +184,11 @@ fn describe() {
         HANDOFF_SECONDS,
         Unit::Seconds,
         "Prefill answer to the decode worker's response headers."
+    );
+    describe_histogram!(
+        DASHBOARD_SNAPSHOT_SECONDS,
+        Unit::Seconds,
+        "CPU-bound time to build one /dashboard snapshot (only while someone watches)."
     );
     describe_gauge!(IN_FLIGHT, "Requests routed to a worker and not finished.");
     describe_counter!(RETRIES_TOTAL, "Upstream calls retried on another worker.");
