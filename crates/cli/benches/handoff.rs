@@ -88,39 +88,19 @@ async fn first_chunk(client: &reqwest::Client, worker: &WorkerProcess, body: &Va
     at
 }
 
-/// The value of the first series of `name` carrying all of `labels` (0 before its
-/// first increment), whatever other labels (`model_name`) it has.
+/// The value of the first series of `name` carrying all of `labels` on the worker's
+/// `/metrics` (0 before its first increment).
 async fn metric(
     client: &reqwest::Client,
     worker: &WorkerProcess,
     name: &str,
     labels: &[(&str, &str)],
 ) -> f64 {
-    let text = client
-        .get(worker.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (series_name, series_labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.strip_suffix('}')?),
-                None => (series, ""),
-            };
-            let has = |(k, v): &(&str, &str)| {
-                series_labels
-                    .split(',')
-                    .any(|pair| pair == format!("{k}=\"{v}\""))
-            };
-            (series_name == name && labels.iter().all(has))
-                .then(|| value.parse().ok())
-                .flatten()
-        })
-        .unwrap_or(0.0)
+    common::metric_value(
+        &common::metrics_text(client, &worker.url("/metrics")).await,
+        name,
+        labels,
+    )
 }
 
 /// D's pull totals: (seconds, bytes received).

@@ -329,19 +329,10 @@ async fn cpu_for_load(
 
 /// The router's snapshot-building time so far (`_sum`, `_count` of its histogram).
 async fn snapshot_seconds(client: &reqwest::Client, router: &RouterProcess) -> (f64, f64) {
-    let text = client
-        .get(format!("{}/metrics", router.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::metrics_text(client, &format!("{}/metrics", router.base)).await;
     let read = |suffix: &str| {
-        let name = format!("tandem_router_dashboard_snapshot_seconds_{suffix} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&name))
-            .map_or(0.0, |v| v.trim().parse().unwrap())
+        let name = format!("tandem_router_dashboard_snapshot_seconds_{suffix}");
+        common::metric_value(&text, &name, &[])
     };
     (read("sum"), read("count"))
 }

@@ -1,5 +1,5 @@
-//! What the CLI's benches share: worker and router processes they start and stop, and
-//! free ports.
+//! What the CLI's benches share: worker and router processes they start and stop, free
+//! ports, and reading a Prometheus exposition.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -97,4 +97,31 @@ pub fn spawn(name: &'static str, mut command: Command, port: u16) -> RouterProce
         child,
         base: format!("http://127.0.0.1:{port}"),
     }
+}
+
+/// The Prometheus text at `url`.
+pub async fn metrics_text(client: &reqwest::Client, url: &str) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
+/// The value of the first series of `name` carrying all of `labels` in `text` (0 before
+/// its first increment), whatever other labels (`model_name`) it has.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            let has = |(k, v): &(&str, &str)| {
+                series_labels
+                    .split(',')
+                    .any(|pair| pair == format!("{k}=\"{v}\""))
+            };
+            (series_name == name && labels.iter().all(has))
+                .then(|| value.parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0.0)
 }
