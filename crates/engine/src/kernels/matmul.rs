@@ -10,6 +10,10 @@
 //!
 //! [`matmul_many`] runs several matrices that share one input (q/k/v, gate/up) in a single
 //! dispatch, quantizing the input once.
+//!
+//! The panel kernels come from the process's kernel family (`super::dispatch`: AVX2 or
+//! VNNI, chosen once at run time); each matmul reads the resolved table once and its
+//! tasks call through it.
 
 use std::cell::RefCell;
 use std::marker::PhantomData;
@@ -23,7 +27,7 @@ use super::gemm::DenseWeights;
 use super::packed::{PANEL_ROWS, PanelFormat};
 use super::pool::ThreadPool;
 use super::qmatrix::{QMatrix, blocks, with_block_type};
-use super::quant_dot::{PanelOut, Q8Acts, QK, fast};
+use super::quant_dot::{PanelSet, PanelTable, Q8Acts, QK, fast};
 
 /// Batches of at least this many tokens use f32 GEMM when the weights have a dense copy
 /// and a format without panel kernels (measured on a 2-core Zen 3: K-quants cross over
@@ -136,6 +140,7 @@ pub fn matmul_many_with(
     if n_tokens == 0 || ws.is_empty() {
         return Ok(());
     }
+    let table = super::dispatch::panel_table()?;
     let use_gemm = |w: &Linear| {
         w.dense.is_some()
             && match path {
@@ -149,7 +154,7 @@ pub fn matmul_many_with(
             .filter(|w| !use_gemm(w) && w.weight.panel_format().is_some())
     };
     let needs_q8 = panel_jobs().next().is_some();
-    let needs_wide = panel_jobs().any(|w| w.weight.dtype() == GgmlDType::Q8_0);
+    let needs_wide = table.q8_0_wide && panel_jobs().any(|w| w.weight.dtype() == GgmlDType::Q8_0);
     with_q8_scratch(|acts| {
         if needs_q8 {
             acts.quantize(pool, x, n_tokens, ws[0].cols());
@@ -165,7 +170,7 @@ pub fn matmul_many_with(
                 let out = SharedOut::new(y, w.rows(), n_tokens);
                 let kind = match &w.dense {
                     Some(dense) if use_gemm(w) => JobKind::Dense(dense),
-                    _ => JobKind::for_weight(&w.weight, acts, x, n_tokens),
+                    _ => JobKind::for_weight(&w.weight, table, acts, x, n_tokens),
                 };
                 let chunk = kind.chunk_rows(w.rows(), n_tokens, pool.n_threads(), ws.len());
                 Job { kind, out, chunk }
@@ -311,9 +316,8 @@ impl Job<'_> {
 type GenericRows<'a> = Box<dyn Fn(Range<usize>, &SharedOut) + Sync + 'a>;
 
 enum JobKind<'a> {
-    Q4_0(&'a QMatrix, &'a PanelFormat, &'a Q8Acts),
-    Q4_1(&'a QMatrix, &'a PanelFormat, &'a Q8Acts),
-    Q8_0(&'a QMatrix, &'a PanelFormat, &'a Q8Acts),
+    /// Q4_0, Q4_1 or Q8_0 panels through the family's kernels for that format.
+    Panels(&'a QMatrix, &'a PanelFormat, &'a Q8Acts, &'static PanelSet),
     F32(&'a QMatrix),
     F16(&'a QMatrix),
     Dense(&'a DenseWeights),
@@ -321,11 +325,17 @@ enum JobKind<'a> {
 }
 
 impl<'a> JobKind<'a> {
-    fn for_weight(w: &'a QMatrix, acts: &'a Q8Acts, x: &'a [f32], n_tokens: usize) -> Self {
+    fn for_weight(
+        w: &'a QMatrix,
+        table: &'static PanelTable,
+        acts: &'a Q8Acts,
+        x: &'a [f32],
+        n_tokens: usize,
+    ) -> Self {
         match (w.dtype(), w.panel_format()) {
-            (GgmlDType::Q4_0, Some(format)) => Self::Q4_0(w, format, acts),
-            (GgmlDType::Q4_1, Some(format)) => Self::Q4_1(w, format, acts),
-            (GgmlDType::Q8_0, Some(format)) => Self::Q8_0(w, format, acts),
+            (GgmlDType::Q4_0, Some(format)) => Self::Panels(w, format, acts, &table.q4_0),
+            (GgmlDType::Q4_1, Some(format)) => Self::Panels(w, format, acts, &table.q4_1),
+            (GgmlDType::Q8_0, Some(format)) => Self::Panels(w, format, acts, &table.q8_0),
             (GgmlDType::F32, _) => Self::F32(w),
             (GgmlDType::F16, _) => Self::F16(w),
             (dtype, _) => {
@@ -350,28 +360,7 @@ impl<'a> JobKind<'a> {
 
     fn compute(&self, rows: Range<usize>, x: &[f32], n_tokens: usize, out: &SharedOut) {
         match self {
-            Self::Q4_0(w, format, acts) => {
-                let kernels = PanelKernels(
-                    fast::q4_panel::<false, 8>,
-                    fast::q4_panel::<false, 4>,
-                    fast::q4_panel::<false, 1>,
-                );
-                panel_rows(w, format, acts, rows, out, kernels)
-            }
-            Self::Q4_1(w, format, acts) => {
-                let kernels = PanelKernels(
-                    fast::q4_panel::<true, 8>,
-                    fast::q4_panel::<true, 4>,
-                    fast::q4_panel::<true, 1>,
-                );
-                panel_rows(w, format, acts, rows, out, kernels)
-            }
-            Self::Q8_0(w, format, acts) => {
-                let kernels = PanelKernels(
-                    fast::q8_0_panel::<8>,
-                    fast::q8_0_panel::<4>,
-                    fast::q8_0_panel::<1>,
-                );
+            Self::Panels(w, format, acts, kernels) => {
                 panel_rows(w, format, acts, rows, out, kernels)
             }
             Self::F32(w) => f32_rows(w, x, n_tokens, rows, out),
@@ -441,23 +430,21 @@ macro_rules! for_each_tile {
 /// token) stay in L2 while the task's panels are swept over them.
 const PANEL_TOKEN_BLOCK: usize = 64;
 
-/// One panel kernel per token tile: 8, 4 and 1 tokens.
-struct PanelKernels<K8, K4, K1>(K8, K4, K1);
-
 /// Panels of a panel-format matrix covering `rows` (which start on a panel boundary),
 /// 8 tokens at a time, then 4, then one at a time.
-fn panel_rows<K8, K4, K1>(
+fn panel_rows(
     w: &QMatrix,
     format: &PanelFormat,
     acts: &Q8Acts,
     rows: Range<usize>,
     out: &SharedOut,
-    PanelKernels(kernel8, kernel4, kernel1): PanelKernels<K8, K4, K1>,
-) where
-    K8: Fn(&[u8], &PanelFormat, &Q8Acts, usize) -> PanelOut<8>,
-    K4: Fn(&[u8], &PanelFormat, &Q8Acts, usize) -> PanelOut<4>,
-    K1: Fn(&[u8], &PanelFormat, &Q8Acts, usize) -> PanelOut<1>,
-{
+    kernels: &PanelSet,
+) {
+    let PanelSet {
+        k8: kernel8,
+        k4: kernel4,
+        k1: kernel1,
+    } = *kernels;
     debug_assert_eq!(rows.start % PANEL_ROWS, 0);
     let panel_bytes = w.cols() / QK * format.panel_block;
     let n_tokens = acts.n_tokens();

@@ -9,12 +9,17 @@
 //!   (`quant_dot`) at every batch size for Q4_0/Q4_1/Q8_0, f32 GEMM over a dense copy
 //!   (`gemm`) for large batches of the other formats.
 //! - [`ops`]: element-wise and row-wise operations (RMS norm, SiLU·mul, softmax, RoPE…).
+//! - [`dispatch`]: the kernel family ([`CpuKernels`]: `avx2` or `vnni`), chosen once at
+//!   run time from the CPU's features, or by `TANDEM_CPU_KERNELS`.
 //!
 //! x86-64 builds use AVX2/FMA/F16C when they are enabled at compile time (the workspace
 //! builds with `-C target-cpu=x86-64-v3`); every such kernel has a portable scalar twin.
+//! Kernels needing more (VNNI) are `#[target_feature]` functions reached only through
+//! the family [`dispatch`] selected for this CPU.
 
 mod aligned;
 pub mod attn;
+pub mod dispatch;
 mod gemm;
 pub mod matmul;
 pub mod ops;
@@ -25,6 +30,7 @@ mod quant_dot;
 mod simd;
 
 pub use candle_core::quantized::GgmlDType;
+pub use dispatch::{CpuKernels, CpuKernelsError};
 pub use matmul::{
     GEMM_MIN_TOKENS, Linear, MatmulPath, gemm_pays, matmul, matmul_many, matmul_many_with,
 };
@@ -62,6 +68,8 @@ pub enum KernelError {
     ZeroThreads,
     #[error("spawning a pool worker thread: {0}")]
     Spawn(String),
+    #[error(transparent)]
+    CpuKernels(#[from] CpuKernelsError),
 }
 
 /// Checks that a slice has the length a kernel expects.

@@ -21,10 +21,15 @@
 //! The f32/f16 kernels compute tiles of `R` rows × `T` tokens. The AVX2 versions (`avx2`)
 //! and the portable ones (`scalar`) have identical signatures; the scalar ones are always
 //! compiled so tests can compare the two.
+//!
+//! The panel kernels are also reached at run time through a [`PanelTable`] per kernel
+//! family (`super::dispatch`): `vnni` replaces the AVX2 panels with `vpdpbusd` ones
+//! (bit-identical results), chosen only when the CPU has AVX-VNNI or AVX512-VNNI+VL.
 
 use std::sync::{Mutex, PoisonError};
 
 use super::aligned::AlignedBytes;
+use super::dispatch::CpuKernels;
 use super::packed::{PANEL_ROWS, PanelFormat};
 use super::pool::ThreadPool;
 
@@ -146,6 +151,91 @@ impl Q8Acts {
 /// Results of one panel (8 rows, natural order) for each of `T` tokens.
 pub(crate) type PanelOut<const T: usize> = [[f32; PANEL_ROWS]; T];
 
+/// A panel kernel for `T` tokens: (panel, format, activations, first token).
+pub(crate) type PanelFn<const T: usize> = fn(&[u8], &PanelFormat, &Q8Acts, usize) -> PanelOut<T>;
+
+/// One weight format's panel kernels for tiles of 8, 4 and 1 tokens.
+#[derive(Clone, Copy)]
+pub(crate) struct PanelSet {
+    pub(crate) k8: PanelFn<8>,
+    pub(crate) k4: PanelFn<4>,
+    pub(crate) k1: PanelFn<1>,
+}
+
+/// A kernel family's panel kernels, resolved once (`super::dispatch`) so a matmul
+/// calls through plain function pointers.
+pub(crate) struct PanelTable {
+    pub(crate) q4_0: PanelSet,
+    pub(crate) q4_1: PanelSet,
+    pub(crate) q8_0: PanelSet,
+    /// Whether the Q8_0 kernels read the i16 activations ([`Q8Acts::widen`]).
+    pub(crate) q8_0_wide: bool,
+}
+
+/// The table of a module whose `q4_panel` and `q8_0_panel` have the panel signatures.
+macro_rules! panel_table {
+    ($wide:expr) => {
+        $crate::kernels::quant_dot::PanelTable {
+            q4_0: $crate::kernels::quant_dot::PanelSet {
+                k8: q4_panel::<false, 8>,
+                k4: q4_panel::<false, 4>,
+                k1: q4_panel::<false, 1>,
+            },
+            q4_1: $crate::kernels::quant_dot::PanelSet {
+                k8: q4_panel::<true, 8>,
+                k4: q4_panel::<true, 4>,
+                k1: q4_panel::<true, 1>,
+            },
+            q8_0: $crate::kernels::quant_dot::PanelSet {
+                k8: q8_0_panel::<8>,
+                k4: q8_0_panel::<4>,
+                k1: q8_0_panel::<1>,
+            },
+            q8_0_wide: $wide,
+        }
+    };
+}
+
+/// The panel kernels of `family`, if this build on this CPU can run it.
+pub(crate) fn panel_table(family: CpuKernels) -> Option<&'static PanelTable> {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    return match family {
+        CpuKernels::Portable => None,
+        CpuKernels::Avx2 => Some(&avx2::TABLE),
+        CpuKernels::Vnni => vnni::tables().first().map(|&(_, table)| table),
+    };
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )))]
+    return (family == CpuKernels::Portable).then_some(&scalar::TABLE);
+}
+
+/// The CPU feature the `vnni` family runs on here (`avx_vnni` or `avx512_vnni`).
+pub(crate) fn vnni_flavor() -> Option<&'static str> {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    return vnni::tables().first().map(|&(name, _)| name);
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )))]
+    return None;
+}
+
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
@@ -173,6 +263,8 @@ pub(crate) mod scalar {
     use super::{PanelOut, Q8Acts, QK, check_panel};
     use crate::kernels::packed::{PANEL_ROWS, PanelFormat, q4_row_nibbles, q8_row_quants};
     use crate::kernels::simd::f16_at;
+
+    pub(crate) static TABLE: super::PanelTable = panel_table!(false);
 
     /// Quantizes 32 values to i8; returns (scale, scale · Σ q).
     pub(crate) fn quantize_block(src: &[f32; QK], dst: &mut [i8; QK]) -> (f32, f32) {
@@ -308,6 +400,8 @@ pub(crate) mod avx2 {
     use crate::kernels::packed::PanelFormat;
     use crate::kernels::simd::avx2::{hmax, hsum};
 
+    pub(crate) static TABLE: super::PanelTable = panel_table!(true);
+
     /// Quantizes 32 values to i8; returns (scale, scale · Σ q).
     #[inline(always)]
     pub(crate) fn quantize_block(src: &[f32; QK], dst: &mut [i8; QK]) -> (f32, f32) {
@@ -413,7 +507,7 @@ pub(crate) mod avx2 {
     /// `ptr` must be valid for reading 16 bytes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load_f16x8(ptr: *const u8) -> __m256 {
+    pub(super) unsafe fn load_f16x8(ptr: *const u8) -> __m256 {
         // SAFETY: the caller guarantees 16 readable bytes.
         _mm256_cvtph_ps(unsafe { _mm_loadu_si128(ptr.cast()) })
     }
@@ -421,7 +515,7 @@ pub(crate) mod avx2 {
     /// Converts 8 lanes to an array of f32.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn to_array(v: __m256) -> [f32; 8] {
+    pub(super) fn to_array(v: __m256) -> [f32; 8] {
         let mut out = [0f32; 8];
         // SAFETY: `out` holds 8 f32.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
@@ -459,7 +553,9 @@ pub(crate) mod avx2 {
             let quants = unsafe { block.add(format.quants()) };
             // Lane k of `lo` holds row k's elements 4g..4g+4, of `hi` elements
             // 16+4g..16+4g+4: multiply each by the same 4 activations in every lane.
-            // Each i16 lane sums at most 8 products of 15 × 127 pairs: no saturation.
+            // Each i16 lane sums 8 `maddubs` pairs, 16 products of a nibble (<= 15) by an
+            // activation (|a| <= 128): |Σ| <= 16 · 15 · 128 = 30720 < 2^15, so neither
+            // `maddubs` nor the adds saturate and the block's dot product is exact.
             let mut sums = [_mm256_setzero_si256(); T];
             for g in 0..4 {
                 // SAFETY: group g is 32 bytes at 32g of the quants.
@@ -625,6 +721,227 @@ pub(crate) mod avx2 {
     }
 }
 
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+pub(crate) mod vnni {
+    //! `vpdpbusd` panel kernels: u8 × i8 products summed in groups of 4 into i32 lanes,
+    //! one instruction where AVX2 needs `maddubs` + `madd` (Q4) or a widening `madd`
+    //! per pair (Q8_0). Two builds of the same code: AVX-VNNI (VEX) and AVX512-VNNI with
+    //! AVX512-VL (EVEX), both on 256-bit vectors.
+    //!
+    //! - Q4: nibbles (0..15) are the unsigned operand, activations the signed one: exactly
+    //!   `vpdpbusd`'s types.
+    //! - Q8_0: both operands are signed, so each lane multiplies |w| (unsigned; 128 for
+    //!   -128) by the activations with w's sign applied (`sign_epi8`), which is exact
+    //!   because activations are in -127..=127 ([`super::Q8Acts::quantize`] scales to
+    //!   ±127), so negating one never overflows. Reads the i8 activations: no widening.
+    //!
+    //! Each block's integer dot product is exact in i32 here and in the AVX2 kernels,
+    //! and the float operations after it are the same, so the results are bit-identical.
+    //!
+    //! The kernels are only reachable through [`tables`], which lists a build only when
+    //! the CPU reports its features: that check is what every `unsafe` call of a
+    //! `#[target_feature]` function below relies on.
+
+    use super::PanelTable;
+
+    macro_rules! vnni_kernels {
+        ($name:ident, $features:literal, $dpbusd:ident) => {
+            pub(super) mod $name {
+                use std::arch::x86_64::*;
+
+                use super::super::avx2::{load_f16x8, to_array};
+                use super::super::{PanelOut, Q8Acts, QK, check_panel};
+                use crate::kernels::packed::PanelFormat;
+
+                /// Only handed out by `tables` once the CPU has the features.
+                pub(in super::super) static TABLE: super::super::PanelTable = panel_table!(false);
+
+                fn q4_panel<const HAS_MIN: bool, const T: usize>(
+                    panel: &[u8],
+                    format: &PanelFormat,
+                    acts: &Q8Acts,
+                    t0: usize,
+                ) -> PanelOut<T> {
+                    check_panel(panel, format, acts, t0, T);
+                    // SAFETY: reachable only through TABLE (see the module note).
+                    unsafe { q4_panel_vnni::<HAS_MIN, T>(panel, format, acts, t0) }
+                }
+
+                fn q8_0_panel<const T: usize>(
+                    panel: &[u8],
+                    format: &PanelFormat,
+                    acts: &Q8Acts,
+                    t0: usize,
+                ) -> PanelOut<T> {
+                    check_panel(panel, format, acts, t0, T);
+                    // SAFETY: reachable only through TABLE (see the module note).
+                    unsafe { q8_0_panel_vnni::<T>(panel, format, acts, t0) }
+                }
+
+                #[inline]
+                #[target_feature(enable = $features)]
+                fn q4_panel_vnni<const HAS_MIN: bool, const T: usize>(
+                    panel: &[u8],
+                    format: &PanelFormat,
+                    acts: &Q8Acts,
+                    t0: usize,
+                ) -> PanelOut<T> {
+                    let n_blocks = acts.blocks_per_row();
+                    let qs: [*const i8; T] = std::array::from_fn(|t| acts.qs(t0 + t).as_ptr());
+                    let scales: [*const f32; T] =
+                        std::array::from_fn(|t| acts.scales(t0 + t).as_ptr());
+                    let act_sums: [*const f32; T] =
+                        std::array::from_fn(|t| acts.sums(t0 + t).as_ptr());
+                    let low_nibbles = _mm256_set1_epi8(0x0F);
+                    let mut acc = [_mm256_setzero_ps(); T];
+                    for b in 0..n_blocks {
+                        // SAFETY: `check_panel` asserted `panel` holds `n_blocks` panel
+                        // blocks, and every token row `n_blocks` blocks of 32 quants, one
+                        // scale and one sum each; b < n_blocks.
+                        let (block, a, scale, act_sum) = unsafe {
+                            (
+                                panel.as_ptr().add(b * format.panel_block),
+                                qs.map(|q| q.add(b * QK)),
+                                scales.map(|s| s.add(b).read()),
+                                act_sums.map(|s| s.add(b).read()),
+                            )
+                        };
+                        // SAFETY: a panel block holds its 4 × 32 nibble bytes at `quants()`.
+                        let quants = unsafe { block.add(format.quants()) };
+                        // Lane k of `lo` holds row k's elements 4g..4g+4, of `hi` elements
+                        // 16+4g..16+4g+4, as in the AVX2 kernel.
+                        let mut dots = [_mm256_setzero_si256(); T];
+                        for g in 0..4 {
+                            // SAFETY: group g is 32 bytes at 32g of the quants.
+                            let raw = unsafe { _mm256_loadu_si256(quants.add(32 * g).cast()) };
+                            let lo = _mm256_and_si256(raw, low_nibbles);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low_nibbles);
+                            for t in 0..T {
+                                // SAFETY: `a[t]` points at 32 quants; 4g + 4 <= 16 and
+                                // 16 + 4g + 4 <= 32.
+                                let (a_lo, a_hi) = unsafe {
+                                    (
+                                        _mm256_set1_epi32(
+                                            a[t].add(4 * g).cast::<i32>().read_unaligned(),
+                                        ),
+                                        _mm256_set1_epi32(
+                                            a[t].add(16 + 4 * g).cast::<i32>().read_unaligned(),
+                                        ),
+                                    )
+                                };
+                                dots[t] = $dpbusd(dots[t], lo, a_lo);
+                                dots[t] = $dpbusd(dots[t], hi, a_hi);
+                            }
+                        }
+                        // SAFETY: the scale (and min) arrays are 16 bytes at offsets 0 (and 16).
+                        let d = unsafe { load_f16x8(block.add(PanelFormat::SCALES)) };
+                        let m = if HAS_MIN {
+                            // SAFETY: as above.
+                            unsafe { load_f16x8(block.add(PanelFormat::MINS)) }
+                        } else {
+                            _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
+                        };
+                        for t in 0..T {
+                            let scale = _mm256_mul_ps(d, _mm256_set1_ps(scale[t]));
+                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[t]), scale, acc[t]);
+                            acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(act_sum[t]), acc[t]);
+                        }
+                    }
+                    std::array::from_fn(|t| to_array(acc[t]))
+                }
+
+                #[inline]
+                #[target_feature(enable = $features)]
+                fn q8_0_panel_vnni<const T: usize>(
+                    panel: &[u8],
+                    format: &PanelFormat,
+                    acts: &Q8Acts,
+                    t0: usize,
+                ) -> PanelOut<T> {
+                    let n_blocks = acts.blocks_per_row();
+                    let qs: [*const i8; T] = std::array::from_fn(|t| acts.qs(t0 + t).as_ptr());
+                    let scales: [*const f32; T] =
+                        std::array::from_fn(|t| acts.scales(t0 + t).as_ptr());
+                    // After the qword permute, each 128-bit lane holds 4 rows' pairs of
+                    // group 2h then the same rows' pairs of group 2h+1; this puts row k's
+                    // 4 consecutive elements in 32-bit lane k.
+                    let interleave = _mm256_setr_epi8(
+                        0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15, //
+                        0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
+                    );
+                    let mut acc = [_mm256_setzero_ps(); T];
+                    for b in 0..n_blocks {
+                        // SAFETY: `check_panel` asserted `panel` holds `n_blocks` panel
+                        // blocks, and every token row `n_blocks` blocks of 32 quants and
+                        // one scale each; b < n_blocks.
+                        let (block, a, scale) = unsafe {
+                            (
+                                panel.as_ptr().add(b * format.panel_block),
+                                qs.map(|q| q.add(b * QK)),
+                                scales.map(|s| s.add(b).read()),
+                            )
+                        };
+                        // SAFETY: a panel block holds its 16 × 16 quant bytes at `quants()`.
+                        let quants = unsafe { block.add(format.quants()) };
+                        let mut dots = [_mm256_setzero_si256(); T];
+                        for h in 0..QK / 4 {
+                            // SAFETY: groups 2h and 2h+1 are the 32 bytes at 32h.
+                            let raw = unsafe { _mm256_loadu_si256(quants.add(32 * h).cast()) };
+                            let w = _mm256_shuffle_epi8(
+                                _mm256_permute4x64_epi64::<0b11_01_10_00>(raw),
+                                interleave,
+                            );
+                            let w_abs = _mm256_abs_epi8(w);
+                            for t in 0..T {
+                                // SAFETY: `a[t]` points at 32 quants; 4h + 4 <= 32.
+                                let quad =
+                                    unsafe { a[t].add(4 * h).cast::<i32>().read_unaligned() };
+                                let signed = _mm256_sign_epi8(_mm256_set1_epi32(quad), w);
+                                dots[t] = $dpbusd(dots[t], w_abs, signed);
+                            }
+                        }
+                        // SAFETY: the scale array is 16 bytes at offset 0.
+                        let d = unsafe { load_f16x8(block.add(PanelFormat::SCALES)) };
+                        for t in 0..T {
+                            let scale = _mm256_mul_ps(d, _mm256_set1_ps(scale[t]));
+                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[t]), scale, acc[t]);
+                        }
+                    }
+                    std::array::from_fn(|t| to_array(acc[t]))
+                }
+            }
+        };
+    }
+
+    vnni_kernels!(avx_vnni, "avx2,fma,f16c,avxvnni", _mm256_dpbusd_avx_epi32);
+    vnni_kernels!(
+        avx512_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        _mm256_dpbusd_epi32
+    );
+
+    /// The VNNI builds this CPU can run, preferred first (VEX-encoded AVX-VNNI, then
+    /// AVX512-VNNI), named by their `/proc/cpuinfo` flag.
+    pub(crate) fn tables() -> Vec<(&'static str, &'static PanelTable)> {
+        let mut tables = Vec::new();
+        if std::arch::is_x86_feature_detected!("avxvnni") {
+            tables.push(("avx_vnni", &avx_vnni::TABLE));
+        }
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+        {
+            tables.push(("avx512_vnni", &avx512_vnni::TABLE));
+        }
+        tables
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -771,6 +1088,121 @@ mod tests {
                 assert_eq!(single[0][k].to_bits(), expected(row, 0).to_bits());
                 for (dt, values) in tile.iter().enumerate() {
                     assert_eq!(values[k].to_bits(), expected(row, 1 + dt).to_bits());
+                }
+            }
+        }
+    }
+
+    /// Q8_0 weights covering the whole i8 range, -128 and 127 included (which
+    /// `from_f32` never produces), with varied scales.
+    fn q8_0_extremes(rows: usize, cols: usize) -> crate::kernels::QMatrix {
+        use crate::kernels::{GgmlDType, QMatrix};
+        let mut ggml = Vec::new();
+        for (i, block) in (0..rows * cols)
+            .collect::<Vec<_>>()
+            .chunks_exact(QK)
+            .enumerate()
+        {
+            ggml.extend(half::f16::from_f32(0.01 + i as f32 * 1e-3).to_le_bytes());
+            ggml.extend(block.iter().map(|&j| match j % 7 {
+                0 => 0x80,
+                1 => 0x7F,
+                _ => (j * 37 % 256) as u8,
+            }));
+        }
+        QMatrix::from_raw(GgmlDType::Q8_0, rows, cols, &ggml).unwrap()
+    }
+
+    /// Every panel of `m`, tokens `t0..t0 + T`: `family` bit for bit against
+    /// `reference` (AVX2), and within a tolerance of `portable` (scalar).
+    fn compare_tile<const T: usize>(
+        name: &str,
+        m: &crate::kernels::QMatrix,
+        acts: &Q8Acts,
+        t0: usize,
+        kernels: [PanelFn<T>; 3],
+    ) {
+        let [family, reference, portable] = kernels;
+        let format = m.panel_format().unwrap();
+        let panel_bytes = m.cols() / QK * format.panel_block;
+        for (p, panel) in m.storage().chunks_exact(panel_bytes).enumerate() {
+            let got = family(panel, format, acts, t0);
+            let want = reference(panel, format, acts, t0);
+            let slow = portable(panel, format, acts, t0);
+            for (dt, ((g, w), s)) in got.iter().zip(&want).zip(&slow).enumerate() {
+                for k in 0..PANEL_ROWS {
+                    let what =
+                        format!("{name} {:?} panel {p} row {k} token {}", m.dtype(), t0 + dt);
+                    assert_eq!(
+                        g[k].to_bits(),
+                        w[k].to_bits(),
+                        "{what}: {} vs avx2 {}",
+                        g[k],
+                        w[k]
+                    );
+                    let tol = 1e-4 * (1.0 + s[k].abs());
+                    assert!(
+                        (g[k] - s[k]).abs() <= tol,
+                        "{what}: {} vs scalar {}",
+                        g[k],
+                        s[k]
+                    );
+                }
+            }
+        }
+    }
+
+    /// Forces each kernel family (and each VNNI build) this CPU has and compares every
+    /// panel kernel (1, 4 and 8 tokens; Q4_0, Q4_1, Q8_0) with the AVX2 and scalar ones.
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    #[test]
+    fn every_family_matches_avx2_and_scalar() {
+        use crate::kernels::{GgmlDType, QMatrix};
+        let mut families = vec![("avx2", &avx2::TABLE)];
+        let vnni = vnni::tables();
+        for flavor in ["avx_vnni", "avx512_vnni"] {
+            if !vnni.iter().any(|&(name, _)| name == flavor) {
+                eprintln!("notice: skipping the {flavor} kernels: this CPU lacks {flavor}");
+            }
+        }
+        families.extend(vnni);
+        for family in CpuKernels::ALL {
+            if family.available() {
+                let table = family.panel_table().unwrap();
+                assert!(families.iter().any(|&(_, t)| std::ptr::eq(t, table)));
+            } else {
+                eprintln!("notice: kernel family {family} is not available here");
+            }
+        }
+        let (rows, cols, n_tokens) = (13, 256, 11);
+        let acts = acts(cols, n_tokens);
+        let w = pseudo_random(rows * cols, 23);
+        let matrices = [
+            QMatrix::from_f32(GgmlDType::Q4_0, rows, cols, &w).unwrap(),
+            QMatrix::from_f32(GgmlDType::Q4_1, rows, cols, &w).unwrap(),
+            q8_0_extremes(rows, cols),
+        ];
+        for (name, table) in families {
+            for m in &matrices {
+                let set = |t: &PanelTable| match m.dtype() {
+                    GgmlDType::Q4_0 => t.q4_0,
+                    GgmlDType::Q4_1 => t.q4_1,
+                    _ => t.q8_0,
+                };
+                let sets = [set(table), set(&avx2::TABLE), set(&scalar::TABLE)];
+                for t0 in [0, 3] {
+                    compare_tile::<8>(name, m, &acts, t0, sets.map(|s| s.k8));
+                }
+                for t0 in [0, 2, 7] {
+                    compare_tile::<4>(name, m, &acts, t0, sets.map(|s| s.k4));
+                }
+                for t0 in 0..n_tokens {
+                    compare_tile::<1>(name, m, &acts, t0, sets.map(|s| s.k1));
                 }
             }
         }

@@ -1,0 +1,230 @@
+//! The CPU kernel family, chosen once per process at run time.
+//!
+//! The binary is compiled for x86-64-v3 (AVX2/FMA/F16C), which every kernel may assume.
+//! Kernels that need more than that — today the `vpdpbusd` int8 panels of the
+//! quantized matmul (`quant_dot::vnni`) — live in `#[target_feature]` functions that are
+//! only reachable through the [`PanelTable`] of a family this CPU has, so one binary uses
+//! what the CPU offers:
+//!
+//! - `avx2`: the x86-64-v3 kernels (`maddubs` + `madd`), on every machine the binary
+//!   runs on.
+//! - `vnni`: `vpdpbusd` for the Q4_0/Q4_1/Q8_0 panels (AVX-VNNI where present, else
+//!   AVX512-VNNI with AVX512-VL, both on 256-bit vectors); the f32/f16 tiles and
+//!   everything else stay on AVX2. Outputs are bit-identical to `avx2`: both compute
+//!   each block's integer dot product exactly in i32, then the same float operations.
+//! - `portable`: the scalar kernels, only on builds without AVX2 at compile time.
+//!
+//! The best family the CPU has is the default; `TANDEM_CPU_KERNELS=avx2|vnni` overrides
+//! it (benchmarks, bug reports). An unknown value, or a family this CPU lacks, is a
+//! [`CpuKernelsError`], not a silent fallback. The choice is made on first use and cached
+//! ([`selected`]); each matmul then reads the resolved table ([`panel_table`]), never
+//! per panel.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use super::quant_dot::{self, PanelTable};
+
+/// The environment variable that overrides the kernel family.
+pub const CPU_KERNELS_ENV: &str = "TANDEM_CPU_KERNELS";
+
+/// A family of CPU kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CpuKernels {
+    /// Scalar kernels: builds without AVX2 enabled at compile time.
+    Portable,
+    /// The x86-64-v3 kernels: AVX2, FMA, F16C.
+    Avx2,
+    /// AVX2 plus `vpdpbusd` (AVX-VNNI or AVX512-VNNI+VL) for the int8 panels.
+    Vnni,
+}
+
+impl CpuKernels {
+    /// Every family, best last.
+    pub const ALL: [CpuKernels; 3] = [CpuKernels::Portable, CpuKernels::Avx2, CpuKernels::Vnni];
+
+    /// The name `TANDEM_CPU_KERNELS` takes and the logs print.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuKernels::Portable => "portable",
+            CpuKernels::Avx2 => "avx2",
+            CpuKernels::Vnni => "vnni",
+        }
+    }
+
+    /// Whether this build on this CPU can run the family. `Portable` only exists on
+    /// builds without AVX2 (AVX2 builds never run the scalar kernels in a forward pass).
+    pub fn available(self) -> bool {
+        quant_dot::panel_table(self).is_some()
+    }
+
+    /// The CPU features the family runs on here (for the start-up log line), e.g.
+    /// `avx_vnni` or `avx512_vnni`.
+    pub fn features(self) -> &'static str {
+        match self {
+            CpuKernels::Portable => "scalar",
+            CpuKernels::Avx2 => "avx2, fma, f16c",
+            CpuKernels::Vnni => quant_dot::vnni_flavor().unwrap_or("none"),
+        }
+    }
+
+    /// The best family this CPU has.
+    pub fn best() -> CpuKernels {
+        CpuKernels::ALL
+            .into_iter()
+            .rev()
+            .find(|k| k.available())
+            .expect("the build's compile-time family is always available")
+    }
+
+    /// The families this CPU has, best first.
+    pub fn supported() -> Vec<CpuKernels> {
+        CpuKernels::ALL
+            .into_iter()
+            .rev()
+            .filter(|k| k.available())
+            .collect()
+    }
+
+    /// The family named by an override value (`avx2`, `vnni`, `portable`).
+    pub fn parse(value: &str) -> Result<CpuKernels, CpuKernelsError> {
+        let family = CpuKernels::ALL
+            .into_iter()
+            .find(|k| k.name() == value.trim().to_ascii_lowercase())
+            .ok_or_else(|| CpuKernelsError::Unknown {
+                value: value.to_owned(),
+                supported: SupportedList,
+            })?;
+        if family.available() {
+            Ok(family)
+        } else {
+            Err(CpuKernelsError::Unsupported {
+                value: value.to_owned(),
+                supported: SupportedList,
+            })
+        }
+    }
+
+    /// The family for an optional override value: the best one without it.
+    pub fn resolve(value: Option<&str>) -> Result<CpuKernels, CpuKernelsError> {
+        match value {
+            None => Ok(CpuKernels::best()),
+            Some(value) => CpuKernels::parse(value),
+        }
+    }
+
+    /// One line for the start-up log, e.g. `vnni (avx_vnni; avx2 also available)`.
+    pub fn describe(self) -> String {
+        let others: Vec<&str> = CpuKernels::supported()
+            .into_iter()
+            .filter(|&k| k != self)
+            .map(CpuKernels::name)
+            .collect();
+        let mut line = format!("{} ({}", self.name(), self.features());
+        if !others.is_empty() {
+            line.push_str(&format!("; {} also available", others.join(", ")));
+        }
+        line.push(')');
+        line
+    }
+
+    /// The panel kernels of this family. Only callable for an available family.
+    pub(crate) fn panel_table(self) -> Option<&'static PanelTable> {
+        quant_dot::panel_table(self)
+    }
+}
+
+impl fmt::Display for CpuKernels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The families this CPU supports, printed in errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SupportedList;
+
+impl fmt::Display for SupportedList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = CpuKernels::supported()
+            .into_iter()
+            .map(CpuKernels::name)
+            .collect();
+        f.write_str(&names.join(", "))
+    }
+}
+
+/// A `TANDEM_CPU_KERNELS` value that cannot be honoured.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CpuKernelsError {
+    #[error("{CPU_KERNELS_ENV}={value:?}: unknown kernel family (this CPU supports: {supported})")]
+    Unknown {
+        value: String,
+        supported: SupportedList,
+    },
+    #[error(
+        "{CPU_KERNELS_ENV}={value:?}: this CPU lacks that kernel family (it supports: {supported})"
+    )]
+    Unsupported {
+        value: String,
+        supported: SupportedList,
+    },
+}
+
+/// The family and its resolved panel kernels, decided once per process.
+type Selection = Result<(CpuKernels, &'static PanelTable), CpuKernelsError>;
+
+fn selection() -> &'static Selection {
+    static SELECTED: OnceLock<Selection> = OnceLock::new();
+    SELECTED.get_or_init(|| {
+        let value = std::env::var(CPU_KERNELS_ENV).ok();
+        let family = CpuKernels::resolve(value.as_deref().filter(|v| !v.trim().is_empty()))?;
+        let table = family
+            .panel_table()
+            .expect("resolve only returns available families");
+        Ok((family, table))
+    })
+}
+
+/// The process's kernel family: `TANDEM_CPU_KERNELS` if set, else the best available;
+/// decided on the first call and cached. Front ends call it at start to log the choice
+/// and to fail early on a bad override; every matmul fails the same way otherwise.
+pub fn selected() -> Result<CpuKernels, CpuKernelsError> {
+    selection()
+        .as_ref()
+        .map(|&(family, _)| family)
+        .map_err(Clone::clone)
+}
+
+/// The selected family's panel kernels.
+pub(crate) fn panel_table() -> Result<&'static PanelTable, CpuKernelsError> {
+    selection()
+        .as_ref()
+        .map(|&(_, table)| table)
+        .map_err(Clone::clone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_parse_or_name_the_supported_families() {
+        assert_eq!(CpuKernels::resolve(None).unwrap(), CpuKernels::best());
+        let best = CpuKernels::best();
+        assert_eq!(CpuKernels::parse(best.name()).unwrap(), best);
+        let err = CpuKernels::parse("sse9").unwrap_err().to_string();
+        assert!(
+            err.contains("\"sse9\"") && err.contains(best.name()),
+            "{err}"
+        );
+        for family in CpuKernels::ALL {
+            if !family.available() {
+                let err = CpuKernels::parse(family.name()).unwrap_err();
+                assert!(matches!(err, CpuKernelsError::Unsupported { .. }), "{err}");
+                assert!(err.to_string().contains(best.name()));
+            }
+        }
+        assert!(best.describe().starts_with(best.name()));
+    }
+}
