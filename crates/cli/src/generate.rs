@@ -57,6 +57,7 @@ pub struct GenerateArgs {
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     validate(&args)?;
+    crate::select_cpu_kernels()?;
     let path = fetch::resolve_model(args.model.as_deref())?;
     let loaded = LoadedModel::load(&path, LoadOptions::default())
         .with_context(|| format!("loading {}", path.display()))?;

@@ -65,6 +65,18 @@ enum Command {
     Model(model::ModelCommand),
 }
 
+/// The log target of the CPU kernel family line, shown at the default log level.
+const CPU_KERNELS_LOG: &str = "tandem::cpu_kernels";
+
+/// Decides the engine's CPU kernel family (`TANDEM_CPU_KERNELS`, else the best this CPU
+/// has) and logs it once. `serve` and `generate` call it before loading a model, so a
+/// bad override fails before any work, naming what this CPU supports.
+fn select_cpu_kernels() -> anyhow::Result<()> {
+    let family = tandem_engine::kernels::dispatch::selected()?;
+    tracing::info!(target: CPU_KERNELS_LOG, "CPU kernels: {}", family.describe());
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -74,8 +86,11 @@ fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
                 // The planner's verdicts (logged only when they change) are the
                 // record of why the layout changed: shown by default.
+                // So is the engine's CPU kernel family (one line at start).
                 .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new("warn,tandem_router::rebalance=info")
+                    tracing_subscriber::EnvFilter::new(format!(
+                        "warn,tandem_router::rebalance=info,{CPU_KERNELS_LOG}=info"
+                    ))
                 }),
         )
         .init();

@@ -284,6 +284,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             auth::HOW_TO_CONFIGURE
         );
     }
+    crate::select_cpu_kernels()?;
     let (loaded, default_name, identity) = load_model(&args)?;
     let kv = KvOptions {
         block_size: args.block_size,
