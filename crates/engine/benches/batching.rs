@@ -5,7 +5,8 @@
 //! 2. time to first token of a 128-token prompt while 7 streams decode vs on an idle
 //!    engine.
 //!
-//! `cargo bench -p tandem-engine --bench batching` (`TANDEM_BENCH_THREADS`, default 2).
+//! `cargo bench -p tandem-engine --bench batching` (`TANDEM_BENCH_THREADS`, default 2;
+//! `TANDEM_CPU_KERNELS` picks the kernel family, printed first).
 
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,11 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
+    let kernels = tandem_engine::kernels::dispatch::selected().unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(1);
+    });
+    println!("CPU kernels: {}", kernels.describe());
     let path = fetch::default_model_path();
     let loaded = LoadedModel::load(&path, LoadOptions::default())
         .expect("default model (tandem model fetch)");

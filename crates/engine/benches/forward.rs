@@ -7,8 +7,9 @@
 //! Environment: `TANDEM_BENCH_THREADS` (2), `TANDEM_BENCH_REPEATS` (3),
 //! `TANDEM_BENCH_PROMPT_TOKENS` (512), `TANDEM_BENCH_DECODE_TOKENS` (128),
 //! `TANDEM_LLAMACPP_PYTHON` (a python with llama-cpp-python 0.3.36; default: what
-//! `scripts/setup-llamacpp.sh` installs, else `python3`). The baseline is skipped, with
-//! a notice, when llama-cpp-python cannot be imported.
+//! `scripts/setup-llamacpp.sh` installs, else `python3`), `TANDEM_CPU_KERNELS` (the
+//! kernel family, printed first; default: the best this CPU has). The baseline is
+//! skipped, with a notice, when llama-cpp-python cannot be imported.
 
 use std::path::Path;
 use std::process::Command;
@@ -60,6 +61,11 @@ fn main() {
         );
         std::process::exit(1);
     }
+    let kernels = tandem_engine::kernels::dispatch::selected().unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(1);
+    });
+    println!("CPU kernels: {}", kernels.describe());
     let ours = measure_tandem(&model_path, threads, repeats, prompt_tokens, decode_tokens);
     println!(
         "tandem     prefill {prompt_tokens} tok: {:8.1} tok/s | decode {decode_tokens} tok: {:7.1} tok/s | peak RSS {:6.1} MB | {threads} threads",
