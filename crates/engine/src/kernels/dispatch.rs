@@ -157,13 +157,15 @@ impl fmt::Display for SupportedList {
 /// A `TANDEM_CPU_KERNELS` value that cannot be honoured.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CpuKernelsError {
-    #[error("{CPU_KERNELS_ENV}={value:?}: unknown kernel family (this CPU supports: {supported})")]
+    #[error(
+        "{CPU_KERNELS_ENV}={value:?}: unknown kernel family (this CPU and build support: {supported})"
+    )]
     Unknown {
         value: String,
         supported: SupportedList,
     },
     #[error(
-        "{CPU_KERNELS_ENV}={value:?}: this CPU lacks that kernel family (it supports: {supported})"
+        "{CPU_KERNELS_ENV}={value:?}: kernel family not available here (this CPU and build support: {supported})"
     )]
     Unsupported {
         value: String,
