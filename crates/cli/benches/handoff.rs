@@ -88,7 +88,7 @@ async fn first_chunk(client: &reqwest::Client, worker: &WorkerProcess, body: &Va
     at
 }
 
-/// The value of the first series of `name` carrying all of `labels` on the worker's
+/// The value of series `name` carrying all of `labels` on the worker's
 /// `/metrics` (0 before its first increment).
 async fn metric(
     client: &reqwest::Client,

@@ -104,24 +104,8 @@ pub async fn metrics_text(client: &reqwest::Client, url: &str) -> String {
     client.get(url).send().await.unwrap().text().await.unwrap()
 }
 
-/// The value of the first series of `name` carrying all of `labels` in `text` (0 before
-/// its first increment), whatever other labels (`model_name`) it has.
+/// The sum of series `name` carrying all of `labels` in `text` (0 before its first
+/// increment), whatever other labels (`model_name`) it has: the router's own reader.
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (series_name, series_labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.strip_suffix('}')?),
-                None => (series, ""),
-            };
-            let has = |(k, v): &(&str, &str)| {
-                series_labels
-                    .split(',')
-                    .any(|pair| pair == format!("{k}=\"{v}\""))
-            };
-            (series_name == name && labels.iter().all(has))
-                .then(|| value.parse().ok())
-                .flatten()
-        })
-        .unwrap_or(0.0)
+    tandem_router::federation::sum(text, name, labels).unwrap_or(0.0)
 }

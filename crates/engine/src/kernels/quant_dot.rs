@@ -384,6 +384,92 @@ pub(crate) mod scalar {
     }
 }
 
+/// The block loop of the Q4_0/Q4_1 panel kernels, shared by the AVX2 and VNNI builds
+/// (expanded inside each `#[target_feature]` function, so each gets its own features):
+/// per block, nibbles × activations accumulated per lane by `$step(sum, w, a)` (four
+/// products of row k's nibbles `w` by the same 4 activations `a` into lane k), turned
+/// into one i32 per row by `$finish(sum)`, then scaled (and the min term added) in f32.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+macro_rules! q4_panel_blocks {
+    (
+        ($has_min:ident, $tokens:ident),
+        ($panel:ident, $format:ident, $acts:ident, $t0:ident),
+        |$sum:ident, $w:ident, $a:ident| $step:expr,
+        |$done:ident| $finish:expr
+    ) => {{
+        let n_blocks = $acts.blocks_per_row();
+        // Raw rows: the block loop reads them without bounds checks (see the SAFETY notes).
+        let qs: [*const i8; $tokens] = std::array::from_fn(|t| $acts.qs($t0 + t).as_ptr());
+        let scales: [*const f32; $tokens] = std::array::from_fn(|t| $acts.scales($t0 + t).as_ptr());
+        let act_sums: [*const f32; $tokens] = std::array::from_fn(|t| $acts.sums($t0 + t).as_ptr());
+        let low_nibbles = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); $tokens];
+        for b in 0..n_blocks {
+            // SAFETY: `check_panel` asserted `panel` holds `n_blocks` panel blocks, and every
+            // token row `n_blocks` blocks of 32 quants, one scale and one sum each; b < n_blocks.
+            let (block, a, scale, act_sum) = unsafe {
+                (
+                    $panel.as_ptr().add(b * $format.panel_block),
+                    qs.map(|q| q.add(b * QK)),
+                    scales.map(|s| s.add(b).read()),
+                    act_sums.map(|s| s.add(b).read()),
+                )
+            };
+            // SAFETY: a panel block holds its 4 × 32 nibble bytes at `quants()`.
+            let quants = unsafe { block.add($format.quants()) };
+            // Lane k of `lo` holds row k's elements 4g..4g+4, of `hi` elements
+            // 16+4g..16+4g+4: multiply each by the same 4 activations in every lane.
+            let mut sums = [_mm256_setzero_si256(); $tokens];
+            for g in 0..4 {
+                // SAFETY: group g is 32 bytes at 32g of the quants.
+                let raw = unsafe { _mm256_loadu_si256(quants.add(32 * g).cast()) };
+                let lo = _mm256_and_si256(raw, low_nibbles);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low_nibbles);
+                for t in 0..$tokens {
+                    // SAFETY: `a[t]` points at 32 quants; 4g + 4 <= 16 and 16 + 4g + 4 <= 32.
+                    let (a_lo, a_hi) = unsafe {
+                        (
+                            _mm256_set1_epi32(a[t].add(4 * g).cast::<i32>().read_unaligned()),
+                            _mm256_set1_epi32(a[t].add(16 + 4 * g).cast::<i32>().read_unaligned()),
+                        )
+                    };
+                    sums[t] = {
+                        let ($sum, $w, $a) = (sums[t], lo, a_lo);
+                        $step
+                    };
+                    sums[t] = {
+                        let ($sum, $w, $a) = (sums[t], hi, a_hi);
+                        $step
+                    };
+                }
+            }
+            // SAFETY: the scale (and min) arrays are 16 bytes at offsets 0 (and 16).
+            let d = unsafe { load_f16x8(block.add(PanelFormat::SCALES)) };
+            let m = if $has_min {
+                // SAFETY: as above.
+                unsafe { load_f16x8(block.add(PanelFormat::MINS)) }
+            } else {
+                _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
+            };
+            for t in 0..$tokens {
+                let row_sums = {
+                    let $done = sums[t];
+                    $finish
+                };
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(scale[t]));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(row_sums), scale, acc[t]);
+                acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(act_sum[t]), acc[t]);
+            }
+        }
+        std::array::from_fn(|t| to_array(acc[t]))
+    }};
+}
+
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
@@ -530,66 +616,16 @@ pub(crate) mod avx2 {
         acts: &Q8Acts,
         t0: usize,
     ) -> PanelOut<T> {
-        let n_blocks = acts.blocks_per_row();
-        // Raw rows: the block loop reads them without bounds checks (see the SAFETY notes).
-        let qs: [*const i8; T] = std::array::from_fn(|t| acts.qs(t0 + t).as_ptr());
-        let scales: [*const f32; T] = std::array::from_fn(|t| acts.scales(t0 + t).as_ptr());
-        let act_sums: [*const f32; T] = std::array::from_fn(|t| acts.sums(t0 + t).as_ptr());
-        let low_nibbles = _mm256_set1_epi8(0x0F);
+        // Each i16 lane sums 8 `maddubs` pairs, 16 products of a nibble (<= 15) by an
+        // activation (|a| <= 128): |Σ| <= 16 · 15 · 128 = 30720 < 2^15, so neither
+        // `maddubs` nor the adds saturate and the block's dot product is exact.
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); T];
-        for b in 0..n_blocks {
-            // SAFETY: `check_panel` asserted `panel` holds `n_blocks` panel blocks, and every
-            // token row `n_blocks` blocks of 32 quants, one scale and one sum each; b < n_blocks.
-            let (block, a, scale, act_sum) = unsafe {
-                (
-                    panel.as_ptr().add(b * format.panel_block),
-                    qs.map(|q| q.add(b * QK)),
-                    scales.map(|s| s.add(b).read()),
-                    act_sums.map(|s| s.add(b).read()),
-                )
-            };
-            // SAFETY: a panel block holds its 4 × 32 nibble bytes at `quants()`.
-            let quants = unsafe { block.add(format.quants()) };
-            // Lane k of `lo` holds row k's elements 4g..4g+4, of `hi` elements
-            // 16+4g..16+4g+4: multiply each by the same 4 activations in every lane.
-            // Each i16 lane sums 8 `maddubs` pairs, 16 products of a nibble (<= 15) by an
-            // activation (|a| <= 128): |Σ| <= 16 · 15 · 128 = 30720 < 2^15, so neither
-            // `maddubs` nor the adds saturate and the block's dot product is exact.
-            let mut sums = [_mm256_setzero_si256(); T];
-            for g in 0..4 {
-                // SAFETY: group g is 32 bytes at 32g of the quants.
-                let raw = unsafe { _mm256_loadu_si256(quants.add(32 * g).cast()) };
-                let lo = _mm256_and_si256(raw, low_nibbles);
-                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low_nibbles);
-                for t in 0..T {
-                    // SAFETY: `a[t]` points at 32 quants; 4g + 4 <= 16 and 16 + 4g + 4 <= 32.
-                    let (a_lo, a_hi) = unsafe {
-                        (
-                            _mm256_set1_epi32(a[t].add(4 * g).cast::<i32>().read_unaligned()),
-                            _mm256_set1_epi32(a[t].add(16 + 4 * g).cast::<i32>().read_unaligned()),
-                        )
-                    };
-                    sums[t] = _mm256_add_epi16(sums[t], _mm256_maddubs_epi16(lo, a_lo));
-                    sums[t] = _mm256_add_epi16(sums[t], _mm256_maddubs_epi16(hi, a_hi));
-                }
-            }
-            // SAFETY: the scale (and min) arrays are 16 bytes at offsets 0 (and 16).
-            let d = unsafe { load_f16x8(block.add(PanelFormat::SCALES)) };
-            let m = if HAS_MIN {
-                // SAFETY: as above.
-                unsafe { load_f16x8(block.add(PanelFormat::MINS)) }
-            } else {
-                _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
-            };
-            for t in 0..T {
-                let row_sums = _mm256_madd_epi16(sums[t], ones);
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps(scale[t]));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(row_sums), scale, acc[t]);
-                acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(act_sum[t]), acc[t]);
-            }
-        }
-        std::array::from_fn(|t| to_array(acc[t]))
+        q4_panel_blocks!(
+            (HAS_MIN, T),
+            (panel, format, acts, t0),
+            |sum, w, a| _mm256_add_epi16(sum, _mm256_maddubs_epi16(w, a)),
+            |sum| _mm256_madd_epi16(sum, ones)
+        )
     }
 
     #[inline]
@@ -791,68 +827,12 @@ pub(crate) mod vnni {
                     acts: &Q8Acts,
                     t0: usize,
                 ) -> PanelOut<T> {
-                    let n_blocks = acts.blocks_per_row();
-                    let qs: [*const i8; T] = std::array::from_fn(|t| acts.qs(t0 + t).as_ptr());
-                    let scales: [*const f32; T] =
-                        std::array::from_fn(|t| acts.scales(t0 + t).as_ptr());
-                    let act_sums: [*const f32; T] =
-                        std::array::from_fn(|t| acts.sums(t0 + t).as_ptr());
-                    let low_nibbles = _mm256_set1_epi8(0x0F);
-                    let mut acc = [_mm256_setzero_ps(); T];
-                    for b in 0..n_blocks {
-                        // SAFETY: `check_panel` asserted `panel` holds `n_blocks` panel
-                        // blocks, and every token row `n_blocks` blocks of 32 quants, one
-                        // scale and one sum each; b < n_blocks.
-                        let (block, a, scale, act_sum) = unsafe {
-                            (
-                                panel.as_ptr().add(b * format.panel_block),
-                                qs.map(|q| q.add(b * QK)),
-                                scales.map(|s| s.add(b).read()),
-                                act_sums.map(|s| s.add(b).read()),
-                            )
-                        };
-                        // SAFETY: a panel block holds its 4 × 32 nibble bytes at `quants()`.
-                        let quants = unsafe { block.add(format.quants()) };
-                        // Lane k of `lo` holds row k's elements 4g..4g+4, of `hi` elements
-                        // 16+4g..16+4g+4, as in the AVX2 kernel.
-                        let mut dots = [_mm256_setzero_si256(); T];
-                        for g in 0..4 {
-                            // SAFETY: group g is 32 bytes at 32g of the quants.
-                            let raw = unsafe { _mm256_loadu_si256(quants.add(32 * g).cast()) };
-                            let lo = _mm256_and_si256(raw, low_nibbles);
-                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low_nibbles);
-                            for t in 0..T {
-                                // SAFETY: `a[t]` points at 32 quants; 4g + 4 <= 16 and
-                                // 16 + 4g + 4 <= 32.
-                                let (a_lo, a_hi) = unsafe {
-                                    (
-                                        _mm256_set1_epi32(
-                                            a[t].add(4 * g).cast::<i32>().read_unaligned(),
-                                        ),
-                                        _mm256_set1_epi32(
-                                            a[t].add(16 + 4 * g).cast::<i32>().read_unaligned(),
-                                        ),
-                                    )
-                                };
-                                dots[t] = $dpbusd(dots[t], lo, a_lo);
-                                dots[t] = $dpbusd(dots[t], hi, a_hi);
-                            }
-                        }
-                        // SAFETY: the scale (and min) arrays are 16 bytes at offsets 0 (and 16).
-                        let d = unsafe { load_f16x8(block.add(PanelFormat::SCALES)) };
-                        let m = if HAS_MIN {
-                            // SAFETY: as above.
-                            unsafe { load_f16x8(block.add(PanelFormat::MINS)) }
-                        } else {
-                            _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
-                        };
-                        for t in 0..T {
-                            let scale = _mm256_mul_ps(d, _mm256_set1_ps(scale[t]));
-                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[t]), scale, acc[t]);
-                            acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(act_sum[t]), acc[t]);
-                        }
-                    }
-                    std::array::from_fn(|t| to_array(acc[t]))
+                    q4_panel_blocks!(
+                        (HAS_MIN, T),
+                        (panel, format, acts, t0),
+                        |sum, w, a| $dpbusd(sum, w, a),
+                        |sum| sum
+                    )
                 }
 
                 #[inline]
