@@ -153,15 +153,15 @@ pub async fn measure_worker(
         .map(|(&words, point)| (words, point.seconds));
     let mut steps = Vec::new();
     for &group in &plan.steps {
+        let Some(blocker) = blocker else {
+            return Err(ProfileFailure {
+                what: "steps of several prompts".into(),
+                reason: "they need a measured prompt length (--prompt-lengths)".into(),
+            });
+        };
         let mut runs = Vec::new();
         for _ in 0..plan.repeats {
             seed += 1;
-            let Some(blocker) = blocker else {
-                return Err(ProfileFailure {
-                    what: "steps of several prompts".into(),
-                    reason: "they need a measured prompt length (--prompt-lengths)".into(),
-                });
-            };
             runs.push(shared_step(&client, target, group, plan, blocker, seed).await?);
         }
         runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
