@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::handoff::Handoff;
 use crate::plot::{Figure, Panel, PlotError, Series};
 use crate::stats::{Distribution, Summary};
 use crate::suite::{LoadPoint, Scenario};
@@ -58,6 +59,9 @@ pub struct Run {
     pub document: Value,
     /// The run over time (shift workloads, and runs with the online planner).
     pub timeline: Option<Timeline>,
+    /// What the KV hand-off moved, where the topology has one (its workers' counters
+    /// before and after the run).
+    pub handoff: Option<Handoff>,
 }
 
 #[derive(Debug, Clone)]
@@ -132,6 +136,9 @@ impl Comparison {
                         doc["load"] = json!(run.load);
                         if let Some(timeline) = &run.timeline {
                             doc["timeline"] = json!(timeline);
+                        }
+                        if let Some(handoff) = &run.handoff {
+                            doc["handoff"] = json!(handoff);
                         }
                         doc
                     })
@@ -231,6 +238,7 @@ impl ScenarioResults {
         }
         out.push_str(&self.headline_table(baseline, topologies));
         out.push_str(&self.verdict(baseline, topologies));
+        out.push_str(&self.handoff_table(baseline, topologies));
         for kind in ["throughput", "goodput", "latency"] {
             let stem = format!("{}-{kind}", s.name);
             if figures.contains(&stem) {
@@ -377,6 +385,46 @@ impl ScenarioResults {
                     s.tpot.median,
                     pct(&s.tpot, 99.0),
                     s.request_goodput.map_or("–".into(), |g| format!("{g:.2}")),
+                ));
+            }
+        }
+        out.push('\n');
+        out
+    }
+
+    /// The hand-off of every run that had one: KV moved per request, the pulls' time
+    /// and rate (as the pulling workers count them), and what it added to the time to
+    /// first token over the baseline at the same load.
+    fn handoff_table(&self, baseline: &str, topologies: &[TopologyEntry]) -> String {
+        let moved = |run: &Run| run.handoff.filter(|h| h.transfers > 0);
+        if !self.runs.iter().any(|r| moved(r).is_some()) {
+            return String::new();
+        }
+        let mut out = format!(
+            "KV hand-off (the pulling workers' own counters):\n\n| load | topology | transfers | MB per request | ms per transfer (mean) | GB/s while transferring | TTFT p50 − {baseline} (ms) |\n|---|---|---|---|---|---|---|\n"
+        );
+        for load in self.scenario.points() {
+            let base = self.run_at(baseline, &load).map(|r| r.summary.ttft.median);
+            for topology in topologies {
+                let Some(run) = self.run_at(&topology.name, &load) else {
+                    continue;
+                };
+                let Some(handoff) = moved(run) else {
+                    continue;
+                };
+                let requests = run.summary.completed.max(1) as f64;
+                let optional = |value: Option<f64>, digits: usize| {
+                    value.map_or("–".into(), |v| format!("{v:.digits$}"))
+                };
+                out.push_str(&format!(
+                    "| {} | {} | {} | {:.2} | {} | {} | {} |\n",
+                    load.label(),
+                    topology.name,
+                    handoff.transfers,
+                    handoff.bytes as f64 / requests / 1e6,
+                    optional(handoff.mean_transfer_seconds().map(|s| s * 1e3), 2),
+                    optional(handoff.bytes_per_second().map(|b| b / 1e9), 2),
+                    optional(base.map(|b| run.summary.ttft.median - b), 0),
                 ));
             }
         }

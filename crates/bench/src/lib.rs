@@ -10,12 +10,14 @@
 //! - [`report`]: the terminal table, the JSON document and markdown of one run.
 //! - [`suite`]: the scenarios a comparison runs (TOML).
 //! - [`comparison`]: a comparison's results, `report.md` and `results.json`.
+//! - [`handoff`]: the KV hand-off's bytes and time in a run, from the workers' metrics.
 //! - [`plot`]: its charts, PNG and SVG.
 //! - [`timeline`]: one run over time (latencies by send time, the P/D layout, the
 //!   planner's moves).
 
 pub mod client;
 pub mod comparison;
+pub mod handoff;
 pub mod plot;
 pub mod profile;
 pub mod report;

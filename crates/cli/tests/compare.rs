@@ -89,6 +89,19 @@ fn a_three_way_comparison_writes_a_complete_report() {
                 assert_eq!(run["tokenizer_id"], gguf.as_str(), "{run}");
             }
             assert!(run["mean_ttft_ms"].as_f64().unwrap() > 0.0);
+            // The hand-off as the decode worker counted it: only where there is one.
+            let handoff = &run["handoff"];
+            if run["topology"] == "disaggregated" {
+                let transfers = handoff["transfers"].as_u64().unwrap();
+                assert!(transfers >= 1 && transfers <= requests, "{name}: {run}");
+                if name == "long-prompts" {
+                    assert_eq!(transfers, requests, "fresh prompts: {run}");
+                }
+                assert!(handoff["bytes"].as_u64().unwrap() > 0, "{run}");
+                assert!(handoff["transfer_seconds"].as_f64().unwrap() > 0.0, "{run}");
+            } else {
+                assert!(handoff.is_null(), "{name}: {run}");
+            }
         }
     }
     let goodput = &scenarios[1]["runs"][0]["request_goodput"];
@@ -104,6 +117,7 @@ fn a_three_way_comparison_writes_a_complete_report() {
         "| concurrency 3 | disaggregated |",
         "vs single",
         "Percentiles at concurrency 3 (ms)",
+        "KV hand-off (the pulling workers' own counters)",
         "![long-prompts throughput](long-prompts-throughput.svg)",
         "![long-prompts goodput](long-prompts-goodput.svg)",
         "![chat latency](chat-latency.svg)",

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tandem_bench::client::{Api, Prompt, Target};
 use tandem_bench::comparison::{Comparison, Run};
+use tandem_bench::handoff::{self, Counters, Handoff};
 use tandem_bench::report::{self, RunInfo};
 use tandem_bench::suite::{LoadPoint, Scenario, WorkloadKind};
 use tandem_bench::timeline::Timeline;
@@ -102,6 +103,18 @@ fn scenarios(
         timeout: args.request_timeout,
     };
     warm_up(runtime, &target(true))?;
+    let handoff_workers = handoff_workers(topology);
+    let metrics_client = reqwest::Client::new();
+    let read_handoff = |label: &str| {
+        if handoff_workers.is_empty() {
+            return None;
+        }
+        let read = handoff::read_all(&metrics_client, &handoff_workers);
+        runtime
+            .block_on(read)
+            .inspect_err(|error| eprintln!("{label}: no hand-off figures: {error}"))
+            .ok()
+    };
     for results in &mut comparison.scenarios {
         let scenario = results.scenario.clone();
         let slo = scenario.slo()?;
@@ -125,12 +138,16 @@ fn scenarios(
             let progress = Progress::stderr(requests, &label);
             let target = target(scenario.ignores_eos());
             let run_start = unix_now();
+            let handoff_before = read_handoff(&label);
             let run = tandem_bench::run_conversations(&target, &conversations, &traffic, &progress);
             let finished = runtime.block_on(until_stopped(run, stop));
             progress.done();
             let Some((records, duration)) = finished else {
                 return Ok(());
             };
+            let handoff = handoff_before
+                .zip(read_handoff(&label))
+                .and_then(|(before, after): (Counters, Counters)| Handoff::between(before, after));
             let summary = stats::summarize(&records, duration, &args.percentiles, slo.as_ref());
             eprintln!(
                 "{label}: {} ok, {} failed, {:.1} output tok/s, TTFT p50 {:.0} ms, TPOT p50 {:.1} ms",
@@ -167,6 +184,7 @@ fn scenarios(
                 document: report::json(&info, &summary, &records, false),
                 summary,
                 timeline,
+                handoff,
             });
             stack
                 .lock()
@@ -206,6 +224,20 @@ fn planner_journal(
         .read_to_string()
         .map_err(|e| failed("reading it", &e))?;
     serde_json::from_str(&text).map_err(|e| failed("parsing it", &e))
+}
+
+/// The workers whose hand-off counters a run reads: every started worker of a
+/// topology with prefill workers (the pulling side counts, whichever role it has
+/// then); none where nothing is handed off, or where standby workers may join
+/// mid-run (their pulls would be missed).
+fn handoff_workers(topology: &Checked) -> Vec<String> {
+    let splits = topology
+        .started_workers()
+        .any(|w| w.spec.role == Role::Prefill);
+    if !splits || topology.has_standby() {
+        return Vec::new();
+    }
+    topology.started_workers().map(|w| w.spec.url()).collect()
 }
 
 /// A topology's fixed layout as (prefill, decode) pool sizes; replicas count as

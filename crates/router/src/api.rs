@@ -419,7 +419,7 @@ async fn metrics(State(state): State<SharedState>) -> Response {
         .unwrap_or_default();
     if state.federate_worker_metrics {
         let workers = state.dispatcher.registry.urls();
-        let own = crate::federation::family_names(&text);
+        let own = tandem_protocol::exposition::family_names(&text);
         let client = state.dispatcher.upstream.client();
         text.push_str(&crate::federation::worker_metrics(client, &workers, &own).await);
     }

@@ -12,6 +12,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use tandem_protocol::exposition::{Sample, parse_sample};
 
 /// One worker's `/metrics` must answer within this.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -19,16 +20,6 @@ pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_EXPOSITION_BYTES: usize = 8 << 20;
 /// Whether each worker's metrics were fetched.
 pub const FEDERATED_UP: &str = "tandem_router_federated_up";
-
-/// One sample line: `series{labels} value [timestamp]`.
-#[derive(Debug, Clone, PartialEq)]
-struct Sample {
-    series: String,
-    /// `(key, value still quoted)`, in order.
-    labels: Vec<(String, String)>,
-    /// The value and the timestamp, if any, as written.
-    value: String,
-}
 
 /// One metric family of an exposition: its `# HELP` and `# TYPE` lines and samples.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -142,118 +133,6 @@ fn quote(value: &str) -> String {
         .replace('"', "\\\"")
         .replace('\n', "\\n");
     format!("\"{escaped}\"")
-}
-
-/// `name{k="v",…} value [timestamp]`, if the line is one.
-fn parse_sample(line: &str) -> Option<Sample> {
-    let name_end = line.find(['{', ' '])?;
-    let name = &line[..name_end];
-    if name.is_empty() {
-        return None;
-    }
-    let rest = &line[name_end..];
-    let Some(body) = rest.strip_prefix('{') else {
-        return Some(Sample {
-            series: name.to_owned(),
-            labels: Vec::new(),
-            value: rest.trim().to_owned(),
-        });
-    };
-    let mut labels = Vec::new();
-    let mut chars = body.char_indices().peekable();
-    loop {
-        while chars.next_if(|(_, c)| *c == ',' || *c == ' ').is_some() {}
-        let (start, c) = chars.next()?;
-        if c == '}' {
-            let value = body[start + 1..].trim();
-            return (!value.is_empty()).then(|| Sample {
-                series: name.to_owned(),
-                labels,
-                value: value.to_owned(),
-            });
-        }
-        let eq = body[start..].find('=')? + start;
-        let key = body[start..eq].trim().to_owned();
-        while chars.next_if(|(i, _)| *i <= eq).is_some() {}
-        let (open, quote_char) = chars.next()?;
-        if quote_char != '"' {
-            return None;
-        }
-        let mut escaped = false;
-        let close = loop {
-            let (i, c) = chars.next()?;
-            match (escaped, c) {
-                (true, _) => escaped = false,
-                (false, '\\') => escaped = true,
-                (false, '"') => break i,
-                _ => {}
-            }
-        };
-        labels.push((key, body[open..=close].to_owned()));
-    }
-}
-
-/// Every sample of series `name` in an exposition: its labels (values unquoted) and
-/// value. Unparsable lines and values are skipped.
-pub fn series(text: &str, name: &str) -> Vec<(Vec<(String, String)>, f64)> {
-    text.lines()
-        .filter(|line| line.starts_with(name) && !line.starts_with('#'))
-        .filter_map(parse_sample)
-        .filter(|sample| sample.series == name)
-        .filter_map(|sample| {
-            let value = sample.value.split(' ').next()?.parse::<f64>().ok()?;
-            let labels = sample
-                .labels
-                .into_iter()
-                .map(|(key, quoted)| (key, unquote(&quoted)))
-                .collect();
-            Some((labels, value))
-        })
-        .collect()
-}
-
-/// The sum of series `name`'s samples whose labels include `with`; `None` if none.
-pub fn sum(text: &str, name: &str, with: &[(&str, &str)]) -> Option<f64> {
-    let matching: Vec<f64> = series(text, name)
-        .into_iter()
-        .filter(|(labels, _)| {
-            with.iter()
-                .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
-        })
-        .map(|(_, value)| value)
-        .collect();
-    (!matching.is_empty()).then(|| matching.iter().sum())
-}
-
-/// A quoted label value, unescaped.
-fn unquote(quoted: &str) -> String {
-    let inner = quoted
-        .strip_prefix('"')
-        .and_then(|q| q.strip_suffix('"'))
-        .unwrap_or(quoted);
-    let mut out = String::with_capacity(inner.len());
-    let mut chars = inner.chars();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('n') => out.push('\n'),
-            Some(other) => out.push(other),
-            None => {}
-        }
-    }
-    out
-}
-
-/// The names of the metric families in an exposition (the router's own).
-pub fn family_names(text: &str) -> HashSet<String> {
-    text.lines()
-        .filter_map(|line| line.strip_prefix("# TYPE "))
-        .filter_map(|rest| rest.split(' ').next())
-        .map(str::to_owned)
-        .collect()
 }
 
 /// Fetches one worker's `/metrics` text, bounded in time and size.
@@ -375,7 +254,8 @@ plain 2
     fn the_routers_own_families_are_left_out() {
         let mut merged = Exposition::default();
         merged.add("http://a:1", VLLM);
-        let own = family_names("# TYPE vllm:num_requests_running gauge\n");
+        let own =
+            tandem_protocol::exposition::family_names("# TYPE vllm:num_requests_running gauge\n");
         let mut out = String::new();
         merged.render(&own, &mut out);
         assert!(!out.contains("vllm:num_requests_running"), "{out}");
@@ -428,38 +308,7 @@ plain 2
     }
 
     #[test]
-    fn series_are_read_with_their_labels() {
-        let text = fixture("d");
-        assert!(sum(&text, "vllm:kv_cache_usage_perc", &[]).is_some());
-        let odd = series(VLLM, "odd");
-        assert_eq!(odd.len(), 1);
-        assert_eq!(odd[0].0[0], ("path".to_owned(), "a,b \"c\"".to_owned()));
-        assert_eq!(odd[0].1, 1.0);
-        assert_eq!(
-            sum(
-                VLLM,
-                "vllm:time_to_first_token_seconds_bucket",
-                &[("le", "+Inf")]
-            ),
-            Some(7.0)
-        );
-        assert_eq!(
-            sum(VLLM, "vllm:num_requests_running", &[("engine", "1")]),
-            None
-        );
-    }
-
-    #[test]
     fn broken_lines_are_skipped() {
-        for line in [
-            "{x=\"1\"} 2",
-            "name{x=1} 2",
-            "name{x=\"1\"",
-            "name{x=\"1\"}",
-            "name{x=\"unterminated} 3",
-        ] {
-            assert_eq!(parse_sample(line), None, "{line}");
-        }
         let mut merged = Exposition::default();
         merged.add("w", "name{x=1} 2\nok 1\n");
         let mut out = String::new();

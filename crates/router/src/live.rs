@@ -27,6 +27,7 @@ use crate::error::error_response;
 use crate::federation;
 use crate::metrics as names;
 use crate::signals::Signals;
+use tandem_protocol::exposition;
 
 /// The page, with its script and styles inline (no CDN, nothing else to fetch).
 const PAGE: &str = include_str!("live/dashboard.html");
@@ -159,14 +160,14 @@ fn engine_figures(scraped: Vec<(String, Option<String>)>) -> BTreeMap<String, Va
         .into_iter()
         .map(|(url, text)| {
             let figures = text.map_or(Value::Null, |text| {
-                let read = |name: &str| federation::sum(&text, name, &[]);
+                let read = |name: &str| exposition::sum(&text, name, &[]);
                 json!({
                     "kv_usage": read("vllm:kv_cache_usage_perc"),
                     "running": read("vllm:num_requests_running"),
                     "waiting": read("vllm:num_requests_waiting"),
                     "prefix_hits": read("vllm:prefix_cache_hits_total"),
                     "prefix_queries": read("vllm:prefix_cache_queries_total"),
-                    "kv_bytes": federation::sum(&text, "tandem:kv_transfer_bytes_total", &[("direction", "sent")])
+                    "kv_bytes": exposition::sum(&text, "tandem:kv_transfer_bytes_total", &[("direction", "sent")])
                         .or_else(|| read("vllm:nixl_bytes_transferred_sum")),
                 })
             });
@@ -193,8 +194,8 @@ fn snapshot(state: &SharedState, signals: &Signals, engines: &BTreeMap<String, V
         })
         .collect();
     let count =
-        |name: &str, with: &[(&str, &str)]| federation::sum(&own, name, with).unwrap_or(0.0);
-    let outcomes: BTreeMap<String, f64> = federation::series(&own, names::REQUESTS_TOTAL)
+        |name: &str, with: &[(&str, &str)]| exposition::sum(&own, name, with).unwrap_or(0.0);
+    let outcomes: BTreeMap<String, f64> = exposition::series(&own, names::REQUESTS_TOTAL)
         .into_iter()
         .fold(BTreeMap::new(), |mut by, (labels, value)| {
             if let Some((_, outcome)) = labels.iter().find(|(k, _)| k == names::OUTCOME) {

@@ -107,5 +107,5 @@ pub async fn metrics_text(client: &reqwest::Client, url: &str) -> String {
 /// The sum of series `name` carrying all of `labels` in `text` (0 before its first
 /// increment), whatever other labels (`model_name`) it has: the router's own reader.
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    tandem_router::federation::sum(text, name, labels).unwrap_or(0.0)
+    tandem_protocol::exposition::sum(text, name, labels).unwrap_or(0.0)
 }
