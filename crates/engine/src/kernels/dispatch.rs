@@ -1,24 +1,34 @@
 //! The CPU kernel family, chosen once per process at run time.
 //!
 //! The binary is compiled for x86-64-v3 (AVX2/FMA/F16C), which every kernel may assume.
-//! Kernels that need more than that — today the `vpdpbusd` int8 panels of the
-//! quantized matmul (`quant_dot::vnni`) — live in `#[target_feature]` functions that are
-//! only reachable through the [`PanelTable`] of a family this CPU has, so one binary uses
-//! what the CPU offers:
+//! Kernels that need more than that — the `vpdpbusd` int8 panels of the quantized
+//! matmul (`quant_dot::vnni`) and the AMX tile kernels (`quant_dot::amx`, `tiles`) —
+//! live in `#[target_feature]` functions (or `asm!`) that are only reachable through the
+//! [`PanelTable`] of a family this CPU has, so one binary uses what the CPU offers:
 //!
 //! - `avx2`: the x86-64-v3 kernels (`maddubs` + `madd`), on every machine the binary
 //!   runs on.
 //! - `vnni`: `vpdpbusd` for the Q4_0/Q4_1/Q8_0 panels (AVX-VNNI where present, else
 //!   AVX512-VNNI with AVX512-VL, both on 256-bit vectors); the f32/f16 tiles and
-//!   everything else stay on AVX2. Outputs are bit-identical to `avx2`: both compute
-//!   each block's integer dot product exactly in i32, then the same float operations.
+//!   everything else stay on AVX2.
+//! - `amx`: `vnni`, plus AMX int8 tiles (`tdpbsud`/`tdpbssd`) for the panels whenever
+//!   a matmul has 8 tokens or more (prefill, batched decode): pairs of panels × 16 or 8
+//!   tokens per tile, the f32 steps on AVX-512. Single-token decode keeps the `vnni`
+//!   panels: it is bound by the weights' bytes, and a tile multiply for one token would
+//!   waste 15 of its 16 rows. Needs AMX-TILE/INT8, AVX-512 F/BW/VL, an OS that manages
+//!   tile state, and on Linux the `arch_prctl` permission for tile data, which `tiles`
+//!   requests once; without any of these the family is unavailable and says why.
 //! - `portable`: the scalar kernels, only on builds without AVX2 at compile time.
 //!
-//! The best family the CPU has is the default; `TANDEM_CPU_KERNELS=avx2|vnni` overrides
-//! it (benchmarks, bug reports). An unknown value, or a family this CPU lacks, is a
-//! [`CpuKernelsError`], not a silent fallback. The choice is made on first use and cached
-//! ([`selected`]); each matmul then reads the resolved table ([`panel_table`]), never
-//! per panel.
+//! `avx2`, `vnni` and `amx` give bit-identical outputs: each computes every 32-value
+//! block's integer dot product exactly in i32, then the same f32 operations in the same
+//! order (a unit test forces every build this CPU has and compares bit for bit).
+//!
+//! The best family the CPU has is the default; `TANDEM_CPU_KERNELS=avx2|vnni|amx`
+//! overrides it (benchmarks, bug reports). An unknown value, or a family this CPU lacks,
+//! is a [`CpuKernelsError`] naming the reason, not a silent fallback. The choice is made
+//! on first use and cached ([`selected`]); each matmul then reads the resolved table
+//! ([`panel_table`]), never per panel.
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -29,7 +39,7 @@ use super::quant_dot::{self, PanelTable};
 pub const CPU_KERNELS_ENV: &str = "TANDEM_CPU_KERNELS";
 
 /// A family of CPU kernels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum CpuKernels {
     /// Scalar kernels: builds without AVX2 enabled at compile time.
     Portable,
@@ -37,11 +47,18 @@ pub enum CpuKernels {
     Avx2,
     /// AVX2 plus `vpdpbusd` (AVX-VNNI or AVX512-VNNI+VL) for the int8 panels.
     Vnni,
+    /// `vnni` plus AMX int8 tiles for the panels at 8 tokens or more.
+    Amx,
 }
 
 impl CpuKernels {
     /// Every family, best last.
-    pub const ALL: [CpuKernels; 3] = [CpuKernels::Portable, CpuKernels::Avx2, CpuKernels::Vnni];
+    pub const ALL: [CpuKernels; 4] = [
+        CpuKernels::Portable,
+        CpuKernels::Avx2,
+        CpuKernels::Vnni,
+        CpuKernels::Amx,
+    ];
 
     /// The name `TANDEM_CPU_KERNELS` takes and the logs print.
     pub fn name(self) -> &'static str {
@@ -49,6 +66,7 @@ impl CpuKernels {
             CpuKernels::Portable => "portable",
             CpuKernels::Avx2 => "avx2",
             CpuKernels::Vnni => "vnni",
+            CpuKernels::Amx => "amx",
         }
     }
 
@@ -65,7 +83,26 @@ impl CpuKernels {
             CpuKernels::Portable => "scalar",
             CpuKernels::Avx2 => "avx2, fma, f16c",
             CpuKernels::Vnni => quant_dot::vnni_flavor().unwrap_or("none"),
+            CpuKernels::Amx => match quant_dot::vnni_flavor() {
+                Some("avx_vnni") => "amx_int8 tiles from 8 tokens, avx_vnni below",
+                Some(_) => "amx_int8 tiles from 8 tokens, avx512_vnni below",
+                None => "none",
+            },
         }
+    }
+
+    /// Why this build on this CPU cannot run the family, or `None` if it can.
+    pub fn unavailable_reason(self) -> Option<String> {
+        if self.available() {
+            return None;
+        }
+        Some(match self {
+            CpuKernels::Portable => "AVX2 builds never run the scalar kernels".to_owned(),
+            CpuKernels::Avx2 => "the build was compiled without AVX2/FMA/F16C".to_owned(),
+            CpuKernels::Vnni => "the CPU lacks avx_vnni and avx512_vnni (with avx512vl)".to_owned(),
+            CpuKernels::Amx => quant_dot::amx_unavailable()
+                .unwrap_or_else(|| "no VNNI build for the small tiles".to_owned()),
+        })
     }
 
     /// The best family this CPU has.
@@ -86,7 +123,7 @@ impl CpuKernels {
             .collect()
     }
 
-    /// The family named by an override value (`avx2`, `vnni`, `portable`).
+    /// The family named by an override value (`avx2`, `vnni`, `amx`, `portable`).
     pub fn parse(value: &str) -> Result<CpuKernels, CpuKernelsError> {
         let family = CpuKernels::ALL
             .into_iter()
@@ -100,6 +137,7 @@ impl CpuKernels {
         } else {
             Err(CpuKernelsError::Unsupported {
                 value: value.to_owned(),
+                reason: family.unavailable_reason().unwrap_or_default(),
                 supported: SupportedList,
             })
         }
@@ -113,7 +151,9 @@ impl CpuKernels {
         }
     }
 
-    /// One line for the start-up log, e.g. `vnni (avx_vnni; avx2 also available)`.
+    /// One line for the start-up log, e.g. `vnni (avx_vnni; avx2 also available; amx
+    /// unavailable: the CPU lacks amx_tile)`: the chosen family, the others this CPU
+    /// has, and why any better one is missing.
     pub fn describe(self) -> String {
         let others: Vec<&str> = CpuKernels::supported()
             .into_iter()
@@ -123,6 +163,11 @@ impl CpuKernels {
         let mut line = format!("{} ({}", self.name(), self.features());
         if !others.is_empty() {
             line.push_str(&format!("; {} also available", others.join(", ")));
+        }
+        for better in CpuKernels::ALL.into_iter().filter(|&k| k > self) {
+            if let Some(why) = better.unavailable_reason() {
+                line.push_str(&format!("; {better} unavailable: {why}"));
+            }
         }
         line.push(')');
         line
@@ -165,10 +210,11 @@ pub enum CpuKernelsError {
         supported: SupportedList,
     },
     #[error(
-        "{CPU_KERNELS_ENV}={value:?}: kernel family not available here (this CPU and build support: {supported})"
+        "{CPU_KERNELS_ENV}={value:?}: kernel family not available here: {reason} (this CPU and build support: {supported})"
     )]
     Unsupported {
         value: String,
+        reason: String,
         supported: SupportedList,
     },
 }
@@ -224,7 +270,11 @@ mod tests {
             if !family.available() {
                 let err = CpuKernels::parse(family.name()).unwrap_err();
                 assert!(matches!(err, CpuKernelsError::Unsupported { .. }), "{err}");
-                assert!(err.to_string().contains(best.name()));
+                let why = family
+                    .unavailable_reason()
+                    .expect("unavailable families say why");
+                assert!(err.to_string().contains(best.name()) && err.to_string().contains(&why));
+                assert!(best.describe().contains(&why) || family < best);
             }
         }
         assert!(best.describe().starts_with(best.name()));

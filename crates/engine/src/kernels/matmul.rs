@@ -11,9 +11,11 @@
 //! [`matmul_many`] runs several matrices that share one input (q/k/v, gate/up) in a single
 //! dispatch, quantizing the input once.
 //!
-//! The panel kernels come from the process's kernel family (`super::dispatch`: AVX2 or
-//! VNNI, chosen once at run time); each matmul reads the resolved table once and its
-//! tasks call through it.
+//! The panel kernels come from the process's kernel family (`super::dispatch`: AVX2,
+//! VNNI or AMX, chosen once at run time); each matmul reads the resolved table once and
+//! its tasks call through it. Where the family has pair kernels (AMX) and the batch has
+//! at least [`PAIR_MIN_TOKENS`] tokens, tasks own whole pairs of panels and run them
+//! through those, the tokens left over (fewer than 8) through the per-panel kernels.
 
 use std::cell::RefCell;
 use std::marker::PhantomData;
@@ -27,7 +29,7 @@ use super::gemm::DenseWeights;
 use super::packed::{PANEL_ROWS, PanelFormat};
 use super::pool::ThreadPool;
 use super::qmatrix::{QMatrix, blocks, with_block_type};
-use super::quant_dot::{PanelSet, PanelTable, Q8Acts, QK, fast};
+use super::quant_dot::{PAIR_ROWS, PairFn, PanelSet, PanelTable, Q8Acts, QK, fast};
 
 /// Batches of at least this many tokens use f32 GEMM when the weights have a dense copy
 /// and a format without panel kernels (measured on a 2-core Zen 3: K-quants cross over
@@ -141,6 +143,21 @@ pub fn matmul_many_with(
         return Ok(());
     }
     let table = super::dispatch::panel_table()?;
+    matmul_with_table(pool, ws, x, n_tokens, ys, path, table);
+    Ok(())
+}
+
+/// [`matmul_many_with`] through the panel kernels of `table` (shapes checked, batch and
+/// matrices non-empty).
+fn matmul_with_table(
+    pool: &ThreadPool,
+    ws: &[&Linear],
+    x: &[f32],
+    n_tokens: usize,
+    ys: &mut [&mut [f32]],
+    path: MatmulPath,
+    table: &'static PanelTable,
+) {
     let use_gemm = |w: &Linear| {
         w.dense.is_some()
             && match path {
@@ -193,7 +210,6 @@ pub fn matmul_many_with(
             job.kind.compute(rows, x, n_tokens, &job.out);
         });
     });
-    Ok(())
 }
 
 fn check_shapes(
@@ -352,9 +368,14 @@ impl<'a> JobKind<'a> {
         }
         let min_rows = if n_tokens == 1 { 32 } else { 8 };
         let target_tasks = (4 * n_threads).div_ceil(n_jobs).max(1);
-        // Multiples of a panel, so no panel is split between tasks.
+        // Multiples of a panel, so no panel is split between tasks; of a pair of panels
+        // where pair kernels run, so no task ends on a lone panel needlessly.
+        let multiple = match self {
+            Self::Panels(_, _, _, set) if pairs_for(set, n_tokens).is_some() => 2 * PANEL_ROWS,
+            _ => PANEL_ROWS,
+        };
         rows.div_ceil(target_tasks)
-            .next_multiple_of(PANEL_ROWS)
+            .next_multiple_of(multiple)
             .max(min_rows)
     }
 
@@ -430,8 +451,18 @@ macro_rules! for_each_tile {
 /// token) stay in L2 while the task's panels are swept over them.
 const PANEL_TOKEN_BLOCK: usize = 64;
 
-/// Panels of a panel-format matrix covering `rows` (which start on a panel boundary),
-/// 8 tokens at a time, then 4, then one at a time.
+/// Batches of at least this many tokens use a family's pair kernels (AMX tiles) where it
+/// has them; smaller ones, decode above all, keep the per-panel kernels.
+pub(crate) const PAIR_MIN_TOKENS: usize = 8;
+
+/// The pair kernel of `set` if it applies to batches of `n_tokens`.
+fn pairs_for(set: &PanelSet, n_tokens: usize) -> Option<PairFn> {
+    set.pairs.filter(|_| n_tokens >= PAIR_MIN_TOKENS)
+}
+
+/// Panels of a panel-format matrix covering `rows` (which start on a panel boundary):
+/// through the pair kernels when the family has them and the batch is large enough,
+/// else one panel at a time.
 fn panel_rows(
     w: &QMatrix,
     format: &PanelFormat,
@@ -440,36 +471,96 @@ fn panel_rows(
     out: &SharedOut,
     kernels: &PanelSet,
 ) {
-    let PanelSet {
-        k8: kernel8,
-        k4: kernel4,
-        k1: kernel1,
-    } = *kernels;
     debug_assert_eq!(rows.start % PANEL_ROWS, 0);
-    let panel_bytes = w.cols() / QK * format.panel_block;
     let n_tokens = acts.n_tokens();
     for block_start in (0..n_tokens).step_by(PANEL_TOKEN_BLOCK) {
-        let block_end = (block_start + PANEL_TOKEN_BLOCK).min(n_tokens);
-        for first_row in rows.clone().step_by(PANEL_ROWS) {
-            let panel = &w.storage()[first_row / PANEL_ROWS * panel_bytes..][..panel_bytes];
-            let live_rows = PANEL_ROWS.min(rows.end - first_row);
-            let store = |t0: usize, values: &[[f32; PANEL_ROWS]]| {
-                for (dt, row_values) in values.iter().enumerate() {
-                    out.set_rows(t0 + dt, first_row, &row_values[..live_rows]);
+        let tokens = block_start..(block_start + PANEL_TOKEN_BLOCK).min(n_tokens);
+        match pairs_for(kernels, n_tokens) {
+            Some(pairs) => pair_block(w, format, acts, rows.clone(), tokens, out, kernels, pairs),
+            None => {
+                for first_row in rows.clone().step_by(PANEL_ROWS) {
+                    panel_block(
+                        w,
+                        format,
+                        acts,
+                        first_row,
+                        rows.end,
+                        tokens.clone(),
+                        out,
+                        kernels,
+                    );
                 }
-            };
-            let mut t0 = block_start;
-            while t0 + 8 <= block_end {
-                store(t0, &kernel8(panel, format, acts, t0));
-                t0 += 8;
             }
-            if t0 + 4 <= block_end {
-                store(t0, &kernel4(panel, format, acts, t0));
-                t0 += 4;
+        }
+    }
+}
+
+/// The panel starting at `first_row` (rows past `rows_end` are padding) × `tokens`: 8
+/// tokens at a time, then 4, then one at a time.
+#[allow(clippy::too_many_arguments)]
+fn panel_block(
+    w: &QMatrix,
+    format: &PanelFormat,
+    acts: &Q8Acts,
+    first_row: usize,
+    rows_end: usize,
+    tokens: Range<usize>,
+    out: &SharedOut,
+    kernels: &PanelSet,
+) {
+    let panel_bytes = w.cols() / QK * format.panel_block;
+    let panel = &w.storage()[first_row / PANEL_ROWS * panel_bytes..][..panel_bytes];
+    let live_rows = PANEL_ROWS.min(rows_end - first_row);
+    let store = |t0: usize, values: &[[f32; PANEL_ROWS]]| {
+        for (dt, row_values) in values.iter().enumerate() {
+            out.set_rows(t0 + dt, first_row, &row_values[..live_rows]);
+        }
+    };
+    let mut t0 = tokens.start;
+    while t0 + 8 <= tokens.end {
+        store(t0, &(kernels.k8)(panel, format, acts, t0));
+        t0 += 8;
+    }
+    if t0 + 4 <= tokens.end {
+        store(t0, &(kernels.k4)(panel, format, acts, t0));
+        t0 += 4;
+    }
+    for t in t0..tokens.end {
+        store(t, &(kernels.k1)(panel, format, acts, t));
+    }
+}
+
+/// Pairs of panels covering `rows` × `tokens` through `pairs` for the largest multiple of
+/// 8 tokens, the rest of the tokens one panel at a time.
+#[allow(clippy::too_many_arguments)]
+fn pair_block(
+    w: &QMatrix,
+    format: &PanelFormat,
+    acts: &Q8Acts,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    out: &SharedOut,
+    kernels: &PanelSet,
+    pairs: PairFn,
+) {
+    let panel_bytes = w.cols() / QK * format.panel_block;
+    let paired = tokens.start..tokens.start + tokens.len() / 8 * 8;
+    let mut values = [[0f32; PAIR_ROWS]; PANEL_TOKEN_BLOCK];
+    let values = &mut values[..paired.len()];
+    for first_row in rows.clone().step_by(PAIR_ROWS) {
+        let live_panels = (rows.end - first_row).div_ceil(PANEL_ROWS).min(2);
+        let first_panel = first_row / PANEL_ROWS;
+        let panels = &w.storage()[first_panel * panel_bytes..][..live_panels * panel_bytes];
+        if !paired.is_empty() {
+            pairs(panels, live_panels, format, acts, paired.clone(), values);
+            let live_rows = PAIR_ROWS.min(rows.end - first_row);
+            for (t, row_values) in paired.clone().zip(values.iter()) {
+                out.set_rows(t, first_row, &row_values[..live_rows]);
             }
-            for t in t0..block_end {
-                store(t, &kernel1(panel, format, acts, t));
-            }
+        }
+        for panel_row in (first_row..rows.end).step_by(PANEL_ROWS).take(live_panels) {
+            let rest = paired.end..tokens.end;
+            panel_block(w, format, acts, panel_row, rows.end, rest, out, kernels);
         }
     }
 }
@@ -545,6 +636,50 @@ mod tests {
                 (state as f32 / u32::MAX as f32) * 2.0 - 1.0
             })
             .collect()
+    }
+
+    /// Every kernel family this CPU has, through the whole matmul (task split, pairs of
+    /// panels and the tokens left over, ragged last panels), bit for bit against `avx2`.
+    #[test]
+    fn every_family_matmul_matches_avx2() {
+        use crate::kernels::CpuKernels;
+        let pool = ThreadPool::new(2).unwrap();
+        let Some(reference) = CpuKernels::Avx2.panel_table() else {
+            eprintln!("notice: no avx2 family in this build");
+            return;
+        };
+        let cols = 160;
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            for rows in [13, 40, 72] {
+                let values = pseudo_random(rows * cols, rows as u32 + 3);
+                let w = Linear::new(
+                    QMatrix::from_f32(dtype, rows, cols, &values).unwrap(),
+                    false,
+                );
+                for n_tokens in [1, 7, 8, 12, 16, 27, 64, 83] {
+                    let x = pseudo_random(n_tokens * cols, 200 + n_tokens as u32);
+                    let run = |table| {
+                        let mut y = vec![f32::NAN; n_tokens * rows];
+                        let path = MatmulPath::Auto;
+                        matmul_with_table(&pool, &[&w], &x, n_tokens, &mut [&mut y], path, table);
+                        y
+                    };
+                    let want = run(reference);
+                    for family in CpuKernels::supported() {
+                        let got = run(family.panel_table().unwrap());
+                        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                g.to_bits(),
+                                e.to_bits(),
+                                "{family} {dtype:?} rows {rows}, {n_tokens} tokens, [{}, {}]: {g} vs {e}",
+                                i / rows,
+                                i % rows
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The tiling of `panel_rows` (8, 4 and 1 tokens; ragged last panels) against the

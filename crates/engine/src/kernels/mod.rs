@@ -9,13 +9,15 @@
 //!   (`quant_dot`) at every batch size for Q4_0/Q4_1/Q8_0, f32 GEMM over a dense copy
 //!   (`gemm`) for large batches of the other formats.
 //! - [`ops`]: element-wise and row-wise operations (RMS norm, SiLU·mul, softmax, RoPE…).
-//! - [`dispatch`]: the kernel family ([`CpuKernels`]: `avx2` or `vnni`), chosen once at
-//!   run time from the CPU's features, or by `TANDEM_CPU_KERNELS`.
+//! - [`dispatch`]: the kernel family ([`CpuKernels`]: `avx2`, `vnni` or `amx`), chosen
+//!   once at run time from the CPU's features, or by `TANDEM_CPU_KERNELS`.
+//! - `tiles`: AMX tile state (the OS permission, per-thread tile configuration) and the
+//!   tile instructions, for the `amx` family's kernels.
 //!
 //! x86-64 builds use AVX2/FMA/F16C when they are enabled at compile time (the workspace
 //! builds with `-C target-cpu=x86-64-v3`); every such kernel has a portable scalar twin.
-//! Kernels needing more (VNNI) are `#[target_feature]` functions reached only through
-//! the family [`dispatch`] selected for this CPU.
+//! Kernels needing more (VNNI, AVX-512, AMX) are `#[target_feature]` functions (AMX:
+//! `asm!`) reached only through the family [`dispatch`] selected for this CPU.
 
 mod aligned;
 pub mod attn;
@@ -28,6 +30,7 @@ pub mod pool;
 pub mod qmatrix;
 mod quant_dot;
 mod simd;
+mod tiles;
 
 pub use candle_core::quantized::GgmlDType;
 pub use dispatch::{CpuKernels, CpuKernelsError};

@@ -24,8 +24,11 @@
 //!
 //! The panel kernels are also reached at run time through a [`PanelTable`] per kernel
 //! family (`super::dispatch`): `vnni` replaces the AVX2 panels with `vpdpbusd` ones
-//! (bit-identical results), chosen only when the CPU has AVX-VNNI or AVX512-VNNI+VL.
+//! (bit-identical results), chosen only when the CPU has AVX-VNNI or AVX512-VNNI+VL;
+//! `amx` adds pair kernels (`amx`: two panels × 8 or 16 tokens per AMX tile multiply,
+//! also bit-identical) that the matmul uses for batches of 8 tokens or more.
 
+use std::ops::Range;
 use std::sync::{Mutex, PoisonError};
 
 use super::aligned::AlignedBytes;
@@ -154,12 +157,25 @@ pub(crate) type PanelOut<const T: usize> = [[f32; PANEL_ROWS]; T];
 /// A panel kernel for `T` tokens: (panel, format, activations, first token).
 pub(crate) type PanelFn<const T: usize> = fn(&[u8], &PanelFormat, &Q8Acts, usize) -> PanelOut<T>;
 
-/// One weight format's panel kernels for tiles of 8, 4 and 1 tokens.
+/// Weight rows of a pair of panels (the pair kernels' unit).
+pub(crate) const PAIR_ROWS: usize = 2 * PANEL_ROWS;
+
+/// Results of a pair of panels (16 rows, natural order) for one token.
+pub(crate) type PairOut = [f32; PAIR_ROWS];
+
+/// A kernel for a pair of panels (16 rows; the second may be absent: 1 or 2 live
+/// panels) × a run of tokens whose length is a multiple of 8, written to one
+/// [`PairOut`] per token: (panels, live panels, format, activations, tokens, out).
+pub(crate) type PairFn = fn(&[u8], usize, &PanelFormat, &Q8Acts, Range<usize>, &mut [PairOut]);
+
+/// One weight format's panel kernels for tiles of 8, 4 and 1 tokens, and optionally
+/// (`amx`) for pairs of panels × runs of tokens.
 #[derive(Clone, Copy)]
 pub(crate) struct PanelSet {
     pub(crate) k8: PanelFn<8>,
     pub(crate) k4: PanelFn<4>,
     pub(crate) k1: PanelFn<1>,
+    pub(crate) pairs: Option<PairFn>,
 }
 
 /// A kernel family's panel kernels, resolved once (`super::dispatch`) so a matmul
@@ -172,24 +188,31 @@ pub(crate) struct PanelTable {
     pub(crate) q8_0_wide: bool,
 }
 
-/// The table of a module whose `q4_panel` and `q8_0_panel` have the panel signatures.
+/// The table of a module whose `q4_panel` and `q8_0_panel` have the panel signatures,
+/// with pair kernels `[q4_0, q4_1, q8_0]` or none.
 macro_rules! panel_table {
     ($wide:expr) => {
+        panel_table!($wide, [None, None, None])
+    };
+    ($wide:expr, [$pairs4_0:expr, $pairs4_1:expr, $pairs8_0:expr]) => {
         $crate::kernels::quant_dot::PanelTable {
             q4_0: $crate::kernels::quant_dot::PanelSet {
                 k8: q4_panel::<false, 8>,
                 k4: q4_panel::<false, 4>,
                 k1: q4_panel::<false, 1>,
+                pairs: $pairs4_0,
             },
             q4_1: $crate::kernels::quant_dot::PanelSet {
                 k8: q4_panel::<true, 8>,
                 k4: q4_panel::<true, 4>,
                 k1: q4_panel::<true, 1>,
+                pairs: $pairs4_1,
             },
             q8_0: $crate::kernels::quant_dot::PanelSet {
                 k8: q8_0_panel::<8>,
                 k4: q8_0_panel::<4>,
                 k1: q8_0_panel::<1>,
+                pairs: $pairs8_0,
             },
             q8_0_wide: $wide,
         }
@@ -207,7 +230,8 @@ pub(crate) fn panel_table(family: CpuKernels) -> Option<&'static PanelTable> {
     return match family {
         CpuKernels::Portable => None,
         CpuKernels::Avx2 => Some(&avx2::TABLE),
-        CpuKernels::Vnni => vnni::tables().first().map(|&(_, table)| table),
+        CpuKernels::Vnni => vnni::tables().first().map(|build| build.table),
+        CpuKernels::Amx => amx_table(),
     };
     #[cfg(not(all(
         target_arch = "x86_64",
@@ -218,6 +242,52 @@ pub(crate) fn panel_table(family: CpuKernels) -> Option<&'static PanelTable> {
     return (family == CpuKernels::Portable).then_some(&scalar::TABLE);
 }
 
+/// The `amx` family's table: the best VNNI build's panels for few tokens, AMX tiles for
+/// pairs of panels × many tokens. Only where the process can use AMX (see
+/// `super::tiles`) and the CPU has AVX-512 F/BW/VL (the tiles' f32 steps).
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+fn amx_table() -> Option<&'static PanelTable> {
+    amx_unavailable().is_none().then_some(())?;
+    vnni::tables().first().map(|build| build.amx_table)
+}
+
+/// Why the `amx` family cannot run here, or `None` when it can.
+pub(crate) fn amx_unavailable() -> Option<String> {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    {
+        if let Err(why) = super::tiles::availability() {
+            return Some(why.clone());
+        }
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl");
+        if !avx512 {
+            return Some("the CPU lacks AVX-512 F/BW/VL, which the tile kernels use".to_owned());
+        }
+        if vnni::tables().is_empty() {
+            return Some("the CPU lacks VNNI, which the tile kernels' small tiles use".to_owned());
+        }
+        None
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )))]
+    Some("the build lacks AVX2".to_owned())
+}
+
 /// The CPU feature the `vnni` family runs on here (`avx_vnni` or `avx512_vnni`).
 pub(crate) fn vnni_flavor() -> Option<&'static str> {
     #[cfg(all(
@@ -226,7 +296,7 @@ pub(crate) fn vnni_flavor() -> Option<&'static str> {
         target_feature = "fma",
         target_feature = "f16c"
     ))]
-    return vnni::tables().first().map(|&(name, _)| name);
+    return vnni::tables().first().map(|build| build.name);
     #[cfg(not(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -763,6 +833,14 @@ pub(crate) mod avx2 {
     target_feature = "fma",
     target_feature = "f16c"
 ))]
+mod amx;
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
 pub(crate) mod vnni {
     //! `vpdpbusd` panel kernels: u8 × i8 products summed in groups of 4 into i32 lanes,
     //! one instruction where AVX2 needs `maddubs` + `madd` (Q4) or a widening `madd`
@@ -796,6 +874,17 @@ pub(crate) mod vnni {
 
                 /// Only handed out by `tables` once the CPU has the features.
                 pub(in super::super) static TABLE: super::super::PanelTable = panel_table!(false);
+
+                /// [`TABLE`] plus the AMX pair kernels: only handed out once the
+                /// process can also use AMX (`super::super::amx_table`).
+                pub(in super::super) static AMX_TABLE: super::super::PanelTable = panel_table!(
+                    false,
+                    [
+                        Some(super::super::amx::q4_pair::<false>),
+                        Some(super::super::amx::q4_pair::<true>),
+                        Some(super::super::amx::q8_0_pair)
+                    ]
+                );
 
                 fn q4_panel<const HAS_MIN: bool, const T: usize>(
                     panel: &[u8],
@@ -905,18 +994,35 @@ pub(crate) mod vnni {
         _mm256_dpbusd_epi32
     );
 
+    /// One build of the VNNI kernels.
+    pub(crate) struct VnniBuild {
+        /// The CPU's `/proc/cpuinfo` flag for it.
+        pub(crate) name: &'static str,
+        pub(crate) table: &'static PanelTable,
+        /// The same kernels plus the AMX pair kernels (for the `amx` family only).
+        pub(crate) amx_table: &'static PanelTable,
+    }
+
     /// The VNNI builds this CPU can run, preferred first (VEX-encoded AVX-VNNI, then
-    /// AVX512-VNNI), named by their `/proc/cpuinfo` flag.
-    pub(crate) fn tables() -> Vec<(&'static str, &'static PanelTable)> {
+    /// AVX512-VNNI).
+    pub(crate) fn tables() -> Vec<VnniBuild> {
         let mut tables = Vec::new();
         if std::arch::is_x86_feature_detected!("avxvnni") {
-            tables.push(("avx_vnni", &avx_vnni::TABLE));
+            tables.push(VnniBuild {
+                name: "avx_vnni",
+                table: &avx_vnni::TABLE,
+                amx_table: &avx_vnni::AMX_TABLE,
+            });
         }
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vnni")
         {
-            tables.push(("avx512_vnni", &avx512_vnni::TABLE));
+            tables.push(VnniBuild {
+                name: "avx512_vnni",
+                table: &avx512_vnni::TABLE,
+                amx_table: &avx512_vnni::AMX_TABLE,
+            });
         }
         tables
     }
@@ -1132,8 +1238,47 @@ mod tests {
         }
     }
 
-    /// Forces each kernel family (and each VNNI build) this CPU has and compares every
-    /// panel kernel (1, 4 and 8 tokens; Q4_0, Q4_1, Q8_0) with the AVX2 and scalar ones.
+    /// Every pair of panels of `m` (the last one lone when the panel count is odd) ×
+    /// `tokens` through `pairs`, bit for bit against the AVX2 single-token kernel.
+    fn compare_pairs(
+        name: &str,
+        m: &crate::kernels::QMatrix,
+        acts: &Q8Acts,
+        tokens: Range<usize>,
+        pairs: PairFn,
+        reference: PanelFn<1>,
+    ) {
+        let format = m.panel_format().unwrap();
+        let panel_bytes = m.cols() / QK * format.panel_block;
+        let n_panels = m.storage().len() / panel_bytes;
+        let mut out = vec![[f32::NAN; 2 * PANEL_ROWS]; tokens.len()];
+        for first in (0..n_panels).step_by(2) {
+            let live = (n_panels - first).min(2);
+            let panels = &m.storage()[first * panel_bytes..(first + live) * panel_bytes];
+            pairs(panels, live, format, acts, tokens.clone(), &mut out);
+            for (t, got) in tokens.clone().zip(&out) {
+                for p in 0..live {
+                    let panel = &panels[p * panel_bytes..(p + 1) * panel_bytes];
+                    let [want] = reference(panel, format, acts, t);
+                    for k in 0..PANEL_ROWS {
+                        let g = got[p * PANEL_ROWS + k];
+                        assert_eq!(
+                            g.to_bits(),
+                            want[k].to_bits(),
+                            "{name} {:?} pairs: panel {} row {k} token {t}: {g} vs avx2 {}",
+                            m.dtype(),
+                            first + p,
+                            want[k]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forces each kernel family (and each VNNI build, with and without AMX tiles) this
+    /// CPU has and compares every panel kernel (1, 4 and 8 tokens; pairs of panels × 8,
+    /// 16 and 24 tokens; Q4_0, Q4_1, Q8_0) with the AVX2 and scalar ones.
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -1143,14 +1288,23 @@ mod tests {
     #[test]
     fn every_family_matches_avx2_and_scalar() {
         use crate::kernels::{GgmlDType, QMatrix};
-        let mut families = vec![("avx2", &avx2::TABLE)];
+        let mut families = vec![("avx2".to_owned(), &avx2::TABLE)];
         let vnni = vnni::tables();
         for flavor in ["avx_vnni", "avx512_vnni"] {
-            if !vnni.iter().any(|&(name, _)| name == flavor) {
+            if !vnni.iter().any(|build| build.name == flavor) {
                 eprintln!("notice: skipping the {flavor} kernels: this CPU lacks {flavor}");
             }
         }
-        families.extend(vnni);
+        let amx = amx_unavailable();
+        if let Some(why) = &amx {
+            eprintln!("notice: skipping the AMX tile kernels: {why}");
+        }
+        for build in &vnni {
+            families.push((build.name.to_owned(), build.table));
+            if amx.is_none() {
+                families.push((format!("amx+{}", build.name), build.amx_table));
+            }
+        }
         for family in CpuKernels::ALL {
             if family.available() {
                 let table = family.panel_table().unwrap();
@@ -1159,7 +1313,8 @@ mod tests {
                 eprintln!("notice: kernel family {family} is not available here");
             }
         }
-        let (rows, cols, n_tokens) = (13, 256, 11);
+        // 21 rows: a pair of panels, then a lone one padded with zero rows.
+        let (rows, cols, n_tokens) = (21, 256, 27);
         let acts = acts(cols, n_tokens);
         let w = pseudo_random(rows * cols, 23);
         let matrices = [
@@ -1167,7 +1322,7 @@ mod tests {
             QMatrix::from_f32(GgmlDType::Q4_1, rows, cols, &w).unwrap(),
             q8_0_extremes(rows, cols),
         ];
-        for (name, table) in families {
+        for (name, table) in &families {
             for m in &matrices {
                 let set = |t: &PanelTable| match m.dtype() {
                     GgmlDType::Q4_0 => t.q4_0,
@@ -1183,6 +1338,11 @@ mod tests {
                 }
                 for t0 in 0..n_tokens {
                     compare_tile::<1>(name, m, &acts, t0, sets.map(|s| s.k1));
+                }
+                if let Some(pairs) = sets[0].pairs {
+                    for tokens in [0..24, 3..19, 19..27, 1..25] {
+                        compare_pairs(name, m, &acts, tokens, pairs, sets[1].k1);
+                    }
                 }
             }
         }
