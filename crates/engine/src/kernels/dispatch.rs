@@ -2,7 +2,8 @@
 //!
 //! The binary is compiled for x86-64-v3 (AVX2/FMA/F16C), which every kernel may assume.
 //! Kernels that need more than that — the `vpdpbusd` int8 panels of the quantized
-//! matmul (`quant_dot::vnni`) and the AMX tile kernels (`quant_dot::amx`, `tiles`) —
+//! matmul (`quant_dot::vnni`), the AVX-512 f32/f16 tiles (`quant_dot::avx512`) and the
+//! AMX tile kernels (`quant_dot::amx`, `tiles`) —
 //! live in `#[target_feature]` functions (or `asm!`) that are only reachable through the
 //! [`PanelTable`] of a family this CPU has, so one binary uses what the CPU offers:
 //!
@@ -11,7 +12,14 @@
 //! - `vnni`: `vpdpbusd` for the Q4_0/Q4_1/Q8_0 panels (AVX-VNNI where present, else
 //!   AVX512-VNNI with AVX512-VL, both on 256-bit vectors); the f32/f16 tiles and
 //!   everything else stay on AVX2.
-//! - `amx`: `vnni`, plus AMX int8 tiles (`tdpbsud`/`tdpbssd`) for the panels whenever
+//! - `avx512`: the `vnni` panels (the `avx2` ones on a CPU with AVX-512 but no VNNI,
+//!   e.g. Skylake-SP) plus 512-bit f32/f16 tiles (`quant_dot::avx512`) for F32/F16
+//!   weights below the GEMM threshold: 16 columns per multiply-add, one conversion per
+//!   16 f16 weights. A family of its own rather than folded into `vnni` because its
+//!   f32/f16 outputs are not bit-identical to AVX2's (16-lane sums; see numerics below),
+//!   so `vnni` stays the bit-exact reference on AVX-512 machines; measured ×1.1–1.45 on
+//!   F16 rows at 1–8 tokens and up to ×1.2 on F32 (`docs/benchmarks.md`, issue 20).
+//! - `amx`: `avx512`, plus AMX int8 tiles (`tdpbsud`/`tdpbssd`) for the panels whenever
 //!   a matmul has 8 tokens or more (prefill, batched decode): pairs of panels × 16 or 8
 //!   tokens per tile, the f32 steps on AVX-512. Single-token decode keeps the `vnni`
 //!   panels: it is bound by the weights' bytes, and a tile multiply for one token would
@@ -20,11 +28,15 @@
 //!   requests once; without any of these the family is unavailable and says why.
 //! - `portable`: the scalar kernels, only on builds without AVX2 at compile time.
 //!
-//! `avx2`, `vnni` and `amx` give bit-identical outputs: each computes every 32-value
-//! block's integer dot product exactly in i32, then the same f32 operations in the same
-//! order (a unit test forces every build this CPU has and compares bit for bit).
+//! Numerics: the Q4_0/Q4_1/Q8_0 panels give bit-identical outputs in every family: each
+//! computes every 32-value block's integer dot product exactly in i32, then the same f32
+//! operations in the same order (a unit test forces every build this CPU has and
+//! compares bit for bit). The F32/F16 tiles of `avx512` and `amx` sum in a different
+//! order than AVX2's; tests hold every family to the f32 dot-product bound n·ε·Σ|w·x|
+//! against an f64 reference, and the llama.cpp fixture tests pass with each family
+//! forced.
 //!
-//! The best family the CPU has is the default; `TANDEM_CPU_KERNELS=avx2|vnni|amx`
+//! The best family the CPU has is the default; `TANDEM_CPU_KERNELS=avx2|vnni|avx512|amx`
 //! overrides it (benchmarks, bug reports). An unknown value, or a family this CPU lacks,
 //! is a [`CpuKernelsError`] naming the reason, not a silent fallback. The choice is made
 //! on first use and cached ([`selected`]); each matmul then reads the resolved table
@@ -33,6 +45,7 @@
 use std::fmt;
 use std::sync::OnceLock;
 
+use super::matmul::{self, DenseTable};
 use super::quant_dot::{self, PanelTable};
 
 /// The environment variable that overrides the kernel family.
@@ -47,16 +60,19 @@ pub enum CpuKernels {
     Avx2,
     /// AVX2 plus `vpdpbusd` (AVX-VNNI or AVX512-VNNI+VL) for the int8 panels.
     Vnni,
-    /// `vnni` plus AMX int8 tiles for the panels at 8 tokens or more.
+    /// `vnni` (or `avx2` panels on a CPU without VNNI) plus AVX-512 f32/f16 tiles.
+    Avx512,
+    /// `avx512` plus AMX int8 tiles for the panels at 8 tokens or more.
     Amx,
 }
 
 impl CpuKernels {
     /// Every family, best last.
-    pub const ALL: [CpuKernels; 4] = [
+    pub const ALL: [CpuKernels; 5] = [
         CpuKernels::Portable,
         CpuKernels::Avx2,
         CpuKernels::Vnni,
+        CpuKernels::Avx512,
         CpuKernels::Amx,
     ];
 
@@ -66,6 +82,7 @@ impl CpuKernels {
             CpuKernels::Portable => "portable",
             CpuKernels::Avx2 => "avx2",
             CpuKernels::Vnni => "vnni",
+            CpuKernels::Avx512 => "avx512",
             CpuKernels::Amx => "amx",
         }
     }
@@ -73,7 +90,7 @@ impl CpuKernels {
     /// Whether this build on this CPU can run the family. `Portable` only exists on
     /// builds without AVX2 (AVX2 builds never run the scalar kernels in a forward pass).
     pub fn available(self) -> bool {
-        quant_dot::panel_table(self).is_some()
+        self.kernels().is_some()
     }
 
     /// The CPU features the family runs on here (for the start-up log line), e.g.
@@ -83,9 +100,14 @@ impl CpuKernels {
             CpuKernels::Portable => "scalar",
             CpuKernels::Avx2 => "avx2, fma, f16c",
             CpuKernels::Vnni => quant_dot::vnni_flavor().unwrap_or("none"),
+            CpuKernels::Avx512 => match quant_dot::vnni_flavor() {
+                Some("avx_vnni") => "avx512f f32/f16 tiles, avx_vnni panels",
+                Some(_) => "avx512f f32/f16 tiles, avx512_vnni panels",
+                None => "avx512f f32/f16 tiles, avx2 panels",
+            },
             CpuKernels::Amx => match quant_dot::vnni_flavor() {
-                Some("avx_vnni") => "amx_int8 tiles from 8 tokens, avx_vnni below",
-                Some(_) => "amx_int8 tiles from 8 tokens, avx512_vnni below",
+                Some("avx_vnni") => "amx_int8 tiles from 8 tokens, avx_vnni below, avx512f",
+                Some(_) => "amx_int8 tiles from 8 tokens, avx512_vnni below, avx512f",
                 None => "none",
             },
         }
@@ -100,12 +122,15 @@ impl CpuKernels {
             CpuKernels::Portable => "AVX2 builds never run the scalar kernels".to_owned(),
             CpuKernels::Avx2 => "the build was compiled without AVX2/FMA/F16C".to_owned(),
             CpuKernels::Vnni => "the CPU lacks avx_vnni and avx512_vnni (with avx512vl)".to_owned(),
+            CpuKernels::Avx512 => {
+                quant_dot::avx512_unavailable().unwrap_or_else(|| "the build lacks AVX2".to_owned())
+            }
             CpuKernels::Amx => quant_dot::amx_unavailable()
                 .unwrap_or_else(|| "no VNNI build for the small tiles".to_owned()),
         })
     }
 
-    /// The best family this CPU has.
+    /// The best family this CPU has (the last available one of [`CpuKernels::ALL`]).
     pub fn best() -> CpuKernels {
         CpuKernels::ALL
             .into_iter()
@@ -123,7 +148,8 @@ impl CpuKernels {
             .collect()
     }
 
-    /// The family named by an override value (`avx2`, `vnni`, `amx`, `portable`).
+    /// The family named by an override value (`avx2`, `vnni`, `avx512`, `amx`,
+    /// `portable`).
     pub fn parse(value: &str) -> Result<CpuKernels, CpuKernelsError> {
         let family = CpuKernels::ALL
             .into_iter()
@@ -173,9 +199,12 @@ impl CpuKernels {
         line
     }
 
-    /// The panel kernels of this family. Only callable for an available family.
-    pub(crate) fn panel_table(self) -> Option<&'static PanelTable> {
-        quant_dot::panel_table(self)
+    /// The kernels of this family, if this build on this CPU can run it.
+    pub(crate) fn kernels(self) -> Option<FamilyKernels> {
+        Some(FamilyKernels {
+            panels: quant_dot::panel_table(self)?,
+            dense: matmul::dense_table(self),
+        })
     }
 }
 
@@ -219,18 +248,27 @@ pub enum CpuKernelsError {
     },
 }
 
-/// The family and its resolved panel kernels, decided once per process.
-type Selection = Result<(CpuKernels, &'static PanelTable), CpuKernelsError>;
+/// A family's kernels, resolved once so a matmul calls through plain function pointers.
+#[derive(Clone, Copy)]
+pub(crate) struct FamilyKernels {
+    /// The Q4_0/Q4_1/Q8_0 panel (and pair) kernels.
+    pub(crate) panels: &'static PanelTable,
+    /// The F32/F16 row kernels.
+    pub(crate) dense: &'static DenseTable,
+}
+
+/// The family and its resolved kernels, decided once per process.
+type Selection = Result<(CpuKernels, FamilyKernels), CpuKernelsError>;
 
 fn selection() -> &'static Selection {
     static SELECTED: OnceLock<Selection> = OnceLock::new();
     SELECTED.get_or_init(|| {
         let value = std::env::var(CPU_KERNELS_ENV).ok();
         let family = CpuKernels::resolve(value.as_deref().filter(|v| !v.trim().is_empty()))?;
-        let table = family
-            .panel_table()
+        let kernels = family
+            .kernels()
             .expect("resolve only returns available families");
-        Ok((family, table))
+        Ok((family, kernels))
     })
 }
 
@@ -244,11 +282,11 @@ pub fn selected() -> Result<CpuKernels, CpuKernelsError> {
         .map_err(Clone::clone)
 }
 
-/// The selected family's panel kernels.
-pub(crate) fn panel_table() -> Result<&'static PanelTable, CpuKernelsError> {
+/// The selected family's kernels.
+pub(crate) fn kernels() -> Result<FamilyKernels, CpuKernelsError> {
     selection()
         .as_ref()
-        .map(|&(_, table)| table)
+        .map(|&(_, kernels)| kernels)
         .map_err(Clone::clone)
 }
 

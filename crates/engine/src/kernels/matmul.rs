@@ -25,11 +25,12 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::k_quants::GgmlType;
 
 use super::KernelError;
+use super::dispatch::{CpuKernels, FamilyKernels};
 use super::gemm::DenseWeights;
 use super::packed::{PANEL_ROWS, PanelFormat};
 use super::pool::ThreadPool;
 use super::qmatrix::{QMatrix, blocks, with_block_type};
-use super::quant_dot::{PAIR_ROWS, PairFn, PanelSet, PanelTable, Q8Acts, QK, fast};
+use super::quant_dot::{PAIR_ROWS, PairFn, PanelSet, Q8Acts, QK, fast};
 
 /// Batches of at least this many tokens use f32 GEMM when the weights have a dense copy
 /// and a format without panel kernels (measured on a 2-core Zen 3: K-quants cross over
@@ -142,22 +143,23 @@ pub fn matmul_many_with(
     if n_tokens == 0 || ws.is_empty() {
         return Ok(());
     }
-    let table = super::dispatch::panel_table()?;
-    matmul_with_table(pool, ws, x, n_tokens, ys, path, table);
+    let kernels = super::dispatch::kernels()?;
+    matmul_with_kernels(pool, ws, x, n_tokens, ys, path, kernels);
     Ok(())
 }
 
-/// [`matmul_many_with`] through the panel kernels of `table` (shapes checked, batch and
-/// matrices non-empty).
-fn matmul_with_table(
+/// [`matmul_many_with`] through a family's `kernels` (shapes checked, batch and matrices
+/// non-empty).
+fn matmul_with_kernels(
     pool: &ThreadPool,
     ws: &[&Linear],
     x: &[f32],
     n_tokens: usize,
     ys: &mut [&mut [f32]],
     path: MatmulPath,
-    table: &'static PanelTable,
+    kernels: FamilyKernels,
 ) {
+    let table = kernels.panels;
     let use_gemm = |w: &Linear| {
         w.dense.is_some()
             && match path {
@@ -187,7 +189,7 @@ fn matmul_with_table(
                 let out = SharedOut::new(y, w.rows(), n_tokens);
                 let kind = match &w.dense {
                     Some(dense) if use_gemm(w) => JobKind::Dense(dense),
-                    _ => JobKind::for_weight(&w.weight, table, acts, x, n_tokens),
+                    _ => JobKind::for_weight(&w.weight, kernels, acts, x, n_tokens),
                 };
                 let chunk = kind.chunk_rows(w.rows(), n_tokens, pool.n_threads(), ws.len());
                 Job { kind, out, chunk }
@@ -334,8 +336,8 @@ type GenericRows<'a> = Box<dyn Fn(Range<usize>, &SharedOut) + Sync + 'a>;
 enum JobKind<'a> {
     /// Q4_0, Q4_1 or Q8_0 panels through the family's kernels for that format.
     Panels(&'a QMatrix, &'a PanelFormat, &'a Q8Acts, &'static PanelSet),
-    F32(&'a QMatrix),
-    F16(&'a QMatrix),
+    /// F32 or F16 weights through the family's row kernel for that format.
+    Rows(&'a QMatrix, DenseRowsFn),
     Dense(&'a DenseWeights),
     Generic(GenericRows<'a>),
 }
@@ -343,17 +345,18 @@ enum JobKind<'a> {
 impl<'a> JobKind<'a> {
     fn for_weight(
         w: &'a QMatrix,
-        table: &'static PanelTable,
+        kernels: FamilyKernels,
         acts: &'a Q8Acts,
         x: &'a [f32],
         n_tokens: usize,
     ) -> Self {
+        let table = kernels.panels;
         match (w.dtype(), w.panel_format()) {
             (GgmlDType::Q4_0, Some(format)) => Self::Panels(w, format, acts, &table.q4_0),
             (GgmlDType::Q4_1, Some(format)) => Self::Panels(w, format, acts, &table.q4_1),
             (GgmlDType::Q8_0, Some(format)) => Self::Panels(w, format, acts, &table.q8_0),
-            (GgmlDType::F32, _) => Self::F32(w),
-            (GgmlDType::F16, _) => Self::F16(w),
+            (GgmlDType::F32, _) => Self::Rows(w, kernels.dense.f32_rows),
+            (GgmlDType::F16, _) => Self::Rows(w, kernels.dense.f16_rows),
             (dtype, _) => {
                 with_block_type!(dtype, T => Self::Generic(generic_rows::<T>(w, x, n_tokens)))
             }
@@ -384,8 +387,7 @@ impl<'a> JobKind<'a> {
             Self::Panels(w, format, acts, kernels) => {
                 panel_rows(w, format, acts, rows, out, kernels)
             }
-            Self::F32(w) => f32_rows(w, x, n_tokens, rows, out),
-            Self::F16(w) => f16_rows(w, x, n_tokens, rows, out),
+            Self::Rows(w, kernel) => kernel(w, x, n_tokens, rows, out),
             Self::Dense(dense) => dense.matmul_rows(x, n_tokens, rows, out),
             Self::Generic(body) => body(rows, out),
         }
@@ -565,6 +567,33 @@ fn pair_block(
     }
 }
 
+/// Rows `rows` of F32 or F16 weights × all `n_tokens` tokens of `x` into `out`.
+pub(crate) type DenseRowsFn = fn(&QMatrix, &[f32], usize, Range<usize>, &SharedOut);
+
+/// A kernel family's row kernels for F32 and F16 weights.
+pub(crate) struct DenseTable {
+    pub(crate) f32_rows: DenseRowsFn,
+    pub(crate) f16_rows: DenseRowsFn,
+}
+
+/// The build's own tiles: AVX2 on x86-64-v3, else scalar.
+static DENSE_BASE: DenseTable = DenseTable { f32_rows, f16_rows };
+
+/// The F32/F16 row kernels of `family`: AVX-512 tiles for `avx512` and `amx` (which only
+/// exist where the CPU has AVX-512 F/BW/VL), the build's own for the others.
+pub(crate) fn dense_table(family: CpuKernels) -> &'static DenseTable {
+    match family {
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma",
+            target_feature = "f16c"
+        ))]
+        CpuKernels::Avx512 | CpuKernels::Amx => &avx512_rows::TABLE,
+        _ => &DENSE_BASE,
+    }
+}
+
 fn f32_rows(w: &QMatrix, x: &[f32], n_tokens: usize, rows: Range<usize>, out: &SharedOut) {
     let cols = w.cols();
     let weights: &[f32] = blocks::<f32>(w.storage());
@@ -578,6 +607,66 @@ fn f16_rows(w: &QMatrix, x: &[f32], n_tokens: usize, rows: Range<usize>, out: &S
     for_each_tile!(rows, n_tokens, out, |row, t0, R, T| {
         fast::f16_tile::<R, T>(w.rows_bytes(row, row + R), x, cols, t0)
     });
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+mod avx512_rows {
+    //! The row loops over the AVX-512 f32/f16 tiles (`quant_dot::avx512`). Only reachable
+    //! through [`TABLE`], which `dense_table` hands out only to the `avx512` and `amx`
+    //! families, which exist only where the CPU has AVX-512 F/BW/VL: what the `unsafe`
+    //! calls below rely on.
+
+    use std::ops::Range;
+
+    use super::{DenseTable, SharedOut};
+    use crate::kernels::qmatrix::{QMatrix, blocks};
+    use crate::kernels::quant_dot::avx512;
+
+    pub(super) static TABLE: DenseTable = DenseTable { f32_rows, f16_rows };
+
+    fn f32_rows(w: &QMatrix, x: &[f32], n_tokens: usize, rows: Range<usize>, out: &SharedOut) {
+        // SAFETY: reachable only through TABLE (see the module note).
+        unsafe { f32_rows_avx512(w, x, n_tokens, rows, out) }
+    }
+
+    fn f16_rows(w: &QMatrix, x: &[f32], n_tokens: usize, rows: Range<usize>, out: &SharedOut) {
+        // SAFETY: reachable only through TABLE (see the module note).
+        unsafe { f16_rows_avx512(w, x, n_tokens, rows, out) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    fn f32_rows_avx512(
+        w: &QMatrix,
+        x: &[f32],
+        n_tokens: usize,
+        rows: Range<usize>,
+        out: &SharedOut,
+    ) {
+        let cols = w.cols();
+        let weights: &[f32] = blocks::<f32>(w.storage());
+        for_each_tile!(rows, n_tokens, out, |row, t0, R, T| {
+            avx512::f32_tile::<R, T>(&weights[row * cols..(row + R) * cols], x, cols, t0)
+        });
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    fn f16_rows_avx512(
+        w: &QMatrix,
+        x: &[f32],
+        n_tokens: usize,
+        rows: Range<usize>,
+        out: &SharedOut,
+    ) {
+        let cols = w.cols();
+        for_each_tile!(rows, n_tokens, out, |row, t0, R, T| {
+            avx512::f16_tile::<R, T>(w.rows_bytes(row, row + R), x, cols, t0)
+        });
+    }
 }
 
 /// Rows of any other format through candle's reference dot products: the activations
@@ -644,10 +733,13 @@ mod tests {
     fn every_family_matmul_matches_avx2() {
         use crate::kernels::CpuKernels;
         let pool = ThreadPool::new(2).unwrap();
-        let Some(reference) = CpuKernels::Avx2.panel_table() else {
+        let Some(reference) = CpuKernels::Avx2.kernels() else {
             eprintln!("notice: no avx2 family in this build");
             return;
         };
+        for family in CpuKernels::ALL.into_iter().filter(|f| !f.available()) {
+            eprintln!("notice: kernel family {family} is not available here");
+        }
         let cols = 160;
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             for rows in [13, 40, 72] {
@@ -658,15 +750,23 @@ mod tests {
                 );
                 for n_tokens in [1, 7, 8, 12, 16, 27, 64, 83] {
                     let x = pseudo_random(n_tokens * cols, 200 + n_tokens as u32);
-                    let run = |table| {
+                    let run = |kernels| {
                         let mut y = vec![f32::NAN; n_tokens * rows];
                         let path = MatmulPath::Auto;
-                        matmul_with_table(&pool, &[&w], &x, n_tokens, &mut [&mut y], path, table);
+                        matmul_with_kernels(
+                            &pool,
+                            &[&w],
+                            &x,
+                            n_tokens,
+                            &mut [&mut y],
+                            path,
+                            kernels,
+                        );
                         y
                     };
                     let want = run(reference);
                     for family in CpuKernels::supported() {
-                        let got = run(family.panel_table().unwrap());
+                        let got = run(family.kernels().unwrap());
                         for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                             assert_eq!(
                                 g.to_bits(),
@@ -675,6 +775,68 @@ mod tests {
                                 i / rows,
                                 i % rows
                             );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every kernel family's F32/F16 row kernels through the whole matmul (all tile
+    /// shapes, ragged rows, columns not a multiple of 16), against an f64 reference
+    /// within the dot-product bound n·ε·Σ|w·x|, and against `avx2` within twice that.
+    #[test]
+    fn every_family_f32_f16_rows_within_tolerance() {
+        use crate::kernels::CpuKernels;
+        let pool = ThreadPool::new(2).unwrap();
+        for dtype in [GgmlDType::F32, GgmlDType::F16] {
+            for (rows, cols) in [(7, 100), (13, 576), (5, 1000)] {
+                let values = pseudo_random(rows * cols, cols as u32);
+                let w = QMatrix::from_f32(dtype, rows, cols, &values).unwrap();
+                let exact_w = w.dequantize();
+                let w = Linear::new(w, false);
+                for n_tokens in [1, 2, 3, 5, 9] {
+                    let x = pseudo_random(n_tokens * cols, 300 + n_tokens as u32);
+                    let bound = |t: usize, r: usize| {
+                        let (wr, xt) = (&exact_w[r * cols..][..cols], &x[t * cols..][..cols]);
+                        let exact: f64 =
+                            wr.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let mag: f64 = wr
+                            .iter()
+                            .zip(xt)
+                            .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                            .sum();
+                        (exact, cols as f64 * f32::EPSILON as f64 * mag)
+                    };
+                    let mut avx2 = None;
+                    for family in CpuKernels::ALL.into_iter().filter(|f| f.available()) {
+                        let mut y = vec![f32::NAN; n_tokens * rows];
+                        let kernels = family.kernels().unwrap();
+                        let path = MatmulPath::Quantized;
+                        matmul_with_kernels(
+                            &pool,
+                            &[&w],
+                            &x,
+                            n_tokens,
+                            &mut [&mut y],
+                            path,
+                            kernels,
+                        );
+                        for (i, &got) in y.iter().enumerate() {
+                            let (exact, tol) = bound(i / rows, i % rows);
+                            assert!(
+                                (got as f64 - exact).abs() <= tol,
+                                "{family} {dtype:?} [{rows}, {cols}] {n_tokens} tokens, {i}: {got} vs exact {exact} (tolerance {tol})"
+                            );
+                        }
+                        if family == CpuKernels::Avx2 {
+                            avx2 = Some(y);
+                        } else if let Some(avx2) = &avx2 {
+                            for (i, (&got, &want)) in y.iter().zip(avx2).enumerate() {
+                                let (_, tol) = bound(i / rows, i % rows);
+                                let diff = (got as f64 - want as f64).abs();
+                                assert!(diff <= 2.0 * tol, "{family} vs avx2: {got} vs {want}");
+                            }
                         }
                     }
                 }

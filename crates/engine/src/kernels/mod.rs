@@ -9,8 +9,9 @@
 //!   (`quant_dot`) at every batch size for Q4_0/Q4_1/Q8_0, f32 GEMM over a dense copy
 //!   (`gemm`) for large batches of the other formats.
 //! - [`ops`]: element-wise and row-wise operations (RMS norm, SiLU·mul, softmax, RoPE…).
-//! - [`dispatch`]: the kernel family ([`CpuKernels`]: `avx2`, `vnni` or `amx`), chosen
-//!   once at run time from the CPU's features, or by `TANDEM_CPU_KERNELS`.
+//! - [`dispatch`]: the kernel family ([`CpuKernels`]: `avx2`, `vnni`, `avx512` or
+//!   `amx`), chosen once at run time from the CPU's features, or by
+//!   `TANDEM_CPU_KERNELS`.
 //! - `tiles`: AMX tile state (the OS permission, per-thread tile configuration) and the
 //!   tile instructions, for the `amx` family's kernels.
 //!

@@ -20,7 +20,8 @@
 //!
 //! The f32/f16 kernels compute tiles of `R` rows × `T` tokens. The AVX2 versions (`avx2`)
 //! and the portable ones (`scalar`) have identical signatures; the scalar ones are always
-//! compiled so tests can compare the two.
+//! compiled so tests can compare the two. `avx512` has 512-bit versions for the `avx512`
+//! and `amx` families (same results up to summation order).
 //!
 //! The panel kernels are also reached at run time through a [`PanelTable`] per kernel
 //! family (`super::dispatch`): `vnni` replaces the AVX2 panels with `vpdpbusd` ones
@@ -231,6 +232,14 @@ pub(crate) fn panel_table(family: CpuKernels) -> Option<&'static PanelTable> {
         CpuKernels::Portable => None,
         CpuKernels::Avx2 => Some(&avx2::TABLE),
         CpuKernels::Vnni => vnni::tables().first().map(|build| build.table),
+        CpuKernels::Avx512 => {
+            avx512_unavailable().is_none().then_some(())?;
+            Some(
+                vnni::tables()
+                    .first()
+                    .map_or(&avx2::TABLE, |build| build.table),
+            )
+        }
         CpuKernels::Amx => amx_table(),
     };
     #[cfg(not(all(
@@ -268,16 +277,36 @@ pub(crate) fn amx_unavailable() -> Option<String> {
         if let Err(why) = super::tiles::availability() {
             return Some(why.clone());
         }
-        let avx512 = std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl");
-        if !avx512 {
-            return Some("the CPU lacks AVX-512 F/BW/VL, which the tile kernels use".to_owned());
+        if let Some(why) = avx512_unavailable() {
+            return Some(why);
         }
         if vnni::tables().is_empty() {
             return Some("the CPU lacks VNNI, which the tile kernels' small tiles use".to_owned());
         }
         None
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )))]
+    Some("the build lacks AVX2".to_owned())
+}
+
+/// Why the `avx512` family (and the AVX-512 parts of `amx`) cannot run here, or `None`.
+pub(crate) fn avx512_unavailable() -> Option<String> {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    {
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl");
+        (!avx512).then(|| "the CPU lacks AVX-512 F/BW/VL".to_owned())
     }
     #[cfg(not(all(
         target_arch = "x86_64",
@@ -841,6 +870,14 @@ mod amx;
     target_feature = "fma",
     target_feature = "f16c"
 ))]
+pub(crate) mod avx512;
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
 pub(crate) mod vnni {
     //! `vpdpbusd` panel kernels: u8 × i8 products summed in groups of 4 into i32 lanes,
     //! one instruction where AVX2 needs `maddubs` + `madd` (Q4) or a widening `madd`
@@ -1307,7 +1344,7 @@ mod tests {
         }
         for family in CpuKernels::ALL {
             if family.available() {
-                let table = family.panel_table().unwrap();
+                let table = family.kernels().unwrap().panels;
                 assert!(families.iter().any(|&(_, t)| std::ptr::eq(t, table)));
             } else {
                 eprintln!("notice: kernel family {family} is not available here");
