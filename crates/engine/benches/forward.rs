@@ -1,6 +1,10 @@
 //! End-to-end engine benchmark on the default model, with llama.cpp measured in the
 //! same run as the baseline: prefill of a 512-token prompt and single-stream decode of
-//! 128 tokens, same thread count, best of N runs each; prints both and the ratios.
+//! 128 tokens, same thread count, best of N runs each; prints both and the ratios. Also
+//! the decode roofline: the machine's streaming-read rate on the same threads, divided
+//! by the bytes one decode step must read (the model file: every weight once, the
+//! embedding table doubling as the output matrix; the KV cache left out, so the ceiling
+//! is slightly optimistic), and decode's share of it.
 //!
 //! `cargo bench -p tandem-engine --bench forward`
 //!
@@ -10,6 +14,9 @@
 //! `scripts/setup-llamacpp.sh` installs, else `python3`), `TANDEM_CPU_KERNELS` (the
 //! kernel family, printed first; default: the best this CPU has). The baseline is
 //! skipped, with a notice, when llama-cpp-python cannot be imported.
+
+#[path = "common/stream.rs"]
+mod stream;
 
 use std::path::Path;
 use std::process::Command;
@@ -71,6 +78,7 @@ fn main() {
         "tandem     prefill {prompt_tokens} tok: {:8.1} tok/s | decode {decode_tokens} tok: {:7.1} tok/s | peak RSS {:6.1} MB | {threads} threads",
         ours.prefill_tok_s, ours.decode_tok_s, ours.peak_rss_mb
     );
+    print_roofline(&model_path, threads, ours.decode_tok_s);
     match measure_llamacpp(&model_path, threads, repeats, prompt_tokens, decode_tokens) {
         Some(base) => {
             println!(
@@ -85,6 +93,20 @@ fn main() {
         }
         None => println!("llama.cpp baseline skipped (see above)"),
     }
+}
+
+/// The streaming-read ceiling on decode and the measured decode's share of it.
+fn print_roofline(model_path: &Path, threads: usize, decode_tok_s: f64) {
+    let step_bytes = std::fs::metadata(model_path).map_or(0, |m| m.len()) as f64;
+    let pool = ThreadPool::new(threads).expect("thread pool");
+    let bandwidth = stream::stream_bandwidth(&pool, 5);
+    let ceiling = bandwidth / step_bytes;
+    println!(
+        "roofline   streaming read {:.1} GB/s ({threads} threads) / {:.1} MB per decode step = {ceiling:.1} tok/s; decode at {:.0}% of it",
+        bandwidth / 1e9,
+        step_bytes / 1e6,
+        100.0 * decode_tok_s / ceiling
+    );
 }
 
 fn measure_tandem(

@@ -7,6 +7,9 @@
 //! Times are the best of several trials (the machine is shared); ratios > 1 mean tandem
 //! is faster.
 
+#[path = "common/stream.rs"]
+mod stream;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -83,32 +86,6 @@ fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Best time per call over `trials` trials of calls filling about `budget` each.
-/// Bytes per second of reading a 512 MB buffer (larger than any cache) once, split
-/// between the pool's threads: the rate at which a decode step can stream weights.
-fn stream_bandwidth(pool: &ThreadPool, trials: usize) -> f64 {
-    const BYTES: usize = 512 << 20;
-    let words = vec![1u64; BYTES / 8];
-    let n_tasks = pool.n_threads() * 4;
-    let chunk = words.len().div_ceil(n_tasks);
-    let sums: Vec<std::sync::atomic::AtomicU64> = (0..n_tasks)
-        .map(|_| std::sync::atomic::AtomicU64::new(0))
-        .collect();
-    let best = (0..trials.max(3))
-        .map(|_| {
-            let start = Instant::now();
-            pool.run(n_tasks, |i| {
-                let part = &words[(i * chunk).min(words.len())..((i + 1) * chunk).min(words.len())];
-                let sum = part.iter().fold(0u64, |a, &w| a.wrapping_add(w));
-                sums[i].store(sum, std::sync::atomic::Ordering::Relaxed);
-            });
-            start.elapsed()
-        })
-        .min()
-        .unwrap_or_default();
-    black_box(&sums);
-    BYTES as f64 / best.as_secs_f64()
-}
-
 fn best_time(budget: Duration, trials: usize, mut f: impl FnMut()) -> Duration {
     f();
     let start = Instant::now();
@@ -359,7 +336,7 @@ impl Bench {
         let layer_macs: usize = layers.iter().flatten().map(|l| l.rows() * l.cols()).sum();
         let head_macs = head.rows() * head.cols();
 
-        let bandwidth = stream_bandwidth(pool, self.trials);
+        let bandwidth = stream::stream_bandwidth(pool, self.trials);
         // 512 rows x 576: 184 KB (Q4_1) and 313 KB (Q8_0), both inside one core's L2.
         let resident_rate = |dtype: GgmlDType| {
             let (rows, n) = (512, 8);
