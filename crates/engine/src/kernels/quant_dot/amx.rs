@@ -221,22 +221,45 @@ impl<const M: usize> BlockStep<M> {
     }
 }
 
-/// The 8 f16 values at `ptr` as f32, stored at `dst` (32 bytes).
+/// Two panels' 8 f16 values each (at `first` and `second`, or zeros for a lone panel)
+/// as 16 f32, stored at `dst` (64 bytes, aligned); returns them.
 ///
 /// # Safety
-/// `ptr` readable for 16 bytes, `dst` writable for 32.
+/// `first` (and `second`) readable for 16 bytes, `dst` writable for 64 and 64-byte
+/// aligned; AVX-512 F/BW/VL available.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn store_f16x8(ptr: *const u8, dst: *mut u8) -> __m256 {
-    // SAFETY: the caller guarantees both ranges.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn store_f16x16(first: *const u8, second: Option<*const u8>, dst: *mut u8) -> __m512 {
+    // SAFETY: the caller guarantees the ranges.
     unsafe {
-        let values = _mm256_cvtph_ps(_mm_loadu_si128(ptr.cast()));
-        _mm256_storeu_ps(dst.cast(), values);
+        let low = _mm_loadu_si128(first.cast());
+        let high = second.map_or(_mm_setzero_si128(), |p| _mm_loadu_si128(p.cast()));
+        let halves = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(low), high);
+        let values = _mm512_cvtph_ps(halves);
+        _mm512_store_ps(dst.cast(), values);
         values
     }
 }
 
-/// The two panels' blocks `b`, or the first and `None` for a lone panel.
+/// The 32 bytes at `first + at` and at `second + at` (zeros for a lone panel) as one
+/// 64-byte vector.
+///
+/// # Safety
+/// Both ranges readable; AVX-512 F available.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn load_pair32(first: *const u8, second: Option<*const u8>, at: usize) -> __m512i {
+    // SAFETY: the caller guarantees the ranges.
+    unsafe {
+        let low = _mm256_loadu_si256(first.add(at).cast());
+        let high = second.map_or(_mm256_setzero_si256(), |p| {
+            _mm256_loadu_si256(p.add(at).cast())
+        });
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high)
+    }
+}
+
+/// The two panels' blocks `b`: the first, and the second unless the panel is lone.
 ///
 /// # Safety
 /// `panels` holds `live` panels of `n_blocks` blocks and b < n_blocks.
@@ -247,21 +270,20 @@ unsafe fn pair_blocks(
     format: &PanelFormat,
     n_blocks: usize,
     b: usize,
-) -> [Option<*const u8>; 2] {
+) -> (*const u8, Option<*const u8>) {
     let panel_bytes = n_blocks * format.panel_block;
     // SAFETY: in bounds per the caller's guarantee.
     unsafe {
         let first = panels.as_ptr().add(b * format.panel_block);
-        [Some(first), (live == 2).then(|| first.add(panel_bytes))]
+        (first, (live == 2).then(|| first.add(panel_bytes)))
     }
 }
 
 /// Q4 pair → B tiles of unpacked nibbles plus f32 scales and mins (`-8·d` for Q4_0).
 ///
 /// # Safety
-/// AVX2/F16C (always, in this build); `panels` checked by `check_pair`; `packed` holds
-/// `n_blocks` repacked blocks.
-#[target_feature(enable = "avx2,fma,f16c")]
+/// AVX-512 F/BW/VL available; `panels` checked by `check_pair`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn repack_q4<const HAS_MIN: bool>(
     panels: &[u8],
     live: usize,
@@ -270,42 +292,32 @@ unsafe fn repack_q4<const HAS_MIN: bool>(
 ) {
     let n_blocks = panels.len() / live / format.panel_block;
     assert!(packed.len() >= n_blocks * PACKED_BLOCK);
-    let low = _mm256_set1_epi8(0x0F);
+    let low = _mm512_set1_epi8(0x0F);
     for b in 0..n_blocks {
-        // SAFETY: b < n_blocks (see the function's contract).
-        let blocks = unsafe { pair_blocks(panels, live, format, n_blocks, b) };
-        // SAFETY: the packed block is in bounds (asserted above).
-        let dst = unsafe { packed.as_mut_ptr().add(b * PACKED_BLOCK) };
-        for (half, block) in blocks.into_iter().enumerate() {
-            let at = 32 * half;
-            // SAFETY: a Q4 panel block holds 4 groups of 32 nibble bytes at `quants()`
-            // and d[8] (and m[8]) at 0 (and 16); each store stays inside this packed
-            // block: B rows j and 4 + j are 64 bytes at 64j, scales and mins 64 bytes.
-            unsafe {
-                let Some(block) = block else {
-                    for j in 0..8 {
-                        _mm256_storeu_si256(dst.add(64 * j + at).cast(), _mm256_setzero_si256());
-                    }
-                    _mm256_storeu_ps(dst.add(SCALES_AT + at).cast(), _mm256_setzero_ps());
-                    _mm256_storeu_ps(dst.add(MINS_AT + at).cast(), _mm256_setzero_ps());
-                    continue;
-                };
-                let quants = block.add(format.quants());
-                for j in 0..4 {
-                    let raw = _mm256_loadu_si256(quants.add(32 * j).cast());
-                    let lo = _mm256_and_si256(raw, low);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
-                    _mm256_storeu_si256(dst.add(64 * j + at).cast(), lo);
-                    _mm256_storeu_si256(dst.add(64 * (4 + j) + at).cast(), hi);
-                }
-                let d = store_f16x8(block.add(PanelFormat::SCALES), dst.add(SCALES_AT + at));
-                if HAS_MIN {
-                    store_f16x8(block.add(PanelFormat::MINS), dst.add(MINS_AT + at));
-                } else {
-                    // The same operation as the AVX2 kernel's `m`.
-                    let m = _mm256_mul_ps(d, _mm256_set1_ps(-8.0));
-                    _mm256_storeu_ps(dst.add(MINS_AT + at).cast(), m);
-                }
+        // SAFETY: b < n_blocks (see the function's contract); the packed block is in
+        // bounds (asserted above) and 64-byte aligned (aligned scratch, 640-byte blocks);
+        // a Q4 panel block holds 4 groups of 32 nibble bytes at `quants()` and d[8]
+        // (and m[8]) at 0 (and 16). B rows j and 4 + j are 64 bytes at 64j.
+        unsafe {
+            let (first, second) = pair_blocks(panels, live, format, n_blocks, b);
+            let dst = packed.as_mut_ptr().add(b * PACKED_BLOCK);
+            let quants = format.quants();
+            for j in 0..4 {
+                let raw = load_pair32(first, second, quants + 32 * j);
+                let lo = _mm512_and_si512(raw, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low);
+                _mm512_store_si512(dst.add(64 * j).cast(), lo);
+                _mm512_store_si512(dst.add(64 * (4 + j)).cast(), hi);
+            }
+            let at = |offset: usize| second.map(|p| p.add(offset));
+            let d = store_f16x16(first, at(PanelFormat::SCALES), dst.add(SCALES_AT));
+            if HAS_MIN {
+                let mins = first.add(PanelFormat::MINS);
+                store_f16x16(mins, at(PanelFormat::MINS), dst.add(MINS_AT));
+            } else {
+                // The same lane-wise operation as the AVX2 kernel's `m`.
+                let m = _mm512_mul_ps(d, _mm512_set1_ps(-8.0));
+                _mm512_store_ps(dst.add(MINS_AT).cast(), m);
             }
         }
     }
@@ -316,40 +328,29 @@ unsafe fn repack_q4<const HAS_MIN: bool>(
 ///
 /// # Safety
 /// As [`repack_q4`].
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn repack_q8_0(panels: &[u8], live: usize, format: &PanelFormat, packed: &mut [u8]) {
     let n_blocks = panels.len() / live / format.panel_block;
     assert!(packed.len() >= n_blocks * PACKED_BLOCK);
+    // Loaded: per panel p, 16-bit words 16p..16p+8 are group 2j's pairs of rows 0..7,
+    // 16p+8..16p+16 group 2j+1's. Wanted: row n's quad = word 16p + 8s + n at 16p + 2n + s.
+    let quads = _mm512_set_epi16(
+        31, 23, 30, 22, 29, 21, 28, 20, 27, 19, 26, 18, 25, 17, 24, 16, //
+        15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0,
+    );
     for b in 0..n_blocks {
-        // SAFETY: b < n_blocks (see the function's contract).
-        let blocks = unsafe { pair_blocks(panels, live, format, n_blocks, b) };
-        // SAFETY: the packed block is in bounds (asserted above).
-        let dst = unsafe { packed.as_mut_ptr().add(b * PACKED_BLOCK) };
-        for (half, block) in blocks.into_iter().enumerate() {
-            let at = 32 * half;
-            // SAFETY: a Q8_0 panel block holds 16 groups of 16 quant bytes at `quants()`
-            // and d[8] at 0; each store stays inside this packed block.
-            unsafe {
-                let Some(block) = block else {
-                    for j in 0..8 {
-                        _mm256_storeu_si256(dst.add(64 * j + at).cast(), _mm256_setzero_si256());
-                    }
-                    _mm256_storeu_ps(dst.add(SCALES_AT + at).cast(), _mm256_setzero_ps());
-                    continue;
-                };
-                let quants = block.add(format.quants());
-                for j in 0..8 {
-                    // Groups 2j and 2j+1: rows' elements (4j, 4j+1) and (4j+2, 4j+3).
-                    let even = _mm_loadu_si128(quants.add(32 * j).cast());
-                    let odd = _mm_loadu_si128(quants.add(32 * j + 16).cast());
-                    _mm_storeu_si128(dst.add(64 * j + at).cast(), _mm_unpacklo_epi16(even, odd));
-                    _mm_storeu_si128(
-                        dst.add(64 * j + at + 16).cast(),
-                        _mm_unpackhi_epi16(even, odd),
-                    );
-                }
-                store_f16x8(block.add(PanelFormat::SCALES), dst.add(SCALES_AT + at));
+        // SAFETY: as in `repack_q4`; a Q8_0 panel block holds 16 groups of 16 quant bytes
+        // at `quants()` and d[8] at 0.
+        unsafe {
+            let (first, second) = pair_blocks(panels, live, format, n_blocks, b);
+            let dst = packed.as_mut_ptr().add(b * PACKED_BLOCK);
+            for j in 0..8 {
+                let raw = load_pair32(first, second, format.quants() + 32 * j);
+                let row = _mm512_permutexvar_epi16(quads, raw);
+                _mm512_store_si512(dst.add(64 * j).cast(), row);
             }
+            let scales = second.map(|p| p.add(PanelFormat::SCALES));
+            store_f16x16(first.add(PanelFormat::SCALES), scales, dst.add(SCALES_AT));
         }
     }
 }
