@@ -11,9 +11,12 @@
 //! Environment: `TANDEM_BENCH_THREADS` (2), `TANDEM_BENCH_REPEATS` (3),
 //! `TANDEM_BENCH_PROMPT_TOKENS` (512), `TANDEM_BENCH_DECODE_TOKENS` (128),
 //! `TANDEM_LLAMACPP_PYTHON` (a python with llama-cpp-python 0.3.36; default: what
-//! `scripts/setup-llamacpp.sh` installs, else `python3`), `TANDEM_CPU_KERNELS` (the
-//! kernel family, printed first; default: the best this CPU has). The baseline is
-//! skipped, with a notice, when llama-cpp-python cannot be imported.
+//! `scripts/setup-llamacpp.sh` installs, else `python3`), `TANDEM_LLAMA_BENCH`
+//! (llama.cpp's own `llama-bench`; default: the native build the same script makes),
+//! `TANDEM_CPU_KERNELS` (the kernel family, printed first; default: the best this CPU
+//! has). Two baselines: `llama-bench` built with native flags (the one users know), and
+//! llama-cpp-python's portable AVX2 build as a second row; each is skipped, with a
+//! notice, when it is not installed.
 
 #[path = "common/stream.rs"]
 mod stream;
@@ -79,19 +82,101 @@ fn main() {
         ours.prefill_tok_s, ours.decode_tok_s, ours.peak_rss_mb
     );
     print_roofline(&model_path, threads, ours.decode_tok_s);
+    let bench = LlamaBench {
+        path: &model_path,
+        threads,
+        repeats,
+        prompt_tokens,
+        decode_tokens,
+    };
+    match bench.run() {
+        Some((prefill, decode)) => {
+            println!(
+                "llama-bench prefill {prompt_tokens} tok: {prefill:8.1} tok/s | decode {decode_tokens} tok: {decode:7.1} tok/s | native build | {threads} threads"
+            );
+            println!(
+                "ratio (tandem / llama-bench): prefill {:.2}x, decode {:.2}x",
+                ours.prefill_tok_s / prefill,
+                ours.decode_tok_s / decode
+            );
+        }
+        None => println!("llama-bench baseline skipped (see above)"),
+    }
     match measure_llamacpp(&model_path, threads, repeats, prompt_tokens, decode_tokens) {
         Some(base) => {
             println!(
-                "llama.cpp  prefill {prompt_tokens} tok: {:8.1} tok/s | decode {decode_tokens} tok: {:7.1} tok/s | peak RSS {:6.1} MB | {threads} threads",
+                "llama.cpp  prefill {prompt_tokens} tok: {:8.1} tok/s | decode {decode_tokens} tok: {:7.1} tok/s | peak RSS {:6.1} MB | {threads} threads (llama-cpp-python, AVX2 build)",
                 base.prefill_tok_s, base.decode_tok_s, base.peak_rss_mb
             );
             println!(
-                "ratio (tandem / llama.cpp): prefill {:.2}x, decode {:.2}x",
+                "ratio (tandem / llama.cpp AVX2): prefill {:.2}x, decode {:.2}x",
                 ours.prefill_tok_s / base.prefill_tok_s,
                 ours.decode_tok_s / base.decode_tok_s
             );
         }
-        None => println!("llama.cpp baseline skipped (see above)"),
+        None => println!("llama.cpp (llama-cpp-python) baseline skipped (see above)"),
+    }
+}
+
+/// llama.cpp's own `llama-bench`, built natively by `scripts/setup-llamacpp.sh`: the
+/// baseline users know (`-p` prefill and `-n` decode tokens, `-r` repetitions, averaged
+/// by llama-bench itself).
+struct LlamaBench<'a> {
+    path: &'a Path,
+    threads: usize,
+    repeats: usize,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+}
+
+impl LlamaBench<'_> {
+    /// `TANDEM_LLAMA_BENCH`, else the setup script's native build.
+    fn binary() -> std::path::PathBuf {
+        std::env::var_os("TANDEM_LLAMA_BENCH")
+            .map(Into::into)
+            .unwrap_or_else(|| fetch::cache_dir().join("llama.cpp-native/bin/llama-bench"))
+    }
+
+    /// (prefill tok/s, decode tok/s), or `None` with the reason on stderr.
+    fn run(&self) -> Option<(f64, f64)> {
+        let binary = Self::binary();
+        if !binary.is_file() {
+            eprintln!(
+                "llama-bench not found at {}: `scripts/setup-llamacpp.sh --native-only` builds it (about 10 minutes)",
+                binary.display()
+            );
+            return None;
+        }
+        let output = Command::new(&binary)
+            .args(["-m", &self.path.display().to_string()])
+            .args(["-t", &self.threads.to_string()])
+            .args(["-p", &self.prompt_tokens.to_string()])
+            .args(["-n", &self.decode_tokens.to_string()])
+            .args(["-r", &self.repeats.to_string()])
+            .args(["-o", "json"])
+            .output();
+        let output = match output {
+            Ok(o) if o.status.success() => o,
+            Ok(o) => {
+                eprintln!(
+                    "llama-bench failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                return None;
+            }
+            Err(e) => {
+                eprintln!("llama-bench could not start: {e}");
+                return None;
+            }
+        };
+        let rows: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        let rate = |prefill: bool| {
+            rows.as_array()?.iter().find_map(|row| {
+                let is_prefill = row["n_prompt"].as_u64()? > 0 && row["n_gen"].as_u64()? == 0;
+                (is_prefill == prefill).then(|| row["avg_ts"].as_f64())?
+            })
+        };
+        Some((rate(true)?, rate(false)?))
     }
 }
 
