@@ -17,8 +17,9 @@
 //!   weights below the GEMM threshold: 16 columns per multiply-add, one conversion per
 //!   16 f16 weights. A family of its own rather than folded into `vnni` because its
 //!   f32/f16 outputs are not bit-identical to AVX2's (16-lane sums; see numerics below),
-//!   so `vnni` stays the bit-exact reference on AVX-512 machines; measured ×1.1–1.45 on
-//!   F16 rows at 1–8 tokens and up to ×1.2 on F32 (`docs/benchmarks.md`, issue 20).
+//!   so `vnni` stays the bit-exact reference on AVX-512 machines. Measured against
+//!   `vnni` (`docs/benchmarks.md`, issue 20): F16 rows ×1.14–1.48 at 1–16 tokens, F32
+//!   rows −7% to +11% (they are bound by the weights' bytes sooner).
 //! - `amx`: `avx512`, plus AMX int8 tiles (`tdpbsud`/`tdpbssd`) for the panels whenever
 //!   a matmul has 8 tokens or more (prefill, batched decode): pairs of panels × 16 or 8
 //!   tokens per tile, the f32 steps on AVX-512. Single-token decode keeps the `vnni`
