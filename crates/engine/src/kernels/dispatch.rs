@@ -15,7 +15,11 @@
 //! - `avx512`: the `vnni` panels (the `avx2` ones on a CPU with AVX-512 but no VNNI,
 //!   e.g. Skylake-SP) plus 512-bit f32/f16 tiles (`quant_dot::avx512`) for F32/F16
 //!   weights below the GEMM threshold: 16 columns per multiply-add, one conversion per
-//!   16 f16 weights. A family of its own rather than folded into `vnni` because its
+//!   16 f16 weights; and, where the CPU has AVX512-VNNI, 512-bit `vpdpbusd` kernels for
+//!   pairs of panels × 8 tokens at a time whenever a matmul has 8 tokens or more
+//!   (`quant_dot::vnni512`: 16 rows per multiply, bit-identical to the panels).
+//!   Measured on a 2-core Zen 5 (`docs/benchmarks.md`, issue 20): prefill ×1.3 and
+//!   8-stream decode ×1.15–1.2 over `vnni`. A family of its own rather than folded into `vnni` because its
 //!   f32/f16 outputs are not bit-identical to AVX2's (16-lane sums; see numerics below),
 //!   so `vnni` stays the bit-exact reference on AVX-512 machines. Measured against
 //!   `vnni` (`docs/benchmarks.md`, issue 20): F16 rows ×1.14–1.48 at 1–16 tokens, F32
@@ -61,7 +65,8 @@ pub enum CpuKernels {
     Avx2,
     /// AVX2 plus `vpdpbusd` (AVX-VNNI or AVX512-VNNI+VL) for the int8 panels.
     Vnni,
-    /// `vnni` (or `avx2` panels on a CPU without VNNI) plus AVX-512 f32/f16 tiles.
+    /// `vnni` (or `avx2` panels on a CPU without VNNI) plus AVX-512 f32/f16 tiles and,
+    /// with AVX512-VNNI, 512-bit pair kernels from 8 tokens.
     Avx512,
     /// `avx512` plus AMX int8 tiles for the panels at 8 tokens or more.
     Amx,
@@ -101,10 +106,15 @@ impl CpuKernels {
             CpuKernels::Portable => "scalar",
             CpuKernels::Avx2 => "avx2, fma, f16c",
             CpuKernels::Vnni => quant_dot::vnni_flavor().unwrap_or("none"),
-            CpuKernels::Avx512 => match quant_dot::vnni_flavor() {
-                Some("avx_vnni") => "avx512f f32/f16 tiles, avx_vnni panels",
-                Some(_) => "avx512f f32/f16 tiles, avx512_vnni panels",
-                None => "avx512f f32/f16 tiles, avx2 panels",
+            CpuKernels::Avx512 => match (quant_dot::vnni_flavor(), quant_dot::has_zmm_pairs()) {
+                (Some("avx_vnni"), true) => {
+                    "avx512_vnni pairs from 8 tokens, avx_vnni below, avx512f f32/f16 tiles"
+                }
+                (Some(_), true) => {
+                    "avx512_vnni pairs from 8 tokens, avx512_vnni below, avx512f f32/f16 tiles"
+                }
+                (Some(_), false) => "avx512f f32/f16 tiles, avx_vnni panels",
+                (None, _) => "avx512f f32/f16 tiles, avx2 panels",
             },
             CpuKernels::Amx => match quant_dot::vnni_flavor() {
                 Some("avx_vnni") => "amx_int8 tiles from 8 tokens, avx_vnni below, avx512f",

@@ -13,7 +13,8 @@
 //!
 //! The panel kernels come from the process's kernel family (`super::dispatch`: AVX2,
 //! VNNI or AMX, chosen once at run time); each matmul reads the resolved table once and
-//! its tasks call through it. Where the family has pair kernels (AMX) and the batch has
+//! its tasks call through it. Where the family has pair kernels (AMX tiles, or 512-bit
+//! VNNI in `avx512`) and the batch has
 //! at least [`PAIR_MIN_TOKENS`] tokens, tasks own whole pairs of panels and run them
 //! through those, the tokens left over (fewer than 8) through the per-panel kernels.
 

@@ -237,7 +237,7 @@ pub(crate) fn panel_table(family: CpuKernels) -> Option<&'static PanelTable> {
             Some(
                 vnni::tables()
                     .first()
-                    .map_or(&avx2::TABLE, |build| build.table),
+                    .map_or(&avx2::TABLE, |build| build.zmm_table.unwrap_or(build.table)),
             )
         }
         CpuKernels::Amx => amx_table(),
@@ -315,6 +315,26 @@ pub(crate) fn avx512_unavailable() -> Option<String> {
         target_feature = "f16c"
     )))]
     Some("the build lacks AVX2".to_owned())
+}
+
+/// Whether the `avx512` family runs the 512-bit VNNI pair kernels here.
+pub(crate) fn has_zmm_pairs() -> bool {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    return vnni::tables()
+        .first()
+        .is_some_and(|build| build.zmm_table.is_some());
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )))]
+    return false;
 }
 
 /// The CPU feature the `vnni` family runs on here (`avx_vnni` or `avx512_vnni`).
@@ -878,6 +898,14 @@ pub(crate) mod avx512;
     target_feature = "fma",
     target_feature = "f16c"
 ))]
+mod vnni512;
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
 pub(crate) mod vnni {
     //! `vpdpbusd` panel kernels: u8 × i8 products summed in groups of 4 into i32 lanes,
     //! one instruction where AVX2 needs `maddubs` + `madd` (Q4) or a widening `madd`
@@ -911,6 +939,17 @@ pub(crate) mod vnni {
 
                 /// Only handed out by `tables` once the CPU has the features.
                 pub(in super::super) static TABLE: super::super::PanelTable = panel_table!(false);
+
+                /// [`TABLE`] plus the 512-bit VNNI pair kernels: only handed out once
+                /// the CPU also has AVX512-VNNI, F, BW and VL (`zmm_table`).
+                pub(in super::super) static ZMM_TABLE: super::super::PanelTable = panel_table!(
+                    false,
+                    [
+                        Some(super::super::vnni512::q4_pair::<false>),
+                        Some(super::super::vnni512::q4_pair::<true>),
+                        Some(super::super::vnni512::q8_0_pair)
+                    ]
+                );
 
                 /// [`TABLE`] plus the AMX pair kernels: only handed out once the
                 /// process can also use AMX (`super::super::amx_table`).
@@ -1038,6 +1077,17 @@ pub(crate) mod vnni {
         pub(crate) table: &'static PanelTable,
         /// The same kernels plus the AMX pair kernels (for the `amx` family only).
         pub(crate) amx_table: &'static PanelTable,
+        /// The same kernels plus the 512-bit VNNI pair kernels (for the `avx512`
+        /// family), where the CPU has AVX512-VNNI, F, BW and VL.
+        pub(crate) zmm_table: Option<&'static PanelTable>,
+    }
+
+    /// Whether the CPU runs the 512-bit VNNI pair kernels (`super::vnni512`).
+    fn has_zmm_vnni() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
     }
 
     /// The VNNI builds this CPU can run, preferred first (VEX-encoded AVX-VNNI, then
@@ -1049,16 +1099,15 @@ pub(crate) mod vnni {
                 name: "avx_vnni",
                 table: &avx_vnni::TABLE,
                 amx_table: &avx_vnni::AMX_TABLE,
+                zmm_table: has_zmm_vnni().then_some(&avx_vnni::ZMM_TABLE),
             });
         }
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-        {
+        if has_zmm_vnni() {
             tables.push(VnniBuild {
                 name: "avx512_vnni",
                 table: &avx512_vnni::TABLE,
                 amx_table: &avx512_vnni::AMX_TABLE,
+                zmm_table: Some(&avx512_vnni::ZMM_TABLE),
             });
         }
         tables
@@ -1313,8 +1362,8 @@ mod tests {
         }
     }
 
-    /// Forces each kernel family (and each VNNI build, with and without AMX tiles) this
-    /// CPU has and compares every panel kernel (1, 4 and 8 tokens; pairs of panels × 8,
+    /// Forces each kernel family (and each VNNI build, with and without AMX tiles or the
+    /// 512-bit VNNI pairs) this CPU has and compares every panel kernel (1, 4 and 8 tokens; pairs of panels × 8,
     /// 16 and 24 tokens; Q4_0, Q4_1, Q8_0) with the AVX2 and scalar ones.
     #[cfg(all(
         target_arch = "x86_64",
@@ -1340,6 +1389,10 @@ mod tests {
             families.push((build.name.to_owned(), build.table));
             if amx.is_none() {
                 families.push((format!("amx+{}", build.name), build.amx_table));
+            }
+            match build.zmm_table {
+                Some(table) => families.push((format!("zmm+{}", build.name), table)),
+                None => eprintln!("notice: skipping the 512-bit VNNI pairs: no AVX512-VNNI"),
             }
         }
         for family in CpuKernels::ALL {
