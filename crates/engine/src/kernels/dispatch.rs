@@ -16,8 +16,8 @@
 //!   e.g. Skylake-SP) plus 512-bit f32/f16 tiles (`quant_dot::avx512`) for F32/F16
 //!   weights below the GEMM threshold: 16 columns per multiply-add, one conversion per
 //!   16 f16 weights; and, where the CPU has AVX512-VNNI, 512-bit `vpdpbusd` kernels for
-//!   pairs of panels × 8 tokens at a time whenever a matmul has 8 tokens or more
-//!   (`quant_dot::vnni512`: 16 rows per multiply, bit-identical to the panels).
+//!   pairs of panels × 8 (or 4) tokens at a time whenever a matmul has 4 tokens or
+//!   more (`quant_dot::vnni512`: 16 rows per multiply, bit-identical to the panels).
 //!   Measured on a 2-core Zen 5 (`docs/benchmarks.md`, issue 20): prefill ×1.3 and
 //!   8-stream decode ×1.15–1.2 over `vnni`. A family of its own rather than folded into `vnni` because its
 //!   f32/f16 outputs are not bit-identical to AVX2's (16-lane sums; see numerics below),
@@ -66,7 +66,7 @@ pub enum CpuKernels {
     /// AVX2 plus `vpdpbusd` (AVX-VNNI or AVX512-VNNI+VL) for the int8 panels.
     Vnni,
     /// `vnni` (or `avx2` panels on a CPU without VNNI) plus AVX-512 f32/f16 tiles and,
-    /// with AVX512-VNNI, 512-bit pair kernels from 8 tokens.
+    /// with AVX512-VNNI, 512-bit pair kernels from 4 tokens.
     Avx512,
     /// `avx512` plus AMX int8 tiles for the panels at 8 tokens or more.
     Amx,
@@ -108,10 +108,10 @@ impl CpuKernels {
             CpuKernels::Vnni => quant_dot::vnni_flavor().unwrap_or("none"),
             CpuKernels::Avx512 => match (quant_dot::vnni_flavor(), quant_dot::has_zmm_pairs()) {
                 (Some("avx_vnni"), true) => {
-                    "avx512_vnni pairs from 8 tokens, avx_vnni below, avx512f f32/f16 tiles"
+                    "avx512_vnni pairs from 4 tokens, avx_vnni below, avx512f f32/f16 tiles"
                 }
                 (Some(_), true) => {
-                    "avx512_vnni pairs from 8 tokens, avx512_vnni below, avx512f f32/f16 tiles"
+                    "avx512_vnni pairs from 4 tokens, avx512_vnni below, avx512f f32/f16 tiles"
                 }
                 (Some(_), false) => "avx512f f32/f16 tiles, avx_vnni panels",
                 (None, _) => "avx512f f32/f16 tiles, avx2 panels",

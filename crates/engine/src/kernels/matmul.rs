@@ -15,8 +15,9 @@
 //! VNNI or AMX, chosen once at run time); each matmul reads the resolved table once and
 //! its tasks call through it. Where the family has pair kernels (AMX tiles, or 512-bit
 //! VNNI in `avx512`) and the batch has
-//! at least [`PAIR_MIN_TOKENS`] tokens, tasks own whole pairs of panels and run them
-//! through those, the tokens left over (fewer than 8) through the per-panel kernels.
+//! at least one run of the pair kernel's tokens (8 for AMX, 4 for VNNI), tasks own whole
+//! pairs of panels and run them through those, the tokens left over through the
+//! per-panel kernels.
 
 use std::cell::RefCell;
 use std::marker::PhantomData;
@@ -31,7 +32,7 @@ use super::gemm::DenseWeights;
 use super::packed::{PANEL_ROWS, PanelFormat};
 use super::pool::ThreadPool;
 use super::qmatrix::{QMatrix, blocks, with_block_type};
-use super::quant_dot::{PAIR_ROWS, PairFn, PanelSet, Q8Acts, QK, fast};
+use super::quant_dot::{PAIR_ROWS, PairKernel, PanelSet, Q8Acts, QK, fast};
 
 /// Batches of at least this many tokens use f32 GEMM when the weights have a dense copy
 /// and a format without panel kernels (measured on a 2-core Zen 3: K-quants cross over
@@ -454,18 +455,15 @@ macro_rules! for_each_tile {
 /// token) stay in L2 while the task's panels are swept over them.
 const PANEL_TOKEN_BLOCK: usize = 64;
 
-/// Batches of at least this many tokens use a family's pair kernels (AMX tiles) where it
-/// has them; smaller ones, decode above all, keep the per-panel kernels.
-pub(crate) const PAIR_MIN_TOKENS: usize = 8;
-
 /// Tokens per block of the pair loops: each pair call repacks its two panels once, so
 /// larger blocks repack less (the activations of 256 tokens, ≤ 400 KB for this model's
 /// widest input, still sit in L2).
 const PAIR_TOKEN_BLOCK: usize = 256;
 
-/// The pair kernel of `set` if it applies to batches of `n_tokens`.
-fn pairs_for(set: &PanelSet, n_tokens: usize) -> Option<PairFn> {
-    set.pairs.filter(|_| n_tokens >= PAIR_MIN_TOKENS)
+/// The pair kernel of `set` if it applies to batches of `n_tokens` (at least one run of
+/// its tokens; smaller batches, single-token decode above all, keep the panels).
+fn pairs_for(set: &PanelSet, n_tokens: usize) -> Option<PairKernel> {
+    set.pairs.filter(|pairs| n_tokens >= pairs.tokens)
 }
 
 /// Panels of a panel-format matrix covering `rows` (which start on a panel boundary):
@@ -545,7 +543,7 @@ fn panel_block(
 }
 
 /// Pairs of panels covering `rows` × `tokens` through `pairs` for the largest multiple of
-/// 8 tokens, the rest of the tokens one panel at a time.
+/// its run of tokens, the rest of the tokens one panel at a time.
 #[allow(clippy::too_many_arguments)]
 fn pair_block(
     w: &QMatrix,
@@ -555,10 +553,10 @@ fn pair_block(
     tokens: Range<usize>,
     out: &SharedOut,
     kernels: &PanelSet,
-    pairs: PairFn,
+    pairs: PairKernel,
 ) {
     let panel_bytes = w.cols() / QK * format.panel_block;
-    let paired = tokens.start..tokens.start + tokens.len() / 8 * 8;
+    let paired = tokens.start..tokens.start + tokens.len() / pairs.tokens * pairs.tokens;
     let mut values = [[0f32; PAIR_ROWS]; PAIR_TOKEN_BLOCK];
     let values = &mut values[..paired.len()];
     for first_row in rows.clone().step_by(PAIR_ROWS) {
@@ -566,7 +564,7 @@ fn pair_block(
         let first_panel = first_row / PANEL_ROWS;
         let panels = &w.storage()[first_panel * panel_bytes..][..live_panels * panel_bytes];
         if !paired.is_empty() {
-            pairs(panels, live_panels, format, acts, paired.clone(), values);
+            (pairs.run)(panels, live_panels, format, acts, paired.clone(), values);
             let live_rows = PAIR_ROWS.min(rows.end - first_row);
             for (t, row_values) in paired.clone().zip(values.iter()) {
                 out.set_rows(t, first_row, &row_values[..live_rows]);

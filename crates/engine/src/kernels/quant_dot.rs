@@ -165,9 +165,19 @@ pub(crate) const PAIR_ROWS: usize = 2 * PANEL_ROWS;
 pub(crate) type PairOut = [f32; PAIR_ROWS];
 
 /// A kernel for a pair of panels (16 rows; the second may be absent: 1 or 2 live
-/// panels) × a run of tokens whose length is a multiple of 8, written to one
-/// [`PairOut`] per token: (panels, live panels, format, activations, tokens, out).
+/// panels) × a run of tokens whose length is a multiple of its [`PairKernel::tokens`],
+/// written to one [`PairOut`] per token: (panels, live panels, format, activations,
+/// tokens, out).
 pub(crate) type PairFn = fn(&[u8], usize, &PanelFormat, &Q8Acts, Range<usize>, &mut [PairOut]);
+
+/// A family's kernel for pairs of panels, and the runs of tokens it takes.
+#[derive(Clone, Copy)]
+pub(crate) struct PairKernel {
+    pub(crate) run: PairFn,
+    /// Runs of tokens are a multiple of this (AMX tiles: 8; 512-bit VNNI: 4), and a
+    /// matmul of fewer tokens keeps the per-panel kernels.
+    pub(crate) tokens: usize,
+}
 
 /// One weight format's panel kernels for tiles of 8, 4 and 1 tokens, and optionally
 /// (`amx`) for pairs of panels × runs of tokens.
@@ -176,7 +186,7 @@ pub(crate) struct PanelSet {
     pub(crate) k8: PanelFn<8>,
     pub(crate) k4: PanelFn<4>,
     pub(crate) k1: PanelFn<1>,
-    pub(crate) pairs: Option<PairFn>,
+    pub(crate) pairs: Option<PairKernel>,
 }
 
 /// A kernel family's panel kernels, resolved once (`super::dispatch`) so a matmul
@@ -945,9 +955,18 @@ pub(crate) mod vnni {
                 pub(in super::super) static ZMM_TABLE: super::super::PanelTable = panel_table!(
                     false,
                     [
-                        Some(super::super::vnni512::q4_pair::<false>),
-                        Some(super::super::vnni512::q4_pair::<true>),
-                        Some(super::super::vnni512::q8_0_pair)
+                        Some(super::super::PairKernel {
+                            run: super::super::vnni512::q4_pair::<false>,
+                            tokens: super::super::vnni512::TILE_TOKENS_MIN,
+                        }),
+                        Some(super::super::PairKernel {
+                            run: super::super::vnni512::q4_pair::<true>,
+                            tokens: super::super::vnni512::TILE_TOKENS_MIN,
+                        }),
+                        Some(super::super::PairKernel {
+                            run: super::super::vnni512::q8_0_pair,
+                            tokens: super::super::vnni512::TILE_TOKENS_MIN,
+                        })
                     ]
                 );
 
@@ -956,9 +975,18 @@ pub(crate) mod vnni {
                 pub(in super::super) static AMX_TABLE: super::super::PanelTable = panel_table!(
                     false,
                     [
-                        Some(super::super::amx::q4_pair::<false>),
-                        Some(super::super::amx::q4_pair::<true>),
-                        Some(super::super::amx::q8_0_pair)
+                        Some(super::super::PairKernel {
+                            run: super::super::amx::q4_pair::<false>,
+                            tokens: 8,
+                        }),
+                        Some(super::super::PairKernel {
+                            run: super::super::amx::q4_pair::<true>,
+                            tokens: 8,
+                        }),
+                        Some(super::super::PairKernel {
+                            run: super::super::amx::q8_0_pair,
+                            tokens: 8,
+                        })
                     ]
                 );
 
@@ -1430,8 +1458,9 @@ mod tests {
                     compare_tile::<1>(name, m, &acts, t0, sets.map(|s| s.k1));
                 }
                 if let Some(pairs) = sets[0].pairs {
-                    for tokens in [0..24, 3..19, 19..27, 1..25] {
-                        compare_pairs(name, m, &acts, tokens, pairs, sets[1].k1);
+                    for tokens in [0..24, 3..19, 19..27, 1..25, 5..9, 2..14] {
+                        let tokens = tokens.start..tokens.end - tokens.len() % pairs.tokens;
+                        compare_pairs(name, m, &acts, tokens, pairs.run, sets[1].k1);
                     }
                 }
             }

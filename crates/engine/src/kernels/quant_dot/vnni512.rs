@@ -1,6 +1,7 @@
-//! 512-bit `vpdpbusd` kernels for a pair of Q4_0/Q4_1/Q8_0 panels × runs of 8 tokens:
+//! 512-bit `vpdpbusd` kernels for a pair of Q4_0/Q4_1/Q8_0 panels × runs of 4 tokens:
 //! the pair kernels of the `avx512` family on CPUs with AVX512-VNNI (and BW/VL), used
-//! by batches of 8 tokens or more (batched decode, prefill).
+//! by batches of 4 tokens or more (batched decode, prefill), in register tiles of 8
+//! tokens and a last one of 4.
 //!
 //! The VNNI panel kernels work on 256-bit vectors, one panel (8 rows) per multiply. Here
 //! the two panels of a pair share each vector: the low half holds panel A's group of
@@ -32,6 +33,9 @@ use crate::kernels::packed::{PANEL_ROWS, PanelFormat};
 /// Tokens per register tile: 8 accumulators and 8 dot products stay in registers.
 const TILE_TOKENS: usize = 8;
 
+/// The smallest tile, and so the granularity of the token runs these kernels take.
+pub(crate) const TILE_TOKENS_MIN: usize = 4;
+
 /// The two panels' starts (the first twice for a lone panel), after checking that
 /// every load below stays in bounds.
 fn pair_panels<'a>(
@@ -45,14 +49,14 @@ fn pair_panels<'a>(
     assert!(live == 1 || live == 2, "a pair holds 1 or 2 live panels");
     let panel_bytes = acts.blocks_per_row() * format.panel_block;
     assert!(panels.len() == live * panel_bytes);
-    assert!(tokens.end <= acts.n_tokens && tokens.len().is_multiple_of(TILE_TOKENS));
+    assert!(tokens.end <= acts.n_tokens && tokens.len().is_multiple_of(TILE_TOKENS_MIN));
     assert!(out.len() == tokens.len());
     let a = &panels[..panel_bytes];
     let b = if live == 2 { &panels[panel_bytes..] } else { a };
     (a, b)
 }
 
-/// Q4_0 (`HAS_MIN = false`) or Q4_1 panels × `tokens` (a multiple of 8) into `out`.
+/// Q4_0 (`HAS_MIN = false`) or Q4_1 panels × `tokens` (a multiple of 4) into `out`.
 pub(crate) fn q4_pair<const HAS_MIN: bool>(
     panels: &[u8],
     live: usize,
@@ -62,15 +66,23 @@ pub(crate) fn q4_pair<const HAS_MIN: bool>(
     out: &mut [PairOut],
 ) {
     let (a, b) = pair_panels(panels, live, format, acts, &tokens, out);
-    for (i, chunk) in out.chunks_exact_mut(TILE_TOKENS).enumerate() {
-        let t0 = tokens.start + i * TILE_TOKENS;
+    let mut t0 = tokens.start;
+    for chunk in out.chunks_mut(TILE_TOKENS) {
         // SAFETY: reachable only through the table of CPUs with the features (module
-        // note); `pair_panels` checked the panels, tokens and output.
-        unsafe { q4_tile::<HAS_MIN>(a, b, format, acts, t0, chunk) };
+        // note); `pair_panels` checked the panels, tokens and output (a multiple of 4
+        // tokens, so a chunk holds 8 or 4).
+        unsafe {
+            if chunk.len() == TILE_TOKENS {
+                q4_tile::<HAS_MIN, TILE_TOKENS>(a, b, format, acts, t0, chunk);
+            } else {
+                q4_tile::<HAS_MIN, TILE_TOKENS_MIN>(a, b, format, acts, t0, chunk);
+            }
+        }
+        t0 += chunk.len();
     }
 }
 
-/// Q8_0 panels × `tokens` (a multiple of 8) into `out`.
+/// Q8_0 panels × `tokens` (a multiple of 4) into `out`.
 pub(crate) fn q8_0_pair(
     panels: &[u8],
     live: usize,
@@ -80,10 +92,17 @@ pub(crate) fn q8_0_pair(
     out: &mut [PairOut],
 ) {
     let (a, b) = pair_panels(panels, live, format, acts, &tokens, out);
-    for (i, chunk) in out.chunks_exact_mut(TILE_TOKENS).enumerate() {
-        let t0 = tokens.start + i * TILE_TOKENS;
+    let mut t0 = tokens.start;
+    for chunk in out.chunks_mut(TILE_TOKENS) {
         // SAFETY: as in `q4_pair`.
-        unsafe { q8_0_tile(a, b, format, acts, t0, chunk) };
+        unsafe {
+            if chunk.len() == TILE_TOKENS {
+                q8_0_tile::<TILE_TOKENS>(a, b, format, acts, t0, chunk);
+            } else {
+                q8_0_tile::<TILE_TOKENS_MIN>(a, b, format, acts, t0, chunk);
+            }
+        }
+        t0 += chunk.len();
     }
 }
 
@@ -137,7 +156,8 @@ unsafe fn load_f16_pair(a: *const u8, b: *const u8) -> __m512 {
 /// Stores token `t`'s 16 lanes (rows 0..8 of A, then of B) into `out[t]`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn store_rows(acc: &[__m512; TILE_TOKENS], out: &mut [PairOut]) {
+fn store_rows<const T: usize>(acc: &[__m512; T], out: &mut [PairOut]) {
+    assert!(out.len() == T);
     for (row_values, lanes) in out.iter_mut().zip(acc) {
         // SAFETY: a `PairOut` holds 16 f32.
         unsafe { _mm512_storeu_ps(row_values.as_mut_ptr(), *lanes) };
@@ -146,7 +166,7 @@ fn store_rows(acc: &[__m512; TILE_TOKENS], out: &mut [PairOut]) {
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn q4_tile<const HAS_MIN: bool>(
+unsafe fn q4_tile<const HAS_MIN: bool, const T: usize>(
     a: &[u8],
     b: &[u8],
     format: &PanelFormat,
@@ -155,11 +175,11 @@ unsafe fn q4_tile<const HAS_MIN: bool>(
     out: &mut [PairOut],
 ) {
     let n_blocks = acts.blocks_per_row();
-    let qs: [*const i8; TILE_TOKENS] = std::array::from_fn(|t| acts.qs(t0 + t).as_ptr());
-    let scales: [*const f32; TILE_TOKENS] = std::array::from_fn(|t| acts.scales(t0 + t).as_ptr());
-    let act_sums: [*const f32; TILE_TOKENS] = std::array::from_fn(|t| acts.sums(t0 + t).as_ptr());
+    let qs: [*const i8; T] = std::array::from_fn(|t| acts.qs(t0 + t).as_ptr());
+    let scales: [*const f32; T] = std::array::from_fn(|t| acts.scales(t0 + t).as_ptr());
+    let act_sums: [*const f32; T] = std::array::from_fn(|t| acts.sums(t0 + t).as_ptr());
     let low_nibbles = _mm512_set1_epi8(0x0F);
-    let mut acc = [_mm512_setzero_ps(); TILE_TOKENS];
+    let mut acc = [_mm512_setzero_ps(); T];
     for blk in 0..n_blocks {
         // SAFETY: `pair_panels` checked both panels hold `n_blocks` blocks, and every
         // token row holds `n_blocks` blocks of 32 quants, one scale and one sum each.
@@ -180,13 +200,13 @@ unsafe fn q4_tile<const HAS_MIN: bool>(
         );
         // Lane k of `lo` holds row k's elements 4g..4g+4 (rows 8..16: panel B's), of
         // `hi` elements 16+4g..16+4g+4, as in the 256-bit panels.
-        let mut sums = [_mm512_setzero_si512(); TILE_TOKENS];
+        let mut sums = [_mm512_setzero_si512(); T];
         for g in 0..4 {
             // SAFETY: group g is 32 bytes at 32g of each block's quants.
             let raw = unsafe { load_pair(quants_a.add(32 * g), quants_b.add(32 * g)) };
             let lo = _mm512_and_si512(raw, low_nibbles);
             let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low_nibbles);
-            for t in 0..TILE_TOKENS {
+            for t in 0..T {
                 // SAFETY: `x[t]` points at 32 quants; 4g + 4 <= 16 and 16 + 4g + 4 <= 32.
                 let (x_lo, x_hi) = unsafe {
                     (
@@ -216,7 +236,7 @@ unsafe fn q4_tile<const HAS_MIN: bool>(
         } else {
             _mm512_mul_ps(d, _mm512_set1_ps(-8.0))
         };
-        for t in 0..TILE_TOKENS {
+        for t in 0..T {
             let row_scale = _mm512_mul_ps(d, _mm512_set1_ps(scale[t]));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[t]), row_scale, acc[t]);
             acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(act_sum[t]), acc[t]);
@@ -227,7 +247,7 @@ unsafe fn q4_tile<const HAS_MIN: bool>(
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn q8_0_tile(
+unsafe fn q8_0_tile<const T: usize>(
     a: &[u8],
     b: &[u8],
     format: &PanelFormat,
@@ -236,8 +256,8 @@ unsafe fn q8_0_tile(
     out: &mut [PairOut],
 ) {
     let n_blocks = acts.blocks_per_row();
-    let qs: [*const i8; TILE_TOKENS] = std::array::from_fn(|t| acts.qs(t0 + t).as_ptr());
-    let scales: [*const f32; TILE_TOKENS] = std::array::from_fn(|t| acts.scales(t0 + t).as_ptr());
+    let qs: [*const i8; T] = std::array::from_fn(|t| acts.qs(t0 + t).as_ptr());
+    let scales: [*const f32; T] = std::array::from_fn(|t| acts.scales(t0 + t).as_ptr());
     // After the qword permute (within each 256-bit half), each 128-bit lane holds 4
     // rows' pairs of group 2h then the same rows' pairs of group 2h+1; this puts row k's
     // 4 consecutive elements in 32-bit lane k of each half.
@@ -245,7 +265,7 @@ unsafe fn q8_0_tile(
         0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
     ));
     let zero = _mm512_setzero_si512();
-    let mut acc = [_mm512_setzero_ps(); TILE_TOKENS];
+    let mut acc = [_mm512_setzero_ps(); T];
     for blk in 0..n_blocks {
         // SAFETY: as in `q4_tile`.
         let (block_a, block_b, x, scale) = unsafe {
@@ -262,14 +282,14 @@ unsafe fn q8_0_tile(
             unsafe { block_a.add(format.quants()) },
             unsafe { block_b.add(format.quants()) },
         );
-        let mut dots = [_mm512_setzero_si512(); TILE_TOKENS];
+        let mut dots = [_mm512_setzero_si512(); T];
         for h in 0..QK / 4 {
             // SAFETY: groups 2h and 2h+1 are the 32 bytes at 32h of each block's quants.
             let raw = unsafe { load_pair(quants_a.add(32 * h), quants_b.add(32 * h)) };
             let w = _mm512_shuffle_epi8(_mm512_permutex_epi64::<0b11_01_10_00>(raw), interleave);
             let w_abs = _mm512_abs_epi8(w);
             let negative = _mm512_movepi8_mask(w);
-            for t in 0..TILE_TOKENS {
+            for t in 0..T {
                 // SAFETY: `x[t]` points at 32 quants; 4h + 4 <= 32.
                 let quad = unsafe { x[t].add(4 * h).cast::<i32>().read_unaligned() };
                 let quad = _mm512_set1_epi32(quad);
@@ -284,7 +304,7 @@ unsafe fn q8_0_tile(
                 block_b.add(PanelFormat::SCALES),
             )
         };
-        for t in 0..TILE_TOKENS {
+        for t in 0..T {
             let row_scale = _mm512_mul_ps(d, _mm512_set1_ps(scale[t]));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[t]), row_scale, acc[t]);
         }
