@@ -230,6 +230,29 @@ impl KvMemory {
         }
     }
 
+    /// The `len` stored elements starting at element `offset`, as stored.
+    ///
+    /// # Safety
+    /// Nobody writes those elements while the returned slice lives.
+    unsafe fn slots(&self, offset: usize, len: usize) -> KvSlots<'_> {
+        let end = (offset + len) * self.layout.dtype.size_bytes();
+        assert!(end <= self.alloc.size(), "KV read out of bounds");
+        // SAFETY: in bounds and aligned for the element type (as in `read`); no
+        // concurrent writer (the caller's promise).
+        unsafe {
+            match self.layout.dtype {
+                KvDtype::F16 => KvSlots::F16(std::slice::from_raw_parts(
+                    self.ptr.as_ptr().cast::<f16>().add(offset),
+                    len,
+                )),
+                KvDtype::F32 => KvSlots::F32(std::slice::from_raw_parts(
+                    self.ptr.as_ptr().cast::<f32>().add(offset),
+                    len,
+                )),
+            }
+        }
+    }
+
     /// Writes `src` at element `offset`.
     ///
     /// # Safety
@@ -289,6 +312,13 @@ impl KvBlocks {
 
 /// KV cache memory for a fixed number of blocks, as the engine loop sees it: it reads
 /// and writes only blocks held by its own sequences (see the module doc).
+/// One block's slots of one head, borrowed as the store holds them.
+#[derive(Clone, Copy, Debug)]
+pub enum KvSlots<'a> {
+    F16(&'a [f16]),
+    F32(&'a [f32]),
+}
+
 pub struct KvStore {
     memory: Arc<KvMemory>,
 }
@@ -329,6 +359,49 @@ impl KvStore {
     #[inline]
     pub fn read_values(&self, layer: usize, block: BlockId, head: usize, dst: &mut [f32]) {
         self.read(layer, block, Plane::Values, head, dst);
+    }
+
+    /// The keys of the first `slots` slots of `head` in `block` (`[slot][head_dim]`) as
+    /// stored, for kernels that read them in place instead of copying them out.
+    #[inline]
+    pub fn key_slots(
+        &self,
+        layer: usize,
+        block: BlockId,
+        head: usize,
+        slots: usize,
+    ) -> KvSlots<'_> {
+        self.slots(layer, block, Plane::Keys, head, slots)
+    }
+
+    /// Like [`Self::key_slots`], for values.
+    #[inline]
+    pub fn value_slots(
+        &self,
+        layer: usize,
+        block: BlockId,
+        head: usize,
+        slots: usize,
+    ) -> KvSlots<'_> {
+        self.slots(layer, block, Plane::Values, head, slots)
+    }
+
+    #[inline]
+    fn slots(
+        &self,
+        layer: usize,
+        block: BlockId,
+        plane: Plane,
+        head: usize,
+        n: usize,
+    ) -> KvSlots<'_> {
+        let l = self.layout();
+        assert!(n <= l.block_size, "read past the block");
+        self.memory.block_start(block);
+        let offset = self.memory.head_offset(layer, block, plane, head);
+        // SAFETY: the engine loop reads blocks of its own sequences, which no hand-off
+        // writes (module doc), and it writes none while a forward pass reads them.
+        unsafe { self.memory.slots(offset, n * l.head_dim) }
     }
 
     #[inline]

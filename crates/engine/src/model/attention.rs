@@ -7,14 +7,20 @@
 //! the same order.
 //!
 //! Work is split into tasks of (sequence, KV head, chunk of up to 64 queries), or for
-//! decode-sized sequences in a small batch (sequence, query head). A task copies its
-//! KV head's keys and values (f16 or f32 in the store) into contiguous f32 buffers, up
-//! to the last position its chunk can see, and serves its query heads from them.
+//! decode-sized sequences in a small batch (sequence, query head). A task of several
+//! queries copies its KV head's keys and values (f16 or f32 in the store) into
+//! contiguous f32 buffers, up to the last position its chunk can see, and serves its
+//! query heads from them; a task of one query (decode) reads them in place, block by
+//! block, where the kernels can (`attn::reads_in_place`): the copy would be written
+//! and read once, and at long contexts it cost more than the arithmetic. Both give the
+//! same bits (see `kernels::attn`).
 
 use std::cell::RefCell;
 
 use crate::kernels::ThreadPool;
-use crate::kernels::attn::{scores as score_keys, weighted_sum};
+use crate::kernels::attn::{
+    reads_in_place, scores as score_keys, scores_in_place, weighted_sum, weighted_sum_add_in_place,
+};
 use crate::kernels::ops::softmax;
 use crate::kv::{BlockId, KvStore};
 
@@ -149,6 +155,10 @@ struct TaskCtx<'a> {
 
 impl TaskCtx<'_> {
     fn run(&self, task: Task, scratch: &mut Vec<f32>) {
+        if task.count == 1 && reads_in_place(self.shape.head_dim) {
+            self.run_in_place(task, scratch);
+            return;
+        }
         let d = self.shape.head_dim;
         // Keys visible to the chunk's last query.
         let n_keys = self.seq.start_pos + task.first + task.count;
@@ -172,6 +182,40 @@ impl TaskCtx<'_> {
                 // its chunk's tokens, and the cell is inside `out` (checked in `attend`).
                 let out = unsafe { std::slice::from_raw_parts_mut(self.out_head(token, head), d) };
                 weighted_sum(scores, values, out);
+            }
+        }
+    }
+
+    /// One query per head, scored against the keys and summing the values where the
+    /// store holds them, one block at a time.
+    fn run_in_place(&self, task: Task, scratch: &mut Vec<f32>) {
+        let (d, block_size) = (self.shape.head_dim, self.shape.block_size);
+        let token = task.first;
+        let visible = self.seq.start_pos + token + 1;
+        if scratch.len() < visible {
+            scratch.resize(visible, 0.0);
+        }
+        let scores = &mut scratch[..visible];
+        let scale = 1.0 / (d as f32).sqrt();
+        for head in task.heads.0..task.heads.1 {
+            let q = self.query(token, head);
+            for (b, chunk) in scores.chunks_mut(block_size).enumerate() {
+                let block = self.seq.block_table[b];
+                let keys = self
+                    .kv
+                    .key_slots(self.layer, block, task.kv_head, chunk.len());
+                scores_in_place(q, keys, scale, chunk);
+            }
+            softmax(scores);
+            // SAFETY: as in `run`.
+            let out = unsafe { std::slice::from_raw_parts_mut(self.out_head(token, head), d) };
+            out.fill(0.0);
+            for (b, probs) in scores.chunks(block_size).enumerate() {
+                let block = self.seq.block_table[b];
+                let values = self
+                    .kv
+                    .value_slots(self.layer, block, task.kv_head, probs.len());
+                weighted_sum_add_in_place(probs, values, out);
             }
         }
     }
