@@ -66,11 +66,9 @@ pub(crate) fn q4_pair<const HAS_MIN: bool>(
     out: &mut [PairOut],
 ) {
     let (a, b) = pair_panels(panels, live, format, acts, &tokens, out);
-    let mut t0 = tokens.start;
-    for chunk in out.chunks_mut(TILE_TOKENS) {
+    for_each_tile(tokens.start, out, |t0, chunk| {
         // SAFETY: reachable only through the table of CPUs with the features (module
-        // note); `pair_panels` checked the panels, tokens and output (a multiple of 4
-        // tokens, so a chunk holds 8 or 4).
+        // note); `pair_panels` checked the panels, tokens and output.
         unsafe {
             if chunk.len() == TILE_TOKENS {
                 q4_tile::<HAS_MIN, TILE_TOKENS>(a, b, format, acts, t0, chunk);
@@ -78,8 +76,7 @@ pub(crate) fn q4_pair<const HAS_MIN: bool>(
                 q4_tile::<HAS_MIN, TILE_TOKENS_MIN>(a, b, format, acts, t0, chunk);
             }
         }
-        t0 += chunk.len();
-    }
+    });
 }
 
 /// Q8_0 panels × `tokens` (a multiple of 4) into `out`.
@@ -92,8 +89,7 @@ pub(crate) fn q8_0_pair(
     out: &mut [PairOut],
 ) {
     let (a, b) = pair_panels(panels, live, format, acts, &tokens, out);
-    let mut t0 = tokens.start;
-    for chunk in out.chunks_mut(TILE_TOKENS) {
+    for_each_tile(tokens.start, out, |t0, chunk| {
         // SAFETY: as in `q4_pair`.
         unsafe {
             if chunk.len() == TILE_TOKENS {
@@ -102,7 +98,18 @@ pub(crate) fn q8_0_pair(
                 q8_0_tile::<TILE_TOKENS_MIN>(a, b, format, acts, t0, chunk);
             }
         }
-        t0 += chunk.len();
+    });
+}
+
+/// Calls `tile(first token, outputs)` for each register tile of `out`, whose tokens
+/// start at `t0`: tiles of 8 tokens, then one of 4 (`pair_panels` checked that the run
+/// is a multiple of 4).
+fn for_each_tile(t0: usize, out: &mut [PairOut], mut tile: impl FnMut(usize, &mut [PairOut])) {
+    let mut first = t0;
+    for chunk in out.chunks_mut(TILE_TOKENS) {
+        let len = chunk.len();
+        tile(first, chunk);
+        first += len;
     }
 }
 
