@@ -8,12 +8,13 @@
 //!
 //! Work is split into tasks of (sequence, KV head, chunk of up to 64 queries), or for
 //! decode-sized sequences in a small batch (sequence, query head). A task of several
-//! queries copies its KV head's keys and values (f16 or f32 in the store) into
-//! contiguous f32 buffers, up to the last position its chunk can see, and serves its
-//! query heads from them; a task of one query (decode) reads them in place, block by
-//! block, where the kernels can (`attn::reads_in_place`): the copy would be written
-//! and read once, and at long contexts it cost more than the arithmetic. Both give the
-//! same bits (see `kernels::attn`).
+//! queries or query heads copies its KV head's keys and values (f16 or f32 in the
+//! store) into contiguous f32 buffers, up to the last position its chunk can see, and
+//! serves them all from that copy; a task of one query of one head (decode in a small
+//! batch) reads them in place, block by block, where the kernels can
+//! (`attn::reads_in_place`): its copy would be written and read once, and at long
+//! contexts that cost more than the arithmetic. Both give the same bits (see
+//! `kernels::attn`).
 
 use std::cell::RefCell;
 
@@ -155,7 +156,8 @@ struct TaskCtx<'a> {
 
 impl TaskCtx<'_> {
     fn run(&self, task: Task, scratch: &mut Vec<f32>) {
-        if task.count == 1 && reads_in_place(self.shape.head_dim) {
+        let copies_serve = task.count * (task.heads.1 - task.heads.0);
+        if copies_serve == 1 && reads_in_place(self.shape.head_dim) {
             self.run_in_place(task, scratch);
             return;
         }
