@@ -82,17 +82,11 @@ pub fn scores_in_place(q: &[f32], keys: KvSlots<'_>, scale: f32, scores: &mut [f
         target_feature = "f16c"
     ))]
     {
+        assert!(keys.len() >= scores.len() * d, "scores: too few keys");
+        // SAFETY: AVX2/FMA/F16C are enabled at compile time; lengths checked above.
         match keys {
-            KvSlots::F32(keys) => {
-                assert!(keys.len() >= scores.len() * d, "scores: too few keys");
-                // SAFETY: AVX2/FMA are enabled at compile time; lengths checked above.
-                unsafe { avx2::scores_of::<f32>(q, keys, scale, scores) }
-            }
-            KvSlots::F16(keys) => {
-                assert!(keys.len() >= scores.len() * d, "scores: too few keys");
-                // SAFETY: AVX2/FMA/F16C are enabled at compile time; lengths checked above.
-                unsafe { avx2::scores_of::<f16>(q, keys, scale, scores) }
-            }
+            KvSlots::F32(keys) => unsafe { avx2::scores_of::<f32>(q, keys, scale, scores) },
+            KvSlots::F16(keys) => unsafe { avx2::scores_of::<f16>(q, keys, scale, scores) },
         }
     }
     #[cfg(not(all(
@@ -124,23 +118,18 @@ pub fn weighted_sum_add_in_place(probs: &[f32], values: KvSlots<'_>, out: &mut [
         target_feature = "f16c"
     ))]
     {
+        assert!(
+            values.len() >= probs.len() * d,
+            "weighted_sum: too few values"
+        );
+        // SAFETY: AVX2/FMA/F16C are enabled at compile time; lengths checked above.
         match values {
-            KvSlots::F32(values) => {
-                assert!(
-                    values.len() >= probs.len() * d,
-                    "weighted_sum: too few values"
-                );
-                // SAFETY: AVX2/FMA are enabled at compile time; lengths checked above.
-                unsafe { avx2::weighted_sum_of::<f32>(probs, values, out, true) }
-            }
-            KvSlots::F16(values) => {
-                assert!(
-                    values.len() >= probs.len() * d,
-                    "weighted_sum: too few values"
-                );
-                // SAFETY: AVX2/FMA/F16C are enabled at compile time; lengths checked above.
-                unsafe { avx2::weighted_sum_of::<f16>(probs, values, out, true) }
-            }
+            KvSlots::F32(values) => unsafe {
+                avx2::weighted_sum_of::<f32>(probs, values, out, true)
+            },
+            KvSlots::F16(values) => unsafe {
+                avx2::weighted_sum_of::<f16>(probs, values, out, true)
+            },
         }
     }
     #[cfg(not(all(

@@ -200,10 +200,30 @@ pub(crate) struct PanelTable {
 }
 
 /// The table of a module whose `q4_panel` and `q8_0_panel` have the panel signatures,
-/// with pair kernels `[q4_0, q4_1, q8_0]` or none.
+/// with pair kernels `[q4_0, q4_1, q8_0]` or none; `pairs: module, run` takes the
+/// module's `q4_pair` and `q8_0_pair`, which take runs of `run` tokens.
 macro_rules! panel_table {
     ($wide:expr) => {
         panel_table!($wide, [None, None, None])
+    };
+    ($wide:expr, pairs: $($module:ident)::+, $run:expr) => {
+        panel_table!(
+            $wide,
+            [
+                Some($crate::kernels::quant_dot::PairKernel {
+                    run: $($module)::+::q4_pair::<false>,
+                    tokens: $run,
+                }),
+                Some($crate::kernels::quant_dot::PairKernel {
+                    run: $($module)::+::q4_pair::<true>,
+                    tokens: $run,
+                }),
+                Some($crate::kernels::quant_dot::PairKernel {
+                    run: $($module)::+::q8_0_pair,
+                    tokens: $run,
+                })
+            ]
+        )
     };
     ($wide:expr, [$pairs4_0:expr, $pairs4_1:expr, $pairs8_0:expr]) => {
         $crate::kernels::quant_dot::PanelTable {
@@ -954,40 +974,16 @@ pub(crate) mod vnni {
                 /// the CPU also has AVX512-VNNI, F, BW and VL (`zmm_table`).
                 pub(in super::super) static ZMM_TABLE: super::super::PanelTable = panel_table!(
                     false,
-                    [
-                        Some(super::super::PairKernel {
-                            run: super::super::vnni512::q4_pair::<false>,
-                            tokens: super::super::vnni512::TILE_TOKENS_MIN,
-                        }),
-                        Some(super::super::PairKernel {
-                            run: super::super::vnni512::q4_pair::<true>,
-                            tokens: super::super::vnni512::TILE_TOKENS_MIN,
-                        }),
-                        Some(super::super::PairKernel {
-                            run: super::super::vnni512::q8_0_pair,
-                            tokens: super::super::vnni512::TILE_TOKENS_MIN,
-                        })
-                    ]
+                    pairs: super::super::vnni512,
+                    super::super::vnni512::RUN_TOKENS
                 );
 
                 /// [`TABLE`] plus the AMX pair kernels: only handed out once the
                 /// process can also use AMX (`super::super::amx_table`).
                 pub(in super::super) static AMX_TABLE: super::super::PanelTable = panel_table!(
                     false,
-                    [
-                        Some(super::super::PairKernel {
-                            run: super::super::amx::q4_pair::<false>,
-                            tokens: 8,
-                        }),
-                        Some(super::super::PairKernel {
-                            run: super::super::amx::q4_pair::<true>,
-                            tokens: 8,
-                        }),
-                        Some(super::super::PairKernel {
-                            run: super::super::amx::q8_0_pair,
-                            tokens: 8,
-                        })
-                    ]
+                    pairs: super::super::amx,
+                    super::super::amx::RUN_TOKENS
                 );
 
                 fn q4_panel<const HAS_MIN: bool, const T: usize>(
@@ -1391,8 +1387,9 @@ mod tests {
     }
 
     /// Forces each kernel family (and each VNNI build, with and without AMX tiles or the
-    /// 512-bit VNNI pairs) this CPU has and compares every panel kernel (1, 4 and 8 tokens; pairs of panels × 8,
-    /// 16 and 24 tokens; Q4_0, Q4_1, Q8_0) with the AVX2 and scalar ones.
+    /// 512-bit VNNI pairs) this CPU has and compares every panel kernel (1, 4 and 8
+    /// tokens; pairs of panels × runs of 4 to 24 tokens, cut to each pair kernel's run;
+    /// Q4_0, Q4_1, Q8_0) with the AVX2 and scalar ones.
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",

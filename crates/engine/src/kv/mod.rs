@@ -207,29 +207,6 @@ impl KvMemory {
         plane_index * l.values_per_layer_block() + head * per_head
     }
 
-    /// Reads `dst.len()` values starting at element `offset`, as f32.
-    ///
-    /// # Safety
-    /// Nobody writes those elements meanwhile.
-    unsafe fn read(&self, offset: usize, dst: &mut [f32]) {
-        let end = (offset + dst.len()) * self.layout.dtype.size_bytes();
-        assert!(end <= self.alloc.size(), "KV read out of bounds");
-        // SAFETY: in bounds and aligned for the element type (the allocation is 64-byte
-        // aligned and offsets are whole elements); no concurrent writer.
-        unsafe {
-            match self.layout.dtype {
-                KvDtype::F16 => {
-                    let src = self.ptr.as_ptr().cast::<f16>().add(offset);
-                    std::slice::from_raw_parts(src, dst.len()).convert_to_f32_slice(dst)
-                }
-                KvDtype::F32 => {
-                    let src = self.ptr.as_ptr().cast::<f32>().add(offset);
-                    dst.copy_from_slice(std::slice::from_raw_parts(src, dst.len()))
-                }
-            }
-        }
-    }
-
     /// The `len` stored elements starting at element `offset`, as stored.
     ///
     /// # Safety
@@ -237,8 +214,9 @@ impl KvMemory {
     unsafe fn slots(&self, offset: usize, len: usize) -> KvSlots<'_> {
         let end = (offset + len) * self.layout.dtype.size_bytes();
         assert!(end <= self.alloc.size(), "KV read out of bounds");
-        // SAFETY: in bounds and aligned for the element type (as in `read`); no
-        // concurrent writer (the caller's promise).
+        // SAFETY: in bounds and aligned for the element type (the allocation is 64-byte
+        // aligned and offsets are whole elements); no concurrent writer (the caller's
+        // promise).
         unsafe {
             match self.layout.dtype {
                 KvDtype::F16 => KvSlots::F16(std::slice::from_raw_parts(
@@ -310,8 +288,6 @@ impl KvBlocks {
     }
 }
 
-/// KV cache memory for a fixed number of blocks, as the engine loop sees it: it reads
-/// and writes only blocks held by its own sequences (see the module doc).
 /// One block's slots of one head, borrowed as the store holds them.
 #[derive(Clone, Copy, Debug)]
 pub enum KvSlots<'a> {
@@ -319,6 +295,22 @@ pub enum KvSlots<'a> {
     F32(&'a [f32]),
 }
 
+impl KvSlots<'_> {
+    /// Stored elements (slots × head_dim).
+    pub fn len(&self) -> usize {
+        match self {
+            KvSlots::F16(values) => values.len(),
+            KvSlots::F32(values) => values.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// KV cache memory for a fixed number of blocks, as the engine loop sees it: it reads
+/// and writes only blocks held by its own sequences (see the module doc).
 pub struct KvStore {
     memory: Arc<KvMemory>,
 }
@@ -371,7 +363,8 @@ impl KvStore {
         head: usize,
         slots: usize,
     ) -> KvSlots<'_> {
-        self.slots(layer, block, Plane::Keys, head, slots)
+        let head_dim = self.layout().head_dim;
+        self.elements(layer, block, Plane::Keys, head, slots * head_dim)
     }
 
     /// Like [`Self::key_slots`], for values.
@@ -383,39 +376,35 @@ impl KvStore {
         head: usize,
         slots: usize,
     ) -> KvSlots<'_> {
-        self.slots(layer, block, Plane::Values, head, slots)
+        let head_dim = self.layout().head_dim;
+        self.elements(layer, block, Plane::Values, head, slots * head_dim)
     }
 
+    /// The first `len` stored elements of `head` in (`layer`, `block`, `plane`).
     #[inline]
-    fn slots(
+    fn elements(
         &self,
         layer: usize,
         block: BlockId,
         plane: Plane,
         head: usize,
-        n: usize,
+        len: usize,
     ) -> KvSlots<'_> {
         let l = self.layout();
-        assert!(n <= l.block_size, "read past the block");
+        assert!(len <= l.block_size * l.head_dim, "read past the block");
         self.memory.block_start(block);
         let offset = self.memory.head_offset(layer, block, plane, head);
         // SAFETY: the engine loop reads blocks of its own sequences, which no hand-off
         // writes (module doc), and it writes none while a forward pass reads them.
-        unsafe { self.memory.slots(offset, n * l.head_dim) }
+        unsafe { self.memory.slots(offset, len) }
     }
 
     #[inline]
     fn read(&self, layer: usize, block: BlockId, plane: Plane, head: usize, dst: &mut [f32]) {
-        let l = self.layout();
-        assert!(
-            dst.len() <= l.block_size * l.head_dim,
-            "read past the block"
-        );
-        self.memory.block_start(block);
-        let offset = self.memory.head_offset(layer, block, plane, head);
-        // SAFETY: the engine loop reads blocks of its own sequences, which no hand-off
-        // writes (module doc).
-        unsafe { self.memory.read(offset, dst) }
+        match self.elements(layer, block, plane, head, dst.len()) {
+            KvSlots::F16(src) => src.convert_to_f32_slice(dst),
+            KvSlots::F32(src) => dst.copy_from_slice(src),
+        }
     }
 
     /// Stores one position's keys and values (`[kv_head][head_dim]` each).

@@ -42,6 +42,9 @@ const MINS_AT: usize = B_TILE_BYTES + 64;
 #[repr(C, align(64))]
 struct CTiles([i32; 2 * 16 * PAIR_ROWS]);
 
+/// The token runs these kernels take are multiples of this (the smallest tile).
+pub(crate) const RUN_TOKENS: usize = 8;
+
 /// Checks what the kernels read and write, so the raw loads below stay in bounds.
 fn check_pair(
     panels: &[u8],
@@ -53,7 +56,7 @@ fn check_pair(
 ) {
     assert!(live == 1 || live == 2, "a pair holds 1 or 2 live panels");
     assert!(panels.len() == live * acts.blocks_per_row() * format.panel_block);
-    assert!(tokens.end <= acts.n_tokens && tokens.len().is_multiple_of(8));
+    assert!(tokens.end <= acts.n_tokens && tokens.len().is_multiple_of(RUN_TOKENS));
     assert!(out.len() == tokens.len());
 }
 

@@ -34,7 +34,7 @@ use crate::kernels::packed::{PANEL_ROWS, PanelFormat};
 const TILE_TOKENS: usize = 8;
 
 /// The smallest tile, and so the granularity of the token runs these kernels take.
-pub(crate) const TILE_TOKENS_MIN: usize = 4;
+pub(crate) const RUN_TOKENS: usize = 4;
 
 /// The two panels' starts (the first twice for a lone panel), after checking that
 /// every load below stays in bounds.
@@ -49,7 +49,7 @@ fn pair_panels<'a>(
     assert!(live == 1 || live == 2, "a pair holds 1 or 2 live panels");
     let panel_bytes = acts.blocks_per_row() * format.panel_block;
     assert!(panels.len() == live * panel_bytes);
-    assert!(tokens.end <= acts.n_tokens && tokens.len().is_multiple_of(TILE_TOKENS_MIN));
+    assert!(tokens.end <= acts.n_tokens && tokens.len().is_multiple_of(RUN_TOKENS));
     assert!(out.len() == tokens.len());
     let a = &panels[..panel_bytes];
     let b = if live == 2 { &panels[panel_bytes..] } else { a };
@@ -73,7 +73,7 @@ pub(crate) fn q4_pair<const HAS_MIN: bool>(
             if chunk.len() == TILE_TOKENS {
                 q4_tile::<HAS_MIN, TILE_TOKENS>(a, b, format, acts, t0, chunk);
             } else {
-                q4_tile::<HAS_MIN, TILE_TOKENS_MIN>(a, b, format, acts, t0, chunk);
+                q4_tile::<HAS_MIN, RUN_TOKENS>(a, b, format, acts, t0, chunk);
             }
         }
     });
@@ -95,7 +95,7 @@ pub(crate) fn q8_0_pair(
             if chunk.len() == TILE_TOKENS {
                 q8_0_tile::<TILE_TOKENS>(a, b, format, acts, t0, chunk);
             } else {
-                q8_0_tile::<TILE_TOKENS_MIN>(a, b, format, acts, t0, chunk);
+                q8_0_tile::<RUN_TOKENS>(a, b, format, acts, t0, chunk);
             }
         }
     });
