@@ -12,24 +12,28 @@
 # tokenizer. VLLM (default `python3 -m vllm.entrypoints.cli.main`) runs vLLM's CLI.
 # With TANDEM_BENCH=path/to/tandem, each run is repeated with `tandem bench` on the same
 # endpoint, shapes and tokenizer, and the two tools' figures are printed side by side
-# (issue 15: both within 10%).
+# (issue 15: both within 10%). With TANDEM_BENCH and ROUNDS=2 the runs go
+# vllm, tandem, tandem, vllm (ABBA) at each concurrency, and each tool's two runs are
+# also compared with each other (A/A): a difference between the tools smaller than
+# the A/A spread is the run, not the tool.
 set -euo pipefail
 name=${1:?} url=${2:?} model=${3:?} tokenizer=${4:?} out=${5:?}
 shift 5
 concurrencies=${*:-1 16 64}
 vllm=${VLLM:-python3 -m vllm.entrypoints.cli.main}
+rounds=${ROUNDS:-1}
 mkdir -p "$out"
-for c in $concurrencies; do
-  n=$((c * 4 > 16 ? c * 4 : 16))
+
+vllm_run() { # CONCURRENCY REQUESTS FILE_STEM
   # shellcheck disable=SC2086
   $vllm bench serve --backend openai --base-url "$url" --endpoint /v1/completions \
     --model "$model" --tokenizer "$tokenizer" --dataset-name random \
     --random-input-len 512 --random-output-len 128 --ignore-eos --temperature 0 \
-    --num-prompts "$n" --max-concurrency "$c" --seed 0 \
+    --num-prompts "$2" --max-concurrency "$1" --seed 0 \
     --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,99 \
-    --save-result --result-dir "$out" --result-filename "$name-c$c.json" \
-    > "$out/$name-c$c.log" 2>&1 || { tail -n 20 "$out/$name-c$c.log"; exit 1; }
-  python3 - "$out/$name-c$c.json" "$name" "$c" <<'PY'
+    --save-result --result-dir "$out" --result-filename "$3.json" \
+    > "$out/$3.log" 2>&1 || { tail -n 20 "$out/$3.log"; exit 1; }
+  python3 - "$out/$3.json" "$name" "$1" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"{sys.argv[2]:>14} c={sys.argv[3]:>3} n={r['completed']:>3} failed={r.get('failed', 0)} "
@@ -38,18 +42,39 @@ print(f"{sys.argv[2]:>14} c={sys.argv[3]:>3} n={r['completed']:>3} failed={r.get
       f"TTFT p50 {r['median_ttft_ms']:8.1f} p99 {r['p99_ttft_ms']:8.1f} ms  "
       f"TPOT p50 {r['median_tpot_ms']:6.2f} p99 {r['p99_tpot_ms']:6.2f} ms")
 PY
-  if [ -n "${TANDEM_BENCH:-}" ]; then
-    "$TANDEM_BENCH" bench --url "$url" --model "$model" --workload random \
-      --input-len 512 --output-len 128 --range-ratio 0 --ignore-eos --temperature 0 \
-      --tokenizer "$tokenizer" --num-prompts "$n" --max-concurrency "$c" --seed 0 \
-      --percentiles 50,99 --json "$out/$name-c$c.tandem-bench.json" \
-      > "$out/$name-c$c.tandem-bench.log" 2>&1 || { tail -n 20 "$out/$name-c$c.tandem-bench.log"; exit 1; }
-    python3 - "$out/$name-c$c.json" "$out/$name-c$c.tandem-bench.json" "$name" "$c" <<'PY'
+}
+
+tandem_run() { # CONCURRENCY REQUESTS FILE_STEM
+  "$TANDEM_BENCH" bench --url "$url" --model "$model" --workload random \
+    --input-len 512 --output-len 128 --range-ratio 0 --ignore-eos --temperature 0 \
+    --tokenizer "$tokenizer" --num-prompts "$2" --max-concurrency "$1" --seed 0 \
+    --percentiles 50,99 --json "$out/$3.json" \
+    > "$out/$3.log" 2>&1 || { tail -n 20 "$out/$3.log"; exit 1; }
+}
+
+compare() { # LABEL CONCURRENCY NUMERATOR.json DENOMINATOR.json
+  python3 - "$out/$3" "$out/$4" "$name" "$2" "$1" <<'PY'
 import json, sys
-v, t = (json.load(open(p)) for p in sys.argv[1:3])
-keys = ["output_throughput", "median_ttft_ms", "median_tpot_ms", "p99_tpot_ms"]
-print(f"{sys.argv[3]:>14} c={sys.argv[4]:>3} tandem bench / vllm bench serve: " +
-      "  ".join(f"{k} {t[k]:.1f}/{v[k]:.1f} = {t[k] / v[k]:.2f}" for k in keys))
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+keys = ["output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms"]
+print(f"{sys.argv[3]:>14} c={sys.argv[4]:>3} {sys.argv[5]}: " +
+      "  ".join(f"{k} {a[k]:.1f}/{b[k]:.1f} = {a[k] / b[k]:.2f}" for k in keys))
 PY
+}
+
+for c in $concurrencies; do
+  n=$((c * 4 > 16 ? c * 4 : 16))
+  vllm_run "$c" "$n" "$name-c$c"
+  [ -n "${TANDEM_BENCH:-}" ] || continue
+  tandem_run "$c" "$n" "$name-c$c.tandem-bench"
+  if [ "$rounds" = 2 ]; then
+    tandem_run "$c" "$n" "$name-c$c.tandem-bench-2"
+    vllm_run "$c" "$n" "$name-c$c-2"
+    compare "tandem bench / vllm bench serve (2nd runs)" "$c" \
+      "$name-c$c.tandem-bench-2.json" "$name-c$c-2.json"
+    compare "A/A vllm bench serve 2nd / 1st" "$c" "$name-c$c-2.json" "$name-c$c.json"
+    compare "A/A tandem bench 2nd / 1st" "$c" \
+      "$name-c$c.tandem-bench-2.json" "$name-c$c.tandem-bench.json"
   fi
+  compare "tandem bench / vllm bench serve" "$c" "$name-c$c.tandem-bench.json" "$name-c$c.json"
 done
