@@ -15,7 +15,11 @@
 # (issue 15: both within 10%). With TANDEM_BENCH and ROUNDS=2 the runs go
 # vllm, tandem, tandem, vllm (ABBA) at each concurrency, and each tool's two runs are
 # also compared with each other (A/A): a difference between the tools smaller than
-# the A/A spread is the run, not the tool.
+# the A/A spread is the run, not the tool. Every run draws its prompts from its own seed
+# (10 × concurrency + run number): a run that repeated an earlier run's prompts would
+# find them in the server's prefix cache (on one H200 that cut TTFT p50 at 16 users
+# from 204 to 47 ms), and so would runs at two concurrencies whose prompt lists share
+# a start.
 set -euo pipefail
 name=${1:?} url=${2:?} model=${3:?} tokenizer=${4:?} out=${5:?}
 shift 5
@@ -24,12 +28,12 @@ vllm=${VLLM:-python3 -m vllm.entrypoints.cli.main}
 rounds=${ROUNDS:-1}
 mkdir -p "$out"
 
-vllm_run() { # CONCURRENCY REQUESTS FILE_STEM
+vllm_run() { # CONCURRENCY REQUESTS FILE_STEM SEED
   # shellcheck disable=SC2086
   $vllm bench serve --backend openai --base-url "$url" --endpoint /v1/completions \
     --model "$model" --tokenizer "$tokenizer" --dataset-name random \
     --random-input-len 512 --random-output-len 128 --ignore-eos --temperature 0 \
-    --num-prompts "$2" --max-concurrency "$1" --seed 0 \
+    --num-prompts "$2" --max-concurrency "$1" --seed "$4" \
     --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,99 \
     --save-result --result-dir "$out" --result-filename "$3.json" \
     > "$out/$3.log" 2>&1 || { tail -n 20 "$out/$3.log"; exit 1; }
@@ -44,10 +48,10 @@ print(f"{sys.argv[2]:>14} c={sys.argv[3]:>3} n={r['completed']:>3} failed={r.get
 PY
 }
 
-tandem_run() { # CONCURRENCY REQUESTS FILE_STEM
+tandem_run() { # CONCURRENCY REQUESTS FILE_STEM SEED
   "$TANDEM_BENCH" bench --url "$url" --model "$model" --workload random \
     --input-len 512 --output-len 128 --range-ratio 0 --ignore-eos --temperature 0 \
-    --tokenizer "$tokenizer" --num-prompts "$2" --max-concurrency "$1" --seed 0 \
+    --tokenizer "$tokenizer" --num-prompts "$2" --max-concurrency "$1" --seed "$4" \
     --percentiles 50,99 --json "$out/$3.json" \
     > "$out/$3.log" 2>&1 || { tail -n 20 "$out/$3.log"; exit 1; }
 }
@@ -64,12 +68,12 @@ PY
 
 for c in $concurrencies; do
   n=$((c * 4 > 16 ? c * 4 : 16))
-  vllm_run "$c" "$n" "$name-c$c"
+  vllm_run "$c" "$n" "$name-c$c" $((10 * c + 1))
   [ -n "${TANDEM_BENCH:-}" ] || continue
-  tandem_run "$c" "$n" "$name-c$c.tandem-bench"
+  tandem_run "$c" "$n" "$name-c$c.tandem-bench" $((10 * c + 2))
   if [ "$rounds" = 2 ]; then
-    tandem_run "$c" "$n" "$name-c$c.tandem-bench-2"
-    vllm_run "$c" "$n" "$name-c$c-2"
+    tandem_run "$c" "$n" "$name-c$c.tandem-bench-2" $((10 * c + 3))
+    vllm_run "$c" "$n" "$name-c$c-2" $((10 * c + 4))
     compare "tandem bench / vllm bench serve (2nd runs)" "$c" \
       "$name-c$c.tandem-bench-2.json" "$name-c$c-2.json"
     compare "A/A vllm bench serve 2nd / 1st" "$c" "$name-c$c-2.json" "$name-c$c.json"
