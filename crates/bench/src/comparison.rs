@@ -31,6 +31,9 @@ pub struct Setup {
     pub date: String,
     pub tandem_version: String,
     pub machine: String,
+    /// This machine's GPUs (`1 × NVIDIA H200, 143771 MiB, driver …`), where it has any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<String>,
     pub model: String,
     /// What every topology gets (cores, KV budget per worker).
     pub resources: String,
@@ -167,7 +170,7 @@ impl Comparison {
     fn header(&self) -> String {
         let s = &self.setup;
         let mut out = format!(
-            "# tandem compare: {}\n\n{}, tandem {}, on {}.\n\nModel: {}.\n\nEvery topology gets the same resources: {}. The baseline for \"vs\" columns is **{}**.\n\nCommand: `{}`\n\n",
+            "# tandem compare: {}\n\n{}, tandem {}, on {}{}.\n\nModel: {}.\n\nEvery topology gets the same resources: {}. The baseline for \"vs\" columns is **{}**.\n\nCommand: `{}`\n\n",
             self.topologies
                 .iter()
                 .map(|t| t.name.as_str())
@@ -176,6 +179,9 @@ impl Comparison {
             s.date,
             s.tandem_version,
             s.machine,
+            s.gpus
+                .as_deref()
+                .map_or(String::new(), |gpus| format!("; GPUs: {gpus}")),
             s.model,
             s.resources,
             self.baseline(),

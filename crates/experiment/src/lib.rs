@@ -204,6 +204,7 @@ fn report_setup(topologies: &[(String, Checked)], options: &Options) -> Setup {
         date: setup::utc_date(),
         tandem_version: env!("CARGO_PKG_VERSION").into(),
         machine: setup::machine(),
+        gpus: tandem_launch::doctor::local_gpus(),
         model: models.join(", "),
         resources: options.resources.clone(),
         command: options.command.clone(),

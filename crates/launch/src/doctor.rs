@@ -577,6 +577,34 @@ impl Shell {
     }
 }
 
+/// This machine's NVIDIA GPUs as a report names them (`1 × NVIDIA H200, 143771 MiB,
+/// driver 580.159.04`); `None` where `nvidia-smi` is missing, fails or lists none.
+pub fn local_gpus() -> Option<String> {
+    let query = "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader";
+    gpu_summary(&run_here(query, Duration::from_secs(10)).ok()?)
+}
+
+/// `nvidia-smi`'s `name, memory, driver` lines, identical cards counted together.
+fn gpu_summary(csv: &str) -> Option<String> {
+    let mut kinds: Vec<(String, usize)> = Vec::new();
+    for line in csv.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let [name, memory, driver] = fields[..] else {
+            continue;
+        };
+        let kind = format!("{name}, {memory}, driver {driver}");
+        match kinds.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, count)) => *count += 1,
+            None => kinds.push((kind, 1)),
+        }
+    }
+    let described: Vec<String> = kinds
+        .into_iter()
+        .map(|(kind, count)| format!("{count} × {kind}"))
+        .collect();
+    (!described.is_empty()).then(|| described.join("; "))
+}
+
 /// `bash -c script` here within `limit`: its stdout, or the last line of its stderr.
 fn run_here(script: &str, limit: Duration) -> Result<String, ShellError> {
     let mut child = Command::new("bash")
@@ -617,6 +645,24 @@ fn run_here(script: &str, limit: Duration) -> Result<String, ShellError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpus_are_counted_by_kind() {
+        let two = "NVIDIA H200, 143771 MiB, 580.159.04\nNVIDIA H200, 143771 MiB, 580.159.04\n";
+        assert_eq!(
+            gpu_summary(two).as_deref(),
+            Some("2 × NVIDIA H200, 143771 MiB, driver 580.159.04")
+        );
+        let mixed = "NVIDIA H100 80GB HBM3, 81559 MiB, 580.1\nNVIDIA L4, 23034 MiB, 580.1\n";
+        assert_eq!(
+            gpu_summary(mixed).as_deref(),
+            Some(
+                "1 × NVIDIA H100 80GB HBM3, 81559 MiB, driver 580.1; 1 × NVIDIA L4, 23034 MiB, driver 580.1"
+            )
+        );
+        assert_eq!(gpu_summary(""), None);
+        assert_eq!(gpu_summary("No devices were found\n"), None);
+    }
 
     #[test]
     fn dummy_workers_name_a_preset_not_a_file() {
