@@ -10,17 +10,18 @@
 //! decode-sized sequences in a small batch (sequence, query head). A task of several
 //! queries or query heads copies its KV head's keys and values (f16 or f32 in the
 //! store) into contiguous f32 buffers, up to the last position its chunk can see, and
-//! serves them all from that copy; a task of one query of one head (decode in a small
-//! batch) reads them in place, block by block, where the kernels can
-//! (`attn::reads_in_place`): its copy would be written and read once, and at long
-//! contexts that cost more than the arithmetic. Both give the same bits (see
-//! `kernels::attn`).
+//! serves them all from that copy. A task of one query (decode) reads them in place,
+//! block by block, where the kernels can (`attn::reads_in_place`), for one query head
+//! or for all of its KV head's group at once, each key and value converted once for
+//! the group: a copy would be written and read once, and that cost more than the
+//! arithmetic. Both give the same bits (see `kernels::attn`).
 
 use std::cell::RefCell;
 
 use crate::kernels::ThreadPool;
 use crate::kernels::attn::{
-    reads_in_place, scores as score_keys, scores_in_place, weighted_sum, weighted_sum_add_in_place,
+    MAX_GROUP, group_scores_in_place, group_weighted_sum_add_in_place, prefetch, reads_in_place,
+    scores as score_keys, scores_in_place, weighted_sum, weighted_sum_add_in_place,
 };
 use crate::kernels::ops::softmax;
 use crate::kv::{BlockId, KvStore};
@@ -29,11 +30,12 @@ use crate::kv::{BlockId, KvStore};
 const QUERY_CHUNK: usize = 64;
 /// Sequences with at most this many new tokens get one task per query head (more,
 /// smaller tasks keep both cores busy in decode); longer ones one per KV head (one
-/// gather serves the whole group). The arithmetic per query is the same either way.
+/// pass over its keys and values serves the whole group). The arithmetic per query is
+/// the same either way.
 const PER_HEAD_MAX_TOKENS: usize = 4;
 /// ...but only while per-KV-head tasks would be too few to share among the threads:
-/// with enough sequences in the batch, one gather per KV head (instead of one per
-/// query head) saves converting the same keys and values again for each head.
+/// with enough sequences in the batch, one pass per KV head (instead of one per query
+/// head) saves converting the same keys and values again for each head.
 const KV_HEAD_TASKS_PER_THREAD: usize = 4;
 
 /// One sequence's share of a batch, as attention sees it.
@@ -156,10 +158,16 @@ struct TaskCtx<'a> {
 
 impl TaskCtx<'_> {
     fn run(&self, task: Task, scratch: &mut Vec<f32>) {
-        let copies_serve = task.count * (task.heads.1 - task.heads.0);
-        if copies_serve == 1 && reads_in_place(self.shape.head_dim) {
-            self.run_in_place(task, scratch);
-            return;
+        let heads = task.heads.1 - task.heads.0;
+        if task.count == 1 && reads_in_place(self.shape.head_dim) {
+            if heads == 1 {
+                self.run_in_place(task, scratch);
+                return;
+            }
+            if heads <= MAX_GROUP {
+                self.run_group_in_place(task, scratch);
+                return;
+            }
         }
         let d = self.shape.head_dim;
         // Keys visible to the chunk's last query.
@@ -219,6 +227,50 @@ impl TaskCtx<'_> {
                     .value_slots(self.layer, block, task.kv_head, probs.len());
                 weighted_sum_add_in_place(probs, values, out);
             }
+        }
+    }
+
+    /// One query of each of a KV head's query heads, scored and summed together where
+    /// the store holds the keys and values: each is read and converted once for the
+    /// whole group, and nothing is copied out.
+    fn run_group_in_place(&self, task: Task, scratch: &mut Vec<f32>) {
+        let (d, block_size) = (self.shape.head_dim, self.shape.block_size);
+        let heads = task.heads.1 - task.heads.0;
+        let token = task.first;
+        let visible = self.seq.start_pos + token + 1;
+        if scratch.len() < heads * visible {
+            scratch.resize(heads * visible, 0.0);
+        }
+        let rows = &mut scratch[..heads * visible];
+        let scale = 1.0 / (d as f32).sqrt();
+        let at = (self.seq.row + token) * self.shape.q_stride + task.heads.0 * d;
+        let qs = &self.queries[at..at + heads * d];
+        for (b, first) in (0..visible).step_by(block_size).enumerate() {
+            let (block, slots) = (self.seq.block_table[b], block_size.min(visible - first));
+            prefetch(self.kv.key_slots(self.layer, block, task.kv_head, slots));
+            prefetch(self.kv.value_slots(self.layer, block, task.kv_head, slots));
+        }
+        for (b, first) in (0..visible).step_by(block_size).enumerate() {
+            let slots = block_size.min(visible - first);
+            let keys = self
+                .kv
+                .key_slots(self.layer, self.seq.block_table[b], task.kv_head, slots);
+            group_scores_in_place(qs, heads, keys, scale, rows, visible, first);
+        }
+        for row in rows.chunks_mut(visible) {
+            softmax(row);
+        }
+        // SAFETY: as in `run`; the group's heads are adjacent in the output row.
+        let out = unsafe {
+            std::slice::from_raw_parts_mut(self.out_head(token, task.heads.0), heads * d)
+        };
+        out.fill(0.0);
+        for (b, first) in (0..visible).step_by(block_size).enumerate() {
+            let slots = block_size.min(visible - first);
+            let values =
+                self.kv
+                    .value_slots(self.layer, self.seq.block_table[b], task.kv_head, slots);
+            group_weighted_sum_add_in_place(rows, visible, first, values, out, heads);
         }
     }
 
