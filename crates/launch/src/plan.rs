@@ -110,8 +110,32 @@ fn worker_launch(
         Engine::Builtin => builtin(worker, tandem, secret),
         Engine::Vllm => vllm(worker),
     };
+    if pulls_kv_within_its_host(topology, worker)
+        && !worker.spec.env.contains_key(UCX_GET_ZCOPY_ENV)
+    {
+        // NIXL pulls the KV with an RMA get. UCX leaves cuda_ipc's get off on GPUs
+        // without active NVLinks (one GPU, PCIe boxes) and then emulates the get over
+        // TCP loopback: 0.5 GB/s instead of 38-43 GB/s on one H200 (docs/benchmarks.md).
+        // On NVLink systems UCX turns it on by itself. A topology's `env` overrides it.
+        launch.env.push((UCX_GET_ZCOPY_ENV.into(), "y".into()));
+    }
     launch.ssh_options = ssh_options(topology, worker);
     launch
+}
+
+/// Whether `worker` is a vLLM P/D worker with a NIXL peer of the other role on its own
+/// host, so that KV can move between GPUs of one machine (CUDA IPC).
+fn pulls_kv_within_its_host(topology: &Checked, worker: &NamedWorker) -> bool {
+    let nixl = |w: &NamedWorker| {
+        w.spec.engine == Engine::Vllm && w.spec.role != Role::Both && w.spec.kv_port.is_some()
+    };
+    let same_host = |w: &NamedWorker| {
+        (w.spec.is_local() && worker.spec.is_local()) || w.spec.host == worker.spec.host
+    };
+    nixl(worker)
+        && topology.workers.iter().any(|w| {
+            w.name != worker.name && nixl(w) && w.spec.role != worker.spec.role && same_host(w)
+        })
 }
 
 /// A worker the online planner may have started or stopped: how to start it, and how
@@ -418,13 +442,6 @@ fn vllm(worker: &NamedWorker) -> Launch {
         args.extend(["--kv-transfer-config".into(), config.to_string()]);
         env.push(("VLLM_NIXL_SIDE_CHANNEL_HOST".into(), address));
         env.push(("VLLM_NIXL_SIDE_CHANNEL_PORT".into(), kv_port.to_string()));
-        // NIXL pulls the KV with an RMA get. UCX leaves cuda_ipc's get off on GPUs
-        // without active NVLinks (one GPU, PCIe boxes) and then emulates the get over
-        // TCP loopback: 0.5 GB/s instead of 38-43 GB/s on one H200 (docs/benchmarks.md).
-        // On NVLink systems UCX turns it on by itself. A topology's `env` overrides it.
-        if !spec.env.contains_key(UCX_GET_ZCOPY_ENV) {
-            env.push((UCX_GET_ZCOPY_ENV.into(), "y".into()));
-        }
     }
     args.extend(kv_events_args(spec));
     if let Some(cuda_home) = &spec.cuda_home {
@@ -1054,7 +1071,7 @@ model = "/m"
     }
 
     #[test]
-    fn nixl_gets_cuda_ipc_reads_unless_the_topology_says_otherwise() {
+    fn nixl_on_one_machine_gets_cuda_ipc_reads_unless_the_topology_says_otherwise() {
         let text = r#"
 [[worker]]
 engine = "vllm"
@@ -1087,6 +1104,17 @@ model = "/m"
         let launches = planned(text);
         assert_eq!(values(&launches[0]), ["n"], "the topology's value, once");
         assert_eq!(values(&launches[1]), ["y"]);
+        let apart = text
+            .replace(
+                "env = { UCX_CUDA_IPC_ENABLE_GET_ZCOPY = \"n\" }\n",
+                "host = \"gpu-a\"\n",
+            )
+            .replacen("port = 8200\n", "port = 8200\nhost = \"gpu-b\"\n", 1);
+        let launches = planned(&apart);
+        assert!(
+            launches.iter().all(|l| values(l).is_empty()),
+            "no CUDA IPC between two machines"
+        );
         let single = planned(
             "[[worker]]\nengine = \"vllm\"\nrole = \"both\"\nport = 8300\nmodel = \"/m\"\n",
         );
