@@ -45,21 +45,33 @@ pub(crate) const QK: usize = 32;
 const PARALLEL_QUANTIZE_TOKENS: usize = 16;
 
 /// One task's share of a parallel quantization: values in, quants, scales, sums out.
-type QuantizeChunk<'a> = (&'a [f32], &'a mut [i8], &'a mut [f32], &'a mut [f32]);
+type QuantizeChunk<'a> = (&'a [f32], &'a mut [i8], BlockStats<'a>);
 
-/// Quantizes whole 32-value blocks of `x` into `qs`, `scales` and `sums`.
-fn quantize_blocks(x: &[f32], qs: &mut [i8], scales: &mut [f32], sums: &mut [f32]) {
-    let blocks = x
-        .chunks_exact(QK)
-        .zip(qs.chunks_exact_mut(QK))
-        .zip(scales.iter_mut().zip(sums.iter_mut()));
-    for ((src, dst), (scale, sum)) in blocks {
+/// Quantizes whole 32-value blocks of `x` into `qs` and each block's `out` entries.
+fn quantize_blocks(x: &[f32], qs: &mut [i8], out: &mut BlockStats<'_>) {
+    let stats = out
+        .scales
+        .iter_mut()
+        .zip(out.sums.iter_mut())
+        .zip(out.block_sums.iter_mut());
+    let blocks = x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).zip(stats);
+    for ((src, dst), ((scale, sum), block_sum)) in blocks {
         let (src, dst) = (
             src.try_into().expect("32 values"),
             dst.try_into().expect("32 quants"),
         );
-        (*scale, *sum) = fast::quantize_block(src, dst);
+        let quant_sum;
+        (*scale, quant_sum) = fast::quantize_block(src, dst);
+        *sum = *scale * quant_sum as f32;
+        *block_sum = quant_sum;
     }
+}
+
+/// Where [`quantize_blocks`] writes each block's scale, scaled sum and sum of quants.
+struct BlockStats<'a> {
+    scales: &'a mut [f32],
+    sums: &'a mut [f32],
+    block_sums: &'a mut [i32],
 }
 
 /// Activation rows quantized to i8 in blocks of 32 (the Q8_0/Q8_1 dot types).
@@ -71,7 +83,10 @@ pub(crate) struct Q8Acts {
     /// `qs` sign-extended, for the Q8_0 kernels; empty until [`Q8Acts::widen`].
     qs16: Vec<i16>,
     scales: Vec<f32>,
+    /// Each block's `scale · Σ qs` (the Q4 kernels' min term).
     sums: Vec<f32>,
+    /// Each block's `Σ qs` (the 512-bit Q8_0 kernels' offset term).
+    block_sums: Vec<i32>,
 }
 
 impl Q8Acts {
@@ -86,12 +101,18 @@ impl Q8Acts {
         self.qs16.clear();
         self.scales.resize(n_blocks, 0.0);
         self.sums.resize(n_blocks, 0.0);
+        self.block_sums.resize(n_blocks, 0);
         if cols == 0 {
             return;
         }
         let qs = self.qs.as_mut_i8();
         if n_tokens < 2 * PARALLEL_QUANTIZE_TOKENS {
-            quantize_blocks(x, qs, &mut self.scales, &mut self.sums);
+            let mut stats = BlockStats {
+                scales: &mut self.scales,
+                sums: &mut self.sums,
+                block_sums: &mut self.block_sums,
+            };
+            quantize_blocks(x, qs, &mut stats);
             return;
         }
         let (values, blocks) = (
@@ -104,14 +125,25 @@ impl Q8Acts {
             .zip(
                 self.scales
                     .chunks_mut(blocks)
-                    .zip(self.sums.chunks_mut(blocks)),
+                    .zip(self.sums.chunks_mut(blocks))
+                    .zip(self.block_sums.chunks_mut(blocks)),
             )
-            .map(|((x, qs), (scales, sums))| Mutex::new((x, qs, scales, sums)))
+            .map(|((x, qs), ((scales, sums), block_sums))| {
+                Mutex::new((
+                    x,
+                    qs,
+                    BlockStats {
+                        scales,
+                        sums,
+                        block_sums,
+                    },
+                ))
+            })
             .collect();
         pool.run(chunks.len(), |i| {
             let mut chunk = chunks[i].lock().unwrap_or_else(PoisonError::into_inner);
-            let (x, qs, scales, sums) = &mut *chunk;
-            quantize_blocks(x, qs, scales, sums);
+            let (x, qs, stats) = &mut *chunk;
+            quantize_blocks(x, qs, stats);
         });
     }
 
@@ -149,6 +181,12 @@ impl Q8Acts {
     fn sums(&self, t: usize) -> &[f32] {
         let nb = self.blocks_per_row();
         &self.sums[t * nb..(t + 1) * nb]
+    }
+
+    /// Token `t`'s blocks' sums of quants.
+    fn block_sums(&self, t: usize) -> &[i32] {
+        let nb = self.blocks_per_row();
+        &self.block_sums[t * nb..(t + 1) * nb]
     }
 }
 
@@ -416,7 +454,7 @@ pub(crate) mod scalar {
     pub(crate) static TABLE: super::PanelTable = panel_table!(false);
 
     /// Quantizes 32 values to i8; returns (scale, scale · Σ q).
-    pub(crate) fn quantize_block(src: &[f32; QK], dst: &mut [i8; QK]) -> (f32, f32) {
+    pub(crate) fn quantize_block(src: &[f32; QK], dst: &mut [i8; QK]) -> (f32, i32) {
         let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
         let scale = amax / 127.0;
         let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
@@ -425,7 +463,7 @@ pub(crate) mod scalar {
             *q = (v * inv).round_ties_even() as i8;
             sum += i32::from(*q);
         }
-        (scale, scale * sum as f32)
+        (scale, sum)
     }
 
     /// One panel of Q4_0 (`HAS_MIN = false`) or Q4_1 weights × tokens `t0..t0+T`.
@@ -639,7 +677,7 @@ pub(crate) mod avx2 {
 
     /// Quantizes 32 values to i8; returns (scale, scale · Σ q).
     #[inline(always)]
-    pub(crate) fn quantize_block(src: &[f32; QK], dst: &mut [i8; QK]) -> (f32, f32) {
+    pub(crate) fn quantize_block(src: &[f32; QK], dst: &mut [i8; QK]) -> (f32, i32) {
         // SAFETY: see the module note.
         unsafe { quantize_block_avx2(src, dst) }
     }
@@ -703,7 +741,7 @@ pub(crate) mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn quantize_block_avx2(src: &[f32; QK], dst: &mut [i8; QK]) -> (f32, f32) {
+    fn quantize_block_avx2(src: &[f32; QK], dst: &mut [i8; QK]) -> (f32, i32) {
         let p = src.as_ptr();
         // SAFETY: `src` holds 32 f32, read as four unaligned 8-lane vectors.
         let v = unsafe {
@@ -733,7 +771,8 @@ pub(crate) mod avx2 {
             _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         // SAFETY: `dst` holds 32 bytes.
         unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), ordered) };
-        (scale, scale * sum)
+        // The sum of 32 quants is an integer far below 2^24: exact in f32.
+        (scale, sum as i32)
     }
 
     /// Loads 8 f16 at `ptr` as f32.
@@ -1170,7 +1209,9 @@ mod tests {
         let fast = fast::quantize_block(src, &mut a);
         let slow = scalar::quantize_block(src, &mut b);
         assert_eq!(a, b);
-        assert!((fast.0 - slow.0).abs() < 1e-7 && (fast.1 - slow.1).abs() < 1e-5);
+        assert!((fast.0 - slow.0).abs() < 1e-7);
+        assert_eq!(fast.1, slow.1);
+        assert_eq!(fast.1, a.iter().map(|&q| i32::from(q)).sum::<i32>());
     }
 
     /// One panel tile of `T` tokens from `t0`, fast vs scalar kernels.

@@ -13,9 +13,10 @@
 //! Numerics: the same per-block integer dot products as the VNNI panels (exact in i32),
 //! then the same lane-wise f32 operations in the same order (`acc = fma(float(dot),
 //! d·s, acc)`, then for Q4 `acc = fma(m, s·Σa, acc)`): bit-identical to `avx2`. Q8_0's
-//! signed × signed products take |w| as the unsigned operand and negate the activation
-//! where w < 0 (AVX-512 has no `vpsignb`); activations are in -127..=127, so negating
-//! never overflows.
+//! signed × signed products take w + 128 as the unsigned operand (one XOR) and subtract
+//! 128 · Σa per block afterwards, Σa precomputed once per matmul
+//! ([`Q8Acts::widen`]): exact in i32 (|Σ| ≤ 32 · 255 · 127), and one instruction per
+//! token and group fewer than negating the activations where w < 0.
 //!
 //! A lone last panel (`live == 1`) is paired with itself and the high half's results
 //! are dropped by the caller (it stores only the live rows).
@@ -271,16 +272,18 @@ unsafe fn q8_0_tile<const T: usize>(
     let interleave = _mm512_broadcast_i32x4(_mm_setr_epi8(
         0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
     ));
-    let zero = _mm512_setzero_si512();
+    let block_sums: [*const i32; T] = std::array::from_fn(|t| acts.block_sums(t0 + t).as_ptr());
+    let offset = _mm512_set1_epi8(i8::MIN);
     let mut acc = [_mm512_setzero_ps(); T];
     for blk in 0..n_blocks {
-        // SAFETY: as in `q4_tile`.
-        let (block_a, block_b, x, scale) = unsafe {
+        // SAFETY: as in `q4_tile`; `widen` gave every block its sum.
+        let (block_a, block_b, x, scale, x_sum) = unsafe {
             (
                 a.as_ptr().add(blk * format.panel_block),
                 b.as_ptr().add(blk * format.panel_block),
                 qs.map(|q| q.add(blk * QK)),
                 scales.map(|s| s.add(blk).read()),
+                block_sums.map(|s| s.add(blk).read()),
             )
         };
         prefetch_ahead(block_a, block_b, format.panel_block);
@@ -294,15 +297,16 @@ unsafe fn q8_0_tile<const T: usize>(
             // SAFETY: groups 2h and 2h+1 are the 32 bytes at 32h of each block's quants.
             let raw = unsafe { load_pair(quants_a.add(32 * h), quants_b.add(32 * h)) };
             let w = _mm512_shuffle_epi8(_mm512_permutex_epi64::<0b11_01_10_00>(raw), interleave);
-            let w_abs = _mm512_abs_epi8(w);
-            let negative = _mm512_movepi8_mask(w);
+            // w + 128 as an unsigned byte.
+            let w_offset = _mm512_xor_si512(w, offset);
             for t in 0..T {
                 // SAFETY: `x[t]` points at 32 quants; 4h + 4 <= 32.
                 let quad = unsafe { x[t].add(4 * h).cast::<i32>().read_unaligned() };
-                let quad = _mm512_set1_epi32(quad);
-                let signed = _mm512_mask_sub_epi8(quad, negative, zero, quad);
-                dots[t] = _mm512_dpbusd_epi32(dots[t], w_abs, signed);
+                dots[t] = _mm512_dpbusd_epi32(dots[t], w_offset, _mm512_set1_epi32(quad));
             }
+        }
+        for t in 0..T {
+            dots[t] = _mm512_sub_epi32(dots[t], _mm512_set1_epi32(128 * x_sum[t]));
         }
         // SAFETY: the scale array is 16 bytes at offset 0.
         let d = unsafe {
