@@ -324,15 +324,10 @@ pub fn logprobs_of(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
     }
 }
 
-/// Index of the largest logit (the first one on ties, as llama.cpp).
+/// Index of the largest logit (the first one on ties, as llama.cpp; NaN skipped, an
+/// all-NaN or empty row gives 0).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
+    crate::kernels::ops::argmax(logits).unwrap_or(0) as u32
 }
 
 /// Keeps the `k` largest candidates (unordered).

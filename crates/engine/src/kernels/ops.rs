@@ -114,17 +114,7 @@ pub fn scale_inplace(x: &mut [f32], alpha: f32) {
 /// Index of the largest value (the first one on ties; NaN is skipped, an all-NaN row
 /// gives 0), or `None` for an empty slice.
 pub fn argmax(row: &[f32]) -> Option<usize> {
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &v) in row.iter().enumerate() {
-        if !v.is_nan() && best.is_none_or(|(_, b)| v > b) {
-            best = Some((i, v));
-        }
-    }
-    match best {
-        Some((i, _)) => Some(i),
-        None if row.is_empty() => None,
-        None => Some(0),
-    }
+    fast::argmax(row)
 }
 
 /// Precomputed cos/sin of rotary position embeddings for positions `0..max_positions`.
@@ -254,6 +244,20 @@ fn check_rows(what: &'static str, len: usize, row: usize) -> Result<(), KernelEr
 /// Portable versions: the only ones without AVX2, tails and references otherwise.
 #[allow(dead_code)]
 mod scalar {
+    pub(super) fn argmax(row: &[f32]) -> Option<usize> {
+        let mut best: Option<(usize, f32)> = None;
+        for (i, &v) in row.iter().enumerate() {
+            if !v.is_nan() && best.is_none_or(|(_, b)| v > b) {
+                best = Some((i, v));
+            }
+        }
+        match best {
+            Some((i, _)) => Some(i),
+            None if row.is_empty() => None,
+            None => Some(0),
+        }
+    }
+
     pub(super) fn sum_squares(x: &[f32]) -> f32 {
         x.iter().map(|v| v * v).sum()
     }
@@ -329,7 +333,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::scalar;
-    use crate::kernels::simd::avx2::{exp, hsum};
+    use crate::kernels::simd::avx2::{exp, hmax, hsum};
 
     /// Safe entry points: this module is only compiled when the target enables AVX2, FMA
     /// and F16C, which is what the `_avx2` functions require.
@@ -356,6 +360,38 @@ mod avx2 {
         fn dot(a: &[f32], b: &[f32]) -> f32 => dot_avx2;
         fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) => axpy_avx2;
         fn rotate_halves(lo: &mut [f32], hi: &mut [f32], cos: &[f32], sin: &[f32]) => rotate_halves_avx2;
+        fn argmax(row: &[f32]) -> Option<usize> => argmax_avx2;
+    }
+
+    /// [`scalar::argmax`] in two passes: the largest value (`maxps` keeps its second
+    /// operand, the running maximum, where the row holds NaN), then the first index
+    /// holding a value equal to it — where the scalar loop ends, since it moves only on
+    /// a strictly larger value. A row whose maximum is -inf (or all NaN) goes to the
+    /// scalar loop, which tells those cases apart.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn argmax_avx2(row: &[f32]) -> Option<usize> {
+        let body = body_len(row.len());
+        let mut acc = _mm256_set1_ps(f32::NEG_INFINITY);
+        for i in (0..body).step_by(8) {
+            acc = _mm256_max_ps(load(row, i), acc);
+        }
+        let mut max = hmax(acc);
+        for &v in &row[body..] {
+            if v > max {
+                max = v;
+            }
+        }
+        if max == f32::NEG_INFINITY {
+            return scalar::argmax(row);
+        }
+        let wanted = _mm256_set1_ps(max);
+        for i in (0..body).step_by(8) {
+            let hits = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(load(row, i), wanted));
+            if hits != 0 {
+                return Some(i + hits.trailing_zeros() as usize);
+            }
+        }
+        row[body..].iter().position(|&v| v == max).map(|j| body + j)
     }
 
     /// Splits `len` into the part handled 8 lanes at a time and the scalar tail start.
@@ -503,5 +539,44 @@ mod avx2 {
             store(hi, i, _mm256_fmadd_ps(a, s, _mm256_mul_ps(b, c)));
         }
         scalar::rotate_halves(&mut lo[n..], &mut hi[n..], &cos[n..], &sin[n..]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vectorised argmax picks the scalar loop's index on rows with ties, NaN,
+    /// signed zeros, infinities and every tail length.
+    #[test]
+    fn argmax_matches_the_scalar_loop() {
+        let mut state = 12345u32;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state
+        };
+        let specials = [f32::NAN, -0.0, 0.0, f32::INFINITY, f32::NEG_INFINITY, 3.0];
+        for len in 0..70 {
+            for _ in 0..40 {
+                let row: Vec<f32> = (0..len)
+                    .map(|_| match next() % 10 {
+                        0 => specials[(next() % 6) as usize],
+                        // Few distinct values, so that ties are common.
+                        _ => (next() % 7) as f32 - 3.0,
+                    })
+                    .collect();
+                assert_eq!(argmax(&row), scalar::argmax(&row), "{row:?}");
+            }
+        }
+        for row in [
+            vec![f32::NAN; 19],
+            vec![f32::NEG_INFINITY; 17],
+            [vec![f32::NAN; 9], vec![f32::NEG_INFINITY; 9]].concat(),
+            [vec![-0.0; 12], vec![0.0; 12]].concat(),
+        ] {
+            assert_eq!(argmax(&row), scalar::argmax(&row), "{row:?}");
+        }
     }
 }
