@@ -207,6 +207,7 @@ impl TaskCtx<'_> {
         }
         let scores = &mut scratch[..visible];
         let scale = 1.0 / (d as f32).sqrt();
+        self.prefetch_blocks(task.kv_head, visible);
         for head in task.heads.0..task.heads.1 {
             let q = self.query(token, head);
             for (b, chunk) in scores.chunks_mut(block_size).enumerate() {
@@ -245,11 +246,7 @@ impl TaskCtx<'_> {
         let scale = 1.0 / (d as f32).sqrt();
         let at = (self.seq.row + token) * self.shape.q_stride + task.heads.0 * d;
         let qs = &self.queries[at..at + heads * d];
-        for (b, first) in (0..visible).step_by(block_size).enumerate() {
-            let (block, slots) = (self.seq.block_table[b], block_size.min(visible - first));
-            prefetch(self.kv.key_slots(self.layer, block, task.kv_head, slots));
-            prefetch(self.kv.value_slots(self.layer, block, task.kv_head, slots));
-        }
+        self.prefetch_blocks(task.kv_head, visible);
         for (b, first) in (0..visible).step_by(block_size).enumerate() {
             let slots = block_size.min(visible - first);
             let keys = self
@@ -271,6 +268,18 @@ impl TaskCtx<'_> {
                 self.kv
                     .value_slots(self.layer, self.seq.block_table[b], task.kv_head, slots);
             group_weighted_sum_add_in_place(rows, visible, first, values, out, heads);
+        }
+    }
+
+    /// Asks for the keys and values of `kv_head`'s first `visible` positions, block by
+    /// block, before the kernels walk them: they come from memory after a step's weights
+    /// have gone through the caches.
+    fn prefetch_blocks(&self, kv_head: usize, visible: usize) {
+        let block_size = self.shape.block_size;
+        for (b, first) in (0..visible).step_by(block_size).enumerate() {
+            let (block, slots) = (self.seq.block_table[b], block_size.min(visible - first));
+            prefetch(self.kv.key_slots(self.layer, block, kv_head, slots));
+            prefetch(self.kv.value_slots(self.layer, block, kv_head, slots));
         }
     }
 
