@@ -16,8 +16,8 @@
 //!   e.g. Skylake-SP) plus 512-bit f32/f16 tiles (`quant_dot::avx512`) for F32/F16
 //!   weights below the GEMM threshold: 16 columns per multiply-add, one conversion per
 //!   16 f16 weights; and, where the CPU has AVX512-VNNI, 512-bit `vpdpbusd` kernels for
-//!   pairs of panels × 8 (or 4) tokens at a time whenever a matmul has 4 tokens or
-//!   more (`quant_dot::vnni512`: 16 rows per multiply, bit-identical to the panels).
+//!   pairs of panels × 8, 4 or 1 tokens at a time for every matmul, single-token decode
+//!   included (`quant_dot::vnni512`: 16 rows per multiply, bit-identical to the panels).
 //!   Measured on a 2-core Zen 5 (`docs/benchmarks.md`, issue 20): prefill ×1.3 and
 //!   8-stream decode ×1.15–1.2 over `vnni`. A family of its own rather than folded into `vnni` because its
 //!   f32/f16 outputs are not bit-identical to AVX2's (16-lane sums; see numerics below),
@@ -25,12 +25,15 @@
 //!   `vnni` (`docs/benchmarks.md`, issue 20): F16 rows ×1.14–1.48 at 1–16 tokens, F32
 //!   rows −7% to +11% (they are bound by the weights' bytes sooner).
 //! - `amx`: `avx512`, plus AMX int8 tiles (`tdpbsud`/`tdpbssd`) for the panels whenever
-//!   a matmul has 8 tokens or more (prefill, batched decode): pairs of panels × 16 or 8
-//!   tokens per tile, the f32 steps on AVX-512. Single-token decode keeps the `vnni`
-//!   panels: it is bound by the weights' bytes, and a tile multiply for one token would
-//!   waste 15 of its 16 rows. Needs AMX-TILE/INT8, AVX-512 F/BW/VL, an OS that manages
-//!   tile state, and on Linux the `arch_prctl` permission for tile data, which `tiles`
-//!   requests once; without any of these the family is unavailable and says why.
+//!   a matmul has 16 tokens or more (prefill, large decode batches): pairs of panels × 16
+//!   or 8 tokens per tile, the f32 steps on AVX-512. Smaller matmuls, and the tokens the
+//!   runs of 8 leave over, take `avx512`'s 512-bit VNNI pairs: below 16 tokens the tile
+//!   multiply waits on the per-call repack and the per-block f32 steps, and measured
+//!   slower there (`docs/benchmarks.md`, issue 20: 8-stream decode ×1.3–1.4 once 8
+//!   tokens left the tiles). Needs AMX-TILE/INT8, AVX-512 F/BW/VL and AVX512-VNNI, an OS
+//!   that manages tile state, and on Linux the `arch_prctl` permission for tile data,
+//!   which `tiles` requests once; without any of these the family is unavailable and
+//!   says why.
 //! - `portable`: the scalar kernels, only on builds without AVX2 at compile time.
 //!
 //! Numerics: the Q4_0/Q4_1/Q8_0 panels give bit-identical outputs in every family: each
@@ -66,7 +69,7 @@ pub enum CpuKernels {
     /// AVX2 plus `vpdpbusd` (AVX-VNNI or AVX512-VNNI+VL) for the int8 panels.
     Vnni,
     /// `vnni` (or `avx2` panels on a CPU without VNNI) plus AVX-512 f32/f16 tiles and,
-    /// with AVX512-VNNI, 512-bit pair kernels from 4 tokens.
+    /// with AVX512-VNNI, 512-bit pair kernels for every batch.
     Avx512,
     /// `avx512` plus AMX int8 tiles for the panels at 8 tokens or more.
     Amx,
@@ -107,19 +110,13 @@ impl CpuKernels {
             CpuKernels::Avx2 => "avx2, fma, f16c",
             CpuKernels::Vnni => quant_dot::vnni_flavor().unwrap_or("none"),
             CpuKernels::Avx512 => match (quant_dot::vnni_flavor(), quant_dot::has_zmm_pairs()) {
-                (Some("avx_vnni"), true) => {
-                    "avx512_vnni pairs from 4 tokens, avx_vnni below, avx512f f32/f16 tiles"
-                }
-                (Some(_), true) => {
-                    "avx512_vnni pairs from 4 tokens, avx512_vnni below, avx512f f32/f16 tiles"
-                }
+                (Some(_), true) => "avx512_vnni pairs, avx512f f32/f16 tiles",
                 (Some(_), false) => "avx512f f32/f16 tiles, avx_vnni panels",
                 (None, _) => "avx512f f32/f16 tiles, avx2 panels",
             },
-            CpuKernels::Amx => match quant_dot::vnni_flavor() {
-                Some("avx_vnni") => "amx_int8 tiles from 8 tokens, avx_vnni below, avx512f",
-                Some(_) => "amx_int8 tiles from 8 tokens, avx512_vnni below, avx512f",
-                None => "none",
+            CpuKernels::Amx => match quant_dot::has_zmm_pairs() {
+                true => "amx_int8 tiles from 16 tokens, avx512_vnni pairs below, avx512f",
+                false => "none",
             },
         }
     }

@@ -376,7 +376,9 @@ impl<'a> JobKind<'a> {
         // Multiples of a panel, so no panel is split between tasks; of a pair of panels
         // where pair kernels run, so no task ends on a lone panel needlessly.
         let multiple = match self {
-            Self::Panels(_, _, _, set) if pairs_for(set, n_tokens).is_some() => 2 * PANEL_ROWS,
+            Self::Panels(_, _, _, set) if pairs_for(set, n_tokens).next().is_some() => {
+                2 * PANEL_ROWS
+            }
             _ => PANEL_ROWS,
         };
         rows.div_ceil(target_tasks)
@@ -460,10 +462,14 @@ const PANEL_TOKEN_BLOCK: usize = 64;
 /// widest input, still sit in L2).
 const PAIR_TOKEN_BLOCK: usize = 256;
 
-/// The pair kernel of `set` if it applies to batches of `n_tokens` (at least one run of
-/// its tokens; smaller batches, single-token decode above all, keep the panels).
-fn pairs_for(set: &PanelSet, n_tokens: usize) -> Option<PairKernel> {
-    set.pairs.filter(|pairs| n_tokens >= pairs.tokens)
+/// The pair kernels of `set` a matmul of `n_tokens` uses, largest first (none: the
+/// panels alone, single-token decode on families without 512-bit VNNI above all).
+fn pairs_for(set: &PanelSet, n_tokens: usize) -> impl Iterator<Item = PairKernel> + '_ {
+    set.pairs
+        .iter()
+        .flatten()
+        .copied()
+        .skip_while(move |pairs| n_tokens < pairs.from)
 }
 
 /// Panels of a panel-format matrix covering `rows` (which start on a panel boundary):
@@ -479,29 +485,28 @@ fn panel_rows(
 ) {
     debug_assert_eq!(rows.start % PANEL_ROWS, 0);
     let n_tokens = acts.n_tokens();
-    let pairs = pairs_for(kernels, n_tokens);
-    let block = if pairs.is_some() {
+    let paired = pairs_for(kernels, n_tokens).next().is_some();
+    let block = if paired {
         PAIR_TOKEN_BLOCK
     } else {
         PANEL_TOKEN_BLOCK
     };
     for block_start in (0..n_tokens).step_by(block) {
         let tokens = block_start..(block_start + block).min(n_tokens);
-        match pairs {
-            Some(pairs) => pair_block(w, format, acts, rows.clone(), tokens, out, kernels, pairs),
-            None => {
-                for first_row in rows.clone().step_by(PANEL_ROWS) {
-                    panel_block(
-                        w,
-                        format,
-                        acts,
-                        first_row,
-                        rows.end,
-                        tokens.clone(),
-                        out,
-                        kernels,
-                    );
-                }
+        if paired {
+            pair_block(w, format, acts, rows.clone(), tokens, out, kernels);
+        } else {
+            for first_row in rows.clone().step_by(PANEL_ROWS) {
+                panel_block(
+                    w,
+                    format,
+                    acts,
+                    first_row,
+                    rows.end,
+                    tokens.clone(),
+                    out,
+                    kernels,
+                );
             }
         }
     }
@@ -542,8 +547,9 @@ fn panel_block(
     }
 }
 
-/// Pairs of panels covering `rows` × `tokens` through `pairs` for the largest multiple of
-/// its run of tokens, the rest of the tokens one panel at a time.
+/// Pairs of panels covering `rows` × `tokens` through the pair kernels the matmul uses,
+/// each taking the largest multiple of its run of the tokens the one before left; the
+/// rest of the tokens one panel at a time.
 #[allow(clippy::too_many_arguments)]
 fn pair_block(
     w: &QMatrix,
@@ -553,25 +559,32 @@ fn pair_block(
     tokens: Range<usize>,
     out: &SharedOut,
     kernels: &PanelSet,
-    pairs: PairKernel,
 ) {
+    let mut runs: [Option<(PairKernel, Range<usize>)>; 2] = [None, None];
+    let mut first_unpaired = tokens.start;
+    for (run, pairs) in runs.iter_mut().zip(pairs_for(kernels, acts.n_tokens())) {
+        let len = (tokens.end - first_unpaired) / pairs.tokens * pairs.tokens;
+        if len > 0 {
+            *run = Some((pairs, first_unpaired..first_unpaired + len));
+            first_unpaired += len;
+        }
+    }
     let panel_bytes = w.cols() / QK * format.panel_block;
-    let paired = tokens.start..tokens.start + tokens.len() / pairs.tokens * pairs.tokens;
     let mut values = [[0f32; PAIR_ROWS]; PAIR_TOKEN_BLOCK];
-    let values = &mut values[..paired.len()];
     for first_row in rows.clone().step_by(PAIR_ROWS) {
         let live_panels = (rows.end - first_row).div_ceil(PANEL_ROWS).min(2);
         let first_panel = first_row / PANEL_ROWS;
         let panels = &w.storage()[first_panel * panel_bytes..][..live_panels * panel_bytes];
-        if !paired.is_empty() {
-            (pairs.run)(panels, live_panels, format, acts, paired.clone(), values);
-            let live_rows = PAIR_ROWS.min(rows.end - first_row);
-            for (t, row_values) in paired.clone().zip(values.iter()) {
+        let live_rows = PAIR_ROWS.min(rows.end - first_row);
+        for (pairs, run) in runs.iter().flatten() {
+            let values = &mut values[..run.len()];
+            (pairs.run)(panels, live_panels, format, acts, run.clone(), values);
+            for (t, row_values) in run.clone().zip(values.iter()) {
                 out.set_rows(t, first_row, &row_values[..live_rows]);
             }
         }
         for panel_row in (first_row..rows.end).step_by(PANEL_ROWS).take(live_panels) {
-            let rest = paired.end..tokens.end;
+            let rest = first_unpaired..tokens.end;
             panel_block(w, format, acts, panel_row, rows.end, rest, out, kernels);
         }
     }
@@ -758,7 +771,7 @@ mod tests {
                     QMatrix::from_f32(dtype, rows, cols, &values).unwrap(),
                     false,
                 );
-                for n_tokens in [1, 7, 8, 12, 16, 27, 64, 83] {
+                for n_tokens in [1, 4, 7, 8, 12, 16, 20, 27, 64, 83, 300] {
                     let x = pseudo_random(n_tokens * cols, 200 + n_tokens as u32);
                     let run = |kernels| {
                         let mut y = vec![f32::NAN; n_tokens * rows];

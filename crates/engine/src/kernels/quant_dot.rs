@@ -26,8 +26,10 @@
 //! The panel kernels are also reached at run time through a [`PanelTable`] per kernel
 //! family (`super::dispatch`): `vnni` replaces the AVX2 panels with `vpdpbusd` ones
 //! (bit-identical results), chosen only when the CPU has AVX-VNNI or AVX512-VNNI+VL;
-//! `amx` adds pair kernels (`amx`: two panels × 8 or 16 tokens per AMX tile multiply,
-//! also bit-identical) that the matmul uses for batches of 8 tokens or more.
+//! `avx512` adds pair kernels (`vnni512`: two panels per 512-bit `vpdpbusd`, also
+//! bit-identical) that every matmul uses, and `amx` puts AMX tile kernels (`amx`: two
+//! panels × 8 or 16 tokens per tile multiply) before those for matmuls of 16 tokens or
+//! more.
 
 use std::ops::Range;
 use std::sync::{Mutex, PoisonError};
@@ -208,23 +210,28 @@ pub(crate) type PairOut = [f32; PAIR_ROWS];
 /// tokens, out).
 pub(crate) type PairFn = fn(&[u8], usize, &PanelFormat, &Q8Acts, Range<usize>, &mut [PairOut]);
 
-/// A family's kernel for pairs of panels, and the runs of tokens it takes.
+/// A family's kernel for pairs of panels, the runs of tokens it takes and the batches
+/// it is used for.
 #[derive(Clone, Copy)]
 pub(crate) struct PairKernel {
     pub(crate) run: PairFn,
-    /// Runs of tokens are a multiple of this (AMX tiles: 8; 512-bit VNNI: 4), and a
-    /// matmul of fewer tokens keeps the per-panel kernels.
+    /// Runs of tokens are a multiple of this (AMX tiles: 8; 512-bit VNNI: 1).
     pub(crate) tokens: usize,
+    /// The smallest matmul (in tokens) that takes this kernel.
+    pub(crate) from: usize,
 }
 
 /// One weight format's panel kernels for tiles of 8, 4 and 1 tokens, and optionally
-/// (`amx`) for pairs of panels × runs of tokens.
+/// kernels for pairs of panels × runs of tokens.
 #[derive(Clone, Copy)]
 pub(crate) struct PanelSet {
     pub(crate) k8: PanelFn<8>,
     pub(crate) k4: PanelFn<4>,
     pub(crate) k1: PanelFn<1>,
-    pub(crate) pairs: Option<PairKernel>,
+    /// Pair kernels, the one for the largest matmuls first (`amx`: AMX tiles, then the
+    /// 512-bit VNNI pairs): a matmul takes the first whose `from` it reaches, the tokens
+    /// that kernel's runs leave over go to the next one, and what is left to the panels.
+    pub(crate) pairs: [Option<PairKernel>; 2],
 }
 
 /// A kernel family's panel kernels, resolved once (`super::dispatch`) so a matmul
@@ -237,51 +244,70 @@ pub(crate) struct PanelTable {
     pub(crate) q8_0_wide: bool,
 }
 
+/// The pair kernels `[q4_0, q4_1, q8_0]` of a module with `q4_pair`, `q8_0_pair` and
+/// `RUN_TOKENS`, used by matmuls of `from` tokens or more.
+macro_rules! pair_kernels {
+    ($($module:ident)::+, $from:expr) => {
+        [
+            Some($crate::kernels::quant_dot::PairKernel {
+                run: $($module)::+::q4_pair::<false>,
+                tokens: $($module)::+::RUN_TOKENS,
+                from: $from,
+            }),
+            Some($crate::kernels::quant_dot::PairKernel {
+                run: $($module)::+::q4_pair::<true>,
+                tokens: $($module)::+::RUN_TOKENS,
+                from: $from,
+            }),
+            Some($crate::kernels::quant_dot::PairKernel {
+                run: $($module)::+::q8_0_pair,
+                tokens: $($module)::+::RUN_TOKENS,
+                from: $from,
+            }),
+        ]
+    };
+}
+
 /// The table of a module whose `q4_panel` and `q8_0_panel` have the panel signatures,
-/// with pair kernels `[q4_0, q4_1, q8_0]` or none; `pairs: module, run` takes the
-/// module's `q4_pair` and `q8_0_pair`, which take runs of `run` tokens.
+/// with no pair kernels, or with the [`pair_kernels!`] of one module (`pairs: module
+/// from N`) or two (`..., then: module from N`), largest matmuls first.
 macro_rules! panel_table {
     ($wide:expr) => {
-        panel_table!($wide, [None, None, None])
+        panel_table!($wide, [None, None, None], [None, None, None])
     };
-    ($wide:expr, pairs: $($module:ident)::+, $run:expr) => {
+    ($wide:expr, pairs: $($module:ident)::+ from $from:expr) => {
+        panel_table!($wide, pair_kernels!($($module)::+, $from), [None, None, None])
+    };
+    (
+        $wide:expr,
+        pairs: $($first:ident)::+ from $first_from:expr,
+        then: $($second:ident)::+ from $second_from:expr
+    ) => {
         panel_table!(
             $wide,
-            [
-                Some($crate::kernels::quant_dot::PairKernel {
-                    run: $($module)::+::q4_pair::<false>,
-                    tokens: $run,
-                }),
-                Some($crate::kernels::quant_dot::PairKernel {
-                    run: $($module)::+::q4_pair::<true>,
-                    tokens: $run,
-                }),
-                Some($crate::kernels::quant_dot::PairKernel {
-                    run: $($module)::+::q8_0_pair,
-                    tokens: $run,
-                })
-            ]
+            pair_kernels!($($first)::+, $first_from),
+            pair_kernels!($($second)::+, $second_from)
         )
     };
-    ($wide:expr, [$pairs4_0:expr, $pairs4_1:expr, $pairs8_0:expr]) => {
+    ($wide:expr, $first:expr, $second:expr) => {
         $crate::kernels::quant_dot::PanelTable {
             q4_0: $crate::kernels::quant_dot::PanelSet {
                 k8: q4_panel::<false, 8>,
                 k4: q4_panel::<false, 4>,
                 k1: q4_panel::<false, 1>,
-                pairs: $pairs4_0,
+                pairs: [$first[0], $second[0]],
             },
             q4_1: $crate::kernels::quant_dot::PanelSet {
                 k8: q4_panel::<true, 8>,
                 k4: q4_panel::<true, 4>,
                 k1: q4_panel::<true, 1>,
-                pairs: $pairs4_1,
+                pairs: [$first[1], $second[1]],
             },
             q8_0: $crate::kernels::quant_dot::PanelSet {
                 k8: q8_0_panel::<8>,
                 k4: q8_0_panel::<4>,
                 k1: q8_0_panel::<1>,
-                pairs: $pairs8_0,
+                pairs: [$first[2], $second[2]],
             },
             q8_0_wide: $wide,
         }
@@ -348,8 +374,11 @@ pub(crate) fn amx_unavailable() -> Option<String> {
         if let Some(why) = avx512_unavailable() {
             return Some(why);
         }
-        if vnni::tables().is_empty() {
-            return Some("the CPU lacks VNNI, which the tile kernels' small tiles use".to_owned());
+        if !has_zmm_pairs() {
+            return Some(
+                "the CPU lacks AVX512-VNNI, which the family uses below the tiles' batches"
+                    .to_owned(),
+            );
         }
         None
     }
@@ -1013,16 +1042,16 @@ pub(crate) mod vnni {
                 /// the CPU also has AVX512-VNNI, F, BW and VL (`zmm_table`).
                 pub(in super::super) static ZMM_TABLE: super::super::PanelTable = panel_table!(
                     false,
-                    pairs: super::super::vnni512,
-                    super::super::vnni512::RUN_TOKENS
+                    pairs: super::super::vnni512 from super::super::vnni512::FROM_TOKENS
                 );
 
-                /// [`TABLE`] plus the AMX pair kernels: only handed out once the
-                /// process can also use AMX (`super::super::amx_table`).
+                /// [`ZMM_TABLE`] with the AMX pair kernels for large matmuls: only
+                /// handed out once the process can also use AMX and the CPU has
+                /// AVX512-VNNI (`super::super::amx_table`).
                 pub(in super::super) static AMX_TABLE: super::super::PanelTable = panel_table!(
                     false,
-                    pairs: super::super::amx,
-                    super::super::amx::RUN_TOKENS
+                    pairs: super::super::amx from super::super::amx::FROM_TOKENS,
+                    then: super::super::vnni512 from super::super::vnni512::FROM_TOKENS
                 );
 
                 fn q4_panel<const HAS_MIN: bool, const T: usize>(
@@ -1495,8 +1524,8 @@ mod tests {
                 for t0 in 0..n_tokens {
                     compare_tile::<1>(name, m, &acts, t0, sets.map(|s| s.k1));
                 }
-                if let Some(pairs) = sets[0].pairs {
-                    for tokens in [0..24, 3..19, 19..27, 1..25, 5..9, 2..14] {
+                for pairs in sets[0].pairs.iter().flatten() {
+                    for tokens in [0..24, 3..19, 19..27, 1..25, 5..9, 2..14, 4..5] {
                         let tokens = tokens.start..tokens.end - tokens.len() % pairs.tokens;
                         compare_pairs(name, m, &acts, tokens, pairs.run, sets[1].k1);
                     }

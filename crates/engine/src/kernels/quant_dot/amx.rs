@@ -45,6 +45,12 @@ struct CTiles([i32; 2 * 16 * PAIR_ROWS]);
 /// The token runs these kernels take are multiples of this (the smallest tile).
 pub(crate) const RUN_TOKENS: usize = 8;
 
+/// The smallest matmul (in tokens) these kernels take; smaller ones, and the tokens a
+/// run of 8s leaves over, go to the 512-bit VNNI pairs, which are faster there
+/// (`docs/benchmarks.md`, issue 20: the tile multiply waits on the repack and the f32
+/// steps, which only enough tokens amortise).
+pub(crate) const FROM_TOKENS: usize = 16;
+
 /// Checks what the kernels read and write, so the raw loads below stay in bounds.
 fn check_pair(
     panels: &[u8],

@@ -1,14 +1,17 @@
-//! 512-bit `vpdpbusd` kernels for a pair of Q4_0/Q4_1/Q8_0 panels × runs of 4 tokens:
+//! 512-bit `vpdpbusd` kernels for a pair of Q4_0/Q4_1/Q8_0 panels × runs of tokens:
 //! the pair kernels of the `avx512` family on CPUs with AVX512-VNNI (and BW/VL), used
-//! by batches of 4 tokens or more (batched decode, prefill), in register tiles of 8
-//! tokens and a last one of 4.
+//! by every matmul (single-token decode, batched decode, prefill), in register tiles of
+//! 8 tokens, then one of 4, then single tokens; the `amx` family's kernels below its
+//! tiles' batches.
 //!
 //! The VNNI panel kernels work on 256-bit vectors, one panel (8 rows) per multiply. Here
 //! the two panels of a pair share each vector: the low half holds panel A's group of
 //! quants, the high half panel B's, both multiplied by the same broadcast activations,
 //! so one instruction does 16 rows' work. Where the vector unit is a full 512 bits wide
-//! (Zen 5, Sapphire Rapids) that halves the multiplies, broadcasts and f32 steps per row
-//! at the batch sizes where decode stops being bound by the weights' bytes.
+//! (Zen 5, Sapphire Rapids) that halves the multiplies, broadcasts and f32 steps per row;
+//! it pays most at the batch sizes where decode stops being bound by the weights' bytes,
+//! and for single tokens where the weights come from a large L3 (an Emerald Rapids
+//! Xeon's 98 MB model: `docs/benchmarks.md`, issue 20).
 //!
 //! Numerics: the same per-block integer dot products as the VNNI panels (exact in i32),
 //! then the same lane-wise f32 operations in the same order (`acc = fma(float(dot),
@@ -34,8 +37,14 @@ use crate::kernels::packed::{PANEL_ROWS, PanelFormat};
 /// Tokens per register tile: 8 accumulators and 8 dot products stay in registers.
 const TILE_TOKENS: usize = 8;
 
+/// Tokens per middle-sized tile.
+const HALF_TILE_TOKENS: usize = 4;
+
 /// The smallest tile, and so the granularity of the token runs these kernels take.
-pub(crate) const RUN_TOKENS: usize = 4;
+pub(crate) const RUN_TOKENS: usize = 1;
+
+/// The smallest matmul (in tokens) these kernels take.
+pub(crate) const FROM_TOKENS: usize = 1;
 
 /// The two panels' starts (the first twice for a lone panel), after checking that
 /// every load below stays in bounds.
@@ -71,10 +80,12 @@ pub(crate) fn q4_pair<const HAS_MIN: bool>(
         // SAFETY: reachable only through the table of CPUs with the features (module
         // note); `pair_panels` checked the panels, tokens and output.
         unsafe {
-            if chunk.len() == TILE_TOKENS {
-                q4_tile::<HAS_MIN, TILE_TOKENS>(a, b, format, acts, t0, chunk);
-            } else {
-                q4_tile::<HAS_MIN, RUN_TOKENS>(a, b, format, acts, t0, chunk);
+            match chunk.len() {
+                TILE_TOKENS => q4_tile::<HAS_MIN, TILE_TOKENS>(a, b, format, acts, t0, chunk),
+                HALF_TILE_TOKENS => {
+                    q4_tile::<HAS_MIN, HALF_TILE_TOKENS>(a, b, format, acts, t0, chunk)
+                }
+                _ => q4_tile::<HAS_MIN, 1>(a, b, format, acts, t0, chunk),
             }
         }
     });
@@ -93,10 +104,10 @@ pub(crate) fn q8_0_pair(
     for_each_tile(tokens.start, out, |t0, chunk| {
         // SAFETY: as in `q4_pair`.
         unsafe {
-            if chunk.len() == TILE_TOKENS {
-                q8_0_tile::<TILE_TOKENS>(a, b, format, acts, t0, chunk);
-            } else {
-                q8_0_tile::<RUN_TOKENS>(a, b, format, acts, t0, chunk);
+            match chunk.len() {
+                TILE_TOKENS => q8_0_tile::<TILE_TOKENS>(a, b, format, acts, t0, chunk),
+                HALF_TILE_TOKENS => q8_0_tile::<HALF_TILE_TOKENS>(a, b, format, acts, t0, chunk),
+                _ => q8_0_tile::<1>(a, b, format, acts, t0, chunk),
             }
         }
     });
@@ -107,10 +118,17 @@ pub(crate) fn q8_0_pair(
 /// is a multiple of 4).
 fn for_each_tile(t0: usize, out: &mut [PairOut], mut tile: impl FnMut(usize, &mut [PairOut])) {
     let mut first = t0;
-    for chunk in out.chunks_mut(TILE_TOKENS) {
-        let len = chunk.len();
+    let mut rest = out;
+    while !rest.is_empty() {
+        let len = match rest.len() {
+            TILE_TOKENS.. => TILE_TOKENS,
+            HALF_TILE_TOKENS.. => HALF_TILE_TOKENS,
+            _ => 1,
+        };
+        let (chunk, tail) = rest.split_at_mut(len);
         tile(first, chunk);
         first += len;
+        rest = tail;
     }
 }
 
