@@ -81,19 +81,43 @@ pub struct ProfileFailure {
     pub reason: String,
 }
 
-/// This machine as a profile names it: the CPU model and the cores the system offers.
+/// This machine as a profile names it: the CPU model, its identity numbers and the
+/// cores the system offers, e.g. `Intel(R) Xeon(R) Processor (family 6 model 207
+/// stepping 2), 2 cores`. The numbers matter where a VM hides the model name: two
+/// Xeon generations both called "Intel(R) Xeon(R) Processor" decode at 2× apart.
 pub fn cpu_description() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{cpu}, {cores} cores")
+    describe_cpu(&info, cores)
+}
+
+/// [`cpu_description`] from the text of `/proc/cpuinfo` (its first processor).
+fn describe_cpu(cpuinfo: &str, cores: usize) -> String {
+    let first_processor = cpuinfo.split("\n\n").next().unwrap_or_default();
+    let field = |key: &str| {
+        first_processor.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            (name.trim() == key).then(|| value.trim().to_owned())
+        })
+    };
+    let name = field("model name").unwrap_or_else(|| "unknown CPU".into());
+    // x86 numbers its CPUs by family/model/stepping, Arm by implementer/part/variant.
+    let identity: Vec<String> = [
+        ("cpu family", "family"),
+        ("model", "model"),
+        ("stepping", "stepping"),
+        ("CPU implementer", "implementer"),
+        ("CPU part", "part"),
+        ("CPU variant", "variant"),
+    ]
+    .iter()
+    .filter_map(|(key, label)| field(key).map(|value| format!("{label} {value}")))
+    .collect();
+    if identity.is_empty() {
+        format!("{name}, {cores} cores")
+    } else {
+        format!("{name} ({}), {cores} cores", identity.join(" "))
+    }
 }
 
 /// A completions target that generates exactly what it is asked for.
@@ -421,6 +445,30 @@ fn line_through(points: &[(f64, f64)]) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cpu_is_named_with_its_identity_numbers() {
+        // Abridged from two VMs that both call themselves "Intel(R) Xeon(R) Processor".
+        let xeon = |model: u32| {
+            format!(
+                "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: {model}\n\
+                 model name\t: Intel(R) Xeon(R) Processor\nstepping\t: 2\n\n\
+                 processor\t: 1\nmodel\t\t: 1\n"
+            )
+        };
+        let emerald = describe_cpu(&xeon(207), 2);
+        assert_eq!(
+            emerald,
+            "Intel(R) Xeon(R) Processor (family 6 model 207 stepping 2), 2 cores"
+        );
+        assert_ne!(emerald, describe_cpu(&xeon(143), 2));
+        let arm = "processor\t: 0\nCPU implementer\t: 0x41\nCPU part\t: 0xd4f\n";
+        assert_eq!(
+            describe_cpu(arm, 4),
+            "unknown CPU (implementer 0x41 part 0xd4f), 4 cores"
+        );
+        assert_eq!(describe_cpu("", 1), "unknown CPU, 1 cores");
+    }
 
     #[test]
     fn a_line_is_fitted_through_the_hand_off_points() {
