@@ -198,6 +198,36 @@ pub async fn measure_worker(
         prefill,
         decode,
         steps,
+        measured_alongside: 0,
+    })
+}
+
+/// Measures the worker behind `target` while the workers behind `neighbours` (on the
+/// machine's other cores) are given the same measurements at the same time, so the
+/// profile carries the contention a layout that fills the machine will meet. A
+/// neighbour that fails fails the whole measurement: its load was not what the profile
+/// would claim.
+pub async fn measure_worker_alongside(
+    target: &Target,
+    neighbours: &[Target],
+    plan: &WorkerPlan,
+) -> Result<WorkerProfile, ProfileFailure> {
+    let busy = neighbours.iter().map(|neighbour| async move {
+        measure_worker(neighbour, plan)
+            .await
+            .map_err(|failure| ProfileFailure {
+                what: format!("the worker alongside at {}", neighbour.base_url),
+                reason: failure.to_string(),
+            })
+    });
+    // The first failure, the worker's or a neighbour's, ends the measurement at once.
+    let (worker, _) = tokio::try_join!(
+        measure_worker(target, plan),
+        futures_util::future::try_join_all(busy)
+    )?;
+    Ok(WorkerProfile {
+        measured_alongside: neighbours.len(),
+        ..worker
     })
 }
 

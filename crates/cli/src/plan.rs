@@ -80,6 +80,13 @@ pub struct ProfileArgs {
     /// Runs of each measurement (the median is kept).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// A worker on another of this machine's cores, given the same measurements at the
+    /// same time (repeat for each): measures --url with its neighbours busy, as it will
+    /// be in a layout that fills the machine. Co-located workers slow each other
+    /// (shared caches and memory, SMT siblings): on a 2-vCPU VM a 1-core worker's
+    /// decode step took 2× as long with the other core's worker busy.
+    #[arg(long = "alongside", value_name = "URL")]
+    pub alongside: Vec<String>,
     /// A P/D router over workers like this one: the hand-off is timed against --url.
     #[arg(long)]
     split_url: Option<String>,
@@ -202,7 +209,22 @@ fn measure(args: ProfileArgs) -> Result<()> {
         repeats: args.repeats.max(1),
     };
     eprintln!("measuring a {}-core worker at {}", args.cores, args.url);
-    let worker = runtime.block_on(profile::measure_worker(&target, &plan))?;
+    let neighbours: Vec<_> = args
+        .alongside
+        .iter()
+        .map(|url| profile::target(url, Some(args.model.clone())))
+        .collect();
+    if !neighbours.is_empty() {
+        eprintln!(
+            "  with the same measurements on {} at the same time",
+            args.alongside.join(", ")
+        );
+    }
+    let worker = runtime.block_on(profile::measure_worker_alongside(
+        &target,
+        &neighbours,
+        &plan,
+    ))?;
     let cost = worker
         .cost()
         .context("the measurements do not make a usable profile")?;

@@ -16,11 +16,12 @@ async fn a_profile_is_measured_then_ranked_and_refused_elsewhere() {
     let worker = Server::start(&["--threads", "1", "--max-model-len", "512"]);
     let prefill = Server::start(&["--threads", "1", "--kv-port", "0", "--max-model-len", "512"]);
     let decode = Server::start(&["--threads", "1", "--max-model-len", "512"]);
+    let neighbour = Server::start(&["--threads", "1", "--max-model-len", "512"]);
     let router =
         Server::start_router(&["--prefill", &prefill.url(""), "--decode", &decode.url("")]);
     let dir = tempfile::tempdir().unwrap();
     let profile = dir.path().join("profile.toml");
-    let (url, split) = (worker.url(""), router.url(""));
+    let (url, split, alongside) = (worker.url(""), router.url(""), neighbour.url(""));
     let profile_arg = profile.to_str().unwrap().to_owned();
     let measured = tokio::task::spawn_blocking(move || {
         tandem()
@@ -38,6 +39,7 @@ async fn a_profile_is_measured_then_ranked_and_refused_elsewhere() {
             ])
             .args(["--steps", "2x32,3x16,2x32+3", "--step-decode-context", "8"])
             .args(["--split-url", &split, "--out", &profile_arg])
+            .args(["--alongside", &alongside])
             .output()
             .unwrap()
     })
@@ -48,6 +50,21 @@ async fn a_profile_is_measured_then_ranked_and_refused_elsewhere() {
     assert!(text.contains(MODEL), "{text}");
     let parsed = tandem_planner::Profile::from_toml(&text).unwrap();
     let worker_profile = parsed.worker(1).unwrap();
+    // Measured with the neighbour given the same load at the same time: the same
+    // prompts reached it (the measured worker also served the hand-off's).
+    assert_eq!(parsed.workers[0].measured_alongside, 1, "{text}");
+    let prompt_tokens = |metrics: &str| {
+        metrics
+            .lines()
+            .find(|line| line.starts_with("vllm:prompt_tokens_total"))
+            .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let (beside, measured) = (
+        prompt_tokens(&neighbour.metrics().await),
+        prompt_tokens(&worker.metrics().await),
+    );
+    assert!(beside > 0.0 && beside <= measured, "{beside} vs {measured}");
     // Longer prompts take longer; a bigger batch's step does not take less.
     assert!(worker_profile.prefill_seconds(0, 96) > worker_profile.prefill_seconds(0, 8));
     assert_eq!(parsed.workers[0].decode.len(), 6);

@@ -56,6 +56,12 @@ pub struct WorkerProfile {
     /// Steps of several prompts computed together (absent from older profiles).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<StepPoint>,
+    /// Workers on the machine's other cores that were given the same measurements at
+    /// the same time (0: measured alone). Co-located workers slow each other (shared
+    /// caches, memory, SMT siblings), so a profile meant for layouts that fill the
+    /// machine is measured with them busy.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub measured_alongside: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -434,6 +440,7 @@ mod tests {
             prefill,
             decode,
             steps: Vec::new(),
+            measured_alongside: 0,
         }
     }
 

@@ -433,6 +433,7 @@ pub(crate) mod tests {
                     })
                     .to_vec(),
                 steps: Vec::new(),
+                measured_alongside: 0,
             }
         };
         Profile {
