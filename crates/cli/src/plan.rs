@@ -86,7 +86,7 @@ pub struct ProfileArgs {
     /// (shared caches and memory, SMT siblings): on a 2-vCPU VM a 1-core worker's
     /// decode step took 2× as long with the other core's worker busy.
     #[arg(long = "alongside", value_name = "URL")]
-    pub alongside: Vec<String>,
+    alongside: Vec<String>,
     /// A P/D router over workers like this one: the hand-off is timed against --url.
     #[arg(long)]
     split_url: Option<String>,
@@ -208,6 +208,10 @@ fn measure(args: ProfileArgs) -> Result<()> {
         step_decode_context: args.step_decode_context.max(1),
         repeats: args.repeats.max(1),
     };
+    let same_url = |url: &String| url.trim_end_matches('/') == args.url.trim_end_matches('/');
+    if let Some(url) = args.alongside.iter().find(|url| same_url(url)) {
+        bail!("--alongside {url} is the measured worker itself; give the other cores' workers");
+    }
     eprintln!("measuring a {}-core worker at {}", args.cores, args.url);
     let neighbours: Vec<_> = args
         .alongside

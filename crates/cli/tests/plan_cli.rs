@@ -169,3 +169,26 @@ fn rank_writes_the_recommended_layout_as_a_topology_up_accepts() {
         assert!(stderr.contains("has no P/D pools"), "{stderr}");
     }
 }
+
+#[test]
+fn a_worker_cannot_be_measured_alongside_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("profile.toml");
+    let refused = tandem()
+        .args([
+            "plan",
+            "profile",
+            "--url",
+            "http://127.0.0.1:9",
+            "--cores",
+            "1",
+        ])
+        .args(["--model", MODEL, "--alongside", "http://127.0.0.1:9/"])
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("is the measured worker itself"), "{stderr}");
+    assert!(!out.exists());
+}
