@@ -71,7 +71,7 @@ pub enum CpuKernels {
     /// `vnni` (or `avx2` panels on a CPU without VNNI) plus AVX-512 f32/f16 tiles and,
     /// with AVX512-VNNI, 512-bit pair kernels for every batch.
     Avx512,
-    /// `avx512` plus AMX int8 tiles for the panels at 8 tokens or more.
+    /// `avx512` plus AMX int8 tiles for the panels at 16 tokens or more.
     Amx,
 }
 

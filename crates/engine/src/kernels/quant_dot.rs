@@ -1458,7 +1458,7 @@ mod tests {
 
     /// Forces each kernel family (and each VNNI build, with and without AMX tiles or the
     /// 512-bit VNNI pairs) this CPU has and compares every panel kernel (1, 4 and 8
-    /// tokens; pairs of panels × runs of 4 to 24 tokens, cut to each pair kernel's run;
+    /// tokens; pairs of panels × runs of 1 to 24 tokens, cut to each pair kernel's run;
     /// Q4_0, Q4_1, Q8_0) with the AVX2 and scalar ones.
     #[cfg(all(
         target_arch = "x86_64",

@@ -17,8 +17,8 @@
 //! then the same lane-wise f32 operations in the same order (`acc = fma(float(dot),
 //! d·s, acc)`, then for Q4 `acc = fma(m, s·Σa, acc)`): bit-identical to `avx2`. Q8_0's
 //! signed × signed products take w + 128 as the unsigned operand (one XOR) and subtract
-//! 128 · Σa per block afterwards, Σa precomputed once per matmul
-//! ([`Q8Acts::widen`]): exact in i32 (|Σ| ≤ 32 · 255 · 127), and one instruction per
+//! 128 · Σa per block afterwards, Σa kept per block by the activation quantizer
+//! ([`Q8Acts::quantize`]): exact in i32 (|Σ| ≤ 32 · 255 · 127), and one instruction per
 //! token and group fewer than negating the activations where w < 0.
 //!
 //! A lone last panel (`live == 1`) is paired with itself and the high half's results
@@ -66,7 +66,7 @@ fn pair_panels<'a>(
     (a, b)
 }
 
-/// Q4_0 (`HAS_MIN = false`) or Q4_1 panels × `tokens` (a multiple of 4) into `out`.
+/// Q4_0 (`HAS_MIN = false`) or Q4_1 panels × `tokens` (any run) into `out`.
 pub(crate) fn q4_pair<const HAS_MIN: bool>(
     panels: &[u8],
     live: usize,
@@ -91,7 +91,7 @@ pub(crate) fn q4_pair<const HAS_MIN: bool>(
     });
 }
 
-/// Q8_0 panels × `tokens` (a multiple of 4) into `out`.
+/// Q8_0 panels × `tokens` (any run) into `out`.
 pub(crate) fn q8_0_pair(
     panels: &[u8],
     live: usize,
@@ -114,8 +114,7 @@ pub(crate) fn q8_0_pair(
 }
 
 /// Calls `tile(first token, outputs)` for each register tile of `out`, whose tokens
-/// start at `t0`: tiles of 8 tokens, then one of 4 (`pair_panels` checked that the run
-/// is a multiple of 4).
+/// start at `t0`: tiles of 8 tokens, then one of 4, then single tokens.
 fn for_each_tile(t0: usize, out: &mut [PairOut], mut tile: impl FnMut(usize, &mut [PairOut])) {
     let mut first = t0;
     let mut rest = out;
@@ -294,7 +293,7 @@ unsafe fn q8_0_tile<const T: usize>(
     let offset = _mm512_set1_epi8(i8::MIN);
     let mut acc = [_mm512_setzero_ps(); T];
     for blk in 0..n_blocks {
-        // SAFETY: as in `q4_tile`; `widen` gave every block its sum.
+        // SAFETY: as in `q4_tile`; `quantize` gave every block its sum.
         let (block_a, block_b, x, scale, x_sum) = unsafe {
             (
                 a.as_ptr().add(blk * format.panel_block),
