@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// Prompt tokens whose KV the hand-off measurement copies (0: skip).
     #[arg(long, default_value_t = 2048)]
     handoff_tokens: usize,
+    /// Prompt tokens (512-token chunks) in one step with the largest decode batch, timed
+    /// against the same work as two steps (0: skip).
+    #[arg(long, default_value_t = 2048)]
+    mixed_prefill: usize,
     /// Launch every step's kernels (no CUDA graphs).
     #[arg(long)]
     enforce_eager: bool,
@@ -152,6 +156,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         decode_steps: args.steps,
         prefill_lengths: args.prefill.clone(),
         handoff_tokens: args.handoff_tokens,
+        mixed_prefill_tokens: args.mixed_prefill,
         cuda_graphs: !args.enforce_eager,
     };
     let report = bench::run(Arc::new(model), &plan)?;
@@ -175,15 +180,30 @@ fn bench(args: BenchArgs) -> Result<()> {
         report.bf16_gemm_flops / 1e12
     );
     println!("decode (context {}):", args.context);
-    println!("  batch  step (ms)  tok/s      weights/step of roofline  weights+KV of roofline");
+    println!(
+        "  batch  step (ms)  tok/s      weights/step of roofline  weights+KV of roofline  greedy on GPU (ms)"
+    );
     for d in &report.decode {
         println!(
-            "  {:>5}  {:>9.3}  {:>9.0}  {:>24.1}%  {:>21.1}%",
+            "  {:>5}  {:>9.3}  {:>9.0}  {:>24.1}%  {:>21.1}%  {:>18.3}",
             d.batch,
             d.step_seconds * 1e3,
             d.tokens_per_second,
             100.0 * d.weight_roofline_fraction,
-            100.0 * d.memory_roofline_fraction
+            100.0 * d.memory_roofline_fraction,
+            d.greedy_step_seconds * 1e3
+        );
+    }
+    if let Some(m) = &report.mixed {
+        println!(
+            "mixed step: {} decodes + {} prompt tokens ({}-token chunks) {:.3} ms; apart: decodes {:.3} ms + prompts {:.3} ms = {:.3} ms",
+            m.decodes,
+            m.prefill_tokens,
+            m.chunk_tokens,
+            m.seconds * 1e3,
+            m.decode_seconds * 1e3,
+            m.prefill_seconds * 1e3,
+            (m.decode_seconds + m.prefill_seconds) * 1e3
         );
     }
     println!("prefill (one sequence):");

@@ -305,6 +305,21 @@ async fn info_endpoints_and_request_ids() {
         metric_with(&metrics, "vllm:iteration_tokens_total_bucket", &bucket),
         Some(steps)
     );
+    // Where the steps' time went: each step once per part, under its kind; the two
+    // requests came one after the other, so each prompt had a step of its own.
+    let count = |kind: &str, part: &str| {
+        let labels = [smol, ("kind", kind), ("part", part)];
+        metric_with(&metrics, "tandem:engine_step_seconds_count", &labels).unwrap_or(0.0)
+    };
+    for part in ["forward", "sample"] {
+        assert_eq!(count("prefill", part), 2.0, "{part} in\n{metrics}");
+        assert_eq!(count("mixed", part), 0.0, "{part} in\n{metrics}");
+        assert_eq!(
+            count("prefill", part) + count("decode", part),
+            steps,
+            "{part} in\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -196,6 +196,31 @@ impl Executor {
         }
     }
 
+    /// Whether [`Executor::forward_greedy`] can serve steps whose every sequence samples
+    /// greedily from raw logits: on a GPU, where it saves bringing the logits back.
+    pub(crate) fn picks_greedy_tokens(&self) -> bool {
+        match self {
+            Executor::Cpu { .. } => false,
+            #[cfg(feature = "cuda")]
+            Executor::Cuda(runner) => runner.picks_greedy_tokens(),
+        }
+    }
+
+    /// Runs the batch; returns, per requested position in batch order, the greedy token
+    /// of its logits (the first index on ties). Only where
+    /// [`Executor::picks_greedy_tokens`]; the CPU's steps go through [`Executor::forward`]
+    /// and the sampler.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub(crate) fn forward_greedy(&mut self, batch: &[SeqInput]) -> Result<&[u32], ForwardError> {
+        match self {
+            Executor::Cpu { .. } => Err(ForwardError::Device(
+                "greedy tokens of a CPU model are picked by the sampler".into(),
+            )),
+            #[cfg(feature = "cuda")]
+            Executor::Cuda(runner) => runner.forward_greedy(batch),
+        }
+    }
+
     /// Runs the batch; returns one `vocab_size` row of logits per requested position, in
     /// batch order.
     pub(crate) fn forward(&mut self, batch: &[SeqInput]) -> Result<&[f32], ForwardError> {

@@ -23,6 +23,11 @@ pub const PROMPT_TOKENS_TOTAL: &str = "vllm:prompt_tokens_total";
 pub const GENERATION_TOKENS_TOTAL: &str = "vllm:generation_tokens_total";
 /// Histogram: tokens computed per engine step (prompt chunks and decodes together).
 pub const ITERATION_TOKENS_TOTAL: &str = "vllm:iteration_tokens_total";
+/// Histogram, labels [`KIND`] (`decode`, `prefill`, `mixed`) and [`PART`] (`forward`:
+/// the forward pass with its logits or greedy tokens back on the host; `sample`:
+/// sampling and sending the tokens on): seconds of each engine step, where a step's
+/// time goes.
+pub const ENGINE_STEP_SECONDS: &str = "tandem:engine_step_seconds";
 /// Gauge: requests in the running batch.
 pub const NUM_REQUESTS_RUNNING: &str = "vllm:num_requests_running";
 /// Gauge: requests waiting to be scheduled.
@@ -70,8 +75,11 @@ pub const KV_EVENTS_REPLAY_REFUSED_TOTAL: &str = "tandem:kv_events_replay_refuse
 
 /// Label of the KV transfer byte and block counters: `sent` or `received`.
 pub const DIRECTION: &str = "direction";
-/// Label of [`KV_TRANSFER_FAILURES_TOTAL`]: the failure kind.
+/// Label of [`KV_TRANSFER_FAILURES_TOTAL`] (the failure kind) and of
+/// [`ENGINE_STEP_SECONDS`] (the step kind).
 pub const KIND: &str = "kind";
+/// Label of [`ENGINE_STEP_SECONDS`]: `forward` or `sample`.
+pub const PART: &str = "part";
 /// Label of [`KV_AUTH_FAILURES_TOTAL`]: `server` or `client`.
 pub const SIDE: &str = "side";
 
@@ -97,6 +105,13 @@ const REQUEST_LATENCY_BUCKETS: &[f64] = &[
 /// vLLM's tokens-per-step buckets.
 const ITERATION_TOKEN_BUCKETS: &[f64] = &[
     1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
+];
+
+/// Engine step parts, seconds: from a small model's sampling (tens of microseconds) to
+/// a large prefill on a CPU.
+const ENGINE_STEP_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// KV pull durations, seconds (loopback pulls take about a millisecond).
@@ -134,6 +149,10 @@ pub fn install_prometheus_recorder(model_name: &str) -> Result<PrometheusHandle,
             Matcher::Full(ITERATION_TOKENS_TOTAL.into()),
             ITERATION_TOKEN_BUCKETS,
         )?
+        .set_buckets_for_metric(
+            Matcher::Full(ENGINE_STEP_SECONDS.into()),
+            ENGINE_STEP_BUCKETS,
+        )?
         .install_recorder()?;
     describe_all();
     keep_up(handle.clone());
@@ -169,6 +188,11 @@ fn describe_all() {
     describe_histogram!(
         ITERATION_TOKENS_TOTAL,
         "Histogram of number of tokens per engine_step."
+    );
+    describe_histogram!(
+        ENGINE_STEP_SECONDS,
+        Unit::Seconds,
+        "Seconds of each engine step, by step kind and part (forward pass, sampling)."
     );
     describe_histogram!(
         INTER_TOKEN_LATENCY_SECONDS,

@@ -175,6 +175,20 @@ impl Sampler {
         token
     }
 
+    /// Whether this sampler's next token is the argmax of the raw logits, with nothing
+    /// else read from them (no adjustments, no log probabilities): then whoever holds
+    /// the logits may pick it ([`Sampler::record_greedy`]).
+    pub fn is_plain_greedy(&self) -> bool {
+        self.params.is_greedy() && !self.params.adjusts_logits() && self.params.logprobs.is_none()
+    }
+
+    /// Counts a token picked elsewhere by the argmax of the raw logits, as
+    /// [`Sampler::sample`] would have picked it (only when [`Sampler::is_plain_greedy`]).
+    pub fn record_greedy(&mut self) {
+        debug_assert!(self.is_plain_greedy());
+        self.produced += 1;
+    }
+
     /// `token`'s log probabilities under the raw `logits`, when they are reported.
     pub fn logprobs(&self, logits: &[f32], token: u32) -> Option<TokenLogprobs> {
         self.params.logprobs.map(|k| logprobs_of(logits, token, k))

@@ -218,9 +218,46 @@ impl Pair {
             .unwrap()
             .chunks_exact(self.vocab)
             .map(<[f32]>::to_vec)
-            .collect();
+            .collect::<Vec<_>>();
+        // The same step again, its greedy tokens picked on the GPU (the step rewrites
+        // the same keys and values): the host sampler's argmax of the logits above.
+        let picked = self.gpu.forward_greedy(batch).unwrap().to_vec();
+        let expected: Vec<u32> = gpu.iter().map(|row| argmax(row)).collect();
+        assert_eq!(picked, expected, "greedy tokens picked on the GPU");
         (cpu, gpu)
     }
+}
+
+/// The GPU's greedy pick follows the host sampler's rules where they matter: the first
+/// index on ties, NaN skipped, -inf still a candidate, 0 for a row of NaN.
+#[test]
+fn greedy_ids_follow_the_host_argmax() {
+    if !gpu_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    D64.write(dir.path(), 7);
+    let mut pair = Pair::new(dir.path(), WeightDtype::F16, false);
+    let vocab = pair.vocab;
+    let mut noise = Lcg(11);
+    let mut rows: Vec<Vec<f32>> = (0..6)
+        .map(|_| (0..vocab).map(|_| noise.uniform()).collect())
+        .collect();
+    rows[0][3] = 9.0;
+    rows[0][400] = 9.0; // a tie: the first index wins
+    rows[1][0] = f32::NAN;
+    rows[1][vocab - 1] = 5.0; // NaN skipped, the last index wins
+    rows[2].fill(f32::NAN);
+    rows[3].fill(f32::NEG_INFINITY);
+    rows[4].fill(f32::NEG_INFINITY);
+    rows[4][0] = f32::NAN;
+    rows[4][7] = f32::NAN; // the first -inf after a NaN: index 1
+    rows[5][vocab / 2] = f32::INFINITY;
+    let flat: Vec<f32> = rows.concat();
+    let picked = pair.gpu.argmax_rows(&flat).unwrap();
+    let expected: Vec<u32> = rows.iter().map(|row| argmax(row)).collect();
+    assert_eq!(expected, [3, vocab as u32 - 1, 0, 0, 1, vocab as u32 / 2]);
+    assert_eq!(picked, expected);
 }
 
 /// ‖gpu − cpu‖ / ‖cpu‖ of every row, checked below `limit`; also the argmax wherever

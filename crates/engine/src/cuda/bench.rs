@@ -4,9 +4,11 @@
 //! against the bf16 GEMM rate, and the KV hand-off between two caches (GPU to GPU, and
 //! staged through the host) against the copy bandwidth. `tandem gpu bench` prints it.
 //!
-//! Times are wall-clock around whole engine steps (each ends with its logits on the
-//! host), so they include everything a served request pays: metadata upload, launches
-//! or graph replay, the logits' copy back.
+//! Times are wall-clock around whole engine steps (each ends with its logits, or its
+//! greedy token ids, on the host), so they include everything a served request pays:
+//! metadata upload, launches or graph replay, the copy back. A mixed step (decodes and
+//! prompt chunks together, as a loaded server runs) is timed against the same work as
+//! two steps.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,14 +44,26 @@ pub struct BenchPlan {
     pub prefill_lengths: Vec<usize>,
     /// Prompt tokens whose KV the hand-off measurement copies.
     pub handoff_tokens: usize,
+    /// Prompt tokens (in chunks of up to [`MIXED_CHUNK`]) that share one step with the
+    /// largest decode batch in the mixed-step measurement (0: skip it).
+    pub mixed_prefill_tokens: usize,
     /// Replay decode steps from CUDA graphs.
     pub cuda_graphs: bool,
 }
 
+/// Prompt chunk of the mixed-step measurement (the engine's default chunk).
+pub const MIXED_CHUNK: usize = 512;
+
+/// Untimed steps before each timed decode run.
+const DECODE_WARMUP: usize = 3;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DecodePoint {
     pub batch: usize,
+    /// A step with its logits back on the host (what the host's sampler needs).
     pub step_seconds: f64,
+    /// A step whose greedy tokens are picked on the GPU (only the ids come back).
+    pub greedy_step_seconds: f64,
     pub tokens_per_second: f64,
     /// Weights plus the KV read by attention, per step.
     pub bytes_per_step: f64,
@@ -67,6 +81,19 @@ pub struct PrefillPoint {
     pub flops: f64,
     /// FLOP/s over the bf16 GEMM rate measured in the same run.
     pub gemm_roofline_fraction: f64,
+}
+
+/// One step that carries decodes and prompt chunks together (what a loaded server
+/// runs), against the same work as two separate steps; greedy tokens picked on the GPU.
+#[derive(Debug, Clone, Serialize)]
+pub struct MixedPoint {
+    pub decodes: usize,
+    pub prefill_tokens: usize,
+    pub chunk_tokens: usize,
+    pub seconds: f64,
+    /// The decodes alone (a graph replay) and the prompt chunks alone.
+    pub decode_seconds: f64,
+    pub prefill_seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -96,6 +123,7 @@ pub struct BenchReport {
     pub bf16_gemm_flops: f64,
     pub cuda_graphs: bool,
     pub decode: Vec<DecodePoint>,
+    pub mixed: Option<MixedPoint>,
     pub prefill: Vec<PrefillPoint>,
     pub handoff: Vec<HandoffPoint>,
 }
@@ -115,11 +143,16 @@ pub fn run(model: Arc<CudaModel>, plan: &BenchPlan) -> Result<BenchReport, Bench
     let kv_per_token = layout.bytes_per_block() / layout.block_size;
     let longest_prefill = plan.prefill_lengths.iter().copied().max().unwrap_or(0);
     let max_batch = plan.decode_batches.iter().copied().max().unwrap_or(1);
-    let max_model_len = (plan.decode_context + plan.decode_steps + 16)
+    // Each decoding sequence runs its steps twice (logits back, greedy ids back), then
+    // the mixed steps.
+    let decode_len = plan.decode_context + 2 * (DECODE_WARMUP + plan.decode_steps) + 1;
+    let mixed_chunks = plan.mixed_prefill_tokens.div_ceil(MIXED_CHUNK);
+    let max_model_len = (decode_len + 16)
         .max(longest_prefill)
         .max(plan.handoff_tokens)
         + 16;
-    let tokens_needed = max_batch * (plan.decode_context + plan.decode_steps + 32)
+    let tokens_needed = max_batch * (decode_len + 32)
+        + mixed_chunks * (MIXED_CHUNK + 16)
         + 2 * longest_prefill
         + plan.handoff_tokens;
     let budget = KvBudget::Bytes(
@@ -130,8 +163,11 @@ pub fn run(model: Arc<CudaModel>, plan: &BenchPlan) -> Result<BenchReport, Bench
         layout,
         budget,
         RunnerLimits {
-            max_tokens: longest_prefill.max(plan.decode_context).max(2048),
-            max_seqs: max_batch,
+            max_tokens: longest_prefill
+                .max(plan.decode_context)
+                .max(max_batch + plan.mixed_prefill_tokens)
+                .max(2048),
+            max_seqs: max_batch + mixed_chunks,
             max_model_len,
             cuda_graphs: plan.cuda_graphs,
         },
@@ -149,9 +185,10 @@ pub fn run(model: Arc<CudaModel>, plan: &BenchPlan) -> Result<BenchReport, Bench
     let mut blocks = BlockIds::default();
 
     let mut decode = Vec::new();
+    let mut mixed = None;
     for &batch in &plan.decode_batches {
         let tables: Vec<Vec<BlockId>> = (0..batch)
-            .map(|_| blocks.take(layout.blocks_for(plan.decode_context + plan.decode_steps + 8)))
+            .map(|_| blocks.take(layout.blocks_for(decode_len + 8)))
             .collect();
         // Prefill the batch's prompts, a few at a time.
         let prompt = pseudo_tokens(plan.decode_context, 1, c.vocab_size);
@@ -167,30 +204,37 @@ pub fn run(model: Arc<CudaModel>, plan: &BenchPlan) -> Result<BenchReport, Bench
                 .collect();
             runner.forward(&inputs)?;
         }
-        let warmup = 3;
-        let mut started = Instant::now();
-        for step in 0..warmup + plan.decode_steps {
-            if step == warmup {
-                started = Instant::now();
-            }
-            let token = [((step * 7919) % c.vocab_size) as u32];
-            let inputs: Vec<SeqInput> = tables
-                .iter()
-                .map(|t| SeqInput {
-                    tokens: &token,
-                    start_pos: plan.decode_context + step,
-                    block_table: t,
-                    logits: LogitsFor::Last,
-                })
-                .collect();
-            runner.forward(&inputs)?;
+        let run = DECODE_WARMUP + plan.decode_steps;
+        let step = time_decode(
+            &mut runner,
+            &tables,
+            plan.decode_context,
+            run,
+            Output::Logits,
+        )?;
+        let greedy_step = time_decode(
+            &mut runner,
+            &tables,
+            plan.decode_context + run,
+            run,
+            Output::GreedyIds,
+        )?;
+        // The KV the timed logits-back steps read, on average.
+        let context = plan.decode_context + DECODE_WARMUP + plan.decode_steps / 2;
+        if batch == max_batch && mixed_chunks > 0 {
+            mixed = Some(time_mixed(
+                &mut runner,
+                &tables,
+                plan.decode_context + 2 * run,
+                plan.mixed_prefill_tokens,
+                &mut blocks,
+            )?);
         }
-        let step = started.elapsed().as_secs_f64() / plan.decode_steps as f64;
-        let context = plan.decode_context + warmup + plan.decode_steps / 2;
         let kv_read = (batch * context * kv_per_token) as f64;
         decode.push(DecodePoint {
             batch,
             step_seconds: step,
+            greedy_step_seconds: greedy_step,
             tokens_per_second: batch as f64 / step,
             bytes_per_step: step_weight_bytes as f64 + kv_read,
             weight_roofline_fraction: step_weight_bytes as f64 / step / traffic,
@@ -252,8 +296,102 @@ pub fn run(model: Arc<CudaModel>, plan: &BenchPlan) -> Result<BenchReport, Bench
         bf16_gemm_flops: ceilings.bf16_gemm_flops,
         cuda_graphs: plan.cuda_graphs,
         decode,
+        mixed,
         prefill,
         handoff,
+    })
+}
+
+/// What the timed steps bring back.
+#[derive(Clone, Copy)]
+enum Output {
+    Logits,
+    GreedyIds,
+}
+
+/// Seconds per decode step of every sequence of `tables` (their prompts computed),
+/// over `steps` steps from position `from`, the first [`DECODE_WARMUP`] untimed.
+fn time_decode(
+    runner: &mut GpuRunner,
+    tables: &[Vec<BlockId>],
+    from: usize,
+    steps: usize,
+    output: Output,
+) -> Result<f64, BenchError> {
+    let vocab = runner.config().vocab_size;
+    let mut started = Instant::now();
+    for step in 0..steps {
+        if step == DECODE_WARMUP {
+            started = Instant::now();
+        }
+        let token = [((step * 7919) % vocab) as u32];
+        let inputs: Vec<SeqInput> = tables
+            .iter()
+            .map(|t| SeqInput {
+                tokens: &token,
+                start_pos: from + step,
+                block_table: t,
+                logits: LogitsFor::Last,
+            })
+            .collect();
+        match output {
+            Output::Logits => drop(runner.forward(&inputs)?),
+            Output::GreedyIds => drop(runner.forward_greedy(&inputs)?),
+        }
+    }
+    Ok(started.elapsed().as_secs_f64() / (steps - DECODE_WARMUP) as f64)
+}
+
+/// One step of a decode per table at position `at` plus `prefill_tokens` of new
+/// prompts in [`MIXED_CHUNK`] chunks, against the decodes and the chunks as separate
+/// steps (best of five each; every run rewrites the same cache slots).
+fn time_mixed(
+    runner: &mut GpuRunner,
+    tables: &[Vec<BlockId>],
+    at: usize,
+    prefill_tokens: usize,
+    blocks: &mut BlockIds,
+) -> Result<MixedPoint, BenchError> {
+    let vocab = runner.config().vocab_size;
+    let layout = runner.kv().layout();
+    let chunk = MIXED_CHUNK.min(prefill_tokens);
+    let prompt = pseudo_tokens(chunk, 4, vocab);
+    let prompt_tables: Vec<Vec<BlockId>> = (0..prefill_tokens.div_ceil(chunk))
+        .map(|_| blocks.take(layout.blocks_for(chunk)))
+        .collect();
+    let token = [17u32];
+    let decodes: Vec<SeqInput> = tables
+        .iter()
+        .map(|t| SeqInput {
+            tokens: &token,
+            start_pos: at,
+            block_table: t,
+            logits: LogitsFor::Last,
+        })
+        .collect();
+    let prompts: Vec<SeqInput> = prompt_tables
+        .iter()
+        .map(|t| SeqInput {
+            tokens: &prompt,
+            start_pos: 0,
+            block_table: t,
+            logits: LogitsFor::Last,
+        })
+        .collect();
+    let both: Vec<SeqInput> = decodes.iter().chain(&prompts).cloned().collect();
+    let mut time = |batch: &[SeqInput]| {
+        best_wall_seconds(5, || {
+            runner.forward_greedy(batch)?;
+            Ok(())
+        })
+    };
+    Ok(MixedPoint {
+        decodes: tables.len(),
+        prefill_tokens: prompts.len() * chunk,
+        chunk_tokens: chunk,
+        seconds: time(&both)?,
+        decode_seconds: time(&decodes)?,
+        prefill_seconds: time(&prompts)?,
     })
 }
 

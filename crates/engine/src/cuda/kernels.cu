@@ -382,3 +382,53 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part_o,
     }
     out[((i64)t * num_heads + head) * head_dim + d] = to_wt(l > 0.0f ? acc / l : 0.0f);
 }
+
+// The better of two (value, index) candidates for the greedy argmax: the larger value,
+// the lower index on ties. `index == NO_INDEX` marks "nothing seen" (a NaN, or no
+// element), which any real element beats, -INFINITY included.
+#define NO_INDEX 0x7fffffff
+__device__ __forceinline__ void keep_better(float& value, int& index, float other_value,
+                                            int other_index) {
+    if (other_value > value || (other_value == value && other_index < index)) {
+        value = other_value;
+        index = other_index;
+    }
+}
+
+// ids[r] = the index of the largest of logits[r][0..vocab), with the host sampler's
+// rules: the first index on ties, NaN skipped, 0 for a row of NaN (one block per row,
+// blockDim.x a multiple of 32). Greedy steps bring back these ids, not the logits.
+extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int vocab,
+                                       unsigned* __restrict__ ids) {
+    const float* row = logits + (i64)blockIdx.x * vocab;
+    float value = -INFINITY;
+    int index = NO_INDEX;
+    // Each thread's indices increase, so a strict `>` keeps its first maximum.
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float v = row[i];
+        if (v > value || (index == NO_INDEX && v == v)) {
+            value = v;
+            index = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1)
+        keep_better(value, index, __shfl_xor_sync(0xffffffffu, value, o),
+                    __shfl_xor_sync(0xffffffffu, index, o));
+    __shared__ float values[32];
+    __shared__ int indices[32];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) {
+        values[warp] = value;
+        indices[warp] = index;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        int warps = blockDim.x >> 5;
+        value = lane < warps ? values[lane] : -INFINITY;
+        index = lane < warps ? indices[lane] : NO_INDEX;
+        for (int o = 16; o > 0; o >>= 1)
+            keep_better(value, index, __shfl_xor_sync(0xffffffffu, value, o),
+                        __shfl_xor_sync(0xffffffffu, index, o));
+        if (lane == 0) ids[blockIdx.x] = index == NO_INDEX ? 0u : (unsigned)index;
+    }
+}

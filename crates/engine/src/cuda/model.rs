@@ -1,6 +1,8 @@
 //! The Llama forward pass on a GPU, for the engine loop: the same ragged batches as the
 //! CPU pass ([`SeqInput`]), the KV cache in GPU memory ([`DeviceKv`]), logits back on
-//! the host for the sampler.
+//! the host for the sampler — or, for steps whose every sequence samples greedily with
+//! nothing that reads the logits (no logprobs, penalties, biases or grammar), only the
+//! greedy token ids, picked on the GPU ([`GpuRunner::forward_greedy`]).
 //!
 //! A step is: the batch's metadata (token ids, positions, the block each new key goes
 //! to, per-sequence rows and block tables, attention work items) written to pinned
@@ -191,6 +193,28 @@ impl MetaLayout {
     }
 }
 
+/// What a step brings back to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// The logits of every requested row, for the host's sampler.
+    Logits,
+    /// Each requested row's greedy token id, picked on the GPU.
+    GreedyIds,
+}
+
+/// `TANDEM_GPU_SAMPLING`: `device` (the default) lets greedy steps pick their tokens
+/// on the GPU; `host` brings every row's logits back to the host's sampler, for
+/// comparing the two and for bug reports.
+fn greedy_on_device() -> Result<bool, GpuError> {
+    match std::env::var("TANDEM_GPU_SAMPLING").as_deref() {
+        Err(_) | Ok("device") => Ok(true),
+        Ok("host") => Ok(false),
+        Ok(other) => Err(GpuError::Unsupported(format!(
+            "TANDEM_GPU_SAMPLING={other}: use device or host"
+        ))),
+    }
+}
+
 /// The shape of one step's launches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct StepShape {
@@ -225,6 +249,8 @@ struct Buffers {
     logits: DeviceBuffer,
     part_o: DeviceBuffer,
     part_ml: DeviceBuffer,
+    /// Greedy token ids, one per logits row.
+    ids: DeviceBuffer,
 }
 
 struct Kernels {
@@ -233,6 +259,7 @@ struct Kernels {
     rope_store: Kernel,
     silu_mul: Kernel,
     attn_combine: Kernel,
+    argmax_rows: Kernel,
     /// By warps per block: 1 and 4.
     attention_w1: Kernel,
     attention_w4: Kernel,
@@ -276,6 +303,10 @@ pub struct GpuRunner {
     logits_host: PinnedBuffer<f32>,
     /// Logits of steps that ask for more rows than `logit_capacity`.
     logits_overflow: Vec<f32>,
+    /// The greedy token ids of the last [`GpuRunner::forward_greedy`].
+    ids_host: PinnedBuffer<u32>,
+    /// Whether the engine loop should let greedy steps pick their tokens here.
+    greedy_on_device: bool,
     graphs: Graphs,
     /// Rows of logits the last forward pass produced.
     last_rows: usize,
@@ -319,6 +350,7 @@ impl GpuRunner {
             4 * logit_capacity * c.vocab_size,
             4 * split_rows * c.num_heads * c.head_dim,
             4 * split_rows * c.num_heads * 2,
+            4 * max_tokens,
         ];
         let needed: usize = sizes.iter().sum();
         let (free, _) = gpu.free_memory()?;
@@ -343,6 +375,7 @@ impl GpuRunner {
             logits: alloc(sizes[9])?,
             part_o: alloc(sizes[10])?,
             part_ml: alloc(sizes[11])?,
+            ids: alloc(sizes[12])?,
         };
         let kernels = load_kernels(&gpu, c.head_dim)?;
         let ours = model.weights.matrix_bytes + needed + super::gpu::BLAS_WORKSPACE_BYTES;
@@ -354,6 +387,7 @@ impl GpuRunner {
         )?);
         let meta_host = PinnedBuffer::new(&gpu.ctx, meta_layout.total)?;
         let logits_host = PinnedBuffer::new(&gpu.ctx, logit_capacity * c.vocab_size)?;
+        let ids_host = PinnedBuffer::new(&gpu.ctx, max_tokens)?;
         let mut runner = Self {
             model,
             kv,
@@ -370,6 +404,8 @@ impl GpuRunner {
             meta_host,
             logits_host,
             logits_overflow: Vec::new(),
+            ids_host,
+            greedy_on_device: greedy_on_device()?,
             graphs: Graphs(HashMap::new()),
             last_rows: 0,
         };
@@ -391,6 +427,47 @@ impl GpuRunner {
     /// Runs the batch and returns the logits asked for: one `vocab_size` row per
     /// requested position, in batch order (as [`crate::model::Llama::forward`]).
     pub fn forward(&mut self, batch: &[SeqInput]) -> Result<&[f32], ForwardError> {
+        self.run(batch, Output::Logits)?;
+        Ok(self.last_logits())
+    }
+
+    /// Runs the batch and returns, for every requested position, the token a greedy
+    /// sampler picks from its logits (the host sampler's argmax: the first index on
+    /// ties, NaN skipped), computed on the GPU: only the ids come back, not the logits
+    /// (33 MB a step at 64 sequences of a 128k vocabulary).
+    pub fn forward_greedy(&mut self, batch: &[SeqInput]) -> Result<&[u32], ForwardError> {
+        self.run(batch, Output::GreedyIds)?;
+        Ok(&self.ids_host.as_slice()[..self.last_rows])
+    }
+
+    /// Whether the engine loop should pick greedy tokens with [`Self::forward_greedy`]
+    /// (on unless `TANDEM_GPU_SAMPLING=host`).
+    pub fn picks_greedy_tokens(&self) -> bool {
+        self.greedy_on_device
+    }
+
+    /// The greedy ids the GPU picks for these rows of logits (`vocab_size` each, at most
+    /// as many rows as a decode step has), with the kernel [`Self::forward_greedy`]
+    /// runs after the output head: for checking it against the host's argmax on chosen
+    /// values (ties, NaN, -inf).
+    pub fn argmax_rows(&mut self, logits: &[f32]) -> Result<Vec<u32>, GpuError> {
+        let vocab = self.model.config.vocab_size;
+        let rows = logits.len() / vocab;
+        if rows * vocab != logits.len() || rows > self.logit_capacity {
+            return Err(GpuError::Unsupported(format!(
+                "{} logits are not up to {} rows of {vocab}",
+                logits.len(),
+                self.logit_capacity
+            )));
+        }
+        self.model.gpu.bind()?;
+        self.buffers.logits.upload(0, logits)?;
+        self.enqueue_argmax(0, rows)?;
+        self.download_ids(rows)?;
+        Ok(self.ids_host.as_slice()[..rows].to_vec())
+    }
+
+    fn run(&mut self, batch: &[SeqInput], output: Output) -> Result<(), ForwardError> {
         let layout = self.kv.layout();
         check_batch(&self.model.config, layout, self.kv.num_blocks(), batch)?;
         let n: usize = batch.iter().map(|s| s.tokens.len()).sum();
@@ -405,21 +482,21 @@ impl GpuRunner {
         self.check_sections(batch)?;
         self.last_rows = 0;
         if batch.is_empty() {
-            return Ok(&[]);
+            return Ok(());
         }
         self.model
             .gpu
             .bind()
             .map_err(|e| ForwardError::Device(e.to_string()))?;
         let result = if let Some(bucket) = self.graph_bucket(batch) {
-            self.decode_with_graph(batch, bucket)
+            self.decode_with_graph(batch, bucket, output)
         } else {
-            self.eager(batch)
+            self.eager(batch, output)
         };
         match result {
             Ok(rows) => {
                 self.last_rows = rows;
-                Ok(self.last_logits())
+                Ok(())
             }
             Err(err) => Err(ForwardError::Device(err.to_string())),
         }
@@ -488,38 +565,54 @@ impl GpuRunner {
             .max(1)
     }
 
-    fn eager(&mut self, batch: &[SeqInput]) -> Result<usize, GpuError> {
+    fn eager(&mut self, batch: &[SeqInput], output: Output) -> Result<usize, GpuError> {
         let (shape, fill) = self.plan(batch, None);
         self.upload_meta(fill)?;
         self.enqueue_layers(shape)?;
         let rows = fill.logit_rows;
-        if rows <= self.logit_capacity {
-            self.enqueue_head(0, rows)?;
-            self.download_logits(rows, None)?;
-        } else {
+        let overflows = rows > self.logit_capacity;
+        if overflows && output == Output::Logits {
             let vocab = self.model.config.vocab_size;
             self.logits_overflow.resize(rows * vocab, 0.0);
-            for start in (0..rows).step_by(self.logit_capacity) {
-                let count = self.logit_capacity.min(rows - start);
-                self.enqueue_head(start, count)?;
-                self.download_logits(count, Some(start))?;
+        }
+        // The output head runs on at most `logit_capacity` rows at a time.
+        for start in (0..rows).step_by(self.logit_capacity) {
+            let count = self.logit_capacity.min(rows - start);
+            self.enqueue_head(start, count)?;
+            match output {
+                Output::Logits => self.download_logits(count, overflows.then_some(start))?,
+                Output::GreedyIds => self.enqueue_argmax(start, count)?,
             }
         }
-        if rows == 0 {
-            self.model.gpu.synchronize()?;
+        match output {
+            Output::GreedyIds => self.download_ids(rows)?,
+            Output::Logits if rows == 0 => self.model.gpu.synchronize()?,
+            Output::Logits => {}
         }
         Ok(rows)
     }
 
-    fn decode_with_graph(&mut self, batch: &[SeqInput], bucket: usize) -> Result<usize, GpuError> {
+    fn decode_with_graph(
+        &mut self,
+        batch: &[SeqInput],
+        bucket: usize,
+        output: Output,
+    ) -> Result<usize, GpuError> {
         let (shape, fill) = self.plan(batch, Some(bucket));
         self.upload_meta(fill)?;
         if !self.graphs.0.contains_key(&bucket) {
             self.capture(bucket, shape)?;
         }
         self.graphs.0[&bucket].launch()?;
-        self.download_logits(batch.len(), None)?;
-        Ok(batch.len())
+        let rows = batch.len();
+        match output {
+            Output::Logits => self.download_logits(rows, None)?,
+            Output::GreedyIds => {
+                self.enqueue_argmax(0, rows)?;
+                self.download_ids(rows)?;
+            }
+        }
+        Ok(rows)
     }
 
     /// Captures the decode step of `bucket` rows (its metadata already uploaded): once
@@ -942,6 +1035,43 @@ impl GpuRunner {
         }
     }
 
+    /// The greedy ids of the `count` rows in the logits buffer, into the ids buffer at
+    /// row `start`.
+    fn enqueue_argmax(&self, start: usize, count: usize) -> Result<(), GpuError> {
+        if count == 0 {
+            return Ok(());
+        }
+        let logits = self.buffers.logits.ptr();
+        let vocab = self.model.config.vocab_size as i32;
+        let ids = self.buffers.ids.ptr() + 4 * start as u64;
+        let mut args = kernel_args![logits, vocab, ids];
+        // SAFETY: `count` rows of logits were written by this step's output head, and
+        // the ids buffer holds a row per token of the largest step.
+        unsafe {
+            self.model.gpu.launch(
+                self.kernels.argmax_rows,
+                (count as u32, 1, 1),
+                1024,
+                0,
+                &mut args,
+            )
+        }
+    }
+
+    /// Copies `rows` greedy ids back to the pinned buffer and waits for the step.
+    fn download_ids(&mut self, rows: usize) -> Result<(), GpuError> {
+        let gpu = self.model.gpu.clone();
+        if rows > 0 {
+            let dst = &mut self.ids_host.as_mut_slice()[..rows];
+            // SAFETY: in bounds (rows ≤ the step's tokens); synchronised before `dst` is
+            // read.
+            unsafe {
+                result::memcpy_dtoh_async(dst, self.buffers.ids.ptr(), gpu.stream.cu_stream())
+            }?;
+        }
+        gpu.synchronize()
+    }
+
     /// Copies `rows` rows of logits back to the pinned buffer, waits for the step, and
     /// for steps past the buffer's capacity appends them to the overflow at row `at`.
     fn download_logits(&mut self, rows: usize, overflow_at: Option<usize>) -> Result<(), GpuError> {
@@ -1023,6 +1153,7 @@ fn load_kernels(gpu: &Gpu, head_dim: usize) -> Result<Kernels, GpuError> {
         rope_store: m.kernel("rope_store")?,
         silu_mul: m.kernel("silu_mul")?,
         attn_combine: m.kernel("attn_combine")?,
+        argmax_rows: m.kernel("argmax_rows")?,
         attention_w1: attention(1)?,
         attention_w4: attention(4)?,
     })

@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 
@@ -265,19 +266,44 @@ impl EngineLoop {
         }
         let tokens: usize = slots.iter().map(|s| s.len).sum();
         metrics::histogram!(names::ITERATION_TOKENS_TOTAL).record(tokens as f64);
-        if let Err(err) = self.run_batch(&slots) {
-            // A bug, not a client error: fail the batch's requests and carry on.
-            tracing::error!(%err, "forward pass failed");
-            let ids: Vec<SeqId> = slots.iter().map(|s| self.running[s.seq].id).collect();
-            for id in ids {
-                if let Some(i) = self.running.iter().position(|s| s.id == id) {
-                    let seq = self.running.remove(i);
-                    self.fail(seq, format!("internal engine error: {err}"));
+        let kind = self.step_kind(&slots);
+        let started = Instant::now();
+        let picked = match self.run_batch(&slots) {
+            Ok(picked) => picked,
+            Err(err) => {
+                // A bug, not a client error: fail the batch's requests and carry on.
+                tracing::error!(%err, "forward pass failed");
+                let ids: Vec<SeqId> = slots.iter().map(|s| self.running[s.seq].id).collect();
+                for id in ids {
+                    if let Some(i) = self.running.iter().position(|s| s.id == id) {
+                        let seq = self.running.remove(i);
+                        self.fail(seq, format!("internal engine error: {err}"));
+                    }
                 }
+                return;
             }
-            return;
+        };
+        let forwarded = Instant::now();
+        self.sample_and_report(&slots, picked.as_deref());
+        let part = |part: &'static str| metrics::histogram!(names::ENGINE_STEP_SECONDS, names::KIND => kind, names::PART => part);
+        part("forward").record(forwarded.duration_since(started).as_secs_f64());
+        part("sample").record(forwarded.elapsed().as_secs_f64());
+    }
+
+    /// `decode` (one new token per sequence), `prefill` (prompt chunks only) or `mixed`.
+    fn step_kind(&self, slots: &[Slot]) -> &'static str {
+        let decodes = slots
+            .iter()
+            .filter(|slot| {
+                let seq = &self.running[slot.seq];
+                slot.len == 1 && seq.num_computed + 1 == seq.tokens.len() && seq.generated() > 0
+            })
+            .count();
+        match decodes {
+            0 => "prefill",
+            n if n == slots.len() => "decode",
+            _ => "mixed",
         }
-        self.sample_and_report(&slots);
     }
 
     /// Decoding and partly prefilled sequences, in admission order, within the budget.
@@ -533,7 +559,14 @@ impl EngineLoop {
         true
     }
 
-    fn run_batch(&mut self, slots: &[Slot]) -> Result<(), crate::model::ForwardError> {
+    /// Runs the step's forward pass. When every sequence in it samples plain greedy and
+    /// the executor can pick those tokens where the logits are (a GPU), returns the
+    /// picked tokens, one per sampling sequence in slot order; otherwise the logits wait
+    /// in the executor for [`Self::sample_and_report`].
+    fn run_batch(
+        &mut self,
+        slots: &[Slot],
+    ) -> Result<Option<Vec<u32>>, crate::model::ForwardError> {
         let inputs: Vec<SeqInput> = slots
             .iter()
             .map(|slot| {
@@ -553,11 +586,20 @@ impl EngineLoop {
                 }
             })
             .collect();
+        let greedy_here = self.executor.picks_greedy_tokens()
+            && slots
+                .iter()
+                .all(|slot| self.running[slot.seq].samples_plain_greedy());
+        if greedy_here {
+            return Ok(Some(self.executor.forward_greedy(&inputs)?.to_vec()));
+        }
         self.executor.forward(&inputs)?;
-        Ok(())
+        Ok(None)
     }
 
-    fn sample_and_report(&mut self, slots: &[Slot]) {
+    /// Samples (or takes the `picked` tokens of) every sequence whose prompt is now
+    /// computed, and sends the tokens on.
+    fn sample_and_report(&mut self, slots: &[Slot], picked: Option<&[u32]>) {
         let vocab = self.executor.config().vocab_size;
         let mut logits_row = 0;
         let mut finished = Vec::new();
@@ -566,6 +608,17 @@ impl EngineLoop {
             let start = seq.num_computed;
             seq.num_computed += slot.len;
             commit_full_blocks(&mut self.blocks, seq);
+            if let Some(picked) = picked {
+                if seq.num_computed < seq.tokens.len() {
+                    continue;
+                }
+                logits_row += 1;
+                let token = seq.take_greedy_token(picked[logits_row - 1]);
+                if let Some(reason) = seq.accept_token(token, None) {
+                    finished.push((seq.id, Ok(reason)));
+                }
+                continue;
+            }
             let logits = self.executor.last_logits();
             let row = if seq.wants_prompt_logits() {
                 let rows = &logits[logits_row * vocab..(logits_row + slot.len) * vocab];
@@ -595,22 +648,7 @@ impl EngineLoop {
                 }
             };
             let logprobs = seq.sampler.logprobs(row, token);
-            seq.tokens.push(token);
-            metrics::counter!(names::GENERATION_TOKENS_TOTAL).increment(1);
-            let reason = if seq.stop_token_ids.contains(&token) {
-                seq.stop_token = Some(token);
-                seq.stop_logprobs = logprobs.map(Box::new);
-                Some(FinishReason::Stop)
-            } else if !seq.send_token(token, logprobs) {
-                Some(FinishReason::Aborted)
-            } else if seq.output_complete() {
-                Some(FinishReason::Stop)
-            } else if seq.generated() >= seq.max_tokens {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
+            if let Some(reason) = seq.accept_token(token, logprobs) {
                 finished.push((seq.id, Ok(reason)));
             }
         }

@@ -107,6 +107,43 @@ impl Sequence {
         Ok(Some(token))
     }
 
+    /// Whether this sequence's next token is the plain argmax of its logits, which the
+    /// device may pick without bringing them back: greedy, nothing adjusting or
+    /// reporting them, no grammar, no prompt log probabilities.
+    pub fn samples_plain_greedy(&self) -> bool {
+        self.sampler.is_plain_greedy() && self.constraint.is_none() && !self.wants_prompt_logits()
+    }
+
+    /// Takes the token the device picked (see [`Sequence::samples_plain_greedy`]).
+    pub fn take_greedy_token(&mut self, token: u32) -> u32 {
+        self.sampler.record_greedy();
+        token
+    }
+
+    /// Appends a sampled token and sends it on; the reason the sequence ends with it,
+    /// if it does.
+    pub fn accept_token(
+        &mut self,
+        token: u32,
+        logprobs: Option<TokenLogprobs>,
+    ) -> Option<FinishReason> {
+        self.tokens.push(token);
+        metrics::counter!(crate::metrics::GENERATION_TOKENS_TOTAL).increment(1);
+        if self.stop_token_ids.contains(&token) {
+            self.stop_token = Some(token);
+            self.stop_logprobs = logprobs.map(Box::new);
+            Some(FinishReason::Stop)
+        } else if !self.send_token(token, logprobs) {
+            Some(FinishReason::Aborted)
+        } else if self.output_complete() {
+            Some(FinishReason::Stop)
+        } else if self.generated() >= self.max_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
+
     /// Whether the next forward pass must give logits for every prompt position.
     pub fn wants_prompt_logits(&self) -> bool {
         self.prompt_logprobs.is_some()
