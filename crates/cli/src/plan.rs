@@ -271,9 +271,7 @@ fn measure(args: ProfileArgs) -> Result<()> {
             plan.repeats,
         ))?;
     }
-    profile.workers.retain(|w| w.cores != args.cores);
-    profile.workers.push(worker);
-    profile.workers.sort_by_key(|w| w.cores);
+    profile.put_worker(worker);
     std::fs::write(&args.out, profile.to_toml())
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("profile written to {}", args.out.display());
@@ -369,7 +367,7 @@ fn rank(args: RankArgs) -> Result<()> {
         tpot_seconds: args.tpot,
         attainment: args.attainment,
     };
-    let sizes: Vec<usize> = profile.workers.iter().map(|w| w.cores).collect();
+    let sizes = profile.worker_sizes();
     let layouts = Layout::all_on(args.cores, &sizes);
     if layouts.is_empty() {
         bail!(

@@ -49,7 +49,7 @@ async fn a_profile_is_measured_then_ranked_and_refused_elsewhere() {
     let text = std::fs::read_to_string(&profile).unwrap();
     assert!(text.contains(MODEL), "{text}");
     let parsed = tandem_planner::Profile::from_toml(&text).unwrap();
-    let worker_profile = parsed.worker(1).unwrap();
+    let worker_profile = parsed.worker(1).unwrap().crowded;
     // Measured with the neighbour given the same load at the same time: the same
     // prompts reached it (the measured worker also served the hand-off's).
     assert_eq!(parsed.workers[0].measured_alongside, 1, "{text}");

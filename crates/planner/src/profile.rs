@@ -15,6 +15,11 @@
 //!
 //! Profiles measured before step points existed have none: their prompt cost is fitted
 //! to the single prompts alone, the same form, so they load and plan as before.
+//!
+//! A worker size may be measured twice: alone on the machine, and alongside busy
+//! workers on the other cores (`measured_alongside`). Co-located workers slow each
+//! other, so [`WorkerCosts`] keeps both fits and the model charges each step by
+//! whether the worker's neighbours are busy then; with one measurement, it serves both.
 
 use serde::{Deserialize, Serialize};
 
@@ -122,6 +127,11 @@ pub enum ProfileError {
     OtherHardware { profile: String, here: String },
     #[error("the profile has no measurement for workers of {cores} cores")]
     NoWorkerSize { cores: usize },
+    #[error(
+        "the profile has two measurements of {cores}-core workers {how}; keep one (`tandem plan \
+         profile` replaces the one it measures again)"
+    )]
+    Duplicate { cores: usize, how: &'static str },
     #[error("worker size {cores}: {problem}")]
     Unusable { cores: usize, problem: String },
     #[error("the profile does not parse: {0}")]
@@ -132,7 +142,23 @@ pub enum ProfileError {
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Fit([f64; 3]);
 
-/// One worker size's costs, fitted.
+/// One worker size's fitted costs with its neighbours idle and busy (the same fit
+/// where the profile measured the size only one way).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerCosts {
+    pub alone: WorkerCost,
+    pub crowded: WorkerCost,
+}
+
+impl WorkerCosts {
+    /// The costs of a step that starts while the workers on the other cores are busy
+    /// (`crowded`) or idle.
+    pub fn when(&self, crowded: bool) -> &WorkerCost {
+        if crowded { &self.crowded } else { &self.alone }
+    }
+}
+
+/// One measurement's costs, fitted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerCost {
     pub cores: usize,
@@ -145,8 +171,24 @@ pub struct WorkerCost {
 impl Profile {
     pub fn from_toml(text: &str) -> Result<Self, ProfileError> {
         let profile: Self = toml::from_str(text).map_err(|e| ProfileError::Parse(e.to_string()))?;
-        for worker in &profile.workers {
+        for (i, worker) in profile.workers.iter().enumerate() {
             worker.cost()?;
+            let twin = profile.workers[..i]
+                .iter()
+                .any(|w| w.cores == worker.cores && w.alongside() == worker.alongside());
+            if twin {
+                return Err(ProfileError::Duplicate {
+                    cores: worker.cores,
+                    how: if worker.alongside() {
+                        "alongside busy neighbours"
+                    } else {
+                        "alone"
+                    },
+                });
+            }
+        }
+        for cores in profile.worker_sizes() {
+            profile.worker(cores)?;
         }
         Ok(profile)
     }
@@ -172,13 +214,55 @@ impl Profile {
         Ok(())
     }
 
-    /// The fitted costs of workers of `cores` cores.
-    pub fn worker(&self, cores: usize) -> Result<WorkerCost, ProfileError> {
+    /// The fitted costs of workers of `cores` cores, alone and beside busy neighbours.
+    pub fn worker(&self, cores: usize) -> Result<WorkerCosts, ProfileError> {
+        let measured = |alongside: bool| {
+            self.workers
+                .iter()
+                .find(|w| w.cores == cores && w.alongside() == alongside)
+        };
+        let (alone, crowded) = match (measured(false), measured(true)) {
+            (None, None) => return Err(ProfileError::NoWorkerSize { cores }),
+            (Some(only), None) | (None, Some(only)) => (only, only),
+            (Some(alone), Some(crowded)) => (alone, crowded),
+        };
+        if (alone.max_batched_tokens, alone.max_sequences)
+            != (crowded.max_batched_tokens, crowded.max_sequences)
+        {
+            return Err(ProfileError::Unusable {
+                cores,
+                problem: format!(
+                    "measured alone with a step budget of {} tokens and {} sequences, \
+                     alongside with {} and {}: the two measurements are of different workers",
+                    alone.max_batched_tokens,
+                    alone.max_sequences,
+                    crowded.max_batched_tokens,
+                    crowded.max_sequences
+                ),
+            });
+        }
+        Ok(WorkerCosts {
+            alone: alone.cost()?,
+            crowded: crowded.cost()?,
+        })
+    }
+
+    /// The measured worker sizes (cores), each once, smallest first.
+    pub fn worker_sizes(&self) -> Vec<usize> {
+        let mut sizes: Vec<usize> = self.workers.iter().map(|w| w.cores).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        sizes
+    }
+
+    /// Adds a measurement, replacing the one of the same size measured the same way
+    /// (alone, or alongside busy neighbours).
+    pub fn put_worker(&mut self, worker: WorkerProfile) {
         self.workers
-            .iter()
-            .find(|w| w.cores == cores)
-            .ok_or(ProfileError::NoWorkerSize { cores })?
-            .cost()
+            .retain(|w| !(w.cores == worker.cores && w.alongside() == worker.alongside()));
+        self.workers.push(worker);
+        self.workers
+            .sort_by_key(|w| (w.cores, w.measured_alongside));
     }
 
     /// Seconds to move the KV of `tokens` tokens to a decode worker.
@@ -189,6 +273,11 @@ impl Profile {
 }
 
 impl WorkerProfile {
+    /// Whether it was measured with busy workers on the machine's other cores.
+    pub fn alongside(&self) -> bool {
+        self.measured_alongside > 0
+    }
+
     /// Fits the measurements; refuses too few or impossible ones.
     pub fn cost(&self) -> Result<WorkerCost, ProfileError> {
         let unusable = |problem: String| ProfileError::Unusable {
@@ -586,6 +675,64 @@ mod tests {
         let mut worker = exact_worker(2);
         worker.decode[0].seconds = -1.0;
         assert!(worker.cost().unwrap_err().to_string().contains("positive"));
+    }
+
+    #[test]
+    fn a_size_measured_alone_and_alongside_keeps_both_fits() {
+        let mut profile = Profile {
+            hardware: "test".into(),
+            model: "test".into(),
+            kv_bytes_per_token: 1000,
+            handoff: HandoffCost {
+                fixed_seconds: 0.001,
+                seconds_per_byte: 1e-9,
+            },
+            workers: vec![exact_worker(2)],
+        };
+        let alone = exact_worker(1);
+        let mut crowded = exact_worker(1);
+        crowded.measured_alongside = 1;
+        crowded.decode.iter_mut().for_each(|p| p.seconds *= 1.5);
+        profile.put_worker(crowded.clone());
+        profile.put_worker(alone.clone());
+        assert_eq!(profile.worker_sizes(), [1, 2]);
+        let costs = profile.worker(1).unwrap();
+        let ratio =
+            costs.crowded.decode_step_seconds(8, 100.0) / costs.alone.decode_step_seconds(8, 100.0);
+        assert!((ratio - 1.5).abs() < 1e-9, "{ratio}");
+        assert_eq!(costs.when(false), &costs.alone);
+        assert_eq!(costs.when(true), &costs.crowded);
+        // One measurement serves both; measuring again replaces only its own kind.
+        let only = profile.worker(2).unwrap();
+        assert_eq!(only.alone, only.crowded);
+        let mut again = alone.clone();
+        again.decode[0].seconds *= 1.01;
+        profile.put_worker(again.clone());
+        assert_eq!(profile.workers.len(), 3);
+        assert!(profile.workers.contains(&again) && profile.workers.contains(&crowded));
+        // Round trip, and a file with the same kind twice is refused by name.
+        let text = profile.to_toml();
+        assert_eq!(Profile::from_toml(&text).unwrap(), profile);
+        let mut twice = profile.clone();
+        twice.workers.push(crowded.clone());
+        let error = Profile::from_toml(&twice.to_toml()).unwrap_err();
+        assert_eq!(
+            error,
+            ProfileError::Duplicate {
+                cores: 1,
+                how: "alongside busy neighbours"
+            }
+        );
+        // The two must describe the same worker: its step budget and sequence limit.
+        let mut other_budget = profile.clone();
+        let at = other_budget
+            .workers
+            .iter()
+            .position(|w| w.cores == 1 && w.alongside())
+            .unwrap();
+        other_budget.workers[at].max_batched_tokens = 512;
+        let error = other_budget.worker(1).unwrap_err().to_string();
+        assert!(error.contains("step budget"), "{error}");
     }
 
     #[test]

@@ -6,7 +6,11 @@
 //! decodes one token for every sequence past its prompt and spends the rest of the
 //! step's token budget on prompt chunks, first come first served (the engine's own
 //! order; see `Model::start_step`); its time is the profile's step cost of its prompt
-//! tokens and decode rows together ([`WorkerCost::step_seconds`]). A request goes to
+//! tokens and decode rows together ([`WorkerCost::step_seconds`]). Co-located workers
+//! slow each other, so a step has two costs ([`WorkerCosts`]): measured alone and
+//! measured alongside busy neighbours. It advances at the rate of the first while no
+//! other worker of the layout has work and of the second while one has, the rate
+//! changing whenever a neighbour starts or runs out of work. A request goes to
 //! the least loaded worker of its entry pool. On a prefill worker its prompt is
 //! computed, its KV then moves (the profile's hand-off time) to the least loaded
 //! decode worker, which computes the prompt's last position and samples the first
@@ -17,7 +21,7 @@ use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
 
 use crate::layout::{Layout, Role};
-use crate::profile::{Profile, ProfileError, WorkerCost};
+use crate::profile::{Profile, ProfileError, WorkerCost, WorkerCosts};
 use crate::workload::{Request, Slo, Workload};
 
 /// The modelled requests' latencies.
@@ -136,29 +140,73 @@ impl Seq {
 
 struct Worker {
     role: Role,
-    cost: WorkerCost,
+    costs: WorkerCosts,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     /// The step under way: which running sequences decode, and each prompt chunk.
     step: Option<Step>,
+    /// Counts the ends this worker's steps were given (see [`Pace::generation`]).
+    generations: u64,
+    /// Prompts whose KV this (decode) worker is pulling.
+    pulling: usize,
 }
 
 #[derive(Default)]
 struct Step {
     decoding: Vec<usize>,
     chunks: Vec<(usize, usize)>,
+    pace: Pace,
+}
+
+/// How far a step is, and how fast it goes: it takes `alone` seconds with the other
+/// workers idle and `crowded` with one of them busy.
+#[derive(Default)]
+struct Pace {
+    alone: f64,
+    crowded: f64,
+    /// The share of the step still to run, as of `since`.
+    left: f64,
+    since: f64,
+    is_crowded: bool,
+    /// Which scheduled end is this step's: ends of earlier steps, and this step's own
+    /// before a change of rate, are stale.
+    generation: u64,
+}
+
+impl Pace {
+    fn seconds(&self, crowded: bool) -> f64 {
+        if crowded { self.crowded } else { self.alone }
+    }
+
+    /// Switches to the other rate at `now` under a new `generation`; returns when the
+    /// step now ends.
+    fn switch(&mut self, crowded: bool, now: f64, generation: u64) -> f64 {
+        let ran = (now - self.since) / self.seconds(self.is_crowded);
+        self.left = (self.left - ran).max(0.0);
+        self.since = now;
+        self.is_crowded = crowded;
+        self.generation = generation;
+        now + self.left * self.seconds(crowded)
+    }
 }
 
 impl Worker {
     fn load(&self) -> usize {
         self.waiting.len() + self.running.len()
     }
+
+    /// In a step, pulling a prompt's KV, or with work that starts a step at this
+    /// instant.
+    fn busy(&self) -> bool {
+        self.step.is_some() || self.pulling > 0 || self.load() > 0
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Event {
     Arrive(usize),
-    StepDone(usize),
+    /// A worker's step ended, unless its end was rescheduled since (the generation).
+    StepDone(usize, u64),
     /// An idle worker was given work: it starts a step once every event of this
     /// instant is in (requests sent together share a step, as the engine takes every
     /// queued command before a step).
@@ -207,14 +255,16 @@ impl<'a> Model<'a> {
     fn new(profile: &'a Profile, layout: &Layout) -> Result<Self, ProfileError> {
         let mut workers = Vec::new();
         for group in &layout.groups {
-            let cost = profile.worker(group.cores)?;
+            let costs = profile.worker(group.cores)?;
             for _ in 0..group.count {
                 workers.push(Worker {
                     role: group.role,
-                    cost: cost.clone(),
+                    costs: costs.clone(),
                     waiting: VecDeque::new(),
                     running: Vec::new(),
                     step: None,
+                    generations: 0,
+                    pulling: 0,
                 });
             }
         }
@@ -254,17 +304,50 @@ impl<'a> Model<'a> {
                     let worker = self.least_loaded(|role| role != Role::Decode);
                     self.enqueue(worker, seq, at);
                 }
-                Event::Handed(seq, worker) => self.enqueue(worker, seq, at),
+                Event::Handed(seq, worker) => {
+                    self.workers[worker].pulling -= 1;
+                    self.enqueue(worker, seq, at);
+                }
                 Event::Wake(worker) => {
                     if self.workers[worker].step.is_none() {
                         self.start_step(worker, at);
                     }
                 }
-                Event::StepDone(worker) => {
-                    self.finish_step(worker, at);
-                    self.start_step(worker, at);
+                Event::StepDone(worker, generation) => {
+                    let current = self.workers[worker].step.as_ref();
+                    if current.is_some_and(|step| step.pace.generation == generation) {
+                        self.finish_step(worker, at);
+                        self.start_step(worker, at);
+                    }
                 }
             }
+            self.repace(at);
+        }
+    }
+
+    /// Workers with work (in a step, or about to start one).
+    fn busy_workers(&self) -> usize {
+        self.workers.iter().filter(|w| w.busy()).count()
+    }
+
+    /// Moves every step whose neighbours went busy or idle at `now` to its new rate.
+    fn repace(&mut self, now: f64) {
+        let busy = self.busy_workers();
+        let mut ends = Vec::new();
+        for (w, worker) in self.workers.iter_mut().enumerate() {
+            let Some(step) = worker.step.as_mut() else {
+                continue;
+            };
+            // This worker is one of the busy ones.
+            let crowded = busy > 1;
+            if crowded != step.pace.is_crowded {
+                worker.generations += 1;
+                let end = step.pace.switch(crowded, now, worker.generations);
+                ends.push((end, w, worker.generations));
+            }
+        }
+        for (end, w, generation) in ends {
+            self.schedule(end, Event::StepDone(w, generation));
         }
     }
 
@@ -290,10 +373,12 @@ impl<'a> Model<'a> {
     /// than `max_sequences` run. A decode leg's prompt arrives with all but its last
     /// position, so it takes one token.
     fn start_step(&mut self, w: usize, now: f64) {
+        let others_busy = self.busy_workers() - usize::from(self.workers[w].busy()) > 0;
         let worker = &mut self.workers[w];
+        let cost: &WorkerCost = &worker.costs.alone;
         let mut step = Step::default();
         let mut spans = Vec::new();
-        let mut budget = worker.cost.max_batched_tokens;
+        let mut budget = cost.max_batched_tokens;
         let mut context = 0;
         let mut take = |i: usize, seq: &Seq, budget: &mut usize| {
             if seq.in_prompt() {
@@ -313,7 +398,7 @@ impl<'a> Model<'a> {
             }
             take(i, seq, &mut budget);
         }
-        while budget > 0 && worker.running.len() < worker.cost.max_sequences {
+        while budget > 0 && worker.running.len() < cost.max_sequences {
             let Some(seq) = worker.waiting.pop_front() else {
                 break;
             };
@@ -325,11 +410,21 @@ impl<'a> Model<'a> {
             return;
         }
         let mean_context = context as f64 / step.decoding.len().max(1) as f64;
-        let seconds = worker
-            .cost
-            .step_seconds(&spans, step.decoding.len(), mean_context);
+        let seconds =
+            |cost: &WorkerCost| cost.step_seconds(&spans, step.decoding.len(), mean_context);
+        step.pace = Pace {
+            alone: seconds(&worker.costs.alone),
+            crowded: seconds(&worker.costs.crowded),
+            left: 1.0,
+            since: now,
+            is_crowded: others_busy,
+            generation: worker.generations + 1,
+        };
+        worker.generations += 1;
+        let end = now + step.pace.seconds(others_busy);
+        let generation = worker.generations;
         worker.step = Some(step);
-        self.schedule(now + seconds, Event::StepDone(w));
+        self.schedule(end, Event::StepDone(w, generation));
     }
 
     /// Applies the step that just ended: tokens, finished prompts, hand-offs.
@@ -373,6 +468,7 @@ impl<'a> Model<'a> {
     /// last position itself.
     fn hand_off(&mut self, seq: Seq, now: f64) {
         let decode = self.least_loaded(|role| role == Role::Decode);
+        self.workers[decode].pulling += 1;
         let arrives = now + self.profile.handoff_seconds(seq.input);
         let pulled = Seq {
             computed: seq.input - 1,
@@ -463,7 +559,7 @@ pub(crate) mod tests {
         // One-token outputs of prompts that fill a step: one prompt per step, each
         // taking D; DistServe §3.1: mean TTFT = D + R·D² / (2(1 − R·D)).
         let profile = profile();
-        let cost = profile.worker(1).unwrap();
+        let cost = profile.worker(1).unwrap().alone;
         let d = cost.prefill_seconds(0, 512);
         for utilization in [0.3, 0.5, 0.7] {
             let rate = utilization / d;
@@ -485,7 +581,7 @@ pub(crate) mod tests {
         let profile = profile();
         let slow = workload(1000, 11, 0.01);
         let alone = simulate(&profile, &Layout::single(1), &slow).unwrap();
-        let cost = profile.worker(1).unwrap();
+        let cost = profile.worker(1).unwrap().alone;
         // Two steps (the step budget is 512 tokens), each paying the pass's fixed cost.
         let prompt =
             cost.step_seconds(&[(0, 512)], 0, 0.0) + cost.step_seconds(&[(512, 1000)], 0, 0.0);
@@ -544,7 +640,7 @@ pub(crate) mod tests {
         // (its last token) and the third is admitted whole. Steps 5–6: it decodes.
         let mut profile = profile();
         profile.workers[0].max_sequences = 2;
-        let cost = profile.worker(1).unwrap();
+        let cost = profile.worker(1).unwrap().alone;
         let predicted =
             simulate_requests(&profile, &Layout::single(1), &together(3, 300, 3)).unwrap();
         let s1 = cost.step_seconds(&[(0, 300), (0, 212)], 0, 0.0);
@@ -581,11 +677,102 @@ pub(crate) mod tests {
         let each = measured.tokens / 4;
         let predicted =
             simulate_requests(&profile, &Layout::single(2), &together(4, each, 1)).unwrap();
-        let cost = profile.worker(2).unwrap();
+        let cost = profile.worker(2).unwrap().alone;
         let step = cost.step_seconds(&[(0, each); 4], 0, 0.0);
         assert!(predicted.ttft.iter().all(|&t| (t - step).abs() < 1e-12));
         let ratio = step / measured.seconds;
         assert!((0.93..1.07).contains(&ratio), "{step} vs {measured:?}");
+    }
+
+    /// The test profile's 1-core worker also measured beside a busy neighbour, where
+    /// everything takes twice as long.
+    fn profile_with_neighbours() -> Profile {
+        let mut profile = profile();
+        let mut crowded = profile.workers[0].clone();
+        crowded.measured_alongside = 1;
+        crowded.prefill.iter_mut().for_each(|p| p.seconds *= 2.0);
+        crowded.decode.iter_mut().for_each(|p| p.seconds *= 2.0);
+        profile.put_worker(crowded);
+        profile
+    }
+
+    #[test]
+    fn a_step_runs_at_the_crowded_rate_while_a_neighbour_is_busy() {
+        let profile = profile_with_neighbours();
+        let costs = profile.worker(1).unwrap();
+        let alone = costs.alone.step_seconds(&[(0, 500)], 0, 0.0);
+        let crowded = costs.crowded.step_seconds(&[(0, 500)], 0, 0.0);
+        assert!((crowded / alone - 2.0).abs() < 1e-9, "{alone} {crowded}");
+        let replicas = Layout::replicas(2, 1);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        // Alone on the machine: the alone cost.
+        let one = simulate_requests(&profile, &replicas, &together(1, 500, 1)).unwrap();
+        assert!(close(one.ttft[0], alone), "{one:?}");
+        // Two at once, one on each replica: both crowded throughout.
+        let two = simulate_requests(&profile, &replicas, &together(2, 500, 1)).unwrap();
+        assert!(two.ttft.iter().all(|&t| close(t, crowded)), "{two:?}");
+        // The neighbour gets a long prompt a third of the way into the step: the rest
+        // of the step runs at the crowded rate (twice the time it had left).
+        let x = alone / 3.0;
+        let later = [
+            Request {
+                arrival: 0.0,
+                input: 500,
+                output: 1,
+            },
+            Request {
+                arrival: x,
+                input: 2000,
+                output: 1,
+            },
+        ];
+        let mixed = simulate_requests(&profile, &replicas, &later).unwrap();
+        let expected = x + (1.0 - x / alone) * crowded;
+        assert!(
+            close(mixed.ttft[0], expected),
+            "{} vs {expected}",
+            mixed.ttft[0]
+        );
+        // Once the first finished, the second's steps run alone again: it ends sooner
+        // than four crowded steps.
+        let second = mixed.ttft[1] + x;
+        let all_crowded: f64 = [(0, 512), (512, 1024), (1024, 1536), (1536, 2000)]
+            .iter()
+            .map(|&chunk| costs.crowded.step_seconds(&[chunk], 0, 0.0))
+            .sum();
+        assert!(second - x < all_crowded - 1e-6, "{second} vs {all_crowded}");
+    }
+
+    #[test]
+    fn a_decode_worker_pulling_kv_counts_as_busy() {
+        // 1P1D with one request: while the KV moves, the decode worker is busy, and
+        // nothing else runs, so every step is at the alone rate: the same TTFT as a
+        // profile measured only alone.
+        let both = profile_with_neighbours();
+        let split = Layout::disaggregated((1, 1), (1, 1));
+        let one = simulate_requests(&both, &split, &together(1, 300, 4)).unwrap();
+        let alone = simulate_requests(&profile(), &split, &together(1, 300, 4)).unwrap();
+        assert_eq!(one, alone);
+        // Two requests 10 ms apart: the second's prompt runs while the first's KV is
+        // pulled and then decoded, so it takes longer than alone.
+        let spaced = [
+            Request {
+                arrival: 0.0,
+                input: 300,
+                output: 20,
+            },
+            Request {
+                arrival: 0.01,
+                input: 300,
+                output: 20,
+            },
+        ];
+        let crowded = simulate_requests(&both, &split, &spaced).unwrap();
+        let uncrowded = simulate_requests(&profile(), &split, &spaced).unwrap();
+        assert!(
+            crowded.ttft[1] > uncrowded.ttft[1],
+            "{crowded:?} {uncrowded:?}"
+        );
     }
 
     #[test]
