@@ -10,6 +10,9 @@
 #
 #   scripts/gpu-bench-sampling.sh TANDEM TOKENIZER_KIT OUT_DIR [CONCURRENCY…]
 #
+# MODES (default "host device device host") sets the servers' sampling modes, in order:
+# MODES=device with two binaries run as A B B A compares engine builds.
+#
 # TOKENIZER_KIT: the folder scripts/gguf_tokenizer_kit.py writes from the default model
 # (tokenizer-only.gguf for `--load-format dummy`, hf/ for the client), as in
 # scripts/gpu-bench-vllm-vs-builtin.sh. Every server gets the same seeds (a fresh server
@@ -57,7 +60,7 @@ PY
 }
 
 round=0
-for sampling in host device device host; do
+for sampling in ${MODES:-host device device host}; do
   round=$((round + 1))
   name="$round-$sampling"
   echo "== $name: TANDEM_GPU_SAMPLING=$sampling tandem serve --device cuda"

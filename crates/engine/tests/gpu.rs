@@ -398,6 +398,36 @@ const D128: Tiny = Tiny {
     vocab: 512,
 };
 
+/// Eight query heads to a KV head: a chunk of 3 tokens is 24 rows, the prompt kernel's
+/// tile, and short enough that its keys are split across thread blocks.
+const D128_G8: Tiny = Tiny {
+    hidden: 1024,
+    heads: 8,
+    kv_heads: 1,
+    inter: 1024,
+    layers: 2,
+    vocab: 512,
+};
+
+/// The prompt-tile attention kernel with its keys split (and some splits left without
+/// keys), merged by the combine kernel: a short chunk after a long prompt.
+#[test]
+fn short_chunks_of_a_wide_group_split_their_keys() {
+    if !gpu_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    D128_G8.write(dir.path(), 9);
+    let mut pair = Pair::new(dir.path(), WeightDtype::F16, true);
+    let table: Vec<BlockId> = (0..40).collect();
+    let prompt = tokens(300, 7, D128_G8.vocab);
+    let (cpu, gpu) = pair.run(&[seq(&prompt, 0, &table, LogitsFor::Last)]);
+    assert_close("group 8: prompt", &cpu, &gpu, F16_LIMIT);
+    let chunk = tokens(3, 8, D128_G8.vocab);
+    let (cpu, gpu) = pair.run(&[seq(&chunk, prompt.len(), &table, LogitsFor::All)]);
+    assert_close("group 8: 3-token chunk, keys split", &cpu, &gpu, F16_LIMIT);
+}
+
 /// f16 rounding of weights and activations: ~1e-3 relative per product.
 const F16_LIMIT: f64 = 2e-2;
 /// bf16 keeps 8 bits: ~4e-3 per product.

@@ -24,7 +24,7 @@ fn embedded_ptx_was_generated_from_the_current_kernels() {
             "{path} is stale: run scripts/build-ptx.sh after editing kernels.cu"
         );
         assert!(
-            ptx.contains(".entry attention_d128_w4("),
+            ptx.contains(".entry attention_mma_d128_w4("),
             "{path}: kernels missing"
         );
     }

@@ -59,6 +59,17 @@ __device__ __forceinline__ void wait_async_copies() {
     asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 }
 
+// Closes this thread's group of asynchronous copies issued since the last one.
+__device__ __forceinline__ void commit_async_copies() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void wait_async_groups() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // x[t] = table[tokens[t]] (one block per token).
 extern "C" __global__ void embed(const wt* __restrict__ table, const unsigned* __restrict__ tokens,
                                  float* __restrict__ x, int d) {
@@ -357,9 +368,270 @@ __device__ void attention_impl(const __half* __restrict__ q, const __half* __res
     }
 
 ATTENTION(64, 1)
-ATTENTION(64, 4)
 ATTENTION(128, 1)
-ATTENTION(128, 4)
+
+// ---------------------------------------------------------------------------------
+// The same attention for tiles of 64 rows (prompts), FlashAttention-2's way: each warp
+// keeps its 16 rows' scores, softmax state and output in registers, as the fragments
+// of `mma.sync.m16n8k16` (PTX ISA's layouts: a thread holds rows lane/4 and lane/4 + 8,
+// columns 2·(lane % 4) and the next), and reads Q, K and V from shared memory with
+// `ldmatrix`. A score tile's accumulators are laid out as the next product's A operand,
+// so P never goes through shared memory. Keys and values are double-buffered: the next
+// tile's copies are in flight while this one is computed (Q passes through the second
+// buffer on its way to registers). Work items run last first: causal rows further down
+// have more keys, and starting them first leaves short blocks for the tail. Same
+// arguments, work items, causal rule, splits and outputs as attention_impl.
+
+// c += a · b (16×16 f16 by 16×8 f16, f32 accumulators).
+__device__ __forceinline__ void mma_16816(float c[4], const unsigned a[4], const unsigned b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Four 8×8 half matrices from shared memory; lane i gives the address of row i % 8 of
+// matrix i / 8.
+__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const __half* p) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
+// The same, each matrix transposed.
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const __half* p) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
+// Two floats as one register of halves, the first in the low half.
+__device__ __forceinline__ unsigned pack_halves(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *(unsigned*)&h;
+}
+
+template <int D, int WARPS>
+__device__ void attention_mma_impl(const __half* __restrict__ q, const __half* __restrict__ kv,
+                                   wt* __restrict__ out, const SeqInfo* __restrict__ seq_info,
+                                   const int* __restrict__ block_tables,
+                                   const int* __restrict__ work, float* __restrict__ part_o,
+                                   float* __restrict__ part_ml, int n_rows, int num_heads,
+                                   int num_kv_heads, int layer, int num_layers, int block_size,
+                                   float scale) {
+    constexpr int ROWS = 16 * WARPS;
+    constexpr int KT = 64;
+    constexpr int LDH = D + 8;  // halves per row: rows 16 bytes apart in the banks
+    constexpr int THREADS = 32 * WARPS;
+    constexpr int CHUNKS = D / 8;
+    constexpr int KSTEPS = D / 16;  // k-steps of Q·Kᵀ
+    constexpr int NT = KT / 8;      // 8-key column tiles of S
+    constexpr int DT = D / 8;       // 8-wide column tiles of O
+    static_assert(ROWS <= KT, "Q is staged in a key buffer");
+
+    // Two buffers, each a tile of keys then its values.
+    extern __shared__ __align__(128) unsigned char smem[];
+    __half* kv_buf = (__half*)smem;
+    constexpr int BUF = 2 * KT * LDH;
+    __half* Qs = kv_buf + BUF;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int item = gridDim.x - 1 - blockIdx.x;
+    const int seq = work[2 * item], tile = work[2 * item + 1];
+    const int kv_head = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    const SeqInfo info = seq_info[seq];
+    const int group = num_heads / num_kv_heads;
+    const int total_rows = info.n_tokens * group;
+    const int row0 = tile * ROWS;
+    if (row0 >= total_rows) return;
+    const int last_row = min(row0 + ROWS, total_rows) - 1;
+    const int kv_end = info.start_pos + last_row / group + 1;  // keys the tile can see
+    const int tiles = (kv_end + KT - 1) / KT;
+    const int tile_begin = split * tiles / splits, tile_end = (split + 1) * tiles / splits;
+    const i64 plane = (i64)num_kv_heads * block_size * D;
+    const int q_stride = num_heads * D;
+
+    for (int c = tid; c < ROWS * CHUNKS; c += THREADS) {
+        int r = c / CHUNKS, part = c % CHUNKS, R = row0 + r;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (R < total_rows) {
+            int t = R / group, head = kv_head * group + R % group;
+            v = *(const uint4*)(q + (i64)(info.row + t) * q_stride + head * D + part * 8);
+        }
+        *(uint4*)(Qs + r * LDH + part * 8) = v;
+    }
+    __syncthreads();
+
+    const int wrow = warp * 16;  // the warp's first row in the tile
+    const bool warp_active = row0 + wrow < total_rows;
+    const int fr = lane >> 2, fc = (lane & 3) * 2;  // fragment row (and fr + 8), columns
+    // Query positions of this thread's two rows (-1 for padding: it sees no key).
+    int pos[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        int R = row0 + wrow + fr + 8 * h;
+        pos[h] = R < total_rows ? info.start_pos + R / group : -1;
+    }
+    unsigned qf[KSTEPS][4];
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk)
+        ldmatrix_x4(qf[kk], Qs + (wrow + (lane & 15)) * LDH + kk * 16 + (lane >> 4) * 8);
+    float o[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    __syncthreads();  // Q is in registers: its buffer takes keys from here on
+
+    // Copies key tile kt and its values into buffer `buf`, as one group.
+    auto load_tile = [&](int kt, int buf) {
+        __half* Kb = kv_buf + buf * BUF;
+        __half* Vb = Kb + KT * LDH;
+        for (int c = tid; c < KT * CHUNKS; c += THREADS) {
+            int j = c / CHUNKS, part = c % CHUNKS, key = kt * KT + j;
+            bool valid = key < kv_end;
+            const __half* src = kv;
+            if (valid) {
+                i64 block = block_tables[info.table_offset + key / block_size];
+                src = kv + ((block * num_layers + layer) * 2) * plane +
+                      ((i64)kv_head * block_size + key % block_size) * D + part * 8;
+            }
+            copy_async_16(Kb + j * LDH + part * 8, src, valid);
+            copy_async_16(Vb + j * LDH + part * 8, valid ? src + plane : src, valid);
+        }
+        commit_async_copies();
+    };
+    if (tile_begin < tile_end) load_tile(tile_begin, 0);
+    for (int kt = tile_begin; kt < tile_end; ++kt) {
+        const int k0 = kt * KT, buf = (kt - tile_begin) & 1;
+        const __half* Ks = kv_buf + buf * BUF;
+        const __half* Vs = Ks + KT * LDH;
+        if (kt + 1 < tile_end) {
+            load_tile(kt + 1, buf ^ 1);
+            wait_async_groups<1>();
+        } else {
+            wait_async_groups<0>();
+        }
+        __syncthreads();
+        if (warp_active) {
+            // S = Q·Kᵀ, 16 rows × 64 keys.
+            float s[NT][4];
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < KSTEPS; kk += 2) {
+                    unsigned b[4];  // k-steps kk and kk + 1 of keys 8j..8j+7
+                    ldmatrix_x4(b, Ks + (j * 8 + (lane & 7)) * LDH + kk * 16 + (lane >> 3) * 8);
+                    mma_16816(s[j], qf[kk], b);
+                    mma_16816(s[j], qf[kk + 1], b + 2);
+                }
+            }
+            // Online softmax; the four lanes of a quad share a row.
+            float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int h = e >> 1, key = k0 + j * 8 + fc + (e & 1);
+                    float v = key <= pos[h] ? s[j][e] * scale : -INFINITY;
+                    s[j][e] = v;
+                    tile_max[h] = fmaxf(tile_max[h], v);
+                }
+            float alpha[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+                tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+                float m_new = fmaxf(m[h], tile_max[h]);
+                alpha[h] = m[h] == -INFINITY ? 0.0f : expf(m[h] - m_new);
+                m[h] = m_new;
+            }
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int h = e >> 1;
+                    float p = m[h] == -INFINITY ? 0.0f : expf(s[j][e] - m[h]);
+                    s[j][e] = p;
+                    sum[h] += p;
+                }
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 1);
+                sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 2);
+                l[h] = l[h] * alpha[h] + sum[h];
+            }
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                o[dt][0] *= alpha[0];
+                o[dt][1] *= alpha[0];
+                o[dt][2] *= alpha[1];
+                o[dt][3] *= alpha[1];
+            }
+            // O += P·V: score tiles 2kk and 2kk + 1 are the A operand of keys
+            // 16kk..16kk+15.
+#pragma unroll
+            for (int kk = 0; kk < KT / 16; ++kk) {
+                unsigned a[4] = {pack_halves(s[2 * kk][0], s[2 * kk][1]),
+                                 pack_halves(s[2 * kk][2], s[2 * kk][3]),
+                                 pack_halves(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                 pack_halves(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+                for (int dt = 0; dt < DT; dt += 2) {
+                    unsigned b[4];  // columns dt and dt + 1 of keys 16kk..16kk+15
+                    ldmatrix_x4_trans(b, Vs + (kk * 16 + (lane & 15)) * LDH + dt * 8 +
+                                             (lane >> 4) * 8);
+                    mma_16816(o[dt], a, b);
+                    mma_16816(o[dt + 1], a, b + 2);
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    if (!warp_active) return;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        int R = row0 + wrow + fr + 8 * h;
+        if (R >= total_rows) continue;
+        int t = info.row + R / group, head = kv_head * group + R % group;
+        float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+        i64 cell = ((i64)split * n_rows + t) * num_heads + head;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                int d = dt * 8 + fc + e;
+                float v = o[dt][2 * h + e];
+                if (splits == 1) {
+                    out[(i64)t * q_stride + head * D + d] = to_wt(v * inv);
+                } else {
+                    part_o[cell * D + d] = v;
+                }
+            }
+        if (splits > 1 && fc == 0) {
+            part_ml[cell * 2] = m[h];
+            part_ml[cell * 2 + 1] = l[h];
+        }
+    }
+}
+
+#define ATTENTION_MMA(D, W)                                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * W) attention_mma_d##D##_w##W(         \
+        const __half* q, const __half* kv, wt* out, const SeqInfo* seq_info,                \
+        const int* block_tables, const int* work, float* part_o, float* part_ml, int n_rows, \
+        int num_heads, int num_kv_heads, int layer, int num_layers, int block_size,         \
+        float scale) {                                                                       \
+        attention_mma_impl<D, W>(q, kv, out, seq_info, block_tables, work, part_o, part_ml, \
+                                 n_rows, num_heads, num_kv_heads, layer, num_layers,        \
+                                 block_size, scale);                                         \
+    }
+
+ATTENTION_MMA(64, 4)
+ATTENTION_MMA(128, 4)
 
 // Merges the splits of attention: grid (token, head), head_dim threads.
 extern "C" __global__ void attn_combine(const float* __restrict__ part_o,

@@ -260,8 +260,9 @@ struct Kernels {
     silu_mul: Kernel,
     attn_combine: Kernel,
     argmax_rows: Kernel,
-    /// By warps per block: 1 and 4.
+    /// Decode-sized row tiles: one warp per block, scores and output in shared memory.
     attention_w1: Kernel,
+    /// Prompt tiles of 64 rows: four warps, scores and output in registers.
     attention_w4: Kernel,
 }
 
@@ -1115,11 +1116,26 @@ fn kv_bytes(gpu: &Gpu, budget: KvBudget, ours: usize) -> Result<usize, GpuError>
     Ok(wanted)
 }
 
-/// Dynamic shared memory of `attention_d{head_dim}_w{warps}` (mirrors the kernel's
-/// layout).
+/// The attention kernel with `warps` warps per block: `attention_d{head_dim}_w1`, or
+/// `attention_mma_d{head_dim}_w4` for prompt tiles.
+fn attention_kernel_name(head_dim: usize, warps: usize) -> String {
+    if warps == 1 {
+        format!("attention_d{head_dim}_w1")
+    } else {
+        format!("attention_mma_d{head_dim}_w{warps}")
+    }
+}
+
+/// Dynamic shared memory of the attention kernel with `warps` warps per block (mirrors
+/// the kernels' layouts): for prompt tiles two buffers of keys and values (Q passes
+/// through one); for the one-warp kernel Q, one tile of keys and values, and its
+/// scores, probabilities and output.
 pub fn attention_shared_bytes(head_dim: usize, warps: usize) -> usize {
-    let rows = 16 * warps;
     let ldh = head_dim + 8;
+    if warps > 1 {
+        return 2 * (2 * 2 * KEY_TILE * ldh);
+    }
+    let rows = 16;
     let (lds, ldp, ldo) = (KEY_TILE + 4, KEY_TILE + 8, head_dim + 4);
     2 * (rows * ldh + 2 * KEY_TILE * ldh)
         + 4 * rows * lds
@@ -1133,17 +1149,16 @@ fn load_kernels(gpu: &Gpu, head_dim: usize) -> Result<Kernels, GpuError> {
         .ctx
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
         as usize;
-    let needed = attention_shared_bytes(head_dim, 4);
+    let needed = attention_shared_bytes(head_dim, 1).max(attention_shared_bytes(head_dim, 4));
     if available < needed {
         return Err(GpuError::Unsupported(format!(
             "this GPU: attention at head dimension {head_dim} needs {needed} bytes of shared \
-             memory per thread block and it offers {available} (A100, H100, H200 and B200 \
-             offer enough; GPUs with 100 KB do not)"
+             memory per thread block and it offers {available}"
         )));
     }
     let m = &gpu.module;
     let attention = |warps: usize| -> Result<Kernel, GpuError> {
-        let kernel = m.kernel(&format!("attention_d{head_dim}_w{warps}"))?;
+        let kernel = m.kernel(&attention_kernel_name(head_dim, warps))?;
         kernel.allow_shared_memory(attention_shared_bytes(head_dim, warps))?;
         Ok(kernel)
     };
