@@ -54,11 +54,6 @@ __device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool v
                  "r"(bytes));
 }
 
-// Waits for this thread's asynchronous copies (the caller then syncs the block).
-__device__ __forceinline__ void wait_async_copies() {
-    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-}
-
 // Closes this thread's group of asynchronous copies issued since the last one.
 __device__ __forceinline__ void commit_async_copies() {
     asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -167,11 +162,13 @@ extern "C" __global__ void copy_blocks(const uint4* __restrict__ src, const int*
 
 // ---------------------------------------------------------------------------------
 // Attention: causal softmax(q kᵀ / √d) v over the paged cache, flash-attention style
-// (keys in tiles of 64, an online softmax, tensor-core products in half with f32
+// (keys in tiles, an online softmax, tensor-core products in half with f32
 // accumulation).
 //
 // A thread block serves one sequence, one KV head, one tile of 16·WARPS "rows" and one
-// split of the keys. Rows pack the query heads of the KV head's group with the tokens
+// split of the keys: one warp and key tiles of 32 for decode-sized row tiles (more
+// blocks fit an SM, which memory-bound decodes need), four warps and key tiles of 64
+// for prompts. Rows pack the query heads of the KV head's group with the tokens
 // (row = token · group + head in group), so a decode step's group shares one pass over
 // the keys. seq_info[s] = {first row of the sequence in the batch, new tokens, tokens
 // already cached, offset of its block table in block_tables}; work[2i], work[2i+1] =
@@ -188,199 +185,15 @@ struct SeqInfo {
     int table_offset;
 };
 
-template <int D, int WARPS>
-__device__ void attention_impl(const __half* __restrict__ q, const __half* __restrict__ kv,
-                               wt* __restrict__ out, const SeqInfo* __restrict__ seq_info,
-                               const int* __restrict__ block_tables, const int* __restrict__ work,
-                               float* __restrict__ part_o, float* __restrict__ part_ml,
-                               int n_rows, int num_heads, int num_kv_heads, int layer,
-                               int num_layers, int block_size, float scale) {
-    constexpr int ROWS = 16 * WARPS;
-    constexpr int KT = 64;
-    constexpr int LDH = D + 8;   // halves per row of Q, K, V in shared memory
-    constexpr int LDS = KT + 4;  // floats per row of S
-    constexpr int LDP = KT + 8;  // halves per row of P
-    constexpr int LDO = D + 4;   // floats per row of O
-    constexpr int THREADS = 32 * WARPS;
-    constexpr int CHUNKS = D / 8;  // 16-byte pieces of a head
-
-    extern __shared__ __align__(128) unsigned char smem[];
-    __half* Qs = (__half*)smem;
-    __half* Ks = Qs + ROWS * LDH;
-    __half* Vs = Ks + KT * LDH;
-    float* Ss = (float*)(Vs + KT * LDH);
-    __half* Ps = (__half*)(Ss + ROWS * LDS);
-    float* Os = (float*)(Ps + ROWS * LDP);
-    float* row_m = Os + ROWS * LDO;
-    float* row_l = row_m + ROWS;
-    float* row_scale = row_l + ROWS;
-
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int seq = work[2 * blockIdx.x], tile = work[2 * blockIdx.x + 1];
-    const int kv_head = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
-    const SeqInfo info = seq_info[seq];
-    const int group = num_heads / num_kv_heads;
-    const int total_rows = info.n_tokens * group;
-    const int row0 = tile * ROWS;
-    if (row0 >= total_rows) return;
-    const int last_row = min(row0 + ROWS, total_rows) - 1;
-    const int kv_end = info.start_pos + last_row / group + 1;  // keys the tile can see
-    const int tiles = (kv_end + KT - 1) / KT;
-    const int tile_begin = split * tiles / splits, tile_end = (split + 1) * tiles / splits;
-    const i64 plane = (i64)num_kv_heads * block_size * D;
-    const int q_stride = num_heads * D;
-
-    for (int c = tid; c < ROWS * CHUNKS; c += THREADS) {
-        int r = c / CHUNKS, part = c % CHUNKS, R = row0 + r;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (R < total_rows) {
-            int t = R / group, head = kv_head * group + R % group;
-            v = *(const uint4*)(q + (i64)(info.row + t) * q_stride + head * D + part * 8);
-        }
-        *(uint4*)(Qs + r * LDH + part * 8) = v;
-    }
-    for (int i = tid; i < ROWS * LDO; i += THREADS) Os[i] = 0.0f;
-    for (int i = tid; i < ROWS; i += THREADS) {
-        row_m[i] = -INFINITY;
-        row_l[i] = 0.0f;
-    }
-    __syncthreads();
-
-    const bool warp_active = row0 + warp * 16 < total_rows;
-    __half* Qw = Qs + warp * 16 * LDH;
-    float* Sw = Ss + warp * 16 * LDS;
-    __half* Pw = Ps + warp * 16 * LDP;
-    float* Ow = Os + warp * 16 * LDO;
-
-    for (int kt = tile_begin; kt < tile_end; ++kt) {
-        const int k0 = kt * KT;
-        // The tile's keys and values, all loads in flight at once; keys past the end
-        // are zeros (garbage could be NaN, and NaN · 0 is NaN).
-        for (int c = tid; c < KT * CHUNKS; c += THREADS) {
-            int j = c / CHUNKS, part = c % CHUNKS, key = k0 + j;
-            bool valid = key < kv_end;
-            const __half* src = kv;
-            if (valid) {
-                i64 block = block_tables[info.table_offset + key / block_size];
-                src = kv + ((block * num_layers + layer) * 2) * plane +
-                      ((i64)kv_head * block_size + key % block_size) * D + part * 8;
-            }
-            copy_async_16(Ks + j * LDH + part * 8, src, valid);
-            copy_async_16(Vs + j * LDH + part * 8, valid ? src + plane : src, valid);
-        }
-        wait_async_copies();
-        __syncthreads();
-        if (warp_active) {
-            // S = Q Kᵀ for this warp's 16 rows.
-            for (int n0 = 0; n0 < KT / 16; ++n0) {
-                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-                wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-                for (int k = 0; k < D / 16; ++k) {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
-                    wmma::load_matrix_sync(a, Qw + k * 16, LDH);
-                    wmma::load_matrix_sync(b, Ks + n0 * 16 * LDH + k * 16, LDH);
-                    wmma::mma_sync(acc, a, b, acc);
-                }
-                wmma::store_matrix_sync(Sw + n0 * 16, acc, LDS, wmma::mem_row_major);
-            }
-            __syncwarp();
-            // Online softmax: two lanes per row, 32 keys each.
-            const int r = lane >> 1, c0 = (lane & 1) * 32, R = row0 + warp * 16 + r;
-            const int q_pos = R < total_rows ? info.start_pos + R / group : -1;
-            float* srow = Sw + r * LDS;
-            float tile_max = -INFINITY;
-            for (int c = c0; c < c0 + 32; ++c) {
-                float s = k0 + c <= q_pos ? srow[c] * scale : -INFINITY;
-                srow[c] = s;
-                tile_max = fmaxf(tile_max, s);
-            }
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-            const float m_old = row_m[warp * 16 + r];
-            const float m_new = fmaxf(m_old, tile_max);
-            float sum = 0.0f;
-            __half* prow = Pw + r * LDP;
-            for (int c = c0; c < c0 + 32; ++c) {
-                float p = m_new == -INFINITY ? 0.0f : expf(srow[c] - m_new);
-                prow[c] = __float2half_rn(p);
-                sum += p;
-            }
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            const float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
-            __syncwarp();
-            if ((lane & 1) == 0) {
-                row_m[warp * 16 + r] = m_new;
-                row_l[warp * 16 + r] = row_l[warp * 16 + r] * alpha + sum;
-                row_scale[warp * 16 + r] = alpha;
-            }
-            __syncwarp();
-            for (int i = lane; i < 16 * D; i += 32) {
-                int rr = i / D, d = i % D;
-                Ow[rr * LDO + d] *= row_scale[warp * 16 + rr];
-            }
-            __syncwarp();
-            // O += P V.
-            for (int d0 = 0; d0 < D / 16; ++d0) {
-                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-                wmma::load_matrix_sync(acc, Ow + d0 * 16, LDO, wmma::mem_row_major);
-#pragma unroll
-                for (int k = 0; k < KT / 16; ++k) {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> b;
-                    wmma::load_matrix_sync(a, Pw + k * 16, LDP);
-                    wmma::load_matrix_sync(b, Vs + k * 16 * LDH + d0 * 16, LDH);
-                    wmma::mma_sync(acc, a, b, acc);
-                }
-                wmma::store_matrix_sync(Ow + d0 * 16, acc, LDO, wmma::mem_row_major);
-            }
-        }
-        __syncthreads();
-    }
-
-    for (int i = tid; i < ROWS * D; i += THREADS) {
-        int r = i / D, d = i % D, R = row0 + r;
-        if (R >= total_rows) continue;
-        int t = info.row + R / group, head = kv_head * group + R % group;
-        float o = Os[r * LDO + d], l = row_l[r];
-        if (splits == 1) {
-            out[(i64)t * q_stride + head * D + d] = to_wt(l > 0.0f ? o / l : 0.0f);
-        } else {
-            i64 cell = ((i64)split * n_rows + t) * num_heads + head;
-            part_o[cell * D + d] = o;
-            if (d == 0) {
-                part_ml[cell * 2] = row_m[r];
-                part_ml[cell * 2 + 1] = l;
-            }
-        }
-    }
-}
-
-#define ATTENTION(D, W)                                                                       \
-    extern "C" __global__ void __launch_bounds__(32 * W) attention_d##D##_w##W(             \
-        const __half* q, const __half* kv, wt* out, const SeqInfo* seq_info,                \
-        const int* block_tables, const int* work, float* part_o, float* part_ml, int n_rows, \
-        int num_heads, int num_kv_heads, int layer, int num_layers, int block_size,         \
-        float scale) {                                                                       \
-        attention_impl<D, W>(q, kv, out, seq_info, block_tables, work, part_o, part_ml,     \
-                             n_rows, num_heads, num_kv_heads, layer, num_layers, block_size, \
-                             scale);                                                         \
-    }
-
-ATTENTION(64, 1)
-ATTENTION(128, 1)
-
-// ---------------------------------------------------------------------------------
-// The same attention for tiles of 64 rows (prompts), FlashAttention-2's way: each warp
-// keeps its 16 rows' scores, softmax state and output in registers, as the fragments
-// of `mma.sync.m16n8k16` (PTX ISA's layouts: a thread holds rows lane/4 and lane/4 + 8,
-// columns 2·(lane % 4) and the next), and reads Q, K and V from shared memory with
-// `ldmatrix`. A score tile's accumulators are laid out as the next product's A operand,
-// so P never goes through shared memory. Keys and values are double-buffered: the next
-// tile's copies are in flight while this one is computed (Q passes through the second
-// buffer on its way to registers). Work items run last first: causal rows further down
-// have more keys, and starting them first leaves short blocks for the tail. Same
-// arguments, work items, causal rule, splits and outputs as attention_impl.
+// FlashAttention-2's way: each warp keeps its 16 rows' scores, softmax state and
+// output in registers, as the fragments of `mma.sync.m16n8k16` (PTX ISA's layouts: a
+// thread holds rows lane/4 and lane/4 + 8, columns 2·(lane % 4) and the next), and
+// reads Q, K and V from shared memory with `ldmatrix`. A score tile's accumulators are
+// laid out as the next product's A operand, so P never goes through shared memory.
+// Keys and values are double-buffered: the next tile's copies are in flight while this
+// one is computed (Q passes through the second buffer on its way to registers). Work
+// items run last first: causal rows further down have more keys, and starting them
+// first leaves short blocks for the tail.
 
 // c += a · b (16×16 f16 by 16×8 f16, f32 accumulators).
 __device__ __forceinline__ void mma_16816(float c[4], const unsigned a[4], const unsigned b[2]) {
@@ -414,7 +227,7 @@ __device__ __forceinline__ unsigned pack_halves(float lo, float hi) {
     return *(unsigned*)&h;
 }
 
-template <int D, int WARPS>
+template <int D, int WARPS, int KT>
 __device__ void attention_mma_impl(const __half* __restrict__ q, const __half* __restrict__ kv,
                                    wt* __restrict__ out, const SeqInfo* __restrict__ seq_info,
                                    const int* __restrict__ block_tables,
@@ -423,7 +236,6 @@ __device__ void attention_mma_impl(const __half* __restrict__ q, const __half* _
                                    int num_kv_heads, int layer, int num_layers, int block_size,
                                    float scale) {
     constexpr int ROWS = 16 * WARPS;
-    constexpr int KT = 64;
     constexpr int LDH = D + 8;  // halves per row: rows 16 bytes apart in the banks
     constexpr int THREADS = 32 * WARPS;
     constexpr int CHUNKS = D / 8;
@@ -625,12 +437,14 @@ __device__ void attention_mma_impl(const __half* __restrict__ q, const __half* _
         const int* block_tables, const int* work, float* part_o, float* part_ml, int n_rows, \
         int num_heads, int num_kv_heads, int layer, int num_layers, int block_size,         \
         float scale) {                                                                       \
-        attention_mma_impl<D, W>(q, kv, out, seq_info, block_tables, work, part_o, part_ml, \
-                                 n_rows, num_heads, num_kv_heads, layer, num_layers,        \
-                                 block_size, scale);                                         \
+        attention_mma_impl<D, W, (W == 1 ? 32 : 64)>(                                        \
+            q, kv, out, seq_info, block_tables, work, part_o, part_ml, n_rows, num_heads,   \
+            num_kv_heads, layer, num_layers, block_size, scale);                            \
     }
 
+ATTENTION_MMA(64, 1)
 ATTENTION_MMA(64, 4)
+ATTENTION_MMA(128, 1)
 ATTENTION_MMA(128, 4)
 
 // Merges the splits of attention: grid (token, head), head_dim threads.

@@ -35,7 +35,7 @@ use crate::model::source::{GgufSource, SafetensorsSource, TensorSource};
 use crate::model::weights::TensorNames;
 use crate::model::{ForwardError, LogitsFor, ModelFormat, SeqInput};
 
-/// Keys per attention tile (the kernel's KT).
+/// Keys per attention tile of the four-warp (prompt) kernel; the one-warp kernel takes half.
 const KEY_TILE: usize = 64;
 /// Most key splits of one attention row tile.
 const MAX_SPLITS: usize = 16;
@@ -260,9 +260,9 @@ struct Kernels {
     silu_mul: Kernel,
     attn_combine: Kernel,
     argmax_rows: Kernel,
-    /// Decode-sized row tiles: one warp per block, scores and output in shared memory.
+    /// Decode-sized row tiles (16 rows): one warp per block, keys in tiles of 32.
     attention_w1: Kernel,
-    /// Prompt tiles of 64 rows: four warps, scores and output in registers.
+    /// Prompt tiles of 64 rows: four warps, keys in tiles of 64.
     attention_w4: Kernel,
 }
 
@@ -1116,32 +1116,17 @@ fn kv_bytes(gpu: &Gpu, budget: KvBudget, ours: usize) -> Result<usize, GpuError>
     Ok(wanted)
 }
 
-/// The attention kernel with `warps` warps per block: `attention_d{head_dim}_w1`, or
-/// `attention_mma_d{head_dim}_w4` for prompt tiles.
+/// The attention kernel with `warps` (1 or 4) warps per block.
 fn attention_kernel_name(head_dim: usize, warps: usize) -> String {
-    if warps == 1 {
-        format!("attention_d{head_dim}_w1")
-    } else {
-        format!("attention_mma_d{head_dim}_w{warps}")
-    }
+    format!("attention_mma_d{head_dim}_w{warps}")
 }
 
 /// Dynamic shared memory of the attention kernel with `warps` warps per block (mirrors
-/// the kernels' layouts): for prompt tiles two buffers of keys and values (Q passes
-/// through one); for the one-warp kernel Q, one tile of keys and values, and its
-/// scores, probabilities and output.
+/// its layout): two buffers of a key tile and its values, in halves with rows padded
+/// by 8; tiles of 32 keys with one warp, 64 with four.
 pub fn attention_shared_bytes(head_dim: usize, warps: usize) -> usize {
-    let ldh = head_dim + 8;
-    if warps > 1 {
-        return 2 * (2 * 2 * KEY_TILE * ldh);
-    }
-    let rows = 16;
-    let (lds, ldp, ldo) = (KEY_TILE + 4, KEY_TILE + 8, head_dim + 4);
-    2 * (rows * ldh + 2 * KEY_TILE * ldh)
-        + 4 * rows * lds
-        + 2 * rows * ldp
-        + 4 * rows * ldo
-        + 4 * 3 * rows
+    let key_tile = if warps == 1 { KEY_TILE / 2 } else { KEY_TILE };
+    2 * (2 * 2 * key_tile * (head_dim + 8))
 }
 
 fn load_kernels(gpu: &Gpu, head_dim: usize) -> Result<Kernels, GpuError> {
