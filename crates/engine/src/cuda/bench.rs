@@ -193,16 +193,7 @@ pub fn run(model: Arc<CudaModel>, plan: &BenchPlan) -> Result<BenchReport, Bench
         // Prefill the batch's prompts, a few at a time.
         let prompt = pseudo_tokens(plan.decode_context, 1, c.vocab_size);
         for group in tables.chunks((2048 / plan.decode_context.max(1)).max(1)) {
-            let inputs: Vec<SeqInput> = group
-                .iter()
-                .map(|t| SeqInput {
-                    tokens: &prompt,
-                    start_pos: 0,
-                    block_table: t,
-                    logits: LogitsFor::Last,
-                })
-                .collect();
-            runner.forward(&inputs)?;
+            runner.forward(&same_tokens(group, &prompt, 0))?;
         }
         let run = DECODE_WARMUP + plan.decode_steps;
         let step = time_decode(
@@ -325,15 +316,7 @@ fn time_decode(
             started = Instant::now();
         }
         let token = [((step * 7919) % vocab) as u32];
-        let inputs: Vec<SeqInput> = tables
-            .iter()
-            .map(|t| SeqInput {
-                tokens: &token,
-                start_pos: from + step,
-                block_table: t,
-                logits: LogitsFor::Last,
-            })
-            .collect();
+        let inputs = same_tokens(tables, &token, from + step);
         match output {
             Output::Logits => drop(runner.forward(&inputs)?),
             Output::GreedyIds => drop(runner.forward_greedy(&inputs)?),
@@ -360,24 +343,8 @@ fn time_mixed(
         .map(|_| blocks.take(layout.blocks_for(chunk)))
         .collect();
     let token = [17u32];
-    let decodes: Vec<SeqInput> = tables
-        .iter()
-        .map(|t| SeqInput {
-            tokens: &token,
-            start_pos: at,
-            block_table: t,
-            logits: LogitsFor::Last,
-        })
-        .collect();
-    let prompts: Vec<SeqInput> = prompt_tables
-        .iter()
-        .map(|t| SeqInput {
-            tokens: &prompt,
-            start_pos: 0,
-            block_table: t,
-            logits: LogitsFor::Last,
-        })
-        .collect();
+    let decodes = same_tokens(tables, &token, at);
+    let prompts = same_tokens(&prompt_tables, &prompt, 0);
     let both: Vec<SeqInput> = decodes.iter().chain(&prompts).cloned().collect();
     let mut time = |batch: &[SeqInput]| {
         best_wall_seconds(5, || {
@@ -453,6 +420,24 @@ fn measure_handoff(
     })?;
     blocks.reset();
     Ok(vec![point("device", device), point("host", host)])
+}
+
+/// One sequence per block table, each computing `tokens` from `start_pos`, the last
+/// position's logits asked for.
+fn same_tokens<'a>(
+    tables: &'a [Vec<BlockId>],
+    tokens: &'a [u32],
+    start_pos: usize,
+) -> Vec<SeqInput<'a>> {
+    tables
+        .iter()
+        .map(|table| SeqInput {
+            tokens,
+            start_pos,
+            block_table: table,
+            logits: LogitsFor::Last,
+        })
+        .collect()
 }
 
 /// Best wall-clock seconds of `runs` runs of `work`.
