@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -285,9 +285,8 @@ impl EngineLoop {
         };
         let forwarded = Instant::now();
         self.sample_and_report(&slots, picked.as_deref());
-        let part = |part: &'static str| metrics::histogram!(names::ENGINE_STEP_SECONDS, names::KIND => kind, names::PART => part);
-        part("forward").record(forwarded.duration_since(started).as_secs_f64());
-        part("sample").record(forwarded.elapsed().as_secs_f64());
+        record_step_time(kind, "forward", forwarded.duration_since(started));
+        record_step_time(kind, "sample", forwarded.elapsed());
     }
 
     /// `decode` (one new token per sequence), `prefill` (prompt chunks only) or `mixed`.
@@ -698,6 +697,12 @@ impl EngineLoop {
         metrics::counter!(names::PREFIX_CACHE_QUERIES_TOTAL).absolute(prefix.queries);
         metrics::counter!(names::PREFIX_CACHE_HITS_TOTAL).absolute(prefix.hits);
     }
+}
+
+/// Records one part of an engine step's time under the step's kind.
+fn record_step_time(kind: &'static str, part: &'static str, took: Duration) {
+    metrics::histogram!(names::ENGINE_STEP_SECONDS, names::KIND => kind, names::PART => part)
+        .record(took.as_secs_f64());
 }
 
 /// Registers the sequence's newly completed blocks in the prefix cache, in one call
