@@ -5,10 +5,12 @@
 //!
 //! - [`gpu`]: one GPU — context, stream, allocations, kernel module, cuBLAS.
 //! - `kernels.cu` (PTX in [`ptx`]): embedding, RMSNorm, RoPE + KV store, SiLU·up,
-//!   paged flash attention, block copies.
+//!   paged flash attention (softmax state in `mma.sync` registers), greedy argmax,
+//!   block copies.
 //! - [`weights`]: a model's weights uploaded in f16/bf16.
 //! - [`kv`]: the KV cache in GPU memory and its hand-off copies.
-//! - [`model`]: the forward pass over ragged batches, with CUDA graphs for decode.
+//! - [`model`]: the forward pass over ragged batches, with CUDA graphs for decode,
+//!   bringing back logits or, for greedy steps, only the picked token ids.
 //! - [`bench`]: what the engine reaches on a GPU, against those ceilings.
 //! - [`limits`]: what a GPU can do at most, measured — the ceilings every GPU
 //!   performance figure of tandem is reported against.
