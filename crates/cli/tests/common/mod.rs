@@ -105,13 +105,23 @@ pub fn listed_roles(listed: &Value) -> Vec<(String, String)> {
     roles
 }
 
-/// A port free on loopback now.
+/// A port free on loopback now, and never handed out before in this process: the OS
+/// may give a just-closed port again, and a topology built from two equal "free" ports
+/// is refused.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// How many P/D requests a router decided so (`decision`: `remote` or `local`) for
