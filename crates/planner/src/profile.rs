@@ -150,14 +150,6 @@ pub struct WorkerCosts {
     pub crowded: WorkerCost,
 }
 
-impl WorkerCosts {
-    /// The costs of a step that starts while the workers on the other cores are busy
-    /// (`crowded`) or idle.
-    pub fn when(&self, crowded: bool) -> &WorkerCost {
-        if crowded { &self.crowded } else { &self.alone }
-    }
-}
-
 /// One measurement's costs, fitted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerCost {
@@ -700,8 +692,6 @@ mod tests {
         let ratio =
             costs.crowded.decode_step_seconds(8, 100.0) / costs.alone.decode_step_seconds(8, 100.0);
         assert!((ratio - 1.5).abs() < 1e-9, "{ratio}");
-        assert_eq!(costs.when(false), &costs.alone);
-        assert_eq!(costs.when(true), &costs.crowded);
         // One measurement serves both; measuring again replaces only its own kind.
         let only = profile.worker(2).unwrap();
         assert_eq!(only.alone, only.crowded);
