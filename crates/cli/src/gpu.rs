@@ -1,7 +1,7 @@
 //! `tandem gpu limits`: the measured ceilings of this machine's GPUs — copy
 //! bandwidths and bf16 GEMM FLOP/s — that GPU figures are reported against; `tandem gpu
-//! decode-gemms`: what cuBLAS alone reaches on a decode step's products at a preset's
-//! shapes. Both need a binary built with `--features tandem-cli/cuda`.
+//! decode-gemms`: what a decode step's products reach at a preset's shapes, through
+//! cuBLAS and through the engine's matrix–vector kernels. Both need a binary built with `--features tandem-cli/cuda`.
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -11,8 +11,9 @@ pub enum GpuCommand {
     /// Measure device-to-device, host↔device and GPU-to-GPU copy bandwidth and bf16
     /// GEMM FLOP/s, each the best of --repeats after a warm-up.
     Limits(LimitsArgs),
-    /// Time a decode step's matrix products (cuBLAS, bf16) at a preset's shapes for
-    /// several batch sizes, against the memory roofline measured in the same run.
+    /// Time a decode step's matrix products at a preset's shapes for several batch
+    /// sizes, through cuBLAS and through the matrix–vector kernels (bf16), against the
+    /// memory roofline measured in the same run.
     DecodeGemms(DecodeGemmsArgs),
     /// Time the GPU engine itself: decode steps at several batch sizes against the
     /// memory roofline, prefill against the bf16 GEMM rate, and KV hand-off copies
@@ -252,16 +253,28 @@ fn decode_gemms(args: DecodeGemmsArgs) -> Result<()> {
         result.weight_bytes as f64 / 1e9,
         result.copy_traffic_bytes_per_second / 1e9
     );
-    println!("tokens  step (ms)  tok/s      weights GB/s  of copy traffic");
+    println!("tokens  products  step (ms)  tok/s      weights GB/s  of copy traffic  vs cuBLAS");
     for p in &result.points {
-        println!(
-            "{:>6}  {:>9.3}  {:>9.0}  {:>12.0}  {:>14.1}%",
-            p.tokens,
-            p.step_seconds * 1e3,
-            p.tokens_per_second,
-            p.weight_bytes_per_second / 1e9,
-            100.0 * p.fraction_of_copy_traffic
-        );
+        let row = |name: &str, t: &decode_gemm::ProductsTiming, ratio: Option<f64>| {
+            println!(
+                "{:>6}  {:<8}  {:>9.3}  {:>9.0}  {:>12.0}  {:>14.1}%  {}",
+                p.tokens,
+                name,
+                t.step_seconds * 1e3,
+                t.tokens_per_second,
+                t.weight_bytes_per_second / 1e9,
+                100.0 * t.fraction_of_copy_traffic,
+                ratio.map_or(String::new(), |r| format!("{r:.2}x"))
+            )
+        };
+        row("cuBLAS", &p.cublas, None);
+        if let Some(gemv) = &p.gemv {
+            row(
+                "GEMV",
+                gemv,
+                Some(p.cublas.step_seconds / gemv.step_seconds),
+            );
+        }
     }
     Ok(())
 }

@@ -599,3 +599,130 @@ fn default_model_agrees_with_llamacpp() {
     eprintln!("teacher-forced top-1 agreement with llama.cpp: {agree}/{total} = {rate:.3}");
     assert!(rate >= 0.95, "agreement {rate:.3} < 0.95");
 }
+
+/// The matrix–vector kernels of small steps against the product computed on the host
+/// in f64 from the same rounded weights: every token count they serve, rows that do not
+/// fill a block, rows that are not whole 256-column passes of a warp, accumulation into
+/// an existing result, the gate/up pass with SiLU·up folded in, and a width they cannot
+/// take (cols not a multiple of 8), which goes to cuBLAS.
+#[test]
+fn gemv_products_match_the_host() {
+    use tandem_engine::cuda::gemv::{GEMV_MAX_TOKENS, Products};
+    use tandem_engine::cuda::gpu::{DeviceBuffer, Gpu};
+
+    if !gpu_present() {
+        return;
+    }
+    for dtype in [WeightDtype::Bf16, WeightDtype::F16] {
+        let gpu = Gpu::open(0, dtype).unwrap();
+        let products = Products::new(&gpu, true).unwrap();
+        let round = |v: f32| match dtype {
+            WeightDtype::Bf16 => half::bf16::from_f32(v).to_f32(),
+            WeightDtype::F16 => half::f16::from_f32(v).to_f32(),
+        };
+        let upload = |values: &[f32]| match dtype {
+            WeightDtype::Bf16 => {
+                let v: Vec<half::bf16> = values.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                DeviceBuffer::from_slice(&gpu.ctx, &v).unwrap()
+            }
+            WeightDtype::F16 => {
+                let v: Vec<half::f16> = values.iter().map(|&x| half::f16::from_f32(x)).collect();
+                DeviceBuffer::from_slice(&gpu.ctx, &v).unwrap()
+            }
+        };
+        let mut rng = Lcg(5);
+        for (rows, cols) in [(37, 8), (300, 264), (1000, 2088), (64, 12)] {
+            let w: Vec<f32> = (0..rows * cols).map(|_| round(rng.uniform())).collect();
+            let x: Vec<f32> = (0..GEMV_MAX_TOKENS * cols)
+                .map(|_| round(rng.uniform()))
+                .collect();
+            let prior: Vec<f32> = (0..GEMV_MAX_TOKENS * rows).map(|_| rng.uniform()).collect();
+            let dot = |r: usize, t: usize| -> f64 {
+                (0..cols)
+                    .map(|c| f64::from(w[r * cols + c]) * f64::from(x[t * cols + c]))
+                    .sum()
+            };
+            let (w_gpu, x_gpu) = (upload(&w), upload(&x));
+            for tokens in 1..=GEMV_MAX_TOKENS {
+                for accumulate in [false, true] {
+                    let y_gpu = DeviceBuffer::from_slice(&gpu.ctx, &prior).unwrap();
+                    // SAFETY: the buffers hold rows × cols, tokens × cols and tokens × rows.
+                    unsafe {
+                        products
+                            .matmul(
+                                &gpu,
+                                w_gpu.ptr(),
+                                rows,
+                                cols,
+                                x_gpu.ptr(),
+                                tokens,
+                                y_gpu.ptr(),
+                                accumulate,
+                            )
+                            .unwrap();
+                    }
+                    gpu.synchronize().unwrap();
+                    let mut y = vec![0f32; tokens * rows];
+                    y_gpu.download(0, &mut y).unwrap();
+                    for t in 0..tokens {
+                        for r in 0..rows {
+                            let base = if accumulate {
+                                f64::from(prior[t * rows + r])
+                            } else {
+                                0.0
+                            };
+                            let want = base + dot(r, t);
+                            let got = f64::from(y[t * rows + r]);
+                            assert!(
+                                (got - want).abs()
+                                    <= 1e-4 * (cols as f64).sqrt() + 1e-5 * want.abs(),
+                                "{dtype:?} {rows}×{cols}, {tokens} tokens, accumulate {accumulate}: \
+                                 y[{t}][{r}] = {got}, want {want}"
+                            );
+                        }
+                    }
+                }
+                if rows % 2 != 0 {
+                    continue;
+                }
+                let inter = rows / 2;
+                let act_gpu = DeviceBuffer::zeroed(&gpu.ctx, 2 * tokens * inter).unwrap();
+                // SAFETY: as above; act holds tokens × inter values.
+                let fused = unsafe {
+                    products
+                        .gate_up_silu(
+                            &gpu,
+                            w_gpu.ptr(),
+                            inter,
+                            cols,
+                            x_gpu.ptr(),
+                            tokens,
+                            act_gpu.ptr(),
+                        )
+                        .unwrap()
+                };
+                assert_eq!(fused, cols % 8 == 0, "{rows}×{cols}: fused pass taken");
+                if !fused {
+                    continue;
+                }
+                gpu.synchronize().unwrap();
+                let mut act = vec![0u16; tokens * inter];
+                act_gpu.download(0, &mut act).unwrap();
+                for t in 0..tokens {
+                    for j in 0..inter {
+                        let (g, u) = (dot(j, t), dot(inter + j, t));
+                        let want = g / (1.0 + (-g).exp()) * u;
+                        let got = f64::from(match dtype {
+                            WeightDtype::Bf16 => half::bf16::from_bits(act[t * inter + j]).to_f32(),
+                            WeightDtype::F16 => half::f16::from_bits(act[t * inter + j]).to_f32(),
+                        });
+                        assert!(
+                            (got - want).abs() <= 1e-2 * want.abs() + 1e-3 * (cols as f64).sqrt(),
+                            "{dtype:?} {rows}×{cols}, {tokens} tokens: act[{t}][{j}] = {got}, want {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,21 +1,21 @@
-//! What cuBLAS alone reaches on the matrix products of a decode step at a model's
-//! shapes: every layer's Q/K/V, O, gate/up and down products and the output head, for
-//! a batch of `tokens`, in bf16 — against the memory roofline (weight bytes per step
+//! What a decode step's matrix products reach at a model's shapes — every layer's
+//! Q/K/V, O, gate/up and down products and the output head, for a batch of `tokens`,
+//! in bf16 — run the two ways the engine can run them ([`super::gemv::Products`]):
+//! cuBLAS as the engine calls it (f32 out), and the matrix–vector kernels for the
+//! batch sizes they serve; both against the memory roofline (weight bytes per step
 //! over the device-to-device copy traffic measured in the same run). The baseline a
 //! GPU decode path must beat, before attention, norms and launch overheads.
 
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys as blas_sys};
-use cudarc::driver::{CudaContext, CudaSlice};
-use half::bf16;
 use serde::Serialize;
 
+use super::gemv::Products;
+use super::gpu::{DeviceBuffer, Gpu, WeightDtype};
 use super::limits::{self, LimitsError, Probe};
 use crate::model::ModelConfig;
 
-/// One batch size's result.
+/// One way of running a step's products, timed.
 #[derive(Debug, Clone, Serialize)]
-pub struct DecodePoint {
-    pub tokens: usize,
+pub struct ProductsTiming {
     /// Seconds for all of one step's matrix products.
     pub step_seconds: f64,
     pub tokens_per_second: f64,
@@ -23,6 +23,16 @@ pub struct DecodePoint {
     pub weight_bytes_per_second: f64,
     /// That, over the copy traffic (read + write) measured in the same run.
     pub fraction_of_copy_traffic: f64,
+}
+
+/// One batch size's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodePoint {
+    pub tokens: usize,
+    /// cuBLAS, bf16 in and f32 out, as the engine calls it.
+    pub cublas: ProductsTiming,
+    /// The matrix–vector kernels, for the batch sizes they serve.
+    pub gemv: Option<ProductsTiming>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -62,55 +72,71 @@ pub fn measure(
         repeats,
     };
     let copy = limits::dtod_on(&probe)?;
-    let ctx = CudaContext::new(ordinal)?;
-    let stream = ctx.default_stream();
+    let gpu = Gpu::open(ordinal, WeightDtype::Bf16)?;
     let (layer, head) = matrices(config);
-    let weights: Vec<CudaSlice<bf16>> = layer
+    let all: Vec<(usize, usize)> = layer.iter().copied().chain([head]).collect();
+    let weights: Vec<DeviceBuffer> = all
         .iter()
-        .chain(std::iter::once(&head))
         .enumerate()
         .map(|(i, &(rows, cols))| {
-            stream.clone_htod(&limits::random_bf16(rows * cols, 10 + i as u64))
+            DeviceBuffer::from_slice(&gpu.ctx, &limits::random_bf16(rows * cols, 10 + i as u64))
         })
         .collect::<Result<_, _>>()?;
-    let blas = CudaBlas::new(stream.clone())?;
-    let widest = layer
-        .iter()
-        .chain(std::iter::once(&head))
-        .map(|m| m.0.max(m.1))
-        .max()
-        .unwrap_or(0);
+    let widest = all.iter().map(|m| m.0.max(m.1)).max().unwrap_or(0);
     let max_tokens = tokens.iter().copied().max().unwrap_or(1);
-    let input = stream.clone_htod(&limits::random_bf16(widest * max_tokens, 3))?;
-    let mut output = stream.alloc_zeros::<bf16>(widest * max_tokens)?;
+    let input = DeviceBuffer::from_slice(&gpu.ctx, &limits::random_bf16(widest * max_tokens, 3))?;
+    let output = DeviceBuffer::zeroed(&gpu.ctx, 4 * widest * max_tokens)?;
     let weight_elements: usize =
         layer.iter().map(|(r, c)| r * c).sum::<usize>() * config.num_layers + head.0 * head.1;
     let weight_bytes = 2 * weight_elements;
-    let mut points = Vec::new();
-    for &t in tokens {
-        let seconds = limits::best_seconds(&stream, repeats, || {
-            for _ in 0..config.num_layers {
-                for (w, &(rows, cols)) in weights.iter().zip(&layer) {
-                    product(&blas, w, &input, &mut output, rows, cols, t)?;
-                }
+    let ways = [Products::new(&gpu, false)?, Products::new(&gpu, true)?];
+    let step = |products: &Products, t: usize| -> Result<(), LimitsError> {
+        let run = |w: &DeviceBuffer, (rows, cols): (usize, usize)| {
+            // SAFETY: w holds rows × cols values, the input at least cols × t and the
+            // output rows × t (allocated for the widest matrix and the largest batch).
+            unsafe {
+                products.matmul(
+                    &gpu,
+                    w.ptr(),
+                    rows,
+                    cols,
+                    input.ptr(),
+                    t,
+                    output.ptr(),
+                    false,
+                )
             }
-            product(
-                &blas,
-                &weights[layer.len()],
-                &input,
-                &mut output,
-                head.0,
-                head.1,
-                t,
-            )
-        })?;
+        };
+        for _ in 0..config.num_layers {
+            for (w, &shape) in weights.iter().zip(&layer) {
+                run(w, shape)?;
+            }
+        }
+        Ok(run(&weights[layer.len()], head)?)
+    };
+    let timing = |seconds: f64, t: usize| {
         let bandwidth = weight_bytes as f64 / seconds;
-        points.push(DecodePoint {
-            tokens: t,
+        ProductsTiming {
             step_seconds: seconds,
             tokens_per_second: t as f64 / seconds,
             weight_bytes_per_second: bandwidth,
             fraction_of_copy_traffic: bandwidth / (2.0 * copy),
+        }
+    };
+    let mut points = Vec::new();
+    for &t in tokens {
+        let cublas = limits::best_seconds(&gpu.stream, repeats, || step(&ways[0], t))?;
+        let gemv = if ways[1].uses_gemv(t) {
+            Some(limits::best_seconds(&gpu.stream, repeats, || {
+                step(&ways[1], t)
+            })?)
+        } else {
+            None
+        };
+        points.push(DecodePoint {
+            tokens: t,
+            cublas: timing(cublas, t),
+            gemv: gemv.map(|s| timing(s, t)),
         });
     }
     Ok(DecodeGemms {
@@ -119,33 +145,4 @@ pub fn measure(
         copy_traffic_bytes_per_second: 2.0 * copy,
         points,
     })
-}
-
-/// `Y[t × rows] = X[t × cols] · Wᵀ` for a row-major `W[rows × cols]`: in cuBLAS's
-/// column-major terms `Yᵀ = op(W) · Xᵀ` with W read transposed.
-fn product(
-    blas: &CudaBlas,
-    w: &CudaSlice<bf16>,
-    x: &CudaSlice<bf16>,
-    y: &mut CudaSlice<bf16>,
-    rows: usize,
-    cols: usize,
-    tokens: usize,
-) -> Result<(), LimitsError> {
-    let config = GemmConfig {
-        transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
-        transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
-        m: rows as i32,
-        n: tokens as i32,
-        k: cols as i32,
-        alpha: bf16::ONE,
-        lda: cols as i32,
-        ldb: cols as i32,
-        beta: bf16::ZERO,
-        ldc: rows as i32,
-    };
-    // SAFETY: w holds rows × cols, x at least cols × tokens, y at least rows × tokens
-    // values (allocated for the widest matrix and the largest batch).
-    unsafe { blas.gemm(config, w, x, y)? };
-    Ok(())
 }

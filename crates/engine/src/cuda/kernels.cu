@@ -75,18 +75,47 @@ extern "C" __global__ void embed(const wt* __restrict__ table, const unsigned* _
 }
 
 // out[r] = x[rows[r]] / rms(x[rows[r]]) * w, as wt (one block per output row; rows may
-// be null for the identity).
+// be null for the identity). When d is a multiple of 4 and the block has a thread per
+// RMS_VECTORS float4s, each thread loads its x and w once, all loads in flight together:
+// at one token a step is a chain of such small kernels, so latency is what counts.
+#define RMS_VECTORS 4
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const int* __restrict__ rows,
                                     const float* __restrict__ w, wt* __restrict__ out, int d,
                                     float eps) {
     int r = blockIdx.x;
     int src = rows ? rows[r] : r;
     const float* xr = x + (i64)src * d;
+    wt* o = out + (i64)r * d;
+    const int n4 = d / 4;
+    if (d % 4 == 0 && n4 <= RMS_VECTORS * (int)blockDim.x) {
+        const float4* x4 = reinterpret_cast<const float4*>(xr);
+        float4 v[RMS_VECTORS];
+        float ss = 0.0f;
+#pragma unroll
+        for (int k = 0; k < RMS_VECTORS; k++) {
+            int i = threadIdx.x + k * blockDim.x;
+            v[k] = i < n4 ? x4[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+        }
+        ss = block_sum(ss);
+        float inv = 1.0f / sqrtf(ss / (float)d + eps);
+        const float4* w4 = reinterpret_cast<const float4*>(w);
+#pragma unroll
+        for (int k = 0; k < RMS_VECTORS; k++) {
+            int i = threadIdx.x + k * blockDim.x;
+            if (i >= n4) break;
+            float4 g = w4[i];
+            o[4 * i] = to_wt(v[k].x * inv * g.x);
+            o[4 * i + 1] = to_wt(v[k].y * inv * g.y);
+            o[4 * i + 2] = to_wt(v[k].z * inv * g.z);
+            o[4 * i + 3] = to_wt(v[k].w * inv * g.w);
+        }
+        return;
+    }
     float ss = 0.0f;
     for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
     ss = block_sum(ss);
     float inv = 1.0f / sqrtf(ss / (float)d + eps);
-    wt* o = out + (i64)r * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = to_wt(xr[i] * inv * w[i]);
 }
 
@@ -147,6 +176,164 @@ extern "C" __global__ void silu_mul(const float* __restrict__ gate_up, wt* __res
         out[i] = to_wt(g / (1.0f + expf(-g)) * u);
     }
 }
+
+// ---- Matrix–vector products of small steps --------------------------------------------
+//
+// Y[t][r] (+)= Σ_c X[t][c] · W[r][c] for T ≤ 4 tokens, W row-major [rows × cols], X
+// [T × cols] in wt, Y f32 [T × rows]. A decode step of a few sequences reads every weight
+// once and does T multiply-adds with it, so these run at the pace of memory. Each warp
+// owns R whole rows: its lanes read 16 bytes (8 weights) at a time at chunks lane,
+// lane + 32, …, so a warp's load is 512 contiguous bytes of a row, bypassing L1, while
+// x (the same T rows for every warp of the block) comes through L1. Needs cols % 8 == 0
+// and 16-byte aligned W and X (the caller checks; cuBLAS serves the rest).
+
+__device__ __forceinline__ uint4 load_weights_16(const uint4* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
+// The 8 values of a 16-byte chunk of wt, as f32.
+__device__ __forceinline__ void unpack_8(uint4 v, float f[8]) {
+    unsigned u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+#ifdef TANDEM_BF16
+        f[2 * i] = __uint_as_float(u[i] << 16);
+        f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+#else
+        float2 pair = __half22float2(*reinterpret_cast<const __half2*>(&u[i]));
+        f[2 * i] = pair.x;
+        f[2 * i + 1] = pair.y;
+#endif
+    }
+}
+
+// acc[r][t] += chunk c of weight row r · chunk c of x row t.
+template <int T, int R>
+__device__ __forceinline__ void gemv_chunk(const uint4 w[R], const uint4* __restrict__ x, int n4,
+                                           int c, float acc[R][T]) {
+    float wf[R][8];
+#pragma unroll
+    for (int r = 0; r < R; r++) unpack_8(w[r], wf[r]);
+#pragma unroll
+    for (int t = 0; t < T; t++) {
+        float xf[8];
+        unpack_8(__ldg(x + (i64)t * n4 + c), xf);
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int k = 0; k < 8; k++) acc[r][t] = fmaf(wf[r][k], xf[k], acc[r][t]);
+    }
+}
+
+// The warp's dot products of rows `row[0..R)` with the T rows of x, summed over the
+// warp (every lane holds the sums).
+template <int T, int R>
+__device__ __forceinline__ void gemv_rows(const wt* __restrict__ W, const int row[R], int cols,
+                                          const wt* __restrict__ X, float acc[R][T]) {
+    constexpr int U = 4;  // chunks in flight per lane and row
+    const int lane = threadIdx.x & 31, n4 = cols / 8;
+    const uint4* x = reinterpret_cast<const uint4*>(X);
+    const uint4* w[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        w[r] = reinterpret_cast<const uint4*>(W + (i64)row[r] * cols);
+#pragma unroll
+        for (int t = 0; t < T; t++) acc[r][t] = 0.0f;
+    }
+    int c = lane;
+    for (; c + 32 * (U - 1) < n4; c += 32 * U) {
+        uint4 v[U][R];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int r = 0; r < R; r++) v[u][r] = load_weights_16(w[r] + c + 32 * u);
+#pragma unroll
+        for (int u = 0; u < U; u++) gemv_chunk<T, R>(v[u], x, n4, c + 32 * u, acc);
+    }
+    for (; c < n4; c += 32) {
+        uint4 v[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) v[r] = load_weights_16(w[r] + c);
+        gemv_chunk<T, R>(v, x, n4, c, acc);
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < T; t++)
+            for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], o);
+}
+
+// Rows per warp: two once x's loads from L1 would outnumber the weights' by 4.
+template <int T>
+struct GemvRows {
+    static constexpr int R = T >= 4 ? 2 : 1;
+};
+
+template <int T>
+__device__ __forceinline__ void gemv_impl(const wt* __restrict__ W, int rows, int cols,
+                                          const wt* __restrict__ X, float* __restrict__ Y,
+                                          int accumulate) {
+    constexpr int R = GemvRows<T>::R;
+    const int warp = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    int row[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) row[r] = min(warp * R + r, rows - 1);
+    if (warp * R >= rows) return;
+    float acc[R][T];
+    gemv_rows<T, R>(W, row, cols, X, acc);
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        if (warp * R + r >= rows) break;
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+            if (lane == t) {
+                float* y = Y + (i64)t * rows + row[r];
+                *y = accumulate ? *y + acc[r][t] : acc[r][t];
+            }
+        }
+    }
+}
+
+// act[t][j] = SiLU(gate_j · x_t) · (up_j · x_t) for the fused [gate | up] matrix of
+// 2 · inter rows: the gate/up product and SiLU·up in one pass, nothing in between.
+template <int T>
+__device__ __forceinline__ void gemv_silu_impl(const wt* __restrict__ W, int inter, int cols,
+                                               const wt* __restrict__ X, wt* __restrict__ act) {
+    const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (j >= inter) return;
+    const int row[2] = {j, inter + j};
+    float acc[2][T];
+    gemv_rows<T, 2>(W, row, cols, X, acc);
+#pragma unroll
+    for (int t = 0; t < T; t++) {
+        if (lane == t) {
+            float g = acc[0][t], u = acc[1][t];
+            act[(i64)t * inter + j] = to_wt(g / (1.0f + expf(-g)) * u);
+        }
+    }
+}
+
+#define GEMV_KERNELS(T)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+        gemv_t##T(const wt* __restrict__ W, int rows, int cols, const wt* __restrict__ X,     \
+                  float* __restrict__ Y, int accumulate) {                                     \
+        gemv_impl<T>(W, rows, cols, X, Y, accumulate);                                         \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+        gemv_silu_t##T(const wt* __restrict__ W, int inter, int cols,                          \
+                       const wt* __restrict__ X, wt* __restrict__ act) {                       \
+        gemv_silu_impl<T>(W, inter, cols, X, act);                                             \
+    }
+GEMV_KERNELS(1)
+GEMV_KERNELS(2)
+GEMV_KERNELS(3)
+GEMV_KERNELS(4)
 
 // Copies whole blocks: dst block dst_ids[i] = src block src_ids[i] (blockIdx.y = i).
 // The KV hand-off between two GPUs' caches (peer or IPC-mapped memory).

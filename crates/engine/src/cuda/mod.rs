@@ -5,8 +5,10 @@
 //!
 //! - [`gpu`]: one GPU — context, stream, allocations, kernel module, cuBLAS.
 //! - `kernels.cu` (PTX in [`ptx`]): embedding, RMSNorm, RoPE + KV store, SiLU·up,
-//!   paged flash attention (softmax state in `mma.sync` registers), greedy argmax,
-//!   block copies.
+//!   paged flash attention (softmax state in `mma.sync` registers), matrix–vector
+//!   products of small steps, greedy argmax, block copies.
+//! - [`gemv`]: who runs a forward pass's matrix products — matrix–vector kernels for
+//!   steps of a few tokens, cuBLAS for the rest.
 //! - [`weights`]: a model's weights uploaded in f16/bf16.
 //! - [`kv`]: the KV cache in GPU memory and its hand-off copies.
 //! - [`model`]: the forward pass over ragged batches, with CUDA graphs for decode,
@@ -19,6 +21,7 @@
 
 pub mod bench;
 pub mod decode_gemm;
+pub mod gemv;
 pub mod gpu;
 pub mod kv;
 pub mod limits;

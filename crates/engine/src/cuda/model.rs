@@ -6,10 +6,12 @@
 //!
 //! A step is: the batch's metadata (token ids, positions, the block each new key goes
 //! to, per-sequence rows and block tables, attention work items) written to pinned
-//! host memory and copied in one go; then per layer RMSNorm → QKV product (cuBLAS) →
-//! RoPE and KV store → paged attention → output product added to the residual →
-//! RMSNorm → gate/up product → SiLU·up → down product added to the residual; then the
-//! final norm and the output head for the rows that need logits.
+//! host memory and copied in one go; then per layer RMSNorm → QKV product → RoPE and
+//! KV store → paged attention → output product added to the residual → RMSNorm →
+//! gate/up product → SiLU·up → down product added to the residual; then the final norm
+//! and the output head for the rows that need logits. The products are cuBLAS's, or
+//! for steps of a few tokens [`super::gemv`]'s matrix–vector kernels (with SiLU·up
+//! folded into the gate/up pass).
 //!
 //! Pure decode steps (one new token per sequence) are replayed from CUDA graphs, one
 //! per batch-size bucket, captured when the runner starts: a step is then one graph
@@ -23,6 +25,7 @@ use std::sync::Arc;
 use cudarc::driver::safe::CudaGraph;
 use cudarc::driver::{result, sys};
 
+use super::gemv::{Products, gemv_from_env};
 use super::gpu::{DeviceBuffer, Gpu, GpuError, Kernel, PinnedBuffer, WeightDtype, kernel_args};
 use super::kv::DeviceKv;
 use super::weights::{GpuWeights, LoadError};
@@ -300,6 +303,8 @@ pub struct GpuRunner {
     logit_capacity: usize,
     buffers: Buffers,
     kernels: Kernels,
+    /// Who runs the matrix products (matrix–vector kernels for small steps, cuBLAS).
+    products: Products,
     meta_host: PinnedBuffer<i32>,
     logits_host: PinnedBuffer<f32>,
     /// Logits of steps that ask for more rows than `logit_capacity`.
@@ -379,6 +384,7 @@ impl GpuRunner {
             ids: alloc(sizes[12])?,
         };
         let kernels = load_kernels(&gpu, c.head_dim)?;
+        let products = Products::new(&gpu, gemv_from_env()?)?;
         let ours = model.weights.matrix_bytes + needed + super::gpu::BLAS_WORKSPACE_BYTES;
         let kv_bytes = kv_bytes(&gpu, budget, ours)?;
         let kv = Arc::new(DeviceKv::new(
@@ -402,6 +408,7 @@ impl GpuRunner {
             logit_capacity,
             buffers,
             kernels,
+            products,
             meta_host,
             logits_host,
             logits_overflow: Vec::new(),
@@ -815,7 +822,8 @@ impl GpuRunner {
             gpu.launch(self.kernels.embed, (n as u32, 1, 1), 256, 0, &mut args)?;
             for (layer, lw) in w.layers.iter().enumerate() {
                 self.rms_norm(b.x.ptr(), None, lw.attn_norm.ptr(), b.normed.ptr(), n)?;
-                gpu.matmul(
+                self.products.matmul(
+                    gpu,
                     lw.qkv.ptr(),
                     q_dim + 2 * kv_dim,
                     c.hidden_size,
@@ -826,7 +834,8 @@ impl GpuRunner {
                 )?;
                 self.rope_store(layer, n)?;
                 self.attention(layer, shape)?;
-                gpu.matmul(
+                self.products.matmul(
+                    gpu,
                     lw.attn_out.ptr(),
                     c.hidden_size,
                     q_dim,
@@ -836,17 +845,30 @@ impl GpuRunner {
                     true,
                 )?;
                 self.rms_norm(b.x.ptr(), None, lw.ffn_norm.ptr(), b.normed.ptr(), n)?;
-                gpu.matmul(
+                let fused = self.products.gate_up_silu(
+                    gpu,
                     lw.gate_up.ptr(),
-                    2 * inter,
+                    inter,
                     c.hidden_size,
                     b.normed.ptr(),
                     n,
-                    b.gate_up.ptr(),
-                    false,
+                    b.act.ptr(),
                 )?;
-                self.silu_mul(n)?;
-                gpu.matmul(
+                if !fused {
+                    self.products.matmul(
+                        gpu,
+                        lw.gate_up.ptr(),
+                        2 * inter,
+                        c.hidden_size,
+                        b.normed.ptr(),
+                        n,
+                        b.gate_up.ptr(),
+                        false,
+                    )?;
+                    self.silu_mul(n)?;
+                }
+                self.products.matmul(
+                    gpu,
                     lw.down.ptr(),
                     c.hidden_size,
                     inter,
@@ -879,7 +901,7 @@ impl GpuRunner {
             self.model.gpu.launch(
                 self.kernels.rms_norm,
                 (rows as u32, 1, 1),
-                256,
+                threads_for(c.hidden_size.div_ceil(4 * RMS_VECTORS)),
                 0,
                 &mut args,
             )
@@ -899,6 +921,8 @@ impl GpuRunner {
             (c.num_heads as i32, c.num_kv_heads as i32, c.head_dim as i32);
         let (layer, layers, block_size) =
             (layer as i32, c.num_layers as i32, layout.block_size as i32);
+        // A thread per rotated pair (up to 1024): one token's chain of loads is short.
+        let threads = threads_for((c.num_heads + c.num_kv_heads) * c.head_dim / 2);
         let mut args = kernel_args![
             qkv,
             positions,
@@ -916,9 +940,13 @@ impl GpuRunner {
         ];
         // SAFETY: the caller's promise on the buffers.
         unsafe {
-            self.model
-                .gpu
-                .launch(self.kernels.rope_store, (n as u32, 1, 1), 128, 0, &mut args)
+            self.model.gpu.launch(
+                self.kernels.rope_store,
+                (n as u32, 1, 1),
+                threads,
+                0,
+                &mut args,
+            )
         }
     }
 
@@ -1024,7 +1052,8 @@ impl GpuRunner {
                 b.head_in.ptr(),
                 count,
             )?;
-            self.model.gpu.matmul(
+            self.products.matmul(
+                &self.model.gpu,
                 self.model.weights.head().ptr(),
                 c.vocab_size,
                 c.hidden_size,
@@ -1114,6 +1143,15 @@ fn kv_bytes(gpu: &Gpu, budget: KvBudget, ours: usize) -> Result<usize, GpuError>
         });
     }
     Ok(wanted)
+}
+
+/// float4s of a row each thread of `rms_norm` keeps in registers (RMS_VECTORS in
+/// kernels.cu).
+const RMS_VECTORS: usize = 4;
+
+/// Threads for a block that wants one per `items`: whole warps, 64 to 1024.
+fn threads_for(items: usize) -> u32 {
+    (items.div_ceil(32) * 32).clamp(64, 1024) as u32
 }
 
 /// The attention kernel with `warps` (1 or 4) warps per block.
