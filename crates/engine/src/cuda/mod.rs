@@ -16,8 +16,8 @@
 //! - [`bench`]: what the engine reaches on a GPU, against those ceilings.
 //! - [`limits`]: what a GPU can do at most, measured — the ceilings every GPU
 //!   performance figure of tandem is reported against.
-//! - [`decode_gemm`]: what cuBLAS alone reaches on a decode step's matrix products at
-//!   a model's shapes, against that ceiling.
+//! - [`decode_gemm`]: what a decode step's matrix products reach at a model's shapes,
+//!   through cuBLAS and through [`gemv`]'s kernels, against that ceiling.
 
 pub mod bench;
 pub mod decode_gemm;
