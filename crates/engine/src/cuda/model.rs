@@ -25,7 +25,7 @@ use std::sync::Arc;
 use cudarc::driver::safe::CudaGraph;
 use cudarc::driver::{result, sys};
 
-use super::gemv::{Products, gemv_from_env};
+use super::gemv::{GEMV_MAX_TOKENS, Products, gemv_from_env};
 use super::gpu::{DeviceBuffer, Gpu, GpuError, Kernel, PinnedBuffer, WeightDtype, kernel_args};
 use super::kv::DeviceKv;
 use super::weights::{GpuWeights, LoadError};
@@ -385,6 +385,14 @@ impl GpuRunner {
         };
         let kernels = load_kernels(&gpu, c.head_dim)?;
         let products = Products::new(&gpu, gemv_from_env()?)?;
+        if products.uses_gemv(1) {
+            tracing::info!(
+                "GPU products: matrix-vector kernels for steps of up to {GEMV_MAX_TOKENS} \
+                 tokens, cuBLAS above"
+            );
+        } else {
+            tracing::info!("GPU products: cuBLAS for every step (TANDEM_GPU_GEMV=off)");
+        }
         let ours = model.weights.matrix_bytes + needed + super::gpu::BLAS_WORKSPACE_BYTES;
         let kv_bytes = kv_bytes(&gpu, budget, ours)?;
         let kv = Arc::new(DeviceKv::new(
