@@ -1,7 +1,8 @@
 //! `tandem gpu limits`: the measured ceilings of this machine's GPUs — copy
 //! bandwidths and bf16 GEMM FLOP/s — that GPU figures are reported against; `tandem gpu
 //! decode-gemms`: what a decode step's products reach at a preset's shapes, through
-//! cuBLAS and through the engine's matrix–vector kernels. Both need a binary built with `--features tandem-cli/cuda`.
+//! cuBLAS and through the engine's matrix–vector kernels. Both need a binary built
+//! with `--features tandem-cli/cuda`.
 
 use anyhow::Result;
 use clap::{Args, Subcommand};

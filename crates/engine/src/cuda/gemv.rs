@@ -62,9 +62,14 @@ impl Products {
         Ok(Self { gemv: kernels })
     }
 
+    /// Whether the matrix–vector kernels are on (`TANDEM_GPU_GEMV`).
+    pub fn gemv_enabled(&self) -> bool {
+        self.gemv.is_some()
+    }
+
     /// Whether a step of `tokens` tokens uses the matrix–vector kernels.
     pub fn uses_gemv(&self, tokens: usize) -> bool {
-        self.gemv.is_some() && (1..=GEMV_MAX_TOKENS).contains(&tokens)
+        self.gemv_enabled() && (1..=GEMV_MAX_TOKENS).contains(&tokens)
     }
 
     /// `Y[tokens × rows] (+)= X[tokens × cols] · Wᵀ` for a row-major `W[rows × cols]`:

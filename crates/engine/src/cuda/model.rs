@@ -385,7 +385,7 @@ impl GpuRunner {
         };
         let kernels = load_kernels(&gpu, c.head_dim)?;
         let products = Products::new(&gpu, gemv_from_env()?)?;
-        if products.uses_gemv(1) {
+        if products.gemv_enabled() {
             tracing::info!(
                 "GPU products: matrix-vector kernels for steps of up to {GEMV_MAX_TOKENS} \
                  tokens, cuBLAS above"
