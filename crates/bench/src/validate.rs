@@ -7,6 +7,12 @@
 //! its requests. `tandem compare` draws the load point `i` of a scenario (its `rates`
 //! in order) with the seed `seed + 1000·i` (fresh prompts and arrivals at every load),
 //! so that is the seed the model replays with.
+//!
+//! Several reports of the same suite (rounds of one comparison, run one after the
+//! other) are checked together: each run's figures are the median of its rounds, and
+//! the rounds' range is kept beside them, so that a prediction is judged against what
+//! the machine measures of the same load from one run to the next (a VM's neighbours
+//! can move a TPOT percentile by 2× between identical runs).
 
 use serde_json::Value;
 use tandem_planner::layout::Layout;
@@ -15,16 +21,77 @@ use tandem_planner::{Profile, ProfileError, simulate_requests};
 
 use crate::workload;
 
-/// One run, measured and predicted: TTFT and TPOT at the 50th and 90th percentiles
+/// The figures of a row: TTFT and TPOT at the 50th and 90th percentiles
 /// (milliseconds) and output tokens per second.
+pub const FIGURES: usize = 5;
+
+/// How close a prediction must come to the measured median to count as met.
+pub const TOLERANCE: f64 = 0.2;
+
+/// One run, measured and predicted (see [`FIGURES`]). With several rounds, `measured`
+/// is their median and `lowest`/`highest` their range; with one, all three agree.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
     pub scenario: String,
     pub topology: String,
     pub layout: String,
     pub rate: f64,
-    pub measured: [f64; 5],
-    pub predicted: [f64; 5],
+    pub measured: [f64; FIGURES],
+    pub lowest: [f64; FIGURES],
+    pub highest: [f64; FIGURES],
+    pub rounds: usize,
+    pub predicted: [f64; FIGURES],
+}
+
+impl Row {
+    /// Whether figure `i`'s prediction is within [`TOLERANCE`] of the measured median.
+    pub fn within_tolerance(&self, i: usize) -> bool {
+        (self.predicted[i] / self.measured[i] - 1.0).abs() <= TOLERANCE
+    }
+
+    /// Whether figure `i`'s prediction lies inside the range its rounds measured.
+    pub fn within_rounds(&self, i: usize) -> bool {
+        (self.lowest[i]..=self.highest[i]).contains(&self.predicted[i])
+    }
+
+    /// Whether the rounds themselves differ by more than [`TOLERANCE`] from their
+    /// median on figure `i` (the measurement's own spread exceeds the target).
+    pub fn rounds_disagree(&self, i: usize) -> bool {
+        let median = self.measured[i];
+        self.lowest[i] < median * (1.0 - TOLERANCE) || self.highest[i] > median * (1.0 + TOLERANCE)
+    }
+}
+
+/// How many of `rows`' figures meet the tolerance, how many more fall inside their
+/// rounds' range, and how many there are in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub within_tolerance: usize,
+    pub only_within_rounds: usize,
+    pub rounds_disagree: usize,
+    pub figures: usize,
+}
+
+pub fn tally(rows: &[Row]) -> Tally {
+    let mut tally = Tally {
+        within_tolerance: 0,
+        only_within_rounds: 0,
+        rounds_disagree: 0,
+        figures: rows.len() * FIGURES,
+    };
+    for row in rows {
+        for i in 0..FIGURES {
+            if row.within_tolerance(i) {
+                tally.within_tolerance += 1;
+            } else if row.within_rounds(i) {
+                tally.only_within_rounds += 1;
+            }
+            if row.rounds_disagree(i) {
+                tally.rounds_disagree += 1;
+            }
+        }
+    }
+    tally
 }
 
 /// Why a report cannot be checked.
@@ -32,8 +99,70 @@ pub struct Row {
 pub enum ValidateError {
     #[error("the report has no {0}")]
     Missing(&'static str),
+    /// Reports whose runs of one scenario, layout and rate model differently (other
+    /// lengths, counts or arrivals) are not rounds of one load.
+    #[error(
+        "the reports ran scenario {0} with different requests; only rounds of one suite can be merged"
+    )]
+    NotRounds(String),
     #[error(transparent)]
     Profile(#[from] ProfileError),
+}
+
+/// Every request-rate run of `reports` (rounds of one `tandem compare` suite, each a
+/// results.json) whose topology is made of `tandem serve` workers, measured (the
+/// median of the rounds that ran it) and predicted, in the first report's order.
+/// `seed`: the scenarios' seed where a report does not record it.
+pub fn against_reports(
+    profile: &Profile,
+    reports: &[Value],
+    seed: u64,
+) -> Result<Vec<Row>, ValidateError> {
+    let mut merged: Vec<(Row, Vec<[f64; FIGURES]>)> = Vec::new();
+    for report in reports {
+        for row in against_report(profile, report, seed)? {
+            let same_run = |(kept, _): &&mut (Row, Vec<[f64; FIGURES]>)| {
+                kept.scenario == row.scenario && kept.layout == row.layout && kept.rate == row.rate
+            };
+            match merged.iter_mut().find(same_run) {
+                Some((kept, rounds)) if kept.predicted == row.predicted => {
+                    rounds.push(row.measured)
+                }
+                Some(_) => return Err(ValidateError::NotRounds(row.scenario)),
+                None => {
+                    let measured = row.measured;
+                    merged.push((row, vec![measured]));
+                }
+            }
+        }
+    }
+    Ok(merged
+        .into_iter()
+        .map(|(row, rounds)| {
+            let per_figure = |pick: fn(&[f64]) -> f64| {
+                std::array::from_fn(|i| pick(&rounds.iter().map(|r| r[i]).collect::<Vec<_>>()))
+            };
+            Row {
+                measured: per_figure(median),
+                lowest: per_figure(|v| v.iter().copied().fold(f64::INFINITY, f64::min)),
+                highest: per_figure(|v| v.iter().copied().fold(f64::NEG_INFINITY, f64::max)),
+                rounds: rounds.len(),
+                ..row
+            }
+        })
+        .collect())
+}
+
+/// The middle value (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let half = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[half]
+    } else {
+        (sorted[half - 1] + sorted[half]) / 2.0
+    }
 }
 
 /// Every request-rate run of `results` (a `tandem compare` results.json) whose topology
@@ -77,6 +206,13 @@ pub fn against_report(
             let requests = requests_of(run, rate, point_seed(seed, point));
             let predicted = simulate_requests(profile, &layout, &requests)?.summary();
             let measured = |key: &str| run[key].as_f64().unwrap_or(f64::NAN);
+            let measured = [
+                measured("p50_ttft_ms"),
+                measured("p90_ttft_ms"),
+                measured("p50_tpot_ms"),
+                measured("p90_tpot_ms"),
+                measured("output_throughput"),
+            ];
             rows.push(Row {
                 scenario: scenario["scenario"]["name"]
                     .as_str()
@@ -85,13 +221,10 @@ pub fn against_report(
                 topology: name.to_owned(),
                 layout: layout.to_string(),
                 rate,
-                measured: [
-                    measured("p50_ttft_ms"),
-                    measured("p90_ttft_ms"),
-                    measured("p50_tpot_ms"),
-                    measured("p90_tpot_ms"),
-                    measured("output_throughput"),
-                ],
+                measured,
+                lowest: measured,
+                highest: measured,
+                rounds: 1,
                 predicted: [
                     predicted.ttft[0] * 1e3,
                     predicted.ttft[1] * 1e3,
@@ -195,7 +328,8 @@ fn flags<'a>(command: &'a str, name: &str) -> Vec<&'a str> {
         .collect()
 }
 
-/// The rows as a markdown table, with predicted/measured ratios.
+/// The rows as a markdown table, with predicted/measured ratios; with several rounds,
+/// each measured cell is their median followed by their range.
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = String::from(
         "| scenario | layout | rate | TTFT p50 meas. / pred. | TTFT p90 | TPOT p50 | TPOT p90 | output tok/s |\n\
@@ -203,25 +337,43 @@ pub fn markdown(rows: &[Row]) -> String {
     );
     for row in rows {
         let cell = |i: usize| {
+            let digits = if i < 2 { 0 } else { 1 };
             let (m, p) = (row.measured[i], row.predicted[i]);
-            format!("{m:.0} / {p:.0} ({:.2}×)", p / m)
+            let range = if row.rounds > 1 {
+                format!(" [{:.digits$}–{:.digits$}]", row.lowest[i], row.highest[i])
+            } else {
+                String::new()
+            };
+            format!("{m:.digits$}{range} / {p:.digits$} ({:.2}×)", p / m)
         };
-        let fine = |i: usize| {
-            let (m, p) = (row.measured[i], row.predicted[i]);
-            format!("{m:.1} / {p:.1} ({:.2}×)", p / m)
-        };
+        let cells: Vec<String> = (0..FIGURES).map(cell).collect();
         out += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} |\n",
             row.scenario,
             row.layout,
             row.rate,
-            cell(0),
-            cell(1),
-            fine(2),
-            fine(3),
-            fine(4)
+            cells.join(" | ")
         );
     }
+    let tally = tally(rows);
+    let rounds = rows.iter().map(|r| r.rounds).max().unwrap_or(0);
+    out += &format!(
+        "\n{} of {} figures within {:.0}% of the measured {}",
+        tally.within_tolerance,
+        tally.figures,
+        TOLERANCE * 100.0,
+        if rounds > 1 { "median" } else { "figure" },
+    );
+    if rounds > 1 {
+        out += &format!(
+            "; {} more inside the range of their {rounds} rounds; the rounds themselves \
+             differ from their median by more than {:.0}% on {} figures",
+            tally.only_within_rounds,
+            TOLERANCE * 100.0,
+            tally.rounds_disagree,
+        );
+    }
+    out += ".\n";
     out
 }
 
@@ -267,7 +419,91 @@ mod tests {
             let ratio = row.predicted[4] / row.measured[4];
             assert!((0.8..1.2).contains(&ratio), "{row:?}");
         }
-        assert_eq!(markdown(&rows).lines().count(), 14);
+        // The header, the rows, a blank line and the tally.
+        assert_eq!(markdown(&rows).lines().count(), 16);
+    }
+
+    #[test]
+    fn rounds_are_merged_into_their_median_and_range() {
+        let results: Value = serde_json::from_str(include_str!(
+            "../../../docs/planner/xeon-2core-long-prompt-results.json"
+        ))
+        .unwrap();
+        let mut slower = results.clone();
+        for scenario in slower["scenarios"].as_array_mut().unwrap() {
+            for run in scenario["runs"].as_array_mut().unwrap() {
+                let tpot = run["p50_tpot_ms"].as_f64().unwrap();
+                run["p50_tpot_ms"] = json!(tpot * 2.0);
+            }
+        }
+        let profile = committed_profile();
+        let one = against_report(&profile, &results, 0).unwrap();
+        let rounds = [results.clone(), slower.clone(), slower];
+        let merged = against_reports(&profile, &rounds, 0).unwrap();
+        assert_eq!(merged.len(), one.len());
+        for (single, merged) in one.iter().zip(&merged) {
+            assert_eq!(merged.rounds, 3);
+            assert_eq!(merged.predicted, single.predicted);
+            assert_eq!(merged.measured[2], single.measured[2] * 2.0);
+            assert_eq!(merged.lowest[2], single.measured[2]);
+            assert_eq!(merged.highest[2], single.measured[2] * 2.0);
+            assert_eq!(merged.measured[0], single.measured[0]);
+            assert!(merged.rounds_disagree(2) && !merged.rounds_disagree(0));
+        }
+        let table = markdown(&merged);
+        assert!(
+            table.contains("inside the range of their 3 rounds"),
+            "{table}"
+        );
+        assert_eq!(tally(&merged).figures, 5 * one.len());
+    }
+
+    #[test]
+    fn measured_rounds_of_one_suite_are_taken_as_rounds() {
+        let profile = Profile::from_toml(include_str!(
+            "../../../docs/planner/emerald-2core-evening-profile.toml"
+        ))
+        .unwrap();
+        let rounds: Vec<Value> = [
+            include_str!(
+                "../../../docs/planner/emerald-2core-evening-long-prompt-60-round1-results.json"
+            ),
+            include_str!(
+                "../../../docs/planner/emerald-2core-evening-long-prompt-60-round2-results.json"
+            ),
+            include_str!(
+                "../../../docs/planner/emerald-2core-evening-long-prompt-60-round3-results.json"
+            ),
+        ]
+        .iter()
+        .map(|text| serde_json::from_str(text).unwrap())
+        .collect();
+        let rows = against_reports(&profile, &rounds, 0).unwrap();
+        // 3 layouts × 2 rates, each run in all three rounds.
+        assert_eq!(rows.len(), 6);
+        for row in &rows {
+            assert_eq!(row.rounds, 3);
+            for i in 0..FIGURES {
+                assert!(row.lowest[i] <= row.measured[i] && row.measured[i] <= row.highest[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn reports_of_other_loads_are_not_rounds() {
+        let results: Value = serde_json::from_str(include_str!(
+            "../../../docs/planner/xeon-2core-long-prompt-results.json"
+        ))
+        .unwrap();
+        let mut longer = results.clone();
+        for scenario in longer["scenarios"].as_array_mut().unwrap() {
+            for run in scenario["runs"].as_array_mut().unwrap() {
+                let input = run["total_input_tokens"].as_f64().unwrap();
+                run["total_input_tokens"] = json!(input * 2.0);
+            }
+        }
+        let error = against_reports(&committed_profile(), &[results, longer], 0).unwrap_err();
+        assert!(matches!(error, ValidateError::NotRounds(_)), "{error}");
     }
 
     #[test]

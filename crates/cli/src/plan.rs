@@ -29,9 +29,10 @@ pub enum PlanCommand {
 pub struct ValidateArgs {
     #[arg(long)]
     profile: PathBuf,
-    /// The report's results.json.
-    #[arg(long)]
-    results: PathBuf,
+    /// The report's results.json; repeat it for rounds of the same suite, which are
+    /// checked by their median, their range shown beside it.
+    #[arg(long, required = true)]
+    results: Vec<PathBuf>,
     /// The scenarios' seed, for reports that do not record it (0 unless the suite file
     /// set one).
     #[arg(long, default_value_t = 0)]
@@ -180,12 +181,16 @@ fn validate(args: ValidateArgs) -> Result<()> {
         &std::fs::read_to_string(&args.profile)
             .with_context(|| format!("reading {}", args.profile.display()))?,
     )?;
-    let results: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&args.results)
-            .with_context(|| format!("reading {}", args.results.display()))?,
-    )
-    .context("the results file is not JSON")?;
-    let rows = tandem_bench::validate::against_report(&profile, &results, args.seed)?;
+    let reports = args
+        .results
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+        })
+        .collect::<Result<Vec<serde_json::Value>>>()?;
+    let rows = tandem_bench::validate::against_reports(&profile, &reports, args.seed)?;
     if rows.is_empty() {
         bail!("the report has no request-rate runs of tandem serve layouts to check");
     }
