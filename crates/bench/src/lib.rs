@@ -12,8 +12,12 @@
 //! - [`comparison`]: a comparison's results, `report.md` and `results.json`.
 //! - [`handoff`]: the KV hand-off's bytes and time in a run, from the workers' metrics.
 //! - [`plot`]: its charts, PNG and SVG.
+//! - [`rounds`]: a comparison run several times, each run's figures merged into their
+//!   median and range.
 //! - [`timeline`]: one run over time (latencies by send time, the P/D layout, the
 //!   planner's moves).
+//! - [`profile`]: a planner profile measured against running endpoints.
+//! - [`validate`]: the planner's predictions against a comparison's measurements.
 
 pub mod client;
 pub mod comparison;
@@ -21,6 +25,7 @@ pub mod handoff;
 pub mod plot;
 pub mod profile;
 pub mod report;
+pub mod rounds;
 pub mod stats;
 pub mod suite;
 pub mod timeline;

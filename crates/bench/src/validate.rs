@@ -19,6 +19,7 @@ use tandem_planner::layout::Layout;
 use tandem_planner::workload::Request;
 use tandem_planner::{Profile, ProfileError, simulate_requests};
 
+use crate::rounds::Spread;
 use crate::workload;
 
 /// The figures of a row: TTFT and TPOT at the 50th and 90th percentiles
@@ -57,8 +58,12 @@ impl Row {
     /// Whether the rounds themselves differ by more than [`TOLERANCE`] from their
     /// median on figure `i` (the measurement's own spread exceeds the target).
     pub fn rounds_disagree(&self, i: usize) -> bool {
-        let median = self.measured[i];
-        self.lowest[i] < median * (1.0 - TOLERANCE) || self.highest[i] > median * (1.0 + TOLERANCE)
+        let spread = Spread {
+            median: self.measured[i],
+            lowest: self.lowest[i],
+            highest: self.highest[i],
+        };
+        spread.strays(TOLERANCE)
     }
 }
 
@@ -139,30 +144,19 @@ pub fn against_reports(
     Ok(merged
         .into_iter()
         .map(|(row, rounds)| {
-            let per_figure = |pick: fn(&[f64]) -> f64| {
-                std::array::from_fn(|i| pick(&rounds.iter().map(|r| r[i]).collect::<Vec<_>>()))
-            };
+            let spreads: [Spread; FIGURES] = std::array::from_fn(|i| {
+                let values: Vec<f64> = rounds.iter().map(|r| r[i]).collect();
+                Spread::of(&values).expect("every merged run has a round")
+            });
             Row {
-                measured: per_figure(median),
-                lowest: per_figure(|v| v.iter().copied().fold(f64::INFINITY, f64::min)),
-                highest: per_figure(|v| v.iter().copied().fold(f64::NEG_INFINITY, f64::max)),
+                measured: spreads.map(|s| s.median),
+                lowest: spreads.map(|s| s.lowest),
+                highest: spreads.map(|s| s.highest),
                 rounds: rounds.len(),
                 ..row
             }
         })
         .collect())
-}
-
-/// The middle value (the mean of the middle two for an even count).
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let half = sorted.len() / 2;
-    if sorted.len() % 2 == 1 {
-        sorted[half]
-    } else {
-        (sorted[half - 1] + sorted[half]) / 2.0
-    }
 }
 
 /// Every request-rate run of `results` (a `tandem compare` results.json) whose topology

@@ -65,6 +65,11 @@ pub struct CompareArgs {
     /// Seconds one request may take.
     #[arg(long, default_value_t = 600)]
     request_timeout: u64,
+    /// Run the whole comparison this many times, one round after the other, each into
+    /// OUT/round-N/, and write OUT/rounds.md with each figure's median and range over
+    /// the rounds (for machines whose speed drifts from one run to the next).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
+    rounds: u16,
 }
 
 /// Set by SIGINT/SIGTERM: the comparison stops after writing what it has.
@@ -103,7 +108,13 @@ pub fn run(args: CompareArgs) -> Result<()> {
             .join(" "),
         tokenizer: args.tokenizer.clone(),
     };
-    let outcome = tandem_experiment::compare(&topologies, &scenarios, &options, &STOP)?;
+    let outcome = tandem_experiment::compare_rounds(
+        &topologies,
+        &scenarios,
+        &options,
+        usize::from(args.rounds),
+        &STOP,
+    )?;
     eprintln!("\nreport: {}", outcome.report.display());
     if outcome.interrupted {
         bail!("interrupted; the report holds what was measured");

@@ -162,6 +162,68 @@ fn a_three_way_comparison_writes_a_complete_report() {
     }
 }
 
+#[test]
+fn rounds_are_run_one_after_the_other_and_merged() {
+    if !default_model_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let suite = dir.path().join("suite.toml");
+    std::fs::write(
+        &suite,
+        "[[scenario]]\nname = \"short\"\nworkload = \"random\"\nnum_prompts = 2\n\
+         input_len = 20\noutput_len = 3\nrates = [4]\n",
+    )
+    .unwrap();
+    let out = dir.path().join("report");
+    let output = tandem()
+        .args([
+            "compare",
+            "--suite",
+            suite.to_str().unwrap(),
+            "--rounds",
+            "2",
+        ])
+        .args(["--out", out.to_str().unwrap(), "--kv-cache-memory", "64MiB"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    for round in ["round-1", "round-2"] {
+        let results: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(round).join("results.json")).unwrap(),
+        )
+        .unwrap();
+        let runs = results["scenarios"][0]["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 3, "{round}: one run per default topology");
+    }
+    let merged: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("rounds.json")).unwrap()).unwrap();
+    let merged = merged.as_array().unwrap();
+    assert_eq!(merged.len(), 3);
+    for run in merged {
+        assert_eq!(run["rounds"], 2, "{run}");
+        let throughput = run["figures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "output_throughput")
+            .unwrap();
+        let (low, median, high) = (
+            throughput["lowest"].as_f64().unwrap(),
+            throughput["median"].as_f64().unwrap(),
+            throughput["highest"].as_f64().unwrap(),
+        );
+        assert!(0.0 < low && low <= median && median <= high, "{throughput}");
+    }
+    let table = std::fs::read_to_string(out.join("rounds.md")).unwrap();
+    for topology in ["single", "replicated", "disaggregated"] {
+        assert!(
+            table.contains(&format!("| rate 4 | {topology} | 2 |")),
+            "{table}"
+        );
+    }
+}
+
 /// The `--port` of a command line.
 fn port_of(command: &str) -> u16 {
     let words: Vec<&str> = command.split_whitespace().collect();
@@ -199,6 +261,14 @@ fn bad_suites_and_unknown_scenarios_are_explained() {
         stderr.contains("no scenario `nope`") && stderr.contains("seed-batch"),
         "{stderr}"
     );
+
+    let output = tandem()
+        .args(["compare", "--rounds", "0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--rounds"), "{stderr}");
 
     // More cores than this process may use.
     let output = tandem()

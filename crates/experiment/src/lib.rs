@@ -1,7 +1,8 @@
 //! Experiments on layouts: the same scenarios run against several topologies in turn —
 //! each started with `tandem up`'s machinery, warmed up, measured and torn down — into
 //! one report folder (`report.md`, `results.json`, figures) rewritten after every
-//! topology, so an interrupted experiment keeps what it measured. `tandem compare` is
+//! topology, so an interrupted experiment keeps what it measured; or the whole of it
+//! in rounds, merged into medians and ranges ([`compare_rounds`]). `tandem compare` is
 //! its command line; the planner's measurements reuse its parts.
 //!
 //! - [`defaults`]: the default single, replicated and disaggregated topologies.
@@ -17,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tandem_bench::comparison::{Comparison, ReportError, Setup, TopologyEntry};
+use tandem_bench::rounds;
 use tandem_bench::suite::Scenario;
 use tandem_bench::tokens::PromptTokenizer;
 use tandem_launch::plan::{self, Launch};
@@ -54,6 +56,8 @@ pub enum ExperimentError {
     Scale(#[from] tandem_launch::scale::ScaleError),
     #[error(transparent)]
     Tokens(#[from] tandem_bench::tokens::TokensError),
+    #[error(transparent)]
+    Rounds(#[from] rounds::RoundsError),
 }
 
 /// How the runs are made and reported.
@@ -170,6 +174,73 @@ pub fn compare(
             .map(|t| t.name.clone())
             .collect(),
         interrupted: stop.load(Ordering::Relaxed),
+    })
+}
+
+/// Runs the comparison `rounds` times, one round after the other (every topology once
+/// a round, so a slow stretch of the machine falls on all of them alike), each into
+/// `options.out/round-N/`, then writes `rounds.md` and `rounds.json` there: each run's
+/// figures as the median of its rounds and their range. One round is [`compare`] itself.
+pub fn compare_rounds(
+    topologies: &[(String, Checked)],
+    scenarios: &[Scenario],
+    options: &Options,
+    rounds: usize,
+    stop: &'static AtomicBool,
+) -> Result<Outcome, ExperimentError> {
+    if rounds <= 1 {
+        return compare(topologies, scenarios, options, stop);
+    }
+    let mut failed: Vec<String> = Vec::new();
+    let mut reports = Vec::new();
+    for round in 1..=rounds {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        eprintln!(
+            "
+##### round {round} of {rounds} #####"
+        );
+        let round_options = Options {
+            out: options.out.join(format!("round-{round}")),
+            ..options.clone()
+        };
+        let outcome = compare(topologies, scenarios, &round_options, stop)?;
+        for name in outcome.failed {
+            if !failed.contains(&name) {
+                failed.push(name);
+            }
+        }
+        reports.push(read_results(&round_options.out.join("results.json"))?);
+        if outcome.interrupted {
+            break;
+        }
+    }
+    let merged = rounds::merge(&reports)?;
+    let report = options.out.join("rounds.md");
+    write_file(&report, &rounds::markdown(&merged, reports.len()))?;
+    let json = serde_json::to_string_pretty(&merged).expect("merged runs serialize");
+    write_file(&options.out.join("rounds.json"), &json)?;
+    Ok(Outcome {
+        report,
+        failed,
+        interrupted: stop.load(Ordering::Relaxed),
+    })
+}
+
+fn read_results(path: &Path) -> Result<serde_json::Value, ExperimentError> {
+    let io = |source| ExperimentError::Io {
+        context: format!("reading {}", path.display()),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    serde_json::from_str(&text).map_err(|error| io(std::io::Error::other(error)))
+}
+
+fn write_file(path: &Path, text: &str) -> Result<(), ExperimentError> {
+    std::fs::write(path, text).map_err(|source| ExperimentError::Io {
+        context: format!("writing {}", path.display()),
+        source,
     })
 }
 
