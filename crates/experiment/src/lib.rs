@@ -197,10 +197,7 @@ pub fn compare_rounds(
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        eprintln!(
-            "
-##### round {round} of {rounds} #####"
-        );
+        eprintln!("\n##### round {round} of {rounds} #####");
         let round_options = Options {
             out: options.out.join(format!("round-{round}")),
             ..options.clone()
