@@ -192,3 +192,69 @@ fn a_worker_cannot_be_measured_alongside_itself() {
     assert!(stderr.contains("is the measured worker itself"), "{stderr}");
     assert!(!out.exists());
 }
+
+#[test]
+fn validate_merges_rounds_and_refuses_reports_of_other_loads() {
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/planner");
+    let round = |i: usize| {
+        docs.join(format!(
+            "emerald-2core-evening-long-prompt-60-round{i}-results.json"
+        ))
+    };
+    let profile = docs.join("emerald-2core-evening-profile.toml");
+    let output = tandem()
+        .args(["plan", "validate", "--profile"])
+        .arg(&profile)
+        .args(["--results"])
+        .arg(round(1))
+        .args(["--results"])
+        .arg(round(2))
+        .args(["--results"])
+        .arg(round(3))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let table = String::from_utf8_lossy(&output.stdout);
+    // 3 layouts × 2 rates, each figure a median with its range.
+    assert_eq!(
+        table.matches("| long-prompt-short-output-60 |").count(),
+        6,
+        "{table}"
+    );
+    assert!(
+        table.contains("inside the range of their 3 rounds"),
+        "{table}"
+    );
+
+    let other_load = docs.join("emerald-2core-evening-long-prompt-round1-results.json");
+    let mixed = tandem()
+        .args(["plan", "validate", "--profile"])
+        .arg(&profile)
+        .args(["--results"])
+        .arg(round(1))
+        .args(["--results"])
+        .arg(&other_load)
+        .output()
+        .unwrap();
+    // Different scenarios side by side are fine (no run in common); the same scenario
+    // with different requests is not.
+    assert!(mixed.status.success(), "{mixed:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut changed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(round(2)).unwrap()).unwrap();
+    changed["scenarios"][0]["runs"][0]["total_input_tokens"] = serde_json::json!(1);
+    let changed_file = dir.path().join("changed.json");
+    std::fs::write(&changed_file, changed.to_string()).unwrap();
+    let refused = tandem()
+        .args(["plan", "validate", "--profile"])
+        .arg(&profile)
+        .args(["--results"])
+        .arg(round(1))
+        .args(["--results"])
+        .arg(&changed_file)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("different requests"), "{stderr}");
+}
