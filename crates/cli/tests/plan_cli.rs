@@ -193,6 +193,16 @@ fn a_worker_cannot_be_measured_alongside_itself() {
     assert!(!out.exists());
 }
 
+/// `tandem plan validate --profile PROFILE --results R…`.
+fn validate(profile: &std::path::Path, results: &[&std::path::Path]) -> std::process::Output {
+    let mut command = tandem();
+    command.args(["plan", "validate", "--profile"]).arg(profile);
+    for report in results {
+        command.arg("--results").arg(report);
+    }
+    command.output().unwrap()
+}
+
 #[test]
 fn validate_merges_rounds_and_refuses_reports_of_other_loads() {
     let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/planner");
@@ -202,17 +212,7 @@ fn validate_merges_rounds_and_refuses_reports_of_other_loads() {
         ))
     };
     let profile = docs.join("emerald-2core-evening-profile.toml");
-    let output = tandem()
-        .args(["plan", "validate", "--profile"])
-        .arg(&profile)
-        .args(["--results"])
-        .arg(round(1))
-        .args(["--results"])
-        .arg(round(2))
-        .args(["--results"])
-        .arg(round(3))
-        .output()
-        .unwrap();
+    let output = validate(&profile, &[&round(1), &round(2), &round(3)]);
     assert!(output.status.success(), "{output:?}");
     let table = String::from_utf8_lossy(&output.stdout);
     // 3 layouts × 2 rates, each figure a median with its range.
@@ -226,18 +226,10 @@ fn validate_merges_rounds_and_refuses_reports_of_other_loads() {
         "{table}"
     );
 
-    let other_load = docs.join("emerald-2core-evening-long-prompt-round1-results.json");
-    let mixed = tandem()
-        .args(["plan", "validate", "--profile"])
-        .arg(&profile)
-        .args(["--results"])
-        .arg(round(1))
-        .args(["--results"])
-        .arg(&other_load)
-        .output()
-        .unwrap();
     // Different scenarios side by side are fine (no run in common); the same scenario
     // with different requests is not.
+    let other_load = docs.join("emerald-2core-evening-long-prompt-round1-results.json");
+    let mixed = validate(&profile, &[&round(1), &other_load]);
     assert!(mixed.status.success(), "{mixed:?}");
     let dir = tempfile::tempdir().unwrap();
     let mut changed: serde_json::Value =
@@ -245,15 +237,7 @@ fn validate_merges_rounds_and_refuses_reports_of_other_loads() {
     changed["scenarios"][0]["runs"][0]["total_input_tokens"] = serde_json::json!(1);
     let changed_file = dir.path().join("changed.json");
     std::fs::write(&changed_file, changed.to_string()).unwrap();
-    let refused = tandem()
-        .args(["plan", "validate", "--profile"])
-        .arg(&profile)
-        .args(["--results"])
-        .arg(round(1))
-        .args(["--results"])
-        .arg(&changed_file)
-        .output()
-        .unwrap();
+    let refused = validate(&profile, &[&round(1), &changed_file]);
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("different requests"), "{stderr}");
