@@ -4,12 +4,15 @@
 //! the decode roofline: the machine's streaming-read rate on the same threads, divided
 //! by the bytes one decode step must read (the model file: every weight once, the
 //! embedding table doubling as the output matrix; the KV cache left out, so the ceiling
-//! is slightly optimistic), and decode's share of it.
+//! is slightly optimistic), and decode's share of it. Then decode at depth: the same
+//! decode after a long prompt (attention over every stored key then weighs on each
+//! step), against `llama-bench -d` at the same depth.
 //!
 //! `cargo bench -p tandem-engine --bench forward`
 //!
 //! Environment: `TANDEM_BENCH_THREADS` (2), `TANDEM_BENCH_REPEATS` (3),
 //! `TANDEM_BENCH_PROMPT_TOKENS` (512), `TANDEM_BENCH_DECODE_TOKENS` (128),
+//! `TANDEM_BENCH_DEPTH` (1536 tokens of context for decode at depth; 0 skips it),
 //! `TANDEM_LLAMACPP_PYTHON` (a python with llama-cpp-python 0.3.36; default: what
 //! `scripts/setup-llamacpp.sh` installs, else `python3`), `TANDEM_LLAMA_BENCH`
 //! (llama.cpp's own `llama-bench`; default: the native build the same script makes),
@@ -63,6 +66,7 @@ fn main() {
     let repeats = env_usize("TANDEM_BENCH_REPEATS", 3).max(1);
     let prompt_tokens = env_usize("TANDEM_BENCH_PROMPT_TOKENS", 512);
     let decode_tokens = env_usize("TANDEM_BENCH_DECODE_TOKENS", 128);
+    let depth = env_usize("TANDEM_BENCH_DEPTH", 1536);
     let model_path = fetch::default_model_path();
     if !model_path.is_file() {
         eprintln!(
@@ -76,7 +80,10 @@ fn main() {
         std::process::exit(1);
     });
     println!("CPU kernels: {}", kernels.describe());
-    let ours = measure_tandem(&model_path, threads, repeats, prompt_tokens, decode_tokens);
+    let loaded =
+        LoadedModel::load(&model_path, LoadOptions::default()).expect("default model loads");
+    let pool = ThreadPool::new(threads).expect("thread pool");
+    let ours = measure_tandem(&loaded, &pool, repeats, prompt_tokens, decode_tokens);
     println!(
         "tandem     prefill {prompt_tokens} tok: {:8.1} tok/s | decode {decode_tokens} tok: {:7.1} tok/s | peak RSS {:6.1} MB | {threads} threads",
         ours.prefill_tok_s, ours.decode_tok_s, ours.peak_rss_mb
@@ -116,6 +123,35 @@ fn main() {
         }
         None => println!("llama.cpp (llama-cpp-python) baseline skipped (see above)"),
     }
+    if depth > 0 {
+        compare_at_depth(&loaded, &pool, &bench, depth, ours.decode_tok_s);
+    }
+}
+
+/// Decode after `depth` tokens of context, tandem against `llama-bench -d`.
+fn compare_at_depth(
+    loaded: &LoadedModel,
+    pool: &ThreadPool,
+    bench: &LlamaBench,
+    depth: usize,
+    shallow_tok_s: f64,
+) {
+    let (repeats, decode_tokens) = (bench.repeats, bench.decode_tokens);
+    let prompt = bench_prompt(loaded, depth);
+    let ours = decode_tokens as f64 / best_decode(loaded, pool, &prompt, decode_tokens, repeats);
+    println!(
+        "tandem     decode {decode_tokens} tok at depth {depth}: {ours:7.1} tok/s ({:.0}% of its decode after {DECODE_PROMPT_TOKENS} tokens)",
+        100.0 * ours / shallow_tok_s
+    );
+    match bench.decode_at_depth(depth) {
+        Some(theirs) => {
+            println!(
+                "llama-bench decode {decode_tokens} tok at depth {depth}: {theirs:7.1} tok/s | ratio (tandem / llama-bench) {:.2}x",
+                ours / theirs
+            );
+        }
+        None => println!("llama-bench at depth skipped (see above)"),
+    }
 }
 
 /// llama.cpp's own `llama-bench`, built natively by `scripts/setup-llamacpp.sh`: the
@@ -139,6 +175,19 @@ impl LlamaBench<'_> {
 
     /// (prefill tok/s, decode tok/s), or `None` with the reason on stderr.
     fn run(&self) -> Option<(f64, f64)> {
+        let rows = self.rows(&["-p", &self.prompt_tokens.to_string()])?;
+        Some((rate(&rows, true)?, rate(&rows, false)?))
+    }
+
+    /// Decode tok/s after `depth` tokens of context (`-d`; the fill is not timed).
+    fn decode_at_depth(&self, depth: usize) -> Option<f64> {
+        let rows = self.rows(&["-p", "0", "-d", &depth.to_string()])?;
+        rate(&rows, false)
+    }
+
+    /// llama-bench's JSON rows for the model, threads, decode tokens and repetitions plus
+    /// `args`, or `None` with the reason on stderr.
+    fn rows(&self, args: &[&str]) -> Option<serde_json::Value> {
         let binary = Self::binary();
         if !binary.is_file() {
             eprintln!(
@@ -150,7 +199,7 @@ impl LlamaBench<'_> {
         let output = Command::new(&binary)
             .args(["-m", &self.path.display().to_string()])
             .args(["-t", &self.threads.to_string()])
-            .args(["-p", &self.prompt_tokens.to_string()])
+            .args(args)
             .args(["-n", &self.decode_tokens.to_string()])
             .args(["-r", &self.repeats.to_string()])
             .args(["-o", "json"])
@@ -169,15 +218,16 @@ impl LlamaBench<'_> {
                 return None;
             }
         };
-        let rows: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-        let rate = |prefill: bool| {
-            rows.as_array()?.iter().find_map(|row| {
-                let is_prefill = row["n_prompt"].as_u64()? > 0 && row["n_gen"].as_u64()? == 0;
-                (is_prefill == prefill).then(|| row["avg_ts"].as_f64())?
-            })
-        };
-        Some((rate(true)?, rate(false)?))
+        serde_json::from_slice(&output.stdout).ok()
     }
+}
+
+/// The prefill (or decode) row's average tok/s among llama-bench's rows.
+fn rate(rows: &serde_json::Value, prefill: bool) -> Option<f64> {
+    rows.as_array()?.iter().find_map(|row| {
+        let is_prefill = row["n_prompt"].as_u64()? > 0 && row["n_gen"].as_u64()? == 0;
+        (is_prefill == prefill).then(|| row["avg_ts"].as_f64())?
+    })
 }
 
 /// The streaming-read ceiling on decode and the measured decode's share of it.
@@ -195,21 +245,18 @@ fn print_roofline(model_path: &Path, threads: usize, decode_tok_s: f64) {
 }
 
 fn measure_tandem(
-    path: &Path,
-    threads: usize,
+    loaded: &LoadedModel,
+    pool: &ThreadPool,
     repeats: usize,
     prompt_tokens: usize,
     decode_tokens: usize,
 ) -> Figures {
-    let loaded = LoadedModel::load(path, LoadOptions::default()).expect("default model loads");
-    let pool = ThreadPool::new(threads).expect("thread pool");
-    let prompt = bench_prompt(&loaded, prompt_tokens);
-    let vocab = loaded.model.config().vocab_size;
+    let prompt = bench_prompt(loaded, prompt_tokens);
 
     // Prefill: the whole prompt in one forward pass from an empty KV store.
     let mut best_prefill = f64::MAX;
     for run in 0..=repeats {
-        let mut session = Session::new(loaded.cpu(), &pool, prompt.len(), KvOptions::default());
+        let mut session = Session::new(loaded.cpu(), pool, prompt.len(), KvOptions::default());
         let started = Instant::now();
         session.feed(&prompt, LogitsFor::Last).expect("prefill");
         let secs = started.elapsed().as_secs_f64();
@@ -219,16 +266,30 @@ fn measure_tandem(
     }
 
     // Decode: greedy, one token per forward pass, after a short prompt.
-    let mut best_decode = f64::MAX;
+    let short = &prompt[..DECODE_PROMPT_TOKENS.min(prompt.len())];
+    let best_decode = best_decode(loaded, pool, short, decode_tokens, repeats);
+    Figures {
+        prefill_tok_s: prompt.len() as f64 / best_prefill,
+        decode_tok_s: decode_tokens as f64 / best_decode,
+        peak_rss_mb: peak_rss_mb(),
+    }
+}
+
+/// Best seconds of `repeats` greedy decodes of `decode_tokens` after `prompt` (one
+/// untimed run first), one token per forward pass.
+fn best_decode(
+    loaded: &LoadedModel,
+    pool: &ThreadPool,
+    prompt: &[u32],
+    decode_tokens: usize,
+    repeats: usize,
+) -> f64 {
+    let vocab = loaded.model.config().vocab_size;
+    let mut best = f64::MAX;
     for run in 0..=repeats {
-        let short = &prompt[..DECODE_PROMPT_TOKENS.min(prompt.len())];
-        let mut session = Session::new(
-            loaded.cpu(),
-            &pool,
-            short.len() + decode_tokens,
-            KvOptions::default(),
-        );
-        let mut token = argmax(session.feed(short, LogitsFor::Last).expect("prompt"));
+        let capacity = prompt.len() + decode_tokens;
+        let mut session = Session::new(loaded.cpu(), pool, capacity, KvOptions::default());
+        let mut token = argmax(session.feed(prompt, LogitsFor::Last).expect("prompt"));
         let started = Instant::now();
         for _ in 0..decode_tokens {
             let logits = session
@@ -238,14 +299,10 @@ fn measure_tandem(
         }
         let secs = started.elapsed().as_secs_f64();
         if run > 0 {
-            best_decode = best_decode.min(secs);
+            best = best.min(secs);
         }
     }
-    Figures {
-        prefill_tok_s: prompt.len() as f64 / best_prefill,
-        decode_tok_s: decode_tokens as f64 / best_decode,
-        peak_rss_mb: peak_rss_mb(),
-    }
+    best
 }
 
 /// BOS, then the prompt text's tokens repeated, cut to exactly `n` tokens.

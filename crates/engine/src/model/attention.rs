@@ -7,7 +7,8 @@
 //! the same order.
 //!
 //! Work is split into tasks of (sequence, KV head, chunk of up to 64 queries), or for
-//! decode-sized sequences in a small batch (sequence, query head). A task of several
+//! decode-sized sequences with a short context in a small batch on several threads
+//! (sequence, query head). A task of several
 //! queries or query heads copies its KV head's keys and values (f16 or f32 in the
 //! store) into contiguous f32 buffers, up to the last position its chunk can see, and
 //! serves them all from that copy. A task of one query (decode) reads them in place,
@@ -26,6 +27,16 @@ use crate::kernels::attn::{
 use crate::kernels::ops::softmax;
 use crate::kv::{BlockId, KvStore};
 
+/// Blocks of keys or values asked for ahead of the one being computed.
+const PREFETCH_AHEAD: usize = 4;
+
+/// Which of a block's planes a prefetch asks for.
+#[derive(Clone, Copy)]
+enum Plane {
+    Keys,
+    Values,
+}
+
 /// Queries handled by one task.
 const QUERY_CHUNK: usize = 64;
 /// Sequences with at most this many new tokens get one task per query head (more,
@@ -33,6 +44,9 @@ const QUERY_CHUNK: usize = 64;
 /// pass over its keys and values serves the whole group). The arithmetic per query is
 /// the same either way.
 const PER_HEAD_MAX_TOKENS: usize = 4;
+/// ...and at most this many keys visible: past it, reading the keys and values once per
+/// query head instead of once per group costs more than the spread gains.
+const PER_HEAD_MAX_KEYS: usize = 256;
 /// ...but only while per-KV-head tasks would be too few to share among the threads:
 /// with enough sequences in the batch, one pass per KV head (instead of one per query
 /// head) saves converting the same keys and values again for each head.
@@ -118,7 +132,11 @@ fn plan(shape: &AttnShape, seqs: &[AttnSeq], threads: usize) -> Vec<Task> {
         seqs.len() * shape.num_kv_heads >= KV_HEAD_TASKS_PER_THREAD * threads;
     let mut tasks = Vec::new();
     for (s, seq) in seqs.iter().enumerate() {
-        let per_head = seq.n_tokens <= PER_HEAD_MAX_TOKENS && !kv_head_tasks_suffice;
+        // One thread gains nothing from smaller tasks, and pays the extra passes.
+        let per_head = threads > 1
+            && seq.n_tokens <= PER_HEAD_MAX_TOKENS
+            && seq.start_pos + seq.n_tokens <= PER_HEAD_MAX_KEYS
+            && !kv_head_tasks_suffice;
         // Later chunks see more keys; queue them first so the pool ends balanced.
         let chunks = seq.n_tokens.div_ceil(QUERY_CHUNK);
         for c in (0..chunks).rev() {
@@ -207,10 +225,11 @@ impl TaskCtx<'_> {
         }
         let scores = &mut scratch[..visible];
         let scale = 1.0 / (d as f32).sqrt();
-        self.prefetch_blocks(task.kv_head, visible);
         for head in task.heads.0..task.heads.1 {
             let q = self.query(token, head);
+            self.prefetch_first(Plane::Keys, task.kv_head, visible);
             for (b, chunk) in scores.chunks_mut(block_size).enumerate() {
+                self.prefetch_ahead(Plane::Keys, task.kv_head, visible, b);
                 let block = self.seq.block_table[b];
                 let keys = self
                     .kv
@@ -221,7 +240,9 @@ impl TaskCtx<'_> {
             // SAFETY: as in `run`.
             let out = unsafe { std::slice::from_raw_parts_mut(self.out_head(token, head), d) };
             out.fill(0.0);
+            self.prefetch_first(Plane::Values, task.kv_head, visible);
             for (b, probs) in scores.chunks(block_size).enumerate() {
+                self.prefetch_ahead(Plane::Values, task.kv_head, visible, b);
                 let block = self.seq.block_table[b];
                 let values = self
                     .kv
@@ -246,8 +267,9 @@ impl TaskCtx<'_> {
         let scale = 1.0 / (d as f32).sqrt();
         let at = (self.seq.row + token) * self.shape.q_stride + task.heads.0 * d;
         let qs = &self.queries[at..at + heads * d];
-        self.prefetch_blocks(task.kv_head, visible);
+        self.prefetch_first(Plane::Keys, task.kv_head, visible);
         for (b, first) in (0..visible).step_by(block_size).enumerate() {
+            self.prefetch_ahead(Plane::Keys, task.kv_head, visible, b);
             let slots = block_size.min(visible - first);
             let keys = self
                 .kv
@@ -262,7 +284,9 @@ impl TaskCtx<'_> {
             std::slice::from_raw_parts_mut(self.out_head(token, task.heads.0), heads * d)
         };
         out.fill(0.0);
+        self.prefetch_first(Plane::Values, task.kv_head, visible);
         for (b, first) in (0..visible).step_by(block_size).enumerate() {
+            self.prefetch_ahead(Plane::Values, task.kv_head, visible, b);
             let slots = block_size.min(visible - first);
             let values =
                 self.kv
@@ -271,16 +295,35 @@ impl TaskCtx<'_> {
         }
     }
 
-    /// Asks for the keys and values of `kv_head`'s first `visible` positions, block by
-    /// block, before the kernels walk them: they come from memory after a step's weights
-    /// have gone through the caches.
-    fn prefetch_blocks(&self, kv_head: usize, visible: usize) {
-        let block_size = self.shape.block_size;
-        for (b, first) in (0..visible).step_by(block_size).enumerate() {
-            let (block, slots) = (self.seq.block_table[b], block_size.min(visible - first));
-            prefetch(self.kv.key_slots(self.layer, block, kv_head, slots));
-            prefetch(self.kv.value_slots(self.layer, block, kv_head, slots));
+    /// Asks for the first [`PREFETCH_AHEAD`] blocks of `kv_head`'s keys or values
+    /// before a walk over its first `visible` positions starts. (Asking for all of them
+    /// up front, as before, stalled on the line fill buffers with nothing to overlap:
+    /// decode at 1.5k tokens of context ran ~30% slower, `docs/benchmarks.md`.)
+    fn prefetch_first(&self, plane: Plane, kv_head: usize, visible: usize) {
+        for b in 0..PREFETCH_AHEAD {
+            self.prefetch_block(plane, kv_head, visible, b);
         }
+    }
+
+    /// While block `b` is being computed, asks for block `b + PREFETCH_AHEAD`: the keys
+    /// and values come from memory (a step's weights have gone through the caches since)
+    /// in blocks of a few KB scattered over the store, which the hardware prefetchers
+    /// do not follow from one block to the next.
+    fn prefetch_ahead(&self, plane: Plane, kv_head: usize, visible: usize, b: usize) {
+        self.prefetch_block(plane, kv_head, visible, b + PREFETCH_AHEAD);
+    }
+
+    fn prefetch_block(&self, plane: Plane, kv_head: usize, visible: usize, b: usize) {
+        let block_size = self.shape.block_size;
+        let first = b * block_size;
+        if first >= visible {
+            return;
+        }
+        let (block, slots) = (self.seq.block_table[b], block_size.min(visible - first));
+        prefetch(match plane {
+            Plane::Keys => self.kv.key_slots(self.layer, block, kv_head, slots),
+            Plane::Values => self.kv.value_slots(self.layer, block, kv_head, slots),
+        });
     }
 
     fn query(&self, token: usize, head: usize) -> &[f32] {
@@ -309,5 +352,98 @@ impl TaskCtx<'_> {
             self.kv.read_keys(self.layer, block, kv_head, k_dst);
             self.kv.read_values(self.layer, block, kv_head, v_dst);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SmolLM2-135M's attention: 9 query heads over 3 KV heads of 64.
+    fn shape() -> AttnShape {
+        AttnShape {
+            num_heads: 9,
+            num_kv_heads: 3,
+            head_dim: 64,
+            block_size: 16,
+            q_stride: 9 * 64,
+        }
+    }
+
+    /// Sequences of (new tokens, tokens already stored), rows back to back.
+    fn seqs(spec: &[(usize, usize)]) -> Vec<AttnSeq<'static>> {
+        let mut row = 0;
+        spec.iter()
+            .map(|&(n_tokens, start_pos)| {
+                let seq = AttnSeq {
+                    row,
+                    n_tokens,
+                    start_pos,
+                    block_table: &[],
+                };
+                row += n_tokens;
+                seq
+            })
+            .collect()
+    }
+
+    /// How many tasks serve each (sequence, token, query head); every one must be 1.
+    fn coverage(shape: &AttnShape, seqs: &[AttnSeq], tasks: &[Task]) -> Vec<usize> {
+        let offsets: Vec<usize> = seqs.iter().map(|s| s.row * shape.num_heads).collect();
+        let rows: usize = seqs.iter().map(|s| s.n_tokens).sum();
+        let mut served = vec![0; rows * shape.num_heads];
+        for task in tasks {
+            let group = shape.num_heads / shape.num_kv_heads;
+            assert!(
+                task.heads.0 >= task.kv_head * group && task.heads.1 <= (task.kv_head + 1) * group
+            );
+            for token in task.first..task.first + task.count {
+                for head in task.heads.0..task.heads.1 {
+                    served[offsets[task.seq] + token * shape.num_heads + head] += 1;
+                }
+            }
+        }
+        served
+    }
+
+    fn per_head_tasks(tasks: &[Task]) -> usize {
+        tasks.iter().filter(|t| t.heads.1 - t.heads.0 == 1).count()
+    }
+
+    #[test]
+    fn every_query_head_is_served_once() {
+        let shape = shape();
+        for spec in [
+            vec![(1, 0)],
+            vec![(1, 2000)],
+            vec![(200, 0), (1, 40), (3, 300)],
+            vec![(1, 10); 8],
+        ] {
+            let seqs = seqs(&spec);
+            for threads in [1, 2, 16] {
+                let tasks = plan(&shape, &seqs, threads);
+                let served = coverage(&shape, &seqs, &tasks);
+                assert!(
+                    served.iter().all(|&n| n == 1),
+                    "{spec:?} on {threads} threads"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn query_heads_get_their_own_tasks_only_where_that_spreads_short_work() {
+        let shape = shape();
+        // One decode token, short context, two threads: nine tasks share both cores.
+        assert_eq!(per_head_tasks(&plan(&shape, &seqs(&[(1, 100)]), 2)), 9);
+        // One thread: one pass over each KV head's keys and values serves its group.
+        let tasks = plan(&shape, &seqs(&[(1, 100)]), 1);
+        assert_eq!((tasks.len(), per_head_tasks(&tasks)), (3, 0));
+        // A long context: reading it three times costs more than the spread gains.
+        let tasks = plan(&shape, &seqs(&[(1, PER_HEAD_MAX_KEYS)]), 2);
+        assert_eq!((tasks.len(), per_head_tasks(&tasks)), (3, 0));
+        // Enough sequences for per-KV-head tasks to fill the threads.
+        let tasks = plan(&shape, &seqs(&[(1, 10); 8]), 2);
+        assert_eq!((tasks.len(), per_head_tasks(&tasks)), (24, 0));
     }
 }
