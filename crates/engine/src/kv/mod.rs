@@ -115,7 +115,7 @@ impl KvLayout {
 
 /// Keys or values.
 #[derive(Debug, Clone, Copy)]
-enum Plane {
+pub enum Plane {
     Keys = 0,
     Values = 1,
 }
@@ -363,8 +363,7 @@ impl KvStore {
         head: usize,
         slots: usize,
     ) -> KvSlots<'_> {
-        let head_dim = self.layout().head_dim;
-        self.elements(layer, block, Plane::Keys, head, slots * head_dim)
+        self.plane_slots(layer, block, Plane::Keys, head, slots)
     }
 
     /// Like [`Self::key_slots`], for values.
@@ -376,8 +375,21 @@ impl KvStore {
         head: usize,
         slots: usize,
     ) -> KvSlots<'_> {
+        self.plane_slots(layer, block, Plane::Values, head, slots)
+    }
+
+    /// [`Self::key_slots`] or [`Self::value_slots`], as `plane` says.
+    #[inline]
+    pub fn plane_slots(
+        &self,
+        layer: usize,
+        block: BlockId,
+        plane: Plane,
+        head: usize,
+        slots: usize,
+    ) -> KvSlots<'_> {
         let head_dim = self.layout().head_dim;
-        self.elements(layer, block, Plane::Values, head, slots * head_dim)
+        self.elements(layer, block, plane, head, slots * head_dim)
     }
 
     /// The first `len` stored elements of `head` in (`layer`, `block`, `plane`).

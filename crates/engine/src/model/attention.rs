@@ -8,8 +8,7 @@
 //!
 //! Work is split into tasks of (sequence, KV head, chunk of up to 64 queries), or for
 //! decode-sized sequences with a short context in a small batch on several threads
-//! (sequence, query head). A task of several
-//! queries or query heads copies its KV head's keys and values (f16 or f32 in the
+//! (sequence, query head). A task of several queries or query heads copies its KV head's keys and values (f16 or f32 in the
 //! store) into contiguous f32 buffers, up to the last position its chunk can see, and
 //! serves them all from that copy. A task of one query (decode) reads them in place,
 //! block by block, where the kernels can (`attn::reads_in_place`), for one query head
@@ -25,17 +24,10 @@ use crate::kernels::attn::{
     scores as score_keys, scores_in_place, weighted_sum, weighted_sum_add_in_place,
 };
 use crate::kernels::ops::softmax;
-use crate::kv::{BlockId, KvStore};
+use crate::kv::{BlockId, KvStore, Plane};
 
 /// Blocks of keys or values asked for ahead of the one being computed.
 const PREFETCH_AHEAD: usize = 4;
-
-/// Which of a block's planes a prefetch asks for.
-#[derive(Clone, Copy)]
-enum Plane {
-    Keys,
-    Values,
-}
 
 /// Queries handled by one task.
 const QUERY_CHUNK: usize = 64;
@@ -229,7 +221,7 @@ impl TaskCtx<'_> {
             let q = self.query(token, head);
             self.prefetch_first(Plane::Keys, task.kv_head, visible);
             for (b, chunk) in scores.chunks_mut(block_size).enumerate() {
-                self.prefetch_ahead(Plane::Keys, task.kv_head, visible, b);
+                self.prefetch_block(Plane::Keys, task.kv_head, visible, b + PREFETCH_AHEAD);
                 let block = self.seq.block_table[b];
                 let keys = self
                     .kv
@@ -242,7 +234,7 @@ impl TaskCtx<'_> {
             out.fill(0.0);
             self.prefetch_first(Plane::Values, task.kv_head, visible);
             for (b, probs) in scores.chunks(block_size).enumerate() {
-                self.prefetch_ahead(Plane::Values, task.kv_head, visible, b);
+                self.prefetch_block(Plane::Values, task.kv_head, visible, b + PREFETCH_AHEAD);
                 let block = self.seq.block_table[b];
                 let values = self
                     .kv
@@ -269,7 +261,7 @@ impl TaskCtx<'_> {
         let qs = &self.queries[at..at + heads * d];
         self.prefetch_first(Plane::Keys, task.kv_head, visible);
         for (b, first) in (0..visible).step_by(block_size).enumerate() {
-            self.prefetch_ahead(Plane::Keys, task.kv_head, visible, b);
+            self.prefetch_block(Plane::Keys, task.kv_head, visible, b + PREFETCH_AHEAD);
             let slots = block_size.min(visible - first);
             let keys = self
                 .kv
@@ -286,7 +278,7 @@ impl TaskCtx<'_> {
         out.fill(0.0);
         self.prefetch_first(Plane::Values, task.kv_head, visible);
         for (b, first) in (0..visible).step_by(block_size).enumerate() {
-            self.prefetch_ahead(Plane::Values, task.kv_head, visible, b);
+            self.prefetch_block(Plane::Values, task.kv_head, visible, b + PREFETCH_AHEAD);
             let slots = block_size.min(visible - first);
             let values =
                 self.kv
@@ -305,14 +297,11 @@ impl TaskCtx<'_> {
         }
     }
 
-    /// While block `b` is being computed, asks for block `b + PREFETCH_AHEAD`: the keys
+    /// Asks for block `b` of `kv_head`'s keys or values (nothing past `visible`); the
+    /// walks ask for the block [`PREFETCH_AHEAD`] after the one they compute: the keys
     /// and values come from memory (a step's weights have gone through the caches since)
     /// in blocks of a few KB scattered over the store, which the hardware prefetchers
     /// do not follow from one block to the next.
-    fn prefetch_ahead(&self, plane: Plane, kv_head: usize, visible: usize, b: usize) {
-        self.prefetch_block(plane, kv_head, visible, b + PREFETCH_AHEAD);
-    }
-
     fn prefetch_block(&self, plane: Plane, kv_head: usize, visible: usize, b: usize) {
         let block_size = self.shape.block_size;
         let first = b * block_size;
@@ -320,10 +309,10 @@ impl TaskCtx<'_> {
             return;
         }
         let (block, slots) = (self.seq.block_table[b], block_size.min(visible - first));
-        prefetch(match plane {
-            Plane::Keys => self.kv.key_slots(self.layer, block, kv_head, slots),
-            Plane::Values => self.kv.value_slots(self.layer, block, kv_head, slots),
-        });
+        prefetch(
+            self.kv
+                .plane_slots(self.layer, block, plane, kv_head, slots),
+        );
     }
 
     fn query(&self, token: usize, head: usize) -> &[f32] {
