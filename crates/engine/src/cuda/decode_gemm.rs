@@ -9,7 +9,7 @@
 use serde::Serialize;
 
 use super::gemv::Products;
-use super::gpu::{DeviceBuffer, Gpu, WeightDtype};
+use super::gpu::{DeviceBuffer, Gpu, ProductOut, WeightDtype};
 use super::limits::{self, LimitsError, Probe};
 use crate::model::ModelConfig;
 
@@ -103,7 +103,7 @@ pub fn measure(
                     input.ptr(),
                     t,
                     output.ptr(),
-                    false,
+                    ProductOut::F32,
                 )
             }
         };

@@ -9,7 +9,7 @@
 
 use cudarc::driver::sys;
 
-use super::gpu::{Gpu, GpuError, Kernel, kernel_args};
+use super::gpu::{Gpu, GpuError, Kernel, ProductOut, kernel_args};
 
 /// The most tokens a step may have for the matrix–vector kernels. Above 4 the x
 /// operands' loads and conversions outweigh the weights' (an H100 at Llama-3.1-8B's
@@ -73,11 +73,11 @@ impl Products {
     }
 
     /// `Y[tokens × rows] (+)= X[tokens × cols] · Wᵀ` for a row-major `W[rows × cols]`:
-    /// W and X in the weight type, Y in f32, accumulated in f32; with `accumulate` Y is
-    /// added to (the residual connection).
+    /// W and X in the weight type, accumulated in f32; Y as `out` says (the
+    /// matrix–vector kernels write f32 only: a weight-type result goes to cuBLAS).
     ///
     /// # Safety
-    /// The pointers must hold the matrices' sizes.
+    /// The pointers must hold the matrices' sizes (Y's elements of `out`'s type).
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn matmul(
         &self,
@@ -88,13 +88,20 @@ impl Products {
         x: sys::CUdeviceptr,
         tokens: usize,
         y: sys::CUdeviceptr,
-        accumulate: bool,
+        out: ProductOut,
     ) -> Result<(), GpuError> {
-        let Some(kernel) = self.gemv_kernel(tokens, cols, &[w, x], false) else {
-            // SAFETY: the caller's promise.
-            return unsafe { gpu.matmul(w, rows, cols, x, tokens, y, accumulate) };
+        let gemv = match out {
+            ProductOut::WeightType => None,
+            ProductOut::F32 | ProductOut::F32Accumulate => {
+                self.gemv_kernel(tokens, cols, &[w, x], false)
+            }
         };
-        let (rows_i, cols_i, accumulate_i) = (rows as i32, cols as i32, i32::from(accumulate));
+        let Some(kernel) = gemv else {
+            // SAFETY: the caller's promise.
+            return unsafe { gpu.matmul(w, rows, cols, x, tokens, y, out) };
+        };
+        let accumulate = i32::from(out == ProductOut::F32Accumulate);
+        let (rows_i, cols_i, accumulate_i) = (rows as i32, cols as i32, accumulate);
         let mut args = kernel_args![w, rows_i, cols_i, x, y, accumulate_i];
         // Mirrors GemvRows in kernels.cu.
         let rows_per_warp = if tokens >= 4 { 2 } else { 1 };

@@ -265,6 +265,18 @@ macro_rules! kernel_args {
 }
 pub(crate) use kernel_args;
 
+/// Where a matrix product's result goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProductOut {
+    /// f32, overwriting Y.
+    F32,
+    /// f32, added to Y (the residual connection).
+    F32Accumulate,
+    /// The weight type (f16 or bf16), overwriting Y: half the bytes of f32 for a product
+    /// whose result only feeds an element-wise kernel (the gate/up product).
+    WeightType,
+}
+
 /// The GPU the engine runs on.
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
@@ -389,11 +401,10 @@ impl Gpu {
     }
 
     /// `Y[tokens × rows] (+)= X[tokens × cols] · Wᵀ` for a row-major `W[rows × cols]`:
-    /// W and X in the weight type, Y in f32, accumulated in f32. With `accumulate`,
-    /// Y is added to (the residual connection).
+    /// W and X in the weight type, accumulated in f32; Y as `out` says.
     ///
     /// # Safety
-    /// The pointers must hold the matrices' sizes.
+    /// The pointers must hold the matrices' sizes (Y's elements of `out`'s type).
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn matmul(
         &self,
@@ -403,11 +414,19 @@ impl Gpu {
         x: sys::CUdeviceptr,
         tokens: usize,
         y: sys::CUdeviceptr,
-        accumulate: bool,
+        out: ProductOut,
     ) -> Result<(), GpuError> {
         let alpha = 1.0f32;
-        let beta = if accumulate { 1.0f32 } else { 0.0f32 };
+        let beta = if out == ProductOut::F32Accumulate {
+            1.0f32
+        } else {
+            0.0f32
+        };
         let t = blas_type(self.weight_dtype);
+        let y_type = match out {
+            ProductOut::F32 | ProductOut::F32Accumulate => blas_sys::cudaDataType::CUDA_R_32F,
+            ProductOut::WeightType => t,
+        };
         // Column-major view: Yᵀ[rows × tokens] = op(W)ᵀ · Xᵀ, W read transposed.
         // SAFETY: the caller's promise on sizes; host-side scalars.
         unsafe {
@@ -427,7 +446,7 @@ impl Gpu {
                 cols as i32,
                 &beta as *const f32 as *const c_void,
                 y as *mut c_void,
-                blas_sys::cudaDataType::CUDA_R_32F,
+                y_type,
                 rows as i32,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

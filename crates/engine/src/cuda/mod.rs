@@ -29,6 +29,6 @@ pub mod model;
 pub mod ptx;
 pub mod weights;
 
-pub use gpu::{Gpu, GpuError, WeightDtype};
+pub use gpu::{Gpu, GpuError, ProductOut, WeightDtype};
 pub use kv::DeviceKv;
 pub use model::{CudaModel, GpuRunner, RunnerLimits};

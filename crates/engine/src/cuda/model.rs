@@ -8,7 +8,8 @@
 //! to, per-sequence rows and block tables, attention work items) written to pinned
 //! host memory and copied in one go; then per layer RMSNorm → QKV product → RoPE and
 //! KV store → paged attention → output product added to the residual → RMSNorm →
-//! gate/up product → SiLU·up → down product added to the residual; then the final norm
+//! gate/up product (in the weight type: only SiLU·up reads it) → SiLU·up → down product
+//! added to the residual; then the final norm
 //! and the output head for the rows that need logits. The products are cuBLAS's, or
 //! for steps of a few tokens [`super::gemv`]'s matrix–vector kernels (with SiLU·up
 //! folded into the gate/up pass).
@@ -26,7 +27,9 @@ use cudarc::driver::safe::CudaGraph;
 use cudarc::driver::{result, sys};
 
 use super::gemv::{GEMV_MAX_TOKENS, Products, gemv_from_env};
-use super::gpu::{DeviceBuffer, Gpu, GpuError, Kernel, PinnedBuffer, WeightDtype, kernel_args};
+use super::gpu::{
+    DeviceBuffer, Gpu, GpuError, Kernel, PinnedBuffer, ProductOut, WeightDtype, kernel_args,
+};
 use super::kv::DeviceKv;
 use super::weights::{GpuWeights, LoadError};
 use crate::error::ModelError;
@@ -350,7 +353,7 @@ impl GpuRunner {
             4 * t * (q_dim + 2 * kv_dim),
             2 * t * q_dim,
             w * t * q_dim,
-            4 * t * 2 * inter,
+            w * t * 2 * inter,
             w * t * inter,
             w * logit_capacity * d,
             4 * logit_capacity * c.vocab_size,
@@ -838,7 +841,7 @@ impl GpuRunner {
                     b.normed.ptr(),
                     n,
                     b.qkv.ptr(),
-                    false,
+                    ProductOut::F32,
                 )?;
                 self.rope_store(layer, n)?;
                 self.attention(layer, shape)?;
@@ -850,7 +853,7 @@ impl GpuRunner {
                     b.attn.ptr(),
                     n,
                     b.x.ptr(),
-                    true,
+                    ProductOut::F32Accumulate,
                 )?;
                 self.rms_norm(b.x.ptr(), None, lw.ffn_norm.ptr(), b.normed.ptr(), n)?;
                 let fused = self.products.gate_up_silu(
@@ -871,7 +874,7 @@ impl GpuRunner {
                         b.normed.ptr(),
                         n,
                         b.gate_up.ptr(),
-                        false,
+                        ProductOut::WeightType,
                     )?;
                     self.silu_mul(n)?;
                 }
@@ -883,7 +886,7 @@ impl GpuRunner {
                     b.act.ptr(),
                     n,
                     b.x.ptr(),
-                    true,
+                    ProductOut::F32Accumulate,
                 )?;
             }
         }
@@ -1015,14 +1018,16 @@ impl GpuRunner {
 
     unsafe fn silu_mul(&self, n: usize) -> Result<(), GpuError> {
         let inter = self.model.config.intermediate_size;
-        let total = (n * inter) as i64;
-        let (gate_up, act, inter_i) = (
+        // Mirrors silu_mul in kernels.cu: 8 elements a thread where rows allow.
+        let per_thread = if inter.is_multiple_of(8) { 8 } else { 1 };
+        let (gate_up, act, inter_i, tokens) = (
             self.buffers.gate_up.ptr(),
             self.buffers.act.ptr(),
             inter as i32,
+            n as i32,
         );
-        let mut args = kernel_args![gate_up, act, inter_i, total];
-        let blocks = (total as usize).div_ceil(256).min(4 * 1024) as u32;
+        let mut args = kernel_args![gate_up, act, inter_i, tokens];
+        let blocks = (n * inter / per_thread).div_ceil(256).clamp(1, 4 * 1024) as u32;
         // SAFETY: the caller's promise on the buffers.
         unsafe {
             self.model
@@ -1068,7 +1073,7 @@ impl GpuRunner {
                 b.head_in.ptr(),
                 count,
                 b.logits.ptr(),
-                false,
+                ProductOut::F32,
             )
         }
     }
