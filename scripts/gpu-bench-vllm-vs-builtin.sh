@@ -11,6 +11,8 @@
 # `--load-format dummy`, hf/ for the benchmark client). The vLLM worker is started with
 # `tandem up topologies/gpu-vllm-single.toml` and measured directly (not through the
 # router); its model folder is made with MAKE_MODEL if missing, as in gpu-vllm-smoke.sh.
+# Ends with tandem / vLLM per concurrency and issue 21's serving targets
+# (scripts/gpu_vs_vllm_ratios.py).
 set -euo pipefail
 tandem=$(realpath "${1:?usage: gpu-bench-vllm-vs-builtin.sh TANDEM TOKENIZER_KIT OUT_DIR}")
 kit=$(realpath "${2:?}")
@@ -68,4 +70,5 @@ else
   tail -n 30 "$out/tandem-serve.log"
 fi
 stop "$serve"
+python3 "$here/gpu_vs_vllm_ratios.py" "$out" $concurrencies
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
