@@ -164,7 +164,6 @@ extern "C" __global__ void rope_store(const float* __restrict__ qkv, const int* 
     }
 }
 
-// out[t][j] = SiLU(gate[t][j]) * up[t][j] for rows [gate | up] of width 2 * inter.
 // act[t][j] = SiLU(g) · u for the gate/up product's row t, [gate | up] of 2 · inter
 // values in wt. A thread takes 8 neighbouring values (16-byte loads) when inter is a
 // multiple of 8 (then every chunk is 16-byte aligned), one otherwise.

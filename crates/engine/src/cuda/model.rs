@@ -9,8 +9,8 @@
 //! host memory and copied in one go; then per layer RMSNorm → QKV product → RoPE and
 //! KV store → paged attention → output product added to the residual → RMSNorm →
 //! gate/up product (in the weight type: only SiLU·up reads it) → SiLU·up → down product
-//! added to the residual; then the final norm
-//! and the output head for the rows that need logits. The products are cuBLAS's, or
+//! added to the residual; then the final norm and the output head for the rows that
+//! need logits. The products are cuBLAS's, or
 //! for steps of a few tokens [`super::gemv`]'s matrix–vector kernels (with SiLU·up
 //! folded into the gate/up pass).
 //!
