@@ -26,7 +26,8 @@ pub const ITERATION_TOKENS_TOTAL: &str = "vllm:iteration_tokens_total";
 /// Histogram, labels [`KIND`] (`decode`, `prefill`, `mixed`) and [`PART`] (`forward`:
 /// the forward pass with its logits or greedy tokens back on the host; `sample`:
 /// sampling and sending the tokens on): seconds of each engine step, where a step's
-/// time goes.
+/// time goes. Recorded before the step's finished requests are answered, so an answer
+/// never arrives ahead of the step that produced it.
 pub const ENGINE_STEP_SECONDS: &str = "tandem:engine_step_seconds";
 /// Gauge: requests in the running batch.
 pub const NUM_REQUESTS_RUNNING: &str = "vllm:num_requests_running";

@@ -43,6 +43,9 @@ struct Slot {
     len: usize,
 }
 
+/// A sequence that finished in a step: how, or the error it failed with.
+type Finished = (SeqId, Result<FinishReason, String>);
+
 pub(crate) struct EngineLoop {
     executor: Executor,
     blocks: BlockPool,
@@ -284,9 +287,12 @@ impl EngineLoop {
             }
         };
         let forwarded = Instant::now();
-        self.sample_and_report(&slots, picked.as_deref());
+        let finished = self.sample_and_report(&slots, picked.as_deref());
         record_step_time(kind, "forward", forwarded.duration_since(started));
         record_step_time(kind, "sample", forwarded.elapsed());
+        // Answered only now, so that a client holding its answer finds the step that
+        // produced it in the metrics.
+        self.retire(finished);
     }
 
     /// `decode` (one new token per sequence), `prefill` (prompt chunks only) or `mixed`.
@@ -597,8 +603,9 @@ impl EngineLoop {
     }
 
     /// Samples (or takes the `picked` tokens of) every sequence whose prompt is now
-    /// computed, and sends the tokens on.
-    fn sample_and_report(&mut self, slots: &[Slot], picked: Option<&[u32]>) {
+    /// computed, and sends the tokens on. Returns the sequences that finished, for
+    /// [`Self::retire`].
+    fn sample_and_report(&mut self, slots: &[Slot], picked: Option<&[u32]>) -> Vec<Finished> {
         let vocab = self.executor.config().vocab_size;
         let mut logits_row = 0;
         let mut finished = Vec::new();
@@ -651,6 +658,11 @@ impl EngineLoop {
                 finished.push((seq.id, Ok(reason)));
             }
         }
+        finished
+    }
+
+    /// Answers the sequences that finished in a step and frees their blocks.
+    fn retire(&mut self, finished: Vec<Finished>) {
         for (id, outcome) in finished {
             if let Some(i) = self.running.iter().position(|s| s.id == id) {
                 let seq = self.running.remove(i);
