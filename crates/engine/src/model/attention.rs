@@ -8,13 +8,14 @@
 //!
 //! Work is split into tasks of (sequence, KV head, chunk of up to 64 queries), or for
 //! decode-sized sequences with a short context in a small batch on several threads
-//! (sequence, query head). A task of several queries or query heads copies its KV head's keys and values (f16 or f32 in the
-//! store) into contiguous f32 buffers, up to the last position its chunk can see, and
-//! serves them all from that copy. A task of one query (decode) reads them in place,
-//! block by block, where the kernels can (`attn::reads_in_place`), for one query head
-//! or for all of its KV head's group at once, each key and value converted once for
-//! the group: a copy would be written and read once, and that cost more than the
-//! arithmetic. Both give the same bits (see `kernels::attn`).
+//! (sequence, query head). A task of several queries or query heads copies its KV
+//! head's keys and values (f16 or f32 in the store) into contiguous f32 buffers, up to
+//! the last position its chunk can see, and serves them all from that copy. A task of
+//! one query (decode) reads them in place, block by block, where the kernels can
+//! (`attn::reads_in_place`), for one query head or for all of its KV head's group at
+//! once, each key and value converted once for the group: a copy would be written and
+//! read once, and that cost more than the arithmetic. Both give the same bits (see
+//! `kernels::attn`).
 
 use std::cell::RefCell;
 
