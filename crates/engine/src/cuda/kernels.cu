@@ -474,6 +474,7 @@ __device__ void attention_mma_impl(const __half* __restrict__ q, const __half* _
     const int tile_begin = split * tiles / splits, tile_end = (split + 1) * tiles / splits;
     const i64 plane = (i64)num_kv_heads * block_size * D;
     const int q_stride = num_heads * D;
+    const float scale_log2 = scale * 1.44269504088896341f;
 
     for (int c = tid; c < ROWS * CHUNKS; c += THREADS) {
         int r = c / CHUNKS, part = c % CHUNKS, R = row0 + r;
@@ -550,32 +551,38 @@ __device__ void attention_mma_impl(const __half* __restrict__ q, const __half* _
                     mma_16816(s[j], qf[kk + 1], b + 2);
                 }
             }
-            // Online softmax; the four lanes of a quad share a row.
+            // Online softmax in base 2 (scores carry log2(e)/√d, so each exponential is
+            // one ex2); the four lanes of a quad share a row. Only tiles that reach past
+            // one of this thread's rows need the causal mask.
+            const bool unmasked = k0 + KT - 1 <= min(pos[0], pos[1]);
             float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
             for (int j = 0; j < NT; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     int h = e >> 1, key = k0 + j * 8 + fc + (e & 1);
-                    float v = key <= pos[h] ? s[j][e] * scale : -INFINITY;
+                    float v = s[j][e] * scale_log2;
+                    if (!unmasked && key > pos[h]) v = -INFINITY;
                     s[j][e] = v;
                     tile_max[h] = fmaxf(tile_max[h], v);
                 }
-            float alpha[2], sum[2] = {0.0f, 0.0f};
+            float alpha[2], sum[2] = {0.0f, 0.0f}, base[2];
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
                 tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
                 float m_new = fmaxf(m[h], tile_max[h]);
-                alpha[h] = m[h] == -INFINITY ? 0.0f : expf(m[h] - m_new);
+                alpha[h] = m[h] == -INFINITY ? 0.0f : exp2f(m[h] - m_new);
                 m[h] = m_new;
+                // A row with no visible key yet: its scores are all -inf and give 0.
+                base[h] = m_new == -INFINITY ? 0.0f : m_new;
             }
 #pragma unroll
             for (int j = 0; j < NT; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     int h = e >> 1;
-                    float p = m[h] == -INFINITY ? 0.0f : expf(s[j][e] - m[h]);
+                    float p = exp2f(s[j][e] - base[h]);
                     s[j][e] = p;
                     sum[h] += p;
                 }
@@ -634,7 +641,7 @@ __device__ void attention_mma_impl(const __half* __restrict__ q, const __half* _
                 }
             }
         if (splits > 1 && fc == 0) {
-            part_ml[cell * 2] = m[h];
+            part_ml[cell * 2] = m[h] * 0.69314718055994531f;  // back to base e
             part_ml[cell * 2 + 1] = l[h];
         }
     }
