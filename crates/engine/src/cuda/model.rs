@@ -10,9 +10,8 @@
 //! KV store → paged attention → output product added to the residual → RMSNorm →
 //! gate/up product (in the weight type: only SiLU·up reads it) → SiLU·up → down product
 //! added to the residual; then the final norm and the output head for the rows that
-//! need logits. The products are cuBLAS's, or
-//! for steps of a few tokens [`super::gemv`]'s matrix–vector kernels (with SiLU·up
-//! folded into the gate/up pass).
+//! need logits. The products are cuBLAS's, or for steps of a few tokens
+//! [`super::gemv`]'s matrix–vector kernels (with SiLU·up folded into the gate/up pass).
 //!
 //! Pure decode steps (one new token per sequence) are replayed from CUDA graphs, one
 //! per batch-size bucket, captured when the runner starts: a step is then one graph
