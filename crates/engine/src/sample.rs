@@ -284,18 +284,36 @@ impl Sampler {
     /// Keeps the most likely candidates whose cumulative probability reaches top_p.
     fn apply_top_p(&mut self) {
         let p = self.params.top_p;
-        let first_pass = TOP_P_FIRST_PASS.min(self.candidates.len());
-        keep_top(&mut self.candidates, first_pass);
-        sort_descending(&mut self.candidates);
-        let mut cumulative = 0.0;
-        for (i, c) in self.candidates.iter().enumerate() {
-            cumulative += c.1;
-            if cumulative >= p {
-                self.candidates.truncate(i + 1);
-                return;
-            }
+        let candidates = &mut self.candidates;
+        // A peaked distribution reaches p within its few hundred likeliest tokens:
+        // sort only those, and the whole vocabulary only when they fall short.
+        let first_pass = TOP_P_FIRST_PASS.min(candidates.len());
+        if first_pass < candidates.len() {
+            candidates.select_nth_unstable_by(first_pass, |a, b| b.1.total_cmp(&a.1));
         }
+        sort_descending(&mut candidates[..first_pass]);
+        let kept = match smallest_set_reaching(&candidates[..first_pass], p) {
+            Some(kept) => kept,
+            None => {
+                sort_descending(candidates);
+                smallest_set_reaching(candidates, p).unwrap_or(candidates.len())
+            }
+        };
+        candidates.truncate(kept);
     }
+}
+
+/// How many of `sorted` (most likely first) it takes for their probabilities to reach
+/// `p`; `None` when all of them fall short.
+fn smallest_set_reaching(sorted: &[(u32, f32)], p: f32) -> Option<usize> {
+    let mut cumulative = 0.0;
+    sorted
+        .iter()
+        .position(|c| {
+            cumulative += c.1;
+            cumulative >= p
+        })
+        .map(|i| i + 1)
 }
 
 /// The log probability of a sampled token and of the most likely tokens, from the
@@ -449,6 +467,28 @@ mod tests {
         }
         assert_eq!(seen[2] + seen[3], 0, "{seen:?}");
         assert!(seen[0] > seen[1] && seen[1] > 0, "{seen:?}");
+    }
+
+    #[test]
+    fn top_p_looks_past_the_first_candidates_of_a_flat_distribution() {
+        // 1,000 equally likely tokens: top_p 0.9 keeps 900 of them, far more than the
+        // first pass examines.
+        let logits = vec![0.0f32; 1000];
+        let mut sampler = Sampler::new(SamplingParams {
+            top_p: 0.9,
+            seed: Some(5),
+            ..SamplingParams::default()
+        });
+        let mut seen = vec![false; logits.len()];
+        for _ in 0..20_000 {
+            seen[sampler.sample(&logits) as usize] = true;
+        }
+        let distinct = seen.iter().filter(|&&s| s).count();
+        // 900 thousandths may add up to just under 0.9 in f32: then 901 are kept.
+        assert!(
+            (850..=901).contains(&distinct),
+            "{distinct} distinct tokens"
+        );
     }
 
     #[test]
