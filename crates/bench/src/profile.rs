@@ -132,6 +132,29 @@ pub fn target(base_url: &str, model: Option<String>) -> Target {
     }
 }
 
+/// The model the server at `base_url` serves (the first `/v1/models` lists), for
+/// workers started without being told a name.
+pub async fn served_model(base_url: &str) -> Result<String, ProfileFailure> {
+    let failure = |reason: String| ProfileFailure {
+        what: format!("the model served at {base_url}"),
+        reason,
+    };
+    let models: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/v1/models", base_url.trim_end_matches('/')))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|e| failure(e.to_string()))?
+        .json()
+        .await
+        .map_err(|e| failure(e.to_string()))?;
+    models["data"][0]["id"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| failure("/v1/models lists none".into()))
+}
+
 /// Measures one worker behind `target`.
 pub async fn measure_worker(
     target: &Target,

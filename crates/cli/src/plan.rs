@@ -1,12 +1,17 @@
-//! `tandem plan`: measure a profile of this hardware against running endpoints
-//! (`profile`), and rank layouts for a workload and SLO from it (`rank`). The model is
-//! `tandem_planner`'s; the measuring, `tandem_bench::profile`'s.
+//! `tandem plan`: measure a profile of this hardware against running endpoints or
+//! workers it starts (`profile`), rank layouts for a workload and SLO from it (`rank`),
+//! and check it against `tandem compare`'s reports (`validate`). The model is
+//! `tandem_planner`'s; the measuring, `tandem_bench::profile`'s; starting the workers,
+//! `tandem_experiment::profiling`'s.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use tandem_bench::profile::{self, WorkerPlan};
+use tandem_experiment::profiling;
 use tandem_launch::generate::{Generated, GeneratedWorker};
 use tandem_launch::topology::{PlannerSpec, Role as TopologyRole};
 use tandem_planner::layout::Role as PlannedRole;
@@ -42,14 +47,34 @@ pub struct ValidateArgs {
 #[derive(Args)]
 pub struct ProfileArgs {
     /// A worker running with --cores threads (`tandem serve`, vLLM, …).
-    #[arg(long)]
-    url: String,
-    /// Its cores (`tandem serve --threads`).
+    #[arg(long, required_unless_present = "launch")]
+    url: Option<String>,
+    /// Start built-in workers here instead, on the first --cores cores this process
+    /// may use: each of --worker-cores alone (and a 1P1D pair of the smallest for the
+    /// hand-off), then as many of it as the cores hold, measured together.
+    #[arg(long, conflicts_with_all = ["url", "alongside", "split_url", "model"])]
+    launch: bool,
+    /// With --url: its cores (`tandem serve --threads`). With --launch: the cores in
+    /// all.
     #[arg(long)]
     cores: usize,
-    /// The served model's name, as /v1/models lists it.
-    #[arg(long)]
-    model: String,
+    /// With --launch: the worker sizes (cores each) to measure. Default: 1 and
+    /// --cores.
+    #[arg(long, value_delimiter = ',', requires = "launch")]
+    worker_cores: Vec<usize>,
+    /// With --launch: the workers' model file (default: the default model).
+    #[arg(long, requires = "launch")]
+    model_file: Option<PathBuf>,
+    /// With --launch: each worker's KV cache.
+    #[arg(long, default_value = "512MiB", requires = "launch")]
+    kv_cache_memory: String,
+    /// With --launch: where the workers' logs go (default: beside --out, its name
+    /// with `-logs`).
+    #[arg(long, requires = "launch")]
+    log_dir: Option<PathBuf>,
+    /// With --url: the served model's name, as /v1/models lists it.
+    #[arg(long, required_unless_present = "launch")]
+    model: Option<String>,
     /// The worker's --max-num-batched-tokens and --max-num-seqs.
     #[arg(long, default_value_t = 2048)]
     max_batched_tokens: usize,
@@ -198,9 +223,9 @@ fn validate(args: ValidateArgs) -> Result<()> {
     Ok(())
 }
 
+static STOP: AtomicBool = AtomicBool::new(false);
+
 fn measure(args: ProfileArgs) -> Result<()> {
-    let runtime = tokio::runtime::Runtime::new()?;
-    let target = profile::target(&args.url, Some(args.model.clone()));
     let plan = WorkerPlan {
         cores: args.cores,
         max_batched_tokens: args.max_batched_tokens,
@@ -213,15 +238,70 @@ fn measure(args: ProfileArgs) -> Result<()> {
         step_decode_context: args.step_decode_context.max(1),
         repeats: args.repeats.max(1),
     };
-    let same_url = |url: &String| url.trim_end_matches('/') == args.url.trim_end_matches('/');
-    if let Some(url) = args.alongside.iter().find(|url| same_url(url)) {
-        bail!("--alongside {url} is the measured worker itself; give the other cores' workers");
+    // An existing file is read first: a bad one fails before minutes of measuring, and
+    // its KV size per token is the one the hand-off is fitted with.
+    let existing = match std::fs::read_to_string(&args.out) {
+        Ok(text) => Some(Profile::from_toml(&text)?),
+        Err(_) => None,
+    };
+    let kv_bytes_per_token = existing
+        .as_ref()
+        .map_or(args.kv_bytes_per_token, |p| p.kv_bytes_per_token);
+    let measured = match (&args.url, &args.model) {
+        (Some(url), Some(model)) => measure_given(&args, url, model, &plan, kv_bytes_per_token)?,
+        _ => measure_launched(&args, &plan, kv_bytes_per_token)?,
+    };
+    for worker in &measured.workers {
+        print_steps(worker)?;
     }
-    eprintln!("measuring a {}-core worker at {}", args.cores, args.url);
+    let hardware = profile::cpu_description();
+    let mut profile = match existing {
+        Some(profile) => {
+            profile.check_matches(&measured.model, &hardware)?;
+            profile
+        }
+        None => Profile {
+            hardware,
+            model: measured.model.clone(),
+            kv_bytes_per_token,
+            handoff: HandoffCost {
+                fixed_seconds: 0.0,
+                seconds_per_byte: 0.0,
+            },
+            workers: Vec::new(),
+        },
+    };
+    if let Some(handoff) = measured.handoff {
+        profile.handoff = handoff;
+    }
+    for worker in measured.workers {
+        profile.put_worker(worker);
+    }
+    std::fs::write(&args.out, profile.to_toml())
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("profile written to {}", args.out.display());
+    Ok(())
+}
+
+/// One worker size measured at --url (beside --alongside, with --split-url's hand-off).
+fn measure_given(
+    args: &ProfileArgs,
+    url: &str,
+    model: &str,
+    plan: &WorkerPlan,
+    kv_bytes_per_token: u64,
+) -> Result<profiling::Measured> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let target = profile::target(url, Some(model.to_owned()));
+    let same_url = |other: &String| other.trim_end_matches('/') == url.trim_end_matches('/');
+    if let Some(other) = args.alongside.iter().find(|other| same_url(other)) {
+        bail!("--alongside {other} is the measured worker itself; give the other cores' workers");
+    }
+    eprintln!("measuring a {}-core worker at {url}", args.cores);
     let neighbours: Vec<_> = args
         .alongside
         .iter()
-        .map(|url| profile::target(url, Some(args.model.clone())))
+        .map(|other| profile::target(other, Some(model.to_owned())))
         .collect();
     if !neighbours.is_empty() {
         eprintln!(
@@ -232,14 +312,76 @@ fn measure(args: ProfileArgs) -> Result<()> {
     let worker = runtime.block_on(profile::measure_worker_alongside(
         &target,
         &neighbours,
-        &plan,
+        plan,
     ))?;
+    let handoff = match &args.split_url {
+        Some(split) => {
+            let split = profile::target(split, Some(model.to_owned()));
+            eprintln!("measuring the hand-off through {}", split.base_url);
+            Some(runtime.block_on(profile::measure_handoff(
+                &split,
+                &target,
+                kv_bytes_per_token,
+                &args.prompt_lengths,
+                plan.repeats,
+            ))?)
+        }
+        None => None,
+    };
+    Ok(profiling::Measured {
+        model: model.to_owned(),
+        workers: vec![worker],
+        handoff,
+    })
+}
+
+/// Every worker size on the first --cores cores, the workers started here.
+fn measure_launched(
+    args: &ProfileArgs,
+    plan: &WorkerPlan,
+    kv_bytes_per_token: u64,
+) -> Result<profiling::Measured> {
+    let cores = tandem_experiment::defaults::given_cores(Some(args.cores))?;
+    let sizes = if args.worker_cores.is_empty() {
+        vec![1, args.cores]
+    } else {
+        args.worker_cores.clone()
+    };
+    let log_dir = args.log_dir.clone().unwrap_or_else(|| {
+        let stem = args.out.file_stem().unwrap_or_default().to_string_lossy();
+        args.out.with_file_name(format!("{stem}-logs"))
+    });
+    let machine = profiling::MachineProfile {
+        cores,
+        sizes,
+        kv_cache_memory: &args.kv_cache_memory,
+        model: args.model_file.as_deref(),
+        start_timeout: Duration::from_secs(180),
+        log_dir: &log_dir,
+    };
+    eprintln!("worker logs: {}", log_dir.display());
+    Ok(profiling::measure(
+        &machine,
+        plan,
+        kv_bytes_per_token,
+        &STOP,
+    )?)
+}
+
+/// Each measured step of several prompts beside its fitted cost.
+fn print_steps(worker: &tandem_planner::profile::WorkerProfile) -> Result<()> {
     let cost = worker
         .cost()
         .context("the measurements do not make a usable profile")?;
     for step in &worker.steps {
         eprintln!(
-            "  step of {} prompts ({} tokens) beside {} decode rows: measured {:.0} ms, fitted {:.0} ms",
+            "  {}-core worker{}: step of {} prompts ({} tokens) beside {} decode rows: measured {:.0} ms, fitted {:.0} ms",
+            worker.cores,
+            if worker.measured_alongside > 0 {
+                " alongside"
+            } else {
+                ""
+            },
             step.prompts,
             step.tokens,
             step.decode_batch,
@@ -247,39 +389,6 @@ fn measure(args: ProfileArgs) -> Result<()> {
             cost.step_point_seconds(step) * 1e3
         );
     }
-    let hardware = profile::cpu_description();
-    let mut profile = match std::fs::read_to_string(&args.out) {
-        Ok(text) => {
-            let profile = Profile::from_toml(&text)?;
-            profile.check_matches(&args.model, &hardware)?;
-            profile
-        }
-        Err(_) => Profile {
-            hardware,
-            model: args.model.clone(),
-            kv_bytes_per_token: args.kv_bytes_per_token,
-            handoff: HandoffCost {
-                fixed_seconds: 0.0,
-                seconds_per_byte: 0.0,
-            },
-            workers: Vec::new(),
-        },
-    };
-    if let Some(split) = &args.split_url {
-        let split = profile::target(split, Some(args.model.clone()));
-        eprintln!("measuring the hand-off through {}", split.base_url);
-        profile.handoff = runtime.block_on(profile::measure_handoff(
-            &split,
-            &target,
-            profile.kv_bytes_per_token,
-            &args.prompt_lengths,
-            plan.repeats,
-        ))?;
-    }
-    profile.put_worker(worker);
-    std::fs::write(&args.out, profile.to_toml())
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    eprintln!("profile written to {}", args.out.display());
     Ok(())
 }
 

@@ -193,6 +193,84 @@ fn a_worker_cannot_be_measured_alongside_itself() {
     assert!(!out.exists());
 }
 
+#[test]
+fn a_machine_is_profiled_with_the_workers_it_starts() {
+    if !default_model_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("machine.toml");
+    // A KV size no other test's worker has, to find leftover workers by.
+    let kv = "67MiB";
+    let profiled = tandem()
+        .args(["plan", "profile", "--launch", "--cores", "2"])
+        .args(["--kv-cache-memory", kv, "--max-batched-tokens", "512"])
+        .args(["--prompt-lengths", "8,32,96", "--batches", "1,2,4"])
+        .args([
+            "--contexts",
+            "8,48",
+            "--decode-tokens",
+            "8",
+            "--repeats",
+            "1",
+        ])
+        .args(["--steps", "2x32,3x16,2x32+3", "--step-decode-context", "8"])
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(profiled.status.success(), "{profiled:?}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let parsed = tandem_planner::Profile::from_toml(&text).unwrap();
+    assert_eq!(parsed.model, MODEL);
+    // A 1-core worker alone and beside its twin, a 2-core worker alone.
+    let sizes: Vec<(usize, usize)> = parsed
+        .workers
+        .iter()
+        .map(|w| (w.cores, w.measured_alongside))
+        .collect();
+    assert_eq!(sizes, vec![(1, 0), (1, 1), (2, 0)], "{text}");
+    assert!(parsed.workers.iter().all(|w| w.max_batched_tokens == 512));
+    // The hand-off through the 1P1D pair it started.
+    assert!(parsed.handoff_seconds(96) > 0.0, "{text}");
+    for set in ["1-core", "1-core-1p1d", "2x1-core", "2-core"] {
+        assert!(dir.path().join("machine-logs").join(set).is_dir(), "{set}");
+    }
+    assert_eq!(workers_with_kv(kv), 0, "workers left running");
+
+    let refused = |args: &[&str]| {
+        let output = tandem()
+            .args(["plan", "profile", "--launch"])
+            .args(args)
+            .args(["--out", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let too_big = refused(&["--cores", "1", "--worker-cores", "2"]);
+    assert!(
+        too_big.contains("a 2-core worker does not fit"),
+        "{too_big}"
+    );
+    let both = refused(&["--cores", "1", "--url", "http://127.0.0.1:9"]);
+    assert!(both.contains("cannot be used with"), "{both}");
+}
+
+/// Processes whose command line has `--kv-cache-memory <kv>`.
+fn workers_with_kv(kv: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
+        .filter(|cmdline| {
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            args.windows(2)
+                .any(|pair| pair[0] == b"--kv-cache-memory" && pair[1] == kv.as_bytes())
+        })
+        .count()
+}
+
 /// `tandem plan validate --profile PROFILE --results R…`.
 fn validate(profile: &std::path::Path, results: &[&std::path::Path]) -> std::process::Output {
     let mut command = tandem();

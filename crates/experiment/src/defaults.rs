@@ -127,14 +127,19 @@ impl DefaultTopologies<'_> {
         text
     }
 
-    fn router(&self, policy: &str) -> Result<String, ExperimentError> {
+    pub(crate) fn router(&self, policy: &str) -> Result<String, ExperimentError> {
         Ok(format!(
             "[router]\nport = {}\npolicy = \"{policy}\"\nextra_args = [\"--threads\", \"1\"]\n\n",
             free_port()?
         ))
     }
 
-    fn worker(&self, role: &str, cores: &[usize], kv: bool) -> Result<String, ExperimentError> {
+    pub(crate) fn worker(
+        &self,
+        role: &str,
+        cores: &[usize],
+        kv: bool,
+    ) -> Result<String, ExperimentError> {
         let mut text = format!(
             "[[worker]]\nengine = \"builtin\"\nrole = \"{role}\"\nport = {}\ncores = {cores:?}\nkv_cache_memory = \"{}\"\n",
             free_port()?,

@@ -8,9 +8,11 @@
 //! - [`defaults`]: the default single, replicated and disaggregated topologies.
 //! - [`measure`]: one topology through every scenario.
 //! - [`setup`]: what the report says about where it ran.
+//! - [`profiling`]: a planner profile of this machine, from workers it starts.
 
 pub mod defaults;
 pub mod measure;
+pub mod profiling;
 pub mod setup;
 
 use std::path::{Path, PathBuf};
@@ -58,6 +60,8 @@ pub enum ExperimentError {
     Tokens(#[from] tandem_bench::tokens::TokensError),
     #[error(transparent)]
     Rounds(#[from] rounds::RoundsError),
+    #[error(transparent)]
+    Profile(#[from] tandem_bench::profile::ProfileFailure),
 }
 
 /// How the runs are made and reported.

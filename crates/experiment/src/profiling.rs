@@ -1,0 +1,282 @@
+//! Profiling this machine for the planner with workers it starts itself: for each
+//! worker size, one built-in worker of that size measured alone (with a 1P1D pair of
+//! the smallest size beside it for the hand-off), then the given cores filled with
+//! workers of that size and the first measured while the others get the same load —
+//! each set started with `tandem up`'s machinery on its own cores, measured with
+//! [`tandem_bench::profile`], and stopped before the next.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tandem_bench::client::Target;
+use tandem_bench::profile::{self, ProfileFailure, WorkerPlan};
+use tandem_launch::plan::{self, Launch};
+use tandem_launch::run::RunError;
+use tandem_launch::secret::ClusterSecret;
+use tandem_launch::stack::{Stack, StartOptions, StderrObserver};
+use tandem_launch::topology::{self, Checked};
+use tandem_planner::profile::{HandoffCost, WorkerProfile};
+
+use crate::ExperimentError;
+use crate::defaults::DefaultTopologies;
+
+/// What to start and where.
+pub struct MachineProfile<'a> {
+    /// The cores the workers may use (see [`crate::defaults::given_cores`]).
+    pub cores: Vec<usize>,
+    /// Worker sizes (cores each) to measure; each at most `cores.len()`.
+    pub sizes: Vec<usize>,
+    pub kv_cache_memory: &'a str,
+    /// The workers' model (default: the default model).
+    pub model: Option<&'a Path>,
+    pub start_timeout: Duration,
+    /// Each worker set's logs go to a folder of its own here.
+    pub log_dir: &'a Path,
+}
+
+/// What the workers measured.
+pub struct Measured {
+    /// The model's name as the workers serve it.
+    pub model: String,
+    /// Each size alone, and alongside its twins where the cores hold two or more.
+    pub workers: Vec<WorkerProfile>,
+    /// Through a 1P1D pair of the smallest size, where the cores hold two of it.
+    pub handoff: Option<HandoffCost>,
+}
+
+/// Starts, measures and stops every worker set `machine` calls for, with `plan`'s
+/// measurements (its `cores` is set per size; the workers get its batch limits). `stop`
+/// (set by a signal) ends it early, the workers stopped.
+pub fn measure(
+    machine: &MachineProfile,
+    plan: &WorkerPlan,
+    kv_bytes_per_token: u64,
+    stop: &'static AtomicBool,
+) -> Result<Measured, ExperimentError> {
+    if let Some(&size) = machine
+        .sizes
+        .iter()
+        .find(|&&s| s == 0 || s > machine.cores.len())
+    {
+        return Err(ExperimentError::Cores(format!(
+            "{}: a {size}-core worker does not fit",
+            machine.cores.len()
+        )));
+    }
+    let mut sizes = machine.sizes.clone();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ExperimentError::Io {
+            context: "starting the async runtime".into(),
+            source,
+        })?;
+    let sets = WorkerSets::new(machine, plan)?;
+    tandem_launch::run::stop_on_signals(stop);
+    let mut measured = Measured {
+        model: String::new(),
+        workers: Vec::new(),
+        handoff: None,
+    };
+    for (index, &size) in sizes.iter().enumerate() {
+        let plan = WorkerPlan {
+            cores: size,
+            ..plan.clone()
+        };
+        let split = index == 0 && 2 * size <= machine.cores.len();
+        let started = sets.start_alone(size, split, stop)?;
+        let worker = target(&runtime, &started.worker_urls[0])?;
+        measured.model = worker.model.clone().unwrap_or_default();
+        eprintln!("measuring a {size}-core worker alone");
+        measured.workers.push(until_stopped(
+            &runtime,
+            stop,
+            profile::measure_worker_alongside(&worker, &[], &plan),
+        )?);
+        if let Some(split_url) = &started.split_url {
+            eprintln!("measuring the hand-off through a 1P1D pair of {size}-core workers");
+            let split = Target {
+                base_url: split_url.clone(),
+                ..worker.clone()
+            };
+            measured.handoff = Some(until_stopped(
+                &runtime,
+                stop,
+                profile::measure_handoff(
+                    &split,
+                    &worker,
+                    kv_bytes_per_token,
+                    &plan.prompt_lengths,
+                    plan.repeats,
+                ),
+            )?);
+        }
+        drop(started);
+        let twins = machine.cores.len() / size;
+        if twins < 2 {
+            continue;
+        }
+        let started = sets.start_twins(size, twins, stop)?;
+        let targets: Vec<Target> = started
+            .worker_urls
+            .iter()
+            .map(|url| target(&runtime, url))
+            .collect::<Result<_, _>>()?;
+        eprintln!(
+            "measuring a {size}-core worker alongside {} like it",
+            twins - 1
+        );
+        measured.workers.push(until_stopped(
+            &runtime,
+            stop,
+            profile::measure_worker_alongside(&targets[0], &targets[1..], &plan),
+        )?);
+    }
+    Ok(measured)
+}
+
+/// Workers started for one measurement (stopped on drop).
+struct Started {
+    worker_urls: Vec<String>,
+    /// The 1P1D router, where the set has one.
+    split_url: Option<String>,
+    _stacks: Vec<Stack>,
+}
+
+/// Writes, starts and names the worker sets.
+struct WorkerSets<'a> {
+    machine: &'a MachineProfile<'a>,
+    serve_args: Vec<String>,
+    tandem: std::path::PathBuf,
+    secret: ClusterSecret,
+}
+
+impl<'a> WorkerSets<'a> {
+    fn new(machine: &'a MachineProfile<'a>, plan: &WorkerPlan) -> Result<Self, ExperimentError> {
+        let tandem = std::env::current_exe().map_err(|source| ExperimentError::Io {
+            context: "locating the tandem binary".into(),
+            source,
+        })?;
+        Ok(Self {
+            machine,
+            // The workers take the batch limits the measurements assume.
+            serve_args: vec![
+                format!("--max-num-batched-tokens={}", plan.max_batched_tokens),
+                format!("--max-num-seqs={}", plan.max_sequences),
+            ],
+            tandem,
+            secret: ClusterSecret::generate()?,
+        })
+    }
+
+    fn texts(&self) -> DefaultTopologies<'_> {
+        DefaultTopologies {
+            cores: self.machine.cores.clone(),
+            kv_cache_memory: self.machine.kv_cache_memory,
+            model: self.machine.model,
+            serve_args: &self.serve_args,
+        }
+    }
+
+    /// One worker on the first `size` cores; with `split`, also a 1P1D pair of
+    /// `size`-core workers on the first `2 × size` cores (idle while the lone worker
+    /// is measured).
+    fn start_alone(
+        &self,
+        size: usize,
+        split: bool,
+        stop: &'static AtomicBool,
+    ) -> Result<Started, ExperimentError> {
+        let texts = self.texts();
+        let cores = &self.machine.cores;
+        let alone = texts.router("least_loaded")? + &texts.worker("both", &cores[..size], false)?;
+        let (stack, checked) = self.start(&alone, &format!("{size}-core"), stop)?;
+        let worker_urls = worker_urls(&checked);
+        let mut stacks = vec![stack];
+        let mut split_url = None;
+        if split {
+            let pair = texts.router("least_loaded")?
+                + &texts.worker("prefill", &cores[..size], true)?
+                + &texts.worker("decode", &cores[size..2 * size], true)?;
+            let (stack, _) = self.start(&pair, &format!("{size}-core-1p1d"), stop)?;
+            split_url = Some(stack.endpoint().to_owned());
+            stacks.push(stack);
+        }
+        Ok(Started {
+            worker_urls,
+            split_url,
+            _stacks: stacks,
+        })
+    }
+
+    /// `count` workers of `size` cores on disjoint cores.
+    fn start_twins(
+        &self,
+        size: usize,
+        count: usize,
+        stop: &'static AtomicBool,
+    ) -> Result<Started, ExperimentError> {
+        let texts = self.texts();
+        let mut text = texts.router("least_loaded")?;
+        for cores in self.machine.cores.chunks_exact(size).take(count) {
+            text += &texts.worker("both", cores, false)?;
+        }
+        let (stack, checked) = self.start(&text, &format!("{count}x{size}-core"), stop)?;
+        Ok(Started {
+            worker_urls: worker_urls(&checked),
+            split_url: None,
+            _stacks: vec![stack],
+        })
+    }
+
+    fn start(
+        &self,
+        text: &str,
+        name: &str,
+        stop: &'static AtomicBool,
+    ) -> Result<(Stack, Checked), ExperimentError> {
+        let checked = topology::parse(text, &format!("the profile's {name} workers"))?;
+        let launches: Vec<Launch> = plan::plan(&checked, &self.tandem, &self.secret);
+        let log_dir = self.machine.log_dir.join(name);
+        crate::create_dir(&log_dir)?;
+        let options = StartOptions {
+            log_dir: Some(&log_dir),
+            limit: self.machine.start_timeout,
+            stop,
+        };
+        let stack = Stack::start(&launches, &options, &mut StderrObserver::new())?;
+        Ok((stack, checked))
+    }
+}
+
+fn worker_urls(topology: &Checked) -> Vec<String> {
+    topology.workers.iter().map(|w| w.spec.url()).collect()
+}
+
+/// A profiling target for the worker at `url`, named by the model it serves.
+fn target(runtime: &tokio::runtime::Runtime, url: &str) -> Result<Target, ExperimentError> {
+    let model = runtime.block_on(profile::served_model(url))?;
+    Ok(profile::target(url, Some(model)))
+}
+
+/// Runs `measurement` until it ends or a signal sets `stop`.
+fn until_stopped<T>(
+    runtime: &tokio::runtime::Runtime,
+    stop: &'static AtomicBool,
+    measurement: impl std::future::Future<Output = Result<T, ProfileFailure>>,
+) -> Result<T, ExperimentError> {
+    runtime.block_on(async {
+        let stopped = async {
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        tokio::select! {
+            result = measurement => result.map_err(ExperimentError::from),
+            () = stopped => Err(RunError::Interrupted.into()),
+        }
+    })
+}
