@@ -79,8 +79,10 @@ pub struct PrefillPoint {
     pub seconds: f64,
     pub tokens_per_second: f64,
     pub flops: f64,
-    /// FLOP/s over the bf16 GEMM rate measured in the same run.
+    /// FLOP/s over the bf16 GEMM rate measured in the same run (a burst).
     pub gemm_roofline_fraction: f64,
+    /// FLOP/s over the sustained bf16 GEMM rate of the same run.
+    pub sustained_gemm_fraction: f64,
 }
 
 /// One step that carries decodes and prompt chunks together (what a loaded server
@@ -121,6 +123,7 @@ pub struct BenchReport {
     pub copy_bytes_per_second: f64,
     pub copy_traffic_bytes_per_second: f64,
     pub bf16_gemm_flops: f64,
+    pub bf16_gemm_sustained_flops: f64,
     pub cuda_graphs: bool,
     pub decode: Vec<DecodePoint>,
     pub mixed: Option<MixedPoint>,
@@ -264,6 +267,7 @@ pub fn run(model: Arc<CudaModel>, plan: &BenchPlan) -> Result<BenchReport, Bench
             tokens_per_second: t / best,
             flops,
             gemm_roofline_fraction: flops / best / ceilings.bf16_gemm_flops,
+            sustained_gemm_fraction: flops / best / ceilings.bf16_gemm_sustained_flops,
         });
     }
 
@@ -285,6 +289,7 @@ pub fn run(model: Arc<CudaModel>, plan: &BenchPlan) -> Result<BenchReport, Bench
         copy_bytes_per_second: ceilings.dtod_bytes_per_second,
         copy_traffic_bytes_per_second: traffic,
         bf16_gemm_flops: ceilings.bf16_gemm_flops,
+        bf16_gemm_sustained_flops: ceilings.bf16_gemm_sustained_flops,
         cuda_graphs: plan.cuda_graphs,
         decode,
         mixed,

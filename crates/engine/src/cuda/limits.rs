@@ -3,7 +3,9 @@
 //! once), pinned host↔device bandwidth (the staging path of a cross-host hand-off),
 //! GPU-to-GPU peer copies (the same-host hand-off), and cuBLAS bf16 GEMM FLOP/s (the
 //! compute roofline of prefill). Each figure is the best of several timed repetitions
-//! after a warm-up.
+//! after a warm-up; the GEMM rate also as sustained for a second after a second's
+//! warm-up, since a GPU that reaches its power limit clocks down (an H100 at 700 W
+//! runs its GEMMs at ~1.6 GHz instead of its 1.98 GHz boost).
 
 use std::sync::Arc;
 
@@ -52,9 +54,16 @@ pub struct Limits {
     /// To the next GPU (`ordinal + 1`), when there is one.
     pub peer: Option<PeerCopy>,
     pub gemm_size: usize,
-    /// Random operands, f32 accumulation (cuBLAS's default for bf16).
+    /// Random operands, f32 accumulation (cuBLAS's default for bf16): the best of a few
+    /// single GEMMs (the boost clock).
     pub bf16_gemm_flops: f64,
+    /// The same GEMM back to back for [`SUSTAIN_SECONDS`], timed after as long again
+    /// of warm-up: the rate work that lasts longer than a burst can count on.
+    pub bf16_gemm_sustained_flops: f64,
 }
+
+/// How long the sustained GEMM rate is timed for (after as long of warm-up).
+pub const SUSTAIN_SECONDS: f64 = 1.0;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerCopy {
@@ -81,6 +90,7 @@ pub fn measure(probe: &Probe) -> Result<Limits, LimitsError> {
     }
     let ctx = CudaContext::new(probe.ordinal)?;
     let stream = ctx.default_stream();
+    let gemm = bf16_gemm(&stream, probe)?;
     let peer = if probe.ordinal + 1 < count {
         Some(peer_copy(&ctx, probe.ordinal + 1, probe)?)
     } else {
@@ -97,7 +107,8 @@ pub fn measure(probe: &Probe) -> Result<Limits, LimitsError> {
         dtoh_bytes_per_second: host_copy(&ctx, &stream, probe, Direction::ToHost)?,
         peer,
         gemm_size: probe.gemm_size,
-        bf16_gemm_flops: bf16_gemm(&stream, probe)?,
+        bf16_gemm_flops: gemm.burst_flops,
+        bf16_gemm_sustained_flops: gemm.sustained_flops,
     })
 }
 
@@ -255,7 +266,13 @@ impl Drop for RawBuffer {
     }
 }
 
-fn bf16_gemm(stream: &Arc<CudaStream>, probe: &Probe) -> Result<f64, LimitsError> {
+/// The bf16 GEMM rate in a burst and sustained.
+struct GemmRates {
+    burst_flops: f64,
+    sustained_flops: f64,
+}
+
+fn bf16_gemm(stream: &Arc<CudaStream>, probe: &Probe) -> Result<GemmRates, LimitsError> {
     let n = probe.gemm_size;
     // Random operands: zeros let the chip run cooler and clock higher than real data.
     let a = stream.clone_htod(&random_bf16(n * n, 1))?;
@@ -275,12 +292,25 @@ fn bf16_gemm(stream: &Arc<CudaStream>, probe: &Probe) -> Result<f64, LimitsError
         beta: bf16::ZERO,
         ldc: side,
     };
-    let seconds = best_seconds(stream, probe.repeats, || {
+    let mut gemm = || {
         // SAFETY: a, b and c are n×n bf16 matrices, as the config says.
         unsafe { blas.gemm(config, &a, &b, &mut c)? };
         Ok(())
+    };
+    let flops = 2.0 * (n as f64).powi(3);
+    let burst = best_seconds(stream, probe.repeats, &mut gemm)?;
+    let count = ((SUSTAIN_SECONDS / burst).ceil() as usize).max(1);
+    // best_seconds runs the whole series once untimed first: that is the warm-up.
+    let sustained = best_seconds(stream, 1, || {
+        for _ in 0..count {
+            gemm()?;
+        }
+        Ok(())
     })?;
-    Ok(2.0 * (n as f64).powi(3) / seconds)
+    Ok(GemmRates {
+        burst_flops: flops / burst,
+        sustained_flops: flops * count as f64 / sustained,
+    })
 }
 
 #[cfg(test)]
@@ -301,6 +331,7 @@ mod tests {
         assert!(limits.dtod_bytes_per_second > 1e9, "{limits:?}");
         assert!(limits.htod_bytes_per_second > 1e8, "{limits:?}");
         assert!(limits.bf16_gemm_flops > 1e11, "{limits:?}");
+        assert!(limits.bf16_gemm_sustained_flops > 1e11, "{limits:?}");
         let too_far = Probe {
             ordinal: device_count().unwrap(),
             ..probe
