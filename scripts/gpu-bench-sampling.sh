@@ -11,7 +11,9 @@
 #   scripts/gpu-bench-sampling.sh TANDEM TOKENIZER_KIT OUT_DIR [CONCURRENCY…]
 #
 # MODES (default "host device device host") sets the servers' sampling modes, in order:
-# MODES=device with two binaries run as A B B A compares engine builds.
+# MODES=device with two binaries run as A B B A compares engine builds. TEMPERATURE
+# (default 0, greedy) is the clients' sampling temperature: above 0 the GPU samples
+# (only ids come back) where the host mode brings the logits back to sample them.
 #
 # TOKENIZER_KIT: the folder scripts/gguf_tokenizer_kit.py writes from the default model
 # (tokenizer-only.gguf for `--load-format dummy`, hf/ for the client), as in
@@ -77,7 +79,7 @@ for sampling in ${MODES:-host device device host}; do
   for c in $concurrencies; do
     n=$((c * 4 > 16 ? c * 4 : 16))
     "$tandem" bench --url "$url" --model llama --workload random \
-      --input-len 512 --output-len 128 --range-ratio 0 --ignore-eos --temperature 0 \
+      --input-len 512 --output-len 128 --range-ratio 0 --ignore-eos --temperature "${TEMPERATURE:-0}" \
       --tokenizer "$kit/hf" --num-prompts "$n" --max-concurrency "$c" --seed $((10 * c + 1)) \
       --percentiles 50,99 --json "$out/$name-c$c.json" > "$out/$name-c$c.log" 2>&1 \
       || { tail -n 20 "$out/$name-c$c.log"; exit 1; }

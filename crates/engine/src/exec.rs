@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::kernels::ThreadPool;
 use crate::kv::{KvBlocks, KvLayout, KvOptions, KvStore};
 use crate::model::{ForwardError, ForwardScratch, Llama, ModelConfig, SeqInput};
+use crate::sample::DeviceDraw;
 
 /// Whether this build can run models on GPUs (the `cuda` feature).
 pub const GPU_SUPPORT: bool = cfg!(feature = "cuda");
@@ -196,28 +197,32 @@ impl Executor {
         }
     }
 
-    /// Whether [`Executor::forward_greedy`] can serve steps whose every sequence samples
-    /// greedily from raw logits: on a GPU, where it saves bringing the logits back.
-    pub(crate) fn picks_greedy_tokens(&self) -> bool {
+    /// Whether [`Executor::forward_sampled`] can serve steps whose every sequence samples
+    /// without reporting its logits: on a GPU, where it saves bringing them back.
+    pub(crate) fn samples_on_device(&self) -> bool {
         match self {
             Executor::Cpu { .. } => false,
             #[cfg(feature = "cuda")]
-            Executor::Cuda(runner) => runner.picks_greedy_tokens(),
+            Executor::Cuda(runner) => runner.samples_on_device(),
         }
     }
 
-    /// Runs the batch; returns, per requested position in batch order, the greedy token
-    /// of its logits (the first index on ties). Only where
-    /// [`Executor::picks_greedy_tokens`]; the CPU's steps go through [`Executor::forward`]
+    /// Runs the batch; returns, per requested position in batch order, the token its
+    /// draw picks (as the host sampler would with the same draw). Only where
+    /// [`Executor::samples_on_device`]; the CPU's steps go through [`Executor::forward`]
     /// and the sampler.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-    pub(crate) fn forward_greedy(&mut self, batch: &[SeqInput]) -> Result<&[u32], ForwardError> {
+    pub(crate) fn forward_sampled(
+        &mut self,
+        batch: &[SeqInput],
+        draws: &[DeviceDraw],
+    ) -> Result<&[u32], ForwardError> {
         match self {
             Executor::Cpu { .. } => Err(ForwardError::Device(
-                "greedy tokens of a CPU model are picked by the sampler".into(),
+                "a CPU model's tokens are picked by the sampler".into(),
             )),
             #[cfg(feature = "cuda")]
-            Executor::Cuda(runner) => runner.forward_greedy(batch),
+            Executor::Cuda(runner) => runner.forward_sampled(batch, draws),
         }
     }
 

@@ -77,6 +77,62 @@ impl SamplingParams {
     }
 }
 
+/// One row's sampling as a device replays it ([`Sampler::device_draw`]): the filters,
+/// the draw this sampler would have made, and the changes its adjustments make to
+/// single logits. Laid out as the GPU kernel `sample_rows` reads it (after
+/// `adjust_start`/`adjust_count`, which the runner fills in).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceDraw {
+    /// 0: greedy (the argmax of the adjusted logits).
+    pub temperature: f32,
+    /// 0: every token.
+    pub top_k: u32,
+    pub top_p: f32,
+    pub min_p: f32,
+    /// In [0, 1), from this sampler's generator (0 when greedy: no draw is made).
+    pub uniform: f32,
+    /// At most one per token.
+    pub adjustments: Vec<LogitAdjustment>,
+}
+
+impl DeviceDraw {
+    /// Greedy with nothing adjusted: the plain argmax.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature == 0.0 && self.adjustments.is_empty()
+    }
+}
+
+/// What [`Sampler`]'s adjustments do to one token's logit, in their order: `bias`
+/// added, held back (-inf) when `banned`, divided (if positive) or multiplied (if
+/// not) by `repetition`, then `penalty` subtracted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct LogitAdjustment {
+    pub token: u32,
+    pub bias: f32,
+    pub banned: u32,
+    pub repetition: f32,
+    pub penalty: f32,
+}
+
+impl LogitAdjustment {
+    fn none(token: u32) -> Self {
+        Self {
+            token,
+            bias: 0.0,
+            banned: 0,
+            repetition: 1.0,
+            penalty: 0.0,
+        }
+    }
+}
+
+fn adjustment_of(by_token: &mut HashMap<u32, LogitAdjustment>, token: u32) -> &mut LogitAdjustment {
+    by_token
+        .entry(token)
+        .or_insert_with(|| LogitAdjustment::none(token))
+}
+
 /// Sets the logits of tokens whose bit is clear in `allowed` to -inf.
 fn mask_disallowed(logits: &mut [f32], allowed: &[u32]) {
     for (chunk_index, chunk) in logits.chunks_mut(32).enumerate() {
@@ -175,18 +231,72 @@ impl Sampler {
         token
     }
 
-    /// Whether this sampler's next token is the argmax of the raw logits, with nothing
-    /// else read from them (no adjustments, no log probabilities): then whoever holds
-    /// the logits may pick it ([`Sampler::record_greedy`]).
-    pub fn is_plain_greedy(&self) -> bool {
-        self.params.is_greedy() && !self.params.adjusts_logits() && self.params.logprobs.is_none()
+    /// Whether each token's log probabilities are reported (which needs the logits).
+    pub fn reports_logprobs(&self) -> bool {
+        self.params.logprobs.is_some()
     }
 
-    /// Counts a token picked elsewhere by the argmax of the raw logits, as
-    /// [`Sampler::sample`] would have picked it (only when [`Sampler::is_plain_greedy`]).
-    pub fn record_greedy(&mut self) {
-        debug_assert!(self.is_plain_greedy());
+    /// This sampler's next choice for a device that holds the logits: the draw is
+    /// made now, and the device picks what [`Sampler::sample`] would pick with it.
+    /// `None` when the logits themselves are reported (log probabilities). Follow it
+    /// with [`Sampler::record_device_token`].
+    pub fn device_draw(&mut self) -> Option<DeviceDraw> {
+        let params = &self.params;
+        if params.logprobs.is_some() {
+            return None;
+        }
+        let greedy = params.is_greedy();
+        let adjustments = if params.adjusts_logits() {
+            self.adjustments()
+        } else {
+            Vec::new()
+        };
+        Some(DeviceDraw {
+            temperature: if greedy { 0.0 } else { params.temperature },
+            top_k: params.top_k.min(u32::MAX as usize) as u32,
+            top_p: params.top_p,
+            min_p: params.min_p,
+            uniform: if greedy {
+                0.0
+            } else {
+                self.rng.random::<f32>()
+            },
+            adjustments,
+        })
+    }
+
+    /// Counts a token a device picked for [`Sampler::device_draw`].
+    pub fn record_device_token(&mut self, token: u32) {
+        if self.params.adjusts_logits() {
+            *self.output_counts.entry(token).or_insert(0) += 1;
+        }
         self.produced += 1;
+    }
+
+    /// [`Sampler::adjust`]'s changes, one entry per token it touches.
+    fn adjustments(&self) -> Vec<LogitAdjustment> {
+        let params = &self.params;
+        let mut by_token: HashMap<u32, LogitAdjustment> = HashMap::new();
+        for &(token, bias) in &params.logit_bias {
+            adjustment_of(&mut by_token, token).bias += bias;
+        }
+        if self.produced < params.min_tokens {
+            for &token in &self.end_tokens {
+                adjustment_of(&mut by_token, token).banned = 1;
+            }
+        }
+        if params.repetition_penalty != 1.0 {
+            for &token in self.prompt_tokens.iter().chain(self.output_counts.keys()) {
+                adjustment_of(&mut by_token, token).repetition = params.repetition_penalty;
+            }
+        }
+        for (&token, &count) in &self.output_counts {
+            adjustment_of(&mut by_token, token).penalty =
+                params.presence_penalty + params.frequency_penalty * count as f32;
+        }
+        let mut adjustments: Vec<LogitAdjustment> = by_token.into_values().collect();
+        adjustments.sort_unstable_by_key(|a| a.token);
+        adjustments
     }
 
     /// `token`'s log probabilities under the raw `logits`, when they are reported.
@@ -258,11 +368,18 @@ impl Sampler {
         if self.params.top_p < 1.0 {
             self.apply_top_p();
         }
-        let total: f32 = self.candidates.iter().map(|c| c.1).sum();
-        let mut target = self.rng.random::<f32>() * total;
+        // The draw walks the kept tokens in index order, which a GPU can follow without
+        // sorting (`DeviceDraw`); top-k and top-p left them in another.
+        if k < logits.len() || self.params.top_p < 1.0 {
+            self.candidates.sort_unstable_by_key(|c| c.0);
+        }
+        // Sums over a vocabulary in f64: in f32 their rounding grows with the number of
+        // tokens and, over a flat distribution, outgrows a single token's probability.
+        let total: f64 = self.candidates.iter().map(|c| f64::from(c.1)).sum();
+        let mut target = f64::from(self.rng.random::<f32>()) * total;
         let candidates = &self.candidates;
         for &(token, p) in candidates {
-            target -= p;
+            target -= f64::from(p);
             if target <= 0.0 {
                 return token;
             }
@@ -275,9 +392,9 @@ impl Sampler {
         let best = self.candidates.iter().map(|c| c.1).fold(0.0, f32::max);
         let floor = self.params.min_p * best;
         self.candidates.retain(|c| c.1 >= floor);
-        let total: f32 = self.candidates.iter().map(|c| c.1).sum();
+        let total: f64 = self.candidates.iter().map(|c| f64::from(c.1)).sum();
         for c in &mut self.candidates {
-            c.1 /= total;
+            c.1 = (f64::from(c.1) / total) as f32;
         }
     }
 
@@ -306,12 +423,12 @@ impl Sampler {
 /// How many of `sorted` (most likely first) it takes for their probabilities to reach
 /// `p`; `None` when all of them fall short.
 fn smallest_set_reaching(sorted: &[(u32, f32)], p: f32) -> Option<usize> {
-    let mut cumulative = 0.0;
+    let mut cumulative = 0.0f64;
     sorted
         .iter()
         .position(|c| {
-            cumulative += c.1;
-            cumulative >= p
+            cumulative += f64::from(c.1);
+            cumulative >= f64::from(p)
         })
         .map(|i| i + 1)
 }
@@ -380,13 +497,13 @@ fn to_probabilities(candidates: &mut [(u32, f32)]) {
         .iter()
         .map(|c| c.1)
         .fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
+    let mut sum = 0.0f64;
     for c in candidates.iter_mut() {
         c.1 = (c.1 - max).exp();
-        sum += c.1;
+        sum += f64::from(c.1);
     }
     for c in candidates.iter_mut() {
-        c.1 /= sum;
+        c.1 = (f64::from(c.1) / sum) as f32;
     }
 }
 
@@ -467,6 +584,63 @@ mod tests {
         }
         assert_eq!(seen[2] + seen[3], 0, "{seen:?}");
         assert!(seen[0] > seen[1] && seen[1] > 0, "{seen:?}");
+    }
+
+    #[test]
+    fn a_device_draw_adjusts_the_logits_as_the_host_does() {
+        let params = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            repetition_penalty: 1.5,
+            logit_bias: vec![(1, 2.0), (6, -1.0), (99, 5.0)],
+            min_tokens: 3,
+            seed: Some(1),
+            ..SamplingParams::default()
+        };
+        let logits = [0.5f32, -1.0, 2.0, -0.25, 1.0, 0.0, 3.0, -2.0];
+        let mut sampler = Sampler::for_sequence(params, &[2, 3, 2], &[7]);
+        for token in [4, 4, 0] {
+            let draw = sampler.device_draw().unwrap();
+            // What the kernel does with the draw's adjustments.
+            let mut device = logits.to_vec();
+            for a in &draw.adjustments {
+                let Some(logit) = device.get_mut(a.token as usize) else {
+                    continue;
+                };
+                let mut l = *logit + a.bias;
+                if a.banned != 0 {
+                    l = f32::NEG_INFINITY;
+                }
+                if a.repetition != 1.0 {
+                    l = if l > 0.0 {
+                        l / a.repetition
+                    } else {
+                        l * a.repetition
+                    };
+                }
+                *logit = l - a.penalty;
+            }
+            let mut host = logits.to_vec();
+            sampler.adjust(&mut host);
+            assert_eq!(device, host, "after {} tokens", sampler.produced);
+            assert!(draw.uniform >= 0.0 && draw.uniform < 1.0);
+            sampler.record_device_token(token);
+        }
+        // Held back until min_tokens were produced, then not.
+        let draw = sampler.device_draw().unwrap();
+        assert!(draw.adjustments.iter().all(|a| a.banned == 0));
+    }
+
+    #[test]
+    fn a_greedy_device_draw_draws_nothing_and_logprobs_stay_on_the_host() {
+        let mut greedy = Sampler::new(SamplingParams::greedy());
+        let draw = greedy.device_draw().unwrap();
+        assert!(draw.is_plain_greedy() && draw.uniform == 0.0);
+        let mut reporting = Sampler::new(SamplingParams {
+            logprobs: Some(2),
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(reporting.device_draw(), None);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tandem_engine::cuda::{CudaModel, GpuRunner, ProductOut, RunnerLimits, Weight
 use tandem_engine::kernels::ThreadPool;
 use tandem_engine::kv::{BlockId, KvDtype, KvOptions, KvStore};
 use tandem_engine::model::{ForwardScratch, Llama, LoadOptions, LogitsFor, SeqInput};
-use tandem_engine::sample::argmax;
+use tandem_engine::sample::{Sampler, SamplingParams, argmax};
 
 fn gpu_present() -> bool {
     let count = tandem_engine::cuda::limits::device_count().unwrap_or(0);
@@ -260,6 +260,114 @@ fn greedy_ids_follow_the_host_argmax() {
     assert_eq!(picked, expected);
 }
 
+/// Sampling on the GPU picks the host sampler's token for the same draw: temperature,
+/// top-k, min-p, top-p and their mixes, greedy and sampled rows with penalties, logit
+/// bias and end tokens held back, eight sequences (seeds) a step, each sampler's
+/// history carried from step to step.
+#[test]
+fn sampled_ids_follow_the_host_sampler() {
+    if !gpu_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A vocabulary that is no multiple of the kernel's 1,024 threads.
+    SAMPLING.write(dir.path(), 7);
+    let mut pair = Pair::new(dir.path(), WeightDtype::F16, false);
+    let vocab = pair.vocab;
+    let base = SamplingParams::default();
+    let configs = [
+        SamplingParams { ..base.clone() },
+        SamplingParams {
+            temperature: 0.7,
+            top_k: 50,
+            ..base.clone()
+        },
+        SamplingParams {
+            top_p: 0.9,
+            ..base.clone()
+        },
+        SamplingParams {
+            temperature: 1.3,
+            top_k: 200,
+            top_p: 0.5,
+            ..base.clone()
+        },
+        SamplingParams {
+            min_p: 0.05,
+            ..base.clone()
+        },
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 1000,
+            top_p: 0.95,
+            min_p: 0.1,
+            ..base.clone()
+        },
+        SamplingParams {
+            top_k: 1,
+            ..base.clone()
+        },
+        SamplingParams {
+            temperature: 0.0,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.3,
+            repetition_penalty: 1.2,
+            logit_bias: vec![(5, 2.0), (17, -100.0)],
+            ..base.clone()
+        },
+        SamplingParams {
+            top_p: 0.8,
+            presence_penalty: 0.4,
+            frequency_penalty: 0.2,
+            repetition_penalty: 1.3,
+            logit_bias: vec![(9, 3.0)],
+            min_tokens: 4,
+            ..base.clone()
+        },
+    ];
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 37 % vocab) as u32).collect();
+    let end_tokens = [2u32, 3];
+    let (mut draws_made, mut agreed) = (0, 0);
+    let mut noise = Lcg(23);
+    for params in &configs {
+        let seeds = 0..8u64;
+        let sampler = |seed| {
+            let params = SamplingParams {
+                seed: Some(seed),
+                ..params.clone()
+            };
+            Sampler::for_sequence(params, &prompt, &end_tokens)
+        };
+        let mut host: Vec<Sampler> = seeds.clone().map(sampler).collect();
+        let mut device: Vec<Sampler> = seeds.map(sampler).collect();
+        for _step in 0..8 {
+            // Peaked rows: logits spread over ±6.
+            let rows: Vec<Vec<f32>> = (0..host.len())
+                .map(|_| (0..vocab).map(|_| 6.0 * noise.uniform()).collect())
+                .collect();
+            let draws: Vec<_> = device
+                .iter_mut()
+                .map(|s| s.device_draw().unwrap())
+                .collect();
+            let picked = pair.gpu.sample_rows(&rows.concat(), &draws).unwrap();
+            for (i, row) in rows.iter().enumerate() {
+                let expected = host[i].sample(row);
+                draws_made += 1;
+                agreed += usize::from(picked[i] == expected);
+                assert!((picked[i] as usize) < vocab);
+                // Both histories take the host's token, so one miss does not spread.
+                device[i].record_device_token(expected);
+            }
+        }
+    }
+    // Float sums in another order may move a boundary by a rounding error: a draw
+    // landing there may pick the neighbour. Nothing else may differ.
+    assert!(
+        agreed * 100 >= draws_made * 99,
+        "{agreed} of {draws_made} draws picked the host's token"
+    );
+}
+
 /// ‖gpu − cpu‖ / ‖cpu‖ of every row, checked below `limit`; also the argmax wherever
 /// the CPU's top-1 leads clearly.
 fn assert_close(what: &str, cpu: &[Vec<f32>], gpu: &[Vec<f32>], limit: f64) -> f64 {
@@ -387,6 +495,12 @@ const D64: Tiny = Tiny {
     inter: 512,
     layers: 2,
     vocab: 512,
+};
+
+/// D64 with a vocabulary of 20,000 tokens, for sampling.
+const SAMPLING: Tiny = Tiny {
+    vocab: 20_000,
+    ..D64
 };
 
 const D128: Tiny = Tiny {

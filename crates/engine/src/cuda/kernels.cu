@@ -734,3 +734,253 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int voc
         if (lane == 0) ids[blockIdx.x] = index == NO_INDEX ? 0u : (unsigned)index;
     }
 }
+
+// One row's sampling, as the host's `DeviceDraw` packs it (crates/engine/src/sample.rs).
+struct DrawParams {
+    float temperature;  // 0: the argmax of the adjusted row
+    int top_k;          // 0: every token
+    float top_p;        // 1: every token
+    float min_p;        // 0: off
+    float uniform;      // the host sampler's draw, in [0, 1)
+    int adjust_start;   // this row's adjustments in the adjustments array
+    int adjust_count;
+    int unused;
+};
+
+// A change to one logit, in the host's order: bias added, held back (-inf), the
+// repetition penalty (divides a positive logit, multiplies a negative one), then the
+// presence and frequency penalties subtracted.
+struct LogitAdjust {
+    int token;
+    float bias;
+    int banned;
+    float repetition;
+    float penalty;
+};
+
+// An unsigned key with the floats' order (NaN, mapped to 0, below everything).
+__device__ __forceinline__ unsigned order_key(float v) {
+    if (v != v) return 0u;
+    unsigned bits = __float_as_uint(v);
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// The block's sum of `v` (blockDim.x a multiple of 32, at most 1024), in every thread.
+__device__ double block_sum(double v, double* scratch) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < (int)(blockDim.x >> 5) ? scratch[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// The block's largest `v`, in every thread.
+__device__ float block_max(float v, float* scratch) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < (int)(blockDim.x >> 5) ? scratch[lane] : -INFINITY;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// The smallest key among the largest of a row's keys: with `by_mass` false, the key of
+// the `want`-th largest scaled logit; with it true, the key at which the mass of the
+// kept tokens (`kept_floor` and above), largest first, reaches `want_mass`. A radix
+// select, 8 bits a pass from the top; every thread gets the result.
+__device__ unsigned select_key(const float* row, int vocab, float inv_t, float max_s,
+                               unsigned kept_floor, float min_p, bool by_mass, int want,
+                               double want_mass) {
+    __shared__ double bins[256];
+    __shared__ unsigned chosen_prefix;
+    __shared__ double left_f;
+    __shared__ int left_i;
+    unsigned prefix = 0, mask = 0;
+    if (threadIdx.x == 0) {
+        left_i = want;
+        left_f = want_mass;
+    }
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += blockDim.x) bins[b] = 0.0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            float s = row[i] * inv_t;
+            unsigned key = order_key(s);
+            if ((key & mask) != prefix || key < kept_floor) continue;
+            if (by_mass) {
+                float w = expf(s - max_s);
+                if (w >= min_p) atomicAdd(&bins[(key >> shift) & 255], (double)w);
+            } else {
+                atomicAdd(&bins[(key >> shift) & 255], 1.0);
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int b = 255;
+            if (by_mass) {
+                double left = left_f;
+                for (; b > 0 && bins[b] < left; --b) left -= bins[b];
+                left_f = left;
+            } else {
+                int left = left_i;
+                for (; b > 0 && (int)bins[b] < left; --b) left -= (int)bins[b];
+                left_i = left;
+            }
+            chosen_prefix = prefix | ((unsigned)b << shift);
+        }
+        __syncthreads();
+        prefix = chosen_prefix;
+        mask |= 255u << shift;
+    }
+    return prefix;
+}
+
+// ids[r] = the token the host's sampler picks from logits[r] for params[r] with the
+// same draw (one block per row, blockDim.x = 1024): the adjustments applied in place,
+// then greedy (the argmax, as argmax_rows), or temperature, top-k, min-p and top-p
+// keeping tokens as the host keeps its candidates, and the draw walked over the kept
+// tokens in index order — the host's order — so both pick the same token except where
+// the draw falls within rounding of a boundary between two tokens. Ties at the top-k
+// or top-p boundary keep every tied token (the host keeps an arbitrary few of them);
+// NaN logits are never picked.
+extern "C" __global__ void sample_rows(float* __restrict__ logits, int vocab,
+                                       const DrawParams* __restrict__ params,
+                                       const LogitAdjust* __restrict__ adjusts,
+                                       unsigned* __restrict__ ids) {
+    __shared__ float scratch[32];
+    __shared__ double wide_scratch[32];
+    __shared__ double sums[1024];
+    float* row = logits + (i64)blockIdx.x * vocab;
+    const DrawParams p = params[blockIdx.x];
+    for (int i = threadIdx.x; i < p.adjust_count; i += blockDim.x) {
+        LogitAdjust a = adjusts[p.adjust_start + i];
+        if (a.token < 0 || a.token >= vocab) continue;
+        float l = row[a.token] + a.bias;
+        if (a.banned) l = -INFINITY;
+        if (a.repetition != 1.f) l = l > 0.f ? l / a.repetition : l * a.repetition;
+        row[a.token] = l - a.penalty;
+    }
+    __syncthreads();
+    if (!(p.temperature >= 1e-5f) || p.top_k == 1) {
+        float value = -INFINITY;
+        int index = NO_INDEX;
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            float v = row[i];
+            if (v > value || (index == NO_INDEX && v == v)) {
+                value = v;
+                index = i;
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1)
+            keep_better(value, index, __shfl_xor_sync(0xffffffffu, value, o),
+                        __shfl_xor_sync(0xffffffffu, index, o));
+        __shared__ int indices[32];
+        int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        if (lane == 0) {
+            scratch[warp] = value;
+            indices[warp] = index;
+        }
+        __syncthreads();
+        if (warp == 0) {
+            int warps = blockDim.x >> 5;
+            value = lane < warps ? scratch[lane] : -INFINITY;
+            index = lane < warps ? indices[lane] : NO_INDEX;
+            for (int o = 16; o > 0; o >>= 1)
+                keep_better(value, index, __shfl_xor_sync(0xffffffffu, value, o),
+                            __shfl_xor_sync(0xffffffffu, index, o));
+            if (lane == 0) ids[blockIdx.x] = index == NO_INDEX ? 0u : (unsigned)index;
+        }
+        return;
+    }
+    const float inv_t = 1.f / p.temperature;
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float s = row[i] * inv_t;
+        if (s == s) m = fmaxf(m, s);
+    }
+    const float max_s = block_max(m, scratch);
+    // The top-k floor: the k-th largest scaled logit's key (0 keeps everything).
+    unsigned floor_key = 1u;
+    if (p.top_k > 0 && p.top_k < vocab)
+        floor_key = select_key(row, vocab, inv_t, max_s, 1u, 0.f, false, p.top_k, 0.0);
+    // min-p drops weights below min_p (the best token's weight is 1); top-p then keeps
+    // the largest weights until their mass reaches top_p of what is left.
+    const float min_p = p.min_p > 0.f ? p.min_p : 0.f;
+    if (p.top_p < 1.f) {
+        double mass = 0.0;
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            float s = row[i] * inv_t;
+            float w = expf(s - max_s);
+            if (order_key(s) >= floor_key && w >= min_p) mass += w;
+        }
+        mass = block_sum(mass, wide_scratch);
+        floor_key = select_key(row, vocab, inv_t, max_s, floor_key, min_p, true, 0,
+                               (double)p.top_p * mass);
+    }
+    // The draw, walked over the kept tokens in index order: each thread sums a
+    // contiguous run, a scan gives each run's start, and the run the target falls in
+    // is walked.
+    const int run = (vocab + blockDim.x - 1) / blockDim.x;
+    const int first = min((int)threadIdx.x * run, vocab), end = min(first + run, vocab);
+    // Sums in f64, as on the host: over a flat distribution of 128k tokens, f32's
+    // rounding outgrows a single token's probability.
+    double own = 0.0;
+    int first_kept = NO_INDEX, last_kept = -1;
+    for (int i = first; i < end; ++i) {
+        float s = row[i] * inv_t;
+        float w = expf(s - max_s);
+        if (order_key(s) >= floor_key && w >= min_p) {
+            own += w;
+            first_kept = min(first_kept, i);
+            last_kept = i;
+        }
+    }
+    sums[threadIdx.x] = own;
+    __syncthreads();
+    // Inclusive scan of the runs' sums (Hillis–Steele over shared memory).
+    for (int o = 1; o < (int)blockDim.x; o <<= 1) {
+        double add = threadIdx.x >= (unsigned)o ? sums[threadIdx.x - o] : 0.0;
+        __syncthreads();
+        sums[threadIdx.x] += add;
+        __syncthreads();
+    }
+    const double target = (double)p.uniform * sums[blockDim.x - 1];
+    const double before = threadIdx.x > 0 ? sums[threadIdx.x - 1] : 0.0;
+    __shared__ int picked, last;
+    if (threadIdx.x == 0) {
+        picked = NO_INDEX;
+        last = -1;
+    }
+    __syncthreads();
+    if (last_kept >= 0) {
+        atomicMax(&last, last_kept);
+        if (!(target > 0.0)) {
+            // A draw of 0: the host's walk stops at the first kept token.
+            atomicMin(&picked, first_kept);
+        } else if (before < target && target <= sums[threadIdx.x]) {
+            double walked = before;
+            for (int i = first_kept; i <= last_kept; ++i) {
+                float s = row[i] * inv_t;
+                float w = expf(s - max_s);
+                if (order_key(s) < floor_key || !(w >= min_p)) continue;
+                walked += w;
+                if (walked >= target || i == last_kept) {
+                    atomicMin(&picked, i);
+                    break;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    // No run holds the target (rounding put it past the total): the last kept token,
+    // as on the host.
+    if (threadIdx.x == 0) {
+        int token = picked != NO_INDEX ? picked : last;
+        ids[blockIdx.x] = token < 0 ? 0u : (unsigned)token;
+    }
+}

@@ -1,8 +1,9 @@
 //! The Llama forward pass on a GPU, for the engine loop: the same ragged batches as the
 //! CPU pass ([`SeqInput`]), the KV cache in GPU memory ([`DeviceKv`]), logits back on
-//! the host for the sampler — or, for steps whose every sequence samples greedily with
-//! nothing that reads the logits (no logprobs, penalties, biases or grammar), only the
-//! greedy token ids, picked on the GPU ([`GpuRunner::forward_greedy`]).
+//! the host for the sampler — or, for steps where nothing reads the logits (no
+//! logprobs, no grammar), only the token ids, picked on the GPU: the argmax for plain
+//! greedy steps ([`GpuRunner::forward_greedy`]), otherwise each sequence's sampler's
+//! draw replayed by the kernel `sample_rows` ([`GpuRunner::forward_sampled`]).
 //!
 //! A step is: the batch's metadata (token ids, positions, the block each new key goes
 //! to, per-sequence rows and block tables, attention work items) written to pinned
@@ -39,6 +40,7 @@ use crate::model::llama::check_batch;
 use crate::model::source::{GgufSource, SafetensorsSource, TensorSource};
 use crate::model::weights::TensorNames;
 use crate::model::{ForwardError, LogitsFor, ModelFormat, SeqInput};
+use crate::sample::{DeviceDraw, LogitAdjustment};
 
 /// Keys per attention tile of the four-warp (prompt) kernel; the one-warp kernel takes half.
 const KEY_TILE: usize = 64;
@@ -205,12 +207,29 @@ enum Output {
     Logits,
     /// Each requested row's greedy token id, picked on the GPU.
     GreedyIds,
+    /// Each requested row's token, sampled on the GPU as its staged draw says
+    /// ([`GpuRunner::forward_sampled`]).
+    SampledIds,
 }
 
-/// `TANDEM_GPU_SAMPLING`: `device` (the default) lets greedy steps pick their tokens
-/// on the GPU; `host` brings every row's logits back to the host's sampler, for
-/// comparing the two and for bug reports.
-fn greedy_on_device() -> Result<bool, GpuError> {
+/// One row's draw as the kernel `sample_rows` reads it (`DrawParams` in kernels.cu).
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+struct DrawParams {
+    temperature: f32,
+    top_k: i32,
+    top_p: f32,
+    min_p: f32,
+    uniform: f32,
+    adjust_start: i32,
+    adjust_count: i32,
+    unused: i32,
+}
+
+/// `TANDEM_GPU_SAMPLING`: `device` (the default) lets steps whose logits nobody reads
+/// pick their tokens on the GPU; `host` brings every row's logits back to the host's
+/// sampler, for comparing the two and for bug reports.
+fn sampling_on_device() -> Result<bool, GpuError> {
     match std::env::var("TANDEM_GPU_SAMPLING").as_deref() {
         Err(_) | Ok("device") => Ok(true),
         Ok("host") => Ok(false),
@@ -256,6 +275,10 @@ struct Buffers {
     part_ml: DeviceBuffer,
     /// Greedy token ids, one per logits row.
     ids: DeviceBuffer,
+    /// The staged draws of a sampled step, one per logits row.
+    draws: DeviceBuffer,
+    /// Their logit adjustments (grown to the largest step's).
+    adjustments: DeviceBuffer,
 }
 
 struct Kernels {
@@ -265,6 +288,7 @@ struct Kernels {
     silu_mul: Kernel,
     attn_combine: Kernel,
     argmax_rows: Kernel,
+    sample_rows: Kernel,
     /// Decode-sized row tiles (16 rows): one warp per block, keys in tiles of 32.
     attention_w1: Kernel,
     /// Prompt tiles of 64 rows: four warps, keys in tiles of 64.
@@ -313,8 +337,8 @@ pub struct GpuRunner {
     logits_overflow: Vec<f32>,
     /// The greedy token ids of the last [`GpuRunner::forward_greedy`].
     ids_host: PinnedBuffer<u32>,
-    /// Whether the engine loop should let greedy steps pick their tokens here.
-    greedy_on_device: bool,
+    /// Whether the engine loop should let steps pick their tokens here.
+    sampling_on_device: bool,
     graphs: Graphs,
     /// Rows of logits the last forward pass produced.
     last_rows: usize,
@@ -359,6 +383,7 @@ impl GpuRunner {
             4 * split_rows * c.num_heads * c.head_dim,
             4 * split_rows * c.num_heads * 2,
             4 * max_tokens,
+            std::mem::size_of::<DrawParams>() * max_tokens,
         ];
         let needed: usize = sizes.iter().sum();
         let (free, _) = gpu.free_memory()?;
@@ -384,6 +409,8 @@ impl GpuRunner {
             part_o: alloc(sizes[10])?,
             part_ml: alloc(sizes[11])?,
             ids: alloc(sizes[12])?,
+            draws: alloc(sizes[13])?,
+            adjustments: alloc(0)?,
         };
         let kernels = load_kernels(&gpu, c.head_dim)?;
         let products = Products::new(&gpu, gemv_from_env()?)?;
@@ -423,7 +450,7 @@ impl GpuRunner {
             logits_host,
             logits_overflow: Vec::new(),
             ids_host,
-            greedy_on_device: greedy_on_device()?,
+            sampling_on_device: sampling_on_device()?,
             graphs: Graphs(HashMap::new()),
             last_rows: 0,
         };
@@ -458,10 +485,104 @@ impl GpuRunner {
         Ok(&self.ids_host.as_slice()[..self.last_rows])
     }
 
+    /// Runs the batch and returns, for every requested position, the token its
+    /// sampler's draw (`draws`, one per requested position in batch order) picks —
+    /// adjustments, temperature, top-k, min-p and top-p applied on the GPU by the
+    /// kernel `sample_rows`, the host sampler's rules — so only the ids come back.
+    pub fn forward_sampled(
+        &mut self,
+        batch: &[SeqInput],
+        draws: &[DeviceDraw],
+    ) -> Result<&[u32], ForwardError> {
+        if draws.iter().all(DeviceDraw::is_plain_greedy) {
+            return self.forward_greedy(batch);
+        }
+        let rows: usize = batch
+            .iter()
+            .map(|s| match s.logits {
+                LogitsFor::None => 0,
+                LogitsFor::Last => 1,
+                LogitsFor::All => s.tokens.len(),
+            })
+            .sum();
+        if rows != draws.len() {
+            return Err(ForwardError::Device(format!(
+                "{} draws for {rows} rows of logits",
+                draws.len()
+            )));
+        }
+        self.stage_draws(draws)
+            .map_err(|e| ForwardError::Device(e.to_string()))?;
+        self.run(batch, Output::SampledIds)?;
+        Ok(&self.ids_host.as_slice()[..self.last_rows])
+    }
+
+    /// The tokens the GPU samples from these rows of logits (`vocab_size` each, at most
+    /// a step's rows) with these draws: the kernel [`Self::forward_sampled`] runs after
+    /// the output head, for checking it against the host's sampler.
+    pub fn sample_rows(
+        &mut self,
+        logits: &[f32],
+        draws: &[DeviceDraw],
+    ) -> Result<Vec<u32>, GpuError> {
+        let vocab = self.model.config.vocab_size;
+        let rows = logits.len() / vocab;
+        if rows * vocab != logits.len() || rows > self.logit_capacity || rows != draws.len() {
+            return Err(GpuError::Unsupported(format!(
+                "{} logits and {} draws are not up to {} rows of {vocab}",
+                logits.len(),
+                draws.len(),
+                self.logit_capacity
+            )));
+        }
+        self.model.gpu.bind()?;
+        self.buffers.logits.upload(0, logits)?;
+        self.stage_draws(draws)?;
+        self.enqueue_pick(0, rows, Output::SampledIds)?;
+        self.download_ids(rows)?;
+        Ok(self.ids_host.as_slice()[..rows].to_vec())
+    }
+
+    /// Uploads `draws` (one per logits row of the coming step) and their adjustments.
+    fn stage_draws(&mut self, draws: &[DeviceDraw]) -> Result<(), GpuError> {
+        let mut params = Vec::with_capacity(draws.len());
+        let mut adjustments: Vec<LogitAdjustment> = Vec::new();
+        for draw in draws {
+            let count = i32::try_from(draw.adjustments.len()).map_err(|_| {
+                GpuError::Unsupported("more than 2^31 logit adjustments in a row".into())
+            })?;
+            params.push(DrawParams {
+                temperature: draw.temperature,
+                top_k: i32::try_from(draw.top_k).unwrap_or(i32::MAX),
+                top_p: draw.top_p,
+                min_p: draw.min_p,
+                uniform: draw.uniform,
+                adjust_start: adjustments.len() as i32,
+                adjust_count: count,
+                unused: 0,
+            });
+            adjustments.extend_from_slice(&draw.adjustments);
+        }
+        if std::mem::size_of_val(params.as_slice()) > self.buffers.draws.bytes() {
+            return Err(GpuError::Unsupported(format!(
+                "{} draws exceed the step's rows",
+                draws.len()
+            )));
+        }
+        let adjustment_bytes = std::mem::size_of_val(adjustments.as_slice());
+        if adjustment_bytes > self.buffers.adjustments.bytes() {
+            // Grown to twice the need, so that a growing output grows it rarely.
+            self.buffers.adjustments =
+                DeviceBuffer::zeroed(&self.model.gpu.ctx, 2 * adjustment_bytes)?;
+        }
+        self.buffers.draws.upload(0, &params)?;
+        self.buffers.adjustments.upload(0, &adjustments)
+    }
+
     /// Whether the engine loop should pick greedy tokens with [`Self::forward_greedy`]
-    /// (on unless `TANDEM_GPU_SAMPLING=host`).
-    pub fn picks_greedy_tokens(&self) -> bool {
-        self.greedy_on_device
+    /// and sample with [`Self::forward_sampled`] (on unless `TANDEM_GPU_SAMPLING=host`).
+    pub fn samples_on_device(&self) -> bool {
+        self.sampling_on_device
     }
 
     /// The greedy ids the GPU picks for these rows of logits (`vocab_size` each, at most
@@ -480,7 +601,7 @@ impl GpuRunner {
         }
         self.model.gpu.bind()?;
         self.buffers.logits.upload(0, logits)?;
-        self.enqueue_argmax(0, rows)?;
+        self.enqueue_pick(0, rows, Output::GreedyIds)?;
         self.download_ids(rows)?;
         Ok(self.ids_host.as_slice()[..rows].to_vec())
     }
@@ -599,11 +720,13 @@ impl GpuRunner {
             self.enqueue_head(start, count)?;
             match output {
                 Output::Logits => self.download_logits(count, overflows.then_some(start))?,
-                Output::GreedyIds => self.enqueue_argmax(start, count)?,
+                Output::GreedyIds | Output::SampledIds => {
+                    self.enqueue_pick(start, count, output)?
+                }
             }
         }
         match output {
-            Output::GreedyIds => self.download_ids(rows)?,
+            Output::GreedyIds | Output::SampledIds => self.download_ids(rows)?,
             Output::Logits if rows == 0 => self.model.gpu.synchronize()?,
             Output::Logits => {}
         }
@@ -625,8 +748,8 @@ impl GpuRunner {
         let rows = batch.len();
         match output {
             Output::Logits => self.download_logits(rows, None)?,
-            Output::GreedyIds => {
-                self.enqueue_argmax(0, rows)?;
+            Output::GreedyIds | Output::SampledIds => {
+                self.enqueue_pick(0, rows, output)?;
                 self.download_ids(rows)?;
             }
         }
@@ -1077,27 +1200,32 @@ impl GpuRunner {
         }
     }
 
-    /// The greedy ids of the `count` rows in the logits buffer, into the ids buffer at
-    /// row `start`.
-    fn enqueue_argmax(&self, start: usize, count: usize) -> Result<(), GpuError> {
+    /// The picked ids of the `count` rows in the logits buffer (from row `start`), into
+    /// the ids buffer at row `start`: their argmax, or with `Output::SampledIds` what
+    /// their staged draws pick.
+    fn enqueue_pick(&self, start: usize, count: usize, output: Output) -> Result<(), GpuError> {
         if count == 0 {
             return Ok(());
         }
+        // The logits buffer holds the `count` rows of this head pass from its start.
         let logits = self.buffers.logits.ptr();
         let vocab = self.model.config.vocab_size as i32;
         let ids = self.buffers.ids.ptr() + 4 * start as u64;
+        let grid = (count as u32, 1, 1);
+        let gpu = &self.model.gpu;
+        if output == Output::SampledIds {
+            let draw_bytes = std::mem::size_of::<DrawParams>() * start;
+            let draws = self.buffers.draws.ptr() + draw_bytes as u64;
+            let adjustments = self.buffers.adjustments.ptr();
+            let mut args = kernel_args![logits, vocab, draws, adjustments, ids];
+            // SAFETY: as below; and the draws of every row (their adjustments' tokens in
+            // bounds of the vocabulary or skipped by the kernel) were staged.
+            return unsafe { gpu.launch(self.kernels.sample_rows, grid, 1024, 0, &mut args) };
+        }
         let mut args = kernel_args![logits, vocab, ids];
         // SAFETY: `count` rows of logits were written by this step's output head, and
         // the ids buffer holds a row per token of the largest step.
-        unsafe {
-            self.model.gpu.launch(
-                self.kernels.argmax_rows,
-                (count as u32, 1, 1),
-                1024,
-                0,
-                &mut args,
-            )
-        }
+        unsafe { gpu.launch(self.kernels.argmax_rows, grid, 1024, 0, &mut args) }
     }
 
     /// Copies `rows` greedy ids back to the pinned buffer and waits for the step.
@@ -1204,6 +1332,7 @@ fn load_kernels(gpu: &Gpu, head_dim: usize) -> Result<Kernels, GpuError> {
         silu_mul: m.kernel("silu_mul")?,
         attn_combine: m.kernel("attn_combine")?,
         argmax_rows: m.kernel("argmax_rows")?,
+        sample_rows: m.kernel("sample_rows")?,
         attention_w1: attention(1)?,
         attention_w4: attention(4)?,
     })

@@ -28,6 +28,7 @@ use crate::kv::pool::BlockPool;
 use crate::kv_events::KvEventSink;
 use crate::metrics as names;
 use crate::model::{LogitsFor, SeqInput};
+use crate::sample::DeviceDraw;
 use crate::transfer::auth;
 use crate::transfer::puller::FailureKind;
 use crate::transfer::wire::tokens_digest;
@@ -564,14 +565,16 @@ impl EngineLoop {
         true
     }
 
-    /// Runs the step's forward pass. When every sequence in it samples plain greedy and
-    /// the executor can pick those tokens where the logits are (a GPU), returns the
-    /// picked tokens, one per sampling sequence in slot order; otherwise the logits wait
-    /// in the executor for [`Self::sample_and_report`].
+    /// Runs the step's forward pass. When no sequence in it reports or masks its logits
+    /// and the executor can pick tokens where the logits are (a GPU), returns the picked
+    /// tokens, one per sampling sequence in slot order (each sequence's sampler made its
+    /// draw for it); otherwise the logits wait in the executor for
+    /// [`Self::sample_and_report`].
     fn run_batch(
         &mut self,
         slots: &[Slot],
     ) -> Result<Option<Vec<u32>>, crate::model::ForwardError> {
+        let draws = self.device_draws(slots);
         let inputs: Vec<SeqInput> = slots
             .iter()
             .map(|slot| {
@@ -591,15 +594,34 @@ impl EngineLoop {
                 }
             })
             .collect();
-        let greedy_here = self.executor.picks_greedy_tokens()
-            && slots
-                .iter()
-                .all(|slot| self.running[slot.seq].samples_plain_greedy());
-        if greedy_here {
-            return Ok(Some(self.executor.forward_greedy(&inputs)?.to_vec()));
+        if let Some(draws) = draws {
+            return Ok(Some(
+                self.executor.forward_sampled(&inputs, &draws)?.to_vec(),
+            ));
         }
         self.executor.forward(&inputs)?;
         Ok(None)
+    }
+
+    /// When the executor can pick tokens where the logits are (a GPU) and no sequence
+    /// of the step reports or masks its logits: a draw for each sequence that samples
+    /// in this step, in slot order (the order of the logits rows).
+    fn device_draws(&mut self, slots: &[Slot]) -> Option<Vec<DeviceDraw>> {
+        let on_device = self.executor.samples_on_device()
+            && slots
+                .iter()
+                .all(|slot| self.running[slot.seq].samples_on_device());
+        if !on_device {
+            return None;
+        }
+        let mut draws = Vec::with_capacity(slots.len());
+        for slot in slots {
+            let seq = &mut self.running[slot.seq];
+            if seq.num_computed + slot.len == seq.tokens.len() {
+                draws.push(seq.device_draw()?);
+            }
+        }
+        Some(draws)
     }
 
     /// Samples (or takes the `picked` tokens of) every sequence whose prompt is now
@@ -619,7 +641,7 @@ impl EngineLoop {
                     continue;
                 }
                 logits_row += 1;
-                let token = seq.take_greedy_token(picked[logits_row - 1]);
+                let token = seq.take_device_token(picked[logits_row - 1]);
                 if let Some(reason) = seq.accept_token(token, None) {
                     finished.push((seq.id, Ok(reason)));
                 }

@@ -8,7 +8,7 @@ use super::request::{FinishReason, GenerationEvent, GenerationRequest, Usage};
 use crate::constrain::{Allowed, ConstraintError, OutputConstraint};
 use crate::kv::BlockId;
 use crate::kv::pool::BlockHash;
-use crate::sample::{Sampler, TokenLogprobs};
+use crate::sample::{DeviceDraw, Sampler, TokenLogprobs};
 use crate::transfer::{Handoff, KvRole};
 
 /// The most prompt positions a step computes for a request that wants them all
@@ -107,16 +107,25 @@ impl Sequence {
         Ok(Some(token))
     }
 
-    /// Whether this sequence's next token is the plain argmax of its logits, which the
-    /// device may pick without bringing them back: greedy, nothing adjusting or
-    /// reporting them, no grammar, no prompt log probabilities.
-    pub fn samples_plain_greedy(&self) -> bool {
-        self.sampler.is_plain_greedy() && self.constraint.is_none() && !self.wants_prompt_logits()
+    /// Whether this sequence's next token can be picked where its logits are, without
+    /// bringing them back: nothing reports them (log probabilities, prompt log
+    /// probabilities) and no grammar masks them.
+    pub fn samples_on_device(&self) -> bool {
+        !self.sampler.reports_logprobs() && self.constraint.is_none() && !self.wants_prompt_logits()
     }
 
-    /// Takes the token the device picked (see [`Sequence::samples_plain_greedy`]).
-    pub fn take_greedy_token(&mut self, token: u32) -> u32 {
-        self.sampler.record_greedy();
+    /// The draw for the device to pick this sequence's next token with (see
+    /// [`Sequence::samples_on_device`]); `None` when it cannot.
+    pub fn device_draw(&mut self) -> Option<DeviceDraw> {
+        if !self.samples_on_device() {
+            return None;
+        }
+        self.sampler.device_draw()
+    }
+
+    /// Takes the token the device picked for [`Sequence::device_draw`].
+    pub fn take_device_token(&mut self, token: u32) -> u32 {
+        self.sampler.record_device_token(token);
         token
     }
 
