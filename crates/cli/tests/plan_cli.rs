@@ -8,6 +8,25 @@ use common::{Server, default_model_present, tandem};
 
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
+/// Measurements small enough for a test: a few short prompts, small batches, one run
+/// each.
+const SMALL_MEASUREMENTS: &[&str] = &[
+    "--prompt-lengths",
+    "8,32,96",
+    "--batches",
+    "1,2,4",
+    "--contexts",
+    "8,48",
+    "--decode-tokens",
+    "8",
+    "--repeats",
+    "1",
+    "--steps",
+    "2x32,3x16,2x32+3",
+    "--step-decode-context",
+    "8",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_profile_is_measured_then_ranked_and_refused_elsewhere() {
     if !default_model_present() {
@@ -28,16 +47,7 @@ async fn a_profile_is_measured_then_ranked_and_refused_elsewhere() {
             .args([
                 "plan", "profile", "--url", &url, "--cores", "1", "--model", MODEL,
             ])
-            .args(["--prompt-lengths", "8,32,96", "--batches", "1,2,4"])
-            .args([
-                "--contexts",
-                "8,48",
-                "--decode-tokens",
-                "8",
-                "--repeats",
-                "1",
-            ])
-            .args(["--steps", "2x32,3x16,2x32+3", "--step-decode-context", "8"])
+            .args(SMALL_MEASUREMENTS)
             .args(["--split-url", &split, "--out", &profile_arg])
             .args(["--alongside", &alongside])
             .output()
@@ -205,16 +215,7 @@ fn a_machine_is_profiled_with_the_workers_it_starts() {
     let profiled = tandem()
         .args(["plan", "profile", "--launch", "--cores", "2"])
         .args(["--kv-cache-memory", kv, "--max-batched-tokens", "512"])
-        .args(["--prompt-lengths", "8,32,96", "--batches", "1,2,4"])
-        .args([
-            "--contexts",
-            "8,48",
-            "--decode-tokens",
-            "8",
-            "--repeats",
-            "1",
-        ])
-        .args(["--steps", "2x32,3x16,2x32+3", "--step-decode-context", "8"])
+        .args(SMALL_MEASUREMENTS)
         .args(["--out", out.to_str().unwrap()])
         .output()
         .unwrap();

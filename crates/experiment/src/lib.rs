@@ -105,10 +105,7 @@ pub fn compare(
     options: &Options,
     stop: &'static AtomicBool,
 ) -> Result<Outcome, ExperimentError> {
-    let tandem = std::env::current_exe().map_err(|source| ExperimentError::Io {
-        context: "locating the tandem binary".into(),
-        source,
-    })?;
+    let tandem = tandem_binary()?;
     let secret = ClusterSecret::generate()?;
     let mut plans: Vec<Vec<Launch>> = topologies
         .iter()
@@ -138,13 +135,7 @@ pub fn compare(
     }
     create_dir(&options.out)?;
     tandem_launch::run::stop_on_signals(stop);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| ExperimentError::Io {
-            context: "starting the async runtime".into(),
-            source,
-        })?;
+    let runtime = async_runtime()?;
     let runs = topologies.iter().zip(&plans).zip(scalers);
     for (index, (((name, topology), launches), scaler)) in runs.enumerate() {
         if stop.load(Ordering::Relaxed) {
@@ -226,6 +217,25 @@ pub fn compare_rounds(
         report,
         failed,
         interrupted: stop.load(Ordering::Relaxed),
+    })
+}
+
+/// The multi-threaded runtime the measurements run on.
+fn async_runtime() -> Result<tokio::runtime::Runtime, ExperimentError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ExperimentError::Io {
+            context: "starting the async runtime".into(),
+            source,
+        })
+}
+
+/// This binary: the workers and routers it starts are `tandem serve` and `tandem route`.
+fn tandem_binary() -> Result<PathBuf, ExperimentError> {
+    std::env::current_exe().map_err(|source| ExperimentError::Io {
+        context: "locating the tandem binary".into(),
+        source,
     })
 }
 

@@ -67,13 +67,7 @@ pub fn measure(
     let mut sizes = machine.sizes.clone();
     sizes.sort_unstable();
     sizes.dedup();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| ExperimentError::Io {
-            context: "starting the async runtime".into(),
-            source,
-        })?;
+    let runtime = crate::async_runtime()?;
     let sets = WorkerSets::new(machine, plan)?;
     tandem_launch::run::stop_on_signals(stop);
     let mut measured = Measured {
@@ -156,10 +150,7 @@ struct WorkerSets<'a> {
 
 impl<'a> WorkerSets<'a> {
     fn new(machine: &'a MachineProfile<'a>, plan: &WorkerPlan) -> Result<Self, ExperimentError> {
-        let tandem = std::env::current_exe().map_err(|source| ExperimentError::Io {
-            context: "locating the tandem binary".into(),
-            source,
-        })?;
+        let tandem = crate::tandem_binary()?;
         Ok(Self {
             machine,
             // The workers take the batch limits the measurements assume.
