@@ -25,6 +25,25 @@ pub struct Prompt {
     pub max_tokens: usize,
 }
 
+/// What the requests ask of the server's sampler; each field left out of the request
+/// (the server's default) when `None`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sampling {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+}
+
+impl Sampling {
+    /// Temperature 0: the same tokens every time.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: Some(0.0),
+            ..Self::default()
+        }
+    }
+}
+
 /// How requests are sent.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -32,7 +51,7 @@ pub struct Target {
     pub model: Option<String>,
     pub api: Api,
     pub ignore_eos: bool,
-    pub temperature: Option<f64>,
+    pub sampling: Sampling,
     pub timeout: Duration,
 }
 
@@ -53,8 +72,15 @@ impl Target {
         if self.ignore_eos {
             body["ignore_eos"] = json!(true);
         }
-        if let Some(t) = self.temperature {
+        let sampling = &self.sampling;
+        if let Some(t) = sampling.temperature {
             body["temperature"] = json!(t);
+        }
+        if let Some(p) = sampling.top_p {
+            body["top_p"] = json!(p);
+        }
+        if let Some(k) = sampling.top_k {
+            body["top_k"] = json!(k);
         }
         body
     }
@@ -259,6 +285,36 @@ mod tests {
             }
         }
         (record, false)
+    }
+
+    #[test]
+    fn only_the_sampling_fields_given_are_sent() {
+        let target = |sampling| Target {
+            base_url: "http://127.0.0.1:9".into(),
+            model: None,
+            api: Api::Completions,
+            ignore_eos: false,
+            sampling,
+            timeout: Duration::from_secs(1),
+        };
+        let prompt = Prompt {
+            text: "hi".into(),
+            max_tokens: 4,
+        };
+        let plain = target(Sampling::default()).body(&prompt);
+        for field in ["temperature", "top_p", "top_k"] {
+            assert!(plain.get(field).is_none(), "{plain}");
+        }
+        let body = target(Sampling {
+            temperature: Some(0.8),
+            top_p: Some(0.95),
+            top_k: Some(40),
+        })
+        .body(&prompt);
+        assert_eq!(
+            (&body["temperature"], &body["top_p"], &body["top_k"]),
+            (&json!(0.8), &json!(0.95), &json!(40))
+        );
     }
 
     #[test]

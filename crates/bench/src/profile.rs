@@ -127,7 +127,7 @@ pub fn target(base_url: &str, model: Option<String>) -> Target {
         model,
         api: Api::Completions,
         ignore_eos: true,
-        temperature: Some(0.0),
+        sampling: crate::client::Sampling::greedy(),
         timeout: Duration::from_secs(600),
     }
 }

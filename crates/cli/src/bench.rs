@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use tandem_bench::client::{Api, Target};
+use tandem_bench::client::{Api, Sampling, Target};
 use tandem_bench::report::{self, RunInfo};
 use tandem_bench::stats::{self, Slo};
 use tandem_bench::suite::{Scenario, WorkloadKind};
@@ -98,6 +98,13 @@ pub struct BenchArgs {
     /// Sampling temperature to send (default: the server's).
     #[arg(long)]
     temperature: Option<f64>,
+    /// Nucleus sampling's top_p to send (default: the server's).
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// top_k to send (default: the server's; -1 or 0, as the server reads it, for no
+    /// limit).
+    #[arg(long, allow_negative_numbers = true)]
+    top_k: Option<i64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Seconds one request may take.
@@ -227,7 +234,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Endpoint::Chat => Api::Chat,
         },
         ignore_eos,
-        temperature: args.temperature,
+        sampling: Sampling {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+        },
         timeout: Duration::from_secs(args.request_timeout),
     };
     let info = |rate: Option<f64>, concurrency: Option<usize>| RunInfo {

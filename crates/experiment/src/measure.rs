@@ -99,7 +99,7 @@ fn scenarios(
             Api::Completions
         },
         ignore_eos,
-        temperature: Some(0.0),
+        sampling: tandem_bench::client::Sampling::greedy(),
         timeout: args.request_timeout,
     };
     warm_up(runtime, &target(true))?;
