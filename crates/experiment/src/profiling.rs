@@ -81,55 +81,78 @@ pub fn measure(
             ..plan.clone()
         };
         let split = index == 0 && 2 * size <= machine.cores.len();
-        let started = sets.start_alone(size, split, stop)?;
-        let worker = target(&runtime, &started.worker_urls[0])?;
-        measured.model = worker.model.clone().unwrap_or_default();
-        eprintln!("measuring a {size}-core worker alone");
-        measured.workers.push(until_stopped(
-            &runtime,
-            stop,
-            profile::measure_worker_alongside(&worker, &[], &plan),
-        )?);
-        if let Some(split_url) = &started.split_url {
-            eprintln!("measuring the hand-off through a 1P1D pair of {size}-core workers");
-            let split = Target {
-                base_url: split_url.clone(),
-                ..worker.clone()
-            };
-            measured.handoff = Some(until_stopped(
-                &runtime,
-                stop,
-                profile::measure_handoff(
-                    &split,
-                    &worker,
-                    kv_bytes_per_token,
-                    &plan.prompt_lengths,
-                    plan.repeats,
-                ),
-            )?);
+        let (model, worker, handoff) =
+            measure_alone(&sets, &plan, split, kv_bytes_per_token, &runtime, stop)?;
+        measured.model = model;
+        measured.workers.push(worker);
+        if handoff.is_some() {
+            measured.handoff = handoff;
         }
-        drop(started);
         let twins = machine.cores.len() / size;
-        if twins < 2 {
-            continue;
+        if twins >= 2 {
+            let worker = measure_twins(&sets, &plan, twins, &runtime, stop)?;
+            measured.workers.push(worker);
         }
-        let started = sets.start_twins(size, twins, stop)?;
-        let targets: Vec<Target> = started
-            .worker_urls
-            .iter()
-            .map(|url| target(&runtime, url))
-            .collect::<Result<_, _>>()?;
-        eprintln!(
-            "measuring a {size}-core worker alongside {} like it",
-            twins - 1
-        );
-        measured.workers.push(until_stopped(
-            &runtime,
-            stop,
-            profile::measure_worker_alongside(&targets[0], &targets[1..], &plan),
-        )?);
     }
     Ok(measured)
+}
+
+/// One worker of `plan.cores` cores measured alone, and with `split` the hand-off
+/// through a 1P1D pair of its size; with the model it serves.
+fn measure_alone(
+    sets: &WorkerSets,
+    plan: &WorkerPlan,
+    split: bool,
+    kv_bytes_per_token: u64,
+    runtime: &tokio::runtime::Runtime,
+    stop: &'static AtomicBool,
+) -> Result<(String, WorkerProfile, Option<HandoffCost>), ExperimentError> {
+    let size = plan.cores;
+    let started = sets.start_alone(size, split, stop)?;
+    let worker = target(runtime, &started.worker_urls[0])?;
+    eprintln!("measuring a {size}-core worker alone");
+    let profile = until_stopped(runtime, stop, profile::measure_worker(&worker, plan))?;
+    let mut handoff = None;
+    if let Some(split_url) = &started.split_url {
+        eprintln!("measuring the hand-off through a 1P1D pair of {size}-core workers");
+        let split = Target {
+            base_url: split_url.clone(),
+            ..worker.clone()
+        };
+        let measurement = profile::measure_handoff(
+            &split,
+            &worker,
+            kv_bytes_per_token,
+            &plan.prompt_lengths,
+            plan.repeats,
+        );
+        handoff = Some(until_stopped(runtime, stop, measurement)?);
+    }
+    Ok((worker.model.unwrap_or_default(), profile, handoff))
+}
+
+/// The first of `twins` workers of `plan.cores` cores measured while the others get
+/// the same load.
+fn measure_twins(
+    sets: &WorkerSets,
+    plan: &WorkerPlan,
+    twins: usize,
+    runtime: &tokio::runtime::Runtime,
+    stop: &'static AtomicBool,
+) -> Result<WorkerProfile, ExperimentError> {
+    let size = plan.cores;
+    let started = sets.start_twins(size, twins, stop)?;
+    let targets: Vec<Target> = started
+        .worker_urls
+        .iter()
+        .map(|url| target(runtime, url))
+        .collect::<Result<_, _>>()?;
+    eprintln!(
+        "measuring a {size}-core worker alongside {} like it",
+        twins - 1
+    );
+    let measurement = profile::measure_worker_alongside(&targets[0], &targets[1..], plan);
+    until_stopped(runtime, stop, measurement)
 }
 
 /// Workers started for one measurement (stopped on drop).
