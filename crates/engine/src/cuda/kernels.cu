@@ -697,12 +697,10 @@ __device__ __forceinline__ void keep_better(float& value, int& index, float othe
     }
 }
 
-// ids[r] = the index of the largest of logits[r][0..vocab), with the host sampler's
-// rules: the first index on ties, NaN skipped, 0 for a row of NaN (one block per row,
-// blockDim.x a multiple of 32). Greedy steps bring back these ids, not the logits.
-extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int vocab,
-                                       unsigned* __restrict__ ids) {
-    const float* row = logits + (i64)blockIdx.x * vocab;
+// *id = the index of the largest of row[0..vocab), with the host sampler's rules: the
+// first index on ties, NaN skipped, 0 for a row of NaN. Called by a whole block
+// (blockDim.x a multiple of 32); thread 0 writes *id.
+__device__ void argmax_row(const float* __restrict__ row, int vocab, unsigned* id) {
     float value = -INFINITY;
     int index = NO_INDEX;
     // Each thread's indices increase, so a strict `>` keeps its first maximum.
@@ -731,8 +729,15 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int voc
         for (int o = 16; o > 0; o >>= 1)
             keep_better(value, index, __shfl_xor_sync(0xffffffffu, value, o),
                         __shfl_xor_sync(0xffffffffu, index, o));
-        if (lane == 0) ids[blockIdx.x] = index == NO_INDEX ? 0u : (unsigned)index;
+        if (lane == 0) *id = index == NO_INDEX ? 0u : (unsigned)index;
     }
+}
+
+// ids[r] = argmax_row(logits[r]), one block per row. Greedy steps bring back these ids,
+// not the logits.
+extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int vocab,
+                                       unsigned* __restrict__ ids) {
+    argmax_row(logits + (i64)blockIdx.x * vocab, vocab, &ids[blockIdx.x]);
 }
 
 // One row's sampling, as the host's `DeviceDraw` packs it (crates/engine/src/sample.rs).
@@ -867,34 +872,7 @@ extern "C" __global__ void sample_rows(float* __restrict__ logits, int vocab,
     }
     __syncthreads();
     if (!(p.temperature >= 1e-5f) || p.top_k == 1) {
-        float value = -INFINITY;
-        int index = NO_INDEX;
-        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-            float v = row[i];
-            if (v > value || (index == NO_INDEX && v == v)) {
-                value = v;
-                index = i;
-            }
-        }
-        for (int o = 16; o > 0; o >>= 1)
-            keep_better(value, index, __shfl_xor_sync(0xffffffffu, value, o),
-                        __shfl_xor_sync(0xffffffffu, index, o));
-        __shared__ int indices[32];
-        int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-        if (lane == 0) {
-            scratch[warp] = value;
-            indices[warp] = index;
-        }
-        __syncthreads();
-        if (warp == 0) {
-            int warps = blockDim.x >> 5;
-            value = lane < warps ? scratch[lane] : -INFINITY;
-            index = lane < warps ? indices[lane] : NO_INDEX;
-            for (int o = 16; o > 0; o >>= 1)
-                keep_better(value, index, __shfl_xor_sync(0xffffffffu, value, o),
-                            __shfl_xor_sync(0xffffffffu, index, o));
-            if (lane == 0) ids[blockIdx.x] = index == NO_INDEX ? 0u : (unsigned)index;
-        }
+        argmax_row(row, vocab, &ids[blockIdx.x]);
         return;
     }
     const float inv_t = 1.f / p.temperature;
