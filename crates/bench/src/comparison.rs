@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::{Value, json};
+use tandem_planner::profile::{CoreSpeed, describe_core_speeds};
 
 use crate::handoff::Handoff;
 use crate::plot::{Figure, Panel, PlotError, Series};
@@ -50,6 +51,10 @@ pub struct TopologyEntry {
     pub commands: Vec<String>,
     /// Why it could not be measured, if it could not.
     pub error: Option<String>,
+    /// Its workers' cores' speeds, timed just before it started (none for remote
+    /// workers or workers given no cores).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub core_speeds: Vec<CoreSpeed>,
 }
 
 /// One scenario at one load against one topology.
@@ -187,12 +192,21 @@ impl Comparison {
             self.baseline(),
             s.command,
         );
-        out.push_str("| topology | layout | status |\n|---|---|---|\n");
+        let timed_cores = self.topologies.iter().any(|t| !t.core_speeds.is_empty());
+        out.push_str(if timed_cores {
+            "| topology | layout | status | its cores before it ran |\n|---|---|---|---|\n"
+        } else {
+            "| topology | layout | status |\n|---|---|---|\n"
+        });
         for t in &self.topologies {
             let status = t.error.as_deref().map_or("measured".to_owned(), |e| {
                 format!("**not measured**: {}", one_line(e))
             });
-            out.push_str(&format!("| {} | {} | {status} |\n", t.name, t.description));
+            out.push_str(&format!("| {} | {} | {status} |", t.name, t.description));
+            if timed_cores {
+                out.push_str(&format!(" {} |", describe_core_speeds(&t.core_speeds)));
+            }
+            out.push('\n');
         }
         out.push('\n');
         out

@@ -16,6 +16,7 @@
 
 use serde_json::Value;
 use tandem_planner::layout::Layout;
+use tandem_planner::profile::{CoreSpeed, describe_core_speeds, fastest_alone, slowest_core};
 use tandem_planner::workload::Request;
 use tandem_planner::{Profile, ProfileError, simulate_requests};
 
@@ -375,6 +376,53 @@ pub fn markdown(rows: &[Row]) -> String {
     out
 }
 
+/// The cores the profile and each report's layouts were timed on (`tandem plan profile
+/// --launch` and `tandem compare` time them), each layout's slowest core as a share of
+/// the profile's fastest: a layout that ran on a slower core than the profile was
+/// measured on is slower than predicted for a reason the model does not see. Empty
+/// where neither timed its cores.
+pub fn core_notes(profile: &Profile, reports: &[Value]) -> String {
+    let fastest = fastest_alone(&profile.core_speeds);
+    let mut lines = Vec::new();
+    if !profile.core_speeds.is_empty() {
+        lines.push(format!(
+            "- profile: {}",
+            describe_core_speeds(&profile.core_speeds)
+        ));
+    }
+    for (round, report) in reports.iter().enumerate() {
+        for topology in report["topologies"].as_array().into_iter().flatten() {
+            let Some(speeds) = topology
+                .get("core_speeds")
+                .and_then(|v| serde_json::from_value::<Vec<CoreSpeed>>(v.clone()).ok())
+                .filter(|s| !s.is_empty())
+            else {
+                continue;
+            };
+            let name = topology["name"].as_str().unwrap_or("?");
+            let share = match slowest_core(&speeds) {
+                Some((core, rate)) if fastest > 0.0 => format!(
+                    "; slowest, core {core}, at {:.0}% of the profile's fastest",
+                    100.0 * rate / fastest
+                ),
+                _ => String::new(),
+            };
+            lines.push(format!(
+                "- report {}, {name}: {}{share}",
+                round + 1,
+                describe_core_speeds(&speeds)
+            ));
+        }
+    }
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nCores (a single-threaded f32 multiply-add loop; alone / all busy):\n{}\n",
+        lines.join("\n")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,6 +450,33 @@ mod tests {
         let other = setup("vm: Intel(R) Xeon(R) Processor, 2 cores", "llama.gguf");
         let error = check_same_setup(&profile, &other).unwrap_err().to_string();
         assert!(error.contains("profile this model"), "{error}");
+    }
+
+    #[test]
+    fn each_layouts_cores_are_set_against_the_profiles() {
+        let mut profile = committed_profile();
+        assert_eq!(core_notes(&profile, &[json!({"topologies": []})]), "");
+        profile.core_speeds = vec![CoreSpeed {
+            core: 0,
+            alone: 80.0,
+            together: 76.0,
+        }];
+        let speed =
+            |core: usize, alone: f64| json!({"core": core, "alone": alone, "together": alone});
+        let report = json!({"topologies": [
+            {"name": "single", "core_speeds": [speed(0, 80.0), speed(1, 52.0)]},
+            {"name": "remote"},
+        ]});
+        let notes = core_notes(&profile, &[report]);
+        assert!(
+            notes.contains("- profile: core 0 80.0 alone / 76.0 together"),
+            "{notes}"
+        );
+        assert!(
+            notes.contains("- report 1, single: core 0 80.0 alone / 80.0 together, core 1 52.0 / 52.0 GFLOP/s; slowest, core 1, at 65% of the profile's fastest"),
+            "{notes}"
+        );
+        assert!(!notes.contains("remote"), "{notes}");
     }
 
     #[test]

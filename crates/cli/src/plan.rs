@@ -220,6 +220,7 @@ fn validate(args: ValidateArgs) -> Result<()> {
         bail!("the report has no request-rate runs of tandem serve layouts to check");
     }
     print!("{}", tandem_bench::validate::markdown(&rows));
+    print!("{}", tandem_bench::validate::core_notes(&profile, &reports));
     Ok(())
 }
 
@@ -269,8 +270,12 @@ fn measure(args: ProfileArgs) -> Result<()> {
                 seconds_per_byte: 0.0,
             },
             workers: Vec::new(),
+            core_speeds: Vec::new(),
         },
     };
+    if !measured.core_speeds.is_empty() {
+        profile.core_speeds = measured.core_speeds;
+    }
     if let Some(handoff) = measured.handoff {
         profile.handoff = handoff;
     }
@@ -332,6 +337,7 @@ fn measure_given(
         model: model.to_owned(),
         workers: vec![worker],
         handoff,
+        core_speeds: Vec::new(),
     })
 }
 

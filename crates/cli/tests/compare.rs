@@ -66,6 +66,15 @@ fn a_three_way_comparison_writes_a_complete_report() {
         .collect();
     assert_eq!(topologies, ["single", "replicated", "disaggregated"]);
     assert_eq!(results["baseline"], "single");
+    // Each layout's two cores were timed before it started.
+    for topology in results["topologies"].as_array().unwrap() {
+        let speeds = topology["core_speeds"].as_array().unwrap();
+        assert_eq!(speeds.len(), 2, "{topology}");
+        for speed in speeds {
+            assert!(speed["alone"].as_f64().unwrap() > 0.0, "{topology}");
+            assert!(speed["together"].as_f64().unwrap() > 0.0, "{topology}");
+        }
+    }
     // (scenario, load points, requests per run, output tokens per run)
     let expected = [
         ("seed-single", 1, 2, None),
@@ -116,6 +125,7 @@ fn a_three_way_comparison_writes_a_complete_report() {
         "random, 3 prompts of 60 tokens, 4 tokens out",
         "| concurrency 3 | disaggregated |",
         "vs single",
+        "its cores before it ran",
         "Percentiles at concurrency 3 (ms)",
         "KV hand-off (the pulling workers' own counters)",
         "![long-prompts throughput](long-prompts-throughput.svg)",

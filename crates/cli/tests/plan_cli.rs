@@ -233,6 +233,15 @@ fn a_machine_is_profiled_with_the_workers_it_starts() {
     assert!(parsed.workers.iter().all(|w| w.max_batched_tokens == 512));
     // The hand-off through the 1P1D pair it started.
     assert!(parsed.handoff_seconds(96) > 0.0, "{text}");
+    // The two cores it used, timed.
+    assert_eq!(parsed.core_speeds.len(), 2, "{text}");
+    assert!(
+        parsed
+            .core_speeds
+            .iter()
+            .all(|s| s.alone > 0.0 && s.together > 0.0),
+        "{text}"
+    );
     for set in ["1-core", "1-core-1p1d", "2x1-core", "2-core"] {
         assert!(dir.path().join("machine-logs").join(set).is_dir(), "{set}");
     }

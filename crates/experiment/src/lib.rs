@@ -8,8 +8,10 @@
 //! - [`defaults`]: the default single, replicated and disaggregated topologies.
 //! - [`measure`]: one topology through every scenario.
 //! - [`setup`]: what the report says about where it ran.
+//! - [`core_speed`]: how fast each core computes, alone and all busy.
 //! - [`profiling`]: a planner profile of this machine, from workers it starts.
 
+pub mod core_speed;
 pub mod defaults;
 pub mod measure;
 pub mod profiling;
@@ -28,6 +30,7 @@ use tandem_launch::run::RunError;
 use tandem_launch::scale::Scaler;
 use tandem_launch::secret::{ClusterSecret, SecretError};
 use tandem_launch::topology::{Checked, TopologyError};
+use tandem_planner::profile::CoreSpeed;
 
 /// Why an experiment could not run (a topology that fails to start is not one: the
 /// report says so and the others run).
@@ -119,6 +122,7 @@ pub fn compare(
             description: setup::describe(topology),
             commands: launches.iter().map(Launch::shell_line).collect(),
             error: None,
+            core_speeds: Vec::new(),
         })
         .collect();
     let tokenizer = options
@@ -142,6 +146,7 @@ pub fn compare(
             break;
         }
         eprintln!("\n=== {name}: {} ===", setup::describe(topology));
+        comparison.topologies[index].core_speeds = time_worker_cores(topology);
         let planner_token = topology
             .router
             .planner
@@ -273,6 +278,33 @@ fn give_planners_a_token(
         }
     }
     Ok(token)
+}
+
+/// The speeds of the cores `topology`'s workers are given, timed now (nothing of it
+/// started yet); a slow one is warned about. Empty where none are given.
+fn time_worker_cores(topology: &Checked) -> Vec<CoreSpeed> {
+    let mut cores: Vec<usize> = topology
+        .workers
+        .iter()
+        .flat_map(|w| w.spec.cores.iter().copied())
+        .collect();
+    cores.sort_unstable();
+    cores.dedup();
+    if cores.is_empty() {
+        return Vec::new();
+    }
+    match crate::core_speed::measure(&cores) {
+        Ok(speeds) => {
+            if let Some(warning) = crate::core_speed::warning(&speeds) {
+                eprintln!("warning: {warning}");
+            }
+            speeds
+        }
+        Err(error) => {
+            eprintln!("the cores {cores:?} could not be timed: {error}");
+            Vec::new()
+        }
+    }
 }
 
 fn report_setup(topologies: &[(String, Checked)], options: &Options) -> Setup {

@@ -3,7 +3,8 @@
 //! the smallest size beside it for the hand-off), then the given cores filled with
 //! workers of that size and the first measured while the others get the same load —
 //! each set started with `tandem up`'s machinery on its own cores, measured with
-//! [`tandem_bench::profile`], and stopped before the next.
+//! [`tandem_bench::profile`], and stopped before the next. The cores' own speeds
+//! ([`crate::core_speed`]) are measured first, with nothing started.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +17,7 @@ use tandem_launch::run::RunError;
 use tandem_launch::secret::ClusterSecret;
 use tandem_launch::stack::{Stack, StartOptions, StderrObserver};
 use tandem_launch::topology::{self, Checked};
-use tandem_planner::profile::{HandoffCost, WorkerProfile};
+use tandem_planner::profile::{CoreSpeed, HandoffCost, WorkerProfile};
 
 use crate::ExperimentError;
 use crate::defaults::DefaultTopologies;
@@ -43,6 +44,8 @@ pub struct Measured {
     pub workers: Vec<WorkerProfile>,
     /// Through a 1P1D pair of the smallest size, where the cores hold two of it.
     pub handoff: Option<HandoffCost>,
+    /// The given cores' speeds (empty where the workers were not started here).
+    pub core_speeds: Vec<CoreSpeed>,
 }
 
 /// Starts, measures and stops every worker set `machine` calls for, with `plan`'s
@@ -70,10 +73,19 @@ pub fn measure(
     let runtime = crate::async_runtime()?;
     let sets = WorkerSets::new(machine, plan)?;
     tandem_launch::run::stop_on_signals(stop);
+    let core_speeds =
+        crate::core_speed::measure(&machine.cores).map_err(|source| ExperimentError::Io {
+            context: "timing the cores".into(),
+            source,
+        })?;
+    if let Some(warning) = crate::core_speed::warning(&core_speeds) {
+        eprintln!("warning: {warning}");
+    }
     let mut measured = Measured {
         model: String::new(),
         workers: Vec::new(),
         handoff: None,
+        core_speeds,
     };
     for (index, &size) in sizes.iter().enumerate() {
         let plan = WorkerPlan {

@@ -329,7 +329,8 @@ pub fn core_list(cores: &[usize]) -> String {
     ids.join(",")
 }
 
-fn pin_to_cores(cores: &[usize]) -> std::io::Result<()> {
+/// Keeps the calling thread (in `pre_exec`, the new process) on `cores`.
+pub fn pin_to_cores(cores: &[usize]) -> std::io::Result<()> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays in bounds for
     // core ids below CPU_SETSIZE (checked).
     unsafe {

@@ -36,6 +36,58 @@ pub struct Profile {
     pub handoff: HandoffCost,
     /// Measured worker sizes (by cores), at least one.
     pub workers: Vec<WorkerProfile>,
+    /// How fast each core the workers ran on computed when they were measured (`tandem
+    /// plan profile --launch` measures them; empty where the cores were not known).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub core_speeds: Vec<CoreSpeed>,
+}
+
+/// One core's rate at a fixed single-threaded compute loop (f32 multiply-adds, GFLOP/s),
+/// with the machine otherwise idle and with every measured core running it at once. A
+/// VM's cores need not run at one speed (the host places its vCPUs where the guest
+/// cannot see), and a worker on a slow core is slower than a profile measured on
+/// another says.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CoreSpeed {
+    pub core: usize,
+    pub alone: f64,
+    pub together: f64,
+}
+
+/// The slowest of `speeds` by its lower rate, alone or together: `(core, rate)`.
+pub fn slowest_core(speeds: &[CoreSpeed]) -> Option<(usize, f64)> {
+    speeds
+        .iter()
+        .map(|s| (s.core, s.alone.min(s.together)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+}
+
+/// The highest rate alone among `speeds` (0 for none).
+pub fn fastest_alone(speeds: &[CoreSpeed]) -> f64 {
+    speeds.iter().map(|s| s.alone).fold(0.0, f64::max)
+}
+
+/// "core 0 61.2 alone / 60.8 together, core 1 40.3 / 39.9 GFLOP/s" ("not timed" for
+/// none).
+pub fn describe_core_speeds(speeds: &[CoreSpeed]) -> String {
+    if speeds.is_empty() {
+        return "not timed".into();
+    }
+    let cores: Vec<String> = speeds
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            if i == 0 {
+                format!(
+                    "core {} {:.1} alone / {:.1} together",
+                    s.core, s.alone, s.together
+                )
+            } else {
+                format!("core {} {:.1} / {:.1}", s.core, s.alone, s.together)
+            }
+        })
+        .collect();
+    format!("{} GFLOP/s", cores.join(", "))
 }
 
 /// A hand-off's time: `fixed_seconds + bytes · seconds_per_byte`.
@@ -680,6 +732,7 @@ mod tests {
                 seconds_per_byte: 1e-9,
             },
             workers: vec![exact_worker(2)],
+            core_speeds: Vec::new(),
         };
         let alone = exact_worker(1);
         let mut crowded = exact_worker(1);
@@ -736,9 +789,23 @@ mod tests {
                 seconds_per_byte: 1e-9,
             },
             workers: vec![exact_worker(1)],
+            core_speeds: vec![
+                CoreSpeed {
+                    core: 0,
+                    alone: 60.0,
+                    together: 58.0,
+                },
+                CoreSpeed {
+                    core: 1,
+                    alone: 45.0,
+                    together: 40.0,
+                },
+            ],
         };
         let back = Profile::from_toml(&profile.to_toml()).unwrap();
         assert_eq!(back, profile);
+        assert_eq!(slowest_core(&back.core_speeds), Some((1, 40.0)));
+        assert_eq!(fastest_alone(&back.core_speeds), 60.0);
         assert!(
             back.check_matches("SmolLM2-135M-Instruct.Q4_1", "AMD EPYC 9B14 (2 cores)")
                 .is_ok()

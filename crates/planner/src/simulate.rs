@@ -541,6 +541,7 @@ pub(crate) mod tests {
                 seconds_per_byte: 1e-9,
             },
             workers: vec![worker(1), worker(2)],
+            core_speeds: Vec::new(),
         }
     }
 
