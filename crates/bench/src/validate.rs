@@ -16,7 +16,9 @@
 
 use serde_json::Value;
 use tandem_planner::layout::Layout;
-use tandem_planner::profile::{CoreSpeed, describe_core_speeds, fastest_alone, slowest_core};
+use tandem_planner::profile::{
+    CoreRate, CoreSpeed, describe_core_speeds, fastest_alone, slowest_core,
+};
 use tandem_planner::workload::Request;
 use tandem_planner::{Profile, ProfileError, simulate_requests};
 
@@ -382,7 +384,6 @@ pub fn markdown(rows: &[Row]) -> String {
 /// measured on is slower than predicted for a reason the model does not see. Empty
 /// where neither timed its cores.
 pub fn core_notes(profile: &Profile, reports: &[Value]) -> String {
-    let fastest = fastest_alone(&profile.core_speeds);
     let mut lines = Vec::new();
     if !profile.core_speeds.is_empty() {
         lines.push(format!(
@@ -400,15 +401,26 @@ pub fn core_notes(profile: &Profile, reports: &[Value]) -> String {
                 continue;
             };
             let name = topology["name"].as_str().unwrap_or("?");
-            let share = match slowest_core(&speeds) {
-                Some((core, rate)) if fastest > 0.0 => format!(
-                    "; slowest, core {core}, at {:.0}% of the profile's fastest",
-                    100.0 * rate / fastest
-                ),
-                _ => String::new(),
+            let shares: Vec<String> = [(CoreRate::Compute, "compute"), (CoreRate::Read, "read")]
+                .into_iter()
+                .filter_map(|(rate, what)| {
+                    let fastest = fastest_alone(&profile.core_speeds, rate);
+                    let (core, slowest) = slowest_core(&speeds, rate)?;
+                    (fastest > 0.0).then(|| {
+                        format!(
+                            "slowest {what}, core {core}, at {:.0}% of the profile's fastest",
+                            100.0 * slowest / fastest
+                        )
+                    })
+                })
+                .collect();
+            let shares = if shares.is_empty() {
+                String::new()
+            } else {
+                format!(" — {}", shares.join("; "))
             };
             lines.push(format!(
-                "- report {}, {name}: {}{share}",
+                "- report {}, {name}: {}{shares}",
                 round + 1,
                 describe_core_speeds(&speeds)
             ));
@@ -418,7 +430,7 @@ pub fn core_notes(profile: &Profile, reports: &[Value]) -> String {
         return String::new();
     }
     format!(
-        "\nCores (a single-threaded f32 multiply-add loop; alone / all busy):\n{}\n",
+        "\nCores (single-threaded loops: f32 multiply-adds, and a 32 MiB read; alone / all busy):\n{}\n",
         lines.join("\n")
     )
 }
@@ -460,20 +472,30 @@ mod tests {
             core: 0,
             alone: 80.0,
             together: 76.0,
+            read_alone: Some(40.0),
+            read_together: Some(36.0),
         }];
-        let speed =
-            |core: usize, alone: f64| json!({"core": core, "alone": alone, "together": alone});
+        let speed = |core: usize, compute: f64, read: f64| {
+            json!({"core": core, "alone": compute, "together": compute,
+                   "read_alone": read, "read_together": read})
+        };
         let report = json!({"topologies": [
-            {"name": "single", "core_speeds": [speed(0, 80.0), speed(1, 52.0)]},
+            {"name": "single", "core_speeds": [speed(0, 80.0, 40.0), speed(1, 52.0, 30.0)]},
+            {"name": "older", "core_speeds": [{"core": 0, "alone": 60.0, "together": 60.0}]},
             {"name": "remote"},
         ]});
         let notes = core_notes(&profile, &[report]);
         assert!(
-            notes.contains("- profile: core 0 80.0 alone / 76.0 together"),
+            notes.contains("- profile: core 0 80.0 GFLOP/s, 40.0 GB/s alone, 76.0, 36.0 together"),
             "{notes}"
         );
         assert!(
-            notes.contains("- report 1, single: core 0 80.0 alone / 80.0 together, core 1 52.0 / 52.0 GFLOP/s; slowest, core 1, at 65% of the profile's fastest"),
+            notes.contains("- report 1, single: core 0 80.0 GFLOP/s, 40.0 GB/s alone, 80.0, 40.0 together; core 1 52.0 GFLOP/s, 30.0 GB/s alone, 52.0, 30.0 together — slowest compute, core 1, at 65% of the profile's fastest; slowest read, core 1, at 75% of the profile's fastest"),
+            "{notes}"
+        );
+        // A report timed before reads were: its compute alone.
+        assert!(
+            notes.contains("- report 1, older: core 0 60.0 GFLOP/s alone, 60.0 together — slowest compute, core 0, at 75% of the profile's fastest\n"),
             "{notes}"
         );
         assert!(!notes.contains("remote"), "{notes}");

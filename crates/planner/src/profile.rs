@@ -42,52 +42,80 @@ pub struct Profile {
     pub core_speeds: Vec<CoreSpeed>,
 }
 
-/// One core's rate at a fixed single-threaded compute loop (f32 multiply-adds, GFLOP/s),
-/// with the machine otherwise idle and with every measured core running it at once. A
-/// VM's cores need not run at one speed (the host places its vCPUs where the guest
-/// cannot see), and a worker on a slow core is slower than a profile measured on
-/// another says.
+/// One core's rates at two fixed single-threaded loops, with the machine otherwise idle
+/// and with every measured core running them at once: f32 multiply-adds in registers
+/// (`alone`, `together`, GFLOP/s) and a read of a buffer larger than any core's own
+/// caches (`read_alone`, `read_together`, GB/s: the shared cache and memory, which
+/// other tenants of a VM's host contend for). A VM's cores need not run at one speed
+/// (the host places its vCPUs where the guest cannot see), and a worker on a slow core
+/// is slower than a profile measured on another says.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct CoreSpeed {
     pub core: usize,
     pub alone: f64,
     pub together: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_alone: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_together: Option<f64>,
 }
 
-/// The slowest of `speeds` by its lower rate, alone or together: `(core, rate)`.
-pub fn slowest_core(speeds: &[CoreSpeed]) -> Option<(usize, f64)> {
+/// Which of a [`CoreSpeed`]'s two rates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoreRate {
+    Compute,
+    Read,
+}
+
+impl CoreSpeed {
+    /// `rate` alone and together, where measured.
+    pub fn rates(&self, rate: CoreRate) -> Option<(f64, f64)> {
+        match rate {
+            CoreRate::Compute => Some((self.alone, self.together)),
+            CoreRate::Read => Some((self.read_alone?, self.read_together?)),
+        }
+    }
+}
+
+/// The slowest of `speeds` by its lower `rate`, alone or together: `(core, rate)`.
+pub fn slowest_core(speeds: &[CoreSpeed], rate: CoreRate) -> Option<(usize, f64)> {
     speeds
         .iter()
-        .map(|s| (s.core, s.alone.min(s.together)))
+        .filter_map(|s| {
+            s.rates(rate)
+                .map(|(alone, together)| (s.core, alone.min(together)))
+        })
         .min_by(|a, b| a.1.total_cmp(&b.1))
 }
 
-/// The highest rate alone among `speeds` (0 for none).
-pub fn fastest_alone(speeds: &[CoreSpeed]) -> f64 {
-    speeds.iter().map(|s| s.alone).fold(0.0, f64::max)
+/// The highest `rate` alone among `speeds` (0 for none).
+pub fn fastest_alone(speeds: &[CoreSpeed], rate: CoreRate) -> f64 {
+    speeds
+        .iter()
+        .filter_map(|s| s.rates(rate).map(|(alone, _)| alone))
+        .fold(0.0, f64::max)
 }
 
-/// "core 0 61.2 alone / 60.8 together, core 1 40.3 / 39.9 GFLOP/s" ("not timed" for
-/// none).
+/// "core 0 61.2 GFLOP/s, 38.0 GB/s alone, 60.8, 35.1 together; core 1 …" ("not timed"
+/// for none).
 pub fn describe_core_speeds(speeds: &[CoreSpeed]) -> String {
     if speeds.is_empty() {
         return "not timed".into();
     }
     let cores: Vec<String> = speeds
         .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            if i == 0 {
-                format!(
-                    "core {} {:.1} alone / {:.1} together",
-                    s.core, s.alone, s.together
-                )
-            } else {
-                format!("core {} {:.1} / {:.1}", s.core, s.alone, s.together)
-            }
+        .map(|s| match s.rates(CoreRate::Read) {
+            Some((read_alone, read_together)) => format!(
+                "core {} {:.1} GFLOP/s, {:.1} GB/s alone, {:.1}, {:.1} together",
+                s.core, s.alone, read_alone, s.together, read_together
+            ),
+            None => format!(
+                "core {} {:.1} GFLOP/s alone, {:.1} together",
+                s.core, s.alone, s.together
+            ),
         })
         .collect();
-    format!("{} GFLOP/s", cores.join(", "))
+    cores.join("; ")
 }
 
 /// A hand-off's time: `fixed_seconds + bytes · seconds_per_byte`.
@@ -794,18 +822,30 @@ mod tests {
                     core: 0,
                     alone: 60.0,
                     together: 58.0,
+                    read_alone: Some(30.0),
+                    read_together: Some(20.0),
                 },
                 CoreSpeed {
                     core: 1,
                     alone: 45.0,
                     together: 40.0,
+                    read_alone: Some(28.0),
+                    read_together: Some(25.0),
                 },
             ],
         };
         let back = Profile::from_toml(&profile.to_toml()).unwrap();
         assert_eq!(back, profile);
-        assert_eq!(slowest_core(&back.core_speeds), Some((1, 40.0)));
-        assert_eq!(fastest_alone(&back.core_speeds), 60.0);
+        assert_eq!(
+            slowest_core(&back.core_speeds, CoreRate::Compute),
+            Some((1, 40.0))
+        );
+        assert_eq!(
+            slowest_core(&back.core_speeds, CoreRate::Read),
+            Some((0, 20.0))
+        );
+        assert_eq!(fastest_alone(&back.core_speeds, CoreRate::Compute), 60.0);
+        assert_eq!(fastest_alone(&back.core_speeds, CoreRate::Read), 30.0);
         assert!(
             back.check_matches("SmolLM2-135M-Instruct.Q4_1", "AMD EPYC 9B14 (2 cores)")
                 .is_ok()
