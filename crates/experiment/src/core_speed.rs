@@ -1,12 +1,11 @@
 //! How fast each core a measurement uses computes and reads, alone and with all of them
 //! busy: one pinned thread per core runs a fixed loop of f32 multiply-adds in registers,
 //! then sums a buffer larger than its own caches (what tenants of a VM's host share:
-//! the last-level cache and memory). A VM's cores need
-//! not run at one speed (its vCPUs sit where the host puts them, beside whatever else
-//! the host runs), and a worker on a slow core makes every figure of its layout slower
-//! than a profile measured on another core predicts; the profile and each compared
-//! layout record the speeds of their cores so that a reader (and `tandem plan
-//! validate`) can tell.
+//! the last-level cache and memory). A VM's cores need not run at one speed (its vCPUs
+//! sit where the host puts them, beside whatever else the host runs), and a worker on a
+//! slow core makes every figure of its layout slower than a profile measured on another
+//! core predicts; the profile and each compared layout record the speeds of their cores
+//! so that a reader (and `tandem plan validate`) can tell.
 
 use std::hint::black_box;
 use std::sync::Barrier;
