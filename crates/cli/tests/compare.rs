@@ -66,15 +66,26 @@ fn a_three_way_comparison_writes_a_complete_report() {
         .collect();
     assert_eq!(topologies, ["single", "replicated", "disaggregated"]);
     assert_eq!(results["baseline"], "single");
-    // Each layout's two cores were timed before it started.
-    for topology in results["topologies"].as_array().unwrap() {
-        let speeds = topology["core_speeds"].as_array().unwrap();
-        assert_eq!(speeds.len(), 2, "{topology}");
-        for speed in speeds {
-            assert!(speed["alone"].as_f64().unwrap() > 0.0, "{topology}");
-            assert!(speed["together"].as_f64().unwrap() > 0.0, "{topology}");
-        }
-    }
+    // Each layout's cores were timed before it started: the same cores for all three.
+    let timed_cores: Vec<Vec<u64>> = results["topologies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|topology| {
+            let speeds = topology["core_speeds"].as_array().unwrap();
+            for speed in speeds {
+                for rate in ["alone", "together", "read_alone", "read_together"] {
+                    assert!(speed[rate].as_f64().unwrap() > 0.0, "{topology}");
+                }
+            }
+            speeds.iter().map(|s| s["core"].as_u64().unwrap()).collect()
+        })
+        .collect();
+    assert!(!timed_cores[0].is_empty());
+    assert!(
+        timed_cores.iter().all(|cores| *cores == timed_cores[0]),
+        "{timed_cores:?}"
+    );
     // (scenario, load points, requests per run, output tokens per run)
     let expected = [
         ("seed-single", 1, 2, None),
