@@ -16,9 +16,7 @@
 
 use serde_json::Value;
 use tandem_planner::layout::Layout;
-use tandem_planner::profile::{
-    CoreRate, CoreSpeed, describe_core_speeds, fastest_alone, slowest_core,
-};
+use tandem_planner::profile::{CoreRate, CoreSpeed, describe_core_speeds, slowest_share};
 use tandem_planner::workload::Request;
 use tandem_planner::{Profile, ProfileError, simulate_requests};
 
@@ -401,28 +399,11 @@ pub fn core_notes(profile: &Profile, reports: &[Value]) -> String {
                 continue;
             };
             let name = topology["name"].as_str().unwrap_or("?");
-            let shares: Vec<String> = [(CoreRate::Compute, "compute"), (CoreRate::Read, "read")]
-                .into_iter()
-                .filter_map(|(rate, what)| {
-                    let fastest = fastest_alone(&profile.core_speeds, rate);
-                    let (core, slowest) = slowest_core(&speeds, rate)?;
-                    (fastest > 0.0).then(|| {
-                        format!(
-                            "slowest {what}, core {core}, at {:.0}% of the profile's fastest",
-                            100.0 * slowest / fastest
-                        )
-                    })
-                })
-                .collect();
-            let shares = if shares.is_empty() {
-                String::new()
-            } else {
-                format!(" — {}", shares.join("; "))
-            };
             lines.push(format!(
-                "- report {}, {name}: {}{shares}",
+                "- report {}, {name}: {}{}",
                 round + 1,
-                describe_core_speeds(&speeds)
+                describe_core_speeds(&speeds),
+                against_profile(&speeds, &profile.core_speeds)
             ));
         }
     }
@@ -433,6 +414,26 @@ pub fn core_notes(profile: &Profile, reports: &[Value]) -> String {
         "\nCores (single-threaded loops: f32 multiply-adds, and a 32 MiB read; alone / all busy):\n{}\n",
         lines.join("\n")
     )
+}
+
+/// " — slowest compute, core 1, at 65% of the profile's fastest; slowest read, …", or
+/// nothing where the profile has no rate to set `speeds` against.
+fn against_profile(speeds: &[CoreSpeed], profile: &[CoreSpeed]) -> String {
+    let shares: Vec<String> = [(CoreRate::Compute, "compute"), (CoreRate::Read, "read")]
+        .into_iter()
+        .filter_map(|(rate, what)| {
+            let (core, share) = slowest_share(speeds, profile, rate)?;
+            Some(format!(
+                "slowest {what}, core {core}, at {:.0}% of the profile's fastest",
+                100.0 * share
+            ))
+        })
+        .collect();
+    if shares.is_empty() {
+        String::new()
+    } else {
+        format!(" — {}", shares.join("; "))
+    }
 }
 
 #[cfg(test)]

@@ -12,9 +12,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use tandem_launch::run::pin_to_cores;
-use tandem_planner::profile::{
-    CoreRate, CoreSpeed, describe_core_speeds, fastest_alone, slowest_core,
-};
+use tandem_planner::profile::{CoreRate, CoreSpeed, describe_core_speeds, slowest_share};
 
 /// One timed run of a loop; the median of [`TRIALS`] is kept.
 const TRIAL: Duration = Duration::from_millis(20);
@@ -44,13 +42,21 @@ pub fn measure(cores: &[usize]) -> std::io::Result<Vec<CoreSpeed>> {
         .collect())
 }
 
+/// [`measure`], with a [`warning`] printed where a core is slow.
+pub fn measure_and_warn(cores: &[usize]) -> std::io::Result<Vec<CoreSpeed>> {
+    let speeds = measure(cores)?;
+    if let Some(warning) = warning(&speeds) {
+        eprintln!("warning: {warning}");
+    }
+    Ok(speeds)
+}
+
 /// A line saying which core is slow, at what and by how much, where one is.
 pub fn warning(speeds: &[CoreSpeed]) -> Option<String> {
     let slow: Vec<String> = [(CoreRate::Compute, "computes"), (CoreRate::Read, "reads")]
         .into_iter()
         .filter_map(|(rate, verb)| {
-            let (core, slowest) = slowest_core(speeds, rate)?;
-            let share = slowest / fastest_alone(speeds, rate);
+            let (core, share) = slowest_share(speeds, speeds, rate)?;
             (share < SLOW_SHARE)
                 .then(|| format!("core {core} {verb} at {:.0}% of the fastest", share * 100.0))
         })

@@ -8,7 +8,7 @@
 //! - [`defaults`]: the default single, replicated and disaggregated topologies.
 //! - [`measure`]: one topology through every scenario.
 //! - [`setup`]: what the report says about where it ran.
-//! - [`core_speed`]: how fast each core computes, alone and all busy.
+//! - [`core_speed`]: how fast each core computes and reads, alone and all busy.
 //! - [`profiling`]: a planner profile of this machine, from workers it starts.
 
 pub mod core_speed;
@@ -293,13 +293,8 @@ fn time_worker_cores(topology: &Checked) -> Vec<CoreSpeed> {
     if cores.is_empty() {
         return Vec::new();
     }
-    match crate::core_speed::measure(&cores) {
-        Ok(speeds) => {
-            if let Some(warning) = crate::core_speed::warning(&speeds) {
-                eprintln!("warning: {warning}");
-            }
-            speeds
-        }
+    match core_speed::measure_and_warn(&cores) {
+        Ok(speeds) => speeds,
         Err(error) => {
             eprintln!("the cores {cores:?} could not be timed: {error}");
             Vec::new()

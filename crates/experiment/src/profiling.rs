@@ -73,14 +73,12 @@ pub fn measure(
     let runtime = crate::async_runtime()?;
     let sets = WorkerSets::new(machine, plan)?;
     tandem_launch::run::stop_on_signals(stop);
-    let core_speeds =
-        crate::core_speed::measure(&machine.cores).map_err(|source| ExperimentError::Io {
+    let core_speeds = crate::core_speed::measure_and_warn(&machine.cores).map_err(|source| {
+        ExperimentError::Io {
             context: "timing the cores".into(),
             source,
-        })?;
-    if let Some(warning) = crate::core_speed::warning(&core_speeds) {
-        eprintln!("warning: {warning}");
-    }
+        }
+    })?;
     let mut measured = Measured {
         model: String::new(),
         workers: Vec::new(),

@@ -36,8 +36,8 @@ pub struct Profile {
     pub handoff: HandoffCost,
     /// Measured worker sizes (by cores), at least one.
     pub workers: Vec<WorkerProfile>,
-    /// How fast each core the workers ran on computed when they were measured (`tandem
-    /// plan profile --launch` measures them; empty where the cores were not known).
+    /// How fast each core the workers ran on computed and read when they were measured
+    /// (`tandem plan profile --launch` times them; empty where the cores were not known).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub core_speeds: Vec<CoreSpeed>,
 }
@@ -94,6 +94,18 @@ pub fn fastest_alone(speeds: &[CoreSpeed], rate: CoreRate) -> f64 {
         .iter()
         .filter_map(|s| s.rates(rate).map(|(alone, _)| alone))
         .fold(0.0, f64::max)
+}
+
+/// The slowest of `speeds` by `rate` (see [`slowest_core`]) as a share of the fastest
+/// of `reference` alone: `(core, share)`; `None` where either has no such rate.
+pub fn slowest_share(
+    speeds: &[CoreSpeed],
+    reference: &[CoreSpeed],
+    rate: CoreRate,
+) -> Option<(usize, f64)> {
+    let fastest = fastest_alone(reference, rate);
+    let (core, slowest) = slowest_core(speeds, rate)?;
+    (fastest > 0.0).then_some((core, slowest / fastest))
 }
 
 /// "core 0 61.2 GFLOP/s, 38.0 GB/s alone, 60.8, 35.1 together; core 1 …" ("not timed"
