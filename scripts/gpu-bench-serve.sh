@@ -19,20 +19,23 @@
 # (10 × concurrency + run number): a run that repeated an earlier run's prompts would
 # find them in the server's prefix cache (on one H200 that cut TTFT p50 at 16 users
 # from 204 to 47 ms), and so would runs at two concurrencies whose prompt lists share
-# a start.
+# a start. TEMPERATURE (default 0, greedy) is the sampling temperature both clients ask
+# for; with a temperature above 0 the server samples each token (the only sampling
+# parameter set: no top-k, top-p or penalties).
 set -euo pipefail
 name=${1:?} url=${2:?} model=${3:?} tokenizer=${4:?} out=${5:?}
 shift 5
 concurrencies=${*:-1 16 64}
 vllm=${VLLM:-python3 -m vllm.entrypoints.cli.main}
 rounds=${ROUNDS:-1}
+temperature=${TEMPERATURE:-0}
 mkdir -p "$out"
 
 vllm_run() { # CONCURRENCY REQUESTS FILE_STEM SEED
   # shellcheck disable=SC2086
   $vllm bench serve --backend openai --base-url "$url" --endpoint /v1/completions \
     --model "$model" --tokenizer "$tokenizer" --dataset-name random \
-    --random-input-len 512 --random-output-len 128 --ignore-eos --temperature 0 \
+    --random-input-len 512 --random-output-len 128 --ignore-eos --temperature "$temperature" \
     --num-prompts "$2" --max-concurrency "$1" --seed "$4" \
     --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,99 \
     --save-result --result-dir "$out" --result-filename "$3.json" \
@@ -50,7 +53,7 @@ PY
 
 tandem_run() { # CONCURRENCY REQUESTS FILE_STEM SEED
   "$TANDEM_BENCH" bench --url "$url" --model "$model" --workload random \
-    --input-len 512 --output-len 128 --range-ratio 0 --ignore-eos --temperature 0 \
+    --input-len 512 --output-len 128 --range-ratio 0 --ignore-eos --temperature "$temperature" \
     --tokenizer "$tokenizer" --num-prompts "$2" --max-concurrency "$1" --seed "$4" \
     --percentiles 50,99 --json "$out/$3.json" \
     > "$out/$3.log" 2>&1 || { tail -n 20 "$out/$3.log"; exit 1; }

@@ -12,7 +12,8 @@
 # `tandem up topologies/gpu-vllm-single.toml` and measured directly (not through the
 # router); its model folder is made with MAKE_MODEL if missing, as in gpu-vllm-smoke.sh.
 # Ends with tandem / vLLM per concurrency and issue 21's serving targets
-# (scripts/gpu_vs_vllm_ratios.py).
+# (scripts/gpu_vs_vllm_ratios.py). TEMPERATURE (default 0) is passed to both servers' clients
+# (scripts/gpu-bench-serve.sh).
 set -euo pipefail
 tandem=$(realpath "${1:?usage: gpu-bench-vllm-vs-builtin.sh TANDEM TOKENIZER_KIT OUT_DIR}")
 kit=$(realpath "${2:?}")
