@@ -10,7 +10,8 @@
 //! decode-sized sequences with a short context in a small batch on several threads
 //! (sequence, query head). A task of several queries or query heads copies its KV
 //! head's keys and values (f16 or f32 in the store) into contiguous f32 buffers, up to
-//! the last position its chunk can see, and serves them all from that copy. A task of
+//! the last position its chunk can see, and serves them all from that copy, in tiles of
+//! a few (token, query head) rows that share each key and value load. A task of
 //! one query (decode) reads them in place, block by block, where the kernels can
 //! (`attn::reads_in_place`), for one query head or for all of its KV head's group at
 //! once, each key and value converted once for the group: a copy would be written and
@@ -25,13 +26,17 @@ use crate::kernels::attn::{
     scores as score_keys, scores_in_place, weighted_sum, weighted_sum_add_in_place,
 };
 use crate::kernels::ops::softmax;
-use crate::kv::{BlockId, KvStore, Plane};
+use crate::kv::{BlockId, KvSlots, KvStore, Plane};
 
 /// Blocks of keys or values asked for ahead of the one being computed.
 const PREFETCH_AHEAD: usize = 4;
 
 /// Queries handled by one task.
 const QUERY_CHUNK: usize = 64;
+/// Query rows (tokens × query heads) a prompt tile scores and sums together, each key
+/// and value loaded once for all of them. Four keep the group kernels on their
+/// two-keys-at-a-time loop, whose loads per multiply-add are the fewest.
+const TILE_ROWS: usize = 4;
 /// Sequences with at most this many new tokens get one task per query head (more,
 /// smaller tasks keep both cores busy in decode); longer ones one per KV head (one
 /// pass over its keys and values serves the whole group). The arithmetic per query is
@@ -157,6 +162,13 @@ fn plan(shape: &AttnShape, seqs: &[AttnSeq], threads: usize) -> Vec<Task> {
     tasks
 }
 
+/// Query rows a prompt tile serves: each of `tokens` (relative to the sequence) for
+/// each of `heads`.
+struct Tile {
+    tokens: std::ops::Range<usize>,
+    heads: std::ops::Range<usize>,
+}
+
 struct TaskCtx<'a> {
     shape: &'a AttnShape,
     seq: &'a AttnSeq<'a>,
@@ -179,6 +191,10 @@ impl TaskCtx<'_> {
                 self.run_group_in_place(task, scratch);
                 return;
             }
+        }
+        if reads_in_place(self.shape.head_dim) {
+            self.run_tiles(task, scratch);
+            return;
         }
         let d = self.shape.head_dim;
         // Keys visible to the chunk's last query.
@@ -204,6 +220,98 @@ impl TaskCtx<'_> {
                 let out = unsafe { std::slice::from_raw_parts_mut(self.out_head(token, head), d) };
                 weighted_sum(scores, values, out);
             }
+        }
+    }
+
+    /// A chunk of prompt queries in tiles of up to [`TILE_ROWS`] rows (consecutive
+    /// tokens × the task's query heads) against the chunk's keys and values, copied out
+    /// once: the keys every row of a tile sees go through the group kernels, each key
+    /// and value loaded once for the tile; the few that only its later tokens see, row
+    /// by row. Every row gets the bits it gets as a lone query: the kernels run each
+    /// (query, key) pair's own sequence, and a weighted sum continued onto its partial
+    /// result equals the sum in one go.
+    fn run_tiles(&self, task: Task, scratch: &mut Vec<f32>) {
+        let d = self.shape.head_dim;
+        let heads = task.heads.1 - task.heads.0;
+        let (tile_tokens, tile_heads) = if heads >= TILE_ROWS {
+            (1, TILE_ROWS)
+        } else {
+            (TILE_ROWS / heads, heads)
+        };
+        let rows = tile_tokens * tile_heads;
+        let n_keys = self.seq.start_pos + task.first + task.count;
+        let need = 2 * n_keys * d + rows * n_keys + 2 * rows * d;
+        if scratch.len() < need {
+            scratch.resize(need, 0.0);
+        }
+        let (keys, rest) = scratch.split_at_mut(n_keys * d);
+        let (values, rest) = rest.split_at_mut(n_keys * d);
+        let (scores, rest) = rest.split_at_mut(rows * n_keys);
+        let (qs, outs) = rest[..2 * rows * d].split_at_mut(rows * d);
+        self.gather(task.kv_head, keys, values);
+        let end = task.first + task.count;
+        for t0 in (task.first..end).step_by(tile_tokens) {
+            let tokens = t0..(t0 + tile_tokens).min(end);
+            for h0 in (task.heads.0..task.heads.1).step_by(tile_heads) {
+                let tile = Tile {
+                    tokens: tokens.clone(),
+                    heads: h0..(h0 + tile_heads).min(task.heads.1),
+                };
+                self.run_tile(&tile, keys, values, scores, qs, outs);
+            }
+        }
+    }
+
+    /// One tile of [`run_tiles`](Self::run_tiles): score rows are `n_keys` apart in
+    /// `scores` (the chunk's widest), `qs` and `outs` hold one row of `head_dim` each.
+    fn run_tile(
+        &self,
+        tile: &Tile,
+        keys: &[f32],
+        values: &[f32],
+        scores: &mut [f32],
+        qs: &mut [f32],
+        outs: &mut [f32],
+    ) {
+        let d = self.shape.head_dim;
+        let stride = keys.len() / d;
+        let rows = tile.tokens.len() * tile.heads.len();
+        let row_cells = || {
+            tile.tokens
+                .clone()
+                .flat_map(move |token| tile.heads.clone().map(move |head| (token, head)))
+        };
+        // Keys visible to the tile's first token, and so to all of its rows.
+        let common = self.seq.start_pos + tile.tokens.start + 1;
+        let visible = |token: usize| self.seq.start_pos + token + 1;
+        for ((token, head), q) in row_cells().zip(qs.chunks_exact_mut(d)) {
+            q.copy_from_slice(self.query(token, head));
+        }
+        let (qs, outs) = (&qs[..rows * d], &mut outs[..rows * d]);
+        let scale = 1.0 / (d as f32).sqrt();
+        let common_keys = KvSlots::F32(&keys[..common * d]);
+        group_scores_in_place(qs, rows, common_keys, scale, scores, stride, 0);
+        for (r, (token, _)) in row_cells().enumerate() {
+            let row = &mut scores[r * stride..r * stride + visible(token)];
+            let late_keys = KvSlots::F32(&keys[common * d..visible(token) * d]);
+            scores_in_place(
+                &qs[r * d..(r + 1) * d],
+                late_keys,
+                scale,
+                &mut row[common..],
+            );
+            softmax(row);
+        }
+        outs.fill(0.0);
+        let common_values = KvSlots::F32(&values[..common * d]);
+        group_weighted_sum_add_in_place(scores, stride, 0, common_values, outs, rows);
+        for (r, ((token, head), out)) in row_cells().zip(outs.chunks_exact_mut(d)).enumerate() {
+            let probs = &scores[r * stride + common..r * stride + visible(token)];
+            let late_values = KvSlots::F32(&values[common * d..visible(token) * d]);
+            weighted_sum_add_in_place(probs, late_values, out);
+            // SAFETY: as in `run`.
+            let dst = unsafe { std::slice::from_raw_parts_mut(self.out_head(token, head), d) };
+            dst.copy_from_slice(out);
         }
     }
 
@@ -417,6 +525,94 @@ mod tests {
                     served.iter().all(|&n| n == 1),
                     "{spec:?} on {threads} threads"
                 );
+            }
+        }
+    }
+
+    /// Pseudo-random values in [-1, 1).
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// A prompt chunk's queries (served in tiles) get the very bits each gets as a lone
+    /// decode token (served by the in-place kernels, one query head at a time or the
+    /// whole group): for groups of 1 and 2 heads (tiles of several tokens, whose later
+    /// rows see keys the first does not), 3 (a tile of one token), 4 and 8 (a tile of
+    /// part of the group), keys stored in f16 and f32, a chunk that starts after stored
+    /// context and spans two query chunks.
+    #[test]
+    fn a_prompt_chunk_gives_each_token_the_bits_it_gets_alone() {
+        use crate::kv::{KvDtype, KvLayout};
+        let pools = [ThreadPool::new(1).unwrap(), ThreadPool::new(2).unwrap()];
+        let (d, block_size, start_pos, n_tokens): (usize, usize, usize, usize) = (64, 16, 21, 83);
+        let total = start_pos + n_tokens;
+        let n_blocks = total.div_ceil(block_size);
+        // Blocks out of order, as a pool hands them out after some churn.
+        let table: Vec<BlockId> = (0..n_blocks as BlockId).rev().collect();
+        for (num_heads, num_kv_heads) in [(9, 3), (8, 2), (16, 2), (6, 3), (2, 2)] {
+            for dtype in [KvDtype::F16, KvDtype::F32] {
+                let layout = KvLayout {
+                    num_layers: 1,
+                    num_kv_heads,
+                    head_dim: d,
+                    block_size,
+                    dtype,
+                };
+                let mut kv = KvStore::new(layout, n_blocks);
+                let width = num_kv_heads * d;
+                let (keys, values) = (data(total * width, 1), data(total * width, 2));
+                for pos in 0..total {
+                    let at = pos * width..(pos + 1) * width;
+                    let block = table[pos / block_size];
+                    kv.write(0, block, pos % block_size, &keys[at.clone()], &values[at]);
+                }
+                let shape = AttnShape {
+                    num_heads,
+                    num_kv_heads,
+                    head_dim: d,
+                    block_size,
+                    q_stride: num_heads * d,
+                };
+                let row = num_heads * d;
+                let queries = data(n_tokens * row, 3);
+                let chunk = AttnSeq {
+                    row: 0,
+                    n_tokens,
+                    start_pos,
+                    block_table: &table,
+                };
+                let mut together = vec![0.0; n_tokens * row];
+                attend(&pools[1], &shape, &[chunk], 0, &queries, &kv, &mut together);
+                for (t, expected) in together.chunks_exact(row).enumerate() {
+                    let alone = || AttnSeq {
+                        row: 0,
+                        n_tokens: 1,
+                        start_pos: start_pos + t,
+                        block_table: &table,
+                    };
+                    for pool in &pools {
+                        let mut out = vec![0.0; row];
+                        let q = &queries[t * row..(t + 1) * row];
+                        attend(pool, &shape, &[alone()], 0, q, &kv, &mut out);
+                        let same = out
+                            .iter()
+                            .zip(expected)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(
+                            same,
+                            "{num_heads}/{num_kv_heads} heads, {dtype:?}, token {t}, {} thread(s)",
+                            pool.n_threads()
+                        );
+                    }
+                }
             }
         }
     }
