@@ -4,6 +4,10 @@
 //!
 //! `cargo bench -p tandem-engine --bench kernels [-- quick] [dispatch|decode|step|step8|ceiling|tiles|crossover|prefill|prefill-step]...`
 //!
+//! `TANDEM_BENCH_PROMPT_TOKENS` (512) sets the prefill sections' token count: a step's
+//! matmuls cost more per token once their outputs no longer fit the caches
+//! (`docs/benchmarks.md`, issue 20).
+//!
 //! Times are the best of several trials (the machine is shared); ratios > 1 mean tandem
 //! is faster.
 
@@ -24,7 +28,6 @@ const INTER: usize = 1536;
 const KV: usize = 192;
 const VOCAB: usize = 49152;
 const LAYERS: usize = 30;
-const PROMPT: usize = 512;
 
 /// A weight shape of the model and how many times one forward pass applies it.
 struct Shape {
@@ -86,6 +89,15 @@ fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Best time per call over `trials` trials of calls filling about `budget` each.
+/// Tokens of the prefill sections: `TANDEM_BENCH_PROMPT_TOKENS`, else 512.
+fn prompt_tokens() -> usize {
+    std::env::var("TANDEM_BENCH_PROMPT_TOKENS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(512)
+}
+
 fn best_time(budget: Duration, trials: usize, mut f: impl FnMut()) -> Duration {
     f();
     let start = Instant::now();
@@ -223,21 +235,22 @@ impl Bench {
     }
 
     fn prefill(&self) {
-        println!("\n## Prefill-shaped matmul ({PROMPT} tokens), GFLOP/s\n");
+        let prompt = prompt_tokens();
+        println!("\n## Prefill-shaped matmul ({prompt} tokens), GFLOP/s\n");
         println!("| shape | tandem 1T | tandem 2T | f32 GEMM 2T | candle | tandem 2T / candle |");
         println!("|---|---|---|---|---|---|");
         for shape in SHAPES.iter().filter(|s| s.rows < VOCAB) {
             let values = pseudo_random(shape.rows * shape.cols, 1);
             let w =
                 QMatrix::from_f32(shape.dtype, shape.rows, shape.cols, &values).expect("weights");
-            let flops = 2.0 * (PROMPT * shape.rows * shape.cols) as f64;
+            let flops = 2.0 * (prompt * shape.rows * shape.cols) as f64;
             let gflops = |d: Duration| flops / 1e9 / d.as_secs_f64();
             let linear = Linear::new(w.clone(), false).with_dense();
-            let x = pseudo_random(PROMPT * shape.cols, 2);
-            let mut y = vec![0f32; PROMPT * shape.rows];
+            let x = pseudo_random(prompt * shape.cols, 2);
+            let mut y = vec![0f32; prompt * shape.rows];
             let mut run = |pool: &ThreadPool, path: MatmulPath| {
                 best_time(self.budget, self.trials, || {
-                    matmul_many_with(pool, &[&linear], &x, PROMPT, &mut [&mut y], path)
+                    matmul_many_with(pool, &[&linear], &x, prompt, &mut [&mut y], path)
                         .expect("matmul");
                     black_box(&y);
                 })
@@ -250,7 +263,7 @@ impl Bench {
             let last = self.pools.last().expect("pools");
             let gemm = run(last, MatmulPath::Gemm);
             let candle = candle_qmatmul(&w);
-            let xt = Tensor::from_slice(&x, (PROMPT, shape.cols), &Device::Cpu).expect("tensor");
+            let xt = Tensor::from_slice(&x, (prompt, shape.cols), &Device::Cpu).expect("tensor");
             let candle_time = best_time(self.budget, self.trials, || {
                 black_box(candle.forward(&xt).expect("candle forward"));
             });
@@ -270,7 +283,8 @@ impl Bench {
     /// All layer matmuls of a 512-token prefill (fused qkv and gate/up, 30 layers; the
     /// lm_head only for the last token): an upper bound on prefill tok/s from matmuls.
     fn prefill_step(&self) {
-        println!("\n## One {PROMPT}-token prefill's matmuls (30 layers + last-token lm_head)\n");
+        let prompt = prompt_tokens();
+        println!("\n## One {prompt}-token prefill's matmuls (30 layers + last-token lm_head)\n");
         let layer_shapes = [
             (HIDDEN + 2 * KV, HIDDEN),
             (HIDDEN, HIDDEN),
@@ -297,14 +311,14 @@ impl Bench {
             &pseudo_random(VOCAB * HIDDEN, 9),
         );
         let head = Linear::new(head.expect("w"), false);
-        let x = pseudo_random(PROMPT * INTER, 3);
-        let mut y = vec![0f32; PROMPT * 2 * INTER];
+        let x = pseudo_random(prompt * INTER, 3);
+        let mut y = vec![0f32; prompt * 2 * INTER];
         for pool in &self.pools {
             let t = best_time(self.budget, self.trials.min(3), || {
                 for layer in &layers {
                     for linear in layer {
                         let (n, c) = (linear.rows(), linear.cols());
-                        matmul(pool, linear, &x[..PROMPT * c], PROMPT, &mut y[..PROMPT * n])
+                        matmul(pool, linear, &x[..prompt * c], prompt, &mut y[..prompt * n])
                             .expect("matmul");
                     }
                 }
@@ -315,7 +329,7 @@ impl Bench {
                 "- tandem, {} thread(s): {:.0} ms = {:.0} prompt tok/s from matmuls alone",
                 pool.n_threads(),
                 t.as_secs_f64() * 1e3,
-                PROMPT as f64 / t.as_secs_f64()
+                prompt as f64 / t.as_secs_f64()
             );
         }
     }
