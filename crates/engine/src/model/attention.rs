@@ -529,16 +529,11 @@ mod tests {
         }
     }
 
-    /// Pseudo-random values in [-1, 1).
-    fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
+    /// Deterministic values in [-1, 1), a different run for each seed.
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| ((i.wrapping_mul(2654435761) ^ seed.wrapping_mul(40503)) % 4096) as f32)
+            .map(|v| v / 2048.0 - 1.0)
             .collect()
     }
 
