@@ -8,6 +8,9 @@
 //! `cargo bench -p tandem-engine --bench batching` (`TANDEM_BENCH_THREADS`, default 2;
 //! `TANDEM_CPU_KERNELS` picks the kernel family, printed first).
 
+#[path = "common/env.rs"]
+mod env;
+
 use std::time::{Duration, Instant};
 
 use tandem_engine::LoadedModel;
@@ -71,10 +74,7 @@ async fn ttft(engine: &EngineHandle, prompt: Vec<u32>) -> Duration {
 }
 
 fn main() {
-    let threads = std::env::var("TANDEM_BENCH_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
+    let threads = env::env_usize("TANDEM_BENCH_THREADS", 2);
     let kernels = tandem_engine::kernels::dispatch::selected().unwrap_or_else(|e| {
         eprintln!("{e}");
         std::process::exit(1);

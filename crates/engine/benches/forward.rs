@@ -21,6 +21,8 @@
 //! llama-cpp-python's portable AVX2 build as a second row; each is skipped, with a
 //! notice, when it is not installed.
 
+#[path = "common/env.rs"]
+mod env;
 #[path = "common/stream.rs"]
 mod stream;
 
@@ -28,6 +30,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+use env::env_usize;
 use tandem_engine::LoadedModel;
 use tandem_engine::fetch;
 use tandem_engine::generate::Session;
@@ -47,13 +50,6 @@ language model may pass through a load balancer, a scheduler, a cache of \
 attention keys and values, and thousands of matrix multiplications before a \
 single word comes back. ";
 const DECODE_PROMPT_TOKENS: usize = 16;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Figures {
     prefill_tok_s: f64,

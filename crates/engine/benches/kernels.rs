@@ -11,6 +11,8 @@
 //! Times are the best of several trials (the machine is shared); ratios > 1 mean tandem
 //! is faster.
 
+#[path = "common/env.rs"]
+mod env;
 #[path = "common/stream.rs"]
 mod stream;
 
@@ -91,11 +93,10 @@ fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
 /// Best time per call over `trials` trials of calls filling about `budget` each.
 /// Tokens of the prefill sections: `TANDEM_BENCH_PROMPT_TOKENS`, else 512.
 fn prompt_tokens() -> usize {
-    std::env::var("TANDEM_BENCH_PROMPT_TOKENS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(512)
+    match env::env_usize("TANDEM_BENCH_PROMPT_TOKENS", 512) {
+        0 => 512,
+        n => n,
+    }
 }
 
 fn best_time(budget: Duration, trials: usize, mut f: impl FnMut()) -> Duration {
