@@ -5,7 +5,7 @@
 //! - [`kernels`]: CPU compute kernels (quantized mat-vec, f32 GEMM, a spinning thread pool).
 //! - [`kv`]: the block-addressed KV store the forward pass reads and writes.
 //! - [`exec`]: where forward passes run (CPU, or a GPU with the `cuda` feature);
-//!   [`cuda`]: the GPU engine.
+//!   [`cuda`]: the GPU engine; [`e4m3`]: the FP8 format of its `--quantization fp8`.
 //! - [`tokenizer`], [`chat`]: text in and out; [`tools`]: tool calls in generated text.
 //! - [`sample`]: turning logits into the next token; [`constrain`]: structured output
 //!   (the grammar a sequence's tokens must follow).
@@ -22,6 +22,7 @@ pub mod chat;
 pub mod constrain;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod e4m3;
 pub mod error;
 pub mod exec;
 pub mod fetch;
