@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Weight type: auto (bf16 for presets and HF folders, f16 for GGUF), f16, bf16.
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// Layer matrices: none (the weight type) or fp8 (E4M3, one scale per matrix).
+    #[arg(long, default_value = "none")]
+    quantization: tandem_engine::exec::Quantization,
     /// Concurrent sequences of the decode measurements.
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     batches: Vec<usize>,
@@ -133,7 +136,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     use std::sync::Arc;
     use tandem_engine::cuda::CudaModel;
     use tandem_engine::cuda::bench::{self, BenchPlan};
-    use tandem_engine::exec::WeightDtype;
+    use tandem_engine::exec::{WeightDtype, WeightFormat};
     use tandem_engine::model::dummy::Preset;
 
     if args.batches.contains(&0) || args.steps == 0 || args.context == 0 {
@@ -143,13 +146,17 @@ fn bench(args: BenchArgs) -> Result<()> {
         "auto" => None,
         other => Some(other.parse().map_err(anyhow::Error::msg)?),
     };
+    let format = WeightFormat {
+        dtype,
+        quantization: args.quantization,
+    };
     let model = match &args.model {
-        Some(path) => CudaModel::load(path, args.device, dtype)?,
+        Some(path) => CudaModel::load(path, args.device, format)?,
         None => CudaModel::dummy(
             Preset::find(&args.preset)?,
             tandem_engine::loaded::DUMMY_SEED,
             args.device,
-            dtype,
+            format,
         )?,
     };
     let plan = BenchPlan {
@@ -167,9 +174,10 @@ fn bench(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{} ({}) on {}: {:.2} GB of weights, {} KiB of KV per token; CUDA graphs {}",
+        "{} ({}, quantization {}) on {}: {:.2} GB of weights, {} KiB of KV per token; CUDA graphs {}",
         report.model,
         report.weight_dtype,
+        report.quantization,
         report.gpu,
         report.weight_bytes as f64 / 1e9,
         report.kv_bytes_per_token / 1024,

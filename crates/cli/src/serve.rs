@@ -16,7 +16,7 @@ use crate::announce::{self, DiscoveryFlags};
 use clap::{Args, ValueEnum};
 use tandem_engine::LoadedModel;
 use tandem_engine::api::{self, HandoffInfo, ServedModel, ServerState};
-use tandem_engine::exec::{Device, WeightDtype};
+use tandem_engine::exec::{Device, Quantization, WeightDtype, WeightFormat};
 use tandem_engine::fetch;
 use tandem_engine::kv::{KvDtype, KvOptions};
 use tandem_engine::kv_events::{self, KvEventSink, KvEventsConfig, SocketMode};
@@ -82,6 +82,12 @@ pub struct ServeArgs {
     /// Hugging Face folders and dummy presets).
     #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     dtype: DtypeArg,
+    /// GPU only: store the layers' matrices as FP8 (E4M3) with one scale per matrix,
+    /// quantizing each product's activations on the fly (vLLM's `--quantization fp8`;
+    /// compute capability 8.9 or newer): fp8 or none. Halves the weights' bytes per
+    /// decode step.
+    #[arg(long, short = 'q', default_value = "none")]
+    quantization: Quantization,
     /// GPU only: launch every step's kernels instead of replaying decode steps from
     /// CUDA graphs.
     #[arg(long)]
@@ -233,7 +239,10 @@ fn load_model(args: &ServeArgs) -> Result<(LoadedModel, String, String)> {
 fn placement(args: &ServeArgs) -> Placement {
     Placement {
         device: args.device,
-        dtype: args.dtype.weight_dtype(),
+        weights: WeightFormat {
+            dtype: args.dtype.weight_dtype(),
+            quantization: args.quantization,
+        },
         options: LoadOptions::default(),
     }
 }
@@ -273,6 +282,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         && !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0)
     {
         bail!("--gpu-memory-utilization must be in (0, 1]");
+    }
+    if args.device == Device::Cpu && args.quantization != Quantization::None {
+        bail!(
+            "--quantization is for GPU workers (--device cuda): the CPU engine runs a \
+             GGUF file's own quantization"
+        );
     }
     let limits = http_limits(&args)?;
     let registration = args.discovery.settings()?;

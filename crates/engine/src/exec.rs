@@ -89,6 +89,57 @@ impl std::str::FromStr for WeightDtype {
     }
 }
 
+/// How a GPU model stores its layers' matrices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Quantization {
+    /// In the weight type.
+    #[default]
+    None,
+    /// FP8 (E4M3) with one f32 scale per matrix, activations quantized per step with
+    /// one scale per product (vLLM's `--quantization fp8`); embeddings, the output
+    /// head and norms stay in the weight type. Needs compute capability 8.9 or newer.
+    Fp8,
+}
+
+impl Quantization {
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantization::None => "none",
+            Quantization::Fp8 => "fp8",
+        }
+    }
+}
+
+impl std::str::FromStr for Quantization {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fp8" => Ok(Quantization::Fp8),
+            "none" => Ok(Quantization::None),
+            _ => Err(format!("`{s}` is not a GPU quantization: use fp8 or none")),
+        }
+    }
+}
+
+/// How a GPU model holds its weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WeightFormat {
+    /// The weights' and the products' inputs' element type (`None`: f16 for GGUF files,
+    /// bf16 otherwise).
+    pub dtype: Option<WeightDtype>,
+    pub quantization: Quantization,
+}
+
+impl From<Option<WeightDtype>> for WeightFormat {
+    fn from(dtype: Option<WeightDtype>) -> Self {
+        Self {
+            dtype,
+            quantization: Quantization::None,
+        }
+    }
+}
+
 /// A loaded model, on the device its forward passes will run on.
 // One value per worker: the variants' sizes don't matter.
 #[allow(clippy::large_enum_variant)]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::chat::ChatTemplate;
 use crate::error::ModelError;
-use crate::exec::{Device, Model, WeightDtype};
+use crate::exec::{Device, Model, WeightFormat};
 use crate::model::source::GgufSource;
 use crate::model::{self, LoadOptions, ModelFormat};
 use crate::tokenizer::Tokenizer;
@@ -14,8 +14,8 @@ use crate::tokenizer::Tokenizer;
 #[derive(Debug, Clone, Copy)]
 pub struct Placement {
     pub device: Device,
-    /// GPU weight type (`None`: f16 for GGUF files, bf16 otherwise).
-    pub dtype: Option<WeightDtype>,
+    /// GPU weight type and quantization.
+    pub weights: WeightFormat,
     /// CPU loading options.
     pub options: LoadOptions,
 }
@@ -24,7 +24,7 @@ impl Default for Placement {
     fn default() -> Self {
         Self {
             device: Device::Cpu,
-            dtype: None,
+            weights: WeightFormat::default(),
             options: LoadOptions::default(),
         }
     }
@@ -76,7 +76,7 @@ impl LoadedModel {
         match placement.device {
             Device::Cpu => Ok(Self::load(path, placement.options)?),
             Device::Cuda(ordinal) => {
-                let model = load_cuda(path, ordinal, placement.dtype)?;
+                let model = load_cuda(path, ordinal, placement.weights)?;
                 // Tokenizer and template from the same files, without the CPU weights.
                 let mut loaded = match ModelFormat::detect(path)? {
                     ModelFormat::Gguf(file) => Self::text_from_gguf(&file, model)?,
@@ -105,7 +105,7 @@ impl LoadedModel {
         let preset = crate::model::dummy::Preset::find(preset)?;
         let model = match placement.device {
             Device::Cpu => crate::model::load_dummy(preset, DUMMY_SEED, placement.options)?.into(),
-            Device::Cuda(ordinal) => dummy_cuda(preset, ordinal, placement.dtype)?,
+            Device::Cuda(ordinal) => dummy_cuda(preset, ordinal, placement.weights)?,
         };
         let source = GgufSource::open(tokenizer_gguf)?;
         let tokenizer = Tokenizer::from_gguf(&source.content, tokenizer_gguf)?;
@@ -181,9 +181,9 @@ impl LoadedModel {
 }
 
 #[cfg(feature = "cuda")]
-fn load_cuda(path: &Path, ordinal: usize, dtype: Option<WeightDtype>) -> Result<Model, LoadError> {
+fn load_cuda(path: &Path, ordinal: usize, format: WeightFormat) -> Result<Model, LoadError> {
     use crate::cuda::weights::LoadError as GpuLoadError;
-    match crate::cuda::CudaModel::load(path, ordinal, dtype) {
+    match crate::cuda::CudaModel::load(path, ordinal, format) {
         Ok(model) => Ok(Model::Cuda(std::sync::Arc::new(model))),
         Err(GpuLoadError::Model(err)) => Err(err.into()),
         Err(GpuLoadError::Gpu(err)) => Err(LoadError::Device {
@@ -197,10 +197,10 @@ fn load_cuda(path: &Path, ordinal: usize, dtype: Option<WeightDtype>) -> Result<
 fn dummy_cuda(
     preset: &crate::model::dummy::Preset,
     ordinal: usize,
-    dtype: Option<WeightDtype>,
+    format: WeightFormat,
 ) -> Result<Model, LoadError> {
     use crate::cuda::weights::LoadError as GpuLoadError;
-    match crate::cuda::CudaModel::dummy(preset, DUMMY_SEED, ordinal, dtype) {
+    match crate::cuda::CudaModel::dummy(preset, DUMMY_SEED, ordinal, format) {
         Ok(model) => Ok(Model::Cuda(std::sync::Arc::new(model))),
         Err(GpuLoadError::Model(err)) => Err(err.into()),
         Err(GpuLoadError::Gpu(err)) => Err(LoadError::Device {
@@ -221,7 +221,7 @@ fn no_cuda(ordinal: usize) -> LoadError {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn load_cuda(_: &Path, ordinal: usize, _: Option<WeightDtype>) -> Result<Model, LoadError> {
+fn load_cuda(_: &Path, ordinal: usize, _: WeightFormat) -> Result<Model, LoadError> {
     Err(no_cuda(ordinal))
 }
 
@@ -229,7 +229,7 @@ fn load_cuda(_: &Path, ordinal: usize, _: Option<WeightDtype>) -> Result<Model, 
 fn dummy_cuda(
     _: &crate::model::dummy::Preset,
     ordinal: usize,
-    _: Option<WeightDtype>,
+    _: WeightFormat,
 ) -> Result<Model, LoadError> {
     Err(no_cuda(ordinal))
 }

@@ -114,6 +114,8 @@ pub struct HandoffPoint {
 pub struct BenchReport {
     pub model: String,
     pub weight_dtype: &'static str,
+    /// The layers' matrices: "none" (the weight type) or "fp8".
+    pub quantization: &'static str,
     pub gpu: String,
     pub weight_bytes: usize,
     /// Weight bytes one decode step reads (all but an untied embedding table).
@@ -282,6 +284,7 @@ pub fn run(model: Arc<CudaModel>, plan: &BenchPlan) -> Result<BenchReport, Bench
     Ok(BenchReport {
         model: c.name.clone(),
         weight_dtype: gpu.weight_dtype.name(),
+        quantization: model.weights.quantization.name(),
         gpu: ceilings.name.clone(),
         weight_bytes,
         decode_weight_bytes: step_weight_bytes,

@@ -8,7 +8,7 @@
 
 use serde::Serialize;
 
-use super::gemv::Products;
+use super::gemv::{MatrixRef, Products};
 use super::gpu::{DeviceBuffer, Gpu, ProductOut, WeightDtype};
 use super::limits::{self, LimitsError, Probe};
 use crate::model::ModelConfig;
@@ -97,7 +97,7 @@ pub fn measure(
             unsafe {
                 products.matmul(
                     &gpu,
-                    w.ptr(),
+                    MatrixRef::plain(w.ptr()),
                     rows,
                     cols,
                     input.ptr(),

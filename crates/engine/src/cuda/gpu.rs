@@ -22,6 +22,8 @@ pub enum GpuError {
     Driver(#[from] DriverError),
     #[error("cuBLAS: {0}")]
     Blas(#[from] CublasError),
+    #[error("cuBLASLt: {0}")]
+    BlasLt(#[from] cudarc::cublaslt::result::CublasError),
     #[error("no GPU {ordinal}: this machine has {count}")]
     NoSuchDevice { ordinal: usize, count: usize },
     #[error("the GPU engine does not support {0}")]
@@ -266,7 +268,7 @@ macro_rules! kernel_args {
 pub(crate) use kernel_args;
 
 /// Where a matrix product's result goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ProductOut {
     /// f32, overwriting Y.
     F32,

@@ -233,31 +233,69 @@ __device__ __forceinline__ void unpack_8(uint4 v, float f[8]) {
     }
 }
 
-// acc[r][t] += chunk c of weight row r · chunk c of x row t.
-template <int T, int R>
-__device__ __forceinline__ void gemv_chunk(const uint4 w[R], const uint4* __restrict__ x, int n4,
-                                           int c, float acc[R][T]) {
-    float wf[R][8];
+// Two E4M3 codes, each in the high byte of a 16-bit lane, as an f16 pair worth their
+// values times 2^-8: E4M3's four exponent and three mantissa bits become f16's low four
+// exponent and high three mantissa bits, which scales normal and subnormal values alike
+// by 2^(7 - 15). No E4M3 NaN reaches here (the loader saturates at ±448).
+__device__ __forceinline__ float2 e4m3_pair(unsigned lanes) {
+    unsigned h = (lanes & 0x80008000u) | ((lanes >> 1) & 0x3f803f80u);
+    return __half22float2(*reinterpret_cast<const __half2*>(&h));
+}
+
+// The 16 values of a 16-byte chunk of E4M3 codes, as f32 times 2^-8 (e4m3_pair).
+__device__ __forceinline__ void unpack_e4m3_16(uint4 v, float f[16]) {
+    unsigned u[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-    for (int r = 0; r < R; r++) unpack_8(w[r], wf[r]);
+    for (int i = 0; i < 4; i++) {
+        float2 lo = e4m3_pair(__byte_perm(u[i], 0, 0x1404));
+        float2 hi = e4m3_pair(__byte_perm(u[i], 0, 0x3424));
+        f[4 * i] = lo.x;
+        f[4 * i + 1] = lo.y;
+        f[4 * i + 2] = hi.x;
+        f[4 * i + 3] = hi.y;
+    }
+}
+
+// Weights per 16-byte chunk: 8 of wt, 16 of E4M3 (stored as unsigned char).
+template <typename WT>
+struct ChunkOf {
+    static constexpr int E = sizeof(WT) == 1 ? 16 : 8;
+};
+
+// acc[r][t] += chunk c of weight row r · the same columns of x row t (x has n8
+// 16-byte chunks a row).
+template <int T, int R, typename WT>
+__device__ __forceinline__ void gemv_chunk(const uint4 w[R], const uint4* __restrict__ x, int n8,
+                                           int c, float acc[R][T]) {
+    constexpr int E = ChunkOf<WT>::E;
+    float wf[R][E];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        if constexpr (E == 16) {
+            unpack_e4m3_16(w[r], wf[r]);
+        } else {
+            unpack_8(w[r], wf[r]);
+        }
+    }
 #pragma unroll
     for (int t = 0; t < T; t++) {
-        float xf[8];
-        unpack_8(__ldg(x + (i64)t * n4 + c), xf);
+        float xf[E];
+#pragma unroll
+        for (int h = 0; h < E / 8; h++) unpack_8(__ldg(x + (i64)t * n8 + c * (E / 8) + h), xf + 8 * h);
 #pragma unroll
         for (int r = 0; r < R; r++)
 #pragma unroll
-            for (int k = 0; k < 8; k++) acc[r][t] = fmaf(wf[r][k], xf[k], acc[r][t]);
+            for (int k = 0; k < E; k++) acc[r][t] = fmaf(wf[r][k], xf[k], acc[r][t]);
     }
 }
 
 // The warp's dot products of rows `row[0..R)` with the T rows of x, summed over the
 // warp (every lane holds the sums).
-template <int T, int R>
-__device__ __forceinline__ void gemv_rows(const wt* __restrict__ W, const int row[R], int cols,
+template <int T, int R, typename WT>
+__device__ __forceinline__ void gemv_rows(const WT* __restrict__ W, const int row[R], int cols,
                                           const wt* __restrict__ X, float acc[R][T]) {
     constexpr int U = 4;  // chunks in flight per lane and row
-    const int lane = threadIdx.x & 31, n4 = cols / 8;
+    const int lane = threadIdx.x & 31, n8 = cols / 8, chunks = cols / ChunkOf<WT>::E;
     const uint4* x = reinterpret_cast<const uint4*>(X);
     const uint4* w[R];
 #pragma unroll
@@ -267,20 +305,20 @@ __device__ __forceinline__ void gemv_rows(const wt* __restrict__ W, const int ro
         for (int t = 0; t < T; t++) acc[r][t] = 0.0f;
     }
     int c = lane;
-    for (; c + 32 * (U - 1) < n4; c += 32 * U) {
+    for (; c + 32 * (U - 1) < chunks; c += 32 * U) {
         uint4 v[U][R];
 #pragma unroll
         for (int u = 0; u < U; u++)
 #pragma unroll
             for (int r = 0; r < R; r++) v[u][r] = load_weights_16(w[r] + c + 32 * u);
 #pragma unroll
-        for (int u = 0; u < U; u++) gemv_chunk<T, R>(v[u], x, n4, c + 32 * u, acc);
+        for (int u = 0; u < U; u++) gemv_chunk<T, R, WT>(v[u], x, n8, c + 32 * u, acc);
     }
-    for (; c < n4; c += 32) {
+    for (; c < chunks; c += 32) {
         uint4 v[R];
 #pragma unroll
         for (int r = 0; r < R; r++) v[r] = load_weights_16(w[r] + c);
-        gemv_chunk<T, R>(v, x, n4, c, acc);
+        gemv_chunk<T, R, WT>(v, x, n8, c, acc);
     }
 #pragma unroll
     for (int r = 0; r < R; r++)
@@ -295,10 +333,21 @@ struct GemvRows {
     static constexpr int R = T >= 4 ? 2 : 1;
 };
 
-template <int T>
-__device__ __forceinline__ void gemv_impl(const wt* __restrict__ W, int rows, int cols,
-                                          const wt* __restrict__ X, float* __restrict__ Y,
-                                          int accumulate) {
+// What the sums are multiplied by: 1 for wt weights; for E4M3 weights their matrix's
+// scale, times the 2^8 that unpack_e4m3_16 leaves out.
+template <typename WT>
+__device__ __forceinline__ float weight_factor(const float* scale) {
+    if constexpr (sizeof(WT) == 1) {
+        return *scale * 256.0f;
+    } else {
+        return 1.0f;
+    }
+}
+
+template <int T, typename WT>
+__device__ __forceinline__ void gemv_impl(const WT* __restrict__ W, const float* scale, int rows,
+                                          int cols, const wt* __restrict__ X,
+                                          float* __restrict__ Y, int accumulate) {
     constexpr int R = GemvRows<T>::R;
     const int warp = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
@@ -307,7 +356,8 @@ __device__ __forceinline__ void gemv_impl(const wt* __restrict__ W, int rows, in
     for (int r = 0; r < R; r++) row[r] = min(warp * R + r, rows - 1);
     if (warp * R >= rows) return;
     float acc[R][T];
-    gemv_rows<T, R>(W, row, cols, X, acc);
+    gemv_rows<T, R, WT>(W, row, cols, X, acc);
+    const float factor = weight_factor<WT>(scale);
 #pragma unroll
     for (int r = 0; r < R; r++) {
         if (warp * R + r >= rows) break;
@@ -315,7 +365,8 @@ __device__ __forceinline__ void gemv_impl(const wt* __restrict__ W, int rows, in
         for (int t = 0; t < T; t++) {
             if (lane == t) {
                 float* y = Y + (i64)t * rows + row[r];
-                *y = accumulate ? *y + acc[r][t] : acc[r][t];
+                float v = acc[r][t] * factor;
+                *y = accumulate ? *y + v : v;
             }
         }
     }
@@ -323,39 +374,115 @@ __device__ __forceinline__ void gemv_impl(const wt* __restrict__ W, int rows, in
 
 // act[t][j] = SiLU(gate_j · x_t) · (up_j · x_t) for the fused [gate | up] matrix of
 // 2 · inter rows: the gate/up product and SiLU·up in one pass, nothing in between.
-template <int T>
-__device__ __forceinline__ void gemv_silu_impl(const wt* __restrict__ W, int inter, int cols,
-                                               const wt* __restrict__ X, wt* __restrict__ act) {
+template <int T, typename WT>
+__device__ __forceinline__ void gemv_silu_impl(const WT* __restrict__ W, const float* scale,
+                                               int inter, int cols, const wt* __restrict__ X,
+                                               wt* __restrict__ act) {
     const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (j >= inter) return;
     const int row[2] = {j, inter + j};
     float acc[2][T];
-    gemv_rows<T, 2>(W, row, cols, X, acc);
+    gemv_rows<T, 2, WT>(W, row, cols, X, acc);
+    const float factor = weight_factor<WT>(scale);
 #pragma unroll
     for (int t = 0; t < T; t++) {
         if (lane == t) {
-            float g = acc[0][t], u = acc[1][t];
+            float g = acc[0][t] * factor, u = acc[1][t] * factor;
             act[(i64)t * inter + j] = to_wt(g / (1.0f + expf(-g)) * u);
         }
     }
 }
 
+// gemv_t*/gemv_silu_t*: weights in wt. gemv_f8_t*/gemv_silu_f8_t*: E4M3 weights (cols a
+// multiple of 16) times the f32 at `scale`.
 #define GEMV_KERNELS(T)                                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                          \
         gemv_t##T(const wt* __restrict__ W, int rows, int cols, const wt* __restrict__ X,     \
                   float* __restrict__ Y, int accumulate) {                                     \
-        gemv_impl<T>(W, rows, cols, X, Y, accumulate);                                         \
+        gemv_impl<T, wt>(W, nullptr, rows, cols, X, Y, accumulate);                            \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(256)                                          \
         gemv_silu_t##T(const wt* __restrict__ W, int inter, int cols,                          \
                        const wt* __restrict__ X, wt* __restrict__ act) {                       \
-        gemv_silu_impl<T>(W, inter, cols, X, act);                                             \
+        gemv_silu_impl<T, wt>(W, nullptr, inter, cols, X, act);                                \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+        gemv_f8_t##T(const unsigned char* __restrict__ W, const float* __restrict__ scale,     \
+                     int rows, int cols, const wt* __restrict__ X, float* __restrict__ Y,      \
+                     int accumulate) {                                                         \
+        gemv_impl<T, unsigned char>(W, scale, rows, cols, X, Y, accumulate);                   \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+        gemv_silu_f8_t##T(const unsigned char* __restrict__ W, const float* __restrict__ scale, \
+                          int inter, int cols, const wt* __restrict__ X,                       \
+                          wt* __restrict__ act) {                                              \
+        gemv_silu_impl<T, unsigned char>(W, scale, inter, cols, X, act);                       \
     }
 GEMV_KERNELS(1)
 GEMV_KERNELS(2)
 GEMV_KERNELS(3)
 GEMV_KERNELS(4)
+
+// ---- FP8 activations ---------------------------------------------------------------------
+//
+// An FP8 product's activations go to E4M3 with one scale for the whole product (vLLM's
+// dynamic per-tensor scheme): fp8_amax finds the largest |x| (into *amax, zeroed by the
+// caller, as the bits of a non-negative float, so atomicMax on them orders them), then
+// fp8_quantize writes the codes and the scale that turns them back into x. n8 counts
+// 16-byte chunks of x (8 values).
+
+__device__ float block_max(float v, float* scratch);
+
+// The E4M3 code nearest to x, ties to even, saturating at ±448: the same function as
+// e4m3_from_f32 in crates/engine/src/cuda/fp8.rs, bit for bit.
+__device__ __forceinline__ unsigned e4m3_code(float x) {
+    unsigned sign = (__float_as_uint(x) >> 24) & 0x80u;
+    float a = fminf(fabsf(x), 448.0f);
+    unsigned code;
+    if (a < 0.015625f) {  // below 2^-6: subnormal steps of 2^-9
+        code = (unsigned)__float2int_rn(a * 512.0f);
+    } else {
+        unsigned b = __float_as_uint(a);
+        unsigned r = b + 0x7ffffu + ((b >> 20) & 1u);
+        code = (((r >> 23) - 120u) << 3) | ((r >> 20) & 7u);
+    }
+    return sign | code;
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    fp8_amax(const wt* __restrict__ x, long long n8, unsigned* __restrict__ amax) {
+    __shared__ float scratch[32];
+    const uint4* v = reinterpret_cast<const uint4*>(x);
+    float m = 0.0f;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n8; i += (i64)gridDim.x * blockDim.x) {
+        float f[8];
+        unpack_8(v[i], f);
+#pragma unroll
+        for (int k = 0; k < 8; k++) m = fmaxf(m, fabsf(f[k]));
+    }
+    m = block_max(m, scratch);
+    if (threadIdx.x == 0) atomicMax(amax, __float_as_uint(m));
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    fp8_quantize(const wt* __restrict__ x, long long n8, const unsigned* __restrict__ amax,
+                 uint2* __restrict__ codes, float* __restrict__ scale) {
+    const float a = __uint_as_float(*amax);
+    const float inv = a > 0.0f ? 448.0f / a : 1.0f;
+    if (blockIdx.x == 0 && threadIdx.x == 0) *scale = a > 0.0f ? a / 448.0f : 1.0f;
+    const uint4* v = reinterpret_cast<const uint4*>(x);
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n8; i += (i64)gridDim.x * blockDim.x) {
+        float f[8];
+        unpack_8(v[i], f);
+        uint2 out;
+        out.x = e4m3_code(f[0] * inv) | e4m3_code(f[1] * inv) << 8 | e4m3_code(f[2] * inv) << 16 |
+                e4m3_code(f[3] * inv) << 24;
+        out.y = e4m3_code(f[4] * inv) | e4m3_code(f[5] * inv) << 8 | e4m3_code(f[6] * inv) << 16 |
+                e4m3_code(f[7] * inv) << 24;
+        codes[i] = out;
+    }
+}
 
 // Copies whole blocks: dst block dst_ids[i] = src block src_ids[i] (blockIdx.y = i).
 // The KV hand-off between two GPUs' caches (peer or IPC-mapped memory).

@@ -8,8 +8,10 @@
 //!   paged flash attention (softmax state in `mma.sync` registers), matrix–vector
 //!   products of small steps, greedy argmax, block copies.
 //! - [`gemv`]: who runs a forward pass's matrix products — matrix–vector kernels for
-//!   steps of a few tokens, cuBLAS for the rest.
-//! - [`weights`]: a model's weights uploaded in f16/bf16.
+//!   steps of a few tokens, cuBLAS (cuBLASLt for FP8) for the rest.
+//! - [`fp8`]: FP8 (E4M3) weights' products for larger steps: activations quantized on
+//!   the GPU, cuBLASLt's scaled FP8 GEMM.
+//! - [`weights`]: a model's weights uploaded in f16/bf16, or the layers' in E4M3.
 //! - [`kv`]: the KV cache in GPU memory and its hand-off copies.
 //! - [`model`]: the forward pass over ragged batches, with CUDA graphs for decode,
 //!   bringing back logits or, for greedy steps, only the picked token ids.
@@ -21,6 +23,7 @@
 
 pub mod bench;
 pub mod decode_gemm;
+pub mod fp8;
 pub mod gemv;
 pub mod gpu;
 pub mod kv;

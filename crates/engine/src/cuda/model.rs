@@ -26,13 +26,15 @@ use std::sync::Arc;
 use cudarc::driver::safe::CudaGraph;
 use cudarc::driver::{result, sys};
 
-use super::gemv::{GEMV_MAX_TOKENS, Products, gemv_from_env};
+use super::fp8::FP8_ALIGNMENT;
+use super::gemv::{GEMV_MAX_TOKENS, MatrixRef, Products, gemv_from_env};
 use super::gpu::{
     DeviceBuffer, Gpu, GpuError, Kernel, PinnedBuffer, ProductOut, WeightDtype, kernel_args,
 };
 use super::kv::DeviceKv;
 use super::weights::{GpuWeights, LoadError};
 use crate::error::ModelError;
+use crate::exec::{Quantization, WeightFormat};
 use crate::kv::{KvLayout, KvOptions};
 use crate::model::config::{ModelConfig, RopeStyle};
 use crate::model::dummy::{DummySource, Preset};
@@ -60,17 +62,14 @@ pub struct CudaModel {
 
 impl CudaModel {
     /// Loads a `.gguf` file or a Hugging Face folder onto GPU `ordinal`.
-    pub fn load(
-        path: &Path,
-        ordinal: usize,
-        dtype: Option<WeightDtype>,
-    ) -> Result<Self, LoadError> {
+    pub fn load(path: &Path, ordinal: usize, format: WeightFormat) -> Result<Self, LoadError> {
         match ModelFormat::detect(path)? {
             ModelFormat::Gguf(file) => {
                 let source = GgufSource::open(&file)?;
                 let config = ModelConfig::from_gguf(&source.content, &file)?;
-                let dtype = dtype.unwrap_or(super::weights::auto_dtype(true));
-                Self::upload(ordinal, dtype, config, &source, &TensorNames::GGUF)
+                let dtype = format.dtype.unwrap_or(super::weights::auto_dtype(true));
+                let format = (dtype, format.quantization);
+                Self::upload(ordinal, format, config, &source, &TensorNames::GGUF)
             }
             ModelFormat::HfDir(dir) => {
                 let config_path = dir.join("config.json");
@@ -78,8 +77,9 @@ impl CudaModel {
                     .map_err(|e| ModelError::io(&config_path, e))?;
                 let config = ModelConfig::from_hf_json(&json, &config_path)?;
                 let source = SafetensorsSource::open(&crate::model::safetensors_shards(&dir)?)?;
-                let dtype = dtype.unwrap_or(super::weights::auto_dtype(false));
-                Self::upload(ordinal, dtype, config, &source, &TensorNames::HF)
+                let dtype = format.dtype.unwrap_or(super::weights::auto_dtype(false));
+                let format = (dtype, format.quantization);
+                Self::upload(ordinal, format, config, &source, &TensorNames::HF)
             }
         }
     }
@@ -89,23 +89,27 @@ impl CudaModel {
         preset: &Preset,
         seed: u64,
         ordinal: usize,
-        dtype: Option<WeightDtype>,
+        format: WeightFormat,
     ) -> Result<Self, LoadError> {
         let source = DummySource::new(preset, seed);
-        let dtype = dtype.unwrap_or(super::weights::auto_dtype(false));
-        Self::upload(ordinal, dtype, preset.config(), &source, &TensorNames::HF)
+        let dtype = format.dtype.unwrap_or(super::weights::auto_dtype(false));
+        let format = (dtype, format.quantization);
+        Self::upload(ordinal, format, preset.config(), &source, &TensorNames::HF)
     }
 
     /// Opens the GPU and uploads `source`'s weights of `config`'s shapes.
     fn upload(
         ordinal: usize,
-        dtype: WeightDtype,
+        (dtype, quantization): (WeightDtype, Quantization),
         config: ModelConfig,
         source: &(dyn TensorSource + Sync),
         names: &TensorNames,
     ) -> Result<Self, LoadError> {
         let gpu = open(ordinal, dtype, &config)?;
-        let weights = GpuWeights::load(&gpu, source, names, &config)?;
+        if quantization == Quantization::Fp8 {
+            check_fp8(&gpu, &config)?;
+        }
+        let weights = GpuWeights::load(&gpu, source, names, &config, quantization)?;
         Ok(Self {
             gpu,
             config,
@@ -120,6 +124,32 @@ impl CudaModel {
     pub fn kv_layout(&self, options: KvOptions) -> KvLayout {
         KvLayout::for_model(&self.config, options)
     }
+}
+
+/// Whether this GPU and these shapes can take FP8 weights: tensor cores with E4M3
+/// (compute capability 8.9 or newer) and matrix sides in whole 16-byte rows.
+fn check_fp8(gpu: &Gpu, config: &ModelConfig) -> Result<(), GpuError> {
+    let (major, minor) = gpu.ctx.compute_capability()?;
+    if (major, minor) < (8, 9) {
+        return Err(GpuError::Unsupported(format!(
+            "FP8 weights on compute capability {major}.{minor} (8.9 or newer: Ada, Hopper, \
+             Blackwell)"
+        )));
+    }
+    let sides = [
+        ("hidden size", config.hidden_size),
+        ("query width", config.q_dim()),
+        ("KV width", config.kv_dim()),
+        ("intermediate size", config.intermediate_size),
+    ];
+    for (what, value) in sides {
+        if !value.is_multiple_of(FP8_ALIGNMENT) {
+            return Err(GpuError::Unsupported(format!(
+                "FP8 weights with a {what} of {value} (a multiple of {FP8_ALIGNMENT} is needed)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn open(ordinal: usize, dtype: WeightDtype, config: &ModelConfig) -> Result<Arc<Gpu>, LoadError> {
@@ -413,7 +443,10 @@ impl GpuRunner {
             adjustments: alloc(0)?,
         };
         let kernels = load_kernels(&gpu, c.head_dim)?;
-        let products = Products::new(&gpu, gemv_from_env()?)?;
+        let mut products = Products::new(&gpu, gemv_from_env()?)?;
+        if model.weights.quantization == Quantization::Fp8 {
+            products = products.with_fp8(&gpu, max_tokens, d.max(q_dim).max(inter))?;
+        }
         if products.gemv_enabled() {
             tracing::info!(
                 "GPU products: matrix-vector kernels for steps of up to {GEMV_MAX_TOKENS} \
@@ -422,7 +455,10 @@ impl GpuRunner {
         } else {
             tracing::info!("GPU products: cuBLAS for every step (TANDEM_GPU_GEMV=off)");
         }
-        let ours = model.weights.matrix_bytes + needed + super::gpu::BLAS_WORKSPACE_BYTES;
+        let ours = model.weights.matrix_bytes
+            + needed
+            + super::gpu::BLAS_WORKSPACE_BYTES
+            + products.device_bytes();
         let kv_bytes = kv_bytes(&gpu, budget, ours)?;
         let kv = Arc::new(DeviceKv::new(
             gpu.clone(),
@@ -957,7 +993,7 @@ impl GpuRunner {
                 self.rms_norm(b.x.ptr(), None, lw.attn_norm.ptr(), b.normed.ptr(), n)?;
                 self.products.matmul(
                     gpu,
-                    lw.qkv.ptr(),
+                    lw.qkv.as_ref(),
                     q_dim + 2 * kv_dim,
                     c.hidden_size,
                     b.normed.ptr(),
@@ -969,7 +1005,7 @@ impl GpuRunner {
                 self.attention(layer, shape)?;
                 self.products.matmul(
                     gpu,
-                    lw.attn_out.ptr(),
+                    lw.attn_out.as_ref(),
                     c.hidden_size,
                     q_dim,
                     b.attn.ptr(),
@@ -980,7 +1016,7 @@ impl GpuRunner {
                 self.rms_norm(b.x.ptr(), None, lw.ffn_norm.ptr(), b.normed.ptr(), n)?;
                 let fused = self.products.gate_up_silu(
                     gpu,
-                    lw.gate_up.ptr(),
+                    lw.gate_up.as_ref(),
                     inter,
                     c.hidden_size,
                     b.normed.ptr(),
@@ -990,7 +1026,7 @@ impl GpuRunner {
                 if !fused {
                     self.products.matmul(
                         gpu,
-                        lw.gate_up.ptr(),
+                        lw.gate_up.as_ref(),
                         2 * inter,
                         c.hidden_size,
                         b.normed.ptr(),
@@ -1002,7 +1038,7 @@ impl GpuRunner {
                 }
                 self.products.matmul(
                     gpu,
-                    lw.down.ptr(),
+                    lw.down.as_ref(),
                     c.hidden_size,
                     inter,
                     b.act.ptr(),
@@ -1189,7 +1225,7 @@ impl GpuRunner {
             )?;
             self.products.matmul(
                 &self.model.gpu,
-                self.model.weights.head().ptr(),
+                MatrixRef::plain(self.model.weights.head().ptr()),
                 c.vocab_size,
                 c.hidden_size,
                 b.head_in.ptr(),

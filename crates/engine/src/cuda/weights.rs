@@ -1,6 +1,8 @@
 //! A Llama model's weights in GPU memory: every matrix in the weight type (f16 or
-//! bf16; quantized GGUF matrices are dequantized at load), Q/K/V and gate/up fused
-//! into one matrix each as on the CPU, norms and RoPE frequencies in f32.
+//! bf16; quantized GGUF matrices are dequantized at load), or with `--quantization
+//! fp8` the layers' matrices as E4M3 codes with one scale each ([`crate::e4m3`]);
+//! Q/K/V and gate/up fused into one matrix each as on the CPU, norms and RoPE
+//! frequencies in f32.
 //!
 //! Layers are read, converted and uploaded by several threads at once: a
 //! Llama-3.1-8B-sized model is 16 GB, and one thread converting it would dominate the
@@ -8,8 +10,11 @@
 
 use std::sync::Mutex;
 
+use super::gemv::MatrixRef;
 use super::gpu::{DeviceBuffer, Gpu, GpuError, WeightDtype};
+use crate::e4m3;
 use crate::error::ModelError;
+use crate::exec::Quantization;
 use crate::kernels::QMatrix;
 use crate::model::config::ModelConfig;
 use crate::model::rope::Rope;
@@ -24,17 +29,36 @@ pub enum LoadError {
     Gpu(#[from] GpuError),
 }
 
+/// One weight matrix on the GPU, row-major.
+pub struct GpuMatrix {
+    /// Elements in the weight type, or E4M3 codes.
+    pub data: DeviceBuffer,
+    /// For E4M3 codes: the one f32 that turns them back into weights (on the device,
+    /// where the kernels and cuBLASLt read it).
+    pub fp8_scale: Option<DeviceBuffer>,
+}
+
+impl GpuMatrix {
+    /// The matrix as the products take it.
+    pub fn as_ref(&self) -> MatrixRef {
+        MatrixRef {
+            ptr: self.data.ptr(),
+            fp8_scale: self.fp8_scale.as_ref().map(DeviceBuffer::ptr),
+        }
+    }
+}
+
 pub struct GpuLayer {
     pub attn_norm: DeviceBuffer,
     /// `[q | k | v]` rows × hidden.
-    pub qkv: DeviceBuffer,
+    pub qkv: GpuMatrix,
     /// hidden × q_dim.
-    pub attn_out: DeviceBuffer,
+    pub attn_out: GpuMatrix,
     pub ffn_norm: DeviceBuffer,
     /// `[gate | up]` rows × hidden.
-    pub gate_up: DeviceBuffer,
+    pub gate_up: GpuMatrix,
     /// hidden × intermediate.
-    pub down: DeviceBuffer,
+    pub down: GpuMatrix,
 }
 
 pub struct GpuWeights {
@@ -46,6 +70,8 @@ pub struct GpuWeights {
     pub final_norm: DeviceBuffer,
     /// head_dim / 2 inverse frequencies (RoPE scaling and GGUF factors applied).
     pub inv_freq: DeviceBuffer,
+    /// How the layers' matrices are stored.
+    pub quantization: Quantization,
     /// Bytes of matrices on the GPU.
     pub matrix_bytes: usize,
 }
@@ -62,6 +88,7 @@ impl GpuWeights {
         source: &(dyn TensorSource + Sync),
         names: &TensorNames,
         config: &ModelConfig,
+        quantization: Quantization,
     ) -> Result<Self, LoadError> {
         let loader = Loader { source, config };
         let dtype = gpu.weight_dtype;
@@ -77,18 +104,23 @@ impl GpuWeights {
         } else {
             None
         };
-        let layers = load_layers(gpu, source, names, config)?;
+        let layers = load_layers(gpu, source, names, config, quantization)?;
         let freq_factors = match names.rope_freqs {
             Some(name) if source.contains(name) => Some(loader.vector(name, config.head_dim / 2)?),
             _ => None,
         };
         let rope = Rope::new(config, freq_factors.as_deref());
-        let matrix_bytes = 2
-            * (vocab * hidden * (1 + usize::from(lm_head.is_some()))
-                + config.num_layers * layer_elements(config));
+        let matrix_bytes = embed.bytes()
+            + lm_head.as_ref().map_or(0, DeviceBuffer::bytes)
+            + layers
+                .iter()
+                .flat_map(|l| [&l.qkv, &l.attn_out, &l.gate_up, &l.down])
+                .map(|m| m.data.bytes())
+                .sum::<usize>();
         tracing::info!(
             model = config.name,
             dtype = dtype.name(),
+            quantization = quantization.name(),
             gib = matrix_bytes as f64 / (1u64 << 30) as f64,
             "weights on the GPU"
         );
@@ -101,15 +133,10 @@ impl GpuWeights {
                 &loader.vector(names.final_norm, hidden)?,
             )?,
             inv_freq: DeviceBuffer::from_slice(&gpu.ctx, rope.inv_freq())?,
+            quantization,
             matrix_bytes,
         })
     }
-}
-
-/// Matrix elements of one layer.
-fn layer_elements(c: &ModelConfig) -> usize {
-    let h = c.hidden_size;
-    h * (c.q_dim() + 2 * c.kv_dim()) + c.q_dim() * h + 3 * h * c.intermediate_size
 }
 
 /// Loads the layers on several threads, in any order, into their slots.
@@ -118,6 +145,7 @@ fn load_layers(
     source: &(dyn TensorSource + Sync),
     names: &TensorNames,
     config: &ModelConfig,
+    quantization: Quantization,
 ) -> Result<Vec<GpuLayer>, LoadError> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -141,7 +169,7 @@ fn load_layers(
                         *next += 1;
                         *next - 1
                     };
-                    match load_layer(gpu, source, names, config, index) {
+                    match load_layer(gpu, source, names, config, index, quantization) {
                         Ok(layer) => slots.lock().expect("loader lock")[index] = Some(layer),
                         Err(err) => {
                             first_error.lock().expect("loader lock").get_or_insert(err);
@@ -169,8 +197,12 @@ fn load_layer(
     names: &TensorNames,
     c: &ModelConfig,
     i: usize,
+    quantization: Quantization,
 ) -> Result<GpuLayer, LoadError> {
     let loader = Loader { source, config: c };
+    let matrix = |parts: &[(&str, usize)], cols| {
+        upload_layer_matrix(gpu, &loader, parts, cols, quantization)
+    };
     let name = |which| names.layer(i, which);
     let hidden = c.hidden_size;
     let (q, k, v) = (
@@ -184,29 +216,20 @@ fn load_layer(
             &gpu.ctx,
             &loader.vector(&name(LayerTensor::AttnNorm), hidden)?,
         )?,
-        qkv: upload_matrix(
-            gpu,
-            &loader,
+        qkv: matrix(
             &[(&q, c.q_dim()), (&k, c.kv_dim()), (&v, c.kv_dim())],
             hidden,
         )?,
-        attn_out: upload_matrix(gpu, &loader, &[(&name(LayerTensor::O), hidden)], c.q_dim())?,
+        attn_out: matrix(&[(&name(LayerTensor::O), hidden)], c.q_dim())?,
         ffn_norm: DeviceBuffer::from_slice(
             &gpu.ctx,
             &loader.vector(&name(LayerTensor::FfnNorm), hidden)?,
         )?,
-        gate_up: upload_matrix(
-            gpu,
-            &loader,
+        gate_up: matrix(
             &[(&gate, c.intermediate_size), (&up, c.intermediate_size)],
             hidden,
         )?,
-        down: upload_matrix(
-            gpu,
-            &loader,
-            &[(&name(LayerTensor::Down), hidden)],
-            c.intermediate_size,
-        )?,
+        down: matrix(&[(&name(LayerTensor::Down), hidden)], c.intermediate_size)?,
     })
 }
 
@@ -230,6 +253,35 @@ fn upload_matrix(
         offset += 2 * converted.len();
     }
     Ok(buffer)
+}
+
+/// A layer's matrix of `parts` as [`upload_matrix`] stacks them, in the weight type or
+/// quantized to E4M3 as one matrix (Q, K and V share one scale, as do gate and up).
+fn upload_layer_matrix(
+    gpu: &Gpu,
+    loader: &Loader,
+    parts: &[(&str, usize)],
+    cols: usize,
+    quantization: Quantization,
+) -> Result<GpuMatrix, LoadError> {
+    if quantization == Quantization::None {
+        return Ok(GpuMatrix {
+            data: upload_matrix(gpu, loader, parts, cols)?,
+            fp8_scale: None,
+        });
+    }
+    let rows: usize = parts.iter().map(|p| p.1).sum();
+    let mut values = Vec::with_capacity(rows * cols);
+    for &(name, part_rows) in parts {
+        let (_, raw) = loader.raw_matrix(name, part_rows, cols)?;
+        values.extend(to_f32(loader, name, raw)?);
+    }
+    let quantized = e4m3::quantize(&values);
+    drop(values);
+    Ok(GpuMatrix {
+        data: DeviceBuffer::from_slice(&gpu.ctx, &quantized.codes)?,
+        fp8_scale: Some(DeviceBuffer::from_slice(&gpu.ctx, &[quantized.scale])?),
+    })
 }
 
 /// A matrix's values as f32 (dequantized when quantized).
