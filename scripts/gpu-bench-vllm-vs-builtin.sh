@@ -13,7 +13,8 @@
 # router); its model folder is made with MAKE_MODEL if missing, as in gpu-vllm-smoke.sh.
 # Ends with tandem / vLLM per concurrency and issue 21's serving targets
 # (scripts/gpu_vs_vllm_ratios.py). TEMPERATURE (default 0) is passed to both servers' clients
-# (scripts/gpu-bench-serve.sh).
+# (scripts/gpu-bench-serve.sh). QUANTIZATION=fp8 starts both servers with `--quantization
+# fp8` (vLLM's dynamic FP8 and tandem's, the same scheme); default none.
 set -euo pipefail
 tandem=$(realpath "${1:?usage: gpu-bench-vllm-vs-builtin.sh TANDEM TOKENIZER_KIT OUT_DIR}")
 kit=$(realpath "${2:?}")
@@ -22,6 +23,14 @@ shift 3
 concurrencies=${*:-1 16 64}
 here=$(cd "$(dirname "$0")" && pwd)
 make_model=${MAKE_MODEL:-$here/../../shared/tools/vllm-gpu/make_model_dir.py}
+quantization=${QUANTIZATION:-none}
+topology=topologies/gpu-vllm-single.toml
+if [ "$quantization" != none ]; then
+  topology=$(mktemp --suffix .toml)
+  sed "s/\"--max-model-len\", \"4096\"\]/\"--max-model-len\", \"4096\", \"--quantization\", \"$quantization\"]/" \
+    topologies/gpu-vllm-single.toml > "$topology"
+  grep -q -- '"--quantization"' "$topology" || { echo "could not add --quantization to $topology"; exit 1; }
+fi
 model_dir=/tmp/llama31-8b-dummy   # topologies/gpu-vllm-single.toml's model
 mkdir -p "$out"
 [ -d "$model_dir" ] || python3 "$make_model" "$model_dir" > /dev/null
@@ -36,8 +45,8 @@ wait_health() { # URL PID SECONDS
 }
 stop() { kill -TERM "$1" 2> /dev/null || true; wait "$1" 2> /dev/null || true; }
 
-echo "== vLLM: tandem up topologies/gpu-vllm-single.toml, measured at the worker"
-"$tandem" up topologies/gpu-vllm-single.toml --log-dir "$out/vllm-logs" \
+echo "== vLLM: tandem up $topology (quantization $quantization), measured at the worker"
+"$tandem" up "$topology" --log-dir "$out/vllm-logs" \
   --start-timeout 600 > "$out/vllm-up.out" 2>&1 < /dev/null &
 up=$!
 trap 'stop "$up"' EXIT
@@ -51,7 +60,7 @@ else
 fi
 stop "$up"
 
-echo "== tandem serve --device cuda --load-format dummy --model llama-3.1-8b"
+echo "== tandem serve --device cuda --load-format dummy --model llama-3.1-8b --quantization $quantization"
 cache=$(mktemp -d)
 mkdir -p "$cache/models"
 # --load-format dummy reads only the tokenizer from the default model's path.
@@ -59,7 +68,8 @@ cp "$kit/tokenizer-only.gguf" "$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 TANDEM_CACHE_DIR=$cache \
   LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
   "$tandem" serve --device cuda --load-format dummy --model llama-3.1-8b \
-  --served-model-name llama --port 8300 --max-num-seqs 64 > "$out/tandem-serve.log" 2>&1 < /dev/null &
+  --served-model-name llama --port 8300 --max-num-seqs 64 --quantization "$quantization" \
+  > "$out/tandem-serve.log" 2>&1 < /dev/null &
 serve=$!
 trap 'stop "$serve"' EXIT
 trap 'stop "$serve"; exit 1' INT TERM
