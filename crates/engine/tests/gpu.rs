@@ -629,6 +629,24 @@ fn kv_blocks_move_between_gpu_caches() {
     );
 }
 
+/// The default model on GPU 0 in `format`, with room for llama.cpp's fixture cases.
+fn default_model_runner(path: &Path, format: WeightFormat) -> GpuRunner {
+    let model = Arc::new(CudaModel::load(path, 0, format).unwrap());
+    let layout = model.kv_layout(KvOptions::default());
+    GpuRunner::new(
+        model,
+        layout,
+        KvBudget::Bytes(256 << 20),
+        RunnerLimits {
+            max_tokens: 512,
+            max_seqs: 8,
+            max_model_len: 1024,
+            cuda_graphs: true,
+        },
+    )
+    .unwrap()
+}
+
 /// The default model on the GPU against llama.cpp: teacher-forced top-1 wherever
 /// llama.cpp's choice is clear, and greedy continuations, as the CPU path is checked
 /// (crates/engine/tests/llamacpp_reference.rs).
@@ -640,20 +658,7 @@ fn default_model_agrees_with_llamacpp() {
     let Some(path) = common::default_model() else {
         return;
     };
-    let model = Arc::new(CudaModel::load(&path, 0, Some(WeightDtype::F16).into()).unwrap());
-    let layout = model.kv_layout(KvOptions::default());
-    let mut runner = GpuRunner::new(
-        model,
-        layout,
-        KvBudget::Bytes(256 << 20),
-        RunnerLimits {
-            max_tokens: 512,
-            max_seqs: 8,
-            max_model_len: 1024,
-            cuda_graphs: true,
-        },
-    )
-    .unwrap();
+    let mut runner = default_model_runner(&path, Some(WeightDtype::F16).into());
     let vocab = runner.config().vocab_size;
     let table: Vec<BlockId> = (0..64).collect();
     let (mut agree, mut total) = (0usize, 0usize);
@@ -719,6 +724,14 @@ fn default_model_agrees_with_llamacpp() {
     assert!(rate >= 0.95, "agreement {rate:.3} < 0.95");
 }
 
+/// The value of `dtype`'s 16 bits.
+fn from_bits(dtype: WeightDtype, bits: u16) -> f32 {
+    match dtype {
+        WeightDtype::Bf16 => half::bf16::from_bits(bits).to_f32(),
+        WeightDtype::F16 => half::f16::from_bits(bits).to_f32(),
+    }
+}
+
 /// The matrix–vector kernels of small steps against the product computed on the host
 /// in f64 from the same rounded weights: every token count they serve, rows that do not
 /// fill a block, rows that are not whole 256-column passes of a warp, accumulation into
@@ -735,20 +748,9 @@ fn gemv_products_match_the_host() {
     for dtype in [WeightDtype::Bf16, WeightDtype::F16] {
         let gpu = Gpu::open(0, dtype).unwrap();
         let products = Products::new(&gpu, true).unwrap();
-        let round = |v: f32| match dtype {
-            WeightDtype::Bf16 => half::bf16::from_f32(v).to_f32(),
-            WeightDtype::F16 => half::f16::from_f32(v).to_f32(),
-        };
-        let upload = |values: &[f32]| match dtype {
-            WeightDtype::Bf16 => {
-                let v: Vec<half::bf16> = values.iter().map(|&x| half::bf16::from_f32(x)).collect();
-                DeviceBuffer::from_slice(&gpu.ctx, &v).unwrap()
-            }
-            WeightDtype::F16 => {
-                let v: Vec<half::f16> = values.iter().map(|&x| half::f16::from_f32(x)).collect();
-                DeviceBuffer::from_slice(&gpu.ctx, &v).unwrap()
-            }
-        };
+        let round = |v: f32| from_bits(dtype, dtype.convert(&[v])[0]);
+        let upload =
+            |values: &[f32]| DeviceBuffer::from_slice(&gpu.ctx, &dtype.convert(values)).unwrap();
         let mut rng = Lcg(5);
         for (rows, cols) in [(37, 8), (300, 264), (1000, 2088), (64, 12)] {
             let w: Vec<f32> = (0..rows * cols).map(|_| round(rng.uniform())).collect();
@@ -835,10 +837,7 @@ fn gemv_products_match_the_host() {
                     for j in 0..inter {
                         let (g, u) = (dot(j, t), dot(inter + j, t));
                         let want = g / (1.0 + (-g).exp()) * u;
-                        let got = f64::from(match dtype {
-                            WeightDtype::Bf16 => half::bf16::from_bits(act[t * inter + j]).to_f32(),
-                            WeightDtype::F16 => half::f16::from_bits(act[t * inter + j]).to_f32(),
-                        });
+                        let got = f64::from(from_bits(dtype, act[t * inter + j]));
                         assert!(
                             (got - want).abs() <= 1e-2 * want.abs() + 1e-3 * (cols as f64).sqrt(),
                             "{dtype:?} {rows}×{cols}, {tokens} tokens: act[{t}][{j}] = {got}, want {want}"
@@ -916,14 +915,6 @@ fn fp8_products_match_the_host() {
             .unwrap()
             .with_fp8(&gpu, MAX_TOKENS, 2048)
             .unwrap();
-        let to_bits = |v: f32| match dtype {
-            WeightDtype::Bf16 => half::bf16::from_f32(v).to_bits(),
-            WeightDtype::F16 => half::f16::from_f32(v).to_bits(),
-        };
-        let from_bits = |b: u16| match dtype {
-            WeightDtype::Bf16 => half::bf16::from_bits(b).to_f32(),
-            WeightDtype::F16 => half::f16::from_bits(b).to_f32(),
-        };
         let mut rng = Lcg(11);
         for (rows, cols) in [(48, 32), (320, 272), (1024, 2048)] {
             let weights: Vec<f32> = (0..rows * cols).map(|_| 0.1 * rng.uniform()).collect();
@@ -939,15 +930,16 @@ fn fp8_products_match_the_host() {
                 ptr: w_codes.ptr(),
                 fp8_scale: Some(w_scale.ptr()),
             };
-            let x_bits: Vec<u16> = (0..MAX_TOKENS * cols)
-                .map(|_| to_bits(2.0 * rng.uniform()))
+            let x_values: Vec<f32> = (0..MAX_TOKENS * cols)
+                .map(|_| 2.0 * rng.uniform())
                 .collect();
+            let x_bits = dtype.convert(&x_values);
             let x_gpu = DeviceBuffer::from_slice(&gpu.ctx, &x_bits).unwrap();
             let prior: Vec<f32> = (0..MAX_TOKENS * rows).map(|_| rng.uniform()).collect();
             for tokens in (1..=GEMV_MAX_TOKENS).chain([5, 64, MAX_TOKENS]) {
                 let x: Vec<f32> = x_bits[..tokens * cols]
                     .iter()
-                    .map(|&b| from_bits(b))
+                    .map(|&b| from_bits(dtype, b))
                     .collect();
                 // What a product sees of x: itself in the matrix–vector kernels, its E4M3
                 // codes times one scale in the GEMM (every step above 4 tokens, and every
@@ -995,7 +987,9 @@ fn fp8_products_match_the_host() {
                     let y: Vec<f64> = if out == ProductOut::WeightType {
                         let mut bits = vec![0u16; tokens * rows];
                         y_gpu.download(0, &mut bits).unwrap();
-                        bits.iter().map(|&b| f64::from(from_bits(b))).collect()
+                        bits.iter()
+                            .map(|&b| f64::from(from_bits(dtype, b)))
+                            .collect()
                     } else {
                         let mut y = vec![0f32; tokens * rows];
                         y_gpu.download(0, &mut y).unwrap();
@@ -1050,7 +1044,7 @@ fn fp8_products_match_the_host() {
                     for j in 0..inter {
                         let (g, u) = (dot(j, t, false), dot(inter + j, t, false));
                         let want = g / (1.0 + (-g).exp()) * u;
-                        let got = f64::from(from_bits(act[t * inter + j]));
+                        let got = f64::from(from_bits(dtype, act[t * inter + j]));
                         assert!(
                             (got - want).abs() <= 1e-2 * want.abs() + 1e-4 * (cols as f64).sqrt(),
                             "{label}: act[{t}][{j}] = {got}, want {want}"
@@ -1081,20 +1075,7 @@ fn fp8_default_model_accuracy_against_f16() {
             dtype: Some(WeightDtype::F16),
             quantization,
         };
-        let model = Arc::new(CudaModel::load(&path, 0, format).unwrap());
-        let layout = model.kv_layout(KvOptions::default());
-        let mut runner = GpuRunner::new(
-            model,
-            layout,
-            KvBudget::Bytes(256 << 20),
-            RunnerLimits {
-                max_tokens: 512,
-                max_seqs: 8,
-                max_model_len: 1024,
-                cuda_graphs: true,
-            },
-        )
-        .unwrap();
+        let mut runner = default_model_runner(&path, format);
         let vocab = runner.config().vocab_size;
         let table: Vec<BlockId> = (0..64).collect();
         common::llamacpp_cases()
