@@ -370,6 +370,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         memory: engine.kv_memory(),
         limits: Limits::default(),
     };
+    let liveness = engine.liveness();
     let metrics = install_prometheus_recorder(&served.name)
         .map_err(|e| tracing::warn!("metrics are disabled: {e}"))
         .ok();
@@ -406,8 +407,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
         serve_until_signal(&args.host, args.port, state, limits, grace, announce).await
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
+    if !liveness.wait_ended(ENGINE_END_TIMEOUT) {
+        tracing::warn!(
+            "the engine loop did not end within {} s of the server; exiting anyway",
+            ENGINE_END_TIMEOUT.as_secs()
+        );
+    }
     result
 }
+
+/// How long a stopping worker waits for its engine loop to release the model and the
+/// device after the server has stopped.
+const ENGINE_END_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds the KV event sockets (failing startup if they cannot be bound) and starts
 /// the publisher; returns the engine's end of its queue.

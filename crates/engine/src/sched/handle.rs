@@ -72,6 +72,11 @@ impl EngineHandle {
         self.kv_memory.clone()
     }
 
+    /// Watches the engine loop's end without keeping it alive.
+    pub fn liveness(&self) -> EngineLiveness {
+        EngineLiveness(self.alive.clone())
+    }
+
     /// A handle that does not keep the engine loop alive (for the hand-off tasks).
     pub fn downgrade(&self) -> WeakEngine {
         WeakEngine {
@@ -106,6 +111,28 @@ impl EngineHandle {
     /// Whether the engine loop is still running (for `/health`).
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire) && !self.commands.is_closed()
+    }
+}
+
+/// Whether the engine loop is still running, without keeping it alive: the loop ends
+/// once every [`EngineHandle`] is gone, and clears the flag only after its executor —
+/// the model, KV memory and, on a GPU, the libraries' handles — has been dropped.
+#[derive(Clone)]
+pub struct EngineLiveness(Arc<AtomicBool>);
+
+impl EngineLiveness {
+    /// Waits up to `timeout` for the loop to end; whether it did. A process should
+    /// wait before it exits: the GPU libraries' own exit-time teardown must not run
+    /// while the loop's thread is still releasing their handles.
+    pub fn wait_ended(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.0.load(Ordering::Acquire) {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        true
     }
 }
 

@@ -16,7 +16,9 @@ mod stats;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-pub use handle::{EngineHandle, EngineStopped, GenerationStream, SeqId, WeakEngine};
+pub use handle::{
+    EngineHandle, EngineLiveness, EngineStopped, GenerationStream, SeqId, WeakEngine,
+};
 pub use request::{FinishReason, GenerationEvent, GenerationRequest, Usage};
 pub use stats::EngineStats;
 
