@@ -6,7 +6,8 @@
 //! - [`gpu`]: one GPU — context, stream, allocations, kernel module, cuBLAS.
 //! - `kernels.cu` (PTX in [`ptx`]): embedding, RMSNorm, RoPE + KV store, SiLU·up,
 //!   paged flash attention (softmax state in `mma.sync` registers), matrix–vector
-//!   products of small steps, greedy argmax, block copies.
+//!   products of small steps (bf16/f16 or E4M3 weights), FP8 activation quantization,
+//!   greedy argmax and sampling, block copies.
 //! - [`gemv`]: who runs a forward pass's matrix products — matrix–vector kernels for
 //!   steps of a few tokens, cuBLAS (cuBLASLt for FP8) for the rest.
 //! - [`fp8`]: FP8 (E4M3) weights' products for larger steps: activations quantized on
