@@ -11,7 +11,9 @@
 #   scripts/gpu-bench-sampling.sh TANDEM TOKENIZER_KIT OUT_DIR [CONCURRENCY…]
 #
 # MODES (default "host device device host") sets the servers' sampling modes, in order:
-# MODES=device with two binaries run as A B B A compares engine builds. TEMPERATURE
+# MODES=device with two binaries run as A B B A compares engine builds. A mode may name
+# a weight quantization after a colon (device:fp8 starts that server with
+# --quantization fp8; scripts/gpu-bench-fp8.sh runs "device:none device:fp8"). TEMPERATURE
 # (default 0, greedy) is the clients' sampling temperature: above 0 the GPU samples
 # (only ids come back) where the host mode brings the logits back to sample them.
 #
@@ -62,13 +64,17 @@ PY
 }
 
 round=0
-for sampling in ${MODES:-host device device host}; do
+for mode in ${MODES:-host device device host}; do
+  sampling=${mode%%:*}
+  quantization=none
+  [[ $mode == *:* ]] && quantization=${mode#*:}
   round=$((round + 1))
   name="$round-$sampling"
-  echo "== $name: TANDEM_GPU_SAMPLING=$sampling tandem serve --device cuda"
+  [ "$quantization" = none ] || name+="-$quantization"
+  echo "== $name: TANDEM_GPU_SAMPLING=$sampling tandem serve --device cuda --quantization $quantization"
   TANDEM_GPU_SAMPLING=$sampling TANDEM_CACHE_DIR=$cache \
     "$tandem" serve --device cuda --load-format dummy --model llama-3.1-8b \
-    --served-model-name llama --port 8300 --max-num-seqs 64 \
+    --served-model-name llama --port 8300 --max-num-seqs 64 --quantization "$quantization" \
     > "$out/$name-serve.log" 2>&1 < /dev/null &
   serve=$!
   trap 'stop "$serve"' EXIT
@@ -83,10 +89,10 @@ for sampling in ${MODES:-host device device host}; do
       --tokenizer "$kit/hf" --num-prompts "$n" --max-concurrency "$c" --seed $((10 * c + 1)) \
       --percentiles 50,99 --json "$out/$name-c$c.json" > "$out/$name-c$c.log" 2>&1 \
       || { tail -n 20 "$out/$name-c$c.log"; exit 1; }
-    python3 - "$out/$name-c$c.json" "$sampling" "$c" <<'PY'
+    python3 - "$out/$name-c$c.json" "$sampling/$quantization" "$c" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"  {sys.argv[2]:>6} c={sys.argv[3]:>3} n={r['completed']:>3} "
+print(f"  {sys.argv[2]:>11} c={sys.argv[3]:>3} n={r['completed']:>3} failed={r.get('failed', 0)} "
       f"{r['output_throughput']:8.1f} out tok/s  "
       f"TTFT p50 {r['median_ttft_ms']:7.1f} p99 {r['p99_ttft_ms']:7.1f} ms  "
       f"TPOT p50 {r['median_tpot_ms']:6.2f} p99 {r['p99_tpot_ms']:6.2f} ms")
@@ -95,7 +101,10 @@ PY
   curl -sf "$url/metrics" > "$out/$name-metrics.txt"
   echo "  engine steps over all runs ($name):"
   step_summary "$out/$name-metrics.txt"
-  stop "$serve"
+  kill -TERM "$serve" 2> /dev/null || true
+  status=0
+  wait "$serve" || status=$?
+  echo "  server exited with status $status"
   trap - EXIT
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

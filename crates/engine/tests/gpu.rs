@@ -665,7 +665,7 @@ fn default_model_agrees_with_llamacpp() {
     for (case_index, case) in common::llamacpp_cases().iter().enumerate() {
         let (prompt, greedy) = (&case.prompt_ids, &case.greedy_ids);
         // Teacher-forced: prompt + llama.cpp's greedy continuation in one pass.
-        let sequence: Vec<u32> = prompt.iter().chain(greedy).copied().collect();
+        let sequence = case.sequence();
         let logits = runner
             .forward(&[seq(&sequence, 0, &table, LogitsFor::All)])
             .unwrap()
@@ -729,6 +729,33 @@ fn from_bits(dtype: WeightDtype, bits: u16) -> f32 {
     match dtype {
         WeightDtype::Bf16 => half::bf16::from_bits(bits).to_f32(),
         WeightDtype::F16 => half::f16::from_bits(bits).to_f32(),
+    }
+}
+
+/// Checks a fused gate/up pass's `tokens × inter` results in `act_gpu` (the GPU's
+/// weight type) against SiLU(gate)·up computed on the host from `dot(row, token)`:
+/// within 1% plus `slack`.
+fn assert_silu_up(
+    gpu: &tandem_engine::cuda::gpu::Gpu,
+    act_gpu: &tandem_engine::cuda::gpu::DeviceBuffer,
+    (tokens, inter): (usize, usize),
+    dot: impl Fn(usize, usize) -> f64,
+    slack: f64,
+    label: &str,
+) {
+    gpu.synchronize().unwrap();
+    let mut act = vec![0u16; tokens * inter];
+    act_gpu.download(0, &mut act).unwrap();
+    for t in 0..tokens {
+        for j in 0..inter {
+            let (g, u) = (dot(j, t), dot(inter + j, t));
+            let want = g / (1.0 + (-g).exp()) * u;
+            let got = f64::from(from_bits(gpu.weight_dtype, act[t * inter + j]));
+            assert!(
+                (got - want).abs() <= 1e-2 * want.abs() + slack,
+                "{label}: act[{t}][{j}] = {got}, want {want}"
+            );
+        }
     }
 }
 
@@ -830,20 +857,9 @@ fn gemv_products_match_the_host() {
                 if !fused {
                     continue;
                 }
-                gpu.synchronize().unwrap();
-                let mut act = vec![0u16; tokens * inter];
-                act_gpu.download(0, &mut act).unwrap();
-                for t in 0..tokens {
-                    for j in 0..inter {
-                        let (g, u) = (dot(j, t), dot(inter + j, t));
-                        let want = g / (1.0 + (-g).exp()) * u;
-                        let got = f64::from(from_bits(dtype, act[t * inter + j]));
-                        assert!(
-                            (got - want).abs() <= 1e-2 * want.abs() + 1e-3 * (cols as f64).sqrt(),
-                            "{dtype:?} {rows}×{cols}, {tokens} tokens: act[{t}][{j}] = {got}, want {want}"
-                        );
-                    }
-                }
+                let label = format!("{dtype:?} {rows}×{cols}, {tokens} tokens");
+                let slack = 1e-3 * (cols as f64).sqrt();
+                assert_silu_up(&gpu, &act_gpu, (tokens, inter), dot, slack, &label);
             }
         }
     }
@@ -1037,20 +1053,9 @@ fn fp8_products_match_the_host() {
                         .unwrap()
                 };
                 assert!(fused, "{label}: the fused E4M3 pass");
-                gpu.synchronize().unwrap();
-                let mut act = vec![0u16; tokens * inter];
-                act_gpu.download(0, &mut act).unwrap();
-                for t in 0..tokens {
-                    for j in 0..inter {
-                        let (g, u) = (dot(j, t, false), dot(inter + j, t, false));
-                        let want = g / (1.0 + (-g).exp()) * u;
-                        let got = f64::from(from_bits(dtype, act[t * inter + j]));
-                        assert!(
-                            (got - want).abs() <= 1e-2 * want.abs() + 1e-4 * (cols as f64).sqrt(),
-                            "{label}: act[{t}][{j}] = {got}, want {want}"
-                        );
-                    }
-                }
+                let slack = 1e-4 * (cols as f64).sqrt();
+                let gemv_dot = |r: usize, t: usize| dot(r, t, false);
+                assert_silu_up(&gpu, &act_gpu, (tokens, inter), gemv_dot, slack, &label);
             }
         }
     }
@@ -1081,12 +1086,7 @@ fn fp8_default_model_accuracy_against_f16() {
         common::llamacpp_cases()
             .iter()
             .map(|case| {
-                let sequence: Vec<u32> = case
-                    .prompt_ids
-                    .iter()
-                    .chain(&case.greedy_ids)
-                    .copied()
-                    .collect();
+                let sequence = case.sequence();
                 runner
                     .forward(&[seq(&sequence, 0, &table, LogitsFor::All)])
                     .unwrap()
@@ -1106,12 +1106,7 @@ fn fp8_default_model_accuracy_against_f16() {
     let (mut clear, mut fp8_clear_agree) = (0usize, 0usize);
     let (mut kl_sum, mut f16_nll, mut fp8_nll, mut scored) = (0.0f64, 0.0f64, 0.0f64, 0usize);
     for ((case, rows16), rows8) in common::llamacpp_cases().iter().zip(&f16).zip(&fp8) {
-        let sequence: Vec<u32> = case
-            .prompt_ids
-            .iter()
-            .chain(&case.greedy_ids)
-            .copied()
-            .collect();
+        let sequence = case.sequence();
         for (i, (r16, r8)) in rows16.iter().zip(rows8).enumerate() {
             let (l16, l8) = (log_softmax(r16), log_softmax(r8));
             kl_sum += l16

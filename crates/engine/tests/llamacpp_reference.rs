@@ -33,12 +33,7 @@ fn teacher_forced_agreement(loaded: &LoadedModel, pool: &ThreadPool, chunk: usiz
     let vocab = loaded.model.config().vocab_size;
     let (mut agree, mut total) = (0, 0);
     for case in common::llamacpp_cases() {
-        let sequence: Vec<u32> = case
-            .prompt_ids
-            .iter()
-            .chain(&case.greedy_ids)
-            .copied()
-            .collect();
+        let sequence = case.sequence();
         let mut session = Session::new(loaded.cpu(), pool, sequence.len(), KvOptions::default());
         let mut ours = Vec::new();
         for part in sequence.chunks(chunk) {

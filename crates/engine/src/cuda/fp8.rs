@@ -61,13 +61,10 @@ pub struct Fp8Products {
     amax: DeviceBuffer,
     /// The activations' scale of the product in flight (f32).
     x_scale: DeviceBuffer,
-    /// The activations' codes: `max_tokens × max_cols` bytes.
+    /// The activations' codes: room for `max_tokens × max_cols` bytes.
     x_codes: DeviceBuffer,
-    x_capacity: usize,
     amax_kernel: Kernel,
     quantize_kernel: Kernel,
-    dtype: WeightDtype,
-    multiprocessors: usize,
     plans: Mutex<HashMap<PlanKey, Plan>>,
 }
 
@@ -85,18 +82,14 @@ impl Fp8Products {
             return Err(GpuError::MissingLibrary("cuBLASLt"));
         }
         gpu.bind()?;
-        let x_capacity = max_tokens * max_cols;
         Ok(Self {
             handle: lt::create_handle()?,
             workspace: DeviceBuffer::zeroed(&gpu.ctx, LT_WORKSPACE_BYTES)?,
             amax: DeviceBuffer::zeroed(&gpu.ctx, 4)?,
             x_scale: DeviceBuffer::zeroed(&gpu.ctx, 4)?,
-            x_codes: DeviceBuffer::zeroed(&gpu.ctx, x_capacity.max(16))?,
-            x_capacity,
+            x_codes: DeviceBuffer::zeroed(&gpu.ctx, max_tokens * max_cols)?,
             amax_kernel: gpu.module.kernel("fp8_amax")?,
             quantize_kernel: gpu.module.kernel("fp8_quantize")?,
-            dtype: gpu.weight_dtype,
-            multiprocessors: gpu.multiprocessors,
             plans: Mutex::new(HashMap::new()),
         })
     }
@@ -126,10 +119,10 @@ impl Fp8Products {
         out: ProductOut,
     ) -> Result<(), GpuError> {
         let elements = tokens * cols;
-        if elements > self.x_capacity {
+        if elements > self.x_codes.bytes() {
             return Err(GpuError::Unsupported(format!(
                 "an FP8 product of {tokens} × {cols} activations (room for {})",
-                self.x_capacity
+                self.x_codes.bytes()
             )));
         }
         // SAFETY: the caller's promise on x; the scratch is sized above.
@@ -143,7 +136,7 @@ impl Fp8Products {
         };
         let plan = match plans.entry(key) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-            std::collections::hash_map::Entry::Vacant(entry) => entry.insert(self.plan(key)?),
+            std::collections::hash_map::Entry::Vacant(entry) => entry.insert(self.plan(gpu, key)?),
         };
         let alpha = 1.0f32;
         let beta = if out == ProductOut::F32Accumulate {
@@ -201,7 +194,7 @@ impl Fp8Products {
         let chunks = (elements / 8) as i64;
         let blocks = (elements / 8)
             .div_ceil(256)
-            .clamp(1, 4 * self.multiprocessors) as u32;
+            .clamp(1, 4 * gpu.multiprocessors) as u32;
         let (amax, scale, codes) = (self.amax.ptr(), self.x_scale.ptr(), self.x_codes.ptr());
         // SAFETY: the caller's promise; each kernel's parameters in order.
         unsafe {
@@ -226,7 +219,7 @@ impl Fp8Products {
     /// Descriptors and an algorithm for one product shape. Column-major view, as
     /// `Gpu::matmul`: Yᵀ[rows × tokens] = Wᵀ · Xᵀ with W read transposed ("TN", the
     /// only layout cuBLASLt's FP8 GEMM takes).
-    fn plan(&self, key: PlanKey) -> Result<Plan, GpuError> {
+    fn plan(&self, gpu: &Gpu, key: PlanKey) -> Result<Plan, GpuError> {
         use lt_sys::cudaDataType::{CUDA_R_8F_E4M3, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F};
         let PlanKey {
             rows,
@@ -234,7 +227,7 @@ impl Fp8Products {
             tokens,
             out,
         } = key;
-        let d_type = match (out, self.dtype) {
+        let d_type = match (out, gpu.weight_dtype) {
             (ProductOut::F32 | ProductOut::F32Accumulate, _) => CUDA_R_32F,
             (ProductOut::WeightType, WeightDtype::Bf16) => CUDA_R_16BF,
             (ProductOut::WeightType, WeightDtype::F16) => CUDA_R_16F,

@@ -29,6 +29,18 @@ pub struct Case {
     pub margin: Vec<f64>,
 }
 
+impl Case {
+    /// The prompt followed by llama.cpp's greedy continuation: what a teacher-forced
+    /// pass feeds, one reference row per position.
+    pub fn sequence(&self) -> Vec<u32> {
+        self.prompt_ids
+            .iter()
+            .chain(&self.greedy_ids)
+            .copied()
+            .collect()
+    }
+}
+
 /// The fixture's generation cases, parsed.
 pub fn llamacpp_cases() -> Vec<Case> {
     let fixture = llamacpp_fixture();
