@@ -17,8 +17,11 @@
 //! remote reader and fills blocks a sequence is waiting to receive. The block pool
 //! guarantees those sets never overlap, so nobody ever touches a block that another
 //! thread writes.
+//!
+//! [`sizing`] is a model's KV arithmetic before any store exists (`tandem kv`).
 
 pub mod pool;
+pub mod sizing;
 
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;

@@ -7,6 +7,8 @@
 //! - [`auth`]: the cluster secret, signed params, handshake proofs, lease secrets.
 //! - [`handshake`]: the reader's side of the mutually authenticated handshake.
 //! - [`lease`]: P's leases.
+//! - [`probe`], [`measure`]: a timed read of a worker's blocks without an engine, and
+//!   one whole measured hand-off from a running worker (`tandem kv --measure`).
 //! - `identity`: the model digest in the compatibility fingerprint.
 //! - `server`: P's listener (`--kv-port`).
 //! - `puller`: D's reads and heartbeats.
@@ -19,6 +21,7 @@ pub mod auth;
 pub mod handshake;
 mod identity;
 pub mod lease;
+pub mod measure;
 pub mod probe;
 pub mod puller;
 mod server;
