@@ -15,7 +15,6 @@ use tandem_experiment::profiling;
 use tandem_launch::generate::{Generated, GeneratedWorker};
 use tandem_launch::topology::{PlannerSpec, Role as TopologyRole};
 use tandem_planner::layout::Role as PlannedRole;
-use tandem_planner::profile::HandoffCost;
 use tandem_planner::{Arrival, Layout, LengthDist, Profile, Slo, Workload};
 
 #[derive(Subcommand)]
@@ -249,96 +248,25 @@ fn measure(args: ProfileArgs) -> Result<()> {
         .as_ref()
         .map_or(args.kv_bytes_per_token, |p| p.kv_bytes_per_token);
     let measured = match (&args.url, &args.model) {
-        (Some(url), Some(model)) => measure_given(&args, url, model, &plan, kv_bytes_per_token)?,
+        (Some(url), Some(model)) => {
+            let worker = profiling::RunningWorker {
+                url,
+                model,
+                alongside: &args.alongside,
+                split_url: args.split_url.as_deref(),
+            };
+            profiling::measure_running(&worker, &plan, kv_bytes_per_token)?
+        }
         _ => measure_launched(&args, &plan, kv_bytes_per_token)?,
     };
     for worker in &measured.workers {
         print_steps(worker)?;
     }
-    let hardware = profile::cpu_description();
-    let mut profile = match existing {
-        Some(profile) => {
-            profile.check_matches(&measured.model, &hardware)?;
-            profile
-        }
-        None => Profile {
-            hardware,
-            model: measured.model.clone(),
-            kv_bytes_per_token,
-            handoff: HandoffCost {
-                fixed_seconds: 0.0,
-                seconds_per_byte: 0.0,
-            },
-            workers: Vec::new(),
-            core_speeds: Vec::new(),
-        },
-    };
-    if !measured.core_speeds.is_empty() {
-        profile.core_speeds = measured.core_speeds;
-    }
-    if let Some(handoff) = measured.handoff {
-        profile.handoff = handoff;
-    }
-    for worker in measured.workers {
-        profile.put_worker(worker);
-    }
+    let profile = profiling::into_profile(existing, measured, kv_bytes_per_token)?;
     std::fs::write(&args.out, profile.to_toml())
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("profile written to {}", args.out.display());
     Ok(())
-}
-
-/// One worker size measured at --url (beside --alongside, with --split-url's hand-off).
-fn measure_given(
-    args: &ProfileArgs,
-    url: &str,
-    model: &str,
-    plan: &WorkerPlan,
-    kv_bytes_per_token: u64,
-) -> Result<profiling::Measured> {
-    let runtime = tokio::runtime::Runtime::new()?;
-    let target = profile::target(url, Some(model.to_owned()));
-    let same_url = |other: &String| other.trim_end_matches('/') == url.trim_end_matches('/');
-    if let Some(other) = args.alongside.iter().find(|other| same_url(other)) {
-        bail!("--alongside {other} is the measured worker itself; give the other cores' workers");
-    }
-    eprintln!("measuring a {}-core worker at {url}", args.cores);
-    let neighbours: Vec<_> = args
-        .alongside
-        .iter()
-        .map(|other| profile::target(other, Some(model.to_owned())))
-        .collect();
-    if !neighbours.is_empty() {
-        eprintln!(
-            "  with the same measurements on {} at the same time",
-            args.alongside.join(", ")
-        );
-    }
-    let worker = runtime.block_on(profile::measure_worker_alongside(
-        &target,
-        &neighbours,
-        plan,
-    ))?;
-    let handoff = match &args.split_url {
-        Some(split) => {
-            let split = profile::target(split, Some(model.to_owned()));
-            eprintln!("measuring the hand-off through {}", split.base_url);
-            Some(runtime.block_on(profile::measure_handoff(
-                &split,
-                &target,
-                kv_bytes_per_token,
-                &args.prompt_lengths,
-                plan.repeats,
-            ))?)
-        }
-        None => None,
-    };
-    Ok(profiling::Measured {
-        model: model.to_owned(),
-        workers: vec![worker],
-        handoff,
-        core_speeds: Vec::new(),
-    })
 }
 
 /// Every worker size on the first --cores cores, the workers started here.

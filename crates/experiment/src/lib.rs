@@ -65,6 +65,8 @@ pub enum ExperimentError {
     Rounds(#[from] rounds::RoundsError),
     #[error(transparent)]
     Profile(#[from] tandem_bench::profile::ProfileFailure),
+    #[error("--alongside {0} is the measured worker itself; give the other cores' workers")]
+    AlongsideItself(String),
 }
 
 /// How the runs are made and reported.

@@ -5,6 +5,10 @@
 //! each set started with `tandem up`'s machinery on its own cores, measured with
 //! [`tandem_bench::profile`], and stopped before the next. The cores' own speeds
 //! ([`crate::core_speed`]) are measured first, with nothing started.
+//!
+//! Or one worker size measured where it already runs ([`measure_running`]: `tandem plan
+//! profile --url`); either way [`into_profile`] folds the measurements into the profile
+//! file's contents.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +21,8 @@ use tandem_launch::run::RunError;
 use tandem_launch::secret::ClusterSecret;
 use tandem_launch::stack::{Stack, StartOptions, StderrObserver};
 use tandem_launch::topology::{self, Checked};
-use tandem_planner::profile::{CoreSpeed, HandoffCost, WorkerProfile};
+use tandem_planner::Profile;
+use tandem_planner::profile::{CoreSpeed, HandoffCost, ProfileError, WorkerProfile};
 
 use crate::ExperimentError;
 use crate::defaults::DefaultTopologies;
@@ -46,6 +51,110 @@ pub struct Measured {
     pub handoff: Option<HandoffCost>,
     /// The given cores' speeds (empty where the workers were not started here).
     pub core_speeds: Vec<CoreSpeed>,
+}
+
+/// A worker already running, measured where it is.
+pub struct RunningWorker<'a> {
+    /// Its base URL.
+    pub url: &'a str,
+    /// The model's name as it serves it.
+    pub model: &'a str,
+    /// Workers on the machine's other cores, given the same measurements at the same
+    /// time (see [`WorkerProfile::measured_alongside`]).
+    pub alongside: &'a [String],
+    /// A 1P1D router over workers of this size, for the hand-off.
+    pub split_url: Option<&'a str>,
+}
+
+/// Measures `worker` with `plan` (beside its `alongside` workers), and the hand-off
+/// through its `split_url`.
+pub fn measure_running(
+    worker: &RunningWorker,
+    plan: &WorkerPlan,
+    kv_bytes_per_token: u64,
+) -> Result<Measured, ExperimentError> {
+    let same_url = |other: &String| other.trim_end_matches('/') == worker.url.trim_end_matches('/');
+    if let Some(other) = worker.alongside.iter().find(|other| same_url(other)) {
+        return Err(ExperimentError::AlongsideItself(other.clone()));
+    }
+    let runtime = crate::async_runtime()?;
+    let model = Some(worker.model.to_owned());
+    let target = profile::target(worker.url, model.clone());
+    eprintln!("measuring a {}-core worker at {}", plan.cores, worker.url);
+    let neighbours: Vec<_> = worker
+        .alongside
+        .iter()
+        .map(|other| profile::target(other, model.clone()))
+        .collect();
+    if !neighbours.is_empty() {
+        eprintln!(
+            "  with the same measurements on {} at the same time",
+            worker.alongside.join(", ")
+        );
+    }
+    let measured = runtime.block_on(profile::measure_worker_alongside(
+        &target,
+        &neighbours,
+        plan,
+    ))?;
+    let handoff = match worker.split_url {
+        Some(split) => {
+            let split = profile::target(split, model.clone());
+            eprintln!("measuring the hand-off through {}", split.base_url);
+            Some(runtime.block_on(profile::measure_handoff(
+                &split,
+                &target,
+                kv_bytes_per_token,
+                &plan.prompt_lengths,
+                plan.repeats,
+            ))?)
+        }
+        None => None,
+    };
+    Ok(Measured {
+        model: worker.model.to_owned(),
+        workers: vec![measured],
+        handoff,
+        core_speeds: Vec::new(),
+    })
+}
+
+/// `measured` folded into the profile file's former contents (`existing`, refused if
+/// it is another model's or machine's), or into a new profile of this machine; each
+/// worker size replaces the same size measured the same way.
+pub fn into_profile(
+    existing: Option<Profile>,
+    measured: Measured,
+    kv_bytes_per_token: u64,
+) -> Result<Profile, ProfileError> {
+    let hardware = profile::cpu_description();
+    let mut profile = match existing {
+        Some(profile) => {
+            profile.check_matches(&measured.model, &hardware)?;
+            profile
+        }
+        None => Profile {
+            hardware,
+            model: measured.model.clone(),
+            kv_bytes_per_token,
+            handoff: HandoffCost {
+                fixed_seconds: 0.0,
+                seconds_per_byte: 0.0,
+            },
+            workers: Vec::new(),
+            core_speeds: Vec::new(),
+        },
+    };
+    if !measured.core_speeds.is_empty() {
+        profile.core_speeds = measured.core_speeds;
+    }
+    if let Some(handoff) = measured.handoff {
+        profile.handoff = handoff;
+    }
+    for worker in measured.workers {
+        profile.put_worker(worker);
+    }
+    Ok(profile)
 }
 
 /// Starts, measures and stops every worker set `machine` calls for, with `plan`'s
