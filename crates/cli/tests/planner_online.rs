@@ -1,8 +1,9 @@
 //! The online planner and worker moves on a real P/D router over real `tandem serve`
 //! workers: a pool that misses its limit gets a worker from the pool with room (after
 //! confirmation), every request answered throughout; once no move can help, the
-//! planner says so (log, journal, metrics) and stops moving. An admin move waits for
-//! the worker's stream to finish before the worker changes pool; bad moves are refused.
+//! planner says so (log, journal, metrics) and stops moving. Prompts queued past the
+//! TTFT limit count as misses while they wait. An admin move waits for the worker's
+//! stream to finish before the worker changes pool; bad moves are refused.
 
 mod common;
 
@@ -209,6 +210,108 @@ async fn the_planner_moves_a_worker_to_the_missing_pool_then_says_it_cannot_do_m
     );
     assert!(log.contains("planner: the SLO cannot be met"), "{log}");
     assert!(answered >= 8);
+}
+
+/// A streamed completion of a ~450-token prompt (one prefill step on a 1-thread worker
+/// takes a good part of a second); whether it was answered in full.
+async fn long_prompt(router: &Server) -> Result<usize, String> {
+    let prompt = "Requests queue behind a busy prefill worker. ".repeat(50);
+    let body = json!({"prompt": prompt, "max_tokens": 4, "stream": true,
+        "stream_options": {"include_usage": true}, "ignore_eos": true});
+    let response = router
+        .client
+        .post(router.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let text = response.text().await.map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!("{status}: {text}"));
+    }
+    Ok(tokens_of(&sse_payloads(&text)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prompts_queued_past_the_ttft_limit_move_a_worker_while_they_wait() {
+    if !default_model_present() {
+        return;
+    }
+    let (p1, d1, d2) = (worker(), worker(), worker());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("router.toml");
+    // Every answer's TPOT meets its limit; a backlog of long prompts on the one prefill
+    // worker passes the TTFT limit while it waits. The window starts empty of TTFT
+    // misses: the short warm-up prompts are answered well within it.
+    std::fs::write(
+        &config,
+        "[planner]\nttft_secs = 0.8\ntpot_secs = 1000.0\ninterval_ms = 200\n\
+         window_secs = 60\nmin_samples = 4\nconfirm = 2\ncooldown_secs = 1\n",
+    )
+    .unwrap();
+    let router = Server::start_router(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--admin-token",
+        ADMIN,
+        "--prefill",
+        &p1.url(""),
+        "--decode",
+        &d1.url(""),
+        "--decode",
+        &d2.url(""),
+    ]);
+    for _ in 0..4 {
+        let payloads = streamed(&router, 6).await.expect("warm-up answered");
+        assert_eq!(tokens_of(&payloads), 6);
+    }
+    let backlog: Vec<_> = (0..12)
+        .map(|_| {
+            let router = &router;
+            async move { long_prompt(router).await }
+        })
+        .collect();
+    let watch = async {
+        let started = Instant::now();
+        loop {
+            let (status, journal) = admin_get(&router, "/planner").await;
+            assert_eq!(status, 200, "{journal}");
+            let decisions = journal["decisions"].as_array().unwrap().clone();
+            if decisions.iter().any(|d| d["action"] == "move_to_prefill")
+                || started.elapsed() > Duration::from_secs(120)
+            {
+                return decisions;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (answers, decisions) = tokio::join!(futures_util::future::join_all(backlog), watch);
+    for answer in answers {
+        assert_eq!(answer.expect("every queued prompt is answered"), 4);
+    }
+    let actions: Vec<&str> = decisions
+        .iter()
+        .map(|d| d["action"].as_str().unwrap())
+        .collect();
+    let moved = decisions
+        .iter()
+        .find(|d| d["action"] == "move_to_prefill")
+        .unwrap_or_else(|| panic!("no move to prefill: {actions:?}"));
+    assert!(
+        moved["detail"].as_str().unwrap().contains("TTFT p90"),
+        "{moved}"
+    );
+    // Waiting prompts counted: some verdict up to the move saw prompts past the limit
+    // that had not been answered yet.
+    let waited = decisions
+        .iter()
+        .filter(|d| d["waiting_past_ttft"].as_u64() > Some(0))
+        .count();
+    assert!(waited >= 1, "{decisions:?}");
+    let listed = roles(&router).await;
+    let count = |role: &str| listed.iter().filter(|(_, r)| r == role).count();
+    assert_eq!((count("prefill"), count("decode")), (2, 1), "{listed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,10 +1,13 @@
 //! The online planner's decisions, with no runtime types: given what the router saw
-//! over a window (each finished request's time to first token and time per output
-//! token) and how many workers each P/D pool has, whether to move one worker from one
-//! pool to the other, and why.
+//! over a window (each answered request's time to first token and time per output
+//! token, and how long the requests still unanswered have waited) and how many workers
+//! each P/D pool has, whether to move one worker from one pool to the other, and why.
 //!
 //! The rule is the SLO's: TTFT over its limit is the prefill pool's problem (prompts
-//! queue there), TPOT over its limit the decode pool's. A worker moves to the pool
+//! queue there), TPOT over its limit the decode pool's. A request still waiting for its
+//! first token after longer than the TTFT limit is a miss already, whenever its token
+//! comes: it counts as a TTFT sample at once, so a prefill backlog is seen while it
+//! builds rather than once its prompts are answered. A worker moves to the pool
 //! that misses only when the pool that gives it has room to lose it — its own figure
 //! scaled by the load each of its remaining workers would take, `n / (n - 1)`, stays
 //! under `headroom` of its limit — and only after the same verdict `confirm` times in
@@ -95,6 +98,8 @@ pub struct Observation {
     pub ttft: Vec<f64>,
     /// Times per output token, seconds (one per stretch of a streamed answer).
     pub tpot: Vec<f64>,
+    /// How long each request not yet given its first token has waited, seconds.
+    pub waiting: Vec<f64>,
 }
 
 impl Observation {
@@ -285,15 +290,27 @@ impl Controller {
                 .map(|v| v / limit)
         };
         Pressure {
-            ttft: judged(&observation.ttft, self.config.ttft_secs),
+            ttft: judged(&self.judged_ttft(observation), self.config.ttft_secs),
             tpot: judged(&observation.tpot, self.config.tpot_secs),
         }
+    }
+
+    /// The TTFT samples a window is judged by: the answered requests', and the waits of
+    /// those still unanswered past the limit (misses, whatever their first token's time).
+    /// Waits under the limit are not samples: they may still end either side of it.
+    pub fn judged_ttft(&self, observation: &Observation) -> Vec<f64> {
+        let limit = self.config.ttft_secs;
+        let overdue = observation.waiting.iter().copied().filter(|&w| w > limit);
+        observation.ttft.iter().copied().chain(overdue).collect()
     }
 
     /// Judges one window. A `Move` is a promise the caller keeps or reports failed
     /// with [`Controller::moved`]: the cooldown starts when the worker has moved.
     pub fn observe(&mut self, observation: &Observation) -> Decision {
-        let samples = observation.ttft.len().max(observation.tpot.len());
+        let samples = self
+            .judged_ttft(observation)
+            .len()
+            .max(observation.tpot.len());
         if samples < self.config.min_samples {
             return Decision::Hold(Hold::FewSamples { samples });
         }
@@ -551,7 +568,85 @@ mod tests {
             decode_workers: d,
             ttft: vec![ttft; 10],
             tpot: vec![tpot; 10],
+            waiting: Vec::new(),
         }
+    }
+
+    #[test]
+    fn prompts_waiting_past_the_ttft_limit_are_misses_before_they_are_answered() {
+        let planner = Controller::new(config());
+        // Decode has room (TPOT 20% of its limit with 2 workers → 40% with 1); every
+        // answered prompt was quick, but a backlog has built behind them.
+        let backlog = Observation {
+            now_secs: 0.0,
+            prefill_workers: 1,
+            decode_workers: 2,
+            ttft: vec![0.2; 4],
+            tpot: vec![0.02; 10],
+            waiting: vec![0.5, 0.9, 3.0, 4.0, 5.0, 6.0, 7.0],
+        };
+        // The five waits past the 1 s limit are samples; the two under it are not.
+        assert_eq!(planner.judged_ttft(&backlog).len(), 9);
+        let pressure = planner.pressure(&backlog);
+        assert!(pressure.ttft.unwrap() > 1.0, "{pressure:?}");
+        let mut planner = Controller::new(config());
+        assert_eq!(
+            planner.observe(&backlog),
+            Decision::Hold(Hold::Confirming {
+                intent: Intent::MoveTo(Pool::Prefill),
+                seen: 1
+            })
+        );
+        let decision = planner.observe(&Observation {
+            now_secs: 1.0,
+            ..backlog.clone()
+        });
+        assert!(
+            matches!(
+                decision,
+                Decision::Move {
+                    from: Pool::Decode,
+                    to: Pool::Prefill,
+                    ..
+                }
+            ),
+            "{decision:?}"
+        );
+        // Before any prompt is answered, waits past the limit are enough to judge by…
+        let nothing_answered = Observation {
+            ttft: Vec::new(),
+            ..backlog.clone()
+        };
+        assert!(
+            Controller::new(config())
+                .pressure(&nothing_answered)
+                .ttft
+                .unwrap()
+                > 1.0
+        );
+        // (judged, not held for too few samples: here the decode pool's figure is the
+        // unknown one)
+        let judged = Controller::new(config()).observe(&Observation {
+            tpot: Vec::new(),
+            ..nothing_answered
+        });
+        assert!(
+            matches!(
+                judged,
+                Decision::Hold(Hold::NoRoom {
+                    to: Pool::Prefill,
+                    ..
+                })
+            ),
+            "{judged:?}"
+        );
+        // …waits under it are not: no figure, whatever their number.
+        let early = Observation {
+            ttft: Vec::new(),
+            waiting: vec![0.5; 20],
+            ..backlog
+        };
+        assert_eq!(Controller::new(config()).pressure(&early).ttft, None);
     }
 
     #[test]

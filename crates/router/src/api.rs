@@ -136,6 +136,7 @@ fn prepare(
         },
         arrival,
         resume: None,
+        waiting: None,
     })
 }
 

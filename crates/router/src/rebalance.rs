@@ -36,8 +36,11 @@ pub struct Entry {
     pub detail: String,
     pub prefill_workers: usize,
     pub decode_workers: usize,
+    /// TTFT samples: answered requests, and those still waiting past the limit
+    /// (`waiting_past_ttft` of them).
     pub ttft_samples: usize,
     pub tpot_samples: usize,
+    pub waiting_past_ttft: usize,
     /// The window's percentile of TTFT and TPOT, seconds.
     pub ttft: Option<f64>,
     pub tpot: Option<f64>,
@@ -127,6 +130,7 @@ pub async fn run(state: SharedState, signals: Arc<Signals>, journal: Arc<Journal
             decode_workers: decode.len(),
             ttft: window.ttft,
             tpot: window.tpot,
+            waiting: window.waiting,
         };
         let decision = controller.observe(&observation);
         let mut entry = record(&controller, &observation, &decision);
@@ -230,8 +234,9 @@ fn record(controller: &Controller, observation: &Observation, decision: &Decisio
         metrics::gauge!(names::PLANNER_POOL_WORKERS, names::ROLE => role).set(count as f64);
     }
     let p = controller.config().percentile;
+    let judged_ttft = controller.judged_ttft(observation);
     let (ttft, tpot) = (
-        percentile(&observation.ttft, p),
+        percentile(&judged_ttft, p),
         percentile(&observation.tpot, p),
     );
     for (figure, value) in [("ttft", ttft), ("tpot", tpot)] {
@@ -245,8 +250,9 @@ fn record(controller: &Controller, observation: &Observation, decision: &Decisio
         detail: decision.to_string(),
         prefill_workers: observation.prefill_workers,
         decode_workers: observation.decode_workers,
-        ttft_samples: observation.ttft.len(),
+        ttft_samples: judged_ttft.len(),
         tpot_samples: observation.tpot.len(),
+        waiting_past_ttft: judged_ttft.len() - observation.ttft.len(),
         ttft,
         tpot,
         worker: None,

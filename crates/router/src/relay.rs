@@ -23,7 +23,7 @@ use crate::kv_routing::Prediction;
 use crate::metrics as names;
 use crate::registry::LoadGuard;
 use crate::secret::Secret;
-use crate::signals::{EventClock, Signals};
+use crate::signals::{EventClock, Signals, Waiting};
 
 /// How long an idle upstream connection is kept for reuse.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(4);
@@ -147,6 +147,8 @@ pub struct RequestTimer {
     prediction: Option<Prediction>,
     /// Where a successful streamed answer's latencies go for the planner.
     signals: Option<Arc<Signals>>,
+    /// The request counted as waiting for its first token, until it comes.
+    waiting: Option<Waiting>,
     /// The answer is a successful event stream (only those are signals).
     ok_stream: bool,
     events: EventClock,
@@ -159,14 +161,17 @@ impl RequestTimer {
             first_byte_seen: false,
             prediction: None,
             signals: None,
+            waiting: None,
             ok_stream: false,
             events: EventClock::default(),
         }
     }
 
-    /// Also records the answer's latencies in `signals`, if it is a successful stream.
-    pub fn recording(mut self, signals: Option<Arc<Signals>>) -> Self {
+    /// Also records the answer's latencies in `signals`, if it is a successful stream,
+    /// and ends `waiting` with its first byte.
+    pub fn recording(mut self, signals: Option<Arc<Signals>>, waiting: Option<Waiting>) -> Self {
         self.signals = signals;
+        self.waiting = waiting;
         self
     }
 
@@ -225,6 +230,9 @@ impl RequestTimer {
     fn first_byte(&mut self) {
         if !self.first_byte_seen {
             self.first_byte_seen = true;
+            if let Some(waiting) = self.waiting.take() {
+                waiting.answered();
+            }
             let secs = self.arrival.elapsed().as_secs_f64();
             metrics::histogram!(names::TIME_TO_FIRST_BYTE_SECONDS).record(secs);
             if let (true, Some(signals)) = (self.ok_stream, &self.signals) {

@@ -3,13 +3,16 @@
 //! and its time per output token (the mean gap between its SSE events, recorded for
 //! every [`TPOT_SEGMENT`] tokens and for the rest at the end, so a long answer is
 //! judged while it streams, not only once it has finished). Kept for a bounded recent
-//! past; the planner takes a window of it.
+//! past; the planner takes a window of it. Also the streamed requests still waiting
+//! for their first token, each held by a [`Waiting`] guard from the dispatcher until the
+//! token is relayed or the request ends: the planner reads how long they have waited.
 //!
 //! Only streamed answers count: a whole answer's first byte is its last, so its time
 //! to first token is unknown to the router.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Samples kept at most, of each kind; the oldest go first.
@@ -23,6 +26,10 @@ pub const TPOT_SEGMENT: u32 = 16;
 pub struct Signals {
     ttft: Mutex<VecDeque<(Instant, f64)>>,
     tpot: Mutex<VecDeque<(Instant, f64)>>,
+    /// Streamed requests not yet given a first token: when each arrived. As many as
+    /// there are requests in flight (each guard removes its own).
+    waiting: Mutex<HashMap<u64, Instant>>,
+    next_waiting: AtomicU64,
 }
 
 /// The samples of a window, each in seconds.
@@ -30,6 +37,33 @@ pub struct Signals {
 pub struct Window {
     pub ttft: Vec<f64>,
     pub tpot: Vec<f64>,
+    /// How long each request still waiting for its first token has waited, now.
+    pub waiting: Vec<f64>,
+}
+
+/// A streamed request waiting for its first token, counted in [`Window::waiting`]
+/// until [`Waiting::answered`] or until its last clone is dropped (the request failed,
+/// or its client left).
+#[derive(Debug, Clone)]
+pub struct Waiting(Arc<WaitingEntry>);
+
+#[derive(Debug)]
+struct WaitingEntry {
+    signals: Arc<Signals>,
+    id: u64,
+}
+
+impl Waiting {
+    /// Its first token was relayed: it no longer waits.
+    pub fn answered(&self) {
+        self.0.signals.stop_waiting(self.0.id);
+    }
+}
+
+impl Drop for WaitingEntry {
+    fn drop(&mut self) {
+        self.signals.stop_waiting(self.id);
+    }
 }
 
 impl Signals {
@@ -41,11 +75,39 @@ impl Signals {
         push(&self.tpot, secs);
     }
 
-    /// The samples recorded after `since`, newest first.
+    /// Counts a streamed request that arrived at `arrival` as waiting for its first
+    /// token while the guard lives.
+    pub fn waiting_since(self: &Arc<Self>, arrival: Instant) -> Waiting {
+        let id = self.next_waiting.fetch_add(1, Ordering::Relaxed);
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, arrival);
+        Waiting(Arc::new(WaitingEntry {
+            signals: Arc::clone(self),
+            id,
+        }))
+    }
+
+    fn stop_waiting(&self, id: u64) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    /// The samples recorded after `since`, newest first, and the waits of the requests
+    /// waiting now.
     pub fn window(&self, since: Instant) -> Window {
+        let now = Instant::now();
+        let waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
         Window {
             ttft: after(&self.ttft, since),
             tpot: after(&self.tpot, since),
+            waiting: waiting
+                .values()
+                .map(|arrival| now.saturating_duration_since(*arrival).as_secs_f64())
+                .collect(),
         }
     }
 }
@@ -133,9 +195,29 @@ mod tests {
             signals.window(start),
             Window {
                 ttft: vec![3.0, 2.0],
-                tpot: vec![0.3]
+                tpot: vec![0.3],
+                waiting: Vec::new(),
             }
         );
+    }
+
+    #[test]
+    fn a_request_waits_until_answered_or_dropped() {
+        let signals = Arc::new(Signals::default());
+        let long_ago = Instant::now() - std::time::Duration::from_secs(5);
+        let first = signals.waiting_since(long_ago);
+        let second = signals.waiting_since(Instant::now());
+        let relayed = second.clone();
+        let waits = signals.window(Instant::now()).waiting;
+        assert_eq!(waits.len(), 2);
+        assert!(waits.iter().any(|&w| w >= 5.0), "{waits:?}");
+        relayed.answered();
+        assert_eq!(signals.window(Instant::now()).waiting.len(), 1);
+        // The answered one's other clone going leaves the count alone.
+        drop(second);
+        assert_eq!(signals.window(Instant::now()).waiting.len(), 1);
+        drop(first);
+        assert!(signals.window(Instant::now()).waiting.is_empty());
     }
 
     #[test]

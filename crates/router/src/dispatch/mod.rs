@@ -41,7 +41,7 @@ use crate::migration;
 use crate::policy::{Policy, PrefixCache, RequestInfo};
 use crate::registry::{LoadGuard, Registry, Role, Worker};
 use crate::relay::{self, ForwardHeaders, RequestTimer, Upstream};
-use crate::signals::Signals;
+use crate::signals::{Signals, Waiting};
 use crate::tokens::{TokenCounter, uncached_tokens};
 use std::sync::Arc;
 
@@ -143,6 +143,9 @@ pub struct ClientRequest {
     pub arrival: Instant,
     /// Set by the dispatcher when the answer may migrate.
     pub resume: Option<ResumeTicket>,
+    /// Set by the dispatcher for a streamed request while the planner's signals are
+    /// kept: counts it as waiting until its first token is relayed.
+    pub waiting: Option<Waiting>,
 }
 
 /// A request whose streamed answer may move to another worker: the worker is asked
@@ -205,6 +208,10 @@ impl Dispatcher {
             request.resume = Some(ResumeTicket {
                 client_wants_ids: asked == Some(Value::Bool(true)),
             });
+        }
+        let streamed = request.body.get("stream").and_then(Value::as_bool) == Some(true);
+        if let (true, Some(signals)) = (streamed, &self.signals) {
+            request.waiting = Some(signals.waiting_since(request.arrival));
         }
         let text = disagg::request_text(request.endpoint, &request.body);
         let token_ids = self.prompt_token_ids(&request).await;
@@ -430,7 +437,7 @@ impl Dispatcher {
     fn timer(&self, request: &ClientRequest, prediction: Option<Prediction>) -> RequestTimer {
         RequestTimer::new(request.arrival)
             .checking(prediction)
-            .recording(self.signals.clone())
+            .recording(self.signals.clone(), request.waiting.clone())
     }
 
     async fn relay(self: &Arc<Self>, called: Called, request: &ClientRequest) -> Response {
