@@ -56,7 +56,15 @@ async fn roles(router: &Server) -> Vec<(String, String)> {
 
 /// One streamed completion through the router; its `data:` payloads.
 async fn streamed(router: &Server, max_tokens: u32) -> Result<Vec<String>, String> {
-    let body = json!({"prompt": "The planner moves workers between", "max_tokens": max_tokens,
+    streamed_prompt(router, "The planner moves workers between", max_tokens).await
+}
+
+async fn streamed_prompt(
+    router: &Server,
+    prompt: &str,
+    max_tokens: u32,
+) -> Result<Vec<String>, String> {
+    let body = json!({"prompt": prompt, "max_tokens": max_tokens,
         "stream": true, "stream_options": {"include_usage": true}, "ignore_eos": true});
     let response = router
         .client
@@ -71,6 +79,31 @@ async fn streamed(router: &Server, max_tokens: u32) -> Result<Vec<String>, Strin
         return Err(format!("{status}: {text}"));
     }
     Ok(sse_payloads(&text))
+}
+
+/// A P/D router over `prefill` and `decode` with the `[planner]` settings given (the
+/// folder holds its config file).
+fn planner_router(
+    planner: &str,
+    prefill: &[&Server],
+    decode: &[&Server],
+) -> (Server, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("router.toml");
+    std::fs::write(&config, format!("[planner]\n{planner}")).unwrap();
+    let mut args = vec![
+        "--config".to_owned(),
+        config.to_str().unwrap().to_owned(),
+        "--admin-token".to_owned(),
+        ADMIN.to_owned(),
+    ];
+    for (flag, workers) in [("--prefill", prefill), ("--decode", decode)] {
+        for worker in workers {
+            args.extend([flag.to_owned(), worker.url("")]);
+        }
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    (Server::start_router(&args), dir)
 }
 
 /// The number of tokens a streamed completion sent (its usage chunk's count: a sampled
@@ -95,29 +128,15 @@ async fn the_planner_moves_a_worker_to_the_missing_pool_then_says_it_cannot_do_m
         return;
     }
     let (p1, p2, d1) = (worker(), worker(), worker());
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("router.toml");
     // A TPOT limit no worker meets and a TTFT limit every request meets: the decode
     // pool misses, the prefill pool has room, so one prefill worker must move; after
     // that the prefill pool has none to give.
-    std::fs::write(
-        &config,
-        "[planner]\nttft_secs = 1000.0\ntpot_secs = 0.0001\ninterval_ms = 300\n\
+    let (router, _config) = planner_router(
+        "ttft_secs = 1000.0\ntpot_secs = 0.0001\ninterval_ms = 300\n\
          window_secs = 60\nmin_samples = 4\nconfirm = 2\ncooldown_secs = 1\n",
-    )
-    .unwrap();
-    let router = Server::start_router(&[
-        "--config",
-        config.to_str().unwrap(),
-        "--admin-token",
-        ADMIN,
-        "--prefill",
-        &p1.url(""),
-        "--prefill",
-        &p2.url(""),
-        "--decode",
-        &d1.url(""),
-    ]);
+        &[&p1, &p2],
+        &[&d1],
+    );
 
     let started = Instant::now();
     let mut answered = 0;
@@ -213,24 +232,10 @@ async fn the_planner_moves_a_worker_to_the_missing_pool_then_says_it_cannot_do_m
 }
 
 /// A streamed completion of a ~450-token prompt (one prefill step on a 1-thread worker
-/// takes a good part of a second); whether it was answered in full.
+/// takes a good part of a second); the tokens it was answered with.
 async fn long_prompt(router: &Server) -> Result<usize, String> {
     let prompt = "Requests queue behind a busy prefill worker. ".repeat(50);
-    let body = json!({"prompt": prompt, "max_tokens": 4, "stream": true,
-        "stream_options": {"include_usage": true}, "ignore_eos": true});
-    let response = router
-        .client
-        .post(router.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status();
-    let text = response.text().await.map_err(|e| e.to_string())?;
-    if !status.is_success() {
-        return Err(format!("{status}: {text}"));
-    }
-    Ok(tokens_of(&sse_payloads(&text)))
+    Ok(tokens_of(&streamed_prompt(router, &prompt, 4).await?))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -239,29 +244,15 @@ async fn prompts_queued_past_the_ttft_limit_move_a_worker_while_they_wait() {
         return;
     }
     let (p1, d1, d2) = (worker(), worker(), worker());
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("router.toml");
     // Every answer's TPOT meets its limit; a backlog of long prompts on the one prefill
     // worker passes the TTFT limit while it waits. The window starts empty of TTFT
     // misses: the short warm-up prompts are answered well within it.
-    std::fs::write(
-        &config,
-        "[planner]\nttft_secs = 0.8\ntpot_secs = 1000.0\ninterval_ms = 200\n\
+    let (router, _config) = planner_router(
+        "ttft_secs = 0.8\ntpot_secs = 1000.0\ninterval_ms = 200\n\
          window_secs = 60\nmin_samples = 4\nconfirm = 2\ncooldown_secs = 1\n",
-    )
-    .unwrap();
-    let router = Server::start_router(&[
-        "--config",
-        config.to_str().unwrap(),
-        "--admin-token",
-        ADMIN,
-        "--prefill",
-        &p1.url(""),
-        "--decode",
-        &d1.url(""),
-        "--decode",
-        &d2.url(""),
-    ]);
+        &[&p1],
+        &[&d1, &d2],
+    );
     for _ in 0..4 {
         let payloads = streamed(&router, 6).await.expect("warm-up answered");
         assert_eq!(tokens_of(&payloads), 6);
