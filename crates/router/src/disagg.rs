@@ -170,6 +170,11 @@ fn wants_prompt_logprobs(endpoint: Endpoint, body: &Map<String, Value>) -> bool 
     set("prompt_logprobs") || (endpoint == Endpoint::Completions && echo && set("logprobs"))
 }
 
+/// Whether the client asked for a streamed answer (`"stream": true`).
+pub fn streamed(body: &Map<String, Value>) -> bool {
+    body.get("stream").and_then(Value::as_bool) == Some(true)
+}
+
 /// The text a cache-aware policy matches on: the prompt (token ids as text) or the
 /// messages' contents.
 pub fn request_text(endpoint: Endpoint, body: &Map<String, Value>) -> String {

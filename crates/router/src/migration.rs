@@ -73,7 +73,7 @@ const NOT_RESUMABLE: &[&str] = &[
 
 /// Whether a request's streamed answer could continue on another worker.
 pub fn resumable(endpoint: Endpoint, body: &Map<String, Value>) -> bool {
-    let streamed = body.get("stream").and_then(Value::as_bool) == Some(true);
+    let streamed = crate::disagg::streamed(body);
     let one_choice = ["n", "best_of"]
         .iter()
         .all(|field| body.get(*field).is_none_or(|v| v.is_null() || v == 1));

@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use tandem_protocol::pd::KvTransferParams;
 
@@ -162,16 +164,9 @@ fn base_url(url: &str) -> String {
 
 /// `len` token ids spread over the vocabulary (pseudo-random from `seed`).
 fn prompt_tokens(len: usize, vocab_size: usize, seed: u64) -> Vec<u32> {
-    let range = vocab_size.clamp(1, u32::MAX as usize) as u64;
-    let mut state: u64 = seed ^ 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((state >> 33) % range) as u32
-        })
-        .collect()
+    let range = vocab_size.clamp(1, u32::MAX as usize) as u32;
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random_range(0..range)).collect()
 }
 
 /// Sends the prefill leg (one token, non-streaming, `do_remote_decode`); the answer's

@@ -209,8 +209,7 @@ impl Dispatcher {
                 client_wants_ids: asked == Some(Value::Bool(true)),
             });
         }
-        let streamed = request.body.get("stream").and_then(Value::as_bool) == Some(true);
-        if let (true, Some(signals)) = (streamed, &self.signals) {
+        if let (true, Some(signals)) = (disagg::streamed(&request.body), &self.signals) {
             request.waiting = Some(signals.waiting_since(request.arrival));
         }
         let text = disagg::request_text(request.endpoint, &request.body);
