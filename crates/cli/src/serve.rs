@@ -18,7 +18,7 @@ use tandem_engine::LoadedModel;
 use tandem_engine::api::{self, HandoffInfo, ServedModel, ServerState};
 use tandem_engine::exec::{Device, Quantization, WeightDtype, WeightFormat};
 use tandem_engine::fetch;
-use tandem_engine::kv::{KvDtype, KvOptions};
+use tandem_engine::kv::{self, KvDtype, KvOptions};
 use tandem_engine::kv_events::{self, KvEventSink, KvEventsConfig, SocketMode};
 use tandem_engine::loaded::Placement;
 use tandem_engine::metrics::install_prometheus_recorder;
@@ -265,7 +265,7 @@ impl DtypeArg {
 }
 
 /// Bytes of KV cache on the CPU when --kv-cache-memory is not given.
-const CPU_KV_CACHE_DEFAULT: usize = 1 << 30;
+const CPU_KV_CACHE_DEFAULT: usize = EngineConfig::DEFAULT_KV_CACHE_MEMORY;
 
 pub fn run(args: ServeArgs) -> Result<()> {
     if let Err(err) = tandem_httpd::raise_open_files_limit() {
@@ -308,7 +308,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if kv.block_size == 0 {
         bail!("--block-size must be at least 1");
     }
-    let max_model_len = max_model_len(&loaded, &args, kv)?;
+    let kv_bytes = match (args.device, args.kv_cache_memory) {
+        (_, Some(bytes)) => Some(bytes),
+        (Device::Cpu, None) => Some(CPU_KV_CACHE_DEFAULT),
+        (Device::Cuda(_), None) => None,
+    };
+    let max_model_len = kv::sizing::max_model_len(
+        loaded.model.config().max_position_embeddings,
+        &loaded.model.kv_layout(kv),
+        kv_bytes,
+        args.max_model_len,
+    )?;
     let served = ServedModel {
         name: args.served_model_name.clone().unwrap_or(default_name),
         root: loaded.path.display().to_string(),
@@ -503,38 +513,6 @@ fn advertised_kv_host(kv_host: Option<&str>, bind: IpAddr) -> String {
         );
     }
     advertised
-}
-
-/// The request length limit: `--max-model-len`, else the model's context, lowered to
-/// what the KV cache holds.
-fn max_model_len(loaded: &LoadedModel, args: &ServeArgs, kv: KvOptions) -> Result<usize> {
-    let context = loaded.model.config().max_position_embeddings;
-    let layout = loaded.model.kv_layout(kv);
-    // A GPU sized by --gpu-memory-utilization learns its KV size once the engine starts
-    // (which refuses to start if it cannot hold max_model_len).
-    let kv_bytes = match (args.device, args.kv_cache_memory) {
-        (_, Some(bytes)) => bytes,
-        (Device::Cpu, None) => CPU_KV_CACHE_DEFAULT,
-        (Device::Cuda(_), None) => usize::MAX,
-    };
-    let kv_tokens = (kv_bytes / layout.bytes_per_block())
-        .max(1)
-        .saturating_mul(kv.block_size);
-    match args.max_model_len {
-        Some(0) => bail!("--max-model-len must be at least 1"),
-        Some(asked) if asked > context => {
-            bail!("--max-model-len {asked} is longer than the model's context ({context} tokens)")
-        }
-        Some(asked) => Ok(asked),
-        None if kv_tokens < context => {
-            tracing::warn!(
-                "the KV cache holds {kv_tokens} tokens, fewer than the model's context \
-                 ({context}); max_model_len is {kv_tokens} (raise --kv-cache-memory for more)"
-            );
-            Ok(kv_tokens)
-        }
-        None => Ok(context),
-    }
 }
 
 /// The model file's stem (`SmolLM2-135M-Instruct.Q4_1`) or the folder's name.

@@ -1,12 +1,14 @@
 //! A model's KV arithmetic without loading it (`tandem kv`): the shape that sets its KV
 //! size — layers, KV heads, head dimension — from a preset, a GGUF file, or a Hugging
 //! Face `config.json` of any architecture (not only the ones the engine runs), and the
-//! nominal link bandwidths a request's KV is set against.
+//! nominal link bandwidths a request's KV is set against; and the longest request a
+//! worker's KV cache lets it accept ([`max_model_len`]).
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::KvLayout;
 use crate::error::ModelError;
 use crate::model::ModelConfig;
 use crate::model::dummy::{PRESETS, Preset};
@@ -275,6 +277,49 @@ impl ConfigFields<'_> {
     }
 }
 
+/// A request length limit that cannot be served.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestLengthError {
+    #[error("--max-model-len must be at least 1")]
+    Zero,
+    #[error("--max-model-len {asked} is longer than the model's context ({context} tokens)")]
+    BeyondContext { asked: usize, context: usize },
+}
+
+/// The longest request (prompt plus output) a worker accepts: `asked`
+/// (`--max-model-len`), else the model's `context` lowered to what a KV cache of
+/// `kv_bytes` holds (with a warning). `kv_bytes` is `None` for a cache sized only once
+/// the engine starts (a GPU's memory fraction); the engine then refuses to start if
+/// the cache cannot hold the limit, as vLLM does.
+pub fn max_model_len(
+    context: usize,
+    layout: &KvLayout,
+    kv_bytes: Option<usize>,
+    asked: Option<usize>,
+) -> Result<usize, RequestLengthError> {
+    if let Some(asked) = asked {
+        return match asked {
+            0 => Err(RequestLengthError::Zero),
+            _ if asked > context => Err(RequestLengthError::BeyondContext { asked, context }),
+            _ => Ok(asked),
+        };
+    }
+    let Some(kv_bytes) = kv_bytes else {
+        return Ok(context);
+    };
+    let kv_tokens = (kv_bytes / layout.bytes_per_block().max(1))
+        .max(1)
+        .saturating_mul(layout.block_size);
+    if kv_tokens < context {
+        tracing::warn!(
+            "the KV cache holds {kv_tokens} tokens, fewer than the model's context \
+             ({context}); max_model_len is {kv_tokens} (raise --kv-cache-memory for more)"
+        );
+        return Ok(kv_tokens);
+    }
+    Ok(context)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,6 +399,53 @@ mod tests {
         assert!(
             err.contains("llama-9") && err.contains("qwen3-0.6b"),
             "{err}"
+        );
+    }
+
+    /// Llama-3.1-8B's KV cache: 128 KiB a token in f16 (32 layers × 8 KV heads × 128 ×
+    /// 2 × 2 bytes, as its published config gives), so 1 GiB holds 8,192 tokens.
+    fn llama_8b_layout() -> KvLayout {
+        KvLayout {
+            num_layers: 32,
+            num_kv_heads: 8,
+            head_dim: 128,
+            block_size: 16,
+            dtype: crate::kv::KvDtype::F16,
+        }
+    }
+
+    #[test]
+    fn the_request_limit_is_the_context_lowered_to_what_the_cache_holds() {
+        let layout = llama_8b_layout();
+        assert_eq!(
+            max_model_len(131_072, &layout, Some(1 << 30), None),
+            Ok(8192)
+        );
+        assert_eq!(max_model_len(4096, &layout, Some(1 << 30), None), Ok(4096));
+        // A cache smaller than one block still holds one block.
+        assert_eq!(max_model_len(4096, &layout, Some(1), None), Ok(16));
+        // Sized at start (a GPU): the context, which the engine then checks.
+        assert_eq!(max_model_len(131_072, &layout, None, None), Ok(131_072));
+    }
+
+    #[test]
+    fn an_asked_limit_is_taken_within_the_context_and_refused_beyond_it() {
+        let layout = llama_8b_layout();
+        // Asking is taken even above what the cache holds: the engine refuses to start.
+        assert_eq!(
+            max_model_len(131_072, &layout, Some(1 << 30), Some(20_000)),
+            Ok(20_000)
+        );
+        assert_eq!(
+            max_model_len(4096, &layout, None, Some(4097)),
+            Err(RequestLengthError::BeyondContext {
+                asked: 4097,
+                context: 4096
+            })
+        );
+        assert_eq!(
+            max_model_len(4096, &layout, None, Some(0)),
+            Err(RequestLengthError::Zero)
         );
     }
 }

@@ -51,13 +51,18 @@ pub struct EngineConfig {
     pub cuda_graphs: bool,
 }
 
+impl EngineConfig {
+    /// Bytes of KV cache when none is asked for (on a GPU the memory fraction sizes it).
+    pub const DEFAULT_KV_CACHE_MEMORY: usize = 1 << 30;
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             max_num_seqs: 256,
             max_num_batched_tokens: 2048,
             kv: KvOptions::default(),
-            kv_cache_memory: 1 << 30,
+            kv_cache_memory: Self::DEFAULT_KV_CACHE_MEMORY,
             prefix_caching: true,
             threads: None,
             max_model_len: 8192,
