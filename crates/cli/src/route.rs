@@ -239,6 +239,10 @@ pub struct PlannerArgs {
     /// Share of its limit the giving pool may reach with one worker fewer [default: 0.9].
     #[arg(long, value_name = "SHARE")]
     planner_headroom: Option<f64>,
+    /// Share of their KV caches a pool's workers may fill, on average, once it has
+    /// given up a worker (moved or stopped) [default: 0.9].
+    #[arg(long, value_name = "SHARE")]
+    planner_kv_headroom: Option<f64>,
     /// Seconds a moving worker's requests get to finish [default: 120].
     #[arg(long, value_name = "SECS")]
     planner_drain_limit_secs: Option<u64>,
@@ -271,6 +275,7 @@ impl RouteArgs {
             || flags.planner_confirm.is_some()
             || flags.planner_cooldown_secs.is_some()
             || flags.planner_headroom.is_some()
+            || flags.planner_kv_headroom.is_some()
             || flags.planner_drain_limit_secs.is_some()
             || flags.planner_max_workers.is_some()
             || flags.planner_stop_below.is_some()
@@ -288,6 +293,7 @@ impl RouteArgs {
         override_with(&mut planner.confirm, flags.planner_confirm);
         override_with(&mut planner.cooldown_secs, flags.planner_cooldown_secs);
         override_with(&mut planner.headroom, flags.planner_headroom);
+        override_with(&mut planner.kv_headroom, flags.planner_kv_headroom);
         override_with(
             &mut planner.drain_limit_secs,
             flags.planner_drain_limit_secs,

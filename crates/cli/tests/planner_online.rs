@@ -2,7 +2,8 @@
 //! workers: a pool that misses its limit gets a worker from the pool with room (after
 //! confirmation), every request answered throughout; once no move can help, the
 //! planner says so (log, journal, metrics) and stops moving. Prompts queued past the
-//! TTFT limit count as misses while they wait. An admin move waits for the worker's
+//! TTFT limit count as misses while they wait; a move that would fill the giving pool's
+//! KV caches waits. An admin move waits for the worker's
 //! stream to finish before the worker changes pool; bad moves are refused.
 
 mod common;
@@ -303,6 +304,136 @@ async fn prompts_queued_past_the_ttft_limit_move_a_worker_while_they_wait() {
     let listed = roles(&router).await;
     let count = |role: &str| listed.iter().filter(|(_, r)| r == role).count();
     assert_eq!((count("prefill"), count("decode")), (2, 1), "{listed:?}");
+}
+
+/// The journal's verdicts since the router started.
+async fn decisions(router: &Server) -> Vec<Value> {
+    let (status, journal) = admin_get(router, "/planner").await;
+    assert_eq!(status, 200, "{journal}");
+    journal["decisions"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_that_would_fill_the_giving_pools_kv_caches_waits() {
+    if !default_model_present() {
+        return;
+    }
+    // Decode workers with 64 KV blocks of 16 positions (SmolLM2-135M: 30 layers × 3 KV
+    // heads × 64 × K and V × 2 bytes = 23,040 bytes a position).
+    let small_cache = [
+        "--threads",
+        "1",
+        "--kv-port",
+        "0",
+        "--max-model-len",
+        "512",
+        "--kv-cache-memory",
+        "23592960",
+    ];
+    let (p1, d1, d2) = (
+        worker(),
+        Server::start(&small_cache),
+        Server::start(&small_cache),
+    );
+    // As the backlog test above, whose layout moves a decode worker to prefill; here the
+    // decode caches are held past kv_headroom's share (halved by a move) by long answers.
+    let (router, _config) = planner_router(
+        "ttft_secs = 0.8\ntpot_secs = 1000.0\ninterval_ms = 200\n\
+         window_secs = 60\nmin_samples = 4\nconfirm = 2\ncooldown_secs = 1\n\
+         kv_headroom = 0.2\n",
+        &[&p1],
+        &[&d1, &d2],
+    );
+    for _ in 0..4 {
+        let payloads = streamed(&router, 6).await.expect("warm-up answered");
+        assert_eq!(tokens_of(&payloads), 6);
+    }
+    // The router reads both pools' KV usage from the workers: near idle (the last
+    // verdict may have seen a warm-up's blocks).
+    let idle = decisions(&router).await;
+    let last = idle.last().expect("a verdict every 200 ms");
+    for pool in ["kv_usage_decode", "kv_usage_prefill"] {
+        assert!(last[pool].as_f64().is_some_and(|u| u < 0.05), "{last}");
+    }
+    // Four long answers (~26 blocks each, two per decode worker: ~80% of their caches
+    // at the end) hold the decode caches while a backlog builds on the prefill worker.
+    let long_answers: Vec<_> = (0..4)
+        .map(|_| {
+            let router = &router;
+            async move { streamed(router, 400).await.map(|p| tokens_of(&p)) }
+        })
+        .collect();
+    let scenario = async {
+        let started = Instant::now();
+        // Past 10% full (20% with one worker fewer): the backlog starts.
+        loop {
+            let filling = decisions(&router).await;
+            let usage = filling.last().unwrap()["kv_usage_decode"].as_f64();
+            if usage.is_some_and(|u| u > 0.1) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the decode caches never filled: {filling:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let backlog: Vec<_> = (0..12)
+            .map(|_| {
+                let router = &router;
+                async move { long_prompt(router).await }
+            })
+            .collect();
+        let watch = async {
+            loop {
+                let decisions = decisions(&router).await;
+                let held = decisions.iter().any(|d| {
+                    d["action"] == "no_room"
+                        && d["detail"].as_str().unwrap().contains("KV caches would be")
+                });
+                if held
+                    || decisions.iter().any(|d| d["action"] == "move_to_prefill")
+                    || started.elapsed() > Duration::from_secs(120)
+                {
+                    return decisions;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let (answers, decisions) = tokio::join!(futures_util::future::join_all(backlog), watch);
+        for answer in answers {
+            assert_eq!(answer.expect("every queued prompt is answered"), 4);
+        }
+        decisions
+    };
+    let (answers, decisions) = tokio::join!(futures_util::future::join_all(long_answers), scenario);
+    for answer in answers {
+        assert_eq!(answer.expect("every long answer is finished"), 400);
+    }
+    let actions: Vec<&str> = decisions
+        .iter()
+        .map(|d| d["action"].as_str().unwrap())
+        .collect();
+    let first_held = decisions
+        .iter()
+        .position(|d| {
+            d["action"] == "no_room" && d["detail"].as_str().unwrap().contains("KV caches")
+        })
+        .unwrap_or_else(|| panic!("no verdict held back by the KV caches: {actions:?}"));
+    let held = &decisions[first_held];
+    let detail = held["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("prefill misses, but the decode pool's KV caches would be"),
+        "{detail}"
+    );
+    assert!(
+        held["kv_usage_decode"].as_f64().unwrap() * 2.0 > 0.2,
+        "{held}"
+    );
+    assert!(
+        !actions[..first_held].contains(&"move_to_prefill"),
+        "{actions:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

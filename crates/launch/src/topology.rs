@@ -53,6 +53,7 @@ pub struct PlannerSpec {
     pub confirm: Option<u32>,
     pub cooldown_secs: Option<u64>,
     pub headroom: Option<f64>,
+    pub kv_headroom: Option<f64>,
     pub drain_limit_secs: Option<u64>,
     /// With standby workers (the slot budget): see `--planner-stop-below`.
     pub stop_below: Option<f64>,
@@ -62,7 +63,7 @@ pub struct PlannerSpec {
 impl PlannerSpec {
     /// The `tandem route` flags it stands for.
     pub fn router_args(&self) -> Vec<String> {
-        let fields: [(&str, Option<String>); 12] = [
+        let fields: [(&str, Option<String>); 13] = [
             ("ttft", self.ttft.map(|v| v.to_string())),
             ("tpot", self.tpot.map(|v| v.to_string())),
             ("percentile", self.percentile.map(|v| v.to_string())),
@@ -72,6 +73,7 @@ impl PlannerSpec {
             ("confirm", self.confirm.map(|v| v.to_string())),
             ("cooldown-secs", self.cooldown_secs.map(|v| v.to_string())),
             ("headroom", self.headroom.map(|v| v.to_string())),
+            ("kv-headroom", self.kv_headroom.map(|v| v.to_string())),
             (
                 "drain-limit-secs",
                 self.drain_limit_secs.map(|v| v.to_string()),

@@ -21,6 +21,12 @@
 //! leaves a pool idle: both figures under `stop_below` of their limits, and the pool
 //! that loses a worker still under it with `n − 1` workers. Starting and stopping are
 //! confirmed and cooled down as moves are; a move is preferred, since it costs no slot.
+//!
+//! A pool's latency grows gently with its load until its workers' KV caches fill; then
+//! requests are preempted or wait, a cliff that its latency figure does not foresee. So
+//! a pool also gives up a worker (moved or stopped) only while its workers' mean KV
+//! usage, scaled by `n / (n - 1)` as its figure is, stays under `kv_headroom`. Unknown
+//! KV usage (no worker reported it) does not hold anything back.
 
 use std::fmt;
 
@@ -69,6 +75,9 @@ pub struct OnlineConfig {
     /// With a budget: a pool loses a worker when every figure is under this share of
     /// its limit, its own with one worker fewer.
     pub stop_below: f64,
+    /// Share of their KV caches a pool's workers may fill, on average, once it has one
+    /// worker fewer.
+    pub kv_headroom: f64,
 }
 
 impl Default for OnlineConfig {
@@ -83,6 +92,7 @@ impl Default for OnlineConfig {
             headroom: 0.9,
             max_workers: None,
             stop_below: 0.5,
+            kv_headroom: 0.9,
         }
     }
 }
@@ -100,6 +110,25 @@ pub struct Observation {
     pub tpot: Vec<f64>,
     /// How long each request not yet given its first token has waited, seconds.
     pub waiting: Vec<f64>,
+    /// Each pool's workers' mean KV cache usage now (0 to 1).
+    pub kv_usage: KvUsage,
+}
+
+/// The mean KV cache usage (0 to 1) of each pool's workers; `None` where no worker
+/// reported it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct KvUsage {
+    pub prefill: Option<f64>,
+    pub decode: Option<f64>,
+}
+
+impl KvUsage {
+    pub fn of(&self, pool: Pool) -> Option<f64> {
+        match pool {
+            Pool::Prefill => self.prefill,
+            Pool::Decode => self.decode,
+        }
+    }
 }
 
 impl Observation {
@@ -112,6 +141,14 @@ impl Observation {
 
     fn total(&self) -> usize {
         self.prefill_workers + self.decode_workers
+    }
+
+    /// `pool`'s mean KV usage with one worker fewer, when known (its load spread over
+    /// the rest); `None` also for a pool of fewer than two.
+    fn kv_usage_without_one(&self, pool: Pool) -> Option<f64> {
+        let n = self.workers(pool);
+        let usage = self.kv_usage.of(pool)?;
+        (n >= 2).then(|| usage * n as f64 / (n - 1) as f64)
     }
 }
 
@@ -461,7 +498,26 @@ impl Controller {
                 ),
             }));
         }
+        if let Some(kv) = self.kv_too_full_without_one(observation, giver) {
+            return Err(Decision::Hold(Hold::NoRoom {
+                to: wanted,
+                why: format!(
+                    "the {} pool's KV caches would be {:.0}% full with one worker fewer \
+                     (kv_headroom {:.0}%)",
+                    giver.as_str(),
+                    kv * 100.0,
+                    self.config.kv_headroom * 100.0
+                ),
+            }));
+        }
         Ok(())
+    }
+
+    /// `pool`'s KV usage with one worker fewer, when that is past `kv_headroom`.
+    fn kv_too_full_without_one(&self, observation: &Observation, pool: Pool) -> Option<f64> {
+        observation
+            .kv_usage_without_one(pool)
+            .filter(|&kv| kv > self.config.kv_headroom)
     }
 
     fn has_free_slot(&self, observation: &Observation) -> bool {
@@ -491,6 +547,7 @@ impl Controller {
         [Pool::Prefill, Pool::Decode]
             .into_iter()
             .filter(|&pool| observation.workers(pool) >= 2)
+            .filter(|&pool| self.kv_too_full_without_one(observation, pool).is_none())
             .map(|pool| {
                 let n = observation.workers(pool) as f64;
                 let after = pressure.of(pool).unwrap_or(0.0) * n / (n - 1.0);
@@ -558,6 +615,7 @@ mod tests {
             headroom: 0.9,
             max_workers: None,
             stop_below: 0.5,
+            kv_headroom: 0.9,
         }
     }
 
@@ -569,6 +627,7 @@ mod tests {
             ttft: vec![ttft; 10],
             tpot: vec![tpot; 10],
             waiting: Vec::new(),
+            kv_usage: KvUsage::default(),
         }
     }
 
@@ -584,6 +643,7 @@ mod tests {
             ttft: vec![0.2; 4],
             tpot: vec![0.02; 10],
             waiting: vec![0.5, 0.9, 3.0, 4.0, 5.0, 6.0, 7.0],
+            kv_usage: KvUsage::default(),
         };
         // The five waits past the 1 s limit are samples; the two under it are not.
         assert_eq!(planner.judged_ttft(&backlog).len(), 9);
@@ -860,6 +920,68 @@ mod tests {
             floor.observe(&window(1.0, 1, 1, 0.01, 0.001)),
             Decision::Hold(Hold::Meets)
         );
+    }
+
+    fn with_kv(observation: Observation, prefill: Option<f64>, decode: Option<f64>) -> Observation {
+        Observation {
+            kv_usage: KvUsage { prefill, decode },
+            ..observation
+        }
+    }
+
+    #[test]
+    fn a_pool_whose_kv_caches_would_fill_gives_no_worker() {
+        // TTFT misses; decode's TPOT has room (20% of its limit → 40% with one of two
+        // workers), but its caches are half full: 100% with one worker fewer.
+        let mut planner = Controller::new(config());
+        let full = with_kv(window(0.0, 2, 2, 2.0, 0.02), Some(0.1), Some(0.5));
+        let decision = planner.observe(&full);
+        let Decision::Hold(Hold::NoRoom { to, why }) = &decision else {
+            panic!("expected no room, got {decision:?}");
+        };
+        assert_eq!(*to, Pool::Prefill);
+        assert!(
+            why.contains("decode pool's KV caches would be 100% full"),
+            "{why}"
+        );
+        // At 40% (80% with one fewer, under the 90% headroom) the move goes ahead.
+        let roomy = |now| with_kv(window(now, 2, 2, 2.0, 0.02), Some(0.1), Some(0.4));
+        planner.observe(&roomy(1.0));
+        assert!(matches!(
+            planner.observe(&roomy(2.0)),
+            Decision::Move {
+                from: Pool::Decode,
+                to: Pool::Prefill,
+                ..
+            }
+        ));
+        // With a free slot, a worker is started instead.
+        let mut budgeted = Controller::new(budget(5));
+        budgeted.observe(&full);
+        assert_eq!(
+            budgeted
+                .observe(&Observation {
+                    now_secs: 1.0,
+                    ..full
+                })
+                .action(),
+            "start_prefill"
+        );
+    }
+
+    #[test]
+    fn an_idle_pool_whose_kv_caches_would_fill_is_not_stopped() {
+        // Both pools idle (figures at 10% and 20% of their limits); prefill's caches
+        // would be 120% full with one of 2 workers fewer, so decode gives one back.
+        let quiet = |now| with_kv(window(now, 2, 3, 0.1, 0.02), Some(0.6), Some(0.3));
+        let mut planner = Controller::new(budget(5));
+        planner.observe(&quiet(0.0));
+        assert_eq!(planner.observe(&quiet(1.0)).action(), "stop_decode");
+        // Neither can spare one: nothing stops.
+        let crowded = |now| with_kv(window(now, 2, 3, 0.1, 0.02), Some(0.6), Some(0.7));
+        let mut planner = Controller::new(budget(5));
+        planner.observe(&crowded(0.0));
+        assert_eq!(planner.observe(&crowded(1.0)), Decision::Hold(Hold::Meets));
     }
 
     #[test]

@@ -267,6 +267,7 @@ pub async fn planner(
             "confirm": config.confirm,
             "cooldown_secs": config.cooldown_secs,
             "headroom": config.headroom,
+            "kv_headroom": config.kv_headroom,
             "max_workers": config.max_workers,
             "stop_below": config.stop_below,
             "wanted": journal.wanted(),

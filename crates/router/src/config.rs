@@ -516,6 +516,9 @@ pub struct PlannerConfig {
     pub stop_below: f64,
     /// Longest a worker asked for may take to join its pool before the start is given up.
     pub start_limit_secs: u64,
+    /// Share of their KV caches a pool's workers may fill, on average, once it has given
+    /// up a worker (moved or stopped); read from their `vllm:kv_cache_usage_perc`.
+    pub kv_headroom: f64,
 }
 
 impl Default for PlannerConfig {
@@ -534,6 +537,7 @@ impl Default for PlannerConfig {
             max_workers: None,
             stop_below: 0.5,
             start_limit_secs: 180,
+            kv_headroom: 0.9,
         }
     }
 }
@@ -550,6 +554,9 @@ impl PlannerConfig {
         }
         if !(positive(self.headroom) && self.headroom <= 1.0) {
             return invalid("headroom must be in (0, 1]");
+        }
+        if !(positive(self.kv_headroom) && self.kv_headroom <= 1.0) {
+            return invalid("kv_headroom must be in (0, 1]");
         }
         if !(positive(self.stop_below) && self.stop_below < self.headroom) {
             return invalid("stop_below must be in (0, headroom)");

@@ -162,7 +162,7 @@ fn engine_figures(scraped: Vec<(String, Option<String>)>) -> BTreeMap<String, Va
             let figures = text.map_or(Value::Null, |text| {
                 let read = |name: &str| exposition::sum(&text, name, &[]);
                 json!({
-                    "kv_usage": read("vllm:kv_cache_usage_perc"),
+                    "kv_usage": read(names::WORKER_KV_CACHE_USAGE),
                     "running": read("vllm:num_requests_running"),
                     "waiting": read("vllm:num_requests_waiting"),
                     "prefix_hits": read("vllm:prefix_cache_hits_total"),

@@ -89,6 +89,14 @@ pub const PLANNER_POOL_WORKERS: &str = "tandem_router_planner_pool_workers";
 /// seconds.
 pub const PLANNER_WINDOW_SECONDS: &str = "tandem_router_planner_window_seconds";
 
+/// Gauge, label [`ROLE`]: the mean KV cache usage (0 to 1) of each P/D pool's workers,
+/// as the planner last read it from their metrics.
+pub const PLANNER_POOL_KV_USAGE: &str = "tandem_router_planner_pool_kv_usage";
+
+/// The workers' own gauge (vLLM's name, which tandem's workers share): the fraction
+/// of their KV cache in use.
+pub const WORKER_KV_CACHE_USAGE: &str = "vllm:kv_cache_usage_perc";
+
 /// Histogram: seconds the router spent building one `/dashboard` snapshot (its own
 /// metrics read, the workers' figures parsed, the JSON written); built once a second,
 /// only while someone watches. What the live view costs the router, measured directly.
@@ -258,5 +266,9 @@ fn describe() {
         PLANNER_WINDOW_SECONDS,
         Unit::Seconds,
         "The planner's last window percentile of TTFT and TPOT."
+    );
+    describe_gauge!(
+        PLANNER_POOL_KV_USAGE,
+        "Mean KV cache usage (0 to 1) of each P/D pool's workers, as the planner last read."
     );
 }

@@ -2,7 +2,9 @@
 //! window of recent latency samples from [`Signals`], asks
 //! [`tandem_planner::online::Controller`] for a verdict, counts it in metrics, keeps
 //! it in the [`Journal`] (`GET /planner`), logs it when the verdict changes, and
-//! carries it out: a move with [`membership::move_worker`] (drain, then the new role;
+//! carries it out. Each interval it also reads the pools' KV cache usage from the
+//! workers' own metrics, which holds back a move or stop that would fill the giving
+//! pool's caches. It carries a verdict out: a move with [`membership::move_worker`] (drain, then the new role;
 //! no restart), a stop with [`membership::retire`] (drain, then out of the router; the
 //! journal names the worker so its process can go), a start by posting what is
 //! wanted in the journal and waiting for an actuator (`tandem up`) to add a worker
@@ -14,10 +16,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tandem_planner::online::{Controller, Decision, Observation, OnlineConfig, Pool, percentile};
+use tandem_planner::online::{
+    Controller, Decision, KvUsage, Observation, OnlineConfig, Pool, percentile,
+};
+use tandem_protocol::exposition;
 
 use crate::api::SharedState;
 use crate::config::PlannerConfig;
+use crate::federation;
 use crate::membership;
 use crate::metrics as names;
 use crate::registry::{Role, Worker};
@@ -44,6 +50,9 @@ pub struct Entry {
     /// The window's percentile of TTFT and TPOT, seconds.
     pub ttft: Option<f64>,
     pub tpot: Option<f64>,
+    /// Each pool's workers' mean KV cache usage (0 to 1), where any reported it.
+    pub kv_usage_prefill: Option<f64>,
+    pub kv_usage_decode: Option<f64>,
     /// For a move, start or stop: which worker (for a start, the one that joined),
     /// and whether it was carried out.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -124,6 +133,10 @@ pub async fn run(state: SharedState, signals: Arc<Signals>, journal: Arc<Journal
             .map_or(last_move, |w| w.max(last_move));
         let window = signals.window(since);
         let (prefill, decode) = pool_sizes(&state);
+        let kv_usage = KvUsage {
+            prefill: mean_kv_usage(&state, &prefill).await,
+            decode: mean_kv_usage(&state, &decode).await,
+        };
         let observation = Observation {
             now_secs: now.duration_since(started).as_secs_f64(),
             prefill_workers: prefill.len(),
@@ -131,6 +144,7 @@ pub async fn run(state: SharedState, signals: Arc<Signals>, journal: Arc<Journal
             ttft: window.ttft,
             tpot: window.tpot,
             waiting: window.waiting,
+            kv_usage,
         };
         let decision = controller.observe(&observation);
         let mut entry = record(&controller, &observation, &decision);
@@ -189,6 +203,7 @@ fn online_config(config: &PlannerConfig) -> OnlineConfig {
         headroom: config.headroom,
         max_workers: config.max_workers,
         stop_below: config.stop_below,
+        kv_headroom: config.kv_headroom,
     }
 }
 
@@ -223,6 +238,33 @@ fn pool_sizes(state: &SharedState) -> (Vec<Arc<Worker>>, Vec<Arc<Worker>>) {
     (prefill, decode)
 }
 
+/// The mean of `workers`' KV cache usage, read from their `/metrics` at once (each
+/// scrape bounded in time); `None` when none of them reported it.
+async fn mean_kv_usage(state: &SharedState, workers: &[Arc<Worker>]) -> Option<f64> {
+    let client = state.dispatcher.upstream.client();
+    let texts =
+        futures_util::future::join_all(workers.iter().map(|w| federation::scrape(client, &w.url)))
+            .await;
+    let usages: Vec<f64> = texts
+        .iter()
+        .flatten()
+        .filter_map(|text| worker_kv_usage(text))
+        .collect();
+    (!usages.is_empty()).then(|| usages.iter().sum::<f64>() / usages.len() as f64)
+}
+
+/// One worker's KV cache usage: the mean over its series (a data-parallel vLLM has
+/// one per engine), clamped to 0..=1.
+fn worker_kv_usage(metrics_text: &str) -> Option<f64> {
+    let series = exposition::series(metrics_text, names::WORKER_KV_CACHE_USAGE);
+    let values: Vec<f64> = series
+        .iter()
+        .map(|(_, v)| *v)
+        .filter(|v| v.is_finite())
+        .collect();
+    (!values.is_empty()).then(|| (values.iter().sum::<f64>() / values.len() as f64).clamp(0.0, 1.0))
+}
+
 /// Counts the verdict and the window in metrics; the journal's entry for it.
 fn record(controller: &Controller, observation: &Observation, decision: &Decision) -> Entry {
     metrics::counter!(names::PLANNER_DECISIONS_TOTAL, names::ACTION => decision.action())
@@ -244,6 +286,12 @@ fn record(controller: &Controller, observation: &Observation, decision: &Decisio
             metrics::gauge!(names::PLANNER_WINDOW_SECONDS, names::FIGURE => figure).set(value);
         }
     }
+    let kv = observation.kv_usage;
+    for (role, usage) in [("prefill", kv.prefill), ("decode", kv.decode)] {
+        if let Some(usage) = usage {
+            metrics::gauge!(names::PLANNER_POOL_KV_USAGE, names::ROLE => role).set(usage);
+        }
+    }
     Entry {
         at: unix_now(),
         action: decision.action(),
@@ -255,6 +303,8 @@ fn record(controller: &Controller, observation: &Observation, decision: &Decisio
         waiting_past_ttft: judged_ttft.len() - observation.ttft.len(),
         ttft,
         tpot,
+        kv_usage_prefill: kv.prefill,
+        kv_usage_decode: kv.decode,
         worker: None,
         moved: None,
     }
