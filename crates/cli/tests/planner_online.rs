@@ -239,6 +239,43 @@ async fn long_prompt(router: &Server) -> Result<usize, String> {
     Ok(tokens_of(&streamed_prompt(router, &prompt, 4).await?))
 }
 
+/// Four short streamed answers: TTFT and TPOT samples well within any test's limits.
+async fn warm_up(router: &Server) {
+    for _ in 0..4 {
+        let payloads = streamed(router, 6).await.expect("warm-up answered");
+        assert_eq!(tokens_of(&payloads), 6);
+    }
+}
+
+/// Sends a backlog of 12 long prompts at once and watches the planner's journal until
+/// `seen` holds for its verdicts (or two minutes pass); checks that every prompt was
+/// answered and returns the verdicts as last watched.
+async fn backlog_watched(router: &Server, seen: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let backlog: Vec<_> = (0..12).map(|_| long_prompt(router)).collect();
+    let watch = async {
+        let started = Instant::now();
+        loop {
+            let decisions = decisions(router).await;
+            if seen(&decisions) || started.elapsed() > Duration::from_secs(120) {
+                return decisions;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (answers, decisions) = tokio::join!(futures_util::future::join_all(backlog), watch);
+    for answer in answers {
+        assert_eq!(answer.expect("every queued prompt is answered"), 4);
+    }
+    decisions
+}
+
+/// The journal's verdicts since the router started.
+async fn decisions(router: &Server) -> Vec<Value> {
+    let (status, journal) = admin_get(router, "/planner").await;
+    assert_eq!(status, 200, "{journal}");
+    journal["decisions"].as_array().unwrap().clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn prompts_queued_past_the_ttft_limit_move_a_worker_while_they_wait() {
     if !default_model_present() {
@@ -254,34 +291,11 @@ async fn prompts_queued_past_the_ttft_limit_move_a_worker_while_they_wait() {
         &[&p1],
         &[&d1, &d2],
     );
-    for _ in 0..4 {
-        let payloads = streamed(&router, 6).await.expect("warm-up answered");
-        assert_eq!(tokens_of(&payloads), 6);
-    }
-    let backlog: Vec<_> = (0..12)
-        .map(|_| {
-            let router = &router;
-            async move { long_prompt(router).await }
-        })
-        .collect();
-    let watch = async {
-        let started = Instant::now();
-        loop {
-            let (status, journal) = admin_get(&router, "/planner").await;
-            assert_eq!(status, 200, "{journal}");
-            let decisions = journal["decisions"].as_array().unwrap().clone();
-            if decisions.iter().any(|d| d["action"] == "move_to_prefill")
-                || started.elapsed() > Duration::from_secs(120)
-            {
-                return decisions;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    let (answers, decisions) = tokio::join!(futures_util::future::join_all(backlog), watch);
-    for answer in answers {
-        assert_eq!(answer.expect("every queued prompt is answered"), 4);
-    }
+    warm_up(&router).await;
+    let decisions = backlog_watched(&router, |decisions| {
+        decisions.iter().any(|d| d["action"] == "move_to_prefill")
+    })
+    .await;
     let actions: Vec<&str> = decisions
         .iter()
         .map(|d| d["action"].as_str().unwrap())
@@ -306,11 +320,12 @@ async fn prompts_queued_past_the_ttft_limit_move_a_worker_while_they_wait() {
     assert_eq!((count("prefill"), count("decode")), (2, 1), "{listed:?}");
 }
 
-/// The journal's verdicts since the router started.
-async fn decisions(router: &Server) -> Vec<Value> {
-    let (status, journal) = admin_get(router, "/planner").await;
-    assert_eq!(status, 200, "{journal}");
-    journal["decisions"].as_array().unwrap().clone()
+/// Whether a verdict was held back by the giving pool's KV caches.
+fn kv_held(decision: &Value) -> bool {
+    decision["detail"]
+        .as_str()
+        .unwrap()
+        .contains("KV caches would be")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -344,10 +359,7 @@ async fn a_move_that_would_fill_the_giving_pools_kv_caches_waits() {
         &[&p1],
         &[&d1, &d2],
     );
-    for _ in 0..4 {
-        let payloads = streamed(&router, 6).await.expect("warm-up answered");
-        assert_eq!(tokens_of(&payloads), 6);
-    }
+    warm_up(&router).await;
     // The router reads both pools' KV usage from the workers: near idle (the last
     // verdict may have seen a warm-up's blocks).
     let idle = decisions(&router).await;
@@ -378,33 +390,12 @@ async fn a_move_that_would_fill_the_giving_pools_kv_caches_waits() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let backlog: Vec<_> = (0..12)
-            .map(|_| {
-                let router = &router;
-                async move { long_prompt(router).await }
+        backlog_watched(&router, |decisions| {
+            decisions.iter().any(|d| {
+                d["action"] == "move_to_prefill" || (d["action"] == "no_room" && kv_held(d))
             })
-            .collect();
-        let watch = async {
-            loop {
-                let decisions = decisions(&router).await;
-                let held = decisions.iter().any(|d| {
-                    d["action"] == "no_room"
-                        && d["detail"].as_str().unwrap().contains("KV caches would be")
-                });
-                if held
-                    || decisions.iter().any(|d| d["action"] == "move_to_prefill")
-                    || started.elapsed() > Duration::from_secs(120)
-                {
-                    return decisions;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        };
-        let (answers, decisions) = tokio::join!(futures_util::future::join_all(backlog), watch);
-        for answer in answers {
-            assert_eq!(answer.expect("every queued prompt is answered"), 4);
-        }
-        decisions
+        })
+        .await
     };
     let (answers, decisions) = tokio::join!(futures_util::future::join_all(long_answers), scenario);
     for answer in answers {
@@ -416,9 +407,7 @@ async fn a_move_that_would_fill_the_giving_pools_kv_caches_waits() {
         .collect();
     let first_held = decisions
         .iter()
-        .position(|d| {
-            d["action"] == "no_room" && d["detail"].as_str().unwrap().contains("KV caches")
-        })
+        .position(|d| d["action"] == "no_room" && kv_held(d))
         .unwrap_or_else(|| panic!("no verdict held back by the KV caches: {actions:?}"));
     let held = &decisions[first_held];
     let detail = held["detail"].as_str().unwrap();
