@@ -133,9 +133,13 @@ pub async fn run(state: SharedState, signals: Arc<Signals>, journal: Arc<Journal
             .map_or(last_move, |w| w.max(last_move));
         let window = signals.window(since);
         let (prefill, decode) = pool_sizes(&state);
+        let (prefill_kv, decode_kv) = tokio::join!(
+            mean_kv_usage(&state, &prefill),
+            mean_kv_usage(&state, &decode)
+        );
         let kv_usage = KvUsage {
-            prefill: mean_kv_usage(&state, &prefill).await,
-            decode: mean_kv_usage(&state, &decode).await,
+            prefill: prefill_kv,
+            decode: decode_kv,
         };
         let observation = Observation {
             now_secs: now.duration_since(started).as_secs_f64(),
