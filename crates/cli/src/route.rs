@@ -89,6 +89,11 @@ pub struct RouteArgs {
     /// 413. Keep it below the workers' limit [config default: 8MiB less 256KiB].
     #[arg(long, value_parser = crate::serve::parse_byte_size)]
     max_body_bytes: Option<usize>,
+    /// Bytes of request bodies held at once, from a body's first byte until its
+    /// answer begins; past it, requests get 503 with `Retry-After` before their body
+    /// is read [config default: 128MiB].
+    #[arg(long, value_parser = crate::serve::parse_byte_size)]
+    max_body_bytes_in_flight: Option<usize>,
     /// Seconds a client connection gets to send complete request headers; then it is
     /// closed. Also the longest a kept-alive connection stays idle [default: 10].
     #[arg(long)]
@@ -187,6 +192,10 @@ impl RouteArgs {
         }
         override_with(&mut config.health.interval_ms, self.health_interval_ms);
         override_with(&mut config.max_body_bytes, self.max_body_bytes);
+        override_with(
+            &mut config.max_body_bytes_in_flight,
+            self.max_body_bytes_in_flight,
+        );
         override_with(
             &mut config.header_read_timeout_secs,
             self.header_read_timeout_secs,

@@ -119,6 +119,11 @@ pub struct ServeArgs {
     /// 413, from `Content-Length` before they are read.
     #[arg(long, value_parser = parse_byte_size, default_value = "8MiB")]
     max_body_bytes: usize,
+    /// Bytes of request bodies held at once (a body's `Content-Length`, or
+    /// --max-body-bytes when it is chunked), from its first byte until its answer
+    /// begins; past it, requests get 503 with `Retry-After` before their body is read.
+    #[arg(long, value_parser = parse_byte_size, default_value = "128MiB")]
+    max_body_bytes_in_flight: usize,
     /// Seconds a connection gets to send complete request headers; then it is closed.
     /// Also the longest a kept-alive connection stays idle.
     #[arg(long, default_value_t = DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
@@ -453,12 +458,13 @@ async fn start_kv_events(config: &KvEventsConfig, prefix_caching: bool) -> Resul
     Ok(sink)
 }
 
-/// What the API accepts from clients (`--max-body-bytes`, `--*-read-timeout-secs`).
+/// What the API accepts from clients (`--max-body-bytes*`, `--*-read-timeout-secs`).
 fn http_limits(args: &ServeArgs) -> Result<HttpLimits> {
     let limits = HttpLimits {
         header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
         body_read_timeout: Duration::from_secs(args.body_read_timeout_secs),
         max_body_bytes: args.max_body_bytes,
+        max_body_bytes_in_flight: args.max_body_bytes_in_flight,
     };
     Ok(limits.validate()?)
 }

@@ -3,7 +3,8 @@
 //! never end, nothing at all, idle keep-alives or short bodies (all closed within the
 //! configured timeouts, while ordinary requests are served); send huge prompts (refused
 //! without the memory tokenizing them would take); send oversized bodies through the
-//! router (413 from the router, every time); and reach a worker that has an API key
+//! router (413 from the router, every time); hold more body bytes at once than the
+//! router's budget (503 until room is given back); and reach a worker that has an API key
 //! without it (401 on `/v1/*`, `/health` open).
 
 mod common;
@@ -426,6 +427,58 @@ async fn oversized_bodies_get_the_routers_413_every_time() {
         "96 oversized bodies: 413 from the router in {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_past_the_routers_budget_in_flight_get_503_until_room_is_given_back() {
+    if !default_model_present() {
+        return;
+    }
+    let worker = worker(&[]);
+    let router = router(
+        &worker,
+        &[
+            "--max-body-bytes",
+            "1MiB",
+            "--max-body-bytes-in-flight",
+            "2MiB",
+        ],
+    );
+    // Two uploads of a declared 1 MiB that stall after their first bytes take the
+    // whole budget.
+    let head = "POST /v1/completions HTTP/1.1\r\nHost: tandem\r\nContent-Type: application/json\r\nContent-Length: 1048576\r\n\r\n{\"prompt\": \"";
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut stream = TcpStream::connect(address(&router)).unwrap();
+            stream.write_all(head.as_bytes()).unwrap();
+            stream
+        })
+        .collect();
+    let request = json!({"prompt": "Hello", "max_tokens": 2});
+    let mut refused = (0, Value::Null);
+    for _ in 0..100 {
+        refused = router.post("/v1/completions", &request).await;
+        if refused.0 != 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_error(refused.0, &refused.1, 503);
+    let message = refused.1["error"]["message"].as_str().unwrap();
+    assert!(message.contains("retry shortly"), "{message}");
+    // Requests without a body still pass; the stalled uploads end (408 or closed by
+    // the client) and give their room back.
+    assert!(ureq::get(&router.url("/health")).call().is_ok());
+    drop(held);
+    let mut answered = 0;
+    for _ in 0..100 {
+        answered = router.post("/v1/completions", &request).await.0;
+        if answered == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(answered, 200);
 }
 
 #[tokio::test]

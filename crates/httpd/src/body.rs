@@ -1,7 +1,9 @@
 //! Reading a request body whole, within the size limit and the body read timeout,
-//! before the application sees the request; and the answers when that fails, which
-//! close the connection (its remaining bytes are not worth reading as a request).
+//! before the application sees the request; the server-wide budget of body bytes in
+//! flight ([`BodyBudget`]); and the answers when either fails, which close the
+//! connection (its remaining bytes are not worth reading as a request).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -9,8 +11,9 @@ use axum::body::Body;
 use axum::http::{HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::{Body as _, Incoming, SizeHint};
 use tandem_protocol::openai::{ApiError, ErrorKind};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::HttpLimits;
 
@@ -23,6 +26,11 @@ pub enum BodyError {
     TimedOut(Duration),
     #[error("Could not read the request body: {0}")]
     Unreadable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(
+        "The server holds as many request bodies as it takes at once ({} MiB); retry shortly.",
+        .budget_bytes >> 20
+    )]
+    Busy { budget_bytes: usize },
 }
 
 impl BodyError {
@@ -32,6 +40,7 @@ impl BodyError {
             BodyError::TooLarge { .. } => ErrorKind::PayloadTooLarge,
             BodyError::TimedOut(_) => ErrorKind::RequestTimeout,
             BodyError::Unreadable(_) => ErrorKind::BadRequest,
+            BodyError::Busy { .. } => ErrorKind::Unavailable,
         };
         ApiError::new(kind, self.to_string())
     }
@@ -39,7 +48,64 @@ impl BodyError {
 
 impl IntoResponse for BodyError {
     fn into_response(self) -> Response {
-        error_response(self.api_error())
+        let busy = matches!(self, BodyError::Busy { .. });
+        let mut response = error_response(self.api_error());
+        if busy {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// The bytes of request bodies a server holds at once, counted in KiB: each request
+/// with a body reserves its share before the first byte is read and keeps it until the
+/// application has begun its answer (the parsed and re-encoded copies of a body live
+/// that long), so many large bodies at once wait for room instead of growing memory
+/// without bound.
+#[derive(Debug)]
+pub struct BodyBudget {
+    kib: Arc<Semaphore>,
+    bytes: usize,
+}
+
+/// A request's share of the [`BodyBudget`], given back when dropped.
+#[derive(Debug)]
+pub struct BodyReservation(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl BodyBudget {
+    pub fn new(bytes: usize) -> Self {
+        Self {
+            kib: Arc::new(Semaphore::new(
+                bytes.div_ceil(1024).min(Semaphore::MAX_PERMITS),
+            )),
+            bytes,
+        }
+    }
+
+    /// Reserves the share of a body of `size` (its `Content-Length`, else `limit`, the
+    /// largest accepted); `None` for a request without a body, or one declared over
+    /// `limit` (refused unread); [`BodyError::Busy`] when the budget has no room for it
+    /// now.
+    pub fn reserve(
+        &self,
+        size: &SizeHint,
+        limit: usize,
+    ) -> Result<Option<BodyReservation>, BodyError> {
+        let bytes = match size.exact() {
+            Some(0) => return Ok(None),
+            Some(declared) if declared_too_large(declared, limit) => return Ok(None),
+            Some(declared) => usize::try_from(declared).unwrap_or(limit),
+            None => limit,
+        };
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        Arc::clone(&self.kib)
+            .try_acquire_many_owned(kib)
+            .map(|permit| Some(BodyReservation(permit)))
+            .map_err(|_| BodyError::Busy {
+                budget_bytes: self.bytes,
+            })
     }
 }
 
@@ -101,6 +167,51 @@ mod tests {
         assert_eq!(status(BodyError::TooLarge { limit: 1 }), 413);
         assert_eq!(status(BodyError::TimedOut(Duration::from_secs(1))), 408);
         assert_eq!(status(BodyError::Unreadable("broken".into())), 400);
+        assert_eq!(status(BodyError::Busy { budget_bytes: 1 }), 503);
+    }
+
+    #[test]
+    fn the_budget_reserves_declared_lengths_and_the_limit_for_chunked_bodies() {
+        let budget = BodyBudget::new(3 * 1024);
+        assert!(
+            budget
+                .reserve(&SizeHint::with_exact(0), 2048)
+                .unwrap()
+                .is_none()
+        );
+        let first = budget.reserve(&SizeHint::with_exact(1024), 2048).unwrap();
+        // A chunked body counts as the largest accepted (2 KiB): 3 KiB in all.
+        let chunked = budget.reserve(&SizeHint::new(), 2048).unwrap();
+        assert!(matches!(
+            budget.reserve(&SizeHint::with_exact(1), 2048),
+            Err(BodyError::Busy { budget_bytes: 3072 })
+        ));
+        drop(first);
+        // A declared length past the limit reserves nothing: it gets 413 unread.
+        assert!(
+            budget
+                .reserve(&SizeHint::with_exact(1 << 40), 1024)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            budget
+                .reserve(&SizeHint::with_exact(1024), 2048)
+                .unwrap()
+                .is_some()
+        );
+        drop(chunked);
+    }
+
+    #[test]
+    fn busy_answers_say_when_to_retry() {
+        let response = BodyError::Busy {
+            budget_bytes: 1 << 20,
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(response.headers()[header::CONNECTION], "close");
     }
 
     #[test]

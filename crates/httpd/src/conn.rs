@@ -1,6 +1,6 @@
 //! One connection: HTTP/1.1 with the header read timeout, each request's body read
-//! whole within the limits before the application sees it, graceful shutdown, and a
-//! lingering close.
+//! whole within the limits (and the server's budget of body bytes in flight) before
+//! the application sees it, graceful shutdown, and a lingering close.
 //!
 //! Lingering close: when the server ends a connection while the client is still
 //! sending (a 413 answered from `Content-Length`, a 408), closing the socket with
@@ -12,6 +12,7 @@
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -26,6 +27,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
+use crate::body::BodyBudget;
 use crate::{HttpLimits, body};
 
 /// Longest time a closing connection keeps reading what the client still sends.
@@ -37,6 +39,8 @@ type Answer = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + 
 pub struct Connection {
     pub app: Router,
     pub limits: HttpLimits,
+    /// The server's bytes of request bodies in flight, shared by its connections.
+    pub bodies: Arc<BodyBudget>,
     /// Turns true when the server shuts down.
     pub stopping: watch::Receiver<bool>,
     /// Held while the connection lives (the server waits for all to be dropped).
@@ -50,9 +54,10 @@ impl Connection {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
         }
-        let (app, limits) = (self.app.clone(), self.limits);
-        let service =
-            service_fn(move |request| -> Answer { Box::pin(answer(app.clone(), limits, request)) });
+        let (app, limits, bodies) = (self.app.clone(), self.limits, self.bodies.clone());
+        let service = service_fn(move |request| -> Answer {
+            Box::pin(answer(app.clone(), limits, bodies.clone(), request))
+        });
         let mut http = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
@@ -77,18 +82,26 @@ impl Connection {
     }
 }
 
-/// The application's answer to a request whose body arrived whole, or the error.
+/// The application's answer to a request whose body arrived whole, or the error. The
+/// body's share of the budget is held until the answer has begun.
 async fn answer(
     app: Router,
     limits: HttpLimits,
+    bodies: Arc<BodyBudget>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    let refused = |error: body::BodyError| {
+        tracing::debug!(%error, "request body refused");
+        Ok(axum::response::IntoResponse::into_response(error))
+    };
+    let size = hyper::body::Body::size_hint(request.body());
+    let _reservation = match bodies.reserve(&size, limits.max_body_bytes) {
+        Ok(reservation) => reservation,
+        Err(error) => return refused(error),
+    };
     match body::read_whole(request, &limits).await {
         Ok(request) => app.oneshot(request).await,
-        Err(error) => {
-            tracing::debug!(%error, "request body refused");
-            Ok(axum::response::IntoResponse::into_response(error))
-        }
+        Err(error) => refused(error),
     }
 }
 

@@ -27,6 +27,7 @@ mod conn;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -65,6 +66,8 @@ pub const LISTEN_BACKLOG: u32 = 1024;
 
 /// Largest request body accepted by default (a worker's default).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 << 20;
+/// Request bodies a server holds at once by default, in bytes: 16 of the largest.
+pub const DEFAULT_MAX_BODY_BYTES_IN_FLIGHT: usize = 128 << 20;
 /// Default time a connection gets to send complete request headers.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time a request gets to send its whole body, once its headers are in.
@@ -79,6 +82,11 @@ pub struct HttpLimits {
     pub body_read_timeout: Duration,
     /// Largest request body (413 above it).
     pub max_body_bytes: usize,
+    /// Bytes of request bodies held at once, from their first byte read until the
+    /// application has begun its answer; a request that would pass it gets 503 with
+    /// `Retry-After` before its body is read. A body's share is its `Content-Length`,
+    /// or `max_body_bytes` when it is sent in chunks of unknown total.
+    pub max_body_bytes_in_flight: usize,
 }
 
 impl Default for HttpLimits {
@@ -87,6 +95,7 @@ impl Default for HttpLimits {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_body_bytes_in_flight: DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
         }
     }
 }
@@ -100,6 +109,11 @@ pub enum LimitsError {
     ZeroBodyReadTimeout,
     #[error("the body size limit must be at least 1 byte")]
     ZeroBodyLimit,
+    #[error(
+        "the bytes of bodies in flight ({in_flight}) must be at least the largest body \
+         ({body})"
+    )]
+    InFlightBelowBodyLimit { in_flight: usize, body: usize },
 }
 
 impl HttpLimits {
@@ -113,6 +127,12 @@ impl HttpLimits {
         }
         if self.max_body_bytes == 0 {
             return Err(LimitsError::ZeroBodyLimit);
+        }
+        if self.max_body_bytes_in_flight < self.max_body_bytes {
+            return Err(LimitsError::InFlightBelowBodyLimit {
+                in_flight: self.max_body_bytes_in_flight,
+                body: self.max_body_bytes,
+            });
         }
         Ok(self)
     }
@@ -130,6 +150,7 @@ pub async fn serve(
 ) {
     let (stop, stopping) = watch::channel(false);
     let (alive, connections) = watch::channel(());
+    let bodies = Arc::new(body::BodyBudget::new(limits.max_body_bytes_in_flight));
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -141,6 +162,7 @@ pub async fn serve(
                 let connection = conn::Connection {
                     app: app.clone(),
                     limits,
+                    bodies: bodies.clone(),
                     stopping: stopping.clone(),
                     _alive: connections.clone(),
                 };
@@ -220,5 +242,12 @@ mod tests {
             LimitsError::ZeroBodyReadTimeout
         );
         assert_eq!(zero(|l| l.max_body_bytes = 0), LimitsError::ZeroBodyLimit);
+        assert_eq!(
+            zero(|l| l.max_body_bytes_in_flight = l.max_body_bytes - 1),
+            LimitsError::InFlightBelowBodyLimit {
+                in_flight: DEFAULT_MAX_BODY_BYTES - 1,
+                body: DEFAULT_MAX_BODY_BYTES
+            }
+        );
     }
 }

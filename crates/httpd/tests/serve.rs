@@ -1,7 +1,8 @@
 //! The server loop in-process, spoken to over raw TCP: bodies within the limit reach
 //! the application whole, chunked or not; bodies over it get 413 (from
 //! `Content-Length` before the body is sent, or once a chunked body passes the limit)
-//! and the connection is closed; shutdown lets a request in flight finish.
+//! and the connection is closed; bodies past the server's budget of bytes in flight
+//! get 503 until room is given back; shutdown lets a request in flight finish.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,10 +27,17 @@ fn limits() -> HttpLimits {
 
 /// Serves `app` on a free loopback port until the returned sender is used or dropped.
 async fn start(app: Router) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    start_with(app, limits()).await
+}
+
+async fn start_with(
+    app: Router,
+    limits: HttpLimits,
+) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(tandem_httpd::serve(listener, app, limits(), async move {
+    let server = tokio::spawn(tandem_httpd::serve(listener, app, limits, async move {
         let _ = stopped.await;
     }));
     (address, stop, server)
@@ -101,6 +109,56 @@ async fn a_declared_length_over_the_limit_gets_413_before_the_body_is_sent() {
         LIMIT + 1
     );
     assert_413(&exchange(address, headers.as_bytes()).await);
+}
+
+#[tokio::test]
+async fn bodies_past_the_budget_in_flight_wait_for_room() {
+    // Room for two bodies of the largest size (1,000 bytes: one KiB of budget each).
+    let limits = HttpLimits {
+        max_body_bytes_in_flight: 2 * LIMIT,
+        ..limits()
+    };
+    let app = echo_length().route("/ping", get(|| async { "pong" }));
+    let (address, _stop, _server) = start_with(app, limits).await;
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {LIMIT}\r\n\r\n"
+    );
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&[b'a'; 10]).await.unwrap();
+        held.push(stream);
+    }
+    let small: &[u8] =
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello";
+    // Once the server has read both heads, a third body finds no room.
+    let mut refused = String::new();
+    for _ in 0..100 {
+        refused = exchange(address, small).await;
+        if !refused.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("retry-after: 1"), "{refused}");
+    let body: Value = serde_json::from_str(refused.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["error"]["type"], "ServiceUnavailableError", "{body}");
+    // Requests without a body take no room.
+    let ping = exchange(
+        address,
+        b"GET /ping HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(ping.ends_with("\r\n\r\npong"), "{ping}");
+    // One held body ends and is answered; its room goes to the next.
+    let mut first = held.remove(0);
+    first.write_all(&vec![b'a'; LIMIT - 10]).await.unwrap();
+    let mut answer = Vec::new();
+    first.read_to_end(&mut answer).await.unwrap();
+    assert!(String::from_utf8(answer).unwrap().ends_with("\r\n\r\n1000"));
+    assert!(exchange(address, small).await.ends_with("\r\n\r\n5"));
 }
 
 #[tokio::test]

@@ -54,6 +54,10 @@ pub struct RouterConfig {
     /// workers accept, so an oversized body gets the router's 413 rather than a
     /// worker's: the default leaves room for what the router adds to a body.
     pub max_body_bytes: usize,
+    /// Bytes of request bodies held at once (503 with `Retry-After` past it): the
+    /// router keeps a body, its parsed form and the legs' re-encoded copies until the
+    /// answer begins.
+    pub max_body_bytes_in_flight: usize,
     /// Seconds a client connection gets to send complete request headers (also the
     /// longest a kept-alive connection stays idle).
     pub header_read_timeout_secs: u64,
@@ -126,6 +130,7 @@ impl Default for RouterConfig {
             health: HealthConfig::default(),
             circuit: CircuitConfig::default(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_body_bytes_in_flight: tandem_httpd::DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
             header_read_timeout_secs: tandem_httpd::DEFAULT_HEADER_READ_TIMEOUT.as_secs(),
             body_read_timeout_secs: tandem_httpd::DEFAULT_BODY_READ_TIMEOUT.as_secs(),
             local_prefill_threshold: None,
@@ -225,8 +230,16 @@ pub enum ConfigError {
     BadEndpoint(String),
     #[error("{0}")]
     Invalid(String),
+    // Not a `source`: the message already carries it, and error chains would print it
+    // twice.
     #[error("client connection limits: {0}")]
-    Limits(#[from] tandem_httpd::LimitsError),
+    Limits(tandem_httpd::LimitsError),
+}
+
+impl From<tandem_httpd::LimitsError> for ConfigError {
+    fn from(error: tandem_httpd::LimitsError) -> Self {
+        ConfigError::Limits(error)
+    }
 }
 
 impl RouterConfig {
@@ -306,6 +319,7 @@ impl RouterConfig {
             header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
             body_read_timeout: Duration::from_secs(self.body_read_timeout_secs),
             max_body_bytes: self.max_body_bytes,
+            max_body_bytes_in_flight: self.max_body_bytes_in_flight,
         }
     }
 
