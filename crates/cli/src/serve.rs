@@ -269,9 +269,6 @@ impl DtypeArg {
     }
 }
 
-/// Bytes of KV cache on the CPU when --kv-cache-memory is not given.
-const CPU_KV_CACHE_DEFAULT: usize = EngineConfig::DEFAULT_KV_CACHE_MEMORY;
-
 pub fn run(args: ServeArgs) -> Result<()> {
     if let Err(err) = tandem_httpd::raise_open_files_limit() {
         tracing::warn!(%err, "could not raise the open files limit");
@@ -315,7 +312,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     let kv_bytes = match (args.device, args.kv_cache_memory) {
         (_, Some(bytes)) => Some(bytes),
-        (Device::Cpu, None) => Some(CPU_KV_CACHE_DEFAULT),
+        (Device::Cpu, None) => Some(EngineConfig::DEFAULT_KV_CACHE_MEMORY),
         (Device::Cuda(_), None) => None,
     };
     let max_model_len = kv::sizing::max_model_len(
@@ -334,7 +331,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
         kv,
-        kv_cache_memory: args.kv_cache_memory.unwrap_or(CPU_KV_CACHE_DEFAULT),
+        kv_cache_memory: args
+            .kv_cache_memory
+            .unwrap_or(EngineConfig::DEFAULT_KV_CACHE_MEMORY),
         prefix_caching: !args.no_prefix_caching,
         threads: args.threads,
         max_model_len,

@@ -72,7 +72,9 @@ pub struct BodyBudget {
 
 /// A request's share of the [`BodyBudget`], given back when dropped.
 #[derive(Debug)]
-pub struct BodyReservation(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct BodyReservation {
+    _permit: OwnedSemaphorePermit,
+}
 
 impl BodyBudget {
     pub fn new(bytes: usize) -> Self {
@@ -102,7 +104,7 @@ impl BodyBudget {
         let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
         Arc::clone(&self.kib)
             .try_acquire_many_owned(kib)
-            .map(|permit| Some(BodyReservation(permit)))
+            .map(|permit| Some(BodyReservation { _permit: permit }))
             .map_err(|_| BodyError::Busy {
                 budget_bytes: self.bytes,
             })
